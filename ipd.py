@@ -1,0 +1,2270 @@
+#!/usr/bin/env python3
+"""ipd - Image Push and Deploy.
+
+A small daemon that receives an app's container image and deploy package
+over HTTP and switches the server to the new version by running the
+project's ``control.sh``: ``check``, then ``prepare`` where the check
+failed, then ``deploy`` (exit status 1 means success, as the original
+README says; see SUCCESS_CODE).
+
+One file, standard library only, CPython 3.8 to 3.13:
+
+    python3 ipd.py demo             # a local daemon to try, user demo:demo
+    python3 ipd.py serve            # the daemon, configured by /etc/ipd.conf
+    python3 ipd.py passwd ROLE NAME # add or replace a user in AUTH_DB
+
+How it is built, top to bottom: settings; errors; helpers; users and
+passwords; the streaming multipart parser (pure, no I/O); request bodies;
+safe unpacking of packages; deployments and their on-disk store; the deploy
+worker that runs control.sh; the HTTP handler and server; the CLI.
+
+On disk, under UPLOAD_DIR, each project has a folder (PROJECT_DIR, kept
+across deployments, where an administrator may place a control.sh) and
+in it ``deployments/`` with, per deployment ID:
+
+    ID/         the unpacked package; control.sh runs here
+    ID.image    the uploaded image ($IMAGE)
+    ID.package  the uploaded package archive, as sent
+    ID.log      everything control.sh printed
+    ID.json     state and times, written atomically; the deployment exists
+                once this file does, and the daemon's memory is a cache of it
+"""
+
+__version__ = "1.0.0"
+
+import argparse
+import base64
+import binascii
+import errno
+import getpass
+import hashlib
+import hmac
+import http.server
+import json
+import logging
+import logging.handlers
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+import zipfile
+
+
+###############################################################################
+# Settings ####################################################################
+###############################################################################
+
+DEFAULT_CONFIG = "/etc/ipd.conf"
+
+# KEY: (default, kind, description).  The same table feeds the parser, the
+# README and ipd.conf.example, so a setting is documented where it is read.
+SETTINGS = {
+    "LISTEN": ("127.0.0.1:9955", "address",
+               "host:port to listen on; the nginx proxy_pass target"),
+    "API_ROOT": ("/deploy", "root", "URL prefix of every endpoint"),
+    "UPLOAD_DIR": (".", "path", "projects, deployments and temporary uploads"),
+    "LOG_DIR": (".", "path", "where ipd.log is written"),
+    "AUTH_DB": ("/opt/ipd/users.txt", "path",
+                "users file: ROLE:username:hash lines"),
+    "SUCCESS_CODE": ("1", "int", "exit status of control.sh that means success"),
+    "STEP_TIMEOUT": ("600", "seconds", "time limit of each control.sh step"),
+    "KILL_GRACE": ("10", "seconds", "between SIGTERM and SIGKILL of a step"),
+    "SHUTDOWN_GRACE": ("30", "seconds",
+                       "on SIGTERM, how long running steps may go on"),
+    "MAX_PARALLEL": ("4", "count", "how many projects deploy at once"),
+    "KEEP_DEPLOYMENTS": ("10", "count",
+                         "deployments per project that keep their files"),
+    "MAX_UPLOAD_SIZE": ("0", "size", "largest request body, 0 for no limit"),
+    "MAX_UNPACKED_SIZE": ("8G", "size",
+                          "largest unpacked package, 0 for no limit"),
+    "READ_TIMEOUT": ("60", "seconds", "idle time before a connection is closed"),
+    "PASS_ENV": ("", "names",
+                 "daemon environment variables passed on to control.sh"),
+}
+
+STATES_FINAL = ("ok", "changed", "timeout", "interrupted")
+STATE_FORMAT_VERSION = 1
+
+
+class Settings:
+    """The daemon's settings, each an attribute named as its key."""
+
+    def __init__(self, values):
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    def to_dict(self):
+        return {key: getattr(self, key) for key in SETTINGS}
+
+
+def parse_size(text):
+    """'512', '64K', '10M', '4G', '1T' -> bytes.  Raises ValueError."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError("not a size (like 512, 64K, 10M, 4G)")
+    power = " KMGT".index(match.group(2).upper() or " ")
+    return int(match.group(1)) * 1024 ** power
+
+
+def parse_setting(kind, text):
+    """Turn the text of one setting into its value.  Raises ValueError."""
+    text = text.strip()
+    if kind in ("int", "count"):
+        if not re.fullmatch(r"-?\d+", text):
+            raise ValueError("not a whole number")
+        value = int(text)
+        if kind == "count" and value < 1:
+            raise ValueError("must be at least 1")
+        return value
+    if kind == "seconds":
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("not a number of seconds") from None
+        if not 0 < value < 10 ** 7:
+            raise ValueError("must be a positive number of seconds")
+        return value
+    if kind == "size":
+        return parse_size(text)
+    if kind == "names":
+        names = text.replace(",", " ").split()
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError("not a variable name: %r" % name)
+        return names
+    if kind == "address":
+        return parse_listen(text)
+    if kind == "root":
+        if not text.startswith("/") or re.search(r"[\s?#%]", text):
+            raise ValueError("must be a URL path starting with /")
+        return text.rstrip("/")
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def parse_listen(text):
+    """'127.0.0.1:9955', '[::1]:9955', ':9955' -> (host, port)."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\s]*):(\d+)", text)
+    if not match:
+        raise ValueError("must be host:port")
+    host = match.group(1) or match.group(3) or "0.0.0.0"
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ValueError("port out of range")
+    return host, port
+
+
+def unquote_env_value(text):
+    """A value as systemd's EnvironmentFile reads it: quotes removed."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        inner = text[1:-1]
+        if text[0] == '"':
+            inner = re.sub(r'\\(["\\$`])', r"\1", inner)
+        return inner
+    return text
+
+
+def read_config_file(path):
+    """KEY=VALUE lines of an EnvironmentFile -> {key: (value, line_no)}.
+
+    Raises ConfigError naming the file and line of a malformed line.
+    """
+    entries = {}
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except OSError as error:
+        raise ConfigError("%s: cannot read: %s" % (path, error.strerror))
+    except UnicodeDecodeError:
+        raise ConfigError("%s: not UTF-8 text" % path)
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        match = re.fullmatch(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)",
+                             line)
+        if not match:
+            raise ConfigError("%s:%d: malformed line, expected KEY=VALUE"
+                              % (path, number))
+        entries[match.group(1)] = (unquote_env_value(match.group(2)), number)
+    return entries
+
+
+def load_settings(config_path=None, environ=None, warn=None):
+    """Read settings: defaults, then the config file, then the environment.
+
+    config_path None means IPD_CONFIG or /etc/ipd.conf, either of which
+    may be absent; a path given explicitly must exist.  Returns Settings;
+    raises ConfigError with a one-line reason naming file, line and key.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = config_path or environ.get("IPD_CONFIG")
+    path = explicit or DEFAULT_CONFIG
+    sources = {key: (default, "default") for key, (default, _, _)
+               in SETTINGS.items()}
+    if explicit or os.path.exists(path):
+        for key, (value, number) in read_config_file(path).items():
+            where = "%s:%d" % (path, number)
+            if key not in SETTINGS:
+                if warn:
+                    warn("%s: unknown setting %s ignored" % (where, key))
+                continue
+            sources[key] = (value, where)
+    for key in SETTINGS:
+        if key in environ:
+            sources[key] = (environ[key], "environment")
+    values = {}
+    for key, (text, where) in sources.items():
+        try:
+            values[key] = parse_setting(SETTINGS[key][1], text)
+        except ValueError as error:
+            raise ConfigError("%s: %s: %s (got %r)" % (where, key, error, text))
+    for key in ("UPLOAD_DIR", "LOG_DIR"):
+        values[key] = os.path.abspath(values[key])
+    return Settings(values)
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+class ConfigError(Exception):
+    """A setting or the users file is wrong; the daemon does not start."""
+
+
+class IpdError(Exception):
+    """An error answered to the client with its HTTP status and message."""
+
+    http_status = 500
+
+    def __init__(self, message, headers=None):
+        super().__init__(message)
+        self.headers = headers or {}
+
+
+class BadRequest(IpdError):
+    http_status = 400
+
+
+class Unauthorized(IpdError):
+    http_status = 401
+
+
+class Forbidden(IpdError):
+    http_status = 403
+
+
+class NotFound(IpdError):
+    http_status = 404
+
+
+class MethodNotAllowed(IpdError):
+    http_status = 405
+
+
+class Conflict(IpdError):
+    http_status = 409
+
+
+class LengthRequired(IpdError):
+    http_status = 411
+
+
+class TooLarge(IpdError):
+    http_status = 413
+
+
+class DiskFull(IpdError):
+    http_status = 507
+
+
+class MultipartError(BadRequest):
+    """The request body is not well-formed multipart/form-data."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection or stopped sending; nobody to answer."""
+
+
+###############################################################################
+# Helpers #####################################################################
+###############################################################################
+
+PROJECT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
+DEPLOYMENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-"
+                           r"[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+log = logging.getLogger("ipd")
+
+
+def is_project_name(name):
+    """True for 1-64 of letters, digits, '.', '_', '-', not led by '.' or '-'."""
+    return bool(PROJECT_NAME.match(name)) and name.isascii()
+
+
+def check_project_name(name):
+    """Return name, or raise BadRequest."""
+    if not is_project_name(name):
+        raise BadRequest("bad project name: use 1-64 letters, digits, '.', "
+                         "'_' or '-', not starting with '.' or '-'")
+    return name
+
+
+def iso_time(timestamp):
+    """Seconds since the epoch -> '2026-11-25T10:25:58.123Z', or None."""
+    if timestamp is None:
+        return None
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp))
+    return "%s.%03dZ" % (whole, int(timestamp * 1000) % 1000)
+
+
+def write_all(fd, data):
+    """os.write until every byte of data is written."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def fsync_dir(path):
+    """Make a rename or create in folder path durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path, data, mode=0o644):
+    """Replace path with data: temporary file, fsync, rename, fsync folder."""
+    folder = os.path.dirname(path)
+    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                                     suffix=".tmp", dir=folder)
+    try:
+        write_all(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        os.replace(temporary, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        remove_quietly(temporary)
+        raise
+    fsync_dir(folder)
+
+
+def remove_quietly(path):
+    """Remove a file or a whole folder; a missing one is fine."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def disk_errors(error):
+    """Turn a full disk into DiskFull (507); other OSErrors are re-raised."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC,
+                                                      errno.EDQUOT):
+        return DiskFull("disk full: the upload was not stored")
+    return error
+
+
+###############################################################################
+# Users and passwords #########################################################
+###############################################################################
+
+ROLES = ("ADMIN", "USER")
+PBKDF2_ITERATIONS = 200000
+
+
+def hash_password(password, iterations=PBKDF2_ITERATIONS, salt=None):
+    """Salted PBKDF2-SHA256, as 'pbkdf2_sha256$ITERATIONS$SALT$HASH'.
+
+    The original's plain sha256 hex is still accepted by check_password;
+    this form keeps the ROLE:username:hash line format (no ':' inside).
+    """
+    salt = salt or secrets.token_hex(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt.encode(),
+                                 iterations)
+    return "pbkdf2_sha256$%d$%s$%s" % (iterations, salt, digest.hex())
+
+
+def check_password(password, stored):
+    """True when password matches stored hash; constant-time comparison."""
+    if stored.startswith("pbkdf2_sha256$"):
+        try:
+            _, iterations, salt, expected = stored.split("$")
+            computed = hash_password(password, int(iterations), salt)
+        except ValueError:
+            return False
+        return hmac.compare_digest(computed, stored)
+    computed = hashlib.sha256(password.encode()).hexdigest()
+    return hmac.compare_digest(computed, stored.lower())
+
+
+def parse_users(text, source="users file"):
+    """ROLE:username:hash[:project,...] lines -> ({name: User}, warnings)."""
+    users, warnings = {}, []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split(":")
+        if len(fields) not in (3, 4) or fields[0] not in ROLES or not fields[1]:
+            warnings.append("%s:%d: ignored, expected ROLE:username:hash"
+                            % (source, number))
+            continue
+        projects = None
+        if len(fields) == 4:
+            projects = frozenset(p for p in fields[3].split(",") if p)
+        users[fields[1]] = User(fields[1], fields[0], fields[2], projects)
+    return users, warnings
+
+
+class User:
+    """One line of the users file."""
+
+    def __init__(self, name, role, password_hash, projects=None):
+        self.name = name
+        self.role = role
+        self.password_hash = password_hash
+        self.projects = projects  # None: every project
+
+    def may_use(self, project):
+        return self.role == "ADMIN" or self.projects is None \
+            or project in self.projects
+
+
+class UserDB:
+    """The users file, read again whenever it changes on disk.
+
+    A verified password is remembered (as a keyed hash, never in clear) so
+    that status polling does not pay PBKDF2 on every request.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._signature = None
+        self._users = {}
+        self._verified = {}
+        self._cache_key = secrets.token_bytes(32)
+
+    def _reload_if_changed(self):
+        try:
+            info = os.stat(self.path)
+            signature = (info.st_mtime_ns, info.st_size, info.st_ino)
+        except OSError:
+            signature = None
+        with self._lock:
+            if signature == self._signature:
+                return
+            self._signature = signature
+            self._verified = {}
+            if signature is None:
+                self._users = {}
+                log.warning("users file %s is missing: nobody can log in",
+                            self.path)
+                return
+            try:
+                with open(self.path, encoding="utf-8") as file:
+                    text = file.read()
+            except (OSError, UnicodeDecodeError) as error:
+                log.error("cannot read users file %s: %s", self.path, error)
+                self._users = {}
+                return
+            self._users, warnings = parse_users(text, self.path)
+            for warning in warnings:
+                log.warning("%s", warning)
+
+    def authenticate(self, name, password):
+        """Return the User for a right name and password, else None."""
+        self._reload_if_changed()
+        with self._lock:
+            user = self._users.get(name)
+        stored = user.password_hash if user else "0" * 64
+        key = hmac.new(self._cache_key, ("%s\0%s\0%s" % (name, stored, password))
+                       .encode(), "sha256").digest()
+        with self._lock:
+            if key in self._verified:
+                return self._verified[key]
+        if not check_password(password, stored) or user is None:
+            return None
+        with self._lock:
+            if len(self._verified) > 10000:
+                self._verified.clear()
+            self._verified[key] = user
+        return user
+
+
+def set_user(path, role, name, password_hash, projects=None):
+    """Add or replace the line of user name in the users file at path."""
+    if role not in ROLES:
+        raise ConfigError("role must be ADMIN or USER, not %r" % role)
+    if not name or ":" in name or any(c.isspace() for c in name):
+        raise ConfigError("user name must not be empty or contain ':' or spaces")
+    record = "%s:%s:%s" % (role, name, password_hash)
+    if projects:
+        for project in projects:
+            check_name_for_config(project)
+        record += ":" + ",".join(projects)
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        lines, mode = [], 0o640
+    kept = [line for line in lines
+            if line.strip().split(":")[1:2] != [name]
+            or line.strip().startswith("#")]
+    kept.append(record)
+    write_file_atomic(path, ("\n".join(kept) + "\n").encode(), mode)
+
+
+def check_name_for_config(project):
+    if not is_project_name(project):
+        raise ConfigError("bad project name %r" % project)
+
+
+###############################################################################
+# Multipart parser ############################################################
+###############################################################################
+
+# Events returned by MultipartParser.feed
+PART_START = "start"   # value: {header name (lower case): value}
+PART_DATA = "data"     # value: bytes-like; valid until the next feed()
+PART_END = "end"       # value: None
+
+BOUNDARY_CHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]\Z")
+
+
+class MultipartParser:
+    """Push parser for multipart/form-data (RFC 7578, RFC 2046 5.1).
+
+    It does no I/O: feed() takes bytes as they arrive, in pieces of any
+    size, and returns a list of (event, value).  File data comes back as
+    views into the fed buffer, without copies; only a short tail that may
+    be the start of a delimiter is carried between feeds.  close() raises
+    MultipartError unless the final boundary was seen.
+    """
+
+    PREAMBLE, AFTER_DELIMITER, HEADERS, BODY, DONE = range(5)
+
+    def __init__(self, boundary, max_header_bytes=16384, max_parts=16):
+        if isinstance(boundary, str):
+            boundary = boundary.encode("latin-1")
+        self.delimiter = b"\r\n--" + boundary
+        self.max_header_bytes = max_header_bytes
+        self.max_parts = max_parts
+        self.parts = 0
+        self.state = self.PREAMBLE
+        # As if a CRLF came before the body, so that the first boundary
+        # ("--b" at the very start) matches like every later "\r\n--b".
+        self._tail = b"\r\n"
+        self._pending = bytearray()
+
+    def feed(self, data, size=None):
+        """Parse data[:size]; return the events it completes."""
+        end = len(data) if size is None else size
+        events = []
+        position = 0
+        while position < end:
+            if self.state in (self.PREAMBLE, self.BODY):
+                position = self._scan_body(data, position, end, events)
+            elif self.state == self.AFTER_DELIMITER:
+                position = self._after_delimiter(data, position, end)
+            elif self.state == self.HEADERS:
+                position = self._headers(data, position, end, events)
+            else:
+                break  # DONE: the epilogue is ignored (RFC 2046)
+        return events
+
+    def close(self):
+        """Raise MultipartError when the body ended before the final boundary."""
+        if self.state != self.DONE:
+            raise MultipartError("malformed multipart body: "
+                                 "missing final boundary")
+
+    # --- body: find the delimiter, emit what comes before it
+
+    def _emit(self, events, data):
+        if self.state == self.BODY and len(data):
+            events.append((PART_DATA, data))
+
+    def _scan_body(self, data, position, end, events):
+        delimiter = self.delimiter
+        size = len(delimiter)
+        if self._tail:
+            # Could a delimiter begin in the tail and end in data?  Such a
+            # match lies within the tail and the next size - 1 bytes.
+            tail, self._tail = self._tail, b""
+            head = tail + bytes(data[position:position + size - 1])
+            found = head.find(delimiter)
+            if found >= 0:
+                self._emit(events, tail[:found])
+                return self._delimiter_found(position + found + size
+                                             - len(tail), events)
+            if end - position < size - 1:  # all of data is in head
+                self._keep_tail(head, 0, len(head), events)
+                return end
+            self._emit(events, tail)
+        found = data.find(delimiter, position, end)
+        if found >= 0:
+            self._emit(events, memoryview(data)[position:found])
+            return self._delimiter_found(found + size, events)
+        return self._keep_tail(data, position, end, events)
+
+    def _keep_tail(self, data, position, end, events):
+        """Emit data[position:end] but for a possible start of a delimiter."""
+        # The delimiter holds a single CR, at its start (a boundary has none),
+        # so a partial delimiter at the end begins at the last CR.
+        start = max(position, end - len(self.delimiter) + 1)
+        carriage_return = data.rfind(b"\r", start, end)
+        keep_from = end if carriage_return < 0 else carriage_return
+        self._emit(events, memoryview(data)[position:keep_from])
+        self._tail = bytes(data[keep_from:end])
+        return end
+
+    def _delimiter_found(self, position, events):
+        if self.state == self.BODY:
+            events.append((PART_END, None))
+        self.state = self.AFTER_DELIMITER
+        self._pending = bytearray()
+        return position
+
+    # --- after a delimiter: "--" ends the body, else padding and CRLF
+
+    def _after_delimiter(self, data, position, end):
+        pending = self._pending
+        before = len(pending)
+        take = min(end, position + 80 - before)
+        pending += data[position:take]
+        if pending[:2] == b"--":
+            self.state = self.DONE
+            return end
+        if pending == b"-":
+            return take  # one more byte tells
+        line_end = pending.find(b"\r\n")
+        if line_end < 0:
+            if len(pending) >= 80 or pending.strip(b" \t\r"):
+                raise MultipartError("malformed multipart body: "
+                                     "garbage after a boundary")
+            return take
+        if pending[:line_end].strip(b" \t"):
+            raise MultipartError("malformed multipart body: "
+                                 "garbage after a boundary")
+        self.parts += 1
+        if self.parts > self.max_parts:
+            raise MultipartError("too many parts in the form")
+        self.state = self.HEADERS
+        self._pending = bytearray(b"\r\n")  # so an empty header block matches
+        return position + line_end + 2 - before
+
+    # --- part headers, up to the empty line
+
+    def _headers(self, data, position, end, events):
+        pending = self._pending
+        before = len(pending)
+        limit = min(end, position + self.max_header_bytes + 4 - before)
+        pending += data[position:limit]
+        found = pending.find(b"\r\n\r\n", max(0, before - 3))
+        if found < 0:
+            if len(pending) > self.max_header_bytes:
+                raise MultipartError("part headers too long")
+            return limit
+        events.append((PART_START, parse_part_headers(bytes(pending[2:found]))))
+        self.state = self.BODY
+        self._tail = b""
+        return position + found + 4 - before
+
+
+def parse_part_headers(block):
+    """b'Name: value\\r\\n...' -> {'name': 'value'}.  Raises MultipartError."""
+    headers = {}
+    name = None
+    for line in block.decode("utf-8", "replace").split("\r\n"):
+        if not line:
+            continue
+        if line[0] in " \t" and name:  # obsolete line folding
+            headers[name] += " " + line.strip()
+            continue
+        name, colon, value = line.partition(":")
+        name = name.strip().lower()
+        if not colon or not name:
+            raise MultipartError("malformed part header: %r" % line[:60])
+        headers[name] = value.strip()
+    return headers
+
+
+def parse_header_params(value):
+    """'form-data; name="a"; filename="b"' -> ('form-data', {'name': 'a', ...}).
+
+    Quoted strings may hold ';' and backslash escapes; filename* (RFC 5987)
+    wins over filename.
+    """
+    main, _, rest = value.partition(";")
+    params = {}
+    pattern = re.compile(r'\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)\s*(?:;|$)')
+    position = 0
+    while position < len(rest):
+        match = pattern.match(rest, position)
+        if not match:
+            break
+        key, raw = match.group(1).lower(), match.group(2).strip()
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        params[key] = raw
+        position = match.end()
+    if "filename*" in params:
+        charset, _, encoded = params["filename*"].partition("''")
+        try:
+            params["filename"] = urllib.parse.unquote(encoded, charset or "utf-8",
+                                                      "strict")
+        except (LookupError, UnicodeDecodeError):
+            pass
+    return main.strip().lower(), params
+
+
+###############################################################################
+# Request bodies ##############################################################
+###############################################################################
+
+CHUNK_SIZE = 1 << 20
+
+
+class LengthBody:
+    """A request body of Content-Length bytes, read into caller buffers."""
+
+    def __init__(self, rfile, length):
+        self.rfile = rfile
+        self.remaining = length
+        self.received = 0
+
+    def readinto(self, view):
+        """Fill view from the body; 0 at its end.  Raises ClientGone."""
+        if self.remaining <= 0:
+            return 0
+        count = self.rfile.readinto(view[:min(len(view), self.remaining)])
+        if not count:
+            raise ClientGone("the body ended %d bytes early" % self.remaining)
+        self.remaining -= count
+        self.received += count
+        return count
+
+
+class ChunkedBody:
+    """A Transfer-Encoding: chunked request body (RFC 9112 section 7.1)."""
+
+    def __init__(self, rfile, limit=0):
+        self.rfile = rfile
+        self.limit = limit
+        self.chunk_left = 0
+        self.finished = False
+        self.received = 0
+
+    def _line(self):
+        line = self.rfile.readline(4096)
+        if not line:
+            raise ClientGone("the chunked body ended early")
+        if not line.endswith(b"\n"):
+            raise BadRequest("malformed chunked body: line too long")
+        return line.strip()
+
+    def _next_chunk(self):
+        size_text = self._line().split(b";", 1)[0].strip()
+        if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size_text):
+            raise BadRequest("malformed chunked body: bad chunk size")
+        self.chunk_left = int(size_text, 16)
+        if self.chunk_left == 0:
+            while self._line():  # trailer fields, up to the empty line
+                pass
+            self.finished = True
+
+    def readinto(self, view):
+        if self.finished:
+            return 0
+        if self.chunk_left == 0:
+            self._next_chunk()
+            if self.finished:
+                return 0
+        count = self.rfile.readinto(view[:min(len(view), self.chunk_left)])
+        if not count:
+            raise ClientGone("the chunked body ended early")
+        self.chunk_left -= count
+        self.received += count
+        if self.limit and self.received > self.limit:
+            raise TooLarge("upload larger than MAX_UPLOAD_SIZE (%d bytes)"
+                           % self.limit)
+        if self.chunk_left == 0 and self.rfile.read(2) != b"\r\n":
+            raise BadRequest("malformed chunked body: missing CRLF after data")
+        return count
+
+
+class FileSink:
+    """A file part written to a temporary file, hashed as it streams."""
+
+    def __init__(self, folder, field, filename):
+        self.field = field
+        self.filename = filename
+        self.fd, self.path = tempfile.mkstemp(prefix=".upload-", suffix=".tmp",
+                                              dir=folder)
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        try:
+            write_all(self.fd, data)
+        except OSError as error:
+            raise disk_errors(error)
+        self.size += len(data)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def discard(self):
+        self.close()
+        remove_quietly(self.path)
+
+    def describe(self):
+        return {"name": self.filename, "size": self.size,
+                "sha256": self.sha256.hexdigest()}
+
+
+class FieldSink:
+    """A text field kept in memory, with a small limit."""
+
+    def __init__(self, field, limit=1024):
+        self.field = field
+        self.value = bytearray()
+        self.limit = limit
+
+    def write(self, data):
+        self.value += data
+        if len(self.value) > self.limit:
+            raise BadRequest("form field %r is too long" % self.field)
+
+    def close(self):
+        pass
+
+    def discard(self):
+        pass
+
+    def text(self):
+        try:
+            return self.value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("form field %r is not UTF-8" % self.field)
+
+
+UPLOAD_FILE_FIELDS = ("image", "package")
+UPLOAD_TEXT_FIELDS = ("project",)
+
+
+class Upload:
+    """The fields of one upload request; files in temporary files until
+    they are moved into a deployment, or discarded."""
+
+    def __init__(self):
+        self.fields = {}
+        self.files = {}
+
+    def discard(self):
+        for sink in self.files.values():
+            sink.discard()
+        self.files = {}
+
+
+def receive_upload(body, boundary, folder, on_field=None):
+    """Stream a multipart/form-data body into an Upload.
+
+    Files go to temporary files in folder, text fields to memory; on_field
+    is called with (name, value) as each text field completes, so that a
+    bad project name stops the upload before its files are read.  On any
+    error every temporary file is removed and the error raised.
+    """
+    parser = MultipartParser(boundary)
+    upload = Upload()
+    buffer = bytearray(CHUNK_SIZE)
+    view = memoryview(buffer)
+    sink = None
+    try:
+        while True:
+            count = body.readinto(view)
+            if not count:
+                break
+            for event, value in parser.feed(buffer, count):
+                if event == PART_DATA:
+                    sink.write(value)
+                elif event == PART_START:
+                    sink = open_sink(upload, value, folder)
+                else:
+                    sink.close()
+                    if isinstance(sink, FieldSink):
+                        upload.fields[sink.field] = sink.text()
+                        if on_field:
+                            on_field(sink.field, upload.fields[sink.field])
+                    sink = None
+        parser.close()
+        return upload
+    except BaseException:
+        if sink is not None:
+            sink.discard()
+        upload.discard()
+        raise
+
+
+def open_sink(upload, headers, folder):
+    """Start the sink of a new part, from its headers."""
+    disposition, params = parse_header_params(headers.get("content-disposition",
+                                                          ""))
+    name = params.get("name")
+    if disposition != "form-data" or not name:
+        raise MultipartError("malformed multipart body: a part without "
+                             "Content-Disposition: form-data; name=...")
+    if name in upload.fields or name in upload.files:
+        raise BadRequest("form field %r given twice" % name)
+    if name in UPLOAD_FILE_FIELDS:
+        filename = os.path.basename(params.get("filename") or name)
+        sink = FileSink(folder, name, filename)
+        upload.files[name] = sink
+        return sink
+    if name in UPLOAD_TEXT_FIELDS:
+        return FieldSink(name)
+    raise BadRequest("unknown form field %r: expected project, image, package"
+                     % name)
+
+
+###############################################################################
+# Packages: safe unpacking ####################################################
+###############################################################################
+
+def member_parts(name):
+    """An archive member's name -> its path components.
+
+    Raises BadRequest for names that could land outside the folder:
+    absolute paths, '..', drive letters, backslashes, NUL.
+    """
+    if "\0" in name or "\\" in name:
+        raise BadRequest("package entry %r: backslash or NUL in name" % name)
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
+        raise BadRequest("package entry %r: absolute path" % name)
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise BadRequest("package entry %r: '..' in path" % name)
+    return parts
+
+
+class PackageWriter:
+    """Writes archive entries into a fresh folder and nowhere else.
+
+    Every entry is checked against what was written before it: no entry is
+    written through a symlink, no link points outside, and the bytes
+    written are counted against a limit (decompression bombs).
+    """
+
+    def __init__(self, root, max_bytes):
+        self.root = root
+        self.max_bytes = max_bytes
+        self.written = 0
+        self.kinds = {(): "dir"}  # path components -> "dir", "file", "link"
+
+    def _path(self, parts):
+        return os.path.join(self.root, *parts)
+
+    def _prepare_parent(self, name, parts):
+        for depth in range(1, len(parts)):
+            prefix = tuple(parts[:depth])
+            kind = self.kinds.get(prefix)
+            if kind is None:
+                os.mkdir(self._path(prefix), 0o755)
+                self.kinds[prefix] = "dir"
+            elif kind != "dir":
+                raise BadRequest("package entry %r: goes through a %s"
+                                 % (name, "symlink" if kind == "link" else "file"))
+        existing = self.kinds.get(tuple(parts))
+        if existing in ("dir", "link"):
+            raise BadRequest("package entry %r: given twice" % name)
+
+    def directory(self, name, mode):
+        parts = member_parts(name)
+        if not parts:
+            return
+        if self.kinds.get(tuple(parts)) == "dir":
+            return
+        self._prepare_parent(name, parts)
+        os.mkdir(self._path(parts), 0o755)
+        self.kinds[tuple(parts)] = "dir"
+
+    def file(self, name, mode, source):
+        """Copy file object source to entry name."""
+        parts = member_parts(name)
+        if not parts:
+            raise BadRequest("package entry %r: a file without a name" % name)
+        self._prepare_parent(name, parts)
+        path = self._path(parts)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        fd = os.open(path, flags, 0o600)
+        try:
+            while True:
+                data = source.read(CHUNK_SIZE)
+                if not data:
+                    break
+                self.written += len(data)
+                if self.max_bytes and self.written > self.max_bytes:
+                    raise TooLarge("package unpacks to more than "
+                                   "MAX_UNPACKED_SIZE (%d bytes)" % self.max_bytes)
+                write_all(fd, data)
+            # Owner may always read and write; no set-id or sticky bits.
+            os.fchmod(fd, (mode & 0o777) | 0o600)
+        finally:
+            os.close(fd)
+        self.kinds[tuple(parts)] = "file"
+
+    def symlink(self, name, target):
+        parts = member_parts(name)
+        if not parts:
+            raise BadRequest("package entry %r: a link without a name" % name)
+        if not target or target.startswith("/") or "\0" in target:
+            raise BadRequest("package entry %r: link to an absolute path" % name)
+        resolved = os.path.normpath(os.path.join(*(parts[:-1] + [target])))
+        if resolved == ".." or resolved.startswith("../"):
+            raise BadRequest("package entry %r: link points outside" % name)
+        self._prepare_parent(name, parts)
+        if tuple(parts) in self.kinds:
+            raise BadRequest("package entry %r: given twice" % name)
+        os.symlink(target, self._path(parts))
+        self.kinds[tuple(parts)] = "link"
+
+    def hardlink(self, name, target):
+        parts = member_parts(name)
+        target_parts = member_parts(target)
+        if self.kinds.get(tuple(target_parts)) != "file":
+            raise BadRequest("package entry %r: hard link to %r, which is not "
+                             "a file of the package" % (name, target))
+        self._prepare_parent(name, parts)
+        if tuple(parts) in self.kinds:
+            raise BadRequest("package entry %r: given twice" % name)
+        os.link(self._path(target_parts), self._path(parts))
+        self.kinds[tuple(parts)] = "file"
+
+
+def unpack_package(archive, folder, max_bytes):
+    """Unpack archive (tar, tar.gz/bz2/xz or zip, known by content) into
+    the existing empty folder.  Raises BadRequest or TooLarge."""
+    writer = PackageWriter(folder, max_bytes)
+    with open(archive, "rb") as file:
+        magic = file.read(4)
+    try:
+        if magic in (b"PK\x03\x04", b"PK\x05\x06"):
+            unpack_zip(archive, writer)
+        else:
+            unpack_tar(archive, writer)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError,
+            NotImplementedError, RuntimeError, LookupError) as error:
+        # zlib.error, lzma.LZMAError are raised as ValueError subclasses or
+        # plain errors; catch the decompressors' errors by name below too.
+        raise BadRequest("package is not a valid tar, tar.gz or zip archive: "
+                         "%s" % (str(error).splitlines() or ["?"])[0])
+    except OSError as error:
+        raise disk_errors(error)
+    except Exception as error:
+        if type(error).__module__ in ("zlib", "lzma", "_lzma", "bz2", "_bz2"):
+            raise BadRequest("package is not a valid archive: %s" % error)
+        raise
+
+
+def unpack_tar(archive, writer):
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except tarfile.ReadError:
+        raise BadRequest("package is not a tar, tar.gz or zip archive")
+    with tar:
+        for member in tar:
+            if member.isdir():
+                writer.directory(member.name, member.mode)
+            elif member.isreg():
+                with tar.extractfile(member) as source:
+                    writer.file(member.name, member.mode, source)
+            elif member.issym():
+                writer.symlink(member.name, member.linkname)
+            elif member.islnk():
+                writer.hardlink(member.name, member.linkname)
+            else:
+                raise BadRequest("package entry %r: device files and FIFOs "
+                                 "are refused" % member.name)
+
+
+def unpack_zip(archive, writer):
+    with zipfile.ZipFile(archive) as zipped:
+        for info in zipped.infolist():
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                target = zipped.read(info)
+                if len(target) > 4096:
+                    raise BadRequest("package entry %r: link target too long"
+                                     % info.filename)
+                writer.symlink(info.filename, target.decode("utf-8", "replace"))
+            elif info.is_dir() or stat.S_ISDIR(mode):
+                writer.directory(info.filename, mode)
+            elif mode == 0 or stat.S_ISREG(mode):
+                with zipped.open(info) as source:
+                    writer.file(info.filename, mode or 0o644, source)
+            else:
+                raise BadRequest("package entry %r: device files and FIFOs "
+                                 "are refused" % info.filename)
+
+
+def find_control_script(unpacked, project_dir):
+    """The control.sh to run: the package's, else the project folder's.
+
+    Returns its absolute path; raises BadRequest when there is none or it
+    is not executable.
+    """
+    for folder, where in ((unpacked, "package"), (project_dir, "project folder")):
+        if folder is None:
+            continue
+        path = os.path.join(folder, "control.sh")
+        if not os.path.lexists(path):
+            continue
+        real = os.path.realpath(path)
+        if not real.startswith(os.path.realpath(folder) + os.sep):
+            raise BadRequest("control.sh of the %s points outside it" % where)
+        if not os.path.isfile(real) or not os.access(real, os.X_OK):
+            raise BadRequest("control.sh of the %s is not an executable file"
+                             % where)
+        return path
+    raise BadRequest("no control.sh: put one at the package's root, or in "
+                     "the project folder on the server")
+
+
+###############################################################################
+# Deployments and their store #################################################
+###############################################################################
+
+class DeploymentStore:
+    """Every deployment, its state on disk and the queue of waiting ones.
+
+    Records are plain dicts (see new_record); callers get copies.  Every
+    change of state goes through update(), which writes the record to disk
+    before the change is visible, so a state once answered survives any
+    crash.  Each project has at most one waiting deployment (a newer upload
+    supersedes it) and at most one running.
+    """
+
+    def __init__(self, upload_dir, keep):
+        self.upload_dir = upload_dir
+        self.keep = keep
+        self._lock = threading.Condition()
+        self._write_lock = threading.Lock()
+        # Held from taking an upload's sequence number until it is queued,
+        # so that upload order and queue order are the same.
+        self.commit_lock = threading.Lock()
+        self._records = {}        # id -> record
+        self._by_project = {}     # project -> [ids, oldest first]
+        self._waiting = {}        # project -> id
+        self._running = {}        # project -> id
+        self._stopping = False
+        self._next_seq = 1
+        self._state_counts = {}
+        self._durations = []      # seconds of finished deployments
+
+    # --- paths
+
+    def project_dir(self, project):
+        return os.path.join(self.upload_dir, project)
+
+    def deployments_dir(self, project):
+        return os.path.join(self.upload_dir, project, "deployments")
+
+    def path(self, record, suffix=""):
+        """Folder of a deployment, or its file with suffix ('.log', ...)."""
+        return os.path.join(self.deployments_dir(record["project"]),
+                            record["id"] + suffix)
+
+    # --- loading
+
+    def load(self):
+        """Rebuild state from UPLOAD_DIR after a start, a crash or kill -9.
+
+        Torn uploads are removed, waiting deployments queued again in
+        upload order, a deployment that was running becomes 'interrupted'.
+        Returns the number of deployments found.
+        """
+        os.makedirs(self.upload_dir, exist_ok=True)
+        for entry in os.scandir(self.upload_dir):
+            if entry.name.startswith(".upload-"):
+                log.info("removing torn upload %s", entry.name)
+                remove_quietly(entry.path)
+            elif is_project_name(entry.name) and entry.is_dir():
+                self._load_project(entry.name)
+        records = sorted(self._records.values(), key=lambda r: r["seq"])
+        for record in records:
+            self._by_project.setdefault(record["project"], []).append(record["id"])
+            self._count_state(None, record)
+        for record in records:
+            if record["state"] == "active":
+                self.update(record["id"], state="interrupted", ended=time.time())
+                log.info("deployment %s of %s was running at a stop: interrupted",
+                         record["id"], record["project"])
+            elif record["state"] == "await":
+                superseded = self._queue(record)
+                if superseded:
+                    self.update(superseded, state="changed", ended=time.time(),
+                                superseded_by=record["id"])
+        return len(records)
+
+    def _load_project(self, project):
+        folder = self.deployments_dir(project)
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        names = {entry.name for entry in entries}
+        for entry in entries:
+            stem, dot, suffix = entry.name.partition(".")
+            if entry.name.startswith("."):  # a torn atomic write
+                remove_quietly(entry.path)
+            elif suffix == "json" and DEPLOYMENT_ID.match(stem):
+                record = self._read_record(entry.path, project, stem)
+                if record:
+                    self._records[record["id"]] = record
+                    self._next_seq = max(self._next_seq, record["seq"] + 1)
+            elif DEPLOYMENT_ID.match(stem) and stem + ".json" not in names:
+                # Files moved in by an upload that died before its record
+                # was written: that deployment never existed.
+                remove_quietly(entry.path)
+
+    def _read_record(self, path, project, deployment_id):
+        try:
+            with open(path, encoding="utf-8") as file:
+                record = json.load(file)
+            if record.get("id") != deployment_id or record.get("project") != project:
+                raise ValueError("id or project does not match its file name")
+            if record.get("version", 1) > STATE_FORMAT_VERSION:
+                raise ValueError("written by a newer ipd (format %s)"
+                                 % record.get("version"))
+            return upgrade_record(record)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.error("skipping unreadable deployment state %s: %s", path, error)
+            return None
+
+    # --- changes
+
+    def add(self, record):
+        """Record a new uploaded deployment (already on disk) and queue it."""
+        with self._lock:
+            self._records[record["id"]] = record
+            self._by_project.setdefault(record["project"], []).append(record["id"])
+            self._count_state(None, record)
+            superseded = self._queue(record)
+        if superseded:
+            self.update(superseded, state="changed", ended=time.time(),
+                        superseded_by=record["id"])
+
+    def _queue(self, record):
+        """Make record its project's waiting deployment; return the id it
+        superseded, if any.  Called with the lock held (or while loading)."""
+        project = record["project"]
+        superseded = self._waiting.get(project)
+        self._waiting[project] = record["id"]
+        self._lock.notify_all()
+        return superseded
+
+    def commit(self, record, folder, files):
+        """Move an upload's folder and files ({suffix: path}) into place,
+        write the record and queue it.  All or nothing: on an error what
+        was moved is removed again."""
+        moved = []
+        with self.commit_lock:
+            try:
+                os.makedirs(self.deployments_dir(record["project"]), exist_ok=True)
+                for suffix, source in [("", folder)] + sorted(files.items()):
+                    os.rename(source, self.path(record, suffix))
+                    moved.append(self.path(record, suffix))
+                moved.append(self.path(record, ".log"))
+                open(moved[-1], "ab").close()
+                with self._lock:
+                    record["seq"] = self._next_seq
+                    self._next_seq += 1
+                write_file_atomic(self.path(record, ".json"), encode_record(record))
+            except BaseException:
+                for path in moved:
+                    remove_quietly(path)
+                raise
+            self.add(record)  # it exists now: the record is on disk
+
+    def update(self, deployment_id, **changes):
+        """Change a deployment: on disk first (atomically), then in memory.
+        Returns a copy of the new record."""
+        with self._write_lock:
+            with self._lock:
+                old = self._records[deployment_id]
+                new = dict(old, **changes)
+            write_file_atomic(self.path(new, ".json"), encode_record(new))
+            with self._lock:
+                self._records[deployment_id] = new
+                self._count_state(old, new)
+                if new["state"] != old["state"]:
+                    log.info("deployment %s of %s: %s -> %s", new["id"],
+                             new["project"], old["state"], new["state"])
+                return dict(new)
+
+    def _count_state(self, old, new):
+        if old is not None:
+            self._state_counts[old["state"]] -= 1
+        self._state_counts[new["state"]] = self._state_counts.get(new["state"], 0) + 1
+        if (old is None or old["ended"] is None) and new["ended"] and new["started"]:
+            self._durations.append(new["ended"] - new["started"])
+            del self._durations[:-1000]
+
+    # --- the queue, as the worker sees it
+
+    def claim(self):
+        """Block until a waiting deployment may run; return it as 'active'.
+
+        Picks the oldest waiting deployment of a project that is not
+        running one; returns None once stop() was called.
+        """
+        with self._lock:
+            while True:
+                if self._stopping:
+                    return None
+                ready = [deployment_id for project, deployment_id
+                         in self._waiting.items() if project not in self._running]
+                if ready:
+                    deployment_id = min(ready, key=lambda i: self._records[i]["seq"])
+                    project = self._records[deployment_id]["project"]
+                    del self._waiting[project]
+                    self._running[project] = deployment_id
+                    break
+                self._lock.wait()
+        return self.update(deployment_id, state="active", started=time.time())
+
+    def release(self, record):
+        """The worker is done with record's project: let its next one run."""
+        with self._lock:
+            self._running.pop(record["project"], None)
+            self._lock.notify_all()
+        self.prune(record["project"])
+
+    def stop(self):
+        """Let claim() return None to every worker."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+
+    # --- pruning
+
+    def prune(self, project):
+        """Remove image and package files of finished deployments beyond
+        the newest KEEP_DEPLOYMENTS; states and logs stay."""
+        with self._lock:
+            ids = list(self._by_project.get(project, ()))
+            busy = {self._waiting.get(project), self._running.get(project)}
+            old = [i for i in ids[:-self.keep] if i not in busy
+                   and not self._records[i].get("pruned")
+                   and self._records[i]["state"] not in ("await", "active")]
+        for deployment_id in old:
+            record = self.get(deployment_id)
+            for suffix in ("", ".image", ".package"):
+                remove_quietly(self.path(record, suffix))
+            self.update(deployment_id, pruned=True)
+
+    # --- reading
+
+    def get(self, deployment_id):
+        with self._lock:
+            record = self._records.get(deployment_id)
+            return dict(record) if record else None
+
+    def find(self, project, deployment_id=None):
+        """The deployment of project with deployment_id, or its latest."""
+        with self._lock:
+            if deployment_id is None:
+                ids = self._by_project.get(project)
+                deployment_id = ids[-1] if ids else None
+            record = self._records.get(deployment_id)
+            if record is None or record["project"] != project:
+                return None
+            return dict(record)
+
+    def projects(self):
+        """{project: (latest record, number of deployments)}."""
+        with self._lock:
+            return {project: (dict(self._records[ids[-1]]), len(ids))
+                    for project, ids in sorted(self._by_project.items())}
+
+    def statistics(self):
+        with self._lock:
+            durations = sorted(self._durations)
+            return {
+                "deployments": len(self._records),
+                "states": {state: count for state, count
+                           in sorted(self._state_counts.items()) if count},
+                "queue": len(self._waiting),
+                "running": len(self._running),
+                "durations": summarize(durations),
+            }
+
+
+def summarize(values):
+    """count, mean, median, max of a sorted list of seconds."""
+    if not values:
+        return {"count": 0, "mean": None, "median": None, "max": None}
+    return {"count": len(values),
+            "mean": round(sum(values) / len(values), 3),
+            "median": round(values[len(values) // 2], 3),
+            "max": round(values[-1], 3)}
+
+
+def new_record(deployment_id, project, seq, user, files, control):
+    """The state of a deployment just uploaded."""
+    return {
+        "version": STATE_FORMAT_VERSION,
+        "id": deployment_id,
+        "project": project,
+        "seq": seq,
+        "state": "await",
+        "created": time.time(),
+        "started": None,
+        "ended": None,
+        "user": user,
+        "files": files,
+        "control": control,
+        "steps": [],
+        "pruned": False,
+    }
+
+
+def upgrade_record(record):
+    """Fill fields that older state files lack, so that any version reads."""
+    defaults = new_record(record["id"], record["project"], record["seq"],
+                          None, {}, None)
+    for key, value in defaults.items():
+        record.setdefault(key, value)
+    record["version"] = STATE_FORMAT_VERSION
+    return record
+
+
+def encode_record(record):
+    return (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
+
+
+def public_record(record):
+    """What the API tells of a deployment (times as ISO 8601)."""
+    duration = None
+    if record["started"] and record["ended"]:
+        duration = round(record["ended"] - record["started"], 3)
+    return {
+        "project": record["project"],
+        "deployment": record["id"],
+        "state": record["state"],
+        "created": iso_time(record["created"]),
+        "started": iso_time(record["started"]),
+        "ended": iso_time(record["ended"]),
+        "duration": duration,
+        "user": record["user"],
+        "files": record["files"],
+        "steps": record["steps"],
+        "pruned": record["pruned"],
+    }
+
+
+###############################################################################
+# The deploy worker ###########################################################
+###############################################################################
+
+class DeployWorker:
+    """Runs waiting deployments, MAX_PARALLEL projects at once.
+
+    Each thread claims a deployment from the store as soon as one may run,
+    and runs its control.sh steps as the original README says: check;
+    prepare where check did not succeed; deploy.
+    """
+
+    def __init__(self, settings, store):
+        self.settings = settings
+        self.store = store
+        self.threads = []
+        self.kill_event = threading.Event()  # set when the grace period ends
+
+    def start(self):
+        for number in range(self.settings.MAX_PARALLEL):
+            thread = threading.Thread(target=self._loop, name="deploy-%d" % number,
+                                      daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self, grace):
+        """Stop taking deployments; give running ones grace seconds, then
+        stop their steps (state 'interrupted')."""
+        self.store.stop()
+        deadline = time.monotonic() + grace
+        for thread in self.threads:
+            thread.join(max(0, deadline - time.monotonic()))
+        self.kill_event.set()
+        for thread in self.threads:
+            thread.join(self.settings.KILL_GRACE + 5)
+
+    def _loop(self):
+        while True:
+            record = self.store.claim()
+            if record is None:
+                return
+            try:
+                self.run(record)
+            except Exception:
+                log.exception("deployment %s failed inside ipd", record["id"])
+                try:
+                    self.store.update(record["id"], state="interrupted",
+                                      ended=time.time())
+                except Exception:
+                    log.exception("cannot record the failure of %s", record["id"])
+            finally:
+                self.store.release(record)
+
+    def run(self, record):
+        """Run the steps of one deployment and record its final state."""
+        success = self.settings.SUCCESS_CODE
+        steps = []
+        outcome = None
+        with open(self.store.path(record, ".log"), "ab") as log_file:
+            for step in ("check", "prepare", "deploy"):
+                if step == "prepare" and steps[0]["code"] == success:
+                    continue
+                code, outcome = self.run_step(record, step, log_file)
+                steps.append({"step": step, "code": code})
+                self.store.update(record["id"], steps=list(steps))
+                if outcome:
+                    break
+                if step != "check" and code != success:
+                    outcome = str(code)
+                    break
+        self.store.update(record["id"], state=outcome or "ok", ended=time.time())
+
+    def environment(self, record):
+        """The environment of control.sh: the original's, plus IMAGE,
+        PROJECT_DIR and what PASS_ENV names; nothing else of ours."""
+        env = {name: os.environ[name] for name in self.settings.PASS_ENV
+               if name in os.environ}
+        image = self.store.path(record, ".image")
+        env.update({
+            "PATH": os.environ.get("PATH", os.defpath),
+            "DEPLOY": record["id"],
+            "PROJECT": record["project"],
+            "IMAGE": image if "image" in record["files"] else "",
+            "PROJECT_DIR": self.store.project_dir(record["project"]),
+        })
+        return env
+
+    def run_step(self, record, step, log_file):
+        """Run 'control.sh STEP' in its own session; return (code, outcome),
+        where outcome is 'timeout' or 'interrupted' when we had to stop it."""
+        log_file.flush()
+        started = time.monotonic()
+        process = subprocess.Popen(
+            [record["control"], step], cwd=self.store.path(record),
+            env=self.environment(record), stdin=subprocess.DEVNULL,
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            close_fds=True)
+        deadline = started + self.settings.STEP_TIMEOUT
+        outcome = None
+        while True:
+            try:
+                process.wait(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if self.kill_event.is_set():
+                    outcome = "interrupted"
+                elif time.monotonic() >= deadline:
+                    outcome = "timeout"
+                if outcome:
+                    log.warning("deployment %s: control.sh %s %s, stopping it",
+                                record["id"], step, outcome)
+                    stop_process_group(process, self.settings.KILL_GRACE)
+                    break
+        # Children it left behind belong to the step: none may outlive it.
+        stop_process_group(process, self.settings.KILL_GRACE)
+        code = process.returncode
+        if code < 0:
+            code = 128 - code  # killed by a signal, as a shell reports it
+        log.info("deployment %s of %s: control.sh %s exited %d after %.3fs",
+                 record["id"], record["project"], step, code,
+                 time.monotonic() - started)
+        return code, outcome
+
+
+def stop_process_group(process, grace):
+    """SIGTERM the process group of process, SIGKILL what is left after
+    grace seconds, and reap process."""
+    group = process.pid
+    if group_alive(group):
+        signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while group_alive(group) and time.monotonic() < deadline:
+            process.poll()
+            time.sleep(0.05)
+        signal_group(group, signal.SIGKILL)
+    process.wait()
+
+
+def signal_group(group, signum):
+    """Send signum to a process group; a group already gone is fine."""
+    try:
+        os.killpg(group, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def group_alive(group):
+    """True while a process of the group is running (zombies do not count:
+    orphans left to an init that does not reap them must not hold us up)."""
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:  # no /proc: ask the kernel, zombies included
+        try:
+            os.killpg(group, 0)
+            return True
+        except OSError:
+            return False
+    for pid in pids:
+        try:
+            with open("/proc/%s/stat" % pid, "rb") as file:
+                fields = file.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] != b"Z":
+            return True
+    return False
+
+
+###############################################################################
+# HTTP handler and server #####################################################
+###############################################################################
+
+# (method, first path segment, number of segments) -> (handler name, role)
+ROUTES = {
+    ("GET", "", 0): ("welcome", None),
+    ("GET", "list", 1): ("list_projects", "ADMIN"),
+    ("POST", "upload", 1): ("upload", "USER"),
+    ("GET", "info", 1): ("info", "ADMIN"),
+    ("GET", "stat", 1): ("statistics", "ADMIN"),
+    ("GET", "status", 2): ("status", "USER"),
+    ("GET", "status", 3): ("status", "USER"),
+    ("GET", "log", 3): ("deployment_log", "USER"),
+}
+
+
+class Daemon:
+    """What the handlers share: settings, users, deployments, counters."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.users = UserDB(settings.AUTH_DB)
+        self.store = DeploymentStore(settings.UPLOAD_DIR, settings.KEEP_DEPLOYMENTS)
+        self.worker = DeployWorker(settings, self.store)
+        self.started = time.time()
+        self.counter_lock = threading.Lock()
+        self.uploads = 0
+        self.bytes_received = 0
+
+    def count_upload(self, size):
+        with self.counter_lock:
+            self.uploads += 1
+            self.bytes_received += size
+
+    def deploy_upload(self, project, upload, user):
+        """Unpack the package, find control.sh, and commit the deployment.
+
+        Returns its record; on any error nothing of the upload is left.
+        """
+        store = self.store
+        staging = tempfile.mkdtemp(prefix=".upload-", suffix=".dir",
+                                   dir=self.settings.UPLOAD_DIR)
+        try:
+            if "package" in upload.files:
+                unpack_package(upload.files["package"].path, staging,
+                               self.settings.MAX_UNPACKED_SIZE)
+            control = find_control_script(
+                staging if "package" in upload.files else None,
+                store.project_dir(project))
+            files = {name: sink.describe() for name, sink in upload.files.items()}
+            record = new_record(str(uuid.uuid4()), project, None, user.name,
+                                files, control)
+            if control.startswith(staging + os.sep):
+                record["control"] = os.path.join(store.path(record), "control.sh")
+            store.commit(record, staging, {"." + name: sink.path for name, sink
+                                           in upload.files.items()})
+        except BaseException as error:
+            remove_quietly(staging)
+            raise disk_errors(error)
+        finally:
+            upload.discard()
+        return record
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One connection; each request is routed to a method of the API."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "ipd/" + __version__
+
+    # --- plumbing
+
+    def setup(self):
+        self.timeout = self.server.ipd.settings.READ_TIMEOUT
+        super().setup()
+
+    def handle_expect_100(self):
+        # Answer 100 Continue only once the request passed its checks
+        # (see upload), so a refused upload sends no body.
+        self.expects_continue = True
+        return True
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_HEAD(self):
+        self.dispatch("HEAD")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def do_PUT(self):
+        self.dispatch("PUT")
+
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
+    def do_PATCH(self):
+        self.dispatch("PATCH")
+
+    def do_OPTIONS(self):
+        self.dispatch("OPTIONS")
+
+    def dispatch(self, method):
+        self.ipd = self.server.ipd
+        self.user = None
+        self.status_sent = None
+        self.bytes_sent = 0
+        self.body_read = 0
+        self.expects_continue = getattr(self, "expects_continue", False)
+        started = time.monotonic()
+        try:
+            handler, role, args = self.route(method)
+            if role:
+                self.user = self.authenticate(role)
+            handler(*args)
+        except IpdError as error:
+            self.send_error_answer(error)
+        except ClientGone as error:
+            log.info("%s %s: client gone: %s", method, self.path, error)
+            self.close_connection = True
+        except (socket.timeout, ConnectionError) as error:
+            log.info("%s %s: connection lost: %s", method, self.path, error)
+            self.close_connection = True
+        except Exception:
+            log.exception("internal error on %s %s", method, self.path)
+            self.send_error_answer(IpdError("internal error, see the ipd log"))
+        finally:
+            self.expects_continue = False
+            self.log_access(method, started)
+
+    def route(self, method):
+        """Map the request to (bound method, required role, arguments)."""
+        path = urllib.parse.urlsplit(self.path).path
+        root = self.ipd.settings.API_ROOT
+        if path != root and not path.startswith(root + "/"):
+            raise NotFound("not found: the API is under %s/" % root)
+        segments = [urllib.parse.unquote(part)
+                    for part in path[len(root):].strip("/").split("/") if part]
+        key_name = segments[0] if segments else ""
+        lookup = "GET" if method == "HEAD" else method
+        entry = ROUTES.get((lookup, key_name, len(segments)))
+        if entry is None:
+            allowed = sorted({m for (m, name, count) in ROUTES
+                              if name == key_name and count == len(segments)})
+            if allowed:
+                raise MethodNotAllowed("method %s not allowed here" % method,
+                                       {"Allow": ", ".join(allowed)})
+            raise NotFound("not found: %s" % path)
+        name, role = entry
+        return getattr(self, "api_" + name), role, segments[1:]
+
+    def authenticate(self, role):
+        """Return the User of the request's Basic credentials, or raise."""
+        header = self.headers.get("Authorization", "")
+        scheme, _, encoded = header.partition(" ")
+        user = None
+        if scheme.lower() == "basic":
+            try:
+                name, colon, password = base64.b64decode(encoded.strip(),
+                                                         validate=True) \
+                    .decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                name, colon = "", ""
+            if colon:
+                user = self.ipd.users.authenticate(name, password)
+        if user is None:
+            raise Unauthorized("authentication required",
+                               {"WWW-Authenticate":
+                                'Basic realm="ipd", charset="UTF-8"'})
+        if role == "ADMIN" and user.role != "ADMIN":
+            raise Forbidden("forbidden: this needs the ADMIN role")
+        return user
+
+    def check_project_access(self, project):
+        if not self.user.may_use(project):
+            raise Forbidden("forbidden: user %s may not use project %s"
+                            % (self.user.name, project))
+
+    def wants_json(self):
+        accept = self.headers.get("Accept", "")
+        return "application/json" in accept
+
+    def answer(self, status, text, data=None, headers=None):
+        """Send text (or data as JSON, when the client asks for JSON)."""
+        if data is not None and self.wants_json():
+            body = (json.dumps(data, indent=1) + "\n").encode()
+            content_type = "application/json"
+        else:
+            body = text.encode()
+            content_type = "text/plain; charset=utf-8"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+            self.bytes_sent += len(body)
+
+    def send_response(self, code, message=None):
+        self.status_sent = code
+        super().send_response(code, message)
+
+    def send_error_answer(self, error):
+        if self.status_sent is not None:  # too late for a clean answer
+            self.close_connection = True
+            return
+        if self.has_unread_body():
+            self.close_connection = True
+        message = str(error).splitlines()[0] if str(error) else "error"
+        try:
+            self.answer(error.http_status, message + "\n", {"error": message},
+                        error.headers)
+        except OSError:
+            self.close_connection = True
+
+    def has_unread_body(self):
+        length = self.headers.get("Content-Length")
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        if chunked or (length and length.strip() != "0"):
+            return not getattr(self, "body_consumed", False)
+        return False
+
+    def log_access(self, method, started):
+        address = self.client_address[0]
+        if address in ("127.0.0.1", "::1"):
+            forwarded = self.headers.get("X-Real-IP") or \
+                self.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
+            address = forwarded or address
+        log.info('%s "%s %s" %s user=%s in=%d out=%d %.3fs', address, method,
+                 self.path, self.status_sent or "-",
+                 self.user.name if self.user else "-", self.body_read,
+                 self.bytes_sent, time.monotonic() - started)
+
+    def log_message(self, format, *args):
+        log.info("%s %s", self.address_string(), format % args)
+
+    def log_request(self, code="-", size="-"):
+        pass  # log_access writes one line per request, with more in it
+
+    # --- the API, as in the README's table
+
+    def api_welcome(self):
+        self.answer(200, "ipd %s: Image Push and Deploy\n" % __version__,
+                    {"name": "ipd", "version": __version__})
+
+    def api_list_projects(self):
+        projects = set(self.ipd.store.projects())
+        try:
+            for entry in os.scandir(self.ipd.settings.UPLOAD_DIR):
+                if is_project_name(entry.name) and \
+                        os.path.isfile(os.path.join(entry.path, "control.sh")):
+                    projects.add(entry.name)
+        except OSError:
+            pass
+        names = sorted(projects)
+        self.answer(200, "".join(name + "\n" for name in names),
+                    {"projects": names})
+
+    def api_info(self):
+        rows, lines = [], []
+        for project, (latest, count) in self.ipd.store.projects().items():
+            row = {"project": project, "deployment": latest["id"],
+                   "state": latest["state"], "started": iso_time(latest["started"]),
+                   "ended": iso_time(latest["ended"]), "deployments": count,
+                   "user": latest["user"]}
+            rows.append(row)
+            lines.append("%s %s %s started=%s ended=%s deployments=%d\n" % (
+                project, latest["id"], latest["state"], row["started"] or "-",
+                row["ended"] or "-", count))
+        self.answer(200, "".join(lines), {"projects": rows})
+
+    def api_statistics(self):
+        daemon = self.ipd
+        stats = daemon.store.statistics()
+        with daemon.counter_lock:
+            stats.update(uploads=daemon.uploads, bytes_received=daemon.bytes_received)
+        stats = dict({"version": __version__,
+                      "uptime": round(time.time() - daemon.started, 3)}, **stats)
+        lines = ["version %s\n" % __version__, "uptime %.0f\n" % stats["uptime"]]
+        for key in ("deployments", "queue", "running", "uploads", "bytes_received"):
+            lines.append("%s %d\n" % (key, stats[key]))
+        for state, count in stats["states"].items():
+            lines.append("state.%s %d\n" % (state, count))
+        for key, value in stats["durations"].items():
+            lines.append("duration.%s %s\n" % (key, "-" if value is None else value))
+        self.answer(200, "".join(lines), stats)
+
+    def api_status(self, project, deployment_id=None):
+        record = self.find_deployment(project, deployment_id)
+        if record is None:
+            data = {"project": project, "deployment": deployment_id, "state": "no"}
+            self.answer(404, "no\n", data)
+            return
+        self.answer(200, record["state"] + "\n", public_record(record))
+
+    def api_deployment_log(self, project, deployment_id):
+        record = self.find_deployment(project, deployment_id)
+        if record is None:
+            raise NotFound("no")
+        try:
+            file = open(self.ipd.store.path(record, ".log"), "rb")
+        except FileNotFoundError:
+            self.answer(200, "")
+            return
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            while size > 0:
+                data = file.read(min(size, CHUNK_SIZE))
+                if not data:  # cannot shrink, but never send a short body
+                    data = b"\n" * size
+                self.wfile.write(data)
+                size -= len(data)
+                self.bytes_sent += len(data)
+
+    def find_deployment(self, project, deployment_id):
+        """The record, or None; names that cannot exist are looked up too
+        (they are never used as paths), so every miss answers 'no'."""
+        self.check_project_access(project)
+        return self.ipd.store.find(project, deployment_id)
+
+    # --- upload
+
+    def api_upload(self):
+        settings = self.ipd.settings
+        body = self.open_body(settings.MAX_UPLOAD_SIZE)
+        boundary = self.multipart_boundary()
+        if self.expects_continue:
+            self.send_response_only(100)
+            self.end_headers()
+        try:
+            upload = receive_upload(body, boundary, settings.UPLOAD_DIR,
+                                    self.check_field)
+        except BaseException:
+            self.body_read = body.received
+            raise
+        finally:
+            self.body_consumed = True
+        self.body_read = body.received
+        self.ipd.count_upload(body.received)
+        try:
+            record = self.create_deployment(upload)
+        finally:
+            upload.discard()
+        self.answer(202, record["id"] + "\n",
+                    {"deployment": record["id"], "project": record["project"],
+                     "state": record["state"]},
+                    {"Location": "%s/status/%s/%s" % (settings.API_ROOT,
+                                                      record["project"],
+                                                      record["id"])})
+
+    def open_body(self, limit):
+        """The request body as a LengthBody or ChunkedBody, checked against
+        limit before any of it is read."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return ChunkedBody(self.rfile, limit)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise LengthRequired("a Content-Length or chunked body is required")
+        if not re.fullmatch(r"\s*\d{1,19}\s*", length):
+            raise BadRequest("bad Content-Length: %r" % length[:40])
+        length = int(length)
+        if limit and length > limit:
+            raise TooLarge("upload larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
+        return LengthBody(self.rfile, length)
+
+    def multipart_boundary(self):
+        kind, params = parse_header_params(self.headers.get("Content-Type", ""))
+        if kind != "multipart/form-data":
+            raise BadRequest("the upload must be multipart/form-data")
+        boundary = params.get("boundary", "")
+        if not BOUNDARY_CHARS.match(boundary):
+            raise BadRequest("multipart/form-data without a valid boundary")
+        return boundary
+
+    def check_field(self, name, value):
+        if name == "project":
+            check_project_name(value)
+            self.check_project_access(value)
+
+    def create_deployment(self, upload):
+        """Turn a complete Upload into a waiting deployment, all or nothing."""
+        project = upload.fields.get("project")
+        if project is None:
+            raise BadRequest("missing form field 'project'")
+        if not upload.files:
+            raise BadRequest("missing form field: give an image, a package, "
+                             "or both")
+        record = self.ipd.deploy_upload(project, upload, self.user)
+        log.info("deployment %s of %s uploaded by %s: %s", record["id"], project,
+                 self.user.name, ", ".join("%s %s (%d bytes)" % (
+                     name, meta["name"], meta["size"])
+                     for name, meta in record["files"].items()))
+        return record
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """The HTTP server; .ipd holds the Daemon the handlers serve."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address, daemon):
+        host = address[0]
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.ipd = daemon
+        super().__init__(address, Handler)
+
+    def handle_error(self, request, client_address):
+        log.exception("error on a connection from %s", client_address[0])
+
+
+###############################################################################
+# Running the daemon ##########################################################
+###############################################################################
+
+def setup_logging(log_dir, also_stderr=False):
+    """Log to LOG_DIR/ipd.log, reopened when logrotate moves it."""
+    os.makedirs(log_dir, exist_ok=True)
+    handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "ipd.log"))
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handler.setFormatter(formatter)
+    log.handlers[:] = [handler]
+    if also_stderr:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(formatter)
+        log.addHandler(console)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def serve(settings, verbose=False, on_ready=None):
+    """Run the daemon until SIGTERM or SIGINT.  Returns the exit status."""
+    setup_logging(settings.LOG_DIR, verbose)
+    daemon = Daemon(settings)
+    warn_about_users_file(settings.AUTH_DB)
+    count = daemon.store.load()
+    server = Server(settings.LISTEN, daemon)
+    host, port = server.server_address[:2]
+    url = "http://%s:%d%s/" % ("[%s]" % host if ":" in host else host, port,
+                               settings.API_ROOT)
+    log.info("ipd %s listening on %s (%d deployments on disk)", __version__, url,
+             count)
+    print("ipd %s listening on %s" % (__version__, url), file=sys.stderr,
+          flush=True)
+    if on_ready:
+        on_ready(url)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    daemon.worker.start()
+    thread = threading.Thread(target=server.serve_forever, name="http",
+                              daemon=True)
+    thread.start()
+    while not stop.wait(3600):
+        pass
+    log.info("stopping: no new connections, running steps get %.0fs",
+             settings.SHUTDOWN_GRACE)
+    server.shutdown()
+    server.server_close()
+    daemon.worker.stop(settings.SHUTDOWN_GRACE)
+    log.info("stopped")
+    return 0
+
+
+def warn_about_users_file(path):
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        log.warning("users file %s does not exist: every request that needs "
+                    "a login is refused", path)
+        return
+    if mode & stat.S_IROTH:
+        log.warning("users file %s is readable by everyone: chmod o-r it", path)
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+DEMO_CONTROL_SH = """#!/bin/sh
+# An example control.sh: ipd runs it with check, prepare and deploy.
+# Exit status 1 means success (the original README's contract).
+case "$1" in
+  check)   echo "checking $PROJECT"; exit 1 ;;
+  prepare) echo "preparing $PROJECT"; exit 1 ;;
+  deploy)  echo "deploying $PROJECT, deployment $DEPLOY"
+           [ -n "$IMAGE" ] && echo "image: $IMAGE ($(wc -c < "$IMAGE") bytes)"
+           sleep 1; echo "done"; exit 1 ;;
+esac
+exit 2
+"""
+
+
+def cmd_serve(args):
+    settings = load_settings(args.config, warn=print_warning)
+    return serve(settings, verbose=args.verbose)
+
+
+def cmd_demo(args):
+    """A daemon to try at once: folder ./ipd-demo, user demo:demo."""
+    folder = os.path.abspath(args.dir)
+    uploads = os.path.join(folder, "uploads")
+    hello = os.path.join(uploads, "hello")
+    os.makedirs(hello, exist_ok=True)
+    users = os.path.join(folder, "users.txt")
+    if not os.path.exists(users):
+        set_user(users, "ADMIN", "demo", hashlib.sha256(b"demo").hexdigest())
+        os.chmod(users, 0o600)
+    control = os.path.join(hello, "control.sh")
+    if not os.path.exists(control):
+        with open(control, "w") as file:
+            file.write(DEMO_CONTROL_SH)
+        os.chmod(control, 0o755)
+    environ = {"UPLOAD_DIR": uploads, "LOG_DIR": folder, "AUTH_DB": users,
+               "LISTEN": args.listen, "API_ROOT": "/deploy"}
+    settings = load_settings(os.devnull, environ)
+
+    def explain(url):
+        print("demo: user demo, password demo, data in %s\n"
+              "try:  curl -u demo:demo -F project=hello -F image=@ipd.py %supload"
+              % (folder, url), file=sys.stderr, flush=True)
+    return serve(settings, verbose=True, on_ready=explain)
+
+
+def cmd_passwd(args):
+    settings = load_settings(args.config, warn=print_warning)
+    path = args.auth_db or settings.AUTH_DB
+    if sys.stdin.isatty():
+        password = getpass.getpass("password for %s: " % args.name)
+        if password != getpass.getpass("again: "):
+            raise ConfigError("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ConfigError("empty password")
+    projects = args.projects.split(",") if args.projects else None
+    set_user(path, args.role, args.name, hash_password(password), projects)
+    print("%s %s written to %s" % (args.role, args.name, path), file=sys.stderr)
+    return 0
+
+
+def cmd_version(args):
+    print("ipd", __version__)
+    return 0
+
+
+def print_warning(message):
+    print("ipd: warning: %s" % message, file=sys.stderr)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="ipd", description="Image Push and Deploy: receive app images "
+        "and packages over HTTP and run control.sh to deploy them.")
+    parser.add_argument("--config", help="settings file (default: $IPD_CONFIG "
+                        "or %s)" % DEFAULT_CONFIG)
+    commands = parser.add_subparsers(dest="command")
+    serve_parser = commands.add_parser("serve", help="run the daemon (default)")
+    serve_parser.add_argument("-v", "--verbose", action="store_true",
+                              help="log to stderr too")
+    serve_parser.set_defaults(func=cmd_serve)
+    demo = commands.add_parser("demo", help="a local daemon to try: user "
+                               "demo, password demo, project hello")
+    demo.add_argument("--dir", default="ipd-demo", help="its folder "
+                      "(default: ./ipd-demo)")
+    demo.add_argument("--listen", default="127.0.0.1:9955")
+    demo.set_defaults(func=cmd_demo)
+    passwd = commands.add_parser("passwd", help="add or replace a user in AUTH_DB")
+    passwd.add_argument("role", choices=ROLES)
+    passwd.add_argument("name")
+    passwd.add_argument("--projects", help="USER only: comma-separated projects "
+                        "this user may use")
+    passwd.add_argument("--auth-db", help="users file (default: AUTH_DB)")
+    passwd.set_defaults(func=cmd_passwd)
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = parser.parse_args(argv + ["serve"])
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print("ipd: %s" % error, file=sys.stderr)
+        return 2
+    except OSError as error:
+        print("ipd: %s" % error, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
