@@ -615,7 +615,7 @@ class MultipartParser:
             # Could a delimiter begin in the tail and end in data?  Such a
             # match lies within the tail and the next size - 1 bytes.
             tail, self._tail = self._tail, b""
-            head = tail + bytes(data[position:position + size - 1])
+            head = tail + bytes(data[position:min(end, position + size - 1)])
             found = head.find(delimiter)
             if found >= 0:
                 self._emit(events, tail[:found])
@@ -761,7 +761,9 @@ class LengthBody:
         """Fill view from the body; 0 at its end.  Raises ClientGone."""
         if self.remaining <= 0:
             return 0
-        count = self.rfile.readinto(view[:min(len(view), self.remaining)])
+        # readinto1: what has arrived, at most one read of the socket, so
+        # the parser sees data (and refuses bad input) as soon as it comes.
+        count = self.rfile.readinto1(view[:min(len(view), self.remaining)])
         if not count:
             raise ClientGone("the body ended %d bytes early" % self.remaining)
         self.remaining -= count
@@ -804,7 +806,7 @@ class ChunkedBody:
             self._next_chunk()
             if self.finished:
                 return 0
-        count = self.rfile.readinto(view[:min(len(view), self.chunk_left)])
+        count = self.rfile.readinto1(view[:min(len(view), self.chunk_left)])
         if not count:
             raise ClientGone("the chunked body ended early")
         self.chunk_left -= count
@@ -1126,7 +1128,7 @@ def unpack_zip(archive, writer):
                 writer.symlink(info.filename, target.decode("utf-8", "replace"))
             elif info.is_dir() or stat.S_ISDIR(mode):
                 writer.directory(info.filename, mode)
-            elif mode == 0 or stat.S_ISREG(mode):
+            elif stat.S_IFMT(mode) in (0, stat.S_IFREG):  # 0: made without a type
                 with zipped.open(info) as source:
                     writer.file(info.filename, mode or 0o644, source)
             else:
@@ -1203,12 +1205,14 @@ class DeploymentStore:
 
     # --- loading
 
-    def load(self):
+    def load(self, kill_grace=10):
         """Rebuild state from UPLOAD_DIR after a start, a crash or kill -9.
 
         Torn uploads are removed, waiting deployments queued again in
-        upload order, a deployment that was running becomes 'interrupted'.
-        Returns the number of deployments found.
+        upload order, a deployment that was running becomes 'interrupted'
+        and what is left of its control.sh is stopped, so that it never
+        overlaps the project's next deployment.  Returns the number of
+        deployments found.
         """
         os.makedirs(self.upload_dir, exist_ok=True)
         for entry in os.scandir(self.upload_dir):
@@ -1221,13 +1225,20 @@ class DeploymentStore:
         for record in records:
             self._by_project.setdefault(record["project"], []).append(record["id"])
             self._count_state(None, record)
+        orphans = processes_of_deployments(
+            [record["id"] for record in records if record["state"] == "active"])
         for record in records:
             if record["state"] == "active":
+                if orphans.get(record["id"]):
+                    log.warning("stopping what was left running of deployment %s",
+                                record["id"])
+                    stop_processes(orphans[record["id"]], kill_grace)
                 self.update(record["id"], state="interrupted", ended=time.time())
                 log.info("deployment %s of %s was running at a stop: interrupted",
                          record["id"], record["project"])
             elif record["state"] == "await":
-                superseded = self._queue(record)
+                with self._lock:
+                    superseded = self._queue(record)
                 if superseded:
                     self.update(superseded, state="changed", ended=time.time(),
                                 superseded_by=record["id"])
@@ -1628,6 +1639,64 @@ def stop_process_group(process, grace):
     process.wait()
 
 
+def processes_of_deployments(deployment_ids):
+    """{deployment id: [pid, ...]} of the processes whose environment has
+    DEPLOY=id: the control.sh of a daemon that was killed, and its children."""
+    wanted = {("DEPLOY=" + i).encode(): i for i in deployment_ids}
+    found = {}
+    if not wanted:
+        return found
+    for pid in list_pids():
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as file:
+                variables = file.read().split(b"\0")
+        except OSError:
+            continue
+        for variable in variables:
+            if variable in wanted:
+                found.setdefault(wanted[variable], []).append(pid)
+    return found
+
+
+def stop_processes(pids, grace):
+    """SIGTERM pids, SIGKILL those still running after grace seconds."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        while any(process_running(pid) for pid in pids):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        else:
+            return
+
+
+def list_pids():
+    try:
+        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+
+
+def process_state(pid):
+    """(state letter, process group) of a process from /proc, or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as file:
+            fields = file.read().rsplit(b")", 1)[1].split()
+        return fields[0], int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_running(pid):
+    state = process_state(pid)
+    return state is not None and state[0] != b"Z"
+
+
 def signal_group(group, signum):
     """Send signum to a process group; a group already gone is fine."""
     try:
@@ -1639,21 +1708,15 @@ def signal_group(group, signum):
 def group_alive(group):
     """True while a process of the group is running (zombies do not count:
     orphans left to an init that does not reap them must not hold us up)."""
-    try:
-        pids = [name for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:  # no /proc: ask the kernel, zombies included
+    if not os.path.isdir("/proc"):  # ask the kernel, zombies included
         try:
             os.killpg(group, 0)
             return True
         except OSError:
             return False
-    for pid in pids:
-        try:
-            with open("/proc/%s/stat" % pid, "rb") as file:
-                fields = file.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == group and fields[0] != b"Z":
+    for pid in list_pids():
+        state = process_state(pid)
+        if state and state[1] == group and state[0] != b"Z":
             return True
     return False
 
@@ -2105,7 +2168,7 @@ def serve(settings, verbose=False, on_ready=None):
     setup_logging(settings.LOG_DIR, verbose)
     daemon = Daemon(settings)
     warn_about_users_file(settings.AUTH_DB)
-    count = daemon.store.load()
+    count = daemon.store.load(settings.KILL_GRACE)
     server = Server(settings.LISTEN, daemon)
     host, port = server.server_address[:2]
     url = "http://%s:%d%s/" % ("[%s]" % host if ":" in host else host, port,

@@ -1,0 +1,1440 @@
+#!/usr/bin/env python3
+"""Tests of ipd: the parser on bytes, packages and settings as units, and
+the real daemon, started as a process on port 0 and spoken to over HTTP,
+running real control.sh scripts.
+
+    python3 test_ipd.py            # all of them (make test)
+    python3 test_ipd.py -k Upload  # some of them
+"""
+
+import base64
+import hashlib
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import textwrap
+import time
+import unittest
+import urllib.parse
+import uuid
+import zipfile
+
+import ipd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IPD = os.path.join(HERE, "ipd.py")
+
+
+def sha256_hex(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+###############################################################################
+# Multipart bodies, built independently of ipd's parser #######################
+###############################################################################
+
+def multipart(fields, boundary="testboundary1234"):
+    """[(name, value or (filename, bytes))] -> (content type, body bytes)."""
+    out = io.BytesIO()
+    for name, value in fields:
+        out.write(b"--" + boundary.encode() + b"\r\n")
+        if isinstance(value, tuple):
+            filename, data = value
+            out.write(('Content-Disposition: form-data; name="%s"; filename="%s"'
+                       '\r\nContent-Type: application/octet-stream\r\n\r\n'
+                       % (name, filename)).encode())
+            out.write(data)
+        else:
+            out.write(('Content-Disposition: form-data; name="%s"\r\n\r\n'
+                       % name).encode())
+            out.write(value.encode() if isinstance(value, str) else value)
+        out.write(b"\r\n")
+    out.write(b"--" + boundary.encode() + b"--\r\n")
+    return "multipart/form-data; boundary=" + boundary, out.getvalue()
+
+
+def tar_bytes(files, mode="w:gz"):
+    """{name: (bytes, mode)} or {name: bytes} -> a tar archive."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode=mode) as tar:
+        for name, content in files.items():
+            data, file_mode = content if isinstance(content, tuple) else (content, 0o644)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = file_mode
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def tar_with(*infos):
+    """A tar of prepared (TarInfo, data or None) pairs."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for info, data in infos:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+def tar_info(name, kind=tarfile.REGTYPE, size=0, linkname="", mode=0o644):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = size
+    info.linkname = linkname
+    info.mode = mode
+    return info
+
+
+def control_script(body):
+    """A package (tar.gz) whose control.sh runs body (shell)."""
+    script = "#!/bin/sh\n" + textwrap.dedent(body)
+    return tar_bytes({"control.sh": (script.encode(), 0o755)})
+
+
+# control.sh that succeeds (exit 1) on every step and says what it ran
+OK_SCRIPT = """
+echo "step $1"
+exit 1
+"""
+
+
+###############################################################################
+# The parser, on bytes ########################################################
+###############################################################################
+
+class ParserTests(unittest.TestCase):
+
+    def parse(self, body, boundary="testboundary1234", pieces=None):
+        """Feed body in pieces; return [(headers, data)] of the parts."""
+        parser = ipd.MultipartParser(boundary)
+        parts = []
+        pieces = pieces or [body]
+        for piece in pieces:
+            for event, value in parser.feed(bytearray(piece)):
+                if event == ipd.PART_START:
+                    parts.append([value, b""])
+                elif event == ipd.PART_DATA:
+                    parts[-1][1] += bytes(value)
+        parser.close()
+        return [(headers, data) for headers, data in parts]
+
+    def test_two_parts(self):
+        _, body = multipart([("project", "app"), ("image", ("a.tar", b"IMG"))])
+        parts = self.parse(body)
+        self.assertEqual([data for _, data in parts], [b"app", b"IMG"])
+        self.assertIn('filename="a.tar"', parts[1][0]["content-disposition"])
+
+    def test_every_split_point_of_the_body(self):
+        payload = b"\r\n--testboundary123 \r\r\n-- almost a boundary\r\n" * 3
+        _, body = multipart([("project", "app"), ("image", ("x", payload)),
+                             ("package", ("y", b""))])
+        expected = self.parse(body)
+        self.assertEqual(expected[1][1], payload)
+        for split in range(1, len(body)):
+            with self.subTest(split=split):
+                self.assertEqual(self.parse(body, pieces=[body[:split],
+                                                          body[split:]]),
+                                 expected)
+
+    def test_byte_by_byte(self):
+        _, body = multipart([("project", "app"), ("image", ("x", b"\r\n--t\r\n"))])
+        pieces = [body[i:i + 1] for i in range(len(body))]
+        self.assertEqual(self.parse(body, pieces=pieces), self.parse(body))
+
+    def test_three_way_splits_around_the_delimiter(self):
+        _, body = multipart([("image", ("x", b"A" * 50)), ("project", "p")])
+        expected = self.parse(body)
+        delimiter_at = body.index(b"\r\n--testboundary1234\r\n")
+        for first in range(delimiter_at - 3, delimiter_at + 25):
+            for second in range(first + 1, delimiter_at + 26):
+                pieces = [body[:first], body[first:second], body[second:]]
+                self.assertEqual(self.parse(body, pieces=pieces), expected)
+
+    def test_preamble_epilogue_and_padding(self):
+        body = (b"preamble\r\n--b\r\nContent-Disposition: form-data; name=a\r\n"
+                b"\r\nvalue\r\n--b \t\r\nContent-Disposition: form-data; "
+                b"name=\"c\"\r\n\r\n\r\n--b--\r\nepilogue")
+        parts = self.parse(body, boundary="b")
+        self.assertEqual([data for _, data in parts], [b"value", b""])
+
+    def test_missing_final_boundary(self):
+        _, body = multipart([("project", "app")])
+        with self.assertRaises(ipd.MultipartError):
+            self.parse(body[:-8])
+        with self.assertRaises(ipd.MultipartError):
+            self.parse(b"")
+
+    def test_garbage_after_boundary(self):
+        with self.assertRaises(ipd.MultipartError):
+            self.parse(b"--bXX\r\n\r\n", boundary="b")
+
+    def test_headers_too_long(self):
+        body = b"--b\r\nX: " + b"a" * 20000 + b"\r\n\r\n\r\n--b--"
+        with self.assertRaises(ipd.MultipartError):
+            self.parse(body, boundary="b")
+
+    def test_too_many_parts(self):
+        body = b"".join(b"--b\r\nContent-Disposition: form-data; name=a\r\n\r\n"
+                        b"x\r\n" for _ in range(20)) + b"--b--"
+        with self.assertRaises(ipd.MultipartError):
+            self.parse(body, boundary="b")
+
+    def test_header_params(self):
+        kind, params = ipd.parse_header_params(
+            'form-data; name="a;b"; filename="x \\"y\\".tar"')
+        self.assertEqual((kind, params["name"], params["filename"]),
+                         ("form-data", "a;b", 'x "y".tar'))
+        _, params = ipd.parse_header_params(
+            "form-data; name=image; filename*=UTF-8''%C3%A9t%C3%A9.tar")
+        self.assertEqual(params["filename"], "\u00e9t\u00e9.tar")
+
+
+###############################################################################
+# Packages ####################################################################
+###############################################################################
+
+class PackageTests(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.dest = os.path.join(self.tmp, "dest")
+        os.mkdir(self.dest)
+
+    def unpack(self, data, max_bytes=0):
+        shutil.rmtree(self.dest)
+        os.mkdir(self.dest)
+        archive = os.path.join(self.tmp, "package")
+        with open(archive, "wb") as file:
+            file.write(data)
+        ipd.unpack_package(archive, self.dest, max_bytes)
+
+    def outside(self):
+        """Everything in tmp that is not the archive or dest."""
+        return sorted(set(os.listdir(self.tmp)) - {"dest", "package"})
+
+    def test_tar_gz_with_folders_modes_and_links(self):
+        self.unpack(tar_with(
+            (tar_info("./app/", tarfile.DIRTYPE, mode=0o755), None),
+            (tar_info("./app/run", size=3, mode=0o4755), b"abc"),
+            (tar_info("app/link", tarfile.SYMTYPE, linkname="run"), None),
+            (tar_info("app/hard", tarfile.LNKTYPE, linkname="app/run"), None)))
+        run = os.path.join(self.dest, "app", "run")
+        self.assertEqual(open(run, "rb").read(), b"abc")
+        self.assertEqual(stat.S_IMODE(os.stat(run).st_mode), 0o755)  # no setuid
+        self.assertEqual(os.readlink(os.path.join(self.dest, "app", "link")), "run")
+        self.assertEqual(open(os.path.join(self.dest, "app", "hard"), "rb").read(),
+                         b"abc")
+
+    def test_formats_known_by_content(self):
+        for mode in ("w", "w:gz", "w:bz2", "w:xz"):
+            with self.subTest(mode=mode):
+                self.unpack(tar_bytes({"a.txt": b"hi"}, mode))
+                self.assertEqual(os.listdir(self.dest), ["a.txt"])
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as zipped:
+            info = zipfile.ZipInfo("bin/control.sh")
+            info.external_attr = (0o100755) << 16
+            zipped.writestr(info, "#!/bin/sh\n")
+        self.unpack(out.getvalue())
+        self.assertTrue(os.access(os.path.join(self.dest, "bin", "control.sh"),
+                                  os.X_OK))
+
+    def test_not_an_archive(self):
+        for data in (b"", b"hello world" * 100, b"\x1f\x8b\x08garbage",
+                     b"PK\x03\x04broken"):
+            with self.subTest(data=data[:10]):
+                with self.assertRaises(ipd.BadRequest):
+                    self.unpack(data)
+
+    def test_traversal_corpus_is_refused(self):
+        corpus = {
+            "dot-dot": [(tar_info("../evil", size=1), b"x")],
+            "nested dot-dot": [(tar_info("a/../../evil", size=1), b"x")],
+            "absolute": [(tar_info("/tmp/evil-ipd", size=1), b"x")],
+            "symlink out": [(tar_info("out", tarfile.SYMTYPE, linkname="../"), None)],
+            "absolute symlink": [(tar_info("out", tarfile.SYMTYPE,
+                                           linkname="/etc"), None)],
+            "write through symlink": [
+                (tar_info("link", tarfile.SYMTYPE, linkname="."), None),
+                (tar_info("link/evil", size=1), b"x")],
+            "symlink then file over it": [
+                (tar_info("link", tarfile.SYMTYPE, linkname="x"), None),
+                (tar_info("link", size=1), b"x")],
+            "hard link out": [(tar_info("hard", tarfile.LNKTYPE,
+                                        linkname="../../etc/passwd"), None)],
+            "hard link to nothing": [(tar_info("hard", tarfile.LNKTYPE,
+                                              linkname="missing"), None)],
+            "device": [(tar_info("dev", tarfile.CHRTYPE), None)],
+            "block device": [(tar_info("blk", tarfile.BLKTYPE), None)],
+            "fifo": [(tar_info("fifo", tarfile.FIFOTYPE), None)],
+            "backslash": [(tar_info("..\\evil", size=1), b"x")],
+        }
+        for name, entries in corpus.items():
+            with self.subTest(name):
+                with self.assertRaises(ipd.BadRequest):
+                    self.unpack(tar_with(*entries))
+                self.assertEqual(self.outside(), [])
+        self.assertFalse(os.path.exists("/tmp/evil-ipd"))
+
+    def test_zip_traversal_is_refused(self):
+        for name in ("../evil", "/abs", "C:/evil", "c:evil", "a\\..\\..\\evil"):
+            with self.subTest(name):
+                out = io.BytesIO()
+                with zipfile.ZipFile(out, "w") as zipped:
+                    zipped.writestr(zipfile.ZipInfo(name), "x")
+                with self.assertRaises(ipd.BadRequest):
+                    self.unpack(out.getvalue())
+                self.assertEqual(self.outside(), [])
+
+    def test_decompression_bomb_stops_at_the_limit(self):
+        bomb = tar_bytes({"zeros": b"\0" * (8 << 20)})
+        self.assertLess(len(bomb), 100000)
+        with self.assertRaises(ipd.TooLarge):
+            self.unpack(bomb, max_bytes=1 << 20)
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zipped:
+            zipped.writestr("zeros", b"\0" * (8 << 20))
+        with self.assertRaises(ipd.TooLarge):
+            self.unpack(out.getvalue(), max_bytes=1 << 20)
+
+
+###############################################################################
+# Settings and users ##########################################################
+###############################################################################
+
+class SettingsTests(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def config(self, text):
+        path = os.path.join(self.tmp, "ipd.conf")
+        with open(path, "w") as file:
+            file.write(text)
+        return path
+
+    def test_defaults_of_the_original(self):
+        settings = ipd.load_settings(self.config(""), environ={})
+        self.assertEqual(settings.API_ROOT, "/deploy")
+        self.assertEqual(settings.AUTH_DB, "/opt/ipd/users.txt")
+        self.assertEqual(settings.UPLOAD_DIR, os.path.abspath("."))
+        self.assertEqual(settings.LOG_DIR, os.path.abspath("."))
+        self.assertEqual(settings.LISTEN, ("127.0.0.1", 9955))
+        self.assertEqual(settings.SUCCESS_CODE, 1)
+
+    def test_file_then_environment(self):
+        path = self.config('# comment\n\nAPI_ROOT="/api"\nSTEP_TIMEOUT = 5\n'
+                           "PASS_ENV=HOME DOCKER_HOST\nMAX_UPLOAD_SIZE=2G\n")
+        settings = ipd.load_settings(path, environ={"STEP_TIMEOUT": "7"})
+        self.assertEqual(settings.API_ROOT, "/api")
+        self.assertEqual(settings.STEP_TIMEOUT, 7)
+        self.assertEqual(settings.PASS_ENV, ["HOME", "DOCKER_HOST"])
+        self.assertEqual(settings.MAX_UPLOAD_SIZE, 2 << 30)
+
+    def test_config_path_from_environment(self):
+        path = self.config("API_ROOT=/x\n")
+        settings = ipd.load_settings(None, environ={"IPD_CONFIG": path})
+        self.assertEqual(settings.API_ROOT, "/x")
+
+    def test_errors_name_file_line_and_key(self):
+        path = self.config("API_ROOT=/x\nthis is not a setting\n")
+        with self.assertRaisesRegex(ipd.ConfigError, re.escape(path) + ":2: malformed"):
+            ipd.load_settings(path, environ={})
+        path = self.config("\nMAX_PARALLEL=many\n")
+        with self.assertRaisesRegex(ipd.ConfigError,
+                                    re.escape(path) + ":2: MAX_PARALLEL: "):
+            ipd.load_settings(path, environ={})
+        with self.assertRaisesRegex(ipd.ConfigError, "environment: LISTEN"):
+            ipd.load_settings(self.config(""), environ={"LISTEN": "nowhere"})
+        with self.assertRaises(ipd.ConfigError):
+            ipd.load_settings(os.path.join(self.tmp, "missing.conf"), environ={})
+
+    def test_unknown_key_is_a_warning(self):
+        warnings = []
+        ipd.load_settings(self.config("COLOUR=blue\n"), environ={},
+                          warn=warnings.append)
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("COLOUR", warnings[0])
+
+    def test_daemon_refuses_to_start_on_a_bad_setting(self):
+        path = self.config("STEP_TIMEOUT=-3\n")
+        result = subprocess.run([sys.executable, IPD, "--config", path, "serve"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                timeout=30, universal_newlines=True)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1)
+        self.assertIn("%s:1: STEP_TIMEOUT" % path, result.stderr)
+
+
+class UsersTests(unittest.TestCase):
+
+    def test_original_sha256_lines(self):
+        users, warnings = ipd.parse_users(
+            "# team\n\nADMIN:alice:%s\nUSER:bob:%s:web,api\nBAD LINE\n"
+            % (sha256_hex("pw1"), sha256_hex("pw2")))
+        self.assertEqual(sorted(users), ["alice", "bob"])
+        self.assertEqual(len(warnings), 1)
+        self.assertTrue(ipd.check_password("pw1", users["alice"].password_hash))
+        self.assertFalse(ipd.check_password("pw2", users["alice"].password_hash))
+        self.assertTrue(users["bob"].may_use("web"))
+        self.assertFalse(users["bob"].may_use("db"))
+        self.assertTrue(users["alice"].may_use("db"))
+
+    def test_sha256sum_output_matches(self):
+        digest = subprocess.run("printf %s mypassword | sha256sum | cut -f 1 -d ' '",
+                                shell=True, stdout=subprocess.PIPE,
+                                universal_newlines=True).stdout.strip()
+        self.assertTrue(ipd.check_password("mypassword", digest))
+
+    def test_pbkdf2(self):
+        stored = ipd.hash_password("secret", iterations=1000)
+        self.assertTrue(stored.startswith("pbkdf2_sha256$1000$"))
+        self.assertNotIn(":", stored)
+        self.assertTrue(ipd.check_password("secret", stored))
+        self.assertFalse(ipd.check_password("Secret", stored))
+        self.assertFalse(ipd.check_password("x", "pbkdf2_sha256$broken"))
+
+    def test_passwd_command(self):
+        tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, tmp)
+        users = os.path.join(tmp, "users.txt")
+        with open(users, "w") as file:
+            file.write("# keep me\nUSER:bob:%s\n" % sha256_hex("old"))
+        for role, name, password in (("ADMIN", "alice", "a-pw"),
+                                     ("USER", "bob", "new-pw")):
+            result = subprocess.run(
+                [sys.executable, IPD, "--config", os.devnull, "passwd", role, name,
+                 "--auth-db", users], input=password + "\n",
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                universal_newlines=True, timeout=60)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertNotIn(password, result.stderr + result.stdout)
+        text = open(users).read()
+        self.assertIn("# keep me", text)
+        self.assertNotIn("new-pw", text)
+        parsed, _ = ipd.parse_users(text)
+        self.assertEqual(parsed["alice"].role, "ADMIN")
+        self.assertTrue(ipd.check_password("new-pw", parsed["bob"].password_hash))
+        self.assertEqual(text.count(":bob:"), 1)
+
+
+###############################################################################
+# The real daemon #############################################################
+###############################################################################
+
+USERS = {
+    "admin": ("ADMIN", "admin-pw"),
+    "dev": ("USER", "dev-pw"),
+}
+
+
+class DaemonProcess:
+    """ipd serve, as a real process on 127.0.0.1 port 0, in its own folder."""
+
+    def __init__(self, folder, settings=None, users=USERS, extra_users=""):
+        self.folder = folder
+        self.upload_dir = os.path.join(folder, "uploads")
+        self.users_file = os.path.join(folder, "users.txt")
+        self.config = os.path.join(folder, "ipd.conf")
+        self.settings = {"LISTEN": "127.0.0.1:0", "UPLOAD_DIR": self.upload_dir,
+                         "LOG_DIR": folder, "AUTH_DB": self.users_file,
+                         "KILL_GRACE": "2", "SHUTDOWN_GRACE": "5"}
+        self.settings.update(settings or {})
+        if not os.path.exists(self.users_file):
+            with open(self.users_file, "w") as file:
+                for name, (role, password) in users.items():
+                    file.write("%s:%s:%s\n" % (role, name, sha256_hex(password)))
+                file.write(extra_users)
+        with open(self.config, "w") as file:
+            for key, value in self.settings.items():
+                file.write("%s=%s\n" % (key, value))
+        self.process = None
+        self.port = None
+
+    def start(self, env=None):
+        self.stderr_path = os.path.join(self.folder, "stderr-%d.txt" % time.time_ns())
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, IPD, "--config", self.config, "serve"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                env=dict(os.environ, **(env or {})))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = open(self.stderr_path).read()
+            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", text)
+            if match:
+                self.port = int(match.group(1))
+                return self
+            if self.process.poll() is not None:
+                raise AssertionError("ipd did not start: " + text)
+            time.sleep(0.02)
+        raise AssertionError("ipd did not start in time")
+
+    def stop(self, signum=signal.SIGTERM, timeout=30):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signum)
+            self.process.wait(timeout)
+        return self.process.returncode
+
+    def kill(self):
+        return self.stop(signal.SIGKILL)
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def connection(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+
+    def request(self, method, path, user="admin", body=None, headers=None,
+                root="/deploy"):
+        """-> (status, headers, body text)."""
+        headers = dict(headers or {})
+        if user:
+            password = USERS[user][1] if user in USERS else user.split(":", 1)[1]
+            name = user.split(":", 1)[0]
+            token = base64.b64encode(("%s:%s" % (name, password)).encode()).decode()
+            headers["Authorization"] = "Basic " + token
+        connection = self.connection()
+        try:
+            connection.request(method, root + path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.headers, response.read().decode()
+        finally:
+            connection.close()
+
+    def get(self, path, user="admin", **kwargs):
+        return self.request("GET", path, user, **kwargs)
+
+    def get_json(self, path, user="admin"):
+        status, _, body = self.get(path, user, headers={"Accept": "application/json"})
+        return status, json.loads(body)
+
+    def upload(self, project="app", package=None, image=None, user="admin",
+               extra=()):
+        fields = [("project", project)] if project is not None else []
+        if image is not None:
+            fields.append(("image", ("image.tar", image)))
+        if package is not None:
+            fields.append(("package", ("package.tar.gz", package)))
+        fields.extend(extra)
+        content_type, body = multipart(fields)
+        return self.request("POST", "/upload", user, body=body,
+                            headers={"Content-Type": content_type})
+
+    def deploy(self, script=OK_SCRIPT, project="app", **kwargs):
+        """Upload a package with control.sh; return the deployment id."""
+        status, _, body = self.upload(project, control_script(script), **kwargs)
+        if status != 202:
+            raise AssertionError("upload answered %d: %s" % (status, body))
+        return body.strip()
+
+    def state(self, project, deployment=None):
+        path = "/status/%s" % project + ("/%s" % deployment if deployment else "")
+        return self.get(path)[2].strip()
+
+    def wait_state(self, project, deployment, states=None, timeout=30):
+        """Poll until the state is one of states (default: any final)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.state(project, deployment)
+            if (states and state in states) or \
+                    (not states and state not in ("await", "active")):
+                return state
+            time.sleep(0.02)
+        raise AssertionError("%s/%s still %s" % (project, deployment, state))
+
+    def log(self, project, deployment):
+        return self.get("/log/%s/%s" % (project, deployment))[2]
+
+    def daemon_log(self, expect=None, timeout=10):
+        """ipd.log's text; with expect, wait until it matches (the access
+        line is written just after the answer is sent)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(os.path.join(self.folder, "ipd.log")) as file:
+                    text = file.read()
+            except FileNotFoundError:
+                text = ""
+            if not expect or re.search(expect, text) or time.monotonic() > deadline:
+                return text
+            time.sleep(0.02)
+
+    def leftovers(self):
+        """Temporary upload files or folders in UPLOAD_DIR."""
+        return [name for name in os.listdir(self.upload_dir)
+                if name.startswith(".upload-")]
+
+
+class DaemonTestCase(unittest.TestCase):
+    settings = {}
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.daemon = self.start_daemon(self.settings)
+
+    def start_daemon(self, settings=None, **kwargs):
+        daemon = DaemonProcess(self.tmp, settings, **kwargs)
+        daemon.start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        return daemon
+
+    def wait_for_file(self, path, timeout=20):
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise AssertionError("%s never appeared" % path)
+            time.sleep(0.01)
+
+
+class EndpointTests(DaemonTestCase):
+
+    def test_welcome_needs_no_login(self):
+        status, _, body = self.daemon.get("/", user=None)
+        self.assertEqual(status, 200)
+        self.assertIn(ipd.__version__, body)
+        self.assertEqual(self.daemon.get("", user=None)[0], 200)
+        status, data = self.daemon.get_json("/", user=None)
+        self.assertEqual(data["version"], ipd.__version__)
+
+    def test_upload_then_await_active_ok(self):
+        gate = os.path.join(self.tmp, "gate")
+        blocker = self.daemon.deploy("while [ ! -e %s ]; do sleep 0.02; done; exit 1"
+                                     % gate, project="app")
+        self.assertEqual(self.daemon.wait_state("app", blocker, ["active"]), "active")
+        package = control_script(OK_SCRIPT)
+        deployment = self.daemon.upload("app", package)[2].strip()
+        self.assertTrue(ipd.DEPLOYMENT_ID.match(deployment), deployment)
+        self.assertEqual(self.daemon.state("app", deployment), "await")
+        self.assertEqual(self.daemon.state("app"), "await")  # latest
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", deployment), "ok")
+        self.assertEqual(self.daemon.state("app", blocker), "ok")
+        self.assertEqual(self.daemon.log("app", deployment),
+                         "step check\nstep deploy\n")
+        status, data = self.daemon.get_json("/status/app/" + deployment)
+        self.assertEqual((status, data["state"], data["deployment"], data["user"]),
+                         (200, "ok", deployment, "admin"))
+        self.assertEqual([step["step"] for step in data["steps"]], ["check", "deploy"])
+        self.assertEqual(data["files"]["package"],
+                         {"name": "package.tar.gz", "size": len(package),
+                          "sha256": hashlib.sha256(package).hexdigest()})
+
+    def test_plain_text_upload_answer_is_the_bare_id(self):
+        status, headers, body = self.daemon.upload("app", control_script(OK_SCRIPT))
+        self.assertEqual(status, 202)
+        self.assertRegex(body, r"\A[0-9a-f-]{36}\n\Z")
+        self.assertEqual(headers["Location"],
+                         "/deploy/status/app/" + body.strip())
+
+    def test_upload_json_answer(self):
+        content_type, body = multipart([("project", "app"),
+                                        ("package", ("p.tgz",
+                                                     control_script(OK_SCRIPT)))])
+        status, _, text = self.daemon.request(
+            "POST", "/upload", body=body, headers={"Content-Type": content_type,
+                                                   "Accept": "application/json"})
+        data = json.loads(text)
+        self.assertEqual(status, 202)
+        self.assertEqual(data["project"], "app")
+        self.assertEqual(self.daemon.wait_state("app", data["deployment"]), "ok")
+
+    def test_unknown_deployment_or_project_is_no(self):
+        self.daemon.wait_state("app", self.daemon.deploy())
+        for path in ("/status/other", "/status/app/" + str(uuid.uuid4()),
+                     "/status/other/" + str(uuid.uuid4()), "/status/app/nonsense",
+                     "/status/..", "/status/%2e%2e/x", "/log/app/" + str(uuid.uuid4())):
+            with self.subTest(path):
+                status, _, body = self.daemon.get(path)
+                self.assertEqual((status, body), (404, "no\n"))
+        status, data = self.daemon.get_json("/status/other")
+        self.assertEqual((status, data["state"]), (404, "no"))
+
+    def test_list_info_stat(self):
+        first = self.daemon.deploy(project="web")
+        self.daemon.wait_state("web", first)
+        second = self.daemon.deploy("exit 3", project="api")
+        self.assertEqual(self.daemon.wait_state("api", second), "3")
+        os.makedirs(os.path.join(self.daemon.upload_dir, "db"))
+        with open(os.path.join(self.daemon.upload_dir, "db", "control.sh"), "w") as f:
+            f.write("#!/bin/sh\nexit 1\n")
+        self.assertEqual(self.daemon.get("/list")[2], "api\ndb\nweb\n")
+        self.assertEqual(self.daemon.get_json("/list")[1]["projects"],
+                         ["api", "db", "web"])
+        status, _, body = self.daemon.get("/info")
+        self.assertEqual(status, 200)
+        self.assertRegex(body, r"api %s 3 started=\S+Z ended=\S+Z deployments=1" % second)
+        rows = {row["project"]: row for row in self.daemon.get_json("/info")[1]["projects"]}
+        self.assertEqual(rows["web"]["deployment"], first)
+        self.assertEqual(rows["web"]["state"], "ok")
+        self.assertEqual(rows["web"]["deployments"], 1)
+        self.assertTrue(rows["web"]["started"] and rows["web"]["ended"])
+        status, _, body = self.daemon.get("/stat")
+        self.assertIn("uploads 2\n", body)
+        self.assertIn("state.ok 1\n", body)
+        self.assertIn("state.3 1\n", body)
+        stats = self.daemon.get_json("/stat")[1]
+        self.assertEqual(stats["uploads"], 2)
+        self.assertGreater(stats["bytes_received"], 200)
+        self.assertEqual(stats["queue"], 0)
+        self.assertEqual(stats["running"], 0)
+        self.assertEqual(stats["durations"]["count"], 2)
+        self.assertGreaterEqual(stats["uptime"], 0)
+
+    def test_log_is_readable_while_it_runs(self):
+        gate = os.path.join(self.tmp, "gate")
+        deployment = self.daemon.deploy(
+            'echo "first line"; echo "to stderr" >&2\n'
+            'while [ ! -e %s ]; do sleep 0.02; done; echo last; exit 1' % gate)
+        deadline = time.monotonic() + 20
+        while "to stderr" not in self.daemon.log("app", deployment):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        self.assertEqual(self.daemon.log("app", deployment),
+                         "first line\nto stderr\n")
+        self.assertEqual(self.daemon.state("app", deployment), "active")
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", deployment), "ok")
+        self.assertTrue(self.daemon.log("app", deployment).endswith("last\n"))
+
+    def test_head_and_keep_alive(self):
+        connection = self.daemon.connection()
+        token = base64.b64encode(b"admin:admin-pw").decode()
+        for _ in range(3):
+            connection.request("GET", "/deploy/stat",
+                               headers={"Authorization": "Basic " + token})
+            response = connection.getresponse()
+            self.assertEqual(response.status, 200)
+            response.read()
+        connection.request("HEAD", "/deploy/list",
+                           headers={"Authorization": "Basic " + token})
+        response = connection.getresponse()
+        self.assertEqual((response.status, response.read()), (200, b""))
+        connection.close()
+
+    def test_request_log_lines(self):
+        self.daemon.get("/stat", headers={"X-Real-IP": "203.0.113.9"})
+        self.daemon.get("/stat", user="admin:wrong-password")
+        text = self.daemon.daemon_log(r'"GET /deploy/stat" 401')
+        self.assertRegex(text, r'203\.0\.113\.9 "GET /deploy/stat" 200 user=admin '
+                               r'in=0 out=\d+ \d+\.\d+s')
+        self.assertRegex(text, r'"GET /deploy/stat" 401 user=-')
+        self.assertNotIn("wrong-password", text)
+        self.assertNotIn("admin-pw", text)
+
+    def test_log_file_reopened_after_rotation(self):
+        log_path = os.path.join(self.tmp, "ipd.log")
+        os.rename(log_path, log_path + ".1")
+        self.daemon.get("/stat")
+        self.assertIn('"GET /deploy/stat" 200', self.daemon.daemon_log('"GET /deploy/stat" 200'))
+        self.assertTrue(os.path.exists(log_path + ".1"))
+
+
+class AuthTests(DaemonTestCase):
+
+    def test_401_is_the_same_for_unknown_user_and_wrong_password(self):
+        answers = []
+        for user in ("admin:wrong", "nobody:admin-pw", None):
+            status, headers, body = self.daemon.get("/stat", user=user)
+            answers.append((status, headers["WWW-Authenticate"], body))
+        self.assertEqual(answers[0][0], 401)
+        self.assertIn("Basic", answers[0][1])
+        self.assertEqual(answers[0], answers[1])
+        self.assertEqual(answers[0], answers[2])
+        for broken in ("Basic !!!", "Bearer x", "Basic " +
+                       base64.b64encode(b"no-colon").decode()):
+            status, _, _ = self.daemon.get("/stat", user=None,
+                                           headers={"Authorization": broken})
+            self.assertEqual(status, 401)
+
+    def test_every_endpoint_but_welcome_needs_login(self):
+        for method, path in (("GET", "/list"), ("GET", "/info"), ("GET", "/stat"),
+                             ("GET", "/status/app"), ("GET", "/status/app/x"),
+                             ("GET", "/log/app/x"), ("POST", "/upload")):
+            with self.subTest(path):
+                self.assertEqual(self.daemon.request(method, path, None)[0], 401)
+
+    def test_user_role(self):
+        for path in ("/list", "/info", "/stat"):
+            with self.subTest(path):
+                status, _, body = self.daemon.get(path, user="dev")
+                self.assertEqual(status, 403)
+                self.assertIn("ADMIN", body)
+        deployment = self.daemon.deploy(user="dev")
+        self.assertEqual(self.daemon.wait_state("app", deployment), "ok")
+        self.assertEqual(self.daemon.get("/status/app/" + deployment, user="dev")[0], 200)
+        self.assertEqual(self.daemon.get("/log/app/" + deployment, user="dev")[0], 200)
+
+    def test_users_file_edit_takes_effect_without_restart(self):
+        self.assertEqual(self.daemon.get("/stat", user="carol:c-pw")[0], 401)
+        with open(self.daemon.users_file, "a") as file:
+            file.write("ADMIN:carol:%s\n" % sha256_hex("c-pw"))
+        self.assertEqual(self.daemon.get("/stat", user="carol:c-pw")[0], 200)
+        with open(self.daemon.users_file, "w") as file:
+            file.write("USER:carol:%s\n" % sha256_hex("c-pw"))
+        self.assertEqual(self.daemon.get("/stat", user="carol:c-pw")[0], 403)
+        self.assertEqual(self.daemon.get("/stat", user="admin")[0], 401)
+
+    def test_pbkdf2_users_and_project_lists(self):
+        with open(self.daemon.users_file, "a") as file:
+            file.write("USER:web-ci:%s:web,docs\n"
+                       % ipd.hash_password("ci-pw", iterations=2000))
+        deployment = self.daemon.deploy(project="web", user="web-ci:ci-pw")
+        self.assertEqual(self.daemon.wait_state("web", deployment), "ok")
+        status, _, body = self.daemon.upload("api", control_script(OK_SCRIPT),
+                                             user="web-ci:ci-pw")
+        self.assertEqual(status, 403)
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertEqual(self.daemon.get("/status/api", user="web-ci:ci-pw")[0], 403)
+
+
+class UploadErrorTests(DaemonTestCase):
+    settings = {"MAX_UPLOAD_SIZE": "1M"}
+
+    def assert_refused(self, status, answer, reason=None):
+        self.assertEqual(answer[0], status, answer[2])
+        self.assertEqual(len(answer[2].strip().splitlines()), 1, answer[2])
+        if reason:
+            self.assertIn(reason, answer[2])
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertFalse(os.path.exists(os.path.join(self.daemon.upload_dir, "app",
+                                                     "deployments"))
+                         and os.listdir(os.path.join(self.daemon.upload_dir, "app",
+                                                     "deployments")))
+        # and the daemon keeps serving
+        self.assertEqual(self.daemon.get("/stat")[0], 200)
+
+    def post(self, body, content_type="multipart/form-data; boundary=testboundary1234",
+             headers=None):
+        headers = dict(headers or {})
+        if content_type:
+            headers["Content-Type"] = content_type
+        return self.daemon.request("POST", "/upload", body=body, headers=headers)
+
+    def test_not_multipart(self):
+        self.assert_refused(400, self.post(b"project=app", "application/x-www-form-urlencoded"),
+                            "multipart")
+        self.assert_refused(400, self.post(b"x", "multipart/form-data"), "boundary")
+
+    def test_malformed_and_truncated(self):
+        _, body = multipart([("project", "app"),
+                             ("package", ("p", control_script(OK_SCRIPT)))])
+        self.assert_refused(400, self.post(body[:-30]), "final boundary")
+        self.assert_refused(400, self.post(b"garbage with no boundary at all"))
+        self.assert_refused(400, self.post(body.replace(b"Content-Disposition", b"X", 1)))
+
+    def test_missing_and_unknown_fields(self):
+        package = ("p", control_script(OK_SCRIPT))
+        self.assert_refused(400, self.post(multipart([("package", package)])[1]),
+                            "project")
+        self.assert_refused(400, self.post(multipart([("project", "app")])[1]))
+        self.assert_refused(400, self.post(multipart([("project", "app"), ("colour", "x"),
+                                                      ("package", package)])[1]),
+                            "colour")
+        self.assert_refused(400, self.post(multipart([("project", "app"), ("project", "b"),
+                                                      ("package", package)])[1]))
+
+    def test_bad_project_names(self):
+        for name in ("", ".hidden", "-dash", "a/b", "..", "a" * 65, "caf\u00e9",
+                     "a b", "x\0y", "\uff41pp"):
+            with self.subTest(name=name):
+                self.assert_refused(400, self.daemon.upload(
+                    name, control_script(OK_SCRIPT)), "project name")
+        self.assertEqual(sorted(os.listdir(self.daemon.upload_dir)), [])
+
+    def test_good_project_names(self):
+        for name in ("a", "A_b-c.d", "9" * 64, "_x"):
+            with self.subTest(name=name):
+                status, _, body = self.daemon.upload(name, control_script(OK_SCRIPT))
+                self.assertEqual(status, 202, body)
+
+    def test_too_large(self):
+        big = control_script(OK_SCRIPT) + b"\0" * (2 << 20)
+        self.assert_refused(413, self.daemon.upload("app", image=big,
+                                                    package=control_script(OK_SCRIPT)))
+
+    def test_too_large_chunked(self):
+        _, body = multipart([("project", "app"),
+                             ("image", ("i", b"\0" * (2 << 20)))])
+        connection = self.daemon.connection()
+        token = base64.b64encode(b"admin:admin-pw").decode()
+        connection.request("POST", "/deploy/upload", body=iter([body]),
+                           headers={"Authorization": "Basic " + token,
+                                    "Content-Type": "multipart/form-data; "
+                                    "boundary=testboundary1234",
+                                    "Transfer-Encoding": "chunked"},
+                           encode_chunked=True)
+        response = connection.getresponse()
+        self.assertEqual(response.status, 413)
+        connection.close()
+        self.assert_refused(413, (413, None, "x\n"))
+
+    def test_lying_or_missing_content_length(self):
+        _, body = multipart([("project", "app"),
+                             ("package", ("p", control_script(OK_SCRIPT)))])
+        self.assert_refused(400, self.post(body, headers={"Content-Length": "-5"}))
+        for length in (len(body) + 10, len(body) // 2):
+            sock = socket.create_connection(("127.0.0.1", self.daemon.port))
+            token = base64.b64encode(b"admin:admin-pw").decode()
+            sock.sendall(("POST /deploy/upload HTTP/1.1\r\nHost: x\r\n"
+                          "Authorization: Basic %s\r\nContent-Type: multipart/form-data;"
+                          " boundary=testboundary1234\r\nContent-Length: %d\r\n\r\n"
+                          % (token, length)).encode() + body)
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+            sock.close()
+            self.assertRegex(answer, rb"\AHTTP/1.[01] 4\d\d" if length < len(body)
+                             else rb"\A(HTTP/1.[01] 4\d\d|)")
+        self.assert_refused(400, (400, None, "x\n"))
+
+    def test_no_length(self):
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port))
+        token = base64.b64encode(b"admin:admin-pw").decode()
+        sock.sendall(("POST /deploy/upload HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                      "Basic %s\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                      "Connection: close\r\n\r\n" % token).encode())
+        self.assertRegex(sock.recv(4096), rb"\AHTTP/1.[01] 411")
+        sock.close()
+
+    def test_no_control_script(self):
+        self.assert_refused(400, self.daemon.upload("app", tar_bytes({"readme": b"x"})),
+                            "control.sh")
+        self.assert_refused(400, self.daemon.upload("app", image=b"image only"),
+                            "control.sh")
+        self.assert_refused(400, self.daemon.upload(
+            "app", tar_bytes({"control.sh": (b"#!/bin/sh\nexit 1\n", 0o644)})),
+            "not an executable")
+
+    def test_package_that_is_not_an_archive(self):
+        self.assert_refused(400, self.daemon.upload("app", b"just some text"),
+                            "archive")
+
+    def test_package_traversal_leaves_nothing(self):
+        evil = tar_with((tar_info("control.sh", size=10, mode=0o755), b"#!/bin/sh\n"),
+                        (tar_info("../../escaped", size=1), b"x"))
+        self.assert_refused(400, self.daemon.upload("app", evil), "..")
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "escaped")))
+        self.assertFalse(os.path.exists(os.path.join(self.daemon.upload_dir,
+                                                     "escaped")))
+
+    def test_unknown_path_and_wrong_method(self):
+        self.assertEqual(self.daemon.get("/nothing")[0], 404)
+        self.assertEqual(self.daemon.get("/deploy", root="")[0], 200)
+        self.assertEqual(self.daemon.get("/elsewhere", root="")[0], 404)
+        status, headers, body = self.daemon.request("GET", "/upload")
+        self.assertEqual(status, 405)
+        self.assertEqual(headers["Allow"], "POST")
+        self.assertEqual(self.daemon.request("DELETE", "/status/app")[0], 405)
+        self.assertEqual(self.daemon.request("POST", "/list")[0], 405)
+        status, data = self.daemon.get_json("/nothing")
+        self.assertEqual(status, 404)
+        self.assertIn("error", data)
+
+    def test_client_that_disconnects_mid_upload_leaves_nothing(self):
+        _, body = multipart([("project", "app"),
+                             ("package", ("p", control_script(OK_SCRIPT))),
+                             ("image", ("i", os.urandom(200000)))])
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port))
+        token = base64.b64encode(b"admin:admin-pw").decode()
+        sock.sendall(("POST /deploy/upload HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                      "Basic %s\r\nContent-Type: multipart/form-data; "
+                      "boundary=testboundary1234\r\nContent-Length: %d\r\n\r\n"
+                      % (token, len(body))).encode() + body[:150000])
+        time.sleep(0.3)
+        self.assertTrue(self.daemon.leftovers())  # it was being written
+        sock.close()
+        deadline = time.monotonic() + 10
+        while self.daemon.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assert_refused(400, (400, None, "x\n"))
+        self.assertEqual(self.daemon.state("app"), "no")
+
+
+class UploadTests(DaemonTestCase):
+
+    def test_chunked_upload(self):
+        content_type, body = multipart([("project", "app"),
+                                        ("package", ("p", control_script(OK_SCRIPT)))])
+        connection = self.daemon.connection()
+        token = base64.b64encode(b"admin:admin-pw").decode()
+        pieces = [body[i:i + 7] for i in range(0, len(body), 7)]
+        connection.request("POST", "/deploy/upload", body=iter(pieces),
+                           headers={"Authorization": "Basic " + token,
+                                    "Content-Type": content_type},
+                           encode_chunked=True)
+        response = connection.getresponse()
+        deployment = response.read().decode().strip()
+        self.assertEqual(response.status, 202, deployment)
+        self.assertEqual(self.daemon.wait_state("app", deployment), "ok")
+
+    def test_expect_100_continue(self):
+        content_type, body = multipart([("project", "app"),
+                                        ("package", ("p", control_script(OK_SCRIPT)))])
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port))
+        token = base64.b64encode(b"admin:admin-pw").decode()
+        sock.sendall(("POST /deploy/upload HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                      "Basic %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                      "Expect: 100-continue\r\n\r\n"
+                      % (token, content_type, len(body))).encode())
+        self.assertEqual(sock.recv(4096), b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        self.assertIn(b" 202 ", sock.recv(4096))
+        sock.close()
+        # refused before the body: no 100, the error at once
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port))
+        sock.sendall(("POST /deploy/upload HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
+                      "Content-Length: %d\r\nExpect: 100-continue\r\n\r\n"
+                      % (content_type, len(body))).encode())
+        self.assertRegex(sock.recv(4096), rb"\AHTTP/1.1 401")
+        sock.close()
+
+    def test_image_and_package_land_in_the_deployment(self):
+        image = os.urandom(100000)
+        script = """
+        echo "cwd=$(pwd)"
+        ls
+        cmp "$IMAGE" image.copy && echo "image ok"
+        exit 1
+        """
+        package = tar_bytes({"control.sh": (("#!/bin/sh\n" + textwrap.dedent(script))
+                                            .encode(), 0o755),
+                             "image.copy": image})
+        status, _, body = self.daemon.upload("app", package, image=image)
+        deployment = body.strip()
+        self.assertEqual(self.daemon.wait_state("app", deployment), "ok")
+        log = self.daemon.log("app", deployment)
+        self.assertIn("image ok", log)
+        folder = os.path.join(self.daemon.upload_dir, "app", "deployments", deployment)
+        self.assertIn("cwd=" + os.path.realpath(folder), log)
+        status, data = self.daemon.get_json("/status/app/" + deployment)
+        self.assertEqual(data["files"]["image"],
+                         {"name": "image.tar", "size": len(image),
+                          "sha256": hashlib.sha256(image).hexdigest()})
+
+    def test_control_sh_from_the_project_folder(self):
+        project_dir = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(project_dir)
+        with open(os.path.join(project_dir, "control.sh"), "w") as file:
+            file.write("#!/bin/sh\necho \"admin script $1 $(wc -c < $IMAGE)\"\nexit 1\n")
+        os.chmod(os.path.join(project_dir, "control.sh"), 0o755)
+        status, _, body = self.daemon.upload("app", image=b"12345")
+        self.assertEqual(status, 202, body)
+        deployment = body.strip()
+        self.assertEqual(self.daemon.wait_state("app", deployment), "ok")
+        self.assertIn("admin script deploy 5", self.daemon.log("app", deployment))
+        os.chmod(os.path.join(project_dir, "control.sh"), 0o644)
+        status, _, body = self.daemon.upload("app", image=b"12345")
+        self.assertEqual(status, 400)
+        self.assertIn("not an executable", body)
+
+
+class FlowTests(DaemonTestCase):
+    settings = {"PASS_ENV": "IPD_TEST_PASSED", "STEP_TIMEOUT": "2"}
+
+    def run_script(self, script, project="app"):
+        deployment = self.daemon.deploy(script, project=project)
+        return self.daemon.wait_state(project, deployment), \
+            self.daemon.log(project, deployment), deployment
+
+    def test_check_ok_skips_prepare(self):
+        state, log, _ = self.run_script('echo "$1"; exit 1')
+        self.assertEqual((state, log), ("ok", "check\ndeploy\n"))
+
+    def test_check_failing_runs_prepare(self):
+        state, log, _ = self.run_script('echo "$1"; [ "$1" = check ] && exit 0; exit 1')
+        self.assertEqual((state, log), ("ok", "check\nprepare\ndeploy\n"))
+
+    def test_prepare_failing_ends_with_its_code(self):
+        state, log, _ = self.run_script('echo "$1"; case $1 in check) exit 5;; '
+                                        'prepare) exit 7;; esac; exit 1')
+        self.assertEqual((state, log), ("7", "check\nprepare\n"))
+
+    def test_deploy_failing_ends_with_its_code(self):
+        state, log, _ = self.run_script('echo "$1"; [ "$1" = deploy ] && exit 42; exit 1')
+        self.assertEqual((state, log), ("42", "check\ndeploy\n"))
+        state, _, _ = self.run_script('[ "$1" = deploy ] && exit 0; exit 1')
+        self.assertEqual(state, "0")
+
+    def test_environment_of_control_sh(self):
+        os.environ["IPD_TEST_PASSED"] = "passed-value"
+        self.addCleanup(os.environ.pop, "IPD_TEST_PASSED", None)
+        self.daemon.stop()
+        self.daemon.start(env={"IPD_TEST_PASSED": "passed-value",
+                               "IPD_TEST_SECRET": "must-not-leak"})
+        state, log, deployment = self.run_script('[ "$1" = deploy ] && env; exit 1')
+        self.assertEqual(state, "ok")
+        env = dict(line.split("=", 1) for line in log.splitlines() if "=" in line)
+        env.pop("PWD", None)
+        env.pop("SHLVL", None)
+        env.pop("_", None)
+        self.assertEqual(env, {
+            "PATH": os.environ["PATH"], "DEPLOY": deployment, "PROJECT": "app",
+            "IMAGE": "", "PROJECT_DIR": os.path.join(self.daemon.upload_dir, "app"),
+            "IPD_TEST_PASSED": "passed-value"})
+
+    def test_timeout_stops_the_whole_process_group(self):
+        pid_file = os.path.join(self.tmp, "child.pid")
+        state, _, _ = self.run_script('sleep 300 & echo $! > %s; wait; exit 1'
+                                      % pid_file)
+        self.assertEqual(state, "timeout")
+        pid = int(open(pid_file).read())
+        self.assertFalse(process_running(pid), "the step's child survived")
+
+    def test_children_left_behind_are_stopped(self):
+        pid_file = os.path.join(self.tmp, "child.pid")
+        state, _, _ = self.run_script('(sleep 300 >/dev/null 2>&1 & echo $! > %s); '
+                                      'exit 1' % pid_file)
+        self.assertEqual(state, "ok")
+        pid = int(open(pid_file).read())
+        self.assertFalse(process_running(pid), "the step's child survived")
+
+
+class SuccessCodeTests(DaemonTestCase):
+    settings = {"SUCCESS_CODE": "0"}
+
+    def test_success_code_zero(self):
+        deployment = self.daemon.deploy('echo "$1"; exit 0')
+        self.assertEqual(self.daemon.wait_state("app", deployment), "ok")
+        deployment = self.daemon.deploy('[ "$1" = deploy ] && exit 1; exit 0')
+        self.assertEqual(self.daemon.wait_state("app", deployment), "1")
+
+
+def process_running(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class QueueTests(DaemonTestCase):
+    settings = {"MAX_PARALLEL": "2"}
+
+    def gated(self, name, record):
+        """A script that records its start and end and waits for gate name."""
+        gate = os.path.join(self.tmp, "gate-" + name)
+        return ('[ "$1" = deploy ] || exit 1\n'
+                'echo "start %s $(date +%%s.%%N)" >> %s\n'
+                'while [ ! -e %s ]; do sleep 0.02; done\n'
+                'echo "end %s $(date +%%s.%%N)" >> %s\nexit 1\n'
+                % (name, record, gate, name, record)), gate
+
+    def test_newer_upload_supersedes_the_waiting_one(self):
+        record = os.path.join(self.tmp, "record")
+        script1, gate1 = self.gated("one", record)
+        first = self.daemon.deploy(script1)
+        self.daemon.wait_state("app", first, ["active"])
+        second = self.daemon.deploy(self.gated("two", record)[0])
+        script3, gate3 = self.gated("three", record)
+        third = self.daemon.deploy(script3)
+        self.assertEqual(self.daemon.state("app", second), "changed")
+        self.assertEqual(self.daemon.state("app", first), "active")
+        self.assertEqual(self.daemon.state("app", third), "await")
+        open(gate3, "w").close()
+        open(gate1, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", third), "ok")
+        self.assertEqual(self.daemon.state("app", first), "ok")
+        lines = [line.split()[:2] for line in open(record)]
+        self.assertEqual(lines, [["start", "one"], ["end", "one"],
+                                 ["start", "three"], ["end", "three"]])
+        self.assertEqual(self.daemon.log("app", second), "")
+
+    def test_projects_deploy_in_parallel_up_to_the_limit(self):
+        record = os.path.join(self.tmp, "record")
+        scripts = {name: self.gated(name, record) for name in ("a", "b", "c")}
+        ids = {name: self.daemon.deploy(scripts[name][0], project=name)
+               for name in ("a", "b", "c")}
+        self.daemon.wait_state("a", ids["a"], ["active"])
+        self.daemon.wait_state("b", ids["b"], ["active"])
+        time.sleep(0.3)
+        self.assertEqual(self.daemon.state("c", ids["c"]), "await")
+        self.assertEqual(self.daemon.get_json("/stat")[1]["running"], 2)
+        self.assertEqual(self.daemon.get_json("/stat")[1]["queue"], 1)
+        open(scripts["a"][1], "w").close()
+        self.daemon.wait_state("c", ids["c"], ["active"])
+        open(scripts["b"][1], "w").close()
+        open(scripts["c"][1], "w").close()
+        for name in ids:
+            self.assertEqual(self.daemon.wait_state(name, ids[name]), "ok")
+
+    def test_worker_starts_at_once(self):
+        marker = os.path.join(self.tmp, "started")
+        started = time.monotonic()
+        self.daemon.deploy('touch %s; exit 1' % marker)
+        self.wait_for_file(marker)
+        self.assertLess(time.monotonic() - started, 5)
+
+
+class RestartTests(DaemonTestCase):
+    settings = {"MAX_PARALLEL": "1"}
+
+    def test_kill_9_then_restart_keeps_every_state(self):
+        gate = os.path.join(self.tmp, "gate")
+        runs = os.path.join(self.tmp, "runs")
+        pid_file = os.path.join(self.tmp, "pid")
+        script = ('echo "$DEPLOY $1" >> %s\n[ "$1" = deploy ] || exit 1\n'
+                  'echo $$ > %s.new; mv %s.new %s\n'
+                  'while [ ! -e %s ]; do sleep 0.02; done\nexit 1\n'
+                  % (runs, pid_file, pid_file, pid_file, gate))
+        done = self.daemon.deploy(OK_SCRIPT, project="done")
+        self.daemon.wait_state("done", done)
+        failed = self.daemon.deploy("exit 9", project="failed")
+        self.daemon.wait_state("failed", failed)
+        running = self.daemon.deploy(script, project="app")
+        self.wait_for_file(pid_file)
+        waiting = self.daemon.deploy(OK_SCRIPT, project="other")
+        self.assertEqual(self.daemon.state("other", waiting), "await")
+        self.daemon.kill()
+        orphan = int(open(pid_file).read())
+        self.assertTrue(process_running(orphan))
+        self.daemon.start()
+        self.assertFalse(process_running(orphan), "control.sh outlived the restart")
+        self.assertEqual(self.daemon.state("done", done), "ok")
+        self.assertEqual(self.daemon.state("failed", failed), "9")
+        self.assertEqual(self.daemon.state("app", running), "interrupted")
+        self.assertEqual(self.daemon.wait_state("other", waiting), "ok")
+        open(gate, "w").close()
+        time.sleep(0.2)
+        self.assertEqual(open(runs).read().count(running + " deploy"), 1)
+        self.daemon.restart()
+        self.assertEqual(self.daemon.state("app", running), "interrupted")
+        self.assertEqual(self.daemon.state("other", waiting), "ok")
+
+    def test_torn_upload_is_removed_at_start(self):
+        torn = os.path.join(self.daemon.upload_dir, ".upload-abc123.tmp")
+        with open(torn, "wb") as file:
+            file.write(b"half an image")
+        self.daemon.kill()
+        self.daemon.start()
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_sigterm_lets_the_running_step_finish(self):
+        gate = os.path.join(self.tmp, "gate")
+        running = self.daemon.deploy('[ "$1" = deploy ] || exit 1\n'
+                                     'while [ ! -e %s ]; do sleep 0.02; done\n'
+                                     'exit 1' % gate)
+        self.daemon.wait_state("app", running, ["active"])
+        waiting = self.daemon.deploy(OK_SCRIPT, project="next")
+        self.daemon.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        self.assertIsNone(self.daemon.process.poll())
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.process.wait(20), 0)
+        self.daemon.start()
+        self.assertEqual(self.daemon.state("app", running), "ok")
+        self.assertEqual(self.daemon.wait_state("next", waiting), "ok")
+
+    def test_sigterm_interrupts_a_step_after_the_grace_period(self):
+        self.daemon.stop()
+        daemon = self.start_daemon({"SHUTDOWN_GRACE": "0.5", "KILL_GRACE": "1"})
+        running = daemon.deploy('[ "$1" = deploy ] || exit 1\nsleep 300\nexit 1')
+        daemon.wait_state("app", running, ["active"])
+        started = time.monotonic()
+        self.assertEqual(daemon.stop(), 0)
+        self.assertLess(time.monotonic() - started, 10)
+        daemon.start()
+        self.assertEqual(daemon.state("app", running), "interrupted")
+
+
+class PruneTests(DaemonTestCase):
+    settings = {"KEEP_DEPLOYMENTS": "2"}
+
+    def test_old_deployments_lose_files_but_keep_state_and_log(self):
+        ids = []
+        for number in range(4):
+            deployment = self.daemon.deploy('echo "run %d"; exit 1' % number)
+            self.daemon.wait_state("app", deployment)
+            ids.append(deployment)
+        folder = os.path.join(self.daemon.upload_dir, "app", "deployments")
+        for number, deployment in enumerate(ids):
+            kept = number >= 2
+            self.assertEqual(os.path.exists(os.path.join(folder, deployment)), kept)
+            self.assertEqual(os.path.exists(os.path.join(folder, deployment + ".package")),
+                             kept)
+            self.assertEqual(self.daemon.state("app", deployment), "ok")
+            self.assertIn("run %d" % number, self.daemon.log("app", deployment))
+        self.assertTrue(self.daemon.get_json("/status/app/" + ids[0])[1]["pruned"])
+
+
+class MemoryTests(DaemonTestCase):
+
+    def upload_streaming(self, size):
+        """Stream an upload of size bytes from a generator; return the id."""
+        head = ('--b\r\nContent-Disposition: form-data; name="project"\r\n\r\napp\r\n'
+                '--b\r\nContent-Disposition: form-data; name="package"; '
+                'filename="p"\r\n\r\n').encode() + control_script(OK_SCRIPT) + \
+            b'\r\n--b\r\nContent-Disposition: form-data; name="image"; ' \
+            b'filename="big"\r\n\r\n'
+        tail = b"\r\n--b--\r\n"
+        block = os.urandom(1 << 20)
+        digest = hashlib.sha256()
+
+        def body():
+            yield head
+            sent = 0
+            while sent < size:
+                piece = block[:size - sent]
+                digest.update(piece)
+                yield piece
+                sent += len(piece)
+            yield tail
+        connection = self.daemon.connection()
+        token = base64.b64encode(b"admin:admin-pw").decode()
+        connection.request("POST", "/deploy/upload", body=body(), headers={
+            "Authorization": "Basic " + token,
+            "Content-Type": "multipart/form-data; boundary=b",
+            "Content-Length": str(len(head) + size + len(tail))})
+        response = connection.getresponse()
+        deployment = response.read().decode().strip()
+        self.assertEqual(response.status, 202, deployment)
+        return deployment, digest.hexdigest()
+
+    def peak_rss_kib(self):
+        with open("/proc/%d/status" % self.daemon.process.pid) as file:
+            return int(re.search(r"VmHWM:\s+(\d+)", file.read()).group(1))
+
+    def test_large_upload_does_not_grow_memory(self):
+        small, _ = self.upload_streaming(1 << 20)
+        self.daemon.wait_state("app", small)
+        before = self.peak_rss_kib()
+        large, digest = self.upload_streaming(300 << 20)
+        self.assertEqual(self.daemon.wait_state("app", large), "ok")
+        after = self.peak_rss_kib()
+        self.assertLess(after - before, 16 * 1024,
+                        "peak RSS grew from %d to %d KiB" % (before, after))
+        self.assertLess(after, 64 * 1024)
+        status, data = self.daemon.get_json("/status/app/" + large)
+        self.assertEqual(data["files"]["image"]["sha256"], digest)
+        self.assertEqual(data["files"]["image"]["size"], 300 << 20)
+
+
+@unittest.skipUnless(os.geteuid() == 0 and shutil.which("mount"),
+                     "needs root to mount a small filesystem")
+class DiskFullTests(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.small = os.path.join(self.tmp, "small")
+        os.mkdir(self.small)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs",
+                                 self.small], stderr=subprocess.PIPE)
+        if result.returncode:
+            self.skipTest("cannot mount tmpfs: %s" % result.stderr.decode().strip())
+        self.addCleanup(subprocess.run, ["umount", "-l", self.small])
+        self.daemon = DaemonProcess(self.tmp, {"UPLOAD_DIR": self.small}).start()
+        self.daemon.upload_dir = self.small
+        self.addCleanup(self.daemon.stop, signal.SIGKILL)
+
+    def test_disk_full_is_507_and_leaves_nothing(self):
+        earlier = self.daemon.deploy()
+        self.assertEqual(self.daemon.wait_state("app", earlier), "ok")
+        before = sorted(os.listdir(os.path.join(self.small, "app", "deployments")))
+        status, _, body = self.daemon.upload("app", control_script(OK_SCRIPT),
+                                             image=os.urandom(3 << 20))
+        self.assertEqual(status, 507, body)
+        self.assertIn("disk full", body)
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.small, "app",
+                                                        "deployments"))), before)
+        self.assertEqual(self.daemon.state("app", earlier), "ok")
+        self.assertEqual(self.daemon.state("app"), "ok")
+        again = self.daemon.deploy()
+        self.assertEqual(self.daemon.wait_state("app", again), "ok")
+
+
+###############################################################################
+# The command line ############################################################
+###############################################################################
+
+class CommandLineTests(unittest.TestCase):
+
+    def test_version(self):
+        result = subprocess.run([sys.executable, IPD, "version"], stdout=subprocess.PIPE,
+                                universal_newlines=True)
+        self.assertEqual(result.stdout.strip(), "ipd " + ipd.__version__)
+
+    def test_main_returns_a_status(self):
+        self.assertEqual(ipd.main(["version"]), 0)
+        self.assertEqual(ipd.main(["--config", "/nonexistent/ipd.conf", "serve"]), 2)
+
+    def test_import_opens_nothing(self):
+        result = subprocess.run([sys.executable, "-c", "import ipd, threading; "
+                                 "print(threading.active_count())"], cwd=HERE,
+                                stdout=subprocess.PIPE, universal_newlines=True)
+        self.assertEqual(result.stdout.strip(), "1")
+
+    def test_demo_command_serves_the_readme_curl_line(self):
+        tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        stderr_path = os.path.join(tmp, "stderr")
+        with open(stderr_path, "wb") as stderr:
+            process = subprocess.Popen([sys.executable, IPD, "demo", "--listen",
+                                        "127.0.0.1:0"], cwd=tmp, stderr=stderr,
+                                       stdout=subprocess.DEVNULL)
+        self.addCleanup(process.kill)
+        deadline = time.monotonic() + 20
+        while "try:" not in open(stderr_path).read():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        port = int(re.search(r":(\d+)/deploy/", open(stderr_path).read()).group(1))
+        content_type, body = multipart([("project", "hello"),
+                                        ("image", ("ipd.py", open(IPD, "rb").read()))])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        token = base64.b64encode(b"demo:demo").decode()
+        connection.request("POST", "/deploy/upload", body=body, headers={
+            "Authorization": "Basic " + token, "Content-Type": content_type})
+        response = connection.getresponse()
+        deployment = response.read().decode().strip()
+        self.assertEqual(response.status, 202)
+        deadline = time.monotonic() + 20
+        while True:
+            connection.request("GET", "/deploy/status/hello/" + deployment,
+                               headers={"Authorization": "Basic " + token})
+            state = connection.getresponse().read().decode().strip()
+            if state not in ("await", "active"):
+                break
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        self.assertEqual(state, "ok")
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(20), 0)
+
+
+###############################################################################
+# Running #####################################################################
+###############################################################################
+
+class CountingRunner(unittest.TextTestRunner):
+    """Ends with 'N passed, N failed, N skipped' alone on a line, for CI."""
+
+    def run(self, test):
+        result = super().run(test)
+        failed = len(result.failures) + len(result.errors) \
+            + len(result.unexpectedSuccesses)
+        skipped = len(result.skipped) + len(result.expectedFailures)
+        self.stream.writeln("%d passed, %d failed, %d skipped"
+                            % (result.testsRun - failed - skipped, failed, skipped))
+        return result
+
+
+if __name__ == "__main__":
+    unittest.main(testRunner=CountingRunner(verbosity=2))
