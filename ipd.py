@@ -528,14 +528,17 @@ def set_user(path, role, name, password_hash, projects=None):
     try:
         with open(path, encoding="utf-8") as file:
             lines = file.read().splitlines()
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        info = os.stat(path)
     except FileNotFoundError:
-        lines, mode = [], 0o640
+        lines, info = [], None
     kept = [line for line in lines
             if line.strip().split(":")[1:2] != [name]
             or line.strip().startswith("#")]
     kept.append(record)
-    write_file_atomic(path, ("\n".join(kept) + "\n").encode(), mode)
+    write_file_atomic(path, ("\n".join(kept) + "\n").encode(),
+                      stat.S_IMODE(info.st_mode) if info else 0o640)
+    if info and os.geteuid() == 0:  # root edits it; the ipd user reads it
+        os.chown(path, info.st_uid, info.st_gid)
 
 
 def check_name_for_config(project):

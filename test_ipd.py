@@ -442,8 +442,10 @@ USERS = {
 class DaemonProcess:
     """ipd serve, as a real process on 127.0.0.1 port 0, in its own folder."""
 
-    def __init__(self, folder, settings=None, users=USERS, extra_users=""):
+    def __init__(self, folder, settings=None, users=USERS, extra_users="",
+                 program=IPD):
         self.folder = folder
+        self.program = program
         self.upload_dir = os.path.join(folder, "uploads")
         self.users_file = os.path.join(folder, "users.txt")
         self.config = os.path.join(folder, "ipd.conf")
@@ -466,7 +468,7 @@ class DaemonProcess:
         self.stderr_path = os.path.join(self.folder, "stderr-%d.txt" % time.time_ns())
         with open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, IPD, "--config", self.config, "serve"],
+                [sys.executable, self.program, "--config", self.config, "serve"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                 env=dict(os.environ, **(env or {})))
         deadline = time.monotonic() + 30
@@ -1417,6 +1419,60 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(state, "ok")
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(20), 0)
+
+
+class InstallTests(unittest.TestCase):
+
+    def test_every_setting_is_documented(self):
+        example = open(os.path.join(HERE, "ipd.conf.example")).read()
+        readme = open(os.path.join(HERE, "README.md")).read()
+        for key in ipd.SETTINGS:
+            with self.subTest(key):
+                self.assertRegex(example, r"(?m)^%s=" % key)
+                self.assertIn("| `%s` |" % key, readme)
+        settings = ipd.load_settings(os.path.join(HERE, "ipd.conf.example"),
+                                     environ={})
+        self.assertEqual(settings.LISTEN, ("127.0.0.1", 9955))
+
+    @unittest.skipUnless(shutil.which("make"), "needs make")
+    def test_make_install_into_destdir_then_run_the_installed_copy(self):
+        stage = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, stage, True)
+        result = subprocess.run(["make", "-s", "install", "DESTDIR=" + stage,
+                                 "PREFIX=/usr"], cwd=HERE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, universal_newlines=True)
+        self.assertEqual(result.returncode, 0, result.stdout)
+        unit = open(os.path.join(stage, "etc/systemd/system/ipd.service")).read()
+        self.assertIn("ExecStart=/usr/bin/python3 /usr/lib/ipd/ipd.py serve", unit)
+        self.assertIn("EnvironmentFile=-/etc/ipd.conf", unit)
+        self.assertIn("SupplementaryGroups=docker", unit)
+        for path in ("etc/ipd.conf", "opt/ipd/users.txt", "srv/upload", "var/log/ipd"):
+            self.assertTrue(os.path.exists(os.path.join(stage, path)), path)
+        # the installed program with the installed config, paths moved
+        # into the stage by the environment, which wins over the file
+        with open(os.path.join(stage, "opt/ipd/users.txt"), "a") as file:
+            file.write("ADMIN:admin:%s\n" % sha256_hex("admin-pw"))
+        env = {"UPLOAD_DIR": stage + "/srv/upload", "LOG_DIR": stage + "/var/log/ipd",
+               "AUTH_DB": stage + "/opt/ipd/users.txt", "LISTEN": "127.0.0.1:0"}
+        daemon = DaemonProcess(stage, program=os.path.join(stage, "usr/lib/ipd/ipd.py"))
+        daemon.config = os.path.join(stage, "etc/ipd.conf")
+        daemon.upload_dir = env["UPLOAD_DIR"]
+        daemon.start(env)
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        deployment = daemon.deploy()
+        self.assertEqual(daemon.wait_state("app", deployment), "ok")
+        # again: config and users file are kept; uninstall keeps the data
+        open(os.path.join(stage, "etc/ipd.conf"), "a").write("# mine\n")
+        subprocess.run(["make", "-s", "install", "DESTDIR=" + stage, "PREFIX=/usr"],
+                       cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+        self.assertIn("# mine", open(os.path.join(stage, "etc/ipd.conf")).read())
+        self.assertIn("ADMIN:admin:", open(os.path.join(stage, "opt/ipd/users.txt")).read())
+        subprocess.run(["make", "-s", "uninstall", "DESTDIR=" + stage, "PREFIX=/usr"],
+                       cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+        self.assertFalse(os.path.exists(os.path.join(stage, "usr/lib/ipd")))
+        self.assertFalse(os.path.exists(os.path.join(stage, "etc/systemd/system/ipd.service")))
+        self.assertTrue(os.path.exists(os.path.join(stage, "srv/upload/app/deployments",
+                                                    deployment + ".json")))
 
 
 ###############################################################################

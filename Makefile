@@ -1,0 +1,73 @@
+# ipd - Image Push and Deploy
+#   make test                 the tests, with $(PYTHON)
+#   make install              the original README's installation, automated
+#   make uninstall            undo it; uploads, logs, users and config stay
+# DESTDIR stages a tree (for packages): users, ownership and systemctl are
+# then left out.  PREFIX is where ipd.py goes, under $(PREFIX)/lib/ipd.
+
+PYTHON ?= python3
+PREFIX ?= /usr/local
+DESTDIR ?=
+LIBDIR = $(PREFIX)/lib/ipd
+UNITDIR ?= /etc/systemd/system
+CONFIG ?= /etc/ipd.conf
+AUTH_DB ?= /opt/ipd/users.txt
+UPLOAD_DIR ?= /srv/upload
+LOG_DIR ?= /var/log/ipd
+USER_NAME ?= ipd
+.PHONY: test install uninstall install-user
+
+test:
+	$(PYTHON) test_ipd.py
+
+install:
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" != 0 ]; then \
+	    echo "make install: run as root, or set DESTDIR" >&2; exit 1; fi
+	@if [ -z "$(DESTDIR)" ]; then $(MAKE) --no-print-directory install-user; fi
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(UNITDIR) \
+	    $(DESTDIR)$(dir $(CONFIG)) $(DESTDIR)$(dir $(AUTH_DB)) \
+	    $(DESTDIR)$(UPLOAD_DIR) $(DESTDIR)$(LOG_DIR)
+	install -m 0755 ipd.py $(DESTDIR)$(LIBDIR)/ipd.py
+	install -m 0644 README.md ipd.conf.example $(DESTDIR)$(LIBDIR)/
+	sed -e 's|/usr/local/lib/ipd|$(LIBDIR)|g' \
+	    -e 's|IPD_CONFIG=/etc/ipd.conf|IPD_CONFIG=$(CONFIG)|' \
+	    -e 's|EnvironmentFile=-/etc/ipd.conf|EnvironmentFile=-$(CONFIG)|' \
+	    -e 's|^User=ipd|User=$(USER_NAME)|' -e 's|^Group=ipd|Group=$(USER_NAME)|' \
+	    ipd.service > $(DESTDIR)$(UNITDIR)/ipd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/ipd.service
+	@# The config and the users file are the operator's: never overwritten.
+	@if [ ! -e $(DESTDIR)$(CONFIG) ]; then \
+	    sed -e 's|^UPLOAD_DIR=.*|UPLOAD_DIR=$(UPLOAD_DIR)|' \
+	        -e 's|^LOG_DIR=.*|LOG_DIR=$(LOG_DIR)|' \
+	        -e 's|^AUTH_DB=.*|AUTH_DB=$(AUTH_DB)|' \
+	        ipd.conf.example > $(DESTDIR)$(CONFIG); \
+	    chmod 0644 $(DESTDIR)$(CONFIG); echo "created $(DESTDIR)$(CONFIG)"; fi
+	@if [ ! -e $(DESTDIR)$(AUTH_DB) ]; then \
+	    touch $(DESTDIR)$(AUTH_DB); chmod 0640 $(DESTDIR)$(AUTH_DB); \
+	    echo "created $(DESTDIR)$(AUTH_DB): add users with" \
+	         "'python3 $(LIBDIR)/ipd.py passwd ADMIN name'"; fi
+	@if [ -z "$(DESTDIR)" ]; then \
+	    chown $(USER_NAME):$(USER_NAME) $(UPLOAD_DIR) $(LOG_DIR) $(AUTH_DB); \
+	    if [ -d /run/systemd/system ]; then \
+	        systemctl daemon-reload && systemctl enable ipd.service && \
+	        echo "enabled ipd.service: start it with 'systemctl start ipd'"; \
+	    else echo "no running systemd: start ipd with" \
+	        "'IPD_CONFIG=$(CONFIG) python3 $(LIBDIR)/ipd.py serve'"; fi; fi
+
+# The user of the original README (adduser ipd; addgroup ipd docker).
+install-user:
+	getent group docker >/dev/null || groupadd --system docker
+	getent passwd $(USER_NAME) >/dev/null || useradd --system --user-group \
+	    --home-dir /var/lib/$(USER_NAME) --create-home \
+	    --shell /usr/sbin/nologin $(USER_NAME)
+	usermod -a -G docker $(USER_NAME)
+
+uninstall:
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	    systemctl disable --now ipd.service || true; fi
+	rm -f $(DESTDIR)$(UNITDIR)/ipd.service
+	rm -rf $(DESTDIR)$(LIBDIR)
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	    systemctl daemon-reload; fi
+	@echo "kept: $(UPLOAD_DIR), $(LOG_DIR), $(CONFIG), $(AUTH_DB) and the" \
+	      "user $(USER_NAME); remove them by hand if you want them gone"
