@@ -40,6 +40,7 @@ import getpass
 import hashlib
 import hmac
 import http.server
+import io
 import json
 import logging
 import logging.handlers
@@ -1905,8 +1906,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             % (self.user.name, project))
 
     def wants_json(self):
-        accept = self.headers.get("Accept", "")
-        return "application/json" in accept
+        headers = getattr(self, "headers", None)
+        return headers is not None and \
+            "application/json" in headers.get("Accept", "")
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, header too long...)
+        answered like ours: one line of text, or JSON."""
+        self.close_connection = True
+        if getattr(self, "request_version", None) == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # garbage, not a 0.9 client
+        message = message or http.server.BaseHTTPRequestHandler.responses.get(
+            code, ("error",))[0]
+        error = IpdError(message)
+        error.http_status = code
+        self.status_sent = None
+        self.bytes_sent = 0
+        self.send_error_answer(error)
 
     def answer(self, status, text, data=None, headers=None):
         """Send text (or data as JSON, when the client asks for JSON)."""
@@ -1946,6 +1962,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def has_unread_body(self):
+        if getattr(self, "headers", None) is None:
+            return False
         length = self.headers.get("Content-Length")
         chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         if chunked or (length and length.strip() != "0"):
@@ -2032,10 +2050,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             file = open(self.ipd.store.path(record, ".log"), "rb")
         except FileNotFoundError:
-            self.answer(200, "")
-            return
+            file = io.BytesIO()
         with file:
-            size = os.fstat(file.fileno()).st_size
+            if self.wants_json():  # the log in memory: JSON is for small ones
+                text = file.read().decode("utf-8", "replace")
+                self.answer(200, text, {"project": project,
+                                        "deployment": deployment_id,
+                                        "state": record["state"], "log": text})
+                return
+            size = file.seek(0, io.SEEK_END)
+            file.seek(0)
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.send_header("Content-Length", str(size))
@@ -2169,6 +2193,7 @@ def setup_logging(log_dir, also_stderr=False):
 def serve(settings, verbose=False, on_ready=None):
     """Run the daemon until SIGTERM or SIGINT.  Returns the exit status."""
     setup_logging(settings.LOG_DIR, verbose)
+    stop_signal = StopSignal()
     daemon = Daemon(settings)
     warn_about_users_file(settings.AUTH_DB)
     count = daemon.store.load(settings.KILL_GRACE)
@@ -2176,28 +2201,46 @@ def serve(settings, verbose=False, on_ready=None):
     host, port = server.server_address[:2]
     url = "http://%s:%d%s/" % ("[%s]" % host if ":" in host else host, port,
                                settings.API_ROOT)
+    daemon.worker.start()
+    threading.Thread(target=server.serve_forever, name="http",
+                     daemon=True).start()
     log.info("ipd %s listening on %s (%d deployments on disk)", __version__, url,
              count)
     print("ipd %s listening on %s" % (__version__, url), file=sys.stderr,
           flush=True)
     if on_ready:
         on_ready(url)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    daemon.worker.start()
-    thread = threading.Thread(target=server.serve_forever, name="http",
-                              daemon=True)
-    thread.start()
-    while not stop.wait(3600):
-        pass
-    log.info("stopping: no new connections, running steps get %.0fs",
-             settings.SHUTDOWN_GRACE)
+    signum = stop_signal.wait()
+    log.info("%s: no new connections, running steps get %.0fs",
+             signal.Signals(signum).name, settings.SHUTDOWN_GRACE)
     server.shutdown()
     server.server_close()
     daemon.worker.stop(settings.SHUTDOWN_GRACE)
     log.info("stopped")
     return 0
+
+
+class StopSignal:
+    """SIGTERM and SIGINT, waited for by the main thread.
+
+    The kernel may hand a signal to any thread; the wakeup fd wakes the
+    main thread whichever one got it (an Event.wait would sleep on).
+    """
+
+    def __init__(self):
+        self.received = []
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        signal.set_wakeup_fd(self._writer.fileno())
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda number, frame: self.received.append(number))
+
+    def wait(self):
+        """Block until a stop signal came; return its number."""
+        while not self.received:
+            self._reader.recv(64)
+        signal.set_wakeup_fd(-1)
+        return self.received[0]
 
 
 def warn_about_users_file(path):

@@ -907,6 +907,33 @@ class UploadErrorTests(DaemonTestCase):
                              else rb"\A(HTTP/1.[01] 4\d\d|)")
         self.assert_refused(400, (400, None, "x\n"))
 
+    def raw(self, data):
+        """Send raw bytes; return the whole answer."""
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port))
+        sock.sendall(data)
+        answer = b""
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answer += piece
+        sock.close()
+        return answer
+
+    def test_broken_requests_get_a_one_line_answer(self):
+        for request in (b"NONSENSE\r\n\r\n",
+                        b"GET /deploy/stat HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
+                        b"GET /deploy/stat HTTP/1.1\r\n"
+                        + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n",
+                        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
+            with self.subTest(request[:20]):
+                answer = self.raw(request)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                self.assertRegex(head, rb"\AHTTP/1.[01] 4\d\d ")
+                self.assertEqual(body.count(b"\n"), 1, body)
+                self.assertNotIn(b"<", body)
+        self.assertEqual(self.daemon.get("/stat")[0], 200)
+
     def test_no_length(self):
         sock = socket.create_connection(("127.0.0.1", self.daemon.port))
         token = base64.b64encode(b"admin:admin-pw").decode()
@@ -1030,6 +1057,21 @@ class UploadTests(DaemonTestCase):
         self.assertEqual(data["files"]["image"],
                          {"name": "image.tar", "size": len(image),
                           "sha256": hashlib.sha256(image).hexdigest()})
+
+    def test_file_part_without_a_filename(self):
+        content_type, body = multipart([("project", "app"),
+                                        ("package", control_script(OK_SCRIPT))])
+        status, _, text = self.daemon.request("POST", "/upload", body=body,
+                                              headers={"Content-Type": content_type})
+        self.assertEqual(status, 202, text)
+        self.assertEqual(self.daemon.wait_state("app", text.strip()), "ok")
+
+    def test_log_as_json(self):
+        deployment = self.daemon.deploy()
+        self.daemon.wait_state("app", deployment)
+        status, data = self.daemon.get_json("/log/app/" + deployment)
+        self.assertEqual((status, data["state"], data["log"]),
+                         (200, "ok", "step check\nstep deploy\n"))
 
     def test_control_sh_from_the_project_folder(self):
         project_dir = os.path.join(self.daemon.upload_dir, "app")
