@@ -23,6 +23,7 @@ import sys
 import tarfile
 import tempfile
 import textwrap
+import threading
 import time
 import unittest
 import urllib.parse
@@ -1403,6 +1404,316 @@ class DiskFullTests(unittest.TestCase):
         self.assertEqual(self.daemon.state("app"), "ok")
         again = self.daemon.deploy()
         self.assertEqual(self.daemon.wait_state("app", again), "ok")
+
+
+###############################################################################
+# Docker and nginx, for real ##################################################
+###############################################################################
+
+def docker_unavailable():
+    """Why the Docker tests cannot run here, or None when they can."""
+    for tool in ("docker", "nginx", "busybox", "curl"):
+        if not shutil.which(tool):
+            return "%s is not installed" % tool
+    result = subprocess.run(["docker", "info"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    if result.returncode:
+        return "no Docker engine answers: " + (result.stderr.strip().splitlines()
+                                                or ["?"])[-1]
+    return None
+
+
+def docker(*args, check=True, stdin=None):
+    """Run the docker CLI; return its stdout."""
+    result = subprocess.run(("docker",) + args, input=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, timeout=300)
+    if check and result.returncode:
+        raise AssertionError("docker %s: %s" % (" ".join(args),
+                                                result.stderr.decode()))
+    return result.stdout.decode()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (where the test nginx listens)."""
+
+    def __init__(self, path, timeout=10):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+def readme_nginx_location():
+    """The nginx location block of the README (the original's)."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    match = re.search(r"\n(    location /deploy \{.*?\n    \})\n", readme, re.S)
+    return match.group(1)
+
+
+class Nginx:
+    """A real nginx in front of ipd and of the apps, listening on unix
+    sockets in its own folder."""
+
+    def __init__(self, folder, ipd_port, include):
+        self.folder = folder
+        self.front = os.path.join(folder, "front.sock")
+        self.command = ["nginx", "-p", folder, "-c", os.path.join(folder, "nginx.conf"),
+                        "-e", os.path.join(folder, "error.log")]
+        temp_paths = "".join("    %s_temp_path %s/%s;\n" % (kind, folder, kind)
+                             for kind in ("client_body", "proxy", "fastcgi",
+                                          "uwsgi", "scgi"))
+        location = readme_nginx_location().replace("localhost:9955",
+                                                    "127.0.0.1:%d" % ipd_port)
+        with open(os.path.join(folder, "nginx.conf"), "w") as file:
+            file.write("user root;\npid %s/nginx.pid;\nerror_log %s/error.log;\n"
+                       "events { worker_connections 512; }\nhttp {\n"
+                       "    access_log off;\n%s    include %s;\n"
+                       "    server {\n        listen unix:%s;\n%s\n    }\n}\n"
+                       % (folder, folder, temp_paths, include, self.front, location))
+
+    def start(self):
+        subprocess.run(self.command, check=True)
+        return self
+
+    def stop(self):
+        subprocess.run(self.command + ["-s", "stop"], stderr=subprocess.DEVNULL)
+
+    def shell_command(self):
+        return " ".join(self.command)
+
+
+def busybox_image(tag, folder, version, healthy=True):
+    """Build an image from a busybox root file system (no image can be
+    pulled here), docker save it as a user's CI would; return the tar."""
+    rootfs = io.BytesIO()
+    with tarfile.open(fileobj=rootfs, mode="w") as tar:
+        tar.add(os.path.realpath(shutil.which("busybox")), "bin/busybox")
+        for name in ("sh", "wget"):
+            link = tarfile.TarInfo("bin/" + name)
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+        files = {"www/index.html": version.encode() + b"\n"}
+        if healthy:
+            files["www/health"] = b"ok\n"
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    docker("import", "--change",
+           'CMD ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]',
+           "-", tag, stdin=rootfs.getvalue())
+    path = os.path.join(folder, tag.replace(":", "-").replace("/", "-") + ".tar")
+    docker("save", "-o", path, tag)
+    docker("rmi", tag)
+    return path
+
+
+class DockerTestCase(unittest.TestCase):
+    """ipd behind nginx deploying real images to a real Docker engine.
+
+    Skipped where there is no engine; IPD_TEST_DOCKER=required (as in CI)
+    makes that a failure instead."""
+
+    script = None  # examples/*/control.sh
+
+    @classmethod
+    def setUpClass(cls):
+        why = docker_unavailable()
+        if why and os.environ.get("IPD_TEST_DOCKER") == "required":
+            raise AssertionError("IPD_TEST_DOCKER=required but " + why)
+        if why:
+            raise unittest.SkipTest("Docker tests need docker, nginx, busybox and "
+                                    "curl: " + why)
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-docker-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.project = "web-" + uuid.uuid4().hex[:8]
+        self.daemon = DaemonProcess(self.tmp, {"PASS_ENV": "DOCKER_HOST",
+                                               "STEP_TIMEOUT": "180"})
+        self.daemon.start()
+        self.addCleanup(self.daemon.stop, signal.SIGKILL)
+        self.nginx = Nginx(self.tmp, self.daemon.port,
+                           os.path.join(self.daemon.upload_dir, "*", "nginx.conf"))
+        self.nginx.start()
+        self.addCleanup(self.nginx.stop)
+        self.app_socket = os.path.join(self.tmp, "app.sock")
+        self.deployments = []
+        self.package = os.path.join(self.tmp, "package.tar.gz")
+        with tarfile.open(self.package, "w:gz") as tar:
+            tar.add(os.path.join(HERE, self.script), "control.sh")
+
+    def write_settings(self, text):
+        """deploy.env in PROJECT_DIR before the first deploy (prepare keeps it)."""
+        project_dir = os.path.join(self.daemon.upload_dir, self.project)
+        os.makedirs(project_dir, exist_ok=True)
+        with open(os.path.join(project_dir, "deploy.env"), "w") as file:
+            file.write(textwrap.dedent(text) + 'NGINX_LISTEN="unix:%s"\n'
+                       'NGINX_SERVER_NAME=localhost\nNGINX="%s"\n'
+                       % (self.app_socket, self.nginx.shell_command()))
+
+    def curl_upload(self, image):
+        """Upload with curl through nginx, as the README shows; return the id."""
+        result = subprocess.run(
+            ["curl", "-sS", "-f", "--unix-socket", self.nginx.front, "-u",
+             "admin:admin-pw", "-F", "project=" + self.project, "-F",
+             "image=@" + image, "-F", "package=@" + self.package,
+             "http://localhost/deploy/upload"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout.strip()
+
+    def deploy(self, image, expect="ok"):
+        deployment = self.curl_upload(image)
+        state = self.daemon.wait_state(self.project, deployment, timeout=240)
+        log = self.daemon.log(self.project, deployment)
+        self.assertEqual(state, expect, log)
+        self.deployments.append(deployment)
+        return log
+
+    def app(self):
+        """(status, body) of the app through nginx."""
+        connection = UnixHTTPConnection(self.app_socket, timeout=5)
+        try:
+            connection.request("GET", "/")
+            response = connection.getresponse()
+            return response.status, response.read().decode().strip()
+        finally:
+            connection.close()
+
+    def image(self, version, healthy=True):
+        return busybox_image("ipd-test-%s:%s" % (self.project, version), self.tmp,
+                             version, healthy)
+
+
+class DockerExampleTests(DockerTestCase):
+    script = "examples/docker/control.sh"
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(self.remove_containers)
+        self.write_settings("""
+            APP_PORT=8080
+            HEALTH_PATH=/health
+            HEALTH_TIMEOUT=8
+            DRAIN_SECONDS=1
+            STOP_TIMEOUT=2
+            KEEP_IMAGES=2
+            DOCKER_RUN_OPTS=
+            """)
+
+    def remove_containers(self):
+        ids = docker("ps", "-aq", "--filter", "label=ipd.project=" + self.project).split()
+        if ids:
+            docker("rm", "-f", *ids, check=False)
+        docker("network", "rm", "ipd-" + self.project, check=False)
+        images = docker("image", "ls", "-q", "ipd-" + self.project).split()
+        if images:
+            docker("rmi", "-f", *set(images), check=False)
+
+    def test_v1_then_v2_without_a_failed_request_then_broken_v3(self):
+        v1, v2, v3 = self.image("v1"), self.image("v2"), self.image("v3", healthy=False)
+        log = self.deploy(v1)
+        self.assertIn("prepared", log)
+        self.assertEqual(self.app(), (200, "v1"))
+
+        answers, failures = [], []
+        stop = threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    answers.append((time.monotonic(), self.app()))
+                except OSError as error:
+                    failures.append(repr(error))
+        thread = threading.Thread(target=client)
+        thread.start()
+        try:
+            log = self.deploy(v2)
+            deployed = time.monotonic()
+            time.sleep(1.5)
+        finally:
+            stop.set()
+            thread.join()
+        self.assertNotIn("prepared", log)  # check passed: no prepare
+        counts = {}
+        for _, answer in answers:
+            counts[answer] = counts.get(answer, 0) + 1
+        self.assertEqual(failures[:3], [])
+        self.assertEqual(set(counts), {(200, "v1"), (200, "v2")}, counts)
+        self.assertGreater(len(answers), 50)
+        after = {answer for when, answer in answers if when > deployed}
+        self.assertEqual(after, {(200, "v2")})
+        containers = docker("ps", "-q", "--filter", "label=ipd.project=" + self.project)
+        self.assertEqual(len(containers.split()), 1)
+
+        log = self.deploy(v3, expect="10")
+        self.assertIn("not healthy", log)
+        self.assertIn("previous version keeps serving", log)
+        self.assertEqual(self.app(), (200, "v2"))
+        tags = docker("image", "ls", "--format", "{{.Tag}}", "ipd-" + self.project).split()
+        self.assertIn("current", tags)
+        self.assertIn("previous", tags)
+
+
+class SwarmExampleTests(DockerTestCase):
+    script = "examples/swarm/control.sh"
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        state = docker("info", "-f", "{{.Swarm.LocalNodeState}}").strip()
+        cls.made_swarm = state != "active"
+        if cls.made_swarm:
+            docker("swarm", "init", "--advertise-addr", "127.0.0.1")
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.made_swarm:
+            docker("swarm", "leave", "--force", check=False)
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(self.remove_service)
+        self.write_settings("""
+            APP_PORT=8080
+            REPLICAS=1
+            HEALTH_CMD="wget -q -O /dev/null http://127.0.0.1:8080/health"
+            HEALTH_INTERVAL=1s
+            HEALTH_RETRIES=2
+            UPDATE_MONITOR=2s
+            UPDATE_TIMEOUT=120
+            REGISTRY=
+            SERVICE_OPTS=
+            """)
+
+    def remove_service(self):
+        docker("service", "rm", "ipd-" + self.project, check=False)
+        images = docker("image", "ls", "-q", "ipd-" + self.project).split()
+        if images:
+            time.sleep(2)  # tasks' containers go first
+            docker("rmi", "-f", *set(images), check=False)
+
+    def test_v1_v2_then_broken_v3_rolled_back(self):
+        v1, v2, v3 = self.image("v1"), self.image("v2"), self.image("v3", healthy=False)
+        self.deploy(v1)
+        self.assertEqual(self.app(), (200, "v1"))
+        self.deploy(v2)
+        self.assertEqual(self.app(), (200, "v2"))
+        log = self.deploy(v3, expect="12")
+        self.assertIn("update rollback", log)
+        self.assertEqual(self.app(), (200, "v2"))
+        image = docker("service", "inspect", "-f",
+                       "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
+                       "ipd-" + self.project).strip()
+        self.assertEqual(image.split("@")[0], "ipd-%s:%s" % (self.project,
+                                                             self.deployments[1]))
+        running = docker("service", "ps", "ipd-" + self.project, "--filter",
+                         "desired-state=running", "--format", "{{.Image}}").split()
+        self.assertEqual(len(running), 1)
 
 
 ###############################################################################
