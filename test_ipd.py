@@ -1152,6 +1152,32 @@ class FlowTests(DaemonTestCase):
         self.assertFalse(process_running(pid), "the step's child survived")
 
 
+class ReadmeExampleTests(DaemonTestCase):
+
+    def test_the_readme_control_sh(self):
+        readme = open(os.path.join(HERE, "README.md")).read()
+        script = re.search(r"```sh\n(#!/bin/sh\n# control.sh - ipd runs it as.*?)```",
+                           readme, re.S).group(1)
+        package = tar_bytes({"control.sh": (script.encode(), 0o755),
+                             "index.html": b"release one"})
+        status, _, first = self.daemon.upload("site", package, image=b"IMG")
+        self.assertEqual(self.daemon.wait_state("site", first.strip()), "ok")
+        log = self.daemon.log("site", first.strip())
+        self.assertIn("no %s/site/releases yet" % self.daemon.upload_dir, log)
+        current = os.path.join(self.daemon.upload_dir, "site", "current")
+        self.assertEqual(open(os.path.join(current, "index.html")).read(), "release one")
+        self.assertEqual(open(os.path.join(current, "image")).read(), "IMG")
+        package = tar_bytes({"control.sh": (script.encode(), 0o755),
+                             "index.html": b"release two"})
+        status, _, second = self.daemon.upload("site", package)
+        self.assertEqual(self.daemon.wait_state("site", second.strip()), "ok")
+        self.assertEqual(open(os.path.join(current, "index.html")).read(), "release two")
+        self.assertEqual(os.readlink(current), os.path.join(
+            self.daemon.upload_dir, "site", "releases", second.strip()))
+        self.assertIn("site now runs release " + second.strip(),
+                      self.daemon.log("site", second.strip()))
+
+
 class SuccessCodeTests(DaemonTestCase):
     settings = {"SUCCESS_CODE": "0"}
 
@@ -1657,6 +1683,24 @@ class DockerExampleTests(DockerTestCase):
         tags = docker("image", "ls", "--format", "{{.Tag}}", "ipd-" + self.project).split()
         self.assertIn("current", tags)
         self.assertIn("previous", tags)
+
+
+class ExampleAppTests(unittest.TestCase):
+
+    def test_example_app_answers_version_and_health(self):
+        process = subprocess.Popen([sys.executable, os.path.join(
+            HERE, "examples/docker/app/app.py")], env=dict(os.environ, PORT="0",
+                                                           VERSION="v7"),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.kill)
+        port = int(process.stdout.readline().split()[-1])
+        for path, body in (("/", "hello from v7\n"), ("/health", "ok\n")):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            self.assertEqual((response.status, response.read().decode()), (200, body))
+            connection.close()
 
 
 class SwarmExampleTests(DockerTestCase):
