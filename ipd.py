@@ -89,7 +89,12 @@ SETTINGS = {
     "MAX_UPLOAD_SIZE": ("0", "size", "largest request body, 0 for no limit"),
     "MAX_UNPACKED_SIZE": ("8G", "size",
                           "largest unpacked package, 0 for no limit"),
-    "READ_TIMEOUT": ("60", "seconds", "idle time before a connection is closed"),
+    "READ_TIMEOUT": ("60", "seconds",
+                     "a request body stalled this long is dropped"),
+    "HEADER_TIMEOUT": ("30", "seconds",
+                       "time to send a request's line and headers; also the "
+                       "idle time of a kept-alive connection"),
+    "MAX_CONNECTIONS": ("512", "count", "open connections; more get 503"),
     "PASS_ENV": ("", "names",
                  "daemon environment variables passed on to control.sh"),
 }
@@ -285,6 +290,14 @@ class LengthRequired(IpdError):
 
 class TooLarge(IpdError):
     http_status = 413
+
+
+class TooManyRequests(IpdError):
+    http_status = 429
+
+
+class ServiceUnavailable(IpdError):
+    http_status = 503
 
 
 class DiskFull(IpdError):
@@ -513,6 +526,38 @@ class UserDB:
                 self._verified.clear()
             self._verified[key] = user
         return user
+
+
+class LoginThrottle:
+    """Failed logins per client address: a burst of `burst`, then one each
+    `refill` seconds.  An address that used them up is refused (429) before
+    any password is checked, so guessing costs the guesser, not the server.
+    """
+
+    def __init__(self, burst=10, refill=2.0, max_addresses=100000):
+        self.burst = burst
+        self.refill = refill
+        self.max_addresses = max_addresses
+        self._lock = threading.Lock()
+        self._failures = {}  # address -> (tokens left, when last counted)
+
+    def _tokens(self, address, now):
+        tokens, when = self._failures.get(address, (self.burst, now))
+        return min(self.burst, tokens + (now - when) / self.refill)
+
+    def retry_after(self, address):
+        """0 when address may try to log in, else seconds to wait."""
+        with self._lock:
+            tokens = self._tokens(address, time.monotonic())
+        return 0 if tokens >= 1 else int((1 - tokens) * self.refill) + 1
+
+    def failed(self, address):
+        with self._lock:
+            now = time.monotonic()
+            if len(self._failures) >= self.max_addresses:
+                self._failures = {a: v for a, v in self._failures.items()
+                                  if self._tokens(a, now) < self.burst}
+            self._failures[address] = (self._tokens(address, now) - 1, now)
 
 
 def set_user(path, role, name, password_hash, projects=None):
@@ -1092,6 +1137,8 @@ def unpack_package(archive, folder, max_bytes):
         raise BadRequest("package is not a valid tar, tar.gz or zip archive: "
                          "%s" % (str(error).splitlines() or ["?"])[0])
     except OSError as error:
+        if error.errno is None:  # gzip and bz2 say "corrupt" this way
+            raise BadRequest("package is not a valid archive: %s" % error)
         raise disk_errors(error)
     except Exception as error:
         if type(error).__module__ in ("zlib", "lzma", "_lzma", "bz2", "_bz2"):
@@ -1118,6 +1165,10 @@ def unpack_tar(archive, writer):
             else:
                 raise BadRequest("package entry %r: device files and FIFOs "
                                  "are refused" % member.name)
+        # Read the compressed stream to its end: only there does gzip (or
+        # bz2, xz) check its checksum, which tarfile alone never reaches.
+        while tar.fileobj.read(CHUNK_SIZE):
+            pass
 
 
 def unpack_zip(archive, writer):
@@ -1530,6 +1581,9 @@ class DeployWorker:
             thread.start()
             self.threads.append(thread)
 
+    def alive(self):
+        return all(thread.is_alive() for thread in self.threads)
+
     def stop(self, grace):
         """Stop taking deployments; give running ones grace seconds, then
         stop their steps (state 'interrupted')."""
@@ -1597,11 +1651,22 @@ class DeployWorker:
         where outcome is 'timeout' or 'interrupted' when we had to stop it."""
         log_file.flush()
         started = time.monotonic()
-        process = subprocess.Popen(
-            [record["control"], step], cwd=self.store.path(record),
-            env=self.environment(record), stdin=subprocess.DEVNULL,
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            close_fds=True)
+        try:
+            process = subprocess.Popen(
+                [record["control"], step], cwd=self.store.path(record),
+                env=self.environment(record), stdin=subprocess.DEVNULL,
+                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                close_fds=True)
+        except OSError as error:
+            # A broken "#!" line or a vanished file: end as a shell would
+            # (127 not found, 126 cannot execute), saying why in the log.
+            code = 127 if isinstance(error, FileNotFoundError) else 126
+            log_file.write(("ipd: cannot run control.sh %s: %s\n"
+                            % (step, error.strerror)).encode())
+            log_file.flush()
+            log.warning("deployment %s: cannot run control.sh %s: %s",
+                        record["id"], step, error)
+            return code, None
         deadline = started + self.settings.STEP_TIMEOUT
         outcome = None
         while True:
@@ -1748,6 +1813,7 @@ class Daemon:
     def __init__(self, settings):
         self.settings = settings
         self.users = UserDB(settings.AUTH_DB)
+        self.login_throttle = LoginThrottle()
         self.store = DeploymentStore(settings.UPLOAD_DIR, settings.KEEP_DEPLOYMENTS)
         self.worker = DeployWorker(settings, self.store)
         self.started = time.time()
@@ -1802,6 +1868,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.timeout = self.server.ipd.settings.READ_TIMEOUT
         super().setup()
 
+    def handle_one_request(self):
+        # The request line and headers must come within HEADER_TIMEOUT,
+        # however slowly they trickle in (see ConnectionGuard).
+        self.server.guard.expect_head(self.connection)
+        super().handle_one_request()
+
     def handle_expect_100(self):
         # Answer 100 Continue only once the request passed its checks
         # (see upload), so a refused upload sends no body.
@@ -1830,6 +1902,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.dispatch("OPTIONS")
 
     def dispatch(self, method):
+        self.server.guard.head_done(self.connection)
         self.ipd = self.server.ipd
         self.user = None
         self.status_sent = None
@@ -1884,6 +1957,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         scheme, _, encoded = header.partition(" ")
         user = None
         if scheme.lower() == "basic":
+            address = self.client_ip()
+            wait = self.ipd.login_throttle.retry_after(address)
+            if wait:
+                raise TooManyRequests("too many failed logins from %s: retry in "
+                                      "%d s" % (address, wait),
+                                      {"Retry-After": str(wait)})
             try:
                 name, colon, password = base64.b64decode(encoded.strip(),
                                                          validate=True) \
@@ -1892,6 +1971,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 name, colon = "", ""
             if colon:
                 user = self.ipd.users.authenticate(name, password)
+            if user is None:
+                self.ipd.login_throttle.failed(address)
+                log.warning("failed login as %r from %s", name[:64], address)
         if user is None:
             raise Unauthorized("authentication required",
                                {"WWW-Authenticate":
@@ -1970,14 +2052,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return not getattr(self, "body_consumed", False)
         return False
 
-    def log_access(self, method, started):
+    def client_ip(self):
+        """The client's address: the proxy's word for it (X-Real-IP, else
+        the last X-Forwarded-For) when the request came from this host."""
         address = self.client_address[0]
-        if address in ("127.0.0.1", "::1"):
+        if address in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
             forwarded = self.headers.get("X-Real-IP") or \
-                self.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
-            address = forwarded or address
-        log.info('%s "%s %s" %s user=%s in=%d out=%d %.3fs', address, method,
-                 self.path, self.status_sent or "-",
+                self.headers.get("X-Forwarded-For", "").split(",")[-1]
+            address = forwarded.strip()[:64] or address
+        return re.sub(r"[^0-9A-Za-z.:_\-]", "?", address)  # safe to log
+
+    def log_access(self, method, started):
+        log.info('%s "%s %s" %s user=%s in=%d out=%d %.3fs', self.client_ip(), method,
+                 re.sub(r"[\x00-\x20\x7f]", "?", self.path), self.status_sent or "-",
                  self.user.name if self.user else "-", self.body_read,
                  self.bytes_sent, time.monotonic() - started)
 
@@ -2165,10 +2252,99 @@ class Server(http.server.ThreadingHTTPServer):
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.ipd = daemon
+        self.guard = ConnectionGuard(daemon.settings.MAX_CONNECTIONS,
+                                     daemon.settings.HEADER_TIMEOUT)
+        self.last_loop = time.monotonic()
         super().__init__(address, Handler)
+
+    def service_actions(self):
+        self.last_loop = time.monotonic()  # the watchdog's sign of life
+
+    def process_request(self, request, client_address):
+        if not self.guard.admit(request):
+            log.warning("refusing a connection from %s: MAX_CONNECTIONS (%d) "
+                        "are open", client_address[0], self.guard.limit)
+            answer_busy(request)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.guard.release(request)
 
     def handle_error(self, request, client_address):
         log.exception("error on a connection from %s", client_address[0])
+
+
+def answer_busy(connection):
+    """503 to a connection over the limit, without a thread for it."""
+    body = b"too many connections, try again\n"
+    try:
+        connection.settimeout(1)
+        connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                           b"text/plain\r\nRetry-After: 1\r\nConnection: close"
+                           b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    except OSError:
+        pass
+
+
+class ConnectionGuard:
+    """Counts open connections against a limit, and cuts those whose
+    request head is not complete by its deadline.
+
+    A socket timeout alone cannot stop a client that sends one byte a
+    second; a reaper thread shuts such sockets down, which ends the read
+    that their handler thread is blocked in.
+    """
+
+    def __init__(self, limit, head_timeout):
+        self.limit = limit
+        self.head_timeout = head_timeout
+        self._lock = threading.Lock()
+        self._open = set()
+        self._deadlines = {}  # socket -> monotonic deadline of its head
+        self._reaper = None
+
+    def admit(self, connection):
+        with self._lock:
+            if len(self._open) >= self.limit:
+                return False
+            self._open.add(connection)
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="reaper",
+                                                daemon=True)
+                self._reaper.start()
+            return True
+
+    def release(self, connection):
+        with self._lock:
+            self._open.discard(connection)
+            self._deadlines.pop(connection, None)
+
+    def expect_head(self, connection):
+        with self._lock:
+            self._deadlines[connection] = time.monotonic() + self.head_timeout
+
+    def head_done(self, connection):
+        with self._lock:
+            self._deadlines.pop(connection, None)
+
+    def _reap(self):
+        while True:
+            time.sleep(min(0.5, self.head_timeout / 4))
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c, deadline in self._deadlines.items() if deadline < now]
+                for connection in late:
+                    del self._deadlines[connection]
+            for connection in late:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 ###############################################################################
@@ -2208,9 +2384,14 @@ def serve(settings, verbose=False, on_ready=None):
              count)
     print("ipd %s listening on %s" % (__version__, url), file=sys.stderr,
           flush=True)
+    systemd = SystemdNotifier()
+    systemd.send("READY=1\nSTATUS=listening on %s" % url)
+    systemd.start_watchdog(lambda: time.monotonic() - server.last_loop < 5
+                           and daemon.worker.alive())
     if on_ready:
         on_ready(url)
     signum = stop_signal.wait()
+    systemd.send("STOPPING=1")
     log.info("%s: no new connections, running steps get %.0fs",
              signal.Signals(signum).name, settings.SHUTDOWN_GRACE)
     server.shutdown()
@@ -2218,6 +2399,46 @@ def serve(settings, verbose=False, on_ready=None):
     daemon.worker.stop(settings.SHUTDOWN_GRACE)
     log.info("stopped")
     return 0
+
+
+class SystemdNotifier:
+    """sd_notify(3) with the standard library: datagrams to NOTIFY_SOCKET
+    (Type=notify in ipd.service), and WATCHDOG=1 while ipd is healthy.
+    Without NOTIFY_SOCKET every call does nothing."""
+
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        path = environ.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + path[1:] if path.startswith("@") else path
+        usec = environ.get("WATCHDOG_USEC", "")
+        for_us = environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+        self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and for_us \
+            and int(usec) > 0 else None
+
+    def send(self, message):
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(message.encode(), self.address)
+        except OSError as error:
+            log.warning("cannot notify systemd at %s: %s", self.address, error)
+
+    def start_watchdog(self, healthy):
+        """Ping every half WATCHDOG_USEC while healthy() says so; systemd
+        restarts ipd when the pings stop."""
+        if not (self.address and self.watchdog_interval):
+            return
+
+        def ping():
+            while True:
+                time.sleep(self.watchdog_interval)
+                if healthy():
+                    self.send("WATCHDOG=1")
+                else:
+                    log.error("unhealthy: the HTTP loop or a deploy thread is "
+                              "stuck or gone; no watchdog ping")
+        threading.Thread(target=ping, name="watchdog", daemon=True).start()
 
 
 class StopSignal:

@@ -13,6 +13,7 @@ import http.client
 import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -256,6 +257,12 @@ class PackageTests(unittest.TestCase):
             with self.subTest(data=data[:10]):
                 with self.assertRaises(ipd.BadRequest):
                     self.unpack(data)
+
+    def test_corrupt_gzip_checksum_is_refused(self):
+        data = bytearray(tar_bytes({"control.sh": (b"#!/bin/sh\nexit 1\n", 0o755)}))
+        data[-8] ^= 0xFF  # the CRC-32 in gzip's trailer
+        with self.assertRaisesRegex(ipd.BadRequest, "not a valid"):
+            self.unpack(bytes(data))
 
     def test_traversal_corpus_is_refused(self):
         corpus = {
@@ -1135,6 +1142,18 @@ class FlowTests(DaemonTestCase):
             "IMAGE": "", "PROJECT_DIR": os.path.join(self.daemon.upload_dir, "app"),
             "IPD_TEST_PASSED": "passed-value"})
 
+    def test_a_script_that_cannot_run(self):
+        for script, code, reason in ((b"#!/bin/no-such-shell\nexit 1\n", "127",
+                                      "No such file or directory"),
+                                     (b"\x7fELF garbage", "126", "Exec format error")):
+            with self.subTest(code):
+                package = tar_bytes({"control.sh": (script, 0o755)})
+                deployment = self.daemon.upload("app", package)[2].strip()
+                self.assertEqual(self.daemon.wait_state("app", deployment), code)
+                self.assertIn("ipd: cannot run control.sh check: " + reason,
+                              self.daemon.log("app", deployment))
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
     def test_timeout_stops_the_whole_process_group(self):
         pid_file = os.path.join(self.tmp, "child.pid")
         state, _, _ = self.run_script('sleep 300 & echo $! > %s; wait; exit 1'
@@ -1430,6 +1449,454 @@ class DiskFullTests(unittest.TestCase):
         self.assertEqual(self.daemon.state("app"), "ok")
         again = self.daemon.deploy()
         self.assertEqual(self.daemon.wait_state("app", again), "ok")
+
+
+###############################################################################
+# Guarantees: tests that attack ipd and count ################################
+###############################################################################
+
+def report(text):
+    """A figure for the README's Guarantees section, printed as it is measured."""
+    sys.stderr.write("\n  guarantee: %s\n" % text)
+
+
+def raw_exchange(port, data, timeout=10, pieces=None):
+    """Send data (or pieces, with a pause between them so that they arrive
+    in separate reads), close our side, read the whole answer.
+
+    Returns the answer's bytes, or None when the server did not close the
+    connection within timeout (a hang)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        try:
+            for number, piece in enumerate(pieces or [data]):
+                if number:
+                    time.sleep(0.01)
+                sock.sendall(piece)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server may answer and close before all is sent
+        answer = b""
+        while True:
+            try:
+                piece = sock.recv(65536)
+            except socket.timeout:
+                return None
+            except ConnectionResetError:
+                return answer
+            if not piece:
+                return answer
+            answer += piece
+    finally:
+        sock.close()
+
+
+def answer_status(answer):
+    """The final status of an answer (after any 100 Continue), or None."""
+    answer = re.sub(rb"\AHTTP/1\.1 100 Continue\r\n\r\n", b"", answer or b"")
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", answer)
+    return int(match.group(1)) if match else None
+
+
+class GuaranteeFuzzTests(DaemonTestCase):
+    """Mutated, truncated, duplicated and random uploads: never a 5xx,
+    never a hang, never a temporary file left, always answering after."""
+    settings = {"MAX_UPLOAD_SIZE": "1M", "READ_TIMEOUT": "5", "HEADER_TIMEOUT": "5"}
+    requests = int(os.environ.get("IPD_FUZZ_REQUESTS", "20000"))
+
+    def request_bytes(self, rng):
+        boundary = rng.choice(["b", "testboundary1234", "----WebKitFormBoundary7MA4",
+                               "x" * 70, "a'()+_,-./:=?b"])
+        fields = [("project", rng.choice(["fz", "fz2", "../x", "", "a" * 70]))]
+        if rng.random() < 0.8:
+            fields.append(("package", ("p.tgz", rng.choice(
+                [self.package, b"", os.urandom(rng.randrange(1, 300))]))))
+        if rng.random() < 0.6:
+            fields.append(("image", ("i", os.urandom(rng.randrange(0, 3000)))))
+        rng.shuffle(fields)
+        _, body = multipart(fields, boundary)
+        kind = rng.randrange(9)
+        if kind == 1:
+            body = body[:rng.randrange(len(body))]
+        elif kind == 2:
+            start = rng.randrange(len(body))
+            body = body[:start] + body[start:start + rng.randrange(1, 200)] + body[start:]
+        elif kind == 3:
+            body = bytearray(body)
+            for _ in range(rng.randrange(1, 8)):
+                body[rng.randrange(len(body))] = rng.randrange(256)
+            body = bytes(body)
+        elif kind == 4:
+            at = rng.randrange(len(body))
+            body = body[:at] + rng.choice([b"\r\n--", b"--", b"\r\n\r\n", b"\r"]) + \
+                boundary.encode()[:rng.randrange(len(boundary) + 1)] + \
+                rng.choice([b"", b"--", b"\r\n", b" \r\n"]) + body[at:]
+        elif kind == 5:
+            start = rng.randrange(len(body))
+            body = body[:start] + body[start + rng.randrange(1, 100):]
+        elif kind == 6:
+            body = os.urandom(rng.randrange(0, 2000))
+        headers = {"Content-Type": "multipart/form-data; boundary=" + boundary,
+                   "Content-Length": str(len(body))}
+        shape = rng.randrange(10)
+        if shape == 1:
+            headers["Content-Type"] = rng.choice([
+                "multipart/form-data", "text/plain", "multipart/form-data; boundary=",
+                "multipart/form-data; boundary=\"%s\"" % boundary,
+                "multipart/mixed; boundary=" + boundary, "multipart/form-data; boundary=z"])
+        elif shape == 2:
+            headers["Content-Length"] = rng.choice([
+                str(len(body) + rng.randrange(1, 50)), str(max(0, len(body) - 10)),
+                "-1", "abc", "99999999999999999999", ""])
+        elif shape == 3:
+            del headers["Content-Length"]
+            headers["Transfer-Encoding"] = "chunked"
+            chunks, position = [], 0
+            while position < len(body):
+                size = rng.randrange(1, 500)
+                chunks.append(b"%x\r\n%s\r\n" % (size, body[position:position + size])
+                              if rng.random() > 0.05 else b"zz\r\n")
+                position += size
+            body = b"".join(chunks) + rng.choice([b"0\r\n\r\n", b"", b"0\r\n"])
+        elif shape == 4:
+            headers["Expect"] = "100-continue"
+        elif shape == 5:
+            del headers["Content-Length"]
+        head = "POST /deploy/upload HTTP/1.1\r\nHost: x\r\n"
+        if rng.random() < 0.95:
+            head += "Authorization: Basic %s\r\n" % base64.b64encode(b"admin:admin-pw").decode()
+        head += "".join("%s: %s\r\n" % item for item in headers.items())
+        return head.encode() + b"\r\n" + body
+
+    def test_fuzz_the_upload_endpoint(self):
+        project_dir = os.path.join(self.daemon.upload_dir, "fz")
+        os.makedirs(project_dir)
+        self.package = control_script("exit 1")
+        statuses, hangs = {}, []
+        lock = threading.Lock()
+
+        def worker(seed, count):
+            rng = random.Random(seed)
+            for number in range(count):
+                data = self.request_bytes(rng)
+                answer = raw_exchange(self.daemon.port, data)
+                status = answer_status(answer)
+                with lock:
+                    if answer is None:
+                        hangs.append(data[:300])
+                    statuses[status] = statuses.get(status, 0) + 1
+        threads = [threading.Thread(target=worker, args=(2026 + n, self.requests // 4))
+                   for n in range(4)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+        self.assertEqual(self.daemon.get("/stat")[0], 200)
+        deadline = time.monotonic() + 10
+        while self.daemon.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        errors = sum(count for status, count in statuses.items() if status and status >= 500)
+        total = sum(statuses.values())
+        report("fuzz: %d upload requests in %.0fs, %d answered 5xx, %d hangs, "
+               "%d temporary files left; answers %s" % (
+                   total, elapsed, errors, len(hangs), len(self.daemon.leftovers()),
+                   ", ".join("%s: %d" % (status or "closed", count) for status, count
+                             in sorted(statuses.items(), key=lambda i: str(i[0])))))
+        self.assertEqual(total, self.requests // 4 * 4)
+        self.assertEqual(errors, 0)
+        self.assertEqual(hangs[:1], [])
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertGreater(statuses.get(202, 0), 0)  # some stayed valid
+        self.assertGreater(statuses.get(400, 0), 0)
+        log = self.daemon.daemon_log()
+        self.assertNotIn("Traceback", log, log[log.find("Traceback") - 300:][:2000])
+
+    def test_boundary_split_at_every_point_across_reads(self):
+        os.makedirs(os.path.join(self.daemon.upload_dir, "fz"))
+        content_type, body = multipart([("project", "fz"), ("image", ("i", b"I" * 100)),
+                                        ("package", ("p", control_script("exit 1")))])
+        head = ("POST /deploy/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Basic %s\r\n"
+                "Content-Type: %s\r\nContent-Length: %d\r\n\r\n"
+                % (base64.b64encode(b"admin:admin-pw").decode(), content_type,
+                   len(body))).encode()
+        delimiter = body.index(b"\r\n--testboundary1234", body.index(b"I" * 100))
+        splits = range(delimiter - 5, delimiter + 60)
+        for split in splits:
+            answer = raw_exchange(self.daemon.port, None, pieces=[
+                head + body[:split], body[split:]])
+            self.assertEqual(answer_status(answer), 202, (split, answer))
+        report("every split point of a boundary across two reads: %d uploads, "
+               "all accepted whole" % len(splits))
+
+
+class GuaranteeSlowClientTests(DaemonTestCase):
+    settings = {"HEADER_TIMEOUT": "2", "READ_TIMEOUT": "3", "MAX_CONNECTIONS": "400"}
+
+    def test_idle_and_byte_a_second_clients_do_not_stop_others(self):
+        idle = [socket.create_connection(("127.0.0.1", self.daemon.port))
+                for _ in range(100)]
+        slow = [socket.create_connection(("127.0.0.1", self.daemon.port))
+                for _ in range(100)]
+        for sock in idle + slow:
+            self.addCleanup(sock.close)
+        request = b"GET /deploy/stat HTTP/1.1\r\nHost: x\r\n"
+        stop = threading.Event()
+        cut = set()
+
+        def trickle():
+            for position in range(len(request)):
+                if stop.is_set():
+                    return
+                for number, sock in enumerate(slow):
+                    try:
+                        sock.send(request[position:position + 1])
+                    except OSError:
+                        cut.add(number)
+                time.sleep(0.25)
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(stop.set)
+        time.sleep(0.5)
+        latencies = []
+        for _ in range(20):
+            started = time.monotonic()
+            status, _, _ = self.daemon.get("/status/app")
+            latencies.append(time.monotonic() - started)
+            self.assertEqual(status, 404)
+            time.sleep(0.05)
+        # the slow ones are cut once their head is late (HEADER_TIMEOUT=2)
+        time.sleep(2.5)
+        closed = 0
+        for sock in idle + slow:
+            sock.settimeout(2)
+            try:
+                data = sock.recv(100)
+                closed += data == b""
+            except OSError:
+                closed += 1
+        report("200 open connections (100 idle, 100 sending a byte each 0.25 s): "
+               "status answered in at most %.0f ms (median %.0f ms); all 200 cut "
+               "after HEADER_TIMEOUT: %s" % (max(latencies) * 1000,
+                                            sorted(latencies)[10] * 1000, closed == 200))
+        self.assertLess(max(latencies), 1.0)
+        self.assertEqual(closed, 200)
+        self.assertEqual(self.daemon.get("/stat")[0], 200)
+
+
+class GuaranteeConnectionCapTests(DaemonTestCase):
+    settings = {"MAX_CONNECTIONS": "20", "HEADER_TIMEOUT": "30"}
+
+    def test_connections_over_the_cap_get_503(self):
+        held = [socket.create_connection(("127.0.0.1", self.daemon.port))
+                for _ in range(20)]
+        for sock in held:
+            self.addCleanup(sock.close)
+        time.sleep(0.3)
+        status, headers, body = self.daemon.get("/stat")
+        self.assertEqual((status, body), (503, "too many connections, try again\n"))
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while self.daemon.get("/stat")[0] != 200:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+
+
+class GuaranteePasswordGuessingTests(DaemonTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.daemon.stop()
+        with open(self.daemon.users_file, "w") as file:
+            file.write("ADMIN:admin:%s\n" % ipd.hash_password("admin-pw"))
+            file.write("USER:dev:%s\n" % sha256_hex("dev-pw"))
+        self.daemon.start()
+
+    def test_a_burst_of_wrong_passwords_does_not_slow_others(self):
+        token = base64.b64encode(b"admin:guess").decode()
+        statuses = {}
+        lock = threading.Lock()
+
+        def guesser(count):
+            connection = self.daemon.connection()
+            for number in range(count):
+                connection.request("GET", "/deploy/stat", headers={
+                    "Authorization": "Basic " + token, "X-Real-IP": "198.51.100.7"})
+                response = connection.getresponse()
+                response.read()
+                with lock:
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+            connection.close()
+        baseline = [self.timed_status() for _ in range(20)]
+        threads = [threading.Thread(target=guesser, args=(250,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        during = []
+        while any(thread.is_alive() for thread in threads):
+            during.append(self.timed_status())
+        for thread in threads:
+            thread.join()
+        log = self.daemon.daemon_log("failed login")
+        report("1000 wrong passwords from one address: %s; another user's status "
+               "p50 %.1f ms, max %.1f ms during the burst (%.1f ms, %.1f ms before)"
+               % (", ".join("%d: %d" % item for item in sorted(statuses.items())),
+                  sorted(during)[len(during) // 2] * 1000, max(during) * 1000,
+                  sorted(baseline)[10] * 1000, max(baseline) * 1000))
+        self.assertEqual(sum(statuses.values()), 1000)
+        self.assertLessEqual(statuses.get(401, 0), 20)
+        self.assertGreaterEqual(statuses.get(429, 0), 980)
+        self.assertLess(max(during), 0.5)
+        self.assertIn("failed login as 'admin' from 198.51.100.7", log)
+        self.assertNotIn("guess", log.replace("failed login", ""))
+        # the guessed account itself still works from elsewhere
+        self.assertEqual(self.daemon.get("/stat")[0], 200)
+
+    def timed_status(self):
+        started = time.monotonic()
+        status, _, _ = self.daemon.get("/status/app", user="dev",
+                                       headers={"X-Real-IP": "198.51.100.8"})
+        self.assertEqual(status, 404)
+        return time.monotonic() - started
+
+
+class GuaranteeRandomKillTests(DaemonTestCase):
+    """SIGKILL at random moments through 50 uploads over 5 projects."""
+    settings = {"MAX_PARALLEL": "3", "KILL_GRACE": "1"}
+
+    def test_kill_9_at_random_moments(self):
+        rng = random.Random(7)
+        runs = os.path.join(self.tmp, "runs")
+        script = ('#!/bin/sh\n'
+                  'lock="$PROJECT_DIR/running"\n'
+                  'echo "$DEPLOY $1 start" >> %s\n'
+                  'if [ -f "$lock" ] && kill -0 "$(cat "$lock")" 2>/dev/null; then\n'
+                  '  echo "OVERLAP $PROJECT $DEPLOY" >> %s; fi\n'
+                  'echo $$ > "$lock"\n'
+                  'sleep 0.0$(( $(od -An -N1 -tu1 /dev/urandom) %% 9 + 1 ))\n'
+                  'echo "$DEPLOY $1 end" >> %s\n'
+                  'rm -f "$lock"\nexit 1\n' % (runs, runs, runs))
+        package = tar_bytes({"control.sh": (script.encode(), 0o755)})
+        answered, seen_final, kills = [], {}, 0
+        for number in range(50):
+            project = "p%d" % (number % 5)
+            torn = None
+            if rng.random() < 0.2:  # an upload in flight when the kill comes
+                torn = threading.Thread(target=self.try_upload, args=(
+                    project, package, os.urandom(3 << 20)))
+                torn.start()
+            deployment = self.try_upload(project, package)
+            if deployment:
+                answered.append((project, deployment))
+            if rng.random() < 0.3 or torn:
+                time.sleep(rng.random() * 0.3)
+                self.daemon.kill()
+                kills += 1
+                if torn:
+                    torn.join()
+                self.daemon.start()
+                self.check_states(answered, seen_final)
+        self.daemon.kill()
+        self.daemon.start()
+        for project, deployment in answered:
+            self.daemon.wait_state(project, deployment)
+        self.check_states(answered, seen_final)
+        lines = open(runs).read().splitlines()
+        starts = [line for line in lines if line.endswith(" start")]
+        overlaps = [line for line in lines if line.startswith("OVERLAP")]
+        report("%d uploads over 5 projects, %d kill -9 at random moments: %d ids "
+               "answered, all answering their state after every restart; %d step "
+               "runs, %d ran twice, %d overlaps in a project; %d temporary files "
+               "left" % (50, kills, len(answered), len(starts),
+                         len(starts) - len(set(starts)), len(overlaps),
+                         len(self.daemon.leftovers())))
+        self.assertGreaterEqual(kills, 10)
+        self.assertEqual(len(starts), len(set(starts)))
+        self.assertEqual(overlaps, [])
+        self.assertEqual(self.daemon.leftovers(), [])
+        states = {self.daemon.state(p, d) for p, d in answered}
+        self.assertTrue(states <= {"ok", "changed", "interrupted"}, states)
+
+    def try_upload(self, project, package, image=None):
+        try:
+            status, _, body = self.daemon.upload(project, package, image=image)
+        except (OSError, http.client.HTTPException):
+            return None
+        return body.strip() if status == 202 else None
+
+    def check_states(self, answered, seen_final):
+        for project, deployment in answered:
+            state = self.daemon.state(project, deployment)
+            self.assertNotEqual(state, "no", deployment)
+            if deployment in seen_final:
+                self.assertEqual(state, seen_final[deployment], deployment)
+            elif state not in ("await", "active"):
+                seen_final[deployment] = state
+
+
+class GuaranteeControlScriptTests(DaemonTestCase):
+    settings = {"STEP_TIMEOUT": "20"}
+
+    def peak_rss_kib(self):
+        with open("/proc/%d/status" % self.daemon.process.pid) as file:
+            return int(re.search(r"VmHWM:\s+(\d+)", file.read()).group(1))
+
+    def test_megabytes_of_output_and_a_closed_stdout(self):
+        warm = self.daemon.deploy()
+        self.daemon.wait_state("app", warm)
+        before = self.peak_rss_kib()
+        loud = self.daemon.deploy('[ "$1" = deploy ] && head -c 50000000 /dev/zero '
+                                  '| tr "\\0" x; exit 1')
+        self.assertEqual(self.daemon.wait_state("app", loud), "ok")
+        status, headers, body = self.daemon.get("/log/app/" + loud)
+        self.assertEqual(len(body), 50000000)
+        quiet = self.daemon.deploy('[ "$1" = deploy ] || exit 1\n'
+                                   'echo before; exec >&- 2>&-; sleep 0.3; exit 1')
+        self.assertEqual(self.daemon.wait_state("app", quiet), "ok")
+        self.assertEqual(self.daemon.log("app", quiet), "before\n")
+        after = self.peak_rss_kib()
+        report("control.sh printing 50 MB: daemon peak RSS %d -> %d KiB; one that "
+               "closes its stdout early ends ok" % (before, after))
+        self.assertLess(after - before, 16 * 1024)
+
+
+class GuaranteeSystemdTests(DaemonTestCase):
+
+    def test_ready_watchdog_and_stopping(self):
+        path = os.path.join(self.tmp, "notify.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(path)
+        listener.settimeout(10)
+        self.addCleanup(listener.close)
+        self.daemon.stop()
+        self.daemon.start(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "300000"})
+        messages = [listener.recv(4096).decode()]
+        self.assertTrue(messages[0].startswith("READY=1\n"), messages)
+        started = time.monotonic()
+        while time.monotonic() - started < 1.2:
+            messages.append(listener.recv(4096).decode())
+        self.assertGreaterEqual(messages.count("WATCHDOG=1"), 4)
+        self.daemon.process.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in messages:
+            messages.append(listener.recv(4096).decode())
+        self.assertEqual(self.daemon.process.wait(20), 0)
+
+    def test_abstract_socket_and_no_watchdog_for_another_pid(self):
+        name = "ipd-test-%s" % uuid.uuid4().hex
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind("\0" + name)
+        listener.settimeout(10)
+        self.addCleanup(listener.close)
+        self.daemon.stop()
+        self.daemon.start(env={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "200000",
+                               "WATCHDOG_PID": "1"})
+        self.assertTrue(listener.recv(4096).startswith(b"READY=1"))
+        listener.settimeout(0.8)
+        with self.assertRaises(socket.timeout):
+            listener.recv(4096)
 
 
 ###############################################################################
