@@ -44,12 +44,15 @@ import io
 import json
 import logging
 import logging.handlers
+import netrc
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -99,7 +102,9 @@ SETTINGS = {
                  "daemon environment variables passed on to control.sh"),
 }
 
-STATES_FINAL = ("ok", "changed", "timeout", "interrupted")
+# A deployment is "await" or "active" until it ends in a final state: ok,
+# changed, cancelled, timeout, interrupted, or an exit code.
+UNFINISHED = ("await", "active")
 STATE_FORMAT_VERSION = 1
 
 
@@ -288,6 +293,10 @@ class LengthRequired(IpdError):
     http_status = 411
 
 
+class Gone(IpdError):
+    http_status = 410
+
+
 class TooLarge(IpdError):
     http_status = 413
 
@@ -404,7 +413,10 @@ def disk_errors(error):
 # Users and passwords #########################################################
 ###############################################################################
 
-ROLES = ("ADMIN", "USER")
+ROLES = ("ADMIN", "USER", "METRICS")
+# Which roles each endpoint's role admits (METRICS: a scraper's login).
+ADMITTED = {"ADMIN": ("ADMIN",), "USER": ("ADMIN", "USER"),
+            "METRICS": ("ADMIN", "METRICS")}
 PBKDF2_ITERATIONS = 200000
 
 
@@ -901,6 +913,29 @@ class FileSink:
                 "sha256": self.sha256.hexdigest()}
 
 
+class KeptFile:
+    """A file of an earlier deployment, linked (or copied) to a temporary
+    file so that a redeploy can move it in like an upload's file."""
+
+    def __init__(self, source, meta, folder):
+        self.meta = meta
+        fd, self.path = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(self.path)
+        try:
+            os.link(source, self.path)
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            shutil.copyfile(source, self.path)
+
+    def describe(self):
+        return dict(self.meta)
+
+    def discard(self):
+        remove_quietly(self.path)
+
+
 class FieldSink:
     """A text field kept in memory, with a small limit."""
 
@@ -928,7 +963,7 @@ class FieldSink:
 
 
 UPLOAD_FILE_FIELDS = ("image", "package")
-UPLOAD_TEXT_FIELDS = ("project",)
+UPLOAD_TEXT_FIELDS = ("project", "image_sha256", "package_sha256")
 
 
 class Upload:
@@ -984,6 +1019,23 @@ def receive_upload(body, boundary, folder, on_field=None):
         raise
 
 
+def check_digests(upload):
+    """Compare image_sha256 / package_sha256, where given, with the SHA-256
+    of the files as received.  Raises BadRequest."""
+    for name in UPLOAD_FILE_FIELDS:
+        expected = upload.fields.get(name + "_sha256")
+        if expected is None:
+            continue
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", expected.strip()):
+            raise BadRequest("%s_sha256 must be 64 hex digits" % name)
+        if name not in upload.files:
+            raise BadRequest("%s_sha256 given without an %s" % (name, name))
+        received = upload.files[name].describe()["sha256"]
+        if received != expected.strip().lower():
+            raise BadRequest("%s_sha256 does not match: the %s received has "
+                             "SHA-256 %s" % (name, name, received))
+
+
 def open_sink(upload, headers, folder):
     """Start the sink of a new part, from its headers."""
     disposition, params = parse_header_params(headers.get("content-disposition",
@@ -1001,8 +1053,8 @@ def open_sink(upload, headers, folder):
         return sink
     if name in UPLOAD_TEXT_FIELDS:
         return FieldSink(name)
-    raise BadRequest("unknown form field %r: expected project, image, package"
-                     % name)
+    raise BadRequest("unknown form field %r: expected project, image, package, "
+                     "image_sha256, package_sha256" % name)
 
 
 ###############################################################################
@@ -1231,7 +1283,7 @@ class DeploymentStore:
     def __init__(self, upload_dir, keep):
         self.upload_dir = upload_dir
         self.keep = keep
-        self._lock = threading.Condition()
+        self._lock = self.lock = threading.Condition()
         self._write_lock = threading.Lock()
         # Held from taking an upload's sequence number until it is queued,
         # so that upload order and queue order are the same.
@@ -1244,6 +1296,8 @@ class DeploymentStore:
         self._next_seq = 1
         self._state_counts = {}
         self._durations = []      # seconds of finished deployments
+        self._cancels = {}        # id of a running deployment -> Event
+        self.metrics = Metrics()
 
     # --- paths
 
@@ -1390,15 +1444,51 @@ class DeploymentStore:
             with self._lock:
                 self._records[deployment_id] = new
                 self._count_state(old, new)
+                self._lock.notify_all()  # wakes wait_final() and followers
                 if new["state"] != old["state"]:
                     log.info("deployment %s of %s: %s -> %s", new["id"],
                              new["project"], old["state"], new["state"])
                 return dict(new)
 
+    def wait_final(self, deployment_id, timeout):
+        """Wait up to timeout seconds for the deployment to end; return a
+        copy of its record, ended or not."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                record = self._records[deployment_id]
+                remaining = deadline - time.monotonic()
+                if record["state"] not in UNFINISHED or remaining <= 0:
+                    return dict(record)
+                self._lock.wait(remaining)
+
+    def cancel(self, deployment_id):
+        """Cancel a waiting deployment (it never runs) or ask the worker to
+        stop a running one.  Returns the record; raises Conflict when it
+        had ended already."""
+        with self._lock:
+            record = self._records[deployment_id]
+            project = record["project"]
+            if self._waiting.get(project) == deployment_id:
+                del self._waiting[project]
+            elif deployment_id in self._cancels:
+                self._cancels[deployment_id].set()
+                return dict(record)
+            else:
+                raise Conflict("deployment %s has ended already: %s"
+                               % (deployment_id, record["state"]))
+        return self.update(deployment_id, state="cancelled", ended=time.time())
+
+    def cancel_requested(self, deployment_id):
+        """The Event the worker watches while deployment_id runs."""
+        with self._lock:
+            return self._cancels[deployment_id]
+
     def _count_state(self, old, new):
         if old is not None:
             self._state_counts[old["state"]] -= 1
         self._state_counts[new["state"]] = self._state_counts.get(new["state"], 0) + 1
+        self.metrics.count(old, new)
         if (old is None or old["ended"] is None) and new["ended"] and new["started"]:
             self._durations.append(new["ended"] - new["started"])
             del self._durations[:-1000]
@@ -1422,6 +1512,7 @@ class DeploymentStore:
                     project = self._records[deployment_id]["project"]
                     del self._waiting[project]
                     self._running[project] = deployment_id
+                    self._cancels[deployment_id] = threading.Event()
                     break
                 self._lock.wait()
         return self.update(deployment_id, state="active", started=time.time())
@@ -1430,6 +1521,7 @@ class DeploymentStore:
         """The worker is done with record's project: let its next one run."""
         with self._lock:
             self._running.pop(record["project"], None)
+            self._cancels.pop(record["id"], None)
             self._lock.notify_all()
         self.prune(record["project"])
 
@@ -1449,7 +1541,7 @@ class DeploymentStore:
             busy = {self._waiting.get(project), self._running.get(project)}
             old = [i for i in ids[:-self.keep] if i not in busy
                    and not self._records[i].get("pruned")
-                   and self._records[i]["state"] not in ("await", "active")]
+                   and self._records[i]["state"] not in UNFINISHED]
         for deployment_id in old:
             record = self.get(deployment_id)
             for suffix in ("", ".image", ".package"):
@@ -1491,6 +1583,79 @@ class DeploymentStore:
                 "running": len(self._running),
                 "durations": summarize(durations),
             }
+
+
+STEP_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class Metrics:
+    """The counters behind /metrics, kept current as records change (the
+    store calls count() with its lock held), so a scrape reads no disk."""
+
+    def __init__(self):
+        self.deployments = {}     # (project, state) -> number
+        self.steps = {}           # step -> [per bucket..., +Inf, sum]
+        self.last_success = {}    # project -> end time of its latest ok
+
+    def count(self, old, new):
+        project = new["project"]
+        if old is not None:
+            self.deployments[(project, old["state"])] -= 1
+        key = (project, new["state"])
+        self.deployments[key] = self.deployments.get(key, 0) + 1
+        for step in new["steps"][len(old["steps"]) if old else 0:]:
+            self._observe(step["step"], step.get("seconds"))
+        if new["state"] == "ok" and new["ended"]:
+            self.last_success[project] = max(new["ended"],
+                                             self.last_success.get(project, 0))
+
+    def _observe(self, step, seconds):
+        if seconds is None:
+            return
+        counts = self.steps.setdefault(step, [0] * (len(STEP_BUCKETS) + 2))
+        for number, bound in enumerate(STEP_BUCKETS):
+            if seconds <= bound:
+                counts[number] += 1
+        counts[-2] += 1
+        counts[-1] += seconds
+
+    def render(self, gauges, counters):
+        """Prometheus text format (version 0.0.4)."""
+        lines = []
+
+        def family(name, kind, text, samples):
+            lines.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
+            for labels, value in samples:
+                label_text = ",".join('%s="%s"' % (key, escape_label(str(v)))
+                                      for key, v in labels)
+                lines.append("%s%s %s\n" % (name, "{%s}" % label_text
+                                            if label_text else "", value))
+        family("ipd_deployments", "gauge", "Deployments by project and state.",
+               [((("project", p), ("state", st)), n)
+                for (p, st), n in sorted(self.deployments.items()) if n])
+        lines.append("# HELP ipd_step_duration_seconds Time control.sh steps "
+                     "took.\n# TYPE ipd_step_duration_seconds histogram\n")
+        for step, counts in sorted(self.steps.items()):
+            for bound, count in zip(STEP_BUCKETS + ("+Inf",), counts):
+                lines.append('ipd_step_duration_seconds_bucket{step="%s",le="%s"} '
+                             '%d\n' % (step, bound, count))
+            lines.append('ipd_step_duration_seconds_sum{step="%s"} %.3f\n'
+                         % (step, counts[-1]))
+            lines.append('ipd_step_duration_seconds_count{step="%s"} %d\n'
+                         % (step, counts[-2]))
+        family("ipd_last_success_timestamp_seconds", "gauge",
+               "When the latest successful deployment of a project ended.",
+               [((("project", p),), "%.3f" % t)
+                for p, t in sorted(self.last_success.items())])
+        for name, (text, value) in sorted(gauges.items()):
+            family(name, "gauge", text, [((), value)])
+        for name, (text, value) in sorted(counters.items()):
+            family(name, "counter", text, [((), value)])
+        return "".join(lines)
+
+
+def escape_label(value):
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def summarize(values):
@@ -1615,14 +1780,20 @@ class DeployWorker:
     def run(self, record):
         """Run the steps of one deployment and record its final state."""
         success = self.settings.SUCCESS_CODE
+        cancel = self.store.cancel_requested(record["id"])
         steps = []
         outcome = None
         with open(self.store.path(record, ".log"), "ab") as log_file:
             for step in ("check", "prepare", "deploy"):
                 if step == "prepare" and steps[0]["code"] == success:
                     continue
-                code, outcome = self.run_step(record, step, log_file)
-                steps.append({"step": step, "code": code})
+                if cancel.is_set():
+                    outcome = "cancelled"
+                    break
+                started = time.monotonic()
+                code, outcome = self.run_step(record, step, log_file, cancel)
+                steps.append({"step": step, "code": code,
+                              "seconds": round(time.monotonic() - started, 3)})
                 self.store.update(record["id"], steps=list(steps))
                 if outcome:
                     break
@@ -1646,9 +1817,10 @@ class DeployWorker:
         })
         return env
 
-    def run_step(self, record, step, log_file):
+    def run_step(self, record, step, log_file, cancel):
         """Run 'control.sh STEP' in its own session; return (code, outcome),
-        where outcome is 'timeout' or 'interrupted' when we had to stop it."""
+        where outcome is 'timeout', 'cancelled' or 'interrupted' when we
+        had to stop it."""
         log_file.flush()
         started = time.monotonic()
         try:
@@ -1671,11 +1843,13 @@ class DeployWorker:
         outcome = None
         while True:
             try:
-                process.wait(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+                process.wait(timeout=min(0.1, max(0.01, deadline - time.monotonic())))
                 break
             except subprocess.TimeoutExpired:
                 if self.kill_event.is_set():
                     outcome = "interrupted"
+                elif cancel.is_set():
+                    outcome = "cancelled"
                 elif time.monotonic() >= deadline:
                     outcome = "timeout"
                 if outcome:
@@ -1804,6 +1978,9 @@ ROUTES = {
     ("GET", "status", 2): ("status", "USER"),
     ("GET", "status", 3): ("status", "USER"),
     ("GET", "log", 3): ("deployment_log", "USER"),
+    ("POST", "cancel", 3): ("cancel", "USER"),
+    ("POST", "redeploy", 3): ("redeploy", "USER"),
+    ("GET", "metrics", 1): ("metrics", "METRICS"),
 }
 
 
@@ -1826,7 +2003,29 @@ class Daemon:
             self.uploads += 1
             self.bytes_received += size
 
-    def deploy_upload(self, project, upload, user):
+    def redeploy(self, earlier, user):
+        """A new deployment from the kept files of an earlier one: the
+        rollback.  Raises Gone when they were pruned."""
+        if earlier["pruned"] or not earlier["files"]:
+            raise Gone("the files of deployment %s were pruned "
+                       "(KEEP_DEPLOYMENTS): upload them again" % earlier["id"])
+        upload = Upload()
+        try:
+            for name, meta in earlier["files"].items():
+                upload.files[name] = KeptFile(self.store.path(earlier, "." + name),
+                                              meta, self.settings.UPLOAD_DIR)
+        except BaseException as error:
+            upload.discard()
+            if isinstance(error, FileNotFoundError):
+                raise Gone("the files of deployment %s are gone" % earlier["id"])
+            raise disk_errors(error)
+        record = self.deploy_upload(earlier["project"], upload, user,
+                                    redeploy_of=earlier["id"])
+        log.info("deployment %s of %s: redeploy of %s by %s", record["id"],
+                 record["project"], earlier["id"], user.name)
+        return record
+
+    def deploy_upload(self, project, upload, user, **extra):
         """Unpack the package, find control.sh, and commit the deployment.
 
         Returns its record; on any error nothing of the upload is left.
@@ -1844,6 +2043,7 @@ class Daemon:
             files = {name: sink.describe() for name, sink in upload.files.items()}
             record = new_record(str(uuid.uuid4()), project, None, user.name,
                                 files, control)
+            record.update(extra)
             if control.startswith(staging + os.sep):
                 record["control"] = os.path.join(store.path(record), "control.sh")
             store.commit(record, staging, {"." + name: sink.path for name, sink
@@ -1932,7 +2132,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route(self, method):
         """Map the request to (bound method, required role, arguments)."""
-        path = urllib.parse.urlsplit(self.path).path
+        path, query = urllib.parse.urlsplit(self.path)[2:4]
+        self.query = urllib.parse.parse_qs(query)
         root = self.ipd.settings.API_ROOT
         if path != root and not path.startswith(root + "/"):
             raise NotFound("not found: the API is under %s/" % root)
@@ -1978,8 +2179,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise Unauthorized("authentication required",
                                {"WWW-Authenticate":
                                 'Basic realm="ipd", charset="UTF-8"'})
-        if role == "ADMIN" and user.role != "ADMIN":
-            raise Forbidden("forbidden: this needs the ADMIN role")
+        if user.role not in ADMITTED[role]:
+            raise Forbidden("forbidden: this needs the %s role"
+                            % " or ".join(ADMITTED[role]))
         return user
 
     def check_project_access(self, project):
@@ -2128,7 +2330,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             data = {"project": project, "deployment": deployment_id, "state": "no"}
             self.answer(404, "no\n", data)
             return
+        wait = self.query_seconds("wait")
+        if wait:
+            record = self.ipd.store.wait_final(record["id"], wait)
         self.answer(200, record["state"] + "\n", public_record(record))
+
+    def query_seconds(self, name, limit=3600):
+        """?name=SECONDS as a number from 0 to limit (0 when absent)."""
+        text = self.query.get(name, ["0"])[-1]
+        try:
+            value = float(text)
+        except ValueError:
+            raise BadRequest("%s must be a number of seconds" % name)
+        if not 0 <= value <= limit:
+            raise BadRequest("%s must be from 0 to %d seconds" % (name, limit))
+        return value
 
     def api_deployment_log(self, project, deployment_id):
         record = self.find_deployment(project, deployment_id)
@@ -2139,27 +2355,122 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except FileNotFoundError:
             file = io.BytesIO()
         with file:
-            if self.wants_json():  # the log in memory: JSON is for small ones
+            if self.query.get("follow", ["0"])[-1] not in ("", "0", "false", "no"):
+                self.follow_log(record, file)
+            elif self.wants_json():  # the log in memory: JSON is for small ones
                 text = file.read().decode("utf-8", "replace")
                 self.answer(200, text, {"project": project,
                                         "deployment": deployment_id,
                                         "state": record["state"], "log": text})
-                return
-            size = file.seek(0, io.SEEK_END)
-            file.seek(0)
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.send_header("Content-Length", str(size))
-            self.end_headers()
-            if self.command == "HEAD":
-                return
-            while size > 0:
-                data = file.read(min(size, CHUNK_SIZE))
-                if not data:  # cannot shrink, but never send a short body
-                    data = b"\n" * size
-                self.wfile.write(data)
-                size -= len(data)
-                self.bytes_sent += len(data)
+            else:
+                self.send_file(file)
+
+    def send_file(self, file):
+        size = file.seek(0, io.SEEK_END)
+        file.seek(0)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        while size > 0:
+            data = file.read(min(size, CHUNK_SIZE))
+            if not data:  # cannot shrink, but never send a short body
+                data = b"\n" * size
+            self.wfile.write(data)
+            size -= len(data)
+            self.bytes_sent += len(data)
+
+    def follow_log(self, record, file):
+        """Stream the log as control.sh writes it, chunked, until the
+        deployment ends; the last line names its final state.  Followers
+        read the log file, never the script: many of them cost it nothing."""
+        chunked = self.request_version == "HTTP/1.1"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")  # nginx: pass it on at once
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        offset = self.query.get("offset", ["0"])[-1]
+        file.seek(int(offset) if offset.isdigit() else 0)
+        last = b"\n"
+        while True:
+            data = file.read(CHUNK_SIZE)
+            if data:
+                self.send_chunk(data, chunked)
+                last = data[-1:]
+                continue
+            current = self.ipd.store.wait_final(record["id"], 0.2)
+            if current["state"] not in UNFINISHED:
+                data = file.read()  # what it printed last
+                if data:
+                    self.send_chunk(data, chunked)
+                    last = data[-1:]
+                break
+        ending = b"" if last == b"\n" else b"\n"
+        self.send_chunk(ending + ("ipd: state: %s\n" % current["state"]).encode(),
+                        chunked)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def send_chunk(self, data, chunked):
+        if chunked:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.wfile.write(data)
+        self.wfile.flush()
+        self.bytes_sent += len(data)
+
+    def api_cancel(self, project, deployment_id):
+        record = self.find_deployment(project, deployment_id)
+        if record is None:
+            raise NotFound("no")
+        self.ipd.store.cancel(record["id"])
+        record = self.ipd.store.wait_final(record["id"],
+                                           self.ipd.settings.KILL_GRACE + 10)
+        log.info("deployment %s of %s: cancel asked by %s", record["id"], project,
+                 self.user.name)
+        self.answer(200, record["state"] + "\n", public_record(record))
+
+    def api_redeploy(self, project, deployment_id):
+        record = self.find_deployment(project, deployment_id)
+        if record is None:
+            raise NotFound("no")
+        new = self.ipd.redeploy(record, self.user)
+        self.answer_deployment(new)
+
+    def api_metrics(self):
+        daemon = self.ipd
+        stats = daemon.store.statistics()
+        with daemon.counter_lock:
+            uploads, received = daemon.uploads, daemon.bytes_received
+        gauges = {
+            "ipd_queue_length": ("Deployments waiting to run.", stats["queue"]),
+            "ipd_running_deployments": ("Deployments whose control.sh runs.",
+                                        stats["running"]),
+            "ipd_start_time_seconds": ("When ipd started.", "%.3f" % daemon.started),
+        }
+        counters = {
+            "ipd_uploads_total": ("Uploads accepted.", uploads),
+            "ipd_upload_bytes_total": ("Bytes of accepted uploads.", received),
+        }
+        with daemon.store.lock:
+            text = daemon.store.metrics.render(gauges, counters)
+        body = text.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+            self.bytes_sent += len(body)
 
     def find_deployment(self, project, deployment_id):
         """The record, or None; names that cannot exist are looked up too
@@ -2190,10 +2501,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             record = self.create_deployment(upload)
         finally:
             upload.discard()
-        self.answer(202, record["id"] + "\n",
+        self.answer_deployment(record)
+
+    def answer_deployment(self, record, status=202):
+        """The answer to an upload or a redeploy: the new deployment's id."""
+        self.answer(status, record["id"] + "\n",
                     {"deployment": record["id"], "project": record["project"],
                      "state": record["state"]},
-                    {"Location": "%s/status/%s/%s" % (settings.API_ROOT,
+                    {"Location": "%s/status/%s/%s" % (self.ipd.settings.API_ROOT,
                                                       record["project"],
                                                       record["id"])})
 
@@ -2234,6 +2549,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not upload.files:
             raise BadRequest("missing form field: give an image, a package, "
                              "or both")
+        check_digests(upload)
         record = self.ipd.deploy_upload(project, upload, self.user)
         log.info("deployment %s of %s uploaded by %s: %s", record["id"], project,
                  self.user.name, ", ".join("%s %s (%d bytes)" % (
@@ -2476,6 +2792,496 @@ def warn_about_users_file(path):
 
 
 ###############################################################################
+# The client ##################################################################
+###############################################################################
+
+# Exit statuses of the client commands, distinct for scripts to tell apart.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NETWORK = 0, 1, 2, 3
+EXIT_FOR_STATUS = {401: 4, 403: 5, 413: 6, 507: 7}
+EXIT_HTTP, EXIT_TIMEOUT = 8, 9
+
+
+class ClientError(Exception):
+    """A one-line reason for stderr, and the exit status it means."""
+
+    def __init__(self, message, exit_status):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class Client:
+    """Talks to ipd's API at IPD_URL (e.g. https://host/deploy)."""
+
+    def __init__(self, url, user, password, cacert=None, timeout=60):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ClientError("IPD_URL must be http(s)://host[:port]/api-root, "
+                              "not %r" % url, EXIT_USAGE)
+        self.url = url.rstrip("/")
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        self.root = parts.path.rstrip("/")
+        self.timeout = timeout
+        token = base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+        self.authorization = "Basic " + token
+        self.context = None
+        if self.scheme == "https":
+            self.context = ssl.create_default_context(cafile=cacert)
+
+    def connection(self, timeout=None):
+        timeout = timeout or self.timeout
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                               context=self.context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def headers(self, **extra):
+        headers = {"Authorization": self.authorization, "Accept": "application/json",
+                   "User-Agent": "ipd/" + __version__}
+        headers.update(extra)
+        return headers
+
+    def request(self, method, path, timeout=None):
+        """-> (status, parsed JSON); raises ClientError for errors."""
+        try:
+            connection = self.connection(timeout)
+            connection.request(method, self.root + path, headers=self.headers())
+            response = connection.getresponse()
+            body = response.read()
+            connection.close()
+        except (OSError, http.client.HTTPException) as error:
+            raise network_error(self.url, error)
+        data = parse_json(body)
+        if response.status >= 400 and not (response.status == 404 and
+                                           data.get("state") == "no"):
+            raise http_error(response.status, data.get("error") or body)
+        return response.status, data
+
+    def text(self, path):
+        """The plain text answer of a GET."""
+        try:
+            connection = self.connection()
+            connection.request("GET", self.root + path,
+                               headers=self.headers(Accept="text/plain"))
+            response = connection.getresponse()
+            body = response.read().decode("utf-8", "replace")
+        except (OSError, http.client.HTTPException) as error:
+            raise network_error(self.url, error)
+        if response.status >= 400:
+            raise http_error(response.status, body)
+        return body
+
+    def follow(self, project, deployment, out, deadline=None):
+        """Print the deployment's log as it is written; return its final
+        state.  A broken stream (a proxy's read timeout) is resumed where
+        it stopped."""
+        offset = 0
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise ClientError("timed out waiting for deployment %s" % deployment,
+                                  EXIT_TIMEOUT)
+            path = "/log/%s/%s?follow=1&offset=%d" % (project, deployment, offset)
+            try:
+                connection = self.connection(min(remaining or 3600, 3600))
+                connection.request("GET", self.root + path,
+                                   headers=self.headers(Accept="text/plain"))
+                response = connection.getresponse()
+                if response.status >= 400:
+                    raise http_error(response.status, response.read())
+                pending, final = b"", None
+                while True:
+                    data = response.read1(65536)
+                    if not data:
+                        break
+                    pending += data
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        if final:  # a script's own "ipd: state:" line
+                            out.write(final[1] + b"\n")
+                            offset += len(final[1]) + 1
+                            final = None
+                        match = re.match(rb"ipd: state: (\S+)\Z", line)
+                        if match:  # the server's last line, if nothing follows
+                            final = (match.group(1).decode(), line)
+                            continue
+                        out.write(line + b"\n")
+                        offset += len(line) + 1
+                    out.flush()
+                if final and not pending:
+                    return final[0]
+            except socket.timeout:
+                raise ClientError("timed out waiting for deployment %s" % deployment,
+                                  EXIT_TIMEOUT)
+            except (OSError, http.client.HTTPException):
+                time.sleep(1)  # resumed from offset below
+
+    def push(self, project, files, progress=None):
+        """Upload files ({field: path}) for project; return the new
+        deployment's id.  Streams from disk with a Content-Length computed
+        ahead; the SHA-256 of each file, computed as it is sent, follows it
+        so that the server refuses a file damaged on the way."""
+        boundary = "ipd-" + secrets.token_hex(16)
+        segments = [field_part(boundary, "project", project)]
+        for name, path in files.items():
+            segments.append(file_part_head(boundary, name, os.path.basename(path)))
+            segments.append((name, path, os.path.getsize(path)))
+            segments.append(("digest", name))
+        segments.append(("--%s--\r\n" % boundary).encode())
+        length = sum(len(seg) if isinstance(seg, bytes) else seg[2] if len(seg) == 3
+                     else len(digest_part(boundary, seg[1], "0" * 64))
+                     for seg in segments)
+        try:
+            connection = self.connection()
+            connection.putrequest("POST", self.root + "/upload")
+            for name, value in self.headers(**{
+                    "Content-Type": "multipart/form-data; boundary=" + boundary,
+                    "Content-Length": str(length), "Expect": "100-continue",
+                    "X-Ipd-Project": project}).items():
+                connection.putheader(name, value)
+            connection.endheaders()
+            early = await_continue(connection)
+            if early:
+                raise http_error(*early)
+            send_segments(connection, segments, boundary, progress)
+            response = connection.getresponse()
+            body = response.read()
+        except ClientError:
+            raise
+        except (OSError, http.client.HTTPException) as error:
+            answer = late_answer(connection)
+            if answer:
+                raise http_error(*answer)
+            raise network_error(self.url, error)
+        data = parse_json(body)
+        if response.status >= 400:
+            raise http_error(response.status, data.get("error") or body)
+        return data["deployment"]
+
+
+def field_part(boundary, name, value):
+    return ('--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+            % (boundary, name, value)).encode()
+
+
+def digest_part(boundary, name, hexdigest):
+    """The end of a file's part, then the field with its SHA-256."""
+    return b"\r\n" + field_part(boundary, name + "_sha256", hexdigest)
+
+
+def file_part_head(boundary, name, filename):
+    filename = filename.replace("\\", "_").replace('"', "_").replace("\r", "_") \
+        .replace("\n", "_")
+    return ('--%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n'
+            'Content-Type: application/octet-stream\r\n\r\n'
+            % (boundary, name, filename)).encode("utf-8")
+
+
+def send_segments(connection, segments, boundary, progress):
+    """Send the multipart body: bytes as they are, files from disk in 1 MiB
+    pieces through one reused buffer, each file's digest after it."""
+    buffer = bytearray(CHUNK_SIZE)
+    view = memoryview(buffer)
+    digests = {}
+    for segment in segments:
+        if isinstance(segment, bytes):
+            connection.send(segment)
+        elif segment[0] == "digest":
+            connection.send(digest_part(boundary, segment[1], digests[segment[1]]))
+        else:
+            name, path, size = segment
+            hasher = hashlib.sha256()
+            with open(path, "rb") as file:
+                while True:
+                    count = file.readinto(buffer)
+                    if not count:
+                        break
+                    hasher.update(view[:count])
+                    connection.send(view[:count])
+                    if progress:
+                        progress.advance(count)
+            digests[name] = hasher.hexdigest()
+    if progress:
+        progress.done()
+
+
+def await_continue(connection, wait=3):
+    """After the headers of an Expect: 100-continue request: None when the
+    body may follow (100 Continue, or no word within wait seconds, as
+    RFC 9110 allows), else (status, body) of the server's early refusal."""
+    sock = connection.sock
+    readable = (getattr(sock, "pending", lambda: 0)() or
+                select.select([sock], [], [], wait)[0])
+    if not readable:
+        return None
+    reader = sock.makefile("rb", buffering=0)
+    status_line = reader.readline(65537)
+    headers = {}
+    while True:
+        line = reader.readline(65537)
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    status = int(status_line.split()[1]) if len(status_line.split()) > 1 else 0
+    if status == 100:
+        return None
+    length = int(headers.get("content-length", "0") or 0)
+    body = reader.read(length) if length else b""
+    return status, parse_json(body).get("error") or body
+
+
+def late_answer(connection):
+    """The server's answer after it stopped reading our body (413, 507...)."""
+    try:
+        response = connection.getresponse()
+        return response.status, parse_json(response.read()).get("error")
+    except Exception:
+        return None
+
+
+def parse_json(body):
+    try:
+        data = json.loads(body.decode("utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return {}
+
+
+def http_error(status, message):
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    message = (str(message).strip().splitlines() or [""])[0]
+    return ClientError("HTTP %d: %s" % (status, message or "error"),
+                       EXIT_FOR_STATUS.get(status, EXIT_HTTP))
+
+
+def network_error(url, error):
+    return ClientError("cannot reach %s: %s" % (url, error), EXIT_NETWORK)
+
+
+class Progress:
+    """A progress bar on stderr: bytes, percent, rate, time left."""
+
+    def __init__(self, total, stream):
+        self.total = max(total, 1)
+        self.stream = stream
+        self.sent = 0
+        self.started = self.shown = time.monotonic()
+
+    def advance(self, count):
+        self.sent += count
+        now = time.monotonic()
+        if now - self.shown >= 0.1:
+            self.shown = now
+            self.show(now)
+
+    def show(self, now):
+        elapsed = max(now - self.started, 1e-6)
+        rate = self.sent / elapsed
+        left = (self.total - self.sent) / rate if rate else 0
+        width = 30
+        filled = int(width * self.sent / self.total)
+        self.stream.write("\r[%s%s] %3d%% %s of %s %s/s %d:%02d left " % (
+            "#" * filled, "." * (width - filled), 100 * self.sent // self.total,
+            human_size(self.sent), human_size(self.total), human_size(rate),
+            left // 60, left % 60))
+        self.stream.flush()
+
+    def done(self):
+        self.show(time.monotonic())
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def human_size(count):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
+        count /= 1024.0
+
+
+def pack_directory(folder):
+    """A directory as a temporary tar.gz (control.sh at its root)."""
+    fd, path = tempfile.mkstemp(prefix="ipd-package-", suffix=".tar.gz")
+    with os.fdopen(fd, "wb") as file, tarfile.open(fileobj=file, mode="w:gz") as tar:
+        for name in sorted(os.listdir(folder)):
+            tar.add(os.path.join(folder, name), name)
+    return path
+
+
+def client_from_args(args):
+    """A Client from --url/--user, else IPD_URL, IPD_USER, IPD_PASSWORD,
+    else ~/.netrc; the password is never taken from the command line."""
+    url = args.url or os.environ.get("IPD_URL")
+    if not url:
+        raise ClientError("set IPD_URL (e.g. https://host/deploy) or --url",
+                          EXIT_USAGE)
+    user = args.user or os.environ.get("IPD_USER") or None
+    password = os.environ.get("IPD_PASSWORD") or None  # empty: not set
+    if password is None or not user:
+        login = netrc_login(urllib.parse.urlsplit(url).hostname or "", user)
+        if login:
+            user, password = login
+    if not user:
+        raise ClientError("set IPD_USER, --user or a ~/.netrc entry", EXIT_USAGE)
+    if password is None:
+        if not sys.stdin.isatty():
+            raise ClientError("set IPD_PASSWORD or a ~/.netrc entry for %s" % user,
+                              EXIT_USAGE)
+        password = getpass.getpass("ipd password for %s: " % user)
+    return Client(url, user, password, args.cacert)
+
+
+def netrc_login(host, user=None):
+    """(login, password) for host from ~/.netrc, or None."""
+    try:
+        entry = netrc.netrc().authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    if entry and (user is None or entry[0] == user):
+        return entry[0], entry[2]
+    return None
+
+
+def wait_for_result(client, project, deployment, timeout):
+    """Follow the log to the end; exit status 0 for ok, 1 otherwise."""
+    deadline = time.monotonic() + timeout if timeout else None
+    out = getattr(sys.stdout, "buffer", sys.stdout)
+    state = client.follow(project, deployment, out, deadline)
+    print("ipd: deployment %s of %s: %s" % (deployment, project, state),
+          file=sys.stderr)
+    return EXIT_OK if state == "ok" else EXIT_FAILED
+
+
+def cmd_push(args):
+    client = client_from_args(args)
+    files, temporary = {}, None
+    if args.image:
+        files["image"] = args.image
+    if args.package:
+        if os.path.isdir(args.package):
+            temporary = files["package"] = pack_directory(args.package)
+        else:
+            files["package"] = args.package
+    if not files:
+        raise ClientError("give --image, --package or both", EXIT_USAGE)
+    for path in files.values():
+        if not os.path.isfile(path):
+            raise ClientError("no such file: %s" % path, EXIT_USAGE)
+    try:
+        total = sum(os.path.getsize(path) for path in files.values())
+        progress = Progress(total, sys.stderr) if sys.stderr.isatty() else None
+        deployment = client.push(args.project, files, progress)
+    finally:
+        if temporary:
+            os.unlink(temporary)
+    print(deployment, flush=True)
+    if args.wait:
+        return wait_for_result(client, args.project, deployment, args.timeout)
+    return EXIT_OK
+
+
+def cmd_status(args):
+    client = client_from_args(args)
+    path = "/status/%s" % args.project + ("/%s" % args.deployment
+                                          if args.deployment else "")
+    if args.wait:
+        path += "?wait=%g" % args.wait
+    _, data = client.request("GET", path, timeout=(args.wait or 0) + 60)
+    print(data.get("state"))
+    return EXIT_OK if data.get("state") in ("ok", "await", "active") else EXIT_FAILED
+
+
+def cmd_logs(args):
+    client = client_from_args(args)
+    if args.follow:
+        return wait_for_result(client, args.project, args.deployment, args.timeout)
+    sys.stdout.write(client.text("/log/%s/%s" % (args.project, args.deployment)))
+    return EXIT_OK
+
+
+def cmd_list(args):
+    sys.stdout.write(client_from_args(args).text("/list"))
+    return EXIT_OK
+
+
+def cmd_info(args):
+    sys.stdout.write(client_from_args(args).text("/info"))
+    return EXIT_OK
+
+
+def cmd_cancel(args):
+    client = client_from_args(args)
+    _, data = client.request("POST", "/cancel/%s/%s" % (args.project,
+                                                        args.deployment))
+    print(data.get("state"))
+    return EXIT_OK
+
+
+def cmd_redeploy(args):
+    client = client_from_args(args)
+    _, data = client.request("POST", "/redeploy/%s/%s" % (args.project,
+                                                          args.deployment))
+    print(data["deployment"], flush=True)
+    if args.wait:
+        return wait_for_result(client, args.project, data["deployment"],
+                               args.timeout)
+    return EXIT_OK
+
+
+def add_client_commands(commands):
+    """push, status, logs, list, info, cancel, redeploy: the API from a
+    terminal or a CI job."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="the API's base (default: $IPD_URL), "
+                        "e.g. https://host/deploy")
+    common.add_argument("--user", help="default: $IPD_USER or ~/.netrc; the "
+                        "password comes from $IPD_PASSWORD, ~/.netrc or a prompt")
+    common.add_argument("--cacert", help="CA certificate file for https")
+    waiting = argparse.ArgumentParser(add_help=False)
+    waiting.add_argument("--wait", action="store_true", help="follow the log "
+                         "to the end; exit 0 only when the deployment is ok")
+    waiting.add_argument("--timeout", type=float, default=0,
+                         help="give up waiting after this many seconds")
+    push = commands.add_parser("push", parents=[common, waiting],
+                               help="upload an image and/or package")
+    push.add_argument("--project", required=True)
+    push.add_argument("--image", help="image file, e.g. from docker save")
+    push.add_argument("--package", help="package archive, or a directory "
+                      "packed as tar.gz")
+    push.set_defaults(func=cmd_push)
+    status = commands.add_parser("status", parents=[common],
+                                 help="state of a deployment")
+    status.add_argument("project")
+    status.add_argument("deployment", nargs="?")
+    status.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="answer when it ends, or after SECONDS")
+    status.set_defaults(func=cmd_status)
+    logs = commands.add_parser("logs", parents=[common], help="what control.sh "
+                               "printed")
+    logs.add_argument("project")
+    logs.add_argument("deployment")
+    logs.add_argument("-f", "--follow", action="store_true")
+    logs.add_argument("--timeout", type=float, default=0)
+    logs.set_defaults(func=cmd_logs)
+    for name, func, text in (("list", cmd_list, "the projects"),
+                             ("info", cmd_info, "each project's latest deployment")):
+        command = commands.add_parser(name, parents=[common], help=text)
+        command.set_defaults(func=func)
+    cancel = commands.add_parser("cancel", parents=[common],
+                                 help="stop a waiting or running deployment")
+    cancel.add_argument("project")
+    cancel.add_argument("deployment")
+    cancel.set_defaults(func=cmd_cancel)
+    redeploy = commands.add_parser("redeploy", parents=[common, waiting],
+                                   help="deploy the kept files of an earlier "
+                                   "deployment again: a rollback")
+    redeploy.add_argument("project")
+    redeploy.add_argument("deployment")
+    redeploy.set_defaults(func=cmd_redeploy)
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -2576,6 +3382,7 @@ def build_parser():
     passwd.set_defaults(func=cmd_passwd)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
+    add_client_commands(commands)
     return parser
 
 
@@ -2588,6 +3395,11 @@ def main(argv=None):
         args = parser.parse_args(argv + ["serve"])
     try:
         return args.func(args)
+    except ClientError as error:
+        print("ipd: %s" % error, file=sys.stderr)
+        return error.exit_status
+    except KeyboardInterrupt:
+        return 130
     except ConfigError as error:
         print("ipd: %s" % error, file=sys.stderr)
         return 2

@@ -1452,6 +1452,332 @@ class DiskFullTests(unittest.TestCase):
 
 
 ###############################################################################
+# Steering deployments, and the CI client #####################################
+###############################################################################
+
+def gate_script(gate, before="", after=""):
+    """control.sh whose deploy step waits for the file gate."""
+    return ('[ "$1" = deploy ] || exit 1\n%s\n'
+            'while [ ! -e %s ]; do sleep 0.02; done\n%s\nexit 1\n'
+            % (before, gate, after))
+
+
+class SteeringTests(DaemonTestCase):
+    settings = {"KEEP_DEPLOYMENTS": "2", "KILL_GRACE": "1"}
+
+    def test_status_wait_answers_as_soon_as_it_ends(self):
+        deployment = self.daemon.deploy('[ "$1" = deploy ] && sleep 0.5; exit 1')
+        started = time.monotonic()
+        status, _, body = self.daemon.get("/status/app/%s?wait=20" % deployment)
+        elapsed = time.monotonic() - started
+        self.assertEqual((status, body), (200, "ok\n"))
+        self.assertLess(elapsed, 5)
+        gate = os.path.join(self.tmp, "gate")
+        slow = self.daemon.deploy(gate_script(gate))
+        started = time.monotonic()
+        self.assertEqual(self.daemon.get("/status/app/%s?wait=0.5" % slow)[2], "active\n")
+        self.assertGreaterEqual(time.monotonic() - started, 0.5)
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.get("/status/app?wait=20")[2], "ok\n")
+        self.assertEqual(self.daemon.get("/status/app?wait=x")[0], 400)
+
+    def test_follow_streams_lines_before_the_script_ends(self):
+        gate = os.path.join(self.tmp, "gate")
+        deployment = self.daemon.deploy(gate_script(gate, 'echo "first line"',
+                                                    'echo "last line"'))
+        connection = self.daemon.connection()
+        connection.request("GET", "/deploy/log/app/%s?follow=1" % deployment,
+                           headers={"Authorization": "Basic " + base64.b64encode(
+                               b"admin:admin-pw").decode()})
+        response = connection.getresponse()
+        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        self.assertEqual(response.readline(), b"first line\n")
+        self.assertEqual(self.daemon.state("app", deployment), "active")
+        followers = [self.daemon.connection() for _ in range(5)]
+        for other in followers:
+            other.request("GET", "/deploy/log/app/%s?follow=1" % deployment,
+                          headers={"Authorization": "Basic " + base64.b64encode(
+                              b"admin:admin-pw").decode()})
+        open(gate, "w").close()
+        self.assertEqual(response.read(), b"last line\nipd: state: ok\n")
+        for other in followers:
+            self.assertEqual(other.getresponse().read(),
+                             b"first line\nlast line\nipd: state: ok\n")
+            other.close()
+        connection.close()
+
+    def test_cancel_a_waiting_and_a_running_deployment(self):
+        gate = os.path.join(self.tmp, "gate")
+        pid_file = os.path.join(self.tmp, "child")
+        running = self.daemon.deploy(gate_script(
+            gate, "sleep 300 & echo $! > %s" % pid_file))
+        self.wait_for_file(pid_file)
+        waiting = self.daemon.deploy()
+        status, _, body = self.daemon.request("POST", "/cancel/app/" + waiting)
+        self.assertEqual((status, body), (200, "cancelled\n"))
+        status, _, body = self.daemon.request("POST", "/cancel/app/" + running)
+        self.assertEqual((status, body), (200, "cancelled\n"))
+        self.assertFalse(process_running(int(open(pid_file).read())))
+        self.assertEqual(self.daemon.log("app", waiting), "")
+        status, _, body = self.daemon.request("POST", "/cancel/app/" + running)
+        self.assertEqual(status, 409)
+        self.assertEqual(self.daemon.request("POST", "/cancel/app/" + str(uuid.uuid4()))[0],
+                         404)
+        self.daemon.restart()
+        self.assertEqual(self.daemon.state("app", waiting), "cancelled")
+        self.assertEqual(self.daemon.state("app", running), "cancelled")
+
+    def test_redeploy_runs_the_files_again_and_410_once_pruned(self):
+        first = self.daemon.deploy('[ "$1" = deploy ] && cat version.txt; exit 1')
+        self.daemon.wait_state("app", first)
+        package = tar_bytes({"control.sh": (b"#!/bin/sh\n[ \"$1\" = deploy ] && "
+                                            b"cat version.txt; exit 1\n", 0o755),
+                             "version.txt": b"v1\n"})
+        v1 = self.daemon.upload("app", package, image=b"image one")[2].strip()
+        self.daemon.wait_state("app", v1)
+        v2 = self.daemon.deploy("exit 1")
+        self.daemon.wait_state("app", v2)
+        status, headers, body = self.daemon.request("POST", "/redeploy/app/" + v1)
+        self.assertEqual(status, 202, body)
+        again = body.strip()
+        self.assertEqual(self.daemon.wait_state("app", again), "ok")
+        self.assertEqual(self.daemon.log("app", again), "v1\n")
+        data = self.daemon.get_json("/status/app/" + again)[1]
+        self.assertEqual(data["files"]["image"]["sha256"],
+                         hashlib.sha256(b"image one").hexdigest())
+        self.assertEqual(self.daemon.state("app", first), "ok")
+        status, _, body = self.daemon.request("POST", "/redeploy/app/" + first)
+        self.assertEqual(status, 410, body)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_digests_checked_and_recorded(self):
+        package = control_script(OK_SCRIPT)
+        good = hashlib.sha256(package).hexdigest()
+        status, _, body = self.daemon.upload("app", package, extra=[
+            ("package_sha256", good.upper())])
+        self.assertEqual(status, 202, body)
+        for extra, reason in (([("package_sha256", "0" * 64)], "does not match"),
+                              ([("package_sha256", "nothex")], "64 hex"),
+                              ([("image_sha256", good)], "without an image")):
+            status, _, body = self.daemon.upload("app", package, extra=extra)
+            self.assertEqual(status, 400)
+            self.assertIn(reason, body)
+        self.assertEqual(self.daemon.leftovers(), [])
+        info = self.daemon.get_json("/status/app/" + self.daemon.get(
+            "/status/app")[2].strip() if False else "/status/app")[1]
+        self.assertEqual(info["files"]["package"]["sha256"], good)
+        self.assertEqual(info["user"], "admin")
+
+    def test_metrics_in_prometheus_text_format(self):
+        self.daemon.wait_state("app", self.daemon.deploy())
+        self.daemon.wait_state("app", self.daemon.deploy("exit 4"))
+        status, headers, body = self.daemon.get("/metrics")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["Content-Type"].startswith("text/plain; version=0.0.4"))
+        samples, types = parse_prometheus(body)
+        self.assertEqual(samples[("ipd_deployments", (("project", "app"), ("state", "ok")))], 1)
+        self.assertEqual(samples[("ipd_deployments", (("project", "app"), ("state", "4")))], 1)
+        self.assertEqual(samples[("ipd_step_duration_seconds_count", (("step", "check"),))], 2)
+        self.assertEqual(samples[("ipd_step_duration_seconds_bucket",
+                                  (("le", "+Inf"), ("step", "deploy")))], 1)
+        self.assertEqual(samples[("ipd_uploads_total", ())], 2)
+        self.assertEqual(samples[("ipd_queue_length", ())], 0)
+        self.assertIn(("ipd_last_success_timestamp_seconds", (("project", "app"),)), samples)
+        self.assertEqual(types["ipd_step_duration_seconds"], "histogram")
+        self.assertEqual(self.daemon.get("/metrics", user="dev")[0], 403)
+        with open(self.daemon.users_file, "a") as file:
+            file.write("METRICS:scraper:%s\n" % sha256_hex("scrape-pw"))
+        self.assertEqual(self.daemon.get("/metrics", user="scraper:scrape-pw")[0], 200)
+        self.assertEqual(self.daemon.get("/status/app", user="scraper:scrape-pw")[0], 403)
+
+
+def parse_prometheus(text):
+    """Prometheus text format -> ({(name, sorted labels): value}, {name: type});
+    raises on any line that is not of the format."""
+    samples, types = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            types[name] = kind
+            continue
+        if line.startswith("#") or not line:
+            continue
+        match = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)', line)
+        if not match:
+            raise AssertionError("not Prometheus text: %r" % line)
+        labels = tuple(sorted(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or "")))
+        samples[(match.group(1), labels)] = float(match.group(3))
+    return samples, types
+
+
+class ClientTests(DaemonTestCase):
+    """python3 ipd.py push / status / logs / ..., as a CI job runs them."""
+
+    def client(self, *args, env=None, stderr=subprocess.PIPE, timeout=120):
+        environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port,
+                       IPD_USER="admin", IPD_PASSWORD="admin-pw", HOME=self.tmp)
+        environ.update(env or {})
+        return subprocess.run([sys.executable, IPD] + list(args), env=environ,
+                              stdout=subprocess.PIPE, stderr=stderr,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+
+    def write(self, name, data):
+        path = os.path.join(self.tmp, name)
+        with open(path, "wb") as file:
+            file.write(data)
+        return path
+
+    def test_push_and_wait_ok_and_failing(self):
+        package = self.write("ok.tgz", control_script('echo "deploying $1"; exit 1'))
+        result = self.client("push", "--project", "app", "--package", package,
+                             "--image", self.write("img", b"IMAGE"), "--wait")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        deployment, *log = result.stdout.decode().splitlines()
+        self.assertEqual(log, ["deploying check", "deploying deploy"])
+        self.assertIn("%s of app: ok" % deployment, result.stderr.decode())
+        self.assertEqual(self.daemon.state("app", deployment), "ok")
+        failing = self.write("bad.tgz", control_script('[ "$1" = deploy ] && exit 9; exit 1'))
+        result = self.client("push", "--project", "app", "--package", failing, "--wait")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(": 9", result.stderr.decode())
+
+    def test_push_a_directory(self):
+        folder = os.path.join(self.tmp, "site")
+        os.makedirs(os.path.join(folder, "www"))
+        with open(os.path.join(folder, "control.sh"), "w") as file:
+            file.write('#!/bin/sh\n[ "$1" = deploy ] && cat www/index.html; exit 1\n')
+        os.chmod(os.path.join(folder, "control.sh"), 0o755)
+        with open(os.path.join(folder, "www", "index.html"), "w") as file:
+            file.write("hello from a folder\n")
+        result = self.client("push", "--project", "site", "--package", folder, "--wait")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(b"hello from a folder", result.stdout)
+
+    def test_errors_are_one_line_with_distinct_exit_codes(self):
+        package = self.write("p.tgz", control_script(OK_SCRIPT))
+        cases = [
+            ({"IPD_PASSWORD": "wrong"}, 4, "HTTP 401"),
+            ({"IPD_USER": "dev", "IPD_PASSWORD": "dev-pw"}, 0, None),
+            ({"IPD_URL": "http://127.0.0.1:1/deploy"}, 3, "cannot reach"),
+            ({"IPD_URL": "ftp://x"}, 2, "IPD_URL"),
+        ]
+        for env, code, text in cases:
+            with self.subTest(env=env):
+                result = self.client("push", "--project", "app", "--package", package,
+                                     env=env)
+                self.assertEqual(result.returncode, code, result.stderr)
+                if text:
+                    stderr = result.stderr.decode()
+                    self.assertIn(text, stderr)
+                    self.assertEqual(len(stderr.strip().splitlines()), 1, stderr)
+                    self.assertNotIn("Traceback", stderr)
+        result = self.client("list", env={"IPD_USER": "dev", "IPD_PASSWORD": "dev-pw"})
+        self.assertEqual(result.returncode, 5)
+        result = self.client("push", "--project", "a/b", "--package", package)
+        self.assertEqual(result.returncode, 8)
+        self.assertIn("HTTP 400: bad project name", result.stderr.decode())
+
+    def test_netrc_and_no_password_on_the_command_line(self):
+        with open(os.path.join(self.tmp, ".netrc"), "w") as file:
+            file.write("machine 127.0.0.1 login admin password admin-pw\n")
+        os.chmod(os.path.join(self.tmp, ".netrc"), 0o600)
+        result = self.client("list", env={"IPD_USER": "", "IPD_PASSWORD": ""})
+        self.assertEqual((result.returncode, result.stdout), (0, b""))  # empty: unset
+        os.unlink(os.path.join(self.tmp, ".netrc"))
+        result = self.client("list", env={"IPD_PASSWORD": ""})
+        self.assertEqual(result.returncode, 2)
+        self.assertIn(b"set IPD_PASSWORD or a ~/.netrc entry", result.stderr)
+        with open(os.path.join(self.tmp, ".netrc"), "w") as file:
+            file.write("machine 127.0.0.1 login admin password admin-pw\n")
+        os.chmod(os.path.join(self.tmp, ".netrc"), 0o600)
+        environ = {k: v for k, v in os.environ.items() if k not in ("IPD_USER",
+                                                                    "IPD_PASSWORD")}
+        environ.update(IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port,
+                       HOME=self.tmp)
+        result = subprocess.run([sys.executable, IPD, "list"], env=environ,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        result = subprocess.run([sys.executable, IPD, "push", "--password", "x"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(result.returncode, 2)  # there is no such option
+
+    def test_status_logs_info_cancel_redeploy_commands(self):
+        gate = os.path.join(self.tmp, "gate")
+        package = self.write("p.tgz", control_script(gate_script(gate, "echo start")))
+        first = self.client("push", "--project", "app", "--package", package
+                            ).stdout.decode().strip()
+        self.daemon.wait_state("app", first, ["active"])
+        result = self.client("status", "app", first, "--wait", "0.2")
+        self.assertEqual((result.returncode, result.stdout), (0, b"active\n"))
+        result = self.client("cancel", "app", first)
+        self.assertEqual(result.stdout, b"cancelled\n")
+        result = self.client("logs", "app", first)
+        self.assertEqual(result.stdout, b"start\n")
+        result = self.client("status", "app", first)
+        self.assertEqual((result.returncode, result.stdout), (1, b"cancelled\n"))
+        open(gate, "w").close()
+        result = self.client("redeploy", "app", first, "--wait")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        again = result.stdout.decode().splitlines()[0]
+        self.assertEqual(self.daemon.state("app", again), "ok")
+        self.assertIn(b"app " + again.encode() + b" ok", self.client("info").stdout)
+        self.assertEqual(self.client("list").stdout, b"app\n")
+        result = self.client("logs", "-f", "app", again)
+        self.assertEqual(result.stdout, b"start\n")
+        self.assertEqual(result.returncode, 0)
+
+    def test_progress_bar_only_on_a_terminal(self):
+        import pty
+        image = self.write("img", os.urandom(8 << 20))
+        package = self.write("p.tgz", control_script(OK_SCRIPT))
+        result = self.client("push", "--project", "app", "--image", image,
+                             "--package", package)
+        self.assertEqual(result.stderr, b"")
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        result = self.client("push", "--project", "app", "--image", image,
+                             "--package", package, stderr=slave)
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            shown += data
+        self.assertEqual(result.returncode, 0)
+        self.assertIn(b"100%", shown)
+        self.assertIn(b"MiB/s", shown)
+        self.assertIn(b"left", shown)
+
+    def test_push_of_1_gib_in_flat_client_memory(self):
+        image = os.path.join(self.tmp, "big.img")
+        with open(image, "wb") as file:
+            file.truncate(1 << 30)  # sparse: a GiB of zeros, no disk
+        package = self.write("p.tgz", control_script(OK_SCRIPT))
+        code = ("import resource, sys; sys.argv[0] = %r; sys.path.insert(0, %r);"
+                "import ipd; status = ipd.main(sys.argv[1:]);"
+                "sys.stderr.write('maxrss %%d\\n' %% resource.getrusage("
+                "resource.RUSAGE_SELF).ru_maxrss); sys.exit(status)" % (IPD, HERE))
+        environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port,
+                       IPD_USER="admin", IPD_PASSWORD="admin-pw")
+        result = subprocess.run([sys.executable, "-c", code, "push", "--project", "app",
+                                 "--image", image, "--package", package, "--wait"],
+                                env=environ, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr[-500:])
+        peak_kib = int(re.search(rb"maxrss (\d+)", result.stderr).group(1))
+        report("push of 1 GiB: client peak RSS %d KiB" % peak_kib)
+        self.assertLess(peak_kib, 64 * 1024)
+        deployment = result.stdout.decode().splitlines()[0]
+        data = self.daemon.get_json("/status/app/" + deployment)[1]
+        self.assertEqual(data["files"]["image"]["size"], 1 << 30)
+
+
+###############################################################################
 # Guarantees: tests that attack ipd and count ################################
 ###############################################################################
 
