@@ -35,6 +35,7 @@ __version__ = "1.0.0"
 import argparse
 import base64
 import binascii
+import calendar
 import errno
 import getpass
 import hashlib
@@ -61,6 +62,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 import zipfile
 
@@ -100,6 +102,10 @@ SETTINGS = {
     "MAX_CONNECTIONS": ("512", "count", "open connections; more get 503"),
     "PASS_ENV": ("", "names",
                  "daemon environment variables passed on to control.sh"),
+    "NOTIFY_URL": ("", "url", "where a JSON summary of each ended deployment "
+                   "is POSTed; empty for none"),
+    "NOTIFY_TIMEOUT": ("30", "seconds", "time limit of notify.sh and of each "
+                       "NOTIFY_URL attempt"),
 }
 
 # A deployment is "await" or "active" until it ends in a final state: ok,
@@ -156,6 +162,10 @@ def parse_setting(kind, text):
         return names
     if kind == "address":
         return parse_listen(text)
+    if kind == "url":
+        if text and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
+            raise ValueError("must be an http:// or https:// URL")
+        return text
     if kind == "root":
         if not text.startswith("/") or re.search(r"[\s?#%]", text):
             raise ValueError("must be a URL path starting with /")
@@ -330,6 +340,15 @@ DEPLOYMENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-"
                            r"[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 log = logging.getLogger("ipd")
+audit = logging.getLogger("ipd.audit")  # LOG_DIR/audit.log, JSON lines
+
+
+def audit_event(event, **fields):
+    """Append one event to the audit log: who did what to which deployment.
+    Never a password."""
+    now = time.time()
+    audit.info("%s", json.dumps(dict({"time": iso_time(now), "ts": round(now, 3),
+                                      "event": event}, **fields), sort_keys=True))
 
 
 def is_project_name(name):
@@ -963,7 +982,7 @@ class FieldSink:
 
 
 UPLOAD_FILE_FIELDS = ("image", "package")
-UPLOAD_TEXT_FIELDS = ("project", "image_sha256", "package_sha256")
+UPLOAD_TEXT_FIELDS = ("project", "image_sha256", "package_sha256", "force")
 
 
 class Upload:
@@ -1019,6 +1038,43 @@ def receive_upload(body, boundary, folder, on_field=None):
         raise
 
 
+def parse_since(text):
+    """?since= as seconds since the epoch: a number, or ISO 8601 UTC."""
+    if not text:
+        return 0.0
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    match = re.fullmatch(r"(\d{4})-(\d\d)-(\d\d)(?:[T ](\d\d):(\d\d)(?::(\d\d))?"
+                         r"(?:\.\d+)?)?Z?", text)
+    if not match:
+        raise BadRequest("since must be seconds since the epoch or "
+                         "YYYY-MM-DDTHH:MM:SSZ")
+    parts = [int(p or 0) for p in match.groups()]
+    return float(calendar.timegm(tuple(parts) + (0, 0, 0)))
+
+
+def read_audit(path, project=None, since=0.0):
+    """The events of the audit log at path, filtered."""
+    events = []
+    try:
+        with open(path, encoding="utf-8") as file:
+            for line in file:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("ts", 0) < since:
+                    continue
+                if project and event.get("project") != project:
+                    continue
+                events.append(event)
+    except FileNotFoundError:
+        pass
+    return events
+
+
 def check_digests(upload):
     """Compare image_sha256 / package_sha256, where given, with the SHA-256
     of the files as received.  Raises BadRequest."""
@@ -1054,7 +1110,7 @@ def open_sink(upload, headers, folder):
     if name in UPLOAD_TEXT_FIELDS:
         return FieldSink(name)
     raise BadRequest("unknown form field %r: expected project, image, package, "
-                     "image_sha256, package_sha256" % name)
+                     "image_sha256, package_sha256, force" % name)
 
 
 ###############################################################################
@@ -1298,6 +1354,7 @@ class DeploymentStore:
         self._durations = []      # seconds of finished deployments
         self._cancels = {}        # id of a running deployment -> Event
         self.metrics = Metrics()
+        self.on_final = None      # called with each record that ends
 
     # --- paths
 
@@ -1445,10 +1502,14 @@ class DeploymentStore:
                 self._records[deployment_id] = new
                 self._count_state(old, new)
                 self._lock.notify_all()  # wakes wait_final() and followers
-                if new["state"] != old["state"]:
-                    log.info("deployment %s of %s: %s -> %s", new["id"],
-                             new["project"], old["state"], new["state"])
-                return dict(new)
+            if new["state"] != old["state"]:
+                log.info("deployment %s of %s: %s -> %s", new["id"],
+                         new["project"], old["state"], new["state"])
+                audit_event("state", project=new["project"], deployment=new["id"],
+                            previous=old["state"], state=new["state"])
+                if new["state"] not in UNFINISHED and self.on_final:
+                    self.on_final(dict(new))
+            return dict(new)
 
     def wait_final(self, deployment_id, timeout):
         """Wait up to timeout seconds for the deployment to end; return a
@@ -1478,6 +1539,18 @@ class DeploymentStore:
                 raise Conflict("deployment %s has ended already: %s"
                                % (deployment_id, record["state"]))
         return self.update(deployment_id, state="cancelled", ended=time.time())
+
+    def unfinished_with(self, project, digests):
+        """The waiting or running deployment of project whose files have
+        these SHA-256s ({field: hex}), or None."""
+        with self._lock:
+            for deployment_id in (self._waiting.get(project),
+                                  self._running.get(project)):
+                record = self._records.get(deployment_id)
+                if record and record["state"] in UNFINISHED and digests == {
+                        name: meta["sha256"] for name, meta in record["files"].items()}:
+                    return dict(record)
+        return None
 
     def cancel_requested(self, deployment_id):
         """The Event the worker watches while deployment_id runs."""
@@ -1868,6 +1941,73 @@ class DeployWorker:
         return code, outcome
 
 
+class Notifier:
+    """Tells others that a deployment ended: UPLOAD_DIR/$PROJECT/notify.sh,
+    where an administrator placed one, and a POST of a JSON summary to
+    NOTIFY_URL.  Each runs in a thread of its own with a time limit: a slow
+    or failing notifier is logged, and never holds up the queue."""
+
+    ATTEMPTS = 3
+
+    def __init__(self, settings, store, environment):
+        self.settings = settings
+        self.store = store
+        self.environment = environment
+
+    def deployment_ended(self, record):
+        threading.Thread(target=self._notify, args=(record,), name="notify",
+                         daemon=True).start()
+
+    def _notify(self, record):
+        try:
+            script = os.path.join(self.store.project_dir(record["project"]),
+                                  "notify.sh")
+            if os.path.isfile(script) and os.access(script, os.X_OK):
+                self.run_script(script, record)
+            if self.settings.NOTIFY_URL:
+                self.post(record)
+        except Exception:
+            log.exception("notifying the end of deployment %s failed", record["id"])
+
+    def run_script(self, script, record):
+        """notify.sh, with control.sh's environment plus STATE."""
+        env = dict(self.environment(record), STATE=record["state"])
+        process = subprocess.Popen([script], cwd=os.path.dirname(script), env=env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            output, _ = process.communicate(timeout=self.settings.NOTIFY_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            stop_process_group(process, self.settings.KILL_GRACE)
+            output, _ = process.communicate()
+            log.warning("notify.sh of %s ran over NOTIFY_TIMEOUT and was stopped",
+                        record["project"])
+        text = output[-1000:].decode("utf-8", "replace").strip().replace("\n", " | ")
+        log.info("notify.sh of %s for %s (%s) exited %d: %s", record["project"],
+                 record["id"], record["state"], process.returncode, text)
+
+    def post(self, record):
+        """POST the summary to NOTIFY_URL; retried with a growing pause."""
+        body = json.dumps(dict(public_record(record), event="deployment_ended"),
+                          sort_keys=True).encode()
+        for attempt in range(self.ATTEMPTS):
+            request = urllib.request.Request(
+                self.settings.NOTIFY_URL, data=body, method="POST",
+                headers={"Content-Type": "application/json",
+                         "User-Agent": "ipd/" + __version__})
+            try:
+                with urllib.request.urlopen(request,
+                                            timeout=self.settings.NOTIFY_TIMEOUT):
+                    log.info("NOTIFY_URL told: %s of %s is %s", record["id"],
+                             record["project"], record["state"])
+                    return
+            except (OSError, http.client.HTTPException) as error:
+                problem = error
+            time.sleep(2 ** attempt)
+        log.warning("NOTIFY_URL failed %d times for %s: %s", self.ATTEMPTS,
+                    record["id"], problem)
+
+
 def stop_process_group(process, grace):
     """SIGTERM the process group of process, SIGKILL what is left after
     grace seconds, and reap process."""
@@ -1981,6 +2121,7 @@ ROUTES = {
     ("POST", "cancel", 3): ("cancel", "USER"),
     ("POST", "redeploy", 3): ("redeploy", "USER"),
     ("GET", "metrics", 1): ("metrics", "METRICS"),
+    ("GET", "audit", 1): ("audit", "ADMIN"),
 }
 
 
@@ -1993,6 +2134,8 @@ class Daemon:
         self.login_throttle = LoginThrottle()
         self.store = DeploymentStore(settings.UPLOAD_DIR, settings.KEEP_DEPLOYMENTS)
         self.worker = DeployWorker(settings, self.store)
+        self.notifier = Notifier(settings, self.store, self.worker.environment)
+        self.store.on_final = self.notifier.deployment_ended
         self.started = time.time()
         self.counter_lock = threading.Lock()
         self.uploads = 0
@@ -2175,6 +2318,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if user is None:
                 self.ipd.login_throttle.failed(address)
                 log.warning("failed login as %r from %s", name[:64], address)
+                audit_event("login_refused", user=name[:64], address=address,
+                            path=self.path[:200])
         if user is None:
             raise Unauthorized("authentication required",
                                {"WWW-Authenticate":
@@ -2437,6 +2582,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                            self.ipd.settings.KILL_GRACE + 10)
         log.info("deployment %s of %s: cancel asked by %s", record["id"], project,
                  self.user.name)
+        audit_event("cancel", project=project, deployment=record["id"],
+                    user=self.user.name, address=self.client_ip())
         self.answer(200, record["state"] + "\n", public_record(record))
 
     def api_redeploy(self, project, deployment_id):
@@ -2444,7 +2591,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if record is None:
             raise NotFound("no")
         new = self.ipd.redeploy(record, self.user)
+        audit_event("redeploy", project=project, deployment=new["id"],
+                    redeploy_of=record["id"], user=self.user.name,
+                    address=self.client_ip(), files=new["files"])
         self.answer_deployment(new)
+
+    def api_audit(self):
+        """GET /audit?project=P&since=T: the audit log's events, oldest first
+        (T: seconds since the epoch, or ISO 8601 like 2026-11-25T10:00:00Z)."""
+        project = self.query.get("project", [None])[-1]
+        since = parse_since(self.query.get("since", [""])[-1])
+        events = read_audit(os.path.join(self.ipd.settings.LOG_DIR, "audit.log"),
+                            project, since)
+        self.answer(200, "".join(json.dumps(e, sort_keys=True) + "\n" for e in events),
+                    {"events": events})
 
     def api_metrics(self):
         daemon = self.ipd
@@ -2484,6 +2644,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         settings = self.ipd.settings
         body = self.open_body(settings.MAX_UPLOAD_SIZE)
         boundary = self.multipart_boundary()
+        # The project may be named before the body (?project= or the
+        # X-Ipd-Project header): a refused push then sends no file bytes.
+        self.announced_project = self.query.get("project", [None])[-1] or \
+            self.headers.get("X-Ipd-Project")
+        if self.announced_project is not None:
+            self.check_field("project", self.announced_project)
         if self.expects_continue:
             self.send_response_only(100)
             self.end_headers()
@@ -2498,10 +2664,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body_read = body.received
         self.ipd.count_upload(body.received)
         try:
-            record = self.create_deployment(upload)
+            record, created = self.create_deployment(upload)
         finally:
             upload.discard()
-        self.answer_deployment(record)
+        self.answer_deployment(record, 202 if created else 200)
 
     def answer_deployment(self, record, status=202):
         """The answer to an upload or a redeploy: the new deployment's id."""
@@ -2540,22 +2706,42 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if name == "project":
             check_project_name(value)
             self.check_project_access(value)
+            announced = getattr(self, "announced_project", None)
+            if announced is not None and value != announced:
+                raise BadRequest("the project field (%s) differs from the project "
+                                 "named before the body (%s)" % (value, announced))
 
     def create_deployment(self, upload):
-        """Turn a complete Upload into a waiting deployment, all or nothing."""
-        project = upload.fields.get("project")
+        """Turn a complete Upload into a waiting deployment, all or nothing.
+
+        Returns (record, True); or (the earlier record, False) when the same
+        files for the same project still wait or run (a retried push), unless
+        the form says force=1.
+        """
+        project = upload.fields.get("project") or self.announced_project
         if project is None:
             raise BadRequest("missing form field 'project'")
         if not upload.files:
             raise BadRequest("missing form field: give an image, a package, "
                              "or both")
         check_digests(upload)
+        digests = {name: sink.describe()["sha256"] for name, sink
+                   in upload.files.items()}
+        if upload.fields.get("force", "0") not in ("1", "true", "yes"):
+            earlier = self.ipd.store.unfinished_with(project, digests)
+            if earlier:
+                log.info("deployment %s of %s: the same files again, from %s; "
+                         "not queued twice", earlier["id"], project, self.user.name)
+                return earlier, False
         record = self.ipd.deploy_upload(project, upload, self.user)
         log.info("deployment %s of %s uploaded by %s: %s", record["id"], project,
                  self.user.name, ", ".join("%s %s (%d bytes)" % (
                      name, meta["name"], meta["size"])
                      for name, meta in record["files"].items()))
-        return record
+        audit_event("upload", project=project, deployment=record["id"],
+                    user=self.user.name, address=self.client_ip(),
+                    files=record["files"])
+        return record, True
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -2680,6 +2866,11 @@ def setup_logging(log_dir, also_stderr=False):
         log.addHandler(console)
     log.setLevel(logging.INFO)
     log.propagate = False
+    trail = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "audit.log"))
+    trail.setFormatter(logging.Formatter("%(message)s"))
+    audit.handlers[:] = [trail]
+    audit.setLevel(logging.INFO)
+    audit.propagate = False  # not in ipd.log twice
 
 
 def serve(settings, verbose=False, on_ready=None):

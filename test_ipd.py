@@ -10,6 +10,7 @@ running real control.sh scripts.
 import base64
 import hashlib
 import http.client
+import http.server
 import io
 import json
 import os
@@ -1778,6 +1779,206 @@ class ClientTests(DaemonTestCase):
 
 
 ###############################################################################
+# Accountable pushes: refused early, audited, notified, idempotent ############
+###############################################################################
+
+class Listener:
+    """A local HTTP server that records the JSON POSTed to it."""
+
+    def __init__(self):
+        self.received = []
+        received = self.received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d/hook" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class AccountableTests(DaemonTestCase):
+    settings = {"KEEP_DEPLOYMENTS": "2", "MAX_UPLOAD_SIZE": "50M",
+                "NOTIFY_TIMEOUT": "1"}
+
+    def setUp(self):
+        self.listener = Listener()
+        self.addCleanup(self.listener.close)
+        self.settings = dict(self.settings, NOTIFY_URL=self.listener.url)
+        super().setUp()
+
+    def access_line(self, status):
+        return self.daemon.daemon_log(r'"POST /deploy/upload" %d' % status)
+
+    def test_refused_push_sends_no_file_bytes(self):
+        image = os.path.join(self.tmp, "big.img")
+        with open(image, "wb") as file:
+            file.truncate(40 << 20)
+        package = os.path.join(self.tmp, "p.tgz")
+        with open(package, "wb") as file:
+            file.write(control_script(OK_SCRIPT))
+        with open(self.daemon.users_file, "a") as file:
+            file.write("USER:web-ci:%s:web\n" % sha256_hex("ci-pw"))
+        environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port)
+        cases = (({"IPD_USER": "web-ci", "IPD_PASSWORD": "ci-pw"}, "api", 5, 403),
+                 ({"IPD_USER": "web-ci", "IPD_PASSWORD": "wrong"}, "web", 4, 401))
+        for env, project, code, status in cases:
+            started = time.monotonic()
+            result = subprocess.run([sys.executable, IPD, "push", "--project", project,
+                                     "--image", image, "--package", package],
+                                    env=dict(environ, **env), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, timeout=60)
+            self.assertEqual(result.returncode, code, result.stderr)
+            self.assertLess(time.monotonic() - started, 2.5)
+            self.assertRegex(self.access_line(status),
+                             r'"POST /deploy/upload" %d user=\S+ in=0 ' % status)
+        big = os.path.join(self.tmp, "huge.img")
+        with open(big, "wb") as file:
+            file.truncate(60 << 20)
+        result = subprocess.run([sys.executable, IPD, "push", "--project", "web",
+                                 "--image", big], env=dict(
+                                     environ, IPD_USER="web-ci", IPD_PASSWORD="ci-pw"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(result.returncode, 6, result.stderr)
+        self.assertRegex(self.access_line(413), r'"POST /deploy/upload" 413 user=web-ci in=0 ')
+        report("refused pushes (403, 401, 413) read 0 bytes of the body")
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_project_in_the_header_and_query(self):
+        package = control_script(OK_SCRIPT)
+        content_type, body = multipart([("package", ("p", package))])
+        for headers, path in (({"X-Ipd-Project": "hdr"}, "/upload"),
+                              ({}, "/upload?project=qry")):
+            status, _, text = self.daemon.request(
+                "POST", path, body=body, headers=dict(headers, **{
+                    "Content-Type": content_type}))
+            self.assertEqual(status, 202, text)
+        content_type, body = multipart([("project", "other"), ("package", ("p", package))])
+        status, _, text = self.daemon.request("POST", "/upload", body=body, headers={
+            "Content-Type": content_type, "X-Ipd-Project": "hdr"})
+        self.assertEqual(status, 400)
+        self.assertIn("differs", text)
+        status, _, text = self.daemon.request("POST", "/upload?project=../x", body=body,
+                                              headers={"Content-Type": content_type})
+        self.assertEqual(status, 400)
+
+    def test_audit_log_events_and_no_secrets(self):
+        first = self.daemon.deploy(OK_SCRIPT)
+        self.daemon.wait_state("app", first)
+        gate = os.path.join(self.tmp, "gate")
+        running = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", running, ["active"])
+        self.daemon.request("POST", "/cancel/app/" + running)
+        redo = self.daemon.request("POST", "/redeploy/app/" + first)[2].strip()
+        self.daemon.wait_state("app", redo)
+        self.daemon.get("/stat", user="admin:a-wrong-secret")
+        pruned = self.daemon.deploy(OK_SCRIPT)
+        self.daemon.wait_state("app", pruned)
+        self.assertTrue(self.daemon.get_json("/status/app/" + first)[1]["pruned"])
+        text = open(os.path.join(self.tmp, "audit.log")).read()
+        self.assertNotIn("a-wrong-secret", text)
+        self.assertNotIn("admin-pw", text)
+        events = [json.loads(line) for line in text.splitlines()]
+        kinds = [(e["event"], e.get("deployment")) for e in events]
+        self.assertIn(("upload", first), kinds)
+        self.assertIn(("cancel", running), kinds)
+        self.assertIn(("redeploy", redo), kinds)
+        self.assertIn(("login_refused", None), kinds)
+        states = [(e["deployment"], e["state"]) for e in events if e["event"] == "state"]
+        self.assertEqual([s for d, s in states if d == first], ["active", "ok"])
+        self.assertEqual([s for d, s in states if d == running], ["active", "cancelled"])
+        upload = next(e for e in events if e["event"] == "upload")
+        self.assertEqual((upload["user"], upload["address"], upload["project"]),
+                         ("admin", "127.0.0.1", "app"))
+        self.assertEqual(len(upload["files"]["package"]["sha256"]), 64)
+        # read back, filtered
+        status, data = self.daemon.get_json("/audit?project=app")
+        self.assertEqual(status, 200)
+        self.assertTrue(all(e["project"] == "app" for e in data["events"]))
+        self.assertIn(first, [e.get("deployment") for e in data["events"]])
+        later = events[-1]["ts"]
+        status, data = self.daemon.get_json("/audit?since=%f" % later)
+        self.assertTrue(all(e["ts"] >= later for e in data["events"]))
+        status, _, body = self.daemon.get("/audit?since=2000-01-01T00:00:00Z")
+        self.assertEqual(len(body.splitlines()), len(events))
+        self.assertEqual(self.daemon.get("/audit", user="dev")[0], 403)
+        self.assertEqual(self.daemon.get("/audit?since=yesterday")[0], 400)
+
+    def test_notify_script_and_url_once_per_final_state(self):
+        project_dir = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(project_dir)
+        calls = os.path.join(self.tmp, "calls")
+        with open(os.path.join(project_dir, "notify.sh"), "w") as file:
+            file.write('#!/bin/sh\necho "$PROJECT $DEPLOY $STATE" >> %s\n'
+                       '[ "$STATE" = 7 ] && sleep 30\nexit 0\n' % calls)
+        os.chmod(os.path.join(project_dir, "notify.sh"), 0o755)
+        ok = self.daemon.deploy(OK_SCRIPT)
+        self.daemon.wait_state("app", ok)
+        failed = self.daemon.deploy("exit 7")  # its notify.sh hangs
+        self.daemon.wait_state("app", failed)
+        started = time.monotonic()
+        after = self.daemon.deploy(OK_SCRIPT)
+        self.assertEqual(self.daemon.wait_state("app", after), "ok")
+        self.assertLess(time.monotonic() - started, 5)
+        deadline = time.monotonic() + 15
+        while (len(self.listener.received) < 3 or len(open(calls).read().splitlines()) < 3) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines = sorted(open(calls).read().splitlines())
+        self.assertEqual(lines, sorted(["app %s ok" % ok, "app %s 7" % failed,
+                                        "app %s ok" % after]))
+        posted = {(e["deployment"], e["state"]) for e in self.listener.received}
+        self.assertEqual(posted, {(ok, "ok"), (failed, "7"), (after, "ok")})
+        self.assertEqual(len(self.listener.received), 3)
+        sample = self.listener.received[0]
+        self.assertEqual((sample["project"], sample["event"]), ("app", "deployment_ended"))
+        self.assertIn("NOTIFY_TIMEOUT", self.daemon.daemon_log("NOTIFY_TIMEOUT"))
+
+    def test_failing_notify_url_is_logged_not_fatal(self):
+        self.daemon.stop()
+        with open(self.daemon.config, "a") as file:
+            file.write("NOTIFY_URL=http://127.0.0.1:1/nothing\n")
+        self.daemon.start()
+        deployment = self.daemon.deploy(OK_SCRIPT)
+        self.assertEqual(self.daemon.wait_state("app", deployment), "ok")
+        self.assertIn("NOTIFY_URL failed 3 times", self.daemon.daemon_log(
+            "NOTIFY_URL failed", timeout=20))
+        self.assertEqual(self.daemon.wait_state("app", self.daemon.deploy()), "ok")
+
+    def test_a_repeated_push_answers_the_same_deployment(self):
+        gate = os.path.join(self.tmp, "gate")
+        blocker = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", blocker, ["active"])
+        package = control_script(OK_SCRIPT)
+        first = self.daemon.upload("app", package, image=b"IMG")
+        again = self.daemon.upload("app", package, image=b"IMG")
+        self.assertEqual(first[0], 202)
+        self.assertEqual((again[0], again[2]), (200, first[2]))
+        blocker_again = self.daemon.upload("app", control_script(gate_script(gate)))
+        same_bytes = blocker_again[2] == blocker + "\n"  # gzip's clock: a second
+        self.assertEqual(blocker_again[0], 200 if same_bytes else 202)
+        other = self.daemon.upload("app", package, image=b"OTHER")
+        self.assertEqual(other[0], 202)  # other files: a new one
+        forced = self.daemon.upload("app", package, image=b"IMG", extra=[("force", "1")])
+        self.assertEqual(forced[0], 202)
+        self.assertNotEqual(forced[2], first[2])
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", forced[2].strip()), "ok")
+        self.assertEqual(self.daemon.upload("app", package, image=b"IMG")[0], 202)
+
+
+###############################################################################
 # Guarantees: tests that attack ipd and count ################################
 ###############################################################################
 
@@ -1943,7 +2144,8 @@ class GuaranteeFuzzTests(DaemonTestCase):
     def test_boundary_split_at_every_point_across_reads(self):
         os.makedirs(os.path.join(self.daemon.upload_dir, "fz"))
         content_type, body = multipart([("project", "fz"), ("image", ("i", b"I" * 100)),
-                                        ("package", ("p", control_script("exit 1")))])
+                                        ("package", ("p", control_script("exit 1"))),
+                                        ("force", "1")])  # the same files each time
         head = ("POST /deploy/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Basic %s\r\n"
                 "Content-Type: %s\r\nContent-Length: %d\r\n\r\n"
                 % (base64.b64encode(b"admin:admin-pw").decode(), content_type,
