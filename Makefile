@@ -2,6 +2,8 @@
 #   make test                 the tests, with $(PYTHON)
 #   make install              the original README's installation, automated
 #   make uninstall            undo it; uploads, logs, users and config stay
+#   make wheel / sdist / deb  dist/ipd-<v>-py3-none-any.whl, .tar.gz, ipd_<v>_all.deb
+#   make install-unit EXEC=/opt/ipd/bin/ipd   only the unit, for a virtualenv
 # DESTDIR stages a tree (for packages): users, ownership and systemctl are
 # then left out.  PREFIX is where ipd.py goes, under $(PREFIX)/lib/ipd.
 
@@ -15,7 +17,10 @@ AUTH_DB ?= /opt/ipd/users.txt
 UPLOAD_DIR ?= /srv/upload
 LOG_DIR ?= /var/log/ipd
 USER_NAME ?= ipd
-.PHONY: test install uninstall install-user
+# The command the unit starts: the copied file, or a virtualenv's ipd.
+EXEC ?= /usr/bin/python3 $(LIBDIR)/ipd.py
+DIST ?= dist
+.PHONY: test install uninstall install-user install-unit wheel sdist deb
 
 test:
 	$(PYTHON) test_ipd.py
@@ -29,12 +34,7 @@ install:
 	    $(DESTDIR)$(UPLOAD_DIR) $(DESTDIR)$(LOG_DIR)
 	install -m 0755 ipd.py $(DESTDIR)$(LIBDIR)/ipd.py
 	install -m 0644 README.md ipd.conf.example $(DESTDIR)$(LIBDIR)/
-	sed -e 's|/usr/local/lib/ipd|$(LIBDIR)|g' \
-	    -e 's|IPD_CONFIG=/etc/ipd.conf|IPD_CONFIG=$(CONFIG)|' \
-	    -e 's|EnvironmentFile=-/etc/ipd.conf|EnvironmentFile=-$(CONFIG)|' \
-	    -e 's|^User=ipd|User=$(USER_NAME)|' -e 's|^Group=ipd|Group=$(USER_NAME)|' \
-	    ipd.service > $(DESTDIR)$(UNITDIR)/ipd.service
-	chmod 0644 $(DESTDIR)$(UNITDIR)/ipd.service
+	$(MAKE) --no-print-directory install-unit
 	@# The config and the users file are the operator's: never overwritten.
 	@if [ ! -e $(DESTDIR)$(CONFIG) ]; then \
 	    sed -e 's|^UPLOAD_DIR=.*|UPLOAD_DIR=$(UPLOAD_DIR)|' \
@@ -53,6 +53,25 @@ install:
 	        echo "enabled ipd.service: start it with 'systemctl start ipd'"; \
 	    else echo "no running systemd: start ipd with" \
 	        "'IPD_CONFIG=$(CONFIG) python3 $(LIBDIR)/ipd.py serve'"; fi; fi
+
+install-unit:
+	install -d $(DESTDIR)$(UNITDIR)
+	sed -e 's|^ExecStart=.*|ExecStart=$(EXEC) serve|' \
+	    -e 's|/usr/local/lib/ipd|$(LIBDIR)|g' \
+	    -e 's|IPD_CONFIG=/etc/ipd.conf|IPD_CONFIG=$(CONFIG)|' \
+	    -e 's|EnvironmentFile=-/etc/ipd.conf|EnvironmentFile=-$(CONFIG)|' \
+	    -e 's|^User=ipd|User=$(USER_NAME)|' -e 's|^Group=ipd|Group=$(USER_NAME)|' \
+	    ipd.service > $(DESTDIR)$(UNITDIR)/ipd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/ipd.service
+
+wheel:
+	$(PYTHON) tools/wheel_backend.py wheel $(DIST)
+
+sdist:
+	$(PYTHON) tools/wheel_backend.py sdist $(DIST)
+
+deb:
+	sh tools/build_deb.sh $(DIST)
 
 # The user of the original README (adduser ipd; addgroup ipd docker).
 install-user:

@@ -455,6 +455,7 @@ class DaemonProcess:
                  program=IPD):
         self.folder = folder
         self.program = program
+        os.makedirs(folder, exist_ok=True)
         self.upload_dir = os.path.join(folder, "uploads")
         self.users_file = os.path.join(folder, "users.txt")
         self.config = os.path.join(folder, "ipd.conf")
@@ -476,8 +477,12 @@ class DaemonProcess:
     def start(self, env=None):
         self.stderr_path = os.path.join(self.folder, "stderr-%d.txt" % time.time_ns())
         with open(self.stderr_path, "wb") as stderr:
+            # ipd.py runs with this test's Python; an installed `ipd`
+            # command (a virtualenv's, the package's) runs as it is.
+            command = [sys.executable, self.program] if self.program.endswith(".py") \
+                else [self.program]
             self.process = subprocess.Popen(
-                [sys.executable, self.program, "--config", self.config, "serve"],
+                command + ["--config", self.config, "serve"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                 env=dict(os.environ, **(env or {})))
         deadline = time.monotonic() + 30
@@ -1976,6 +1981,198 @@ class AccountableTests(DaemonTestCase):
         open(gate, "w").close()
         self.assertEqual(self.daemon.wait_state("app", forced[2].strip()), "ok")
         self.assertEqual(self.daemon.upload("app", package, image=b"IMG")[0], 202)
+
+
+###############################################################################
+# Install paths and upgrades ##################################################
+###############################################################################
+
+def build(kind, folder):
+    """Build the wheel or sdist (tools/wheel_backend.py) into folder."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "tools",
+                                                          "wheel_backend.py"),
+                             kind, folder], stdout=subprocess.PIPE, check=True)
+    return result.stdout.decode().strip()
+
+
+def make_venv(folder):
+    """A fresh virtualenv, as the original installation makes in /opt/ipd."""
+    subprocess.run([sys.executable, "-m", "venv", folder], check=True)
+    return os.path.join(folder, "bin")
+
+
+def pip_install(bin_dir, *args):
+    result = subprocess.run([os.path.join(bin_dir, "python"), "-m", "pip", "install",
+                             "-q", "--no-index", "--disable-pip-version-check"]
+                            + list(args), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=300)
+    if result.returncode:
+        raise AssertionError(result.stdout.decode())
+
+
+class WheelTests(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def test_wheel_in_a_fresh_virtualenv_deploys(self):
+        wheel = build("wheel", os.path.join(self.tmp, "dist"))
+        self.assertEqual(os.path.basename(wheel),
+                         "ipd-%s-py3-none-any.whl" % ipd.__version__)
+        with zipfile.ZipFile(wheel) as zipped:
+            names = sorted(zipped.namelist())
+            self.assertIn("ipd.py", names)
+            self.assertEqual([n for n in names if not n.startswith("ipd-")], ["ipd.py"])
+            record = zipped.read("ipd-%s.dist-info/RECORD" % ipd.__version__).decode()
+            self.assertIn("ipd.py,sha256=", record)
+            self.assertEqual(zipped.read("ipd.py"), open(IPD, "rb").read())
+        bin_dir = make_venv(os.path.join(self.tmp, "venv"))
+        pip_install(bin_dir, wheel)
+        result = subprocess.run([os.path.join(bin_dir, "ipd"), "version"],
+                                stdout=subprocess.PIPE)
+        self.assertEqual(result.stdout.decode().strip(), "ipd " + ipd.__version__)
+        daemon = DaemonProcess(os.path.join(self.tmp, "run"),
+                               program=os.path.join(bin_dir, "ipd"))
+        daemon.start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        self.assertEqual(daemon.wait_state("app", daemon.deploy()), "ok")
+
+    def test_editable_install_and_sdist(self):
+        bin_dir = make_venv(os.path.join(self.tmp, "venv"))
+        pip_install(bin_dir, "-e", HERE)
+        result = subprocess.run([os.path.join(bin_dir, "python"), "-c",
+                                 "import ipd; print(ipd.__file__)"],
+                                stdout=subprocess.PIPE, cwd=self.tmp)
+        self.assertEqual(os.path.realpath(result.stdout.decode().strip()),
+                         os.path.realpath(IPD))
+        sdist = build("sdist", os.path.join(self.tmp, "dist"))
+        with tarfile.open(sdist) as tar:
+            names = tar.getnames()
+        base = "ipd-%s/" % ipd.__version__
+        for name in ("ipd.py", "pyproject.toml", "tools/wheel_backend.py", "PKG-INFO"):
+            self.assertIn(base + name, names)
+
+    def test_pyproject_names_what_the_backend_builds(self):
+        text = open(os.path.join(HERE, "pyproject.toml")).read()
+        self.assertIn('build-backend = "wheel_backend"', text)
+        self.assertIn('ipd = "ipd:main"', text)
+        self.assertIn('dynamic = ["version"]', text)
+        self.assertNotIn("__version__", text.split("dynamic")[0])
+
+
+@unittest.skipUnless(shutil.which("dpkg-deb"), "needs dpkg-deb (Debian)")
+class DebTests(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        result = subprocess.run(["make", "-s", "deb", "DIST=" + self.tmp], cwd=HERE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.assertEqual(result.returncode, 0, result.stdout)
+        self.deb = os.path.join(self.tmp, "ipd_%s_all.deb" % ipd.__version__)
+
+    def dpkg_deb(self, *args):
+        return subprocess.run(["dpkg-deb"] + list(args), stdout=subprocess.PIPE,
+                              check=True).stdout.decode()
+
+    def test_contents_and_maintainer_scripts(self):
+        info = self.dpkg_deb("-I", self.deb)
+        for line in ("Package: ipd", "Version: " + ipd.__version__,
+                     "Architecture: all", "Depends: python3 (>= 3.8)"):
+            self.assertIn(line, info)
+        self.assertEqual(self.dpkg_deb("-f", self.deb, "Package").strip(), "ipd")
+        contents = self.dpkg_deb("-c", self.deb)
+        for path in ("./usr/lib/ipd/ipd.py", "./usr/bin/ipd -> ../lib/ipd/ipd.py",
+                     "./lib/systemd/system/ipd.service", "./etc/ipd.conf"):
+            self.assertIn(path, contents)
+        control = os.path.join(self.tmp, "control")
+        self.dpkg_deb("-e", self.deb, control)
+        self.assertEqual(open(os.path.join(control, "conffiles")).read(), "/etc/ipd.conf\n")
+        for script in ("postinst", "prerm", "postrm"):
+            path = os.path.join(control, script)
+            self.assertTrue(os.access(path, os.X_OK))
+            subprocess.run(["sh", "-n", path], check=True)
+        postinst = open(os.path.join(control, "postinst")).read()
+        self.assertIn("useradd --system", postinst)
+        self.assertIn("usermod -a -G docker ipd", postinst)
+        self.assertIn("systemctl enable ipd.service", postinst)
+
+    def test_install_into_a_scratch_root_and_run(self):
+        root = os.path.join(self.tmp, "root")
+        self.dpkg_deb("-x", self.deb, root)
+        control = os.path.join(self.tmp, "control")
+        self.dpkg_deb("-e", self.deb, control)
+        environ = dict(os.environ, DPKG_ROOT=root)
+        subprocess.run([os.path.join(control, "postinst"), "configure"], env=environ,
+                       check=True)
+        for path in ("srv/upload", "var/log/ipd", "opt/ipd/users.txt"):
+            self.assertTrue(os.path.exists(os.path.join(root, path)), path)
+        unit = open(os.path.join(root, "lib/systemd/system/ipd.service")).read()
+        self.assertIn("ExecStart=/usr/bin/ipd serve", unit)
+        self.assertIn("Type=notify", unit)
+        self.assertEqual(os.path.realpath(os.path.join(root, "usr/bin/ipd")),
+                         os.path.join(os.path.realpath(root), "usr/lib/ipd/ipd.py"))
+        with open(os.path.join(root, "opt/ipd/users.txt"), "a") as file:
+            file.write("ADMIN:admin:%s\n" % sha256_hex("admin-pw"))
+        daemon = DaemonProcess(self.tmp, program=os.path.join(root, "usr/bin/ipd"))
+        daemon.config = os.path.join(root, "etc/ipd.conf")
+        daemon.upload_dir = os.path.join(root, "srv/upload")
+        daemon.start(env={"UPLOAD_DIR": daemon.upload_dir, "LISTEN": "127.0.0.1:0",
+                          "LOG_DIR": os.path.join(root, "var/log/ipd"),
+                          "AUTH_DB": os.path.join(root, "opt/ipd/users.txt")})
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        deployment = daemon.deploy()
+        self.assertEqual(daemon.wait_state("app", deployment), "ok")
+        daemon.stop()
+        subprocess.run([os.path.join(control, "postrm"), "remove"], env=environ, check=True)
+        self.assertTrue(os.path.exists(os.path.join(root, "srv/upload/app")))
+        subprocess.run([os.path.join(control, "postrm"), "purge"], env=environ, check=True)
+        self.assertFalse(os.path.exists(os.path.join(root, "srv/upload")))
+        self.assertFalse(os.path.exists(os.path.join(root, "opt/ipd/users.txt")))
+
+
+class UpgradeTests(DaemonTestCase):
+    settings = {"SHUTDOWN_GRACE": "10"}
+
+    def test_upgrade_to_a_new_wheel_loses_nothing(self):
+        gate = os.path.join(self.tmp, "gate")
+        running = self.daemon.deploy(gate_script(gate), project="web")
+        self.daemon.wait_state("web", running, ["active"])
+        waiting = self.daemon.deploy(OK_SCRIPT, project="web")
+        other = self.daemon.deploy(OK_SCRIPT, project="api")
+        self.daemon.wait_state("api", other)
+        # a state file as an older ipd wrote it: fewer fields, version 1
+        old_id = str(uuid.uuid4())
+        folder = os.path.join(self.daemon.upload_dir, "old", "deployments")
+        os.makedirs(os.path.join(folder, old_id))
+        with open(os.path.join(folder, old_id + ".json"), "w") as file:
+            json.dump({"version": 1, "id": old_id, "project": "old", "seq": 0,
+                       "state": "ok", "created": 1.0e9, "started": 1.0e9,
+                       "ended": 1.0e9 + 5}, file)
+        # build the new version while the old one runs, then stop it
+        wheel = build("wheel", os.path.join(self.tmp, "dist"))
+        bin_dir = make_venv(os.path.join(self.tmp, "venv"))
+        pip_install(bin_dir, wheel)
+        self.daemon.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        open(gate, "w").close()  # the running step finishes within the grace
+        self.assertEqual(self.daemon.process.wait(30), 0)
+        self.daemon.program = os.path.join(bin_dir, "ipd")
+        self.daemon.start()
+        self.assertEqual(self.daemon.state("web", running), "ok")
+        self.assertEqual(self.daemon.wait_state("web", waiting), "ok")
+        self.assertEqual(self.daemon.state("api", other), "ok")
+        self.assertEqual(self.daemon.state("old", old_id), "ok")
+        self.assertEqual(self.daemon.get_json("/status/old/" + old_id)[1]["duration"], 5)
+        # a state file from a newer ipd is skipped, not misread
+        newer = str(uuid.uuid4())
+        with open(os.path.join(folder, newer + ".json"), "w") as file:
+            json.dump({"version": 99, "id": newer, "project": "old", "seq": 1,
+                       "state": "ok"}, file)
+        self.daemon.restart()
+        self.assertEqual(self.daemon.state("old", newer), "no")
+        self.assertIn("written by a newer ipd", self.daemon.daemon_log("newer ipd"))
 
 
 ###############################################################################
