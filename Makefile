@@ -1,5 +1,6 @@
 # ipd - Image Push and Deploy
 #   make test                 the tests, with $(PYTHON)
+#   make bench                the benchmark (README: Performance)
 #   make install              the original README's installation, automated
 #   make uninstall            undo it; uploads, logs, users and config stay
 #   make wheel / sdist / deb  dist/ipd-<v>-py3-none-any.whl, .tar.gz, ipd_<v>_all.deb
@@ -20,10 +21,15 @@ USER_NAME ?= ipd
 # The command the unit starts: the copied file, or a virtualenv's ipd.
 EXEC ?= /usr/bin/python3 $(LIBDIR)/ipd.py
 DIST ?= dist
-.PHONY: test install uninstall install-user install-unit wheel sdist deb
+.PHONY: test bench install uninstall install-user install-unit wheel sdist deb
 
 test:
 	$(PYTHON) test_ipd.py
+
+# Upload speed, memory and latency beside nginx, uvicorn and multipart
+# (installs its peers into build/bench-venv; takes some minutes).
+bench:
+	$(PYTHON) bench_ipd.py
 
 install:
 	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" != 0 ]; then \

@@ -1,0 +1,682 @@
+#!/usr/bin/env python3
+"""bench_ipd.py - how fast ipd takes an upload, beside what else one would run.
+
+    make bench                       # all payloads: 64 MiB, 1 GiB, 4 GiB, an image tar
+    python3 bench_ipd.py --quick     # 64 MiB, one run: a check of the bench itself
+
+Every system runs on loopback on this machine in the same run and gets the
+same payloads from curl; each stored file's SHA-256 is checked against the
+payload (a wrong byte fails the run).  Systems:
+
+  nginx     raw PUT to a file (WebDAV module): no multipart, the ceiling
+  ipd       POST /upload, the file as the `image` part
+  uvicorn   Starlette's request.form() (python-multipart), part saved to a file
+  multipart the `multipart` package's PushMultipartParser in a
+            ThreadingHTTPServer, part saved to a file
+
+Server pinned to core 0, curl to core 1 (and ipd once unpinned), median of
+the runs; each stored file is deleted after its run for every system alike,
+and the systems alternate run by run, so that each starts from the same
+page-cache state.  Also measured: /status under 64 keep-alive clients (wrk)
+alone and during a large upload, beside a bare http.server handler; an
+upload's last byte to control.sh starting; start-up and /info, /stat over
+1,000 projects x 100 deployments.
+
+The peers (uvicorn, starlette, python-multipart, multipart) go into a
+throwaway virtualenv under build/; nginx, curl and wrk come from Debian
+(installed with apt-get when missing and run as root).
+"""
+
+import argparse
+import base64
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD = os.path.join(HERE, "build", "bench")
+VENV = os.path.join(HERE, "build", "bench-venv")
+PEERS = ["uvicorn", "starlette", "python-multipart", "multipart"]
+MIB = 1 << 20
+TICKS = os.sysconf("SC_CLK_TCK")
+AUTH = "Basic " + base64.b64encode(b"bench:bench").decode()
+
+
+# --- machine and process figures
+
+def process_tree(pid):
+    """pid and all its descendants."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as file:
+                    ppid = int(file.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(name))
+            except (OSError, IndexError, ValueError):
+                pass
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError):
+            pass
+    return total / TICKS
+
+
+def reset_peak_rss(pids):
+    for pid in pids:
+        try:
+            with open("/proc/%d/clear_refs" % pid, "w") as file:
+                file.write("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+
+
+def peak_rss_mib(pids):
+    peak = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/status" % pid) as file:
+                peak = max(peak, int(re.search(r"VmHWM:\s+(\d+)", file.read()).group(1)))
+        except (OSError, AttributeError):
+            pass
+    return peak / 1024
+
+
+def free_port():
+    """For nginx alone, which cannot be handed a socket: a port that was
+    free a moment ago (a benchmark, not a test; it retries on a clash)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while True:
+            block = file.read(4 * MIB)
+            if not block:
+                return digest.hexdigest()
+            digest.update(block)
+
+
+def sha256_rate_one_core():
+    """MB/s of hashlib's SHA-256 on core 0, as ipd's hashing thread gets."""
+    code = ("import hashlib, os, time; os.sched_setaffinity(0, {0});"
+            "b = os.urandom(256 << 20); t = time.perf_counter();"
+            "hashlib.sha256(b).digest(); print(256 * 1.048576 / (time.perf_counter() - t))")
+    return float(subprocess.check_output([sys.executable, "-c", code]))
+
+
+# --- the systems
+
+class System:
+    """A server under test: started pinned (or not), with a way to upload."""
+
+    name = "?"
+    pinned = True
+
+    def __init__(self, work):
+        self.work = os.path.join(work, self.name.replace(" ", "-"))
+        os.makedirs(self.work, exist_ok=True)
+        self.store = os.path.join(self.work, "store")
+        os.makedirs(self.store, exist_ok=True)
+        self.process = None
+
+    def taskset(self):
+        return ["taskset", "-c", "0"] if self.pinned else []
+
+    def pids(self):
+        return process_tree(self.process.pid)
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def stored_file(self, answer):
+        """The file the server stored for the upload that answered answer."""
+        raise NotImplementedError
+
+
+class Nginx(System):
+    name = "nginx PUT"
+
+    def start(self):
+        self.port = free_port()
+        conf = os.path.join(self.work, "nginx.conf")
+        with open(conf, "w") as file:
+            file.write(textwrap.dedent("""\
+                user root;
+                worker_processes 1;
+                pid {w}/nginx.pid;
+                error_log {w}/error.log;
+                events {{ worker_connections 256; }}
+                http {{
+                    access_log off;
+                    client_body_temp_path {w}/store/.tmp;
+                    server {{
+                        listen 127.0.0.1:{port};
+                        location /put/ {{
+                            root {w}/store;
+                            dav_methods PUT;
+                            create_full_put_path on;
+                            client_max_body_size 0;
+                        }}
+                    }}
+                }}
+                """).format(w=self.work, port=self.port))
+        self.command = ["nginx", "-p", self.work, "-c", conf, "-e",
+                        os.path.join(self.work, "error.log")]
+        self.process = subprocess.Popen(self.taskset() + self.command +
+                                        ["-g", "daemon off;"])
+        wait_for_port(self.port)
+
+    def curl(self, payload):
+        return ["-T", payload, "http://127.0.0.1:%d/put/upload.bin" % self.port]
+
+    def stored_file(self, answer):
+        return os.path.join(self.store, "put", "upload.bin")
+
+
+class Ipd(System):
+    name = "ipd"
+
+    def start(self):
+        os.makedirs(os.path.join(self.store, "bench"), exist_ok=True)
+        control = os.path.join(self.store, "bench", "control.sh")
+        with open(control, "w") as file:
+            file.write('#!/bin/sh\n[ "$1" = check ] && date +%s.%N >> '
+                       + os.path.join(self.work, "started") + "\nexit 1\n")
+        os.chmod(control, 0o755)
+        users = os.path.join(self.work, "users.txt")
+        with open(users, "w") as file:
+            file.write("ADMIN:bench:%s\n" % hashlib.sha256(b"bench").hexdigest())
+        environ = dict(os.environ, UPLOAD_DIR=self.store, LOG_DIR=self.work,
+                       AUTH_DB=users, LISTEN="127.0.0.1:0", KEEP_DEPLOYMENTS="1",
+                       MAX_UNPACKED_SIZE="0")
+        self.port = start_and_read_port(
+            self.taskset() + [sys.executable, os.path.join(HERE, "ipd.py"), "--config",
+                              os.devnull, "serve"], environ, self)
+
+    def curl(self, payload):
+        return ["-u", "bench:bench", "-F", "project=bench", "-F", "image=@" + payload,
+                "http://127.0.0.1:%d/deploy/upload" % self.port]
+
+    def stored_file(self, answer):
+        return os.path.join(self.store, "bench", "deployments", answer.strip() + ".image")
+
+
+class IpdUnpinned(Ipd):
+    name = "ipd unpinned"
+    pinned = False
+
+
+STARLETTE_APP = '''
+import os, shutil
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+STORE = os.environ["BENCH_STORE"]
+
+async def upload(request):
+    form = await request.form()
+    part = form["image"]
+    with open(os.path.join(STORE, "upload.bin"), "wb") as out:
+        shutil.copyfileobj(part.file, out, 1 << 20)
+    await form.close()
+    return PlainTextResponse("ok")
+
+app = Starlette(routes=[Route("/upload", upload, methods=["POST"])])
+'''
+
+MULTIPART_HARNESS = '''
+import os, socket, sys, http.server
+from multipart import PushMultipartParser, MultipartSegment, parse_options_header
+
+STORE = os.environ["BENCH_STORE"]
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        _, options = parse_options_header(self.headers["Content-Type"])
+        remaining = int(self.headers["Content-Length"])
+        out = None
+        with PushMultipartParser(options["boundary"]) as parser:
+            while not parser.closed:
+                chunk = self.rfile.read(min(remaining, 1 << 20))
+                remaining -= len(chunk)
+                for event in parser.parse(chunk):
+                    if isinstance(event, MultipartSegment):
+                        if event.name == "image":
+                            out = open(os.path.join(STORE, "upload.bin"), "wb")
+                    elif event:
+                        if out:
+                            out.write(event)
+                    elif out:
+                        out.close()
+                        out = None
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print("port", server.server_address[1], flush=True)
+server.serve_forever()
+'''
+
+
+class Uvicorn(System):
+    name = "uvicorn+starlette"
+
+    def start(self):
+        with open(os.path.join(self.work, "app.py"), "w") as file:
+            file.write(STARLETTE_APP)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        self.port = sock.getsockname()[1]
+        environ = dict(os.environ, BENCH_STORE=self.store, PYTHONPATH=self.work)
+        self.process = subprocess.Popen(
+            self.taskset() + [os.path.join(VENV, "bin", "python"), "-m", "uvicorn",
+                              "app:app", "--fd", str(sock.fileno()), "--log-level",
+                              "warning", "--no-access-log"],
+            env=environ, pass_fds=[sock.fileno()])
+        sock.close()
+        wait_for_port(self.port)
+
+    def curl(self, payload):
+        return ["-F", "image=@" + payload, "http://127.0.0.1:%d/upload" % self.port]
+
+    def stored_file(self, answer):
+        return os.path.join(self.store, "upload.bin")
+
+
+class MultipartPackage(Uvicorn):
+    name = "multipart (push parser)"
+
+    def start(self):
+        with open(os.path.join(self.work, "harness.py"), "w") as file:
+            file.write(MULTIPART_HARNESS)
+        self.port = start_and_read_port(
+            self.taskset() + [os.path.join(VENV, "bin", "python"),
+                              os.path.join(self.work, "harness.py")],
+            dict(os.environ, BENCH_STORE=self.store), self, stream="stdout")
+
+
+def start_and_read_port(command, environ, system, stream="stderr"):
+    """Start a server that prints its port; return the port."""
+    log = os.path.join(system.work, "server.log")
+    with open(log, "wb") as out:
+        system.process = subprocess.Popen(command, env=environ, stdin=subprocess.DEVNULL,
+                                          stdout=out if stream == "stdout" else
+                                          subprocess.DEVNULL, stderr=out)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        match = re.search(r"(?:listening on http://127\.0\.0\.1:|port )(\d+)",
+                          open(log).read())
+        if match:
+            return int(match.group(1))
+        time.sleep(0.05)
+    raise SystemExit("%s did not start: %s" % (system.name, open(log).read()))
+
+
+def wait_for_port(port):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("nothing listens on port %d" % port)
+
+
+# --- one upload, measured
+
+def upload(system, payload, size, digest):
+    """Upload payload to system with curl on core 1; return its figures."""
+    pids = system.pids()
+    reset_peak_rss(pids)
+    cpu_before = cpu_seconds(pids)
+    result = subprocess.run(["taskset", "-c", "1", "curl", "-sS", "-f", "-o", "-",
+                             "-w", "\n%{time_total}"] + system.curl(payload),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if result.returncode:
+        raise SystemExit("%s: curl failed: %s" % (system.name, result.stderr.decode()))
+    answer, _, seconds = result.stdout.decode().rpartition("\n")
+    pids = system.pids()
+    cpu = cpu_seconds(pids) - cpu_before
+    rss = peak_rss_mib(pids)
+    stored = system.stored_file(answer)
+    if sha256_file(stored) != digest:
+        raise SystemExit("%s stored a wrong file for %s" % (system.name, payload))
+    os.unlink(stored)  # every system starts each run from the same state
+    seconds = float(seconds)
+    return {"mbps": size / MIB / seconds, "cpu_per_gib": cpu / (size / (1 << 30)),
+            "rss": rss}
+
+
+def make_payloads(work, sizes):
+    payloads = []
+    for label, size in sizes:
+        path = os.path.join(work, "payload-" + label)
+        with open(path, "wb") as file:
+            block = os.urandom(4 * MIB)
+            written = 0
+            while written < size:
+                file.write(block[:size - written])
+                written += min(len(block), size - written)
+        payloads.append((label, path, size, sha256_file(path)))
+    return payloads
+
+
+def image_tar(work):
+    """An image tar as `docker save` makes one (several layers in a tar),
+    of random data: 256 MiB."""
+    import tarfile
+    path = os.path.join(work, "payload-image.tar")
+    with tarfile.open(path, "w") as tar:
+        for number in range(4):
+            layer = os.path.join(work, "layer.tar")
+            with open(layer, "wb") as file:
+                for _ in range(16):
+                    file.write(os.urandom(4 * MIB))
+            tar.add(layer, "%064x/layer.tar" % number)
+        os.unlink(layer)
+    return ("image tar", path, os.path.getsize(path), sha256_file(path))
+
+
+# --- /status latency, control.sh start, start-up at scale
+
+def wrk(url, seconds, auth=True):
+    command = ["taskset", "-c", "1", "wrk", "-t2", "-c64", "-d%ds" % seconds,
+               "--latency", url]
+    if auth:
+        command[6:6] = ["-H", "Authorization: " + AUTH]
+    text = subprocess.run(command, stdout=subprocess.PIPE).stdout.decode()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+
+    def latency(percent):
+        value, unit = re.search(r"%s%%\s+([\d.]+)(us|ms|s)" % percent, text).groups()
+        return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return {"rps": rps, "p50": latency(50), "p99": latency(99),
+            "errors": int(errors.group(1)) if errors else 0}
+
+
+BARE_HANDLER = '''
+import http.server
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\\n")
+    def log_message(self, *args):
+        pass
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # as ipd's: the same listen backlog
+server = Server(("127.0.0.1", 0), Handler)
+print("port", server.server_address[1], flush=True)
+server.serve_forever()
+'''
+
+
+class Bare(System):
+    name = "bare http.server"
+
+    def start(self):
+        with open(os.path.join(self.work, "bare.py"), "w") as file:
+            file.write(BARE_HANDLER)
+        self.port = start_and_read_port(
+            self.taskset() + [sys.executable, os.path.join(self.work, "bare.py")],
+            dict(os.environ), self, stream="stdout")
+
+
+def control_start_latency(system, runs):
+    """Seconds from an upload's last byte sent to control.sh starting (its
+    check step writes the time; same clock, same machine)."""
+    started = os.path.join(system.work, "started")
+    delays = []
+    for number in range(runs):
+        if os.path.exists(started):
+            os.unlink(started)
+        head = (b'--b\r\nContent-Disposition: form-data; name="project"\r\n\r\n'
+                b'bench\r\n--b\r\nContent-Disposition: form-data; name="image"; '
+                b'filename="i"\r\n\r\n' + os.urandom(100000) + b"\r\n")
+        tail = b"--b--\r\n"
+        connection = http.client.HTTPConnection("127.0.0.1", system.port)
+        connection.putrequest("POST", "/deploy/upload")
+        connection.putheader("Authorization", AUTH)
+        connection.putheader("Content-Type", "multipart/form-data; boundary=b")
+        connection.putheader("Content-Length", str(len(head) + len(tail)))
+        connection.endheaders()
+        connection.send(head)
+        connection.send(tail)
+        sent = time.time()
+        connection.getresponse().read()
+        connection.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if os.path.exists(started) and open(started).read().strip():
+                break
+            time.sleep(0.001)
+        delays.append(float(open(started).read().split()[0]) - sent)
+        time.sleep(0.05)
+    return statistics.median(delays)
+
+
+def startup_at_scale(work, projects, per_project):
+    """Start-up time and memory over projects x per_project finished
+    deployments, and /info and /stat latency over them."""
+    store = os.path.join(work, "scale")
+    if not os.path.exists(os.path.join(store, ".complete-%d-%d" % (projects, per_project))):
+        shutil.rmtree(store, ignore_errors=True)
+        for number in range(projects):
+            folder = os.path.join(store, "p%04d" % number, "deployments")
+            os.makedirs(folder)
+            for seq in range(per_project):
+                deployment = "%08x-0000-4000-8000-%012x" % (number, seq)
+                record = {"version": 1, "id": deployment, "project": "p%04d" % number,
+                          "seq": number * per_project + seq, "state": "ok",
+                          "created": 1.7e9, "started": 1.7e9, "ended": 1.7e9 + 3,
+                          "user": "ci", "files": {}, "control": "/bin/true",
+                          "steps": [{"step": "deploy", "code": 1, "seconds": 3}],
+                          "pruned": True}
+                with open(os.path.join(folder, deployment + ".json"), "w") as file:
+                    json.dump(record, file)
+                open(os.path.join(folder, deployment + ".log"), "w").close()
+        open(os.path.join(store, ".complete-%d-%d" % (projects, per_project)), "w").close()
+    system = Ipd(work)
+    users = os.path.join(system.work, "users.txt")
+    with open(users, "w") as file:
+        file.write("ADMIN:bench:%s\n" % hashlib.sha256(b"bench").hexdigest())
+    environ = dict(os.environ, UPLOAD_DIR=store, LOG_DIR=system.work, AUTH_DB=users,
+                   LISTEN="127.0.0.1:0")
+    began = time.monotonic()
+    system.port = start_and_read_port(
+        [sys.executable, os.path.join(HERE, "ipd.py"), "--config", os.devnull, "serve"],
+        environ, system)
+    startup = time.monotonic() - began
+    with open("/proc/%d/status" % system.process.pid) as file:
+        rss = int(re.search(r"VmRSS:\s+(\d+)", file.read()).group(1)) / 1024
+    latencies = {}
+    for path in ("/info", "/stat"):
+        times = []
+        for _ in range(10):
+            connection = http.client.HTTPConnection("127.0.0.1", system.port)
+            began = time.monotonic()
+            connection.request("GET", "/deploy" + path, headers={"Authorization": AUTH})
+            connection.getresponse().read()
+            times.append(time.monotonic() - began)
+            connection.close()
+        latencies[path] = statistics.median(times) * 1000
+    system.stop()
+    return startup, rss, latencies
+
+
+# --- setup and the table
+
+def ensure_tools():
+    missing = [name for name, package in (("nginx", "nginx"), ("curl", "curl"),
+                                          ("wrk", "wrk"), ("taskset", "util-linux"))
+               if not shutil.which(name)]
+    packages = {"nginx": "nginx", "curl": "curl", "wrk": "wrk", "taskset": "util-linux"}
+    if missing and os.geteuid() == 0:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq"] + [packages[m] for m in missing],
+                       check=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    elif missing:
+        raise SystemExit("bench needs %s (apt-get install %s)"
+                         % (", ".join(missing), " ".join(packages[m] for m in missing)))
+    if not os.path.exists(os.path.join(VENV, "bin", "python")):
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+    subprocess.run([os.path.join(VENV, "bin", "pip"), "install", "-q",
+                    "--disable-pip-version-check"] + PEERS, check=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="64 MiB, one run")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args(argv)
+    runs = 1 if args.quick else args.runs
+    ensure_tools()
+    os.makedirs(BUILD, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="run-", dir=BUILD)
+    sizes = [("64 MiB", 64 * MIB)]
+    if not args.quick:
+        sizes += [("1 GiB", 1 << 30), ("4 GiB", 4 << 30)]
+    print("machine: %s, %d cores, Python %s" % (
+        open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": "),
+        os.cpu_count(), sys.version.split()[0]), flush=True)
+    payloads = make_payloads(work, sizes)
+    if not args.quick:
+        payloads.append(image_tar(work))
+    systems = [Nginx(work), Ipd(work), IpdUnpinned(work), Uvicorn(work),
+               MultipartPackage(work)]
+    results = {}
+    try:
+        for system in systems:
+            system.start()
+        sha_rate = sha256_rate_one_core()
+        for label, path, size, digest in payloads:
+            for number in range(runs):
+                order = systems if number % 2 == 0 else systems[::-1]
+                for system in order:
+                    figures = upload(system, path, size, digest)
+                    results.setdefault((system.name, label), []).append(figures)
+                    print("  %-24s %-9s run %d: %7.1f MB/s" % (
+                        system.name, label, number + 1, figures["mbps"]), flush=True)
+            os.unlink(path)
+        status = status_figures(systems[1], work, 3 if args.quick else 5,
+                                payloads, args.quick)
+        start_delay = control_start_latency(systems[1], 5 if args.quick else 20)
+    finally:
+        for system in systems:
+            system.stop()
+    scale = startup_at_scale(work, *((100, 10) if args.quick else (1000, 100)))
+    report(results, payloads, sha_rate, status, start_delay, scale, runs)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def status_figures(ipd, work, seconds, payloads, quick):
+    bare = Bare(work)
+    bare.start()
+    try:
+        figures = {"bare http.server": wrk("http://127.0.0.1:%d/" % bare.port, seconds,
+                                           auth=False)}
+    finally:
+        bare.stop()
+    url = "http://127.0.0.1:%d/deploy/status/bench" % ipd.port
+    figures["ipd /status"] = wrk(url, seconds)
+    # again while a large upload runs
+    size = (256 if quick else 4096) * MIB
+    path = os.path.join(work, "payload-during")
+    with open(path, "wb") as file:
+        file.truncate(size)
+    upload_process = subprocess.Popen(
+        ["taskset", "-c", "1", "curl", "-sS", "-o", os.devnull] + ipd.curl(path))
+    time.sleep(0.5)
+    figures["ipd /status during upload"] = wrk(url, seconds)
+    upload_process.wait()
+    os.unlink(path)
+    return figures
+
+
+def report(results, payloads, sha_rate, status, start_delay, scale, runs):
+    print("\nUploads (median of %d; server on core 0, curl on core 1; "
+          "SHA-256 of one core: %.0f MB/s)" % (runs, sha_rate))
+    print("| system | payload | MB/s | CPU s/GiB | peak RSS MiB | vs nginx |")
+    print("| ------ | ------ | ------: | ------: | ------: | ------: |")
+    for label, _, _, _ in payloads:
+        reference = statistics.median(r["mbps"] for r in results[("nginx PUT", label)])
+        for name in ("nginx PUT", "ipd", "ipd unpinned", "uvicorn+starlette",
+                     "multipart (push parser)"):
+            rows = results[(name, label)]
+            mbps = statistics.median(r["mbps"] for r in rows)
+            print("| %s | %s | %.0f | %.2f | %.1f | %.2f |" % (
+                name, label, mbps, statistics.median(r["cpu_per_gib"] for r in rows),
+                max(r["rss"] for r in rows), mbps / reference))
+        ceiling = 1 / (1 / reference + 1 / sha_rate)
+        ipd_mbps = statistics.median(r["mbps"] for r in results[("ipd", label)])
+        uvicorn = statistics.median(r["mbps"] for r in results[("uvicorn+starlette",
+                                                                 label)])
+        print("|  | %s: ipd / (nginx + SHA-256 ceiling %.0f MB/s) = %.2f; "
+              "ipd / uvicorn = %.2f |  |  |  |  |" % (label, ceiling, ipd_mbps / ceiling,
+                                                     ipd_mbps / uvicorn))
+    print("\n/status, 64 keep-alive clients (wrk)")
+    print("| server | requests/s | p50 ms | p99 ms | vs bare |")
+    print("| ------ | ------: | ------: | ------: | ------: |")
+    bare = status["bare http.server"]["rps"]
+    for name, figures in status.items():
+        print("| %s | %.0f | %.2f | %.2f | %.2f |" % (name, figures["rps"], figures["p50"],
+                                                     figures["p99"], figures["rps"] / bare))
+    startup, rss, latencies = scale
+    print("\nan upload's last byte to control.sh starting: %.1f ms (median)"
+          % (start_delay * 1000))
+    print("start-up over the deployments on disk: %.2f s, RSS %.0f MiB; "
+          "/info %.1f ms, /stat %.1f ms" % (startup, rss, latencies["/info"],
+                                             latencies["/stat"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
