@@ -35,6 +35,7 @@ __version__ = "1.0.0"
 import argparse
 import base64
 import binascii
+import bisect
 import calendar
 import errno
 import getpass
@@ -1417,19 +1418,29 @@ class DeploymentStore:
         except (FileNotFoundError, NotADirectoryError):
             return
         names = {entry.name for entry in entries}
+        cached = read_index(folder)
+        index, stale = {}, False
         for entry in entries:
             stem, dot, suffix = entry.name.partition(".")
             if entry.name.startswith("."):  # a torn atomic write
                 remove_quietly(entry.path)
             elif suffix == "json" and DEPLOYMENT_ID.match(stem):
-                record = self._read_record(entry.path, project, stem)
+                mtime = entry.stat().st_mtime_ns
+                record = cached.get(stem, (None, None))[1] \
+                    if cached.get(stem, (None,))[0] == mtime else None
+                if record is None:
+                    stale = True
+                    record = self._read_record(entry.path, project, stem)
                 if record:
+                    index[stem] = (mtime, record)
                     self._records[record["id"]] = record
                     self._next_seq = max(self._next_seq, record["seq"] + 1)
-            elif DEPLOYMENT_ID.match(stem) and stem + ".json" not in names:
+            elif stem + ".json" not in names and DEPLOYMENT_ID.match(stem):
                 # Files moved in by an upload that died before its record
                 # was written: that deployment never existed.
                 remove_quietly(entry.path)
+        if stale or len(index) != len(cached):
+            write_index(folder, index)
 
     def _read_record(self, path, project, deployment_id):
         try:
@@ -1685,11 +1696,9 @@ class Metrics:
     def _observe(self, step, seconds):
         if seconds is None:
             return
+        # per bucket (not yet cumulative), then +Inf, then the sum
         counts = self.steps.setdefault(step, [0] * (len(STEP_BUCKETS) + 2))
-        for number, bound in enumerate(STEP_BUCKETS):
-            if seconds <= bound:
-                counts[number] += 1
-        counts[-2] += 1
+        counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1
         counts[-1] += seconds
 
     def render(self, gauges, counters):
@@ -1709,13 +1718,15 @@ class Metrics:
         lines.append("# HELP ipd_step_duration_seconds Time control.sh steps "
                      "took.\n# TYPE ipd_step_duration_seconds histogram\n")
         for step, counts in sorted(self.steps.items()):
+            total = 0
             for bound, count in zip(STEP_BUCKETS + ("+Inf",), counts):
+                total += count
                 lines.append('ipd_step_duration_seconds_bucket{step="%s",le="%s"} '
-                             '%d\n' % (step, bound, count))
+                             '%d\n' % (step, bound, total))
             lines.append('ipd_step_duration_seconds_sum{step="%s"} %.3f\n'
                          % (step, counts[-1]))
             lines.append('ipd_step_duration_seconds_count{step="%s"} %d\n'
-                         % (step, counts[-2]))
+                         % (step, total))
         family("ipd_last_success_timestamp_seconds", "gauge",
                "When the latest successful deployment of a project ended.",
                [((("project", p),), "%.3f" % t)
@@ -1729,6 +1740,41 @@ class Metrics:
 
 def escape_label(value):
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# Each project's deployments/index.cache holds its records as last read,
+# each with its state file's mtime: a start-up reads one file a project
+# instead of one a deployment, and reads a state file again only when it
+# changed since (the cache is never trusted over the file).
+INDEX_FILE = "index.cache"
+
+
+def read_index(folder):
+    """{id: (mtime_ns, record)} from folder's index, or {} when there is
+    none or it is unreadable."""
+    try:
+        with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as file:
+            data = json.load(file)
+        if data.get("version") != STATE_FORMAT_VERSION:
+            return {}
+        return {key: (value[0], value[1]) for key, value in data["records"].items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return {}
+
+
+def write_index(folder, index):
+    """Write folder's index (a cache: no fsync, a torn one is ignored)."""
+    path = os.path.join(folder, INDEX_FILE)
+    temporary = os.path.join(folder, ".%s.%d.part" % (INDEX_FILE, os.getpid()))
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump({"version": STATE_FORMAT_VERSION,
+                       "records": {key: [mtime, record] for key, (mtime, record)
+                                   in index.items()}}, file, separators=(",", ":"))
+        os.replace(temporary, path)
+    except OSError as error:
+        log.warning("cannot write %s: %s", path, error)
+        remove_quietly(temporary)
 
 
 def summarize(values):
@@ -3223,6 +3269,8 @@ def await_continue(connection, wait=3):
 
 def late_answer(connection):
     """The server's answer after it stopped reading our body (413, 507...)."""
+    if connection.sock is None:  # never connected: nobody answered
+        return None
     try:
         response = connection.getresponse()
         return response.status, parse_json(response.read()).get("error")
