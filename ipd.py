@@ -1767,10 +1767,11 @@ def write_index(folder, index):
     path = os.path.join(folder, INDEX_FILE)
     temporary = os.path.join(folder, ".%s.%d.part" % (INDEX_FILE, os.getpid()))
     try:
+        text = json.dumps({"version": STATE_FORMAT_VERSION,  # dumps: the C encoder
+                           "records": {key: [mtime, record] for key, (mtime, record)
+                                       in index.items()}}, separators=(",", ":"))
         with open(temporary, "w", encoding="utf-8") as file:
-            json.dump({"version": STATE_FORMAT_VERSION,
-                       "records": {key: [mtime, record] for key, (mtime, record)
-                                   in index.items()}}, file, separators=(",", ":"))
+            file.write(text)
         os.replace(temporary, path)
     except OSError as error:
         log.warning("cannot write %s: %s", path, error)
