@@ -41,6 +41,7 @@ import errno
 import getpass
 import hashlib
 import hmac
+import html
 import http.server
 import io
 import json
@@ -1650,6 +1651,11 @@ class DeploymentStore:
                 return None
             return dict(record)
 
+    def deployments_of(self, project):
+        """Copies of the project's records, oldest first."""
+        with self._lock:
+            return [dict(self._records[i]) for i in self._by_project.get(project, ())]
+
     def projects(self):
         """{project: (latest record, number of deployments)}."""
         with self._lock:
@@ -2169,6 +2175,10 @@ ROUTES = {
     ("POST", "redeploy", 3): ("redeploy", "USER"),
     ("GET", "metrics", 1): ("metrics", "METRICS"),
     ("GET", "audit", 1): ("audit", "ADMIN"),
+    ("GET", "ui", 1): ("ui_projects", "USER"),
+    ("GET", "ui", 2): ("ui_project", "USER"),
+    ("GET", "ui", 3): ("ui_deployment", "USER"),
+    ("POST", "ui", 4): ("ui_action", "USER"),
 }
 
 
@@ -2246,7 +2256,218 @@ class Daemon:
         return record
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+###############################################################################
+# Status pages for people #####################################################
+###############################################################################
+
+# One inline stylesheet, no external resource (air-gapped hosts), readable
+# on a phone; a strict Content-Security-Policy admits only this response's
+# own style and script (by nonce).
+PAGE_STYLE = (
+    "body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:62em;"
+    "padding:.8em;color:#1d1d1f}a{color:#1f5fa8}header{margin-bottom:1em}"
+    "table{border-collapse:collapse;width:100%}th,td{padding:.35em .5em;"
+    "border-bottom:1px solid #ddd;text-align:left;vertical-align:top}"
+    ".badge{display:inline-block;padding:0 .55em;border-radius:.7em;color:#fff;"
+    "background:#6b6b6b}.ok{background:#2a7d2e}.active,.await{background:#1f5fa8}"
+    ".failed{background:#b3261e}code{font-size:.85em;word-break:break-all}"
+    "pre{background:#111;color:#eee;padding:.8em;white-space:pre-wrap;"
+    "word-break:break-all;min-height:3em}form{display:inline}"
+    "button{font:inherit;padding:.15em .8em;margin-right:.4em}"
+    "@media(max-width:40em){th,td{display:block;border:0}tr{display:block;"
+    "border-bottom:1px solid #ddd}}")
+
+# Reads the follow stream of a running deployment into the page; reloads
+# it at the end to show the final state.
+FOLLOW_SCRIPT = (
+    "(function(){var log=document.getElementById('log');"
+    "fetch(log.getAttribute('data-follow'),{credentials:'same-origin'})"
+    ".then(function(r){var reader=r.body.getReader(),dec=new TextDecoder();"
+    "function pump(){return reader.read().then(function(x){"
+    "if(x.done){location.reload();return;}"
+    "log.textContent+=dec.decode(x.value,{stream:true});return pump();});}"
+    "return pump();});})();")
+
+
+def state_badge(state):
+    kind = state if state in ("ok", "active", "await") else \
+        "neutral" if state in ("changed", "cancelled") else "failed"
+    return '<span class="badge %s">%s</span>' % (kind, html.escape(state))
+
+
+def page_time(timestamp):
+    return html.escape(iso_time(timestamp) or "-")
+
+
+def page_duration(record):
+    if record["started"] and record["ended"]:
+        return "%.1f s" % (record["ended"] - record["started"])
+    return "-"
+
+
+class StatusPages:
+    """HTML views for browsers: the projects, one project, one deployment
+    with its live log, and buttons to cancel and redeploy.  Behind the same
+    login and role rules as the API; every value goes through html.escape."""
+
+    def wants_html(self):
+        headers = getattr(self, "headers", None)
+        return headers is not None and "text/html" in headers.get("Accept", "") \
+            and not self.wants_json()
+
+    def send_page(self, title, body, script=None, refresh=False):
+        nonce = secrets.token_urlsafe(16)
+        root = html.escape(self.ipd.settings.API_ROOT)
+        parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+                 '<meta name="viewport" content="width=device-width,initial-scale=1">'
+                 '<title>%s - ipd</title><style nonce="%s">%s</style>'
+                 % (html.escape(title), nonce, PAGE_STYLE)]
+        if refresh:
+            parts.append('<noscript><meta http-equiv="refresh" content="3"></noscript>')
+        parts.append('</head><body><header><a href="%s/ui/">ipd</a> &middot; %s'
+                     '</header>%s' % (root, html.escape(title), body))
+        if script:
+            parts.append('<script nonce="%s">%s</script>' % (nonce, script))
+        parts.append("</body></html>\n")
+        data = "".join(parts).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Security-Policy",
+                         "default-src 'none'; style-src 'nonce-%s'; script-src "
+                         "'nonce-%s'; connect-src 'self'; form-action 'self'; "
+                         "frame-ancestors 'none'; base-uri 'none'" % (nonce, nonce))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "same-origin")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+            self.bytes_sent += len(data)
+
+    def ui_link(self, *parts):
+        return html.escape("%s/ui/%s" % (self.ipd.settings.API_ROOT, "/".join(
+            urllib.parse.quote(part, safe="") for part in parts)))
+
+    def api_ui_projects(self):
+        rows = []
+        for project, (latest, count) in self.ipd.store.projects().items():
+            if not self.user.may_use(project):
+                continue
+            rows.append("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td>"
+                        "<td>%s</td><td>%s</td><td>%d</td></tr>" % (
+                            self.ui_link(project), html.escape(project),
+                            state_badge(latest["state"]),
+                            page_time(latest["ended"] or latest["started"]
+                                      or latest["created"]),
+                            page_duration(latest), html.escape(latest["user"] or "-"),
+                            count))
+        body = ("<table><tr><th>project</th><th>latest</th><th>when</th>"
+                "<th>took</th><th>by</th><th>deployments</th></tr>%s</table>"
+                % "".join(rows)) if rows else "<p>No deployments yet.</p>"
+        self.send_page("projects", body)
+
+    def api_ui_project(self, project):
+        self.check_project_access(project)
+        records = self.ipd.store.deployments_of(project)
+        if not records:
+            raise NotFound("no")
+        rows = []
+        for record in reversed(records):
+            files = "".join("<div>%s: %s, %d bytes<br><code>%s</code></div>" % (
+                html.escape(name), html.escape(meta.get("name") or "-"),
+                meta.get("size", 0), html.escape(meta.get("sha256", "")))
+                for name, meta in sorted(record["files"].items()))
+            rows.append("<tr><td><a href=\"%s\"><code>%s</code></a></td><td>%s</td>"
+                        "<td>%s<br>%s<br>%s</td><td>%s</td><td>%s</td><td>%s%s</td>"
+                        "<td>%s</td></tr>" % (
+                            self.ui_link(project, record["id"]),
+                            html.escape(record["id"][:8]), state_badge(record["state"]),
+                            page_time(record["created"]), page_time(record["started"]),
+                            page_time(record["ended"]), page_duration(record),
+                            html.escape(record["user"] or "-"), files,
+                            "<div>(pruned)</div>" if record["pruned"] else "",
+                            self.buttons(record)))
+        self.send_page(project, "<table><tr><th>deployment</th><th>state</th><th>"
+                       "uploaded, started, ended</th><th>took</th><th>by</th><th>"
+                       "files (SHA-256)</th><th></th></tr>%s</table>" % "".join(rows))
+
+    def buttons(self, record):
+        actions = []
+        if record["state"] in UNFINISHED:
+            actions.append("cancel")
+        if record["files"] and not record["pruned"]:
+            actions.append("redeploy")
+        return "".join('<form method="post" action="%s"><button>%s</button></form>'
+                       % (self.ui_link(record["project"], record["id"], action), action)
+                       for action in actions)
+
+    def api_ui_deployment(self, project, deployment_id):
+        record = self.find_deployment(project, deployment_id)
+        if record is None:
+            raise NotFound("no")
+        try:
+            with open(self.ipd.store.path(record, ".log"), "rb") as file:
+                text = file.read()
+        except FileNotFoundError:
+            text = b""
+        running = record["state"] in UNFINISHED
+        follow = "%s/log/%s/%s?follow=1&offset=%d" % (
+            self.ipd.settings.API_ROOT, project, deployment_id, len(text))
+        body = ("<p>%s of <a href=\"%s\">%s</a> by %s &middot; uploaded %s, "
+                "started %s, ended %s, took %s</p><p>%s</p><pre id=\"log\" "
+                "data-follow=\"%s\">%s</pre>" % (
+                    state_badge(record["state"]), self.ui_link(project),
+                    html.escape(project), html.escape(record["user"] or "-"),
+                    page_time(record["created"]), page_time(record["started"]),
+                    page_time(record["ended"]), page_duration(record),
+                    self.buttons(record), html.escape(follow),
+                    html.escape(text.decode("utf-8", "replace"))))
+        self.send_page("%s %s" % (project, deployment_id[:8]), body,
+                       FOLLOW_SCRIPT if running else None, refresh=running)
+
+    def api_ui_action(self, project, deployment_id, action):
+        """POST from a button: same origin only (no cross-site requests)."""
+        self.check_same_origin()
+        record = self.find_deployment(project, deployment_id)
+        if record is None:
+            raise NotFound("no")
+        if action == "cancel":
+            self.ipd.store.cancel(record["id"])
+            audit_event("cancel", project=project, deployment=record["id"],
+                        user=self.user.name, address=self.client_ip())
+            target = record
+        elif action == "redeploy":
+            target = self.ipd.redeploy(record, self.user)
+            audit_event("redeploy", project=project, deployment=target["id"],
+                        redeploy_of=record["id"], user=self.user.name,
+                        address=self.client_ip(), files=target["files"])
+        else:
+            raise NotFound("no such action: %s" % action)
+        self.send_response(303)
+        self.send_header("Location", "%s/ui/%s/%s" % (self.ipd.settings.API_ROOT,
+                                                     project, target["id"]))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def check_same_origin(self):
+        """Refuse a POST that another site's page made the browser send:
+        Origin (or Sec-Fetch-Site, or Referer) must name this host."""
+        host = urllib.parse.urlsplit("//" + self.headers.get("Host", "")).hostname
+        origin = self.headers.get("Origin")
+        site = self.headers.get("Sec-Fetch-Site")
+        referer = self.headers.get("Referer")
+        if origin is not None:
+            same = urllib.parse.urlsplit(origin).hostname == host
+        elif site is not None:
+            same = site in ("same-origin", "none")
+        else:
+            same = bool(referer) and urllib.parse.urlsplit(referer).hostname == host
+        if not same or not host:
+            raise Forbidden("cross-site request refused")
+
+
+class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
     """One connection; each request is routed to a method of the API."""
 
     protocol_version = "HTTP/1.1"
@@ -2340,6 +2561,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                        {"Allow": ", ".join(allowed)})
             raise NotFound("not found: %s" % path)
         name, role = entry
+        if name == "welcome" and self.wants_html():  # a browser: the projects
+            name, role = "ui_projects", "USER"
         return getattr(self, "api_" + name), role, segments[1:]
 
     def authenticate(self, role):

@@ -2176,6 +2176,288 @@ class UpgradeTests(DaemonTestCase):
 
 
 ###############################################################################
+# Status pages for people #####################################################
+###############################################################################
+
+class StatusPageTests(DaemonTestCase):
+    HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+
+    def page(self, path, user="admin", root="/deploy"):
+        status, headers, body = self.daemon.get(path, user, headers=self.HTML, root=root)
+        return status, headers, body
+
+    def assert_strict_page(self, headers, body):
+        self.assertTrue(headers["Content-Type"].startswith("text/html"))
+        policy = headers["Content-Security-Policy"]
+        self.assertIn("default-src 'none'", policy)
+        nonce = re.search(r"'nonce-([^']+)'", policy).group(1)
+        for tag in re.findall(r"<(?:script|style)\b[^>]*>", body):
+            self.assertIn('nonce="%s"' % nonce, tag)
+        # nothing from elsewhere: no absolute URL in any src or href
+        self.assertEqual(re.findall(r'(?:src|href)="(?:https?:)?//', body), [])
+
+    def test_browser_at_the_root_gets_the_projects_after_login(self):
+        ok = self.daemon.deploy(OK_SCRIPT, project="web")
+        self.daemon.wait_state("web", ok)
+        failed = self.daemon.deploy("exit 3", project="api")
+        self.daemon.wait_state("api", failed)
+        self.assertEqual(self.page("/", user=None)[0], 401)
+        status, headers, body = self.page("/")
+        self.assertEqual(status, 200)
+        self.assert_strict_page(headers, body)
+        self.assertIn('<a href="/deploy/ui/web">web</a>', body)
+        self.assertIn('<span class="badge ok">ok</span>', body)
+        self.assertIn('<span class="badge failed">3</span>', body)
+        without_nonce = lambda page: re.sub(r'nonce="[^"]+"', "", page)
+        self.assertEqual(without_nonce(self.page("/ui/")[2]), without_nonce(body))
+        # curl answers stay as they are
+        self.assertEqual(self.daemon.get("/", user=None)[2],
+                         "ipd %s: Image Push and Deploy\n" % ipd.__version__)
+
+    def test_hostile_file_names_and_log_lines_stay_text(self):
+        script = '#!/bin/sh\necho "<script>alert(1)</script> & <b>"\nexit 1\n'
+        package = tar_bytes({"control.sh": (script.encode(), 0o755)})
+        content_type, body = multipart([
+            ("project", "web"), ("package", ('<img src=x onerror=alert(1)>.tgz', package))])
+        deployment = self.daemon.request("POST", "/upload", body=body, headers={
+            "Content-Type": content_type})[2].strip()
+        self.daemon.wait_state("web", deployment)
+        status, headers, page = self.page("/ui/web")
+        self.assert_strict_page(headers, page)
+        self.assertNotIn("<img", page)
+        self.assertIn("&lt;img src=x onerror=alert(1)&gt;.tgz", page)
+        self.assertIn(hashlib.sha256(package).hexdigest(), page)
+        status, headers, page = self.page("/ui/web/" + deployment)
+        self.assertEqual(status, 200)
+        self.assertNotIn("<script>alert", page)
+        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;b&gt;", page)
+        self.assertNotIn("<script", page)  # ended: no live script either
+
+    def test_running_deployment_page_follows_its_log(self):
+        gate = os.path.join(self.tmp, "gate")
+        deployment = self.daemon.deploy(gate_script(gate, "echo started"))
+        self.daemon.wait_state("app", deployment, ["active"])
+        deadline = time.monotonic() + 10
+        while "started" not in self.daemon.log("app", deployment):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        status, headers, page = self.page("/ui/app/" + deployment)
+        self.assert_strict_page(headers, page)
+        self.assertIn('<span class="badge active">active</span>', page)
+        follow = html_unescape(re.search(r'data-follow="([^"]+)"', page).group(1))
+        self.assertEqual(follow, "/deploy/log/app/%s?follow=1&offset=8" % deployment)
+        self.assertIn("<script nonce=", page)
+        self.assertIn('<meta http-equiv="refresh" content="3">', page)  # no script
+        self.assertIn(">cancel</button>", page)
+        open(gate, "w").close()
+        self.daemon.wait_state("app", deployment)
+        # the script's stream, from where the page stopped
+        self.assertEqual(self.daemon.get(follow, root="")[2], "ipd: state: ok\n")
+
+    def test_buttons_need_the_same_origin(self):
+        gate = os.path.join(self.tmp, "gate")
+        deployment = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", deployment, ["active"])
+        path = "/ui/app/%s/cancel" % deployment
+        origin = "http://127.0.0.1:%d" % self.daemon.port
+        host = "127.0.0.1:%d" % self.daemon.port
+        for headers in ({"Origin": "https://evil.example"}, {},
+                        {"Sec-Fetch-Site": "cross-site"},
+                        {"Referer": "https://evil.example/page"}):
+            with self.subTest(headers=headers):
+                status, _, body = self.daemon.request("POST", path, headers=dict(
+                    headers, Host=host))
+                self.assertEqual(status, 403, body)
+        self.assertEqual(self.daemon.state("app", deployment), "active")
+        status, headers, _ = self.daemon.request("POST", path, headers={
+            "Origin": origin, "Host": host})
+        self.assertEqual(status, 303)
+        self.assertEqual(headers["Location"], "/deploy/ui/app/" + deployment)
+        self.assertEqual(self.daemon.wait_state("app", deployment), "cancelled")
+        status, headers, _ = self.daemon.request(
+            "POST", "/ui/app/%s/redeploy" % deployment,
+            headers={"Sec-Fetch-Site": "same-origin", "Host": host})
+        self.assertEqual(status, 303)
+        again = headers["Location"].rsplit("/", 1)[1]
+        self.assertNotEqual(again, deployment)
+        self.assertEqual(self.daemon.wait_state("app", again, ["active"]), "active")
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", again), "ok")
+
+    def test_roles_and_project_lists_apply(self):
+        with open(self.daemon.users_file, "a") as file:
+            file.write("USER:web-ci:%s:web\n" % sha256_hex("ci-pw"))
+        for project in ("web", "api"):
+            self.daemon.wait_state(project, self.daemon.deploy(project=project))
+        status, _, page = self.page("/ui/", user="web-ci:ci-pw")
+        self.assertIn(">web</a>", page)
+        self.assertNotIn(">api</a>", page)
+        self.assertEqual(self.page("/ui/api", user="web-ci:ci-pw")[0], 403)
+        self.assertEqual(self.page("/ui/web", user="web-ci:ci-pw")[0], 200)
+        self.assertEqual(self.page("/ui/nothing")[0], 404)
+        with open(self.daemon.users_file, "a") as file:
+            file.write("METRICS:scraper:%s\n" % sha256_hex("s-pw"))
+        self.assertEqual(self.page("/ui/", user="scraper:s-pw")[0], 403)
+
+
+class WebDriver:
+    """Debian's chromium driven through chromedriver's W3C WebDriver JSON API,
+    with http.client: headless, no network beyond loopback."""
+
+    ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+
+    def __init__(self, folder):
+        log = os.path.join(folder, "chromedriver.log")
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(["chromedriver", "--port=0"], stdout=out,
+                                            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            match = re.search(r"started successfully on port (\d+)", open(log).read())
+            if match:
+                self.port = int(match.group(1))
+                break
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError("chromedriver did not start: " + open(log).read())
+            time.sleep(0.05)
+        options = {"binary": shutil.which("chromium"), "args": [
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--window-size=900,900",
+            "--user-data-dir=" + os.path.join(folder, "chromium-profile")]}
+        self.session = self.call("POST", "/session", {"capabilities": {
+            "alwaysMatch": {"goog:chromeOptions": options}}})["sessionId"]
+
+    def call(self, method, path, body=None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        connection.request(method, path, body=json.dumps(body) if body is not None
+                           else None, headers={"Content-Type": "application/json"})
+        answer = json.loads(connection.getresponse().read() or b"{}")
+        connection.close()
+        value = answer.get("value")
+        if isinstance(value, dict) and value.get("error"):
+            raise AssertionError("WebDriver %s %s: %s" % (method, path,
+                                                          value.get("message", "")[:300]))
+        return value
+
+    def session_call(self, method, path, body=None):
+        return self.call(method, "/session/%s%s" % (self.session, path), body)
+
+    def cdp(self, command, params):
+        return self.session_call("POST", "/goog/cdp/execute", {"cmd": command,
+                                                               "params": params})
+
+    def open(self, url):
+        self.session_call("POST", "/url", {"url": url})
+
+    def find(self, css):
+        return self.session_call("POST", "/element", {"using": "css selector",
+                                                      "value": css})[self.ELEMENT]
+
+    def text(self, css):
+        return self.session_call("GET", "/element/%s/text" % self.find(css))
+
+    def click(self, css):
+        self.session_call("POST", "/element/%s/click" % self.find(css), {})
+
+    def wait_text(self, css, expected, timeout=15):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                text = self.text(css)
+            except AssertionError:
+                text = ""
+            if expected in text:
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError("%r never showed %r, only %r" % (css, expected,
+                                                                      text[-300:]))
+            time.sleep(0.1)
+
+    def screenshot(self, path):
+        data = base64.b64decode(self.session_call("GET", "/screenshot"))
+        with open(path, "wb") as file:
+            file.write(data)
+        return data
+
+    def quit(self):
+        try:
+            self.session_call("DELETE", "")
+        finally:
+            self.process.kill()
+            self.process.wait()
+
+
+def png_colours(data):
+    """How many different byte values the PNG's pixels hold (1: blank)."""
+    import zlib
+    position, idat = 8, b""
+    while position < len(data):
+        length = int.from_bytes(data[position:position + 4], "big")
+        kind = data[position + 4:position + 8]
+        if kind == b"IDAT":
+            idat += data[position + 8:position + 8 + length]
+        position += 12 + length
+    return len(set(zlib.decompress(idat)))
+
+
+class BrowserTests(DaemonTestCase):
+    """The status pages in a real headless Chromium.  Skipped where there is
+    none; IPD_TEST_BROWSER=required (as in CI) makes that a failure."""
+
+    @classmethod
+    def setUpClass(cls):
+        if shutil.which("chromium") and shutil.which("chromedriver"):
+            return
+        if os.environ.get("IPD_TEST_BROWSER") == "required":
+            raise AssertionError("IPD_TEST_BROWSER=required but no chromium")
+        raise unittest.SkipTest("needs Debian's chromium and chromium-driver")
+
+    def setUp(self):
+        super().setUp()
+        self.browser = WebDriver(self.tmp)
+        self.addCleanup(self.browser.quit)
+        self.browser.cdp("Network.enable", {})
+        self.browser.cdp("Network.setExtraHTTPHeaders", {"headers": {
+            "Authorization": "Basic " + base64.b64encode(b"admin:admin-pw").decode()}})
+        self.base = "http://127.0.0.1:%d/deploy" % self.daemon.port
+
+    def test_live_log_cancel_and_screenshots(self):
+        self.daemon.wait_state("web", self.daemon.deploy(project="web"))
+        self.browser.open(self.base + "/")
+        self.assertIn("web", self.browser.wait_text("table", "ok"))
+        first = self.browser.screenshot(os.path.join(self.tmp, "projects.png"))
+        self.assertGreater(png_colours(first), 10)
+        gates = [os.path.join(self.tmp, "gate%d" % n) for n in (1, 2)]
+        deployment = self.daemon.deploy(
+            '[ "$1" = deploy ] || exit 1\necho "line one"\n'
+            'while [ ! -e %s ]; do sleep 0.05; done\necho "line two <b>not bold</b>"\n'
+            'while [ ! -e %s ]; do sleep 0.05; done\nexit 1\n' % tuple(gates))
+        deadline = time.monotonic() + 10
+        while "line one" not in self.daemon.log("app", deployment):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        self.browser.open("%s/ui/app/%s" % (self.base, deployment))
+        self.assertIn("line one", self.browser.wait_text("#log", "line one"))
+        open(gates[0], "w").close()  # its next line appears without a reload
+        log = self.browser.wait_text("#log", "line two")
+        self.assertIn("line two <b>not bold</b>", log)
+        shot = self.browser.screenshot(os.path.join(self.tmp, "deployment.png"))
+        self.assertGreater(png_colours(shot), 10)
+        self.browser.click("form button")  # cancel, the running one's first button
+        self.browser.wait_text("p", "cancelled")
+        self.assertEqual(self.daemon.state("app", deployment), "cancelled")
+        self.browser.screenshot(os.path.join(self.tmp, "cancelled.png"))
+        report("Chromium: projects page, live log (a line appeared without a reload), "
+               "cancel by click; screenshots not blank")
+
+
+def html_unescape(text):
+    import html as html_module
+    return html_module.unescape(text)
+
+
+###############################################################################
 # Guarantees: tests that attack ipd and count ################################
 ###############################################################################
 
