@@ -9,6 +9,7 @@ running real control.sh scripts.
 
 import base64
 import hashlib
+import html
 import http.client
 import http.server
 import io
@@ -2244,7 +2245,7 @@ class StatusPageTests(DaemonTestCase):
         status, headers, page = self.page("/ui/app/" + deployment)
         self.assert_strict_page(headers, page)
         self.assertIn('<span class="badge active">active</span>', page)
-        follow = html_unescape(re.search(r'data-follow="([^"]+)"', page).group(1))
+        follow = html.unescape(re.search(r'data-follow="([^"]+)"', page).group(1))
         self.assertEqual(follow, "/deploy/log/app/%s?follow=1&offset=8" % deployment)
         self.assertIn("<script nonce=", page)
         self.assertIn('<meta http-equiv="refresh" content="3">', page)  # no script
@@ -2283,6 +2284,31 @@ class StatusPageTests(DaemonTestCase):
         self.assertEqual(self.daemon.wait_state("app", again, ["active"]), "active")
         open(gate, "w").close()
         self.assertEqual(self.daemon.wait_state("app", again), "ok")
+
+    def test_a_badge_for_each_state_and_hostile_names_in_urls(self):
+        expected = {"await": "await", "active": "active", "ok": "ok", "3": "failed",
+                    "126": "failed", "changed": "neutral", "cancelled": "neutral",
+                    "timeout": "failed", "interrupted": "failed",
+                    "<b>": "failed"}
+        for state, kind in expected.items():
+            self.assertEqual(ipd.state_badge(state), '<span class="badge %s">%s</span>'
+                             % (kind, html.escape(state)))
+        gate = os.path.join(self.tmp, "gate")
+        running = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", running, ["active"])
+        waiting = self.daemon.deploy(OK_SCRIPT)
+        superseding = self.daemon.deploy(OK_SCRIPT + "\n")
+        page = self.page("/ui/app")[2]
+        for state in ("active", "changed", "await"):
+            self.assertIn('badge %s">%s<' % (expected[state], state), page)
+        self.assertEqual(self.daemon.state("app", waiting), "changed")
+        open(gate, "w").close()
+        self.daemon.wait_state("app", superseding)
+        for path in ("/ui/%3Cscript%3E", "/ui/app/%3Cscript%3E", "/ui/..%2F..%2Fetc"):
+            status, headers, body = self.page(path)
+            self.assertEqual(status, 404)
+            self.assertNotIn("<", body)
+            self.assertTrue(headers["Content-Type"].startswith("text/plain"))
 
     def test_roles_and_project_lists_apply(self):
         with open(self.daemon.users_file, "a") as file:
@@ -2450,11 +2476,6 @@ class BrowserTests(DaemonTestCase):
         self.browser.screenshot(os.path.join(self.tmp, "cancelled.png"))
         report("Chromium: projects page, live log (a line appeared without a reload), "
                "cancel by click; screenshots not blank")
-
-
-def html_unescape(text):
-    import html as html_module
-    return html_module.unescape(text)
 
 
 ###############################################################################
