@@ -123,9 +123,6 @@ class Settings:
         for key, value in values.items():
             setattr(self, key, value)
 
-    def to_dict(self):
-        return {key: getattr(self, key) for key in SETTINGS}
-
 
 def parse_size(text):
     """'512', '64K', '10M', '4G', '1T' -> bytes.  Raises ValueError."""
@@ -315,10 +312,6 @@ class TooLarge(IpdError):
 
 class TooManyRequests(IpdError):
     http_status = 429
-
-
-class ServiceUnavailable(IpdError):
-    http_status = 503
 
 
 class DiskFull(IpdError):
