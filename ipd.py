@@ -2196,7 +2196,16 @@ class Daemon:
             self.uploads += 1
             self.bytes_received += size
 
-    def redeploy(self, earlier, user):
+    def cancel(self, record, user, address):
+        """Cancel a deployment for user (see DeploymentStore.cancel); logged
+        and audited."""
+        self.store.cancel(record["id"])
+        log.info("deployment %s of %s: cancel asked by %s", record["id"],
+                 record["project"], user.name)
+        audit_event("cancel", project=record["project"], deployment=record["id"],
+                    user=user.name, address=address)
+
+    def redeploy(self, earlier, user, address):
         """A new deployment from the kept files of an earlier one: the
         rollback.  Raises Gone when they were pruned."""
         if earlier["pruned"] or not earlier["files"]:
@@ -2216,6 +2225,9 @@ class Daemon:
                                     redeploy_of=earlier["id"])
         log.info("deployment %s of %s: redeploy of %s by %s", record["id"],
                  record["project"], earlier["id"], user.name)
+        audit_event("redeploy", project=record["project"], deployment=record["id"],
+                    redeploy_of=earlier["id"], user=user.name, address=address,
+                    files=record["files"])
         return record
 
     def deploy_upload(self, project, upload, user, **extra):
@@ -2426,15 +2438,10 @@ class StatusPages:
         if record is None:
             raise NotFound("no")
         if action == "cancel":
-            self.ipd.store.cancel(record["id"])
-            audit_event("cancel", project=project, deployment=record["id"],
-                        user=self.user.name, address=self.client_ip())
+            self.ipd.cancel(record, self.user, self.client_ip())
             target = record
         elif action == "redeploy":
-            target = self.ipd.redeploy(record, self.user)
-            audit_event("redeploy", project=project, deployment=target["id"],
-                        redeploy_of=record["id"], user=self.user.name,
-                        address=self.client_ip(), files=target["files"])
+            target = self.ipd.redeploy(record, self.user, self.client_ip())
         else:
             raise NotFound("no such action: %s" % action)
         self.send_response(303)
@@ -2840,24 +2847,16 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         record = self.find_deployment(project, deployment_id)
         if record is None:
             raise NotFound("no")
-        self.ipd.store.cancel(record["id"])
+        self.ipd.cancel(record, self.user, self.client_ip())
         record = self.ipd.store.wait_final(record["id"],
                                            self.ipd.settings.KILL_GRACE + 10)
-        log.info("deployment %s of %s: cancel asked by %s", record["id"], project,
-                 self.user.name)
-        audit_event("cancel", project=project, deployment=record["id"],
-                    user=self.user.name, address=self.client_ip())
         self.answer(200, record["state"] + "\n", public_record(record))
 
     def api_redeploy(self, project, deployment_id):
         record = self.find_deployment(project, deployment_id)
         if record is None:
             raise NotFound("no")
-        new = self.ipd.redeploy(record, self.user)
-        audit_event("redeploy", project=project, deployment=new["id"],
-                    redeploy_of=record["id"], user=self.user.name,
-                    address=self.client_ip(), files=new["files"])
-        self.answer_deployment(new)
+        self.answer_deployment(self.ipd.redeploy(record, self.user, self.client_ip()))
 
     def api_audit(self):
         """GET /audit?project=P&since=T: the audit log's events, oldest first
