@@ -44,6 +44,7 @@ import hmac
 import html
 import http.server
 import io
+import ipaddress
 import json
 import logging
 import logging.handlers
@@ -102,6 +103,16 @@ SETTINGS = {
                        "time to send a request's line and headers; also the "
                        "idle time of a kept-alive connection"),
     "MAX_CONNECTIONS": ("512", "count", "open connections; more get 503"),
+    "MAX_CONNECTIONS_PER_ADDRESS": ("64", "count",
+                                    "open connections of one client address "
+                                    "(behind a trusted proxy: its X-Real-IP); "
+                                    "more get 503"),
+    "TRUSTED_PROXIES": ("127.0.0.0/8 ::1", "networks",
+                        "peers whose X-Real-IP / X-Forwarded-For name the "
+                        "client (the nginx in front); empty: none"),
+    "PUBLIC_ORIGIN": ("", "origins",
+                      "origin(s) browsers reach ipd at, like "
+                      "https://deploy.example.com; empty: from the Host header"),
     "PASS_ENV": ("", "names",
                  "daemon environment variables passed on to control.sh"),
     "NOTIFY_URL": ("", "url", "where a JSON summary of each ended deployment "
@@ -161,6 +172,15 @@ def parse_setting(kind, text):
         return names
     if kind == "address":
         return parse_listen(text)
+    if kind == "networks":
+        return [ipaddress.ip_network(word, strict=False)
+                for word in text.replace(",", " ").split()]
+    if kind == "origins":
+        origins = [normalize_origin(word) for word in text.replace(",", " ").split()]
+        if None in origins:
+            raise ValueError("each must be scheme://host[:port], like "
+                             "https://deploy.example.com")
+        return origins
     if kind == "url":
         if text and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
             raise ValueError("must be an http:// or https:// URL")
@@ -184,6 +204,36 @@ def parse_listen(text):
     if port > 65535:
         raise ValueError("port out of range")
     return host, port
+
+
+def normalize_origin(text):
+    """'HTTPS://Example.com' -> 'https://example.com:443'; None when text is
+    not an http(s) origin (RFC 6454: scheme, host and port, nothing else)."""
+    match = re.fullmatch(r"(https?)://([^/?#@\s]+)", text.strip(), re.IGNORECASE)
+    if not match:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(text.strip())
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not host:
+        return None
+    scheme = match.group(1).lower()
+    port = port or (443 if scheme == "https" else 80)
+    host = "[%s]" % host if ":" in host else host
+    return "%s://%s:%d" % (scheme, host.lower(), port)
+
+
+def address_in(address, networks):
+    """True when the address text is in one of networks."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if getattr(ip, "ipv4_mapped", None):
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 def unquote_env_value(text):
@@ -318,6 +368,10 @@ class DiskFull(IpdError):
     http_status = 507
 
 
+class Unavailable(IpdError):
+    http_status = 503
+
+
 class MultipartError(BadRequest):
     """The request body is not well-formed multipart/form-data."""
 
@@ -334,6 +388,8 @@ PROJECT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
 DEPLOYMENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-"
                            r"[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
 log = logging.getLogger("ipd")
 audit = logging.getLogger("ipd.audit")  # LOG_DIR/audit.log, JSON lines
 
@@ -344,6 +400,16 @@ def audit_event(event, **fields):
     now = time.time()
     audit.info("%s", json.dumps(dict({"time": iso_time(now), "ts": round(now, 3),
                                       "event": event}, **fields), sort_keys=True))
+
+
+def printable(text, limit=200):
+    """text for a log line or a one-line answer: control characters (a
+    forged line's CR and LF) escaped, cut to limit characters."""
+    text = str(text)
+    cut = len(text) > limit
+    text = CONTROL_CHARACTERS.sub(lambda match: "\\x%02x" % ord(match.group()),
+                                  text[:limit])
+    return text + "..." if cut else text
 
 
 def is_project_name(name):
@@ -831,6 +897,11 @@ class LengthBody:
         self.rfile = rfile
         self.remaining = length
         self.received = 0
+
+    @property
+    def finished(self):
+        """True once every byte of the body was read."""
+        return self.remaining <= 0
 
     def readinto(self, view):
         """Fill view from the body; 0 at its end.  Raises ClientGone."""
@@ -1535,6 +1606,9 @@ class DeploymentStore:
         with self._lock:
             record = self._records[deployment_id]
             project = record["project"]
+            if record["state"] not in UNFINISHED:  # the state first: it is final
+                raise Conflict("deployment %s has ended already: %s"
+                               % (deployment_id, record["state"]))
             if self._waiting.get(project) == deployment_id:
                 del self._waiting[project]
             elif deployment_id in self._cancels:
@@ -2175,6 +2249,31 @@ ROUTES = {
 }
 
 
+# Methods that change nothing, so a browser may send them from any page.
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def check_origin(method, headers, own_origins):
+    """Refuse a state-changing request that a page of another origin made a
+    browser send.  Browsers attach remembered Basic credentials to every
+    request to this server, even one that a foreign page's form or fetch()
+    starts, so a login alone proves nothing about who asked.  Sec-Fetch-Site
+    (sent by current browsers) must say same-origin or none; an Origin, when
+    present, must be exactly one of own_origins.  A request with neither
+    header (curl, CI, ipd.py push) is no browser's and passes.  Raises
+    Forbidden."""
+    if method in SAFE_METHODS:
+        return
+    site = headers.get("Sec-Fetch-Site")
+    if site is not None and site.strip().lower() not in ("same-origin", "none"):
+        raise Forbidden("cross-origin request refused: Sec-Fetch-Site is %s"
+                        % printable(site, 20))
+    origin = headers.get("Origin")
+    if origin is not None and normalize_origin(origin) not in own_origins:
+        raise Forbidden("cross-origin request refused: Origin %s is not this "
+                        "server's (see PUBLIC_ORIGIN)" % printable(origin, 100))
+
+
 class Daemon:
     """What the handlers share: settings, users, deployments, counters."""
 
@@ -2451,20 +2550,16 @@ class StatusPages:
         self.end_headers()
 
     def check_same_origin(self):
-        """Refuse a POST that another site's page made the browser send:
-        Origin (or Sec-Fetch-Site, or Referer) must name this host."""
-        host = urllib.parse.urlsplit("//" + self.headers.get("Host", "")).hostname
-        origin = self.headers.get("Origin")
-        site = self.headers.get("Sec-Fetch-Site")
-        referer = self.headers.get("Referer")
-        if origin is not None:
-            same = urllib.parse.urlsplit(origin).hostname == host
-        elif site is not None:
-            same = site in ("same-origin", "none")
-        else:
-            same = bool(referer) and urllib.parse.urlsplit(referer).hostname == host
-        if not same or not host:
-            raise Forbidden("cross-site request refused")
+        """A button's POST comes from a browser, which says where from:
+        besides check_origin (done for every request), one with neither
+        Origin nor Sec-Fetch-Site needs a Referer of this server's origin."""
+        if "Origin" in self.headers or "Sec-Fetch-Site" in self.headers:
+            return
+        referer = self.headers.get("Referer", "")
+        match = re.match(r"[^:/]+://[^/?#]+", referer)
+        if not match or normalize_origin(match.group(0)) not in self.own_origins():
+            raise Forbidden("cross-origin request refused: a button's POST "
+                            "must name its origin")
 
 
 class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
@@ -2477,17 +2572,34 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         self.timeout = self.server.ipd.settings.READ_TIMEOUT
+        self.ipd = self.server.ipd
         super().setup()
 
     def handle_one_request(self):
+        self.begin_request()
         # The request line and headers must come within HEADER_TIMEOUT,
         # however slowly they trickle in (see ConnectionGuard).
         self.server.guard.expect_head(self.connection)
         super().handle_one_request()
 
+    def begin_request(self):
+        """Set every per-request attribute afresh, before the request line
+        is read (as http.server's parse_request does for its own): nothing
+        of one request may leak into the next on a kept-alive connection."""
+        self.headers = None
+        self.path = ""
+        self.query = {}
+        self.user = None
+        self.body = None  # the body reader, once the body is opened
+        self.expects_continue = False
+        self.announced_project = None
+        self.status_sent = None
+        self.bytes_sent = 0
+        self.started = time.monotonic()
+
     def handle_expect_100(self):
         # Answer 100 Continue only once the request passed its checks
-        # (see upload), so a refused upload sends no body.
+        # (see api_upload), so a refused upload sends no body.
         self.expects_continue = True
         return True
 
@@ -2514,14 +2626,10 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
 
     def dispatch(self, method):
         self.server.guard.head_done(self.connection)
-        self.ipd = self.server.ipd
-        self.user = None
-        self.status_sent = None
-        self.bytes_sent = 0
-        self.body_read = 0
-        self.expects_continue = getattr(self, "expects_continue", False)
-        started = time.monotonic()
         try:
+            self.check_framing()
+            self.count_against_client()
+            check_origin(method, self.headers, self.own_origins())
             handler, role, args = self.route(method)
             if role:
                 self.user = self.authenticate(role)
@@ -2529,17 +2637,48 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         except IpdError as error:
             self.send_error_answer(error)
         except ClientGone as error:
-            log.info("%s %s: client gone: %s", method, self.path, error)
+            log.info("%s %s: client gone: %s", method, self.path[:200], error)
             self.close_connection = True
         except (socket.timeout, ConnectionError) as error:
-            log.info("%s %s: connection lost: %s", method, self.path, error)
+            log.info("%s %s: connection lost: %s", method, self.path[:200], error)
             self.close_connection = True
         except Exception:
-            log.exception("internal error on %s %s", method, self.path)
+            log.exception("internal error on %s %s", method, self.path[:200])
             self.send_error_answer(IpdError("internal error, see the ipd log"))
         finally:
-            self.expects_continue = False
-            self.log_access(method, started)
+            if self.has_unread_body():
+                self.close_connection = True
+            self.log_access(method)
+
+    def count_against_client(self):
+        """A proxied request's connection counts against the client the
+        proxy names (MAX_CONNECTIONS_PER_ADDRESS); over it, 503 and close."""
+        if not self.server.guard.attribute(self.connection, self.client_ip()):
+            self.close_connection = True
+            raise Unavailable("too many connections from %s, try again"
+                              % self.client_ip(), {"Retry-After": "1"})
+
+    def check_framing(self):
+        """One way to find where the body ends, or the request is refused
+        and the connection closed (RFC 9112 6.1 and 6.3): a request that
+        names both Content-Length and Transfer-Encoding, chunked on
+        HTTP/1.0, a coding other than chunked, or differing lengths."""
+        codings = self.headers.get_all("Transfer-Encoding") or []
+        lengths = self.headers.get_all("Content-Length") or []
+        reason = None
+        if codings and lengths:
+            reason = "both Content-Length and Transfer-Encoding"
+        elif codings and self.request_version == "HTTP/1.0":
+            reason = "Transfer-Encoding on HTTP/1.0"
+        elif codings and ",".join(codings).strip().lower() != "chunked":
+            reason = "unsupported Transfer-Encoding (only chunked)"
+        elif lengths:
+            values = {value.strip() for value in ",".join(lengths).split(",")}
+            if len(values) != 1 or not re.fullmatch(r"[0-9]{1,19}", values.pop()):
+                reason = "bad Content-Length"
+        if reason:
+            self.close_connection = True
+            raise BadRequest("malformed request: %s" % reason)
 
     def route(self, method):
         """Map the request to (bound method, required role, arguments)."""
@@ -2636,23 +2775,26 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
             self.bytes_sent += len(body)
 
     def send_response(self, code, message=None):
+        """The status line; a request whose body was not read to its end
+        is answered with Connection: close, and the connection closed,
+        since its unread bytes must never be taken for the next request."""
         self.status_sent = code
+        if self.has_unread_body():
+            self.close_connection = True
         super().send_response(code, message)
+        if self.close_connection:
+            self.send_header("Connection", "close")
 
     def send_error_answer(self, error):
         if self.status_sent is not None:  # too late for a clean answer
             self.close_connection = True
             return
-        if self.has_unread_body():
-            self.close_connection = True
         message = str(error).splitlines()[0] if str(error) else "error"
         try:
             self.answer(error.http_status, message + "\n", {"error": message},
@@ -2661,29 +2803,52 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def has_unread_body(self):
-        if getattr(self, "headers", None) is None:
+        """True when the request announced a body that was not read to its
+        end: whatever is left of it must not be parsed as a request."""
+        if self.headers is None:
             return False
-        length = self.headers.get("Content-Length")
-        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        if chunked or (length and length.strip() != "0"):
-            return not getattr(self, "body_consumed", False)
-        return False
+        if self.body is not None:
+            return not self.body.finished
+        return "Transfer-Encoding" in self.headers or \
+            self.headers.get("Content-Length", "0").strip() not in ("", "0")
 
     def client_ip(self):
         """The client's address: the proxy's word for it (X-Real-IP, else
-        the last X-Forwarded-For) when the request came from this host."""
-        address = self.client_address[0]
-        if address in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
-            forwarded = self.headers.get("X-Real-IP") or \
-                self.headers.get("X-Forwarded-For", "").split(",")[-1]
-            address = forwarded.strip()[:64] or address
-        return re.sub(r"[^0-9A-Za-z.:_\-]", "?", address)  # safe to log
+        the last X-Forwarded-For) when the peer is in TRUSTED_PROXIES."""
+        peer = self.client_address[0]
+        if self.headers is None or not self.peer_is_trusted():
+            return peer
+        forwarded = self.headers.get("X-Real-IP") or \
+            self.headers.get("X-Forwarded-For", "").split(",")[-1]
+        try:
+            return str(ipaddress.ip_address(forwarded.strip()))
+        except ValueError:
+            return peer  # absent or not an address: the peer's own
 
-    def log_access(self, method, started):
+    def peer_is_trusted(self):
+        return address_in(self.client_address[0],
+                          self.ipd.settings.TRUSTED_PROXIES)
+
+    def own_origins(self):
+        """This server's origins as a browser sees them: PUBLIC_ORIGIN, else
+        the Host header's, with the scheme from a trusted proxy."""
+        if self.ipd.settings.PUBLIC_ORIGIN:
+            return self.ipd.settings.PUBLIC_ORIGIN
+        scheme = "http"
+        if self.peer_is_trusted():
+            forwarded = self.headers.get("X-Forwarded-Proto", "").strip().lower()
+            scheme = forwarded if forwarded in ("http", "https") else scheme
+        origin = normalize_origin("%s://%s" % (scheme, self.headers.get("Host", "")))
+        return [origin] if origin else []
+
+    def log_access(self, method):
+        path = self.path if len(self.path) <= 200 else \
+            "%s...(%d bytes)" % (self.path[:200], len(self.path))
         log.info('%s "%s %s" %s user=%s in=%d out=%d %.3fs', self.client_ip(), method,
-                 re.sub(r"[\x00-\x20\x7f]", "?", self.path), self.status_sent or "-",
-                 self.user.name if self.user else "-", self.body_read,
-                 self.bytes_sent, time.monotonic() - started)
+                 re.sub(r"[\x00-\x20\x7f]", "?", path), self.status_sent or "-",
+                 self.user.name if self.user else "-",
+                 self.body.received if self.body else 0,
+                 self.bytes_sent, time.monotonic() - self.started)
 
     def log_message(self, format, *args):
         log.info("%s %s", self.address_string(), format % args)
@@ -2747,8 +2912,28 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
             return
         wait = self.query_seconds("wait")
         if wait:
-            record = self.ipd.store.wait_final(record["id"], wait)
+            record = self.wait_final(record, wait)
         self.answer(200, record["state"] + "\n", public_record(record))
+
+    def wait_final(self, record, timeout):
+        """The record once it ends or timeout passes, looking each second
+        whether the client is still there (an abandoned wait must give its
+        connection back).  Raises ClientGone."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            record = self.ipd.store.wait_final(record["id"], min(1.0, remaining))
+            if record["state"] not in UNFINISHED or remaining <= 1.0:
+                return record
+            if peer_closed(self.connection):
+                raise ClientGone("gave up waiting")
+
+    def query_number(self, name):
+        """?name=N as a whole number of ASCII digits (0 when absent)."""
+        text = self.query.get(name, ["0"])[-1]
+        if not re.fullmatch(r"[0-9]{1,18}", text):
+            raise BadRequest("%s must be a whole number" % name)
+        return int(text)
 
     def query_seconds(self, name, limit=3600):
         """?name=SECONDS as a number from 0 to limit (0 when absent)."""
@@ -2801,6 +2986,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         """Stream the log as control.sh writes it, chunked, until the
         deployment ends; the last line names its final state.  Followers
         read the log file, never the script: many of them cost it nothing."""
+        offset = self.query_number("offset")
         chunked = self.request_version == "HTTP/1.1"
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
@@ -2813,9 +2999,9 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        offset = self.query.get("offset", ["0"])[-1]
-        file.seek(int(offset) if offset.isdigit() else 0)
+        file.seek(offset)
         last = b"\n"
+        quiet_since = time.monotonic()
         while True:
             data = file.read(CHUNK_SIZE)
             if data:
@@ -2823,6 +3009,10 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
                 last = data[-1:]
                 continue
             current = self.ipd.store.wait_final(record["id"], 0.2)
+            if time.monotonic() - quiet_since >= 1:  # still anybody there?
+                if peer_closed(self.connection):
+                    raise ClientGone("stopped following the log")
+                quiet_since = time.monotonic()
             if current["state"] not in UNFINISHED:
                 data = file.read()  # what it printed last
                 if data:
@@ -2904,7 +3094,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
 
     def api_upload(self):
         settings = self.ipd.settings
-        body = self.open_body(settings.MAX_UPLOAD_SIZE)
+        self.body = body = self.open_body(settings.MAX_UPLOAD_SIZE)
         boundary = self.multipart_boundary()
         # The project may be named before the body (?project= or the
         # X-Ipd-Project header): a refused push then sends no file bytes.
@@ -2915,20 +3105,14 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         if self.expects_continue:
             self.send_response_only(100)
             self.end_headers()
-        try:
-            upload = receive_upload(body, boundary, settings.UPLOAD_DIR,
-                                    self.check_field)
-        except BaseException:
-            self.body_read = body.received
-            raise
-        finally:
-            self.body_consumed = True
-        self.body_read = body.received
-        self.ipd.count_upload(body.received)
+        upload = receive_upload(body, boundary, settings.UPLOAD_DIR,
+                                self.check_field)
         try:
             record, created = self.create_deployment(upload)
         finally:
             upload.discard()
+        if created:
+            self.ipd.count_upload(body.received)
         self.answer_deployment(record, 202 if created else 200)
 
     def answer_deployment(self, record, status=202):
@@ -2968,7 +3152,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         if name == "project":
             check_project_name(value)
             self.check_project_access(value)
-            announced = getattr(self, "announced_project", None)
+            announced = self.announced_project
             if announced is not None and value != announced:
                 raise BadRequest("the project field (%s) differs from the project "
                                  "named before the body (%s)" % (value, announced))
@@ -3017,6 +3201,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.ipd = daemon
         self.guard = ConnectionGuard(daemon.settings.MAX_CONNECTIONS,
+                                     daemon.settings.MAX_CONNECTIONS_PER_ADDRESS,
                                      daemon.settings.HEADER_TIMEOUT)
         self.last_loop = time.monotonic()
         super().__init__(address, Handler)
@@ -3025,9 +3210,10 @@ class Server(http.server.ThreadingHTTPServer):
         self.last_loop = time.monotonic()  # the watchdog's sign of life
 
     def process_request(self, request, client_address):
-        if not self.guard.admit(request):
-            log.warning("refusing a connection from %s: MAX_CONNECTIONS (%d) "
-                        "are open", client_address[0], self.guard.limit)
+        exceeded = self.guard.admit(request, client_address[0])
+        if exceeded:
+            log.warning("refusing a connection from %s: %s reached",
+                        client_address[0], exceeded)
             answer_busy(request)
             self.shutdown_request(request)
             return
@@ -3043,6 +3229,17 @@ class Server(http.server.ThreadingHTTPServer):
         log.exception("error on a connection from %s", client_address[0])
 
 
+def peer_closed(connection):
+    """True when the client has closed its end (the socket reads as EOF),
+    or the socket is broken; pipelined bytes waiting to be read are not
+    an end."""
+    try:
+        readable = select.select([connection], [], [], 0)[0]
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
 def answer_busy(connection):
     """503 to a connection over the limit, without a thread for it."""
     body = b"too many connections, try again\n"
@@ -3056,37 +3253,68 @@ def answer_busy(connection):
 
 
 class ConnectionGuard:
-    """Counts open connections against a limit, and cuts those whose
-    request head is not complete by its deadline.
+    """Counts open connections against a limit, in all and per client
+    address, and cuts those whose request head is not complete by its
+    deadline.
 
     A socket timeout alone cannot stop a client that sends one byte a
     second; a reaper thread shuts such sockets down, which ends the read
-    that their handler thread is blocked in.
+    that their handler thread is blocked in.  A connection counts against
+    its peer's address until a request on it names its client (a trusted
+    proxy's X-Real-IP), then against that client's.
     """
 
-    def __init__(self, limit, head_timeout):
+    def __init__(self, limit, per_address, head_timeout):
         self.limit = limit
+        self.per_address = per_address
         self.head_timeout = head_timeout
         self._lock = threading.Lock()
-        self._open = set()
+        self._open = {}  # socket -> the address it counts against
+        self._counts = {}  # address -> its open connections
         self._deadlines = {}  # socket -> monotonic deadline of its head
         self._reaper = None
 
-    def admit(self, connection):
+    def admit(self, connection, address):
+        """Count a new connection; returns None, or the setting it would
+        exceed."""
         with self._lock:
             if len(self._open) >= self.limit:
-                return False
-            self._open.add(connection)
+                return "MAX_CONNECTIONS"
+            if self._counts.get(address, 0) >= self.per_address:
+                return "MAX_CONNECTIONS_PER_ADDRESS"
+            self._open[connection] = address
+            self._counts[address] = self._counts.get(address, 0) + 1
             if self._reaper is None:
                 self._reaper = threading.Thread(target=self._reap, name="reaper",
                                                 daemon=True)
                 self._reaper.start()
+            return None
+
+    def attribute(self, connection, address):
+        """Count connection against address from now on; False when that
+        address has MAX_CONNECTIONS_PER_ADDRESS open already."""
+        with self._lock:
+            current = self._open.get(connection)
+            if current is None or current == address:
+                return True
+            if self._counts.get(address, 0) >= self.per_address:
+                return False
+            self._uncount(current)
+            self._open[connection] = address
+            self._counts[address] = self._counts.get(address, 0) + 1
             return True
 
     def release(self, connection):
         with self._lock:
-            self._open.discard(connection)
+            address = self._open.pop(connection, None)
+            if address is not None:
+                self._uncount(address)
             self._deadlines.pop(connection, None)
+
+    def _uncount(self, address):
+        self._counts[address] -= 1
+        if not self._counts[address]:
+            del self._counts[address]
 
     def expect_head(self, connection):
         with self._lock:
