@@ -37,6 +37,7 @@ import base64
 import binascii
 import bisect
 import calendar
+import codecs
 import errno
 import getpass
 import hashlib
@@ -44,6 +45,7 @@ import hmac
 import html
 import http.server
 import io
+import itertools
 import ipaddress
 import json
 import logging
@@ -572,6 +574,7 @@ class UserDB:
         self._users = {}
         self._verified = {}
         self._cache_key = secrets.token_bytes(32)
+        self._decoy = None
 
     def _reload_if_changed(self):
         try:
@@ -600,18 +603,31 @@ class UserDB:
             for warning in warnings:
                 log.warning("%s", warning)
 
+    def _decoy_hash(self):
+        """A PBKDF2 hash of no one's password, checked for a login that
+        fails before a PBKDF2 check of its own, so that every wrong login
+        costs the same."""
+        if self._decoy is None:
+            self._decoy = hash_password(secrets.token_hex(16))
+        return self._decoy
+
     def authenticate(self, name, password):
         """Return the User for a right name and password, else None."""
         self._reload_if_changed()
         with self._lock:
             user = self._users.get(name)
-        stored = user.password_hash if user else "0" * 64
+        if user is None:  # as slow as a wrong password: names stay secret
+            check_password(password, self._decoy_hash())
+            return None
+        stored = user.password_hash
         key = hmac.new(self._cache_key, ("%s\0%s\0%s" % (name, stored, password))
                        .encode(), "sha256").digest()
         with self._lock:
             if key in self._verified:
                 return self._verified[key]
-        if not check_password(password, stored) or user is None:
+        if not check_password(password, stored):
+            if not stored.startswith("pbkdf2_sha256$"):  # a fast hash: pay PBKDF2
+                check_password(password, self._decoy_hash())
             return None
         with self._lock:
             if len(self._verified) > 10000:
@@ -836,51 +852,98 @@ class MultipartParser:
         return position + found + 4 - before
 
 
+HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
 def parse_part_headers(block):
-    """b'Name: value\\r\\n...' -> {'name': 'value'}.  Raises MultipartError."""
+    """b'Name: value\\r\\n...' -> {'name': 'value'}.  Raises MultipartError
+    for a header that is not UTF-8 or whose name is not an HTTP token."""
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MultipartError("malformed part header: not UTF-8")
     headers = {}
     name = None
-    for line in block.decode("utf-8", "replace").split("\r\n"):
+    for line in text.split("\r\n"):
         if not line:
             continue
         if line[0] in " \t" and name:  # obsolete line folding
             headers[name] += " " + line.strip()
             continue
         name, colon, value = line.partition(":")
-        name = name.strip().lower()
-        if not colon or not name:
-            raise MultipartError("malformed part header: %r" % line[:60])
+        if not colon or not HTTP_TOKEN.match(name):
+            raise MultipartError("malformed part header: %s" % printable(line, 60))
+        name = name.lower()
         headers[name] = value.strip()
     return headers
+
+
+# A parameter: name=token, or name="quoted" where the quoted value runs to
+# the last quote before the next ';' (browsers send '"' as %22 and do not
+# escape with backslashes: WHATWG HTML, multipart/form-data encoding).
+HEADER_PARAM = re.compile(r'\s*([^\s=;]+)\s*=\s*(?:"((?:[^"]|"(?!\s*(?:;|$)))*)"'
+                          r'|([^;]*?))\s*(?:;|$)')
+EXTENDED_CHARSETS = ("utf-8", "iso-8859-1", "us-ascii")
 
 
 def parse_header_params(value):
     """'form-data; name="a"; filename="b"' -> ('form-data', {'name': 'a', ...}).
 
-    Quoted strings may hold ';' and backslash escapes; filename* (RFC 5987)
-    wins over filename.
+    Quoted values as browsers write them (%22, %0D, %0A for '"', CR, LF; a
+    backslash is itself); an extended value (RFC 8187: filename*=UTF-8'en'
+    %C3%A9.tar) wins over the plain one when it decodes, and a bad one
+    without a plain fallback is BadRequest.
     """
     main, _, rest = value.partition(";")
-    params = {}
-    pattern = re.compile(r'\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)\s*(?:;|$)')
+    params, extended = {}, {}
     position = 0
     while position < len(rest):
-        match = pattern.match(rest, position)
-        if not match:
+        match = HEADER_PARAM.match(rest, position)
+        if not match or match.end() == position:
             break
-        key, raw = match.group(1).lower(), match.group(2).strip()
-        if raw.startswith('"'):
-            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
-        params[key] = raw
+        key = match.group(1).lower()
+        if match.group(2) is not None:
+            text = re.sub("%(22|0[dD]|0[aA])",
+                          lambda m: chr(int(m.group(1), 16)), match.group(2))
+        else:
+            text = match.group(3).strip()
+        if key.endswith("*"):
+            extended[key[:-1]] = text
+        else:
+            params[key] = text
         position = match.end()
-    if "filename*" in params:
-        charset, _, encoded = params["filename*"].partition("''")
-        try:
-            params["filename"] = urllib.parse.unquote(encoded, charset or "utf-8",
-                                                      "strict")
-        except (LookupError, UnicodeDecodeError):
-            pass
+    for key, text in extended.items():
+        decoded = decode_extended_value(text)
+        if decoded is not None:
+            params[key] = decoded
+        elif key not in params:
+            raise BadRequest("bad %s* parameter: use UTF-8''percent-encoded "
+                             "text (RFC 8187)" % printable(key, 40))
     return main.strip().lower(), params
+
+
+def decode_extended_value(text):
+    """"UTF-8'en'%C3%A9" -> 'é'; None unless charset, language and
+    percent-encoding are well-formed and the charset is one RFC 8187 names."""
+    parts = text.split("'")
+    if len(parts) != 3 or parts[0].lower() not in EXTENDED_CHARSETS:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9-]{0,35}", parts[1]) or \
+            not re.fullmatch(r"(?:[!#$&+.^_`|~0-9A-Za-z-]|%[0-9A-Fa-f]{2})*", parts[2]):
+        return None
+    try:
+        return urllib.parse.unquote_to_bytes(parts[2]).decode(parts[0].lower())
+    except UnicodeDecodeError:
+        return None
+
+
+def client_filename(name):
+    """The base name of a file name as a browser or client sent it: old
+    browsers send a whole Windows path (C:\\Users\\x\\a.png: a.png);
+    a backslash elsewhere is part of the name."""
+    if re.match(r"[A-Za-z]:\\|\\\\", name):
+        name = name.rsplit("\\", 1)[-1]
+    return name.rsplit("/", 1)[-1]
 
 
 ###############################################################################
@@ -1122,23 +1185,26 @@ def parse_since(text):
 
 
 def read_audit(path, project=None, since=0.0):
-    """The events of the audit log at path, filtered."""
-    events = []
+    """The events of the audit log at path, filtered, one at a time (the
+    log may be larger than memory)."""
     try:
-        with open(path, encoding="utf-8") as file:
-            for line in file:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if event.get("ts", 0) < since:
-                    continue
-                if project and event.get("project") != project:
-                    continue
-                events.append(event)
+        file = open(path, encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        pass
-    return events
+        return
+    with file:
+        for line in file:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(event, dict) or \
+                    not isinstance(event.get("ts", 0), (int, float)):
+                continue
+            if event.get("ts", 0) < since:
+                continue
+            if project and event.get("project") != project:
+                continue
+            yield event
 
 
 def check_digests(upload):
@@ -1168,8 +1234,13 @@ def open_sink(upload, headers, folder):
                              "Content-Disposition: form-data; name=...")
     if name in upload.fields or name in upload.files:
         raise BadRequest("form field %r given twice" % name)
+    encoding = headers.get("content-transfer-encoding", "binary").lower()
+    if encoding not in ("7bit", "8bit", "binary"):  # RFC 7578 4.7
+        raise BadRequest("part %s: Content-Transfer-Encoding %s is not taken: "
+                         "send the bytes as they are" % (printable(name, 40),
+                                                         printable(encoding, 20)))
     if name in UPLOAD_FILE_FIELDS:
-        filename = os.path.basename(params.get("filename") or name)
+        filename = client_filename(params.get("filename") or "") or name
         sink = FileSink(folder, name, filename)
         upload.files[name] = sink
         return sink
@@ -1196,6 +1267,13 @@ def member_parts(name):
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise BadRequest("package entry %r: '..' in path" % name)
+    # What a Linux file system takes: 255 bytes a name, 4095 a path.
+    if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in parts):
+        raise BadRequest("package entry %s: a name over 255 bytes"
+                         % printable(repr(name), 80))
+    if len(name.encode("utf-8", "surrogateescape")) > 3800 or len(parts) > 200:
+        raise BadRequest("package entry %s: path too long or too deep"
+                         % printable(repr(name), 80))
     return parts
 
 
@@ -1234,8 +1312,12 @@ class PackageWriter:
         parts = member_parts(name)
         if not parts:
             return
-        if self.kinds.get(tuple(parts)) == "dir":
+        kind = self.kinds.get(tuple(parts))
+        if kind == "dir":
             return
+        if kind is not None:
+            raise BadRequest("package entry %r: a folder where the package has "
+                             "a %s" % (name, "symlink" if kind == "link" else "file"))
         self._prepare_parent(name, parts)
         os.mkdir(self._path(parts), 0o755)
         self.kinds[tuple(parts)] = "dir"
@@ -1313,6 +1395,9 @@ def unpack_package(archive, folder, max_bytes):
     except OSError as error:
         if error.errno is None:  # gzip and bz2 say "corrupt" this way
             raise BadRequest("package is not a valid archive: %s" % error)
+        if error.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR,
+                           errno.EEXIST, errno.ELOOP):  # a layout no folder takes
+            raise BadRequest("package cannot be unpacked: %s" % error.strerror)
         raise disk_errors(error)
     except Exception as error:
         if type(error).__module__ in ("zlib", "lzma", "_lzma", "bz2", "_bz2"):
@@ -2249,6 +2334,29 @@ ROUTES = {
 }
 
 
+def json_array_pieces(key, items):
+    """'{"key": [' item, item ... ']}' as pieces, for send_stream."""
+    yield '{"%s": [' % key
+    separator = "\n"
+    for item in items:
+        yield separator + item
+        separator = ",\n"
+    yield "\n]}\n"
+
+
+def json_string_pieces(file):
+    """The bytes of file as the inside of a JSON string, piece by piece
+    (UTF-8 split across reads is joined; bad bytes become U+FFFD)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    while True:
+        data = file.read(CHUNK_SIZE)
+        text = decoder.decode(data, final=not data)
+        if text:
+            yield json.dumps(text)[1:-1]
+        if not data:
+            return
+
+
 # Methods that change nothing, so a browser may send them from any page.
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -2393,6 +2501,29 @@ FOLLOW_SCRIPT = (
     "return pump();});})();")
 
 
+# The deployment page shows this much of a log's end; the rest is a link.
+PAGE_LOG_TAIL = 256 * 1024
+
+
+def read_log_tail(path, limit):
+    """(bytes left out, the last at most limit bytes of the file at path,
+    from a line's start where one begins in them); (0, b'') if missing."""
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:
+        return 0, b""
+    with file:
+        size = file.seek(0, io.SEEK_END)
+        start = max(0, size - limit)
+        file.seek(start)
+        text = file.read(limit)
+    if start:
+        newline = text.find(b"\n")
+        if 0 <= newline < len(text) - 1:
+            start, text = start + newline + 1, text[newline + 1:]
+    return start, text
+
+
 def state_badge(state):
     kind = state if state in ("ok", "active", "await") else \
         "neutral" if state in ("changed", "cancelled") else "failed"
@@ -2420,6 +2551,8 @@ class StatusPages:
             and not self.wants_json()
 
     def send_page(self, title, body, script=None, refresh=False):
+        """An HTML page; body is its text, or pieces of it (a long list is
+        sent as it is rendered, never whole in memory)."""
         nonce = secrets.token_urlsafe(16)
         root = html.escape(self.ipd.settings.API_ROOT)
         parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -2429,72 +2562,67 @@ class StatusPages:
         if refresh:
             parts.append('<noscript><meta http-equiv="refresh" content="3"></noscript>')
         parts.append('</head><body><header><a href="%s/ui/">ipd</a> &middot; %s'
-                     '</header>%s' % (root, html.escape(title), body))
-        if script:
-            parts.append('<script nonce="%s">%s</script>' % (nonce, script))
-        parts.append("</body></html>\n")
-        data = "".join(parts).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Content-Security-Policy",
-                         "default-src 'none'; style-src 'nonce-%s'; script-src "
-                         "'nonce-%s'; connect-src 'self'; form-action 'self'; "
-                         "frame-ancestors 'none'; base-uri 'none'" % (nonce, nonce))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "same-origin")
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-            self.bytes_sent += len(data)
+                     '</header>' % (root, html.escape(title)))
+        tail = ['<script nonce="%s">%s</script>' % (nonce, script)] if script else []
+        tail.append("</body></html>\n")
+        body = [body] if isinstance(body, str) else body
+        self.send_stream("text/html; charset=utf-8",
+                         itertools.chain(parts, body, tail), {
+                             "Content-Security-Policy":
+                             "default-src 'none'; style-src 'nonce-%s'; script-src "
+                             "'nonce-%s'; connect-src 'self'; form-action 'self'; "
+                             "frame-ancestors 'none'; base-uri 'none'" % (nonce, nonce),
+                             "X-Content-Type-Options": "nosniff",
+                             "Referrer-Policy": "same-origin",
+                             "Cache-Control": "no-store"})
 
     def ui_link(self, *parts):
         return html.escape("%s/ui/%s" % (self.ipd.settings.API_ROOT, "/".join(
             urllib.parse.quote(part, safe="") for part in parts)))
 
     def api_ui_projects(self):
-        rows = []
-        for project, (latest, count) in self.ipd.store.projects().items():
-            if not self.user.may_use(project):
-                continue
-            rows.append("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td>"
-                        "<td>%s</td><td>%s</td><td>%d</td></tr>" % (
-                            self.ui_link(project), html.escape(project),
-                            state_badge(latest["state"]),
-                            page_time(latest["ended"] or latest["started"]
-                                      or latest["created"]),
-                            page_duration(latest), html.escape(latest["user"] or "-"),
-                            count))
-        body = ("<table><tr><th>project</th><th>latest</th><th>when</th>"
-                "<th>took</th><th>by</th><th>deployments</th></tr>%s</table>"
-                % "".join(rows)) if rows else "<p>No deployments yet.</p>"
-        self.send_page("projects", body)
+        projects = [(project, latest, count) for project, (latest, count)
+                    in self.ipd.store.projects().items() if self.user.may_use(project)]
+        if not projects:
+            self.send_page("projects", "<p>No deployments yet.</p>")
+            return
+        rows = ("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td>"
+                "<td>%s</td><td>%s</td><td>%d</td></tr>" % (
+                    self.ui_link(project), html.escape(project),
+                    state_badge(latest["state"]),
+                    page_time(latest["ended"] or latest["started"] or latest["created"]),
+                    page_duration(latest), html.escape(latest["user"] or "-"), count)
+                for project, latest, count in projects)
+        self.send_page("projects", itertools.chain(
+            ["<table><tr><th>project</th><th>latest</th><th>when</th><th>took</th>"
+             "<th>by</th><th>deployments</th></tr>"], rows, ["</table>"]))
 
     def api_ui_project(self, project):
         self.check_project_access(project)
         records = self.ipd.store.deployments_of(project)
         if not records:
             raise NotFound("no")
-        rows = []
-        for record in reversed(records):
-            files = "".join("<div>%s: %s, %d bytes<br><code>%s</code></div>" % (
-                html.escape(name), html.escape(meta.get("name") or "-"),
-                meta.get("size", 0), html.escape(meta.get("sha256", "")))
-                for name, meta in sorted(record["files"].items()))
-            rows.append("<tr><td><a href=\"%s\"><code>%s</code></a></td><td>%s</td>"
-                        "<td>%s<br>%s<br>%s</td><td>%s</td><td>%s</td><td>%s%s</td>"
-                        "<td>%s</td></tr>" % (
-                            self.ui_link(project, record["id"]),
-                            html.escape(record["id"][:8]), state_badge(record["state"]),
-                            page_time(record["created"]), page_time(record["started"]),
-                            page_time(record["ended"]), page_duration(record),
-                            html.escape(record["user"] or "-"), files,
-                            "<div>(pruned)</div>" if record["pruned"] else "",
-                            self.buttons(record)))
-        self.send_page(project, "<table><tr><th>deployment</th><th>state</th><th>"
-                       "uploaded, started, ended</th><th>took</th><th>by</th><th>"
-                       "files (SHA-256)</th><th></th></tr>%s</table>" % "".join(rows))
+        rows = (self.deployment_row(record) for record in reversed(records))
+        self.send_page(project, itertools.chain(
+            ["<table><tr><th>deployment</th><th>state</th><th>uploaded, started, "
+             "ended</th><th>took</th><th>by</th><th>files (SHA-256)</th><th></th>"
+             "</tr>"], rows, ["</table>"]))
+
+    def deployment_row(self, record):
+        files = "".join("<div>%s: %s, %d bytes<br><code>%s</code></div>" % (
+            html.escape(name), html.escape(meta.get("name") or "-"),
+            meta.get("size", 0), html.escape(meta.get("sha256", "")))
+            for name, meta in sorted(record["files"].items()))
+        return ("<tr><td><a href=\"%s\"><code>%s</code></a></td><td>%s</td>"
+                "<td>%s<br>%s<br>%s</td><td>%s</td><td>%s</td><td>%s%s</td>"
+                "<td>%s</td></tr>" % (
+                    self.ui_link(record["project"], record["id"]),
+                    html.escape(record["id"][:8]), state_badge(record["state"]),
+                    page_time(record["created"]), page_time(record["started"]),
+                    page_time(record["ended"]), page_duration(record),
+                    html.escape(record["user"] or "-"), files,
+                    "<div>(pruned)</div>" if record["pruned"] else "",
+                    self.buttons(record)))
 
     def buttons(self, record):
         actions = []
@@ -2510,23 +2638,25 @@ class StatusPages:
         record = self.find_deployment(project, deployment_id)
         if record is None:
             raise NotFound("no")
-        try:
-            with open(self.ipd.store.path(record, ".log"), "rb") as file:
-                text = file.read()
-        except FileNotFoundError:
-            text = b""
+        skipped, text = read_log_tail(self.ipd.store.path(record, ".log"),
+                                      PAGE_LOG_TAIL)
         running = record["state"] in UNFINISHED
         follow = "%s/log/%s/%s?follow=1&offset=%d" % (
-            self.ipd.settings.API_ROOT, project, deployment_id, len(text))
+            self.ipd.settings.API_ROOT, project, deployment_id, skipped + len(text))
+        whole = ("<p>The first %d bytes of the log are left out here: "
+                 "<a href=\"%s/log/%s/%s\">the whole log</a> (text).</p>" % (
+                     skipped, html.escape(self.ipd.settings.API_ROOT),
+                     html.escape(urllib.parse.quote(project, safe="")),
+                     html.escape(deployment_id))) if skipped else ""
         body = ("<p>%s of <a href=\"%s\">%s</a> by %s &middot; uploaded %s, "
-                "started %s, ended %s, took %s</p><p>%s</p><pre id=\"log\" "
-                "data-follow=\"%s\">%s</pre>" % (
+                "started %s, ended %s, took %s</p><p>%s</p>" % (
                     state_badge(record["state"]), self.ui_link(project),
                     html.escape(project), html.escape(record["user"] or "-"),
                     page_time(record["created"]), page_time(record["started"]),
                     page_time(record["ended"]), page_duration(record),
-                    self.buttons(record), html.escape(follow),
-                    html.escape(text.decode("utf-8", "replace"))))
+                    self.buttons(record)) + whole +
+                "<pre id=\"log\" data-follow=\"%s\">%s</pre>" % (
+                    html.escape(follow), html.escape(text.decode("utf-8", "replace"))))
         self.send_page("%s %s" % (project, deployment_id[:8]), body,
                        FOLLOW_SCRIPT if running else None, refresh=running)
 
@@ -2698,7 +2828,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
             if allowed:
                 raise MethodNotAllowed("method %s not allowed here" % method,
                                        {"Allow": ", ".join(allowed)})
-            raise NotFound("not found: %s" % path)
+            raise NotFound("not found: %s" % printable(path, 200))
         name, role = entry
         if name == "welcome" and self.wants_html():  # a browser: the projects
             name, role = "ui_projects", "USER"
@@ -2957,11 +3087,11 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         with file:
             if self.query.get("follow", ["0"])[-1] not in ("", "0", "false", "no"):
                 self.follow_log(record, file)
-            elif self.wants_json():  # the log in memory: JSON is for small ones
-                text = file.read().decode("utf-8", "replace")
-                self.answer(200, text, {"project": project,
-                                        "deployment": deployment_id,
-                                        "state": record["state"], "log": text})
+            elif self.wants_json():
+                head = json.dumps({"project": project, "deployment": deployment_id,
+                                   "state": record["state"]})
+                self.send_stream("application/json", itertools.chain(
+                    [head[:-1] + ', "log": "'], json_string_pieces(file), ['"}\n']))
             else:
                 self.send_file(file)
 
@@ -3025,6 +3155,36 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
 
+    def send_stream(self, content_type, pieces, headers=None):
+        """A 200 answer whose size is not known beforehand, sent as pieces
+        (text) come, in batches of about 64 KiB: chunked on HTTP/1.1, to
+        the connection's end on HTTP/1.0.  Memory: one batch."""
+        chunked = self.request_version == "HTTP/1.1"
+        if not chunked:
+            self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        batch = []
+        size = 0
+        for piece in pieces:
+            data = piece.encode()
+            batch.append(data)
+            size += len(data)
+            if size >= 65536:
+                self.send_chunk(b"".join(batch), chunked)
+                batch, size = [], 0
+        if size:
+            self.send_chunk(b"".join(batch), chunked)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
     def send_chunk(self, data, chunked):
         if chunked:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -3055,8 +3215,12 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         since = parse_since(self.query.get("since", [""])[-1])
         events = read_audit(os.path.join(self.ipd.settings.LOG_DIR, "audit.log"),
                             project, since)
-        self.answer(200, "".join(json.dumps(e, sort_keys=True) + "\n" for e in events),
-                    {"events": events})
+        lines = (json.dumps(event, sort_keys=True) for event in events)
+        if self.wants_json():
+            self.send_stream("application/json", json_array_pieces("events", lines))
+        else:
+            self.send_stream("text/plain; charset=utf-8",
+                             (line + "\n" for line in lines))
 
     def api_metrics(self):
         daemon = self.ipd
@@ -3343,11 +3507,21 @@ class ConnectionGuard:
 # Running the daemon ##########################################################
 ###############################################################################
 
+class OneLineFormatter(logging.Formatter):
+    """One event, one line: control characters in a message (a file or
+    user name with a CR or LF that a client chose) are escaped, so nobody
+    can write a made-up line into ipd.log.  A traceback keeps its lines."""
+
+    def formatMessage(self, record):
+        record.message = printable(record.message, 4096)
+        return super().formatMessage(record)
+
+
 def setup_logging(log_dir, also_stderr=False):
     """Log to LOG_DIR/ipd.log, reopened when logrotate moves it."""
     os.makedirs(log_dir, exist_ok=True)
     handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "ipd.log"))
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    formatter = OneLineFormatter("%(asctime)s %(levelname)s %(message)s")
     handler.setFormatter(formatter)
     log.handlers[:] = [handler]
     if also_stderr:

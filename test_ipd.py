@@ -193,10 +193,11 @@ class ParserTests(unittest.TestCase):
             self.parse(body, boundary="b")
 
     def test_header_params(self):
+        # As browsers send them (WHATWG): '"' as %22, a backslash is itself.
         kind, params = ipd.parse_header_params(
-            'form-data; name="a;b"; filename="x \\"y\\".tar"')
+            'form-data; name="a;b"; filename="x %22y%22\\z.tar"')
         self.assertEqual((kind, params["name"], params["filename"]),
-                         ("form-data", "a;b", 'x "y".tar'))
+                         ("form-data", "a;b", 'x "y"\\z.tar'))
         _, params = ipd.parse_header_params(
             "form-data; name=image; filename*=UTF-8''%C3%A9t%C3%A9.tar")
         self.assertEqual(params["filename"], "\u00e9t\u00e9.tar")
@@ -2479,6 +2480,681 @@ class BrowserTests(DaemonTestCase):
 
 
 ###############################################################################
+# The HTTP edge: origins, framing, slots, sizes, logs, addresses, logins ######
+###############################################################################
+
+ADMIN_AUTH = "Basic " + base64.b64encode(b"admin:admin-pw").decode()
+
+
+def wait_until(condition, timeout=10, interval=0.02, message="condition"):
+    """Call condition until it returns a true value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("%s not met within %s s" % (message, timeout))
+        time.sleep(interval)
+
+
+def read_answer(file):
+    """One HTTP answer from a socket's file: (status, headers, body), or
+    None at the connection's end."""
+    line = file.readline()
+    if not line:
+        return None
+    status = int(line.split()[1])
+    headers = {}
+    while True:
+        line = file.readline().decode("latin-1").rstrip("\r\n")
+        if not line:
+            break
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if status == 100:
+        return read_answer(file)
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            size = int(file.readline().split(b";")[0], 16)
+            if not size:
+                file.readline()
+                break
+            body += file.read(size)
+            file.readline()
+    else:
+        body = file.read(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+def raw_request(method, path, body=b"", headers=None, version="HTTP/1.1"):
+    """The bytes of one request, with the admin's login."""
+    fields = dict({"Host": "127.0.0.1", "Authorization": ADMIN_AUTH}, **(headers or {}))
+    if body and "Transfer-Encoding" not in fields:
+        fields.setdefault("Content-Length", str(len(body)))
+    return ("%s %s %s\r\n" % (method, path, version)).encode() + "".join(
+        "%s: %s\r\n" % item for item in fields.items()).encode() + b"\r\n" + body
+
+
+def upload_request(project="app", package=None, query="", headers=None, force=False):
+    content_type, body = multipart([("project", project), ("force", "1" if force else "0"),
+                                    ("package", ("package.tar.gz",
+                                                 package or control_script(OK_SCRIPT)))])
+    return raw_request("POST", "/deploy/upload" + query, body,
+                       dict({"Content-Type": content_type}, **(headers or {})))
+
+
+class EdgeFramingTests(DaemonTestCase):
+    """One request at a time on a connection, framed as RFC 9112 says."""
+
+    def smuggling_requests(self):
+        hidden = raw_request("GET", "/deploy/stat", headers={"X-Real-IP": "6.6.6.6"})
+        refused = raw_request("POST", "/deploy/upload?project=../x", hidden * 3, {
+            "Content-Type": "multipart/form-data; boundary=b"})
+        status = raw_request("GET", "/deploy/status/app")
+        return upload_request(force=True), refused, status
+
+    def test_a_refused_body_is_never_taken_for_a_request(self):
+        good, refused, status = self.smuggling_requests()
+        for pipelined in (False, True):
+            with self.subTest(pipelined=pipelined):
+                sock = socket.create_connection(("127.0.0.1", self.daemon.port),
+                                                timeout=20)
+                self.addCleanup(sock.close)
+                file = sock.makefile("rb")
+                self.addCleanup(file.close)
+                answers = []
+                if pipelined:
+                    sock.sendall(good + refused + status)
+                else:
+                    for data in (good, refused):
+                        sock.sendall(data)
+                        answers.append(read_answer(file))
+                    try:
+                        sock.sendall(status)
+                    except OSError:
+                        pass  # closed already: as it should be
+                while True:
+                    try:
+                        answer = read_answer(file)
+                    except ConnectionResetError:
+                        answer = None
+                    if answer is None:
+                        break
+                    answers.append(answer)
+                self.assertEqual([a[0] for a in answers if a], [202, 400])
+                self.assertEqual(answers[1][1].get("connection"), "close")
+        self.assertEqual(self.daemon.get("/status/app")[0], 200)
+        log = self.daemon.daemon_log(r'"GET /deploy/status/app" 200')
+        self.assertNotIn("6.6.6.6", log)
+        self.assertEqual(len(re.findall(r'"GET /deploy/stat"', log)), 0, log)
+
+    def test_keep_alive_still_serves_requests_read_whole(self):
+        gate = os.path.join(self.tmp, "gate")
+        self.addCleanup(lambda: open(gate, "w").close())
+        package = control_script(gate_script(gate))
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=20)
+        self.addCleanup(sock.close)
+        file = sock.makefile("rb")
+        self.addCleanup(file.close)
+        sock.sendall(upload_request(package=package) + raw_request("GET", "/deploy/stat")
+                     + upload_request(package=package,
+                                      headers={"Expect": "100-continue"})
+                     + raw_request("GET", "/deploy/status/app"))
+        statuses = [read_answer(file)[0] for _ in range(4)]
+        self.assertEqual(statuses, [202, 200, 200, 200])  # the same files: 200
+
+    def test_ambiguous_framing_is_refused_and_closed(self):
+        content_type, body = multipart([("project", "app"), ("package", (
+            "p.tgz", control_script(OK_SCRIPT)))])
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        cases = {
+            "length and chunked": raw_request("POST", "/deploy/upload", chunked, {
+                "Content-Type": content_type, "Transfer-Encoding": "chunked",
+                "Content-Length": str(len(chunked))}),
+            "chunked on HTTP/1.0": raw_request("POST", "/deploy/upload", chunked, {
+                "Content-Type": content_type, "Transfer-Encoding": "chunked"},
+                version="HTTP/1.0"),
+            "gzip coding": raw_request("POST", "/deploy/upload", chunked, {
+                "Content-Type": content_type, "Transfer-Encoding": "gzip, chunked"}),
+            "two lengths": raw_request("POST", "/deploy/upload", body, {
+                "Content-Type": content_type, "Content-Length": "%d, %d" % (
+                    len(body), len(body) + 1)}),
+        }
+        for name, data in cases.items():
+            with self.subTest(name):
+                answer = raw_exchange(self.daemon.port, data + raw_request(
+                    "GET", "/deploy/stat"))
+                self.assertEqual(answer_status(answer), 400, answer[:300])
+                self.assertIn(b"Connection: close", answer.split(b"\r\n\r\n")[0])
+                self.assertEqual(len(re.findall(rb"(?m)^HTTP/1\.[01] \d{3} ", answer)),
+                                 1, answer)
+        self.assertEqual(self.daemon.get("/status/app")[0], 404)  # nothing queued
+
+
+class EdgeOriginTests(DaemonTestCase):
+    """Every state-changing request of a browser must come from this origin."""
+
+    def test_cross_origin_writes_are_refused_before_anything(self):
+        gate = os.path.join(self.tmp, "gate")
+        running = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", running, ["active"])
+        port = self.daemon.port
+        host = "127.0.0.1:%d" % port
+        foreign = [{"Origin": "https://evil.example"}, {"Origin": "null"},
+                   {"Origin": "http://127.0.0.1:%d" % (port + 1)},  # another port
+                   {"Origin": "https://127.0.0.1:%d" % port},  # another scheme
+                   {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                   {"Sec-Fetch-Site": "same-site", "Origin": "http://" + host}]
+        for headers in foreign:
+            headers = dict(headers, Host=host)
+            with self.subTest(headers=headers):
+                for path in ("/upload", "/cancel/app/" + running,
+                             "/redeploy/app/" + running,
+                             "/ui/app/%s/cancel" % running):
+                    if path == "/upload":
+                        content_type, body = multipart([("project", "app"), (
+                            "package", ("p.tgz", control_script(OK_SCRIPT)))])
+                        headers["Content-Type"] = content_type
+                    else:
+                        body = None
+                    status, _, text = self.daemon.request("POST", path, body=body,
+                                                          headers=headers)
+                    self.assertEqual(status, 403, (path, text))
+                    self.assertIn("cross-origin", text)
+        self.assertEqual(self.daemon.state("app", running), "active")
+        deployments = os.listdir(os.path.join(self.daemon.upload_dir, "app",
+                                              "deployments"))
+        self.assertEqual(sorted(name for name in deployments if name.endswith(".json")),
+                         [running + ".json"])
+        # This server's own origin, and no browser at all, pass.
+        for headers in ({"Origin": "http://" + host, "Sec-Fetch-Site": "same-origin"},
+                        {"Origin": "HTTP://127.0.0.1:%d" % port}, {}):
+            status, _, text = self.daemon.upload("app", control_script(OK_SCRIPT),
+                                                 extra=[("force", "1")]) \
+                if not headers else self.post_upload(dict(headers, Host=host))
+            self.assertEqual(status, 202, text)
+        open(gate, "w").close()
+
+    def post_upload(self, headers):
+        content_type, body = multipart([("project", "app"), ("force", "1"), (
+            "package", ("p.tgz", control_script(OK_SCRIPT)))])
+        return self.daemon.request("POST", "/upload", body=body, headers=dict(
+            headers, **{"Content-Type": content_type}))
+
+    def test_refused_origin_reads_no_body(self):
+        big = b"\0" * (20 << 20)
+        content_type, body = multipart([("project", "app"), ("image", ("i", big)),
+                                        ("package", ("p", control_script(OK_SCRIPT)))])
+        connection = self.daemon.connection()
+        self.addCleanup(connection.close)
+        connection.putrequest("POST", "/deploy/upload")
+        for name, value in (("Authorization", ADMIN_AUTH), ("Content-Type", content_type),
+                            ("Content-Length", str(len(body))),
+                            ("Expect", "100-continue"), ("Origin", "https://evil.example")):
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        self.assertEqual(response.status, 403)
+        self.daemon.daemon_log(r'"POST /deploy/upload" 403')
+        self.assertRegex(self.daemon.daemon_log(), r'"POST /deploy/upload" 403 '
+                         r'user=- in=0 ')
+
+
+class EdgePublicOriginTests(DaemonTestCase):
+    settings = {"PUBLIC_ORIGIN": "https://deploy.example.com"}
+
+    def test_public_origin_is_the_only_one(self):
+        content_type, body = multipart([("project", "app"), ("force", "1"), (
+            "package", ("p.tgz", control_script(OK_SCRIPT)))])
+        for origin, expected in (("https://deploy.example.com", 202),
+                                 ("https://deploy.example.com:443", 202),
+                                 ("http://127.0.0.1:%d" % self.daemon.port, 403),
+                                 ("http://deploy.example.com", 403)):
+            with self.subTest(origin):
+                status, _, text = self.daemon.request("POST", "/upload", body=body, headers={
+                    "Content-Type": content_type, "Origin": origin,
+                    "Host": "127.0.0.1:%d" % self.daemon.port})
+                self.assertEqual(status, expected, text)
+
+
+class EdgeSlotTests(DaemonTestCase):
+    settings = {"MAX_CONNECTIONS": "20", "MAX_CONNECTIONS_PER_ADDRESS": "20"}
+
+    def test_abandoned_waits_and_follows_give_their_slots_back(self):
+        gate = os.path.join(self.tmp, "gate")
+        running = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", running, ["active"])
+        paths = ["/deploy/status/app/%s?wait=3600" % running] * 10 + \
+            ["/deploy/log/app/%s?follow=1" % running] * 10
+        clients = []
+        for path in paths:
+            sock = socket.create_connection(("127.0.0.1", self.daemon.port))
+            sock.sendall(raw_request("GET", path))
+            clients.append(sock)
+        wait_until(lambda: self.daemon.get("/stat")[0] == 503, 10,
+                   message="every slot held")
+        given_up = time.monotonic()
+        for sock in clients:
+            sock.close()
+
+        def every_slot_back():
+            held = [socket.create_connection(("127.0.0.1", self.daemon.port))
+                    for _ in range(19)]
+            try:
+                return self.daemon.get("/stat")[0] == 200
+            finally:
+                for sock in held:
+                    sock.close()
+        wait_until(every_slot_back, 5, 0.2, message="all 20 slots given back")
+        report("20 abandoned ?wait=3600 and log follows: every slot back after %.1f s"
+               % (time.monotonic() - given_up))
+        open(gate, "w").close()
+
+
+class EdgePerAddressTests(DaemonTestCase):
+    settings = {"MAX_CONNECTIONS": "40", "MAX_CONNECTIONS_PER_ADDRESS": "10",
+                "HEADER_TIMEOUT": "30"}
+
+    def connect_from(self, address):
+        sock = socket.socket()
+        sock.bind((address, 0))
+        sock.connect(("127.0.0.1", self.daemon.port))
+        self.addCleanup(sock.close)
+        return sock
+
+    def test_one_address_cannot_take_every_connection(self):
+        hog = [self.connect_from("127.0.0.2") for _ in range(30)]
+        refused = 0
+        for sock in hog:
+            sock.settimeout(0.2)
+            try:
+                refused += sock.recv(100).startswith(b"HTTP/1.1 503")
+            except socket.timeout:
+                pass
+        self.assertEqual(refused, 20)
+        probe = self.connect_from("127.0.0.3")
+        probe.sendall(raw_request("GET", "/deploy/stat"))
+        with probe.makefile("rb") as file:
+            self.assertEqual(read_answer(file)[0], 200)
+
+    def test_a_proxied_client_counts_as_the_address_its_proxy_names(self):
+        held = []
+        for _ in range(12):
+            sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10)
+            self.addCleanup(sock.close)
+            sock.sendall(raw_request("GET", "/deploy/stat",
+                                     headers={"X-Real-IP": "203.0.113.9"}))
+            file = sock.makefile("rb")
+            self.addCleanup(file.close)
+            held.append(read_answer(file)[0])
+        self.assertEqual(held, [200] * 10 + [503] * 2)
+        self.assertEqual(self.daemon.get("/stat", headers={
+            "X-Real-IP": "203.0.113.10"})[0], 200)
+
+
+class EdgeSizeTests(DaemonTestCase):
+    """Answers that grow with stored data are streamed in bounded memory."""
+
+    def peak_rss_kib(self):
+        with open("/proc/%d/status" % self.daemon.process.pid) as file:
+            return int(re.search(r"VmHWM:\s+(\d+)", file.read()).group(1))
+
+    def test_a_large_log_to_three_clients_at_once(self):
+        size = int(os.environ.get("IPD_TEST_LOG_MB", "120")) << 20
+        deployment = self.daemon.deploy(
+            '[ "$1" = deploy ] || exit 1\nyes "a line of the log <b>&amp;</b> é" '
+            '| head -c %d\nexit 1\n' % size)
+        self.assertEqual(self.daemon.wait_state("app", deployment, timeout=60), "ok")
+        before = self.peak_rss_kib()
+        results = {}
+
+        def fetch(name, path, accept):
+            connection = self.daemon.connection()
+            connection.request("GET", "/deploy" + path, headers={
+                "Authorization": ADMIN_AUTH, "Accept": accept})
+            response = connection.getresponse()
+            total, head, tail = 0, b"", b""
+            while True:
+                data = response.read(1 << 20)
+                if not data:
+                    break
+                total += len(data)
+                head = head or data[:200]
+                tail = (tail + data)[-300:]
+            connection.close()
+            results[name] = (response.status, total, head, tail)
+        log_path = "/log/app/" + deployment
+        threads = [threading.Thread(target=fetch, args=args) for args in (
+            ("text", log_path, "text/plain"), ("json", log_path, "application/json"),
+            ("page", "/ui/app/" + deployment, "text/html"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        peak = self.peak_rss_kib()
+        report("a %d MiB log to three clients at once (text, JSON, page): daemon "
+               "peak RSS %d -> %d KiB" % (size >> 20, before, peak))
+        self.assertLess(peak, 64 * 1024)
+        self.assertEqual(results["text"][0], 200)
+        self.assertGreaterEqual(results["text"][1], size)
+        self.assertEqual(results["json"][0], 200)
+        self.assertTrue(results["json"][2].startswith(b'{"project": "app"'))
+        self.assertTrue(results["json"][3].endswith(b'"}\n'))
+        self.assertGreater(results["json"][1], size)
+        status, total, head, tail = results["page"]
+        self.assertEqual(status, 200)
+        self.assertLess(total, 4 << 20)  # the log's end, and a link to the rest
+        self.assertTrue(tail.endswith(b"</html>\n"))
+
+    def test_the_page_links_the_whole_log_and_follows_from_its_end(self):
+        deployment = self.daemon.deploy(
+            '[ "$1" = deploy ] || exit 1\nseq 1 200000\nexit 1\n')
+        self.daemon.wait_state("app", deployment)
+        status, _, page = self.daemon.get("/ui/app/" + deployment,
+                                          headers={"Accept": "text/html"})
+        self.assertEqual(status, 200)
+        self.assertIn('href="/deploy/log/app/%s"' % deployment, page)
+        self.assertIn("\n199999\n200000", page)
+        self.assertNotIn("\n5\n", page)
+
+
+class EdgeInputTests(DaemonTestCase):
+    """No input gets a 5xx: every decoding and package layout is a 400."""
+
+    def post(self, body, content_type="multipart/form-data; boundary=b"):
+        return self.daemon.request("POST", "/upload", body=body,
+                                   headers={"Content-Type": content_type})
+
+    def part_upload(self, disposition, extra_headers=b"", data=b"x"):
+        return (b'--b\r\nContent-Disposition: form-data; name="project"\r\n\r\napp\r\n'
+                b'--b\r\nContent-Disposition: ' + disposition + b'\r\n' + extra_headers
+                + b'\r\n' + data + b'\r\n--b--\r\n')
+
+    def test_odd_headers_and_parameters_are_400(self):
+        cases = {
+            "idna filename*": self.part_upload(
+                b"form-data; name=\"image\"; filename*=idna''%C3%A9.bin"),
+            "base64 part": self.part_upload(b'form-data; name="image"; filename="i"',
+                                            b"Content-Transfer-Encoding: base64\r\n",
+                                            b"aGVsbG8="),
+            "header name with a space": self.part_upload(
+                b'form-data; name="image"; filename="i"', b"X Bad: 1\r\n"),
+            "header name with NUL": self.part_upload(
+                b'form-data; name="image"; filename="i"', b"X\0: 1\r\n"),
+            "header not UTF-8": self.part_upload(
+                b'form-data; name="image"; filename="\xff\xfe.bin"'),
+        }
+        for name, body in cases.items():
+            with self.subTest(name):
+                status, _, text = self.post(body)
+                self.assertEqual(status, 400, text)
+                self.assertEqual(text.count("\n"), 1)
+        status, _, text = self.post(b"--b--\r\n", "multipart/form-data; "
+                                    "boundary*=punycode''abc")
+        self.assertEqual(status, 400, text)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_package_layouts_no_folder_takes_are_400(self):
+        packages = {
+            "file then folder": tar_with((tar_info("a"), b""),
+                                         (tar_info("a/", tarfile.DIRTYPE), b""),
+                                         (tar_info("control.sh"), b"")),
+            "file then file inside it": tar_with((tar_info("a"), b""),
+                                                 (tar_info("a/b"), b"")),
+            "300-character name": tar_with((tar_info("n" * 300), b"")),
+            "path over 4 KB": tar_with((tar_info("/".join(["d" * 100] * 45)), b"")),
+        }
+        for name, package in packages.items():
+            with self.subTest(name):
+                status, _, text = self.daemon.upload("app", package)
+                self.assertEqual(status, 400, text)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_odd_paths_and_queries(self):
+        deployment = self.daemon.deploy()
+        self.daemon.wait_state("app", deployment)
+        for path, expected in (
+                ("/log/app/%s?follow=1&offset=%%C2%%B2" % deployment, 400),
+                ("/log/app/%s?follow=1&offset=-1" % deployment, 400),
+                ("/status/app/%s?wait=nan" % deployment, 400),
+                ("/audit?since=%ff", 400),
+                ("/status/" + "a" * 5000, 404),
+                ("/" + "%" * 5000, 404),
+                ("/status/%ff%fe/%00", 404)):
+            with self.subTest(path[:60]):
+                status, _, text = self.daemon.get(path)
+                self.assertEqual(status, expected, text[:200])
+                self.assertLess(len(text), 400)
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
+
+class EdgeFuzzTests(DaemonTestCase):
+    """Seeded random requests to every endpoint, header and parameter."""
+    settings = {"READ_TIMEOUT": "5", "HEADER_TIMEOUT": "5", "MAX_UPLOAD_SIZE": "1M"}
+    requests = int(os.environ.get("IPD_FUZZ_REQUESTS", "20000")) // 5
+
+    def test_fuzz_every_endpoint(self):
+        deployment = self.daemon.deploy()
+        self.daemon.wait_state("app", deployment)
+        rng = random.Random(13)
+        words = ["", "app", deployment, "..", "%00", "%ff", "a" * 300, "%C2%B2", "ui",
+                 "\u00e9", "-1", "nan", "1e999", "x/y", "%2f", "cancel", "redeploy"]
+        endpoints = ["", "list", "upload", "info", "stat", "status", "log", "cancel",
+                     "redeploy", "metrics", "audit", "ui", "nope"]
+        params = ["wait", "follow", "offset", "project", "since", "force"]
+        headers = ["Accept", "Origin", "Sec-Fetch-Site", "X-Real-IP", "X-Forwarded-For",
+                   "X-Forwarded-Proto", "Content-Type", "Expect", "X-Ipd-Project",
+                   "Authorization", "Host", "Referer", "Range", "Connection"]
+        values = ["application/json", "text/html", "null", "http://127.0.0.1:1",
+                  "same-origin", "cross-site", "1.2.3.4", "::1, 9.9.9.9", "https",
+                  "multipart/form-data; boundary*=utf-8''%ff", "100-continue", "app",
+                  "Basic " + base64.b64encode(b"admin:admin-pw").decode(),
+                  "Basic !!", "Bearer x", "\u00e9".encode().decode("latin-1"),
+                  "a" * 3000, "close", "keep-alive", "bytes=0-1"]
+        statuses = {}
+        for _ in range(self.requests):
+            segments = [rng.choice(endpoints)] + [urllib.parse.quote(
+                rng.choice(words), safe="%/") for _ in range(rng.randrange(4))]
+            query = "&".join("%s=%s" % (rng.choice(params), urllib.parse.quote(
+                rng.choice(words), safe="%")) for _ in range(rng.randrange(3)))
+            path = "/deploy/" + "/".join(segments) + ("?" + query if query else "")
+            fields = {"Host": "127.0.0.1"}
+            if rng.random() < 0.8:
+                fields["Authorization"] = ADMIN_AUTH
+            for _ in range(rng.randrange(4)):
+                fields[rng.choice(headers)] = rng.choice(values)
+            method = rng.choice(["GET", "GET", "POST", "HEAD", "PUT", "OPTIONS"])
+            body = b""
+            if method == "POST" and rng.random() < 0.5:
+                body = os.urandom(rng.randrange(0, 500))
+            data = raw_request(method, path, body, fields)
+            answer = raw_exchange(self.daemon.port, data, timeout=15)
+            status = answer_status(answer)
+            statuses[status] = statuses.get(status, 0) + 1
+        errors = sum(n for status, n in statuses.items() if status and status >= 500
+                     and status != 503)
+        report("fuzz of every endpoint: %d requests, %d answered 5xx; answers %s" % (
+            self.requests, errors, ", ".join("%s: %d" % item for item in sorted(
+                statuses.items(), key=lambda i: str(i[0])))))
+        self.assertEqual(errors, 0)
+        self.assertNotIn(None, statuses)
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
+
+class EdgeLogTests(DaemonTestCase):
+    """Logs say what happened, and only that."""
+
+    def test_no_forged_lines_and_long_paths_cut(self):
+        forged = "x.bin%0D%0A2026-01-01 00:00:00,000 INFO deployment 1 of app " \
+            "uploaded by admin"
+        body = (b'--b\r\nContent-Disposition: form-data; name="project"\r\n\r\napp\r\n'
+                b'--b\r\nContent-Disposition: form-data; name="package"; filename="'
+                + forged.encode() + b'"\r\n\r\n' + control_script(OK_SCRIPT)
+                + b"\r\n--b--\r\n")
+        status, _, deployment = self.daemon.request(
+            "POST", "/upload", body=body,
+            headers={"Content-Type": "multipart/form-data; boundary=b"})
+        self.assertEqual(status, 202)
+        self.daemon.request("GET", "/" + "p" * 20000, user="nobody\nINFO:x")
+        log = self.daemon.daemon_log(r"p{150}\.\.\.\(20008 bytes\)")
+        lines = log.splitlines()
+        self.assertFalse([line for line in lines if line.startswith("2026-01-01")], log)
+        self.assertTrue(any("\\x0d\\x0a2026-01-01" in line for line in lines), log)
+        self.assertFalse([line for line in lines if len(line) > 1200])
+        _, record = self.daemon.get_json("/status/app/" + deployment.strip())
+        self.assertTrue(record["files"]["package"]["name"].startswith("x.bin\r\n2026"))
+
+
+class EdgeAddressTests(DaemonTestCase):
+    settings = {"TRUSTED_PROXIES": ""}
+
+    def test_forwarded_addresses_only_from_trusted_proxies(self):
+        self.daemon.get("/stat", user="admin:wrong", headers={"X-Real-IP": "198.51.100.7"})
+        self.daemon.get("/stat", headers={"X-Forwarded-For": "198.51.100.8"})
+        log = self.daemon.daemon_log(r'"GET /deploy/stat" 200')
+        self.assertNotIn("198.51.100", log)
+        audit = open(os.path.join(self.tmp, "audit.log")).read()
+        self.assertIn('"address": "127.0.0.1"', audit)
+        self.assertNotIn("198.51.100", audit)
+
+    def test_a_trusted_proxy_names_the_client(self):
+        self.daemon.stop()
+        self.daemon = self.start_daemon({"TRUSTED_PROXIES": "127.0.0.1"})
+        self.daemon.get("/stat", headers={"X-Real-IP": "198.51.100.9"})
+        self.daemon.get("/stat", headers={"X-Real-IP": "not an address"})
+        log = self.daemon.daemon_log(r'"GET /deploy/stat" 200 .*\n.*"GET /deploy/stat" 200')
+        self.assertIn('198.51.100.9 "GET /deploy/stat" 200', log)
+        self.assertIn('127.0.0.1 "GET /deploy/stat" 200', log)
+
+
+class EdgeLoginCostTests(DaemonTestCase):
+    extra = "ADMIN:fast:%s\n" % sha256_hex("fast-pw")
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        hashed = ipd.hash_password("slow-pw")
+        self.daemon = self.start_daemon(extra_users=self.extra + "ADMIN:slow:%s\n" % hashed)
+
+    def test_every_wrong_login_costs_the_same(self):
+        timings = {"unknown": [], "slow": [], "fast": []}
+        for _ in range(3):  # 9 failures: under the throttle's 10
+            for name in timings:
+                started = time.perf_counter()
+                status = self.daemon.get("/stat", user="%s:wrong" % name)[0]
+                timings[name].append(time.perf_counter() - started)
+                self.assertEqual(status, 401)
+        median = {name: sorted(values)[1] for name, values in timings.items()}
+        report("wrong logins, median: unknown user %.1f ms, PBKDF2 user %.1f ms, "
+               "SHA-256 user %.1f ms" % tuple(1000 * median[n]
+                                              for n in ("unknown", "slow", "fast")))
+        for name in ("unknown", "fast"):
+            self.assertGreater(median[name] / median["slow"], 0.4, median)
+
+
+class EdgeFileNameTests(DaemonTestCase):
+    """File names recorded as browsers and clients mean them."""
+
+    def test_names_as_browsers_send_them(self):
+        project_dir = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(project_dir)
+        with open(os.path.join(project_dir, "control.sh"), "w") as file:
+            file.write("#!/bin/sh\nexit 1\n")
+        os.chmod(os.path.join(project_dir, "control.sh"), 0o755)
+        cases = [(b'filename="a%22b.bin"', 'a"b.bin'),
+                 (b'filename="a\\b.bin"', "a\\b.bin"),
+                 (b'filename="C:\\Users\\x\\a.png"', "a.png"),
+                 (b'filename="a"b.bin"', 'a"b.bin'),
+                 (b"filename*=UTF-8'en'%C3%A9t%C3%A9.tar; filename=\"ete.tar\"",
+                  "\u00e9t\u00e9.tar"),
+                 (b"filename=\"fallback.tar\"; filename*=koi8-r''%C1", "fallback.tar"),
+                 ("filename=\"\u00e9t\u00e9.bin\"".encode(), "\u00e9t\u00e9.bin"),
+                 (b'filename="dir/sub/n.bin"', "n.bin")]
+        for disposition, expected in cases:
+            with self.subTest(expected):
+                body = (b'--b\r\nContent-Disposition: form-data; name="project"\r\n\r\n'
+                        b'app\r\n--b\r\nContent-Disposition: form-data; name="image"; '
+                        + disposition + b'\r\n\r\nimage bytes\r\n--b\r\n'
+                        b'Content-Disposition: form-data; name="force"\r\n\r\n1\r\n'
+                        b'--b--\r\n')
+                status, _, text = self.daemon.request(
+                    "POST", "/upload", body=body,
+                    headers={"Content-Type": "multipart/form-data; boundary=b"})
+                self.assertEqual(status, 202, text)
+                _, record = self.daemon.get_json("/status/app/" + text.strip())
+                self.assertEqual(record["files"]["image"]["name"], expected)
+
+
+ATTACK_PAGE = """<!DOCTYPE html><html><head><title>a cat picture</title></head><body>
+<form id="f" method="post" enctype="multipart/form-data" action="%(ipd)s/upload">
+<input name="project" value="app"><input type="file" name="package" id="p"></form>
+<script>
+const bytes = Uint8Array.from(atob("%(package)s"), c => c.charCodeAt(0));
+const files = new DataTransfer();
+files.items.add(new File([bytes], "package.tar.gz"));
+document.getElementById("p").files = files.files;
+const post = path => fetch("%(ipd)s" + path, {method: "POST", mode: "no-cors",
+                                                credentials: "include"});
+Promise.allSettled([post("/cancel/app/%(running)s"), post("/redeploy/app/%(running)s")])
+  .then(() => { document.title = "sent"; document.getElementById("f").submit(); });
+</script></body></html>"""
+
+
+class EdgeBrowserTests(DaemonTestCase):
+    """A page of another origin, in a real Chromium logged in to ipd, tries
+    to deploy, cancel and redeploy: each is answered 403, nothing changes."""
+
+    @classmethod
+    def setUpClass(cls):
+        BrowserTests.setUpClass()
+
+    def test_a_foreign_page_cannot_deploy_cancel_or_redeploy(self):
+        gate = os.path.join(self.tmp, "gate")
+        self.addCleanup(lambda: open(gate, "w").close())
+        running = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", running, ["active"])
+        ipd_root = "http://127.0.0.1:%d/deploy" % self.daemon.port
+        page = (ATTACK_PAGE % {"ipd": ipd_root, "running": running, "package":
+                               base64.b64encode(control_script(OK_SCRIPT)).decode()})
+
+        class AttackPage(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                data = page.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+        attacker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AttackPage)
+        threading.Thread(target=attacker.serve_forever, daemon=True).start()
+        self.addCleanup(attacker.server_close)
+        self.addCleanup(attacker.shutdown)
+        browser = WebDriver(self.tmp)
+        self.addCleanup(browser.quit)
+        # Log in as a person would: the browser keeps the credentials.
+        browser.open("http://admin:admin-pw@127.0.0.1:%d/deploy/ui/" % self.daemon.port)
+        self.assertIn("app", browser.wait_text("table", "active"))
+        browser.open("http://127.0.0.1:%d/" % attacker.server_address[1])
+        log = self.daemon.daemon_log(r'"POST /deploy/upload" 403', timeout=30)
+        for path in ("/deploy/upload", "/deploy/cancel/app/" + running,
+                     "/deploy/redeploy/app/" + running):
+            with self.subTest(path):
+                self.assertRegex(log, r'"POST %s" 403 user=- in=0 ' % re.escape(path))
+        self.assertIn("cross-origin", browser.text("body"))
+        self.assertEqual(self.daemon.state("app", running), "active")
+        records = [name for name in os.listdir(os.path.join(
+            self.daemon.upload_dir, "app", "deployments")) if name.endswith(".json")]
+        self.assertEqual(records, [running + ".json"])
+        report("Chromium, logged in, on a page of another origin: its form upload "
+               "and fetch() cancel and redeploy each answered 403, nothing changed")
+
+
+###############################################################################
 # Guarantees: tests that attack ipd and count ################################
 ###############################################################################
 
@@ -2661,7 +3337,8 @@ class GuaranteeFuzzTests(DaemonTestCase):
 
 
 class GuaranteeSlowClientTests(DaemonTestCase):
-    settings = {"HEADER_TIMEOUT": "2", "READ_TIMEOUT": "3", "MAX_CONNECTIONS": "400"}
+    settings = {"HEADER_TIMEOUT": "2", "READ_TIMEOUT": "3", "MAX_CONNECTIONS": "400",
+                "MAX_CONNECTIONS_PER_ADDRESS": "400"}
 
     def test_idle_and_byte_a_second_clients_do_not_stop_others(self):
         idle = [socket.create_connection(("127.0.0.1", self.daemon.port))
