@@ -39,6 +39,7 @@ import bisect
 import calendar
 import codecs
 import errno
+import fnmatch
 import getpass
 import hashlib
 import hmac
@@ -112,6 +113,14 @@ SETTINGS = {
     "TRUSTED_PROXIES": ("127.0.0.0/8 ::1", "networks",
                         "peers whose X-Real-IP / X-Forwarded-For name the "
                         "client (the nginx in front); empty: none"),
+    "ALLOWED_SIGNERS": ("", "file",
+                        "OpenSSH allowed-signers file of the keys that may sign "
+                        "pushes (principals WHO@PROJECT); empty: none"),
+    "REQUIRE_SIGNATURE": ("", "projects",
+                          "projects whose pushes must be signed, * for all; "
+                          "empty: none"),
+    "TOKENS_DB": ("", "file", "deploy tokens file; empty: tokens.txt beside "
+                  "AUTH_DB"),
     "PUBLIC_ORIGIN": ("", "origins",
                       "origin(s) browsers reach ipd at, like "
                       "https://deploy.example.com; empty: from the Host header"),
@@ -174,6 +183,14 @@ def parse_setting(kind, text):
         return names
     if kind == "address":
         return parse_listen(text)
+    if kind == "file":
+        return os.path.abspath(text) if text else ""
+    if kind == "projects":
+        names = text.replace(",", " ").split()
+        for name in names:
+            if name != "*" and not is_project_name(name):
+                raise ValueError("not a project name: %r" % name)
+        return names
     if kind == "networks":
         return [ipaddress.ip_network(word, strict=False)
                 for word in text.replace(",", " ").split()]
@@ -701,6 +718,305 @@ def check_name_for_config(project):
 
 
 ###############################################################################
+# Signed releases and deploy tokens ###########################################
+###############################################################################
+
+# A signed push carries a small manifest (project, each file's SHA-256 and
+# size, a creation time, a nonce) signed with `ssh-keygen -Y sign -n ipd`.
+# ALLOWED_SIGNERS (OpenSSH's allowed-signers format) names the keys; each
+# key's principals are WHO@PROJECT patterns: "ci@web,ci@api", "alice@*".
+SIGNATURE_NAMESPACE = "ipd"
+MANIFEST_FORMAT = 1
+
+
+def make_manifest(project, files, created=None):
+    """The manifest of a push: files is {field: (sha256 hex, size)}.
+    Returns canonical JSON bytes, the text that is signed."""
+    return json.dumps({
+        "ipd_manifest": MANIFEST_FORMAT, "project": project,
+        "created": int(created if created is not None else time.time()),
+        "nonce": secrets.token_hex(16),
+        "files": {field: {"sha256": digest, "size": size}
+                  for field, (digest, size) in sorted(files.items())},
+    }, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_manifest(data):
+    """Manifest bytes -> dict, checked in shape.  Raises BadRequest."""
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("manifest is not JSON")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if manifest.get("ipd_manifest") != MANIFEST_FORMAT or \
+            not isinstance(manifest.get("project"), str) or \
+            not isinstance(manifest.get("created"), int) or \
+            not isinstance(manifest.get("nonce"), str) or not isinstance(files, dict) \
+            or not files or any(field not in ("image", "package") or
+                                not isinstance(meta, dict) or
+                                not re.fullmatch(r"[0-9a-f]{64}", str(meta.get("sha256")))
+                                or not isinstance(meta.get("size"), int)
+                                for field, meta in files.items()):
+        raise BadRequest("manifest must be ipd_manifest 1 with project, created, "
+                         "nonce and files {image|package: {sha256, size}}")
+    return manifest
+
+
+def check_manifest_files(manifest, project, upload):
+    """The manifest must name project and exactly the files that arrived
+    (same fields, sizes and SHA-256).  Raises Forbidden."""
+    if manifest["project"] != project:
+        raise Forbidden("the signed manifest is for project %s, not %s"
+                        % (printable(manifest["project"], 64), project))
+    received = {field: {"sha256": sink.describe()["sha256"],
+                        "size": sink.describe()["size"]}
+                for field, sink in upload.files.items()}
+    if received != manifest["files"]:
+        raise Forbidden("the files received do not match the signed manifest "
+                        "(SHA-256 or size)")
+
+
+def run_ssh_keygen(arguments, stdin_path=None, timeout=30):
+    """ssh-keygen with arguments; -> (exit status, output text)."""
+    try:
+        with open(stdin_path or os.devnull, "rb") as stdin:
+            done = subprocess.run(["ssh-keygen"] + arguments, stdin=stdin,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+    except FileNotFoundError:
+        raise Forbidden("signatures cannot be checked: ssh-keygen is not "
+                        "installed (Debian: openssh-client)")
+    except subprocess.TimeoutExpired:
+        return 1, "ssh-keygen timed out"
+    return done.returncode, done.stdout.decode("utf-8", "replace")
+
+
+def verify_signature(allowed_signers, manifest, signature, project, folder):
+    """Check signature (armored text) of manifest (bytes) for project
+    against ALLOWED_SIGNERS.  Returns {"principal", "fingerprint"};
+    raises Forbidden with the reason.  ssh-keygen enforces the key's
+    namespaces, valid-after and valid-before options itself."""
+    if not allowed_signers:
+        raise Forbidden("signed pushes are not set up here: no ALLOWED_SIGNERS")
+    fd, signature_path = tempfile.mkstemp(prefix=".sig-", dir=folder)
+    os.close(fd)
+    manifest_path = signature_path + ".manifest"
+    try:
+        with open(signature_path, "w", encoding="ascii", errors="replace") as file:
+            file.write(signature)
+        with open(manifest_path, "wb") as file:
+            file.write(manifest)
+        status, output = run_ssh_keygen(["-Y", "find-principals", "-f", allowed_signers,
+                                         "-s", signature_path])
+        if status != 0:
+            raise Forbidden("signature refused: its key is not in ALLOWED_SIGNERS "
+                            "(or not valid now)")
+        for principal in principals_for(output, project):
+            status, output = run_ssh_keygen(
+                ["-Y", "verify", "-f", allowed_signers, "-I", principal,
+                 "-n", SIGNATURE_NAMESPACE, "-s", signature_path], manifest_path)
+            match = re.search(r"key (SHA256:[A-Za-z0-9+/=]+)", output)
+            if status == 0 and match:
+                return {"principal": principal, "fingerprint": match.group(1)}
+        raise Forbidden("signature refused: not a valid signature by a key "
+                        "allowed to sign for project %s" % project)
+    finally:
+        remove_quietly(signature_path)
+        remove_quietly(manifest_path)
+
+
+def principals_for(found, project):
+    """From find-principals' output ('ci@web,alice@*' lines), the concrete
+    principals WHO@project whose pattern admits project."""
+    names = []
+    for line in found.splitlines():
+        for pattern in line.strip().split(","):
+            who, at, where = pattern.rpartition("@")
+            if at and who and fnmatch.fnmatchcase(project, where):
+                name = "%s@%s" % (who, project)
+                if name not in names and re.fullmatch(r"[^\s,*?!]+", name):
+                    names.append(name)
+    return names
+
+
+def sign_manifest(key, manifest):
+    """Sign manifest bytes with the SSH private key at path key (or an
+    agent's key when key is its public half); -> armored signature text.
+    Raises ConfigError."""
+    folder = tempfile.mkdtemp(prefix="ipd-sign-")
+    try:
+        path = os.path.join(folder, "manifest")
+        with open(path, "wb") as file:
+            file.write(manifest)
+        try:
+            done = subprocess.run(["ssh-keygen", "-Y", "sign", "-f", key, "-n",
+                                   SIGNATURE_NAMESPACE, path], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        except FileNotFoundError:
+            raise ConfigError("--sign needs ssh-keygen (Debian: openssh-client)")
+        if done.returncode != 0:
+            raise ConfigError("ssh-keygen -Y sign failed: %s" % done.stdout.decode(
+                "utf-8", "replace").strip().splitlines()[-1:])
+        with open(path + ".sig", encoding="ascii") as file:
+            return file.read()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# Deploy tokens: "ipd_ID_SECRET", shown once; TOKENS_DB keeps one line per
+# token, ID:SHA256-of-token:PROJECTS:EXPIRES:CREATOR:CREATED:REVOKED (times
+# as seconds since the epoch, 0 for never/no).  Last use: TOKENS_DB.used.
+TOKEN_PATTERN = re.compile(r"ipd_([0-9a-f]{12})_[A-Za-z0-9_-]{32,64}\Z")
+
+
+class Token:
+    """One line of the tokens file."""
+
+    def __init__(self, token_id, digest, projects, expires, creator, created,
+                 revoked=0):
+        self.id, self.digest, self.projects = token_id, digest, projects
+        self.expires, self.creator = expires, creator
+        self.created, self.revoked = created, revoked
+
+    def line(self):
+        return "%s:%s:%s:%d:%s:%d:%d" % (self.id, self.digest, ",".join(self.projects),
+                                        self.expires, self.creator, self.created,
+                                        self.revoked)
+
+    def refusal(self, now=None):
+        """None when the token may be used now, else why not."""
+        if self.revoked:
+            return "revoked"
+        if self.expires and (now or time.time()) >= self.expires:
+            return "expired"
+        return None
+
+
+def parse_tokens(text):
+    tokens = {}
+    for line in text.splitlines():
+        fields = line.strip().split(":")
+        if line.startswith("#") or len(fields) != 7:
+            continue
+        try:
+            token = Token(fields[0], fields[1], [p for p in fields[2].split(",") if p],
+                          int(fields[3]), fields[4], int(fields[5]), int(fields[6]))
+        except ValueError:
+            continue
+        tokens[token.id] = token
+    return tokens
+
+
+def tokens_path(settings):
+    """TOKENS_DB, or tokens.txt beside AUTH_DB."""
+    return settings.TOKENS_DB or os.path.join(os.path.dirname(settings.AUTH_DB),
+                                              "tokens.txt")
+
+
+class TokenDB:
+    """The tokens file, read again whenever it changes; last uses kept in
+    TOKENS_DB.used (written at most once a minute per token)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._signature = None
+        self._tokens = {}
+        self._used = {}
+
+    def _reload_if_changed(self):
+        try:
+            info = os.stat(self.path)
+            signature = (info.st_mtime_ns, info.st_size, info.st_ino)
+        except OSError:
+            signature = None
+        with self._lock:
+            if signature == self._signature:
+                return
+            self._signature = signature
+            try:
+                with open(self.path, encoding="utf-8") as file:
+                    self._tokens = parse_tokens(file.read())
+            except (OSError, UnicodeDecodeError):
+                self._tokens = {}
+
+    def authenticate(self, secret):
+        """-> (User, None) for a good token; (None, reason) otherwise."""
+        match = TOKEN_PATTERN.match(secret)
+        self._reload_if_changed()
+        with self._lock:
+            token = self._tokens.get(match.group(1)) if match else None
+        digest = hashlib.sha256(secret.encode()).hexdigest()
+        if token is None or not hmac.compare_digest(digest, token.digest):
+            return None, "unknown token"
+        refusal = token.refusal()
+        if refusal:
+            return None, "token %s %s" % (token.id, refusal)
+        self._note_use(token.id)
+        return User("token:" + token.id, "USER", "", token.projects), None
+
+    def _note_use(self, token_id):
+        now = time.time()
+        with self._lock:
+            if now - self._used.get(token_id, 0) < 60:
+                return
+            self._used[token_id] = now
+        try:
+            used = read_token_uses(self.path)
+            used[token_id] = int(now)
+            write_file_atomic(self.path + ".used", json.dumps(used).encode(), 0o640)
+        except (OSError, ValueError) as error:
+            log.warning("cannot note the use of token %s: %s", token_id, error)
+
+
+def read_token_uses(path):
+    try:
+        with open(path + ".used", encoding="utf-8") as file:
+            used = json.load(file)
+        return used if isinstance(used, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def create_token(path, projects, expires, creator):
+    """Add a token for projects to the tokens file; return its secret,
+    which is shown once and kept nowhere."""
+    for project in projects:
+        check_name_for_config(project)
+    token_id = secrets.token_hex(6)
+    secret = "ipd_%s_%s" % (token_id, secrets.token_urlsafe(32))
+    token = Token(token_id, hashlib.sha256(secret.encode()).hexdigest(), projects,
+                  int(expires), re.sub(r"[^A-Za-z0-9@._-]", "_", creator) or "-",
+                  int(time.time()))
+    rewrite_tokens(path, lambda tokens: tokens.append(token))
+    return secret
+
+
+def rewrite_tokens(path, change):
+    """Read the tokens file, change(list of Token), write it atomically
+    (0640, as the users file)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            tokens = list(parse_tokens(file.read()).values())
+        info = os.stat(path)
+    except FileNotFoundError:
+        tokens, info = [], None
+    change(tokens)
+    write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(), 0o640)
+    if info and os.geteuid() == 0:
+        os.chown(path, info.st_uid, info.st_gid)
+
+
+def parse_duration(text):
+    """'30d', '12h', '90m', '3600' (seconds) -> seconds.  Raises ValueError."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text)
+    if not match or not int(match.group(1)):
+        raise ValueError("not a duration (like 30d, 12h, 90m)")
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400,
+                                  "w": 604800}[match.group(2)]
+
+
+###############################################################################
 # Multipart parser ############################################################
 ###############################################################################
 
@@ -1111,7 +1427,10 @@ class FieldSink:
 
 
 UPLOAD_FILE_FIELDS = ("image", "package")
-UPLOAD_TEXT_FIELDS = ("project", "image_sha256", "package_sha256", "force")
+UPLOAD_TEXT_FIELDS = ("project", "image_sha256", "package_sha256", "force",
+                      "manifest", "signature")
+# Longest text field value (bytes); others take 1 KiB.
+FIELD_LIMITS = {"manifest": 4096, "signature": 16384}
 
 
 class Upload:
@@ -1245,9 +1564,10 @@ def open_sink(upload, headers, folder):
         upload.files[name] = sink
         return sink
     if name in UPLOAD_TEXT_FIELDS:
-        return FieldSink(name)
-    raise BadRequest("unknown form field %r: expected project, image, package, "
-                     "image_sha256, package_sha256, force" % name)
+        return FieldSink(name, FIELD_LIMITS.get(name, 1024))
+    raise BadRequest("unknown form field %s: expected project, image, package, "
+                     "image_sha256, package_sha256, force, manifest, signature"
+                     % printable(repr(name), 80))
 
 
 ###############################################################################
@@ -1962,6 +2282,7 @@ def new_record(deployment_id, project, seq, user, files, control):
         "control": control,
         "steps": [],
         "pruned": False,
+        "signer": None,
     }
 
 
@@ -1996,6 +2317,7 @@ def public_record(record):
         "files": record["files"],
         "steps": record["steps"],
         "pruned": record["pruned"],
+        "signer": record["signer"],
     }
 
 
@@ -2093,6 +2415,9 @@ class DeployWorker:
             "IMAGE": image if "image" in record["files"] else "",
             "PROJECT_DIR": self.store.project_dir(record["project"]),
         })
+        if record["signer"]:  # a signed release: a script may check who signed
+            env["SIGNER"] = record["signer"]["principal"]
+            env["SIGNER_KEY"] = record["signer"]["fingerprint"]
         return env
 
     def run_step(self, record, step, log_file, cancel):
@@ -2357,6 +2682,19 @@ def json_string_pieces(file):
             return
 
 
+def parse_credentials(scheme, credentials):
+    """Authorization 'Basic base64(name:password)' or 'Bearer TOKEN' ->
+    (name, password); ('', '') when malformed."""
+    if scheme.lower() == "bearer":
+        return "token", credentials.strip()
+    try:
+        name, colon, password = base64.b64decode(
+            credentials.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return "", ""
+    return (name, password) if colon else ("", "")
+
+
 # Methods that change nothing, so a browser may send them from any page.
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -2388,6 +2726,7 @@ class Daemon:
     def __init__(self, settings):
         self.settings = settings
         self.users = UserDB(settings.AUTH_DB)
+        self.tokens = TokenDB(tokens_path(settings))
         self.login_throttle = LoginThrottle()
         self.store = DeploymentStore(settings.UPLOAD_DIR, settings.KEEP_DEPLOYMENTS)
         self.worker = DeployWorker(settings, self.store)
@@ -2402,6 +2741,77 @@ class Daemon:
         with self.counter_lock:
             self.uploads += 1
             self.bytes_received += size
+
+    def check_login(self, name, password):
+        """-> (User, None), or (None, why) for a refused login.  A deploy
+        token (ipd_...) is taken as the password, whatever the name."""
+        if password.startswith("ipd_"):
+            user, reason = self.tokens.authenticate(password)
+            if user is None:  # as slow as a wrong password
+                check_password(password, self.users._decoy_hash())
+            return user, reason
+        user = self.users.authenticate(name, password)
+        return user, None if user else "wrong user or password"
+
+    def signature_required(self, project):
+        rule = self.settings.REQUIRE_SIGNATURE
+        return "*" in rule or project in rule
+
+    def newest_signed(self, project):
+        """The newest manifest time of project's signed deployments that
+        wait, run or succeeded, and the nonces ever used; (0, set())."""
+        newest, nonces = 0, set()
+        for record in self.store.deployments_of(project):
+            signer = record.get("signer")
+            if signer:
+                nonces.add(signer.get("nonce"))
+                if record["state"] in UNFINISHED + ("ok",):
+                    newest = max(newest, signer.get("created", 0))
+        return newest, nonces
+
+    def check_signature(self, project, upload, user, address):
+        """The signer of a push ({principal, fingerprint, created, nonce})
+        or None for an unsigned one; raises Forbidden (audited) for a push
+        that must be signed and is not, or whose signature or manifest does
+        not hold."""
+        manifest_text = upload.fields.get("manifest")
+        signature = upload.fields.get("signature")
+        try:
+            if manifest_text is None and signature is None:
+                if self.signature_required(project):
+                    raise Forbidden("project %s takes signed pushes only: push with "
+                                    "ipd.py push --sign KEY" % project)
+                return None
+            if manifest_text is None or signature is None:
+                raise BadRequest("a signed push needs both manifest and signature")
+            manifest = parse_manifest(manifest_text.encode())
+            signer = verify_signature(self.settings.ALLOWED_SIGNERS,
+                                      manifest_text.encode(), signature, project,
+                                      self.settings.UPLOAD_DIR)
+            check_manifest_files(manifest, project, upload)
+            signer.update(created=manifest["created"], nonce=manifest["nonce"])
+            return signer
+        except IpdError as error:
+            audit_event("signature_refused", project=project, user=user.name,
+                        address=address, reason=str(error))
+            log.warning("push to %s by %s refused: %s", project, user.name, error)
+            raise
+
+    def check_not_replayed(self, project, signer, user, address):
+        """Refuse a signed manifest seen before, or older than the newest
+        signed release of project (a rollback its signer did not ask for)."""
+        newest, nonces = self.newest_signed(project)
+        reason = None
+        if signer["nonce"] in nonces:
+            reason = "this signed manifest was pushed before (a replay)"
+        elif signer["created"] < newest:
+            reason = ("this signed manifest (%s) is older than the newest signed "
+                      "release of %s (%s): sign it anew, or have an ADMIN redeploy "
+                      "it" % (iso_time(signer["created"]), project, iso_time(newest)))
+        if reason:
+            audit_event("signature_refused", project=project, user=user.name,
+                        address=address, reason=reason)
+            raise Forbidden(reason)
 
     def cancel(self, record, user, address):
         """Cancel a deployment for user (see DeploymentStore.cancel); logged
@@ -2418,6 +2828,15 @@ class Daemon:
         if earlier["pruned"] or not earlier["files"]:
             raise Gone("the files of deployment %s were pruned "
                        "(KEEP_DEPLOYMENTS): upload them again" % earlier["id"])
+        if self.signature_required(earlier["project"]) and user.role != "ADMIN":
+            if not earlier["signer"]:
+                raise Forbidden("project %s takes signed releases only: deployment "
+                                "%s was not signed (an ADMIN may redeploy it)"
+                                % (earlier["project"], earlier["id"]))
+            if earlier["signer"]["created"] < self.newest_signed(earlier["project"])[0]:
+                raise Forbidden("deployment %s is older than the newest signed "
+                                "release of %s: only an ADMIN may roll back to it"
+                                % (earlier["id"], earlier["project"]))
         upload = Upload()
         try:
             for name, meta in earlier["files"].items():
@@ -2429,7 +2848,7 @@ class Daemon:
                 raise Gone("the files of deployment %s are gone" % earlier["id"])
             raise disk_errors(error)
         record = self.deploy_upload(earlier["project"], upload, user,
-                                    redeploy_of=earlier["id"])
+                                    redeploy_of=earlier["id"], signer=earlier["signer"])
         log.info("deployment %s of %s: redeploy of %s by %s", record["id"],
                  record["project"], earlier["id"], user.name)
         audit_event("redeploy", project=record["project"], deployment=record["id"],
@@ -2837,28 +3256,23 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
     def authenticate(self, role):
         """Return the User of the request's Basic credentials, or raise."""
         header = self.headers.get("Authorization", "")
-        scheme, _, encoded = header.partition(" ")
+        scheme, _, credentials = header.partition(" ")
         user = None
-        if scheme.lower() == "basic":
+        if scheme.lower() in ("basic", "bearer"):
             address = self.client_ip()
             wait = self.ipd.login_throttle.retry_after(address)
             if wait:
                 raise TooManyRequests("too many failed logins from %s: retry in "
                                       "%d s" % (address, wait),
                                       {"Retry-After": str(wait)})
-            try:
-                name, colon, password = base64.b64decode(encoded.strip(),
-                                                         validate=True) \
-                    .decode("utf-8").partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                name, colon = "", ""
-            if colon:
-                user = self.ipd.users.authenticate(name, password)
+            name, password = parse_credentials(scheme, credentials)
+            user, reason = self.ipd.check_login(name, password) if password \
+                else (None, "malformed credentials")
             if user is None:
                 self.ipd.login_throttle.failed(address)
                 log.warning("failed login as %r from %s", name[:64], address)
                 audit_event("login_refused", user=name[:64], address=address,
-                            path=self.path[:200])
+                            path=self.path[:200], reason=reason)
         if user is None:
             raise Unauthorized("authentication required",
                                {"WWW-Authenticate":
@@ -3335,6 +3749,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
             raise BadRequest("missing form field: give an image, a package, "
                              "or both")
         check_digests(upload)
+        signer = self.ipd.check_signature(project, upload, self.user, self.client_ip())
         digests = {name: sink.describe()["sha256"] for name, sink
                    in upload.files.items()}
         if upload.fields.get("force", "0") not in ("1", "true", "yes"):
@@ -3343,14 +3758,16 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
                 log.info("deployment %s of %s: the same files again, from %s; "
                          "not queued twice", earlier["id"], project, self.user.name)
                 return earlier, False
-        record = self.ipd.deploy_upload(project, upload, self.user)
+        if signer:
+            self.ipd.check_not_replayed(project, signer, self.user, self.client_ip())
+        record = self.ipd.deploy_upload(project, upload, self.user, signer=signer)
         log.info("deployment %s of %s uploaded by %s: %s", record["id"], project,
                  self.user.name, ", ".join("%s %s (%d bytes)" % (
                      name, meta["name"], meta["size"])
                      for name, meta in record["files"].items()))
         audit_event("upload", project=project, deployment=record["id"],
                     user=self.user.name, address=self.client_ip(),
-                    files=record["files"])
+                    files=record["files"], signer=record["signer"])
         return record, True
 
 
@@ -3770,13 +4187,17 @@ class Client:
             except (OSError, http.client.HTTPException):
                 time.sleep(1)  # resumed from offset below
 
-    def push(self, project, files, progress=None):
+    def push(self, project, files, progress=None, signed=None):
         """Upload files ({field: path}) for project; return the new
         deployment's id.  Streams from disk with a Content-Length computed
         ahead; the SHA-256 of each file, computed as it is sent, follows it
-        so that the server refuses a file damaged on the way."""
+        so that the server refuses a file damaged on the way.  signed:
+        (manifest bytes, signature text) of a signed push."""
         boundary = "ipd-" + secrets.token_hex(16)
         segments = [field_part(boundary, "project", project)]
+        if signed:
+            segments.append(field_part(boundary, "manifest", signed[0].decode()))
+            segments.append(field_part(boundary, "signature", signed[1]))
         for name, path in files.items():
             segments.append(file_part_head(boundary, name, os.path.basename(path)))
             segments.append((name, path, os.path.getsize(path)))
@@ -4026,9 +4447,10 @@ def cmd_push(args):
         if not os.path.isfile(path):
             raise ClientError("no such file: %s" % path, EXIT_USAGE)
     try:
+        signed = sign_push(args.sign, args.project, files) if args.sign else None
         total = sum(os.path.getsize(path) for path in files.values())
         progress = Progress(total, sys.stderr) if sys.stderr.isatty() else None
-        deployment = client.push(args.project, files, progress)
+        deployment = client.push(args.project, files, progress, signed)
     finally:
         if temporary:
             os.unlink(temporary)
@@ -4036,6 +4458,23 @@ def cmd_push(args):
     if args.wait:
         return wait_for_result(client, args.project, deployment, args.timeout)
     return EXIT_OK
+
+
+def sign_push(key, project, files):
+    """(manifest, signature) for pushing files ({field: path}) to project,
+    signed with the SSH key at path key."""
+    described = {}
+    for field, path in files.items():
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(CHUNK_SIZE), b""):
+                digest.update(block)
+        described[field] = (digest.hexdigest(), os.path.getsize(path))
+    manifest = make_manifest(project, described)
+    try:
+        return manifest, sign_manifest(key, manifest)
+    except ConfigError as error:
+        raise ClientError(str(error), EXIT_USAGE)
 
 
 def cmd_status(args):
@@ -4106,6 +4545,8 @@ def add_client_commands(commands):
     push.add_argument("--image", help="image file, e.g. from docker save")
     push.add_argument("--package", help="package archive, or a directory "
                       "packed as tar.gz")
+    push.add_argument("--sign", metavar="KEY", help="sign the push with this SSH "
+                      "private key (ssh-keygen -Y sign; see ALLOWED_SIGNERS)")
     push.set_defaults(func=cmd_push)
     status = commands.add_parser("status", parents=[common],
                                  help="state of a deployment")
@@ -4204,6 +4645,53 @@ def cmd_passwd(args):
     return 0
 
 
+def cmd_token(args):
+    """token create / list / revoke, on the server's TOKENS_DB."""
+    settings = load_settings(args.config, warn=print_warning)
+    path = args.tokens_db or tokens_path(settings)
+    if args.action == "create":
+        if not args.project:
+            raise ConfigError("token create needs --project (one or more)")
+        try:
+            expires = time.time() + parse_duration(args.expires)
+        except ValueError as error:
+            raise ConfigError("--expires: %s" % error)
+        creator = args.creator or os.environ.get("SUDO_USER") or getpass.getuser()
+        secret = create_token(path, args.project, expires, creator)
+        print(secret)
+        print("token for %s, expires %s, written to %s: shown once, keep it in "
+              "your CI's secrets" % (",".join(args.project), iso_time(expires), path),
+              file=sys.stderr)
+        return 0
+    if args.action == "revoke":
+        if not args.id:
+            raise ConfigError("token revoke needs the token's id")
+        found = []
+
+        def revoke(tokens):
+            for token in tokens:
+                if token.id == args.id and not token.revoked:
+                    token.revoked = int(time.time())
+                    found.append(token)
+        rewrite_tokens(path, revoke)
+        if not found:
+            raise ConfigError("no active token %s in %s" % (args.id, path))
+        print("token %s revoked" % args.id, file=sys.stderr)
+        return 0
+    try:
+        with open(path, encoding="utf-8") as file:
+            tokens = parse_tokens(file.read())
+    except FileNotFoundError:
+        tokens = {}
+    used = read_token_uses(path)
+    for token in tokens.values():
+        print("%s projects=%s expires=%s creator=%s created=%s last_use=%s%s" % (
+            token.id, ",".join(token.projects), iso_time(token.expires) or "never",
+            token.creator, iso_time(token.created), iso_time(used.get(token.id)) or "-",
+            " " + token.refusal() if token.refusal() else ""))
+    return 0
+
+
 def cmd_version(args):
     print("ipd", __version__)
     return 0
@@ -4237,6 +4725,21 @@ def build_parser():
                         "this user may use")
     passwd.add_argument("--auth-db", help="users file (default: AUTH_DB)")
     passwd.set_defaults(func=cmd_passwd)
+    token = commands.add_parser("token", help="deploy tokens: create (shown "
+                                "once), list, revoke", description="Deploy tokens "
+                                "for CI: a token works as the password of a Basic "
+                                "login or as a Bearer token, for its projects only, "
+                                "until it expires or is revoked.")
+    token.add_argument("action", choices=("create", "list", "revoke"))
+    token.add_argument("id", nargs="?", help="revoke: the token's id")
+    token.add_argument("--project", action="append", help="create: a project the "
+                       "token may deploy (repeat for more)")
+    token.add_argument("--expires", default="30d", help="create: lifetime, like "
+                       "30d, 12h, 90m (default: 30d)")
+    token.add_argument("--creator", help="create: who asked for it (default: "
+                       "$SUDO_USER or the login name)")
+    token.add_argument("--tokens-db", help="tokens file (default: TOKENS_DB)")
+    token.set_defaults(func=cmd_token)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
     add_client_commands(commands)
