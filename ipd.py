@@ -2943,6 +2943,15 @@ def read_log_tail(path, limit):
     return start, text
 
 
+def signed_by(record):
+    """', signed by WHO@PROJECT (SHA256:...)' for a signed release."""
+    signer = record.get("signer")
+    if not signer:
+        return ""
+    return "<br>signed by %s <code>%s</code>" % (html.escape(signer["principal"]),
+                                                 html.escape(signer["fingerprint"]))
+
+
 def state_badge(state):
     kind = state if state in ("ok", "active", "await") else \
         "neutral" if state in ("changed", "cancelled") else "failed"
@@ -3039,7 +3048,7 @@ class StatusPages:
                     html.escape(record["id"][:8]), state_badge(record["state"]),
                     page_time(record["created"]), page_time(record["started"]),
                     page_time(record["ended"]), page_duration(record),
-                    html.escape(record["user"] or "-"), files,
+                    html.escape(record["user"] or "-") + signed_by(record), files,
                     "<div>(pruned)</div>" if record["pruned"] else "",
                     self.buttons(record)))
 
@@ -3070,7 +3079,8 @@ class StatusPages:
         body = ("<p>%s of <a href=\"%s\">%s</a> by %s &middot; uploaded %s, "
                 "started %s, ended %s, took %s</p><p>%s</p>" % (
                     state_badge(record["state"]), self.ui_link(project),
-                    html.escape(project), html.escape(record["user"] or "-"),
+                    html.escape(project),
+                    html.escape(record["user"] or "-") + signed_by(record),
                     page_time(record["created"]), page_time(record["started"]),
                     page_time(record["ended"]), page_duration(record),
                     self.buttons(record)) + whole +

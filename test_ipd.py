@@ -3155,6 +3155,215 @@ class EdgeBrowserTests(DaemonTestCase):
 
 
 ###############################################################################
+# Signed releases and deploy tokens ###########################################
+###############################################################################
+
+def ssh_key(folder, name):
+    """A new ed25519 key pair in folder; -> (private key path, public key text)."""
+    path = os.path.join(folder, name)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name,
+                    "-f", path], check=True, stdin=subprocess.DEVNULL)
+    with open(path + ".pub") as file:
+        return path, " ".join(file.read().split()[:2])
+
+
+class SignedPushTests(DaemonTestCase):
+    """Pushes signed with OpenSSH keys (real ssh-keygen), checked before
+    anything is queued."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not shutil.which("ssh-keygen"):
+            if os.environ.get("CI"):
+                raise AssertionError("CI without ssh-keygen (openssh-client)")
+            raise unittest.SkipTest("needs ssh-keygen (Debian: openssh-client)")
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        keys = os.path.join(self.tmp, "keys")
+        os.makedirs(keys)
+        self.ci_key, ci_public = ssh_key(keys, "ci")
+        self.old_key, old_public = ssh_key(keys, "old")
+        self.stranger_key, _ = ssh_key(keys, "stranger")
+        self.other_key, other_public = ssh_key(keys, "other")
+        self.signers = os.path.join(self.tmp, "allowed_signers")
+        with open(self.signers, "w") as file:
+            file.write('ci@web,ci@api namespaces="ipd" %s\n' % ci_public)
+            file.write('old@* namespaces="ipd",valid-before="20200101" %s\n' % old_public)
+            file.write('other@api namespaces="ipd" %s\n' % other_public)
+        self.daemon = self.start_daemon({"ALLOWED_SIGNERS": self.signers,
+                                         "REQUIRE_SIGNATURE": "web"})
+        self.package = os.path.join(self.tmp, "package.tar.gz")
+        with open(self.package, "wb") as file:
+            file.write(control_script('echo "signer=$SIGNER key=$SIGNER_KEY"\n'
+                                      + OK_SCRIPT))
+
+    def push(self, key=None, project="web", *extra):
+        command = [sys.executable, IPD, "push", "--url", "http://127.0.0.1:%d/deploy"
+                   % self.daemon.port, "--user", "admin", "--project", project,
+                   "--package", self.package] + (["--sign", key] if key else []) \
+            + list(extra)
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, IPD_PASSWORD="admin-pw"), timeout=60)
+        return done.returncode, done.stdout.decode().strip(), done.stderr.decode()
+
+    def deployments(self, project="web"):
+        folder = os.path.join(self.daemon.upload_dir, project, "deployments")
+        if not os.path.isdir(folder):
+            return []
+        return sorted(name for name in os.listdir(folder) if name.endswith(".json"))
+
+    def test_a_signed_push_deploys_and_records_its_signer(self):
+        status, deployment, err = self.push(self.ci_key)
+        self.assertEqual(status, 0, err)
+        self.assertEqual(self.daemon.wait_state("web", deployment), "ok")
+        _, record = self.daemon.get_json("/status/web/" + deployment)
+        self.assertEqual(record["signer"]["principal"], "ci@web")
+        self.assertRegex(record["signer"]["fingerprint"], r"\ASHA256:")
+        log = self.daemon.log("web", deployment)
+        self.assertIn("signer=ci@web key=%s" % record["signer"]["fingerprint"], log)
+        audit = [json.loads(line) for line in open(os.path.join(self.tmp, "audit.log"))]
+        upload = [e for e in audit if e["event"] == "upload"][0]
+        self.assertEqual(upload["signer"]["principal"], "ci@web")
+        _, _, page = self.daemon.get("/ui/web", headers={"Accept": "text/html"})
+        self.assertIn("ci@web", page)
+
+    def test_every_bad_push_is_refused_with_nothing_kept(self):
+        cases = {"unsigned": (None, "web"), "a stranger's key": (self.stranger_key, "web"),
+                 "signed for another project": (self.other_key, "web"),
+                 "key past valid-before": (self.old_key, "web")}
+        for name, (key, project) in cases.items():
+            with self.subTest(name):
+                status, out, err = self.push(key, project)
+                self.assertEqual(status, 5, (out, err))  # 403
+                self.assertIn("ipd: HTTP 403", err)
+        self.assertEqual(self.deployments(), [])
+        self.assertEqual(self.daemon.leftovers(), [])
+        refused = [json.loads(line) for line in open(os.path.join(self.tmp, "audit.log"))
+                   if '"signature_refused"' in line]
+        self.assertEqual(len(refused), 4)
+        # Unsigned pushes still go to projects that do not ask for signatures.
+        self.assertEqual(self.push(None, "free")[0], 0)
+
+    def test_manifest_must_match_what_arrived_and_never_be_replayed(self):
+        manifest = ipd.make_manifest("web", {"package": ("0" * 64, 10)})
+        signature = ipd.sign_manifest(self.ci_key, manifest)
+        package = open(self.package, "rb").read()
+        status, _, text = self.signed_upload(manifest, signature, package)
+        self.assertEqual(status, 403, text)
+        self.assertIn("do not match", text)
+        digest = hashlib.sha256(package).hexdigest()
+        newer = ipd.make_manifest("web", {"package": (digest, len(package))})
+        older = ipd.make_manifest("web", {"package": (digest, len(package))},
+                                  created=time.time() - 3600)
+        signed_newer = ipd.sign_manifest(self.ci_key, newer)
+        status, _, deployment = self.signed_upload(newer, signed_newer, package)
+        self.assertEqual(status, 202, deployment)
+        self.assertEqual(self.daemon.wait_state("web", deployment.strip()), "ok")
+        for manifest, why in ((newer, "pushed before"), (older, "older than")):
+            status, _, text = self.signed_upload(
+                manifest, ipd.sign_manifest(self.ci_key, manifest)
+                if manifest is older else signed_newer, package)
+            self.assertEqual(status, 403, text)
+            self.assertIn(why, text)
+        self.assertEqual(len(self.deployments()), 1)
+        # An ADMIN may still roll back on purpose; the redeploy keeps the signer.
+        status, _, answer = self.daemon.request("POST", "/redeploy/web/" +
+                                                deployment.strip())
+        self.assertEqual(status, 202, answer)
+
+    def signed_upload(self, manifest, signature, package, project="web"):
+        content_type, body = multipart([("project", project),
+                                        ("manifest", manifest.decode()),
+                                        ("signature", signature),
+                                        ("package", ("p.tgz", package))])
+        return self.daemon.request("POST", "/upload", body=body,
+                                   headers={"Content-Type": content_type})
+
+    def test_the_documented_curl_line(self):
+        """The README's curl recipe: sha256sum, a manifest, ssh-keygen -Y sign."""
+        script = textwrap.dedent("""\
+            set -e
+            sum=$(sha256sum "$PACKAGE" | cut -d' ' -f1)
+            size=$(stat -c %s "$PACKAGE")
+            printf '{"created":%s,"files":{"package":{"sha256":"%s","size":%s}},"ipd_manifest":1,"nonce":"%s","project":"web"}' \\
+                "$(date +%s)" "$sum" "$size" "$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')" > manifest.json
+            ssh-keygen -Y sign -f "$KEY" -n ipd manifest.json 2>/dev/null
+            curl -sS -u admin:admin-pw -F project=web -F manifest='<manifest.json' \\
+                -F signature='<manifest.json.sig' -F package=@"$PACKAGE" "$URL/upload"
+            """)
+        done = subprocess.run(["sh", "-c", script], cwd=self.tmp, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60, env=dict(
+                                  os.environ, PACKAGE=self.package, KEY=self.ci_key,
+                                  URL="http://127.0.0.1:%d/deploy" % self.daemon.port))
+        deployment = done.stdout.decode().strip()
+        self.assertRegex(deployment, r"\A[0-9a-f-]{36}\Z", done.stderr)
+        self.assertEqual(self.daemon.wait_state("web", deployment), "ok")
+
+
+class TokenTests(DaemonTestCase):
+    """Deploy tokens: shown once, scoped to projects, expiring, revocable."""
+
+    def token(self, *args):
+        done = subprocess.run([sys.executable, IPD, "--config", self.daemon.config,
+                               "token"] + list(args), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=30)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout.decode()
+
+    def upload_with(self, authorization, project="web"):
+        content_type, body = multipart([("project", project), ("force", "1"), (
+            "package", ("p.tgz", control_script(OK_SCRIPT)))])
+        return self.daemon.request("POST", "/upload", user=None, body=body, headers={
+            "Content-Type": content_type, "Authorization": authorization})[0]
+
+    def test_create_use_expire_revoke(self):
+        secret = self.token("create", "--project", "web", "--expires", "1h").strip()
+        self.assertRegex(secret, r"\Aipd_[0-9a-f]{12}_")
+        token_id = secret.split("_")[1]
+        stored = open(os.path.join(self.tmp, "tokens.txt")).read()
+        self.assertNotIn(secret, stored)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.tmp, "tokens.txt"))
+                                      .st_mode), 0o640)
+        basic = "Basic " + base64.b64encode(("ci:" + secret).encode()).decode()
+        self.assertEqual(self.upload_with(basic), 202)
+        self.assertEqual(self.upload_with("Bearer " + secret), 202)
+        self.assertEqual(self.upload_with("Bearer " + secret, "other"), 403)
+        self.assertIn("last_use=20", self.token("list"))
+        self.token("revoke", token_id)
+        wrong = self.upload_with("Bearer " + secret[:-1] + "x")
+        self.assertEqual((self.upload_with("Bearer " + secret), wrong), (401, 401))
+        self.assertIn("revoked", self.token("list"))
+        # An expired token: the same answer as a wrong password, audited.
+        expired = self.token("create", "--project", "web", "--expires", "1s").strip()
+        time_to_expire = time.time() + 1.2
+        wait_until(lambda: time.time() > time_to_expire, 3)
+        self.assertEqual(self.upload_with("Bearer " + expired), 401)
+        audit = open(os.path.join(self.tmp, "audit.log")).read()
+        self.assertIn("revoked", audit)
+        self.assertIn("expired", audit)
+        self.assertNotIn(secret, audit + self.daemon.daemon_log())
+
+    def test_a_refused_token_push_sends_no_file_bytes(self):
+        secret = self.token("create", "--project", "web").strip()
+        content_type, body = multipart([("project", "other"), (
+            "image", ("i", b"\0" * (20 << 20)))])
+        connection = self.daemon.connection()
+        self.addCleanup(connection.close)
+        connection.putrequest("POST", "/deploy/upload")
+        for name, value in (("Authorization", "Bearer " + secret),
+                            ("Content-Type", content_type), ("X-Ipd-Project", "other"),
+                            ("Content-Length", str(len(body))),
+                            ("Expect", "100-continue")):
+            connection.putheader(name, value)
+        connection.endheaders()
+        self.assertEqual(connection.getresponse().status, 403)
+        self.assertRegex(self.daemon.daemon_log(r'"POST /deploy/upload" 403'),
+                         r'"POST /deploy/upload" 403 user=token:\w+ in=0 ')
+
+
+###############################################################################
 # Guarantees: tests that attack ipd and count ################################
 ###############################################################################
 
