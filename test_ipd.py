@@ -476,6 +476,7 @@ class DaemonProcess:
         self.port = None
 
     def start(self, env=None):
+        os.makedirs(self.upload_dir, exist_ok=True)  # ipd makes no UPLOAD_DIR
         self.stderr_path = os.path.join(self.folder, "stderr-%d.txt" % time.time_ns())
         with open(self.stderr_path, "wb") as stderr:
             # ipd.py runs with this test's Python; an installed `ipd`
@@ -870,7 +871,8 @@ class UploadErrorTests(DaemonTestCase):
             with self.subTest(name=name):
                 self.assert_refused(400, self.daemon.upload(
                     name, control_script(OK_SCRIPT)), "project name")
-        self.assertEqual(sorted(os.listdir(self.daemon.upload_dir)), [])
+        self.assertEqual(sorted(set(os.listdir(self.daemon.upload_dir))
+                                - {ipd.LOCK_FILE}), [])
 
     def test_good_project_names(self):
         for name in ("a", "A_b-c.d", "9" * 64, "_x"):
@@ -1525,7 +1527,8 @@ class SteeringTests(DaemonTestCase):
         status, _, body = self.daemon.request("POST", "/cancel/app/" + running)
         self.assertEqual((status, body), (200, "cancelled\n"))
         self.assertFalse(process_running(int(open(pid_file).read())))
-        self.assertEqual(self.daemon.log("app", waiting), "")
+        self.assertRegex(self.daemon.log("app", waiting),  # it never ran (#15)
+                         r"\Aipd: cancelled by admin from 127\.0\.0\.1 at \S+\n\Z")
         status, _, body = self.daemon.request("POST", "/cancel/app/" + running)
         self.assertEqual(status, 409)
         self.assertEqual(self.daemon.request("POST", "/cancel/app/" + str(uuid.uuid4()))[0],
@@ -1720,7 +1723,7 @@ class ClientTests(DaemonTestCase):
         result = self.client("cancel", "app", first)
         self.assertEqual(result.stdout, b"cancelled\n")
         result = self.client("logs", "app", first)
-        self.assertEqual(result.stdout, b"start\n")
+        self.assertRegex(result.stdout, b"^start\nipd: cancelled by admin from ")
         result = self.client("status", "app", first)
         self.assertEqual((result.returncode, result.stdout), (1, b"cancelled\n"))
         open(gate, "w").close()
