@@ -28,6 +28,8 @@ in it ``deployments/`` with, per deployment ID:
     ID.log      everything control.sh printed
     ID.json     state and times, written atomically; the deployment exists
                 once this file does, and the daemon's memory is a cache of it
+
+and UPLOAD_DIR/.ipd.lock, flock'ed by the one daemon that uses the folder.
 """
 
 __version__ = "1.0.0"
@@ -3215,7 +3217,8 @@ def folder_problems(settings):
             is_folder = stat.S_ISDIR(os.stat(path).st_mode)
         except OSError as error:
             reason = "no such folder: create it for the user ipd runs as" \
-                if error.errno == errno.ENOENT else error.strerror
+                if error.errno == errno.ENOENT else \
+                "cannot reach it (%s)" % error.strerror
         else:
             if not is_folder:
                 reason = "not a folder"

@@ -3823,6 +3823,10 @@ class ReadmeTruthTests(DaemonTestCase):
         self.assertIn("Copyright (c) 2026 ipd authors", license_text)
         self.assertIn('license = {text = "MIT"}',
                       open(os.path.join(HERE, "pyproject.toml")).read())
+        wheel = build("wheel", os.path.join(self.tmp, "dist"))
+        with zipfile.ZipFile(wheel) as zipped:
+            self.assertEqual(zipped.read("ipd-%s.dist-info/LICENSE" % ipd.__version__)
+                             .decode(), license_text)
 
     def test_bench_units_agree_with_the_readme(self):
         sys.path.insert(0, HERE)
