@@ -3743,8 +3743,8 @@ def human_size(count):
 def pack_directory(folder):
     """A directory as a tar.gz (control.sh at its root) named after it, in a
     temporary folder: the upload, and the audit log, show 'deploy.tar.gz'."""
-    name = os.path.basename(os.path.abspath(folder)) or "package"
-    path = os.path.join(tempfile.mkdtemp(prefix="ipd-package-"), name + ".tar.gz")
+    stem = os.path.basename(os.path.abspath(folder)) or "package"
+    path = os.path.join(tempfile.mkdtemp(prefix="ipd-package-"), stem + ".tar.gz")
     with open(path, "wb") as file, tarfile.open(fileobj=file, mode="w:gz") as tar:
         for name in sorted(os.listdir(folder)):
             tar.add(os.path.join(folder, name), name)
