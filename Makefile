@@ -19,7 +19,15 @@ UPLOAD_DIR ?= /srv/upload
 LOG_DIR ?= /var/log/ipd
 USER_NAME ?= ipd
 # The command the unit starts: the copied file, or a virtualenv's ipd.
-EXEC ?= /usr/bin/python3 $(LIBDIR)/ipd.py
+DEFAULT_EXEC = /usr/bin/python3 $(LIBDIR)/ipd.py
+EXEC ?= $(DEFAULT_EXEC)
+# The unit's Documentation= names the README that `make install` copies
+# beside ipd.py; another EXEC (a virtualenv) has none there, so it goes.
+ifeq ($(EXEC),$(DEFAULT_EXEC))
+DOC_SED = -e 's|/usr/local/lib/ipd|$(LIBDIR)|g'
+else
+DOC_SED = -e '/^Documentation=/d'
+endif
 DIST ?= dist
 .PHONY: test bench install uninstall install-user install-unit wheel sdist deb
 
@@ -62,8 +70,7 @@ install:
 
 install-unit:
 	install -d $(DESTDIR)$(UNITDIR)
-	sed -e 's|^ExecStart=.*|ExecStart=$(EXEC) serve|' \
-	    -e 's|/usr/local/lib/ipd|$(LIBDIR)|g' \
+	sed -e 's|^ExecStart=.*|ExecStart=$(EXEC) serve|' $(DOC_SED) \
 	    -e 's|IPD_CONFIG=/etc/ipd.conf|IPD_CONFIG=$(CONFIG)|' \
 	    -e 's|EnvironmentFile=-/etc/ipd.conf|EnvironmentFile=-$(CONFIG)|' \
 	    -e 's|^User=ipd|User=$(USER_NAME)|' -e 's|^Group=ipd|Group=$(USER_NAME)|' \

@@ -126,10 +126,11 @@ def sha256_file(path):
 
 
 def sha256_rate_one_core():
-    """MB/s of hashlib's SHA-256 on core 0, as ipd's hashing thread gets."""
+    """MiB/s of hashlib's SHA-256 on core 0, as ipd's hashing thread gets
+    (MiB/s like every rate here, so that they combine in one formula)."""
     code = ("import hashlib, os, time; os.sched_setaffinity(0, {0});"
             "b = os.urandom(256 << 20); t = time.perf_counter();"
-            "hashlib.sha256(b).digest(); print(256 * 1.048576 / (time.perf_counter() - t))")
+            "hashlib.sha256(b).digest(); print(256 / (time.perf_counter() - t))")
     return float(subprocess.check_output([sys.executable, "-c", code]))
 
 
@@ -387,7 +388,7 @@ def upload(system, payload, size, digest):
         raise SystemExit("%s stored a wrong file for %s" % (system.name, payload))
     os.unlink(stored)  # every system starts each run from the same state
     seconds = float(seconds)
-    return {"mbps": size / MIB / seconds, "cpu_per_gib": cpu / (size / (1 << 30)),
+    return {"mbps": size / MIB / seconds,  # MiB/s "cpu_per_gib": cpu / (size / (1 << 30)),
             "rss": rss}
 
 
@@ -607,7 +608,7 @@ def main(argv=None):
                 for system in order:
                     figures = upload(system, path, size, digest)
                     results.setdefault((system.name, label), []).append(figures)
-                    print("  %-24s %-9s run %d: %7.1f MB/s" % (
+                    print("  %-24s %-9s run %d: %7.1f MiB/s" % (
                         system.name, label, number + 1, figures["mbps"]), flush=True)
             os.unlink(path)
         status = status_figures(systems[1], work, 3 if args.quick else 5,
@@ -646,10 +647,13 @@ def status_figures(ipd, work, seconds, payloads, quick):
     return figures
 
 
+TABLE_HEADER = "| system | payload | MiB/s | CPU s/GiB | peak RSS MiB | vs nginx |"
+
+
 def report(results, payloads, sha_rate, status, start_delay, scale, runs):
     print("\nUploads (median of %d; server on core 0, curl on core 1; "
-          "SHA-256 of one core: %.0f MB/s)" % (runs, sha_rate))
-    print("| system | payload | MB/s | CPU s/GiB | peak RSS MiB | vs nginx |")
+          "SHA-256 of one core: %.0f MiB/s)" % (runs, sha_rate))
+    print(TABLE_HEADER)
     print("| ------ | ------ | ------: | ------: | ------: | ------: |")
     for label, _, _, _ in payloads:
         reference = statistics.median(r["mbps"] for r in results[("nginx PUT", label)])
@@ -664,7 +668,7 @@ def report(results, payloads, sha_rate, status, start_delay, scale, runs):
         ipd_mbps = statistics.median(r["mbps"] for r in results[("ipd", label)])
         uvicorn = statistics.median(r["mbps"] for r in results[("uvicorn+starlette",
                                                                  label)])
-        print("|  | %s: ipd / (nginx + SHA-256 ceiling %.0f MB/s) = %.2f; "
+        print("|  | %s: ipd / (nginx + SHA-256 ceiling %.0f MiB/s) = %.2f; "
               "ipd / uvicorn = %.2f |  |  |  |  |" % (label, ceiling, ipd_mbps / ceiling,
                                                      ipd_mbps / uvicorn))
     print("\n/status, 64 keep-alive clients (wrk)")

@@ -28,6 +28,8 @@ in it ``deployments/`` with, per deployment ID:
     ID.log      everything control.sh printed
     ID.json     state and times, written atomically; the deployment exists
                 once this file does, and the daemon's memory is a cache of it
+
+and UPLOAD_DIR/.ipd.lock, flock'ed by the one daemon that uses the folder.
 """
 
 __version__ = "1.0.0"
@@ -39,6 +41,7 @@ import bisect
 import calendar
 import codecs
 import errno
+import fcntl
 import fnmatch
 import getpass
 import hashlib
@@ -56,6 +59,7 @@ import os
 import re
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -333,6 +337,10 @@ class ConfigError(Exception):
     """A setting or the users file is wrong; the daemon does not start."""
 
 
+class StartupError(ConfigError):
+    """The daemon cannot start: one line per reason, each naming a setting."""
+
+
 class IpdError(Exception):
     """An error answered to the client with its HTTP status and message."""
 
@@ -552,15 +560,32 @@ def parse_users(text, source="users file"):
         if not line or line.startswith("#"):
             continue
         fields = line.split(":")
-        if len(fields) not in (3, 4) or fields[0] not in ROLES or not fields[1]:
-            warnings.append("%s:%d: ignored, expected ROLE:username:hash"
-                            % (source, number))
-            continue
+        problem = users_line_problem(fields)
+        if problem:
+            warnings.append("%s, line %d: %s" % (source, number, problem))
+            if problem.endswith("line ignored"):
+                continue
         projects = None
         if len(fields) == 4:
             projects = frozenset(p for p in fields[3].split(",") if p)
         users[fields[1]] = User(fields[1], fields[0], fields[2], projects)
     return users, warnings
+
+
+def users_line_problem(fields):
+    """What is wrong with the fields of one users file line, or None.  A
+    reason ending in 'line ignored' means the line gives no user."""
+    if len(fields) not in (3, 4):
+        return ("expected ROLE:username:hash[:projects], found %d field%s; "
+                "line ignored" % (len(fields), "" if len(fields) == 1 else "s"))
+    if fields[0] not in ROLES:
+        return ("unknown role %r (ADMIN, USER or METRICS); line ignored"
+                % fields[0][:20])
+    if not fields[1]:
+        return "empty user name; line ignored"
+    if len(fields) == 4 and fields[0] != "USER":
+        return "a project list is for USER lines only; ignored for %s" % fields[0]
+    return None
 
 
 class User:
@@ -686,9 +711,18 @@ class LoginThrottle:
 
 
 def set_user(path, role, name, password_hash, projects=None):
-    """Add or replace the line of user name in the users file at path."""
+    """Add or replace the line of user name in the users file at path.
+
+    A new file is made 0640, and a rewritten one loses what others could
+    read (it holds password hashes).  Raises ConfigError.
+    """
     if role not in ROLES:
-        raise ConfigError("role must be ADMIN or USER, not %r" % role)
+        raise ConfigError("role must be ADMIN, USER or METRICS, not %r" % role)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError("cannot write the users file %s: its folder %s does "
+                          "not exist (create it, or give --auth-db FILE)"
+                          % (path, folder))
     if not name or ":" in name or any(c.isspace() for c in name):
         raise ConfigError("user name must not be empty or contain ':' or spaces")
     record = "%s:%s:%s" % (role, name, password_hash)
@@ -707,7 +741,7 @@ def set_user(path, role, name, password_hash, projects=None):
             or line.strip().startswith("#")]
     kept.append(record)
     write_file_atomic(path, ("\n".join(kept) + "\n").encode(),
-                      stat.S_IMODE(info.st_mode) if info else 0o640)
+                      stat.S_IMODE(info.st_mode) & ~0o007 if info else 0o640)
     if info and os.geteuid() == 0:  # root edits it; the ipd user reads it
         os.chown(path, info.st_uid, info.st_gid)
 
@@ -2817,6 +2851,9 @@ class Daemon:
         """Cancel a deployment for user (see DeploymentStore.cancel); logged
         and audited."""
         self.store.cancel(record["id"])
+        with open(self.store.path(record, ".log"), "ab") as file:
+            file.write(("ipd: cancelled by %s from %s at %s\n" % (
+                user.name, address, iso_time(time.time()))).encode())
         log.info("deployment %s of %s: cancel asked by %s", record["id"],
                  record["project"], user.name)
         audit_event("cancel", project=record["project"], deployment=record["id"],
@@ -3435,7 +3472,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
             row = {"project": project, "deployment": latest["id"],
                    "state": latest["state"], "started": iso_time(latest["started"]),
                    "ended": iso_time(latest["ended"]), "deployments": count,
-                   "user": latest["user"]}
+                   "user": latest["user"], "files": latest["files"]}
             rows.append(row)
             lines.append("%s %s %s started=%s ended=%s deployments=%d\n" % (
                 project, latest["id"], latest["state"], row["started"] or "-",
@@ -3952,9 +3989,7 @@ def setup_logging(log_dir, also_stderr=False):
     handler.setFormatter(formatter)
     log.handlers[:] = [handler]
     if also_stderr:
-        console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(formatter)
-        log.addHandler(console)
+        log_to_stderr()
     log.setLevel(logging.INFO)
     log.propagate = False
     trail = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "audit.log"))
@@ -3964,22 +3999,150 @@ def setup_logging(log_dir, also_stderr=False):
     audit.propagate = False  # not in ipd.log twice
 
 
+def log_to_stderr():
+    """ipd.log's lines on stderr too (serve -v, the demo)."""
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(console)
+
+
 def serve(settings, verbose=False, on_ready=None):
+    """Check the folders, take UPLOAD_DIR's lock and run the daemon until
+    SIGTERM or SIGINT.  Returns the exit status; raises StartupError (each
+    line already in ipd.log where LOG_DIR allows) when it cannot start."""
+    problems = folder_problems(settings)
+    if "LOG_DIR" not in problems:
+        setup_logging(settings.LOG_DIR)
+    if problems:
+        raise startup_error(list(problems.values()), "LOG_DIR" not in problems)
+    lock = lock_upload_dir(settings.UPLOAD_DIR)
+    try:
+        for warning in users_file_warnings(settings.AUTH_DB):
+            log.warning("%s", warning)
+            print_warning(warning)
+        if verbose:
+            log_to_stderr()
+        return run_daemon(settings, on_ready)
+    finally:
+        os.close(lock)  # only now may another daemon take UPLOAD_DIR
+
+
+def startup_error(lines, logged=True):
+    """A StartupError of these lines, each logged first when ipd.log is open."""
+    if logged:
+        for line in lines:
+            log.error("not started: %s", line)
+    return StartupError("\n".join(lines))
+
+
+def folder_problems(settings):
+    """UPLOAD_DIR and LOG_DIR must be folders the daemon may write in; it
+    makes neither, so that a mistyped path never starts an empty daemon.
+    Returns {key: one line naming the setting, its value and what to do}."""
+    problems = {}
+    for key in ("UPLOAD_DIR", "LOG_DIR"):
+        path = getattr(settings, key)
+        try:
+            is_folder = stat.S_ISDIR(os.stat(path).st_mode)
+        except OSError as error:
+            reason = "no such folder: create it for the user ipd runs as" \
+                if error.errno == errno.ENOENT else \
+                "cannot reach it (%s)" % error.strerror
+        else:
+            if not is_folder:
+                reason = "not a folder"
+            elif not os.access(path, os.W_OK | os.X_OK):
+                reason = ("not writable by the user ipd runs as (uid %d): "
+                          "chown or chmod it" % os.geteuid())
+            else:
+                continue
+        problems[key] = "%s=%s: %s" % (key, path, reason)
+    return problems
+
+
+LOCK_FILE = ".ipd.lock"  # in UPLOAD_DIR; never a project name (leading dot)
+
+
+def lock_upload_dir(upload_dir):
+    """Take UPLOAD_DIR's exclusive lock, before anything in it is read or
+    changed: one daemon per data folder.  It is a flock(2), which the kernel
+    drops when its holder dies, even by kill -9, so it is never stale; the
+    descriptor is close-on-exec, so control.sh never holds it.  Returns the
+    descriptor; raises StartupError naming the process that holds it."""
+    path = os.path.join(upload_dir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except PermissionError:  # made by another user; reading is enough to lock
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock_holder(fd)
+        os.close(fd)
+        raise startup_error(["UPLOAD_DIR=%s is in use by another ipd (%s): stop "
+                             "it first, or give this one its own UPLOAD_DIR"
+                             % (upload_dir, holder)])
+    try:  # the PID, for people; the kernel's lock is what counts
+        os.ftruncate(fd, 0)
+        write_all(fd, b"%d\n" % os.getpid())
+    except OSError:
+        pass
+    return fd
+
+
+def lock_holder(fd):
+    """'PID n' of the process holding the flock on fd's file, from
+    /proc/locks, else from the PID it wrote into the file."""
+    info = os.fstat(fd)
+    wanted = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
+    try:
+        with open("/proc/locks") as file:
+            for line in file:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK":
+                    device = fields[5].split(":")
+                    if len(device) == 3 and (int(device[0], 16), int(device[1], 16),
+                                             int(device[2])) == wanted:
+                        return "PID %s" % fields[4]
+    except (OSError, ValueError):
+        pass
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return "PID %s" % text if text.isdigit() else "another process"
+
+
+def listen_text(address):
+    host, port = address
+    return "%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+
+def bind_server(settings, daemon):
+    """The Server listening on LISTEN; raises StartupError saying why not."""
+    try:
+        return Server(settings.LISTEN, daemon)
+    except OSError as error:
+        reason = {errno.EADDRINUSE: "address already in use (another ipd, or "
+                  "another program, listens there): stop it or set another LISTEN",
+                  errno.EADDRNOTAVAIL: "no such address on this host",
+                  errno.EACCES: "permission denied (ports below 1024 need "
+                  "privileges)"}.get(error.errno, error.strerror or str(error))
+        raise startup_error(["LISTEN=%s: cannot listen: %s"
+                             % (listen_text(settings.LISTEN), reason)])
+
+
+def run_daemon(settings, on_ready=None):
     """Run the daemon until SIGTERM or SIGINT.  Returns the exit status."""
-    setup_logging(settings.LOG_DIR, verbose)
-    stop_signal = StopSignal()
     daemon = Daemon(settings)
-    warn_about_users_file(settings.AUTH_DB)
+    server = bind_server(settings, daemon)  # before load: a clash changes nothing
+    stop_signal = StopSignal()
     count = daemon.store.load(settings.KILL_GRACE)
-    server = Server(settings.LISTEN, daemon)
     host, port = server.server_address[:2]
     url = "http://%s:%d%s/" % ("[%s]" % host if ":" in host else host, port,
                                settings.API_ROOT)
     daemon.worker.start()
     threading.Thread(target=server.serve_forever, name="http",
                      daemon=True).start()
-    log.info("ipd %s listening on %s (%d deployments on disk)", __version__, url,
-             count)
+    log.info("ipd %s listening on %s (%d deployment%s on disk)", __version__, url,
+             count, "" if count == 1 else "s")
     print("ipd %s listening on %s" % (__version__, url), file=sys.stderr,
           flush=True)
     systemd = SystemdNotifier()
@@ -4062,15 +4225,32 @@ class StopSignal:
         return self.received[0]
 
 
-def warn_about_users_file(path):
+def users_file_warnings(path):
+    """What is wrong with the users file at start, one line each naming
+    AUTH_DB (and the line).  The daemon starts anyway: the file is read
+    again on the next request after it is fixed."""
+    where = "AUTH_DB=%s" % path
+    add_user = "add one with 'ipd passwd ADMIN NAME'"
     try:
         mode = os.stat(path).st_mode
-    except OSError:
-        log.warning("users file %s does not exist: every request that needs "
-                    "a login is refused", path)
-        return
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        return ["%s does not exist: every login is refused (401); %s"
+                % (where, add_user)]
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        return ["%s cannot be read (%s): every login is refused (401)"
+                % (where, reason)]
+    warnings = []
     if mode & stat.S_IROTH:
-        log.warning("users file %s is readable by everyone: chmod o-r it", path)
+        warnings.append("%s is readable by everyone: chmod o-r %s" % (where, path))
+    users, problems = parse_users(text, where)
+    warnings.extend(problems)
+    if not users:
+        warnings.append("%s has no users: every login is refused (401); %s"
+                        % (where, add_user))
+    return warnings
 
 
 ###############################################################################
@@ -4081,6 +4261,11 @@ def warn_about_users_file(path):
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NETWORK = 0, 1, 2, 3
 EXIT_FOR_STATUS = {401: 4, 403: 5, 413: 6, 507: 7}
 EXIT_HTTP, EXIT_TIMEOUT = 8, 9
+EXIT_STATUS_HELP = (
+    "exit status of the client commands: 0 ok; 1 the deployment ended in "
+    "another state; 2 usage; 3 network error; 4 wrong login (401); 5 "
+    "forbidden (403); 6 too large (413); 7 disk full (507); 8 another HTTP "
+    "error; 9 --timeout passed")
 
 
 class ClientError(Exception):
@@ -4389,9 +4574,11 @@ def human_size(count):
 
 
 def pack_directory(folder):
-    """A directory as a temporary tar.gz (control.sh at its root)."""
-    fd, path = tempfile.mkstemp(prefix="ipd-package-", suffix=".tar.gz")
-    with os.fdopen(fd, "wb") as file, tarfile.open(fileobj=file, mode="w:gz") as tar:
+    """A directory as a tar.gz (control.sh at its root) named after it, in a
+    temporary folder: the upload, and the audit log, show 'deploy.tar.gz'."""
+    stem = os.path.basename(os.path.abspath(folder)) or "package"
+    path = os.path.join(tempfile.mkdtemp(prefix="ipd-package-"), stem + ".tar.gz")
+    with open(path, "wb") as file, tarfile.open(fileobj=file, mode="w:gz") as tar:
         for name in sorted(os.listdir(folder)):
             tar.add(os.path.join(folder, name), name)
     return path
@@ -4463,7 +4650,7 @@ def cmd_push(args):
         deployment = client.push(args.project, files, progress, signed)
     finally:
         if temporary:
-            os.unlink(temporary)
+            remove_quietly(os.path.dirname(temporary))
     print(deployment, flush=True)
     if args.wait:
         return wait_for_result(client, args.project, deployment, args.timeout)
@@ -4550,8 +4737,11 @@ def add_client_commands(commands):
     waiting.add_argument("--timeout", type=float, default=0,
                          help="give up waiting after this many seconds")
     push = commands.add_parser("push", parents=[common, waiting],
-                               help="upload an image and/or package")
-    push.add_argument("--project", required=True)
+                               help="upload an image and/or package",
+                               description="Upload an image, a package or both "
+                               "for a project; prints the new deployment's ID.",
+                               epilog=EXIT_STATUS_HELP)
+    push.add_argument("--project", required=True, help="the project to deploy")
     push.add_argument("--image", help="image file, e.g. from docker save")
     push.add_argument("--package", help="package archive, or a directory "
                       "packed as tar.gz")
@@ -4559,33 +4749,52 @@ def add_client_commands(commands):
                       "private key (ssh-keygen -Y sign; see ALLOWED_SIGNERS)")
     push.set_defaults(func=cmd_push)
     status = commands.add_parser("status", parents=[common],
-                                 help="state of a deployment")
-    status.add_argument("project")
-    status.add_argument("deployment", nargs="?")
+                                 help="state of a deployment",
+                                 description="Print the state of a deployment "
+                                 "(of the project's latest one without an ID); "
+                                 "exit 0 for ok, await and active.",
+                                 epilog=EXIT_STATUS_HELP)
+    status.add_argument("project", help="the project")
+    status.add_argument("deployment", nargs="?", help="the deployment's ID "
+                        "(default: the latest)")
     status.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                         help="answer when it ends, or after SECONDS")
     status.set_defaults(func=cmd_status)
     logs = commands.add_parser("logs", parents=[common], help="what control.sh "
-                               "printed")
-    logs.add_argument("project")
-    logs.add_argument("deployment")
-    logs.add_argument("-f", "--follow", action="store_true")
-    logs.add_argument("--timeout", type=float, default=0)
+                               "printed", description="Print what control.sh "
+                               "printed for a deployment, so far or (-f) to "
+                               "the end.", epilog=EXIT_STATUS_HELP)
+    logs.add_argument("project", help="the project")
+    logs.add_argument("deployment", help="the deployment's ID")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow the "
+                      "log to the end; exit 0 only when the deployment is ok")
+    logs.add_argument("--timeout", type=float, default=0, help="with -f: give "
+                      "up after this many seconds")
     logs.set_defaults(func=cmd_logs)
     for name, func, text in (("list", cmd_list, "the projects"),
                              ("info", cmd_info, "each project's latest deployment")):
-        command = commands.add_parser(name, parents=[common], help=text)
+        command = commands.add_parser(name, parents=[common], help=text,
+                                      description="Print %s (ADMIN)." % text,
+                                      epilog=EXIT_STATUS_HELP)
         command.set_defaults(func=func)
     cancel = commands.add_parser("cancel", parents=[common],
-                                 help="stop a waiting or running deployment")
-    cancel.add_argument("project")
-    cancel.add_argument("deployment")
+                                 help="stop a waiting or running deployment",
+                                 description="Cancel a deployment: a waiting one "
+                                 "never runs, a running one is stopped; prints "
+                                 "its state.", epilog=EXIT_STATUS_HELP)
+    cancel.add_argument("project", help="the project")
+    cancel.add_argument("deployment", help="the deployment's ID")
     cancel.set_defaults(func=cmd_cancel)
     redeploy = commands.add_parser("redeploy", parents=[common, waiting],
                                    help="deploy the kept files of an earlier "
-                                   "deployment again: a rollback")
-    redeploy.add_argument("project")
-    redeploy.add_argument("deployment")
+                                   "deployment again: a rollback",
+                                   description="Deploy the kept files of an "
+                                   "earlier deployment again (a rollback); "
+                                   "prints the new deployment's ID.",
+                                   epilog=EXIT_STATUS_HELP)
+    redeploy.add_argument("project", help="the project")
+    redeploy.add_argument("deployment", help="the ID of the deployment to "
+                          "deploy again")
     redeploy.set_defaults(func=cmd_redeploy)
 
 
@@ -4605,6 +4814,9 @@ case "$1" in
 esac
 exit 2
 """
+
+
+DEMO_IMAGE_TEXT = b"A stand-in for an image that `docker save` writes.\n"
 
 
 def cmd_serve(args):
@@ -4627,14 +4839,22 @@ def cmd_demo(args):
         with open(control, "w") as file:
             file.write(DEMO_CONTROL_SH)
         os.chmod(control, 0o755)
+    # A file to upload as the image, wherever ipd came from (a wheel or
+    # a .deb leaves no ipd.py in the current folder).
+    image = os.path.join(folder, "image.tar")
+    if not os.path.exists(image):
+        with tarfile.open(image, "w") as tar:
+            info = tarfile.TarInfo("hello.txt")
+            info.size = len(DEMO_IMAGE_TEXT)
+            tar.addfile(info, io.BytesIO(DEMO_IMAGE_TEXT))
     environ = {"UPLOAD_DIR": uploads, "LOG_DIR": folder, "AUTH_DB": users,
                "LISTEN": args.listen, "API_ROOT": "/deploy"}
     settings = load_settings(os.devnull, environ)
 
     def explain(url):
         print("demo: user demo, password demo, data in %s\n"
-              "try:  curl -u demo:demo -F project=hello -F image=@ipd.py %supload"
-              % (folder, url), file=sys.stderr, flush=True)
+              "try:  curl -u demo:demo -F project=hello -F image=@%s %supload"
+              % (folder, shlex.quote(image), url), file=sys.stderr, flush=True)
     return serve(settings, verbose=True, on_ready=explain)
 
 
@@ -4649,9 +4869,19 @@ def cmd_passwd(args):
         password = sys.stdin.readline().rstrip("\r\n")
     if not password:
         raise ConfigError("empty password")
+    if args.projects and args.role != "USER":
+        raise ConfigError("--projects is for USER only: an ADMIN may use every "
+                          "project, a METRICS user reads only /metrics")
     projects = args.projects.split(",") if args.projects else None
+    try:
+        before = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        before = None
     set_user(path, args.role, args.name, hash_password(password), projects)
     print("%s %s written to %s" % (args.role, args.name, path), file=sys.stderr)
+    if before is not None and before & 0o007:
+        print("ipd: %s was readable by others (mode %04o), now %04o"
+              % (path, before, before & ~0o007), file=sys.stderr)
     return 0
 
 
@@ -4714,28 +4944,46 @@ def print_warning(message):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="ipd", description="Image Push and Deploy: receive app images "
-        "and packages over HTTP and run control.sh to deploy them.")
-    parser.add_argument("--config", help="settings file (default: $IPD_CONFIG "
-                        "or %s)" % DEFAULT_CONFIG)
+        "and packages over HTTP and run control.sh to deploy them.",
+        epilog=EXIT_STATUS_HELP)
+    config_help = "settings file (default: $IPD_CONFIG or %s)" % DEFAULT_CONFIG
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--version", action="version",
+                        version="ipd %s" % __version__, help="print the version")
+    # --config after the command too; SUPPRESS keeps one given before it
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     commands = parser.add_subparsers(dest="command")
-    serve_parser = commands.add_parser("serve", help="run the daemon (default)")
+    serve_parser = commands.add_parser(
+        "serve", parents=[config], help="run the daemon (default)",
+        description="Run the daemon with the settings of --config, "
+        "$IPD_CONFIG or %s and the environment." % DEFAULT_CONFIG)
     serve_parser.add_argument("-v", "--verbose", action="store_true",
                               help="log to stderr too")
     serve_parser.set_defaults(func=cmd_serve)
     demo = commands.add_parser("demo", help="a local daemon to try: user "
-                               "demo, password demo, project hello")
+                               "demo, password demo, project hello",
+                               description="Run a daemon to try at once: data "
+                               "in --dir, user demo, password demo, a project "
+                               "hello whose control.sh prints what it deploys.")
     demo.add_argument("--dir", default="ipd-demo", help="its folder "
                       "(default: ./ipd-demo)")
-    demo.add_argument("--listen", default="127.0.0.1:9955")
+    demo.add_argument("--listen", default="127.0.0.1:9955", help="host:port to "
+                      "listen on (default: 127.0.0.1:9955)")
     demo.set_defaults(func=cmd_demo)
-    passwd = commands.add_parser("passwd", help="add or replace a user in AUTH_DB")
-    passwd.add_argument("role", choices=ROLES)
-    passwd.add_argument("name")
+    passwd = commands.add_parser("passwd", parents=[config],
+                                 help="add or replace a user in AUTH_DB",
+                                 description="Add or replace a user in the "
+                                 "users file (AUTH_DB) with a salted hash of a "
+                                 "password read from the terminal or stdin.")
+    passwd.add_argument("role", choices=ROLES, help="ADMIN (everything), USER "
+                        "(upload and follow deployments) or METRICS (/metrics)")
+    passwd.add_argument("name", help="the user name")
     passwd.add_argument("--projects", help="USER only: comma-separated projects "
                         "this user may use")
     passwd.add_argument("--auth-db", help="users file (default: AUTH_DB)")
     passwd.set_defaults(func=cmd_passwd)
-    token = commands.add_parser("token", help="deploy tokens: create (shown "
+    token = commands.add_parser("token", parents=[config], help="deploy tokens: create (shown "
                                 "once), list, revoke", description="Deploy tokens "
                                 "for CI: a token works as the password of a Basic "
                                 "login or as a Bearer token, for its projects only, "
@@ -4750,7 +4998,8 @@ def build_parser():
                        "$SUDO_USER or the login name)")
     token.add_argument("--tokens-db", help="tokens file (default: TOKENS_DB)")
     token.set_defaults(func=cmd_token)
-    version = commands.add_parser("version", help="print the version")
+    version = commands.add_parser("version", help="print the version",
+                                  description="Print the version.")
     version.set_defaults(func=cmd_version)
     add_client_commands(commands)
     return parser
@@ -4771,7 +5020,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 130
     except ConfigError as error:
-        print("ipd: %s" % error, file=sys.stderr)
+        for line in str(error).splitlines():
+            print("ipd: %s" % line, file=sys.stderr)
         return 2
     except OSError as error:
         print("ipd: %s" % error, file=sys.stderr)

@@ -7,6 +7,7 @@ running real control.sh scripts.
     python3 test_ipd.py -k Upload  # some of them
 """
 
+import argparse
 import base64
 import hashlib
 import html
@@ -17,6 +18,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -477,6 +479,7 @@ class DaemonProcess:
         self.port = None
 
     def start(self, env=None):
+        os.makedirs(self.upload_dir, exist_ok=True)  # ipd makes no UPLOAD_DIR
         self.stderr_path = os.path.join(self.folder, "stderr-%d.txt" % time.time_ns())
         with open(self.stderr_path, "wb") as stderr:
             # ipd.py runs with this test's Python; an installed `ipd`
@@ -871,7 +874,8 @@ class UploadErrorTests(DaemonTestCase):
             with self.subTest(name=name):
                 self.assert_refused(400, self.daemon.upload(
                     name, control_script(OK_SCRIPT)), "project name")
-        self.assertEqual(sorted(os.listdir(self.daemon.upload_dir)), [])
+        self.assertEqual(sorted(set(os.listdir(self.daemon.upload_dir))
+                                - {ipd.LOCK_FILE}), [])
 
     def test_good_project_names(self):
         for name in ("a", "A_b-c.d", "9" * 64, "_x"):
@@ -1526,7 +1530,8 @@ class SteeringTests(DaemonTestCase):
         status, _, body = self.daemon.request("POST", "/cancel/app/" + running)
         self.assertEqual((status, body), (200, "cancelled\n"))
         self.assertFalse(process_running(int(open(pid_file).read())))
-        self.assertEqual(self.daemon.log("app", waiting), "")
+        self.assertRegex(self.daemon.log("app", waiting),  # it never ran (#15)
+                         r"\Aipd: cancelled by admin from 127\.0\.0\.1 at \S+\n\Z")
         status, _, body = self.daemon.request("POST", "/cancel/app/" + running)
         self.assertEqual(status, 409)
         self.assertEqual(self.daemon.request("POST", "/cancel/app/" + str(uuid.uuid4()))[0],
@@ -1721,7 +1726,7 @@ class ClientTests(DaemonTestCase):
         result = self.client("cancel", "app", first)
         self.assertEqual(result.stdout, b"cancelled\n")
         result = self.client("logs", "app", first)
-        self.assertEqual(result.stdout, b"start\n")
+        self.assertRegex(result.stdout, b"^start\nipd: cancelled by admin from ")
         result = self.client("status", "app", first)
         self.assertEqual((result.returncode, result.stdout), (1, b"cancelled\n"))
         open(gate, "w").close()
@@ -4197,6 +4202,538 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(state, "ok")
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(20), 0)
+
+
+###############################################################################
+# One daemon per data folder, start-up checks, command line (issue #15) #######
+###############################################################################
+
+def run_ipd(*args, env=None, cwd=None, timeout=60, stdin_text=None):
+    """ipd.py as a process: -> CompletedProcess with text stdout/stderr."""
+    return subprocess.run([sys.executable, IPD] + list(args), cwd=cwd,
+                          env=dict(os.environ, **(env or {})), input=stdin_text,
+                          stdin=None if stdin_text is not None else subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout)
+
+
+class SingleDaemonTests(DaemonTestCase):
+    """Issue #15: a second ipd on the same UPLOAD_DIR damages nothing."""
+
+    def test_second_daemon_exits_and_the_first_deployment_ends_ok(self):
+        gate = os.path.join(self.tmp, "gate")
+        marker = os.path.join(self.tmp, "running")
+        deployment = self.daemon.deploy(gate_script(gate, "echo $$ > %s" % marker))
+        self.wait_for_file(marker)
+        self.assertEqual(self.daemon.state("app", deployment), "active")
+        before = sorted(os.listdir(self.daemon.upload_dir))
+        started = time.monotonic()
+        # the same command again, as by mistake (port 0: only the lock stops it)
+        result = run_ipd("--config", self.daemon.config, "serve")
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(result.stderr.splitlines(), [
+            "ipd: UPLOAD_DIR=%s is in use by another ipd (PID %d): stop it first, "
+            "or give this one its own UPLOAD_DIR"
+            % (self.daemon.upload_dir, self.daemon.process.pid)])
+        # nothing changed: control.sh runs on, the disk still says active
+        self.assertTrue(process_running(int(open(marker).read())))
+        self.assertEqual(sorted(os.listdir(self.daemon.upload_dir)), before)
+        state_file = os.path.join(self.daemon.upload_dir, "app", "deployments",
+                                  deployment + ".json")
+        self.assertEqual(json.load(open(state_file))["state"], "active")
+        self.assertIn("not started: UPLOAD_DIR=", self.daemon.daemon_log())
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", deployment), "ok")
+        self.assertEqual(json.load(open(state_file))["state"], "ok")
+
+    def test_the_lock_dies_with_its_holder(self):
+        gate = os.path.join(self.tmp, "gate")
+        deployment = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", deployment, ["active"])
+        lock = os.path.join(self.daemon.upload_dir, ipd.LOCK_FILE)
+        self.assertEqual(open(lock).read(), "%d\n" % self.daemon.process.pid)
+        self.daemon.kill()  # kill -9: no clean-up of its own
+        self.daemon.start()  # at once: the kernel released the lock
+        self.assertEqual(self.daemon.state("app", deployment), "interrupted")
+        self.assertEqual(open(lock).read(), "%d\n" % self.daemon.process.pid)
+
+    def test_passwd_and_client_commands_beside_a_running_daemon(self):
+        result = run_ipd("passwd", "USER", "carol", "--config", self.daemon.config,
+                         stdin_text="carol-pw\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.daemon.get("/status/app", user="carol:carol-pw")[0], 404)
+        deployment = self.daemon.deploy()
+        self.daemon.wait_state("app", deployment)
+        result = run_ipd("status", "app", deployment, env={
+            "IPD_URL": "http://127.0.0.1:%d/deploy" % self.daemon.port,
+            "IPD_USER": "carol", "IPD_PASSWORD": "carol-pw"})
+        self.assertEqual((result.returncode, result.stdout), (0, "ok\n"), result.stderr)
+
+    @unittest.skipUnless(shutil.which("curl"), "needs curl")
+    def test_a_second_demo_says_one_line(self):
+        demo = os.path.join(self.tmp, "demo")
+        os.makedirs(demo)
+        first = start_demo(self, demo)
+        result = run_ipd("demo", "--listen", "127.0.0.1:0", cwd=demo)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn("UPLOAD_DIR=%s is in use by another ipd (PID %d)"
+                      % (os.path.join(demo, "ipd-demo", "uploads"), first.pid),
+                      result.stderr)
+
+
+def start_demo(test, cwd):
+    """ipd.py demo on port 0 in cwd -> the process, with .port and .hint
+    (the 'try:' line it printed)."""
+    stderr_path = os.path.join(cwd, "demo-stderr.txt")
+    with open(stderr_path, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, IPD, "demo", "--listen",
+                                    "127.0.0.1:0"], cwd=cwd, stderr=stderr,
+                                   stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    test.addCleanup(process.wait)
+    test.addCleanup(process.kill)
+    deadline = time.monotonic() + 30
+    while "try:" not in open(stderr_path).read():
+        test.assertIsNone(process.poll(), open(stderr_path).read())
+        test.assertLess(time.monotonic(), deadline)
+        time.sleep(0.02)
+    text = open(stderr_path).read()
+    process.port = int(re.search(r":(\d+)/deploy/", text).group(1))
+    process.hint = re.search(r"^try:\s+(.*)$", text, re.M).group(1)
+    return process
+
+
+class StartupCheckTests(unittest.TestCase):
+    """Issue #15: every start-up mistake is one line on stderr and in
+    ipd.log, naming the setting and its value."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.uploads = os.path.join(self.tmp, "uploads")
+        self.logs = os.path.join(self.tmp, "logs")
+        os.makedirs(self.uploads)
+        os.makedirs(self.logs)
+        self.users = os.path.join(self.tmp, "users.txt")
+        with open(self.users, "w") as file:
+            file.write("ADMIN:admin:%s\n" % sha256_hex("admin-pw"))
+        os.chmod(self.users, 0o640)
+
+    def serve(self, **settings):
+        env = {"LISTEN": "127.0.0.1:0", "UPLOAD_DIR": self.uploads,
+               "LOG_DIR": self.logs, "AUTH_DB": self.users}
+        env.update(settings)
+        return run_ipd("--config", os.devnull, "serve", env=env)
+
+    def assert_refused(self, result, line):
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(result.stderr.splitlines(), ["ipd: " + line])
+
+    def test_missing_upload_dir_is_refused_and_not_made(self):
+        missing = os.path.join(self.tmp, "typo")
+        result = self.serve(UPLOAD_DIR=missing)
+        self.assert_refused(result, "UPLOAD_DIR=%s: no such folder: create it for "
+                            "the user ipd runs as" % missing)
+        self.assertFalse(os.path.exists(missing))
+        self.assertIn("ERROR not started: UPLOAD_DIR=%s: no such folder" % missing,
+                      open(os.path.join(self.logs, "ipd.log")).read())
+
+    def test_a_file_as_a_folder(self):
+        result = self.serve(UPLOAD_DIR=self.users)
+        self.assert_refused(result, "UPLOAD_DIR=%s: not a folder" % self.users)
+
+    def test_missing_log_dir(self):
+        missing = os.path.join(self.tmp, "nologs")
+        result = self.serve(LOG_DIR=missing)
+        self.assert_refused(result, "LOG_DIR=%s: no such folder: create it for the "
+                            "user ipd runs as" % missing)
+        self.assertFalse(os.path.exists(missing))
+        self.assertEqual(os.listdir(self.uploads), [])
+
+    def test_read_only_upload_dir(self):
+        if os.geteuid() == 0:  # root writes anywhere but on a read-only mount
+            mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m",
+                                      "tmpfs", self.uploads], stderr=subprocess.PIPE)
+            if mounted.returncode:
+                self.skipTest("cannot mount tmpfs: %s" % mounted.stderr.decode())
+            self.addCleanup(subprocess.run, ["umount", "-l", self.uploads])
+        else:
+            os.chmod(self.uploads, 0o555)
+        result = self.serve()
+        self.assert_refused(result, "UPLOAD_DIR=%s: not writable by the user ipd "
+                            "runs as (uid %d): chown or chmod it"
+                            % (self.uploads, os.geteuid()))
+
+    def test_listen_in_use_changes_nothing(self):
+        # a deployment left active by a killed daemon, its control.sh still running
+        daemon = DaemonProcess(os.path.join(self.tmp, "run"))
+        daemon.start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        marker = os.path.join(self.tmp, "running")
+        deployment = daemon.deploy(gate_script(os.path.join(self.tmp, "gate"),
+                                               "echo $$ > %s" % marker))
+        deadline = time.monotonic() + 30
+        while not os.path.exists(marker):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        daemon.kill()
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = self.serve(UPLOAD_DIR=daemon.upload_dir,
+                                LISTEN="127.0.0.1:%d" % port)
+        self.assert_refused(result, "LISTEN=127.0.0.1:%d: cannot listen: address "
+                            "already in use (another ipd, or another program, "
+                            "listens there): stop it or set another LISTEN" % port)
+        state_file = os.path.join(daemon.upload_dir, "app", "deployments",
+                                  deployment + ".json")
+        self.assertEqual(json.load(open(state_file))["state"], "active")
+        self.assertTrue(process_running(int(open(marker).read())))
+        daemon.start()  # a daemon that may listen does the clean-up
+        self.assertEqual(daemon.state("app", deployment), "interrupted")
+
+    def test_listen_on_an_address_of_another_host(self):
+        result = self.serve(LISTEN="192.0.2.1:9955")
+        self.assert_refused(result, "LISTEN=192.0.2.1:9955: cannot listen: no such "
+                            "address on this host")
+
+    def start_with_users_file(self, text, mode=0o640):
+        if text is not None:
+            with open(self.users, "w") as file:
+                file.write(text)
+            os.chmod(self.users, mode)
+        else:
+            os.unlink(self.users)
+        daemon = DaemonProcess(os.path.join(self.tmp, "run"),
+                               {"AUTH_DB": self.users})
+        daemon.start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        warnings = [line for line in open(daemon.stderr_path).read().splitlines()
+                    if line.startswith("ipd: warning:")]
+        logged = daemon.daemon_log()
+        for warning in warnings:
+            self.assertIn("WARNING " + warning[len("ipd: warning: "):], logged)
+        return daemon, warnings
+
+    def test_missing_users_file_is_said_on_the_terminal(self):
+        daemon, warnings = self.start_with_users_file(None)
+        self.assertEqual(warnings, [
+            "ipd: warning: AUTH_DB=%s does not exist: every login is refused (401); "
+            "add one with 'ipd passwd ADMIN NAME'" % self.users])
+        self.assertEqual(daemon.get("/list")[0], 401)
+
+    def test_users_file_lines_named_with_their_number(self):
+        daemon, warnings = self.start_with_users_file(
+            "# team\nADMIN:admin:%s\nADMN:eve:%s\nUSER:bob\nMETRICS:prom:%s:web\n"
+            % (sha256_hex("admin-pw"), sha256_hex("x"), sha256_hex("y")), 0o644)
+        where = "ipd: warning: AUTH_DB=%s" % self.users
+        self.assertEqual(warnings, [
+            "%s is readable by everyone: chmod o-r %s" % (where, self.users),
+            "%s, line 3: unknown role 'ADMN' (ADMIN, USER or METRICS); line ignored"
+            % where,
+            "%s, line 4: expected ROLE:username:hash[:projects], found 2 fields; "
+            "line ignored" % where,
+            "%s, line 5: a project list is for USER lines only; ignored for METRICS"
+            % where])
+        self.assertNotIn(sha256_hex("x"), "\n".join(warnings))
+        self.assertEqual(daemon.get("/list")[0], 200)
+
+    def test_unreadable_and_empty_users_file(self):
+        os.unlink(self.users)
+        os.mkdir(self.users)  # unreadable, even for root
+        daemon = DaemonProcess(os.path.join(self.tmp, "run"), {"AUTH_DB": self.users})
+        daemon.start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        self.assertIn("ipd: warning: AUTH_DB=%s cannot be read (Is a directory): "
+                      "every login is refused (401)" % self.users,
+                      open(daemon.stderr_path).read())
+        daemon.stop()
+        os.rmdir(self.users)
+        _, warnings = self.start_with_users_file("# nobody yet\n")
+        self.assertEqual(warnings, [
+            "ipd: warning: AUTH_DB=%s has no users: every login is refused (401); "
+            "add one with 'ipd passwd ADMIN NAME'" % self.users])
+
+    def test_one_deployment_on_disk_in_the_singular(self):
+        daemon = DaemonProcess(os.path.join(self.tmp, "run"))
+        daemon.start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        daemon.wait_state("app", daemon.deploy())
+        daemon.restart()
+        self.assertIn("(1 deployment on disk)", daemon.daemon_log())
+        self.assertIn("(0 deployments on disk)", daemon.daemon_log())
+
+
+class CommandLineIssue15Tests(unittest.TestCase):
+    """Issue #15: --config anywhere, --version, passwd's checks, help for
+    every command and option, the exit statuses in --help."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def test_config_before_or_after_the_command(self):
+        config = os.path.join(self.tmp, "ipd.conf")
+        missing = os.path.join(self.tmp, "from-the-config")
+        with open(config, "w") as file:
+            file.write("UPLOAD_DIR=%s\nLOG_DIR=%s\nLISTEN=127.0.0.1:0\n"
+                       % (missing, self.tmp))
+        for args in (["--config", config, "serve"], ["serve", "--config", config]):
+            with self.subTest(args=args):
+                result = run_ipd(*args)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn("UPLOAD_DIR=%s: no such folder" % missing, result.stderr)
+        parser = ipd.build_parser()
+        for args in (["passwd", "USER", "x", "--config", "f"],
+                     ["--config", "f", "passwd", "USER", "x"]):
+            self.assertEqual(parser.parse_args(args).config, "f")
+        self.assertIsNone(parser.parse_args(["passwd", "USER", "x"]).config)
+
+    def test_version_option(self):
+        result = run_ipd("--version")
+        self.assertEqual((result.returncode, result.stdout),
+                         (0, "ipd %s\n" % ipd.__version__))
+
+    def test_passwd_projects_only_for_user(self):
+        users = os.path.join(self.tmp, "users.txt")
+        for role in ("ADMIN", "METRICS"):
+            with self.subTest(role=role):
+                result = run_ipd("--config", os.devnull, "passwd", role, "x",
+                                 "--projects", "web", "--auth-db", users,
+                                 stdin_text="pw\n")
+                self.assertEqual(result.returncode, 2)
+                self.assertEqual(result.stderr, "ipd: --projects is for USER only: an "
+                                 "ADMIN may use every project, a METRICS user reads "
+                                 "only /metrics\n")
+                self.assertFalse(os.path.exists(users))
+        result = run_ipd("--config", os.devnull, "passwd", "USER", "ci", "--projects",
+                         "web", "--auth-db", users, stdin_text="pw\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(open(users).read(), r"\AUSER:ci:pbkdf2_sha256\$[^:]+:web\n\Z")
+
+    def test_passwd_file_modes_and_a_missing_folder(self):
+        users = os.path.join(self.tmp, "users.txt")
+        old_umask = os.umask(0o022)
+        self.addCleanup(os.umask, old_umask)
+        result = run_ipd("--config", os.devnull, "passwd", "ADMIN", "a", "--auth-db",
+                         users, stdin_text="pw\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(stat.S_IMODE(os.stat(users).st_mode), 0o640)
+        os.chmod(users, 0o644)  # as `touch` under umask 022 makes it
+        result = run_ipd("--config", os.devnull, "passwd", "ADMIN", "b", "--auth-db",
+                         users, stdin_text="pw\n")
+        self.assertEqual(stat.S_IMODE(os.stat(users).st_mode), 0o640)
+        self.assertIn("ipd: %s was readable by others (mode 0644), now 0640" % users,
+                      result.stderr)
+        nowhere = os.path.join(self.tmp, "no", "users.txt")
+        result = run_ipd("--config", os.devnull, "passwd", "ADMIN", "a", "--auth-db",
+                         nowhere, stdin_text="pw\n")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr, "ipd: cannot write the users file %s: its "
+                         "folder %s does not exist (create it, or give --auth-db "
+                         "FILE)\n" % (nowhere, os.path.dirname(nowhere)))
+
+    def test_every_command_and_option_has_help(self):
+        parser = ipd.build_parser()
+        commands = next(action for action in parser._actions
+                        if isinstance(action, argparse._SubParsersAction))
+        self.assertEqual(sorted(commands.choices), sorted(
+            ["serve", "demo", "passwd", "token", "version", "push", "status", "logs",
+             "list", "info", "cancel", "redeploy"]))
+        for name, command in [("ipd", parser)] + sorted(commands.choices.items()):
+            with self.subTest(command=name):
+                self.assertTrue(command.description)
+                for action in command._actions:
+                    if not isinstance(action, (argparse._HelpAction,
+                                               argparse._SubParsersAction)):
+                        self.assertTrue(action.help, "%s %s" % (name, action.dest))
+        for choice in commands._choices_actions:
+            self.assertTrue(choice.help, choice.dest)
+
+    def test_help_lists_the_exit_statuses(self):
+        readme = " ".join(open(os.path.join(HERE, "README.md")).read()
+                          .replace("`", "").split())
+        for args in (["--help"], ["push", "--help"]):
+            with self.subTest(args=args):
+                text = " ".join(run_ipd(*args).stdout.split())
+                for status, meaning in ((0, "ok"), (3, "network error"),
+                                        (4, "wrong login (401)"), (7, "disk full (507)"),
+                                        (9, "--timeout passed")):
+                    self.assertIn("%d %s" % (status, meaning), text)
+                    self.assertTrue("%d %s" % (status, meaning) in readme, meaning)
+        self.assertEqual(ipd.EXIT_FOR_STATUS, {401: 4, 403: 5, 413: 6, 507: 7})
+        self.assertEqual((ipd.EXIT_NETWORK, ipd.EXIT_TIMEOUT), (3, 9))
+
+
+class ReadmeTruthTests(DaemonTestCase):
+    """Issue #15: what the README states about states, errors, /info, the
+    demo, install and the bench is what the code does."""
+
+    def readme(self):
+        return open(os.path.join(HERE, "README.md")).read()
+
+    def test_every_state_is_in_the_states_table(self):
+        table = self.readme().split("### States", 1)[1].split("A step killed", 1)[0]
+        listed = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
+        source = open(IPD).read()
+        produced = set(re.findall(r'state="(\w+)"', source))
+        produced |= set(re.findall(r'outcome = "(\w+)"', source))
+        produced |= {"await", "ok", "no"}
+        self.assertIn("cancelled", produced)
+        self.assertEqual(listed, produced)
+
+    def test_every_error_status_is_in_the_errors_list(self):
+        errors = " ".join(self.readme().split("### Errors", 1)[1]
+                          .split("## Status page", 1)[0].split())
+        codes = {cls.http_status for cls in vars(ipd).values() if isinstance(cls, type)
+                 and issubclass(cls, ipd.IpdError) and cls is not ipd.IpdError}
+        codes |= {500, 503}
+        self.assertTrue({409, 410, 500} <= codes)
+        for code in sorted(codes):
+            self.assertRegex(errors, r"(, | )%d [a-z]" % code)
+        status, _, _ = self.daemon.request("POST", "/cancel/app/" + self.ended())
+        self.assertEqual(status, 409)
+
+    def ended(self):
+        deployment = self.daemon.deploy()
+        self.daemon.wait_state("app", deployment)
+        return deployment
+
+    def test_info_json_has_user_sizes_and_sha256(self):
+        self.assertIn("(JSON status and `/info`)", " ".join(self.readme().split()))
+        status, _, body = self.daemon.upload("app", control_script(OK_SCRIPT),
+                                             image=b"IMAGE")
+        self.daemon.wait_state("app", body.strip())
+        _, info = self.daemon.get_json("/info")
+        files = info["projects"][0]["files"]
+        self.assertEqual(files["image"]["size"], 5)
+        self.assertEqual(files["image"]["sha256"], hashlib.sha256(b"IMAGE").hexdigest())
+        self.assertIn("sha256", files["package"])
+        self.assertEqual(info["projects"][0]["user"], "admin")
+
+    def test_api_examples_use_the_demo_login(self):
+        readme = self.readme()
+        self.assertIn("`U=demo:demo`", readme)
+        self.assertNotIn("admin:secret", readme)
+        self.assertIn('"demo", hashlib.sha256(b"demo")', open(IPD).read())
+
+    def test_a_cancelled_deployment_log_says_who(self):
+        gate = os.path.join(self.tmp, "gate")
+        marker = os.path.join(self.tmp, "started")
+        running = self.daemon.deploy(gate_script(gate, "echo started; touch " + marker))
+        self.wait_for_file(marker)
+        waiting = self.daemon.deploy()
+        for deployment in (waiting, running):
+            status, _, body = self.daemon.request("POST", "/cancel/app/" + deployment,
+                                                  user="dev")
+            self.assertEqual((status, body), (200, "cancelled\n"))
+        self.assertRegex(self.daemon.log("app", waiting),
+                         r"\Aipd: cancelled by dev from 127\.0\.0\.1 at 20\S+Z\n\Z")
+        self.assertRegex(self.daemon.log("app", running),
+                         r"\Astarted\nipd: cancelled by dev from 127\.0\.0\.1 at ")
+
+    def test_a_pushed_directory_is_named_after_it(self):
+        folder = os.path.join(self.tmp, "deploy")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "control.sh"), "w") as file:
+            file.write("#!/bin/sh\nexit 1\n")
+        os.chmod(os.path.join(folder, "control.sh"), 0o755)
+        result = run_ipd("push", "--project", "app", "--package", folder + "/", env={
+            "IPD_URL": "http://127.0.0.1:%d/deploy" % self.daemon.port,
+            "IPD_USER": "admin", "IPD_PASSWORD": "admin-pw"})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        deployment = result.stdout.strip()
+        _, data = self.daemon.get_json("/status/app/" + deployment)
+        self.assertEqual(data["files"]["package"]["name"], "deploy.tar.gz")
+        audit_log = open(os.path.join(self.tmp, "audit.log")).read()
+        upload = [json.loads(line) for line in audit_log.splitlines()
+                  if '"upload"' in line][-1]
+        self.assertIn("deploy.tar.gz", json.dumps(upload))
+        self.assertNotIn("ipd-package-", audit_log)
+
+    @unittest.skipUnless(shutil.which("curl"), "needs curl")
+    def test_demo_hint_and_readme_lines_work_without_ipd_py_at_hand(self):
+        # as after a wheel or .deb install: no ipd.py in the current folder
+        cwd = os.path.join(self.tmp, "elsewhere")
+        os.makedirs(cwd)
+        demo = start_demo(self, cwd)
+        self.assertNotIn("ipd.py", demo.hint)
+        base = "http://127.0.0.1:%d/deploy/" % demo.port
+        block = re.search(r"In a second terminal.*?```sh\n(.*?)```", self.readme(),
+                          re.S).group(1)
+        readme_upload = block.splitlines()[0].replace(
+            "http://127.0.0.1:9955/deploy/", base)
+        for line in (demo.hint, readme_upload):
+            with self.subTest(line=line):
+                result = subprocess.run(shlex.split(line) + ["-sS", "--fail"], cwd=cwd,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        universal_newlines=True, timeout=60)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                deployment = result.stdout.strip()
+                self.assertTrue(ipd.DEPLOYMENT_ID.match(deployment), deployment)
+                state = subprocess.run(
+                    ["curl", "-sS", "-u", "demo:demo",
+                     base + "status/hello/%s?wait=30" % deployment],
+                    stdout=subprocess.PIPE, universal_newlines=True, timeout=60).stdout
+                self.assertEqual(state, "ok\n")
+                log = subprocess.run(["curl", "-sS", "-u", "demo:demo",
+                                      base + "log/hello/" + deployment],
+                                     stdout=subprocess.PIPE, universal_newlines=True,
+                                     timeout=60).stdout
+                self.assertIn(".image (10240 bytes)\ndone\n", log)
+
+    @unittest.skipUnless(shutil.which("make"), "needs make")
+    def test_install_unit_documentation_line(self):
+        for args, documentation in (
+                (["EXEC=/opt/ipd/bin/ipd"], None),
+                (["PREFIX=/usr"], "Documentation=file:///usr/lib/ipd/README.md")):
+            with self.subTest(args=args):
+                stage = os.path.join(self.tmp, "stage")
+                subprocess.run(["make", "-s", "install-unit", "DESTDIR=" + stage] + args,
+                               cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+                unit = open(os.path.join(stage, "etc/systemd/system/ipd.service")).read()
+                lines = [l for l in unit.splitlines() if l.startswith("Documentation=")]
+                self.assertEqual(lines, [documentation] if documentation else [])
+                shutil.rmtree(stage)
+
+    def test_wheel_route_users_file_and_license(self):
+        readme = self.readme()
+        wheel = readme.split("**2. A wheel in a virtualenv**", 1)[1].split("```", 2)[1]
+        self.assertIn("sudo install -m 0640 -o ipd -g ipd /dev/null /opt/ipd/users.txt",
+                      wheel)
+        self.assertNotIn("touch", wheel)
+        license_text = open(os.path.join(HERE, "LICENSE")).read()
+        self.assertTrue(license_text.startswith("MIT License\n"))
+        self.assertIn("Copyright (c) 2026 ipd authors", license_text)
+        self.assertIn('license = {text = "MIT"}',
+                      open(os.path.join(HERE, "pyproject.toml")).read())
+        wheel = build("wheel", os.path.join(self.tmp, "dist"))
+        with zipfile.ZipFile(wheel) as zipped:
+            self.assertEqual(zipped.read("ipd-%s.dist-info/LICENSE" % ipd.__version__)
+                             .decode(), license_text)
+
+    def test_bench_units_agree_with_the_readme(self):
+        sys.path.insert(0, HERE)
+        self.addCleanup(sys.path.remove, HERE)
+        import bench_ipd
+        readme = self.readme()
+        self.assertIn("\n" + bench_ipd.TABLE_HEADER + "\n", readme)
+        self.assertNotIn("MB/s", readme.split("## Performance", 1)[1]
+                         .split("## Installation", 1)[0])
+        sha = float(re.search(r"SHA-256, ([\d,]+) MiB/s", readme).group(1)
+                    .replace(",", ""))
+        nginx = [float(n) for n in re.findall(
+            r"^\| nginx raw PUT \(the ceiling\) \| \d GiB \| (\d+) \|", readme, re.M)]
+        ipd_rates = [float(n) for n in re.findall(
+            r"^\| ipd `/upload` \| \d GiB \| (\d+) \|", readme, re.M)]
+        stated = re.search(r"= (\d+) MiB/s for 1 GiB, (\d+) MiB/s for 4 GiB. ipd "
+                           r"reached \*\*([\d.]+)\*\* and\s+\*\*([\d.]+)\*\*", readme)
+        for number, (reference, rate) in enumerate(zip(nginx, ipd_rates)):
+            ceiling = 1 / (1 / reference + 1 / sha)
+            self.assertEqual(int(stated.group(1 + number)), round(ceiling))
+            self.assertEqual(stated.group(3 + number), "%.2f" % (rate / ceiling))
 
 
 class InstallTests(unittest.TestCase):

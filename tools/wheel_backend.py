@@ -28,8 +28,9 @@ SCRIPTS = {"ipd": "ipd:main"}
 TAG = "py3-none-any"
 # Zip entries get a fixed date, so that the same source makes the same wheel.
 EPOCH = (1980, 1, 1, 0, 0, 0)
-SDIST_FILES = ("ipd.py", "README.md", "pyproject.toml", "tools/wheel_backend.py",
-               "ipd.service", "ipd.conf.example", "Makefile")
+SDIST_FILES = ("ipd.py", "README.md", "LICENSE", "pyproject.toml",
+               "tools/wheel_backend.py", "ipd.service", "ipd.conf.example",
+               "Makefile")
 
 
 def version():
@@ -48,6 +49,11 @@ def metadata():
             % (NAME, version(), SUMMARY, REQUIRES_PYTHON, readme))
 
 
+def license_text():
+    with open(os.path.join(ROOT, "LICENSE"), "rb") as file:
+        return file.read()
+
+
 def dist_info_files():
     """{path in the wheel: bytes} of the .dist-info folder but RECORD."""
     info = "%s-%s.dist-info" % (NAME, version())
@@ -57,6 +63,7 @@ def dist_info_files():
                           "\nRoot-Is-Purelib: true\nTag: %s\n" % TAG).encode(),
         info + "/entry_points.txt": ("[console_scripts]\n" + "".join(
             "%s = %s\n" % item for item in SCRIPTS.items())).encode(),
+        info + "/LICENSE": license_text(),
     }
 
 
