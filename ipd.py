@@ -47,6 +47,7 @@ import getpass
 import hashlib
 import hmac
 import html
+import http.client
 import http.server
 import io
 import itertools
