@@ -1,5 +1,6 @@
 # ipd - Image Push and Deploy
 #   make test                 the tests, with $(PYTHON)
+#   make soak                 the long soaks at full size (CI runs them once)
 #   make bench                the benchmark (README: Performance)
 #   make install              the original README's installation, automated
 #   make uninstall            undo it; uploads, logs, users and config stay
@@ -29,10 +30,16 @@ else
 DOC_SED = -e '/^Documentation=/d'
 endif
 DIST ?= dist
-.PHONY: test bench install uninstall install-user install-unit wheel sdist deb
+.PHONY: test soak bench install uninstall install-user install-unit wheel sdist deb
 
 test:
 	$(PYTHON) test_ipd.py
+
+# The long soaks at full size (20,000 fuzzed requests, 50 uploads with
+# kill -9, 1 GiB pushes, large logs): once per CI run, on one Python.
+soak:
+	IPD_SOAK=1 $(PYTHON) test_ipd.py -k Guarantee -k MemoryTests -k test_push_of_1_gib \
+	    -k EdgeSizeTests -k EdgeFuzzTests
 
 # Upload speed, memory and latency beside nginx, uvicorn and multipart
 # (installs its peers into build/bench-venv; takes some minutes).

@@ -38,7 +38,119 @@ import zipfile
 import ipd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# IPD_SOAK=1 (make soak, once per CI run) runs the soaks at full size: the
+# 20,000-request fuzz, 50 uploads with kill -9, 1 GiB pushes.  Otherwise
+# they run smaller, so that each Python's suite stays quick.
+SOAK = os.environ.get("IPD_SOAK") == "1"
+
+
+def soak(full, quick):
+    """full under IPD_SOAK=1, else quick."""
+    return full if SOAK else quick
 IPD = os.path.join(HERE, "ipd.py")
+
+
+def wait_until(condition, timeout=10, interval=0.02, message="condition"):
+    """Call condition until it returns a true value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("%s not met within %s s" % (message, timeout))
+        time.sleep(interval)
+
+
+# --- raw HTTP, for what http.client will not send
+
+ADMIN_AUTH = "Basic " + base64.b64encode(b"admin:admin-pw").decode()
+
+
+def read_answer(file):
+    """One HTTP answer from a socket's file: (status, headers, body), or
+    None at the connection's end."""
+    line = file.readline()
+    if not line:
+        return None
+    status = int(line.split()[1])
+    headers = {}
+    while True:
+        line = file.readline().decode("latin-1").rstrip("\r\n")
+        if not line:
+            break
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if status == 100:
+        return read_answer(file)
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            size = int(file.readline().split(b";")[0], 16)
+            if not size:
+                file.readline()
+                break
+            body += file.read(size)
+            file.readline()
+    else:
+        body = file.read(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+def raw_request(method, path, body=b"", headers=None, version="HTTP/1.1"):
+    """The bytes of one request, with the admin's login."""
+    fields = dict({"Host": "127.0.0.1", "Authorization": ADMIN_AUTH}, **(headers or {}))
+    if body and "Transfer-Encoding" not in fields:
+        fields.setdefault("Content-Length", str(len(body)))
+    return ("%s %s %s\r\n" % (method, path, version)).encode() + "".join(
+        "%s: %s\r\n" % item for item in fields.items()).encode() + b"\r\n" + body
+
+
+def upload_request(project="app", package=None, query="", headers=None, force=False):
+    content_type, body = multipart([("project", project), ("force", "1" if force else "0"),
+                                    ("package", ("package.tar.gz",
+                                                 package or control_script(OK_SCRIPT)))])
+    return raw_request("POST", "/deploy/upload" + query, body,
+                       dict({"Content-Type": content_type}, **(headers or {})))
+
+
+def raw_exchange(port, data, timeout=10, pieces=None):
+    """Send data (or pieces, with a pause between them so that they arrive
+    in separate reads), close our side, read the whole answer.
+
+    Returns the answer's bytes, or None when the server did not close the
+    connection within timeout (a hang)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        try:
+            for number, piece in enumerate(pieces or [data]):
+                if number:
+                    time.sleep(0.01)
+                sock.sendall(piece)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server may answer and close before all is sent
+        answer = b""
+        while True:
+            try:
+                piece = sock.recv(65536)
+            except socket.timeout:
+                return None
+            except ConnectionResetError:
+                return answer
+            if not piece:
+                return answer
+            answer += piece
+    finally:
+        sock.close()
+
+
+def answer_status(answer):
+    """The final status of an answer (after any 100 Continue), or None."""
+    answer = re.sub(rb"\AHTTP/1\.1 100 Continue\r\n\r\n", b"", answer or b"")
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", answer)
+    return int(match.group(1)) if match else None
 
 
 def sha256_hex(text):
@@ -891,17 +1003,15 @@ class UploadErrorTests(DaemonTestCase):
     def test_too_large_chunked(self):
         _, body = multipart([("project", "app"),
                              ("image", ("i", b"\0" * (2 << 20)))])
-        connection = self.daemon.connection()
-        token = base64.b64encode(b"admin:admin-pw").decode()
-        connection.request("POST", "/deploy/upload", body=iter([body]),
-                           headers={"Authorization": "Basic " + token,
-                                    "Content-Type": "multipart/form-data; "
-                                    "boundary=testboundary1234",
-                                    "Transfer-Encoding": "chunked"},
-                           encode_chunked=True)
-        response = connection.getresponse()
-        self.assertEqual(response.status, 413)
-        connection.close()
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                          for i in range(0, len(body), 65536)) + b"0\r\n\r\n"
+        # ipd may answer 413 before the last chunk is sent, and close: a
+        # client then reads that answer (raw_exchange does, as curl does).
+        answer = raw_exchange(self.daemon.port, raw_request(
+            "POST", "/deploy/upload", chunks, {
+                "Content-Type": "multipart/form-data; boundary=testboundary1234",
+                "Transfer-Encoding": "chunked"}))
+        self.assertEqual(answer_status(answer), 413, answer[:300])
         self.assert_refused(413, (413, None, "x\n"))
 
     def test_lying_or_missing_content_length(self):
@@ -1007,8 +1117,7 @@ class UploadErrorTests(DaemonTestCase):
                       "Basic %s\r\nContent-Type: multipart/form-data; "
                       "boundary=testboundary1234\r\nContent-Length: %d\r\n\r\n"
                       % (token, len(body))).encode() + body[:150000])
-        time.sleep(0.3)
-        self.assertTrue(self.daemon.leftovers())  # it was being written
+        wait_until(self.daemon.leftovers, message="the upload being written")
         sock.close()
         deadline = time.monotonic() + 10
         while self.daemon.leftovers() and time.monotonic() < deadline:
@@ -1266,7 +1375,6 @@ class QueueTests(DaemonTestCase):
                for name in ("a", "b", "c")}
         self.daemon.wait_state("a", ids["a"], ["active"])
         self.daemon.wait_state("b", ids["b"], ["active"])
-        time.sleep(0.3)
         self.assertEqual(self.daemon.state("c", ids["c"]), "await")
         self.assertEqual(self.daemon.get_json("/stat")[1]["running"], 2)
         self.assertEqual(self.daemon.get_json("/stat")[1]["queue"], 1)
@@ -1336,7 +1444,7 @@ class RestartTests(DaemonTestCase):
         self.daemon.wait_state("app", running, ["active"])
         waiting = self.daemon.deploy(OK_SCRIPT, project="next")
         self.daemon.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        self.daemon.daemon_log(r"no new connections, running steps get")
         self.assertIsNone(self.daemon.process.poll())
         open(gate, "w").close()
         self.assertEqual(self.daemon.process.wait(20), 0)
@@ -1417,7 +1525,7 @@ class MemoryTests(DaemonTestCase):
         small, _ = self.upload_streaming(1 << 20)
         self.daemon.wait_state("app", small)
         before = self.peak_rss_kib()
-        large, digest = self.upload_streaming(300 << 20)
+        large, digest = self.upload_streaming(soak(300 << 20, 64 << 20))
         self.assertEqual(self.daemon.wait_state("app", large), "ok")
         after = self.peak_rss_kib()
         self.assertLess(after - before, 16 * 1024,
@@ -1425,7 +1533,7 @@ class MemoryTests(DaemonTestCase):
         self.assertLess(after, 64 * 1024)
         status, data = self.daemon.get_json("/status/app/" + large)
         self.assertEqual(data["files"]["image"]["sha256"], digest)
-        self.assertEqual(data["files"]["image"]["size"], 300 << 20)
+        self.assertEqual(data["files"]["image"]["size"], soak(300 << 20, 64 << 20))
 
 
 @unittest.skipUnless(os.geteuid() == 0 and shutil.which("mount"),
@@ -1684,6 +1792,12 @@ class ClientTests(DaemonTestCase):
                     self.assertIn(text, stderr)
                     self.assertEqual(len(stderr.strip().splitlines()), 1, stderr)
                     self.assertNotIn("Traceback", stderr)
+        # Following a log gives up on a server that cannot be reached, after
+        # a bounded number of tries (no --timeout needed).
+        result = self.client("logs", "-f", "app", "x", env={
+            "IPD_URL": "http://127.0.0.1:1/deploy"})
+        self.assertEqual(result.returncode, 3, result.stderr)
+        self.assertIn("cannot reach", result.stderr.decode())
         result = self.client("list", env={"IPD_USER": "dev", "IPD_PASSWORD": "dev-pw"})
         self.assertEqual(result.returncode, 5)
         result = self.client("push", "--project", "a/b", "--package", package)
@@ -1769,7 +1883,7 @@ class ClientTests(DaemonTestCase):
     def test_push_of_1_gib_in_flat_client_memory(self):
         image = os.path.join(self.tmp, "big.img")
         with open(image, "wb") as file:
-            file.truncate(1 << 30)  # sparse: a GiB of zeros, no disk
+            file.truncate(soak(1 << 30, 256 << 20))  # sparse: zeros, no disk
         package = self.write("p.tgz", control_script(OK_SCRIPT))
         code = ("import resource, sys; sys.argv[0] = %r; sys.path.insert(0, %r);"
                 "import ipd; status = ipd.main(sys.argv[1:]);"
@@ -1783,11 +1897,11 @@ class ClientTests(DaemonTestCase):
                                 stderr=subprocess.PIPE, timeout=300)
         self.assertEqual(result.returncode, 0, result.stderr[-500:])
         peak_kib = int(re.search(rb"maxrss (\d+)", result.stderr).group(1))
-        report("push of 1 GiB: client peak RSS %d KiB" % peak_kib)
+        report("push of %d MiB: client peak RSS %d KiB" % (soak(1024, 256), peak_kib))
         self.assertLess(peak_kib, 64 * 1024)
         deployment = result.stdout.decode().splitlines()[0]
         data = self.daemon.get_json("/status/app/" + deployment)[1]
-        self.assertEqual(data["files"]["image"]["size"], 1 << 30)
+        self.assertEqual(data["files"]["image"]["size"], soak(1 << 30, 256 << 20))
 
 
 ###############################################################################
@@ -2162,7 +2276,7 @@ class UpgradeTests(DaemonTestCase):
         bin_dir = make_venv(os.path.join(self.tmp, "venv"))
         pip_install(bin_dir, wheel)
         self.daemon.process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        self.daemon.daemon_log(r"no new connections, running steps get")
         open(gate, "w").close()  # the running step finishes within the grace
         self.assertEqual(self.daemon.process.wait(30), 0)
         self.daemon.program = os.path.join(bin_dir, "ipd")
@@ -2487,68 +2601,6 @@ class BrowserTests(DaemonTestCase):
 ###############################################################################
 # The HTTP edge: origins, framing, slots, sizes, logs, addresses, logins ######
 ###############################################################################
-
-ADMIN_AUTH = "Basic " + base64.b64encode(b"admin:admin-pw").decode()
-
-
-def wait_until(condition, timeout=10, interval=0.02, message="condition"):
-    """Call condition until it returns a true value; return that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("%s not met within %s s" % (message, timeout))
-        time.sleep(interval)
-
-
-def read_answer(file):
-    """One HTTP answer from a socket's file: (status, headers, body), or
-    None at the connection's end."""
-    line = file.readline()
-    if not line:
-        return None
-    status = int(line.split()[1])
-    headers = {}
-    while True:
-        line = file.readline().decode("latin-1").rstrip("\r\n")
-        if not line:
-            break
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    if status == 100:
-        return read_answer(file)
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = b""
-        while True:
-            size = int(file.readline().split(b";")[0], 16)
-            if not size:
-                file.readline()
-                break
-            body += file.read(size)
-            file.readline()
-    else:
-        body = file.read(int(headers.get("content-length", "0")))
-    return status, headers, body
-
-
-def raw_request(method, path, body=b"", headers=None, version="HTTP/1.1"):
-    """The bytes of one request, with the admin's login."""
-    fields = dict({"Host": "127.0.0.1", "Authorization": ADMIN_AUTH}, **(headers or {}))
-    if body and "Transfer-Encoding" not in fields:
-        fields.setdefault("Content-Length", str(len(body)))
-    return ("%s %s %s\r\n" % (method, path, version)).encode() + "".join(
-        "%s: %s\r\n" % item for item in fields.items()).encode() + b"\r\n" + body
-
-
-def upload_request(project="app", package=None, query="", headers=None, force=False):
-    content_type, body = multipart([("project", project), ("force", "1" if force else "0"),
-                                    ("package", ("package.tar.gz",
-                                                 package or control_script(OK_SCRIPT)))])
-    return raw_request("POST", "/deploy/upload" + query, body,
-                       dict({"Content-Type": content_type}, **(headers or {})))
-
 
 class EdgeFramingTests(DaemonTestCase):
     """One request at a time on a connection, framed as RFC 9112 says."""
@@ -2938,7 +2990,7 @@ class EdgeInputTests(DaemonTestCase):
 class EdgeFuzzTests(DaemonTestCase):
     """Seeded random requests to every endpoint, header and parameter."""
     settings = {"READ_TIMEOUT": "5", "HEADER_TIMEOUT": "5", "MAX_UPLOAD_SIZE": "1M"}
-    requests = int(os.environ.get("IPD_FUZZ_REQUESTS", "20000")) // 5
+    requests = int(os.environ.get("IPD_FUZZ_REQUESTS", soak(20000, 2000))) // 5
 
     def test_fuzz_every_endpoint(self):
         deployment = self.daemon.deploy()
@@ -3377,50 +3429,11 @@ def report(text):
     sys.stderr.write("\n  guarantee: %s\n" % text)
 
 
-def raw_exchange(port, data, timeout=10, pieces=None):
-    """Send data (or pieces, with a pause between them so that they arrive
-    in separate reads), close our side, read the whole answer.
-
-    Returns the answer's bytes, or None when the server did not close the
-    connection within timeout (a hang)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        try:
-            for number, piece in enumerate(pieces or [data]):
-                if number:
-                    time.sleep(0.01)
-                sock.sendall(piece)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the server may answer and close before all is sent
-        answer = b""
-        while True:
-            try:
-                piece = sock.recv(65536)
-            except socket.timeout:
-                return None
-            except ConnectionResetError:
-                return answer
-            if not piece:
-                return answer
-            answer += piece
-    finally:
-        sock.close()
-
-
-def answer_status(answer):
-    """The final status of an answer (after any 100 Continue), or None."""
-    answer = re.sub(rb"\AHTTP/1\.1 100 Continue\r\n\r\n", b"", answer or b"")
-    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", answer)
-    return int(match.group(1)) if match else None
-
-
 class GuaranteeFuzzTests(DaemonTestCase):
     """Mutated, truncated, duplicated and random uploads: never a 5xx,
     never a hang, never a temporary file left, always answering after."""
     settings = {"MAX_UPLOAD_SIZE": "1M", "READ_TIMEOUT": "5", "HEADER_TIMEOUT": "5"}
-    requests = int(os.environ.get("IPD_FUZZ_REQUESTS", "20000"))
+    requests = int(os.environ.get("IPD_FUZZ_REQUESTS", soak(20000, 2000)))
 
     def request_bytes(self, rng):
         boundary = rng.choice(["b", "testboundary1234", "----WebKitFormBoundary7MA4",
@@ -3588,10 +3601,10 @@ class GuaranteeSlowClientTests(DaemonTestCase):
             self.assertEqual(status, 404)
             time.sleep(0.05)
         # the slow ones are cut once their head is late (HEADER_TIMEOUT=2)
-        time.sleep(2.5)
+        deadline = time.monotonic() + 8
         closed = 0
         for sock in idle + slow:
-            sock.settimeout(2)
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
             try:
                 data = sock.recv(100)
                 closed += data == b""
@@ -3614,8 +3627,9 @@ class GuaranteeConnectionCapTests(DaemonTestCase):
                 for _ in range(20)]
         for sock in held:
             self.addCleanup(sock.close)
-        time.sleep(0.3)
-        status, headers, body = self.daemon.get("/stat")
+        status, headers, body = wait_until(lambda: (lambda answer: answer if answer[0]
+                                                    == 503 else None)(
+            self.daemon.get("/stat")), message="every connection taken")
         self.assertEqual((status, body), (503, "too many connections, try again\n"))
         for sock in held:
             sock.close()
@@ -3689,18 +3703,20 @@ class GuaranteeRandomKillTests(DaemonTestCase):
     def test_kill_9_at_random_moments(self):
         rng = random.Random(7)
         runs = os.path.join(self.tmp, "runs")
+        # Overlap is seen through a kernel lock (flock), which dies with its
+        # holder: no PID check that a zombie could fool.
         script = ('#!/bin/sh\n'
-                  'lock="$PROJECT_DIR/running"\n'
+                  'exec 9>>"$PROJECT_DIR/running.lock"\n'
                   'echo "$DEPLOY $1 start" >> %s\n'
-                  'if [ -f "$lock" ] && kill -0 "$(cat "$lock")" 2>/dev/null; then\n'
-                  '  echo "OVERLAP $PROJECT $DEPLOY" >> %s; fi\n'
-                  'echo $$ > "$lock"\n'
+                  'if ! flock -n 9; then\n'
+                  '  echo "OVERLAP $PROJECT $DEPLOY" >> %s; flock 9; fi\n'
                   'sleep 0.0$(( $(od -An -N1 -tu1 /dev/urandom) %% 9 + 1 ))\n'
                   'echo "$DEPLOY $1 end" >> %s\n'
-                  'rm -f "$lock"\nexit 1\n' % (runs, runs, runs))
+                  'exit 1\n' % (runs, runs, runs))
         package = tar_bytes({"control.sh": (script.encode(), 0o755)})
         answered, seen_final, kills = [], {}, 0
-        for number in range(50):
+        uploads = soak(50, 20)
+        for number in range(uploads):
             project = "p%d" % (number % 5)
             torn = None
             if rng.random() < 0.2:  # an upload in flight when the kill comes
@@ -3729,10 +3745,10 @@ class GuaranteeRandomKillTests(DaemonTestCase):
         report("%d uploads over 5 projects, %d kill -9 at random moments: %d ids "
                "answered, all answering their state after every restart; %d step "
                "runs, %d ran twice, %d overlaps in a project; %d temporary files "
-               "left" % (50, kills, len(answered), len(starts),
+               "left" % (uploads, kills, len(answered), len(starts),
                          len(starts) - len(set(starts)), len(overlaps),
                          len(self.daemon.leftovers())))
-        self.assertGreaterEqual(kills, 10)
+        self.assertGreaterEqual(kills, uploads // 5)
         self.assertEqual(len(starts), len(set(starts)))
         self.assertEqual(overlaps, [])
         self.assertEqual(self.daemon.leftovers(), [])
@@ -4795,17 +4811,26 @@ class InstallTests(unittest.TestCase):
 ###############################################################################
 
 class CountingRunner(unittest.TextTestRunner):
-    """Ends with 'N passed, N failed, N skipped' alone on a line, for CI."""
+    """Ends with 'N passed, N failed, N skipped' alone on a line, for CI:
+    what ran, counted as it ran.  A class whose setUpClass skipped or
+    failed counts once as skipped or failed, and never against passed."""
 
     def run(self, test):
         result = super().run(test)
-        failed = len(result.failures) + len(result.errors) \
-            + len(result.unexpectedSuccesses)
-        skipped = len(result.skipped) + len(result.expectedFailures)
-        self.stream.writeln("%d passed, %d failed, %d skipped"
-                            % (result.testsRun - failed - skipped, failed, skipped))
+
+        def split(outcomes):
+            ran = [t for t, _ in outcomes if not isinstance(t, unittest.suite._ErrorHolder)]
+            return len(ran), len(outcomes) - len(ran)
+        failed_ran, failed_around = split(result.failures + result.errors)
+        skipped_ran, skipped_around = split(result.skipped)
+        failed_ran += len(result.unexpectedSuccesses)
+        skipped_ran += len(result.expectedFailures)
+        passed = result.testsRun - failed_ran - skipped_ran
+        self.stream.writeln("%d passed, %d failed, %d skipped" % (
+            passed, failed_ran + failed_around, skipped_ran + skipped_around))
         return result
 
 
 if __name__ == "__main__":
-    unittest.main(testRunner=CountingRunner(verbosity=2))
+    # Warnings on (an unclosed file is a ResourceWarning, not silence).
+    unittest.main(testRunner=CountingRunner(verbosity=2, warnings="default"))
