@@ -3212,6 +3212,94 @@ class EdgeBrowserTests(DaemonTestCase):
 
 
 ###############################################################################
+# In process: the store, the queue and the real Server in a thread ############
+###############################################################################
+
+class StoreQueueTests(unittest.TestCase):
+    """The store and its queue called directly, so that their races are
+    reached by order, not by timing."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.store = ipd.DeploymentStore(self.tmp, 10)
+
+    def commit(self, project="app"):
+        staging = tempfile.mkdtemp(dir=self.tmp, prefix=".upload-")
+        record = ipd.new_record(str(uuid.uuid4()), project, None, "admin", {}, "/bin/true")
+        self.store.commit(record, staging, {})
+        return record["id"]
+
+    def test_a_second_cancel_after_the_last_update_is_409(self):
+        deployment = self.commit()
+        claimed = self.store.claim()
+        self.assertEqual((claimed["id"], claimed["state"]), (deployment, "active"))
+        self.assertEqual(self.store.cancel(deployment)["state"], "active")  # asked
+        # The worker writes the final state and has not released it yet:
+        self.store.update(deployment, state="cancelled", ended=time.time())
+        with self.assertRaises(ipd.Conflict):
+            self.store.cancel(deployment)
+        self.store.release(claimed)
+        with self.assertRaises(ipd.Conflict):
+            self.store.cancel(deployment)
+
+    def test_a_cancelled_waiting_deployment_never_runs(self):
+        first, second = self.commit("a"), self.commit("b")
+        self.assertEqual(self.store.cancel(first)["state"], "cancelled")
+        self.assertEqual(self.store.claim()["id"], second)
+        self.store.stop()
+        self.assertIsNone(self.store.claim())
+        self.assertEqual(json.load(open(self.store.path(self.store.get(first), ".json")))
+                         ["state"], "cancelled")  # on disk before it was answered
+
+    def test_a_newer_upload_supersedes_the_waiting_one(self):
+        running = self.commit()
+        self.store.claim()
+        older, newer = self.commit(), self.commit()
+        self.assertEqual(self.store.get(older)["state"], "changed")
+        self.assertEqual(self.store.get(newer)["state"], "await")
+        self.assertEqual(self.store.get(running)["state"], "active")
+
+
+class InProcessServerTests(unittest.TestCase):
+    """The real Server on ('127.0.0.1', 0) in a thread of this process."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        users = os.path.join(self.tmp, "users.txt")
+        with open(users, "w") as file:
+            file.write("ADMIN:admin:%s\n" % sha256_hex("admin-pw"))
+        os.makedirs(os.path.join(self.tmp, "uploads"))
+        settings = ipd.load_settings(os.devnull, environ={
+            "UPLOAD_DIR": os.path.join(self.tmp, "uploads"), "LOG_DIR": self.tmp,
+            "AUTH_DB": users, "LISTEN": "127.0.0.1:0", "KILL_GRACE": "1"})
+        self.daemon = ipd.Daemon(settings)
+        self.server = ipd.Server(settings.LISTEN, self.daemon)
+        self.daemon.store.load(settings.KILL_GRACE)
+        self.daemon.worker.start()
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(self.daemon.worker.stop, 5)
+        self.addCleanup(self.server.server_close)
+        self.addCleanup(self.server.shutdown)
+        self.port = self.server.server_address[1]
+
+    def test_three_requests_on_one_connection(self):
+        hidden = raw_request("GET", "/deploy/stat", headers={"X-Real-IP": "6.6.6.6"})
+        refused = raw_request("POST", "/deploy/upload?project=../x", hidden, {
+            "Content-Type": "multipart/form-data; boundary=b"})
+        answer = raw_exchange(self.port, upload_request(force=True) + refused
+                              + raw_request("GET", "/deploy/stat"))
+        statuses = [int(code) for code in re.findall(rb"(?m)^HTTP/1\.1 (\d{3}) ", answer)]
+        self.assertEqual(statuses, [202, 400])
+        deployment = re.search(rb"\r\n\r\n([0-9a-f-]{36})\n", answer).group(1).decode()
+        record = self.daemon.store.wait_final(deployment, 20)
+        self.assertEqual(record["state"], "ok")
+        self.assertEqual(self.daemon.uploads, 1)  # the refused one is not counted
+
+
+###############################################################################
 # Signed releases and deploy tokens ###########################################
 ###############################################################################
 
