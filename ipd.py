@@ -5002,7 +5002,9 @@ def build_parser():
                                 "for CI: a token works as the password of a Basic "
                                 "login or as a Bearer token, for its projects only, "
                                 "until it expires or is revoked.")
-    token.add_argument("action", choices=("create", "list", "revoke"))
+    token.add_argument("action", choices=("create", "list", "revoke"),
+                       help="create a token (printed once), list them, or "
+                       "revoke one")
     token.add_argument("id", nargs="?", help="revoke: the token's id")
     token.add_argument("--project", action="append", help="create: a project the "
                        "token may deploy (repeat for more)")
