@@ -2859,7 +2859,7 @@ class EdgeSizeTests(DaemonTestCase):
             return int(re.search(r"VmHWM:\s+(\d+)", file.read()).group(1))
 
     def test_a_large_log_to_three_clients_at_once(self):
-        size = int(os.environ.get("IPD_TEST_LOG_MB", "120")) << 20
+        size = int(os.environ.get("IPD_TEST_LOG_MB", soak(300, 120))) << 20
         deployment = self.daemon.deploy(
             '[ "$1" = deploy ] || exit 1\nyes "a line of the log <b>&amp;</b> é" '
             '| head -c %d\nexit 1\n' % size)
