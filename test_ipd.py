@@ -3220,21 +3220,27 @@ class SwarmExampleTests(DockerTestCase):
         self.write_settings("""
             APP_PORT=8080
             REPLICAS=1
-            HEALTH_CMD="wget -q -O /dev/null http://127.0.0.1:8080/health"
-            HEALTH_INTERVAL=1s
-            HEALTH_RETRIES=2
-            UPDATE_MONITOR=2s
-            UPDATE_TIMEOUT=120
+            HEALTH_PATH=/health
+            HEALTH_TIMEOUT=8
+            DRAIN_SECONDS=1
+            STOP_TIMEOUT=2
+            KEEP_IMAGES=2
             REGISTRY=
             SERVICE_OPTS=
             """)
 
     def remove_service(self):
-        docker("service", "rm", "ipd-" + self.project, check=False)
+        services = docker("service", "ls", "-q", "--filter",
+                          "label=ipd.project=" + self.project).split()
+        if services:
+            docker("service", "rm", *services, check=False)
         images = docker("image", "ls", "-q", "ipd-" + self.project).split()
-        if images:
+        if services or images:
             time.sleep(2)  # tasks' containers go first
+        if images:
             docker("rmi", "-f", *set(images), check=False)
+        for network in ("ipd-" + self.project, "ipd-%s-config" % self.project):
+            docker("network", "rm", network, check=False)
 
     def test_v1_v2_then_broken_v3_rolled_back(self):
         v1, v2, v3 = self.image("v1"), self.image("v2"), self.image("v3", healthy=False)
@@ -3242,17 +3248,14 @@ class SwarmExampleTests(DockerTestCase):
         self.assertEqual(self.app(), (200, "v1"))
         self.deploy(v2)
         self.assertEqual(self.app(), (200, "v2"))
-        log = self.deploy(v3, expect="12")
-        self.assertIn("update rollback", log)
+        log = self.deploy(v3, expect="10")
+        self.assertIn("previous version keeps serving", log)
         self.assertEqual(self.app(), (200, "v2"))
-        image = docker("service", "inspect", "-f",
-                       "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
-                       "ipd-" + self.project).strip()
-        self.assertEqual(image.split("@")[0], "ipd-%s:%s" % (self.project,
-                                                             self.deployments[1]))
-        running = docker("service", "ps", "ipd-" + self.project, "--filter",
-                         "desired-state=running", "--format", "{{.Image}}").split()
-        self.assertEqual(len(running), 1)
+        services = docker("service", "ls", "--filter", "label=ipd.project=" + self.project,
+                          "--format", "{{.Name}} {{.Image}}").splitlines()
+        self.assertEqual(len(services), 1, services)
+        self.assertEqual(services[0].split()[1].split("@")[0],
+                         "ipd-%s:%s" % (self.project, self.deployments[1]))
 
 
 ###############################################################################
