@@ -125,6 +125,7 @@ load_settings() {
     # Settings a deploy.env of an earlier version of this script lacks.
     NGINX_CONF=${NGINX_CONF:-$PROJECT_DIR/nginx.conf}
     NGINX_STATUS=${NGINX_STATUS:-/run/ipd-nginx/status}
+    if [ -z "${NGINX+set}" ]; then NGINX=""; [ "$(id -u)" = 0 ] && NGINX=nginx; fi
     RELOAD_TIMEOUT=${RELOAD_TIMEOUT:-30}
     RESTART=${RESTART:-unless-stopped}
     STOP_SIGNAL=${STOP_SIGNAL:-}

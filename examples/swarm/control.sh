@@ -121,6 +121,7 @@ load_settings() {
     . "$ENV_FILE"
     NGINX_CONF=${NGINX_CONF:-$PROJECT_DIR/nginx.conf}
     NGINX_STATUS=${NGINX_STATUS:-/run/ipd-nginx/status}
+    if [ -z "${NGINX+set}" ]; then NGINX=""; [ "$(id -u)" = 0 ] && NGINX=nginx; fi
     RELOAD_TIMEOUT=${RELOAD_TIMEOUT:-30}
     PUBLISH_ADDRESS=${PUBLISH_ADDRESS:-127.0.0.1}
     HEALTH_PATH=${HEALTH_PATH:-/health} HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-60}
@@ -278,9 +279,15 @@ prune_images() {
     done
 }
 
-# A failed deployment leaves nothing: its services, its tag.
+# A failed deployment leaves nothing: its services, their containers (the
+# swarm removes them after the services), its image.
 give_up() {
     remove_services "$(services "$color")"
+    deadline=$(( $(date +%s) + STOP_TIMEOUT + 10 ))
+    while [ -n "$(docker ps -aq --filter "label=ipd.project=$PROJECT" \
+                  --filter "label=ipd.color=$color")" ] && [ "$(date +%s)" -lt "$deadline" ]; do
+        sleep 0.5
+    done
     docker rmi "$image_repo:$DEPLOY" >/dev/null 2>&1
     fail "$@"
 }
@@ -352,6 +359,7 @@ deploy() {
         created=$(docker service create --detach --quiet --name "$SERVICE-$color-$i" \
             --label "ipd.project=$PROJECT" --label "ipd.color=$color" \
             --label "ipd.deploy=$DEPLOY" --network "$SERVICE" \
+            --container-label "ipd.project=$PROJECT" --container-label "ipd.color=$color" \
             --publish "mode=host,published=$port,target=$APP_PORT" $constraint \
             --restart-condition any --restart-delay "$RESTART_DELAY" \
             --stop-grace-period "${STOP_TIMEOUT}s" $stop_signal $registry_auth \
