@@ -3234,13 +3234,20 @@ class SwarmExampleTests(DockerTestCase):
                           "label=ipd.project=" + self.project).split()
         if services:
             docker("service", "rm", *services, check=False)
+        # The tasks' containers go first, then their images and networks
+        # (the swarm network's removal reaches the engine a moment later).
+        deadline = time.monotonic() + 30
+        while docker("ps", "-aq", "--filter", "label=ipd.project=" + self.project) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
         images = docker("image", "ls", "-q", "ipd-" + self.project).split()
-        if services or images:
-            time.sleep(2)  # tasks' containers go first
         if images:
             docker("rmi", "-f", *set(images), check=False)
-        for network in ("ipd-" + self.project, "ipd-%s-config" % self.project):
-            docker("network", "rm", network, check=False)
+        docker("network", "rm", "ipd-" + self.project, check=False)
+        while docker("network", "ls", "-q", "--filter", "name=ipd-%s-config" % self.project) \
+                and time.monotonic() < deadline:
+            docker("network", "rm", "ipd-%s-config" % self.project, check=False)
+            time.sleep(0.2)
 
     def test_v1_v2_then_broken_v3_rolled_back(self):
         v1, v2, v3 = self.image("v1"), self.image("v2"), self.image("v3", healthy=False)
@@ -3642,28 +3649,25 @@ class SwarmOperatorTests(SwarmExampleTests):
 
         # A task crashes: the swarm replaces it on the same port.
         service = self.services()[0]
-        task = docker("service", "ps", "-q", "--filter", "desired-state=running",
-                      service).split()[0]
-        container = docker("inspect", "-f", "{{.Status.ContainerStatus.ContainerID}}",
-                           task).strip()
+        port = int(docker("service", "inspect", "-f", "{{range .Endpoint.Ports}}"
+                          "{{.PublishedPort}}{{end}}", service))
+        container = docker("ps", "-q", "--no-trunc", "--filter",
+                           "label=com.docker.swarm.service.name=" + service).strip()
         with RequestLoop(self.app) as loop:
             loop.wait_for((200, "v3"), 0)
             crashed = time.monotonic()
             crash(container)
             deadline = time.monotonic() + 20
             while True:
-                tasks = docker("service", "ps", "--filter", "desired-state=running",
-                               "--format", "{{.ID}} {{.CurrentState}}", service).split()
-                if tasks[:2] and tasks[0] != task and tasks[1] == "Running":
+                running = docker("ps", "-q", "--no-trunc", "--filter",
+                                 "label=com.docker.swarm.service.name=" + service).split()
+                if running and running[0] != container and listening_addresses(port):
                     break
                 self.assertLess(time.monotonic(), deadline, "no new task")
                 time.sleep(0.2)
-            replaced = time.monotonic()
-            time.sleep(1.5)
+            time.sleep(0.5)
         self.assertEqual(self.ports(), ports)
         self.assert_every_port_answers(ports, b"v3\n")  # the new task too
-        late = [failure for failure in loop.failures() if failure[0] > replaced + 1]
-        self.assertEqual(late, [])
         # requests go on to the other task meanwhile (proxy_next_upstream)
         self.assertEqual([failure for failure in loop.failures() if failure[0] > crashed], [])
 
