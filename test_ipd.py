@@ -3645,6 +3645,10 @@ class SwarmOperatorTests(SwarmExampleTests):
         ports = self.ports()
         self.assertEqual(len(ports), 2)
         self.assertEqual(len(self.services()), 2)
+        # Images: the two that deployed, under the project's name only.
+        self.assertEqual(docker("image", "ls", "-q", "ipd-test-" + self.project), "")
+        tags = docker("image", "ls", "--format", "{{.Tag}}", "ipd-" + self.project).split()
+        self.assertEqual(sorted(tags), sorted([self.deployments[0], self.deployments[2]]))
         self.assert_every_port_answers(ports, b"v3\n")
 
         # A task crashes: the swarm replaces it on the same port.
