@@ -4001,7 +4001,8 @@ class Nginx:
         return " ".join(self.command)
 
 
-def busybox_image(tag, folder, version, healthy=True):
+def busybox_image(tag, folder, version, healthy=True,
+                  command=("/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www")):
     """Build an image from a busybox root file system (no image can be
     pulled here), docker save it as a user's CI would; return the tar."""
     rootfs = io.BytesIO()
@@ -4018,8 +4019,7 @@ def busybox_image(tag, folder, version, healthy=True):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    docker("import", "--change",
-           'CMD ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]',
+    docker("import", "--change", "CMD " + json.dumps(list(command)),
            "-", tag, stdin=rootfs.getvalue())
     path = os.path.join(folder, tag.replace(":", "-").replace("/", "-") + ".tar")
     docker("save", "-o", path, tag)
@@ -4215,21 +4215,34 @@ class SwarmExampleTests(DockerTestCase):
         self.write_settings("""
             APP_PORT=8080
             REPLICAS=1
-            HEALTH_CMD="wget -q -O /dev/null http://127.0.0.1:8080/health"
-            HEALTH_INTERVAL=1s
-            HEALTH_RETRIES=2
-            UPDATE_MONITOR=2s
-            UPDATE_TIMEOUT=120
+            HEALTH_PATH=/health
+            HEALTH_TIMEOUT=8
+            DRAIN_SECONDS=1
+            STOP_TIMEOUT=2
+            KEEP_IMAGES=2
             REGISTRY=
             SERVICE_OPTS=
             """)
 
     def remove_service(self):
-        docker("service", "rm", "ipd-" + self.project, check=False)
+        services = docker("service", "ls", "-q", "--filter",
+                          "label=ipd.project=" + self.project).split()
+        if services:
+            docker("service", "rm", *services, check=False)
+        # The tasks' containers go first, then their images and networks
+        # (the swarm network's removal reaches the engine a moment later).
+        deadline = time.monotonic() + 30
+        while docker("ps", "-aq", "--filter", "label=ipd.project=" + self.project) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
         images = docker("image", "ls", "-q", "ipd-" + self.project).split()
         if images:
-            time.sleep(2)  # tasks' containers go first
             docker("rmi", "-f", *set(images), check=False)
+        docker("network", "rm", "ipd-" + self.project, check=False)
+        while docker("network", "ls", "-q", "--filter", "name=ipd-%s-config" % self.project) \
+                and time.monotonic() < deadline:
+            docker("network", "rm", "ipd-%s-config" % self.project, check=False)
+            time.sleep(0.2)
 
     def test_v1_v2_then_broken_v3_rolled_back(self):
         v1, v2, v3 = self.image("v1"), self.image("v2"), self.image("v3", healthy=False)
@@ -4237,17 +4250,540 @@ class SwarmExampleTests(DockerTestCase):
         self.assertEqual(self.app(), (200, "v1"))
         self.deploy(v2)
         self.assertEqual(self.app(), (200, "v2"))
-        log = self.deploy(v3, expect="12")
-        self.assertIn("update rollback", log)
+        log = self.deploy(v3, expect="10")
+        self.assertIn("previous version keeps serving", log)
         self.assertEqual(self.app(), (200, "v2"))
-        image = docker("service", "inspect", "-f",
-                       "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
-                       "ipd-" + self.project).strip()
-        self.assertEqual(image.split("@")[0], "ipd-%s:%s" % (self.project,
-                                                             self.deployments[1]))
-        running = docker("service", "ps", "ipd-" + self.project, "--filter",
-                         "desired-state=running", "--format", "{{.Image}}").split()
-        self.assertEqual(len(running), 1)
+        services = docker("service", "ls", "--filter", "label=ipd.project=" + self.project,
+                          "--format", "{{.Name}} {{.Image}}").splitlines()
+        self.assertEqual(len(services), 1, services)
+        self.assertEqual(services[0].split()[1].split("@")[0],
+                         "ipd-%s:%s" % (self.project, self.deployments[1]))
+
+
+# --- Issue #17: Docker examples an operator can leave running for months:
+# restarts, disks, reloads and failures.
+
+def image_id(path):
+    """The ID of the image in a `docker save` tar (its config's digest)."""
+    with tarfile.open(path) as tar:
+        config = json.load(tar.extractfile("manifest.json"))[0]["Config"]
+    return "sha256:" + os.path.basename(config).split(".")[0]
+
+
+def image_exists(reference):
+    return subprocess.run(["docker", "image", "inspect", reference],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+def listening_addresses(port):
+    """The local addresses that listen on TCP port (IPv4 and IPv6), as hex."""
+    found = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as file:
+            for line in file.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.append(address)
+    return found
+
+
+class RequestLoop:
+    """A client asking the app through nginx, a new connection a request,
+    until the with block ends: what each request got, and when."""
+
+    def __init__(self, ask):
+        self.ask = ask
+        self.answers = []  # (time.monotonic(), (status, body) or an error)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self):
+        while not self.stopping.is_set():
+            try:
+                answer = self.ask()
+            except (OSError, http.client.HTTPException) as error:
+                answer = repr(error)
+            self.answers.append((time.monotonic(), answer))
+            time.sleep(0.01)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stopping.set()
+        self.thread.join()
+
+    def failures(self):
+        """(time, answer) of every request that got no 200."""
+        return [(when, answer) for when, answer in self.answers
+                if not isinstance(answer, tuple) or answer[0] != 200]
+
+    def wait_for(self, answer, after, timeout=20):
+        """The time of the first `answer` got after `after`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for when, got in list(self.answers):
+                if when > after and got == answer:
+                    return when
+            time.sleep(0.05)
+        raise AssertionError("no %r within %ds: %r" % (answer, timeout,
+                                                       self.answers[-3:]))
+
+
+def crash(container):
+    """Kill a container's main process from the host, as a crash would."""
+    os.kill(int(docker("inspect", "-f", "{{.State.Pid}}", container)), signal.SIGKILL)
+
+
+class DockerOperatorTests(DockerExampleTests):
+    """examples/docker/control.sh over weeks: crashes and restarts, many
+    builds, the disk (issue #17)."""
+
+    test_v1_then_v2_without_a_failed_request_then_broken_v3 = None  # run once, above
+
+    def settings(self, keep=2):
+        # busybox httpd as PID 1 ignores SIGTERM: no need to wait for it.
+        self.write_settings("""
+            APP_PORT=8080
+            HEALTH_PATH=/health
+            HEALTH_TIMEOUT=8
+            DRAIN_SECONDS=1
+            STOP_TIMEOUT=0
+            KEEP_IMAGES=%d
+            DOCKER_RUN_OPTS=
+            """ % keep)
+
+    def proxy_config(self):
+        with open(os.path.join(self.daemon.upload_dir, self.project, "nginx.conf")) as file:
+            return file.read()
+
+    def test_ten_builds_switch_without_a_failed_request_and_leave_two_images(self):
+        self.settings(keep=2)
+        builds = [self.image("build-%d" % number) for number in range(10)]
+        broken = self.image("broken", healthy=False)
+        self.deploy(builds[0])
+        with RequestLoop(self.app) as loop:
+            for number, build in enumerate(builds[1:], 1):
+                if number == 5:
+                    self.assertIn("not healthy", self.deploy(broken, expect="10"))
+                self.deploy(build)
+            done = time.monotonic()
+            time.sleep(0.5)
+        self.assertEqual(loop.failures(), [])
+        self.assertGreater(len(loop.answers), 100)
+        self.assertEqual({answer for when, answer in loop.answers if when > done},
+                         {(200, "build-9")})
+        # Of the eleven images uploaded, the last two builds are left, under
+        # the project's names only; no stopped container.
+        left = [path for path in builds + [broken] if image_exists(image_id(path))]
+        self.assertEqual(left, builds[-2:])
+        self.assertEqual(docker("image", "ls", "-q", "ipd-test-" + self.project), "")
+        tags = docker("image", "ls", "--format", "{{.Tag}}", "ipd-" + self.project).split()
+        self.assertEqual(sorted(tags), sorted(["current", "previous"] + self.deployments[-2:]))
+        containers = docker("ps", "-aq", "--filter", "label=ipd.project=" + self.project)
+        self.assertEqual(len(containers.split()), 1)
+
+    def test_a_crash_and_a_restart_are_served_again_without_a_deploy(self):
+        self.settings()
+        self.deploy(self.image("v1"))
+        config = self.proxy_config()
+        container = docker("ps", "-q", "--filter", "label=ipd.project=" + self.project).strip()
+        port = docker("port", container, "8080/tcp")
+        with RequestLoop(self.app) as loop:
+            loop.wait_for((200, "v1"), 0)
+            crashed = time.monotonic()
+            crash(container)  # the restart policy brings it back
+            back = loop.wait_for((200, "v1"), crashed + 0.2)
+            restarts = docker("inspect", "-f", "{{.RestartCount}}", container).strip()
+            restarted = time.monotonic()
+            docker("restart", "-t", "0", container)  # stop and start by the engine
+            back_again = loop.wait_for((200, "v1"), restarted + 0.2)
+            time.sleep(1)
+        self.assertLess(back - crashed, 5)
+        self.assertLess(back_again - restarted, 5)
+        late = [failure for failure in loop.failures()
+                if not crashed <= failure[0] <= back and not restarted <= failure[0] <= back_again]
+        self.assertEqual(late, [])
+        self.assertEqual(restarts, "1")  # the same container, by its restart policy
+        self.assertEqual(docker("port", container, "8080/tcp"), port)
+        self.assertTrue(port.startswith("127.0.0.1:"), port)
+        self.assertEqual(self.proxy_config(), config)
+        self.assertEqual(len(self.deployments), 1)
+
+
+class PathUnit:
+    """What systemd does with ipd-nginx.path, outside systemd: watch the
+    folder, and on every change run ipd-nginx.service's ExecStart (as root,
+    as the test runs) with the test's nginx."""
+
+    def __init__(self, folder, nginx, status):
+        self.folder = folder
+        self.env = dict(os.environ, NGINX_COMMAND=nginx.shell_command(), STATUS=status)
+        unit = open(os.path.join(HERE, "ipd-nginx.service")).read()
+        program = re.search(r"(?m)^ExecStart=(\S+)$", unit).group(1)
+        self.program = os.path.join(HERE, "tools", os.path.basename(program))
+        self.runs = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.watch)
+
+    def state(self):
+        return sorted((entry.name, entry.stat().st_mtime_ns, entry.stat().st_size)
+                      for entry in os.scandir(self.folder))
+
+    def watch(self):
+        seen = self.state()
+        while not self.stopping.wait(0.05):
+            now = self.state()
+            if now != seen:
+                seen = now
+                subprocess.run([self.program], env=self.env, stderr=subprocess.DEVNULL)
+                self.runs += 1
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join()
+
+
+class DockerReadmeNonRootTests(DockerTestCase):
+    """The README's Docker steps, literally, with ipd as a user of its own
+    (not root, in the socket's group, no new privileges: as ipd.service
+    runs it) and nginx reloaded by ipd-nginx.path (issue #17)."""
+
+    script = "examples/docker/control.sh"
+
+    def setUp(self):
+        super().setUp()
+        socket_path = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        python = self.python_for_others()
+        if not socket_path.startswith("unix://") or not shutil.which("setpriv") \
+                or not python or os.getuid() != 0:
+            self.skipTest("needs root, setpriv, a Python others may run and a unix "
+                          "Docker socket")
+        self.addCleanup(self.remove_containers)
+        # The README: `include /var/lib/ipd/nginx/*.conf;` in http { }.
+        readme = open(os.path.join(HERE, "README.md")).read()
+        include = re.search(r"(?m)^ *include (/var/lib/ipd/nginx/\*\.conf);$", readme).group(1)
+        self.nginx_dir = os.path.join(self.tmp, "var-lib-ipd-nginx")
+        os.makedirs(os.path.join(self.tmp, "run"))
+        os.makedirs(self.nginx_dir)
+        self.daemon.stop()
+        self.nginx.stop()
+        self.nginx = Nginx(self.tmp, 0, include.replace("/var/lib/ipd/nginx", self.nginx_dir))
+        # ipd as nobody, in the Docker socket's group, with NoNewPrivileges
+        group = os.stat(socket_path[len("unix://"):]).st_gid
+        wrapper = os.path.join(self.tmp, "ipd-as-nobody")
+        shutil.copy(IPD, os.path.join(self.tmp, "ipd.py"))
+        with open(wrapper, "w") as file:
+            file.write("#!/bin/sh\nHOME=%s exec setpriv --reuid=65534 --regid=65534 "
+                       "--groups=%d --no-new-privs --inh-caps=-all --bounding-set=-all "
+                       "%s %s/ipd.py \"$@\"\n" % (self.tmp, group, python, self.tmp))
+        os.chmod(wrapper, 0o755)
+        with open(self.daemon.config, "a") as file:
+            file.write("PASS_ENV=DOCKER_HOST HOME\n")
+        for folder, _, files in os.walk(self.tmp):
+            for name in [folder] + [os.path.join(folder, name) for name in files]:
+                os.lchown(name, 65534, 65534)
+        os.chmod(self.tmp, 0o755)
+        self.daemon.program = wrapper
+        self.daemon.start()
+        self.nginx = Nginx(self.tmp, self.daemon.port,
+                           include.replace("/var/lib/ipd/nginx", self.nginx_dir)).start()
+        self.status = os.path.join(self.tmp, "run", "status")
+        self.path_unit = PathUnit(self.nginx_dir, self.nginx, self.status).start()
+        self.addCleanup(self.path_unit.stop)
+
+    @staticmethod
+    def python_for_others():
+        """This Python if every folder above it lets others in (pyenv's in
+        /root does not), else the system's, else None."""
+        executable = os.path.realpath(sys.executable)
+        folder = os.path.dirname(executable)
+        while folder != "/" and os.stat(folder).st_mode & stat.S_IXOTH:
+            folder = os.path.dirname(folder)
+        if folder == "/":
+            return executable
+        return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else None
+
+    def remove_containers(self):
+        DockerExampleTests.remove_containers(self)
+
+    def break_server_name(self):
+        """An NGINX_SERVER_NAME that nginx -t refuses."""
+        path = os.path.join(self.daemon.upload_dir, self.project, "deploy.env")
+        text = open(path).read().replace('NGINX_SERVER_NAME="localhost"',
+                                         'NGINX_SERVER_NAME="localhost; bogus_directive on"')
+        with open(path, "w") as file:
+            file.write(text)
+
+    def write_env(self):
+        """deploy.env as the README says to set it: NGINX is left out, so
+        a non-root control.sh leaves the reload to ipd-nginx.path."""
+        project_dir = os.path.join(self.daemon.upload_dir, self.project)
+        os.makedirs(project_dir, exist_ok=True)
+        path = os.path.join(project_dir, "deploy.env")
+        with open(path, "w") as file:
+            file.write(textwrap.dedent("""\
+                APP_PORT=8080
+                HEALTH_PATH=/health
+                HEALTH_TIMEOUT=8
+                DRAIN_SECONDS=1
+                STOP_TIMEOUT=0
+                KEEP_IMAGES=2
+                RESTART=unless-stopped
+                DOCKER_RUN_OPTS=
+                NGINX_LISTEN="unix:%s"
+                NGINX_SERVER_NAME="localhost"
+                NGINX_CONF=%s/%s.conf
+                NGINX_STATUS=%s
+                RELOAD_TIMEOUT=10
+                """) % (self.app_socket, self.nginx_dir, self.project, self.status))
+        os.chown(project_dir, 65534, 65534)
+        os.chown(path, 65534, 65534)
+
+    def test_deploy_switch_and_refused_reload_as_a_non_root_ipd(self):
+        with open("/proc/%d/status" % self.daemon.process.pid) as file:
+            status = file.read()
+        self.assertRegex(status, r"Uid:\s+65534\s")
+        self.assertRegex(status, r"NoNewPrivs:\s+1")
+        self.write_env()
+        self.deploy(self.image("v1"))
+        self.assertEqual(self.app(), (200, "v1"))
+        self.assertEqual(os.stat(os.path.join(self.nginx_dir, self.project + ".conf")).st_uid,
+                         65534)
+        with RequestLoop(self.app) as loop:
+            self.deploy(self.image("v2"))
+        self.assertEqual(loop.failures(), [])
+        self.assertEqual(self.app(), (200, "v2"))
+        # nginx -t refuses the new config: the old one is put back, v2 serves.
+        self.break_server_name()
+        log = self.deploy(self.image("v3"), expect="11")
+        self.assertIn("bogus_directive", log)
+        self.assertEqual(self.app(), (200, "v2"))
+        self.assertNotIn("bogus", open(os.path.join(self.nginx_dir, self.project + ".conf")).read())
+        self.assertGreaterEqual(self.path_unit.runs, 3)
+
+
+class SwarmOperatorTests(SwarmExampleTests):
+    """examples/swarm/control.sh fails safe: a refused reload, REPLICAS
+    changed, a crash, nothing listening (issue #17)."""
+
+    test_v1_v2_then_broken_v3_rolled_back = None  # run once, above
+
+    def settings(self, replicas=1, server_name="localhost", health_timeout=8):
+        self.write_settings("""
+            APP_PORT=8080
+            REPLICAS=%d
+            HEALTH_PATH=/health
+            HEALTH_TIMEOUT=%d
+            DRAIN_SECONDS=1
+            STOP_TIMEOUT=1
+            KEEP_IMAGES=2
+            REGISTRY=
+            SERVICE_OPTS=
+            """ % (replicas, health_timeout))
+        if server_name != "localhost":
+            path = os.path.join(self.daemon.upload_dir, self.project, "deploy.env")
+            text = open(path).read().replace("NGINX_SERVER_NAME=localhost",
+                                             'NGINX_SERVER_NAME="%s"' % server_name)
+            with open(path, "w") as file:
+                file.write(text)
+
+    def ports(self):
+        """The app's ports in the proxy config."""
+        path = os.path.join(self.daemon.upload_dir, self.project, "nginx.conf")
+        return [int(port) for port in re.findall(r"server 127\.0\.0\.1:(\d+);",
+                                                 open(path).read())]
+
+    def services(self):
+        return sorted(docker("service", "ls", "--filter", "label=ipd.project=" + self.project,
+                             "--format", "{{.Name}}").split())
+
+    def assert_every_port_answers(self, ports, body):
+        for port in ports:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                connection.request("GET", "/")
+                self.assertEqual(connection.getresponse().read(), body)
+            finally:
+                connection.close()
+
+    def test_refused_reload_then_replicas_then_a_crash(self):
+        self.settings()
+        log = self.deploy(self.image("v1"))
+        self.assertEqual(log.count("Loaded image"), 1)  # loaded once
+        self.assertEqual(self.app(), (200, "v1"))
+        [port] = self.ports()
+        self.assertEqual(listening_addresses(port), ["0100007F"])  # 127.0.0.1 alone
+
+        # nginx refuses v2's config: v1 keeps serving, v2's task is gone.
+        self.settings(server_name="localhost; bogus_directive on")
+        with RequestLoop(self.app) as loop:
+            log = self.deploy(self.image("v2"), expect="11")
+        self.assertIn("bogus_directive", log)
+        self.assertEqual(loop.failures(), [])
+        self.assertEqual(self.app(), (200, "v1"))
+        self.assertEqual(self.ports(), [port])
+        self.assertEqual(len(self.services()), 1)
+        self.assertFalse(image_exists("ipd-%s:%s" % (self.project, self.deployments[-1])))
+
+        # REPLICAS=2 applies on the next deploy: two tasks, both in nginx.
+        self.settings(replicas=2)
+        with RequestLoop(self.app) as loop:
+            self.deploy(self.image("v3"))
+        self.assertEqual(loop.failures(), [])
+        ports = self.ports()
+        self.assertEqual(len(ports), 2)
+        self.assertEqual(len(self.services()), 2)
+        # Images: the two that deployed, under the project's name only.
+        self.assertEqual(docker("image", "ls", "-q", "ipd-test-" + self.project), "")
+        tags = docker("image", "ls", "--format", "{{.Tag}}", "ipd-" + self.project).split()
+        self.assertEqual(sorted(tags), sorted([self.deployments[0], self.deployments[2]]))
+        self.assert_every_port_answers(ports, b"v3\n")
+
+        # A task crashes: the swarm replaces it on the same port.
+        service = self.services()[0]
+        port = int(docker("service", "inspect", "-f", "{{range .Endpoint.Ports}}"
+                          "{{.PublishedPort}}{{end}}", service))
+        container = docker("ps", "-q", "--no-trunc", "--filter",
+                           "label=com.docker.swarm.service.name=" + service).strip()
+        with RequestLoop(self.app) as loop:
+            loop.wait_for((200, "v3"), 0)
+            crashed = time.monotonic()
+            crash(container)
+            deadline = time.monotonic() + 20
+            while True:
+                running = docker("ps", "-q", "--no-trunc", "--filter",
+                                 "label=com.docker.swarm.service.name=" + service).split()
+                if running and running[0] != container and listening_addresses(port):
+                    break
+                self.assertLess(time.monotonic(), deadline, "no new task")
+                time.sleep(0.2)
+            time.sleep(0.5)
+        self.assertEqual(self.ports(), ports)
+        self.assert_every_port_answers(ports, b"v3\n")  # the new task too
+        # requests go on to the other task meanwhile (proxy_next_upstream)
+        self.assertEqual([failure for failure in loop.failures() if failure[0] > crashed], [])
+
+    def test_nothing_listening_fails_and_leaves_nothing(self):
+        self.settings(health_timeout=3)
+        sleeper = busybox_image("ipd-test-%s:sleep" % self.project, self.tmp, "sleep",
+                                command=("/bin/busybox", "sleep", "600"))
+        log = self.deploy(sleeper, expect="10")
+        self.assertIn("nothing answers /health", log)
+        self.assertEqual(self.services(), [])
+
+
+class NginxReloadUnitTests(unittest.TestCase):
+    """ipd.service as systemd computes it, and the root path unit that
+    reloads nginx for the Docker examples instead of sudo (issue #17)."""
+
+    # systemd.exec(5): with User= set, each of these implies NoNewPrivileges=yes.
+    IMPLY_NO_NEW_PRIVILEGES = (
+        "SystemCallFilter", "SystemCallArchitectures", "RestrictAddressFamilies",
+        "RestrictNamespaces", "PrivateDevices", "ProtectKernelTunables",
+        "ProtectKernelModules", "ProtectKernelLogs", "ProtectClock",
+        "MemoryDenyWriteExecute", "RestrictRealtime", "RestrictSUIDSGID",
+        "DynamicUser", "LockPersonality")
+
+    def unit(self, name):
+        """{key: last value} of a unit file in this folder."""
+        settings = {}
+        for line in open(os.path.join(HERE, name)):
+            if "=" in line and not line.startswith(("#", ";")):
+                key, value = line.rstrip("\n").split("=", 1)
+                settings[key.strip()] = value.strip()
+        return settings
+
+    def test_the_sandbox_implies_no_new_privileges_so_the_readme_uses_no_sudo(self):
+        service = self.unit("ipd.service")
+        self.assertIn("User", service)
+        implying = [key for key in self.IMPLY_NO_NEW_PRIVILEGES
+                    if service.get(key, "").lower() not in ("", "no", "false", "0")]
+        # so a drop-in with NoNewPrivileges=no would change nothing
+        self.assertGreaterEqual(len(implying), 5, implying)
+        readme = open(os.path.join(HERE, "README.md")).read()
+        self.assertNotIn("NoNewPrivileges=no\n", readme)
+        self.assertNotIn("/etc/sudoers.d/ipd", readme)
+
+    def test_the_path_unit_watches_the_folder_the_examples_write(self):
+        path = self.unit("ipd-nginx.path")
+        service = self.unit("ipd-nginx.service")
+        self.assertEqual(path["Unit"], "ipd-nginx.service")
+        self.assertNotIn("User", service)  # root: it signals nginx's master
+        self.assertEqual(service["RuntimeDirectory"], "ipd-nginx")
+        for script in ("examples/docker/control.sh", "examples/swarm/control.sh"):
+            text = open(os.path.join(HERE, script)).read()
+            self.assertIn("RELOAD_DIR=%s\n" % path["PathChanged"], text)
+            self.assertIn("NGINX_STATUS=/run/ipd-nginx/status", text)
+
+    @unittest.skipUnless(shutil.which("systemd-analyze"), "needs systemd-analyze")
+    def test_systemd_analyze_verify(self):
+        folder = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        # ExecStart must name programs that exist here.
+        programs = {"ipd.service": "%s %s serve" % (sys.executable, IPD),
+                    "ipd-nginx.service": os.path.join(HERE, "tools", "nginx-reload")}
+        for name in ("ipd.service", "ipd-nginx.path", "ipd-nginx.service"):
+            text = open(os.path.join(HERE, name)).read()
+            if name in programs:
+                text = re.sub(r"(?m)^ExecStart=.*$", "ExecStart=" + programs[name], text)
+            with open(os.path.join(folder, name), "w") as file:
+                file.write(text)
+        result = subprocess.run(["systemd-analyze", "verify", "ipd.service",
+                                 "ipd-nginx.path", "ipd-nginx.service"], cwd=folder,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                universal_newlines=True)
+        self.assertEqual(result.returncode, 0, result.stdout)
+        ours = [line for line in result.stdout.splitlines() if "ipd" in line]
+        self.assertEqual(ours, [])
+
+    def test_the_reload_command_reports_for_control_sh(self):
+        folder = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        fake = os.path.join(folder, "nginx")
+        status = os.path.join(folder, "status")
+        for config_test, expect in (("exit 0", "0 reloaded"),
+                                    ("echo 'nginx: [emerg] unknown directive \"x\"' >&2; "
+                                     "exit 1", '1 nginx: [emerg] unknown directive "x"')):
+            with open(fake, "w") as file:
+                file.write('#!/bin/sh\nif [ "$1" = -t ]; then %s; fi\n' % config_test)
+            os.chmod(fake, 0o755)
+            before = time.time_ns()
+            result = subprocess.run([os.path.join(HERE, "tools", "nginx-reload")],
+                                    env=dict(os.environ, NGINX_COMMAND=fake, STATUS=status),
+                                    stderr=subprocess.DEVNULL)
+            self.assertEqual(result.returncode, 0 if expect[0] == "0" else 1)
+            started, text = open(status).read().rstrip("\n").split(" ", 1)
+            self.assertEqual(text, expect)
+            self.assertGreaterEqual(int(started), before)
+
+    @unittest.skipUnless(shutil.which("make") and shutil.which("dpkg-deb"),
+                         "needs make and dpkg-deb")
+    def test_shipped_by_make_install_and_the_deb(self):
+        stage = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, stage, True)
+        subprocess.run(["make", "-s", "install", "DESTDIR=" + stage, "PREFIX=/usr"],
+                       cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+        unit = open(os.path.join(stage, "etc/systemd/system/ipd-nginx.service")).read()
+        self.assertIn("ExecStart=/usr/lib/ipd/nginx-reload\n", unit)
+        self.assertTrue(os.access(os.path.join(stage, "usr/lib/ipd/nginx-reload"), os.X_OK))
+        self.assertTrue(os.path.isdir(os.path.join(stage, "var/lib/ipd/nginx")))
+        self.assertIn("PathChanged=/var/lib/ipd/nginx\n",
+                      open(os.path.join(stage, "etc/systemd/system/ipd-nginx.path")).read())
+        subprocess.run(["make", "-s", "deb", "DIST=" + stage], cwd=HERE, check=True,
+                       stdout=subprocess.DEVNULL)
+        deb = os.path.join(stage, "ipd_%s_all.deb" % ipd.__version__)
+        contents = subprocess.run(["dpkg-deb", "-c", deb], stdout=subprocess.PIPE,
+                                  check=True).stdout.decode()
+        for path in ("./lib/systemd/system/ipd-nginx.path",
+                     "./lib/systemd/system/ipd-nginx.service", "./usr/lib/ipd/nginx-reload"):
+            self.assertIn(path, contents)
 
 
 ###############################################################################
