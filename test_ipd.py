@@ -50,6 +50,17 @@ def soak(full, quick):
 IPD = os.path.join(HERE, "ipd.py")
 
 
+def read_text(path):
+    """The whole text of the file at path, closed again."""
+    with open(path, encoding="utf-8", errors="replace") as file:
+        return file.read()
+
+
+def read_bytes(path):
+    with open(path, "rb") as file:
+        return file.read()
+
+
 def wait_until(condition, timeout=10, interval=0.02, message="condition"):
     """Call condition until it returns a true value; return that value."""
     deadline = time.monotonic() + timeout
@@ -348,10 +359,10 @@ class PackageTests(unittest.TestCase):
             (tar_info("app/link", tarfile.SYMTYPE, linkname="run"), None),
             (tar_info("app/hard", tarfile.LNKTYPE, linkname="app/run"), None)))
         run = os.path.join(self.dest, "app", "run")
-        self.assertEqual(open(run, "rb").read(), b"abc")
+        self.assertEqual(read_bytes(run), b"abc")
         self.assertEqual(stat.S_IMODE(os.stat(run).st_mode), 0o755)  # no setuid
         self.assertEqual(os.readlink(os.path.join(self.dest, "app", "link")), "run")
-        self.assertEqual(open(os.path.join(self.dest, "app", "hard"), "rb").read(),
+        self.assertEqual(read_bytes(os.path.join(self.dest, "app", "hard")),
                          b"abc")
 
     def test_formats_known_by_content(self):
@@ -545,7 +556,7 @@ class UsersTests(unittest.TestCase):
                 universal_newlines=True, timeout=60)
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertNotIn(password, result.stderr + result.stdout)
-        text = open(users).read()
+        text = read_text(users)
         self.assertIn("# keep me", text)
         self.assertNotIn("new-pw", text)
         parsed, _ = ipd.parse_users(text)
@@ -604,7 +615,7 @@ class DaemonProcess:
                 env=dict(os.environ, **(env or {})))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            text = open(self.stderr_path).read()
+            text = read_text(self.stderr_path)
             match = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", text)
             if match:
                 self.port = int(match.group(1))
@@ -1280,7 +1291,7 @@ class FlowTests(DaemonTestCase):
         state, _, _ = self.run_script('sleep 300 & echo $! > %s; wait; exit 1'
                                       % pid_file)
         self.assertEqual(state, "timeout")
-        pid = int(open(pid_file).read())
+        pid = int(read_text(pid_file))
         self.assertFalse(process_running(pid), "the step's child survived")
 
     def test_children_left_behind_are_stopped(self):
@@ -1288,14 +1299,14 @@ class FlowTests(DaemonTestCase):
         state, _, _ = self.run_script('(sleep 300 >/dev/null 2>&1 & echo $! > %s); '
                                       'exit 1' % pid_file)
         self.assertEqual(state, "ok")
-        pid = int(open(pid_file).read())
+        pid = int(read_text(pid_file))
         self.assertFalse(process_running(pid), "the step's child survived")
 
 
 class ReadmeExampleTests(DaemonTestCase):
 
     def test_the_readme_control_sh(self):
-        readme = open(os.path.join(HERE, "README.md")).read()
+        readme = read_text(os.path.join(HERE, "README.md"))
         script = re.search(r"```sh\n(#!/bin/sh\n# control.sh - ipd runs it as.*?)```",
                            readme, re.S).group(1)
         package = tar_bytes({"control.sh": (script.encode(), 0o755),
@@ -1305,13 +1316,13 @@ class ReadmeExampleTests(DaemonTestCase):
         log = self.daemon.log("site", first.strip())
         self.assertIn("no %s/site/releases yet" % self.daemon.upload_dir, log)
         current = os.path.join(self.daemon.upload_dir, "site", "current")
-        self.assertEqual(open(os.path.join(current, "index.html")).read(), "release one")
-        self.assertEqual(open(os.path.join(current, "image")).read(), "IMG")
+        self.assertEqual(read_text(os.path.join(current, "index.html")), "release one")
+        self.assertEqual(read_text(os.path.join(current, "image")), "IMG")
         package = tar_bytes({"control.sh": (script.encode(), 0o755),
                              "index.html": b"release two"})
         status, _, second = self.daemon.upload("site", package)
         self.assertEqual(self.daemon.wait_state("site", second.strip()), "ok")
-        self.assertEqual(open(os.path.join(current, "index.html")).read(), "release two")
+        self.assertEqual(read_text(os.path.join(current, "index.html")), "release two")
         self.assertEqual(os.readlink(current), os.path.join(
             self.daemon.upload_dir, "site", "releases", second.strip()))
         self.assertIn("site now runs release " + second.strip(),
@@ -1363,7 +1374,7 @@ class QueueTests(DaemonTestCase):
         open(gate1, "w").close()
         self.assertEqual(self.daemon.wait_state("app", third), "ok")
         self.assertEqual(self.daemon.state("app", first), "ok")
-        lines = [line.split()[:2] for line in open(record)]
+        lines = [line.split()[:2] for line in read_text(record).splitlines()]
         self.assertEqual(lines, [["start", "one"], ["end", "one"],
                                  ["start", "three"], ["end", "three"]])
         self.assertEqual(self.daemon.log("app", second), "")
@@ -1413,7 +1424,7 @@ class RestartTests(DaemonTestCase):
         waiting = self.daemon.deploy(OK_SCRIPT, project="other")
         self.assertEqual(self.daemon.state("other", waiting), "await")
         self.daemon.kill()
-        orphan = int(open(pid_file).read())
+        orphan = int(read_text(pid_file))
         self.assertTrue(process_running(orphan))
         self.daemon.start()
         self.assertFalse(process_running(orphan), "control.sh outlived the restart")
@@ -1423,7 +1434,7 @@ class RestartTests(DaemonTestCase):
         self.assertEqual(self.daemon.wait_state("other", waiting), "ok")
         open(gate, "w").close()
         time.sleep(0.2)
-        self.assertEqual(open(runs).read().count(running + " deploy"), 1)
+        self.assertEqual(read_text(runs).count(running + " deploy"), 1)
         self.daemon.restart()
         self.assertEqual(self.daemon.state("app", running), "interrupted")
         self.assertEqual(self.daemon.state("other", waiting), "ok")
@@ -1637,7 +1648,7 @@ class SteeringTests(DaemonTestCase):
         self.assertEqual((status, body), (200, "cancelled\n"))
         status, _, body = self.daemon.request("POST", "/cancel/app/" + running)
         self.assertEqual((status, body), (200, "cancelled\n"))
-        self.assertFalse(process_running(int(open(pid_file).read())))
+        self.assertFalse(process_running(int(read_text(pid_file))))
         self.assertRegex(self.daemon.log("app", waiting),  # it never ran (#15)
                          r"\Aipd: cancelled by admin from 127\.0\.0\.1 at \S+\n\Z")
         status, _, body = self.daemon.request("POST", "/cancel/app/" + running)
@@ -2012,7 +2023,7 @@ class AccountableTests(DaemonTestCase):
         pruned = self.daemon.deploy(OK_SCRIPT)
         self.daemon.wait_state("app", pruned)
         self.assertTrue(self.daemon.get_json("/status/app/" + first)[1]["pruned"])
-        text = open(os.path.join(self.tmp, "audit.log")).read()
+        text = read_text(os.path.join(self.tmp, "audit.log"))
         self.assertNotIn("a-wrong-secret", text)
         self.assertNotIn("admin-pw", text)
         events = [json.loads(line) for line in text.splitlines()]
@@ -2058,10 +2069,10 @@ class AccountableTests(DaemonTestCase):
         self.assertEqual(self.daemon.wait_state("app", after), "ok")
         self.assertLess(time.monotonic() - started, 5)
         deadline = time.monotonic() + 15
-        while (len(self.listener.received) < 3 or len(open(calls).read().splitlines()) < 3) \
+        while (len(self.listener.received) < 3 or len(read_text(calls).splitlines()) < 3) \
                 and time.monotonic() < deadline:
             time.sleep(0.05)
-        lines = sorted(open(calls).read().splitlines())
+        lines = sorted(read_text(calls).splitlines())
         self.assertEqual(lines, sorted(["app %s ok" % ok, "app %s 7" % failed,
                                         "app %s ok" % after]))
         posted = {(e["deployment"], e["state"]) for e in self.listener.received}
@@ -2147,7 +2158,7 @@ class WheelTests(unittest.TestCase):
             self.assertEqual([n for n in names if not n.startswith("ipd-")], ["ipd.py"])
             record = zipped.read("ipd-%s.dist-info/RECORD" % ipd.__version__).decode()
             self.assertIn("ipd.py,sha256=", record)
-            self.assertEqual(zipped.read("ipd.py"), open(IPD, "rb").read())
+            self.assertEqual(zipped.read("ipd.py"), read_bytes(IPD))
         bin_dir = make_venv(os.path.join(self.tmp, "venv"))
         pip_install(bin_dir, wheel)
         result = subprocess.run([os.path.join(bin_dir, "ipd"), "version"],
@@ -2175,7 +2186,7 @@ class WheelTests(unittest.TestCase):
             self.assertIn(base + name, names)
 
     def test_pyproject_names_what_the_backend_builds(self):
-        text = open(os.path.join(HERE, "pyproject.toml")).read()
+        text = read_text(os.path.join(HERE, "pyproject.toml"))
         self.assertIn('build-backend = "wheel_backend"', text)
         self.assertIn('ipd = "ipd:main"', text)
         self.assertIn('dynamic = ["version"]', text)
@@ -2209,12 +2220,12 @@ class DebTests(unittest.TestCase):
             self.assertIn(path, contents)
         control = os.path.join(self.tmp, "control")
         self.dpkg_deb("-e", self.deb, control)
-        self.assertEqual(open(os.path.join(control, "conffiles")).read(), "/etc/ipd.conf\n")
+        self.assertEqual(read_text(os.path.join(control, "conffiles")), "/etc/ipd.conf\n")
         for script in ("postinst", "prerm", "postrm"):
             path = os.path.join(control, script)
             self.assertTrue(os.access(path, os.X_OK))
             subprocess.run(["sh", "-n", path], check=True)
-        postinst = open(os.path.join(control, "postinst")).read()
+        postinst = read_text(os.path.join(control, "postinst"))
         self.assertIn("useradd --system", postinst)
         self.assertIn("usermod -a -G docker ipd", postinst)
         self.assertIn("systemctl enable ipd.service", postinst)
@@ -2229,7 +2240,7 @@ class DebTests(unittest.TestCase):
                        check=True)
         for path in ("srv/upload", "var/log/ipd", "opt/ipd/users.txt"):
             self.assertTrue(os.path.exists(os.path.join(root, path)), path)
-        unit = open(os.path.join(root, "lib/systemd/system/ipd.service")).read()
+        unit = read_text(os.path.join(root, "lib/systemd/system/ipd.service"))
         self.assertIn("ExecStart=/usr/bin/ipd serve", unit)
         self.assertIn("Type=notify", unit)
         self.assertEqual(os.path.realpath(os.path.join(root, "usr/bin/ipd")),
@@ -2459,12 +2470,12 @@ class WebDriver:
                                             stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
-            match = re.search(r"started successfully on port (\d+)", open(log).read())
+            match = re.search(r"started successfully on port (\d+)", read_text(log))
             if match:
                 self.port = int(match.group(1))
                 break
             if time.monotonic() > deadline or self.process.poll() is not None:
-                raise AssertionError("chromedriver did not start: " + open(log).read())
+                raise AssertionError("chromedriver did not start: " + read_text(log))
             time.sleep(0.05)
         options = {"binary": shutil.which("chromium"), "args": [
             "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -3072,7 +3083,7 @@ class EdgeAddressTests(DaemonTestCase):
         self.daemon.get("/stat", headers={"X-Forwarded-For": "198.51.100.8"})
         log = self.daemon.daemon_log(r'"GET /deploy/stat" 200')
         self.assertNotIn("198.51.100", log)
-        audit = open(os.path.join(self.tmp, "audit.log")).read()
+        audit = read_text(os.path.join(self.tmp, "audit.log"))
         self.assertIn('"address": "127.0.0.1"', audit)
         self.assertNotIn("198.51.100", audit)
 
@@ -3249,7 +3260,7 @@ class StoreQueueTests(unittest.TestCase):
         self.assertEqual(self.store.claim()["id"], second)
         self.store.stop()
         self.assertIsNone(self.store.claim())
-        self.assertEqual(json.load(open(self.store.path(self.store.get(first), ".json")))
+        self.assertEqual(json.loads(read_text(self.store.path(self.store.get(first), ".json")))
                          ["state"], "cancelled")  # on disk before it was answered
 
     def test_a_newer_upload_supersedes_the_waiting_one(self):
@@ -3368,7 +3379,8 @@ class SignedPushTests(DaemonTestCase):
         self.assertRegex(record["signer"]["fingerprint"], r"\ASHA256:")
         log = self.daemon.log("web", deployment)
         self.assertIn("signer=ci@web key=%s" % record["signer"]["fingerprint"], log)
-        audit = [json.loads(line) for line in open(os.path.join(self.tmp, "audit.log"))]
+        audit = [json.loads(line) for line in
+                 read_text(os.path.join(self.tmp, "audit.log")).splitlines()]
         upload = [e for e in audit if e["event"] == "upload"][0]
         self.assertEqual(upload["signer"]["principal"], "ci@web")
         _, _, page = self.daemon.get("/ui/web", headers={"Accept": "text/html"})
@@ -3385,7 +3397,8 @@ class SignedPushTests(DaemonTestCase):
                 self.assertIn("ipd: HTTP 403", err)
         self.assertEqual(self.deployments(), [])
         self.assertEqual(self.daemon.leftovers(), [])
-        refused = [json.loads(line) for line in open(os.path.join(self.tmp, "audit.log"))
+        refused = [json.loads(line) for line in
+                   read_text(os.path.join(self.tmp, "audit.log")).splitlines()
                    if '"signature_refused"' in line]
         self.assertEqual(len(refused), 4)
         # Unsigned pushes still go to projects that do not ask for signatures.
@@ -3394,7 +3407,7 @@ class SignedPushTests(DaemonTestCase):
     def test_manifest_must_match_what_arrived_and_never_be_replayed(self):
         manifest = ipd.make_manifest("web", {"package": ("0" * 64, 10)})
         signature = ipd.sign_manifest(self.ci_key, manifest)
-        package = open(self.package, "rb").read()
+        package = read_bytes(self.package)
         status, _, text = self.signed_upload(manifest, signature, package)
         self.assertEqual(status, 403, text)
         self.assertIn("do not match", text)
@@ -3467,7 +3480,7 @@ class TokenTests(DaemonTestCase):
         secret = self.token("create", "--project", "web", "--expires", "1h").strip()
         self.assertRegex(secret, r"\Aipd_[0-9a-f]{12}_")
         token_id = secret.split("_")[1]
-        stored = open(os.path.join(self.tmp, "tokens.txt")).read()
+        stored = read_text(os.path.join(self.tmp, "tokens.txt"))
         self.assertNotIn(secret, stored)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.tmp, "tokens.txt"))
                                       .st_mode), 0o640)
@@ -3485,7 +3498,7 @@ class TokenTests(DaemonTestCase):
         time_to_expire = time.time() + 1.2
         wait_until(lambda: time.time() > time_to_expire, 3)
         self.assertEqual(self.upload_with("Bearer " + expired), 401)
-        audit = open(os.path.join(self.tmp, "audit.log")).read()
+        audit = read_text(os.path.join(self.tmp, "audit.log"))
         self.assertIn("revoked", audit)
         self.assertIn("expired", audit)
         self.assertNotIn(secret, audit + self.daemon.daemon_log())
@@ -3827,7 +3840,7 @@ class GuaranteeRandomKillTests(DaemonTestCase):
         for project, deployment in answered:
             self.daemon.wait_state(project, deployment)
         self.check_states(answered, seen_final)
-        lines = open(runs).read().splitlines()
+        lines = read_text(runs).splitlines()
         starts = [line for line in lines if line.endswith(" start")]
         overlaps = [line for line in lines if line.startswith("OVERLAP")]
         report("%d uploads over 5 projects, %d kill -9 at random moments: %d ids "
@@ -3964,7 +3977,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 def readme_nginx_location():
     """The nginx location block of the README (the original's)."""
-    readme = open(os.path.join(HERE, "README.md")).read()
+    readme = read_text(os.path.join(HERE, "README.md"))
     match = re.search(r"\n(    location /deploy \{.*?\n    \})\n", readme, re.S)
     return match.group(1)
 
@@ -4421,7 +4434,7 @@ class PathUnit:
     def __init__(self, folder, nginx, status):
         self.folder = folder
         self.env = dict(os.environ, NGINX_COMMAND=nginx.shell_command(), STATUS=status)
-        unit = open(os.path.join(HERE, "ipd-nginx.service")).read()
+        unit = read_text(os.path.join(HERE, "ipd-nginx.service"))
         program = re.search(r"(?m)^ExecStart=(\S+)$", unit).group(1)
         self.program = os.path.join(HERE, "tools", os.path.basename(program))
         self.runs = 0
@@ -4467,7 +4480,7 @@ class DockerReadmeNonRootTests(DockerTestCase):
                           "Docker socket")
         self.addCleanup(self.remove_containers)
         # The README: `include /var/lib/ipd/nginx/*.conf;` in http { }.
-        readme = open(os.path.join(HERE, "README.md")).read()
+        readme = read_text(os.path.join(HERE, "README.md"))
         include = re.search(r"(?m)^ *include (/var/lib/ipd/nginx/\*\.conf);$", readme).group(1)
         self.nginx_dir = os.path.join(self.tmp, "var-lib-ipd-nginx")
         os.makedirs(os.path.join(self.tmp, "run"))
@@ -4516,7 +4529,7 @@ class DockerReadmeNonRootTests(DockerTestCase):
     def break_server_name(self):
         """An NGINX_SERVER_NAME that nginx -t refuses."""
         path = os.path.join(self.daemon.upload_dir, self.project, "deploy.env")
-        text = open(path).read().replace('NGINX_SERVER_NAME="localhost"',
+        text = read_text(path).replace('NGINX_SERVER_NAME="localhost"',
                                          'NGINX_SERVER_NAME="localhost; bogus_directive on"')
         with open(path, "w") as file:
             file.write(text)
@@ -4565,7 +4578,7 @@ class DockerReadmeNonRootTests(DockerTestCase):
         log = self.deploy(self.image("v3"), expect="11")
         self.assertIn("bogus_directive", log)
         self.assertEqual(self.app(), (200, "v2"))
-        self.assertNotIn("bogus", open(os.path.join(self.nginx_dir, self.project + ".conf")).read())
+        self.assertNotIn("bogus", read_text(os.path.join(self.nginx_dir, self.project + ".conf")))
         self.assertGreaterEqual(self.path_unit.runs, 3)
 
 
@@ -4589,7 +4602,7 @@ class SwarmOperatorTests(SwarmExampleTests):
             """ % (replicas, health_timeout))
         if server_name != "localhost":
             path = os.path.join(self.daemon.upload_dir, self.project, "deploy.env")
-            text = open(path).read().replace("NGINX_SERVER_NAME=localhost",
+            text = read_text(path).replace("NGINX_SERVER_NAME=localhost",
                                              'NGINX_SERVER_NAME="%s"' % server_name)
             with open(path, "w") as file:
                 file.write(text)
@@ -4598,7 +4611,7 @@ class SwarmOperatorTests(SwarmExampleTests):
         """The app's ports in the proxy config."""
         path = os.path.join(self.daemon.upload_dir, self.project, "nginx.conf")
         return [int(port) for port in re.findall(r"server 127\.0\.0\.1:(\d+);",
-                                                 open(path).read())]
+                                                 read_text(path))]
 
     def services(self):
         return sorted(docker("service", "ls", "--filter", "label=ipd.project=" + self.project,
@@ -4694,7 +4707,7 @@ class NginxReloadUnitTests(unittest.TestCase):
     def unit(self, name):
         """{key: last value} of a unit file in this folder."""
         settings = {}
-        for line in open(os.path.join(HERE, name)):
+        for line in read_text(os.path.join(HERE, name)).splitlines():
             if "=" in line and not line.startswith(("#", ";")):
                 key, value = line.rstrip("\n").split("=", 1)
                 settings[key.strip()] = value.strip()
@@ -4707,7 +4720,7 @@ class NginxReloadUnitTests(unittest.TestCase):
                     if service.get(key, "").lower() not in ("", "no", "false", "0")]
         # so a drop-in with NoNewPrivileges=no would change nothing
         self.assertGreaterEqual(len(implying), 5, implying)
-        readme = open(os.path.join(HERE, "README.md")).read()
+        readme = read_text(os.path.join(HERE, "README.md"))
         self.assertNotIn("NoNewPrivileges=no\n", readme)
         self.assertNotIn("/etc/sudoers.d/ipd", readme)
 
@@ -4718,7 +4731,7 @@ class NginxReloadUnitTests(unittest.TestCase):
         self.assertNotIn("User", service)  # root: it signals nginx's master
         self.assertEqual(service["RuntimeDirectory"], "ipd-nginx")
         for script in ("examples/docker/control.sh", "examples/swarm/control.sh"):
-            text = open(os.path.join(HERE, script)).read()
+            text = read_text(os.path.join(HERE, script))
             self.assertIn("RELOAD_DIR=%s\n" % path["PathChanged"], text)
             self.assertIn("NGINX_STATUS=/run/ipd-nginx/status", text)
 
@@ -4730,7 +4743,7 @@ class NginxReloadUnitTests(unittest.TestCase):
         programs = {"ipd.service": "%s %s serve" % (sys.executable, IPD),
                     "ipd-nginx.service": os.path.join(HERE, "tools", "nginx-reload")}
         for name in ("ipd.service", "ipd-nginx.path", "ipd-nginx.service"):
-            text = open(os.path.join(HERE, name)).read()
+            text = read_text(os.path.join(HERE, name))
             if name in programs:
                 text = re.sub(r"(?m)^ExecStart=.*$", "ExecStart=" + programs[name], text)
             with open(os.path.join(folder, name), "w") as file:
@@ -4759,7 +4772,7 @@ class NginxReloadUnitTests(unittest.TestCase):
                                     env=dict(os.environ, NGINX_COMMAND=fake, STATUS=status),
                                     stderr=subprocess.DEVNULL)
             self.assertEqual(result.returncode, 0 if expect[0] == "0" else 1)
-            started, text = open(status).read().rstrip("\n").split(" ", 1)
+            started, text = read_text(status).rstrip("\n").split(" ", 1)
             self.assertEqual(text, expect)
             self.assertGreaterEqual(int(started), before)
 
@@ -4770,12 +4783,12 @@ class NginxReloadUnitTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, stage, True)
         subprocess.run(["make", "-s", "install", "DESTDIR=" + stage, "PREFIX=/usr"],
                        cwd=HERE, check=True, stdout=subprocess.DEVNULL)
-        unit = open(os.path.join(stage, "etc/systemd/system/ipd-nginx.service")).read()
+        unit = read_text(os.path.join(stage, "etc/systemd/system/ipd-nginx.service"))
         self.assertIn("ExecStart=/usr/lib/ipd/nginx-reload\n", unit)
         self.assertTrue(os.access(os.path.join(stage, "usr/lib/ipd/nginx-reload"), os.X_OK))
         self.assertTrue(os.path.isdir(os.path.join(stage, "var/lib/ipd/nginx")))
         self.assertIn("PathChanged=/var/lib/ipd/nginx\n",
-                      open(os.path.join(stage, "etc/systemd/system/ipd-nginx.path")).read())
+                      read_text(os.path.join(stage, "etc/systemd/system/ipd-nginx.path")))
         subprocess.run(["make", "-s", "deb", "DIST=" + stage], cwd=HERE, check=True,
                        stdout=subprocess.DEVNULL)
         deb = os.path.join(stage, "ipd_%s_all.deb" % ipd.__version__)
@@ -4817,13 +4830,14 @@ class CommandLineTests(unittest.TestCase):
                                        stdout=subprocess.DEVNULL)
         self.addCleanup(process.kill)
         deadline = time.monotonic() + 20
-        while "try:" not in open(stderr_path).read():
+        while "try:" not in read_text(stderr_path):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.02)
-        port = int(re.search(r":(\d+)/deploy/", open(stderr_path).read()).group(1))
+        port = int(re.search(r":(\d+)/deploy/", read_text(stderr_path)).group(1))
         content_type, body = multipart([("project", "hello"),
-                                        ("image", ("ipd.py", open(IPD, "rb").read()))])
+                                        ("image", ("ipd.py", read_bytes(IPD)))])
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.addCleanup(connection.close)
         token = base64.b64encode(b"demo:demo").decode()
         connection.request("POST", "/deploy/upload", body=body, headers={
             "Authorization": "Basic " + token, "Content-Type": content_type})
@@ -4877,26 +4891,26 @@ class SingleDaemonTests(DaemonTestCase):
             "or give this one its own UPLOAD_DIR"
             % (self.daemon.upload_dir, self.daemon.process.pid)])
         # nothing changed: control.sh runs on, the disk still says active
-        self.assertTrue(process_running(int(open(marker).read())))
+        self.assertTrue(process_running(int(read_text(marker))))
         self.assertEqual(sorted(os.listdir(self.daemon.upload_dir)), before)
         state_file = os.path.join(self.daemon.upload_dir, "app", "deployments",
                                   deployment + ".json")
-        self.assertEqual(json.load(open(state_file))["state"], "active")
+        self.assertEqual(json.loads(read_text(state_file))["state"], "active")
         self.assertIn("not started: UPLOAD_DIR=", self.daemon.daemon_log())
         open(gate, "w").close()
         self.assertEqual(self.daemon.wait_state("app", deployment), "ok")
-        self.assertEqual(json.load(open(state_file))["state"], "ok")
+        self.assertEqual(json.loads(read_text(state_file))["state"], "ok")
 
     def test_the_lock_dies_with_its_holder(self):
         gate = os.path.join(self.tmp, "gate")
         deployment = self.daemon.deploy(gate_script(gate))
         self.daemon.wait_state("app", deployment, ["active"])
         lock = os.path.join(self.daemon.upload_dir, ipd.LOCK_FILE)
-        self.assertEqual(open(lock).read(), "%d\n" % self.daemon.process.pid)
+        self.assertEqual(read_text(lock), "%d\n" % self.daemon.process.pid)
         self.daemon.kill()  # kill -9: no clean-up of its own
         self.daemon.start()  # at once: the kernel released the lock
         self.assertEqual(self.daemon.state("app", deployment), "interrupted")
-        self.assertEqual(open(lock).read(), "%d\n" % self.daemon.process.pid)
+        self.assertEqual(read_text(lock), "%d\n" % self.daemon.process.pid)
 
     def test_passwd_and_client_commands_beside_a_running_daemon(self):
         result = run_ipd("passwd", "USER", "carol", "--config", self.daemon.config,
@@ -4934,11 +4948,11 @@ def start_demo(test, cwd):
     test.addCleanup(process.wait)
     test.addCleanup(process.kill)
     deadline = time.monotonic() + 30
-    while "try:" not in open(stderr_path).read():
-        test.assertIsNone(process.poll(), open(stderr_path).read())
+    while "try:" not in read_text(stderr_path):
+        test.assertIsNone(process.poll(), read_text(stderr_path))
         test.assertLess(time.monotonic(), deadline)
         time.sleep(0.02)
-    text = open(stderr_path).read()
+    text = read_text(stderr_path)
     process.port = int(re.search(r":(\d+)/deploy/", text).group(1))
     process.hint = re.search(r"^try:\s+(.*)$", text, re.M).group(1)
     return process
@@ -4977,7 +4991,7 @@ class StartupCheckTests(unittest.TestCase):
                             "the user ipd runs as" % missing)
         self.assertFalse(os.path.exists(missing))
         self.assertIn("ERROR not started: UPLOAD_DIR=%s: no such folder" % missing,
-                      open(os.path.join(self.logs, "ipd.log")).read())
+                      read_text(os.path.join(self.logs, "ipd.log")))
 
     def test_a_file_as_a_folder(self):
         result = self.serve(UPLOAD_DIR=self.users)
@@ -5029,8 +5043,8 @@ class StartupCheckTests(unittest.TestCase):
                             "listens there): stop it or set another LISTEN" % port)
         state_file = os.path.join(daemon.upload_dir, "app", "deployments",
                                   deployment + ".json")
-        self.assertEqual(json.load(open(state_file))["state"], "active")
-        self.assertTrue(process_running(int(open(marker).read())))
+        self.assertEqual(json.loads(read_text(state_file))["state"], "active")
+        self.assertTrue(process_running(int(read_text(marker))))
         daemon.start()  # a daemon that may listen does the clean-up
         self.assertEqual(daemon.state("app", deployment), "interrupted")
 
@@ -5050,7 +5064,7 @@ class StartupCheckTests(unittest.TestCase):
                                {"AUTH_DB": self.users})
         daemon.start()
         self.addCleanup(daemon.stop, signal.SIGKILL)
-        warnings = [line for line in open(daemon.stderr_path).read().splitlines()
+        warnings = [line for line in read_text(daemon.stderr_path).splitlines()
                     if line.startswith("ipd: warning:")]
         logged = daemon.daemon_log()
         for warning in warnings:
@@ -5088,7 +5102,7 @@ class StartupCheckTests(unittest.TestCase):
         self.addCleanup(daemon.stop, signal.SIGKILL)
         self.assertIn("ipd: warning: AUTH_DB=%s cannot be read (Is a directory): "
                       "every login is refused (401)" % self.users,
-                      open(daemon.stderr_path).read())
+                      read_text(daemon.stderr_path))
         daemon.stop()
         os.rmdir(self.users)
         _, warnings = self.start_with_users_file("# nobody yet\n")
@@ -5151,7 +5165,7 @@ class CommandLineIssue15Tests(unittest.TestCase):
         result = run_ipd("--config", os.devnull, "passwd", "USER", "ci", "--projects",
                          "web", "--auth-db", users, stdin_text="pw\n")
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertRegex(open(users).read(), r"\AUSER:ci:pbkdf2_sha256\$[^:]+:web\n\Z")
+        self.assertRegex(read_text(users), r"\AUSER:ci:pbkdf2_sha256\$[^:]+:web\n\Z")
 
     def test_passwd_file_modes_and_a_missing_folder(self):
         users = os.path.join(self.tmp, "users.txt")
@@ -5193,7 +5207,7 @@ class CommandLineIssue15Tests(unittest.TestCase):
             self.assertTrue(choice.help, choice.dest)
 
     def test_help_lists_the_exit_statuses(self):
-        readme = " ".join(open(os.path.join(HERE, "README.md")).read()
+        readme = " ".join(read_text(os.path.join(HERE, "README.md"))
                           .replace("`", "").split())
         for args in (["--help"], ["push", "--help"]):
             with self.subTest(args=args):
@@ -5212,12 +5226,12 @@ class ReadmeTruthTests(DaemonTestCase):
     demo, install and the bench is what the code does."""
 
     def readme(self):
-        return open(os.path.join(HERE, "README.md")).read()
+        return read_text(os.path.join(HERE, "README.md"))
 
     def test_every_state_is_in_the_states_table(self):
         table = self.readme().split("### States", 1)[1].split("A step killed", 1)[0]
         listed = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
-        source = open(IPD).read()
+        source = read_text(IPD)
         produced = set(re.findall(r'state="(\w+)"', source))
         produced |= set(re.findall(r'outcome = "(\w+)"', source))
         produced |= {"await", "ok", "no"}
@@ -5257,7 +5271,7 @@ class ReadmeTruthTests(DaemonTestCase):
         readme = self.readme()
         self.assertIn("`U=demo:demo`", readme)
         self.assertNotIn("admin:secret", readme)
-        self.assertIn('"demo", hashlib.sha256(b"demo")', open(IPD).read())
+        self.assertIn('"demo", hashlib.sha256(b"demo")', read_text(IPD))
 
     def test_a_cancelled_deployment_log_says_who(self):
         gate = os.path.join(self.tmp, "gate")
@@ -5287,7 +5301,7 @@ class ReadmeTruthTests(DaemonTestCase):
         deployment = result.stdout.strip()
         _, data = self.daemon.get_json("/status/app/" + deployment)
         self.assertEqual(data["files"]["package"]["name"], "deploy.tar.gz")
-        audit_log = open(os.path.join(self.tmp, "audit.log")).read()
+        audit_log = read_text(os.path.join(self.tmp, "audit.log"))
         upload = [json.loads(line) for line in audit_log.splitlines()
                   if '"upload"' in line][-1]
         self.assertIn("deploy.tar.gz", json.dumps(upload))
@@ -5333,7 +5347,7 @@ class ReadmeTruthTests(DaemonTestCase):
                 stage = os.path.join(self.tmp, "stage")
                 subprocess.run(["make", "-s", "install-unit", "DESTDIR=" + stage] + args,
                                cwd=HERE, check=True, stdout=subprocess.DEVNULL)
-                unit = open(os.path.join(stage, "etc/systemd/system/ipd.service")).read()
+                unit = read_text(os.path.join(stage, "etc/systemd/system/ipd.service"))
                 lines = [l for l in unit.splitlines() if l.startswith("Documentation=")]
                 self.assertEqual(lines, [documentation] if documentation else [])
                 shutil.rmtree(stage)
@@ -5344,11 +5358,11 @@ class ReadmeTruthTests(DaemonTestCase):
         self.assertIn("sudo install -m 0640 -o ipd -g ipd /dev/null /opt/ipd/users.txt",
                       wheel)
         self.assertNotIn("touch", wheel)
-        license_text = open(os.path.join(HERE, "LICENSE")).read()
+        license_text = read_text(os.path.join(HERE, "LICENSE"))
         self.assertTrue(license_text.startswith("MIT License\n"))
         self.assertIn("Copyright (c) 2026 ipd authors", license_text)
         self.assertIn('license = {text = "MIT"}',
-                      open(os.path.join(HERE, "pyproject.toml")).read())
+                      read_text(os.path.join(HERE, "pyproject.toml")))
         wheel = build("wheel", os.path.join(self.tmp, "dist"))
         with zipfile.ZipFile(wheel) as zipped:
             self.assertEqual(zipped.read("ipd-%s.dist-info/LICENSE" % ipd.__version__)
@@ -5379,8 +5393,8 @@ class ReadmeTruthTests(DaemonTestCase):
 class InstallTests(unittest.TestCase):
 
     def test_every_setting_is_documented(self):
-        example = open(os.path.join(HERE, "ipd.conf.example")).read()
-        readme = open(os.path.join(HERE, "README.md")).read()
+        example = read_text(os.path.join(HERE, "ipd.conf.example"))
+        readme = read_text(os.path.join(HERE, "README.md"))
         for key in ipd.SETTINGS:
             with self.subTest(key):
                 self.assertRegex(example, r"(?m)^%s=" % key)
@@ -5397,7 +5411,7 @@ class InstallTests(unittest.TestCase):
                                  "PREFIX=/usr"], cwd=HERE, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, universal_newlines=True)
         self.assertEqual(result.returncode, 0, result.stdout)
-        unit = open(os.path.join(stage, "etc/systemd/system/ipd.service")).read()
+        unit = read_text(os.path.join(stage, "etc/systemd/system/ipd.service"))
         self.assertIn("ExecStart=/usr/bin/python3 /usr/lib/ipd/ipd.py serve", unit)
         self.assertIn("EnvironmentFile=-/etc/ipd.conf", unit)
         self.assertIn("SupplementaryGroups=docker", unit)
@@ -5417,11 +5431,12 @@ class InstallTests(unittest.TestCase):
         deployment = daemon.deploy()
         self.assertEqual(daemon.wait_state("app", deployment), "ok")
         # again: config and users file are kept; uninstall keeps the data
-        open(os.path.join(stage, "etc/ipd.conf"), "a").write("# mine\n")
+        with open(os.path.join(stage, "etc/ipd.conf"), "a") as file:
+            file.write("# mine\n")
         subprocess.run(["make", "-s", "install", "DESTDIR=" + stage, "PREFIX=/usr"],
                        cwd=HERE, check=True, stdout=subprocess.DEVNULL)
-        self.assertIn("# mine", open(os.path.join(stage, "etc/ipd.conf")).read())
-        self.assertIn("ADMIN:admin:", open(os.path.join(stage, "opt/ipd/users.txt")).read())
+        self.assertIn("# mine", read_text(os.path.join(stage, "etc/ipd.conf")))
+        self.assertIn("ADMIN:admin:", read_text(os.path.join(stage, "opt/ipd/users.txt")))
         subprocess.run(["make", "-s", "uninstall", "DESTDIR=" + stage, "PREFIX=/usr"],
                        cwd=HERE, check=True, stdout=subprocess.DEVNULL)
         self.assertFalse(os.path.exists(os.path.join(stage, "usr/lib/ipd")))
