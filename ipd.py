@@ -3695,6 +3695,8 @@ def syslog_handler(address):
         host, _, port = address.rpartition(":")
         address = (host, int(port))
     try:
+        if isinstance(address, str) and not stat.S_ISSOCK(os.stat(address).st_mode):
+            raise OSError(errno.ENOTSOCK, "not a socket")
         handler = logging.handlers.SysLogHandler(
             address, logging.handlers.SysLogHandler.LOG_AUTHPRIV)
     except OSError as error:
