@@ -3184,6 +3184,63 @@ class DockerExampleTests(DockerTestCase):
         self.assertIn("previous", tags)
 
 
+class ScriptsUserDocker(DockerTestCase):
+    """Issue 14: ipd as in DockerTestCase, but its scripts run as
+    SCRIPTS_UID in the group of the Docker socket (as RUN_AS=ipd-run:ipd-run,docker
+    does), PROJECT_DIR is the project's work/ folder, and nginx runs as
+    that user too so that the script may reload it (the README's sudo
+    line, without sudo)."""
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to switch users")
+        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        if not host.startswith("unix://"):
+            self.skipTest("needs the Docker socket's group")
+        docker_gid = os.stat(host[len("unix://"):]).st_gid
+        self.tmp = tempfile.mkdtemp(prefix="ipd-docker-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        os.chmod(self.tmp, 0o711)
+        self.project = "web-" + uuid.uuid4().hex[:8]
+        self.daemon = DaemonProcess(self.tmp, {
+            "PASS_ENV": "DOCKER_HOST", "STEP_TIMEOUT": "180", "SCRIPTS": "package",
+            "RUN_AS": "%d:%d,%d" % (SCRIPTS_UID, SCRIPTS_GID, docker_gid)})
+        self.daemon.start()
+        self.addCleanup(self.daemon.stop, signal.SIGKILL)
+        front = os.path.join(self.tmp, "nginx")
+        os.mkdir(front)
+        os.chown(front, SCRIPTS_UID, SCRIPTS_GID)
+        # nginx runs as the scripts' user, who may not list UPLOAD_DIR:
+        # no wildcard before the project (as root, README's */work/ works)
+        self.nginx = Nginx(front, self.daemon.port, os.path.join(
+            self.daemon.upload_dir, self.project, "work", "nginx.con[f]"))
+        subprocess.run(["setpriv", "--reuid=%d" % SCRIPTS_UID, "--regid=%d"
+                        % SCRIPTS_GID, "--clear-groups"] + self.nginx.command,
+                       check=True)
+        self.addCleanup(self.nginx.stop)
+        self.app_socket = os.path.join(front, "app.sock")
+        self.deployments = []
+        self.package = os.path.join(self.tmp, "package.tar.gz")
+        with tarfile.open(self.package, "w:gz") as tar:
+            tar.add(os.path.join(HERE, self.script), "control.sh")
+
+    def write_settings(self, text):
+        """deploy.env in the work folder, which the administrator made."""
+        work = os.path.join(self.daemon.upload_dir, self.project, "work")
+        os.makedirs(work)
+        os.chown(work, 0, SCRIPTS_GID)
+        os.chmod(work, 0o2770)
+        with open(os.path.join(work, "deploy.env"), "w") as file:
+            file.write(textwrap.dedent(text) + 'NGINX_LISTEN="unix:%s"\n'
+                       'NGINX_SERVER_NAME=localhost\nNGINX="%s"\n'
+                       % (self.app_socket, self.nginx.shell_command()))
+
+
+class DockerExampleScriptsUserTests(DockerExampleTests, ScriptsUserDocker):
+    """Issue 14: examples/docker/control.sh deploys v1, v2, refuses v3,
+    running as its own user in the docker group."""
+
+
 class ExampleAppTests(unittest.TestCase):
 
     def test_example_app_answers_version_and_health(self):
