@@ -15,12 +15,14 @@ One file, standard library only, CPython 3.8 to 3.13:
 
 How it is built, top to bottom: settings; errors; helpers; users and
 passwords; the streaming multipart parser (pure, no I/O); request bodies;
-safe unpacking of packages; deployments and their on-disk store; the deploy
-worker that runs control.sh; the HTTP handler and server; the CLI.
+safe unpacking of packages; deployments and their on-disk store; who runs
+the scripts (RUN_AS, project.conf); the deploy worker that runs control.sh;
+the HTTP handler and server; the CLI.
 
 On disk, under UPLOAD_DIR, each project has a folder (PROJECT_DIR, kept
-across deployments, where an administrator may place a control.sh) and
-in it ``deployments/`` with, per deployment ID:
+across deployments, where an administrator may place a control.sh,
+notify.sh and project.conf; with RUN_AS the scripts' PROJECT_DIR is its
+``work/`` instead) and in it ``deployments/`` with, per deployment ID:
 
     ID/         the unpacked package; control.sh runs here
     ID.image    the uploaded image ($IMAGE)
@@ -2249,7 +2251,7 @@ def scripts_user(settings, project_dir):
 def open_to_scripts(project_dir, deployment_folder, image, run_as):
     """Give run_as what its scripts need and nothing more: the project
     folder to pass through, its work folder to write (made on first use,
-    owned by ipd, group run_as's, setgid: ipd needs no CAP_CHOWN), the
+    owned by ipd, group run_as's: ipd needs no CAP_CHOWN), the
     deployment's folder and image to read.  deployments/ lets it pass but
     not list; state files, logs and packages stay ipd's (mode 0640)."""
     for folder, mode in ((os.path.dirname(project_dir), stat.S_IXOTH),
@@ -2266,7 +2268,7 @@ def open_to_scripts(project_dir, deployment_folder, image, run_as):
     try:
         info = os.lstat(work)
     except FileNotFoundError:
-        subprocess.run(["mkdir", "-m", "2770", work], check=True,
+        subprocess.run(["mkdir", "-m", "0770", work], check=True,
                        stdin=subprocess.DEVNULL, **credentials(gid=run_as.gid))
         return work
     if not stat.S_ISDIR(info.st_mode):

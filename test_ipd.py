@@ -3229,7 +3229,7 @@ class ScriptsUserDocker(DockerTestCase):
         work = os.path.join(self.daemon.upload_dir, self.project, "work")
         os.makedirs(work)
         os.chown(work, 0, SCRIPTS_GID)
-        os.chmod(work, 0o2770)
+        os.chmod(work, 0o770)
         with open(os.path.join(work, "deploy.env"), "w") as file:
             file.write(textwrap.dedent(text) + 'NGINX_LISTEN="unix:%s"\n'
                        'NGINX_SERVER_NAME=localhost\nNGINX="%s"\n'
@@ -3783,6 +3783,13 @@ class ScriptsUserTestCase(unittest.TestCase):
         with open(os.path.join(self.other, "control.sh"), "w") as file:
             file.write("#!/bin/sh\necho admin script of other\nexit 1\n")
         os.chmod(os.path.join(self.other, "control.sh"), 0o755)
+        web = os.path.join(self.daemon.upload_dir, "web")
+        os.makedirs(web)
+        with open(os.path.join(web, "notify.sh"), "w") as file:
+            file.write('#!/bin/sh\n{ id -u; grep CapEff /proc/self/status; } '
+                       '> "$PROJECT_DIR/notified.tmp"\n'
+                       'mv "$PROJECT_DIR/notified.tmp" "$PROJECT_DIR/notified"\n')
+        os.chmod(os.path.join(web, "notify.sh"), 0o755)
         if self.daemon_uid is not None:
             for root, folders, files in os.walk(self.tmp):
                 for name in [root] + [os.path.join(root, n) for n in folders + files]:
@@ -3824,6 +3831,11 @@ class ScriptsUserTestCase(unittest.TestCase):
         work = os.path.join(self.daemon.upload_dir, "web", "work")
         self.assertIn("project_dir=%s" % work, log)
         self.assertEqual(open(os.path.join(work, "mine")).read(), "mine\n")
+        notified = os.path.join(work, "notified")  # notify.sh: the same user
+        deadline = time.monotonic() + 20
+        while not os.path.exists(notified) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertRegex(open(notified).read(), r"^%d\nCapEff:\s+0+\n" % SCRIPTS_UID)
         # what it failed to reach is as it was
         self.assertEqual(os.listdir(self.other), ["control.sh"])
         audit_text = open(os.path.join(self.tmp, "audit.log")).read()
@@ -3910,6 +3922,35 @@ class UnprivilegedDaemonTests(ScriptsUserTestCase):
             status = file.read()
         self.assertRegex(status, r"Uid:\s+%d\s+%d\s+0\s" % ((DAEMON_UID,) * 2))
         self.assertRegex(status, r"CapEff:\s+0+e0\n")
+
+
+class RunAsSettingTests(unittest.TestCase):
+    """Issue 14: RUN_AS and SCRIPTS as settings, and the unit's drop-in."""
+
+    def test_run_as_forms(self):
+        run_as = ipd.resolve_run_as("64123:64123,64124,64125")
+        self.assertEqual((run_as.uid, run_as.gid, run_as.groups),
+                         (64123, 64123, (64124, 64125)))
+        nobody = ipd.resolve_run_as("nobody")
+        self.assertEqual(nobody.uid, ipd.pwd.getpwnam("nobody").pw_uid)
+        for bad in ("root", "0:0", "64123:0", "64123", "no-such-user-ipd:1",
+                    "64123:no-such-group-ipd", ":1", "64123:"):
+            with self.subTest(bad):
+                with self.assertRaises(ValueError):
+                    ipd.resolve_run_as(bad)
+        with self.assertRaisesRegex(ipd.ConfigError, "RUN_AS"):
+            ipd.load_settings(os.devnull, {"RUN_AS": "root"})
+        with self.assertRaisesRegex(ipd.ConfigError, "SCRIPTS"):
+            ipd.load_settings(os.devnull, {"SCRIPTS": "maybe"})
+
+    def test_drop_in_grants_three_capabilities_and_no_docker(self):
+        text = open(os.path.join(HERE, "ipd-run-as.conf")).read()
+        wanted = {"CAP_SETUID", "CAP_SETGID", "CAP_KILL"}
+        for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
+            values = re.findall(r"(?m)^%s=(.*)$" % key, text)
+            self.assertEqual([set(value.split()) for value in values], [wanted])
+        self.assertRegex(text, r"(?m)^SupplementaryGroups=$")
+        self.assertIn("ipd-run-as.conf", open(os.path.join(HERE, "Makefile")).read())
 
 
 class AuditSyslogTests(DaemonTestCase):

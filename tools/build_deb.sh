@@ -16,7 +16,7 @@ sed -e 's|^ExecStart=.*|ExecStart=/usr/bin/ipd serve|' \
     -e 's|file:///usr/local/lib/ipd/README.md|file:///usr/share/doc/ipd/README.md|' \
     ipd.service > "$stage/lib/systemd/system/ipd.service"
 install -m 0644 ipd.conf.example "$stage/etc/ipd.conf"
-install -m 0644 README.md ipd.conf.example "$stage/usr/share/doc/ipd/"
+install -m 0644 README.md ipd.conf.example ipd-run-as.conf "$stage/usr/share/doc/ipd/"
 install -m 0755 tools/deb/postinst tools/deb/prerm tools/deb/postrm "$stage/DEBIAN/"
 echo /etc/ipd.conf > "$stage/DEBIAN/conffiles"
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)

@@ -29,7 +29,7 @@ TAG = "py3-none-any"
 # Zip entries get a fixed date, so that the same source makes the same wheel.
 EPOCH = (1980, 1, 1, 0, 0, 0)
 SDIST_FILES = ("ipd.py", "README.md", "pyproject.toml", "tools/wheel_backend.py",
-               "ipd.service", "ipd.conf.example", "Makefile")
+               "ipd.service", "ipd.conf.example", "Makefile", "ipd-run-as.conf")
 
 
 def version():
