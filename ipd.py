@@ -2254,12 +2254,14 @@ def open_to_scripts(project_dir, deployment_folder, image, run_as):
     owned by ipd, group run_as's: ipd needs no CAP_CHOWN), the
     deployment's folder and image to read.  deployments/ lets it pass but
     not list; state files, logs and packages stay ipd's (mode 0640)."""
-    for folder, mode in ((os.path.dirname(project_dir), stat.S_IXOTH),
-                         (project_dir, 0o755),
-                         (os.path.dirname(deployment_folder), 0o711)):
+    for folder, mode, unwanted in (
+            (os.path.dirname(project_dir), stat.S_IXOTH, 0),
+            (project_dir, 0o755, 0o022),
+            (os.path.dirname(deployment_folder), 0o711, 0o022)):
         info = os.stat(folder)
-        if info.st_uid == os.geteuid() and (info.st_mode | mode) != info.st_mode:
-            os.chmod(folder, stat.S_IMODE(info.st_mode) | mode)
+        wanted = (stat.S_IMODE(info.st_mode) | mode) & ~unwanted
+        if info.st_uid == os.geteuid() and wanted != stat.S_IMODE(info.st_mode):
+            os.chmod(folder, wanted)
     if os.path.isdir(deployment_folder):
         os.chmod(deployment_folder, 0o755)
     if image and os.path.exists(image):
@@ -3721,15 +3723,38 @@ def explain_scripts_mode(settings):
         problem = keep_scripts_without_capabilities()
         if problem:
             raise ConfigError(problem)
+        run_as = resolve_run_as(settings.RUN_AS)
         log.info("RUN_AS=%s: control.sh and notify.sh run as %r with no "
                  "capabilities; PROJECT_DIR is each project's %s/ folder",
-                 settings.RUN_AS, resolve_run_as(settings.RUN_AS), WORK_DIR)
+                 settings.RUN_AS, run_as, WORK_DIR)
+        for path, access in ((settings.AUTH_DB, stat.S_IROTH | stat.S_IRGRP),
+                             (settings.LOG_DIR, stat.S_IWOTH | stat.S_IWGRP)):
+            if reachable_by(path, run_as, access):
+                log.warning("%s is within reach of the scripts' user %s: "
+                            "chmod o-rwx, and keep it out of that group",
+                            path, settings.RUN_AS)
     else:
         keep_scripts_without_capabilities()  # for a project.conf's RUN_AS
         log.warning("RUN_AS is not set: control.sh and notify.sh run as ipd's "
                     "own user (%s), and can read the users file, rewrite "
                     "ipd.log and audit.log, and write every project's folder "
                     "and the deployments' state", me)
+
+
+def reachable_by(path, run_as, access):
+    """True when run_as gets the access bits (S_IR*, S_IW*) of path through
+    its owner, group or other bits."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    if info.st_uid == run_as.uid:
+        return True
+    groups = (run_as.gid,) + run_as.groups
+    other = access & (stat.S_IROTH | stat.S_IWOTH)
+    group = access & (stat.S_IRGRP | stat.S_IWGRP)
+    return bool(info.st_mode & other) or \
+        (info.st_gid in groups and bool(info.st_mode & group))
 
 
 def has_account(uid):

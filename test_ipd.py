@@ -3910,6 +3910,14 @@ class ScriptsUserTestCase(unittest.TestCase):
 class ScriptsUserTests(ScriptsUserTestCase):
     """Issue 14: RUN_AS, ipd itself running as root."""
 
+    def test_start_warns_when_the_users_file_is_within_reach(self):
+        self.assertIn("RUN_AS=", self.daemon.daemon_log("RUN_AS="))
+        self.assertNotIn("within reach", self.daemon.daemon_log())
+        os.chmod(self.daemon.users_file, 0o644)
+        self.daemon.restart()
+        self.assertIn("users.txt is within reach of the scripts' user",
+                      self.daemon.daemon_log("within reach"))
+
 
 class UnprivilegedDaemonTests(ScriptsUserTestCase):
     """Issue 14: RUN_AS, ipd running as an unprivileged uid with only
@@ -3942,6 +3950,25 @@ class RunAsSettingTests(unittest.TestCase):
             ipd.load_settings(os.devnull, {"RUN_AS": "root"})
         with self.assertRaisesRegex(ipd.ConfigError, "SCRIPTS"):
             ipd.load_settings(os.devnull, {"SCRIPTS": "maybe"})
+
+    def test_unprivileged_daemon_without_capabilities_refuses_run_as(self):
+        python = reachable_python()
+        if os.geteuid() != 0 or not python or not shutil.which("setpriv"):
+            self.skipTest("needs root, setpriv and a Python other users may run")
+        tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        program = os.path.join(tmp, "ipd.py")
+        shutil.copy(IPD, program)
+        daemon = DaemonProcess(tmp, {"RUN_AS": "%d:%d" % (SCRIPTS_UID, SCRIPTS_GID)},
+                               program=program)
+        for name in os.listdir(tmp) + [""]:
+            os.chown(os.path.join(tmp, name), DAEMON_UID, DAEMON_UID)
+        daemon.start_command = ["setpriv", "--reuid=%d" % DAEMON_UID, "--regid=%d"
+                                % DAEMON_UID, "--clear-groups", python]
+        with self.assertRaisesRegex(AssertionError, "RUN_AS needs ipd to run as "
+                                    "root or with CAP_SETUID, CAP_SETGID, CAP_KILL"):
+            daemon.start()
+        self.assertEqual(daemon.stop(), 2)
 
     def test_drop_in_grants_three_capabilities_and_no_docker(self):
         text = open(os.path.join(HERE, "ipd-run-as.conf")).read()
