@@ -3727,18 +3727,41 @@ def explain_scripts_mode(settings):
         log.info("RUN_AS=%s: control.sh and notify.sh run as %r with no "
                  "capabilities; PROJECT_DIR is each project's %s/ folder",
                  settings.RUN_AS, run_as, WORK_DIR)
-        for path, access in ((settings.AUTH_DB, stat.S_IROTH | stat.S_IRGRP),
-                             (settings.LOG_DIR, stat.S_IWOTH | stat.S_IWGRP)):
-            if reachable_by(path, run_as, access):
-                log.warning("%s is within reach of the scripts' user %s: "
-                            "chmod o-rwx, and keep it out of that group",
-                            path, settings.RUN_AS)
+        keep_from_scripts(settings, run_as)
     else:
         keep_scripts_without_capabilities()  # for a project.conf's RUN_AS
         log.warning("RUN_AS is not set: control.sh and notify.sh run as ipd's "
                     "own user (%s), and can read the users file, rewrite "
                     "ipd.log and audit.log, and write every project's folder "
                     "and the deployments' state", me)
+
+
+def keep_from_scripts(settings, run_as):
+    """At start with RUN_AS: take the users file and the logs out of the
+    scripts' reach where ipd may (o-rwx; the original's installation left
+    them 0644), warn where it may not, and warn when the scripts' user
+    cannot even reach UPLOAD_DIR."""
+    logs = [os.path.join(settings.LOG_DIR, name) for name in ("ipd.log", "audit.log")]
+    for path, access in [(settings.AUTH_DB, stat.S_IROTH | stat.S_IRGRP),
+                         (settings.LOG_DIR, stat.S_IWOTH | stat.S_IWGRP)] + \
+            [(path, stat.S_IROTH | stat.S_IWOTH) for path in logs]:
+        if not reachable_by(path, run_as, access):
+            continue
+        info = os.stat(path)
+        if info.st_mode & 0o007 and (os.geteuid() in (0, info.st_uid)):
+            os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o007)
+            log.warning("%s was open to others: made it %o, out of the scripts' "
+                        "reach", path, stat.S_IMODE(info.st_mode) & ~0o007)
+        if reachable_by(path, run_as, access):
+            log.warning("%s is within reach of the scripts' user %s: chmod "
+                        "o-rwx it, and keep that user out of its group",
+                        path, settings.RUN_AS)
+    folder = settings.UPLOAD_DIR
+    while folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+        if not reachable_by(folder, run_as, stat.S_IXOTH | stat.S_IXGRP):
+            log.warning("the scripts' user %s cannot pass through %s to reach "
+                        "UPLOAD_DIR: chmod o+x it", settings.RUN_AS, folder)
 
 
 def reachable_by(path, run_as, access):

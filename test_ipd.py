@@ -3913,7 +3913,12 @@ class ScriptsUserTests(ScriptsUserTestCase):
     def test_start_warns_when_the_users_file_is_within_reach(self):
         self.assertIn("RUN_AS=", self.daemon.daemon_log("RUN_AS="))
         self.assertNotIn("within reach", self.daemon.daemon_log())
-        os.chmod(self.daemon.users_file, 0o644)
+        os.chmod(self.daemon.users_file, 0o644)  # the original's: touch
+        self.daemon.restart()
+        self.assertIn("users.txt was open to others: made it 640",
+                      self.daemon.daemon_log("open to others"))
+        self.assertEqual(stat.S_IMODE(os.stat(self.daemon.users_file).st_mode), 0o640)
+        os.chown(self.daemon.users_file, 0, SCRIPTS_GID)
         self.daemon.restart()
         self.assertIn("users.txt is within reach of the scripts' user",
                       self.daemon.daemon_log("within reach"))
