@@ -28,6 +28,8 @@ notify.sh and project.conf; with RUN_AS the scripts' PROJECT_DIR is its
     ID.image    the uploaded image ($IMAGE)
     ID.package  the uploaded package archive, as sent
     ID.log      everything control.sh printed
+    ID.step     the running step's session and start time, to stop what a
+                killed ipd left of it (RUN_AS: not ours to read otherwise)
     ID.json     state and times, written atomically; the deployment exists
                 once this file does, and the daemon's memory is a cache of it
 """
@@ -1427,6 +1429,9 @@ def open_decompressed(file, magic):
 
 
 def unpack_tar(archive, writer, magic=b""):
+    """Unpack a tar (plain or compressed, as magic says) through writer,
+    one entry at a time with bounded memory.  Raises BadRequest, TooLarge
+    or the archive's own errors (see unpack_package)."""
     limits = writer.limits
     with open(archive, "rb") as file:
         stream = TarStream(open_decompressed(file, magic), limits.MAX_HEADER_SIZE)
@@ -1453,6 +1458,7 @@ def unpack_tar(archive, writer, magic=b""):
 
 
 def unpack_member(tar, stream, member, writer):
+    """Write one tar entry; its data is read as data, not as headers."""
     if member.isdir():
         writer.directory(member.name, member.mode)
     elif member.isreg():
@@ -1501,6 +1507,9 @@ def zip_directory(path):
 
 
 def unpack_zip(archive, writer):
+    """Unpack a zip through writer: entries and directory size checked
+    from its end record first, stored or deflated entries only.  Raises
+    BadRequest or TooLarge."""
     limits = writer.limits
     entries, size = zip_directory(archive)
     if entries > limits.MAX_MEMBERS:
@@ -1520,6 +1529,7 @@ def unpack_zip(archive, writer):
 
 
 def unpack_zip_entry(zipped, info, writer):
+    """Write one zip entry; a link's target is read to MAX_NAME_SIZE + 1."""
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
         with zipped.open(info) as source:
@@ -1636,7 +1646,8 @@ class DeploymentStore:
             if record["state"] == "active":
                 # Another user's processes: found by the session recorded
                 # at the step's start, not by their environment.
-                left = processes_of_session(record.get("process"))
+                left = processes_of_session(
+                    read_step_identity(self.path(record, ".step")))
                 if left:
                     orphans[record["id"]] = sorted(
                         set(orphans.get(record["id"], [])) | set(left))
@@ -1872,7 +1883,7 @@ class DeploymentStore:
                    and self._records[i]["state"] not in UNFINISHED]
         for deployment_id in old:
             record = self.get(deployment_id)
-            for suffix in ("", ".image", ".package"):
+            for suffix in ("", ".image", ".package", ".step"):
                 remove_quietly(self.path(record, suffix))
             self.update(deployment_id, pruned=True)
 
@@ -2278,11 +2289,29 @@ def open_to_scripts(project_dir, deployment_folder, image, run_as):
     return work
 
 
-def process_identity(pid):
-    """What identifies a step's process after a restart without reading its
-    environment (another user's is not ours to read): its session, which
-    its children keep, the start time of its leader, and the boot."""
-    return {"session": pid, "start": process_start(pid), "boot": boot_id()}
+def write_step_identity(path, pid):
+    """Write ID.step: what identifies a running step's processes after a
+    restart without reading their environment (another user's is not ours
+    to read): its session, which its children keep, the start time of its
+    leader, and the boot.  A plain write, the moment the step started."""
+    data = json.dumps({"session": pid, "start": process_start(pid),
+                       "boot": boot_id()}).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_step_identity(path):
+    """ID.step's identity, or None."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            identity = json.load(file)
+        return identity if isinstance(identity, dict) and \
+            isinstance(identity.get("session"), int) else None
+    except (OSError, ValueError):
+        return None
 
 
 def process_start(pid):
@@ -2295,6 +2324,7 @@ def process_start(pid):
 
 
 def boot_id():
+    """This boot's id (it changes at every boot), or None."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as file:
             return file.read().strip()
@@ -2455,8 +2485,9 @@ class DeployWorker:
             log.warning("deployment %s: cannot run control.sh %s: %s",
                         record["id"], step, error)
             return code, None
-        # Recorded so that a restart after kill -9 finds what is left of it.
-        self.store.update(record["id"], process=process_identity(process.pid))
+        # Recorded at once (no fsync: it must outlive ipd, not the machine)
+        # so that a restart after kill -9 finds what is left of the step.
+        write_step_identity(self.store.path(record, ".step"), process.pid)
         deadline = started + self.settings.STEP_TIMEOUT
         outcome = None
         while True:

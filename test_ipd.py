@@ -3890,8 +3890,11 @@ class ScriptsUserTestCase(unittest.TestCase):
         status, _, body = self.daemon.upload("web", control_script(script))
         deployment = body.strip()
         self.daemon.wait_state("web", deployment, ("active",))
+        step = os.path.join(self.daemon.upload_dir, "web", "deployments",
+                            deployment + ".step")
         deadline = time.monotonic() + 20
-        while not os.path.exists(pids) and time.monotonic() < deadline:
+        while not (os.path.exists(step) and os.path.exists(pids)
+                   and open(pids).read().strip()) and time.monotonic() < deadline:
             time.sleep(0.05)
         child = int(open(pids).read().split()[0])
         self.assertTrue(process_running(child))
