@@ -2170,7 +2170,11 @@ def credentials(run_as=None, gid=None):
     its permitted, effective and ambient capabilities cleared by the kernel
     (capabilities(7)); see keep_scripts_without_capabilities."""
     if run_as is None and gid is None:
-        return {}
+        if os.geteuid() == 0 or not has_capability(CAP_SETUID, "CapPrm"):
+            return {}
+        # ipd holds capabilities (ipd-run-as.conf) but the scripts run as
+        # ipd itself: switching to its own uid sheds them all the same.
+        run_as = RunAs(os.getuid(), os.getgid(), os.getgroups(), "ipd")
     if sys.version_info >= (3, 9):
         if run_as is None:
             return {"group": gid}

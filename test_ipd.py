@@ -3978,6 +3978,31 @@ class RunAsSettingTests(unittest.TestCase):
             daemon.start()
         self.assertEqual(daemon.stop(), 2)
 
+    def test_scripts_of_a_capable_daemon_without_run_as_get_no_capability(self):
+        python = reachable_python()
+        if os.geteuid() != 0 or not python or not shutil.which("setpriv"):
+            self.skipTest("needs root, setpriv and a Python other users may run")
+        tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        program = os.path.join(tmp, "ipd.py")
+        shutil.copy(IPD, program)
+        daemon = DaemonProcess(tmp, program=program)
+        for name in os.listdir(tmp) + [""]:
+            os.chown(os.path.join(tmp, name), DAEMON_UID, DAEMON_UID)
+        daemon.start_command = [
+            "setpriv", "--reuid=%d" % DAEMON_UID, "--regid=%d" % DAEMON_UID,
+            "--clear-groups", "--inh-caps=-all,+setuid,+setgid,+kill",
+            "--ambient-caps=-all,+setuid,+setgid,+kill",
+            "--bounding-set=-all,+setuid,+setgid,+kill", python]
+        daemon.start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        deployment = daemon.deploy("grep -E '^Cap(Prm|Eff|Amb)' /proc/self/status\n"
+                                   "id -u\nexit 1\n")
+        self.assertEqual(daemon.wait_state("app", deployment), "ok")
+        log = daemon.log("app", deployment)
+        self.assertRegex(log, r"CapPrm:\s+0+\nCapEff:\s+0+\nCapAmb:\s+0+\n%d"
+                         % DAEMON_UID)
+
     def test_drop_in_grants_three_capabilities_and_no_docker(self):
         text = open(os.path.join(HERE, "ipd-run-as.conf")).read()
         wanted = {"CAP_SETUID", "CAP_SETGID", "CAP_KILL"}
