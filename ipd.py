@@ -2264,14 +2264,14 @@ def scripts_user(settings, project_dir):
 
 
 def open_to_scripts(project_dir, deployment_folder, image, run_as):
-    """Give run_as what its scripts need and nothing more: the project
-    folder to pass through, its work folder to write (made on first use,
+    """Give run_as what its scripts need and nothing more: UPLOAD_DIR and
+    the project folder to pass through (not to list), its work folder to write (made on first use,
     owned by ipd, group run_as's: ipd needs no CAP_CHOWN), the
     deployment's folder and image to read.  deployments/ lets it pass but
     not list; state files, logs and packages stay ipd's (mode 0640)."""
     for folder, mode, unwanted in (
             (os.path.dirname(project_dir), stat.S_IXOTH, 0),
-            (project_dir, 0o755, 0o022),
+            (project_dir, 0o711, 0o022),
             (os.path.dirname(deployment_folder), 0o711, 0o022)):
         info = os.stat(folder)
         wanted = (stat.S_IMODE(info.st_mode) | mode) & ~unwanted
