@@ -89,7 +89,7 @@ install-user:
 	getent passwd $(USER_NAME) >/dev/null || useradd --system --user-group \
 	    --home-dir /var/lib/$(USER_NAME) --create-home \
 	    --shell /usr/sbin/nologin $(USER_NAME)
-	usermod -a -G docker $(USER_NAME)
+	[ -e $(UNITDIR)/ipd.service.d/run-as.conf ] || usermod -a -G docker $(USER_NAME)
 
 # Scripts under their own user (README): RUN_USER in group docker, ipd out
 # of it, the unit's drop-in with CAP_SETUID, CAP_SETGID, CAP_KILL, and
