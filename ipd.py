@@ -129,9 +129,8 @@ SETTINGS = {
                "as ipd's own user"),
     "MAX_MEMBERS": ("50000", "count", "entries in a package"),
     "MAX_HEADER_SIZE": ("64K", "size",
-                        "headers of one tar entry (its pax records and GNU "
-                        "long names included); zip: the central directory "
-                        "per entry"),
+                        "headers of one tar entry, its pax records and GNU "
+                        "long name or link included"),
     "MAX_NAME_SIZE": ("4096", "size",
                       "longest entry name and link target in a package"),
     "MAX_TRAILING_SIZE": ("1M", "size",
@@ -3783,7 +3782,8 @@ def keep_from_scripts(settings, run_as):
         if not reachable_by(path, run_as, access):
             continue
         info = os.stat(path)
-        if info.st_mode & 0o007 and (os.geteuid() in (0, info.st_uid)):
+        if stat.S_ISREG(info.st_mode) and info.st_mode & 0o007 \
+                and os.geteuid() in (0, info.st_uid):  # files only: never /tmp
             os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o007)
             log.warning("%s was open to others: made it %o, out of the scripts' "
                         "reach", path, stat.S_IMODE(info.st_mode) & ~0o007)
