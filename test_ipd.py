@@ -3754,9 +3754,10 @@ def reachable_python():
     return None
 
 
-class ScriptsUserTestCase(unittest.TestCase):
+class ScriptsUserChecks:
     """A daemon whose scripts run as SCRIPTS_UID (RUN_AS), with another
-    project's scripts placed by an administrator.  Needs root (CI)."""
+    project's scripts placed by an administrator, and the attacks on it;
+    mixed into the test classes below.  Needs root (CI)."""
 
     daemon_uid = None  # None: the daemon runs as root
 
@@ -3910,7 +3911,7 @@ class ScriptsUserTestCase(unittest.TestCase):
             os.kill(escaped, signal.SIGKILL)
 
 
-class ScriptsUserTests(ScriptsUserTestCase):
+class ScriptsUserTests(ScriptsUserChecks, unittest.TestCase):
     """Issue 14: RUN_AS, ipd itself running as root."""
 
     def test_start_warns_when_the_users_file_is_within_reach(self):
@@ -3927,7 +3928,7 @@ class ScriptsUserTests(ScriptsUserTestCase):
                       self.daemon.daemon_log("within reach"))
 
 
-class UnprivilegedDaemonTests(ScriptsUserTestCase):
+class UnprivilegedDaemonTests(ScriptsUserChecks, unittest.TestCase):
     """Issue 14: RUN_AS, ipd running as an unprivileged uid with only
     CAP_SETUID, CAP_SETGID and CAP_KILL, as ipd-run-as.conf sets it up."""
 
