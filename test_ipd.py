@@ -3914,6 +3914,24 @@ class ScriptsUserChecks:
 class ScriptsUserTests(ScriptsUserChecks, unittest.TestCase):
     """Issue 14: RUN_AS, ipd itself running as root."""
 
+    def test_project_conf_gives_a_project_its_own_user(self):
+        conf = os.path.join(self.other, "project.conf")
+        with open(conf, "w") as file:
+            file.write("RUN_AS=64125:64125\n")
+        deployment = self.daemon.deploy('id -u; echo x > "$PROJECT_DIR/own"; exit 1',
+                                        project="other")
+        self.assertEqual(self.daemon.wait_state("other", deployment), "ok")
+        self.assertIn("64125\n", self.daemon.log("other", deployment))
+        other_work = os.path.join(self.other, "work")
+        self.assertEqual(os.stat(os.path.join(other_work, "own")).st_uid, 64125)
+        deployment = self.daemon.deploy(
+            'echo x > %s/planted && echo reached; id -u; exit 1' % other_work,
+            project="web")
+        self.assertEqual(self.daemon.wait_state("web", deployment), "ok")
+        log = self.daemon.log("web", deployment)
+        self.assertNotIn("reached", log)
+        self.assertIn("%d\n" % SCRIPTS_UID, log)
+
     def test_start_warns_when_the_users_file_is_within_reach(self):
         self.assertIn("RUN_AS=", self.daemon.daemon_log("RUN_AS="))
         self.assertNotIn("within reach", self.daemon.daemon_log())
