@@ -3691,6 +3691,7 @@ def serve(settings, verbose=False, on_ready=None):
     # does the same; ipd must not depend on being started by it).
     os.umask(0o027)
     setup_logging(settings.LOG_DIR, verbose, settings.AUDIT_SYSLOG)
+    close_to_others(settings)
     explain_scripts_mode(settings)
     stop_signal = StopSignal()
     daemon = Daemon(settings)
@@ -3770,23 +3771,31 @@ def explain_scripts_mode(settings):
                     "and the deployments' state", me)
 
 
-def keep_from_scripts(settings, run_as):
-    """At start with RUN_AS: take the users file and the logs out of the
-    scripts' reach where ipd may (o-rwx; the original's installation left
-    them 0644), warn where it may not, and warn when the scripts' user
-    cannot even reach UPLOAD_DIR."""
-    logs = [os.path.join(settings.LOG_DIR, name) for name in ("ipd.log", "audit.log")]
-    for path, access in [(settings.AUTH_DB, stat.S_IROTH | stat.S_IRGRP),
-                         (settings.LOG_DIR, stat.S_IWOTH | stat.S_IWGRP)] + \
-            [(path, stat.S_IROTH | stat.S_IWOTH) for path in logs]:
-        if not reachable_by(path, run_as, access):
+def close_to_others(settings):
+    """At start: take others' bits off the users file and the logs where
+    ipd may (the original's installation left them 0644; a project.conf's
+    RUN_AS user is such an other), saying so in the log."""
+    for path in (settings.AUTH_DB, os.path.join(settings.LOG_DIR, "ipd.log"),
+                 os.path.join(settings.LOG_DIR, "audit.log")):
+        try:
+            info = os.stat(path)
+        except OSError:
             continue
-        info = os.stat(path)
         if stat.S_ISREG(info.st_mode) and info.st_mode & 0o007 \
                 and os.geteuid() in (0, info.st_uid):  # files only: never /tmp
             os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o007)
-            log.warning("%s was open to others: made it %o, out of the scripts' "
-                        "reach", path, stat.S_IMODE(info.st_mode) & ~0o007)
+            log.warning("%s was open to others: made it %o", path,
+                        stat.S_IMODE(info.st_mode) & ~0o007)
+
+
+def keep_from_scripts(settings, run_as):
+    """At start with RUN_AS: warn about what the scripts' user may still
+    reach (a file in one of its groups, a LOG_DIR it may write), and when
+    it cannot even reach UPLOAD_DIR."""
+    logs = [os.path.join(settings.LOG_DIR, name) for name in ("ipd.log", "audit.log")]
+    for path, access in [(settings.AUTH_DB, stat.S_IROTH | stat.S_IRGRP),
+                         (settings.LOG_DIR, stat.S_IWOTH | stat.S_IWGRP)] + \
+            [(path, stat.S_IRWXO | stat.S_IRGRP | stat.S_IWGRP) for path in logs]:
         if reachable_by(path, run_as, access):
             log.warning("%s is within reach of the scripts' user %s: chmod "
                         "o-rwx it, and keep that user out of its group",

@@ -3937,7 +3937,7 @@ class ScriptsUserTests(ScriptsUserChecks, unittest.TestCase):
         self.assertNotIn("within reach", self.daemon.daemon_log())
         os.chmod(self.daemon.users_file, 0o644)  # the original's: touch
         self.daemon.restart()
-        self.assertIn("users.txt was open to others: made it 640",
+        self.assertIn("users.txt was open to others: made it 640\n",
                       self.daemon.daemon_log("open to others"))
         self.assertEqual(stat.S_IMODE(os.stat(self.daemon.users_file).st_mode), 0o640)
         os.chown(self.daemon.users_file, 0, SCRIPTS_GID)
