@@ -6183,4 +6183,7 @@ class CountingRunner(unittest.TextTestRunner):
 
 if __name__ == "__main__":
     # Warnings on (an unclosed file is a ResourceWarning, not silence).
-    unittest.main(testRunner=CountingRunner(verbosity=2, warnings="default"))
+    options = {"verbosity": 2, "warnings": "default"}
+    if sys.version_info >= (3, 12) and os.environ.get("IPD_TEST_DURATIONS"):
+        options["durations"] = int(os.environ["IPD_TEST_DURATIONS"])  # slowest N
+    unittest.main(testRunner=CountingRunner(**options))
