@@ -2909,6 +2909,12 @@ class SegmentStore:
         self.refs = {}       # deployment id -> (project, frozenset of digests)
         self.recent = {}     # digest -> when last sent or named by a push
         self.busy = set()    # (user, digest) being written
+        self.collected = time.monotonic()
+
+    def collect_now_and_then(self):
+        """collect(), at most every SEGMENT_EXPIRY / 4 (and hour)."""
+        if time.monotonic() - self.collected > min(self.expiry / 4, 3600):
+            self.collect()
 
     # --- paths
 
@@ -3100,6 +3106,7 @@ class SegmentStore:
         no kept deployment refers to that nobody sent or named for as
         long.  Returns the bytes freed."""
         now = now or time.time()
+        self.collected = time.monotonic()
         freed = 0
         partial_root = os.path.join(self.root, "partial")
         try:
@@ -4502,6 +4509,11 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
     def api_segments_missing(self):
         """Which of the listed segments the server lacks, for this user;
         and how much of each it has as a partial upload."""
+        announced = self.query.get("project", [None])[-1] or \
+            self.headers.get("X-Ipd-Project")
+        if announced is not None:  # a push it may not make sends nothing
+            check_project_name(announced)
+            self.check_project_access(announced)
         data = self.read_json_body(RECIPE_LIMIT)
         try:
             listed = json.loads(data.decode("utf-8"))["segments"]
@@ -4515,6 +4527,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
                              "case hex digits)")
         segments = self.ipd.segments
         segments.touch(digests)
+        segments.collect_now_and_then()
         present = segments.visible(self.user, digests)
         missing = [digest for digest in dict.fromkeys(digests)
                    if digest not in present]
@@ -5192,10 +5205,18 @@ class Client:
                 headers = self.headers(**{
                     "Content-Length": str(end - start - offset),
                     "Content-Type": "application/partial-upload",
-                    "Upload-Complete": "?1", "Upload-Offset": str(offset)})
+                    "Upload-Complete": "?1", "Upload-Offset": str(offset),
+                    "Expect": "100-continue"})
                 for name, value in headers.items():
                     connection.putheader(name, value)
                 connection.endheaders()
+                early = await_continue(connection)
+                if early and early[0] == 409 and attempt < attempts - 1:
+                    connection.close()
+                    offset = None
+                    continue
+                if early:
+                    raise http_error(*early)
                 with open(path, "rb") as file:
                     file.seek(start + offset)
                     left = end - start - offset
