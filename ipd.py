@@ -2257,6 +2257,13 @@ class DeploymentStore:
             return {project: (dict(self._records[ids[-1]]), len(ids))
                     for project, ids in sorted(self._by_project.items())}
 
+    def kept_files(self):
+        """(record, has a recipe) of each deployment that keeps its files;
+        the records are the store's own: read them, do not change them."""
+        with self._lock:
+            return [(record, record.get("recipe")) for record in self._records.values()
+                    if not record["pruned"] and record["files"]]
+
     def statistics(self):
         with self._lock:
             durations = sorted(self._durations)
@@ -2910,6 +2917,7 @@ class SegmentStore:
         self.recent = {}     # digest -> when last sent or named by a push
         self.busy = set()    # (user, digest) being written
         self.collected = time.monotonic()
+        self._statistics = None  # (when, figures)
 
     def collect_now_and_then(self):
         """collect(), at most every SEGMENT_EXPIRY / 4 (and hour)."""
@@ -3148,24 +3156,30 @@ class SegmentStore:
         write_file_atomic(self.uploaders_path(), lines.encode(), 0o600)
 
     def statistics(self, store):
-        """Stored, unique and saved bytes of the kept deployments' files."""
+        """Stored, unique and saved bytes of the kept deployments' files
+        (figured at most once a second)."""
+        cached = self._statistics
+        if cached and time.monotonic() - cached[0] < 1:
+            return dict(cached[1])
         with self.lock:
             unique = sum(self.sizes.values())
             count = len(self.sizes)
         logical = files_on_disk = 0
-        for project in store.projects():
-            for record in store.deployments_of(project):
-                if record["pruned"]:
+        for record, recipe in store.kept_files():
+            for name, meta in record["files"].items():
+                logical += meta.get("size", 0)
+                if not recipe:  # an upload's file: there until pruned
+                    files_on_disk += meta.get("size", 0)
                     continue
-                for name, meta in record["files"].items():
-                    logical += meta.get("size", 0)
-                    try:
-                        files_on_disk += os.stat(store.path(record, "." + name)).st_size
-                    except OSError:
-                        pass
+                try:  # a rebuilt file, there until its run ended
+                    files_on_disk += os.stat(store.path(record, "." + name)).st_size
+                except OSError:
+                    pass
         stored = unique + files_on_disk
-        return {"segments": count, "unique_bytes": unique, "stored_bytes": stored,
-                "saved_bytes": max(0, logical - stored)}
+        figures = {"segments": count, "unique_bytes": unique, "stored_bytes": stored,
+                   "saved_bytes": max(0, logical - stored)}
+        self._statistics = (time.monotonic(), figures)
+        return dict(figures)
 
 
 def free_space(path):
@@ -4488,7 +4502,10 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         complete = parse_upload_complete(self.headers.get("Upload-Complete"), True)
         settings = self.ipd.settings
         self.ipd.store.make_room()
-        self.body = body = self.open_body(settings.MAX_UPLOAD_SIZE)
+        limit = settings.MAX_UPLOAD_SIZE  # of the whole segment, however sent
+        if limit and offset >= limit:
+            raise TooLarge("segment larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
+        self.body = body = self.open_body(limit - offset if limit else 0)
         writer = self.ipd.segments.begin(self.user, digest, offset, restart)
         try:
             if self.expects_continue:
