@@ -3039,15 +3039,13 @@ class SegmentStore:
         has it already) and note who sent it; -> its size."""
         final = self.path(digest)
         size = os.stat(partial).st_size
-        with self.lock:
-            known = digest in self.sizes
-        if known:
-            remove_quietly(partial)
-        else:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.rename(partial, final)
-            fsync_dir(os.path.dirname(final))
-        with self.lock:
+        with self.lock:  # collect() removes files under it too
+            if digest in self.sizes:
+                remove_quietly(partial)
+            else:
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.rename(partial, final)
+                fsync_dir(os.path.dirname(final))
             self.sizes[digest] = size
             self.recent[digest] = time.time()
             names = self.uploaders.setdefault(digest, set())
@@ -3141,8 +3139,7 @@ class SegmentStore:
                 freed += self.sizes.pop(digest)
                 self.uploaders.pop(digest, None)
                 self.recent.pop(digest, None)
-        for digest in old:
-            remove_quietly(self.path(digest))
+                remove_quietly(self.path(digest))
         if old:
             log.info("removed %d unreferenced segment%s (%d bytes)", len(old),
                      "" if len(old) == 1 else "s", freed)
