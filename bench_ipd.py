@@ -782,12 +782,14 @@ def layered_tar(path, layers):
                 def read(self, count=-1):
                     count = size - self.position if count < 0 else \
                         min(count, size - self.position)
-                    start = self.position % MIB
-                    data = (block[start:] + block)[:count] if count else b""
-                    while len(data) < count:
-                        data += block[:count - len(data)]
-                    self.position += count
-                    return data
+                    pieces, left = [], count
+                    while left:
+                        start = self.position % MIB
+                        piece = block[start:start + left]
+                        pieces.append(piece)
+                        left -= len(piece)
+                        self.position += len(piece)
+                    return b"".join(pieces)
             tar.addfile(info, Reader())
         manifest = json.dumps([{"Config": "config.json", "RepoTags": ["bench:1"],
                                 "Layers": names}]).encode()

@@ -16,7 +16,8 @@ One file, standard library only, CPython 3.8 to 3.13:
 How it is built, top to bottom: settings; errors; helpers; users and
 passwords; the streaming multipart parser (pure, no I/O); request bodies;
 safe unpacking of packages; deployments and their on-disk store; the deploy
-worker that runs control.sh; the HTTP handler and server; the CLI.
+worker that runs control.sh; segments (layers stored once), recipes and
+resumable segment uploads; the HTTP handler and server; the CLI.
 
 On disk, under UPLOAD_DIR, each project has a folder (PROJECT_DIR, kept
 across deployments, where an administrator may place a control.sh) and
@@ -28,8 +29,12 @@ in it ``deployments/`` with, per deployment ID:
     ID.log      everything control.sh printed
     ID.json     state and times, written atomically; the deployment exists
                 once this file does, and the daemon's memory is a cache of it
+    ID.recipe   of a push by recipe: how to rebuild ID.image and ID.package
+                from inline bytes and segments
 
-and UPLOAD_DIR/.ipd.lock, flock'ed by the one daemon that uses the folder.
+and UPLOAD_DIR/.ipd.lock, flock'ed by the one daemon that uses the folder;
+UPLOAD_DIR/.segments/ holds the segments (sha256/ab/abcd...), each once,
+and partial/ the segment uploads under way.
 """
 
 __version__ = "1.0.0"
@@ -5280,16 +5285,7 @@ class Client:
             raise http_error(status, answer.get("error"))
         missing = [digest for digest in answer.get("missing", []) if digest in wanted]
         partial = answer.get("partial") or {}
-        recipe = {"project": project, "force": bool(force), "files": {}}
-        if signed:
-            recipe["manifest"], recipe["signature"] = signed[0].decode(), signed[1]
-        for field, plan in plans.items():
-            recipe["files"][field] = {
-                "name": os.path.basename(files[field]), "size": plan["size"],
-                "sha256": plan["sha256"], "segments": [
-                    {"sha256": digest, "size": end - start} if digest else
-                    {"data": base64.b64encode(data).decode()}
-                    for start, end, digest, data in plan["pieces"]]}
+        recipe = make_recipe(project, files, plans, signed, force)
         body_size = len(json.dumps(recipe))
         to_send = sum(wanted[d][2] - wanted[d][1] - int(partial.get(d, 0))
                       for d in missing)
@@ -5319,6 +5315,22 @@ class Client:
 # bytes between such members (headers, small members) go inline, or as a
 # segment when they add up to as much (#16).
 SEGMENT_MIN = 64 * 1024
+
+
+def make_recipe(project, files, plans, signed=None, force=False):
+    """The body of POST /push for files ({field: path}) as planned by
+    plan_file ({field: plan})."""
+    recipe = {"project": project, "force": bool(force), "files": {}}
+    if signed:
+        recipe["manifest"], recipe["signature"] = signed[0].decode(), signed[1]
+    for field, plan in plans.items():
+        recipe["files"][field] = {
+            "name": os.path.basename(files[field]), "size": plan["size"],
+            "sha256": plan["sha256"], "segments": [
+                {"sha256": digest, "size": end - start} if digest else
+                {"data": base64.b64encode(data).decode()}
+                for start, end, digest, data in plan["pieces"]]}
+    return recipe
 
 
 def parse_rate(text):
