@@ -62,6 +62,7 @@ import logging
 import logging.handlers
 import netrc
 import os
+import queue
 import re
 import secrets
 import select
@@ -5377,9 +5378,9 @@ def plan_file(path):
         position = end
     if position < size:
         bounds.append((position, size, size - position >= SEGMENT_MIN))
-    whole = hashlib.sha256()
+    whole = ParallelHash()  # the whole file's, on a second core
     pieces = []
-    with open(path, "rb") as file:
+    with open(path, "rb") as file, whole:
         for start, end, segment in bounds:
             digest, data, left = hashlib.sha256(), bytearray(), end - start
             while left:
@@ -5400,6 +5401,35 @@ def plan_file(path):
             else:
                 pieces.append((start, end, None, bytes(data)))
     return {"size": size, "sha256": whole.hexdigest(), "pieces": pieces}
+
+
+class ParallelHash:
+    """A SHA-256 fed blocks (bytes) that a thread of its own hashes, so a
+    second one can be computed over the same bytes at the same time
+    (hashlib lets go of the GIL)."""
+
+    def __init__(self):
+        self.hash = hashlib.sha256()
+        self.blocks = queue.Queue(16)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        for block in iter(self.blocks.get, None):
+            self.hash.update(block)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.blocks.put(None)
+        self.thread.join()
+
+    def update(self, block):
+        self.blocks.put(block)
+
+    def hexdigest(self):
+        return self.hash.hexdigest()
 
 
 class Pacer:

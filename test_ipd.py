@@ -5333,6 +5333,51 @@ class LayerDiskTests(LayerPushTestCase):
         self.assertEqual(self.daemon.leftovers(), [])
 
 
+class LayerFuzzTests(LayerPushTestCase):
+    # issue #16: odd input to the new endpoints is a 4xx, never a 5xx
+    settings = {"MAX_UPLOAD_SIZE": "1M", "READ_TIMEOUT": "5"}
+
+    def test_fuzz_segment_and_recipe_endpoints(self):
+        rng = random.Random(16)
+        data = b"segment bytes"
+        digest = hashlib.sha256(data).hexdigest()
+        self.assertEqual(self.raw("POST", "/segments/" + digest, data)[0], 201)
+        pieces = [{"sha256": digest, "size": len(data)}, {"sha256": digest},
+                  {"data": "aGVsbG8="}, {"data": 5}, {"sha256": "0" * 64, "size": -1},
+                  [], "x", None, {"sha256": digest.upper(), "size": 13}]
+        values = ["?1", "?0", "?2", "", "1", "-5", "99999999999999999999", "0", "13",
+                  "application/json", "100-continue"]
+        statuses = {}
+        for _ in range(300):
+            method = rng.choice(["POST", "PATCH", "HEAD", "GET", "PUT"])
+            name = rng.choice([digest, "missing", "0" * 64, "x", digest.upper(), ""])
+            path = rng.choice(["/deploy/segments/" + name, "/deploy/push",
+                               "/deploy/segments/missing"])
+            body = rng.choice([
+                b"", os.urandom(rng.randrange(100)), b"{}", b"[]", b"null",
+                json.dumps({"segments": rng.sample(pieces, 2)}).encode(),
+                json.dumps({"segments": [digest, 5]}).encode(),
+                json.dumps({"project": rng.choice(["app", "..", 5, None]),
+                            "force": rng.choice([True, "x", 2]), "files": {
+                                rng.choice(["image", "package", "x"]): {
+                                    "size": rng.choice([13, -1, "13", 2 ** 70]),
+                                    "sha256": rng.choice([digest, "zz", 5]),
+                                    "segments": rng.sample(pieces, 3)}}}).encode()])
+            fields = {"Host": "127.0.0.1", "Authorization": ADMIN_AUTH}
+            for header in rng.sample(["Upload-Offset", "Upload-Complete",
+                                      "Content-Type", "Expect", "X-Ipd-Project"],
+                                     rng.randrange(3)):
+                fields[header] = rng.choice(values)
+            answer = raw_exchange(self.daemon.port, raw_request(method, path, body,
+                                                                fields), timeout=15)
+            status = answer_status(answer)
+            statuses[status] = statuses.get(status, 0) + 1
+        self.assertNotIn(None, statuses)
+        self.assertEqual([status for status in statuses if status >= 500], [], statuses)
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+        self.assertEqual(self.daemon.leftovers(), [])
+
+
 class LayerFreeSpaceTests(LayerPushTestCase):
     # issue #16, item 4: below MIN_FREE_SPACE the oldest prunable go first
     settings = {"MIN_FREE_SPACE": "1000000T"}
