@@ -1,10 +1,13 @@
 # ipd - Image Push and Deploy
 #   make test                 the tests, with $(PYTHON)
+#   make soak                 the long soaks at full size (CI runs them once)
 #   make bench                the benchmark (README: Performance)
 #   make install              the original README's installation, automated
 #   make uninstall            undo it; uploads, logs, users and config stay
 #   make wheel / sdist / deb  dist/ipd-<v>-py3-none-any.whl, .tar.gz, ipd_<v>_all.deb
 #   make install-unit EXEC=/opt/ipd/bin/ipd   only the unit, for a virtualenv
+#   make install-nginx-reload  only ipd-nginx.path: reloads nginx for the
+#                              Docker examples (also part of make install)
 # DESTDIR stages a tree (for packages): users, ownership and systemctl are
 # then left out.  PREFIX is where ipd.py goes, under $(PREFIX)/lib/ipd.
 
@@ -18,6 +21,9 @@ AUTH_DB ?= /opt/ipd/users.txt
 UPLOAD_DIR ?= /srv/upload
 LOG_DIR ?= /var/log/ipd
 USER_NAME ?= ipd
+# Where the Docker examples write their nginx configs; ipd-nginx.path
+# watches it and reloads nginx as root.
+NGINX_DIR ?= /var/lib/ipd/nginx
 # The command the unit starts: the copied file, or a virtualenv's ipd.
 DEFAULT_EXEC = /usr/bin/python3 $(LIBDIR)/ipd.py
 EXEC ?= $(DEFAULT_EXEC)
@@ -29,10 +35,17 @@ else
 DOC_SED = -e '/^Documentation=/d'
 endif
 DIST ?= dist
-.PHONY: test bench install uninstall install-user install-unit wheel sdist deb
+.PHONY: test soak bench install uninstall install-user install-unit install-nginx-reload \
+	wheel sdist deb
 
 test:
 	$(PYTHON) test_ipd.py
+
+# The long soaks at full size (20,000 fuzzed requests, 50 uploads with
+# kill -9, 1 GiB pushes, large logs): once per CI run, on one Python.
+soak:
+	IPD_SOAK=1 $(PYTHON) test_ipd.py -k Guarantee -k MemoryTests -k test_push_of_1_gib \
+	    -k EdgeSizeTests -k EdgeFuzzTests
 
 # Upload speed, memory and latency beside nginx, uvicorn and multipart
 # (installs its peers into build/bench-venv; takes some minutes).
@@ -48,7 +61,7 @@ install:
 	    $(DESTDIR)$(UPLOAD_DIR) $(DESTDIR)$(LOG_DIR)
 	install -m 0755 ipd.py $(DESTDIR)$(LIBDIR)/ipd.py
 	install -m 0644 README.md ipd.conf.example $(DESTDIR)$(LIBDIR)/
-	$(MAKE) --no-print-directory install-unit
+	$(MAKE) --no-print-directory install-unit install-nginx-reload
 	@# The config and the users file are the operator's: never overwritten.
 	@if [ ! -e $(DESTDIR)$(CONFIG) ]; then \
 	    sed -e 's|^UPLOAD_DIR=.*|UPLOAD_DIR=$(UPLOAD_DIR)|' \
@@ -61,9 +74,10 @@ install:
 	    echo "created $(DESTDIR)$(AUTH_DB): add users with" \
 	         "'python3 $(LIBDIR)/ipd.py passwd ADMIN name'"; fi
 	@if [ -z "$(DESTDIR)" ]; then \
-	    chown $(USER_NAME):$(USER_NAME) $(UPLOAD_DIR) $(LOG_DIR) $(AUTH_DB); \
+	    chown $(USER_NAME):$(USER_NAME) $(UPLOAD_DIR) $(LOG_DIR) $(AUTH_DB) $(NGINX_DIR); \
 	    if [ -d /run/systemd/system ]; then \
-	        systemctl daemon-reload && systemctl enable ipd.service && \
+	        systemctl daemon-reload && systemctl enable --now ipd-nginx.path && \
+	        systemctl enable ipd.service && \
 	        echo "enabled ipd.service: start it with 'systemctl start ipd'"; \
 	    else echo "no running systemd: start ipd with" \
 	        "'IPD_CONFIG=$(CONFIG) python3 $(LIBDIR)/ipd.py serve'"; fi; fi
@@ -76,6 +90,17 @@ install-unit:
 	    -e 's|^User=ipd|User=$(USER_NAME)|' -e 's|^Group=ipd|Group=$(USER_NAME)|' \
 	    ipd.service > $(DESTDIR)$(UNITDIR)/ipd.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/ipd.service
+
+# The root path unit that reloads nginx when a control.sh run by ipd
+# wrote a proxy config (ipd itself cannot: NoNewPrivileges).
+install-nginx-reload:
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(NGINX_DIR)
+	install -m 0755 tools/nginx-reload $(DESTDIR)$(LIBDIR)/nginx-reload
+	sed -e 's|/var/lib/ipd/nginx|$(NGINX_DIR)|' ipd-nginx.path \
+	    > $(DESTDIR)$(UNITDIR)/ipd-nginx.path
+	sed -e 's|^ExecStart=.*|ExecStart=$(LIBDIR)/nginx-reload|' ipd-nginx.service \
+	    > $(DESTDIR)$(UNITDIR)/ipd-nginx.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/ipd-nginx.path $(DESTDIR)$(UNITDIR)/ipd-nginx.service
 
 wheel:
 	$(PYTHON) tools/wheel_backend.py wheel $(DIST)
@@ -96,10 +121,11 @@ install-user:
 
 uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
-	    systemctl disable --now ipd.service || true; fi
-	rm -f $(DESTDIR)$(UNITDIR)/ipd.service
+	    systemctl disable --now ipd.service ipd-nginx.path || true; fi
+	rm -f $(DESTDIR)$(UNITDIR)/ipd.service $(DESTDIR)$(UNITDIR)/ipd-nginx.path \
+	    $(DESTDIR)$(UNITDIR)/ipd-nginx.service
 	rm -rf $(DESTDIR)$(LIBDIR)
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 	    systemctl daemon-reload; fi
-	@echo "kept: $(UPLOAD_DIR), $(LOG_DIR), $(CONFIG), $(AUTH_DB) and the" \
+	@echo "kept: $(UPLOAD_DIR), $(LOG_DIR), $(NGINX_DIR), $(CONFIG), $(AUTH_DB) and the" \
 	      "user $(USER_NAME); remove them by hand if you want them gone"

@@ -5019,6 +5019,10 @@ class ClientError(Exception):
         self.exit_status = exit_status
 
 
+# A broken log stream is resumed this many times in a row without progress.
+FOLLOW_RETRIES = 5
+
+
 class Client:
     """Talks to ipd's API at IPD_URL (e.g. https://host/deploy)."""
 
@@ -5083,14 +5087,17 @@ class Client:
     def follow(self, project, deployment, out, deadline=None):
         """Print the deployment's log as it is written; return its final
         state.  A broken stream (a proxy's read timeout) is resumed where
-        it stopped."""
+        it stopped; after FOLLOW_RETRIES tries in a row that bring nothing,
+        the server is taken as unreachable (ClientError, exit 3)."""
         offset = 0
+        failures = 0
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise ClientError("timed out waiting for deployment %s" % deployment,
                                   EXIT_TIMEOUT)
             path = "/log/%s/%s?follow=1&offset=%d" % (project, deployment, offset)
+            progress = offset
             try:
                 connection = self.connection(min(remaining or 3600, 3600))
                 connection.request("GET", self.root + path,
@@ -5122,8 +5129,14 @@ class Client:
             except socket.timeout:
                 raise ClientError("timed out waiting for deployment %s" % deployment,
                                   EXIT_TIMEOUT)
-            except (OSError, http.client.HTTPException):
-                time.sleep(1)  # resumed from offset below
+            except (OSError, http.client.HTTPException) as error:
+                problem = error
+            else:
+                problem = ConnectionError("the log stream ended early")
+            failures = 0 if offset > progress else failures + 1
+            if failures >= FOLLOW_RETRIES:
+                raise network_error(self.url, problem)
+            time.sleep(1)  # then resumed from offset
 
     def push(self, project, files, progress=None, signed=None):
         """Upload files ({field: path}) for project; return the new
@@ -6044,7 +6057,9 @@ def build_parser():
                                 "for CI: a token works as the password of a Basic "
                                 "login or as a Bearer token, for its projects only, "
                                 "until it expires or is revoked.")
-    token.add_argument("action", choices=("create", "list", "revoke"))
+    token.add_argument("action", choices=("create", "list", "revoke"),
+                       help="create a token (printed once), list them, or "
+                       "revoke one")
     token.add_argument("id", nargs="?", help="revoke: the token's id")
     token.add_argument("--project", action="append", help="create: a project the "
                        "token may deploy (repeat for more)")

@@ -10,11 +10,15 @@ chmod 0755 "$stage"
 trap 'rm -rf "$stage"' EXIT
 install -d "$stage/DEBIAN" "$stage/usr/lib/ipd" "$stage/usr/bin" \
     "$stage/lib/systemd/system" "$stage/etc" "$stage/usr/share/doc/ipd"
-install -m 0755 ipd.py "$stage/usr/lib/ipd/ipd.py"
+install -m 0755 ipd.py tools/nginx-reload "$stage/usr/lib/ipd/"
 ln -s ../lib/ipd/ipd.py "$stage/usr/bin/ipd"
 sed -e 's|^ExecStart=.*|ExecStart=/usr/bin/ipd serve|' \
     -e 's|file:///usr/local/lib/ipd/README.md|file:///usr/share/doc/ipd/README.md|' \
     ipd.service > "$stage/lib/systemd/system/ipd.service"
+# ipd-nginx.path: nginx reloads for the Docker examples (README).
+install -m 0644 ipd-nginx.path "$stage/lib/systemd/system/ipd-nginx.path"
+sed -e 's|^ExecStart=.*|ExecStart=/usr/lib/ipd/nginx-reload|' \
+    ipd-nginx.service > "$stage/lib/systemd/system/ipd-nginx.service"
 install -m 0644 ipd.conf.example "$stage/etc/ipd.conf"
 install -m 0644 README.md ipd.conf.example "$stage/usr/share/doc/ipd/"
 install -m 0644 LICENSE "$stage/usr/share/doc/ipd/copyright"

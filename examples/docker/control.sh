@@ -11,11 +11,21 @@
 #     PROJECT      the project name;  DEPLOY  the deployment's ID
 #     PROJECT_DIR  a folder kept across deployments: settings, proxy config
 #
-# deploy loads the image, starts the new container beside the old one on a
-# free port of 127.0.0.1, waits until it answers its health check, points
-# the project's nginx upstream at it and reloads nginx, and only then stops
-# the old container.  A new container that never becomes healthy is removed
-# and the old one keeps serving.  Settings: $PROJECT_DIR/deploy.env.
+# The app is reached at one of two fixed loopback ports of the project,
+# blue (PORT_BASE) and green (PORT_BASE+1).  deploy loads the image, starts
+# the new container on the port that is not serving, waits until it answers
+# its health check, points the project's nginx upstream at that port and
+# reloads nginx, and only then stops the old container.  Because the port is
+# part of the container's settings, Docker gives it back when it restarts
+# the container (a crash) or itself (an engine restart): nginx stays right
+# without a deploy.  A new container that never becomes healthy is removed
+# and the old one keeps serving.
+#
+# Disk: the names the uploaded image came with are removed once it is
+# tagged ipd-<project>:<deployment>; the images of the last KEEP_IMAGES
+# deployments stay for a rollback (a redeploy), every other image of the
+# project, failed deployments' included, is removed, and so are stopped
+# containers.  Settings: $PROJECT_DIR/deploy.env.
 #
 # Exit codes: 1 ok; 0 check found something missing (then prepare runs);
 # 2 prepare failed; 3 no image; 4 docker load failed; 5 docker run failed;
@@ -25,8 +35,9 @@ set -f  # DOCKER_RUN_OPTS is split on spaces, never globbed
 
 OK=1
 ENV_FILE="$PROJECT_DIR/deploy.env"
-NGINX_FILE="$PROJECT_DIR/nginx.conf"
 NETWORK="ipd-$PROJECT"
+# The folder that `make install` and the .deb make for ipd-nginx.path.
+RELOAD_DIR=/var/lib/ipd/nginx
 
 say() { echo "[$PROJECT] $*"; }
 fail() { code=$1; shift; say "FAILED: $*" >&2; exit "$code"; }
@@ -36,27 +47,73 @@ repository() {
     printf 'ipd-%s' "$PROJECT" | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\{1,\}/-/g; s/-*$//'
 }
 
+# Whether something listens on TCP port $1 of this host.
+listening() {
+    hex=$(printf '%04X' "$1")
+    grep -Eq "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:[0-9A-F]+ 0A " \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+# A PORT_BASE for this project: a multiple of 20 from 20000 to 29980 that no
+# other project's deploy.env uses and where nothing listens; it starts from
+# a hash of the name, so a project keeps finding the same one.
+pick_port_base() {
+    sum=$(printf '%s' "$PROJECT" | cksum | cut -d' ' -f1)
+    slot=$((sum % 500))
+    taken=$(cat "$(dirname "$PROJECT_DIR")"/*/deploy.env 2>/dev/null |
+        sed -n 's/^PORT_BASE=\([0-9]*\).*/\1/p')
+    tries=0
+    while [ $tries -lt 500 ]; do
+        base=$((20000 + slot * 20))
+        if ! echo "$taken" | grep -qx "$base" && ! listening "$base" &&
+                ! listening $((base + 1)); then
+            echo "$base"; return 0
+        fi
+        slot=$(((slot + 1) % 500)); tries=$((tries + 1))
+    done
+    return 1
+}
+
 write_defaults() {
+    base=$(pick_port_base) || fail 2 "no free PORT_BASE from 20000 to 29999"
+    if [ -d "$RELOAD_DIR" ] && [ -w "$RELOAD_DIR" ]; then conf="$RELOAD_DIR/$PROJECT.conf"
+    else conf="$PROJECT_DIR/nginx.conf"; fi
+    # As root nginx is reloaded directly; otherwise ipd-nginx.path does it.
+    nginx=""
+    [ "$(id -u)" = 0 ] && nginx=nginx
     cat > "$ENV_FILE.tmp" <<EOF
 # Settings of examples/docker/control.sh for project $PROJECT (shell syntax).
 # Port the app listens on inside its container.
 APP_PORT=8080
+# nginx reaches the app at 127.0.0.1:PORT_BASE (blue) or PORT_BASE+1
+# (green); a deployment starts on the one that is not serving.
+PORT_BASE=$base
 # Path answered with a 2xx when the app is ready, and how long to wait.
 HEALTH_PATH=/health
 HEALTH_TIMEOUT=60
 # After nginx switched: seconds the old container still serves requests
-# begun before, then how long docker stop waits before it kills.
+# begun before, then how long docker stop waits before it kills, and the
+# signal it sends first (empty: the image's STOPSIGNAL, else SIGTERM).
 DRAIN_SECONDS=2
 STOP_TIMEOUT=10
-# Images of earlier deployments kept for a rollback (a redeploy).
+STOP_SIGNAL=
+# Images of the last deployments kept for a rollback (a redeploy).
 KEEP_IMAGES=3
+# Docker's restart policy of the container (a crash, an engine restart).
+RESTART=unless-stopped
 # Extra options of docker run, e.g. --env-file /srv/web.env --memory 512m
-DOCKER_RUN_OPTS="--restart unless-stopped"
-# The nginx server block of the app, and the nginx command (it must be
-# allowed to reload nginx: see the README).
+DOCKER_RUN_OPTS=
+# The nginx server block of the app, and the file it is written to; nginx
+# includes it inside http { }.
 NGINX_LISTEN=80
 NGINX_SERVER_NAME=$PROJECT
-NGINX="nginx"
+NGINX_CONF=$conf
+# The nginx command to test and reload with (nginx as root, or
+# "sudo -n /usr/sbin/nginx"); empty: ipd-nginx.path reloads nginx when
+# NGINX_CONF changes and reports in NGINX_STATUS (see the README).
+NGINX="$nginx"
+NGINX_STATUS=/run/ipd-nginx/status
+RELOAD_TIMEOUT=30
 EOF
     mv "$ENV_FILE.tmp" "$ENV_FILE"
     say "wrote default settings to $ENV_FILE"
@@ -65,16 +122,25 @@ EOF
 load_settings() {
     [ -f "$ENV_FILE" ] || fail 2 "no $ENV_FILE: prepare makes it"
     . "$ENV_FILE"
+    # Settings a deploy.env of an earlier version of this script lacks.
+    NGINX_CONF=${NGINX_CONF:-$PROJECT_DIR/nginx.conf}
+    NGINX_STATUS=${NGINX_STATUS:-/run/ipd-nginx/status}
+    if [ -z "${NGINX+set}" ]; then NGINX=""; [ "$(id -u)" = 0 ] && NGINX=nginx; fi
+    RELOAD_TIMEOUT=${RELOAD_TIMEOUT:-30}
+    RESTART=${RESTART:-unless-stopped}
+    STOP_SIGNAL=${STOP_SIGNAL:-}
+    [ -n "${PORT_BASE:-}" ] || fail 2 "no PORT_BASE in $ENV_FILE: prepare adds it"
 }
 
-# The proxy config: an upstream named ipd-<project> and the app's server.
-# $1 is the container's port on 127.0.0.1, or "" before the first deploy.
+# The proxy config: an upstream named ipd-<project> and the app's server,
+# both for nginx's http { } block.  $1 is the app's port on 127.0.0.1, or ""
+# before the first deploy.
 write_nginx_config() {
     if [ -n "$1" ]; then server="server 127.0.0.1:$1;"
     else server="server 127.0.0.1:9 down;  # no container yet"; fi
-    cat > "$NGINX_FILE.tmp" <<EOF
-# Written by control.sh of $PROJECT, deployment $DEPLOY.  nginx includes it
-# with: include $(dirname "$PROJECT_DIR")/*/nginx.conf;
+    cat > "$NGINX_CONF.tmp" <<EOF
+# Written by control.sh of $PROJECT, deployment $DEPLOY, for nginx's
+# http { } block.
 upstream ipd-$PROJECT {
     $server
 }
@@ -93,16 +159,48 @@ server {
     }
 }
 EOF
-    [ -f "$NGINX_FILE" ] && cp "$NGINX_FILE" "$NGINX_FILE.previous"
-    mv "$NGINX_FILE.tmp" "$NGINX_FILE"
+    [ -f "$NGINX_CONF" ] && cp "$NGINX_CONF" "$NGINX_CONF.previous"
+    mv "$NGINX_CONF.tmp" "$NGINX_CONF"
 }
 
-# Reload nginx with the new config; on any error put the old one back.
+# The port nginx sends the app's requests to now, or "".
+serving_port() {
+    sed -n 's/^ *server 127\.0\.0\.1:\([0-9]*\);$/\1/p' "$NGINX_CONF" 2>/dev/null | head -n 1
+}
+
+# Test and reload nginx with the new config; on any error put the old one
+# back.  With NGINX empty, ipd-nginx.path does it as root: wait for its
+# report in NGINX_STATUS ("<start, ns> <status> <message>") of a run that
+# began after the config was written.
 reload_nginx() {
-    if tested=$($NGINX -t 2>&1) && $NGINX -s reload; then return 0; fi
-    echo "$tested"
-    [ -f "$NGINX_FILE.previous" ] && mv "$NGINX_FILE.previous" "$NGINX_FILE"
+    if [ -n "$NGINX" ]; then
+        if tested=$($NGINX -t 2>&1) && $NGINX -s reload; then return 0; fi
+        echo "$tested"
+    elif wait_for_reload "$(date +%s%N)"; then
+        return 0
+    fi
+    [ -f "$NGINX_CONF.previous" ] && mv "$NGINX_CONF.previous" "$NGINX_CONF"
     return 1
+}
+
+wait_for_reload() {
+    deadline=$(( $(date +%s) + RELOAD_TIMEOUT ))
+    next_touch=$(( $(date +%s) + 3 ))
+    while :; do
+        if read -r started status message < "$NGINX_STATUS" 2>/dev/null &&
+                [ "$started" -ge "$1" ] 2>/dev/null; then
+            [ "$status" = 0 ] && return 0
+            echo "nginx: $message"; return 1
+        fi
+        now=$(date +%s)
+        if [ "$now" -ge "$deadline" ]; then
+            echo "no reload reported in $NGINX_STATUS within ${RELOAD_TIMEOUT}s:" \
+                 "is ipd-nginx.path enabled?"; return 1
+        fi
+        # A change made while a reload ran may not start another one.
+        if [ "$now" -ge "$next_touch" ]; then touch "$NGINX_CONF"; next_touch=$((now + 3)); fi
+        sleep 0.2
+    done
 }
 
 http_ok() {
@@ -110,9 +208,36 @@ http_ok() {
     else wget -q -T 2 -O /dev/null "$1" 2>/dev/null; fi
 }
 
+# Remove the project's containers that match the docker ps filter $1.
+remove_containers() {
+    ids=$(docker ps -aq --filter "label=ipd.project=$PROJECT" --filter "$1")
+    [ -z "$ids" ] || docker rm -f $ids >/dev/null
+}
+
+# Remove the image tags of the project but current, previous and the last
+# KEEP_IMAGES deployments; an image goes with its last tag.
+prune_images() {
+    keep=$(tail -n "$KEEP_IMAGES" "$PROJECT_DIR/images.list" 2>/dev/null)
+    for tag in $(docker image ls --format '{{.Tag}}' "$repo"); do
+        case "$tag" in current|previous) continue ;; esac
+        echo "$keep" | grep -qx "$tag" && continue
+        docker rmi "$repo:$tag" >/dev/null 2>&1
+    done
+    for state in exited created dead; do remove_containers "status=$state"; done
+}
+
+# A failed deployment leaves nothing: its container, its image, its tag.
+give_up() {
+    docker rm -f "$name" >/dev/null 2>&1
+    docker rmi "$repo:$DEPLOY" >/dev/null 2>&1
+    fail "$@"
+}
+
 check() {
     [ -f "$ENV_FILE" ] || { say "no settings yet"; exit 0; }
-    [ -f "$NGINX_FILE" ] || { say "no proxy config yet"; exit 0; }
+    grep -q '^PORT_BASE=' "$ENV_FILE" || { say "no PORT_BASE yet"; exit 0; }
+    load_settings
+    [ -f "$NGINX_CONF" ] || { say "no proxy config yet"; exit 0; }
     docker network inspect "$NETWORK" >/dev/null 2>&1 || { say "no network yet"; exit 0; }
     say "ready"
     exit $OK
@@ -120,11 +245,16 @@ check() {
 
 prepare() {
     [ -f "$ENV_FILE" ] || write_defaults
+    if ! grep -q '^PORT_BASE=' "$ENV_FILE"; then
+        base=$(pick_port_base) || fail 2 "no free PORT_BASE from 20000 to 29999"
+        echo "PORT_BASE=$base" >> "$ENV_FILE"
+        say "added PORT_BASE=$base to $ENV_FILE"
+    fi
     load_settings
     docker network inspect "$NETWORK" >/dev/null 2>&1 ||
-        docker network create "$NETWORK" || fail 2 "cannot create network $NETWORK"
-    [ -f "$NGINX_FILE" ] || write_nginx_config ""
-    say "prepared: network $NETWORK, $ENV_FILE, $NGINX_FILE"
+        docker network create "$NETWORK" >/dev/null || fail 2 "cannot create network $NETWORK"
+    [ -f "$NGINX_CONF" ] || write_nginx_config ""
+    say "prepared: network $NETWORK, $ENV_FILE, $NGINX_CONF"
     exit $OK
 }
 
@@ -137,16 +267,26 @@ deploy() {
     ref=$(echo "$loaded" | sed -n 's/^Loaded image: //p; s/^Loaded image ID: //p' | tail -n 1)
     [ -n "$ref" ] || fail 4 "docker load named no image"
     docker tag "$ref" "$repo:$DEPLOY" || fail 4 "cannot tag $ref"
+    # The names it came with would keep it on disk for ever.
+    for loaded_name in $(echo "$loaded" | sed -n 's/^Loaded image: //p'); do
+        case "$loaded_name" in "$repo":*) ;; *) docker rmi "$loaded_name" >/dev/null ;; esac
+    done
 
-    old=$(docker ps -q --filter "label=ipd.project=$PROJECT")
+    # Blue or green: the port that is not serving; whatever holds it is a
+    # leftover (a stopped or failed deployment).
+    if [ "$(serving_port)" = "$PORT_BASE" ]; then port=$((PORT_BASE + 1)); else port=$PORT_BASE; fi
+    remove_containers "label=ipd.port=$port"
+    old=$(docker ps -aq --filter "label=ipd.project=$PROJECT")
     name="ipd-$PROJECT-$(echo "$DEPLOY" | cut -c1-8)"
     docker rm -f "$name" >/dev/null 2>&1
-    say "starting $name from $ref"
+    stop_signal=""
+    [ -n "$STOP_SIGNAL" ] && stop_signal="--stop-signal=$STOP_SIGNAL"
+    say "starting $name from $ref on 127.0.0.1:$port"
     docker run -d --name "$name" --network "$NETWORK" \
-        --label "ipd.project=$PROJECT" --label "ipd.deploy=$DEPLOY" \
-        -p "127.0.0.1::$APP_PORT" $DOCKER_RUN_OPTS "$repo:$DEPLOY" >/dev/null ||
-        fail 5 "docker run failed"
-    port=$(docker port "$name" "$APP_PORT/tcp" | head -n 1 | sed 's/.*://')
+        --label "ipd.project=$PROJECT" --label "ipd.deploy=$DEPLOY" --label "ipd.port=$port" \
+        -p "127.0.0.1:$port:$APP_PORT" --restart "$RESTART" $stop_signal \
+        $DOCKER_RUN_OPTS "$repo:$DEPLOY" >/dev/null ||
+        give_up 5 "docker run failed (is 127.0.0.1:$port taken by something else?)"
 
     # Wait for the health check; the old container serves meanwhile.
     deadline=$(( $(date +%s) + HEALTH_TIMEOUT ))
@@ -160,17 +300,13 @@ deploy() {
     done
     if [ -n "$why" ]; then
         say "last lines of its log:"; docker logs --tail 20 "$name" 2>&1
-        docker rm -f "$name" >/dev/null
-        fail 10 "$name is not healthy: $why; the previous version keeps serving"
+        give_up 10 "$name is not healthy: $why; the previous version keeps serving"
     fi
     say "$name is healthy on 127.0.0.1:$port"
 
     # Switch traffic, then retire the old container.
     write_nginx_config "$port"
-    if ! reload_nginx; then
-        docker rm -f "$name" >/dev/null
-        fail 11 "nginx refused the new config; the previous version keeps serving"
-    fi
+    reload_nginx || give_up 11 "nginx refused the new config; the previous version keeps serving"
     say "nginx now sends $NGINX_SERVER_NAME to $name"
     if [ -n "$old" ]; then
         sleep "$DRAIN_SECONDS"
@@ -187,11 +323,9 @@ deploy() {
         docker tag "$repo:current" "$repo:previous"
     docker tag "$repo:$DEPLOY" "$repo:current"
     echo "$DEPLOY" >> "$PROJECT_DIR/images.list"
-    total=$(wc -l < "$PROJECT_DIR/images.list")
-    awk -v drop=$((total - KEEP_IMAGES)) 'NR <= drop' "$PROJECT_DIR/images.list" |
-        while read -r tag; do docker rmi "$repo:$tag" >/dev/null 2>&1; done
     tail -n "$KEEP_IMAGES" "$PROJECT_DIR/images.list" > "$PROJECT_DIR/images.list.tmp"
     mv "$PROJECT_DIR/images.list.tmp" "$PROJECT_DIR/images.list"
+    prune_images
     say "deployed $ref as $repo:$DEPLOY"
     exit $OK
 }

@@ -1,5 +1,5 @@
 #!/bin/sh
-# examples/swarm/control.sh - an app as a Docker Swarm service behind nginx.
+# examples/swarm/control.sh - an app as Docker Swarm services behind nginx.
 # ipd runs it as
 #
 #     control.sh check | prepare | deploy
@@ -8,26 +8,32 @@
 # is the deployment's failure code.  It uses IMAGE (a `docker save` tar),
 # PROJECT, DEPLOY and PROJECT_DIR (settings and proxy config are kept there).
 #
-# prepare creates the service on the first deploy; deploy loads the image
-# and runs `docker service update --image ... --update-order start-first
-# --update-failure-action rollback`: the swarm starts the new task, waits
-# for its health check, then stops the old one, and rolls back by itself
-# when the new task fails.  A failed or rolled-back update is exit code 12.
+# Each of the REPLICAS tasks runs as a service of one replica that publishes
+# a fixed port in host mode, on 127.0.0.1 (PUBLISH_ADDRESS): slot i (from 1)
+# of the blue version on PORT_BASE+2(i-1), of the green one on PORT_BASE+2i-1.
+# deploy loads the image once, creates the services of the color that is
+# not serving, checks from this host that every port answers HEALTH_PATH,
+# points nginx at them and reloads it, and only then removes the old
+# color's services.  The old version is never stopped before nginx left
+# it: a new version that is not healthy, or an nginx that refuses the new
+# config, leaves it serving.  When the swarm replaces a task (a crash, an
+# engine restart) the new one gets the same port, so nginx stays right
+# without a deploy.  REPLICAS is read on every deploy.
 #
-# Tasks publish their port in host mode on a free port of their node (the
-# ingress mesh is not needed); nginx is pointed at every running task, and
-# re-pointed while an update moves them.  On several nodes, set REGISTRY in
-# deploy.env: the image is pushed there so that every node can pull it.
+# Disk: as in examples/docker, the uploaded image's own names are removed,
+# the images of the last KEEP_IMAGES deployments are kept and every other
+# image of the project is removed.
 #
 # Exit codes: 1 ok; 0 check found something missing (then prepare runs);
-# 2 prepare failed; 3 no image; 4 docker load or push failed; 11 nginx
-# refused the new config; 12 the update failed or was rolled back.
+# 2 prepare failed; 3 no image; 4 docker load or push failed; 5 docker
+# service create failed; 10 the new tasks did not answer their health
+# check; 11 nginx refused the new config.
 set -u
 set -f
 
 OK=1
 ENV_FILE="$PROJECT_DIR/deploy.env"
-NGINX_FILE="$PROJECT_DIR/nginx.conf"
+RELOAD_DIR=/var/lib/ipd/nginx
 
 say() { echo "[$PROJECT] $*"; }
 fail() { code=$1; shift; say "FAILED: $*" >&2; exit "$code"; }
@@ -36,29 +42,75 @@ fail() { code=$1; shift; say "FAILED: $*" >&2; exit "$code"; }
 repository() {
     printf 'ipd-%s' "$PROJECT" | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\{1,\}/-/g; s/-*$//'
 }
-SERVICE=$(repository | cut -c1-63)
+SERVICE=$(repository | cut -c1-50)
+
+listening() {
+    hex=$(printf '%04X' "$1")
+    grep -Eq "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:[0-9A-F]+ 0A " \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+# A PORT_BASE for this project: a multiple of 20 from 20000 to 29980 that no
+# other project's deploy.env uses and where nothing listens.
+pick_port_base() {
+    sum=$(printf '%s' "$PROJECT" | cksum | cut -d' ' -f1)
+    slot=$((sum % 500))
+    taken=$(cat "$(dirname "$PROJECT_DIR")"/*/deploy.env 2>/dev/null |
+        sed -n 's/^PORT_BASE=\([0-9]*\).*/\1/p')
+    tries=0
+    while [ $tries -lt 500 ]; do
+        base=$((20000 + slot * 20))
+        if ! echo "$taken" | grep -qx "$base" && ! listening "$base" &&
+                ! listening $((base + 1)); then
+            echo "$base"; return 0
+        fi
+        slot=$(((slot + 1) % 500)); tries=$((tries + 1))
+    done
+    return 1
+}
 
 write_defaults() {
+    base=$(pick_port_base) || fail 2 "no free PORT_BASE from 20000 to 29999"
+    if [ -d "$RELOAD_DIR" ] && [ -w "$RELOAD_DIR" ]; then conf="$RELOAD_DIR/$PROJECT.conf"
+    else conf="$PROJECT_DIR/nginx.conf"; fi
+    nginx=""
+    [ "$(id -u)" = 0 ] && nginx=nginx
     cat > "$ENV_FILE.tmp" <<EOF
 # Settings of examples/swarm/control.sh for project $PROJECT (shell syntax).
 APP_PORT=8080
+# Tasks, 1 to 10, each a service of one replica on its own port: slot i of
+# the blue version on PORT_BASE+2(i-1), of the green one on PORT_BASE+2i-1.
 REPLICAS=1
-# Run inside the container by the swarm: exit 0 when the app is healthy.
-HEALTH_CMD="wget -q -O /dev/null http://127.0.0.1:8080/health"
-HEALTH_INTERVAL=2s
-HEALTH_RETRIES=3
-# How long a new task is watched before the update counts as done, and
-# how long the whole update may take.
-UPDATE_MONITOR=5s
-UPDATE_TIMEOUT=300
+PORT_BASE=$base
+# Where tasks publish their port.  127.0.0.1 keeps them on this node and
+# out of reach but through nginx; for several nodes see the README.
+PUBLISH_ADDRESS=127.0.0.1
+# Path every task answers with a 2xx when ready, asked from this host.
+HEALTH_PATH=/health
+HEALTH_TIMEOUT=60
+# After nginx switched: seconds the old tasks still serve requests begun
+# before; then the swarm's stop: signal (empty: the image's STOPSIGNAL)
+# and seconds before it kills.  A crashed task is replaced after
+# RESTART_DELAY.
+DRAIN_SECONDS=2
+STOP_TIMEOUT=10
+STOP_SIGNAL=
+RESTART_DELAY=1s
+# Images of the last deployments kept for a rollback (a redeploy).
+KEEP_IMAGES=3
 # Registry the image is pushed to, for swarms of several nodes; empty: the
-# image stays on this node (a single-node swarm).  E.g. registry.example.com/team
+# image stays on this node.  E.g. registry.example.com/team
 REGISTRY=
 # Extra options of docker service create, e.g. --env-file /srv/web.env
 SERVICE_OPTS=
 NGINX_LISTEN=80
 NGINX_SERVER_NAME=$PROJECT
-NGINX="nginx"
+NGINX_CONF=$conf
+# The nginx command to test and reload with; empty: ipd-nginx.path does it
+# and reports in NGINX_STATUS (see the README).
+NGINX="$nginx"
+NGINX_STATUS=/run/ipd-nginx/status
+RELOAD_TIMEOUT=30
 EOF
     mv "$ENV_FILE.tmp" "$ENV_FILE"
     say "wrote default settings to $ENV_FILE"
@@ -67,42 +119,85 @@ EOF
 load_settings() {
     [ -f "$ENV_FILE" ] || fail 2 "no $ENV_FILE: prepare makes it"
     . "$ENV_FILE"
+    NGINX_CONF=${NGINX_CONF:-$PROJECT_DIR/nginx.conf}
+    NGINX_STATUS=${NGINX_STATUS:-/run/ipd-nginx/status}
+    if [ -z "${NGINX+set}" ]; then NGINX=""; [ "$(id -u)" = 0 ] && NGINX=nginx; fi
+    RELOAD_TIMEOUT=${RELOAD_TIMEOUT:-30}
+    PUBLISH_ADDRESS=${PUBLISH_ADDRESS:-127.0.0.1}
+    HEALTH_PATH=${HEALTH_PATH:-/health} HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-60}
+    DRAIN_SECONDS=${DRAIN_SECONDS:-2} STOP_TIMEOUT=${STOP_TIMEOUT:-10}
+    STOP_SIGNAL=${STOP_SIGNAL:-} RESTART_DELAY=${RESTART_DELAY:-1s}
+    KEEP_IMAGES=${KEEP_IMAGES:-3}
+    [ -n "${PORT_BASE:-}" ] || fail 2 "no PORT_BASE in $ENV_FILE: prepare adds it"
+    case "$REPLICAS" in [1-9]|10) ;; *) fail 2 "REPLICAS=$REPLICAS: 1 to 10" ;; esac
+    image_repo=$(repository)
+    [ -n "$REGISTRY" ] && image_repo="$REGISTRY/$image_repo"
 }
 
-# Load $IMAGE, tag it for this deployment (and push it to REGISTRY);
-# print the reference the service runs.
+# Load $IMAGE, tag it for this deployment (and push it to REGISTRY), drop
+# the names it came with; print the reference the services run.
 load_image() {
     [ -n "$IMAGE" ] && [ -f "$IMAGE" ] || fail 3 "no image uploaded"
     loaded=$(docker load -i "$IMAGE") || fail 4 "docker load failed"
     echo "$loaded" >&2
     ref=$(echo "$loaded" | sed -n 's/^Loaded image: //p; s/^Loaded image ID: //p' | tail -n 1)
     [ -n "$ref" ] || fail 4 "docker load named no image"
-    target="$(repository):$DEPLOY"
-    [ -n "$REGISTRY" ] && target="$REGISTRY/$target"
+    target="$image_repo:$DEPLOY"
     docker tag "$ref" "$target" || fail 4 "cannot tag $ref"
+    for loaded_name in $(echo "$loaded" | sed -n 's/^Loaded image: //p'); do
+        case "$loaded_name" in "$image_repo":*) ;; *) docker rmi "$loaded_name" >/dev/null ;; esac
+    done
     if [ -n "$REGISTRY" ]; then docker push "$target" >&2 || fail 4 "cannot push $target"; fi
     echo "$target"
 }
 
-# "address:port" of every running task, one a line.
-task_addresses() {
-    for task in $(docker service ps "$SERVICE" -q --filter desired-state=running); do
-        docker inspect -f '{{.Status.State}} {{.NodeID}} {{range .Status.PortStatus.Ports}}{{.PublishedPort}} {{end}}' "$task"
-    done | while read -r state node port more; do  # more: the same port, IPv6
-        [ "$state" = running ] && [ -n "$port" ] || continue
-        echo "$(docker node inspect -f '{{.Status.Addr}}' "$node"):$port"
-    done | sort
+# Addresses nginx and the health check reach the tasks at: this host, or
+# with PUBLISH_ADDRESS not loopback, every node of the swarm.
+node_addresses() {
+    if [ "$PUBLISH_ADDRESS" = 127.0.0.1 ]; then echo 127.0.0.1; return; fi
+    for node in $(docker node ls -q); do
+        docker node inspect -f '{{.Status.Addr}}' "$node"
+    done
 }
 
-# Point nginx at the running tasks when they changed; 1 when it failed.
-update_nginx() {
-    addresses=$(task_addresses)
-    [ -n "$addresses" ] || return 0  # keep pointing where it did
-    servers=$(echo "$addresses" | sed 's/^/    server /; s/$/;/')
-    [ "$servers" = "$(grep '^    server ' "$NGINX_FILE" 2>/dev/null)" ] && return 0
-    cat > "$NGINX_FILE.tmp" <<EOF
-# Written by control.sh of $PROJECT, deployment $DEPLOY.  nginx includes it
-# with: include $(dirname "$PROJECT_DIR")/*/nginx.conf;
+# The color nginx sends requests to now: blue, green or "" (none yet).
+serving_color() {
+    port=$(sed -n 's/^ *server [^ ]*:\([0-9]*\);$/\1/p' "$NGINX_CONF" 2>/dev/null | head -n 1)
+    [ -n "$port" ] || return 0
+    if [ $(( (port - PORT_BASE) % 2 )) = 0 ]; then echo blue; else echo green; fi
+}
+
+# Ports of the REPLICAS slots of color $1.
+slot_ports() {
+    offset=0
+    [ "$1" = green ] && offset=1
+    i=1
+    while [ "$i" -le "$REPLICAS" ]; do
+        echo $((PORT_BASE + 2 * (i - 1) + offset)); i=$((i + 1))
+    done
+}
+
+# The project's services of color $1 ("" for every one), one ID a line.
+services() {
+    if [ -n "$1" ]; then
+        docker service ls -q --filter "label=ipd.project=$PROJECT" --filter "label=ipd.color=$1"
+    else docker service ls -q --filter "label=ipd.project=$PROJECT"; fi
+}
+
+remove_services() {
+    [ -z "$1" ] || docker service rm $1 >/dev/null
+}
+
+# The proxy config, for nginx's http { } block: an upstream of every task's
+# address, or a placeholder before the first deploy.  $1: the ports.
+write_nginx_config() {
+    if [ -n "$1" ]; then
+        servers=$(for address in $(node_addresses); do
+            for port in $1; do echo "    server $address:$port;"; done; done)
+    else servers="    server 127.0.0.1:9 down;  # no task yet"; fi
+    cat > "$NGINX_CONF.tmp" <<EOF
+# Written by control.sh of $PROJECT, deployment $DEPLOY, for nginx's
+# http { } block.
 upstream ipd-$PROJECT {
 $servers
 }
@@ -121,90 +216,191 @@ server {
     }
 }
 EOF
-    [ -f "$NGINX_FILE" ] && cp "$NGINX_FILE" "$NGINX_FILE.previous"
-    mv "$NGINX_FILE.tmp" "$NGINX_FILE"
-    if tested=$($NGINX -t 2>&1) && $NGINX -s reload; then
-        say "nginx now sends $NGINX_SERVER_NAME to" $addresses
+    [ -f "$NGINX_CONF" ] && cp "$NGINX_CONF" "$NGINX_CONF.previous"
+    mv "$NGINX_CONF.tmp" "$NGINX_CONF"
+}
+
+# As in examples/docker: test and reload nginx, or wait for ipd-nginx.path;
+# on any error put the old config back.
+reload_nginx() {
+    if [ -n "$NGINX" ]; then
+        if tested=$($NGINX -t 2>&1) && $NGINX -s reload; then return 0; fi
+        echo "$tested"
+    elif wait_for_reload "$(date +%s%N)"; then
         return 0
     fi
-    echo "$tested"
-    [ -f "$NGINX_FILE.previous" ] && mv "$NGINX_FILE.previous" "$NGINX_FILE"
+    [ -f "$NGINX_CONF.previous" ] && mv "$NGINX_CONF.previous" "$NGINX_CONF"
     return 1
 }
 
-update_status() {
-    docker service inspect -f '{{if .UpdateStatus}}{{.UpdateStatus.State}} {{.UpdateStatus.StartedAt}}{{end}}' "$SERVICE"
+wait_for_reload() {
+    deadline=$(( $(date +%s) + RELOAD_TIMEOUT ))
+    next_touch=$(( $(date +%s) + 3 ))
+    while :; do
+        if read -r started status message < "$NGINX_STATUS" 2>/dev/null &&
+                [ "$started" -ge "$1" ] 2>/dev/null; then
+            [ "$status" = 0 ] && return 0
+            echo "nginx: $message"; return 1
+        fi
+        now=$(date +%s)
+        if [ "$now" -ge "$deadline" ]; then
+            echo "no reload reported in $NGINX_STATUS within ${RELOAD_TIMEOUT}s:" \
+                 "is ipd-nginx.path enabled?"; return 1
+        fi
+        if [ "$now" -ge "$next_touch" ]; then touch "$NGINX_CONF"; next_touch=$((now + 3)); fi
+        sleep 0.2
+    done
 }
 
-# Follow the update until it is done; re-point nginx as tasks move.
-# $1: the image it runs to; $2: update_status from before it began (that
-# status is stale, not this update's).
-follow_update() {
-    ref=$1
-    deadline=$(( $(date +%s) + UPDATE_TIMEOUT ))
-    while :; do
-        status=$(update_status)
-        state=""
-        [ "$status" = "$2" ] || state=${status%% *}
-        update_nginx || fail 11 "nginx refused the new config"
-        case "$state" in
-            rollback_*|paused)
-                message=$(docker service inspect -f '{{.UpdateStatus.Message}}' "$SERVICE")
-                update_nginx
-                fail 12 "update $state: $message; the previous version keeps serving" ;;
-        esac
-        images=$(docker service ps "$SERVICE" --filter desired-state=running --format '{{.Image}} {{.CurrentState}}')
-        if [ "$state" != updating ] && [ -n "$images" ] &&
-                ! echo "$images" | grep -qv "^$ref Running"; then
-            update_nginx || fail 11 "nginx refused the new config"
-            return 0
-        fi
-        [ "$(date +%s)" -lt "$deadline" ] ||
-            fail 12 "update not done within ${UPDATE_TIMEOUT}s (state: ${state:-none})"
+http_ok() {
+    if command -v curl >/dev/null; then curl -fsS -m 2 -o /dev/null "$1" 2>/dev/null
+    else wget -q -T 2 -O /dev/null "$1" 2>/dev/null; fi
+}
+
+# Whether slot service $1 answers HEALTH_PATH on port $2 where its task runs.
+slot_healthy() {
+    docker service ps --filter desired-state=running --format '{{.CurrentState}}' "$1" |
+        grep -q '^Running' || return 1
+    if [ "$PUBLISH_ADDRESS" = 127.0.0.1 ]; then address=127.0.0.1
+    else
+        task=$(docker service ps -q --filter desired-state=running "$1" | head -n 1)
+        [ -n "$task" ] || return 1
+        address=$(docker node inspect -f '{{.Status.Addr}}' \
+            "$(docker inspect -f '{{.NodeID}}' "$task")") || return 1
+    fi
+    http_ok "http://$address:$2$HEALTH_PATH"
+}
+
+prune_images() {
+    keep=$(tail -n "$KEEP_IMAGES" "$PROJECT_DIR/images.list" 2>/dev/null)
+    for tag in $(docker image ls --format '{{.Tag}}' "$image_repo"); do
+        echo "$keep" | grep -qx "$tag" && continue
+        docker rmi "$image_repo:$tag" >/dev/null 2>&1
+    done
+}
+
+# A failed deployment leaves nothing: its services, their containers (the
+# swarm removes them after the services), its image.
+give_up() {
+    remove_services "$(services "$color")"
+    deadline=$(( $(date +%s) + STOP_TIMEOUT + 10 ))
+    while [ -n "$(docker ps -aq --filter "label=ipd.project=$PROJECT" \
+                  --filter "label=ipd.color=$color")" ] && [ "$(date +%s)" -lt "$deadline" ]; do
         sleep 0.5
     done
+    docker rmi "$image_repo:$DEPLOY" >/dev/null 2>&1
+    fail "$@"
+}
+
+network_ready() {
+    docker network inspect "$SERVICE" >/dev/null 2>&1
 }
 
 check() {
     [ -f "$ENV_FILE" ] || { say "no settings yet"; exit 0; }
-    docker service inspect "$SERVICE" >/dev/null 2>&1 || { say "no service yet"; exit 0; }
-    [ -f "$NGINX_FILE" ] || { say "no proxy config yet"; exit 0; }
+    grep -q '^PORT_BASE=' "$ENV_FILE" || { say "no PORT_BASE yet"; exit 0; }
+    load_settings
+    network_ready || { say "no network yet"; exit 0; }
+    [ -f "$NGINX_CONF" ] || { say "no proxy config yet"; exit 0; }
     say "ready"
     exit $OK
 }
 
+# The network of the tasks: a bridge on each node whose published ports
+# bind PUBLISH_ADDRESS (a config-only network holds that option).
 prepare() {
     [ -f "$ENV_FILE" ] || write_defaults
-    load_settings
-    if ! docker service inspect "$SERVICE" >/dev/null 2>&1; then
-        ref=$(load_image) || exit $?
-        say "creating service $SERVICE from $ref"
-        docker service create --detach --name "$SERVICE" --replicas "$REPLICAS" \
-            --label "ipd.project=$PROJECT" \
-            --publish "mode=host,target=$APP_PORT" \
-            --health-cmd "$HEALTH_CMD" --health-interval "$HEALTH_INTERVAL" \
-            --health-retries "$HEALTH_RETRIES" \
-            --update-order start-first --update-failure-action rollback \
-            --update-monitor "$UPDATE_MONITOR" --rollback-order start-first \
-            $SERVICE_OPTS "$ref" >/dev/null || fail 2 "cannot create service $SERVICE"
-        follow_update "$ref" ""
+    if ! grep -q '^PORT_BASE=' "$ENV_FILE"; then
+        base=$(pick_port_base) || fail 2 "no free PORT_BASE from 20000 to 29999"
+        echo "PORT_BASE=$base" >> "$ENV_FILE"
+        say "added PORT_BASE=$base to $ENV_FILE"
     fi
-    update_nginx || fail 2 "nginx refused the proxy config"
+    load_settings
+    if ! network_ready; then
+        docker network inspect "$SERVICE-config" >/dev/null 2>&1 ||
+            docker network create --config-only \
+                -o "com.docker.network.bridge.host_binding_ipv4=$PUBLISH_ADDRESS" \
+                "$SERVICE-config" >/dev/null || fail 2 "cannot create network $SERVICE-config"
+        docker network create --scope swarm --driver bridge \
+            --config-from "$SERVICE-config" "$SERVICE" >/dev/null ||
+            fail 2 "cannot create network $SERVICE"
+    fi
+    [ -f "$NGINX_CONF" ] || write_nginx_config ""
+    say "prepared: network $SERVICE, $ENV_FILE, $NGINX_CONF"
     exit $OK
 }
 
 deploy() {
     load_settings
     ref=$(load_image) || exit $?
-    say "updating service $SERVICE to $ref"
+    if [ "$(serving_color)" = blue ]; then color=green; else color=blue; fi
+    remove_services "$(services "$color")"  # leftovers of a failed deployment
+    constraint=""
+    [ "$PUBLISH_ADDRESS" = 127.0.0.1 ] &&
+        constraint="--constraint=node.id==$(docker info -f '{{.Swarm.NodeID}}')"
     registry_auth=""
     [ -n "$REGISTRY" ] && registry_auth="--with-registry-auth"
-    before=$(update_status)
-    docker service update --detach --image "$ref" $registry_auth \
-        --update-order start-first --update-failure-action rollback \
-        --update-monitor "$UPDATE_MONITOR" "$SERVICE" >/dev/null ||
-        fail 12 "docker service update refused"
-    follow_update "$ref" "$before"
+    stop_signal=""
+    [ -n "$STOP_SIGNAL" ] && stop_signal="--stop-signal=$STOP_SIGNAL"
+    ports=$(slot_ports "$color")
+    # Tasks of removed services may still hold a port while they stop.
+    deadline=$(( $(date +%s) + STOP_TIMEOUT + 10 ))
+    for port in $ports; do
+        while listening "$port"; do
+            [ "$(date +%s)" -lt "$deadline" ] ||
+                give_up 5 "port $port stays taken; the previous version keeps serving"
+            sleep 0.5
+        done
+    done
+    say "starting $REPLICAS $color task(s) of $ref on port(s)" $ports
+    i=1
+    for port in $ports; do
+        # (Its warning that the image has no registry digest is noise here.)
+        created=$(docker service create --detach --quiet --name "$SERVICE-$color-$i" \
+            --label "ipd.project=$PROJECT" --label "ipd.color=$color" \
+            --label "ipd.deploy=$DEPLOY" --network "$SERVICE" \
+            --container-label "ipd.project=$PROJECT" --container-label "ipd.color=$color" \
+            --publish "mode=host,published=$port,target=$APP_PORT" $constraint \
+            --restart-condition any --restart-delay "$RESTART_DELAY" \
+            --stop-grace-period "${STOP_TIMEOUT}s" $stop_signal $registry_auth \
+            $SERVICE_OPTS "$ref" 2>&1) || { echo "$created"
+            give_up 5 "docker service create failed; the previous version keeps serving"; }
+        i=$((i + 1))
+    done
+
+    # Every task must answer from this host; the old ones serve meanwhile.
+    deadline=$(( $(date +%s) + HEALTH_TIMEOUT ))
+    i=1
+    for port in $ports; do
+        until slot_healthy "$SERVICE-$color-$i" "$port"; do
+            if [ "$(date +%s)" -ge "$deadline" ]; then
+                docker service ps --no-trunc --format '{{.Name}} {{.CurrentState}} {{.Error}}' \
+                    "$SERVICE-$color-$i" | head -n 5
+                docker service logs --tail 20 "$SERVICE-$color-$i" 2>&1 | tail -n 20
+                give_up 10 "nothing answers $HEALTH_PATH on port $port within" \
+                    "${HEALTH_TIMEOUT}s; the previous version keeps serving"
+            fi
+            sleep 0.5
+        done
+        i=$((i + 1))
+    done
+    say "$color is healthy on port(s)" $ports
+
+    write_nginx_config "$ports"
+    reload_nginx || give_up 11 "nginx refused the new config; the previous version keeps serving"
+    say "nginx now sends $NGINX_SERVER_NAME to $color"
+    old=$(docker service ls --filter "label=ipd.project=$PROJECT" --format '{{.ID}} {{.Name}}' |
+        grep -v " $SERVICE-$color-[0-9]*\$" | cut -d' ' -f1)
+    if [ -n "$old" ]; then
+        sleep "$DRAIN_SECONDS"
+        remove_services "$old"
+        say "removed the previous services"
+    fi
+
+    echo "$DEPLOY" >> "$PROJECT_DIR/images.list"
+    tail -n "$KEEP_IMAGES" "$PROJECT_DIR/images.list" > "$PROJECT_DIR/images.list.tmp"
+    mv "$PROJECT_DIR/images.list.tmp" "$PROJECT_DIR/images.list"
+    prune_images
     say "deployed $ref"
     exit $OK
 }
