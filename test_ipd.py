@@ -5622,8 +5622,8 @@ class LayerPushTestCase(DaemonTestCase):
                        IPD_USER=user[0], IPD_PASSWORD=user[1], HOME=self.tmp)
         command = [sys.executable, IPD] + list(args)
         if not wait:
-            return subprocess.Popen(command, env=environ, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            return subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         return subprocess.run(command, env=environ, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                               timeout=timeout)
@@ -5704,11 +5704,11 @@ class LayerPushTests(LayerPushTestCase):
         self.assertEqual(len(self.segment_files()), 2)  # image and package
         recipe = os.path.join(self.daemon.upload_dir, "app", "deployments",
                               deployment + ".recipe")
-        files = json.load(open(recipe))
+        files = json.loads(read_text(recipe))
         self.assertEqual(set(files), {"image", "package"})
         self.assertEqual([piece["sha256"] for piece in files["image"]["segments"]],
                          [sha256_file(image)])
-        record = json.load(open(recipe[:-len(".recipe")] + ".json"))
+        record = json.loads(read_text(recipe[:-len(".recipe")] + ".json"))
         self.assertTrue(record["recipe"])
         self.assertEqual(record["files"]["image"]["sha256"], sha256_file(image))
 
