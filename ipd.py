@@ -2947,9 +2947,11 @@ class SegmentStore:
     def load(self, store):
         """Find the segments on disk, who sent them, and which kept
         deployments refer to which."""
-        os.makedirs(os.path.join(self.root, "sha256"), exist_ok=True)
-        os.makedirs(os.path.join(self.root, "partial"), exist_ok=True)
-        for folder in os.scandir(os.path.join(self.root, "sha256")):
+        try:  # made with the first segment
+            folders = list(os.scandir(os.path.join(self.root, "sha256")))
+        except FileNotFoundError:
+            folders = []
+        for folder in folders:
             if not folder.is_dir():
                 continue
             for entry in os.scandir(folder.path):
@@ -5397,7 +5399,7 @@ def plan_file(path):
         for start, end, segment in bounds:
             digest, data, left = hashlib.sha256(), bytearray(), end - start
             while left:
-                block = file.read(min(CHUNK_SIZE, left))
+                block = file.read(min(CHUNK_SIZE // 4, left))  # 4 in flight
                 if not block:
                     raise ClientError("%s changed while it was read" % path,
                                       EXIT_USAGE)
@@ -5423,7 +5425,7 @@ class ParallelHash:
 
     def __init__(self):
         self.hash = hashlib.sha256()
-        self.blocks = queue.Queue(16)
+        self.blocks = queue.Queue(2)  # blocks of 1 MiB in flight: flat memory
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
