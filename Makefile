@@ -8,6 +8,7 @@
 #   make install-unit EXEC=/opt/ipd/bin/ipd   only the unit, for a virtualenv
 #   make install-nginx-reload  only ipd-nginx.path: reloads nginx for the
 #                              Docker examples (also part of make install)
+#   make install-run-as       scripts under their own user RUN_USER (README)
 # DESTDIR stages a tree (for packages): users, ownership and systemctl are
 # then left out.  PREFIX is where ipd.py goes, under $(PREFIX)/lib/ipd.
 
@@ -24,6 +25,8 @@ USER_NAME ?= ipd
 # Where the Docker examples write their nginx configs; ipd-nginx.path
 # watches it and reloads nginx as root.
 NGINX_DIR ?= /var/lib/ipd/nginx
+# The user control.sh and notify.sh run as with make install-run-as.
+RUN_USER ?= ipd-run
 # The command the unit starts: the copied file, or a virtualenv's ipd.
 DEFAULT_EXEC = /usr/bin/python3 $(LIBDIR)/ipd.py
 EXEC ?= $(DEFAULT_EXEC)
@@ -36,6 +39,7 @@ DOC_SED = -e '/^Documentation=/d'
 endif
 DIST ?= dist
 .PHONY: test soak bench install uninstall install-user install-unit install-nginx-reload \
+	install-run-as \
 	wheel sdist deb
 
 test:
@@ -60,7 +64,7 @@ install:
 	    $(DESTDIR)$(dir $(CONFIG)) $(DESTDIR)$(dir $(AUTH_DB)) \
 	    $(DESTDIR)$(UPLOAD_DIR) $(DESTDIR)$(LOG_DIR)
 	install -m 0755 ipd.py $(DESTDIR)$(LIBDIR)/ipd.py
-	install -m 0644 README.md ipd.conf.example $(DESTDIR)$(LIBDIR)/
+	install -m 0644 README.md ipd.conf.example ipd-run-as.conf $(DESTDIR)$(LIBDIR)/
 	$(MAKE) --no-print-directory install-unit install-nginx-reload
 	@# The config and the users file are the operator's: never overwritten.
 	@if [ ! -e $(DESTDIR)$(CONFIG) ]; then \
@@ -117,13 +121,31 @@ install-user:
 	getent passwd $(USER_NAME) >/dev/null || useradd --system --user-group \
 	    --home-dir /var/lib/$(USER_NAME) --create-home \
 	    --shell /usr/sbin/nologin $(USER_NAME)
-	usermod -a -G docker $(USER_NAME)
+	[ -e $(UNITDIR)/ipd.service.d/run-as.conf ] || usermod -a -G docker $(USER_NAME)
+
+# Scripts under their own user (README): RUN_USER in group docker, ipd out
+# of it, the unit's drop-in with CAP_SETUID, CAP_SETGID, CAP_KILL, and
+# RUN_AS=$(RUN_USER) in the config where RUN_AS is still empty.
+install-run-as:
+	getent group docker >/dev/null || groupadd --system docker
+	getent passwd $(RUN_USER) >/dev/null || useradd --system --user-group \
+	    --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin $(RUN_USER)
+	usermod -a -G docker $(RUN_USER)
+	-gpasswd -d $(USER_NAME) docker
+	install -d $(UNITDIR)/ipd.service.d
+	install -m 0644 ipd-run-as.conf $(UNITDIR)/ipd.service.d/run-as.conf
+	if grep -q '^RUN_AS=' $(CONFIG); then \
+	    sed -i 's|^RUN_AS=$$|RUN_AS=$(RUN_USER)|' $(CONFIG); \
+	else echo 'RUN_AS=$(RUN_USER)' >> $(CONFIG); fi
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload && \
+	    systemctl try-restart ipd.service; fi
+	@echo "RUN_AS: $$(grep '^RUN_AS=' $(CONFIG))"
 
 uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 	    systemctl disable --now ipd.service ipd-nginx.path || true; fi
 	rm -f $(DESTDIR)$(UNITDIR)/ipd.service $(DESTDIR)$(UNITDIR)/ipd-nginx.path \
-	    $(DESTDIR)$(UNITDIR)/ipd-nginx.service
+	    $(DESTDIR)$(UNITDIR)/ipd-nginx.service $(DESTDIR)$(UNITDIR)/ipd.service.d/run-as.conf
 	rm -rf $(DESTDIR)$(LIBDIR)
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 	    systemctl daemon-reload; fi

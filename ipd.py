@@ -15,18 +15,22 @@ One file, standard library only, CPython 3.8 to 3.13:
 
 How it is built, top to bottom: settings; errors; helpers; users and
 passwords; the streaming multipart parser (pure, no I/O); request bodies;
-safe unpacking of packages; deployments and their on-disk store; the deploy
-worker that runs control.sh; segments (layers stored once), recipes and
-resumable segment uploads; the HTTP handler and server; the CLI.
+safe unpacking of packages; deployments and their on-disk store; who runs
+the scripts (RUN_AS, project.conf); the deploy worker that runs control.sh;
+segments (layers stored once), recipes and resumable segment uploads; the
+HTTP handler and server; the CLI.
 
 On disk, under UPLOAD_DIR, each project has a folder (PROJECT_DIR, kept
-across deployments, where an administrator may place a control.sh) and
-in it ``deployments/`` with, per deployment ID:
+across deployments, where an administrator may place a control.sh,
+notify.sh and project.conf; with RUN_AS the scripts' PROJECT_DIR is its
+``work/`` instead) and in it ``deployments/`` with, per deployment ID:
 
     ID/         the unpacked package; control.sh runs here
     ID.image    the uploaded image ($IMAGE)
     ID.package  the uploaded package archive, as sent
     ID.log      everything control.sh printed
+    ID.step     the running step's session and start time, to stop what a
+                killed ipd left of it (RUN_AS: not ours to read otherwise)
     ID.json     state and times, written atomically; the deployment exists
                 once this file does, and the daemon's memory is a cache of it
     ID.recipe   of a push by recipe: how to rebuild ID.image and ID.package
@@ -43,12 +47,15 @@ import argparse
 import base64
 import binascii
 import bisect
+import bz2
 import calendar
 import codecs
 import errno
 import fcntl
 import fnmatch
 import getpass
+import grp
+import gzip
 import hashlib
 import hmac
 import html
@@ -60,8 +67,10 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import lzma
 import netrc
 import os
+import pwd
 import queue
 import re
 import secrets
@@ -150,6 +159,29 @@ SETTINGS = {
     "MIN_FREE_SPACE": ("0", "size",
                        "free space floor of UPLOAD_DIR: below it the files of "
                        "the oldest prunable deployments go first; 0 for none"),
+    # What an uploader can reach (issue 14): see README, Guarantees.
+    "SCRIPTS": ("package", "scripts",
+                "package: a package may carry its own control.sh (the "
+                "original); server: only the control.sh an administrator "
+                "placed in the project folder runs, and a package with one "
+                "is refused"),
+    "RUN_AS": ("", "run_as",
+               "user[:group[,group...]] that control.sh and notify.sh run "
+               "as (names or numbers, e.g. ipd-run:ipd-run,docker); empty: "
+               "as ipd's own user"),
+    "MAX_MEMBERS": ("50000", "count", "entries in a package"),
+    "MAX_HEADER_SIZE": ("64K", "size",
+                        "headers of one tar entry, its pax records and GNU "
+                        "long name or link included"),
+    "MAX_NAME_SIZE": ("4096", "size",
+                      "longest entry name and link target in a package"),
+    "MAX_TRAILING_SIZE": ("1M", "size",
+                          "bytes after the end of a tar archive (padding); "
+                          "more is refused"),
+    "AUDIT_SYSLOG": ("", "syslog",
+                     "also send each audit event to syslog: a socket path "
+                     "(/dev/log, read by the journal) or host:port (UDP); "
+                     "empty for none"),
 }
 
 # A deployment is "await" or "active" until it ends in a final state: ok,
@@ -227,6 +259,19 @@ def parse_setting(kind, text):
     if kind == "url":
         if text and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
             raise ValueError("must be an http:// or https:// URL")
+        return text
+    if kind == "scripts":
+        if text not in ("package", "server"):
+            raise ValueError("must be package or server")
+        return text
+    if kind == "run_as":
+        if text:
+            resolve_run_as(text)  # raises ValueError naming what is unknown
+        return text
+    if kind == "syslog":
+        if text and not (text.startswith("/") or re.fullmatch(r"[^\s/:]+:\d+",
+                                                               text)):
+            raise ValueError("must be a socket path like /dev/log or host:port")
         return text
     if kind == "root":
         if not text.startswith("/") or re.search(r"[\s?#%]", text):
@@ -497,7 +542,7 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def write_file_atomic(path, data, mode=0o644):
+def write_file_atomic(path, data, mode=0o640):
     """Replace path with data: temporary file, fsync, rename, fsync folder."""
     folder = os.path.dirname(path)
     fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
@@ -1672,30 +1717,65 @@ def member_parts(name):
     return parts
 
 
+class PackageLimits:
+    """The caps on unpacking: MAX_MEMBERS, MAX_HEADER_SIZE, MAX_NAME_SIZE,
+    MAX_TRAILING_SIZE from settings, their defaults where not given."""
+
+    KEYS = ("MAX_MEMBERS", "MAX_HEADER_SIZE", "MAX_NAME_SIZE",
+            "MAX_TRAILING_SIZE")
+
+    def __init__(self, settings=None):
+        for key in self.KEYS:
+            value = getattr(settings, key, None)
+            if value is None:
+                value = parse_setting(SETTINGS[key][1], SETTINGS[key][0])
+            setattr(self, key, value)
+
+
 class PackageWriter:
     """Writes archive entries into a fresh folder and nowhere else.
 
     Every entry is checked against what was written before it: no entry is
-    written through a symlink, no link points outside, and the bytes
-    written are counted against a limit (decompression bombs).
+    written through a symlink, no link points outside or through another
+    link, and the bytes written are counted against a limit (decompression
+    bombs).  Nothing written is writable by group or others.
     """
 
-    def __init__(self, root, max_bytes):
+    def __init__(self, root, max_bytes, limits=None):
         self.root = root
         self.max_bytes = max_bytes
+        self.limits = limits or PackageLimits()
         self.written = 0
+        self.members = 0
         self.kinds = {(): "dir"}  # path components -> "dir", "file", "link"
+        self.traversed = set()    # paths some link's target passes through
 
     def _path(self, parts):
         return os.path.join(self.root, *parts)
+
+    def _count(self, name):
+        """One more entry; refuse a name over MAX_NAME_SIZE or an entry
+        over MAX_MEMBERS."""
+        self.members += 1
+        if self.members > self.limits.MAX_MEMBERS:
+            raise BadRequest("package has more than MAX_MEMBERS (%d) entries"
+                             % self.limits.MAX_MEMBERS)
+        if len(name.encode("utf-8", "surrogateescape")) > self.limits.MAX_NAME_SIZE:
+            raise BadRequest("package entry %r...: name longer than "
+                             "MAX_NAME_SIZE (%d bytes)"
+                             % (name[:60], self.limits.MAX_NAME_SIZE))
+
+    def _mkdir(self, parts):
+        os.mkdir(self._path(parts), 0o755)
+        os.chmod(self._path(parts), 0o755)  # whatever the umask: readable
+        self.kinds[tuple(parts)] = "dir"
 
     def _prepare_parent(self, name, parts):
         for depth in range(1, len(parts)):
             prefix = tuple(parts[:depth])
             kind = self.kinds.get(prefix)
             if kind is None:
-                os.mkdir(self._path(prefix), 0o755)
-                self.kinds[prefix] = "dir"
+                self._mkdir(prefix)
             elif kind != "dir":
                 raise BadRequest("package entry %r: goes through a %s"
                                  % (name, "symlink" if kind == "link" else "file"))
@@ -1704,6 +1784,7 @@ class PackageWriter:
             raise BadRequest("package entry %r: given twice" % name)
 
     def directory(self, name, mode):
+        self._count(name)
         parts = member_parts(name)
         if not parts:
             return
@@ -1714,11 +1795,11 @@ class PackageWriter:
             raise BadRequest("package entry %r: a folder where the package has "
                              "a %s" % (name, "symlink" if kind == "link" else "file"))
         self._prepare_parent(name, parts)
-        os.mkdir(self._path(parts), 0o755)
-        self.kinds[tuple(parts)] = "dir"
+        self._mkdir(parts)
 
     def file(self, name, mode, source):
         """Copy file object source to entry name."""
+        self._count(name)
         parts = member_parts(name)
         if not parts:
             raise BadRequest("package entry %r: a file without a name" % name)
@@ -1736,28 +1817,59 @@ class PackageWriter:
                     raise TooLarge("package unpacks to more than "
                                    "MAX_UNPACKED_SIZE (%d bytes)" % self.max_bytes)
                 write_all(fd, data)
-            # Owner may always read and write; no set-id or sticky bits.
-            os.fchmod(fd, (mode & 0o777) | 0o600)
+            # Owner may always read and write; no set-id or sticky bits,
+            # nothing writable by group or others.
+            os.fchmod(fd, (mode & 0o755) | 0o600)
         finally:
             os.close(fd)
         self.kinds[tuple(parts)] = "file"
 
     def symlink(self, name, target):
+        self._count(name)
+        if len(target.encode("utf-8", "surrogateescape")) > self.limits.MAX_NAME_SIZE:
+            raise BadRequest("package entry %r: link target longer than "
+                             "MAX_NAME_SIZE" % name)
         parts = member_parts(name)
         if not parts:
             raise BadRequest("package entry %r: a link without a name" % name)
         if not target or target.startswith("/") or "\0" in target:
             raise BadRequest("package entry %r: link to an absolute path" % name)
-        resolved = os.path.normpath(os.path.join(*(parts[:-1] + [target])))
-        if resolved == ".." or resolved.startswith("../"):
-            raise BadRequest("package entry %r: link points outside" % name)
+        if tuple(parts) in self.traversed:
+            raise BadRequest("package entry %r: a link where an earlier link's "
+                             "target passes" % name)
+        passed = self.resolve_link(name, parts[:-1], target)
         self._prepare_parent(name, parts)
         if tuple(parts) in self.kinds:
             raise BadRequest("package entry %r: given twice" % name)
         os.symlink(target, self._path(parts))
         self.kinds[tuple(parts)] = "link"
+        self.traversed.update(passed)
+
+    def resolve_link(self, name, folder, target):
+        """Follow target from folder against what was written so far, as
+        the kernel will: refuse it when it leaves the package or passes
+        through a link (b -> . then x -> b/b/../.. looks inside to a
+        lexical check, and is '/').  Returns the paths it passes through:
+        no link may be made there later."""
+        path, passed = list(folder), []
+        steps = [part for part in target.split("/") if part not in ("", ".")]
+        for number, part in enumerate(steps):
+            if self.kinds.get(tuple(path)) == "link":
+                raise BadRequest("package entry %r: link target passes "
+                                 "through a link" % name)
+            if part == "..":
+                if not path:
+                    raise BadRequest("package entry %r: link points outside"
+                                     % name)
+                path.pop()
+            else:
+                path.append(part)
+                if number < len(steps) - 1:
+                    passed.append(tuple(path))
+        return passed
 
     def hardlink(self, name, target):
+        self._count(name)
         parts = member_parts(name)
         target_parts = member_parts(target)
         if self.kinds.get(tuple(target_parts)) != "file":
@@ -1770,17 +1882,18 @@ class PackageWriter:
         self.kinds[tuple(parts)] = "file"
 
 
-def unpack_package(archive, folder, max_bytes):
+def unpack_package(archive, folder, max_bytes, limits=None):
     """Unpack archive (tar, tar.gz/bz2/xz or zip, known by content) into
-    the existing empty folder.  Raises BadRequest or TooLarge."""
-    writer = PackageWriter(folder, max_bytes)
+    the existing empty folder, within limits (a PackageLimits).  Raises
+    BadRequest or TooLarge."""
+    writer = PackageWriter(folder, max_bytes, limits)
     with open(archive, "rb") as file:
-        magic = file.read(4)
+        magic = file.read(6)
     try:
-        if magic in (b"PK\x03\x04", b"PK\x05\x06"):
+        if magic[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
             unpack_zip(archive, writer)
         else:
-            unpack_tar(archive, writer)
+            unpack_tar(archive, writer, magic)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError,
             NotImplementedError, RuntimeError, LookupError) as error:
         # zlib.error, lzma.LZMAError are raised as ValueError subclasses or
@@ -1800,49 +1913,189 @@ def unpack_package(archive, folder, max_bytes):
         raise
 
 
-def unpack_tar(archive, writer):
-    try:
-        tar = tarfile.open(archive, "r:*")
-    except tarfile.ReadError:
-        raise BadRequest("package is not a tar, tar.gz or zip archive")
-    with tar:
-        for member in tar:
-            if member.isdir():
-                writer.directory(member.name, member.mode)
-            elif member.isreg():
-                with tar.extractfile(member) as source:
-                    writer.file(member.name, member.mode, source)
-            elif member.issym():
-                writer.symlink(member.name, member.linkname)
-            elif member.islnk():
-                writer.hardlink(member.name, member.linkname)
-            else:
-                raise BadRequest("package entry %r: device files and FIFOs "
-                                 "are refused" % member.name)
+class TarStream:
+    """A tar's decompressed bytes as tarfile reads them: forward only, and
+    with the headers of each entry capped before they are read.
+
+    tarfile reads an entry's pax records and GNU long name or link into
+    memory with one read() of their declared size (1 GiB from a 947-byte
+    .tar.bz2).  Reads made while tarfile parses headers count against
+    MAX_HEADER_SIZE for that entry, checked before the read happens;
+    reads of file data (data=True) do not.  Skipping forward decompresses
+    in pieces, never all at once.
+    """
+
+    def __init__(self, raw, header_limit):
+        self.raw = raw
+        self.position = 0
+        self.header_limit = header_limit
+        self.header_bytes = 0
+        self.data = False
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            raise BadRequest("package: a tar entry to be read whole")
+        if not self.data:
+            self.header_bytes += size
+            if self.header_bytes > self.header_limit:
+                raise BadRequest("package entry header (pax records, long "
+                                 "name or link) over MAX_HEADER_SIZE (%d bytes)"
+                                 % self.header_limit)
+        data = self.raw.read(size)
+        self.position += len(data)
+        return data
+
+    def tell(self):
+        return self.position
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        if whence != os.SEEK_SET or offset < self.position:
+            raise BadRequest("package: a tar that must be read backwards")
+        self.skip(offset - self.position)
+        return self.position
+
+    def skip(self, count):
+        """Read and drop count bytes (fewer at the end); returns how many."""
+        dropped = 0
+        while dropped < count:
+            data = self.raw.read(min(CHUNK_SIZE, count - dropped))
+            if not data:
+                break
+            dropped += len(data)
+        self.position += dropped
+        return dropped
+
+
+def open_decompressed(file, magic):
+    """The file's bytes decompressed as its first bytes say (gzip, bzip2,
+    xz), read in bounded pieces; the file itself when plain."""
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=file, mode="rb")
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(file, "rb")
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(file, "rb")
+    return file
+
+
+def unpack_tar(archive, writer, magic=b""):
+    """Unpack a tar (plain or compressed, as magic says) through writer,
+    one entry at a time with bounded memory.  Raises BadRequest, TooLarge
+    or the archive's own errors (see unpack_package)."""
+    limits = writer.limits
+    with open(archive, "rb") as file:
+        stream = TarStream(open_decompressed(file, magic), limits.MAX_HEADER_SIZE)
+        try:
+            tar = tarfile.TarFile(fileobj=stream, mode="r")
+        except tarfile.ReadError:
+            raise BadRequest("package is not a tar, tar.gz or zip archive")
+        while True:
+            stream.header_bytes = 0
+            member = tar.next()
+            if member is None:
+                break
+            tar.members.clear()  # tarfile keeps every entry: memory per entry
+            unpack_member(tar, stream, member, writer)
         # Read the compressed stream to its end: only there does gzip (or
         # bz2, xz) check its checksum, which tarfile alone never reaches.
-        while tar.fileobj.read(CHUNK_SIZE):
-            pass
+        # What follows the archive's end is padding, bounded: not 10 GiB of
+        # zeros as bz2 streams of 12 KB each.
+        stream.data = True
+        if stream.skip(limits.MAX_TRAILING_SIZE + 1) > limits.MAX_TRAILING_SIZE:
+            raise BadRequest("package has more than MAX_TRAILING_SIZE (%d "
+                             "bytes) after the end of its tar archive"
+                             % limits.MAX_TRAILING_SIZE)
+
+
+def unpack_member(tar, stream, member, writer):
+    """Write one tar entry; its data is read as data, not as headers."""
+    if member.isdir():
+        writer.directory(member.name, member.mode)
+    elif member.isreg():
+        stream.data = True
+        try:
+            with tar.extractfile(member) as source:
+                writer.file(member.name, member.mode, source)
+        finally:
+            stream.data = False
+    elif member.issym():
+        writer.symlink(member.name, member.linkname)
+    elif member.islnk():
+        writer.hardlink(member.name, member.linkname)
+    else:
+        raise BadRequest("package entry %r: device files and FIFOs "
+                         "are refused" % member.name)
+
+
+# Central directory entry: 46 fixed bytes, the name, then extra fields and
+# a comment; extra and comment get this much between them in a package.
+ZIP_ENTRY_EXTRA = 1024
+
+
+def zip_directory(path):
+    """(entries, central directory bytes) from a zip's end records, read
+    before zipfile reads the whole directory into memory.  Raises
+    BadRequest."""
+    with open(path, "rb") as file:
+        end = file.seek(0, os.SEEK_END)
+        file.seek(max(0, end - 65557))  # 22 bytes and the longest comment
+        tail = file.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            raise BadRequest("package is not a valid zip: no end record")
+        entries = int.from_bytes(tail[at + 10:at + 12], "little")
+        size = int.from_bytes(tail[at + 12:at + 16], "little")
+        if (entries == 0xFFFF or size == 0xFFFFFFFF) and at >= 20 \
+                and tail[at - 20:at - 16] == b"PK\x06\x07":
+            file.seek(int.from_bytes(tail[at - 12:at - 4], "little"))
+            record = file.read(56)
+            if len(record) < 56 or record[:4] != b"PK\x06\x06":
+                raise BadRequest("package is not a valid zip: bad zip64 record")
+            entries = int.from_bytes(record[32:40], "little")
+            size = int.from_bytes(record[40:48], "little")
+    return entries, size
 
 
 def unpack_zip(archive, writer):
+    """Unpack a zip through writer: entries and directory size checked
+    from its end record first, stored or deflated entries only.  Raises
+    BadRequest or TooLarge."""
+    limits = writer.limits
+    entries, size = zip_directory(archive)
+    if entries > limits.MAX_MEMBERS:
+        raise BadRequest("package has more than MAX_MEMBERS (%d) entries"
+                         % limits.MAX_MEMBERS)
+    if size > max(entries, 1) * (46 + limits.MAX_NAME_SIZE + ZIP_ENTRY_EXTRA):
+        raise BadRequest("package: zip central directory too large for its "
+                         "%d entries" % entries)
     with zipfile.ZipFile(archive) as zipped:
         for info in zipped.infolist():
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                target = zipped.read(info)
-                if len(target) > 4096:
-                    raise BadRequest("package entry %r: link target too long"
-                                     % info.filename)
-                writer.symlink(info.filename, target.decode("utf-8", "replace"))
-            elif info.is_dir() or stat.S_ISDIR(mode):
-                writer.directory(info.filename, mode)
-            elif stat.S_IFMT(mode) in (0, stat.S_IFREG):  # 0: made without a type
-                with zipped.open(info) as source:
-                    writer.file(info.filename, mode or 0o644, source)
-            else:
-                raise BadRequest("package entry %r: device files and FIFOs "
-                                 "are refused" % info.filename)
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                # bzip2 and lzma entries are decompressed by zipfile in
+                # unbounded pieces: 1 GiB from 4 KB in one call.
+                raise BadRequest("package entry %r: zip compression other than "
+                                 "deflate is refused" % info.filename[:200])
+            unpack_zip_entry(zipped, info, writer)
+
+
+def unpack_zip_entry(zipped, info, writer):
+    """Write one zip entry; a link's target is read to MAX_NAME_SIZE + 1."""
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        with zipped.open(info) as source:
+            target = source.read(writer.limits.MAX_NAME_SIZE + 1)
+        if len(target) > writer.limits.MAX_NAME_SIZE:
+            raise BadRequest("package entry %r: link target longer than "
+                             "MAX_NAME_SIZE" % info.filename[:200])
+        writer.symlink(info.filename, target.decode("utf-8", "replace"))
+    elif info.is_dir() or stat.S_ISDIR(mode):
+        writer.directory(info.filename, mode)
+    elif stat.S_IFMT(mode) in (0, stat.S_IFREG):  # 0: made without a type
+        with zipped.open(info) as source:
+            writer.file(info.filename, mode or 0o644, source)
+    else:
+        raise BadRequest("package entry %r: device files and FIFOs "
+                         "are refused" % info.filename[:200])
 
 
 def find_control_script(unpacked, project_dir):
@@ -1944,6 +2197,13 @@ class DeploymentStore:
             [record["id"] for record in records if record["state"] == "active"])
         for record in records:
             if record["state"] == "active":
+                # Another user's processes: found by the session recorded
+                # at the step's start, not by their environment.
+                left = processes_of_session(
+                    read_step_identity(self.path(record, ".step")))
+                if left:
+                    orphans[record["id"]] = sorted(
+                        set(orphans.get(record["id"], [])) | set(left))
                 if orphans.get(record["id"]):
                     log.warning("stopping what was left running of deployment %s",
                                 record["id"])
@@ -2184,7 +2444,7 @@ class DeploymentStore:
 
     def prune_files(self, deployment_id):
         record = self.get(deployment_id)
-        for suffix in ("", ".image", ".package", ".recipe"):
+        for suffix in ("", ".image", ".package", ".step", ".recipe"):
             remove_quietly(self.path(record, suffix))
         self.update(deployment_id, pruned=True)
         if self.segments:
@@ -2459,6 +2719,262 @@ def public_record(record):
 
 
 ###############################################################################
+# Who runs the scripts ########################################################
+###############################################################################
+
+# UPLOAD_DIR/$PROJECT/project.conf: an administrator's SCRIPTS and RUN_AS
+# for one project (KEY=VALUE lines, as /etc/ipd.conf).
+PROJECT_CONF = "project.conf"
+PROJECT_KEYS = ("SCRIPTS", "RUN_AS")
+# With RUN_AS, PROJECT_DIR is this folder of the project's: the one place
+# its scripts may write.  The project folder itself, where control.sh,
+# notify.sh and project.conf lie, stays the daemon's.
+WORK_DIR = "work"
+CAP_KILL, CAP_SETGID, CAP_SETUID = 5, 6, 7
+
+
+class RunAs:
+    """A user with its primary group and supplementary groups."""
+
+    def __init__(self, uid, gid, groups, text):
+        self.uid, self.gid, self.groups, self.text = uid, gid, tuple(groups), text
+
+    def __repr__(self):
+        return "%s (uid %d, gid %d, groups %s)" % (
+            self.text, self.uid, self.gid, ",".join(map(str, self.groups)) or "-")
+
+
+def lookup_id(name, database):
+    """A user or group name or number -> its number.  Raises ValueError."""
+    if name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid if database == "user" \
+            else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ValueError("no such %s: %r" % (database, name)) from None
+
+
+def resolve_run_as(text):
+    """'user[:group[,group...]]' -> RunAs.  The first group is the primary
+    one, the others supplementary; with the user alone, its groups are those
+    of the passwd and group databases.  Numbers need no account.  Root is
+    refused: scripts under it would reach everything.  Raises ValueError."""
+    user, colon, groups = text.strip().partition(":")
+    if not user or (colon and not groups.strip(",")):
+        raise ValueError("must be user[:group[,group...]]")
+    uid = lookup_id(user, "user")
+    if colon:
+        gids = [lookup_id(name, "group") for name in groups.split(",") if name]
+        gid, extra = gids[0], gids[1:]
+    else:
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            raise ValueError("user %s has no account: give its group as "
+                             "%s:GROUP" % (user, user)) from None
+        gid = entry.pw_gid
+        extra = [g for g in os.getgrouplist(entry.pw_name, gid) if g != gid]
+    if uid == 0 or gid == 0 or 0 in extra:
+        raise ValueError("scripts may not run as root or in group root")
+    return RunAs(uid, gid, sorted(set(extra)), text.strip())
+
+
+def credentials(run_as=None, gid=None):
+    """Popen arguments that start a process as run_as, with exactly its
+    groups (or, with gid alone, only in that group).  subprocess does it on
+    3.9+; 3.8 needs a preexec_fn.  A process whose uids all leave 0 has
+    its permitted, effective and ambient capabilities cleared by the kernel
+    (capabilities(7)); see keep_scripts_without_capabilities."""
+    if run_as is None and gid is None:
+        if os.geteuid() == 0 or not has_capability(CAP_SETUID, "CapPrm"):
+            return {}
+        # ipd holds capabilities (ipd-run-as.conf) but the scripts run as
+        # ipd itself: switching to its own uid sheds them all the same.
+        run_as = RunAs(os.getuid(), os.getgid(), os.getgroups(), "ipd")
+    if sys.version_info >= (3, 9):
+        if run_as is None:
+            return {"group": gid}
+        return {"user": run_as.uid, "group": run_as.gid,
+                "extra_groups": list(run_as.groups)}
+
+    def become():
+        if run_as is None:
+            os.setresgid(gid, gid, gid)
+            return
+        os.setgroups(list(run_as.groups))
+        os.setresgid(run_as.gid, run_as.gid, run_as.gid)
+        os.setresuid(run_as.uid, run_as.uid, run_as.uid)
+    return {"preexec_fn": become}
+
+
+def has_capability(number, field="CapEff"):
+    """True when this process holds capability number (/proc/self/status)."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith(field + ":"):
+                    return bool(int(line.split()[1], 16) >> number & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def keep_scripts_without_capabilities():
+    """Make sure scripts started under RUN_AS get no capability.
+
+    Root switching to another user loses every capability.  A daemon that
+    is not root but holds CAP_SETUID (systemd's AmbientCapabilities) would
+    hand its ambient set on through execve to control.sh; with its saved
+    uid set to 0, a child that switches all its uids to the scripts' user
+    goes from "one uid is 0" to "none is", and the kernel then clears its
+    permitted, effective and ambient sets.  Call before any thread starts
+    (the change is process-wide).  Returns a line for the log, or None."""
+    if os.geteuid() == 0:
+        return None
+    missing = [name for number, name in ((CAP_SETUID, "CAP_SETUID"),
+                                         (CAP_SETGID, "CAP_SETGID"),
+                                         (CAP_KILL, "CAP_KILL"))
+               if not has_capability(number)]
+    if missing:
+        return ("RUN_AS needs ipd to run as root or with %s: scripts cannot "
+                "be started as their user" % ", ".join(missing))
+    ruid, euid, _ = os.getresuid()
+    os.setresuid(ruid, euid, 0)
+    return None
+
+
+def project_settings(settings, project_dir):
+    """{SCRIPTS, RUN_AS} of a project: the global settings, overridden by
+    the project folder's project.conf.  Only a file an administrator could
+    have placed counts: a regular file owned by root or ipd's user and not
+    writable by group or others.  Raises IpdError (500) for another one,
+    or for a bad value: never a silent fallback to the looser setting."""
+    values = {key: getattr(settings, key) for key in PROJECT_KEYS}
+    path = os.path.join(project_dir, PROJECT_CONF)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return values
+    if not stat.S_ISREG(info.st_mode) or info.st_uid not in (0, os.geteuid()) \
+            or info.st_mode & 0o022:
+        raise IpdError("%s is not an administrator's file (owner root or "
+                       "ipd, not writable by group or others)" % path)
+    try:
+        for key, (text, number) in read_config_file(path).items():
+            if key not in PROJECT_KEYS:
+                raise ConfigError("%s:%d: only %s may be set here"
+                                  % (path, number, " and ".join(PROJECT_KEYS)))
+            values[key] = parse_setting(SETTINGS[key][1], text)
+    except (ConfigError, ValueError) as error:
+        raise IpdError("project settings: %s" % error)
+    return values
+
+
+def scripts_user(settings, project_dir):
+    """The RunAs of a project's scripts, or None: they run as ipd."""
+    text = project_settings(settings, project_dir)["RUN_AS"]
+    try:
+        return resolve_run_as(text) if text else None
+    except ValueError as error:
+        raise IpdError("RUN_AS of %s: %s" % (project_dir, error))
+
+
+def open_to_scripts(project_dir, deployment_folder, image, run_as):
+    """Give run_as what its scripts need and nothing more: UPLOAD_DIR and
+    the project folder to pass through (not to list), its work folder to write (made on first use,
+    owned by ipd, group run_as's: ipd needs no CAP_CHOWN), the
+    deployment's folder and image to read.  deployments/ lets it pass but
+    not list; state files, logs and packages stay ipd's (mode 0640)."""
+    for folder, mode, unwanted in (
+            (os.path.dirname(project_dir), stat.S_IXOTH, 0),
+            (project_dir, 0o711, 0o022),
+            (os.path.dirname(deployment_folder), 0o711, 0o022)):
+        info = os.stat(folder)
+        wanted = (stat.S_IMODE(info.st_mode) | mode) & ~unwanted
+        if info.st_uid == os.geteuid() and wanted != stat.S_IMODE(info.st_mode):
+            os.chmod(folder, wanted)
+    if os.path.isdir(deployment_folder):
+        os.chmod(deployment_folder, 0o755)
+    if image and os.path.exists(image):
+        os.chmod(image, 0o644)
+    work = os.path.join(project_dir, WORK_DIR)
+    try:
+        info = os.lstat(work)
+    except FileNotFoundError:
+        subprocess.run(["mkdir", "-m", "0770", work], check=True,
+                       stdin=subprocess.DEVNULL, **credentials(gid=run_as.gid))
+        return work
+    if not stat.S_ISDIR(info.st_mode):
+        raise IpdError("%s is not a folder" % work)
+    return work
+
+
+def write_step_identity(path, pid):
+    """Write ID.step: what identifies a running step's processes after a
+    restart without reading their environment (another user's is not ours
+    to read): its session, which its children keep, the start time of its
+    leader, and the boot.  A plain write, the moment the step started."""
+    data = json.dumps({"session": pid, "start": process_start(pid),
+                       "boot": boot_id()}).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_step_identity(path):
+    """ID.step's identity, or None."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            identity = json.load(file)
+        return identity if isinstance(identity, dict) and \
+            isinstance(identity.get("session"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def process_start(pid):
+    """Start time of a process in clock ticks since boot, or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as file:
+            return int(file.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def boot_id():
+    """This boot's id (it changes at every boot), or None."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            return file.read().strip()
+    except OSError:
+        return None
+
+
+def processes_of_session(identity):
+    """The pids still running in the session a step started, or []: none
+    when the machine rebooted since, or when its leader's pid now belongs
+    to another process (pids are not reused while a session has members)."""
+    if not identity or identity.get("boot") != boot_id():
+        return []
+    session = identity["session"]
+    if process_running(session) and process_start(session) != identity["start"]:
+        return []
+    found = []
+    for pid in list_pids():
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as file:
+                fields = file.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != b"Z":
+            found.append(pid)
+    return found
+
+
+###############################################################################
 # The deploy worker ###########################################################
 ###############################################################################
 
@@ -2520,6 +3036,11 @@ class DeployWorker:
         cancel = self.store.cancel_requested(record["id"])
         steps = []
         outcome = None
+        run_as = self.scripts_user(record["project"])
+        if run_as:
+            open_to_scripts(self.store.project_dir(record["project"]),
+                            self.store.path(record), self.store.path(record, ".image")
+                            if "image" in record["files"] else None, run_as)
         with open(self.store.path(record, ".log"), "ab") as log_file:
             for step in ("check", "prepare", "deploy"):
                 if step == "prepare" and steps[0]["code"] == success:
@@ -2528,7 +3049,8 @@ class DeployWorker:
                     outcome = "cancelled"
                     break
                 started = time.monotonic()
-                code, outcome = self.run_step(record, step, log_file, cancel)
+                code, outcome = self.run_step(record, step, log_file, cancel,
+                                              run_as)
                 steps.append({"step": step, "code": code,
                               "seconds": round(time.monotonic() - started, 3)})
                 self.store.update(record["id"], steps=list(steps))
@@ -2539,9 +3061,14 @@ class DeployWorker:
                     break
         self.store.update(record["id"], state=outcome or "ok", ended=time.time())
 
-    def environment(self, record):
+    def scripts_user(self, project):
+        """RunAs of the project's scripts (RUN_AS, project.conf), or None."""
+        return scripts_user(self.settings, self.store.project_dir(project))
+
+    def environment(self, record, run_as=None):
         """The environment of control.sh: the original's, plus IMAGE,
-        PROJECT_DIR and what PASS_ENV names; nothing else of ours."""
+        PROJECT_DIR and what PASS_ENV names; nothing else of ours.  Under
+        RUN_AS, PROJECT_DIR is the project's work folder."""
         env = {name: os.environ[name] for name in self.settings.PASS_ENV
                if name in os.environ}
         image = self.store.path(record, ".image")
@@ -2552,33 +3079,39 @@ class DeployWorker:
             "IMAGE": image if "image" in record["files"] else "",
             "PROJECT_DIR": self.store.project_dir(record["project"]),
         })
+        if run_as:
+            env["PROJECT_DIR"] = os.path.join(env["PROJECT_DIR"], WORK_DIR)
         if record["signer"]:  # a signed release: a script may check who signed
             env["SIGNER"] = record["signer"]["principal"]
             env["SIGNER_KEY"] = record["signer"]["fingerprint"]
         return env
 
-    def run_step(self, record, step, log_file, cancel):
-        """Run 'control.sh STEP' in its own session; return (code, outcome),
-        where outcome is 'timeout', 'cancelled' or 'interrupted' when we
-        had to stop it."""
+    def run_step(self, record, step, log_file, cancel, run_as=None):
+        """Run 'control.sh STEP' in its own session (as run_as, when given);
+        return (code, outcome), where outcome is 'timeout', 'cancelled' or
+        'interrupted' when we had to stop it."""
         log_file.flush()
         started = time.monotonic()
         try:
             process = subprocess.Popen(
                 [record["control"], step], cwd=self.store.path(record),
-                env=self.environment(record), stdin=subprocess.DEVNULL,
+                env=self.environment(record, run_as), stdin=subprocess.DEVNULL,
                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                close_fds=True)
-        except OSError as error:
+                close_fds=True, **credentials(run_as))
+        except (OSError, subprocess.SubprocessError) as error:
             # A broken "#!" line or a vanished file: end as a shell would
             # (127 not found, 126 cannot execute), saying why in the log.
             code = 127 if isinstance(error, FileNotFoundError) else 126
             log_file.write(("ipd: cannot run control.sh %s: %s\n"
-                            % (step, error.strerror)).encode())
+                            % (step, getattr(error, "strerror", None) or error)
+                            ).encode())
             log_file.flush()
             log.warning("deployment %s: cannot run control.sh %s: %s",
                         record["id"], step, error)
             return code, None
+        # Recorded at once (no fsync: it must outlive ipd, not the machine)
+        # so that a restart after kill -9 finds what is left of the step.
+        write_step_identity(self.store.path(record, ".step"), process.pid)
         deadline = started + self.settings.STEP_TIMEOUT
         outcome = None
         while True:
@@ -2616,10 +3149,11 @@ class Notifier:
 
     ATTEMPTS = 3
 
-    def __init__(self, settings, store, environment):
+    def __init__(self, settings, store, environment, scripts_user=None):
         self.settings = settings
         self.store = store
         self.environment = environment
+        self.scripts_user = scripts_user or (lambda project: None)
 
     def deployment_ended(self, record):
         threading.Thread(target=self._notify, args=(record,), name="notify",
@@ -2637,11 +3171,14 @@ class Notifier:
             log.exception("notifying the end of deployment %s failed", record["id"])
 
     def run_script(self, script, record):
-        """notify.sh, with control.sh's environment plus STATE."""
-        env = dict(self.environment(record), STATE=record["state"])
+        """notify.sh, with control.sh's environment plus STATE, as the
+        user control.sh runs as."""
+        run_as = self.scripts_user(record["project"])
+        env = dict(self.environment(record, run_as), STATE=record["state"])
         process = subprocess.Popen([script], cwd=os.path.dirname(script), env=env,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   **credentials(run_as))
         try:
             output, _ = process.communicate(timeout=self.settings.NOTIFY_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -2942,6 +3479,12 @@ class SegmentStore:
     def uploaders_path(self):
         return os.path.join(self.root, "uploaders")
 
+    def make_folder(self, path):
+        """A folder under the store, the store itself made first and for
+        ipd alone (0700): the scripts' user (RUN_AS) reads no layer."""
+        os.makedirs(self.root, 0o700, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
+
     # --- loading
 
     def load(self, store):
@@ -3028,7 +3571,7 @@ class SegmentStore:
             self.busy.add(key)
         try:
             path = self.partial_path(user.name, digest)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.make_folder(os.path.dirname(path))
             if restart:
                 remove_quietly(path)
             current = self.partial_offset(user, digest) or 0
@@ -3051,7 +3594,7 @@ class SegmentStore:
             if digest in self.sizes:
                 remove_quietly(partial)
             else:
-                os.makedirs(os.path.dirname(final), exist_ok=True)
+                self.make_folder(os.path.dirname(final))
                 os.rename(partial, final)
                 fsync_dir(os.path.dirname(final))
             self.sizes[digest] = size
@@ -3300,7 +3843,8 @@ class Daemon:
         self.store.drop_rebuilt = settings.DROP_REBUILT
         self.store.min_free = settings.MIN_FREE_SPACE
         self.worker = DeployWorker(settings, self.store)
-        self.notifier = Notifier(settings, self.store, self.worker.environment)
+        self.notifier = Notifier(settings, self.store, self.worker.environment,
+                                 self.worker.scripts_user)
         self.store.on_final = self.notifier.deployment_ended
         self.started = time.time()
         self.counter_lock = threading.Lock()
@@ -3469,12 +4013,20 @@ class Daemon:
         staging = tempfile.mkdtemp(prefix=".upload-", suffix=".dir",
                                    dir=self.settings.UPLOAD_DIR)
         try:
+            own_script = "package" in upload.files and project_settings(
+                self.settings, store.project_dir(project))["SCRIPTS"] == "package"
             if "package" in upload.files:
                 unpack_package(upload.files["package"].path, staging,
-                               self.settings.MAX_UNPACKED_SIZE)
-            control = find_control_script(
-                staging if "package" in upload.files else None,
-                store.project_dir(project))
+                               self.settings.MAX_UNPACKED_SIZE,
+                               PackageLimits(self.settings))
+                if not own_script and os.path.lexists(
+                        os.path.join(staging, "control.sh")):
+                    raise BadRequest(
+                        "the package carries a control.sh, and project %s runs "
+                        "only the one an administrator placed on the server "
+                        "(SCRIPTS=server): leave it out of the package" % project)
+            control = find_control_script(staging if own_script else None,
+                                          store.project_dir(project))
             files = {name: sink.describe() for name, sink in upload.files.items()}
             record = new_record(str(uuid.uuid4()), project, None, user.name,
                                 files, control)
@@ -4725,8 +5277,10 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def setup_logging(log_dir, also_stderr=False):
-    """Log to LOG_DIR/ipd.log, reopened when logrotate moves it."""
+def setup_logging(log_dir, also_stderr=False, audit_syslog=""):
+    """Log to LOG_DIR/ipd.log, reopened when logrotate moves it; audit
+    events to LOG_DIR/audit.log and, with AUDIT_SYSLOG, to syslog too.
+    Raises ConfigError when the syslog socket cannot be reached."""
     os.makedirs(log_dir, exist_ok=True)
     handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "ipd.log"))
     formatter = OneLineFormatter("%(asctime)s %(levelname)s %(message)s")
@@ -4739,6 +5293,8 @@ def setup_logging(log_dir, also_stderr=False):
     trail = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "audit.log"))
     trail.setFormatter(logging.Formatter("%(message)s"))
     audit.handlers[:] = [trail]
+    if audit_syslog:
+        audit.addHandler(syslog_handler(audit_syslog))
     audit.setLevel(logging.INFO)
     audit.propagate = False  # not in ipd.log twice
 
@@ -4746,7 +5302,7 @@ def setup_logging(log_dir, also_stderr=False):
 def log_to_stderr():
     """ipd.log's lines on stderr too (serve -v, the demo)."""
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(console)
 
 
@@ -4754,13 +5310,18 @@ def serve(settings, verbose=False, on_ready=None):
     """Check the folders, take UPLOAD_DIR's lock and run the daemon until
     SIGTERM or SIGINT.  Returns the exit status; raises StartupError (each
     line already in ipd.log where LOG_DIR allows) when it cannot start."""
+    # Nothing ipd writes is for others unless it says so (systemd's UMask
+    # does the same; ipd must not depend on being started by it).
+    os.umask(0o027)
     problems = folder_problems(settings)
     if "LOG_DIR" not in problems:
-        setup_logging(settings.LOG_DIR)
+        setup_logging(settings.LOG_DIR, audit_syslog=settings.AUDIT_SYSLOG)
     if problems:
         raise startup_error(list(problems.values()), "LOG_DIR" not in problems)
     lock = lock_upload_dir(settings.UPLOAD_DIR)
     try:
+        close_to_others(settings)
+        explain_scripts_mode(settings)
         for warning in users_file_warnings(settings.AUTH_DB):
             log.warning("%s", warning)
             print_warning(warning)
@@ -4905,6 +5466,113 @@ def run_daemon(settings, on_ready=None):
     daemon.worker.stop(settings.SHUTDOWN_GRACE)
     log.info("stopped")
     return 0
+
+
+def syslog_handler(address):
+    """A handler sending each audit event to syslog (facility authpriv):
+    a socket path such as /dev/log, where journald listens, or host:port
+    over UDP.  The deployed code cannot rewrite what has left the host
+    or entered the journal."""
+    if not address.startswith("/"):
+        host, _, port = address.rpartition(":")
+        address = (host, int(port))
+    try:
+        if isinstance(address, str) and not stat.S_ISSOCK(os.stat(address).st_mode):
+            raise OSError(errno.ENOTSOCK, "not a socket")
+        handler = logging.handlers.SysLogHandler(
+            address, logging.handlers.SysLogHandler.LOG_AUTHPRIV)
+    except OSError as error:
+        raise ConfigError("AUDIT_SYSLOG: cannot reach %s: %s" % (address, error))
+    handler.setFormatter(logging.Formatter("ipd-audit: %(message)s"))
+    return handler
+
+
+def explain_scripts_mode(settings):
+    """Say once, at start, who supplies the code that runs and as whom."""
+    me = pwd.getpwuid(os.geteuid()).pw_name if has_account(os.geteuid()) \
+        else str(os.geteuid())
+    if settings.SCRIPTS == "package":
+        log.warning("SCRIPTS=package: a USER who may upload to a project runs "
+                    "the control.sh in its package on this host, as %s; where "
+                    "that user is in the docker group, that is root. "
+                    "SCRIPTS=server runs only scripts placed on the server",
+                    settings.RUN_AS or me)
+    if settings.RUN_AS:
+        problem = keep_scripts_without_capabilities()
+        if problem:
+            raise ConfigError(problem)
+        run_as = resolve_run_as(settings.RUN_AS)
+        log.info("RUN_AS=%s: control.sh and notify.sh run as %r with no "
+                 "capabilities; PROJECT_DIR is each project's %s/ folder",
+                 settings.RUN_AS, run_as, WORK_DIR)
+        keep_from_scripts(settings, run_as)
+    else:
+        keep_scripts_without_capabilities()  # for a project.conf's RUN_AS
+        log.warning("RUN_AS is not set: control.sh and notify.sh run as ipd's "
+                    "own user (%s), and can read the users file, rewrite "
+                    "ipd.log and audit.log, and write every project's folder "
+                    "and the deployments' state", me)
+
+
+def close_to_others(settings):
+    """At start: take others' bits off the users file and the logs where
+    ipd may (the original's installation left them 0644; a project.conf's
+    RUN_AS user is such an other), saying so in the log."""
+    for path in (settings.AUTH_DB, os.path.join(settings.LOG_DIR, "ipd.log"),
+                 os.path.join(settings.LOG_DIR, "audit.log")):
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_mode & 0o007 \
+                and os.geteuid() in (0, info.st_uid):  # files only: never /tmp
+            os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o007)
+            log.warning("%s was open to others: made it %o", path,
+                        stat.S_IMODE(info.st_mode) & ~0o007)
+
+
+def keep_from_scripts(settings, run_as):
+    """At start with RUN_AS: warn about what the scripts' user may still
+    reach (a file in one of its groups, a LOG_DIR it may write), and when
+    it cannot even reach UPLOAD_DIR."""
+    logs = [os.path.join(settings.LOG_DIR, name) for name in ("ipd.log", "audit.log")]
+    for path, access in [(settings.AUTH_DB, stat.S_IROTH | stat.S_IRGRP),
+                         (settings.LOG_DIR, stat.S_IWOTH | stat.S_IWGRP)] + \
+            [(path, stat.S_IRWXO | stat.S_IRGRP | stat.S_IWGRP) for path in logs]:
+        if reachable_by(path, run_as, access):
+            log.warning("%s is within reach of the scripts' user %s: chmod "
+                        "o-rwx it, and keep that user out of its group",
+                        path, settings.RUN_AS)
+    folder = settings.UPLOAD_DIR
+    while folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+        if not reachable_by(folder, run_as, stat.S_IXOTH | stat.S_IXGRP):
+            log.warning("the scripts' user %s cannot pass through %s to reach "
+                        "UPLOAD_DIR: chmod o+x it", settings.RUN_AS, folder)
+
+
+def reachable_by(path, run_as, access):
+    """True when run_as gets the access bits (S_IR*, S_IW*) of path through
+    its owner, group or other bits."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    if info.st_uid == run_as.uid:
+        return True
+    groups = (run_as.gid,) + run_as.groups
+    other = access & (stat.S_IROTH | stat.S_IWOTH)
+    group = access & (stat.S_IRGRP | stat.S_IWGRP)
+    return bool(info.st_mode & other) or \
+        (info.st_gid in groups and bool(info.st_mode & group))
+
+
+def has_account(uid):
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
 
 
 class SystemdNotifier:

@@ -9,6 +9,9 @@ running real control.sh scripts.
 
 import argparse
 import base64
+import bz2
+import functools
+import gzip
 import hashlib
 import html
 import http.client
@@ -600,6 +603,7 @@ class DaemonProcess:
                 file.write("%s=%s\n" % (key, value))
         self.process = None
         self.port = None
+        self.start_command = None  # what runs the Python (issue 14: setpriv)
 
     def start(self, env=None):
         os.makedirs(self.upload_dir, exist_ok=True)  # ipd makes no UPLOAD_DIR
@@ -607,8 +611,8 @@ class DaemonProcess:
         with open(self.stderr_path, "wb") as stderr:
             # ipd.py runs with this test's Python; an installed `ipd`
             # command (a virtualenv's, the package's) runs as it is.
-            command = [sys.executable, self.program] if self.program.endswith(".py") \
-                else [self.program]
+            command = (self.start_command or [sys.executable]) + [self.program] \
+                if self.program.endswith(".py") else [self.program]
             self.process = subprocess.Popen(
                 command + ["--config", self.config, "serve"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
@@ -1892,17 +1896,28 @@ class ClientTests(DaemonTestCase):
         self.assertIn(b"left", shown)
 
     def test_push_of_1_gib_in_flat_client_memory(self):
-        image = os.path.join(self.tmp, "big.img")
-        with open(image, "wb") as file:
-            file.truncate(soak(1 << 30, 256 << 20))  # sparse: zeros, no disk
+        """The client's peak memory does not grow with the file: a 1 GiB push
+        (256 MiB outside make soak) peaks where a 1 MiB one does."""
         package = self.write("p.tgz", control_script(OK_SCRIPT))
-        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it
-        # would count the test runner's own memory at the fork (#16)
-        code = ("import re, sys; sys.argv[0] = %r; sys.path.insert(0, %r);"
+        size = soak(1 << 30, 256 << 20)
+        small, small_id = self.push_peak_kib(1 << 20, package)
+        large, large_id = self.push_peak_kib(size, package)
+        report("push of %d MiB: client peak RSS %d KiB (%d KiB for 1 MiB)"
+               % (size >> 20, large, small))
+        self.assertLess(large - small, 16 * 1024)
+        data = self.daemon.get_json("/status/app/" + large_id)[1]
+        self.assertEqual(data["files"]["image"]["size"], size)
+
+    def push_peak_kib(self, size, package):
+        """Push a sparse image of size bytes with --wait; -> (the client's
+        peak RSS in KiB, the deployment's id)."""
+        image = os.path.join(self.tmp, "image-%d.img" % size)
+        with open(image, "wb") as file:
+            file.truncate(size)  # sparse: zeros, no disk
+        code = ("import resource, sys; sys.argv[0] = %r; sys.path.insert(0, %r);"
                 "import ipd; status = ipd.main(sys.argv[1:]);"
-                "sys.stderr.write('maxrss %%s\\n' %% re.search(r'VmHWM:\\s*(\\d+)', "
-                "open('/proc/self/status').read()).group(1)); sys.exit(status)"
-                % (IPD, HERE))
+                "sys.stderr.write('maxrss %%d\\n' %% resource.getrusage("
+                "resource.RUSAGE_SELF).ru_maxrss); sys.exit(status)" % (IPD, HERE))
         environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port,
                        IPD_USER="admin", IPD_PASSWORD="admin-pw")
         result = subprocess.run([sys.executable, "-c", code, "push", "--project", "app",
@@ -1910,12 +1925,8 @@ class ClientTests(DaemonTestCase):
                                 env=environ, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, timeout=300)
         self.assertEqual(result.returncode, 0, result.stderr[-500:])
-        peak_kib = int(re.search(rb"maxrss (\d+)", result.stderr).group(1))
-        report("push of %d MiB: client peak RSS %d KiB" % (soak(1024, 256), peak_kib))
-        self.assertLess(peak_kib, 64 * 1024)
-        deployment = result.stdout.decode().splitlines()[0]
-        data = self.daemon.get_json("/status/app/" + deployment)[1]
-        self.assertEqual(data["files"]["image"]["size"], soak(1 << 30, 256 << 20))
+        peak = int(re.search(rb"maxrss (\d+)", result.stderr).group(1))
+        return peak, result.stdout.decode().splitlines()[0]
 
 
 ###############################################################################
@@ -4299,6 +4310,63 @@ class LayerPushDockerTests(DockerTestCase):
         wait_until(lambda: not os.path.exists(os.path.join(folder, first + ".image")))
 
 
+class ScriptsUserDocker(DockerTestCase):
+    """Issue 14: ipd as in DockerTestCase, but its scripts run as
+    SCRIPTS_UID in the group of the Docker socket (as RUN_AS=ipd-run:ipd-run,docker
+    does), PROJECT_DIR is the project's work/ folder, and nginx runs as
+    that user too so that the script may reload it (the README's sudo
+    line, without sudo)."""
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to switch users")
+        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        if not host.startswith("unix://"):
+            self.skipTest("needs the Docker socket's group")
+        docker_gid = os.stat(host[len("unix://"):]).st_gid
+        self.tmp = tempfile.mkdtemp(prefix="ipd-docker-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        os.chmod(self.tmp, 0o711)
+        self.project = "web-" + uuid.uuid4().hex[:8]
+        self.daemon = DaemonProcess(self.tmp, {
+            "PASS_ENV": "DOCKER_HOST", "STEP_TIMEOUT": "180", "SCRIPTS": "package",
+            "RUN_AS": "%d:%d,%d" % (SCRIPTS_UID, SCRIPTS_GID, docker_gid)})
+        self.daemon.start()
+        self.addCleanup(self.daemon.stop, signal.SIGKILL)
+        front = os.path.join(self.tmp, "nginx")
+        os.mkdir(front)
+        os.chown(front, SCRIPTS_UID, SCRIPTS_GID)
+        # nginx runs as the scripts' user, who may not list UPLOAD_DIR:
+        # no wildcard before the project (as root, README's */work/ works)
+        self.nginx = Nginx(front, self.daemon.port, os.path.join(
+            self.daemon.upload_dir, self.project, "work", "nginx.con[f]"))
+        subprocess.run(["setpriv", "--reuid=%d" % SCRIPTS_UID, "--regid=%d"
+                        % SCRIPTS_GID, "--clear-groups"] + self.nginx.command,
+                       check=True)
+        self.addCleanup(self.nginx.stop)
+        self.app_socket = os.path.join(front, "app.sock")
+        self.deployments = []
+        self.package = os.path.join(self.tmp, "package.tar.gz")
+        with tarfile.open(self.package, "w:gz") as tar:
+            tar.add(os.path.join(HERE, self.script), "control.sh")
+
+    def write_settings(self, text):
+        """deploy.env in the work folder, which the administrator made."""
+        work = os.path.join(self.daemon.upload_dir, self.project, "work")
+        os.makedirs(work)
+        os.chown(work, 0, SCRIPTS_GID)
+        os.chmod(work, 0o770)
+        with open(os.path.join(work, "deploy.env"), "w") as file:
+            file.write(textwrap.dedent(text) + 'NGINX_LISTEN="unix:%s"\n'
+                       'NGINX_SERVER_NAME=localhost\nNGINX="%s"\n'
+                       % (self.app_socket, self.nginx.shell_command()))
+
+
+class DockerExampleScriptsUserTests(DockerExampleTests, ScriptsUserDocker):
+    """Issue 14: examples/docker/control.sh deploys v1, v2, refuses v3,
+    running as its own user in the docker group."""
+
+
 class ExampleAppTests(unittest.TestCase):
 
     def test_example_app_answers_version_and_health(self):
@@ -6053,6 +6121,642 @@ class LayerFreeSpaceTests(LayerPushTestCase):
                     for deployment in ids + [failing]]
         wait_until(lambda: pruned() == [True, True, False, True],
                    message="all but the latest ok pruned")
+
+
+###############################################################################
+# What an uploader can reach (issue 14) #######################################
+###############################################################################
+
+@functools.lru_cache(maxsize=None)
+def bz2_run(byte, piece):
+    return bz2.compress(byte * piece)
+
+
+def bz2_runs(byte, size, piece=64 << 20):
+    """size bytes of one byte value as concatenated bzip2 streams: a GiB
+    in about a kilobyte, built in a second (bzip2 readers read them all)."""
+    count, rest = divmod(size, piece)
+    return bz2_run(byte, piece) * count + (bz2.compress(byte * rest) if rest else b"")
+
+
+def raw_header(name, kind, size):
+    """One 512-byte ustar header, whatever its type says."""
+    return tar_info(name, kind, size=size).tobuf(tarfile.USTAR_FORMAT)
+
+
+def header_bomb(kind, size=1 << 30):
+    """A .tar.bz2 whose first entry is a GNU long name ('L'), long link
+    ('K') or pax header ('x') of size bytes: about 1.4 KB for 1 GiB."""
+    return (bz2.compress(raw_header("././@LongLink", kind, size))
+            + bz2_runs(b"a", size) + bz2.compress(b"\0" * 1024))
+
+
+def zip_link(target, compression):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zipped:
+        info = zipfile.ZipInfo("link")
+        info.external_attr = 0o120777 << 16
+        info.compress_type = compression
+        with zipped.open(info, "w") as entry:
+            for start in range(0, len(target), 1 << 20):
+                entry.write(target[start:start + (1 << 20)])
+    return out.getvalue()
+
+
+def many_members_tar(count):
+    """A tar.gz of count empty files, built from raw headers (fast)."""
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1) as packed:
+        for number in range(count):
+            block = tar_info("f%d" % number).tobuf(tarfile.USTAR_FORMAT)
+            packed.write(block)
+        packed.write(b"\0" * 1024)
+    return out.getvalue()
+
+
+class UnpackLimitTests(unittest.TestCase):
+    """Issue 14: links resolved against what was written, caps on headers,
+    names, entries and trailing bytes, bounded zip reads, masked modes."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.dest = os.path.join(self.tmp, "dest")
+
+    def unpack(self, data, max_bytes=0, **limits):
+        shutil.rmtree(self.dest, True)
+        os.mkdir(self.dest)
+        archive = os.path.join(self.tmp, "package")
+        with open(archive, "wb") as file:
+            file.write(data)
+        settings = ipd.Settings(limits) if limits else None
+        ipd.unpack_package(archive, self.dest, max_bytes, ipd.PackageLimits(settings))
+
+    def test_symlink_chain_corpus_is_refused(self):
+        deep = "/".join(["b"] * 8 + [".."] * 9)
+        corpus = {
+            "chain through a link to .": [
+                (tar_info("b", tarfile.SYMTYPE, linkname="."), None),
+                (tar_info("x", tarfile.SYMTYPE, linkname=deep), None)],
+            "link made later where a target passed": [
+                (tar_info("x", tarfile.SYMTYPE, linkname="d/.."), None),
+                (tar_info("d", tarfile.SYMTYPE, linkname="."), None)],
+            "chain in a folder": [
+                (tar_info("a/", tarfile.DIRTYPE, mode=0o755), None),
+                (tar_info("a/up", tarfile.SYMTYPE, linkname=".."), None),
+                (tar_info("a/x", tarfile.SYMTYPE, linkname="up/up/etc"), None)],
+            "passwd": [(tar_info("passwd", tarfile.SYMTYPE,
+                                 linkname="../" * 12 + "etc/passwd"), None)],
+            "users file": [(tar_info("users", tarfile.SYMTYPE,
+                                     linkname="../../users.txt"), None)],
+        }
+        for name, entries in corpus.items():
+            with self.subTest(name):
+                with self.assertRaisesRegex(ipd.BadRequest, "link"):
+                    self.unpack(tar_with(*entries))
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as zipped:
+            for name, target in (("b", "."), ("x", deep)):
+                info = zipfile.ZipInfo(name)
+                info.external_attr = 0o120777 << 16
+                zipped.writestr(info, target)
+        with self.assertRaisesRegex(ipd.BadRequest, "link"):
+            self.unpack(out.getvalue())
+
+    def test_links_inside_still_work(self):
+        self.unpack(tar_with(
+            (tar_info("etc/", tarfile.DIRTYPE, mode=0o755), None),
+            (tar_info("etc/app.conf", size=2), b"ok"),
+            (tar_info("bin/", tarfile.DIRTYPE, mode=0o755), None),
+            (tar_info("bin/conf", tarfile.SYMTYPE, linkname="../etc/app.conf"), None),
+            (tar_info("current", tarfile.SYMTYPE, linkname="bin"), None),
+            (tar_info("alias", tarfile.SYMTYPE, linkname="current"), None)))
+        self.assertEqual(open(os.path.join(self.dest, "bin", "conf")).read(), "ok")
+
+    def test_header_bombs_are_refused_before_they_are_read(self):
+        for kind in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK,
+                     tarfile.XHDTYPE, tarfile.XGLTYPE):
+            with self.subTest(kind=kind):
+                bomb = header_bomb(kind)
+                self.assertLess(len(bomb), 1600)
+                started = time.monotonic()
+                with self.assertRaisesRegex(ipd.BadRequest, "MAX_HEADER_SIZE"):
+                    self.unpack(bomb)
+                self.assertLess(time.monotonic() - started, 2)
+
+    def test_long_names_and_link_targets_are_capped(self):
+        long = "d/" * 40 + "f"
+        with self.assertRaisesRegex(ipd.BadRequest, "MAX_NAME_SIZE"):
+            self.unpack(tar_bytes({long: b"x"}, "w"), MAX_NAME_SIZE=64)
+        with self.assertRaisesRegex(ipd.BadRequest, "MAX_NAME_SIZE"):
+            self.unpack(tar_with((tar_info("l", tarfile.SYMTYPE,
+                                           linkname="a" * 100), None)),
+                        MAX_NAME_SIZE=64)
+        # a pax record over the cap: refused by its header size
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info = tar_info("f", size=1)
+            info.pax_headers = {"comment": "c" * 200000}
+            tar.addfile(info, io.BytesIO(b"x"))
+        with self.assertRaisesRegex(ipd.BadRequest, "MAX_HEADER_SIZE"):
+            self.unpack(out.getvalue())
+        self.unpack(tar_bytes({"d/" * 30 + "f": b"x"}, "w"))  # under the default
+
+    def test_zip_link_targets_are_read_in_bounded_pieces(self):
+        with self.assertRaisesRegex(ipd.BadRequest, "deflate"):
+            self.unpack(zip_link(b"a" * (64 << 20), zipfile.ZIP_BZIP2))
+        big = zip_link(b"a" * (64 << 20), zipfile.ZIP_DEFLATED)
+        with self.assertRaisesRegex(ipd.BadRequest, "MAX_NAME_SIZE"):
+            self.unpack(big)
+
+    def test_entry_count_is_capped(self):
+        with self.assertRaisesRegex(ipd.BadRequest, "MAX_MEMBERS"):
+            self.unpack(many_members_tar(60), MAX_MEMBERS=50)
+        self.unpack(many_members_tar(50), MAX_MEMBERS=50)
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as zipped:
+            for number in range(60):
+                zipped.writestr("f%d" % number, "")
+        with self.assertRaisesRegex(ipd.BadRequest, "MAX_MEMBERS"):
+            self.unpack(out.getvalue(), MAX_MEMBERS=50)
+        self.assertEqual(os.listdir(self.dest), [])  # refused before a file
+        # a zip whose end record claims 200,000 entries
+        data = bytearray(out.getvalue())
+        end = data.rfind(b"PK\x05\x06")
+        data[end + 8:end + 12] = (0xFFFF).to_bytes(2, "little") * 2
+        with self.assertRaisesRegex(ipd.BadRequest, "MAX_MEMBERS"):
+            self.unpack(bytes(data))
+
+    def test_bytes_after_the_end_of_a_tar_are_bounded(self):
+        tar = tar_bytes({"a": b"x"}, "w")
+        bomb = bz2.compress(tar) + bz2_runs(b"\0", 10 << 30)
+        self.assertLess(len(bomb), 20000)
+        started = time.monotonic()
+        with self.assertRaisesRegex(ipd.BadRequest, "MAX_TRAILING_SIZE"):
+            self.unpack(bomb)
+        self.assertLess(time.monotonic() - started, 3)
+        self.unpack(bz2.compress(tar + b"\0" * 100000))  # padding is fine
+
+    def test_modes_are_masked(self):
+        self.unpack(tar_with(
+            (tar_info("d/", tarfile.DIRTYPE, mode=0o777), None),
+            (tar_info("d/w", size=1, mode=0o777), b"x"),
+            (tar_info("g", size=1, mode=0o6666), b"x")))
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.dest, "d")).st_mode),
+                         0o755)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.dest, "d", "w"))
+                                      .st_mode), 0o755)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.dest, "g")).st_mode),
+                         0o644)
+
+
+class PackageBombTests(DaemonTestCase):
+    """Issue 14: the 1 KB bombs against the real daemon: 400, and its peak
+    memory stays under 64 MiB."""
+
+    def peak_rss_kib(self):
+        with open("/proc/%d/status" % self.daemon.process.pid) as file:
+            return int(re.search(r"VmHWM:\s+(\d+)", file.read()).group(1))
+
+    def test_bombs_are_refused_with_flat_memory(self):
+        bombs = {
+            "GNU long name": header_bomb(tarfile.GNUTYPE_LONGNAME),
+            "pax header": header_bomb(tarfile.XHDTYPE),
+            "zip bzip2 link": zip_link(b"a" * (64 << 20), zipfile.ZIP_BZIP2),
+            "zip deflate link": zip_link(b"a" * (64 << 20), zipfile.ZIP_DEFLATED),
+            "trailing zeros": bz2.compress(tar_bytes({"a": b"x"}, "w"))
+            + bz2_runs(b"\0", 10 << 30),
+            "200,000 entries": many_members_tar(200000),
+        }
+        for name, bomb in bombs.items():
+            with self.subTest(name):
+                started = time.monotonic()
+                status, _, body = self.daemon.upload("app", bomb)
+                self.assertEqual(status, 400, body)
+                report("bomb %s (%d bytes): 400 in %.2fs: %s" % (
+                    name, len(bomb), time.monotonic() - started, body.strip()))
+        peak = self.peak_rss_kib()
+        report("peak RSS after the bombs: %.1f MiB" % (peak / 1024))
+        self.assertLess(peak, 64 * 1024)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+
+class ServerScriptsTests(DaemonTestCase):
+    """Issue 14: SCRIPTS=server, and project.conf set by an administrator."""
+
+    settings = {"SCRIPTS": "server"}
+
+    def place(self, project, name, text, mode=0o755):
+        folder = os.path.join(self.daemon.upload_dir, project)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, name)
+        with open(path, "w") as file:
+            file.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def test_package_with_control_sh_is_refused(self):
+        self.place("app", "control.sh", "#!/bin/sh\necho server script\nexit 1\n")
+        status, _, body = self.daemon.upload("app", control_script(OK_SCRIPT))
+        self.assertEqual(status, 400)
+        self.assertIn("SCRIPTS=server", body)
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertFalse(os.path.exists(os.path.join(self.daemon.upload_dir, "app",
+                                                     "deployments")))
+        status, _, body = self.daemon.upload("app", tar_bytes({"data.txt": b"x"}))
+        self.assertEqual(status, 202, body)
+        self.assertEqual(self.daemon.wait_state("app", body.strip()), "ok")
+        self.assertIn("server script", self.daemon.log("app", body.strip()))
+
+    def test_project_conf_overrides_for_one_project(self):
+        self.place("open", "project.conf", "SCRIPTS=package\n", 0o644)
+        deployment = self.daemon.deploy(project="open")
+        self.assertEqual(self.daemon.wait_state("open", deployment), "ok")
+        status, _, body = self.daemon.upload("app", control_script(OK_SCRIPT))
+        self.assertEqual(status, 400)
+        # a project.conf others may write is no administrator's: refused
+        os.chmod(os.path.join(self.daemon.upload_dir, "open", "project.conf"), 0o666)
+        status, _, body = self.daemon.upload("open", control_script(OK_SCRIPT))
+        self.assertEqual(status, 500)
+        self.assertIn("not an administrator's file", body)
+        self.place("bad", "project.conf", "LISTEN=0.0.0.0:1\n", 0o644)
+        status, _, body = self.daemon.upload("bad", control_script(OK_SCRIPT))
+        self.assertEqual(status, 500)
+
+    def test_start_says_what_package_mode_means(self):
+        self.assertNotIn("SCRIPTS=package:", self.daemon.daemon_log())
+        self.assertIn("RUN_AS is not set", self.daemon.daemon_log())
+        other = DaemonProcess(os.path.join(self.tmp, "second")).start()
+        self.addCleanup(other.stop, signal.SIGKILL)
+        text = other.daemon_log("SCRIPTS=package")
+        self.assertEqual(text.count("SCRIPTS=package: a USER"), 1)
+
+
+SCRIPTS_UID, SCRIPTS_GID, SCRIPTS_GROUP = 64123, 64123, 64124
+DAEMON_UID = 64100
+
+HOSTILE_SCRIPT = """\
+#!/bin/sh
+try() {{ name=$1; shift; if "$@" >/dev/null 2>&1; then echo "$name=reached"
+         else echo "$name=refused"; fi; }}
+[ "$1" = check ] || exit 1
+try read_users cat {users}
+try write_other_control sh -c 'echo "echo planted" > {other}/control.sh'
+try write_other_notify sh -c 'echo "echo planted" > {other}/notify.sh'
+try write_other_conf sh -c 'echo SCRIPTS=package > {other}/project.conf'
+try rewrite_audit sed -i s/admin/dev/ {logs}/audit.log
+try append_audit sh -c 'echo forged >> {logs}/audit.log'
+try rewrite_log sed -i s/admin/dev/ {logs}/ipd.log
+try append_log sh -c 'echo forged >> {logs}/ipd.log'
+try read_environ cat /proc/$PPID/environ
+try read_memory dd if=/proc/$PPID/mem bs=1 count=1
+try read_state cat {deployments}/$DEPLOY.json
+try write_state sh -c 'echo {{}} > {deployments}/$DEPLOY.json'
+try list_deployments ls {deployments}
+try rename_deployments mv {deployments} {deployments}.x
+try signal_daemon kill -STOP $PPID
+try write_package_folder sh -c 'echo x > ./planted'
+try read_package cat ./control.sh
+try read_image cat "$IMAGE"
+try write_project_dir sh -c 'echo mine > "$PROJECT_DIR/mine"'
+grep -E '^Cap(Inh|Prm|Eff|Amb)' /proc/self/status
+echo "ids=$(id -u):$(id -g):$(id -G)"
+echo "project_dir=$PROJECT_DIR"
+exit 1
+"""
+
+ATTACKS = ("read_users", "write_other_control", "write_other_notify",
+           "write_other_conf", "rewrite_audit", "append_audit", "rewrite_log",
+           "append_log", "read_environ", "read_memory", "read_state",
+           "write_state", "list_deployments", "rename_deployments",
+           "signal_daemon", "write_package_folder")
+
+
+def reachable_python():
+    """A Python another user may run (pyenv's under /root is not), or None."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        path = os.path.realpath(candidate)
+        parts = path.split(os.sep)
+        folders = [os.sep.join(parts[:n]) or "/" for n in range(1, len(parts))]
+        if os.path.exists(path) and all(os.stat(folder).st_mode & stat.S_IXOTH
+                                        for folder in folders) \
+                and os.stat(path).st_mode & stat.S_IXOTH:
+            version = subprocess.run([path, "-c", "import sys; print(sys.version_info "
+                                      ">= (3, 8))"], stdout=subprocess.PIPE,
+                                     universal_newlines=True).stdout.strip()
+            if version == "True":
+                return path
+    return None
+
+
+class ScriptsUserChecks:
+    """A daemon whose scripts run as SCRIPTS_UID (RUN_AS), with another
+    project's scripts placed by an administrator, and the attacks on it;
+    mixed into the test classes below.  Needs root (CI)."""
+
+    daemon_uid = None  # None: the daemon runs as root
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to switch users")
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        os.chmod(self.tmp, 0o711)
+        self.canary = "canary-%s" % uuid.uuid4().hex
+        settings = {"RUN_AS": "%d:%d,%d" % (SCRIPTS_UID, SCRIPTS_GID, SCRIPTS_GROUP),
+                    "STEP_TIMEOUT": "20"}
+        program = IPD
+        if self.daemon_uid is not None:
+            python = reachable_python()
+            if not python or not shutil.which("setpriv"):
+                self.skipTest("needs setpriv and a Python other users may run")
+            program = os.path.join(self.tmp, "ipd.py")
+            shutil.copy(IPD, program)
+        self.daemon = DaemonProcess(self.tmp, settings, program=program)
+        os.chmod(self.daemon.users_file, 0o600)
+        self.other = os.path.join(self.daemon.upload_dir, "other")
+        os.makedirs(self.other)
+        with open(os.path.join(self.other, "control.sh"), "w") as file:
+            file.write("#!/bin/sh\necho admin script of other\nexit 1\n")
+        os.chmod(os.path.join(self.other, "control.sh"), 0o755)
+        web = os.path.join(self.daemon.upload_dir, "web")
+        os.makedirs(web)
+        with open(os.path.join(web, "notify.sh"), "w") as file:
+            file.write('#!/bin/sh\n{ id -u; grep CapEff /proc/self/status; } '
+                       '> "$PROJECT_DIR/notified.tmp"\n'
+                       'mv "$PROJECT_DIR/notified.tmp" "$PROJECT_DIR/notified"\n')
+        os.chmod(os.path.join(web, "notify.sh"), 0o755)
+        if self.daemon_uid is not None:
+            for root, folders, files in os.walk(self.tmp):
+                for name in [root] + [os.path.join(root, n) for n in folders + files]:
+                    if not name.startswith(self.other + os.sep):
+                        os.chown(name, self.daemon_uid, self.daemon_uid)
+            self.daemon.start_command = [
+                "setpriv", "--reuid=%d" % self.daemon_uid,
+                "--regid=%d" % self.daemon_uid, "--clear-groups",
+                "--inh-caps=-all,+setuid,+setgid,+kill",
+                "--ambient-caps=-all,+setuid,+setgid,+kill",
+                "--bounding-set=-all,+setuid,+setgid,+kill", python]
+        self.daemon.start({"IPD_CANARY": self.canary})
+        self.addCleanup(self.daemon.stop, signal.SIGKILL)
+
+    def hostile(self):
+        return HOSTILE_SCRIPT.format(
+            users=self.daemon.users_file, other=self.other, logs=self.tmp,
+            deployments=os.path.join(self.daemon.upload_dir, "web", "deployments"))
+
+    def run_hostile(self):
+        """Upload the hostile package as the USER dev; -> {attack: outcome}."""
+        audit_before = open(os.path.join(self.tmp, "audit.log")).read() \
+            if os.path.exists(os.path.join(self.tmp, "audit.log")) else ""
+        status, _, body = self.daemon.upload(
+            "web", control_script(self.hostile()), image=b"image bytes", user="dev")
+        self.assertEqual(status, 202, body)
+        deployment = body.strip()
+        self.assertEqual(self.daemon.wait_state("web", deployment), "ok")
+        log = self.daemon.log("web", deployment)
+        outcome = dict(re.findall(r"(?m)^(\w+)=(reached|refused)$", log))
+        for attack in ATTACKS:
+            self.assertEqual(outcome.get(attack), "refused", "%s\n%s" % (attack, log))
+        for allowed in ("read_package", "read_image", "write_project_dir"):
+            self.assertEqual(outcome.get(allowed), "reached", "%s\n%s" % (allowed, log))
+        for field in ("CapPrm", "CapEff", "CapAmb"):
+            self.assertRegex(log, r"%s:\s+0+\n" % field)
+        self.assertIn("ids=%d:%d:%d %d" % (SCRIPTS_UID, SCRIPTS_GID, SCRIPTS_GID,
+                                           SCRIPTS_GROUP), log)
+        work = os.path.join(self.daemon.upload_dir, "web", "work")
+        self.assertIn("project_dir=%s" % work, log)
+        self.assertEqual(open(os.path.join(work, "mine")).read(), "mine\n")
+        notified = os.path.join(work, "notified")  # notify.sh: the same user
+        deadline = time.monotonic() + 20
+        while not os.path.exists(notified) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertRegex(open(notified).read(), r"^%d\nCapEff:\s+0+\n" % SCRIPTS_UID)
+        # what it failed to reach is as it was
+        self.assertEqual(os.listdir(self.other), ["control.sh"])
+        audit_text = open(os.path.join(self.tmp, "audit.log")).read()
+        self.assertTrue(audit_text.startswith(audit_before))
+        self.assertNotIn("forged", audit_text)
+        self.assertIn('"user": "dev"', audit_text)
+        self.assertNotIn(self.canary, log)
+        deployment = self.daemon.deploy("echo $1; exit 1", project="other")
+        self.assertEqual(self.daemon.wait_state("other", deployment), "ok")
+        self.assertNotIn("planted", self.daemon.log("other", deployment))
+        return log
+
+    def test_hostile_control_sh_reaches_nothing_of_ipd(self):
+        report("hostile control.sh under RUN_AS (daemon %s): %d attacks refused"
+               % ("root" if self.daemon_uid is None else "uid %d" % self.daemon_uid,
+                  len(ATTACKS)))
+        self.run_hostile()
+
+    def test_timeout_and_cancel_stop_the_scripts_processes(self):
+        script = """
+            sleep 300 &
+            echo $! >> %s
+            sleep 300
+            """ % os.path.join(self.daemon.upload_dir, "web", "work", "pids")
+        status, _, body = self.daemon.upload("web", control_script(script))
+        deployment = body.strip()
+        self.assertEqual(self.daemon.wait_state("web", deployment, timeout=60),
+                         "timeout")
+        pids = open(os.path.join(self.daemon.upload_dir, "web", "work",
+                                 "pids")).read().split()
+        self.assertTrue(pids)
+        for pid in pids:
+            self.assertFalse(process_running(int(pid)), pid)
+        status, _, body = self.daemon.upload("web", control_script(script))
+        deployment = body.strip()
+        self.daemon.wait_state("web", deployment, ("active",))
+        time.sleep(0.5)
+        self.daemon.request("POST", "/cancel/web/" + deployment)
+        self.assertEqual(self.daemon.wait_state("web", deployment), "cancelled")
+        for pid in open(os.path.join(self.daemon.upload_dir, "web", "work",
+                                     "pids")).read().split():
+            self.assertFalse(process_running(int(pid)), pid)
+
+    def test_kill_9_restart_stops_what_was_left(self):
+        pids = os.path.join(self.daemon.upload_dir, "web", "work", "pids")
+        script = """
+            sleep 300 &
+            echo $! >> %s
+            (setsid sleep 300 & echo $! >> %s.escaped)
+            sleep 300
+            """ % (pids, pids)
+        status, _, body = self.daemon.upload("web", control_script(script))
+        deployment = body.strip()
+        self.daemon.wait_state("web", deployment, ("active",))
+        step = os.path.join(self.daemon.upload_dir, "web", "deployments",
+                            deployment + ".step")
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(step) and os.path.exists(pids)
+                   and open(pids).read().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(open(pids).read().split()[0])
+        self.assertTrue(process_running(child))
+        self.daemon.kill()
+        self.assertTrue(process_running(child))
+        self.daemon.start({"IPD_CANARY": self.canary})
+        self.assertEqual(self.daemon.state("web", deployment), "interrupted")
+        self.assertFalse(process_running(child))
+        escaped = os.path.exists(pids + ".escaped") and \
+            int(open(pids + ".escaped").read().split()[0])
+        if escaped and process_running(escaped):
+            # left its session: out of ipd's reach, as it says (README)
+            os.kill(escaped, signal.SIGKILL)
+
+
+class ScriptsUserTests(ScriptsUserChecks, unittest.TestCase):
+    """Issue 14: RUN_AS, ipd itself running as root."""
+
+    def test_project_conf_gives_a_project_its_own_user(self):
+        conf = os.path.join(self.other, "project.conf")
+        with open(conf, "w") as file:
+            file.write("RUN_AS=64125:64125\n")
+        deployment = self.daemon.deploy('id -u; echo x > "$PROJECT_DIR/own"; exit 1',
+                                        project="other")
+        self.assertEqual(self.daemon.wait_state("other", deployment), "ok")
+        self.assertIn("64125\n", self.daemon.log("other", deployment))
+        other_work = os.path.join(self.other, "work")
+        self.assertEqual(os.stat(os.path.join(other_work, "own")).st_uid, 64125)
+        deployment = self.daemon.deploy(
+            'echo x > %s/planted && echo reached; id -u; exit 1' % other_work,
+            project="web")
+        self.assertEqual(self.daemon.wait_state("web", deployment), "ok")
+        log = self.daemon.log("web", deployment)
+        self.assertNotIn("reached", log)
+        self.assertIn("%d\n" % SCRIPTS_UID, log)
+
+    def test_start_warns_when_the_users_file_is_within_reach(self):
+        self.assertIn("RUN_AS=", self.daemon.daemon_log("RUN_AS="))
+        self.assertNotIn("within reach", self.daemon.daemon_log())
+        os.chmod(self.daemon.users_file, 0o644)  # the original's: touch
+        self.daemon.restart()
+        self.assertIn("users.txt was open to others: made it 640\n",
+                      self.daemon.daemon_log("open to others"))
+        self.assertEqual(stat.S_IMODE(os.stat(self.daemon.users_file).st_mode), 0o640)
+        os.chown(self.daemon.users_file, 0, SCRIPTS_GID)
+        self.daemon.restart()
+        self.assertIn("users.txt is within reach of the scripts' user",
+                      self.daemon.daemon_log("within reach"))
+
+
+class UnprivilegedDaemonTests(ScriptsUserChecks, unittest.TestCase):
+    """Issue 14: RUN_AS, ipd running as an unprivileged uid with only
+    CAP_SETUID, CAP_SETGID and CAP_KILL, as ipd-run-as.conf sets it up."""
+
+    daemon_uid = DAEMON_UID
+
+    def test_daemon_keeps_only_its_capabilities(self):
+        with open("/proc/%d/status" % self.daemon.process.pid) as file:
+            status = file.read()
+        self.assertRegex(status, r"Uid:\s+%d\s+%d\s+0\s" % ((DAEMON_UID,) * 2))
+        self.assertRegex(status, r"CapEff:\s+0+e0\n")
+
+
+class RunAsSettingTests(unittest.TestCase):
+    """Issue 14: RUN_AS and SCRIPTS as settings, and the unit's drop-in."""
+
+    def test_run_as_forms(self):
+        run_as = ipd.resolve_run_as("64123:64123,64124,64125")
+        self.assertEqual((run_as.uid, run_as.gid, run_as.groups),
+                         (64123, 64123, (64124, 64125)))
+        nobody = ipd.resolve_run_as("nobody")
+        self.assertEqual(nobody.uid, ipd.pwd.getpwnam("nobody").pw_uid)
+        for bad in ("root", "0:0", "64123:0", "64123", "no-such-user-ipd:1",
+                    "64123:no-such-group-ipd", ":1", "64123:"):
+            with self.subTest(bad):
+                with self.assertRaises(ValueError):
+                    ipd.resolve_run_as(bad)
+        with self.assertRaisesRegex(ipd.ConfigError, "RUN_AS"):
+            ipd.load_settings(os.devnull, {"RUN_AS": "root"})
+        with self.assertRaisesRegex(ipd.ConfigError, "SCRIPTS"):
+            ipd.load_settings(os.devnull, {"SCRIPTS": "maybe"})
+
+    def test_unprivileged_daemon_without_capabilities_refuses_run_as(self):
+        python = reachable_python()
+        if os.geteuid() != 0 or not python or not shutil.which("setpriv"):
+            self.skipTest("needs root, setpriv and a Python other users may run")
+        tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        program = os.path.join(tmp, "ipd.py")
+        shutil.copy(IPD, program)
+        daemon = DaemonProcess(tmp, {"RUN_AS": "%d:%d" % (SCRIPTS_UID, SCRIPTS_GID)},
+                               program=program)
+        for name in os.listdir(tmp) + [""]:
+            os.chown(os.path.join(tmp, name), DAEMON_UID, DAEMON_UID)
+        daemon.start_command = ["setpriv", "--reuid=%d" % DAEMON_UID, "--regid=%d"
+                                % DAEMON_UID, "--clear-groups", python]
+        with self.assertRaisesRegex(AssertionError, "RUN_AS needs ipd to run as "
+                                    "root or with CAP_SETUID, CAP_SETGID, CAP_KILL"):
+            daemon.start()
+        self.assertEqual(daemon.stop(), 2)
+
+    def test_scripts_of_a_capable_daemon_without_run_as_get_no_capability(self):
+        python = reachable_python()
+        if os.geteuid() != 0 or not python or not shutil.which("setpriv"):
+            self.skipTest("needs root, setpriv and a Python other users may run")
+        tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        program = os.path.join(tmp, "ipd.py")
+        shutil.copy(IPD, program)
+        daemon = DaemonProcess(tmp, program=program)
+        for name in os.listdir(tmp) + [""]:
+            os.chown(os.path.join(tmp, name), DAEMON_UID, DAEMON_UID)
+        daemon.start_command = [
+            "setpriv", "--reuid=%d" % DAEMON_UID, "--regid=%d" % DAEMON_UID,
+            "--clear-groups", "--inh-caps=-all,+setuid,+setgid,+kill",
+            "--ambient-caps=-all,+setuid,+setgid,+kill",
+            "--bounding-set=-all,+setuid,+setgid,+kill", python]
+        daemon.start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        deployment = daemon.deploy("grep -E '^Cap(Prm|Eff|Amb)' /proc/self/status\n"
+                                   "id -u\nexit 1\n")
+        self.assertEqual(daemon.wait_state("app", deployment), "ok")
+        log = daemon.log("app", deployment)
+        self.assertRegex(log, r"CapPrm:\s+0+\nCapEff:\s+0+\nCapAmb:\s+0+\n%d"
+                         % DAEMON_UID)
+
+    def test_drop_in_grants_three_capabilities_and_no_docker(self):
+        text = open(os.path.join(HERE, "ipd-run-as.conf")).read()
+        wanted = {"CAP_SETUID", "CAP_SETGID", "CAP_KILL"}
+        for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
+            values = re.findall(r"(?m)^%s=(.*)$" % key, text)
+            self.assertEqual([set(value.split()) for value in values], [wanted])
+        self.assertRegex(text, r"(?m)^SupplementaryGroups=$")
+        self.assertIn("ipd-run-as.conf", open(os.path.join(HERE, "Makefile")).read())
+
+
+class AuditSyslogTests(DaemonTestCase):
+    """Issue 14: audit events also to syslog (a datagram socket here)."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.socket_path = os.path.join(self.tmp, "log.sock")
+        self.syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.syslog.bind(self.socket_path)
+        self.syslog.settimeout(10)
+        self.addCleanup(self.syslog.close)
+        self.daemon = self.start_daemon({"AUDIT_SYSLOG": self.socket_path})
+
+    def test_each_audit_event_goes_to_syslog(self):
+        deployment = self.daemon.deploy()
+        self.daemon.wait_state("app", deployment)
+        messages = []
+        while not any('"state": "ok"' in text for text in messages):
+            messages.append(self.syslog.recv(65536).decode())
+        upload = [text for text in messages if '"event": "upload"' in text]
+        self.assertTrue(upload, messages)
+        self.assertTrue(upload[0].startswith("<%d>ipd-audit: {" % (10 * 8 + 6)))
+        self.assertIn(deployment, upload[0])
+
+    def test_unreachable_syslog_stops_start_up(self):
+        daemon = DaemonProcess(os.path.join(self.tmp, "second"),
+                               {"AUDIT_SYSLOG": os.path.join(self.tmp, "none")})
+        with self.assertRaisesRegex(AssertionError, "AUDIT_SYSLOG"):
+            daemon.start()
+        daemon.stop()
 
 
 ###############################################################################

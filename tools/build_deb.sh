@@ -20,7 +20,7 @@ install -m 0644 ipd-nginx.path "$stage/lib/systemd/system/ipd-nginx.path"
 sed -e 's|^ExecStart=.*|ExecStart=/usr/lib/ipd/nginx-reload|' \
     ipd-nginx.service > "$stage/lib/systemd/system/ipd-nginx.service"
 install -m 0644 ipd.conf.example "$stage/etc/ipd.conf"
-install -m 0644 README.md ipd.conf.example "$stage/usr/share/doc/ipd/"
+install -m 0644 README.md ipd.conf.example ipd-run-as.conf "$stage/usr/share/doc/ipd/"
 install -m 0644 LICENSE "$stage/usr/share/doc/ipd/copyright"
 install -m 0755 tools/deb/postinst tools/deb/prerm tools/deb/postrm "$stage/DEBIAN/"
 echo /etc/ipd.conf > "$stage/DEBIAN/conffiles"

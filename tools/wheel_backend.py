@@ -30,7 +30,8 @@ TAG = "py3-none-any"
 EPOCH = (1980, 1, 1, 0, 0, 0)
 SDIST_FILES = ("ipd.py", "README.md", "LICENSE", "pyproject.toml",
                "tools/wheel_backend.py", "ipd.service", "ipd.conf.example",
-               "Makefile", "ipd-nginx.path", "ipd-nginx.service", "tools/nginx-reload")
+               "Makefile", "ipd-nginx.path", "ipd-nginx.service", "tools/nginx-reload",
+               "ipd-run-as.conf")
 
 
 def version():
