@@ -5518,8 +5518,9 @@ def close_to_others(settings):
     """At start: take others' bits off the users file and the logs where
     ipd may (the original's installation left them 0644; a project.conf's
     RUN_AS user is such an other), saying so in the log."""
-    for path in (settings.AUTH_DB, os.path.join(settings.LOG_DIR, "ipd.log"),
-                 os.path.join(settings.LOG_DIR, "audit.log")):
+    for key, path in (("AUTH_DB", settings.AUTH_DB),
+                      ("LOG_DIR", os.path.join(settings.LOG_DIR, "ipd.log")),
+                      ("LOG_DIR", os.path.join(settings.LOG_DIR, "audit.log"))):
         try:
             info = os.stat(path)
         except OSError:
@@ -5527,8 +5528,10 @@ def close_to_others(settings):
         if stat.S_ISREG(info.st_mode) and info.st_mode & 0o007 \
                 and os.geteuid() in (0, info.st_uid):  # files only: never /tmp
             os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o007)
-            log.warning("%s was open to others: made it %o", path,
-                        stat.S_IMODE(info.st_mode) & ~0o007)
+            message = "%s: %s was open to others: made it %o" % (
+                key, path, stat.S_IMODE(info.st_mode) & ~0o007)
+            log.warning("%s", message)
+            print_warning(message)
 
 
 def keep_from_scripts(settings, run_as):

@@ -4356,10 +4356,12 @@ class ScriptsUserDocker(DockerTestCase):
         os.makedirs(work)
         os.chown(work, 0, SCRIPTS_GID)
         os.chmod(work, 0o770)
-        with open(os.path.join(work, "deploy.env"), "w") as file:
+        settings = os.path.join(work, "deploy.env")
+        with open(settings, "w") as file:
             file.write(textwrap.dedent(text) + 'NGINX_LISTEN="unix:%s"\n'
                        'NGINX_SERVER_NAME=localhost\nNGINX="%s"\n'
                        % (self.app_socket, self.nginx.shell_command()))
+        os.chown(settings, SCRIPTS_UID, SCRIPTS_GID)  # prepare adds PORT_BASE
 
 
 class DockerExampleScriptsUserTests(DockerExampleTests, ScriptsUserDocker):
@@ -5263,7 +5265,7 @@ class StartupCheckTests(unittest.TestCase):
             % (sha256_hex("admin-pw"), sha256_hex("x"), sha256_hex("y")), 0o644)
         where = "ipd: warning: AUTH_DB=%s" % self.users
         self.assertEqual(warnings, [
-            "%s is readable by everyone: chmod o-r %s" % (where, self.users),
+            "ipd: warning: AUTH_DB: %s was open to others: made it 640" % self.users,
             "%s, line 3: unknown role 'ADMN' (ADMIN, USER or METRICS); line ignored"
             % where,
             "%s, line 4: expected ROLE:username:hash[:projects], found 2 fields; "
@@ -6686,6 +6688,7 @@ class RunAsSettingTests(unittest.TestCase):
         shutil.copy(IPD, program)
         daemon = DaemonProcess(tmp, {"RUN_AS": "%d:%d" % (SCRIPTS_UID, SCRIPTS_GID)},
                                program=program)
+        os.makedirs(daemon.upload_dir, exist_ok=True)  # ipd makes no folder
         for name in os.listdir(tmp) + [""]:
             os.chown(os.path.join(tmp, name), DAEMON_UID, DAEMON_UID)
         daemon.start_command = ["setpriv", "--reuid=%d" % DAEMON_UID, "--regid=%d"
@@ -6704,6 +6707,7 @@ class RunAsSettingTests(unittest.TestCase):
         program = os.path.join(tmp, "ipd.py")
         shutil.copy(IPD, program)
         daemon = DaemonProcess(tmp, program=program)
+        os.makedirs(daemon.upload_dir, exist_ok=True)  # ipd makes no folder
         for name in os.listdir(tmp) + [""]:
             os.chown(os.path.join(tmp, name), DAEMON_UID, DAEMON_UID)
         daemon.start_command = [
