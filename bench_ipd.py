@@ -581,11 +581,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 MiB, one run")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--layers", action="store_true", help="only the layer "
+                        "push figures (issue #16)")
     args = parser.parse_args(argv)
     runs = 1 if args.quick else args.runs
-    ensure_tools()
     os.makedirs(BUILD, exist_ok=True)
     work = tempfile.mkdtemp(prefix="run-", dir=BUILD)
+    if args.layers:
+        report_layers(layer_figures(work, args.quick))
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
+    ensure_tools()
     sizes = [("64 MiB", 64 * MIB)]
     if not args.quick:
         sizes += [("1 GiB", 1 << 30), ("4 GiB", 4 << 30)]
@@ -619,6 +625,7 @@ def main(argv=None):
             system.stop()
     scale = startup_at_scale(work, *((100, 10) if args.quick else (1000, 100)))
     report(results, payloads, sha_rate, status, start_delay, scale, runs)
+    report_layers(layer_figures(work, args.quick))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
@@ -684,6 +691,255 @@ def report(results, payloads, sha_rate, status, start_delay, scale, runs):
         print("%s start-up over the deployments on disk: %.2f s, RSS %.0f MiB; "
               "/info %.1f ms, /stat %.1f ms" % (when, startup, rss, latencies["/info"],
                                                  latencies["/stat"]))
+
+
+# --- layer pushes (issue #16)
+
+class Relay:
+    """A TCP relay in front of ipd: counts the bytes clients send (request
+    lines, headers and bodies: what goes on the wire) and, with a rate,
+    passes them no faster than a link of that many bytes a second."""
+
+    def __init__(self, target_port, rate=None):
+        self.target_port = target_port
+        self.rate = rate
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.cut_after = None  # bytes after which every connection is cut
+        self.reset()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def reset(self):
+        with self.lock:
+            self.sent = 0
+            self.started = time.monotonic()
+            self.connections = []
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.connections += [client, upstream]
+            threading.Thread(target=self.pump, args=(upstream, client, False),
+                             daemon=True).start()
+            threading.Thread(target=self.pump, args=(client, upstream, True),
+                             daemon=True).start()
+
+    def pump(self, source, target, counted):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if counted:
+                    with self.lock:
+                        self.sent += len(data)
+                        sent, started = self.sent, self.started
+                    if self.rate:
+                        ahead = sent / self.rate - (time.monotonic() - started)
+                        if ahead > 0:
+                            time.sleep(ahead)
+                    if self.cut_after is not None and sent >= self.cut_after:
+                        break
+                target.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+
+
+def layered_tar(path, layers):
+    """A docker-save-like tar: manifest.json, a config, and each layer
+    (a seed for random bytes, a size) as NAME/layer.tar."""
+    import random
+    import tarfile
+    names = []
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for number, (seed, size) in enumerate(layers):
+            name = "%064x/layer.tar" % (seed + 1)
+            names.append(name)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = size, 1700000000
+            # a random MiB of its own, repeated: no two layers alike
+            block = random.Random(seed).getrandbits(8 * MIB).to_bytes(MIB, "little")
+
+            class Reader:
+                position = 0
+
+                def read(self, count=-1):
+                    count = size - self.position if count < 0 else \
+                        min(count, size - self.position)
+                    pieces, left = [], count
+                    while left:
+                        start = self.position % MIB
+                        piece = block[start:start + left]
+                        pieces.append(piece)
+                        left -= len(piece)
+                        self.position += len(piece)
+                    return b"".join(pieces)
+            tar.addfile(info, Reader())
+        manifest = json.dumps([{"Config": "config.json", "RepoTags": ["bench:1"],
+                                "Layers": names}]).encode()
+        for name, data in (("config.json", b'{"os": "linux"}'),
+                           ("manifest.json", manifest)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, __import__("io").BytesIO(data))
+    return path
+
+
+def disk_bytes(folder):
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+class LayerIpd(System):
+    name = "ipd layers"
+    pinned = False
+
+
+def layer_figures(work, quick):
+    """The issue #16 figures: a redeploy with one changed layer at 100
+    Mbit/s, a cut push resumed, ten deployments sharing layers on disk."""
+    layer = (2 if quick else 10) * MIB
+    count = 5 if quick else 50
+    rate = 100 * 1000 * 1000 // 8  # 100 Mbit/s
+    store = os.path.join(work, "layers-store")
+    for project in ("bench", "ten"):
+        os.makedirs(os.path.join(store, project))
+        control = os.path.join(store, project, "control.sh")
+        with open(control, "w") as file:
+            file.write("#!/bin/sh\nexit 1\n")
+        os.chmod(control, 0o755)
+    users = os.path.join(work, "layers-users.txt")
+    with open(users, "w") as file:
+        file.write("ADMIN:bench:%s\n" % hashlib.sha256(b"bench").hexdigest())
+    environ = dict(os.environ, UPLOAD_DIR=store, LOG_DIR=work, AUTH_DB=users,
+                   LISTEN="127.0.0.1:0", KEEP_DEPLOYMENTS="10", MAX_UNPACKED_SIZE="0")
+    system = LayerIpd(work)
+    port = start_and_read_port([sys.executable, os.path.join(HERE, "ipd.py"),
+                                "--config", os.devnull, "serve"], environ, system)
+    figures = {}
+    relay = Relay(port)
+
+    def push(image, *extra, project="bench"):
+        relay.reset()
+        started = time.monotonic()
+        subprocess.run([sys.executable, os.path.join(HERE, "ipd.py"), "push",
+                        "--project", project, "--image", image, "--wait"] + list(extra),
+                       check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, env=dict(
+                           os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % relay.port,
+                           IPD_USER="bench", IPD_PASSWORD="bench"))
+        return time.monotonic() - started, relay.sent
+
+    try:
+        # 1. a redeploy where one layer changed, through a 100 Mbit/s link
+        v1 = layered_tar(os.path.join(work, "v1.tar"),
+                         [(number, layer) for number in range(count)])
+        v2 = layered_tar(os.path.join(work, "v2.tar"),
+                         [(number, layer) for number in range(count - 1)]
+                         + [(1000, layer)])
+        push(v1)
+        relay.rate = rate
+        sha_before = sha256_rate_one_core()
+        layer_time, layer_bytes = push(v2)
+        sha_after = sha256_rate_one_core()
+        whole_time, whole_bytes = push(v2, "--whole")
+        relay.rate = None
+        figures["redeploy"] = {
+            "image": os.path.getsize(v2), "changed": layer,
+            "layer_bytes": layer_bytes, "layer_time": layer_time,
+            "whole_bytes": whole_bytes, "whole_time": whole_time,
+            "sha256": (sha_before + sha_after) / 2}
+        os.unlink(v1)
+        # 2. a push cut at half, then pushed again
+        big = layered_tar(os.path.join(work, "big.tar"),
+                          [(2000, (64 if quick else 1024) * MIB)])
+        size = os.path.getsize(big)
+        relay.reset()
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "ipd.py"), "push", "--project",
+             "bench", "--image", big], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, env=dict(
+                os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % relay.port,
+                IPD_USER="bench", IPD_PASSWORD="bench"))
+        while relay.sent < size // 2 and process.poll() is None:
+            time.sleep(0.01)
+        process.kill()
+        process.wait()
+        with relay.lock:
+            for sock in relay.connections:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        cut = relay.sent
+        time.sleep(1)
+        _, resumed = push(big)
+        figures["resume"] = {"size": size, "cut": cut, "resumed": resumed}
+        os.unlink(big)
+        os.unlink(v2)
+        # 3. ten deployments sharing all but one layer
+        shared = [(3000 + number, layer) for number in range(count - 1)]
+        before = disk_bytes(store)
+        for number in range(10):
+            image = layered_tar(os.path.join(work, "ten.tar"),
+                                shared + [(4000 + number, layer)])
+            push(image, project="ten")
+            os.unlink(image)
+        used = disk_bytes(store) - before
+        figures["ten"] = {"used": used, "unique": layer * (count - 1 + 10),
+                          "full": 10 * layer * count}
+    finally:
+        relay.close()
+        system.stop()
+    return figures
+
+
+def report_layers(figures):
+    redeploy, resume, ten = figures["redeploy"], figures["resume"], figures["ten"]
+    print("\nLayer pushes (issue #16), through a relay that counts the bytes on "
+          "the wire")
+    print("| figure | measured | target |")
+    print("| ------ | ------: | ------ |")
+    print("| redeploy of a %.0f MiB image, one %.0f MiB layer changed: bytes on "
+          "the wire | %.0f (%.3f x the changed layer) | at most 1.05 x (changed + "
+          "metadata) |" % (redeploy["image"] / MIB, redeploy["changed"] / MIB,
+                          redeploy["layer_bytes"],
+                          redeploy["layer_bytes"] / redeploy["changed"]))
+    print("| the same at 100 Mbit/s, push to ok | %.2f s (whole upload: %.2f s, "
+          "%.0f bytes): %.1f x faster | at least 20 x |" % (
+              redeploy["layer_time"], redeploy["whole_time"], redeploy["whole_bytes"],
+              redeploy["whole_time"] / redeploy["layer_time"]))
+    print("| SHA-256 of one core around that push (client and server each hash "
+          "the whole image once) | %.0f MiB/s | |" % redeploy["sha256"])
+    print("| a %.0f MiB push cut after %.0f%%: the next push sends | %.1f%% | at "
+          "most 55%% |" % (resume["size"] / MIB, 100 * resume["cut"] / resume["size"],
+                           100 * resume["resumed"] / resume["size"]))
+    print("| ten deployments sharing all but one layer: disk used | %.0f MiB, %.2f x "
+          "the unique %.0f MiB (full copies: %.0f MiB) | at most 1.3 x |" % (
+              ten["used"] / MIB, ten["used"] / ten["unique"], ten["unique"] / MIB,
+              ten["full"] / MIB))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ How it is built, top to bottom: settings; errors; helpers; users and
 passwords; the streaming multipart parser (pure, no I/O); request bodies;
 safe unpacking of packages; deployments and their on-disk store; who runs
 the scripts (RUN_AS, project.conf); the deploy worker that runs control.sh;
-the HTTP handler and server; the CLI.
+segments (layers stored once), recipes and resumable segment uploads; the
+HTTP handler and server; the CLI.
 
 On disk, under UPLOAD_DIR, each project has a folder (PROJECT_DIR, kept
 across deployments, where an administrator may place a control.sh,
@@ -32,8 +33,12 @@ notify.sh and project.conf; with RUN_AS the scripts' PROJECT_DIR is its
                 killed ipd left of it (RUN_AS: not ours to read otherwise)
     ID.json     state and times, written atomically; the deployment exists
                 once this file does, and the daemon's memory is a cache of it
+    ID.recipe   of a push by recipe: how to rebuild ID.image and ID.package
+                from inline bytes and segments
 
-and UPLOAD_DIR/.ipd.lock, flock'ed by the one daemon that uses the folder.
+and UPLOAD_DIR/.ipd.lock, flock'ed by the one daemon that uses the folder;
+UPLOAD_DIR/.segments/ holds the segments (sha256/ab/abcd...), each once,
+and partial/ the segment uploads under way.
 """
 
 __version__ = "1.0.0"
@@ -66,6 +71,7 @@ import lzma
 import netrc
 import os
 import pwd
+import queue
 import re
 import secrets
 import select
@@ -144,6 +150,15 @@ SETTINGS = {
                    "is POSTed; empty for none"),
     "NOTIFY_TIMEOUT": ("30", "seconds", "time limit of notify.sh and of each "
                        "NOTIFY_URL attempt"),
+    "SEGMENT_EXPIRY": ("86400", "seconds",
+                       "partial segment uploads untouched this long are removed, "
+                       "and so are segments no kept deployment refers to"),
+    "DROP_REBUILT": ("yes", "yesno",
+                     "remove the image and package a recipe push rebuilt once "
+                     "its run ends (a redeploy rebuilds them from segments)"),
+    "MIN_FREE_SPACE": ("0", "size",
+                       "free space floor of UPLOAD_DIR: below it the files of "
+                       "the oldest prunable deployments go first; 0 for none"),
     # What an uploader can reach (issue 14): see README, Guarantees.
     "SCRIPTS": ("package", "scripts",
                 "package: a package may carry its own control.sh (the "
@@ -212,6 +227,10 @@ def parse_setting(kind, text):
         return value
     if kind == "size":
         return parse_size(text)
+    if kind == "yesno":
+        if text.lower() not in ("yes", "no", "1", "0", "true", "false"):
+            raise ValueError("must be yes or no")
+        return text.lower() in ("yes", "1", "true")
     if kind == "names":
         names = text.replace(",", " ").split()
         for name in names:
@@ -1480,6 +1499,23 @@ class KeptFile:
         remove_quietly(self.path)
 
 
+class RecipeFile:
+    """A pushed recipe in a temporary file, moved in beside the deployment's
+    files like them (#16)."""
+
+    def __init__(self, data, folder):
+        fd, self.path = tempfile.mkstemp(prefix=".upload-", suffix=".recipe",
+                                         dir=folder)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def discard(self):
+        remove_quietly(self.path)
+
+
 class FieldSink:
     """A text field kept in memory, with a small limit."""
 
@@ -1520,11 +1556,15 @@ class Upload:
     def __init__(self):
         self.fields = {}
         self.files = {}
+        self.recipe = None  # a pushed recipe's temporary file (#16)
 
     def discard(self):
         for sink in self.files.values():
             sink.discard()
         self.files = {}
+        if self.recipe is not None:
+            self.recipe.discard()
+            self.recipe = None
 
 
 def receive_upload(body, boundary, folder, on_field=None):
@@ -2114,6 +2154,9 @@ class DeploymentStore:
         self._cancels = {}        # id of a running deployment -> Event
         self.metrics = Metrics()
         self.on_final = None      # called with each record that ends
+        self.segments = None      # the SegmentStore of recipe pushes (#16)
+        self.drop_rebuilt = False  # DROP_REBUILT
+        self.min_free = 0         # MIN_FREE_SPACE
 
     # --- paths
 
@@ -2395,10 +2438,61 @@ class DeploymentStore:
                    and not self._records[i].get("pruned")
                    and self._records[i]["state"] not in UNFINISHED]
         for deployment_id in old:
-            record = self.get(deployment_id)
-            for suffix in ("", ".image", ".package", ".step"):
-                remove_quietly(self.path(record, suffix))
-            self.update(deployment_id, pruned=True)
+            self.prune_files(deployment_id)
+        if self.segments:
+            self.after_prune(project)
+
+    def prune_files(self, deployment_id):
+        record = self.get(deployment_id)
+        for suffix in ("", ".image", ".package", ".step", ".recipe"):
+            remove_quietly(self.path(record, suffix))
+        self.update(deployment_id, pruned=True)
+        if self.segments:
+            self.segments.forget(deployment_id)
+
+    def after_prune(self, project):
+        """(#16) Ended recipe deployments of project lose their rebuilt
+        files (DROP_REBUILT); below MIN_FREE_SPACE the oldest prunable
+        deployments are pruned; unreferenced segments go."""
+        if self.drop_rebuilt:
+            with self._lock:
+                busy = {self._waiting.get(project), self._running.get(project)}
+                ended = [dict(self._records[i]) for i in self._by_project.get(project, ())
+                         if i not in busy and self._records[i].get("recipe")
+                         and not self._records[i]["pruned"]
+                         and self._records[i]["state"] not in UNFINISHED]
+            for record in ended:
+                for name in record["files"]:
+                    remove_quietly(self.path(record, "." + name))
+        self.segments.collect()
+        self.make_room()
+
+    def make_room(self):
+        """Below MIN_FREE_SPACE: prune the oldest deployments that may be
+        pruned (never a waiting or running one, nor a project's latest ok
+        one) until there is room or none is left."""
+        while self.min_free:
+            free = free_space(self.upload_dir)
+            if free is None or free >= self.min_free:
+                return
+            with self._lock:
+                keep = set(self._waiting.values()) | set(self._running.values())
+                for ids in self._by_project.values():
+                    done = [i for i in ids if self._records[i]["state"] == "ok"]
+                    keep.update(done[-1:])
+                candidates = [record for record in self._records.values()
+                              if record["id"] not in keep and not record["pruned"]
+                              and record["state"] not in UNFINISHED]
+            if not candidates:
+                log.warning("free space below MIN_FREE_SPACE and nothing left "
+                            "to prune")
+                return
+            oldest = min(candidates, key=lambda record: record["seq"])
+            log.info("free space below MIN_FREE_SPACE: pruning deployment %s of %s",
+                     oldest["id"], oldest["project"])
+            self.prune_files(oldest["id"])
+            if self.segments:
+                self.segments.collect()
 
     # --- reading
 
@@ -2428,6 +2522,13 @@ class DeploymentStore:
         with self._lock:
             return {project: (dict(self._records[ids[-1]]), len(ids))
                     for project, ids in sorted(self._by_project.items())}
+
+    def kept_files(self):
+        """(record, has a recipe) of each deployment that keeps its files;
+        the records are the store's own: read them, do not change them."""
+        with self._lock:
+            return [(record, record.get("recipe")) for record in self._records.values()
+                    if not record["pruned"] and record["files"]]
 
     def statistics(self):
         with self._lock:
@@ -2578,6 +2679,7 @@ def new_record(deployment_id, project, seq, user, files, control):
         "steps": [],
         "pruned": False,
         "signer": None,
+        "recipe": False,
     }
 
 
@@ -3207,6 +3309,437 @@ def group_alive(group):
 
 
 ###############################################################################
+# Segments: layers stored once, recipes, resumable uploads (issue #16) ########
+###############################################################################
+
+SEGMENTS_DIR = ".segments"  # in UPLOAD_DIR; never a project name (leading dot)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}\Z")
+RECIPE_LIMIT = 64 << 20      # largest recipe (JSON) body
+RECIPE_MAX_PIECES = 100000   # pieces in one file's recipe
+
+
+def parse_recipe(data):
+    """A recipe body -> {project, force, manifest, signature, files:
+    {field: {name, size, sha256, segments: [{data: bytes} or {sha256,
+    size}]}}}.  Raises BadRequest for anything malformed."""
+    try:
+        recipe = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the recipe is not JSON")
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("files"), dict) \
+            or not recipe["files"]:
+        raise BadRequest("the recipe needs a files object: image, package or both")
+    for key in ("project", "manifest", "signature"):
+        if key in recipe and not isinstance(recipe[key], str):
+            raise BadRequest("recipe field %s must be a string" % key)
+    files = {}
+    for field, meta in recipe["files"].items():
+        if field not in UPLOAD_FILE_FIELDS:
+            raise BadRequest("unknown file in the recipe: %s (image or package)"
+                             % printable(repr(field), 40))
+        if not isinstance(meta, dict) or not isinstance(meta.get("segments"), list) \
+                or not isinstance(meta.get("size"), int) or meta["size"] < 0 \
+                or not SHA256_HEX.match(str(meta.get("sha256", ""))):
+            raise BadRequest("recipe of %s: needs size, sha256 (64 lower case hex "
+                             "digits) and segments" % field)
+        if len(meta["segments"]) > RECIPE_MAX_PIECES:
+            raise BadRequest("recipe of %s: more than %d segments"
+                             % (field, RECIPE_MAX_PIECES))
+        pieces = []
+        for piece in meta["segments"]:
+            if isinstance(piece, dict) and isinstance(piece.get("data"), str):
+                try:
+                    pieces.append({"data": base64.b64decode(piece["data"],
+                                                            validate=True)})
+                except (binascii.Error, ValueError):
+                    raise BadRequest("recipe of %s: inline data is not base64"
+                                     % field)
+            elif isinstance(piece, dict) and SHA256_HEX.match(
+                    str(piece.get("sha256", ""))) and isinstance(
+                        piece.get("size"), int) and piece["size"] >= 0:
+                pieces.append({"sha256": piece["sha256"], "size": piece["size"]})
+            else:
+                raise BadRequest("recipe of %s: each segment is {\"data\": base64} "
+                                 "or {\"sha256\": hex, \"size\": bytes}" % field)
+        name = client_filename(str(meta.get("name") or "")) or field
+        files[field] = {"name": name, "size": meta["size"],
+                        "sha256": meta["sha256"], "segments": pieces}
+    force = recipe.get("force", False)
+    return {"project": recipe.get("project"), "files": files,
+            "force": "1" if force in (True, 1, "1", "true", "yes") else "0",
+            "manifest": recipe.get("manifest"), "signature": recipe.get("signature")}
+
+
+def encode_recipe(files):
+    """The files part of a parsed recipe as stored beside a deployment."""
+    return json.dumps({field: dict(meta, segments=[
+        {"data": base64.b64encode(piece["data"]).decode()} if "data" in piece
+        else piece for piece in meta["segments"]]) for field, meta in files.items()},
+        sort_keys=True).encode()
+
+
+def recipe_digests(files):
+    return frozenset(piece["sha256"] for meta in files.values()
+                     for piece in meta["segments"] if "sha256" in piece)
+
+
+def parse_upload_complete(value, default):
+    """Upload-Complete, a structured-field boolean: ?1 or ?0."""
+    if value is None:
+        return default
+    value = value.strip()
+    if value not in ("?1", "?0"):
+        raise BadRequest("Upload-Complete must be ?1 or ?0")
+    return value == "?1"
+
+
+class SegmentWriter:
+    """One request's bytes appended to a partial segment (see
+    SegmentStore.begin); what arrived stays when the client goes away."""
+
+    def __init__(self, store, user, digest, path, offset):
+        self.store, self.user, self.digest = store, user, digest
+        self.path, self.offset = path, offset
+
+    def receive(self, body):
+        """Append the whole request body; raises what the body raises,
+        after keeping (and fsyncing) what came."""
+        buffer = bytearray(CHUNK_SIZE)
+        view = memoryview(buffer)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            while True:
+                count = body.readinto(view)
+                if not count:
+                    break
+                try:
+                    write_all(fd, view[:count])
+                except OSError as error:
+                    raise disk_errors(error)
+                self.offset += count
+        finally:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return self.offset
+
+    def finish(self):
+        """Verify the whole segment's SHA-256 and move it into the store;
+        -> its size.  A mismatch removes the partial (BadRequest)."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as file:
+            for block in iter(lambda: file.read(CHUNK_SIZE), b""):
+                digest.update(block)
+        if digest.hexdigest() != self.digest:
+            remove_quietly(self.path)
+            raise BadRequest("the segment's bytes have SHA-256 %s, not %s: "
+                             "send it again from the start"
+                             % (digest.hexdigest(), self.digest))
+        return self.store.add(self.user, self.digest, self.path)
+
+    def release(self):
+        with self.store.lock:
+            self.store.busy.discard((self.user.name, self.digest))
+
+
+class SegmentStore:
+    """Content-addressed segments under UPLOAD_DIR/.segments: sha256/ab/abcd...
+    complete ones (written as partial, renamed once the digest holds),
+    partial/USER/abcd... uploads under way.  A user is told a segment is on
+    the server only when it sent its bytes or a deployment of a project it
+    may use refers to it; for everyone else it is missing."""
+
+    def __init__(self, upload_dir, expiry):
+        self.root = os.path.join(upload_dir, SEGMENTS_DIR)
+        self.expiry = expiry
+        self.lock = threading.Lock()
+        self.sizes = {}      # digest -> size of each complete segment
+        self.uploaders = {}  # digest -> names of the users who sent its bytes
+        self.refs = {}       # deployment id -> (project, frozenset of digests)
+        self.recent = {}     # digest -> when last sent or named by a push
+        self.busy = set()    # (user, digest) being written
+        self.collected = time.monotonic()
+        self._statistics = None  # (when, figures)
+
+    def collect_now_and_then(self):
+        """collect(), at most every SEGMENT_EXPIRY / 4 (and hour)."""
+        if time.monotonic() - self.collected > min(self.expiry / 4, 3600):
+            self.collect()
+
+    # --- paths
+
+    def path(self, digest):
+        return os.path.join(self.root, "sha256", digest[:2], digest)
+
+    def partial_path(self, user_name, digest):
+        folder = hashlib.sha256(user_name.encode()).hexdigest()[:16]
+        return os.path.join(self.root, "partial", folder, digest)
+
+    def uploaders_path(self):
+        return os.path.join(self.root, "uploaders")
+
+    def make_folder(self, path):
+        """A folder under the store, the store itself made first and for
+        ipd alone (0700): the scripts' user (RUN_AS) reads no layer."""
+        os.makedirs(self.root, 0o700, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
+
+    # --- loading
+
+    def load(self, store):
+        """Find the segments on disk, who sent them, and which kept
+        deployments refer to which."""
+        try:  # made with the first segment
+            folders = list(os.scandir(os.path.join(self.root, "sha256")))
+        except FileNotFoundError:
+            folders = []
+        for folder in folders:
+            if not folder.is_dir():
+                continue
+            for entry in os.scandir(folder.path):
+                if SHA256_HEX.match(entry.name):
+                    info = entry.stat()
+                    self.sizes[entry.name] = info.st_size
+                    self.recent[entry.name] = info.st_mtime
+                else:  # a torn rename or stray file
+                    remove_quietly(entry.path)
+        try:
+            with open(self.uploaders_path(), encoding="utf-8") as file:
+                for line in file:
+                    try:
+                        digest, name = json.loads(line)
+                    except (ValueError, TypeError):
+                        continue
+                    if digest in self.sizes:
+                        self.uploaders.setdefault(digest, set()).add(name)
+        except FileNotFoundError:
+            pass
+        for project in store.projects():
+            for record in store.deployments_of(project):
+                if record.get("recipe") and not record["pruned"]:
+                    self.read_refs(store, record)
+        self.collect()
+
+    def read_refs(self, store, record):
+        try:
+            with open(store.path(record, ".recipe"), "rb") as file:
+                files = json.loads(file.read().decode())
+            digests = recipe_digests(files)
+        except (OSError, ValueError, AttributeError, KeyError, TypeError) as error:
+            log.error("unreadable recipe of deployment %s: %s", record["id"], error)
+            return
+        with self.lock:
+            self.refs[record["id"]] = (record["project"], digests)
+
+    # --- who may know of what
+
+    def visible(self, user, digests):
+        """The digests of digests that are on the server for user."""
+        with self.lock:
+            own = set()
+            for project, referred in self.refs.values():
+                if user.may_use(project):
+                    own |= referred
+            return {digest for digest in digests if digest in self.sizes and (
+                digest in own or user.name in self.uploaders.get(digest, ()))}
+
+    def touch(self, digests):
+        """Digests named by a push: not collected for SEGMENT_EXPIRY."""
+        now = time.time()
+        with self.lock:
+            for digest in digests:
+                self.recent[digest] = now
+
+    def partial_offset(self, user, digest):
+        try:
+            return os.stat(self.partial_path(user.name, digest)).st_size
+        except OSError:
+            return None
+
+    # --- uploads
+
+    def begin(self, user, digest, offset, restart=False):
+        """A SegmentWriter at offset of user's partial upload of digest;
+        Conflict (with the current Upload-Offset) when offset is not where
+        the partial ends or another request writes to it."""
+        key = (user.name, digest)
+        with self.lock:
+            if key in self.busy:
+                raise Conflict("this segment is being uploaded by another "
+                               "request; ask HEAD for its offset and go on")
+            self.busy.add(key)
+        try:
+            path = self.partial_path(user.name, digest)
+            self.make_folder(os.path.dirname(path))
+            if restart:
+                remove_quietly(path)
+            current = self.partial_offset(user, digest) or 0
+            if offset != current:
+                raise Conflict("Upload-Offset is %d but the server has %d bytes "
+                               "of this segment" % (offset, current),
+                               {"Upload-Offset": str(current)})
+            return SegmentWriter(self, user, digest, path, current)
+        except BaseException:
+            with self.lock:
+                self.busy.discard(key)
+            raise
+
+    def add(self, user, digest, partial):
+        """Move a verified partial into the store (or drop it when the store
+        has it already) and note who sent it; -> its size."""
+        final = self.path(digest)
+        size = os.stat(partial).st_size
+        with self.lock:  # collect() removes files under it too
+            if digest in self.sizes:
+                remove_quietly(partial)
+            else:
+                self.make_folder(os.path.dirname(final))
+                os.rename(partial, final)
+                fsync_dir(os.path.dirname(final))
+            self.sizes[digest] = size
+            self.recent[digest] = time.time()
+            names = self.uploaders.setdefault(digest, set())
+            new = user.name not in names
+            names.add(user.name)
+        if new:
+            with open(self.uploaders_path(), "a", encoding="utf-8") as file:
+                file.write(json.dumps([digest, user.name]) + "\n")
+        return size
+
+    # --- recipes
+
+    def rebuild(self, user, field, meta, sink):
+        """Write the file of a recipe into sink (a FileSink) byte for byte
+        and check its size and SHA-256.  Raises BadRequest."""
+        named = [piece["sha256"] for piece in meta["segments"] if "sha256" in piece]
+        self.touch(named)
+        present = self.visible(user, named)
+        for digest in named:
+            if digest not in present:
+                raise BadRequest("recipe of %s names segment %s, which the server "
+                                 "does not have: send it first" % (field, digest))
+        buffer = bytearray(CHUNK_SIZE)
+        for piece in meta["segments"]:
+            if "data" in piece:
+                sink.write(piece["data"])
+                continue
+            if piece["size"] != self.sizes.get(piece["sha256"]):
+                raise BadRequest("recipe of %s: segment %s has %s bytes, not %d"
+                                 % (field, piece["sha256"],
+                                    self.sizes.get(piece["sha256"]), piece["size"]))
+            try:
+                with open(self.path(piece["sha256"]), "rb") as file:
+                    while True:
+                        count = file.readinto(buffer)
+                        if not count:
+                            break
+                        sink.write(memoryview(buffer)[:count])
+            except FileNotFoundError:
+                raise BadRequest("recipe of %s names segment %s, which the server "
+                                 "does not have: send it first"
+                                 % (field, piece["sha256"]))
+            if sink.size > meta["size"]:
+                break
+        found = sink.describe()
+        if found["size"] != meta["size"] or found["sha256"] != meta["sha256"]:
+            raise BadRequest("the file the recipe of %s rebuilds has %d bytes and "
+                             "SHA-256 %s, not %d bytes and %s" % (
+                                 field, found["size"], found["sha256"],
+                                 meta["size"], meta["sha256"]))
+
+    # --- references and collection
+
+    def refer(self, record, files):
+        with self.lock:
+            self.refs[record["id"]] = (record["project"], recipe_digests(files))
+
+    def forget(self, deployment_id):
+        with self.lock:
+            self.refs.pop(deployment_id, None)
+
+    def collect(self, now=None):
+        """Remove partial uploads untouched for SEGMENT_EXPIRY, and segments
+        no kept deployment refers to that nobody sent or named for as
+        long.  Returns the bytes freed."""
+        now = now or time.time()
+        self.collected = time.monotonic()
+        freed = 0
+        partial_root = os.path.join(self.root, "partial")
+        try:
+            folders = list(os.scandir(partial_root))
+        except OSError:
+            folders = []
+        for folder in folders:
+            for entry in os.scandir(folder.path):
+                try:
+                    if now - entry.stat().st_mtime > self.expiry:
+                        with self.lock:
+                            busy = any(entry.name == digest for _, digest in self.busy)
+                        if not busy:
+                            remove_quietly(entry.path)
+                except OSError:
+                    pass
+        with self.lock:
+            referred = set()
+            for _, digests in self.refs.values():
+                referred |= digests
+            old = [digest for digest in self.sizes if digest not in referred
+                   and now - self.recent.get(digest, 0) > self.expiry]
+            for digest in old:
+                freed += self.sizes.pop(digest)
+                self.uploaders.pop(digest, None)
+                self.recent.pop(digest, None)
+                remove_quietly(self.path(digest))
+        if old:
+            log.info("removed %d unreferenced segment%s (%d bytes)", len(old),
+                     "" if len(old) == 1 else "s", freed)
+            self.rewrite_uploaders()
+        return freed
+
+    def rewrite_uploaders(self):
+        with self.lock:
+            lines = "".join(json.dumps([digest, name]) + "\n" for digest, names
+                            in sorted(self.uploaders.items()) for name in sorted(names))
+        write_file_atomic(self.uploaders_path(), lines.encode(), 0o600)
+
+    def statistics(self, store):
+        """Stored, unique and saved bytes of the kept deployments' files
+        (figured at most once a second)."""
+        cached = self._statistics
+        if cached and time.monotonic() - cached[0] < 1:
+            return dict(cached[1])
+        with self.lock:
+            unique = sum(self.sizes.values())
+            count = len(self.sizes)
+        logical = files_on_disk = 0
+        for record, recipe in store.kept_files():
+            for name, meta in record["files"].items():
+                logical += meta.get("size", 0)
+                if not recipe:  # an upload's file: there until pruned
+                    files_on_disk += meta.get("size", 0)
+                    continue
+                try:  # a rebuilt file, there until its run ended
+                    files_on_disk += os.stat(store.path(record, "." + name)).st_size
+                except OSError:
+                    pass
+        stored = unique + files_on_disk
+        figures = {"segments": count, "unique_bytes": unique, "stored_bytes": stored,
+                   "saved_bytes": max(0, logical - stored)}
+        self._statistics = (time.monotonic(), figures)
+        return dict(figures)
+
+
+def free_space(path):
+    try:
+        info = os.statvfs(path)
+    except OSError:
+        return None
+    return info.f_bavail * info.f_frsize
+
+
+
+###############################################################################
 # HTTP handler and server #####################################################
 ###############################################################################
 
@@ -3228,6 +3761,10 @@ ROUTES = {
     ("GET", "ui", 2): ("ui_project", "USER"),
     ("GET", "ui", 3): ("ui_deployment", "USER"),
     ("POST", "ui", 4): ("ui_action", "USER"),
+    ("POST", "push", 1): ("push", "USER"),                  # recipe (#16)
+    ("POST", "segments", 2): ("segment_post", "USER"),      # new or /missing
+    ("PATCH", "segments", 2): ("segment_patch", "USER"),    # append at offset
+    ("GET", "segments", 2): ("segment", "USER"),            # HEAD: the offset
 }
 
 
@@ -3301,6 +3838,10 @@ class Daemon:
         self.tokens = TokenDB(tokens_path(settings))
         self.login_throttle = LoginThrottle()
         self.store = DeploymentStore(settings.UPLOAD_DIR, settings.KEEP_DEPLOYMENTS)
+        self.segments = SegmentStore(settings.UPLOAD_DIR, settings.SEGMENT_EXPIRY)
+        self.store.segments = self.segments
+        self.store.drop_rebuilt = settings.DROP_REBUILT
+        self.store.min_free = settings.MIN_FREE_SPACE
         self.worker = DeployWorker(settings, self.store)
         self.notifier = Notifier(settings, self.store, self.worker.environment,
                                  self.worker.scripts_user)
@@ -3416,12 +3957,20 @@ class Daemon:
         upload = Upload()
         try:
             for name, meta in earlier["files"].items():
-                upload.files[name] = KeptFile(self.store.path(earlier, "." + name),
-                                              meta, self.settings.UPLOAD_DIR)
+                path = self.store.path(earlier, "." + name)
+                if earlier.get("recipe") and not os.path.exists(path):
+                    upload.files[name] = self.rebuild_kept(earlier, name, user)
+                    continue
+                upload.files[name] = KeptFile(path, meta, self.settings.UPLOAD_DIR)
+            if earlier.get("recipe"):
+                upload.recipe = KeptFile(self.store.path(earlier, ".recipe"), {},
+                                         self.settings.UPLOAD_DIR)
         except BaseException as error:
             upload.discard()
             if isinstance(error, FileNotFoundError):
                 raise Gone("the files of deployment %s are gone" % earlier["id"])
+            if isinstance(error, IpdError):
+                raise
             raise disk_errors(error)
         record = self.deploy_upload(earlier["project"], upload, user,
                                     redeploy_of=earlier["id"], signer=earlier["signer"])
@@ -3431,6 +3980,29 @@ class Daemon:
                     redeploy_of=earlier["id"], user=user.name, address=address,
                     files=record["files"])
         return record
+
+    def rebuild_kept(self, earlier, name, user):
+        """(#16) The file name of a recipe deployment, rebuilt from its kept
+        recipe into a FileSink; Gone when its segments are gone."""
+        try:
+            with open(self.store.path(earlier, ".recipe"), "rb") as file:
+                stored = json.loads(file.read().decode())
+            meta = parse_recipe(json.dumps({"files": {name: stored[name]}}).encode())[
+                "files"][name]
+        except (OSError, ValueError, KeyError, BadRequest):
+            raise Gone("the recipe of deployment %s is gone" % earlier["id"])
+        sink = FileSink(self.settings.UPLOAD_DIR, name, meta["name"])
+        try:
+            self.segments.rebuild(user, name, meta, sink)
+        except BadRequest as error:
+            sink.discard()
+            raise Gone("the files of deployment %s cannot be rebuilt: %s"
+                       % (earlier["id"], error))
+        except BaseException:
+            sink.discard()
+            raise
+        sink.close()
+        return sink
 
     def deploy_upload(self, project, upload, user, **extra):
         """Unpack the package, find control.sh, and commit the deployment.
@@ -3461,8 +4033,13 @@ class Daemon:
             record.update(extra)
             if control.startswith(staging + os.sep):
                 record["control"] = os.path.join(store.path(record), "control.sh")
-            store.commit(record, staging, {"." + name: sink.path for name, sink
-                                           in upload.files.items()})
+            moves = {"." + name: sink.path for name, sink in upload.files.items()}
+            if upload.recipe is not None:
+                moves[".recipe"] = upload.recipe.path
+                record["recipe"] = True
+            store.commit(record, staging, moves)
+            if upload.recipe is not None:
+                self.segments.read_refs(store, record)
         except BaseException as error:
             remove_quietly(staging)
             raise disk_errors(error)
@@ -4031,10 +4608,12 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         stats = daemon.store.statistics()
         with daemon.counter_lock:
             stats.update(uploads=daemon.uploads, bytes_received=daemon.bytes_received)
+        stats.update(daemon.segments.statistics(daemon.store))
         stats = dict({"version": __version__,
                       "uptime": round(time.time() - daemon.started, 3)}, **stats)
         lines = ["version %s\n" % __version__, "uptime %.0f\n" % stats["uptime"]]
-        for key in ("deployments", "queue", "running", "uploads", "bytes_received"):
+        for key in ("deployments", "queue", "running", "uploads", "bytes_received",
+                    "segments", "unique_bytes", "stored_bytes", "saved_bytes"):
             lines.append("%s %d\n" % (key, stats[key]))
         for state, count in stats["states"].items():
             lines.append("state.%s %d\n" % (state, count))
@@ -4241,6 +4820,16 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
                                         stats["running"]),
             "ipd_start_time_seconds": ("When ipd started.", "%.3f" % daemon.started),
         }
+        disk = daemon.segments.statistics(daemon.store)
+        gauges.update({
+            "ipd_segments": ("Segments stored, each once.", disk["segments"]),
+            "ipd_unique_bytes": ("Bytes of the stored segments.", disk["unique_bytes"]),
+            "ipd_stored_bytes": ("Bytes the kept deployments' images and packages "
+                                 "take: segments and files.", disk["stored_bytes"]),
+            "ipd_saved_bytes": ("Bytes full copies of the kept deployments' files "
+                                "would take beyond the stored bytes.",
+                                disk["saved_bytes"]),
+        })
         counters = {
             "ipd_uploads_total": ("Uploads accepted.", uploads),
             "ipd_upload_bytes_total": ("Bytes of accepted uploads.", received),
@@ -4363,6 +4952,166 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
                     user=self.user.name, address=self.client_ip(),
                     files=record["files"], signer=record["signer"])
         return record, True
+
+    # --- recipe pushes and segments (#16)
+
+    def read_json_body(self, limit):
+        """The whole (small) request body, read through LengthBody or
+        ChunkedBody, at most limit bytes."""
+        self.body = body = self.open_body(limit)
+        if self.expects_continue:
+            self.send_response_only(100)
+            self.end_headers()
+        data = bytearray()
+        buffer = bytearray(CHUNK_SIZE)
+        view = memoryview(buffer)
+        while True:
+            count = body.readinto(view)
+            if not count:
+                return bytes(data)
+            data += view[:count]
+            if len(data) > limit:
+                raise TooLarge("body larger than %d bytes" % limit)
+
+    def api_push(self):
+        """A deployment from a recipe: its files rebuilt from inline bytes
+        and stored segments, then exactly as an upload."""
+        settings = self.ipd.settings
+        self.announced_project = self.query.get("project", [None])[-1] or \
+            self.headers.get("X-Ipd-Project")
+        if self.announced_project is not None:
+            self.check_field("project", self.announced_project)
+        recipe = parse_recipe(self.read_json_body(RECIPE_LIMIT))
+        project = recipe["project"] or self.announced_project
+        if project is None:
+            raise BadRequest("missing recipe field 'project'")
+        self.check_field("project", project)
+        self.ipd.store.make_room()
+        upload = Upload()
+        try:
+            upload.fields["project"] = project
+            upload.fields["force"] = recipe["force"]
+            for key in ("manifest", "signature"):
+                if recipe[key] is not None:
+                    upload.fields[key] = recipe[key]
+            for field, meta in sorted(recipe["files"].items()):
+                upload.fields[field + "_sha256"] = meta["sha256"]
+                sink = upload.files[field] = FileSink(settings.UPLOAD_DIR, field,
+                                                      meta["name"])
+                self.ipd.segments.rebuild(self.user, field, meta, sink)
+                sink.close()
+            upload.recipe = RecipeFile(encode_recipe(recipe["files"]),
+                                       settings.UPLOAD_DIR)
+            record, created = self.create_deployment(upload)
+        finally:
+            upload.discard()
+        if created:
+            self.ipd.count_upload(self.body.received)
+        self.answer_deployment(record, 202 if created else 200)
+
+    def segment_digest(self, name):
+        if not SHA256_HEX.match(name):
+            raise NotFound("not found: a segment is named by its SHA-256 "
+                           "(64 lower case hex digits)")
+        return name
+
+    def api_segment(self, name):
+        """HEAD (or GET) of a segment: its Upload-Offset, Upload-Complete."""
+        digest = self.segment_digest(name)
+        segments = self.ipd.segments
+        if segments.visible(self.user, [digest]):
+            offset, complete = segments.sizes[digest], True
+        else:
+            offset, complete = segments.partial_offset(self.user, digest), False
+            if offset is None:
+                raise NotFound("no such segment on the server")
+        self.send_upload_state(204 if self.command == "HEAD" else 200, offset,
+                               complete)
+
+    def send_upload_state(self, status, offset, complete):
+        headers = {"Upload-Offset": str(offset),
+                   "Upload-Complete": "?1" if complete else "?0",
+                   "Cache-Control": "no-store"}
+        if status == 204:
+            self.send_response(204)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            return
+        self.answer(status, "%d%s\n" % (offset, " complete" if complete else ""),
+                    {"offset": offset, "complete": complete}, headers)
+
+    def api_segment_post(self, name):
+        if name == "missing":
+            return self.api_segments_missing()
+        self.receive_segment(self.segment_digest(name), 0, restart=True)
+
+    def api_segment_patch(self, name):
+        digest = self.segment_digest(name)
+        offset = self.headers.get("Upload-Offset")
+        if offset is None or not re.fullmatch(r"\s*\d{1,19}\s*", offset):
+            raise BadRequest("PATCH needs an Upload-Offset: the byte it starts at")
+        self.receive_segment(digest, int(offset))
+
+    def receive_segment(self, digest, offset, restart=False):
+        """Append the body to the user's partial segment at offset; with
+        Upload-Complete: ?1 (the default) verify and store it."""
+        complete = parse_upload_complete(self.headers.get("Upload-Complete"), True)
+        settings = self.ipd.settings
+        self.ipd.store.make_room()
+        limit = settings.MAX_UPLOAD_SIZE  # of the whole segment, however sent
+        if limit and offset >= limit:
+            raise TooLarge("segment larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
+        self.body = body = self.open_body(limit - offset if limit else 0)
+        writer = self.ipd.segments.begin(self.user, digest, offset, restart)
+        try:
+            if self.expects_continue:
+                self.send_response_only(100)
+                self.end_headers()
+            offset = writer.receive(body)
+            if complete:
+                writer.finish()
+        finally:
+            writer.release()
+        if complete:
+            log.info("segment %s (%d bytes) stored, sent by %s", digest, offset,
+                     self.user.name)
+            self.send_upload_state(201, offset, True)
+        else:
+            self.send_upload_state(204, offset, False)
+
+    def api_segments_missing(self):
+        """Which of the listed segments the server lacks, for this user;
+        and how much of each it has as a partial upload."""
+        announced = self.query.get("project", [None])[-1] or \
+            self.headers.get("X-Ipd-Project")
+        if announced is not None:  # a push it may not make sends nothing
+            check_project_name(announced)
+            self.check_project_access(announced)
+        data = self.read_json_body(RECIPE_LIMIT)
+        try:
+            listed = json.loads(data.decode("utf-8"))["segments"]
+            digests = [item if isinstance(item, str) else item["sha256"]
+                       for item in listed]
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+            raise BadRequest('expected JSON {"segments": [sha256, ...]}')
+        if not all(isinstance(digest, str) and SHA256_HEX.match(digest)
+                   for digest in digests):
+            raise BadRequest("each segment is named by its SHA-256 (64 lower "
+                             "case hex digits)")
+        segments = self.ipd.segments
+        segments.touch(digests)
+        segments.collect_now_and_then()
+        present = segments.visible(self.user, digests)
+        missing = [digest for digest in dict.fromkeys(digests)
+                   if digest not in present]
+        partial = {}
+        for digest in missing:
+            offset = segments.partial_offset(self.user, digest)
+            if offset:
+                partial[digest] = offset
+        self.answer(200, "".join(digest + "\n" for digest in missing),
+                    {"missing": missing, "partial": partial})
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -4691,6 +5440,7 @@ def run_daemon(settings, on_ready=None):
     server = bind_server(settings, daemon)  # before load: a clash changes nothing
     stop_signal = StopSignal()
     count = daemon.store.load(settings.KILL_GRACE)
+    daemon.segments.load(daemon.store)
     host, port = server.server_address[:2]
     url = "http://%s:%d%s/" % ("[%s]" % host if ":" in host else host, port,
                                settings.API_ROOT)
@@ -5107,6 +5857,295 @@ class Client:
             raise http_error(response.status, data.get("error") or body)
         return data["deployment"]
 
+    # --- layer pushes (#16)
+
+    def call_json(self, method, path, data, extra=None):
+        """-> (status, parsed JSON answer) of a request with a JSON body;
+        raises ClientError only for the network."""
+        body = json.dumps(data).encode()
+        try:
+            connection = self.connection()
+            connection.request(method, self.root + path, body=body,
+                               headers=self.headers(**dict(
+                                   {"Content-Type": "application/json"},
+                                   **(extra or {}))))
+            response = connection.getresponse()
+            answer = response.read()
+            connection.close()
+        except (OSError, http.client.HTTPException) as error:
+            raise network_error(self.url, error)
+        parsed = parse_json(answer)
+        if response.status >= 400 and not parsed.get("error"):
+            parsed["error"] = answer.decode("utf-8", "replace")
+        return response.status, parsed
+
+    def segment_offset(self, digest):
+        """How many bytes of the segment the server has (HEAD)."""
+        connection = self.connection()
+        try:
+            connection.request("HEAD", self.root + "/segments/" + digest,
+                               headers=self.headers())
+            response = connection.getresponse()
+            response.read()
+        finally:
+            connection.close()
+        if response.status == 404:
+            return 0
+        if response.status >= 400:
+            raise http_error(response.status, "HEAD of segment %s" % digest)
+        return int(response.getheader("Upload-Offset", "0"))
+
+    def send_segment(self, digest, path, start, end, offset, progress, attempts=4):
+        """Send bytes start..end of path as segment digest, from offset on
+        (resumable: POST from 0, else PATCH with Upload-Offset); a broken
+        connection is resumed where the server's HEAD says."""
+        buffer = bytearray(CHUNK_SIZE)
+        view = memoryview(buffer)
+        for attempt in range(attempts):
+            try:
+                if offset is None:
+                    offset = self.segment_offset(digest)
+                connection = self.connection()
+                connection.putrequest("POST" if offset == 0 else "PATCH",
+                                      self.root + "/segments/" + digest)
+                headers = self.headers(**{
+                    "Content-Length": str(end - start - offset),
+                    "Content-Type": "application/partial-upload",
+                    "Upload-Complete": "?1", "Upload-Offset": str(offset),
+                    "Expect": "100-continue"})
+                for name, value in headers.items():
+                    connection.putheader(name, value)
+                connection.endheaders()
+                early = await_continue(connection)
+                if early and early[0] == 409 and attempt < attempts - 1:
+                    connection.close()
+                    offset = None
+                    continue
+                if early:
+                    raise http_error(*early)
+                with open(path, "rb") as file:
+                    file.seek(start + offset)
+                    left = end - start - offset
+                    while left:
+                        count = file.readinto(view[:min(CHUNK_SIZE, left)])
+                        if not count:
+                            raise ClientError("%s changed while it was sent" % path,
+                                              EXIT_USAGE)
+                        connection.send(view[:count])
+                        left -= count
+                        if progress:
+                            progress.advance(count)
+                response = connection.getresponse()
+                answer = response.read()
+                connection.close()
+            except (OSError, http.client.HTTPException) as error:
+                if attempt == attempts - 1:
+                    raise network_error(self.url, error)
+                time.sleep(1)
+                offset = None
+                continue
+            if response.status in (200, 201, 204):
+                return
+            if response.status == 409 and attempt < attempts - 1:
+                offset = None
+                continue
+            raise http_error(response.status, parse_json(answer).get("error") or answer)
+
+    def push_layers(self, project, files, signed=None, progress=None, out=None,
+                    force=False):
+        """Push files ({field: path}) as recipes: ask which segments the
+        server lacks, send only those (resuming partial ones), then the
+        recipe.  Returns the deployment's id, or None when the server does
+        not take recipes (404/405): then a whole upload is the way."""
+        plans = {field: plan_file(path) for field, path in files.items()}
+        wanted = {}
+        for field, plan in plans.items():
+            for start, end, digest, _ in plan["pieces"]:
+                if digest:
+                    wanted.setdefault(digest, (files[field], start, end))
+        status, answer = self.call_json("POST", "/segments/missing",
+                                        {"segments": list(wanted)},
+                                        {"X-Ipd-Project": project})
+        if status in (404, 405):
+            return None
+        if status >= 400:
+            raise http_error(status, answer.get("error"))
+        missing = [digest for digest in answer.get("missing", []) if digest in wanted]
+        partial = answer.get("partial") or {}
+        recipe = make_recipe(project, files, plans, signed, force)
+        body_size = len(json.dumps(recipe))
+        to_send = sum(wanted[d][2] - wanted[d][1] - int(partial.get(d, 0))
+                      for d in missing)
+        present = sum(end - start for digest, (_, start, end) in wanted.items()
+                      if digest not in missing) + sum(int(partial.get(d, 0))
+                                                      for d in missing)
+        if progress:
+            progress.start(to_send + body_size, present)
+        for digest in missing:
+            path, start, end = wanted[digest]
+            self.send_segment(digest, path, start, end, int(partial.get(digest, 0)),
+                              progress)
+        status, answer = self.call_json("POST", "/push", recipe,
+                                        {"X-Ipd-Project": project})
+        if progress:
+            progress.advance(body_size)
+            progress.done()
+        if status >= 400:
+            raise http_error(status, answer.get("error"))
+        if out:
+            out.write("ipd: sent %s, %s already on the server\n"
+                      % (human_size(to_send + body_size), human_size(present)))
+        return answer["deployment"]
+
+
+# A tar member at least this large is sent as a segment of its own; the
+# bytes between such members (headers, small members) go inline, or as a
+# segment when they add up to as much (#16).
+SEGMENT_MIN = 64 * 1024
+
+
+def make_recipe(project, files, plans, signed=None, force=False):
+    """The body of POST /push for files ({field: path}) as planned by
+    plan_file ({field: plan})."""
+    recipe = {"project": project, "force": bool(force), "files": {}}
+    if signed:
+        recipe["manifest"], recipe["signature"] = signed[0].decode(), signed[1]
+    for field, plan in plans.items():
+        recipe["files"][field] = {
+            "name": os.path.basename(files[field]), "size": plan["size"],
+            "sha256": plan["sha256"], "segments": [
+                {"sha256": digest, "size": end - start} if digest else
+                {"data": base64.b64encode(data).decode()}
+                for start, end, digest, data in plan["pieces"]]}
+    return recipe
+
+
+def parse_rate(text):
+    try:
+        rate = parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    if rate <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return rate
+
+
+def tar_data_ranges(path, size):
+    """(start, end) of the data of each large regular member of a plain tar
+    file, in order; [(0, size)] for anything else (compressed, not a tar)."""
+    whole = [(0, size)] if size else []
+    try:
+        ranges = []
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if info.issparse():
+                    return whole
+                if info.isreg() and info.size >= SEGMENT_MIN:
+                    ranges.append((info.offset_data, info.offset_data + info.size))
+    except Exception:  # not a tar: whatever tarfile says, one segment
+        return whole
+    position = 0
+    for start, end in ranges:
+        if start < position or end > size:
+            return whole
+        position = end
+    return ranges if ranges else whole
+
+
+def plan_file(path):
+    """How push sends a file: {size, sha256, pieces: [(start, end, segment
+    digest or None, inline bytes or None)]} covering it byte for byte."""
+    size = os.path.getsize(path)
+    bounds, position = [], 0
+    for start, end in tar_data_ranges(path, size):
+        if start > position:
+            bounds.append((position, start, start - position >= SEGMENT_MIN))
+        bounds.append((start, end, True))
+        position = end
+    if position < size:
+        bounds.append((position, size, size - position >= SEGMENT_MIN))
+    whole = ParallelHash()  # the whole file's, on a second core
+    pieces = []
+    with open(path, "rb") as file, whole:
+        for start, end, segment in bounds:
+            digest, data, left = hashlib.sha256(), bytearray(), end - start
+            while left:
+                block = file.read(min(CHUNK_SIZE // 4, left))  # 4 in flight
+                if not block:
+                    raise ClientError("%s changed while it was read" % path,
+                                      EXIT_USAGE)
+                whole.update(block)
+                if segment:
+                    digest.update(block)
+                else:
+                    data += block
+                left -= len(block)
+            if segment:
+                pieces.append((start, end, digest.hexdigest(), None))
+            elif pieces and pieces[-1][2] is None:  # one inline run
+                pieces[-1] = (pieces[-1][0], end, None, pieces[-1][3] + bytes(data))
+            else:
+                pieces.append((start, end, None, bytes(data)))
+    return {"size": size, "sha256": whole.hexdigest(), "pieces": pieces}
+
+
+class ParallelHash:
+    """A SHA-256 fed blocks (bytes) that a thread of its own hashes, so a
+    second one can be computed over the same bytes at the same time
+    (hashlib lets go of the GIL)."""
+
+    def __init__(self):
+        self.hash = hashlib.sha256()
+        self.blocks = queue.Queue(2)  # blocks of 1 MiB in flight: flat memory
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        for block in iter(self.blocks.get, None):
+            self.hash.update(block)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.blocks.put(None)
+        self.thread.join()
+
+    def update(self, block):
+        self.blocks.put(block)
+
+    def hexdigest(self):
+        return self.hash.hexdigest()
+
+
+class Pacer:
+    """Sends no faster than rate bytes a second (push --limit-rate), in
+    front of an optional Progress."""
+
+    def __init__(self, rate, progress=None):
+        self.rate = rate
+        self.progress = progress
+        self.sent = 0
+        self.started = None
+
+    def start(self, total, present=0):
+        if self.progress:
+            self.progress.start(total, present)
+
+    def advance(self, count):
+        if self.started is None:
+            self.started = time.monotonic()
+        self.sent += count
+        ahead = self.sent / self.rate - (time.monotonic() - self.started)
+        if ahead > 0:
+            time.sleep(ahead)
+        if self.progress:
+            self.progress.advance(count)
+
+    def done(self):
+        if self.progress:
+            self.progress.done()
+
 
 def field_part(boundary, name, value):
     return ('--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
@@ -5219,6 +6258,15 @@ class Progress:
         self.stream = stream
         self.sent = 0
         self.started = self.shown = time.monotonic()
+        self.note = ""
+
+    def start(self, total, present=0):
+        """A layer push (#16): total bytes to send besides present ones
+        that the server has already (counted as done at once)."""
+        self.total = max(total + present, 1)
+        self.sent = present
+        if present:
+            self.note = "(%s already on the server) " % human_size(present)
 
     def advance(self, count):
         self.sent += count
@@ -5233,10 +6281,10 @@ class Progress:
         left = (self.total - self.sent) / rate if rate else 0
         width = 30
         filled = int(width * self.sent / self.total)
-        self.stream.write("\r[%s%s] %3d%% %s of %s %s/s %d:%02d left " % (
+        self.stream.write("\r[%s%s] %3d%% %s of %s %s%s/s %d:%02d left " % (
             "#" * filled, "." * (width - filled), 100 * self.sent // self.total,
-            human_size(self.sent), human_size(self.total), human_size(rate),
-            left // 60, left % 60))
+            human_size(self.sent), human_size(self.total), self.note,
+            human_size(rate), left // 60, left % 60))
         self.stream.flush()
 
     def done(self):
@@ -5326,7 +6374,17 @@ def cmd_push(args):
         signed = sign_push(args.sign, args.project, files) if args.sign else None
         total = sum(os.path.getsize(path) for path in files.values())
         progress = Progress(total, sys.stderr) if sys.stderr.isatty() else None
-        deployment = client.push(args.project, files, progress, signed)
+        if args.limit_rate:
+            progress = Pacer(args.limit_rate, progress)
+        deployment = None
+        if not args.whole:  # layers the server lacks, then the recipe (#16)
+            deployment = client.push_layers(
+                args.project, files, signed, progress,
+                sys.stderr if sys.stderr.isatty() else None)
+        if deployment is None:
+            if progress:
+                progress.start(total)
+            deployment = client.push(args.project, files, progress, signed)
     finally:
         if temporary:
             remove_quietly(os.path.dirname(temporary))
@@ -5426,6 +6484,11 @@ def add_client_commands(commands):
                       "packed as tar.gz")
     push.add_argument("--sign", metavar="KEY", help="sign the push with this SSH "
                       "private key (ssh-keygen -Y sign; see ALLOWED_SIGNERS)")
+    push.add_argument("--whole", action="store_true", help="send the whole "
+                      "files in one multipart upload (as curl does), not only "
+                      "the layers the server lacks")
+    push.add_argument("--limit-rate", type=parse_rate, metavar="RATE",
+                      help="send at most RATE bytes a second, like 10M")
     push.set_defaults(func=cmd_push)
     status = commands.add_parser("status", parents=[common],
                                  help="state of a deployment",

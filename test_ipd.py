@@ -1970,7 +1970,9 @@ class AccountableTests(DaemonTestCase):
         super().setUp()
 
     def access_line(self, status):
-        return self.daemon.daemon_log(r'"POST /deploy/upload" %d' % status)
+        # a layer push (#16) is refused at its first request: segments/...
+        return self.daemon.daemon_log(r'"POST /deploy/(upload|segments/\w+)" %d'
+                                      % status)
 
     def test_refused_push_sends_no_file_bytes(self):
         image = os.path.join(self.tmp, "big.img")
@@ -1993,7 +1995,8 @@ class AccountableTests(DaemonTestCase):
             self.assertEqual(result.returncode, code, result.stderr)
             self.assertLess(time.monotonic() - started, 2.5)
             self.assertRegex(self.access_line(status),
-                             r'"POST /deploy/upload" %d user=\S+ in=0 ' % status)
+                             r'"POST /deploy/(upload|segments/\w+)" %d user=\S+ in=0 '
+                             % status)
         big = os.path.join(self.tmp, "huge.img")
         with open(big, "wb") as file:
             file.truncate(60 << 20)
@@ -2002,7 +2005,8 @@ class AccountableTests(DaemonTestCase):
                                      environ, IPD_USER="web-ci", IPD_PASSWORD="ci-pw"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(result.returncode, 6, result.stderr)
-        self.assertRegex(self.access_line(413), r'"POST /deploy/upload" 413 user=web-ci in=0 ')
+        self.assertRegex(self.access_line(413),
+                         r'"POST /deploy/(upload|segments/\w+)" 413 user=web-ci in=0 ')
         report("refused pushes (403, 401, 413) read 0 bytes of the body")
         self.assertEqual(self.daemon.leftovers(), [])
 
@@ -4202,6 +4206,110 @@ class DockerExampleTests(DockerTestCase):
         self.assertIn("previous", tags)
 
 
+def layered_busybox_image(tag, folder, version, filler, changed):
+    """(#16) A three-layer image: the busybox base, a filler layer (the same
+    bytes in every version) and a top layer with www/index.html = version
+    and www/changed.bin = changed; loaded into Docker and saved again as
+    the engine writes it."""
+    def layer(files, links=()):
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o755, 1700000000
+                tar.addfile(info, io.BytesIO(data))
+            for name in links:
+                link = tarfile.TarInfo(name)
+                link.type, link.linkname, link.mtime = tarfile.SYMTYPE, "busybox", 1700000000
+                tar.addfile(link)
+        return out.getvalue()
+    with open(os.path.realpath(shutil.which("busybox")), "rb") as file:
+        busybox = file.read()
+    layers = [layer({"bin/busybox": busybox, "www/health": b"ok\n"},
+                    ("bin/sh", "bin/wget")),
+              layer({"opt/filler.bin": filler}),
+              layer({"www/index.html": version.encode() + b"\n",
+                     "www/changed.bin": changed})]
+    machine = os.uname().machine
+    built = layered_image(os.path.join(folder, "built-%s.tar" % version), layers,
+                          tag=tag, config={"Cmd": ["/bin/busybox", "httpd", "-f", "-p",
+                                                   "8080", "-h", "/www"]},
+                          architecture={"x86_64": "amd64", "aarch64": "arm64"}.get(
+                              machine, machine))
+    docker("load", "-i", built)
+    os.unlink(built)
+    path = os.path.join(folder, tag.replace(":", "-").replace("/", "-") + ".tar")
+    docker("save", "-o", path, tag)
+    docker("rmi", tag)
+    return path
+
+
+class LayerPushDockerTests(DockerTestCase):
+    """Issue #16: v1 then v2 of a real multi-layer image through ipd.py push;
+    v2 sends only its changed layer, and the example's control.sh loads the
+    rebuilt file."""
+    script = "examples/docker/control.sh"
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(self.remove_containers)
+        self.write_settings("""
+            APP_PORT=8080
+            HEALTH_PATH=/health
+            HEALTH_TIMEOUT=8
+            DRAIN_SECONDS=1
+            STOP_TIMEOUT=2
+            KEEP_IMAGES=2
+            DOCKER_RUN_OPTS=
+            """)
+
+    remove_containers = DockerExampleTests.remove_containers
+
+    def push(self, image):
+        """Push with the client; -> (deployment, body bytes ipd read)."""
+        log_path = os.path.join(self.tmp, "ipd.log")
+        since = os.path.getsize(log_path)
+        result = subprocess.run(
+            [sys.executable, IPD, "push", "--project", self.project, "--image", image,
+             "--package", self.package], env=dict(
+                 os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port,
+                 IPD_USER="admin", IPD_PASSWORD="admin-pw"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        deployment = result.stdout.decode().strip()
+        wait_until(lambda: "/deploy/push" in self.daemon.daemon_log()[since:])
+        with open(log_path, "rb") as file:
+            file.seek(since)
+            text = file.read().decode()
+        state = self.daemon.wait_state(self.project, deployment, timeout=240)
+        self.assertEqual(state, "ok", self.daemon.log(self.project, deployment))
+        return deployment, sum(int(n) for n in re.findall(r" in=(\d+) ", text))
+
+    def test_v2_sends_only_its_changed_layer(self):
+        filler, changed = os.urandom(8 << 20), os.urandom(1 << 20)
+        tag = "ipd-test-%s" % self.project
+        v1 = layered_busybox_image(tag + ":v1", self.tmp, "v1", filler,
+                                   os.urandom(1 << 20))
+        v2 = layered_busybox_image(tag + ":v2", self.tmp, "v2", filler, changed)
+        first, sent1 = self.push(v1)
+        self.assertEqual(self.app(), (200, "v1"))
+        second, sent2 = self.push(v2)
+        self.assertEqual(self.app(), (200, "v2"))
+        with tarfile.open(v2) as tar:
+            layout = "OCI" if "oci-layout" in tar.getnames() else "legacy"
+        report("docker save of v2 (%s, %d bytes; layers: busybox, 8 MiB filler, "
+               "1 MiB changed): v1 sent %d bytes, v2 %d" % (
+                   layout, os.path.getsize(v2), sent1, sent2))
+        self.assertGreater(sent1, len(filler) + len(changed))
+        self.assertGreater(sent2, len(changed))
+        self.assertLess(sent2, len(changed) + 64 * 1024)
+        # the rebuilt file was what docker load read; it was dropped after
+        # the run (DROP_REBUILT) and its recipe kept
+        folder = os.path.join(self.daemon.upload_dir, self.project, "deployments")
+        self.assertTrue(os.path.exists(os.path.join(folder, second + ".recipe")))
+        wait_until(lambda: not os.path.exists(os.path.join(folder, first + ".image")))
+
+
 class ScriptsUserDocker(DockerTestCase):
     """Issue 14: ipd as in DockerTestCase, but its scripts run as
     SCRIPTS_UID in the group of the Docker socket (as RUN_AS=ipd-run:ipd-run,docker
@@ -5516,6 +5624,508 @@ class InstallTests(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(stage, "etc/systemd/system/ipd.service")))
         self.assertTrue(os.path.exists(os.path.join(stage, "srv/upload/app/deployments",
                                                     deployment + ".json")))
+
+
+###############################################################################
+# Layer pushes, resumable segments, disk that holds each layer once (#16) #####
+###############################################################################
+
+def layered_image(path, layers, oci=False, tag="example/app:1", **config_extra):
+    """A tar laid out as docker save writes it (legacy, or OCI with
+    blobs/sha256/...), each layer (bytes) a member of its own."""
+    members = []
+    digests = ["sha256:" + hashlib.sha256(data).hexdigest() for data in layers]
+    config = json.dumps(dict({"architecture": "amd64", "os": "linux",
+                              "rootfs": {"type": "layers", "diff_ids": digests}},
+                             **config_extra)).encode()
+    config_name = hashlib.sha256(config).hexdigest()
+    if oci:
+        names = ["blobs/sha256/" + digest[7:] for digest in digests]
+        members.append(("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'))
+        members.append(("blobs/sha256/" + config_name, config))
+        config_member = "blobs/sha256/" + config_name
+    else:
+        names = ["%s/layer.tar" % digest[7:] for digest in digests]
+        members.append((config_name + ".json", config))
+        config_member = config_name + ".json"
+    members.extend(zip(names, layers))
+    members.append(("manifest.json", json.dumps([{
+        "Config": config_member, "RepoTags": [tag], "Layers": names}]).encode()))
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1700000000
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# control.sh that prints the SHA-256 of $IMAGE in its deploy step
+SHA_SCRIPT = '[ "$1" = deploy ] && sha256sum "$IMAGE"; exit 1\n'
+
+
+class LayerPushTestCase(DaemonTestCase):
+    """Issue #16: ipd.py push sends only the segments the server lacks."""
+
+    users = ""
+
+    def setUp(self):
+        super().setUp()
+        if self.users:
+            with open(self.daemon.users_file, "a") as file:
+                file.write(self.users)
+        self.package = self.write("package.tgz", control_script(SHA_SCRIPT))
+
+    def write(self, name, data):
+        path = os.path.join(self.tmp, name)
+        with open(path, "wb") as file:
+            file.write(data)
+        return path
+
+    def client(self, *args, user=("admin", "admin-pw"), timeout=120, wait=True):
+        environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port,
+                       IPD_USER=user[0], IPD_PASSWORD=user[1], HOME=self.tmp)
+        command = [sys.executable, IPD] + list(args)
+        if not wait:
+            return subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        return subprocess.run(command, env=environ, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              timeout=timeout)
+
+    def log_size(self):
+        try:
+            return os.path.getsize(os.path.join(self.tmp, "ipd.log"))
+        except FileNotFoundError:
+            return 0
+
+    def bytes_in(self, since, until_path="/deploy/push"):
+        """Body bytes the daemon read since log offset since (the in= of
+        its access lines), once the line of until_path is written."""
+        wait_until(lambda: until_path in self.daemon.daemon_log()[since:],
+                   message="access line of " + until_path)
+        with open(os.path.join(self.tmp, "ipd.log"), "rb") as file:
+            file.seek(since)
+            text = file.read().decode()
+        return sum(int(number) for number in re.findall(r" in=(\d+) ", text))
+
+    def push(self, image, project="app", *extra, user=("admin", "admin-pw")):
+        """Push with the client; -> (deployment, body bytes the daemon read)."""
+        since = self.log_size()
+        result = self.client("push", "--project", project, "--image", image,
+                             "--package", self.package, *extra, user=user)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        deployment = result.stdout.decode().strip()
+        return deployment, self.bytes_in(
+            since, "/deploy/upload" if "--whole" in extra else "/deploy/push")
+
+    def deployed_sha(self, project, deployment):
+        self.assertEqual(self.daemon.wait_state(project, deployment), "ok")
+        return self.daemon.log(project, deployment).split()[0]
+
+    def segment_files(self):
+        root = os.path.join(self.daemon.upload_dir, ".segments", "sha256")
+        return sorted(name for folder in os.listdir(root)
+                      for name in os.listdir(os.path.join(root, folder)))
+
+    def raw(self, method, path, body=b"", headers=None, user="admin"):
+        headers = dict(headers or {})
+        return self.daemon.request(method, path, user, body=body, headers=headers)
+
+
+class LayerPushTests(LayerPushTestCase):
+    # issue #16
+
+    def test_second_push_sends_only_the_changed_layer(self):
+        for oci in (False, True):
+            with self.subTest(oci=oci):
+                base, middle = os.urandom(3 << 20), os.urandom(1 << 20)
+                project = "oci" if oci else "legacy"
+                v1 = layered_image(os.path.join(self.tmp, "v1.tar"),
+                                   [base, middle, os.urandom(300000)], oci)
+                changed = os.urandom(400000)
+                v2 = layered_image(os.path.join(self.tmp, "v2.tar"),
+                                   [base, middle, changed], oci)
+                first, sent1 = self.push(v1, project)
+                self.assertEqual(self.deployed_sha(project, first), sha256_file(v1))
+                self.assertGreater(sent1, os.path.getsize(v1))
+                second, sent2 = self.push(v2, project)
+                self.assertEqual(self.deployed_sha(project, second), sha256_file(v2))
+                report("v2 of a %d-byte image with one %d-byte layer changed: %d "
+                       "bytes sent (%s)" % (os.path.getsize(v2), len(changed), sent2,
+                                            "OCI" if oci else "legacy"))
+                self.assertGreaterEqual(sent2, len(changed))
+                self.assertLess(sent2, len(changed) + 64 * 1024)
+                # the same push again: only the recipe
+                again, sent3 = self.push(v2, project)
+                self.assertEqual(self.deployed_sha(project, again), sha256_file(v2))
+                self.assertLess(sent3, 32 * 1024)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_compressed_and_plain_files_are_one_segment_and_package_too(self):
+        image = self.write("image.gz", os.urandom(200000))
+        deployment, sent = self.push(image)
+        self.assertEqual(self.deployed_sha("app", deployment), sha256_file(image))
+        self.assertEqual(len(self.segment_files()), 2)  # image and package
+        store = os.path.join(self.daemon.upload_dir, ".segments")
+        self.assertEqual(stat.S_IMODE(os.stat(store).st_mode), 0o700)
+        recipe = os.path.join(self.daemon.upload_dir, "app", "deployments",
+                              deployment + ".recipe")
+        files = json.loads(read_text(recipe))
+        self.assertEqual(set(files), {"image", "package"})
+        self.assertEqual([piece["sha256"] for piece in files["image"]["segments"]],
+                         [sha256_file(image)])
+        record = json.loads(read_text(recipe[:-len(".recipe")] + ".json"))
+        self.assertTrue(record["recipe"])
+        self.assertEqual(record["files"]["image"]["sha256"], sha256_file(image))
+
+    def test_whole_upload_against_a_server_without_recipes(self):
+        seen = []
+
+        class OldServer(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                if self.headers.get("Expect") == "100-continue":
+                    self.send_response_only(100)
+                    self.end_headers()
+                self.rfile.read(length)
+                seen.append((self.path, length))
+                if self.path.endswith("/upload"):
+                    body = b'{"deployment": "0000", "project": "app"}'
+                    self.send_response(202)
+                else:
+                    body = b'{"error": "not found"}'
+                    self.send_response(404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OldServer)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        image = layered_image(os.path.join(self.tmp, "v1.tar"), [os.urandom(100000)])
+        environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy"
+                       % server.server_address[1], IPD_USER="admin",
+                       IPD_PASSWORD="admin-pw", HOME=self.tmp)
+        result = subprocess.run([sys.executable, IPD, "push", "--project", "app",
+                                 "--image", image], env=environ, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), b"0000")
+        self.assertEqual([path for path, _ in seen],
+                         ["/deploy/segments/missing", "/deploy/upload"])
+        self.assertGreater(seen[1][1], os.path.getsize(image))
+
+    def test_bad_recipes_are_400_and_leave_nothing(self):
+        data = os.urandom(100000)
+        digest = hashlib.sha256(data).hexdigest()
+        status, headers, _ = self.raw("POST", "/segments/" + digest, data)
+        self.assertEqual(status, 201)
+        self.assertEqual(headers["Upload-Offset"], str(len(data)))
+        package = control_script(SHA_SCRIPT)
+
+        def recipe(segments, size, sha, **extra):
+            return json.dumps(dict({"project": "app", "files": {
+                "image": {"name": "i.tar", "size": size, "sha256": sha,
+                          "segments": segments},
+                "package": {"name": "p.tgz", "size": len(package),
+                            "sha256": hashlib.sha256(package).hexdigest(),
+                            "segments": [{"data": base64.b64encode(package).decode()}]}}},
+                **extra)).encode()
+        whole = b"head" + data
+        good = [{"data": base64.b64encode(b"head").decode()},
+                {"sha256": digest, "size": len(data)}]
+        unknown = hashlib.sha256(b"nobody sent this").hexdigest()
+        cases = [
+            (recipe(good, len(whole), hashlib.sha256(b"other").hexdigest()),
+             "SHA-256"),
+            (recipe(good, len(whole) + 1, hashlib.sha256(whole).hexdigest()),
+             "bytes"),
+            (recipe([{"sha256": unknown, "size": 5}], 5, unknown), "does not have"),
+            (recipe([{"sha256": digest, "size": 7}], len(data), digest), "bytes"),
+            (recipe([{"data": "*not base64*"}], 1, digest), "base64"),
+            (b"{not json", "not JSON"),
+            (json.dumps({"project": "app", "files": {"other": {}}}).encode(), "unknown"),
+        ]
+        for body, reason in cases:
+            with self.subTest(reason=reason):
+                status, _, text = self.raw("POST", "/push", body,
+                                           {"Content-Type": "application/json"})
+                self.assertEqual(status, 400, text)
+                self.assertIn(reason, text)
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertFalse(os.path.exists(os.path.join(self.daemon.upload_dir, "app",
+                                                     "deployments")))
+        status, _, text = self.raw("POST", "/push", recipe(
+            good, len(whole), hashlib.sha256(whole).hexdigest()),
+            {"Content-Type": "application/json"})
+        self.assertEqual(status, 202, text)
+        self.assertEqual(self.deployed_sha("app", text.strip()),
+                         hashlib.sha256(whole).hexdigest())
+
+    def test_resumable_segment_upload_with_curl(self):
+        if not shutil.which("curl"):
+            self.skipTest("needs curl")
+        data = os.urandom(300000)
+        digest = hashlib.sha256(data).hexdigest()
+        first = self.write("first", data[:100000])
+        rest = self.write("rest", data[100000:])
+        url = "http://127.0.0.1:%d/deploy/segments/%s" % (self.daemon.port, digest)
+
+        def curl(*args):
+            result = subprocess.run(["curl", "-sS", "-i", "-u", "admin:admin-pw"]
+                                    + list(args) + [url], stdout=subprocess.PIPE,
+                                    universal_newlines=True, timeout=30)
+            status = int(re.findall(r"(?m)^HTTP/1.1 (\d+)", result.stdout)[-1])
+            headers = dict(re.findall(r"(?mi)^(upload-[a-z]+): (\S+)", result.stdout))
+            return status, {key.lower(): value for key, value in headers.items()}
+        # the README's lines: start with Upload-Complete: ?0, ask, go on
+        self.assertEqual(curl("-X", "POST", "-H", "Upload-Complete: ?0",
+                              "--data-binary", "@" + first),
+                         (204, {"upload-offset": "100000", "upload-complete": "?0"}))
+        self.assertEqual(curl("-I")[1], {"upload-offset": "100000",
+                                         "upload-complete": "?0"})
+        status, headers = curl("-X", "PATCH", "-H", "Upload-Offset: 5", "-H",
+                               "Upload-Complete: ?1", "--data-binary", "@" + rest)
+        self.assertEqual((status, headers["upload-offset"]), (409, "100000"))
+        self.assertEqual(curl("-X", "PATCH", "-H", "Upload-Offset: 100000", "-H",
+                              "Upload-Complete: ?1", "--data-binary", "@" + rest),
+                         (201, {"upload-offset": "300000", "upload-complete": "?1"}))
+        self.assertEqual(curl("-I"), (204, {"upload-offset": "300000",
+                                            "upload-complete": "?1"}))
+        status, _, text = self.raw("POST", "/segments/missing", json.dumps(
+            {"segments": [digest, "0" * 64]}).encode(),
+            {"Content-Type": "application/json", "Accept": "application/json"})
+        self.assertEqual(json.loads(text), {"missing": ["0" * 64], "partial": {}})
+        # bytes that do not hash to the name: 400, nothing kept
+        wrong = hashlib.sha256(b"x").hexdigest()
+        status, _, text = self.raw("POST", "/segments/" + wrong, b"y")
+        self.assertEqual(status, 400, text)
+        self.assertEqual(self.raw("HEAD", "/segments/" + wrong)[0], 404)
+        self.assertEqual(self.segment_files(), [digest])
+
+    def test_a_killed_push_resumes_mid_segment(self):
+        layer = os.urandom(24 << 20)
+        image = layered_image(os.path.join(self.tmp, "big.tar"),
+                              [os.urandom(100000), layer])
+        since = self.log_size()
+        process = self.client("push", "--project", "app", "--image", image,
+                              "--package", self.package, "--limit-rate", "4M",
+                              wait=False)
+        self.addCleanup(process.kill)
+        partial = os.path.join(self.daemon.upload_dir, ".segments", "partial")
+
+        def partial_size():
+            return sum(os.path.getsize(os.path.join(folder, name))
+                       for folder, _, names in os.walk(partial) for name in names)
+        wait_until(lambda: partial_size() > 6 << 20, timeout=60,
+                   message="half a segment on the server")
+        process.kill()
+        process.wait()
+        wait_until(lambda: "client gone" in self.daemon.daemon_log()[since:]
+                   or "connection lost" in self.daemon.daemon_log()[since:],
+                   message="the daemon noticing")
+        kept = partial_size()
+        self.daemon.restart()  # what arrived survives a restart too
+        deployment, sent = self.push(image)
+        report("a push killed after %d of %d bytes (then the daemon restarted) "
+               "sent %d bytes more" % (kept, len(layer), sent))
+        self.assertLess(sent, len(layer) - kept + (1 << 20))
+        self.assertGreater(sent, len(layer) - kept - 1)
+        self.assertEqual(self.deployed_sha("app", deployment), sha256_file(image))
+        self.assertEqual(partial_size(), 0)
+
+    def test_signed_layer_push(self):
+        if not shutil.which("ssh-keygen"):
+            self.skipTest("needs ssh-keygen")
+        # the manifest names the rebuilt files' digests: checked as for uploads
+        key, public = ssh_key(self.tmp, "alice")
+        with open(os.path.join(self.tmp, "signers"), "w") as file:
+            file.write("alice@app %s\n" % public)
+        self.daemon.stop()
+        self.daemon = self.start_daemon(dict(
+            self.settings, ALLOWED_SIGNERS=os.path.join(self.tmp, "signers"),
+            REQUIRE_SIGNATURE="app"))
+        image = layered_image(os.path.join(self.tmp, "v1.tar"), [os.urandom(100000)])
+        deployment, _ = self.push(image, "app", "--sign", key)
+        self.assertEqual(self.deployed_sha("app", deployment), sha256_file(image))
+        status, data = self.daemon.get_json("/status/app/" + deployment)
+        self.assertEqual(data["signer"]["principal"], "alice@app")
+
+
+class LayerScopeTests(LayerPushTestCase):
+    # issue #16, item 5: nothing leaks between projects
+    users = "USER:alice:%s:a\nUSER:bob:%s:b\n" % (sha256_hex("alice-pw"),
+                                                   sha256_hex("bob-pw"))
+
+    def missing(self, digests, user):
+        status, _, text = self.raw("POST", "/segments/missing", json.dumps(
+            {"segments": digests}).encode(), {"Content-Type": "application/json",
+                                              "Accept": "application/json"}, user)
+        self.assertEqual(status, 200, text)
+        return json.loads(text)["missing"]
+
+    def test_a_user_learns_only_of_its_own_projects_segments(self):
+        alice, bob = ("alice", "alice-pw"), ("bob", "bob-pw")
+        layer = os.urandom(200000)
+        image = layered_image(os.path.join(self.tmp, "a.tar"), [layer])
+        digest = hashlib.sha256(layer).hexdigest()
+        deployment, _ = self.push(image, "a", user=alice)
+        self.assertEqual(self.deployed_sha("a", deployment), sha256_file(image))
+        self.assertEqual(self.missing([digest], "alice:alice-pw"), [])
+        self.assertEqual(self.missing([digest], "bob:bob-pw"), [digest])
+        self.assertEqual(self.missing([digest], "admin"), [])  # every project
+        self.assertEqual(self.raw("HEAD", "/segments/" + digest, user="bob:bob-pw")[0],
+                         404)
+        # a recipe naming it is refused as if the server had nothing
+        recipe = json.dumps({"project": "b", "files": {"image": {
+            "size": len(layer), "sha256": digest,
+            "segments": [{"sha256": digest, "size": len(layer)}]}}}).encode()
+        status, _, text = self.raw("POST", "/push", recipe,
+                                   {"Content-Type": "application/json"}, "bob:bob-pw")
+        self.assertEqual(status, 400)
+        self.assertIn("does not have", text)
+        # bob may not push to a at all: refused before any body
+        status, _, _ = self.raw("POST", "/segments/missing", b"{}", {
+            "Content-Type": "application/json", "X-Ipd-Project": "a"}, "bob:bob-pw")
+        self.assertEqual(status, 403)
+        # bob sends the bytes himself: stored once, present for him then
+        since = self.log_size()
+        other = layered_image(os.path.join(self.tmp, "b.tar"), [layer],
+                              tag="b/app:1")
+        deployment, sent = self.push(other, "b", user=bob)
+        self.assertGreater(sent, len(layer))
+        self.assertEqual(self.deployed_sha("b", deployment), sha256_file(other))
+        self.assertEqual(self.segment_files().count(digest), 1)
+        self.assertEqual(self.missing([digest], "bob:bob-pw"), [])
+        self.assertIn("/segments/" + digest, self.daemon.daemon_log()[since:])
+
+
+class LayerDiskTests(LayerPushTestCase):
+    # issue #16, item 4: kept recipes, rebuilt files dropped, segments collected
+    settings = {"KEEP_DEPLOYMENTS": "2", "SEGMENT_EXPIRY": "1"}
+
+    def files_of(self, deployment):
+        folder = os.path.join(self.daemon.upload_dir, "app", "deployments")
+        return sorted(name[len(deployment):] for name in os.listdir(folder)
+                      if name.startswith(deployment + "."))
+
+    def test_layers_held_once_rebuilt_on_redeploy_and_collected(self):
+        shared = os.urandom(2 << 20)
+        tops = [os.urandom(200000) for _ in range(3)]
+        images = [layered_image(os.path.join(self.tmp, "v%d.tar" % number),
+                                [shared, top]) for number, top in enumerate(tops)]
+        first, _ = self.push(images[0])
+        self.deployed_sha("app", first)
+        wait_until(lambda: ".image" not in self.files_of(first),
+                   message="the rebuilt image dropped")
+        self.assertIn(".recipe", self.files_of(first))
+        self.assertNotIn(".package", self.files_of(first))
+        second, _ = self.push(images[1])
+        self.deployed_sha("app", second)
+        status, stats = self.daemon.get_json("/stat")
+        self.assertEqual(stats["segments"], 4)  # shared, two tops, the package
+        self.assertGreater(stats["saved_bytes"], len(shared))
+        self.assertGreaterEqual(stats["stored_bytes"], stats["unique_bytes"])
+        metrics = parse_prometheus(self.daemon.get("/metrics")[2])[0]
+        self.assertEqual(metrics[("ipd_unique_bytes", ())], stats["unique_bytes"])
+        self.assertEqual(metrics[("ipd_saved_bytes", ())], stats["saved_bytes"])
+        # a redeploy rebuilds the dropped image from its segments
+        status, _, text = self.daemon.request("POST", "/redeploy/app/" + first)
+        self.assertEqual(status, 202, text)
+        self.assertEqual(self.deployed_sha("app", text.strip()), sha256_file(images[0]))
+        # v0's own top layer: referred to by the redeploy; once pruned and
+        # SEGMENT_EXPIRY passed, it goes
+        top0 = hashlib.sha256(tops[0]).hexdigest()
+        self.assertIn(top0, self.segment_files())
+        time.sleep(1.2)
+        third, _ = self.push(images[2])
+        self.deployed_sha("app", third)
+        time.sleep(1.2)
+        fourth, _ = self.push(images[2], "app", "--whole")
+        self.deployed_sha("app", fourth)
+        wait_until(lambda: top0 not in self.segment_files(),
+                   message="v0's top layer collected")
+        self.assertIn(hashlib.sha256(shared).hexdigest(), self.segment_files())
+        self.assertEqual(self.daemon.leftovers(), [])
+
+
+class LayerFuzzTests(LayerPushTestCase):
+    # issue #16: odd input to the new endpoints is a 4xx, never a 5xx
+    settings = {"MAX_UPLOAD_SIZE": "1M", "READ_TIMEOUT": "5"}
+
+    def test_fuzz_segment_and_recipe_endpoints(self):
+        rng = random.Random(16)
+        data = b"segment bytes"
+        digest = hashlib.sha256(data).hexdigest()
+        self.assertEqual(self.raw("POST", "/segments/" + digest, data)[0], 201)
+        pieces = [{"sha256": digest, "size": len(data)}, {"sha256": digest},
+                  {"data": "aGVsbG8="}, {"data": 5}, {"sha256": "0" * 64, "size": -1},
+                  [], "x", None, {"sha256": digest.upper(), "size": 13}]
+        values = ["?1", "?0", "?2", "", "1", "-5", "99999999999999999999", "0", "13",
+                  "application/json", "100-continue"]
+        statuses = {}
+        for _ in range(300):
+            method = rng.choice(["POST", "PATCH", "HEAD", "GET", "PUT"])
+            name = rng.choice([digest, "missing", "0" * 64, "x", digest.upper(), ""])
+            path = rng.choice(["/deploy/segments/" + name, "/deploy/push",
+                               "/deploy/segments/missing"])
+            body = rng.choice([
+                b"", os.urandom(rng.randrange(100)), b"{}", b"[]", b"null",
+                json.dumps({"segments": rng.sample(pieces, 2)}).encode(),
+                json.dumps({"segments": [digest, 5]}).encode(),
+                json.dumps({"project": rng.choice(["app", "..", 5, None]),
+                            "force": rng.choice([True, "x", 2]), "files": {
+                                rng.choice(["image", "package", "x"]): {
+                                    "size": rng.choice([13, -1, "13", 2 ** 70]),
+                                    "sha256": rng.choice([digest, "zz", 5]),
+                                    "segments": rng.sample(pieces, 3)}}}).encode()])
+            fields = {"Host": "127.0.0.1", "Authorization": ADMIN_AUTH}
+            for header in rng.sample(["Upload-Offset", "Upload-Complete",
+                                      "Content-Type", "Expect", "X-Ipd-Project"],
+                                     rng.randrange(3)):
+                fields[header] = rng.choice(values)
+            answer = raw_exchange(self.daemon.port, raw_request(method, path, body,
+                                                                fields), timeout=15)
+            status = answer_status(answer)
+            statuses[status] = statuses.get(status, 0) + 1
+        self.assertNotIn(None, statuses)
+        self.assertEqual([status for status in statuses if status >= 500], [], statuses)
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+        self.assertEqual(self.daemon.leftovers(), [])
+
+
+class LayerFreeSpaceTests(LayerPushTestCase):
+    # issue #16, item 4: below MIN_FREE_SPACE the oldest prunable go first
+    settings = {"MIN_FREE_SPACE": "1000000T"}
+
+    def test_below_the_floor_all_but_the_latest_ok_are_pruned(self):
+        ids = []
+        for _ in range(3):
+            ids.append(self.daemon.deploy())
+            self.daemon.wait_state("app", ids[-1])
+        failing = self.daemon.deploy('[ "$1" = deploy ] && exit 7; exit 1\n')
+        self.assertEqual(self.daemon.wait_state("app", failing), "7")
+
+        def pruned():
+            return [self.daemon.get_json("/status/app/" + deployment)[1]["pruned"]
+                    for deployment in ids + [failing]]
+        wait_until(lambda: pruned() == [True, True, False, True],
+                   message="all but the latest ok pruned")
 
 
 ###############################################################################
