@@ -13,12 +13,15 @@ One file, standard library only, CPython 3.8 to 3.13:
     python3 ipd.py serve            # the daemon, configured by /etc/ipd.conf
     python3 ipd.py passwd ROLE NAME # add or replace a user in AUTH_DB
 
-How it is built, top to bottom: settings; errors; helpers; users and
-passwords; the streaming multipart parser (pure, no I/O); request bodies;
-safe unpacking of packages; deployments and their on-disk store; who runs
-the scripts (RUN_AS, project.conf); the deploy worker that runs control.sh;
-segments (layers stored once), recipes and resumable segment uploads; the
-HTTP handler and server; the CLI.
+How it is built, top to bottom (each section opens with what it owns):
+settings; errors; helpers; users and passwords; signed releases and deploy
+tokens; the streaming multipart parser (pure, no I/O); request bodies and
+uploads; safe unpacking of packages; deployments and their on-disk store;
+who runs the scripts (RUN_AS, project.conf); the deploy worker that runs
+control.sh; segments (layers stored once, recipes, resumable uploads); the
+service (what an upload, a redeploy, a cancel does); the status pages; HTTP
+(routes, the request handler, the server); running the daemon; the client
+(ipd.py push, status, logs...); the command line.
 
 On disk, under UPLOAD_DIR, each project has a folder (PROJECT_DIR, kept
 across deployments, where an administrator may place a control.sh,
@@ -3740,94 +3743,11 @@ def free_space(path):
 
 
 ###############################################################################
-# HTTP handler and server #####################################################
+# The service: what uploads, redeploys and cancels do #########################
 ###############################################################################
 
-# (method, first path segment, number of segments) -> (handler name, role)
-ROUTES = {
-    ("GET", "", 0): ("welcome", None),
-    ("GET", "list", 1): ("list_projects", "ADMIN"),
-    ("POST", "upload", 1): ("upload", "USER"),
-    ("GET", "info", 1): ("info", "ADMIN"),
-    ("GET", "stat", 1): ("statistics", "ADMIN"),
-    ("GET", "status", 2): ("status", "USER"),
-    ("GET", "status", 3): ("status", "USER"),
-    ("GET", "log", 3): ("deployment_log", "USER"),
-    ("POST", "cancel", 3): ("cancel", "USER"),
-    ("POST", "redeploy", 3): ("redeploy", "USER"),
-    ("GET", "metrics", 1): ("metrics", "METRICS"),
-    ("GET", "audit", 1): ("audit", "ADMIN"),
-    ("GET", "ui", 1): ("ui_projects", "USER"),
-    ("GET", "ui", 2): ("ui_project", "USER"),
-    ("GET", "ui", 3): ("ui_deployment", "USER"),
-    ("POST", "ui", 4): ("ui_action", "USER"),
-    ("POST", "push", 1): ("push", "USER"),                  # recipe (#16)
-    ("POST", "segments", 2): ("segment_post", "USER"),      # new or /missing
-    ("PATCH", "segments", 2): ("segment_patch", "USER"),    # append at offset
-    ("GET", "segments", 2): ("segment", "USER"),            # HEAD: the offset
-}
-
-
-def json_array_pieces(key, items):
-    """'{"key": [' item, item ... ']}' as pieces, for send_stream."""
-    yield '{"%s": [' % key
-    separator = "\n"
-    for item in items:
-        yield separator + item
-        separator = ",\n"
-    yield "\n]}\n"
-
-
-def json_string_pieces(file):
-    """The bytes of file as the inside of a JSON string, piece by piece
-    (UTF-8 split across reads is joined; bad bytes become U+FFFD)."""
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    while True:
-        data = file.read(CHUNK_SIZE)
-        text = decoder.decode(data, final=not data)
-        if text:
-            yield json.dumps(text)[1:-1]
-        if not data:
-            return
-
-
-def parse_credentials(scheme, credentials):
-    """Authorization 'Basic base64(name:password)' or 'Bearer TOKEN' ->
-    (name, password); ('', '') when malformed."""
-    if scheme.lower() == "bearer":
-        return "token", credentials.strip()
-    try:
-        name, colon, password = base64.b64decode(
-            credentials.strip(), validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return "", ""
-    return (name, password) if colon else ("", "")
-
-
-# Methods that change nothing, so a browser may send them from any page.
-SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-
-
-def check_origin(method, headers, own_origins):
-    """Refuse a state-changing request that a page of another origin made a
-    browser send.  Browsers attach remembered Basic credentials to every
-    request to this server, even one that a foreign page's form or fetch()
-    starts, so a login alone proves nothing about who asked.  Sec-Fetch-Site
-    (sent by current browsers) must say same-origin or none; an Origin, when
-    present, must be exactly one of own_origins.  A request with neither
-    header (curl, CI, ipd.py push) is no browser's and passes.  Raises
-    Forbidden."""
-    if method in SAFE_METHODS:
-        return
-    site = headers.get("Sec-Fetch-Site")
-    if site is not None and site.strip().lower() not in ("same-origin", "none"):
-        raise Forbidden("cross-origin request refused: Sec-Fetch-Site is %s"
-                        % printable(site, 20))
-    origin = headers.get("Origin")
-    if origin is not None and normalize_origin(origin) not in own_origins:
-        raise Forbidden("cross-origin request refused: Origin %s is not this "
-                        "server's (see PUBLIC_ORIGIN)" % printable(origin, 100))
-
+# One object the HTTP layer calls: settings, users, tokens, the store,
+# the worker; signatures, redeploy and cancel with their log and audit.
 
 class Daemon:
     """What the handlers share: settings, users, deployments, counters."""
@@ -4282,6 +4202,209 @@ class StatusPages:
                             "must name its origin")
 
 
+###############################################################################
+# HTTP: routes, the request handler and the server ############################
+###############################################################################
+
+# Parse, call the service, answer: the route table, the cross-origin
+# check, connection limits, then one Handler per connection.
+
+# (method, first path segment, number of segments) -> (handler name, role)
+ROUTES = {
+    ("GET", "", 0): ("welcome", None),
+    ("GET", "list", 1): ("list_projects", "ADMIN"),
+    ("POST", "upload", 1): ("upload", "USER"),
+    ("GET", "info", 1): ("info", "ADMIN"),
+    ("GET", "stat", 1): ("statistics", "ADMIN"),
+    ("GET", "status", 2): ("status", "USER"),
+    ("GET", "status", 3): ("status", "USER"),
+    ("GET", "log", 3): ("deployment_log", "USER"),
+    ("POST", "cancel", 3): ("cancel", "USER"),
+    ("POST", "redeploy", 3): ("redeploy", "USER"),
+    ("GET", "metrics", 1): ("metrics", "METRICS"),
+    ("GET", "audit", 1): ("audit", "ADMIN"),
+    ("GET", "ui", 1): ("ui_projects", "USER"),
+    ("GET", "ui", 2): ("ui_project", "USER"),
+    ("GET", "ui", 3): ("ui_deployment", "USER"),
+    ("POST", "ui", 4): ("ui_action", "USER"),
+    ("POST", "push", 1): ("push", "USER"),                  # recipe (#16)
+    ("POST", "segments", 2): ("segment_post", "USER"),      # new or /missing
+    ("PATCH", "segments", 2): ("segment_patch", "USER"),    # append at offset
+    ("GET", "segments", 2): ("segment", "USER"),            # HEAD: the offset
+}
+
+
+def json_array_pieces(key, items):
+    """'{"key": [' item, item ... ']}' as pieces, for send_stream."""
+    yield '{"%s": [' % key
+    separator = "\n"
+    for item in items:
+        yield separator + item
+        separator = ",\n"
+    yield "\n]}\n"
+
+
+def json_string_pieces(file):
+    """The bytes of file as the inside of a JSON string, piece by piece
+    (UTF-8 split across reads is joined; bad bytes become U+FFFD)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    while True:
+        data = file.read(CHUNK_SIZE)
+        text = decoder.decode(data, final=not data)
+        if text:
+            yield json.dumps(text)[1:-1]
+        if not data:
+            return
+
+
+def parse_credentials(scheme, credentials):
+    """Authorization 'Basic base64(name:password)' or 'Bearer TOKEN' ->
+    (name, password); ('', '') when malformed."""
+    if scheme.lower() == "bearer":
+        return "token", credentials.strip()
+    try:
+        name, colon, password = base64.b64decode(
+            credentials.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return "", ""
+    return (name, password) if colon else ("", "")
+
+
+# Methods that change nothing, so a browser may send them from any page.
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def check_origin(method, headers, own_origins):
+    """Refuse a state-changing request that a page of another origin made a
+    browser send.  Browsers attach remembered Basic credentials to every
+    request to this server, even one that a foreign page's form or fetch()
+    starts, so a login alone proves nothing about who asked.  Sec-Fetch-Site
+    (sent by current browsers) must say same-origin or none; an Origin, when
+    present, must be exactly one of own_origins.  A request with neither
+    header (curl, CI, ipd.py push) is no browser's and passes.  Raises
+    Forbidden."""
+    if method in SAFE_METHODS:
+        return
+    site = headers.get("Sec-Fetch-Site")
+    if site is not None and site.strip().lower() not in ("same-origin", "none"):
+        raise Forbidden("cross-origin request refused: Sec-Fetch-Site is %s"
+                        % printable(site, 20))
+    origin = headers.get("Origin")
+    if origin is not None and normalize_origin(origin) not in own_origins:
+        raise Forbidden("cross-origin request refused: Origin %s is not this "
+                        "server's (see PUBLIC_ORIGIN)" % printable(origin, 100))
+
+
+def peer_closed(connection):
+    """True when the client has closed its end (the socket reads as EOF),
+    or the socket is broken; pipelined bytes waiting to be read are not
+    an end."""
+    try:
+        readable = select.select([connection], [], [], 0)[0]
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+def answer_busy(connection):
+    """503 to a connection over the limit, without a thread for it."""
+    body = b"too many connections, try again\n"
+    try:
+        connection.settimeout(1)
+        connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                           b"text/plain\r\nRetry-After: 1\r\nConnection: close"
+                           b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    except OSError:
+        pass
+
+
+class ConnectionGuard:
+    """Counts open connections against a limit, in all and per client
+    address, and cuts those whose request head is not complete by its
+    deadline.
+
+    A socket timeout alone cannot stop a client that sends one byte a
+    second; a reaper thread shuts such sockets down, which ends the read
+    that their handler thread is blocked in.  A connection counts against
+    its peer's address until a request on it names its client (a trusted
+    proxy's X-Real-IP), then against that client's.
+    """
+
+    def __init__(self, limit, per_address, head_timeout):
+        self.limit = limit
+        self.per_address = per_address
+        self.head_timeout = head_timeout
+        self._lock = threading.Lock()
+        self._open = {}  # socket -> the address it counts against
+        self._counts = {}  # address -> its open connections
+        self._deadlines = {}  # socket -> monotonic deadline of its head
+        self._reaper = None
+
+    def admit(self, connection, address):
+        """Count a new connection; returns None, or the setting it would
+        exceed."""
+        with self._lock:
+            if len(self._open) >= self.limit:
+                return "MAX_CONNECTIONS"
+            if self._counts.get(address, 0) >= self.per_address:
+                return "MAX_CONNECTIONS_PER_ADDRESS"
+            self._open[connection] = address
+            self._counts[address] = self._counts.get(address, 0) + 1
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="reaper",
+                                                daemon=True)
+                self._reaper.start()
+            return None
+
+    def attribute(self, connection, address):
+        """Count connection against address from now on; False when that
+        address has MAX_CONNECTIONS_PER_ADDRESS open already."""
+        with self._lock:
+            current = self._open.get(connection)
+            if current is None or current == address:
+                return True
+            if self._counts.get(address, 0) >= self.per_address:
+                return False
+            self._uncount(current)
+            self._open[connection] = address
+            self._counts[address] = self._counts.get(address, 0) + 1
+            return True
+
+    def release(self, connection):
+        with self._lock:
+            address = self._open.pop(connection, None)
+            if address is not None:
+                self._uncount(address)
+            self._deadlines.pop(connection, None)
+
+    def _uncount(self, address):
+        self._counts[address] -= 1
+        if not self._counts[address]:
+            del self._counts[address]
+
+    def expect_head(self, connection):
+        with self._lock:
+            self._deadlines[connection] = time.monotonic() + self.head_timeout
+
+    def head_done(self, connection):
+        with self._lock:
+            self._deadlines.pop(connection, None)
+
+    def _reap(self):
+        while True:
+            time.sleep(min(0.5, self.head_timeout / 4))
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c, deadline in self._deadlines.items() if deadline < now]
+                for connection in late:
+                    del self._deadlines[connection]
+            for connection in late:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
     """One connection; each request is routed to a method of the API."""
 
@@ -4557,10 +4680,11 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         return [origin] if origin else []
 
     def log_access(self, method):
-        path = self.path if len(self.path) <= 200 else \
-            "%s...(%d bytes)" % (self.path[:200], len(self.path))
+        path = re.sub(r"[\x00-\x20\x7f]", "?", self.path[:200])
+        if len(self.path) > 200:
+            path += "...(%d bytes)" % len(self.path)
         log.info('%s "%s %s" %s user=%s in=%d out=%d %.3fs', self.client_ip(), method,
-                 re.sub(r"[\x00-\x20\x7f]", "?", path), self.status_sent or "-",
+                 path, self.status_sent or "-",
                  self.user.name if self.user else "-",
                  self.body.received if self.body else 0,
                  self.bytes_sent, time.monotonic() - self.started)
@@ -5151,116 +5275,6 @@ class Server(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         log.exception("error on a connection from %s", client_address[0])
-
-
-def peer_closed(connection):
-    """True when the client has closed its end (the socket reads as EOF),
-    or the socket is broken; pipelined bytes waiting to be read are not
-    an end."""
-    try:
-        readable = select.select([connection], [], [], 0)[0]
-        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
-
-
-def answer_busy(connection):
-    """503 to a connection over the limit, without a thread for it."""
-    body = b"too many connections, try again\n"
-    try:
-        connection.settimeout(1)
-        connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
-                           b"text/plain\r\nRetry-After: 1\r\nConnection: close"
-                           b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    except OSError:
-        pass
-
-
-class ConnectionGuard:
-    """Counts open connections against a limit, in all and per client
-    address, and cuts those whose request head is not complete by its
-    deadline.
-
-    A socket timeout alone cannot stop a client that sends one byte a
-    second; a reaper thread shuts such sockets down, which ends the read
-    that their handler thread is blocked in.  A connection counts against
-    its peer's address until a request on it names its client (a trusted
-    proxy's X-Real-IP), then against that client's.
-    """
-
-    def __init__(self, limit, per_address, head_timeout):
-        self.limit = limit
-        self.per_address = per_address
-        self.head_timeout = head_timeout
-        self._lock = threading.Lock()
-        self._open = {}  # socket -> the address it counts against
-        self._counts = {}  # address -> its open connections
-        self._deadlines = {}  # socket -> monotonic deadline of its head
-        self._reaper = None
-
-    def admit(self, connection, address):
-        """Count a new connection; returns None, or the setting it would
-        exceed."""
-        with self._lock:
-            if len(self._open) >= self.limit:
-                return "MAX_CONNECTIONS"
-            if self._counts.get(address, 0) >= self.per_address:
-                return "MAX_CONNECTIONS_PER_ADDRESS"
-            self._open[connection] = address
-            self._counts[address] = self._counts.get(address, 0) + 1
-            if self._reaper is None:
-                self._reaper = threading.Thread(target=self._reap, name="reaper",
-                                                daemon=True)
-                self._reaper.start()
-            return None
-
-    def attribute(self, connection, address):
-        """Count connection against address from now on; False when that
-        address has MAX_CONNECTIONS_PER_ADDRESS open already."""
-        with self._lock:
-            current = self._open.get(connection)
-            if current is None or current == address:
-                return True
-            if self._counts.get(address, 0) >= self.per_address:
-                return False
-            self._uncount(current)
-            self._open[connection] = address
-            self._counts[address] = self._counts.get(address, 0) + 1
-            return True
-
-    def release(self, connection):
-        with self._lock:
-            address = self._open.pop(connection, None)
-            if address is not None:
-                self._uncount(address)
-            self._deadlines.pop(connection, None)
-
-    def _uncount(self, address):
-        self._counts[address] -= 1
-        if not self._counts[address]:
-            del self._counts[address]
-
-    def expect_head(self, connection):
-        with self._lock:
-            self._deadlines[connection] = time.monotonic() + self.head_timeout
-
-    def head_done(self, connection):
-        with self._lock:
-            self._deadlines.pop(connection, None)
-
-    def _reap(self):
-        while True:
-            time.sleep(min(0.5, self.head_timeout / 4))
-            now = time.monotonic()
-            with self._lock:
-                late = [c for c, deadline in self._deadlines.items() if deadline < now]
-                for connection in late:
-                    del self._deadlines[connection]
-            for connection in late:
-                try:
-                    connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 ###############################################################################
