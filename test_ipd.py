@@ -53,6 +53,27 @@ def soak(full, quick):
 IPD = os.path.join(HERE, "ipd.py")
 
 
+def kill_processes_in(folder):
+    """SIGKILL every process whose working folder or command line is in
+    folder: what a test's control.sh left behind after its daemon was
+    killed (a gate it waits for would never come once folder is gone)."""
+    folder = os.path.realpath(folder)
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink("/proc/%s/cwd" % name)
+            with open("/proc/%s/cmdline" % name, "rb") as file:
+                command = file.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        if cwd == folder or cwd.startswith(folder + os.sep) or folder + os.sep in command:
+            try:
+                os.kill(int(name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def read_text(path):
     """The whole text of the file at path, closed again."""
     with open(path, encoding="utf-8", errors="replace") as file:
@@ -340,6 +361,7 @@ class PackageTests(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp)
+        self.addCleanup(kill_processes_in, self.tmp)
         self.dest = os.path.join(self.tmp, "dest")
         os.mkdir(self.dest)
 
@@ -456,6 +478,7 @@ class SettingsTests(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp)
+        self.addCleanup(kill_processes_in, self.tmp)
 
     def config(self, text):
         path = os.path.join(self.tmp, "ipd.conf")
@@ -547,6 +570,7 @@ class UsersTests(unittest.TestCase):
     def test_passwd_command(self):
         tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, tmp)
+        self.addCleanup(kill_processes_in, tmp)
         users = os.path.join(tmp, "users.txt")
         with open(users, "w") as file:
             file.write("# keep me\nUSER:bob:%s\n" % sha256_hex("old"))
@@ -732,6 +756,7 @@ class DaemonTestCase(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
         self.daemon = self.start_daemon(self.settings)
 
     def start_daemon(self, settings=None, **kwargs):
@@ -1558,6 +1583,7 @@ class DiskFullTests(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
         self.small = os.path.join(self.tmp, "small")
         os.mkdir(self.small)
         result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs",
@@ -2165,6 +2191,7 @@ class WheelTests(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
 
     def test_wheel_in_a_fresh_virtualenv_deploys(self):
         wheel = build("wheel", os.path.join(self.tmp, "dist"))
@@ -2217,6 +2244,7 @@ class DebTests(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
         result = subprocess.run(["make", "-s", "deb", "DIST=" + self.tmp], cwd=HERE,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.assertEqual(result.returncode, 0, result.stdout)
@@ -3122,6 +3150,7 @@ class EdgeLoginCostTests(DaemonTestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
         hashed = ipd.hash_password("slow-pw")
         self.daemon = self.start_daemon(extra_users=self.extra + "ADMIN:slow:%s\n" % hashed)
 
@@ -3252,6 +3281,7 @@ class StoreQueueTests(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
         self.store = ipd.DeploymentStore(self.tmp, 10)
 
     def commit(self, project="app"):
@@ -3297,6 +3327,7 @@ class InProcessServerTests(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
         users = os.path.join(self.tmp, "users.txt")
         with open(users, "w") as file:
             file.write("ADMIN:admin:%s\n" % sha256_hex("admin-pw"))
@@ -3356,6 +3387,7 @@ class SignedPushTests(DaemonTestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
         keys = os.path.join(self.tmp, "keys")
         os.makedirs(keys)
         self.ci_key, ci_public = ssh_key(keys, "ci")
@@ -4079,6 +4111,7 @@ class DockerTestCase(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-docker-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
         self.project = "web-" + uuid.uuid4().hex[:8]
         self.daemon = DaemonProcess(self.tmp, {"PASS_ENV": "DOCKER_HOST",
                                                "STEP_TIMEOUT": "180"})
@@ -4327,6 +4360,7 @@ class ScriptsUserDocker(DockerTestCase):
         docker_gid = os.stat(host[len("unix://"):]).st_gid
         self.tmp = tempfile.mkdtemp(prefix="ipd-docker-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
         os.chmod(self.tmp, 0o711)
         self.project = "web-" + uuid.uuid4().hex[:8]
         self.daemon = DaemonProcess(self.tmp, {
@@ -5005,6 +5039,7 @@ class CommandLineTests(unittest.TestCase):
     def test_demo_command_serves_the_readme_curl_line(self):
         tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, tmp, True)
+        self.addCleanup(kill_processes_in, tmp)
         stderr_path = os.path.join(tmp, "stderr")
         with open(stderr_path, "wb") as stderr:
             process = subprocess.Popen([sys.executable, IPD, "demo", "--listen",
@@ -5147,6 +5182,7 @@ class StartupCheckTests(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
         self.uploads = os.path.join(self.tmp, "uploads")
         self.logs = os.path.join(self.tmp, "logs")
         os.makedirs(self.uploads)
@@ -5309,6 +5345,7 @@ class CommandLineIssue15Tests(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
 
     def test_config_before_or_after_the_command(self):
         config = os.path.join(self.tmp, "ipd.conf")
@@ -6187,6 +6224,7 @@ class UnpackLimitTests(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp)
+        self.addCleanup(kill_processes_in, self.tmp)
         self.dest = os.path.join(self.tmp, "dest")
 
     def unpack(self, data, max_bytes=0, **limits):
@@ -6467,6 +6505,7 @@ class ScriptsUserChecks:
             self.skipTest("needs root to switch users")
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
         os.chmod(self.tmp, 0o711)
         self.canary = "canary-%s" % uuid.uuid4().hex
         settings = {"RUN_AS": "%d:%d,%d" % (SCRIPTS_UID, SCRIPTS_GID, SCRIPTS_GROUP),
@@ -6685,6 +6724,7 @@ class RunAsSettingTests(unittest.TestCase):
             self.skipTest("needs root, setpriv and a Python other users may run")
         tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, tmp, True)
+        self.addCleanup(kill_processes_in, tmp)
         program = os.path.join(tmp, "ipd.py")
         shutil.copy(IPD, program)
         daemon = DaemonProcess(tmp, {"RUN_AS": "%d:%d" % (SCRIPTS_UID, SCRIPTS_GID)},
@@ -6705,6 +6745,7 @@ class RunAsSettingTests(unittest.TestCase):
             self.skipTest("needs root, setpriv and a Python other users may run")
         tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, tmp, True)
+        self.addCleanup(kill_processes_in, tmp)
         program = os.path.join(tmp, "ipd.py")
         shutil.copy(IPD, program)
         daemon = DaemonProcess(tmp, program=program)
@@ -6741,6 +6782,7 @@ class AuditSyslogTests(DaemonTestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
         self.socket_path = os.path.join(self.tmp, "log.sock")
         self.syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.syslog.bind(self.socket_path)
