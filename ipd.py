@@ -1312,7 +1312,7 @@ def parse_header_params(value):
     %C3%A9.tar) wins over the plain one when it decodes, and a bad one
     without a plain fallback is BadRequest.
     """
-    main, _, rest = value.partition(";")
+    kind, _, rest = value.partition(";")
     params, extended = {}, {}
     position = 0
     while position < len(rest):
@@ -1337,7 +1337,7 @@ def parse_header_params(value):
         elif key not in params:
             raise BadRequest("bad %s* parameter: use UTF-8''percent-encoded "
                              "text (RFC 8187)" % printable(key, 40))
-    return main.strip().lower(), params
+    return kind.strip().lower(), params
 
 
 def decode_extended_value(text):
