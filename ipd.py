@@ -3924,6 +3924,43 @@ class Daemon:
         sink.close()
         return sink
 
+    def create_deployment(self, project, upload, user, address, received):
+        """Turn a complete Upload for project into a waiting deployment, all
+        or nothing: fields checked, digests and signature checked, then
+        unpacked, committed, logged, audited and counted (received bytes).
+
+        Returns (record, True); or (the earlier record, False) when the same
+        files for the same project still wait or run (a retried push), unless
+        the form says force=1.  Raises IpdError.
+        """
+        if project is None:
+            raise BadRequest("missing form field 'project'")
+        if not upload.files:
+            raise BadRequest("missing form field: give an image, a package, "
+                             "or both")
+        check_digests(upload)
+        signer = self.check_signature(project, upload, user, address)
+        digests = {name: sink.describe()["sha256"] for name, sink
+                   in upload.files.items()}
+        if upload.fields.get("force", "0") not in ("1", "true", "yes"):
+            earlier = self.store.unfinished_with(project, digests)
+            if earlier:
+                log.info("deployment %s of %s: the same files again, from %s; "
+                         "not queued twice", earlier["id"], project, user.name)
+                return earlier, False
+        if signer:
+            self.check_not_replayed(project, signer, user, address)
+        record = self.deploy_upload(project, upload, user, signer=signer)
+        log.info("deployment %s of %s uploaded by %s: %s", record["id"], project,
+                 user.name, ", ".join("%s %s (%d bytes)" % (
+                     name, meta["name"], meta["size"])
+                     for name, meta in record["files"].items()))
+        audit_event("upload", project=project, deployment=record["id"],
+                    user=user.name, address=address, files=record["files"],
+                    signer=record["signer"])
+        self.count_upload(received)
+        return record, True
+
     def deploy_upload(self, project, upload, user, **extra):
         """Unpack the package, find control.sh, and commit the deployment.
 
@@ -4993,11 +5030,11 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         upload = receive_upload(body, boundary, settings.UPLOAD_DIR,
                                 self.check_field)
         try:
-            record, created = self.create_deployment(upload)
+            record, created = self.ipd.create_deployment(
+                upload.fields.get("project") or self.announced_project, upload,
+                self.user, self.client_ip(), body.received)
         finally:
             upload.discard()
-        if created:
-            self.ipd.count_upload(body.received)
         self.answer_deployment(record, 202 if created else 200)
 
     def answer_deployment(self, record, status=202):
@@ -5041,41 +5078,6 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
             if announced is not None and value != announced:
                 raise BadRequest("the project field (%s) differs from the project "
                                  "named before the body (%s)" % (value, announced))
-
-    def create_deployment(self, upload):
-        """Turn a complete Upload into a waiting deployment, all or nothing.
-
-        Returns (record, True); or (the earlier record, False) when the same
-        files for the same project still wait or run (a retried push), unless
-        the form says force=1.
-        """
-        project = upload.fields.get("project") or self.announced_project
-        if project is None:
-            raise BadRequest("missing form field 'project'")
-        if not upload.files:
-            raise BadRequest("missing form field: give an image, a package, "
-                             "or both")
-        check_digests(upload)
-        signer = self.ipd.check_signature(project, upload, self.user, self.client_ip())
-        digests = {name: sink.describe()["sha256"] for name, sink
-                   in upload.files.items()}
-        if upload.fields.get("force", "0") not in ("1", "true", "yes"):
-            earlier = self.ipd.store.unfinished_with(project, digests)
-            if earlier:
-                log.info("deployment %s of %s: the same files again, from %s; "
-                         "not queued twice", earlier["id"], project, self.user.name)
-                return earlier, False
-        if signer:
-            self.ipd.check_not_replayed(project, signer, self.user, self.client_ip())
-        record = self.ipd.deploy_upload(project, upload, self.user, signer=signer)
-        log.info("deployment %s of %s uploaded by %s: %s", record["id"], project,
-                 self.user.name, ", ".join("%s %s (%d bytes)" % (
-                     name, meta["name"], meta["size"])
-                     for name, meta in record["files"].items()))
-        audit_event("upload", project=project, deployment=record["id"],
-                    user=self.user.name, address=self.client_ip(),
-                    files=record["files"], signer=record["signer"])
-        return record, True
 
     # --- recipe pushes and segments (#16)
 
@@ -5126,11 +5128,10 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
                 sink.close()
             upload.recipe = RecipeFile(encode_recipe(recipe["files"]),
                                        settings.UPLOAD_DIR)
-            record, created = self.create_deployment(upload)
+            record, created = self.ipd.create_deployment(
+                project, upload, self.user, self.client_ip(), self.body.received)
         finally:
             upload.discard()
-        if created:
-            self.ipd.count_upload(self.body.received)
         self.answer_deployment(record, 202 if created else 200)
 
     def segment_digest(self, name):
