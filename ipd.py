@@ -670,6 +670,16 @@ class User:
             or project in self.projects
 
 
+def file_signature(path):
+    """(mtime, size, inode) of the file at path, or None when it cannot be
+    seen: a change of any of them means the file must be read again."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
 class UserDB:
     """The users file, read again whenever it changes on disk.
 
@@ -687,11 +697,7 @@ class UserDB:
         self._decoy = None
 
     def _reload_if_changed(self):
-        try:
-            info = os.stat(self.path)
-            signature = (info.st_mtime_ns, info.st_size, info.st_ino)
-        except OSError:
-            signature = None
+        signature = file_signature(self.path)
         with self._lock:
             if signature == self._signature:
                 return
@@ -1027,11 +1033,7 @@ class TokenDB:
         self._used = {}
 
     def _reload_if_changed(self):
-        try:
-            info = os.stat(self.path)
-            signature = (info.st_mtime_ns, info.st_size, info.st_ino)
-        except OSError:
-            signature = None
+        signature = file_signature(self.path)
         with self._lock:
             if signature == self._signature:
                 return

@@ -74,6 +74,16 @@ def kill_processes_in(folder):
                 pass
 
 
+def serve_in_thread(test, handler):
+    """A ThreadingHTTPServer of handler on 127.0.0.1 port 0, serving in a
+    thread until test ends."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    test.addCleanup(server.server_close)
+    test.addCleanup(server.shutdown)
+    return server
+
+
 def read_text(path):
     """The whole text of the file at path, closed again."""
     with open(path, encoding="utf-8", errors="replace") as file:
@@ -3246,10 +3256,7 @@ class EdgeBrowserTests(DaemonTestCase):
 
             def log_message(self, *args):
                 pass
-        attacker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AttackPage)
-        threading.Thread(target=attacker.serve_forever, daemon=True).start()
-        self.addCleanup(attacker.server_close)
-        self.addCleanup(attacker.shutdown)
+        attacker = serve_in_thread(self, AttackPage)
         browser = WebDriver(self.tmp)
         self.addCleanup(browser.quit)
         # Log in as a person would: the browser keeps the credentials.
@@ -5851,10 +5858,7 @@ class LayerPushTests(LayerPushTestCase):
             def log_message(self, *args):
                 pass
 
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OldServer)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
+        server = serve_in_thread(self, OldServer)
         image = layered_image(os.path.join(self.tmp, "v1.tar"), [os.urandom(100000)])
         environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy"
                        % server.server_address[1], IPD_USER="admin",
