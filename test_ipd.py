@@ -3483,7 +3483,13 @@ class SignedPushTests(DaemonTestCase):
                 if manifest is older else signed_newer, package)
             self.assertEqual(status, 403, text)
             self.assertIn(why, text)
+        # A signature over other bytes than the manifest sent: refused.
+        tampered = newer.replace(b'"project":"web"', b'"project":"web" ')
+        status, _, text = self.signed_upload(tampered, signed_newer, package)
+        self.assertEqual(status, 403, text)
+        self.assertIn("not a valid signature", text)
         self.assertEqual(len(self.deployments()), 1)
+        self.assertEqual(self.daemon.leftovers(), [])
         # An ADMIN may still roll back on purpose; the redeploy keeps the signer.
         status, _, answer = self.daemon.request("POST", "/redeploy/web/" +
                                                 deployment.strip())
