@@ -6728,7 +6728,9 @@ class RunAsSettingTests(unittest.TestCase):
         with self.assertRaisesRegex(ipd.ConfigError, "SCRIPTS"):
             ipd.load_settings(os.devnull, {"SCRIPTS": "maybe"})
 
-    def test_unprivileged_daemon_without_capabilities_refuses_run_as(self):
+    def daemon_as_another_uid(self, settings, *privileges):
+        """A DaemonProcess whose folder belongs to DAEMON_UID, started by
+        setpriv as that uid with only privileges (setpriv options)."""
         python = reachable_python()
         if os.geteuid() != 0 or not python or not shutil.which("setpriv"):
             self.skipTest("needs root, setpriv and a Python other users may run")
@@ -6737,36 +6739,28 @@ class RunAsSettingTests(unittest.TestCase):
         self.addCleanup(kill_processes_in, tmp)
         program = os.path.join(tmp, "ipd.py")
         shutil.copy(IPD, program)
-        daemon = DaemonProcess(tmp, {"RUN_AS": "%d:%d" % (SCRIPTS_UID, SCRIPTS_GID)},
-                               program=program)
+        daemon = DaemonProcess(tmp, settings, program=program)
         os.makedirs(daemon.upload_dir, exist_ok=True)  # ipd makes no folder
         for name in os.listdir(tmp) + [""]:
             os.chown(os.path.join(tmp, name), DAEMON_UID, DAEMON_UID)
         daemon.start_command = ["setpriv", "--reuid=%d" % DAEMON_UID, "--regid=%d"
-                                % DAEMON_UID, "--clear-groups", python]
+                                % DAEMON_UID, "--clear-groups"] + list(privileges) \
+            + [python]
+        return daemon
+
+    def test_unprivileged_daemon_without_capabilities_refuses_run_as(self):
+        daemon = self.daemon_as_another_uid(
+            {"RUN_AS": "%d:%d" % (SCRIPTS_UID, SCRIPTS_GID)})
         with self.assertRaisesRegex(AssertionError, "RUN_AS needs ipd to run as "
                                     "root or with CAP_SETUID, CAP_SETGID, CAP_KILL"):
             daemon.start()
         self.assertEqual(daemon.stop(), 2)
 
     def test_scripts_of_a_capable_daemon_without_run_as_get_no_capability(self):
-        python = reachable_python()
-        if os.geteuid() != 0 or not python or not shutil.which("setpriv"):
-            self.skipTest("needs root, setpriv and a Python other users may run")
-        tmp = tempfile.mkdtemp(prefix="ipd-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        self.addCleanup(kill_processes_in, tmp)
-        program = os.path.join(tmp, "ipd.py")
-        shutil.copy(IPD, program)
-        daemon = DaemonProcess(tmp, program=program)
-        os.makedirs(daemon.upload_dir, exist_ok=True)  # ipd makes no folder
-        for name in os.listdir(tmp) + [""]:
-            os.chown(os.path.join(tmp, name), DAEMON_UID, DAEMON_UID)
-        daemon.start_command = [
-            "setpriv", "--reuid=%d" % DAEMON_UID, "--regid=%d" % DAEMON_UID,
-            "--clear-groups", "--inh-caps=-all,+setuid,+setgid,+kill",
+        daemon = self.daemon_as_another_uid(
+            {}, "--inh-caps=-all,+setuid,+setgid,+kill",
             "--ambient-caps=-all,+setuid,+setgid,+kill",
-            "--bounding-set=-all,+setuid,+setgid,+kill", python]
+            "--bounding-set=-all,+setuid,+setgid,+kill")
         daemon.start()
         self.addCleanup(daemon.stop, signal.SIGKILL)
         deployment = daemon.deploy("grep -E '^Cap(Prm|Eff|Amb)' /proc/self/status\n"
