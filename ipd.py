@@ -719,7 +719,7 @@ class UserDB:
             for warning in warnings:
                 log.warning("%s", warning)
 
-    def _decoy_hash(self):
+    def decoy_hash(self):
         """A PBKDF2 hash of no one's password, checked for a login that
         fails before a PBKDF2 check of its own, so that every wrong login
         costs the same."""
@@ -733,7 +733,7 @@ class UserDB:
         with self._lock:
             user = self._users.get(name)
         if user is None:  # as slow as a wrong password: names stay secret
-            check_password(password, self._decoy_hash())
+            check_password(password, self.decoy_hash())
             return None
         stored = user.password_hash
         key = hmac.new(self._cache_key, ("%s\0%s\0%s" % (name, stored, password))
@@ -743,7 +743,7 @@ class UserDB:
                 return self._verified[key]
         if not check_password(password, stored):
             if not stored.startswith("pbkdf2_sha256$"):  # a fast hash: pay PBKDF2
-                check_password(password, self._decoy_hash())
+                check_password(password, self.decoy_hash())
             return None
         with self._lock:
             if len(self._verified) > 10000:
@@ -3784,7 +3784,7 @@ class Daemon:
         if password.startswith("ipd_"):
             user, reason = self.tokens.authenticate(password)
             if user is None:  # as slow as a wrong password
-                check_password(password, self.users._decoy_hash())
+                check_password(password, self.users.decoy_hash())
             return user, reason
         user = self.users.authenticate(name, password)
         return user, None if user else "wrong user or password"
