@@ -4094,9 +4094,8 @@ class StatusPages:
     login and role rules as the API; every value goes through html.escape."""
 
     def wants_html(self):
-        headers = getattr(self, "headers", None)
-        return headers is not None and "text/html" in headers.get("Accept", "") \
-            and not self.wants_json()
+        return self.headers is not None and not self.wants_json() \
+            and "text/html" in self.headers.get("Accept", "")
 
     def send_page(self, title, body, script=None, refresh=False):
         """An HTML page; body is its text, or pieces of it (a long list is
@@ -4621,9 +4620,9 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
                             % (self.user.name, project))
 
     def wants_json(self):
-        headers = getattr(self, "headers", None)
-        return headers is not None and \
-            "application/json" in headers.get("Accept", "")
+        # headers is None before a request's head is read (begin_request)
+        return self.headers is not None and \
+            "application/json" in self.headers.get("Accept", "")
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, header too long...)
