@@ -715,7 +715,7 @@ class Relay:
     def reset(self):
         with self.lock:
             self.sent = 0
-            self.started = time.monotonic()
+            self.free_at = 0.0  # when the link has passed what it was given
             self.connections = []
 
     def accept(self):
@@ -739,13 +739,17 @@ class Relay:
                 if not data:
                     break
                 if counted:
+                    # a link of rate bytes a second: each block leaves when
+                    # the ones before it have, and time the link stood idle
+                    # is not saved up for later
                     with self.lock:
                         self.sent += len(data)
-                        sent, started = self.sent, self.started
-                    if self.rate:
-                        ahead = sent / self.rate - (time.monotonic() - started)
-                        if ahead > 0:
-                            time.sleep(ahead)
+                        sent, now = self.sent, time.monotonic()
+                        if self.rate:
+                            self.free_at = max(now, self.free_at) + len(data) / self.rate
+                        ahead = self.free_at - now
+                    if self.rate and ahead > 0:
+                        time.sleep(ahead)
                     if self.cut_after is not None and sent >= self.cut_after:
                         break
                 target.sendall(data)
@@ -762,11 +766,12 @@ class Relay:
 
 
 def layered_tar(path, layers):
-    """A docker-save-like tar: manifest.json, a config, and each layer
-    (a seed for random bytes, a size) as NAME/layer.tar."""
+    """A tar laid out as `docker save` makes one: each layer (a seed for
+    random bytes, a size) as NAME/layer.tar, a config naming the layers'
+    SHA-256 (rootfs.diff_ids), manifest.json."""
     import random
     import tarfile
-    names = []
+    names, diff_ids = [], []
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for number, (seed, size) in enumerate(layers):
             name = "%064x/layer.tar" % (seed + 1)
@@ -775,6 +780,7 @@ def layered_tar(path, layers):
             info.size, info.mtime = size, 1700000000
             # a random MiB of its own, repeated: no two layers alike
             block = random.Random(seed).getrandbits(8 * MIB).to_bytes(MIB, "little")
+            digest = hashlib.sha256()
 
             class Reader:
                 position = 0
@@ -789,12 +795,16 @@ def layered_tar(path, layers):
                         pieces.append(piece)
                         left -= len(piece)
                         self.position += len(piece)
+                    digest.update(b"".join(pieces))
                     return b"".join(pieces)
             tar.addfile(info, Reader())
-        manifest = json.dumps([{"Config": "config.json", "RepoTags": ["bench:1"],
+            diff_ids.append("sha256:" + digest.hexdigest())
+        config = json.dumps({"os": "linux", "rootfs": {
+            "type": "layers", "diff_ids": diff_ids}}).encode()
+        config_name = hashlib.sha256(config).hexdigest() + ".json"
+        manifest = json.dumps([{"Config": config_name, "RepoTags": ["bench:1"],
                                 "Layers": names}]).encode()
-        for name, data in (("config.json", b'{"os": "linux"}'),
-                           ("manifest.json", manifest)):
+        for name, data in ((config_name, config), ("manifest.json", manifest)):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, __import__("io").BytesIO(data))

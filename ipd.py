@@ -565,6 +565,58 @@ def write_file_atomic(path, data, mode=0o640):
     fsync_dir(folder)
 
 
+class ParallelHash:
+    """A SHA-256 computed by a thread of its own from the blocks (bytes, not
+    to be changed afterwards) given to update(), so that the caller can copy
+    or hash the same bytes on a second core meanwhile (hashlib lets go of
+    the GIL).  hexdigest() waits for the last block; close() gives up."""
+
+    def __init__(self):
+        self.hash = hashlib.sha256()
+        self.blocks = queue.Queue(2)  # two blocks in flight: flat memory
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        for block in iter(self.blocks.get, None):
+            self.hash.update(block)
+
+    def update(self, block):
+        self.blocks.put(block)
+
+    def close(self):
+        if self.thread.is_alive():
+            self.blocks.put(None)
+            self.thread.join()
+
+    def hexdigest(self):
+        self.close()
+        return self.hash.hexdigest()
+
+
+class Background:
+    """function(*args) run by a thread of its own; result() waits for it
+    and returns what it returned, or raises what it raised."""
+
+    def __init__(self, function, *args):
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(function, args),
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, function, args):
+        try:
+            self.value = function(*args)
+        except BaseException as error:  # handed to result()
+            self.error = error
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 def remove_quietly(path):
     """Remove a file or a whole folder; a missing one is fine."""
     try:
@@ -1449,14 +1501,15 @@ class ChunkedBody:
 
 
 class FileSink:
-    """A file part written to a temporary file, hashed as it streams."""
+    """A file part written to a temporary file, hashed as it streams (by a
+    ParallelHash when given one: then write() takes only bytes)."""
 
-    def __init__(self, folder, field, filename):
+    def __init__(self, folder, field, filename, sha256=None):
         self.field = field
         self.filename = filename
         self.fd, self.path = tempfile.mkstemp(prefix=".upload-", suffix=".tmp",
                                               dir=folder)
-        self.sha256 = hashlib.sha256()
+        self.sha256 = sha256 or hashlib.sha256()
         self.size = 0
 
     def write(self, data):
@@ -1474,6 +1527,8 @@ class FileSink:
 
     def discard(self):
         self.close()
+        if isinstance(self.sha256, ParallelHash):
+            self.sha256.close()
         remove_quietly(self.path)
 
     def describe(self):
@@ -3398,6 +3453,10 @@ def parse_upload_complete(value, default):
     return value == "?1"
 
 
+# The blocks in which a recipe's file is copied together from its segments.
+REBUILD_BLOCK = 4 * CHUNK_SIZE
+
+
 class SegmentWriter:
     """One request's bytes appended to a partial segment (see
     SegmentStore.begin); what arrived stays when the client goes away."""
@@ -3624,7 +3683,6 @@ class SegmentStore:
             if digest not in present:
                 raise BadRequest("recipe of %s names segment %s, which the server "
                                  "does not have: send it first" % (field, digest))
-        buffer = bytearray(CHUNK_SIZE)
         for piece in meta["segments"]:
             if "data" in piece:
                 sink.write(piece["data"])
@@ -3635,11 +3693,11 @@ class SegmentStore:
                                     self.sizes.get(piece["sha256"]), piece["size"]))
             try:
                 with open(self.path(piece["sha256"]), "rb") as file:
-                    while True:
-                        count = file.readinto(buffer)
-                        if not count:
-                            break
-                        sink.write(memoryview(buffer)[:count])
+                    # fresh bytes each time: the sink's hash may still hold
+                    # the last block on another core; large blocks, as the
+                    # copy is what a push of a changed layer waits for
+                    for block in iter(lambda: file.read(REBUILD_BLOCK), b""):
+                        sink.write(block)
             except FileNotFoundError:
                 raise BadRequest("recipe of %s names segment %s, which the server "
                                  "does not have: send it first"
@@ -3913,7 +3971,7 @@ class Daemon:
                 "files"][name]
         except (OSError, ValueError, KeyError, BadRequest):
             raise Gone("the recipe of deployment %s is gone" % earlier["id"])
-        sink = FileSink(self.settings.UPLOAD_DIR, name, meta["name"])
+        sink = FileSink(self.settings.UPLOAD_DIR, name, meta["name"], ParallelHash())
         try:
             self.segments.rebuild(user, name, meta, sink)
         except BadRequest as error:
@@ -5123,8 +5181,9 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
                     upload.fields[key] = recipe[key]
             for field, meta in sorted(recipe["files"].items()):
                 upload.fields[field + "_sha256"] = meta["sha256"]
+                # hashed on a second core while this one copies (#16)
                 sink = upload.files[field] = FileSink(settings.UPLOAD_DIR, field,
-                                                      meta["name"])
+                                                      meta["name"], ParallelHash())
                 self.ipd.segments.rebuild(self.user, field, meta, sink)
                 sink.close()
             upload.recipe = RecipeFile(encode_recipe(recipe["files"]),
@@ -5974,33 +6033,32 @@ class Client:
         recipe.  Returns the deployment's id, or None when the server does
         not take recipes (404/405): then a whole upload is the way."""
         plans = {field: plan_file(path) for field, path in files.items()}
-        wanted = {}
-        for field, plan in plans.items():
-            for start, end, digest, _ in plan["pieces"]:
-                if digest:
-                    wanted.setdefault(digest, (files[field], start, end))
-        status, answer = self.call_json("POST", "/segments/missing",
-                                        {"segments": list(wanted)},
-                                        {"X-Ipd-Project": project})
-        if status in (404, 405):
+        answer = self.missing_segments(project, plans, files)
+        if answer is None:
             return None
-        if status >= 400:
-            raise http_error(status, answer.get("error"))
-        missing = [digest for digest in answer.get("missing", []) if digest in wanted]
-        partial = answer.get("partial") or {}
-        recipe = make_recipe(project, files, plans, signed, force)
-        body_size = len(json.dumps(recipe))
-        to_send = sum(wanted[d][2] - wanted[d][1] - int(partial.get(d, 0))
-                      for d in missing)
-        present = sum(end - start for digest, (_, start, end) in wanted.items()
-                      if digest not in missing) + sum(int(partial.get(d, 0))
-                                                      for d in missing)
+        missing, partial, present = answer
+        # the recipe's size for the progress bar, before the whole files'
+        # digests (at work while the segments go out) are known
+        body_size = len(json.dumps(make_recipe(
+            project, files, plans, signed, force, {field: "0" * 64 for field in plans})))
+        to_send = sum(end - start - partial.get(digest, 0)
+                      for digest, (_, start, end) in missing.items())
         if progress:
             progress.start(to_send + body_size, present)
-        for digest in missing:
-            path, start, end = wanted[digest]
-            self.send_segment(digest, path, start, end, int(partial.get(digest, 0)),
-                              progress)
+        corrected = self.send_missing(missing, partial, plans, progress)
+        # a digest the file only declared is named by the recipe when the
+        # bytes have it: one that does not is corrected and its segment sent
+        for plan in plans.values():
+            for index, digest in plan["check"].result().items():
+                if plan["pieces"][index][2] != digest:
+                    start, end, _, _ = plan["pieces"][index]
+                    plan["pieces"][index] = (start, end, digest, None)
+                    corrected = True
+        if corrected:
+            missing, partial, _ = self.missing_segments(project, plans, files)
+            to_send += sum(end - start for _, start, end in missing.values())
+            self.send_missing(missing, partial, plans, progress)
+        recipe = make_recipe(project, files, plans, signed, force)
         status, answer = self.call_json("POST", "/push", recipe,
                                         {"X-Ipd-Project": project})
         if progress:
@@ -6013,6 +6071,48 @@ class Client:
                       % (human_size(to_send + body_size), human_size(present)))
         return answer["deployment"]
 
+    def missing_segments(self, project, plans, files):
+        """Ask the server which of the plans' segments it lacks: ({digest:
+        (path, start, end)} to send, {digest: bytes it has of them}, bytes it
+        has of all), or None when it takes no recipes."""
+        wanted = {}
+        for field, plan in plans.items():
+            for start, end, digest, _ in plan["pieces"]:
+                if digest:
+                    wanted.setdefault(digest, (files[field], start, end))
+        status, answer = self.call_json("POST", "/segments/missing",
+                                        {"segments": list(wanted)},
+                                        {"X-Ipd-Project": project})
+        if status in (404, 405):
+            return None
+        if status >= 400:
+            raise http_error(status, answer.get("error"))
+        missing = {digest: wanted[digest] for digest in answer.get("missing", [])
+                   if digest in wanted}
+        partial = {digest: int(offset) for digest, offset
+                   in (answer.get("partial") or {}).items() if digest in missing}
+        present = sum(end - start for digest, (_, start, end) in wanted.items()
+                      if digest not in missing) + sum(partial.values())
+        return missing, partial, present
+
+    def send_missing(self, missing, partial, plans, progress):
+        """Send each missing segment.  One whose digest the file only
+        declared is read first: when its bytes have another digest, the
+        plan is corrected instead (-> True) and it is left for later."""
+        declared = {plan["pieces"][index][2]: (plan, index)
+                    for plan in plans.values() for index in plan["declared"]}
+        corrected = False
+        for digest, (path, start, end) in missing.items():
+            if digest in declared and range_digest(path, start, end) != digest:
+                plan, index = declared[digest]
+                plan["pieces"][index] = (start, end, range_digest(path, start, end),
+                                         None)
+                corrected = True
+                continue
+            self.send_segment(digest, path, start, end, partial.get(digest, 0),
+                              progress)
+        return corrected
+
 
 # A tar member at least this large is sent as a segment of its own; the
 # bytes between such members (headers, small members) go inline, or as a
@@ -6020,16 +6120,18 @@ class Client:
 SEGMENT_MIN = 64 * 1024
 
 
-def make_recipe(project, files, plans, signed=None, force=False):
+def make_recipe(project, files, plans, signed=None, force=False, whole=None):
     """The body of POST /push for files ({field: path}) as planned by
-    plan_file ({field: plan})."""
+    plan_file ({field: plan}); whole names each file's SHA-256 ({field:
+    digest}; by default the plans' FileHash, which may still be at work)."""
     recipe = {"project": project, "force": bool(force), "files": {}}
     if signed:
         recipe["manifest"], recipe["signature"] = signed[0].decode(), signed[1]
     for field, plan in plans.items():
         recipe["files"][field] = {
             "name": os.path.basename(files[field]), "size": plan["size"],
-            "sha256": plan["sha256"], "segments": [
+            "sha256": whole[field] if whole else plan["whole"].result(),
+            "segments": [
                 {"sha256": digest, "size": end - start} if digest else
                 {"data": base64.b64encode(data).decode()}
                 for start, end, digest, data in plan["pieces"]]}
@@ -6047,91 +6149,155 @@ def parse_rate(text):
 
 
 def tar_data_ranges(path, size):
-    """(start, end) of the data of each large regular member of a plain tar
-    file, in order; [(0, size)] for anything else (compressed, not a tar)."""
-    whole = [(0, size)] if size else []
+    """(start, end, declared) of the data of each large regular member of a
+    plain tar file, in order, declared being the SHA-256 that an image's own
+    metadata gives for it, or None; [(0, size, None)] for anything else
+    (compressed, not a tar)."""
+    whole = [(0, size, None)] if size else []
     try:
-        ranges = []
+        ranges, members = [], {}
         with tarfile.open(path, "r:") as tar:
             for info in tar:
                 if info.issparse():
                     return whole
+                members[info.name] = info
                 if info.isreg() and info.size >= SEGMENT_MIN:
-                    ranges.append((info.offset_data, info.offset_data + info.size))
+                    ranges.append((info.offset_data, info.offset_data + info.size,
+                                   info.name))
+            declared = declared_digests(tar, members)
     except Exception:  # not a tar: whatever tarfile says, one segment
         return whole
     position = 0
-    for start, end in ranges:
+    for start, end, _ in ranges:
         if start < position or end > size:
             return whole
         position = end
-    return ranges if ranges else whole
+    return [(start, end, declared.get(name)) for start, end, name in ranges] or whole
+
+
+# The largest manifest or image config push reads for the layers' digests.
+IMAGE_METADATA_LIMIT = 4 * 1024 * 1024
+OCI_BLOB = re.compile(r"(?:\./)?blobs/sha256/([0-9a-f]{64})\Z")
+
+
+def declared_digests(tar, members):
+    """{member name: SHA-256} as the image in tar says of its layers: the
+    OCI layout names each blob by it; a docker save manifest.json lists each
+    image's layers beside its config, whose rootfs.diff_ids are the layers'
+    digests, in order.  Push checks them before the recipe names them."""
+    found = {}
+    for name in members:
+        match = OCI_BLOB.match(name)
+        if match:
+            found[name] = match.group(1)
+
+    def read_json(name):
+        info = members.get(name)
+        if info is None or not info.isreg() or info.size > IMAGE_METADATA_LIMIT:
+            return None
+        return json.loads(tar.extractfile(info).read().decode("utf-8"))
+
+    for image in read_json("manifest.json") or []:
+        config = read_json(image.get("Config", ""))
+        diff_ids = (config or {}).get("rootfs", {}).get("diff_ids", [])
+        layers = image.get("Layers", [])
+        for layer, diff_id in zip(layers, diff_ids):
+            if len(layers) == len(diff_ids) and SHA256_HEX.match(
+                    diff_id[len("sha256:"):]) and diff_id.startswith("sha256:"):
+                found.setdefault(layer, diff_id[len("sha256:"):])
+    return found
 
 
 def plan_file(path):
-    """How push sends a file: {size, sha256, pieces: [(start, end, segment
-    digest or None, inline bytes or None)]} covering it byte for byte."""
-    size = os.path.getsize(path)
+    """How push sends a file: {size, pieces: [(start, end, segment digest or
+    None, inline bytes or None)] covering it byte for byte, declared: the
+    indexes of pieces whose digest only the file's metadata gave, whole: the
+    file's SHA-256 and check: those digests as read (Background jobs)}.
+
+    Only the digests the file does not declare are computed first (on two
+    cores): the whole file's SHA-256 is needed only by the recipe, at the
+    end, and the declared digests only before it names them, so both are
+    computed while the missing segments go out."""
+    status = os.stat(path)
+    size = status.st_size
     bounds, position = [], 0
-    for start, end in tar_data_ranges(path, size):
+    for start, end, declared in tar_data_ranges(path, size):
         if start > position:
-            bounds.append((position, start, start - position >= SEGMENT_MIN))
-        bounds.append((start, end, True))
+            bounds.append((position, start, start - position >= SEGMENT_MIN, None))
+        bounds.append((start, end, True, declared))
         position = end
     if position < size:
-        bounds.append((position, size, size - position >= SEGMENT_MIN))
-    whole = ParallelHash()  # the whole file's, on a second core
-    pieces = []
-    with open(path, "rb") as file, whole:
-        for start, end, segment in bounds:
-            digest, data, left = hashlib.sha256(), bytearray(), end - start
-            while left:
-                block = file.read(min(CHUNK_SIZE // 4, left))  # 4 in flight
-                if not block:
-                    raise ClientError("%s changed while it was read" % path,
-                                      EXIT_USAGE)
-                whole.update(block)
-                if segment:
-                    digest.update(block)
-                else:
-                    data += block
-                left -= len(block)
-            if segment:
-                pieces.append((start, end, digest.hexdigest(), None))
-            elif pieces and pieces[-1][2] is None:  # one inline run
-                pieces[-1] = (pieces[-1][0], end, None, pieces[-1][3] + bytes(data))
-            else:
-                pieces.append((start, end, None, bytes(data)))
-    return {"size": size, "sha256": whole.hexdigest(), "pieces": pieces}
+        bounds.append((position, size, size - position >= SEGMENT_MIN, None))
+    found = read_pieces(path, [bound for bound in bounds if not bound[3]])
+    pieces, declared = [], []
+    for start, end, segment, digest in bounds:
+        value = digest or found.pop(0)
+        if digest:
+            declared.append(len(pieces))
+        if segment:
+            pieces.append((start, end, value, None))
+        elif pieces and pieces[-1][2] is None:  # one inline run
+            pieces[-1] = (pieces[-1][0], end, None, pieces[-1][3] + value)
+        else:
+            pieces.append((start, end, None, value))
+    plan = {"size": size, "pieces": pieces, "declared": declared}
+    if len(pieces) == 1 and pieces[0][2] and not declared:  # it is the whole file
+        plan["whole"] = Background(lambda: pieces[0][2])
+    else:
+        plan["whole"] = Background(file_digest, path, status)
+    plan["check"] = Background(lambda: {index: range_digest(path, *pieces[index][:2])
+                                        for index in declared})
+    return plan
 
 
-class ParallelHash:
-    """A SHA-256 fed blocks (bytes) that a thread of its own hashes, so a
-    second one can be computed over the same bytes at the same time
-    (hashlib lets go of the GIL)."""
+def read_pieces(path, bounds):
+    """For each (start, end, segment, _) of path: the SHA-256 of a segment,
+    the bytes of an inline piece; the first and second half of the bytes
+    read by a thread each (hashlib lets go of the GIL)."""
+    if not bounds:
+        return []
+    half = (bounds[0][0] + bounds[-1][1]) // 2
+    first = [bound for bound in bounds if bound[0] < half]
+    def read(part):
+        return [range_digest(path, start, end) if segment else
+                range_bytes(path, start, end) for start, end, segment, _ in part]
 
-    def __init__(self):
-        self.hash = hashlib.sha256()
-        self.blocks = queue.Queue(2)  # blocks of 1 MiB in flight: flat memory
-        self.thread = threading.Thread(target=self._run, daemon=True)
+    jobs = [Background(read, part) for part in (first, bounds[len(first):]) if part]
+    return [value for job in jobs for value in job.result()]
 
-    def _run(self):
-        for block in iter(self.blocks.get, None):
-            self.hash.update(block)
 
-    def __enter__(self):
-        self.thread.start()
-        return self
+def range_chunks(path, start, end):
+    """The bytes start..end of path, in chunks; a shorter file is an error."""
+    with open(path, "rb") as file:
+        file.seek(start)
+        left = end - start
+        while left:
+            block = file.read(min(CHUNK_SIZE, left))
+            if not block:
+                raise ClientError("%s changed while it was read" % path, EXIT_USAGE)
+            left -= len(block)
+            yield block
 
-    def __exit__(self, *exc_info):
-        self.blocks.put(None)
-        self.thread.join()
 
-    def update(self, block):
-        self.blocks.put(block)
+def range_digest(path, start, end):
+    digest = hashlib.sha256()
+    for block in range_chunks(path, start, end):
+        digest.update(block)
+    return digest.hexdigest()
 
-    def hexdigest(self):
-        return self.hash.hexdigest()
+
+def range_bytes(path, start, end):
+    return b"".join(range_chunks(path, start, end))
+
+
+def file_digest(path, status):
+    """The SHA-256 of a whole file that must still be as status (an os.stat
+    result) says: a file changed while push read it is an error."""
+    digest = range_digest(path, 0, status.st_size)
+    now = os.stat(path)
+    if (now.st_size, now.st_mtime_ns) != (status.st_size, status.st_mtime_ns):
+        raise ClientError("%s changed while it was read" % path, EXIT_USAGE)
+    return digest
 
 
 class Pacer:

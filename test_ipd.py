@@ -5681,11 +5681,15 @@ class InstallTests(unittest.TestCase):
 # Layer pushes, resumable segments, disk that holds each layer once (#16) #####
 ###############################################################################
 
-def layered_image(path, layers, oci=False, tag="example/app:1", **config_extra):
+def layered_image(path, layers, oci=False, tag="example/app:1", declared=None,
+                  **config_extra):
     """A tar laid out as docker save writes it (legacy, or OCI with
-    blobs/sha256/...), each layer (bytes) a member of its own."""
+    blobs/sha256/...), each layer (bytes) a member of its own; declared
+    gives other digests for the layers than theirs (a lying image)."""
     members = []
-    digests = ["sha256:" + hashlib.sha256(data).hexdigest() for data in layers]
+    digests = ["sha256:" + (declared[number] if declared and declared[number] else
+                            hashlib.sha256(data).hexdigest())
+               for number, data in enumerate(layers)]
     config = json.dumps(dict({"architecture": "amd64", "os": "linux",
                               "rootfs": {"type": "layers", "diff_ids": digests}},
                              **config_extra)).encode()
@@ -5819,6 +5823,28 @@ class LayerPushTests(LayerPushTestCase):
                 again, sent3 = self.push(v2, project)
                 self.assertEqual(self.deployed_sha(project, again), sha256_file(v2))
                 self.assertLess(sent3, 32 * 1024)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_digests_an_image_declares_wrongly_are_corrected(self):
+        # push takes a layer's digest from the image's own metadata (config
+        # diff_ids, OCI blob names) and checks it while the missing segments
+        # go out: a wrong one, naming a segment the server has or one it
+        # lacks, never reaches the recipe, and the right bytes are sent
+        base, other = os.urandom(1 << 20), os.urandom(1 << 20)
+        v1 = layered_image(os.path.join(self.tmp, "v1.tar"), [base, other])
+        first, _ = self.push(v1)
+        self.assertEqual(self.deployed_sha("app", first), sha256_file(v1))
+        for oci in (False, True):
+            for lie in (hashlib.sha256(other).hexdigest(), "ab" * 32):
+                with self.subTest(oci=oci, lie=lie[:4]):
+                    changed = os.urandom(300000)
+                    path = os.path.join(self.tmp, "lying.tar")
+                    layered_image(path, [base, changed], oci, declared=[None, lie])
+                    deployment, sent = self.push(path)
+                    self.assertEqual(self.deployed_sha("app", deployment),
+                                     sha256_file(path))
+                    self.assertGreaterEqual(sent, len(changed))
+                    self.assertLess(sent, len(changed) + 64 * 1024)
         self.assertEqual(self.daemon.leftovers(), [])
 
     def test_compressed_and_plain_files_are_one_segment_and_package_too(self):
