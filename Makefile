@@ -1,5 +1,6 @@
 # ipd - Image Push and Deploy
-#   make test                 the tests, with $(PYTHON)
+#   make test                 the tests, with $(PYTHON), in four processes
+#   make test-system          the Docker, nginx, Chromium and packaging tests
 #   make soak                 the long soaks at full size (CI runs them once)
 #   make bench                the benchmark (README: Performance)
 #   make install              the original README's installation, automated
@@ -38,18 +39,23 @@ else
 DOC_SED = -e '/^Documentation=/d'
 endif
 DIST ?= dist
-.PHONY: test soak bench install uninstall install-user install-unit install-nginx-reload \
+.PHONY: test test-system soak bench install uninstall install-user install-unit install-nginx-reload \
 	install-run-as \
 	wheel sdist deb
 
 test:
 	$(PYTHON) test_ipd.py
 
+# The classes that need a Docker engine, nginx, Chromium, packaging tools or
+# the system's Python: the same on every Python, so CI runs them once.
+test-system:
+	IPD_TEST_SET=system $(PYTHON) test_ipd.py
+
 # The long soaks at full size (20,000 fuzzed requests, 50 uploads with
 # kill -9, 1 GiB pushes, large logs): once per CI run, on one Python.
 soak:
 	IPD_SOAK=1 $(PYTHON) test_ipd.py -k Guarantee -k MemoryTests -k test_push_of_1_gib \
-	    -k EdgeSizeTests -k EdgeFuzzTests
+	    -k EdgeSizeTests -k EdgeFuzzTests -k PackageBombTests
 
 # Upload speed, memory and latency beside nginx, uvicorn and multipart
 # (installs its peers into build/bench-venv; takes some minutes).

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -388,8 +387,8 @@ def upload(system, payload, size, digest):
         raise SystemExit("%s stored a wrong file for %s" % (system.name, payload))
     os.unlink(stored)  # every system starts each run from the same state
     seconds = float(seconds)
-    return {"mbps": size / MIB / seconds,  # MiB/s "cpu_per_gib": cpu / (size / (1 << 30)),
-            "rss": rss}
+    return {"mbps": size / MIB / seconds,  # MiB/s
+            "cpu_per_gib": cpu / (size / (1 << 30)), "rss": rss}
 
 
 def make_payloads(work, sizes):
@@ -866,19 +865,23 @@ def layer_figures(work, quick):
         # 1. a redeploy where one layer changed, through a 100 Mbit/s link
         v1 = layered_tar(os.path.join(work, "v1.tar"),
                          [(number, layer) for number in range(count)])
-        v2 = layered_tar(os.path.join(work, "v2.tar"),
-                         [(number, layer) for number in range(count - 1)]
-                         + [(1000, layer)])
         push(v1)
         relay.rate = rate
         sha_before = sha256_rate_one_core()
-        layer_time, layer_bytes = push(v2)
+        layer_runs = []  # three such releases, each with a layer of its own
+        for release in range(3):
+            v2 = layered_tar(os.path.join(work, "v2.tar"),
+                             [(number, layer) for number in range(count - 1)]
+                             + [(1000 + release, layer)])
+            layer_runs.append(push(v2))
         sha_after = sha256_rate_one_core()
         whole_time, whole_bytes = push(v2, "--whole")
         relay.rate = None
+        layer_time, layer_bytes = sorted(layer_runs)[1]  # the median
         figures["redeploy"] = {
             "image": os.path.getsize(v2), "changed": layer,
             "layer_bytes": layer_bytes, "layer_time": layer_time,
+            "layer_times": [run[0] for run in layer_runs],
             "whole_bytes": whole_bytes, "whole_time": whole_time,
             "sha256": (sha_before + sha_after) / 2}
         os.unlink(v1)
@@ -937,8 +940,9 @@ def report_layers(figures):
           "metadata) |" % (redeploy["image"] / MIB, redeploy["changed"] / MIB,
                           redeploy["layer_bytes"],
                           redeploy["layer_bytes"] / redeploy["changed"]))
-    print("| the same at 100 Mbit/s, push to ok | %.2f s (whole upload: %.2f s, "
-          "%.0f bytes): %.1f x faster | at least 20 x |" % (
+    print("| the same at 100 Mbit/s, push to ok (median of %s s) | %.2f s (whole "
+          "upload: %.2f s, %.0f bytes): %.1f x faster | at least 20 x |" % (
+              ", ".join("%.2f" % time for time in redeploy["layer_times"]),
               redeploy["layer_time"], redeploy["whole_time"], redeploy["whole_bytes"],
               redeploy["whole_time"] / redeploy["layer_time"]))
     print("| SHA-256 of one core around that push (client and server each hash "
