@@ -4124,6 +4124,7 @@ class DockerTestCase(unittest.TestCase):
     system = True  # the same on every Python: once per CI run
 
     script = None  # examples/*/control.sh
+    serial = "docker"  # one engine (and Swarm) for all: one test at a time
 
     @classmethod
     def setUpClass(cls):
@@ -6870,11 +6871,12 @@ class AuditSyslogTests(DaemonTestCase):
 ###############################################################################
 
 # make test runs the suite on one Python in a few worker processes, each
-# taking the next test class as it gets free; make test-system runs the
-# classes marked `system` (they need a Docker engine, Chromium, packaging
-# tools or the system's own Python: the same for every Python, so CI runs
-# them once); make soak the soaks at full size.  Classes marked `alone`
-# measure time or memory and run after the others, one at a time.
+# taking the next test as it gets free; make test-system runs the classes
+# marked `system` (they need a Docker engine, Chromium, packaging tools or
+# the system's own Python: the same for every Python, so CI runs them
+# once), the Docker ones (`serial`) one at a time in a worker of their
+# own; make soak the soaks at full size.  Classes marked `alone` measure
+# time and run after the others, one at a time.
 
 # Known to take longest: started first, so that no worker is left with one
 # at the end.
@@ -6968,8 +6970,9 @@ def work_units(classes):
 
 def run_in_workers(classes, jobs):
     """Run the tests of classes in jobs worker processes, the slow ones
-    first and the `alone` ones last, one at a time; print each one's output
-    when it ends, then the totals line.  -> exit status."""
+    first, those of one `serial` kind one after another, and the `alone`
+    ones last, one at a time; print each one's output when it ends, then
+    the totals line.  -> exit status."""
     together = work_units(cls for cls in classes if not getattr(cls, "alone", False))
     alone = work_units(cls for cls in classes if getattr(cls, "alone", False))
     totals = [0, 0, 0]
@@ -7006,9 +7009,18 @@ def run_in_workers(classes, jobs):
             worker.wait()
             worker.stdout.close()
 
-    for group, count in ((together, jobs), (alone, 1)):
+    # the units of each `serial` kind in a worker of their own, one after
+    # another; the rest shared by the other workers; then the alone ones
+    serial = {}
+    for unit in together:
+        kind = getattr(globals()[unit.split(".")[0]], "serial", None)
+        serial.setdefault(kind, []).append(unit)
+    shared = serial.pop(None, [])
+    phases = ([(units, 1) for units in serial.values()]
+              + [(shared, max(1, jobs - len(serial)))], [(alone, 1)])
+    for phase in phases:
         threads = [threading.Thread(target=work, args=(group,))
-                   for _ in range(min(count, len(group)))]
+                   for group, count in phase for _ in range(min(count, len(group)))]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -7026,10 +7038,9 @@ if __name__ == "__main__":
         sys.exit(run_worker())
     test_set = os.environ.get("IPD_TEST_SET", "fast")
     jobs = int(os.environ.get("IPD_TEST_JOBS", "4"))
-    if len(sys.argv) == 1 and test_set != "system" and jobs > 1:
+    if len(sys.argv) == 1 and jobs > 1:
         sys.exit(run_in_workers(test_classes(test_set), jobs))
-    # One process: named tests or -k patterns (any class), or the system
-    # set (its Docker tests must not run two at a time).
+    # One process: named tests or -k patterns (any class), or one job.
     # Warnings on (an unclosed file is a ResourceWarning, not silence).
     options = {"verbosity": 2, "warnings": "default"}
     if sys.version_info >= (3, 12) and os.environ.get("IPD_TEST_DURATIONS"):
