@@ -2130,10 +2130,99 @@ def find_control_script(unpacked, project_dir):
 # Deployments and their store #################################################
 ###############################################################################
 
+class Deployment:
+    """One deployment: what was uploaded, by whom, and how far it got.
+
+    to_disk() and from_disk() are its form in ID.json and the index cache,
+    with the field names of STATE_FORMAT_VERSION (an older ipd reads what
+    this one writes); public() is what the API tells.  The store never
+    changes one in place: replace() makes a changed copy, and callers get
+    copies (copy()), never the store's own.
+    """
+
+    FIELDS = ("id", "project", "seq", "state", "created", "started", "ended",
+              "user", "files", "control", "steps", "pruned", "signer", "recipe")
+    __slots__ = FIELDS + ("others",)
+
+    def __init__(self, deployment_id, project, seq=None, user=None, files=None,
+                 control=None, **fields):
+        """A deployment just uploaded (state 'await'); fields set any other
+        field, or one this class has no name for (superseded_by, ...)."""
+        self.id, self.project, self.seq = deployment_id, project, seq
+        self.state, self.created, self.started, self.ended = \
+            "await", time.time(), None, None
+        self.user, self.control = user, control
+        self.files = {} if files is None else files
+        self.steps, self.pruned, self.signer, self.recipe = [], False, None, False
+        self.others = {}  # fields without a name here, kept as they were
+        self._set(fields)
+
+    def _set(self, fields):
+        for key, value in fields.items():
+            if key in self.FIELDS:
+                setattr(self, key, value)
+            elif key != "version":
+                self.others[key] = value
+
+    @classmethod
+    def from_disk(cls, data):
+        """The Deployment of an ID.json's dict, of this format or an older
+        one: fields an older one lacks get a new upload's defaults.  Raises
+        KeyError, TypeError or AttributeError for what is not one."""
+        deployment = cls(data["id"], data["project"], data["seq"])
+        deployment._set(data)
+        return deployment
+
+    def to_disk(self):
+        """The dict written as ID.json (and into the index cache)."""
+        data = dict(self.others, version=STATE_FORMAT_VERSION)
+        data.update((key, getattr(self, key)) for key in self.FIELDS)
+        return data
+
+    def encode(self):
+        """ID.json's bytes."""
+        return (json.dumps(self.to_disk(), indent=1, sort_keys=True) + "\n").encode()
+
+    def public(self):
+        """What the API tells of a deployment (times as ISO 8601)."""
+        duration = None
+        if self.started and self.ended:
+            duration = round(self.ended - self.started, 3)
+        return {
+            "project": self.project,
+            "deployment": self.id,
+            "state": self.state,
+            "created": iso_time(self.created),
+            "started": iso_time(self.started),
+            "ended": iso_time(self.ended),
+            "duration": duration,
+            "user": self.user,
+            "files": self.files,
+            "steps": self.steps,
+            "pruned": self.pruned,
+            "signer": self.signer,
+        }
+
+    def copy(self):
+        return self.replace()
+
+    def replace(self, **changes):
+        """A copy with changes (any field, named or not)."""
+        deployment = Deployment.__new__(Deployment)
+        for key in self.FIELDS:
+            setattr(deployment, key, getattr(self, key))
+        deployment.others = dict(self.others)
+        deployment._set(changes)
+        return deployment
+
+    def __repr__(self):
+        return "<Deployment %s of %s: %s>" % (self.id, self.project, self.state)
+
+
 class DeploymentStore:
     """Every deployment, its state on disk and the queue of waiting ones.
 
-    Records are plain dicts (see new_record); callers get copies.  Every
+    Records are Deployments; callers get copies.  Every
     change of state goes through update(), which writes the record to disk
     before the change is visible, so a state once answered survives any
     crash.  Each project has at most one waiting deployment (a newer upload
@@ -2173,8 +2262,8 @@ class DeploymentStore:
 
     def path(self, record, suffix=""):
         """Folder of a deployment, or its file with suffix ('.log', ...)."""
-        return os.path.join(self.deployments_dir(record["project"]),
-                            record["id"] + suffix)
+        return os.path.join(self.deployments_dir(record.project),
+                            record.id + suffix)
 
     # --- loading
 
@@ -2194,34 +2283,34 @@ class DeploymentStore:
                 remove_quietly(entry.path)
             elif is_project_name(entry.name) and entry.is_dir():
                 self._load_project(entry.name)
-        records = sorted(self._records.values(), key=lambda r: r["seq"])
+        records = sorted(self._records.values(), key=lambda r: r.seq)
         for record in records:
-            self._by_project.setdefault(record["project"], []).append(record["id"])
+            self._by_project.setdefault(record.project, []).append(record.id)
             self._count_state(None, record)
         orphans = processes_of_deployments(
-            [record["id"] for record in records if record["state"] == "active"])
+            [record.id for record in records if record.state == "active"])
         for record in records:
-            if record["state"] == "active":
+            if record.state == "active":
                 # Another user's processes: found by the session recorded
                 # at the step's start, not by their environment.
                 left = processes_of_session(
                     read_step_identity(self.path(record, ".step")))
                 if left:
-                    orphans[record["id"]] = sorted(
-                        set(orphans.get(record["id"], [])) | set(left))
-                if orphans.get(record["id"]):
+                    orphans[record.id] = sorted(
+                        set(orphans.get(record.id, [])) | set(left))
+                if orphans.get(record.id):
                     log.warning("stopping what was left running of deployment %s",
-                                record["id"])
-                    stop_processes(orphans[record["id"]], kill_grace)
-                self.update(record["id"], state="interrupted", ended=time.time())
+                                record.id)
+                    stop_processes(orphans[record.id], kill_grace)
+                self.update(record.id, state="interrupted", ended=time.time())
                 log.info("deployment %s of %s was running at a stop: interrupted",
-                         record["id"], record["project"])
-            elif record["state"] == "await":
+                         record.id, record.project)
+            elif record.state == "await":
                 with self._lock:
                     superseded = self._queue(record)
                 if superseded:
                     self.update(superseded, state="changed", ended=time.time(),
-                                superseded_by=record["id"])
+                                superseded_by=record.id)
         return len(records)
 
     def _load_project(self, project):
@@ -2241,13 +2330,14 @@ class DeploymentStore:
                 mtime = entry.stat().st_mtime_ns
                 record = cached.get(stem, (None, None))[1] \
                     if cached.get(stem, (None,))[0] == mtime else None
+                record = record and cached_deployment(record)
                 if record is None:
                     stale = True
                     record = self._read_record(entry.path, project, stem)
                 if record:
                     index[stem] = (mtime, record)
-                    self._records[record["id"]] = record
-                    self._next_seq = max(self._next_seq, record["seq"] + 1)
+                    self._records[record.id] = record
+                    self._next_seq = max(self._next_seq, record.seq + 1)
             elif stem + ".json" not in names and DEPLOYMENT_ID.match(stem):
                 # Files moved in by an upload that died before its record
                 # was written: that deployment never existed.
@@ -2264,8 +2354,8 @@ class DeploymentStore:
             if record.get("version", 1) > STATE_FORMAT_VERSION:
                 raise ValueError("written by a newer ipd (format %s)"
                                  % record.get("version"))
-            return upgrade_record(record)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            return Deployment.from_disk(record)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             log.error("skipping unreadable deployment state %s: %s", path, error)
             return None
 
@@ -2274,20 +2364,20 @@ class DeploymentStore:
     def add(self, record):
         """Record a new uploaded deployment (already on disk) and queue it."""
         with self._lock:
-            self._records[record["id"]] = record
-            self._by_project.setdefault(record["project"], []).append(record["id"])
+            self._records[record.id] = record
+            self._by_project.setdefault(record.project, []).append(record.id)
             self._count_state(None, record)
             superseded = self._queue(record)
         if superseded:
             self.update(superseded, state="changed", ended=time.time(),
-                        superseded_by=record["id"])
+                        superseded_by=record.id)
 
     def _queue(self, record):
         """Make record its project's waiting deployment; return the id it
         superseded, if any.  Called with the lock held (or while loading)."""
-        project = record["project"]
+        project = record.project
         superseded = self._waiting.get(project)
-        self._waiting[project] = record["id"]
+        self._waiting[project] = record.id
         self._lock.notify_all()
         return superseded
 
@@ -2298,21 +2388,22 @@ class DeploymentStore:
         moved = []
         with self.commit_lock:
             try:
-                os.makedirs(self.deployments_dir(record["project"]), exist_ok=True)
+                os.makedirs(self.deployments_dir(record.project), exist_ok=True)
                 for suffix, source in [("", folder)] + sorted(files.items()):
                     os.rename(source, self.path(record, suffix))
                     moved.append(self.path(record, suffix))
                 moved.append(self.path(record, ".log"))
                 open(moved[-1], "ab").close()
                 with self._lock:
-                    record["seq"] = self._next_seq
+                    record = record.replace(seq=self._next_seq)
                     self._next_seq += 1
-                write_file_atomic(self.path(record, ".json"), encode_record(record))
+                write_file_atomic(self.path(record, ".json"), record.encode())
             except BaseException:
                 for path in moved:
                     remove_quietly(path)
                 raise
             self.add(record)  # it exists now: the record is on disk
+        return record.copy()
 
     def update(self, deployment_id, **changes):
         """Change a deployment: on disk first (atomically), then in memory.
@@ -2320,20 +2411,20 @@ class DeploymentStore:
         with self._write_lock:
             with self._lock:
                 old = self._records[deployment_id]
-                new = dict(old, **changes)
-            write_file_atomic(self.path(new, ".json"), encode_record(new))
+                new = old.replace(**changes)
+            write_file_atomic(self.path(new, ".json"), new.encode())
             with self._lock:
                 self._records[deployment_id] = new
                 self._count_state(old, new)
                 self._lock.notify_all()  # wakes wait_final() and followers
-            if new["state"] != old["state"]:
-                log.info("deployment %s of %s: %s -> %s", new["id"],
-                         new["project"], old["state"], new["state"])
-                audit_event("state", project=new["project"], deployment=new["id"],
-                            previous=old["state"], state=new["state"])
-                if new["state"] not in UNFINISHED and self.on_final:
-                    self.on_final(dict(new))
-            return dict(new)
+            if new.state != old.state:
+                log.info("deployment %s of %s: %s -> %s", new.id,
+                         new.project, old.state, new.state)
+                audit_event("state", project=new.project, deployment=new.id,
+                            previous=old.state, state=new.state)
+                if new.state not in UNFINISHED and self.on_final:
+                    self.on_final(new.copy())
+            return new.copy()
 
     def wait_final(self, deployment_id, timeout):
         """Wait up to timeout seconds for the deployment to end; return a
@@ -2343,8 +2434,8 @@ class DeploymentStore:
             while True:
                 record = self._records[deployment_id]
                 remaining = deadline - time.monotonic()
-                if record["state"] not in UNFINISHED or remaining <= 0:
-                    return dict(record)
+                if record.state not in UNFINISHED or remaining <= 0:
+                    return record.copy()
                 self._lock.wait(remaining)
 
     def cancel(self, deployment_id):
@@ -2353,18 +2444,18 @@ class DeploymentStore:
         had ended already."""
         with self._lock:
             record = self._records[deployment_id]
-            project = record["project"]
-            if record["state"] not in UNFINISHED:  # the state first: it is final
+            project = record.project
+            if record.state not in UNFINISHED:  # the state first: it is final
                 raise Conflict("deployment %s has ended already: %s"
-                               % (deployment_id, record["state"]))
+                               % (deployment_id, record.state))
             if self._waiting.get(project) == deployment_id:
                 del self._waiting[project]
             elif deployment_id in self._cancels:
                 self._cancels[deployment_id].set()
-                return dict(record)
+                return record.copy()
             else:
                 raise Conflict("deployment %s has ended already: %s"
-                               % (deployment_id, record["state"]))
+                               % (deployment_id, record.state))
         return self.update(deployment_id, state="cancelled", ended=time.time())
 
     def unfinished_with(self, project, digests):
@@ -2374,9 +2465,9 @@ class DeploymentStore:
             for deployment_id in (self._waiting.get(project),
                                   self._running.get(project)):
                 record = self._records.get(deployment_id)
-                if record and record["state"] in UNFINISHED and digests == {
-                        name: meta["sha256"] for name, meta in record["files"].items()}:
-                    return dict(record)
+                if record and record.state in UNFINISHED and digests == {
+                        name: meta["sha256"] for name, meta in record.files.items()}:
+                    return record.copy()
         return None
 
     def cancel_requested(self, deployment_id):
@@ -2386,11 +2477,11 @@ class DeploymentStore:
 
     def _count_state(self, old, new):
         if old is not None:
-            self._state_counts[old["state"]] -= 1
-        self._state_counts[new["state"]] = self._state_counts.get(new["state"], 0) + 1
+            self._state_counts[old.state] -= 1
+        self._state_counts[new.state] = self._state_counts.get(new.state, 0) + 1
         self.metrics.count(old, new)
-        if (old is None or old["ended"] is None) and new["ended"] and new["started"]:
-            self._durations.append(new["ended"] - new["started"])
+        if (old is None or old.ended is None) and new.ended and new.started:
+            self._durations.append(new.ended - new.started)
             del self._durations[:-1000]
 
     # --- the queue, as the worker sees it
@@ -2408,8 +2499,8 @@ class DeploymentStore:
                 ready = [deployment_id for project, deployment_id
                          in self._waiting.items() if project not in self._running]
                 if ready:
-                    deployment_id = min(ready, key=lambda i: self._records[i]["seq"])
-                    project = self._records[deployment_id]["project"]
+                    deployment_id = min(ready, key=lambda i: self._records[i].seq)
+                    project = self._records[deployment_id].project
                     del self._waiting[project]
                     self._running[project] = deployment_id
                     self._cancels[deployment_id] = threading.Event()
@@ -2420,10 +2511,10 @@ class DeploymentStore:
     def release(self, record):
         """The worker is done with record's project: let its next one run."""
         with self._lock:
-            self._running.pop(record["project"], None)
-            self._cancels.pop(record["id"], None)
+            self._running.pop(record.project, None)
+            self._cancels.pop(record.id, None)
             self._lock.notify_all()
-        self.prune(record["project"])
+        self.prune(record.project)
 
     def stop(self):
         """Let claim() return None to every worker."""
@@ -2440,8 +2531,8 @@ class DeploymentStore:
             ids = list(self._by_project.get(project, ()))
             busy = {self._waiting.get(project), self._running.get(project)}
             old = [i for i in ids[:-self.keep] if i not in busy
-                   and not self._records[i].get("pruned")
-                   and self._records[i]["state"] not in UNFINISHED]
+                   and not self._records[i].pruned
+                   and self._records[i].state not in UNFINISHED]
         for deployment_id in old:
             self.prune_files(deployment_id)
         if self.segments:
@@ -2462,12 +2553,12 @@ class DeploymentStore:
         if self.drop_rebuilt:
             with self._lock:
                 busy = {self._waiting.get(project), self._running.get(project)}
-                ended = [dict(self._records[i]) for i in self._by_project.get(project, ())
-                         if i not in busy and self._records[i].get("recipe")
-                         and not self._records[i]["pruned"]
-                         and self._records[i]["state"] not in UNFINISHED]
+                ended = [self._records[i].copy() for i in self._by_project.get(project, ())
+                         if i not in busy and self._records[i].recipe
+                         and not self._records[i].pruned
+                         and self._records[i].state not in UNFINISHED]
             for record in ended:
-                for name in record["files"]:
+                for name in record.files:
                     remove_quietly(self.path(record, "." + name))
         self.segments.collect()
         self.make_room()
@@ -2483,19 +2574,19 @@ class DeploymentStore:
             with self._lock:
                 keep = set(self._waiting.values()) | set(self._running.values())
                 for ids in self._by_project.values():
-                    done = [i for i in ids if self._records[i]["state"] == "ok"]
+                    done = [i for i in ids if self._records[i].state == "ok"]
                     keep.update(done[-1:])
                 candidates = [record for record in self._records.values()
-                              if record["id"] not in keep and not record["pruned"]
-                              and record["state"] not in UNFINISHED]
+                              if record.id not in keep and not record.pruned
+                              and record.state not in UNFINISHED]
             if not candidates:
                 log.warning("free space below MIN_FREE_SPACE and nothing left "
                             "to prune")
                 return
-            oldest = min(candidates, key=lambda record: record["seq"])
+            oldest = min(candidates, key=lambda record: record.seq)
             log.info("free space below MIN_FREE_SPACE: pruning deployment %s of %s",
-                     oldest["id"], oldest["project"])
-            self.prune_files(oldest["id"])
+                     oldest.id, oldest.project)
+            self.prune_files(oldest.id)
             if self.segments:
                 self.segments.collect()
 
@@ -2504,7 +2595,7 @@ class DeploymentStore:
     def get(self, deployment_id):
         with self._lock:
             record = self._records.get(deployment_id)
-            return dict(record) if record else None
+            return record.copy() if record else None
 
     def find(self, project, deployment_id=None):
         """The deployment of project with deployment_id, or its latest."""
@@ -2513,27 +2604,27 @@ class DeploymentStore:
                 ids = self._by_project.get(project)
                 deployment_id = ids[-1] if ids else None
             record = self._records.get(deployment_id)
-            if record is None or record["project"] != project:
+            if record is None or record.project != project:
                 return None
-            return dict(record)
+            return record.copy()
 
     def deployments_of(self, project):
         """Copies of the project's records, oldest first."""
         with self._lock:
-            return [dict(self._records[i]) for i in self._by_project.get(project, ())]
+            return [self._records[i].copy() for i in self._by_project.get(project, ())]
 
     def projects(self):
         """{project: (latest record, number of deployments)}."""
         with self._lock:
-            return {project: (dict(self._records[ids[-1]]), len(ids))
+            return {project: (self._records[ids[-1]].copy(), len(ids))
                     for project, ids in sorted(self._by_project.items())}
 
     def kept_files(self):
         """(record, has a recipe) of each deployment that keeps its files;
         the records are the store's own: read them, do not change them."""
         with self._lock:
-            return [(record, record.get("recipe")) for record in self._records.values()
-                    if not record["pruned"] and record["files"]]
+            return [(record, record.recipe) for record in self._records.values()
+                    if not record.pruned and record.files]
 
     def statistics(self):
         with self._lock:
@@ -2561,15 +2652,15 @@ class Metrics:
         self.last_success = {}    # project -> end time of its latest ok
 
     def count(self, old, new):
-        project = new["project"]
+        project = new.project
         if old is not None:
-            self.deployments[(project, old["state"])] -= 1
-        key = (project, new["state"])
+            self.deployments[(project, old.state)] -= 1
+        key = (project, new.state)
         self.deployments[key] = self.deployments.get(key, 0) + 1
-        for step in new["steps"][len(old["steps"]) if old else 0:]:
+        for step in new.steps[len(old.steps) if old else 0:]:
             self._observe(step["step"], step.get("seconds"))
-        if new["state"] == "ok" and new["ended"]:
-            self.last_success[project] = max(new["ended"],
+        if new.state == "ok" and new.ended:
+            self.last_success[project] = max(new.ended,
                                              self.last_success.get(project, 0))
 
     def _observe(self, step, seconds):
@@ -2629,8 +2720,8 @@ INDEX_FILE = "index.cache"
 
 
 def read_index(folder):
-    """{id: (mtime_ns, record)} from folder's index, or {} when there is
-    none or it is unreadable."""
+    """{id: (mtime_ns, record as on disk)} from folder's index, or {} when
+    there is none or it is unreadable."""
     try:
         with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as file:
             data = json.load(file)
@@ -2641,13 +2732,22 @@ def read_index(folder):
         return {}
 
 
+def cached_deployment(data):
+    """The Deployment of an index entry, or None when it is not one."""
+    try:
+        return Deployment.from_disk(data)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
+
+
 def write_index(folder, index):
     """Write folder's index (a cache: no fsync, a torn one is ignored)."""
     path = os.path.join(folder, INDEX_FILE)
     temporary = os.path.join(folder, ".%s.%d.part" % (INDEX_FILE, os.getpid()))
     try:
         text = json.dumps({"version": STATE_FORMAT_VERSION,  # dumps: the C encoder
-                           "records": {key: [mtime, record] for key, (mtime, record)
+                           "records": {key: [mtime, record.to_disk()]
+                                       for key, (mtime, record)
                                        in index.items()}}, separators=(",", ":"))
         with open(temporary, "w", encoding="utf-8") as file:
             file.write(text)
@@ -2665,62 +2765,6 @@ def summarize(values):
             "mean": round(sum(values) / len(values), 3),
             "median": round(values[len(values) // 2], 3),
             "max": round(values[-1], 3)}
-
-
-def new_record(deployment_id, project, seq, user, files, control):
-    """The state of a deployment just uploaded."""
-    return {
-        "version": STATE_FORMAT_VERSION,
-        "id": deployment_id,
-        "project": project,
-        "seq": seq,
-        "state": "await",
-        "created": time.time(),
-        "started": None,
-        "ended": None,
-        "user": user,
-        "files": files,
-        "control": control,
-        "steps": [],
-        "pruned": False,
-        "signer": None,
-        "recipe": False,
-    }
-
-
-def upgrade_record(record):
-    """Fill fields that older state files lack, so that any version reads."""
-    defaults = new_record(record["id"], record["project"], record["seq"],
-                          None, {}, None)
-    for key, value in defaults.items():
-        record.setdefault(key, value)
-    record["version"] = STATE_FORMAT_VERSION
-    return record
-
-
-def encode_record(record):
-    return (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
-
-
-def public_record(record):
-    """What the API tells of a deployment (times as ISO 8601)."""
-    duration = None
-    if record["started"] and record["ended"]:
-        duration = round(record["ended"] - record["started"], 3)
-    return {
-        "project": record["project"],
-        "deployment": record["id"],
-        "state": record["state"],
-        "created": iso_time(record["created"]),
-        "started": iso_time(record["started"]),
-        "ended": iso_time(record["ended"]),
-        "duration": duration,
-        "user": record["user"],
-        "files": record["files"],
-        "steps": record["steps"],
-        "pruned": record["pruned"],
-        "signer": record["signer"],
-    }
 
 
 ###############################################################################
@@ -3026,26 +3070,26 @@ class DeployWorker:
             try:
                 self.run(record)
             except Exception:
-                log.exception("deployment %s failed inside ipd", record["id"])
+                log.exception("deployment %s failed inside ipd", record.id)
                 try:
-                    self.store.update(record["id"], state="interrupted",
+                    self.store.update(record.id, state="interrupted",
                                       ended=time.time())
                 except Exception:
-                    log.exception("cannot record the failure of %s", record["id"])
+                    log.exception("cannot record the failure of %s", record.id)
             finally:
                 self.store.release(record)
 
     def run(self, record):
         """Run the steps of one deployment and record its final state."""
         success = self.settings.SUCCESS_CODE
-        cancel = self.store.cancel_requested(record["id"])
+        cancel = self.store.cancel_requested(record.id)
         steps = []
         outcome = None
-        run_as = self.scripts_user(record["project"])
+        run_as = self.scripts_user(record.project)
         if run_as:
-            open_to_scripts(self.store.project_dir(record["project"]),
+            open_to_scripts(self.store.project_dir(record.project),
                             self.store.path(record), self.store.path(record, ".image")
-                            if "image" in record["files"] else None, run_as)
+                            if "image" in record.files else None, run_as)
         with open(self.store.path(record, ".log"), "ab") as log_file:
             for step in ("check", "prepare", "deploy"):
                 if step == "prepare" and steps[0]["code"] == success:
@@ -3058,13 +3102,13 @@ class DeployWorker:
                                               run_as)
                 steps.append({"step": step, "code": code,
                               "seconds": round(time.monotonic() - started, 3)})
-                self.store.update(record["id"], steps=list(steps))
+                self.store.update(record.id, steps=list(steps))
                 if outcome:
                     break
                 if step != "check" and code != success:
                     outcome = str(code)
                     break
-        self.store.update(record["id"], state=outcome or "ok", ended=time.time())
+        self.store.update(record.id, state=outcome or "ok", ended=time.time())
 
     def scripts_user(self, project):
         """RunAs of the project's scripts (RUN_AS, project.conf), or None."""
@@ -3079,16 +3123,16 @@ class DeployWorker:
         image = self.store.path(record, ".image")
         env.update({
             "PATH": os.environ.get("PATH", os.defpath),
-            "DEPLOY": record["id"],
-            "PROJECT": record["project"],
-            "IMAGE": image if "image" in record["files"] else "",
-            "PROJECT_DIR": self.store.project_dir(record["project"]),
+            "DEPLOY": record.id,
+            "PROJECT": record.project,
+            "IMAGE": image if "image" in record.files else "",
+            "PROJECT_DIR": self.store.project_dir(record.project),
         })
         if run_as:
             env["PROJECT_DIR"] = os.path.join(env["PROJECT_DIR"], WORK_DIR)
-        if record["signer"]:  # a signed release: a script may check who signed
-            env["SIGNER"] = record["signer"]["principal"]
-            env["SIGNER_KEY"] = record["signer"]["fingerprint"]
+        if record.signer:  # a signed release: a script may check who signed
+            env["SIGNER"] = record.signer["principal"]
+            env["SIGNER_KEY"] = record.signer["fingerprint"]
         return env
 
     def run_step(self, record, step, log_file, cancel, run_as=None):
@@ -3099,7 +3143,7 @@ class DeployWorker:
         started = time.monotonic()
         try:
             process = subprocess.Popen(
-                [record["control"], step], cwd=self.store.path(record),
+                [record.control, step], cwd=self.store.path(record),
                 env=self.environment(record, run_as), stdin=subprocess.DEVNULL,
                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                 close_fds=True, **credentials(run_as))
@@ -3112,7 +3156,7 @@ class DeployWorker:
                             ).encode())
             log_file.flush()
             log.warning("deployment %s: cannot run control.sh %s: %s",
-                        record["id"], step, error)
+                        record.id, step, error)
             return code, None
         # Recorded at once (no fsync: it must outlive ipd, not the machine)
         # so that a restart after kill -9 finds what is left of the step.
@@ -3132,7 +3176,7 @@ class DeployWorker:
                     outcome = "timeout"
                 if outcome:
                     log.warning("deployment %s: control.sh %s %s, stopping it",
-                                record["id"], step, outcome)
+                                record.id, step, outcome)
                     stop_process_group(process, self.settings.KILL_GRACE)
                     break
         # Children it left behind belong to the step: none may outlive it.
@@ -3141,7 +3185,7 @@ class DeployWorker:
         if code < 0:
             code = 128 - code  # killed by a signal, as a shell reports it
         log.info("deployment %s of %s: control.sh %s exited %d after %.3fs",
-                 record["id"], record["project"], step, code,
+                 record.id, record.project, step, code,
                  time.monotonic() - started)
         return code, outcome
 
@@ -3166,20 +3210,20 @@ class Notifier:
 
     def _notify(self, record):
         try:
-            script = os.path.join(self.store.project_dir(record["project"]),
+            script = os.path.join(self.store.project_dir(record.project),
                                   "notify.sh")
             if os.path.isfile(script) and os.access(script, os.X_OK):
                 self.run_script(script, record)
             if self.settings.NOTIFY_URL:
                 self.post(record)
         except Exception:
-            log.exception("notifying the end of deployment %s failed", record["id"])
+            log.exception("notifying the end of deployment %s failed", record.id)
 
     def run_script(self, script, record):
         """notify.sh, with control.sh's environment plus STATE, as the
         user control.sh runs as."""
-        run_as = self.scripts_user(record["project"])
-        env = dict(self.environment(record, run_as), STATE=record["state"])
+        run_as = self.scripts_user(record.project)
+        env = dict(self.environment(record, run_as), STATE=record.state)
         process = subprocess.Popen([script], cwd=os.path.dirname(script), env=env,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True,
@@ -3190,14 +3234,14 @@ class Notifier:
             stop_process_group(process, self.settings.KILL_GRACE)
             output, _ = process.communicate()
             log.warning("notify.sh of %s ran over NOTIFY_TIMEOUT and was stopped",
-                        record["project"])
+                        record.project)
         text = output[-1000:].decode("utf-8", "replace").strip().replace("\n", " | ")
-        log.info("notify.sh of %s for %s (%s) exited %d: %s", record["project"],
-                 record["id"], record["state"], process.returncode, text)
+        log.info("notify.sh of %s for %s (%s) exited %d: %s", record.project,
+                 record.id, record.state, process.returncode, text)
 
     def post(self, record):
         """POST the summary to NOTIFY_URL; retried with a growing pause."""
-        body = json.dumps(dict(public_record(record), event="deployment_ended"),
+        body = json.dumps(dict(record.public(), event="deployment_ended"),
                           sort_keys=True).encode()
         for attempt in range(self.ATTEMPTS):
             request = urllib.request.Request(
@@ -3207,14 +3251,14 @@ class Notifier:
             try:
                 with urllib.request.urlopen(request,
                                             timeout=self.settings.NOTIFY_TIMEOUT):
-                    log.info("NOTIFY_URL told: %s of %s is %s", record["id"],
-                             record["project"], record["state"])
+                    log.info("NOTIFY_URL told: %s of %s is %s", record.id,
+                             record.project, record.state)
                     return
             except (OSError, http.client.HTTPException) as error:
                 problem = error
             time.sleep(2 ** attempt)
         log.warning("NOTIFY_URL failed %d times for %s: %s", self.ATTEMPTS,
-                    record["id"], problem)
+                    record.id, problem)
 
 
 def stop_process_group(process, grace):
@@ -3522,7 +3566,7 @@ class SegmentStore:
             pass
         for project in store.projects():
             for record in store.deployments_of(project):
-                if record.get("recipe") and not record["pruned"]:
+                if record.recipe and not record.pruned:
                     self.read_refs(store, record)
         self.collect()
 
@@ -3532,10 +3576,10 @@ class SegmentStore:
                 files = json.loads(file.read().decode())
             digests = recipe_digests(files)
         except (OSError, ValueError, AttributeError, KeyError, TypeError) as error:
-            log.error("unreadable recipe of deployment %s: %s", record["id"], error)
+            log.error("unreadable recipe of deployment %s: %s", record.id, error)
             return
         with self.lock:
-            self.refs[record["id"]] = (record["project"], digests)
+            self.refs[record.id] = (record.project, digests)
 
     # --- who may know of what
 
@@ -3657,7 +3701,7 @@ class SegmentStore:
 
     def refer(self, record, files):
         with self.lock:
-            self.refs[record["id"]] = (record["project"], recipe_digests(files))
+            self.refs[record.id] = (record.project, recipe_digests(files))
 
     def forget(self, deployment_id):
         with self.lock:
@@ -3719,7 +3763,7 @@ class SegmentStore:
             count = len(self.sizes)
         logical = files_on_disk = 0
         for record, recipe in store.kept_files():
-            for name, meta in record["files"].items():
+            for name, meta in record.files.items():
                 logical += meta.get("size", 0)
                 if not recipe:  # an upload's file: there until pruned
                     files_on_disk += meta.get("size", 0)
@@ -3798,10 +3842,10 @@ class Daemon:
         wait, run or succeeded, and the nonces ever used; (0, set())."""
         newest, nonces = 0, set()
         for record in self.store.deployments_of(project):
-            signer = record.get("signer")
+            signer = record.signer
             if signer:
                 nonces.add(signer.get("nonce"))
-                if record["state"] in UNFINISHED + ("ok",):
+                if record.state in UNFINISHED + ("ok",):
                     newest = max(newest, signer.get("created", 0))
         return newest, nonces
 
@@ -3852,55 +3896,55 @@ class Daemon:
     def cancel(self, record, user, address):
         """Cancel a deployment for user (see DeploymentStore.cancel); logged
         and audited."""
-        self.store.cancel(record["id"])
+        self.store.cancel(record.id)
         with open(self.store.path(record, ".log"), "ab") as file:
             file.write(("ipd: cancelled by %s from %s at %s\n" % (
                 user.name, address, iso_time(time.time()))).encode())
-        log.info("deployment %s of %s: cancel asked by %s", record["id"],
-                 record["project"], user.name)
-        audit_event("cancel", project=record["project"], deployment=record["id"],
+        log.info("deployment %s of %s: cancel asked by %s", record.id,
+                 record.project, user.name)
+        audit_event("cancel", project=record.project, deployment=record.id,
                     user=user.name, address=address)
 
     def redeploy(self, earlier, user, address):
         """A new deployment from the kept files of an earlier one: the
         rollback.  Raises Gone when they were pruned."""
-        if earlier["pruned"] or not earlier["files"]:
+        if earlier.pruned or not earlier.files:
             raise Gone("the files of deployment %s were pruned "
-                       "(KEEP_DEPLOYMENTS): upload them again" % earlier["id"])
-        if self.signature_required(earlier["project"]) and user.role != "ADMIN":
-            if not earlier["signer"]:
+                       "(KEEP_DEPLOYMENTS): upload them again" % earlier.id)
+        if self.signature_required(earlier.project) and user.role != "ADMIN":
+            if not earlier.signer:
                 raise Forbidden("project %s takes signed releases only: deployment "
                                 "%s was not signed (an ADMIN may redeploy it)"
-                                % (earlier["project"], earlier["id"]))
-            if earlier["signer"]["created"] < self.newest_signed(earlier["project"])[0]:
+                                % (earlier.project, earlier.id))
+            if earlier.signer["created"] < self.newest_signed(earlier.project)[0]:
                 raise Forbidden("deployment %s is older than the newest signed "
                                 "release of %s: only an ADMIN may roll back to it"
-                                % (earlier["id"], earlier["project"]))
+                                % (earlier.id, earlier.project))
         upload = Upload()
         try:
-            for name, meta in earlier["files"].items():
+            for name, meta in earlier.files.items():
                 path = self.store.path(earlier, "." + name)
-                if earlier.get("recipe") and not os.path.exists(path):
+                if earlier.recipe and not os.path.exists(path):
                     upload.files[name] = self.rebuild_kept(earlier, name, user)
                     continue
                 upload.files[name] = KeptFile(path, meta, self.settings.UPLOAD_DIR)
-            if earlier.get("recipe"):
+            if earlier.recipe:
                 upload.recipe = KeptFile(self.store.path(earlier, ".recipe"), {},
                                          self.settings.UPLOAD_DIR)
         except BaseException as error:
             upload.discard()
             if isinstance(error, FileNotFoundError):
-                raise Gone("the files of deployment %s are gone" % earlier["id"])
+                raise Gone("the files of deployment %s are gone" % earlier.id)
             if isinstance(error, IpdError):
                 raise
             raise disk_errors(error)
-        record = self.deploy_upload(earlier["project"], upload, user,
-                                    redeploy_of=earlier["id"], signer=earlier["signer"])
-        log.info("deployment %s of %s: redeploy of %s by %s", record["id"],
-                 record["project"], earlier["id"], user.name)
-        audit_event("redeploy", project=record["project"], deployment=record["id"],
-                    redeploy_of=earlier["id"], user=user.name, address=address,
-                    files=record["files"])
+        record = self.deploy_upload(earlier.project, upload, user,
+                                    redeploy_of=earlier.id, signer=earlier.signer)
+        log.info("deployment %s of %s: redeploy of %s by %s", record.id,
+                 record.project, earlier.id, user.name)
+        audit_event("redeploy", project=record.project, deployment=record.id,
+                    redeploy_of=earlier.id, user=user.name, address=address,
+                    files=record.files)
         return record
 
     def rebuild_kept(self, earlier, name, user):
@@ -3912,14 +3956,14 @@ class Daemon:
             meta = parse_recipe(json.dumps({"files": {name: stored[name]}}).encode())[
                 "files"][name]
         except (OSError, ValueError, KeyError, BadRequest):
-            raise Gone("the recipe of deployment %s is gone" % earlier["id"])
+            raise Gone("the recipe of deployment %s is gone" % earlier.id)
         sink = FileSink(self.settings.UPLOAD_DIR, name, meta["name"])
         try:
             self.segments.rebuild(user, name, meta, sink)
         except BadRequest as error:
             sink.discard()
             raise Gone("the files of deployment %s cannot be rebuilt: %s"
-                       % (earlier["id"], error))
+                       % (earlier.id, error))
         except BaseException:
             sink.discard()
             raise
@@ -3948,18 +3992,18 @@ class Daemon:
             earlier = self.store.unfinished_with(project, digests)
             if earlier:
                 log.info("deployment %s of %s: the same files again, from %s; "
-                         "not queued twice", earlier["id"], project, user.name)
+                         "not queued twice", earlier.id, project, user.name)
                 return earlier, False
         if signer:
             self.check_not_replayed(project, signer, user, address)
         record = self.deploy_upload(project, upload, user, signer=signer)
-        log.info("deployment %s of %s uploaded by %s: %s", record["id"], project,
+        log.info("deployment %s of %s uploaded by %s: %s", record.id, project,
                  user.name, ", ".join("%s %s (%d bytes)" % (
                      name, meta["name"], meta["size"])
-                     for name, meta in record["files"].items()))
-        audit_event("upload", project=project, deployment=record["id"],
-                    user=user.name, address=address, files=record["files"],
-                    signer=record["signer"])
+                     for name, meta in record.files.items()))
+        audit_event("upload", project=project, deployment=record.id,
+                    user=user.name, address=address, files=record.files,
+                    signer=record.signer)
         self.count_upload(received)
         return record, True
 
@@ -3987,16 +4031,15 @@ class Daemon:
             control = find_control_script(staging if own_script else None,
                                           store.project_dir(project))
             files = {name: sink.describe() for name, sink in upload.files.items()}
-            record = new_record(str(uuid.uuid4()), project, None, user.name,
-                                files, control)
-            record.update(extra)
+            record = Deployment(str(uuid.uuid4()), project, None, user.name,
+                                files, control, recipe=upload.recipe is not None,
+                                **extra)
             if control.startswith(staging + os.sep):
-                record["control"] = os.path.join(store.path(record), "control.sh")
+                record.control = os.path.join(store.path(record), "control.sh")
             moves = {"." + name: sink.path for name, sink in upload.files.items()}
             if upload.recipe is not None:
                 moves[".recipe"] = upload.recipe.path
-                record["recipe"] = True
-            store.commit(record, staging, moves)
+            record = store.commit(record, staging, moves)
             if upload.recipe is not None:
                 self.segments.read_refs(store, record)
         except BaseException as error:
@@ -4065,7 +4108,7 @@ def read_log_tail(path, limit):
 
 def signed_by(record):
     """', signed by WHO@PROJECT (SHA256:...)' for a signed release."""
-    signer = record.get("signer")
+    signer = record.signer
     if not signer:
         return ""
     return "<br>signed by %s <code>%s</code>" % (html.escape(signer["principal"]),
@@ -4083,8 +4126,8 @@ def page_time(timestamp):
 
 
 def page_duration(record):
-    if record["started"] and record["ended"]:
-        return "%.1f s" % (record["ended"] - record["started"])
+    if record.started and record.ended:
+        return "%.1f s" % (record.ended - record.started)
     return "-"
 
 
@@ -4136,9 +4179,9 @@ class StatusPages:
         rows = ("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td>"
                 "<td>%s</td><td>%s</td><td>%d</td></tr>" % (
                     self.ui_link(project), html.escape(project),
-                    state_badge(latest["state"]),
-                    page_time(latest["ended"] or latest["started"] or latest["created"]),
-                    page_duration(latest), html.escape(latest["user"] or "-"), count)
+                    state_badge(latest.state),
+                    page_time(latest.ended or latest.started or latest.created),
+                    page_duration(latest), html.escape(latest.user or "-"), count)
                 for project, latest, count in projects)
         self.send_page("projects", itertools.chain(
             ["<table><tr><th>project</th><th>latest</th><th>when</th><th>took</th>"
@@ -4159,26 +4202,26 @@ class StatusPages:
         files = "".join("<div>%s: %s, %d bytes<br><code>%s</code></div>" % (
             html.escape(name), html.escape(meta.get("name") or "-"),
             meta.get("size", 0), html.escape(meta.get("sha256", "")))
-            for name, meta in sorted(record["files"].items()))
+            for name, meta in sorted(record.files.items()))
         return ("<tr><td><a href=\"%s\"><code>%s</code></a></td><td>%s</td>"
                 "<td>%s<br>%s<br>%s</td><td>%s</td><td>%s</td><td>%s%s</td>"
                 "<td>%s</td></tr>" % (
-                    self.ui_link(record["project"], record["id"]),
-                    html.escape(record["id"][:8]), state_badge(record["state"]),
-                    page_time(record["created"]), page_time(record["started"]),
-                    page_time(record["ended"]), page_duration(record),
-                    html.escape(record["user"] or "-") + signed_by(record), files,
-                    "<div>(pruned)</div>" if record["pruned"] else "",
+                    self.ui_link(record.project, record.id),
+                    html.escape(record.id[:8]), state_badge(record.state),
+                    page_time(record.created), page_time(record.started),
+                    page_time(record.ended), page_duration(record),
+                    html.escape(record.user or "-") + signed_by(record), files,
+                    "<div>(pruned)</div>" if record.pruned else "",
                     self.buttons(record)))
 
     def buttons(self, record):
         actions = []
-        if record["state"] in UNFINISHED:
+        if record.state in UNFINISHED:
             actions.append("cancel")
-        if record["files"] and not record["pruned"]:
+        if record.files and not record.pruned:
             actions.append("redeploy")
         return "".join('<form method="post" action="%s"><button>%s</button></form>'
-                       % (self.ui_link(record["project"], record["id"], action), action)
+                       % (self.ui_link(record.project, record.id, action), action)
                        for action in actions)
 
     def api_ui_deployment(self, project, deployment_id):
@@ -4187,7 +4230,7 @@ class StatusPages:
             raise NotFound("no")
         skipped, text = read_log_tail(self.ipd.store.path(record, ".log"),
                                       PAGE_LOG_TAIL)
-        running = record["state"] in UNFINISHED
+        running = record.state in UNFINISHED
         follow = "%s/log/%s/%s?follow=1&offset=%d" % (
             self.ipd.settings.API_ROOT, project, deployment_id, skipped + len(text))
         whole = ("<p>The first %d bytes of the log are left out here: "
@@ -4197,11 +4240,11 @@ class StatusPages:
                      html.escape(deployment_id))) if skipped else ""
         body = ("<p>%s of <a href=\"%s\">%s</a> by %s &middot; uploaded %s, "
                 "started %s, ended %s, took %s</p><p>%s</p>" % (
-                    state_badge(record["state"]), self.ui_link(project),
+                    state_badge(record.state), self.ui_link(project),
                     html.escape(project),
-                    html.escape(record["user"] or "-") + signed_by(record),
-                    page_time(record["created"]), page_time(record["started"]),
-                    page_time(record["ended"]), page_duration(record),
+                    html.escape(record.user or "-") + signed_by(record),
+                    page_time(record.created), page_time(record.started),
+                    page_time(record.ended), page_duration(record),
                     self.buttons(record)) + whole +
                 "<pre id=\"log\" data-follow=\"%s\">%s</pre>" % (
                     html.escape(follow), html.escape(text.decode("utf-8", "replace"))))
@@ -4223,7 +4266,7 @@ class StatusPages:
             raise NotFound("no such action: %s" % action)
         self.send_response(303)
         self.send_header("Location", "%s/ui/%s/%s" % (self.ipd.settings.API_ROOT,
-                                                     project, target["id"]))
+                                                     project, target.id))
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -4755,13 +4798,13 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
     def api_info(self):
         rows, lines = [], []
         for project, (latest, count) in self.ipd.store.projects().items():
-            row = {"project": project, "deployment": latest["id"],
-                   "state": latest["state"], "started": iso_time(latest["started"]),
-                   "ended": iso_time(latest["ended"]), "deployments": count,
-                   "user": latest["user"], "files": latest["files"]}
+            row = {"project": project, "deployment": latest.id,
+                   "state": latest.state, "started": iso_time(latest.started),
+                   "ended": iso_time(latest.ended), "deployments": count,
+                   "user": latest.user, "files": latest.files}
             rows.append(row)
             lines.append("%s %s %s started=%s ended=%s deployments=%d\n" % (
-                project, latest["id"], latest["state"], row["started"] or "-",
+                project, latest.id, latest.state, row["started"] or "-",
                 row["ended"] or "-", count))
         self.answer(200, "".join(lines), {"projects": rows})
 
@@ -4792,7 +4835,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         wait = self.query_seconds("wait")
         if wait:
             record = self.wait_final(record, wait)
-        self.answer(200, record["state"] + "\n", public_record(record))
+        self.answer(200, record.state + "\n", record.public())
 
     def wait_final(self, record, timeout):
         """The record once it ends or timeout passes, looking each second
@@ -4801,8 +4844,8 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            record = self.ipd.store.wait_final(record["id"], min(1.0, remaining))
-            if record["state"] not in UNFINISHED or remaining <= 1.0:
+            record = self.ipd.store.wait_final(record.id, min(1.0, remaining))
+            if record.state not in UNFINISHED or remaining <= 1.0:
                 return record
             if peer_closed(self.connection):
                 raise ClientGone("gave up waiting")
@@ -4838,7 +4881,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
                 self.follow_log(record, file)
             elif self.wants_json():
                 head = json.dumps({"project": project, "deployment": deployment_id,
-                                   "state": record["state"]})
+                                   "state": record.state})
                 self.send_stream("application/json", itertools.chain(
                     [head[:-1] + ', "log": "'], json_string_pieces(file), ['"}\n']))
             else:
@@ -4887,19 +4930,19 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
                 self.send_chunk(data, chunked)
                 last = data[-1:]
                 continue
-            current = self.ipd.store.wait_final(record["id"], 0.2)
+            current = self.ipd.store.wait_final(record.id, 0.2)
             if time.monotonic() - quiet_since >= 1:  # still anybody there?
                 if peer_closed(self.connection):
                     raise ClientGone("stopped following the log")
                 quiet_since = time.monotonic()
-            if current["state"] not in UNFINISHED:
+            if current.state not in UNFINISHED:
                 data = file.read()  # what it printed last
                 if data:
                     self.send_chunk(data, chunked)
                     last = data[-1:]
                 break
         ending = b"" if last == b"\n" else b"\n"
-        self.send_chunk(ending + ("ipd: state: %s\n" % current["state"]).encode(),
+        self.send_chunk(ending + ("ipd: state: %s\n" % current.state).encode(),
                         chunked)
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
@@ -4947,9 +4990,9 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         if record is None:
             raise NotFound("no")
         self.ipd.cancel(record, self.user, self.client_ip())
-        record = self.ipd.store.wait_final(record["id"],
+        record = self.ipd.store.wait_final(record.id,
                                            self.ipd.settings.KILL_GRACE + 10)
-        self.answer(200, record["state"] + "\n", public_record(record))
+        self.answer(200, record.state + "\n", record.public())
 
     def api_redeploy(self, project, deployment_id):
         record = self.find_deployment(project, deployment_id)
@@ -5040,12 +5083,12 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
 
     def answer_deployment(self, record, status=202):
         """The answer to an upload or a redeploy: the new deployment's id."""
-        self.answer(status, record["id"] + "\n",
-                    {"deployment": record["id"], "project": record["project"],
-                     "state": record["state"]},
+        self.answer(status, record.id + "\n",
+                    {"deployment": record.id, "project": record.project,
+                     "state": record.state},
                     {"Location": "%s/status/%s/%s" % (self.ipd.settings.API_ROOT,
-                                                      record["project"],
-                                                      record["id"])})
+                                                      record.project,
+                                                      record.id)})
 
     def open_body(self, limit):
         """The request body as a LengthBody or ChunkedBody, checked against

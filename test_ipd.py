@@ -3293,15 +3293,14 @@ class StoreQueueTests(unittest.TestCase):
 
     def commit(self, project="app"):
         staging = tempfile.mkdtemp(dir=self.tmp, prefix=".upload-")
-        record = ipd.new_record(str(uuid.uuid4()), project, None, "admin", {}, "/bin/true")
-        self.store.commit(record, staging, {})
-        return record["id"]
+        record = ipd.Deployment(str(uuid.uuid4()), project, None, "admin", {}, "/bin/true")
+        return self.store.commit(record, staging, {}).id
 
     def test_a_second_cancel_after_the_last_update_is_409(self):
         deployment = self.commit()
         claimed = self.store.claim()
-        self.assertEqual((claimed["id"], claimed["state"]), (deployment, "active"))
-        self.assertEqual(self.store.cancel(deployment)["state"], "active")  # asked
+        self.assertEqual((claimed.id, claimed.state), (deployment, "active"))
+        self.assertEqual(self.store.cancel(deployment).state, "active")  # asked
         # The worker writes the final state and has not released it yet:
         self.store.update(deployment, state="cancelled", ended=time.time())
         with self.assertRaises(ipd.Conflict):
@@ -3312,8 +3311,8 @@ class StoreQueueTests(unittest.TestCase):
 
     def test_a_cancelled_waiting_deployment_never_runs(self):
         first, second = self.commit("a"), self.commit("b")
-        self.assertEqual(self.store.cancel(first)["state"], "cancelled")
-        self.assertEqual(self.store.claim()["id"], second)
+        self.assertEqual(self.store.cancel(first).state, "cancelled")
+        self.assertEqual(self.store.claim().id, second)
         self.store.stop()
         self.assertIsNone(self.store.claim())
         self.assertEqual(json.loads(read_text(self.store.path(self.store.get(first), ".json")))
@@ -3323,9 +3322,9 @@ class StoreQueueTests(unittest.TestCase):
         running = self.commit()
         self.store.claim()
         older, newer = self.commit(), self.commit()
-        self.assertEqual(self.store.get(older)["state"], "changed")
-        self.assertEqual(self.store.get(newer)["state"], "await")
-        self.assertEqual(self.store.get(running)["state"], "active")
+        self.assertEqual(self.store.get(older).state, "changed")
+        self.assertEqual(self.store.get(newer).state, "await")
+        self.assertEqual(self.store.get(running).state, "active")
 
 
 class InProcessServerTests(unittest.TestCase):
@@ -3363,7 +3362,7 @@ class InProcessServerTests(unittest.TestCase):
         self.assertEqual(statuses, [202, 400])
         deployment = re.search(rb"\r\n\r\n([0-9a-f-]{36})\n", answer).group(1).decode()
         record = self.daemon.store.wait_final(deployment, 20)
-        self.assertEqual(record["state"], "ok")
+        self.assertEqual(record.state, "ok")
         self.assertEqual(self.daemon.uploads, 1)  # the refused one is not counted
 
 
