@@ -16,7 +16,8 @@ One file, standard library only, CPython 3.8 to 3.13:
 How it is built, top to bottom (each section opens with what it owns):
 settings; errors; helpers; users and passwords; signed releases and deploy
 tokens; the streaming multipart parser (pure, no I/O); request bodies and
-uploads; safe unpacking of packages; deployments and their on-disk store;
+uploads; safe unpacking of packages; deployments (the Deployment type, its
+on-disk store, the queue of waiting and running ones, the metrics);
 who runs the scripts (RUN_AS, project.conf); the deploy worker that runs
 control.sh; segments (layers stored once, recipes, resumable uploads); the
 service (what an upload, a redeploy, a cancel does); the status pages; HTTP
@@ -2127,8 +2128,11 @@ def find_control_script(unpacked, project_dir):
 
 
 ###############################################################################
-# Deployments and their store #################################################
+# Deployments: the type, the store, the queue, the metrics ####################
 ###############################################################################
+
+# What a deployment is (Deployment), where it is kept (DeploymentStore, on
+# disk first), what waits and runs (DeployQueue); Metrics counts its changes.
 
 class Deployment:
     """One deployment: what was uploaded, by whom, and how far it got.
@@ -2149,8 +2153,8 @@ class Deployment:
         """A deployment just uploaded (state 'await'); fields set any other
         field, or one this class has no name for (superseded_by, ...)."""
         self.id, self.project, self.seq = deployment_id, project, seq
-        self.state, self.created, self.started, self.ended = \
-            "await", time.time(), None, None
+        self.state, self.created = "await", time.time()
+        self.started = self.ended = None
         self.user, self.control = user, control
         self.files = {} if files is None else files
         self.steps, self.pruned, self.signer, self.recipe = [], False, None, False
@@ -2207,509 +2211,21 @@ class Deployment:
         return self.replace()
 
     def replace(self, **changes):
-        """A copy with changes (any field, named or not)."""
+        """A copy with changes (any field, named or not); what it holds in
+        lists and dicts is copied too, so that no change to it reaches
+        the store's own."""
         deployment = Deployment.__new__(Deployment)
         for key in self.FIELDS:
             setattr(deployment, key, getattr(self, key))
-        deployment.others = dict(self.others)
+        deployment.files = {name: dict(meta) for name, meta in self.files.items()}
+        deployment.steps = [dict(step) for step in self.steps]
+        deployment.signer = self.signer and dict(self.signer)
+        deployment.others = json.loads(json.dumps(self.others))  # JSON values
         deployment._set(changes)
         return deployment
 
     def __repr__(self):
         return "<Deployment %s of %s: %s>" % (self.id, self.project, self.state)
-
-
-class DeploymentStore:
-    """Every deployment, its state on disk and the queue of waiting ones.
-
-    Records are Deployments; callers get copies.  Every
-    change of state goes through update(), which writes the record to disk
-    before the change is visible, so a state once answered survives any
-    crash.  Each project has at most one waiting deployment (a newer upload
-    supersedes it) and at most one running.
-    """
-
-    def __init__(self, upload_dir, keep):
-        self.upload_dir = upload_dir
-        self.keep = keep
-        self._lock = self.lock = threading.Condition()
-        self._write_lock = threading.Lock()
-        # Held from taking an upload's sequence number until it is queued,
-        # so that upload order and queue order are the same.
-        self.commit_lock = threading.Lock()
-        self._records = {}        # id -> record
-        self._by_project = {}     # project -> [ids, oldest first]
-        self._waiting = {}        # project -> id
-        self._running = {}        # project -> id
-        self._stopping = False
-        self._next_seq = 1
-        self._state_counts = {}
-        self._durations = []      # seconds of finished deployments
-        self._cancels = {}        # id of a running deployment -> Event
-        self.metrics = Metrics()
-        self.on_final = None      # called with each record that ends
-        self.segments = None      # the SegmentStore of recipe pushes (#16)
-        self.drop_rebuilt = False  # DROP_REBUILT
-        self.min_free = 0         # MIN_FREE_SPACE
-
-    # --- paths
-
-    def project_dir(self, project):
-        return os.path.join(self.upload_dir, project)
-
-    def deployments_dir(self, project):
-        return os.path.join(self.upload_dir, project, "deployments")
-
-    def path(self, record, suffix=""):
-        """Folder of a deployment, or its file with suffix ('.log', ...)."""
-        return os.path.join(self.deployments_dir(record.project),
-                            record.id + suffix)
-
-    # --- loading
-
-    def load(self, kill_grace=10):
-        """Rebuild state from UPLOAD_DIR after a start, a crash or kill -9.
-
-        Torn uploads are removed, waiting deployments queued again in
-        upload order, a deployment that was running becomes 'interrupted'
-        and what is left of its control.sh is stopped, so that it never
-        overlaps the project's next deployment.  Returns the number of
-        deployments found.
-        """
-        os.makedirs(self.upload_dir, exist_ok=True)
-        for entry in os.scandir(self.upload_dir):
-            if entry.name.startswith(".upload-"):
-                log.info("removing torn upload %s", entry.name)
-                remove_quietly(entry.path)
-            elif is_project_name(entry.name) and entry.is_dir():
-                self._load_project(entry.name)
-        records = sorted(self._records.values(), key=lambda r: r.seq)
-        for record in records:
-            self._by_project.setdefault(record.project, []).append(record.id)
-            self._count_state(None, record)
-        orphans = processes_of_deployments(
-            [record.id for record in records if record.state == "active"])
-        for record in records:
-            if record.state == "active":
-                # Another user's processes: found by the session recorded
-                # at the step's start, not by their environment.
-                left = processes_of_session(
-                    read_step_identity(self.path(record, ".step")))
-                if left:
-                    orphans[record.id] = sorted(
-                        set(orphans.get(record.id, [])) | set(left))
-                if orphans.get(record.id):
-                    log.warning("stopping what was left running of deployment %s",
-                                record.id)
-                    stop_processes(orphans[record.id], kill_grace)
-                self.update(record.id, state="interrupted", ended=time.time())
-                log.info("deployment %s of %s was running at a stop: interrupted",
-                         record.id, record.project)
-            elif record.state == "await":
-                with self._lock:
-                    superseded = self._queue(record)
-                if superseded:
-                    self.update(superseded, state="changed", ended=time.time(),
-                                superseded_by=record.id)
-        return len(records)
-
-    def _load_project(self, project):
-        folder = self.deployments_dir(project)
-        try:
-            entries = list(os.scandir(folder))
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        names = {entry.name for entry in entries}
-        cached = read_index(folder)
-        index, stale = {}, False
-        for entry in entries:
-            stem, dot, suffix = entry.name.partition(".")
-            if entry.name.startswith("."):  # a torn atomic write
-                remove_quietly(entry.path)
-            elif suffix == "json" and DEPLOYMENT_ID.match(stem):
-                mtime = entry.stat().st_mtime_ns
-                record = cached.get(stem, (None, None))[1] \
-                    if cached.get(stem, (None,))[0] == mtime else None
-                record = record and cached_deployment(record)
-                if record is None:
-                    stale = True
-                    record = self._read_record(entry.path, project, stem)
-                if record:
-                    index[stem] = (mtime, record)
-                    self._records[record.id] = record
-                    self._next_seq = max(self._next_seq, record.seq + 1)
-            elif stem + ".json" not in names and DEPLOYMENT_ID.match(stem):
-                # Files moved in by an upload that died before its record
-                # was written: that deployment never existed.
-                remove_quietly(entry.path)
-        if stale or len(index) != len(cached):
-            write_index(folder, index)
-
-    def _read_record(self, path, project, deployment_id):
-        try:
-            with open(path, encoding="utf-8") as file:
-                record = json.load(file)
-            if record.get("id") != deployment_id or record.get("project") != project:
-                raise ValueError("id or project does not match its file name")
-            if record.get("version", 1) > STATE_FORMAT_VERSION:
-                raise ValueError("written by a newer ipd (format %s)"
-                                 % record.get("version"))
-            return Deployment.from_disk(record)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            log.error("skipping unreadable deployment state %s: %s", path, error)
-            return None
-
-    # --- changes
-
-    def add(self, record):
-        """Record a new uploaded deployment (already on disk) and queue it."""
-        with self._lock:
-            self._records[record.id] = record
-            self._by_project.setdefault(record.project, []).append(record.id)
-            self._count_state(None, record)
-            superseded = self._queue(record)
-        if superseded:
-            self.update(superseded, state="changed", ended=time.time(),
-                        superseded_by=record.id)
-
-    def _queue(self, record):
-        """Make record its project's waiting deployment; return the id it
-        superseded, if any.  Called with the lock held (or while loading)."""
-        project = record.project
-        superseded = self._waiting.get(project)
-        self._waiting[project] = record.id
-        self._lock.notify_all()
-        return superseded
-
-    def commit(self, record, folder, files):
-        """Move an upload's folder and files ({suffix: path}) into place,
-        write the record and queue it.  All or nothing: on an error what
-        was moved is removed again."""
-        moved = []
-        with self.commit_lock:
-            try:
-                os.makedirs(self.deployments_dir(record.project), exist_ok=True)
-                for suffix, source in [("", folder)] + sorted(files.items()):
-                    os.rename(source, self.path(record, suffix))
-                    moved.append(self.path(record, suffix))
-                moved.append(self.path(record, ".log"))
-                open(moved[-1], "ab").close()
-                with self._lock:
-                    record = record.replace(seq=self._next_seq)
-                    self._next_seq += 1
-                write_file_atomic(self.path(record, ".json"), record.encode())
-            except BaseException:
-                for path in moved:
-                    remove_quietly(path)
-                raise
-            self.add(record)  # it exists now: the record is on disk
-        return record.copy()
-
-    def update(self, deployment_id, **changes):
-        """Change a deployment: on disk first (atomically), then in memory.
-        Returns a copy of the new record."""
-        with self._write_lock:
-            with self._lock:
-                old = self._records[deployment_id]
-                new = old.replace(**changes)
-            write_file_atomic(self.path(new, ".json"), new.encode())
-            with self._lock:
-                self._records[deployment_id] = new
-                self._count_state(old, new)
-                self._lock.notify_all()  # wakes wait_final() and followers
-            if new.state != old.state:
-                log.info("deployment %s of %s: %s -> %s", new.id,
-                         new.project, old.state, new.state)
-                audit_event("state", project=new.project, deployment=new.id,
-                            previous=old.state, state=new.state)
-                if new.state not in UNFINISHED and self.on_final:
-                    self.on_final(new.copy())
-            return new.copy()
-
-    def wait_final(self, deployment_id, timeout):
-        """Wait up to timeout seconds for the deployment to end; return a
-        copy of its record, ended or not."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while True:
-                record = self._records[deployment_id]
-                remaining = deadline - time.monotonic()
-                if record.state not in UNFINISHED or remaining <= 0:
-                    return record.copy()
-                self._lock.wait(remaining)
-
-    def cancel(self, deployment_id):
-        """Cancel a waiting deployment (it never runs) or ask the worker to
-        stop a running one.  Returns the record; raises Conflict when it
-        had ended already."""
-        with self._lock:
-            record = self._records[deployment_id]
-            project = record.project
-            if record.state not in UNFINISHED:  # the state first: it is final
-                raise Conflict("deployment %s has ended already: %s"
-                               % (deployment_id, record.state))
-            if self._waiting.get(project) == deployment_id:
-                del self._waiting[project]
-            elif deployment_id in self._cancels:
-                self._cancels[deployment_id].set()
-                return record.copy()
-            else:
-                raise Conflict("deployment %s has ended already: %s"
-                               % (deployment_id, record.state))
-        return self.update(deployment_id, state="cancelled", ended=time.time())
-
-    def unfinished_with(self, project, digests):
-        """The waiting or running deployment of project whose files have
-        these SHA-256s ({field: hex}), or None."""
-        with self._lock:
-            for deployment_id in (self._waiting.get(project),
-                                  self._running.get(project)):
-                record = self._records.get(deployment_id)
-                if record and record.state in UNFINISHED and digests == {
-                        name: meta["sha256"] for name, meta in record.files.items()}:
-                    return record.copy()
-        return None
-
-    def cancel_requested(self, deployment_id):
-        """The Event the worker watches while deployment_id runs."""
-        with self._lock:
-            return self._cancels[deployment_id]
-
-    def _count_state(self, old, new):
-        if old is not None:
-            self._state_counts[old.state] -= 1
-        self._state_counts[new.state] = self._state_counts.get(new.state, 0) + 1
-        self.metrics.count(old, new)
-        if (old is None or old.ended is None) and new.ended and new.started:
-            self._durations.append(new.ended - new.started)
-            del self._durations[:-1000]
-
-    # --- the queue, as the worker sees it
-
-    def claim(self):
-        """Block until a waiting deployment may run; return it as 'active'.
-
-        Picks the oldest waiting deployment of a project that is not
-        running one; returns None once stop() was called.
-        """
-        with self._lock:
-            while True:
-                if self._stopping:
-                    return None
-                ready = [deployment_id for project, deployment_id
-                         in self._waiting.items() if project not in self._running]
-                if ready:
-                    deployment_id = min(ready, key=lambda i: self._records[i].seq)
-                    project = self._records[deployment_id].project
-                    del self._waiting[project]
-                    self._running[project] = deployment_id
-                    self._cancels[deployment_id] = threading.Event()
-                    break
-                self._lock.wait()
-        return self.update(deployment_id, state="active", started=time.time())
-
-    def release(self, record):
-        """The worker is done with record's project: let its next one run."""
-        with self._lock:
-            self._running.pop(record.project, None)
-            self._cancels.pop(record.id, None)
-            self._lock.notify_all()
-        self.prune(record.project)
-
-    def stop(self):
-        """Let claim() return None to every worker."""
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
-
-    # --- pruning
-
-    def prune(self, project):
-        """Remove image and package files of finished deployments beyond
-        the newest KEEP_DEPLOYMENTS; states and logs stay."""
-        with self._lock:
-            ids = list(self._by_project.get(project, ()))
-            busy = {self._waiting.get(project), self._running.get(project)}
-            old = [i for i in ids[:-self.keep] if i not in busy
-                   and not self._records[i].pruned
-                   and self._records[i].state not in UNFINISHED]
-        for deployment_id in old:
-            self.prune_files(deployment_id)
-        if self.segments:
-            self.after_prune(project)
-
-    def prune_files(self, deployment_id):
-        record = self.get(deployment_id)
-        for suffix in ("", ".image", ".package", ".step", ".recipe"):
-            remove_quietly(self.path(record, suffix))
-        self.update(deployment_id, pruned=True)
-        if self.segments:
-            self.segments.forget(deployment_id)
-
-    def after_prune(self, project):
-        """(#16) Ended recipe deployments of project lose their rebuilt
-        files (DROP_REBUILT); below MIN_FREE_SPACE the oldest prunable
-        deployments are pruned; unreferenced segments go."""
-        if self.drop_rebuilt:
-            with self._lock:
-                busy = {self._waiting.get(project), self._running.get(project)}
-                ended = [self._records[i].copy() for i in self._by_project.get(project, ())
-                         if i not in busy and self._records[i].recipe
-                         and not self._records[i].pruned
-                         and self._records[i].state not in UNFINISHED]
-            for record in ended:
-                for name in record.files:
-                    remove_quietly(self.path(record, "." + name))
-        self.segments.collect()
-        self.make_room()
-
-    def make_room(self):
-        """Below MIN_FREE_SPACE: prune the oldest deployments that may be
-        pruned (never a waiting or running one, nor a project's latest ok
-        one) until there is room or none is left."""
-        while self.min_free:
-            free = free_space(self.upload_dir)
-            if free is None or free >= self.min_free:
-                return
-            with self._lock:
-                keep = set(self._waiting.values()) | set(self._running.values())
-                for ids in self._by_project.values():
-                    done = [i for i in ids if self._records[i].state == "ok"]
-                    keep.update(done[-1:])
-                candidates = [record for record in self._records.values()
-                              if record.id not in keep and not record.pruned
-                              and record.state not in UNFINISHED]
-            if not candidates:
-                log.warning("free space below MIN_FREE_SPACE and nothing left "
-                            "to prune")
-                return
-            oldest = min(candidates, key=lambda record: record.seq)
-            log.info("free space below MIN_FREE_SPACE: pruning deployment %s of %s",
-                     oldest.id, oldest.project)
-            self.prune_files(oldest.id)
-            if self.segments:
-                self.segments.collect()
-
-    # --- reading
-
-    def get(self, deployment_id):
-        with self._lock:
-            record = self._records.get(deployment_id)
-            return record.copy() if record else None
-
-    def find(self, project, deployment_id=None):
-        """The deployment of project with deployment_id, or its latest."""
-        with self._lock:
-            if deployment_id is None:
-                ids = self._by_project.get(project)
-                deployment_id = ids[-1] if ids else None
-            record = self._records.get(deployment_id)
-            if record is None or record.project != project:
-                return None
-            return record.copy()
-
-    def deployments_of(self, project):
-        """Copies of the project's records, oldest first."""
-        with self._lock:
-            return [self._records[i].copy() for i in self._by_project.get(project, ())]
-
-    def projects(self):
-        """{project: (latest record, number of deployments)}."""
-        with self._lock:
-            return {project: (self._records[ids[-1]].copy(), len(ids))
-                    for project, ids in sorted(self._by_project.items())}
-
-    def kept_files(self):
-        """(record, has a recipe) of each deployment that keeps its files;
-        the records are the store's own: read them, do not change them."""
-        with self._lock:
-            return [(record, record.recipe) for record in self._records.values()
-                    if not record.pruned and record.files]
-
-    def statistics(self):
-        with self._lock:
-            durations = sorted(self._durations)
-            return {
-                "deployments": len(self._records),
-                "states": {state: count for state, count
-                           in sorted(self._state_counts.items()) if count},
-                "queue": len(self._waiting),
-                "running": len(self._running),
-                "durations": summarize(durations),
-            }
-
-
-STEP_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
-
-
-class Metrics:
-    """The counters behind /metrics, kept current as records change (the
-    store calls count() with its lock held), so a scrape reads no disk."""
-
-    def __init__(self):
-        self.deployments = {}     # (project, state) -> number
-        self.steps = {}           # step -> [per bucket..., +Inf, sum]
-        self.last_success = {}    # project -> end time of its latest ok
-
-    def count(self, old, new):
-        project = new.project
-        if old is not None:
-            self.deployments[(project, old.state)] -= 1
-        key = (project, new.state)
-        self.deployments[key] = self.deployments.get(key, 0) + 1
-        for step in new.steps[len(old.steps) if old else 0:]:
-            self._observe(step["step"], step.get("seconds"))
-        if new.state == "ok" and new.ended:
-            self.last_success[project] = max(new.ended,
-                                             self.last_success.get(project, 0))
-
-    def _observe(self, step, seconds):
-        if seconds is None:
-            return
-        # per bucket (not yet cumulative), then +Inf, then the sum
-        counts = self.steps.setdefault(step, [0] * (len(STEP_BUCKETS) + 2))
-        counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1
-        counts[-1] += seconds
-
-    def render(self, gauges, counters):
-        """Prometheus text format (version 0.0.4)."""
-        lines = []
-
-        def family(name, kind, text, samples):
-            lines.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
-            for labels, value in samples:
-                label_text = ",".join('%s="%s"' % (key, escape_label(str(v)))
-                                      for key, v in labels)
-                lines.append("%s%s %s\n" % (name, "{%s}" % label_text
-                                            if label_text else "", value))
-        family("ipd_deployments", "gauge", "Deployments by project and state.",
-               [((("project", p), ("state", st)), n)
-                for (p, st), n in sorted(self.deployments.items()) if n])
-        lines.append("# HELP ipd_step_duration_seconds Time control.sh steps "
-                     "took.\n# TYPE ipd_step_duration_seconds histogram\n")
-        for step, counts in sorted(self.steps.items()):
-            total = 0
-            for bound, count in zip(STEP_BUCKETS + ("+Inf",), counts):
-                total += count
-                lines.append('ipd_step_duration_seconds_bucket{step="%s",le="%s"} '
-                             '%d\n' % (step, bound, total))
-            lines.append('ipd_step_duration_seconds_sum{step="%s"} %.3f\n'
-                         % (step, counts[-1]))
-            lines.append('ipd_step_duration_seconds_count{step="%s"} %d\n'
-                         % (step, total))
-        family("ipd_last_success_timestamp_seconds", "gauge",
-               "When the latest successful deployment of a project ended.",
-               [((("project", p),), "%.3f" % t)
-                for p, t in sorted(self.last_success.items())])
-        for name, (text, value) in sorted(gauges.items()):
-            family(name, "gauge", text, [((), value)])
-        for name, (text, value) in sorted(counters.items()):
-            family(name, "counter", text, [((), value)])
-        return "".join(lines)
-
-
-def escape_label(value):
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 # Each project's deployments/index.cache holds its records as last read,
@@ -2765,6 +2281,549 @@ def summarize(values):
             "mean": round(sum(values) / len(values), 3),
             "median": round(values[len(values) // 2], 3),
             "max": round(values[-1], 3)}
+
+
+STEP_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class Metrics:
+    """The figures behind /stat and /metrics, kept current by the store's
+    change events (state_changed is one of its listeners), so that a scrape
+    reads no disk and takes no lock but this object's own."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.deployments = {}     # (project, state) -> number
+        self.steps = {}           # step -> [per bucket..., +Inf, sum]
+        self.last_success = {}    # project -> end time of its latest ok
+        self.durations = []       # seconds of the latest finished deployments
+
+    def state_changed(self, old, new):
+        """The store's listener: count new (and no longer old)."""
+        project = new.project
+        with self._lock:
+            if old is not None:
+                self.deployments[(project, old.state)] -= 1
+            key = (project, new.state)
+            self.deployments[key] = self.deployments.get(key, 0) + 1
+            for step in new.steps[len(old.steps) if old else 0:]:
+                self._observe(step["step"], step.get("seconds"))
+            if new.state == "ok" and new.ended:
+                self.last_success[project] = max(new.ended,
+                                                 self.last_success.get(project, 0))
+            if (old is None or old.ended is None) and new.ended and new.started:
+                self.durations.append(new.ended - new.started)
+                del self.durations[:-1000]
+
+    def _observe(self, step, seconds):
+        if seconds is None:
+            return
+        # per bucket (not yet cumulative), then +Inf, then the sum
+        counts = self.steps.setdefault(step, [0] * (len(STEP_BUCKETS) + 2))
+        counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
+
+    def statistics(self):
+        """{'deployments': how many, 'states': {state: how many},
+        'durations': summarize() of the latest 1000 that ended}."""
+        with self._lock:
+            states = {}
+            for (_, state), count in self.deployments.items():
+                states[state] = states.get(state, 0) + count
+            return {"deployments": sum(states.values()),
+                    "states": {state: count for state, count
+                               in sorted(states.items()) if count},
+                    "durations": summarize(sorted(self.durations))}
+
+    def render(self, gauges, counters):
+        """Prometheus text format (version 0.0.4)."""
+        lines = []
+
+        def family(name, kind, text, samples):
+            lines.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
+            for labels, value in samples:
+                label_text = ",".join('%s="%s"' % (key, escape_label(str(v)))
+                                      for key, v in labels)
+                lines.append("%s%s %s\n" % (name, "{%s}" % label_text
+                                            if label_text else "", value))
+        with self._lock:
+            deployments = sorted(self.deployments.items())
+            steps = sorted((step, list(counts)) for step, counts in self.steps.items())
+            last_success = sorted(self.last_success.items())
+        family("ipd_deployments", "gauge", "Deployments by project and state.",
+               [((("project", p), ("state", st)), n) for (p, st), n in deployments if n])
+        lines.append("# HELP ipd_step_duration_seconds Time control.sh steps "
+                     "took.\n# TYPE ipd_step_duration_seconds histogram\n")
+        for step, counts in steps:
+            total = 0
+            for bound, count in zip(STEP_BUCKETS + ("+Inf",), counts):
+                total += count
+                lines.append('ipd_step_duration_seconds_bucket{step="%s",le="%s"} '
+                             '%d\n' % (step, bound, total))
+            lines.append('ipd_step_duration_seconds_sum{step="%s"} %.3f\n'
+                         % (step, counts[-1]))
+            lines.append('ipd_step_duration_seconds_count{step="%s"} %d\n'
+                         % (step, total))
+        family("ipd_last_success_timestamp_seconds", "gauge",
+               "When the latest successful deployment of a project ended.",
+               [((("project", p),), "%.3f" % t) for p, t in last_success])
+        for name, (text, value) in sorted(gauges.items()):
+            family(name, "gauge", text, [((), value)])
+        for name, (text, value) in sorted(counters.items()):
+            family(name, "counter", text, [((), value)])
+        return "".join(lines)
+
+
+def escape_label(value):
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class DeploymentStore:
+    """Every deployment's record, on disk and in memory: loading after a
+    start or crash, the index per project, sequence numbers, pruning.
+
+    Records are Deployments; callers get copies.  Every change goes through
+    update() (or commit() for a new one), which writes the record to disk
+    before the change is visible, so a state once answered survives any
+    crash, and then calls each of listeners with (old, new) copies, one
+    change at a time in the order they were made (old is None for a new or
+    loaded record): the queue, the metrics and the notifier learn of states
+    this way, and never take this store's lock.
+    """
+
+    def __init__(self, upload_dir, keep):
+        self.upload_dir = upload_dir
+        self.keep = keep
+        self._lock = threading.Condition()  # wait_final() waits on it
+        # One change at a time, from writing it to telling the listeners.
+        self._write_lock = threading.Lock()
+        # Held from taking an upload's sequence number until it is added,
+        # so that each project's list is in upload order.
+        self._commit_lock = threading.Lock()
+        self._records = {}        # id -> Deployment
+        self._by_project = {}     # project -> [ids, oldest first]
+        self._next_seq = 1
+        self.listeners = []       # called with (old or None, new) after a change
+        self.segments = None      # the SegmentStore of recipe pushes (#16)
+        self.drop_rebuilt = False  # DROP_REBUILT
+        self.min_free = 0         # MIN_FREE_SPACE
+
+    # --- paths
+
+    def project_dir(self, project):
+        return os.path.join(self.upload_dir, project)
+
+    def deployments_dir(self, project):
+        return os.path.join(self.upload_dir, project, "deployments")
+
+    def path(self, record, suffix=""):
+        """Folder of a deployment, or its file with suffix ('.log', ...)."""
+        return os.path.join(self.deployments_dir(record.project),
+                            record.id + suffix)
+
+    # --- loading
+
+    def load(self, kill_grace=10):
+        """Rebuild state from UPLOAD_DIR after a start, a crash or kill -9.
+
+        Torn uploads are removed; a deployment that was running becomes
+        'interrupted' and what is left of its control.sh is stopped, so that
+        it never overlaps the project's next deployment (the waiting ones
+        are queued again by DeployQueue.load).  Returns the number of
+        deployments found.
+        """
+        os.makedirs(self.upload_dir, exist_ok=True)
+        for entry in os.scandir(self.upload_dir):
+            if entry.name.startswith(".upload-"):
+                log.info("removing torn upload %s", entry.name)
+                remove_quietly(entry.path)
+            elif is_project_name(entry.name) and entry.is_dir():
+                self._load_project(entry.name)
+        records = sorted(self._records.values(), key=lambda r: r.seq)
+        with self._write_lock:
+            for record in records:
+                self._by_project.setdefault(record.project, []).append(record.id)
+                self._changed(None, record)
+        orphans = processes_of_deployments(
+            [record.id for record in records if record.state == "active"])
+        for record in records:
+            if record.state == "active":
+                # Another user's processes: found by the session recorded
+                # at the step's start, not by their environment.
+                left = processes_of_session(
+                    read_step_identity(self.path(record, ".step")))
+                if left:
+                    orphans[record.id] = sorted(
+                        set(orphans.get(record.id, [])) | set(left))
+                if orphans.get(record.id):
+                    log.warning("stopping what was left running of deployment %s",
+                                record.id)
+                    stop_processes(orphans[record.id], kill_grace)
+                self.update(record.id, state="interrupted", ended=time.time())
+                log.info("deployment %s of %s was running at a stop: interrupted",
+                         record.id, record.project)
+        return len(records)
+
+    def _load_project(self, project):
+        folder = self.deployments_dir(project)
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        names = {entry.name for entry in entries}
+        cached = read_index(folder)
+        index, stale = {}, False
+        for entry in entries:
+            stem, dot, suffix = entry.name.partition(".")
+            if entry.name.startswith("."):  # a torn atomic write
+                remove_quietly(entry.path)
+            elif suffix == "json" and DEPLOYMENT_ID.match(stem):
+                mtime = entry.stat().st_mtime_ns
+                cached_mtime, cached_record = cached.get(stem, (None, None))
+                record = cached_deployment(cached_record) \
+                    if cached_mtime == mtime else None
+                if record is None:
+                    stale = True
+                    record = self._read_record(entry.path, project, stem)
+                if record:
+                    index[stem] = (mtime, record)
+                    self._records[record.id] = record
+                    self._next_seq = max(self._next_seq, record.seq + 1)
+            elif stem + ".json" not in names and DEPLOYMENT_ID.match(stem):
+                # Files moved in by an upload that died before its record
+                # was written: that deployment never existed.
+                remove_quietly(entry.path)
+        if stale or len(index) != len(cached):
+            write_index(folder, index)
+
+    def _read_record(self, path, project, deployment_id):
+        try:
+            with open(path, encoding="utf-8") as file:
+                record = json.load(file)
+            if record.get("id") != deployment_id or record.get("project") != project:
+                raise ValueError("id or project does not match its file name")
+            if record.get("version", 1) > STATE_FORMAT_VERSION:
+                raise ValueError("written by a newer ipd (format %s)"
+                                 % record.get("version"))
+            return Deployment.from_disk(record)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            log.error("skipping unreadable deployment state %s: %s", path, error)
+            return None
+
+    # --- changes
+
+    def commit(self, record, folder, files):
+        """Move an upload's folder and files ({suffix: path}) into place and
+        write its record with the next sequence number; -> a copy of it.
+        All or nothing: on an error what was moved is removed again.  The
+        caller queues it (DeployQueue.put)."""
+        moved = []
+        with self._commit_lock:
+            try:
+                os.makedirs(self.deployments_dir(record.project), exist_ok=True)
+                for suffix, source in [("", folder)] + sorted(files.items()):
+                    os.rename(source, self.path(record, suffix))
+                    moved.append(self.path(record, suffix))
+                moved.append(self.path(record, ".log"))
+                open(moved[-1], "ab").close()
+                with self._lock:
+                    record = record.replace(seq=self._next_seq)
+                    self._next_seq += 1
+                write_file_atomic(self.path(record, ".json"), record.encode())
+            except BaseException:
+                for path in moved:
+                    remove_quietly(path)
+                raise
+            with self._write_lock:  # it exists now: the record is on disk
+                with self._lock:
+                    self._records[record.id] = record
+                    self._by_project.setdefault(record.project, []).append(record.id)
+                self._changed(None, record)
+        return record.copy()
+
+    def update(self, deployment_id, **changes):
+        """Change a deployment: on disk first (atomically), then in memory,
+        then tell the listeners.  Returns a copy of the new record."""
+        with self._write_lock:
+            with self._lock:
+                old = self._records[deployment_id]
+            new = old.replace(**changes)
+            write_file_atomic(self.path(new, ".json"), new.encode())
+            with self._lock:
+                self._records[deployment_id] = new
+                self._lock.notify_all()  # wakes wait_final() and followers
+            if new.state != old.state:
+                log.info("deployment %s of %s: %s -> %s", new.id,
+                         new.project, old.state, new.state)
+                audit_event("state", project=new.project, deployment=new.id,
+                            previous=old.state, state=new.state)
+            self._changed(old, new)
+            return new.copy()
+
+    def _changed(self, old, new):
+        """Tell each listener of a change (called with _write_lock held)."""
+        old = old and old.copy()
+        new = new.copy()
+        for listener in self.listeners:
+            try:
+                listener(old, new)
+            except Exception:
+                log.exception("a listener failed on deployment %s", new.id)
+
+    def wait_final(self, deployment_id, timeout):
+        """Wait up to timeout seconds for the deployment to end; return a
+        copy of its record, ended or not."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                record = self._records[deployment_id]
+                remaining = deadline - time.monotonic()
+                if record.state not in UNFINISHED or remaining <= 0:
+                    return record.copy()
+                self._lock.wait(remaining)
+
+    def unfinished_with(self, project, digests):
+        """The waiting or running deployment of project whose files have
+        these SHA-256s ({field: hex}), or None."""
+        with self._lock:
+            for deployment_id in reversed(self._by_project.get(project, ())):
+                record = self._records[deployment_id]
+                if record.state in UNFINISHED and digests == {
+                        name: meta["sha256"] for name, meta in record.files.items()}:
+                    return record.copy()
+        return None
+
+    # --- pruning
+
+    def prune(self, project):
+        """Remove image and package files of finished deployments beyond
+        the newest KEEP_DEPLOYMENTS; states and logs stay."""
+        with self._lock:
+            ids = list(self._by_project.get(project, ()))
+            old = [i for i in ids[:-self.keep] if not self._records[i].pruned
+                   and self._records[i].state not in UNFINISHED]
+        for deployment_id in old:
+            self.prune_files(deployment_id)
+        if self.segments:
+            self.after_prune(project)
+
+    def prune_files(self, deployment_id):
+        record = self.get(deployment_id)
+        for suffix in ("", ".image", ".package", ".step", ".recipe"):
+            remove_quietly(self.path(record, suffix))
+        self.update(deployment_id, pruned=True)
+        if self.segments:
+            self.segments.forget(deployment_id)
+
+    def after_prune(self, project):
+        """(#16) Ended recipe deployments of project lose their rebuilt
+        files (DROP_REBUILT); below MIN_FREE_SPACE the oldest prunable
+        deployments are pruned; unreferenced segments go."""
+        if self.drop_rebuilt:
+            with self._lock:
+                ended = [self._records[i].copy() for i in self._by_project.get(project, ())
+                         if self._records[i].recipe and not self._records[i].pruned
+                         and self._records[i].state not in UNFINISHED]
+            for record in ended:
+                for name in record.files:
+                    remove_quietly(self.path(record, "." + name))
+        self.segments.collect()
+        self.make_room()
+
+    def make_room(self):
+        """Below MIN_FREE_SPACE: prune the oldest deployments that may be
+        pruned (never a waiting or running one, nor a project's latest ok
+        one) until there is room or none is left."""
+        while self.min_free:
+            free = free_space(self.upload_dir)
+            if free is None or free >= self.min_free:
+                return
+            with self._lock:
+                keep = set()
+                for ids in self._by_project.values():
+                    done = [i for i in ids if self._records[i].state == "ok"]
+                    keep.update(done[-1:])
+                candidates = [record for record in self._records.values()
+                              if record.id not in keep and not record.pruned
+                              and record.state not in UNFINISHED]
+            if not candidates:
+                log.warning("free space below MIN_FREE_SPACE and nothing left "
+                            "to prune")
+                return
+            oldest = min(candidates, key=lambda record: record.seq)
+            log.info("free space below MIN_FREE_SPACE: pruning deployment %s of %s",
+                     oldest.id, oldest.project)
+            self.prune_files(oldest.id)
+            if self.segments:
+                self.segments.collect()
+
+    # --- reading
+
+    def get(self, deployment_id):
+        with self._lock:
+            record = self._records.get(deployment_id)
+            return record.copy() if record else None
+
+    def find(self, project, deployment_id=None):
+        """The deployment of project with deployment_id, or its latest."""
+        with self._lock:
+            if deployment_id is None:
+                ids = self._by_project.get(project)
+                deployment_id = ids[-1] if ids else None
+            record = self._records.get(deployment_id)
+            if record is None or record.project != project:
+                return None
+            return record.copy()
+
+    def deployments_of(self, project):
+        """Copies of the project's records, oldest first."""
+        with self._lock:
+            return [self._records[i].copy() for i in self._by_project.get(project, ())]
+
+    def waiting(self):
+        """Copies of the records in state 'await', oldest first."""
+        with self._lock:
+            return sorted((record.copy() for record in self._records.values()
+                           if record.state == "await"), key=lambda r: r.seq)
+
+    def projects(self):
+        """{project: (latest record, number of deployments)}."""
+        with self._lock:
+            return {project: (self._records[ids[-1]].copy(), len(ids))
+                    for project, ids in sorted(self._by_project.items())}
+
+    def kept_files(self):
+        """(record, has a recipe) of each deployment that keeps its files;
+        the records are the store's own: read them, do not change them."""
+        with self._lock:
+            return [(record, record.recipe) for record in self._records.values()
+                    if not record.pruned and record.files]
+
+
+class DeployQueue:
+    """Which deployments wait and which run: per project at most one waiting
+    (a newer upload supersedes it) and one running; the oldest waiting one
+    of a project that runs none goes first; the cancel Event of each one
+    that runs.
+
+    It is one of the store's listeners (state_changed) and keeps, under its
+    own lock, the latest state of each deployment it holds, so cancel() sees
+    a final state as soon as the store has written it.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self._lock = threading.Condition()
+        self._held = {}      # id of a waiting or running deployment -> Deployment
+        self._waiting = {}   # project -> id
+        self._running = {}   # project -> id
+        self._cancels = {}   # id of a running deployment -> Event
+        self._stopping = False
+        store.listeners.append(self.state_changed)
+
+    def load(self):
+        """Queue again, in upload order, what waited at a stop."""
+        for record in self.store.waiting():
+            self.put(record)
+
+    def state_changed(self, old, new):
+        """The store's listener: the latest state of what the queue holds."""
+        with self._lock:
+            if new.id in self._held:
+                self._held[new.id] = new
+
+    def put(self, record):
+        """Make record (just committed, 'await') its project's waiting
+        deployment.  Of it and the one that waited, the older (by sequence
+        number) becomes 'changed', superseded by the newer."""
+        with self._lock:
+            waiting = self._waiting.get(record.project)
+            if waiting is not None and self._held[waiting].seq > record.seq:
+                older, newer = record.id, waiting
+            else:
+                older, newer = waiting, record.id
+                self._waiting[record.project] = record.id
+                self._held[record.id] = record
+                self._held.pop(older, None)
+                self._lock.notify_all()
+        if older is not None:
+            self.store.update(older, state="changed", ended=time.time(),
+                              superseded_by=newer)
+
+    def cancel(self, deployment_id):
+        """Cancel a waiting deployment (it never runs) or ask the worker to
+        stop a running one.  Returns its record; raises Conflict when it
+        had ended already, NotFound when there is no such deployment."""
+        asked = None
+        with self._lock:
+            record = self._held.get(deployment_id)
+            if record is not None and record.state in UNFINISHED:  # the state first
+                if deployment_id in self._cancels:
+                    self._cancels[deployment_id].set()
+                    asked = "running"
+                else:
+                    del self._waiting[record.project]
+                    del self._held[deployment_id]
+                    asked = "waiting"
+        if asked == "waiting":
+            return self.store.update(deployment_id, state="cancelled", ended=time.time())
+        record = self.store.get(deployment_id)
+        if record is None:
+            raise NotFound("no deployment %s" % deployment_id)
+        if asked is None:
+            raise Conflict("deployment %s has ended already: %s"
+                           % (deployment_id, record.state))
+        return record
+
+    def cancel_requested(self, deployment_id):
+        """The Event the worker watches while deployment_id runs."""
+        with self._lock:
+            return self._cancels[deployment_id]
+
+    def counts(self):
+        """{'queue': deployments waiting, 'running': deployments running}."""
+        with self._lock:
+            return {"queue": len(self._waiting), "running": len(self._running)}
+
+    # --- as the worker sees it
+
+    def claim(self):
+        """Block until a waiting deployment may run; return it as 'active'.
+
+        Picks the oldest waiting deployment of a project that is not
+        running one; returns None once stop() was called.
+        """
+        with self._lock:
+            while True:
+                if self._stopping:
+                    return None
+                ready = [self._held[deployment_id] for project, deployment_id
+                         in self._waiting.items() if project not in self._running]
+                if ready:
+                    record = min(ready, key=lambda r: r.seq)
+                    del self._waiting[record.project]
+                    self._running[record.project] = record.id
+                    self._cancels[record.id] = threading.Event()
+                    break
+                self._lock.wait()
+        return self.store.update(record.id, state="active", started=time.time())
+
+    def release(self, record):
+        """The worker is done with record's project: let its next one run,
+        and prune the project."""
+        with self._lock:
+            if self._running.get(record.project) == record.id:
+                del self._running[record.project]
+            self._cancels.pop(record.id, None)
+            self._held.pop(record.id, None)
+            self._lock.notify_all()
+        self.store.prune(record.project)
+
+    def stop(self):
+        """Let claim() return None to every worker."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
 
 
 ###############################################################################
@@ -3030,14 +3089,15 @@ def processes_of_session(identity):
 class DeployWorker:
     """Runs waiting deployments, MAX_PARALLEL projects at once.
 
-    Each thread claims a deployment from the store as soon as one may run,
+    Each thread claims a deployment from the queue as soon as one may run,
     and runs its control.sh steps as the original README says: check;
     prepare where check did not succeed; deploy.
     """
 
-    def __init__(self, settings, store):
+    def __init__(self, settings, store, queue):
         self.settings = settings
         self.store = store
+        self.queue = queue
         self.threads = []
         self.kill_event = threading.Event()  # set when the grace period ends
 
@@ -3054,7 +3114,7 @@ class DeployWorker:
     def stop(self, grace):
         """Stop taking deployments; give running ones grace seconds, then
         stop their steps (state 'interrupted')."""
-        self.store.stop()
+        self.queue.stop()
         deadline = time.monotonic() + grace
         for thread in self.threads:
             thread.join(max(0, deadline - time.monotonic()))
@@ -3064,7 +3124,7 @@ class DeployWorker:
 
     def _loop(self):
         while True:
-            record = self.store.claim()
+            record = self.queue.claim()
             if record is None:
                 return
             try:
@@ -3077,12 +3137,12 @@ class DeployWorker:
                 except Exception:
                     log.exception("cannot record the failure of %s", record.id)
             finally:
-                self.store.release(record)
+                self.queue.release(record)
 
     def run(self, record):
         """Run the steps of one deployment and record its final state."""
         success = self.settings.SUCCESS_CODE
-        cancel = self.store.cancel_requested(record.id)
+        cancel = self.queue.cancel_requested(record.id)
         steps = []
         outcome = None
         run_as = self.scripts_user(record.project)
@@ -3203,6 +3263,11 @@ class Notifier:
         self.store = store
         self.environment = environment
         self.scripts_user = scripts_user or (lambda project: None)
+
+    def state_changed(self, old, new):
+        """The store's listener: notify when a deployment ends."""
+        if old is not None and new.state != old.state and new.state not in UNFINISHED:
+            self.deployment_ended(new)
 
     def deployment_ended(self, record):
         threading.Thread(target=self._notify, args=(record,), name="notify",
@@ -3488,8 +3553,7 @@ class SegmentWriter:
         return self.store.add(self.user, self.digest, self.path)
 
     def release(self):
-        with self.store.lock:
-            self.store.busy.discard((self.user.name, self.digest))
+        self.store.writer_done(self.user, self.digest)
 
 
 class SegmentStore:
@@ -3633,6 +3697,11 @@ class SegmentStore:
             with self.lock:
                 self.busy.discard(key)
             raise
+
+    def writer_done(self, user, digest):
+        """A SegmentWriter's request ended: another may write to it."""
+        with self.lock:
+            self.busy.discard((user.name, digest))
 
     def add(self, user, digest, partial):
         """Move a verified partial into the store (or drop it when the store
@@ -3792,8 +3861,8 @@ def free_space(path):
 # The service: what uploads, redeploys and cancels do #########################
 ###############################################################################
 
-# One object the HTTP layer calls: settings, users, tokens, the store,
-# the worker; signatures, redeploy and cancel with their log and audit.
+# One object the HTTP layer calls: users, tokens, store, queue, metrics,
+# worker; signatures, redeploy, cancel, statistics, with their log and audit.
 
 class Daemon:
     """What the handlers share: settings, users, deployments, counters."""
@@ -3808,14 +3877,36 @@ class Daemon:
         self.store.segments = self.segments
         self.store.drop_rebuilt = settings.DROP_REBUILT
         self.store.min_free = settings.MIN_FREE_SPACE
-        self.worker = DeployWorker(settings, self.store)
+        self.queue = DeployQueue(self.store)
+        self.metrics = Metrics()
+        self.store.listeners.append(self.metrics.state_changed)
+        self.worker = DeployWorker(settings, self.store, self.queue)
         self.notifier = Notifier(settings, self.store, self.worker.environment,
                                  self.worker.scripts_user)
-        self.store.on_final = self.notifier.deployment_ended
+        self.store.listeners.append(self.notifier.state_changed)
         self.started = time.time()
         self.counter_lock = threading.Lock()
         self.uploads = 0
         self.bytes_received = 0
+
+    def load(self, kill_grace):
+        """Read UPLOAD_DIR at a start: deployments (DeploymentStore.load),
+        the queue, the segments.  Returns the number of deployments."""
+        count = self.store.load(kill_grace)
+        self.queue.load()
+        self.segments.load(self.store)
+        return count
+
+    def statistics(self):
+        """Deployments, states, queue, running, durations (see
+        Metrics.statistics), uploads and bytes received."""
+        figures = self.metrics.statistics()
+        stats = {"deployments": figures["deployments"], "states": figures["states"]}
+        stats.update(self.queue.counts())
+        stats["durations"] = figures["durations"]
+        with self.counter_lock:
+            stats.update(uploads=self.uploads, bytes_received=self.bytes_received)
+        return stats
 
     def count_upload(self, size):
         with self.counter_lock:
@@ -3894,9 +3985,9 @@ class Daemon:
             raise Forbidden(reason)
 
     def cancel(self, record, user, address):
-        """Cancel a deployment for user (see DeploymentStore.cancel); logged
+        """Cancel a deployment for user (see DeployQueue.cancel); logged
         and audited."""
-        self.store.cancel(record.id)
+        self.queue.cancel(record.id)
         with open(self.store.path(record, ".log"), "ab") as file:
             file.write(("ipd: cancelled by %s from %s at %s\n" % (
                 user.name, address, iso_time(time.time()))).encode())
@@ -4040,6 +4131,7 @@ class Daemon:
             if upload.recipe is not None:
                 moves[".recipe"] = upload.recipe.path
             record = store.commit(record, staging, moves)
+            self.queue.put(record)
             if upload.recipe is not None:
                 self.segments.read_refs(store, record)
         except BaseException as error:
@@ -4810,9 +4902,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
 
     def api_statistics(self):
         daemon = self.ipd
-        stats = daemon.store.statistics()
-        with daemon.counter_lock:
-            stats.update(uploads=daemon.uploads, bytes_received=daemon.bytes_received)
+        stats = daemon.statistics()
         stats.update(daemon.segments.statistics(daemon.store))
         stats = dict({"version": __version__,
                       "uptime": round(time.time() - daemon.started, 3)}, **stats)
@@ -5016,9 +5106,8 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
 
     def api_metrics(self):
         daemon = self.ipd
-        stats = daemon.store.statistics()
-        with daemon.counter_lock:
-            uploads, received = daemon.uploads, daemon.bytes_received
+        stats = daemon.statistics()
+        uploads, received = stats["uploads"], stats["bytes_received"]
         gauges = {
             "ipd_queue_length": ("Deployments waiting to run.", stats["queue"]),
             "ipd_running_deployments": ("Deployments whose control.sh runs.",
@@ -5039,8 +5128,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
             "ipd_uploads_total": ("Uploads accepted.", uploads),
             "ipd_upload_bytes_total": ("Bytes of accepted uploads.", received),
         }
-        with daemon.store.lock:
-            text = daemon.store.metrics.render(gauges, counters)
+        text = daemon.metrics.render(gauges, counters)
         body = text.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
@@ -5498,8 +5586,7 @@ def run_daemon(settings, on_ready=None):
     daemon = Daemon(settings)
     server = bind_server(settings, daemon)  # before load: a clash changes nothing
     stop_signal = StopSignal()
-    count = daemon.store.load(settings.KILL_GRACE)
-    daemon.segments.load(daemon.store)
+    count = daemon.load(settings.KILL_GRACE)
     host, port = server.server_address[:2]
     url = "http://%s:%d%s/" % ("[%s]" % host if ":" in host else host, port,
                                settings.API_ROOT)
