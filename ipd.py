@@ -3885,7 +3885,7 @@ class Daemon:
                                  self.worker.scripts_user)
         self.store.listeners.append(self.notifier.state_changed)
         self.started = time.time()
-        self.counter_lock = threading.Lock()
+        self._counter_lock = threading.Lock()
         self.uploads = 0
         self.bytes_received = 0
 
@@ -3904,12 +3904,12 @@ class Daemon:
         stats = {"deployments": figures["deployments"], "states": figures["states"]}
         stats.update(self.queue.counts())
         stats["durations"] = figures["durations"]
-        with self.counter_lock:
+        with self._counter_lock:
             stats.update(uploads=self.uploads, bytes_received=self.bytes_received)
         return stats
 
     def count_upload(self, size):
-        with self.counter_lock:
+        with self._counter_lock:
             self.uploads += 1
             self.bytes_received += size
 
@@ -4146,6 +4146,9 @@ class Daemon:
 # Status pages for people #####################################################
 ###############################################################################
 
+# HTML for browsers, rendered from data by functions that the handler calls
+# and sends: the projects, a project, a deployment with its live log.
+
 # One inline stylesheet, no external resource (air-gapped hosts), readable
 # on a phone; a strict Content-Security-Policy admits only this response's
 # own style and script (by nonce).
@@ -4223,156 +4226,118 @@ def page_duration(record):
     return "-"
 
 
-class StatusPages:
-    """HTML views for browsers: the projects, one project, one deployment
-    with its live log, and buttons to cancel and redeploy.  Behind the same
-    login and role rules as the API; every value goes through html.escape."""
+def ui_link(root, *parts):
+    """The escaped address of a page under API_ROOT root: /ui/PARTS."""
+    return html.escape("%s/ui/%s" % (root, "/".join(
+        urllib.parse.quote(part, safe="") for part in parts)))
 
-    def wants_html(self):
-        return self.headers is not None and not self.wants_json() \
-            and "text/html" in self.headers.get("Accept", "")
 
-    def send_page(self, title, body, script=None, refresh=False):
-        """An HTML page; body is its text, or pieces of it (a long list is
-        sent as it is rendered, never whole in memory)."""
-        nonce = secrets.token_urlsafe(16)
-        root = html.escape(self.ipd.settings.API_ROOT)
-        parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-                 '<meta name="viewport" content="width=device-width,initial-scale=1">'
-                 '<title>%s - ipd</title><style nonce="%s">%s</style>'
-                 % (html.escape(title), nonce, PAGE_STYLE)]
-        if refresh:
-            parts.append('<noscript><meta http-equiv="refresh" content="3"></noscript>')
-        parts.append('</head><body><header><a href="%s/ui/">ipd</a> &middot; %s'
-                     '</header>' % (root, html.escape(title)))
-        tail = ['<script nonce="%s">%s</script>' % (nonce, script)] if script else []
-        tail.append("</body></html>\n")
-        body = [body] if isinstance(body, str) else body
-        self.send_stream("text/html; charset=utf-8",
-                         itertools.chain(parts, body, tail), {
-                             "Content-Security-Policy":
-                             "default-src 'none'; style-src 'nonce-%s'; script-src "
-                             "'nonce-%s'; connect-src 'self'; form-action 'self'; "
-                             "frame-ancestors 'none'; base-uri 'none'" % (nonce, nonce),
-                             "X-Content-Type-Options": "nosniff",
-                             "Referrer-Policy": "same-origin",
-                             "Cache-Control": "no-store"})
+def render_page(root, title, body, nonce, script=None, refresh=False):
+    """The pieces of an HTML page; body is its text, or pieces of it (a long
+    list is rendered as it is sent, never whole in memory).  Its style and
+    script carry nonce (see page_headers)."""
+    parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+             '<meta name="viewport" content="width=device-width,initial-scale=1">'
+             '<title>%s - ipd</title><style nonce="%s">%s</style>'
+             % (html.escape(title), nonce, PAGE_STYLE)]
+    if refresh:
+        parts.append('<noscript><meta http-equiv="refresh" content="3"></noscript>')
+    parts.append('</head><body><header><a href="%s/ui/">ipd</a> &middot; %s'
+                 '</header>' % (html.escape(root), html.escape(title)))
+    tail = ['<script nonce="%s">%s</script>' % (nonce, script)] if script else []
+    tail.append("</body></html>\n")
+    body = [body] if isinstance(body, str) else body
+    return itertools.chain(parts, body, tail)
 
-    def ui_link(self, *parts):
-        return html.escape("%s/ui/%s" % (self.ipd.settings.API_ROOT, "/".join(
-            urllib.parse.quote(part, safe="") for part in parts)))
 
-    def api_ui_projects(self):
-        projects = [(project, latest, count) for project, (latest, count)
-                    in self.ipd.store.projects().items() if self.user.may_use(project)]
-        if not projects:
-            self.send_page("projects", "<p>No deployments yet.</p>")
-            return
-        rows = ("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td>"
-                "<td>%s</td><td>%s</td><td>%d</td></tr>" % (
-                    self.ui_link(project), html.escape(project),
-                    state_badge(latest.state),
-                    page_time(latest.ended or latest.started or latest.created),
-                    page_duration(latest), html.escape(latest.user or "-"), count)
-                for project, latest, count in projects)
-        self.send_page("projects", itertools.chain(
-            ["<table><tr><th>project</th><th>latest</th><th>when</th><th>took</th>"
-             "<th>by</th><th>deployments</th></tr>"], rows, ["</table>"]))
+def page_headers(nonce):
+    """The headers of a page whose style and script carry nonce."""
+    return {"Content-Security-Policy":
+            "default-src 'none'; style-src 'nonce-%s'; script-src "
+            "'nonce-%s'; connect-src 'self'; form-action 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'" % (nonce, nonce),
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "same-origin",
+            "Cache-Control": "no-store"}
 
-    def api_ui_project(self, project):
-        self.check_project_access(project)
-        records = self.ipd.store.deployments_of(project)
-        if not records:
-            raise NotFound("no")
-        rows = (self.deployment_row(record) for record in reversed(records))
-        self.send_page(project, itertools.chain(
-            ["<table><tr><th>deployment</th><th>state</th><th>uploaded, started, "
-             "ended</th><th>took</th><th>by</th><th>files (SHA-256)</th><th></th>"
-             "</tr>"], rows, ["</table>"]))
 
-    def deployment_row(self, record):
-        files = "".join("<div>%s: %s, %d bytes<br><code>%s</code></div>" % (
-            html.escape(name), html.escape(meta.get("name") or "-"),
-            meta.get("size", 0), html.escape(meta.get("sha256", "")))
-            for name, meta in sorted(record.files.items()))
-        return ("<tr><td><a href=\"%s\"><code>%s</code></a></td><td>%s</td>"
-                "<td>%s<br>%s<br>%s</td><td>%s</td><td>%s</td><td>%s%s</td>"
-                "<td>%s</td></tr>" % (
-                    self.ui_link(record.project, record.id),
-                    html.escape(record.id[:8]), state_badge(record.state),
-                    page_time(record.created), page_time(record.started),
-                    page_time(record.ended), page_duration(record),
-                    html.escape(record.user or "-") + signed_by(record), files,
-                    "<div>(pruned)</div>" if record.pruned else "",
-                    self.buttons(record)))
+def buttons(root, record):
+    """The cancel and redeploy buttons that apply to record."""
+    actions = []
+    if record.state in UNFINISHED:
+        actions.append("cancel")
+    if record.files and not record.pruned:
+        actions.append("redeploy")
+    return "".join('<form method="post" action="%s"><button>%s</button></form>'
+                   % (ui_link(root, record.project, record.id, action), action)
+                   for action in actions)
 
-    def buttons(self, record):
-        actions = []
-        if record.state in UNFINISHED:
-            actions.append("cancel")
-        if record.files and not record.pruned:
-            actions.append("redeploy")
-        return "".join('<form method="post" action="%s"><button>%s</button></form>'
-                       % (self.ui_link(record.project, record.id, action), action)
-                       for action in actions)
 
-    def api_ui_deployment(self, project, deployment_id):
-        record = self.find_deployment(project, deployment_id)
-        if record is None:
-            raise NotFound("no")
-        skipped, text = read_log_tail(self.ipd.store.path(record, ".log"),
-                                      PAGE_LOG_TAIL)
-        running = record.state in UNFINISHED
-        follow = "%s/log/%s/%s?follow=1&offset=%d" % (
-            self.ipd.settings.API_ROOT, project, deployment_id, skipped + len(text))
-        whole = ("<p>The first %d bytes of the log are left out here: "
-                 "<a href=\"%s/log/%s/%s\">the whole log</a> (text).</p>" % (
-                     skipped, html.escape(self.ipd.settings.API_ROOT),
-                     html.escape(urllib.parse.quote(project, safe="")),
-                     html.escape(deployment_id))) if skipped else ""
-        body = ("<p>%s of <a href=\"%s\">%s</a> by %s &middot; uploaded %s, "
-                "started %s, ended %s, took %s</p><p>%s</p>" % (
-                    state_badge(record.state), self.ui_link(project),
-                    html.escape(project),
-                    html.escape(record.user or "-") + signed_by(record),
-                    page_time(record.created), page_time(record.started),
-                    page_time(record.ended), page_duration(record),
-                    self.buttons(record)) + whole +
-                "<pre id=\"log\" data-follow=\"%s\">%s</pre>" % (
-                    html.escape(follow), html.escape(text.decode("utf-8", "replace"))))
-        self.send_page("%s %s" % (project, deployment_id[:8]), body,
-                       FOLLOW_SCRIPT if running else None, refresh=running)
+def deployment_row(root, record):
+    files = "".join("<div>%s: %s, %d bytes<br><code>%s</code></div>" % (
+        html.escape(name), html.escape(meta.get("name") or "-"),
+        meta.get("size", 0), html.escape(meta.get("sha256", "")))
+        for name, meta in sorted(record.files.items()))
+    return ("<tr><td><a href=\"%s\"><code>%s</code></a></td><td>%s</td>"
+            "<td>%s<br>%s<br>%s</td><td>%s</td><td>%s</td><td>%s%s</td>"
+            "<td>%s</td></tr>" % (
+                ui_link(root, record.project, record.id),
+                html.escape(record.id[:8]), state_badge(record.state),
+                page_time(record.created), page_time(record.started),
+                page_time(record.ended), page_duration(record),
+                html.escape(record.user or "-") + signed_by(record), files,
+                "<div>(pruned)</div>" if record.pruned else "",
+                buttons(root, record)))
 
-    def api_ui_action(self, project, deployment_id, action):
-        """POST from a button: same origin only (no cross-site requests)."""
-        self.check_same_origin()
-        record = self.find_deployment(project, deployment_id)
-        if record is None:
-            raise NotFound("no")
-        if action == "cancel":
-            self.ipd.cancel(record, self.user, self.client_ip())
-            target = record
-        elif action == "redeploy":
-            target = self.ipd.redeploy(record, self.user, self.client_ip())
-        else:
-            raise NotFound("no such action: %s" % action)
-        self.send_response(303)
-        self.send_header("Location", "%s/ui/%s/%s" % (self.ipd.settings.API_ROOT,
-                                                     project, target.id))
-        self.send_header("Content-Length", "0")
-        self.end_headers()
 
-    def check_same_origin(self):
-        """A button's POST comes from a browser, which says where from:
-        besides check_origin (done for every request), one with neither
-        Origin nor Sec-Fetch-Site needs a Referer of this server's origin."""
-        if "Origin" in self.headers or "Sec-Fetch-Site" in self.headers:
-            return
-        referer = self.headers.get("Referer", "")
-        match = re.match(r"[^:/]+://[^/?#]+", referer)
-        if not match or normalize_origin(match.group(0)) not in self.own_origins():
-            raise Forbidden("cross-origin request refused: a button's POST "
-                            "must name its origin")
+def render_projects(root, projects):
+    """The body of the projects page: projects is a list of (project, its
+    latest Deployment, its number of deployments)."""
+    if not projects:
+        return "<p>No deployments yet.</p>"
+    rows = ("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td>"
+            "<td>%s</td><td>%s</td><td>%d</td></tr>" % (
+                ui_link(root, project), html.escape(project),
+                state_badge(latest.state),
+                page_time(latest.ended or latest.started or latest.created),
+                page_duration(latest), html.escape(latest.user or "-"), count)
+            for project, latest, count in projects)
+    return itertools.chain(
+        ["<table><tr><th>project</th><th>latest</th><th>when</th><th>took</th>"
+         "<th>by</th><th>deployments</th></tr>"], rows, ["</table>"])
+
+
+def render_project(root, records):
+    """The body of a project's page: its deployments (records, oldest
+    first), newest first."""
+    rows = (deployment_row(root, record) for record in reversed(records))
+    return itertools.chain(
+        ["<table><tr><th>deployment</th><th>state</th><th>uploaded, started, "
+         "ended</th><th>took</th><th>by</th><th>files (SHA-256)</th><th></th>"
+         "</tr>"], rows, ["</table>"])
+
+
+def render_deployment(root, record, skipped, text):
+    """The body of a deployment's page: its state, times, buttons and the
+    end of its log (text, the log's bytes after the first skipped)."""
+    project, deployment_id = record.project, record.id
+    follow = "%s/log/%s/%s?follow=1&offset=%d" % (
+        root, project, deployment_id, skipped + len(text))
+    whole = ("<p>The first %d bytes of the log are left out here: "
+             "<a href=\"%s/log/%s/%s\">the whole log</a> (text).</p>" % (
+                 skipped, html.escape(root),
+                 html.escape(urllib.parse.quote(project, safe="")),
+                 html.escape(deployment_id))) if skipped else ""
+    return ("<p>%s of <a href=\"%s\">%s</a> by %s &middot; uploaded %s, "
+            "started %s, ended %s, took %s</p><p>%s</p>" % (
+                state_badge(record.state), ui_link(root, project),
+                html.escape(project),
+                html.escape(record.user or "-") + signed_by(record),
+                page_time(record.created), page_time(record.started),
+                page_time(record.ended), page_duration(record),
+                buttons(root, record)) + whole +
+            "<pre id=\"log\" data-follow=\"%s\">%s</pre>" % (
+                html.escape(follow), html.escape(text.decode("utf-8", "replace"))))
 
 
 ###############################################################################
@@ -4578,7 +4543,7 @@ class ConnectionGuard:
                     pass
 
 
-class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
+class Handler(http.server.BaseHTTPRequestHandler):
     """One connection; each request is routed to a method of the API."""
 
     protocol_version = "HTTP/1.1"
@@ -5143,6 +5108,75 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         (they are never used as paths), so every miss answers 'no'."""
         self.check_project_access(project)
         return self.ipd.store.find(project, deployment_id)
+
+    # --- status pages (rendered by the functions of the pages section)
+
+    def wants_html(self):
+        return self.headers is not None and not self.wants_json() \
+            and "text/html" in self.headers.get("Accept", "")
+
+    def send_page(self, title, body, script=None, refresh=False):
+        """An HTML page (see render_page), sent as it is rendered."""
+        nonce = secrets.token_urlsafe(16)
+        self.send_stream("text/html; charset=utf-8", render_page(
+            self.ipd.settings.API_ROOT, title, body, nonce, script, refresh),
+            page_headers(nonce))
+
+    def api_ui_projects(self):
+        projects = [(project, latest, count) for project, (latest, count)
+                    in self.ipd.store.projects().items() if self.user.may_use(project)]
+        self.send_page("projects", render_projects(self.ipd.settings.API_ROOT,
+                                                   projects))
+
+    def api_ui_project(self, project):
+        self.check_project_access(project)
+        records = self.ipd.store.deployments_of(project)
+        if not records:
+            raise NotFound("no")
+        self.send_page(project, render_project(self.ipd.settings.API_ROOT, records))
+
+    def api_ui_deployment(self, project, deployment_id):
+        record = self.find_deployment(project, deployment_id)
+        if record is None:
+            raise NotFound("no")
+        skipped, text = read_log_tail(self.ipd.store.path(record, ".log"),
+                                      PAGE_LOG_TAIL)
+        running = record.state in UNFINISHED
+        self.send_page("%s %s" % (project, deployment_id[:8]),
+                       render_deployment(self.ipd.settings.API_ROOT, record,
+                                         skipped, text),
+                       FOLLOW_SCRIPT if running else None, refresh=running)
+
+    def api_ui_action(self, project, deployment_id, action):
+        """POST from a button: same origin only (no cross-site requests)."""
+        self.check_same_origin()
+        record = self.find_deployment(project, deployment_id)
+        if record is None:
+            raise NotFound("no")
+        if action == "cancel":
+            self.ipd.cancel(record, self.user, self.client_ip())
+            target = record
+        elif action == "redeploy":
+            target = self.ipd.redeploy(record, self.user, self.client_ip())
+        else:
+            raise NotFound("no such action: %s" % action)
+        self.send_response(303)
+        self.send_header("Location", "%s/ui/%s/%s" % (self.ipd.settings.API_ROOT,
+                                                     project, target.id))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def check_same_origin(self):
+        """A button's POST comes from a browser, which says where from:
+        besides check_origin (done for every request), one with neither
+        Origin nor Sec-Fetch-Site needs a Referer of this server's origin."""
+        if "Origin" in self.headers or "Sec-Fetch-Site" in self.headers:
+            return
+        referer = self.headers.get("Referer", "")
+        match = re.match(r"[^:/]+://[^/?#]+", referer)
+        if not match or normalize_origin(match.group(0)) not in self.own_origins():
+            raise Forbidden("cross-origin request refused: a button's POST "
+                            "must name its origin")
 
     # --- upload
 

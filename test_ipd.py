@@ -3477,6 +3477,44 @@ class DeploymentQueueTests(unittest.TestCase):
                          {"active": 1, "changed": 1, "interrupted": 1})
 
 
+class StatusPageRenderTests(unittest.TestCase):
+    """Issue #12: the status pages are functions from data to HTML, called
+    here without a handler or a socket."""
+
+    def deployment(self, **fields):
+        record = ipd.Deployment("0123abcd-0000-4000-8000-000000000000", "a<b", 3,
+                                "eve\"<x>", {"image": {"name": "<i>", "size": 2,
+                                                       "sha256": "ab"}}, "/c")
+        return record.replace(**fields)
+
+    def test_every_value_is_escaped_and_each_link_quoted(self):
+        record = self.deployment(state="active", started=1.0)
+        text = "".join(ipd.render_project("/deploy", [record]))
+        self.assertNotIn("<i>", text)
+        self.assertNotIn("eve\"<x>", text)
+        self.assertIn("eve&quot;&lt;x&gt;", text)
+        self.assertIn('href="/deploy/ui/a%%3Cb/%s"' % record.id, text)
+        self.assertIn('action="/deploy/ui/a%%3Cb/%s/cancel"' % record.id, text)
+        page = ipd.render_deployment("/deploy", record, 5, b"</pre><script>")
+        self.assertIn("&lt;/pre&gt;&lt;script&gt;", page)
+        self.assertIn("The first 5 bytes of the log are left out", page)
+
+    def test_the_buttons_follow_the_state(self):
+        self.assertIn(">cancel<", ipd.buttons("/d", self.deployment()))
+        ended = self.deployment(state="ok", pruned=True)
+        self.assertEqual(ipd.buttons("/d", ended), "")
+        self.assertEqual(ipd.render_projects("/d", []), "<p>No deployments yet.</p>")
+        rows = "".join(ipd.render_projects("/d", [("a<b", ended, 7)]))
+        self.assertIn("<td>7</td>", rows)
+
+    def test_a_page_carries_its_nonce_and_nothing_else_runs(self):
+        page = "".join(ipd.render_page("/d", "t<", "<p>x</p>", "N1", "go()", True))
+        self.assertIn('<style nonce="N1">', page)
+        self.assertIn('<script nonce="N1">go()</script>', page)
+        self.assertIn("<title>t&lt; - ipd</title>", page)
+        self.assertIn("'nonce-N1'", ipd.page_headers("N1")["Content-Security-Policy"])
+
+
 class InProcessServerTests(unittest.TestCase):
     """The real Server on ('127.0.0.1', 0) in a thread of this process."""
 
