@@ -2283,6 +2283,10 @@ def summarize(values):
             "max": round(values[-1], 3)}
 
 
+def escape_label(value):
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 STEP_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
@@ -2372,10 +2376,6 @@ class Metrics:
         for name, (text, value) in sorted(counters.items()):
             family(name, "counter", text, [((), value)])
         return "".join(lines)
-
-
-def escape_label(value):
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class DeploymentStore:
