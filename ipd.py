@@ -2428,9 +2428,9 @@ class DeploymentStore:
 
         Torn uploads are removed; a deployment that was running becomes
         'interrupted' and what is left of its control.sh is stopped, so that
-        it never overlaps the project's next deployment (the waiting ones
-        are queued again by DeployQueue.load).  Returns the number of
-        deployments found.
+        it never overlaps the project's next deployment.  Listeners hear of
+        each record found (the queue: what waited waits again, in upload
+        order).  Returns the number of deployments found.
         """
         os.makedirs(self.upload_dir, exist_ok=True)
         for entry in os.scandir(self.upload_dir):
@@ -2516,7 +2516,7 @@ class DeploymentStore:
         """Move an upload's folder and files ({suffix: path}) into place and
         write its record with the next sequence number; -> a copy of it.
         All or nothing: on an error what was moved is removed again.  The
-        caller queues it (DeployQueue.put)."""
+        listeners hear of it before it returns (the queue: it waits)."""
         moved = []
         with self._commit_lock:
             try:
@@ -2680,12 +2680,6 @@ class DeploymentStore:
         with self._lock:
             return [self._records[i].copy() for i in self._by_project.get(project, ())]
 
-    def waiting(self):
-        """Copies of the records in state 'await', oldest first."""
-        with self._lock:
-            return sorted((record.copy() for record in self._records.values()
-                           if record.state == "await"), key=lambda r: r.seq)
-
     def projects(self):
         """{project: (latest record, number of deployments)}."""
         with self._lock:
@@ -2706,9 +2700,10 @@ class DeployQueue:
     of a project that runs none goes first; the cancel Event of each one
     that runs.
 
-    It is one of the store's listeners (state_changed) and keeps, under its
-    own lock, the latest state of each deployment it holds, so cancel() sees
-    a final state as soon as the store has written it.
+    It is one of the store's listeners (state_changed): a deployment waits
+    from the change that makes it exist, and the queue keeps, under its own
+    lock, the latest state of each one it holds, so cancel() sees a final
+    state as soon as the store has written it.
     """
 
     def __init__(self, store):
@@ -2718,35 +2713,39 @@ class DeployQueue:
         self._waiting = {}   # project -> id
         self._running = {}   # project -> id
         self._cancels = {}   # id of a running deployment -> Event
+        self._superseded = []  # (older, newer id): to be recorded 'changed'
         self._stopping = False
-        store.listeners.append(self.state_changed)
-
-    def load(self):
-        """Queue again, in upload order, what waited at a stop."""
-        for record in self.store.waiting():
-            self.put(record)
+        store.listeners.append(self.state_changed)  # before the store loads
 
     def state_changed(self, old, new):
-        """The store's listener: the latest state of what the queue holds."""
+        """The store's listener.  A new deployment (committed or loaded,
+        'await') waits from the change that makes it exist; of what the
+        queue holds it keeps the latest state."""
         with self._lock:
-            if new.id in self._held:
+            if old is None and new.state == "await":
+                self._wait(new)
+            elif new.id in self._held:
                 self._held[new.id] = new
 
-    def put(self, record):
-        """Make record (just committed, 'await') its project's waiting
-        deployment.  Of it and the one that waited, the older (by sequence
-        number) becomes 'changed', superseded by the newer."""
-        with self._lock:
-            waiting = self._waiting.get(record.project)
-            if waiting is not None and self._held[waiting].seq > record.seq:
-                older, newer = record.id, waiting
-            else:
-                older, newer = waiting, record.id
-                self._waiting[record.project] = record.id
-                self._held[record.id] = record
-                self._held.pop(older, None)
-                self._lock.notify_all()
-        if older is not None:
+    def _wait(self, record):
+        """Make record its project's waiting deployment (the events come in
+        upload order); the one that waited is to be superseded."""
+        waiting = self._waiting.get(record.project)
+        if waiting is not None:
+            del self._held[waiting]
+            self._superseded.append((waiting, record.id))
+        self._waiting[record.project] = record.id
+        self._held[record.id] = record
+        self._lock.notify_all()
+
+    def supersede(self):
+        """Record each waiting deployment a newer one replaced as 'changed'
+        (a listener may not change the store): after a commit or a load."""
+        while True:
+            with self._lock:
+                if not self._superseded:
+                    return
+                older, newer = self._superseded.pop(0)
             self.store.update(older, state="changed", ended=time.time(),
                               superseded_by=newer)
 
@@ -3893,7 +3892,7 @@ class Daemon:
         """Read UPLOAD_DIR at a start: deployments (DeploymentStore.load),
         the queue, the segments.  Returns the number of deployments."""
         count = self.store.load(kill_grace)
-        self.queue.load()
+        self.queue.supersede()
         self.segments.load(self.store)
         return count
 
@@ -4131,7 +4130,7 @@ class Daemon:
             if upload.recipe is not None:
                 moves[".recipe"] = upload.recipe.path
             record = store.commit(record, staging, moves)
-            self.queue.put(record)
+            self.queue.supersede()
             if upload.recipe is not None:
                 self.segments.read_refs(store, record)
         except BaseException as error:

@@ -3296,7 +3296,7 @@ class StoreQueueTests(unittest.TestCase):
         staging = tempfile.mkdtemp(dir=self.tmp, prefix=".upload-")
         record = ipd.Deployment(str(uuid.uuid4()), project, None, "admin", {}, "/bin/true")
         record = self.store.commit(record, staging, {})
-        self.queue.put(record)
+        self.queue.supersede()
         return record.id
 
     def test_a_second_cancel_after_the_last_update_is_409(self):
@@ -3349,14 +3349,14 @@ class DeploymentQueueTests(unittest.TestCase):
         store.listeners.append(metrics.state_changed)
         return store, queue, metrics
 
-    def commit(self, project="app", put=True):
+    def commit(self, project="app", supersede=True):
         staging = tempfile.mkdtemp(dir=self.tmp, prefix=".upload-")
         record = ipd.Deployment(str(uuid.uuid4()), project, None, "admin",
                                 {"image": {"name": "i", "size": 1, "sha256": "ab"}},
                                 "/bin/true")
         record = self.store.commit(record, staging, {})
-        if put:
-            self.queue.put(record)
+        if supersede:
+            self.queue.supersede()
         return record
 
     def state_file(self, record):
@@ -3452,22 +3452,25 @@ class DeploymentQueueTests(unittest.TestCase):
         self.queue.stop()
         self.assertIsNone(self.queue.claim())
 
-    def test_the_newer_upload_waits_whichever_is_queued_first(self):
-        older, newer = self.commit(put=False), self.commit(put=False)
-        self.queue.put(newer)
-        self.queue.put(older)  # a slower commit, queued late: superseded at once
+    def test_a_deployment_waits_from_the_change_that_makes_it_exist(self):
+        older = self.commit()
+        newer = self.commit(supersede=False)  # the older one not yet 'changed'
+        self.assertEqual(self.queue.counts(), {"queue": 1, "running": 0})
+        self.assertEqual(self.queue.cancel(newer.id).state, "cancelled")
+        self.queue.supersede()
         self.assertEqual(self.state_file(older)["superseded_by"], newer.id)
         self.assertEqual(self.store.get(older.id).state, "changed")
-        self.assertEqual(self.queue.claim().id, newer.id)
-        self.assertEqual(self.store.unfinished_with("app", {"image": "ab"}).id, newer.id)
+        self.assertIsNone(self.store.unfinished_with("app", {"image": "ab"}))
+        self.queue.stop()
+        self.assertIsNone(self.queue.claim())
 
     def test_after_a_crash_the_running_one_is_interrupted_and_the_waiting_queued(self):
         running = self.commit()
         self.queue.claim()
-        older, waiting = self.commit("b", put=False), self.commit("b", put=False)
+        older, waiting = self.commit("b", False), self.commit("b", False)
         store, queue, metrics = self.open_store()
         self.assertEqual(store.load(kill_grace=1), 3)
-        queue.load()
+        queue.supersede()
         self.assertEqual(store.get(running.id).state, "interrupted")
         self.assertEqual((store.get(older.id).state, store.get(waiting.id).state),
                          ("changed", "await"))
