@@ -16,7 +16,8 @@ One file, standard library only, CPython 3.8 to 3.13:
 How it is built, top to bottom (each section opens with what it owns):
 settings; errors; helpers; users and passwords; signed releases and deploy
 tokens; the streaming multipart parser (pure, no I/O); request bodies and
-uploads; safe unpacking of packages; deployments and their on-disk store;
+uploads; safe unpacking of packages; deployments (the Deployment type, its
+on-disk store, the queue of waiting and running ones, the metrics);
 who runs the scripts (RUN_AS, project.conf); the deploy worker that runs
 control.sh; segments (layers stored once, recipes, resumable uploads); the
 service (what an upload, a redeploy, a cancel does); the status pages; HTTP
@@ -2182,498 +2183,104 @@ def find_control_script(unpacked, project_dir):
 
 
 ###############################################################################
-# Deployments and their store #################################################
+# Deployments: the type, the store, the queue, the metrics ####################
 ###############################################################################
 
-class DeploymentStore:
-    """Every deployment, its state on disk and the queue of waiting ones.
+# What a deployment is (Deployment), where it is kept (DeploymentStore, on
+# disk first), what waits and runs (DeployQueue); Metrics counts its changes.
 
-    Records are plain dicts (see new_record); callers get copies.  Every
-    change of state goes through update(), which writes the record to disk
-    before the change is visible, so a state once answered survives any
-    crash.  Each project has at most one waiting deployment (a newer upload
-    supersedes it) and at most one running.
+class Deployment:
+    """One deployment: what was uploaded, by whom, and how far it got.
+
+    to_disk() and from_disk() are its form in ID.json and the index cache,
+    with the field names of STATE_FORMAT_VERSION (an older ipd reads what
+    this one writes); public() is what the API tells.  The store never
+    changes one in place: replace() makes a changed copy, and callers get
+    copies (copy()), never the store's own.
     """
 
-    def __init__(self, upload_dir, keep):
-        self.upload_dir = upload_dir
-        self.keep = keep
-        self._lock = self.lock = threading.Condition()
-        self._write_lock = threading.Lock()
-        # Held from taking an upload's sequence number until it is queued,
-        # so that upload order and queue order are the same.
-        self.commit_lock = threading.Lock()
-        self._records = {}        # id -> record
-        self._by_project = {}     # project -> [ids, oldest first]
-        self._waiting = {}        # project -> id
-        self._running = {}        # project -> id
-        self._stopping = False
-        self._next_seq = 1
-        self._state_counts = {}
-        self._durations = []      # seconds of finished deployments
-        self._cancels = {}        # id of a running deployment -> Event
-        self.metrics = Metrics()
-        self.on_final = None      # called with each record that ends
-        self.segments = None      # the SegmentStore of recipe pushes (#16)
-        self.drop_rebuilt = False  # DROP_REBUILT
-        self.min_free = 0         # MIN_FREE_SPACE
+    FIELDS = ("id", "project", "seq", "state", "created", "started", "ended",
+              "user", "files", "control", "steps", "pruned", "signer", "recipe")
+    __slots__ = FIELDS + ("others",)
 
-    # --- paths
+    def __init__(self, deployment_id, project, seq=None, user=None, files=None,
+                 control=None, **fields):
+        """A deployment just uploaded (state 'await'); fields set any other
+        field, or one this class has no name for (superseded_by, ...)."""
+        self.id, self.project, self.seq = deployment_id, project, seq
+        self.state, self.created = "await", time.time()
+        self.started = self.ended = None
+        self.user, self.control = user, control
+        self.files = {} if files is None else files
+        self.steps, self.pruned, self.signer, self.recipe = [], False, None, False
+        self.others = {}  # fields without a name here, kept as they were
+        self._set(fields)
 
-    def project_dir(self, project):
-        return os.path.join(self.upload_dir, project)
+    def _set(self, fields):
+        for key, value in fields.items():
+            if key in self.FIELDS:
+                setattr(self, key, value)
+            elif key != "version":
+                self.others[key] = value
 
-    def deployments_dir(self, project):
-        return os.path.join(self.upload_dir, project, "deployments")
+    @classmethod
+    def from_disk(cls, data):
+        """The Deployment of an ID.json's dict, of this format or an older
+        one: fields an older one lacks get a new upload's defaults.  Raises
+        KeyError, TypeError or AttributeError for what is not one."""
+        deployment = cls(data["id"], data["project"], data["seq"])
+        deployment._set(data)
+        return deployment
 
-    def path(self, record, suffix=""):
-        """Folder of a deployment, or its file with suffix ('.log', ...)."""
-        return os.path.join(self.deployments_dir(record["project"]),
-                            record["id"] + suffix)
+    def to_disk(self):
+        """The dict written as ID.json (and into the index cache)."""
+        data = dict(self.others, version=STATE_FORMAT_VERSION)
+        data.update((key, getattr(self, key)) for key in self.FIELDS)
+        return data
 
-    # --- loading
+    def encode(self):
+        """ID.json's bytes."""
+        return (json.dumps(self.to_disk(), indent=1, sort_keys=True) + "\n").encode()
 
-    def load(self, kill_grace=10):
-        """Rebuild state from UPLOAD_DIR after a start, a crash or kill -9.
+    def public(self):
+        """What the API tells of a deployment (times as ISO 8601)."""
+        duration = None
+        if self.started and self.ended:
+            duration = round(self.ended - self.started, 3)
+        return {
+            "project": self.project,
+            "deployment": self.id,
+            "state": self.state,
+            "created": iso_time(self.created),
+            "started": iso_time(self.started),
+            "ended": iso_time(self.ended),
+            "duration": duration,
+            "user": self.user,
+            "files": self.files,
+            "steps": self.steps,
+            "pruned": self.pruned,
+            "signer": self.signer,
+        }
 
-        Torn uploads are removed, waiting deployments queued again in
-        upload order, a deployment that was running becomes 'interrupted'
-        and what is left of its control.sh is stopped, so that it never
-        overlaps the project's next deployment.  Returns the number of
-        deployments found.
-        """
-        os.makedirs(self.upload_dir, exist_ok=True)
-        for entry in os.scandir(self.upload_dir):
-            if entry.name.startswith(".upload-"):
-                log.info("removing torn upload %s", entry.name)
-                remove_quietly(entry.path)
-            elif is_project_name(entry.name) and entry.is_dir():
-                self._load_project(entry.name)
-        records = sorted(self._records.values(), key=lambda r: r["seq"])
-        for record in records:
-            self._by_project.setdefault(record["project"], []).append(record["id"])
-            self._count_state(None, record)
-        orphans = processes_of_deployments(
-            [record["id"] for record in records if record["state"] == "active"])
-        for record in records:
-            if record["state"] == "active":
-                # Another user's processes: found by the session recorded
-                # at the step's start, not by their environment.
-                left = processes_of_session(
-                    read_step_identity(self.path(record, ".step")))
-                if left:
-                    orphans[record["id"]] = sorted(
-                        set(orphans.get(record["id"], [])) | set(left))
-                if orphans.get(record["id"]):
-                    log.warning("stopping what was left running of deployment %s",
-                                record["id"])
-                    stop_processes(orphans[record["id"]], kill_grace)
-                self.update(record["id"], state="interrupted", ended=time.time())
-                log.info("deployment %s of %s was running at a stop: interrupted",
-                         record["id"], record["project"])
-            elif record["state"] == "await":
-                with self._lock:
-                    superseded = self._queue(record)
-                if superseded:
-                    self.update(superseded, state="changed", ended=time.time(),
-                                superseded_by=record["id"])
-        return len(records)
+    def copy(self):
+        return self.replace()
 
-    def _load_project(self, project):
-        folder = self.deployments_dir(project)
-        try:
-            entries = list(os.scandir(folder))
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        names = {entry.name for entry in entries}
-        cached = read_index(folder)
-        index, stale = {}, False
-        for entry in entries:
-            stem, dot, suffix = entry.name.partition(".")
-            if entry.name.startswith("."):  # a torn atomic write
-                remove_quietly(entry.path)
-            elif suffix == "json" and DEPLOYMENT_ID.match(stem):
-                mtime = entry.stat().st_mtime_ns
-                record = cached.get(stem, (None, None))[1] \
-                    if cached.get(stem, (None,))[0] == mtime else None
-                if record is None:
-                    stale = True
-                    record = self._read_record(entry.path, project, stem)
-                if record:
-                    index[stem] = (mtime, record)
-                    self._records[record["id"]] = record
-                    self._next_seq = max(self._next_seq, record["seq"] + 1)
-            elif stem + ".json" not in names and DEPLOYMENT_ID.match(stem):
-                # Files moved in by an upload that died before its record
-                # was written: that deployment never existed.
-                remove_quietly(entry.path)
-        if stale or len(index) != len(cached):
-            write_index(folder, index)
+    def replace(self, **changes):
+        """A copy with changes (any field, named or not); what it holds in
+        lists and dicts is copied too, so that no change to it reaches
+        the store's own."""
+        deployment = Deployment.__new__(Deployment)
+        for key in self.FIELDS:
+            setattr(deployment, key, getattr(self, key))
+        deployment.files = {name: dict(meta) for name, meta in self.files.items()}
+        deployment.steps = [dict(step) for step in self.steps]
+        deployment.signer = self.signer and dict(self.signer)
+        deployment.others = json.loads(json.dumps(self.others))  # JSON values
+        deployment._set(changes)
+        return deployment
 
-    def _read_record(self, path, project, deployment_id):
-        try:
-            with open(path, encoding="utf-8") as file:
-                record = json.load(file)
-            if record.get("id") != deployment_id or record.get("project") != project:
-                raise ValueError("id or project does not match its file name")
-            if record.get("version", 1) > STATE_FORMAT_VERSION:
-                raise ValueError("written by a newer ipd (format %s)"
-                                 % record.get("version"))
-            return upgrade_record(record)
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            log.error("skipping unreadable deployment state %s: %s", path, error)
-            return None
-
-    # --- changes
-
-    def add(self, record):
-        """Record a new uploaded deployment (already on disk) and queue it."""
-        with self._lock:
-            self._records[record["id"]] = record
-            self._by_project.setdefault(record["project"], []).append(record["id"])
-            self._count_state(None, record)
-            superseded = self._queue(record)
-        if superseded:
-            self.update(superseded, state="changed", ended=time.time(),
-                        superseded_by=record["id"])
-
-    def _queue(self, record):
-        """Make record its project's waiting deployment; return the id it
-        superseded, if any.  Called with the lock held (or while loading)."""
-        project = record["project"]
-        superseded = self._waiting.get(project)
-        self._waiting[project] = record["id"]
-        self._lock.notify_all()
-        return superseded
-
-    def commit(self, record, folder, files):
-        """Move an upload's folder and files ({suffix: path}) into place,
-        write the record and queue it.  All or nothing: on an error what
-        was moved is removed again."""
-        moved = []
-        with self.commit_lock:
-            try:
-                os.makedirs(self.deployments_dir(record["project"]), exist_ok=True)
-                for suffix, source in [("", folder)] + sorted(files.items()):
-                    os.rename(source, self.path(record, suffix))
-                    moved.append(self.path(record, suffix))
-                moved.append(self.path(record, ".log"))
-                open(moved[-1], "ab").close()
-                with self._lock:
-                    record["seq"] = self._next_seq
-                    self._next_seq += 1
-                write_file_atomic(self.path(record, ".json"), encode_record(record))
-            except BaseException:
-                for path in moved:
-                    remove_quietly(path)
-                raise
-            self.add(record)  # it exists now: the record is on disk
-
-    def update(self, deployment_id, **changes):
-        """Change a deployment: on disk first (atomically), then in memory.
-        Returns a copy of the new record."""
-        with self._write_lock:
-            with self._lock:
-                old = self._records[deployment_id]
-                new = dict(old, **changes)
-            write_file_atomic(self.path(new, ".json"), encode_record(new))
-            with self._lock:
-                self._records[deployment_id] = new
-                self._count_state(old, new)
-                self._lock.notify_all()  # wakes wait_final() and followers
-            if new["state"] != old["state"]:
-                log.info("deployment %s of %s: %s -> %s", new["id"],
-                         new["project"], old["state"], new["state"])
-                audit_event("state", project=new["project"], deployment=new["id"],
-                            previous=old["state"], state=new["state"])
-                if new["state"] not in UNFINISHED and self.on_final:
-                    self.on_final(dict(new))
-            return dict(new)
-
-    def wait_final(self, deployment_id, timeout):
-        """Wait up to timeout seconds for the deployment to end; return a
-        copy of its record, ended or not."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while True:
-                record = self._records[deployment_id]
-                remaining = deadline - time.monotonic()
-                if record["state"] not in UNFINISHED or remaining <= 0:
-                    return dict(record)
-                self._lock.wait(remaining)
-
-    def cancel(self, deployment_id):
-        """Cancel a waiting deployment (it never runs) or ask the worker to
-        stop a running one.  Returns the record; raises Conflict when it
-        had ended already."""
-        with self._lock:
-            record = self._records[deployment_id]
-            project = record["project"]
-            if record["state"] not in UNFINISHED:  # the state first: it is final
-                raise Conflict("deployment %s has ended already: %s"
-                               % (deployment_id, record["state"]))
-            if self._waiting.get(project) == deployment_id:
-                del self._waiting[project]
-            elif deployment_id in self._cancels:
-                self._cancels[deployment_id].set()
-                return dict(record)
-            else:
-                raise Conflict("deployment %s has ended already: %s"
-                               % (deployment_id, record["state"]))
-        return self.update(deployment_id, state="cancelled", ended=time.time())
-
-    def unfinished_with(self, project, digests):
-        """The waiting or running deployment of project whose files have
-        these SHA-256s ({field: hex}), or None."""
-        with self._lock:
-            for deployment_id in (self._waiting.get(project),
-                                  self._running.get(project)):
-                record = self._records.get(deployment_id)
-                if record and record["state"] in UNFINISHED and digests == {
-                        name: meta["sha256"] for name, meta in record["files"].items()}:
-                    return dict(record)
-        return None
-
-    def cancel_requested(self, deployment_id):
-        """The Event the worker watches while deployment_id runs."""
-        with self._lock:
-            return self._cancels[deployment_id]
-
-    def _count_state(self, old, new):
-        if old is not None:
-            self._state_counts[old["state"]] -= 1
-        self._state_counts[new["state"]] = self._state_counts.get(new["state"], 0) + 1
-        self.metrics.count(old, new)
-        if (old is None or old["ended"] is None) and new["ended"] and new["started"]:
-            self._durations.append(new["ended"] - new["started"])
-            del self._durations[:-1000]
-
-    # --- the queue, as the worker sees it
-
-    def claim(self):
-        """Block until a waiting deployment may run; return it as 'active'.
-
-        Picks the oldest waiting deployment of a project that is not
-        running one; returns None once stop() was called.
-        """
-        with self._lock:
-            while True:
-                if self._stopping:
-                    return None
-                ready = [deployment_id for project, deployment_id
-                         in self._waiting.items() if project not in self._running]
-                if ready:
-                    deployment_id = min(ready, key=lambda i: self._records[i]["seq"])
-                    project = self._records[deployment_id]["project"]
-                    del self._waiting[project]
-                    self._running[project] = deployment_id
-                    self._cancels[deployment_id] = threading.Event()
-                    break
-                self._lock.wait()
-        return self.update(deployment_id, state="active", started=time.time())
-
-    def release(self, record):
-        """The worker is done with record's project: let its next one run."""
-        with self._lock:
-            self._running.pop(record["project"], None)
-            self._cancels.pop(record["id"], None)
-            self._lock.notify_all()
-        self.prune(record["project"])
-
-    def stop(self):
-        """Let claim() return None to every worker."""
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
-
-    # --- pruning
-
-    def prune(self, project):
-        """Remove image and package files of finished deployments beyond
-        the newest KEEP_DEPLOYMENTS; states and logs stay."""
-        with self._lock:
-            ids = list(self._by_project.get(project, ()))
-            busy = {self._waiting.get(project), self._running.get(project)}
-            old = [i for i in ids[:-self.keep] if i not in busy
-                   and not self._records[i].get("pruned")
-                   and self._records[i]["state"] not in UNFINISHED]
-        for deployment_id in old:
-            self.prune_files(deployment_id)
-        if self.segments:
-            self.after_prune(project)
-
-    def prune_files(self, deployment_id):
-        record = self.get(deployment_id)
-        for suffix in ("", ".image", ".package", ".step", ".recipe"):
-            remove_quietly(self.path(record, suffix))
-        self.update(deployment_id, pruned=True)
-        if self.segments:
-            self.segments.forget(deployment_id)
-
-    def after_prune(self, project):
-        """(#16) Ended recipe deployments of project lose their rebuilt
-        files (DROP_REBUILT); below MIN_FREE_SPACE the oldest prunable
-        deployments are pruned; unreferenced segments go."""
-        if self.drop_rebuilt:
-            with self._lock:
-                busy = {self._waiting.get(project), self._running.get(project)}
-                ended = [dict(self._records[i]) for i in self._by_project.get(project, ())
-                         if i not in busy and self._records[i].get("recipe")
-                         and not self._records[i]["pruned"]
-                         and self._records[i]["state"] not in UNFINISHED]
-            for record in ended:
-                for name in record["files"]:
-                    remove_quietly(self.path(record, "." + name))
-        self.segments.collect()
-        self.make_room()
-
-    def make_room(self):
-        """Below MIN_FREE_SPACE: prune the oldest deployments that may be
-        pruned (never a waiting or running one, nor a project's latest ok
-        one) until there is room or none is left."""
-        while self.min_free:
-            free = free_space(self.upload_dir)
-            if free is None or free >= self.min_free:
-                return
-            with self._lock:
-                keep = set(self._waiting.values()) | set(self._running.values())
-                for ids in self._by_project.values():
-                    done = [i for i in ids if self._records[i]["state"] == "ok"]
-                    keep.update(done[-1:])
-                candidates = [record for record in self._records.values()
-                              if record["id"] not in keep and not record["pruned"]
-                              and record["state"] not in UNFINISHED]
-            if not candidates:
-                log.warning("free space below MIN_FREE_SPACE and nothing left "
-                            "to prune")
-                return
-            oldest = min(candidates, key=lambda record: record["seq"])
-            log.info("free space below MIN_FREE_SPACE: pruning deployment %s of %s",
-                     oldest["id"], oldest["project"])
-            self.prune_files(oldest["id"])
-            if self.segments:
-                self.segments.collect()
-
-    # --- reading
-
-    def get(self, deployment_id):
-        with self._lock:
-            record = self._records.get(deployment_id)
-            return dict(record) if record else None
-
-    def find(self, project, deployment_id=None):
-        """The deployment of project with deployment_id, or its latest."""
-        with self._lock:
-            if deployment_id is None:
-                ids = self._by_project.get(project)
-                deployment_id = ids[-1] if ids else None
-            record = self._records.get(deployment_id)
-            if record is None or record["project"] != project:
-                return None
-            return dict(record)
-
-    def deployments_of(self, project):
-        """Copies of the project's records, oldest first."""
-        with self._lock:
-            return [dict(self._records[i]) for i in self._by_project.get(project, ())]
-
-    def projects(self):
-        """{project: (latest record, number of deployments)}."""
-        with self._lock:
-            return {project: (dict(self._records[ids[-1]]), len(ids))
-                    for project, ids in sorted(self._by_project.items())}
-
-    def kept_files(self):
-        """(record, has a recipe) of each deployment that keeps its files;
-        the records are the store's own: read them, do not change them."""
-        with self._lock:
-            return [(record, record.get("recipe")) for record in self._records.values()
-                    if not record["pruned"] and record["files"]]
-
-    def statistics(self):
-        with self._lock:
-            durations = sorted(self._durations)
-            return {
-                "deployments": len(self._records),
-                "states": {state: count for state, count
-                           in sorted(self._state_counts.items()) if count},
-                "queue": len(self._waiting),
-                "running": len(self._running),
-                "durations": summarize(durations),
-            }
-
-
-STEP_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
-
-
-class Metrics:
-    """The counters behind /metrics, kept current as records change (the
-    store calls count() with its lock held), so a scrape reads no disk."""
-
-    def __init__(self):
-        self.deployments = {}     # (project, state) -> number
-        self.steps = {}           # step -> [per bucket..., +Inf, sum]
-        self.last_success = {}    # project -> end time of its latest ok
-
-    def count(self, old, new):
-        project = new["project"]
-        if old is not None:
-            self.deployments[(project, old["state"])] -= 1
-        key = (project, new["state"])
-        self.deployments[key] = self.deployments.get(key, 0) + 1
-        for step in new["steps"][len(old["steps"]) if old else 0:]:
-            self._observe(step["step"], step.get("seconds"))
-        if new["state"] == "ok" and new["ended"]:
-            self.last_success[project] = max(new["ended"],
-                                             self.last_success.get(project, 0))
-
-    def _observe(self, step, seconds):
-        if seconds is None:
-            return
-        # per bucket (not yet cumulative), then +Inf, then the sum
-        counts = self.steps.setdefault(step, [0] * (len(STEP_BUCKETS) + 2))
-        counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1
-        counts[-1] += seconds
-
-    def render(self, gauges, counters):
-        """Prometheus text format (version 0.0.4)."""
-        lines = []
-
-        def family(name, kind, text, samples):
-            lines.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
-            for labels, value in samples:
-                label_text = ",".join('%s="%s"' % (key, escape_label(str(v)))
-                                      for key, v in labels)
-                lines.append("%s%s %s\n" % (name, "{%s}" % label_text
-                                            if label_text else "", value))
-        family("ipd_deployments", "gauge", "Deployments by project and state.",
-               [((("project", p), ("state", st)), n)
-                for (p, st), n in sorted(self.deployments.items()) if n])
-        lines.append("# HELP ipd_step_duration_seconds Time control.sh steps "
-                     "took.\n# TYPE ipd_step_duration_seconds histogram\n")
-        for step, counts in sorted(self.steps.items()):
-            total = 0
-            for bound, count in zip(STEP_BUCKETS + ("+Inf",), counts):
-                total += count
-                lines.append('ipd_step_duration_seconds_bucket{step="%s",le="%s"} '
-                             '%d\n' % (step, bound, total))
-            lines.append('ipd_step_duration_seconds_sum{step="%s"} %.3f\n'
-                         % (step, counts[-1]))
-            lines.append('ipd_step_duration_seconds_count{step="%s"} %d\n'
-                         % (step, total))
-        family("ipd_last_success_timestamp_seconds", "gauge",
-               "When the latest successful deployment of a project ended.",
-               [((("project", p),), "%.3f" % t)
-                for p, t in sorted(self.last_success.items())])
-        for name, (text, value) in sorted(gauges.items()):
-            family(name, "gauge", text, [((), value)])
-        for name, (text, value) in sorted(counters.items()):
-            family(name, "counter", text, [((), value)])
-        return "".join(lines)
-
-
-def escape_label(value):
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def __repr__(self):
+        return "<Deployment %s of %s: %s>" % (self.id, self.project, self.state)
 
 
 # Each project's deployments/index.cache holds its records as last read,
@@ -2684,8 +2291,8 @@ INDEX_FILE = "index.cache"
 
 
 def read_index(folder):
-    """{id: (mtime_ns, record)} from folder's index, or {} when there is
-    none or it is unreadable."""
+    """{id: (mtime_ns, record as on disk)} from folder's index, or {} when
+    there is none or it is unreadable."""
     try:
         with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as file:
             data = json.load(file)
@@ -2696,13 +2303,22 @@ def read_index(folder):
         return {}
 
 
+def cached_deployment(data):
+    """The Deployment of an index entry, or None when it is not one."""
+    try:
+        return Deployment.from_disk(data)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
+
+
 def write_index(folder, index):
     """Write folder's index (a cache: no fsync, a torn one is ignored)."""
     path = os.path.join(folder, INDEX_FILE)
     temporary = os.path.join(folder, ".%s.%d.part" % (INDEX_FILE, os.getpid()))
     try:
         text = json.dumps({"version": STATE_FORMAT_VERSION,  # dumps: the C encoder
-                           "records": {key: [mtime, record] for key, (mtime, record)
+                           "records": {key: [mtime, record.to_disk()]
+                                       for key, (mtime, record)
                                        in index.items()}}, separators=(",", ":"))
         with open(temporary, "w", encoding="utf-8") as file:
             file.write(text)
@@ -2722,60 +2338,546 @@ def summarize(values):
             "max": round(values[-1], 3)}
 
 
-def new_record(deployment_id, project, seq, user, files, control):
-    """The state of a deployment just uploaded."""
-    return {
-        "version": STATE_FORMAT_VERSION,
-        "id": deployment_id,
-        "project": project,
-        "seq": seq,
-        "state": "await",
-        "created": time.time(),
-        "started": None,
-        "ended": None,
-        "user": user,
-        "files": files,
-        "control": control,
-        "steps": [],
-        "pruned": False,
-        "signer": None,
-        "recipe": False,
-    }
+def escape_label(value):
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def upgrade_record(record):
-    """Fill fields that older state files lack, so that any version reads."""
-    defaults = new_record(record["id"], record["project"], record["seq"],
-                          None, {}, None)
-    for key, value in defaults.items():
-        record.setdefault(key, value)
-    record["version"] = STATE_FORMAT_VERSION
-    return record
+STEP_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
-def encode_record(record):
-    return (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
+class Metrics:
+    """The figures behind /stat and /metrics, kept current by the store's
+    change events (state_changed is one of its listeners), so that a scrape
+    reads no disk and takes no lock but this object's own."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.deployments = {}     # (project, state) -> number
+        self.steps = {}           # step -> [per bucket..., +Inf, sum]
+        self.last_success = {}    # project -> end time of its latest ok
+        self.durations = []       # seconds of the latest finished deployments
+
+    def state_changed(self, old, new):
+        """The store's listener: count new (and no longer old)."""
+        project = new.project
+        with self._lock:
+            if old is not None:
+                self.deployments[(project, old.state)] -= 1
+            key = (project, new.state)
+            self.deployments[key] = self.deployments.get(key, 0) + 1
+            for step in new.steps[len(old.steps) if old else 0:]:
+                self._observe(step["step"], step.get("seconds"))
+            if new.state == "ok" and new.ended:
+                self.last_success[project] = max(new.ended,
+                                                 self.last_success.get(project, 0))
+            if (old is None or old.ended is None) and new.ended and new.started:
+                self.durations.append(new.ended - new.started)
+                del self.durations[:-1000]
+
+    def _observe(self, step, seconds):
+        if seconds is None:
+            return
+        # per bucket (not yet cumulative), then +Inf, then the sum
+        counts = self.steps.setdefault(step, [0] * (len(STEP_BUCKETS) + 2))
+        counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
+
+    def statistics(self):
+        """{'deployments': how many, 'states': {state: how many},
+        'durations': summarize() of the latest 1000 that ended}."""
+        with self._lock:
+            states = {}
+            for (_, state), count in self.deployments.items():
+                states[state] = states.get(state, 0) + count
+            return {"deployments": sum(states.values()),
+                    "states": {state: count for state, count
+                               in sorted(states.items()) if count},
+                    "durations": summarize(sorted(self.durations))}
+
+    def render(self, gauges, counters):
+        """Prometheus text format (version 0.0.4)."""
+        lines = []
+
+        def family(name, kind, text, samples):
+            lines.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
+            for labels, value in samples:
+                label_text = ",".join('%s="%s"' % (key, escape_label(str(v)))
+                                      for key, v in labels)
+                lines.append("%s%s %s\n" % (name, "{%s}" % label_text
+                                            if label_text else "", value))
+        with self._lock:
+            deployments = sorted(self.deployments.items())
+            steps = sorted((step, list(counts)) for step, counts in self.steps.items())
+            last_success = sorted(self.last_success.items())
+        family("ipd_deployments", "gauge", "Deployments by project and state.",
+               [((("project", p), ("state", st)), n) for (p, st), n in deployments if n])
+        lines.append("# HELP ipd_step_duration_seconds Time control.sh steps "
+                     "took.\n# TYPE ipd_step_duration_seconds histogram\n")
+        for step, counts in steps:
+            total = 0
+            for bound, count in zip(STEP_BUCKETS + ("+Inf",), counts):
+                total += count
+                lines.append('ipd_step_duration_seconds_bucket{step="%s",le="%s"} '
+                             '%d\n' % (step, bound, total))
+            lines.append('ipd_step_duration_seconds_sum{step="%s"} %.3f\n'
+                         % (step, counts[-1]))
+            lines.append('ipd_step_duration_seconds_count{step="%s"} %d\n'
+                         % (step, total))
+        family("ipd_last_success_timestamp_seconds", "gauge",
+               "When the latest successful deployment of a project ended.",
+               [((("project", p),), "%.3f" % t) for p, t in last_success])
+        for name, (text, value) in sorted(gauges.items()):
+            family(name, "gauge", text, [((), value)])
+        for name, (text, value) in sorted(counters.items()):
+            family(name, "counter", text, [((), value)])
+        return "".join(lines)
 
 
-def public_record(record):
-    """What the API tells of a deployment (times as ISO 8601)."""
-    duration = None
-    if record["started"] and record["ended"]:
-        duration = round(record["ended"] - record["started"], 3)
-    return {
-        "project": record["project"],
-        "deployment": record["id"],
-        "state": record["state"],
-        "created": iso_time(record["created"]),
-        "started": iso_time(record["started"]),
-        "ended": iso_time(record["ended"]),
-        "duration": duration,
-        "user": record["user"],
-        "files": record["files"],
-        "steps": record["steps"],
-        "pruned": record["pruned"],
-        "signer": record["signer"],
-    }
+class DeploymentStore:
+    """Every deployment's record, on disk and in memory: loading after a
+    start or crash, the index per project, sequence numbers, pruning.
+
+    Records are Deployments; callers get copies.  Every change goes through
+    update() (or commit() for a new one), which writes the record to disk
+    before the change is visible, so a state once answered survives any
+    crash, and then calls each of listeners with (old, new) copies, one
+    change at a time in the order they were made (old is None for a new or
+    loaded record): the queue, the metrics and the notifier learn of states
+    this way, and never take this store's lock.
+    """
+
+    def __init__(self, upload_dir, keep):
+        self.upload_dir = upload_dir
+        self.keep = keep
+        self._lock = threading.Condition()  # wait_final() waits on it
+        # One change at a time, from writing it to telling the listeners.
+        self._write_lock = threading.Lock()
+        # Held from taking an upload's sequence number until it is added,
+        # so that each project's list is in upload order.
+        self._commit_lock = threading.Lock()
+        self._records = {}        # id -> Deployment
+        self._by_project = {}     # project -> [ids, oldest first]
+        self._next_seq = 1
+        self.listeners = []       # called with (old or None, new) after a change
+        self.segments = None      # the SegmentStore of recipe pushes (#16)
+        self.drop_rebuilt = False  # DROP_REBUILT
+        self.min_free = 0         # MIN_FREE_SPACE
+
+    # --- paths
+
+    def project_dir(self, project):
+        return os.path.join(self.upload_dir, project)
+
+    def deployments_dir(self, project):
+        return os.path.join(self.upload_dir, project, "deployments")
+
+    def path(self, record, suffix=""):
+        """Folder of a deployment, or its file with suffix ('.log', ...)."""
+        return os.path.join(self.deployments_dir(record.project),
+                            record.id + suffix)
+
+    # --- loading
+
+    def load(self, kill_grace=10):
+        """Rebuild state from UPLOAD_DIR after a start, a crash or kill -9.
+
+        Torn uploads are removed; a deployment that was running becomes
+        'interrupted' and what is left of its control.sh is stopped, so that
+        it never overlaps the project's next deployment.  Listeners hear of
+        each record found (the queue: what waited waits again, in upload
+        order).  Returns the number of deployments found.
+        """
+        os.makedirs(self.upload_dir, exist_ok=True)
+        for entry in os.scandir(self.upload_dir):
+            if entry.name.startswith(".upload-"):
+                log.info("removing torn upload %s", entry.name)
+                remove_quietly(entry.path)
+            elif is_project_name(entry.name) and entry.is_dir():
+                self._load_project(entry.name)
+        records = sorted(self._records.values(), key=lambda r: r.seq)
+        with self._write_lock:
+            for record in records:
+                self._by_project.setdefault(record.project, []).append(record.id)
+                self._changed(None, record)
+        orphans = processes_of_deployments(
+            [record.id for record in records if record.state == "active"])
+        for record in records:
+            if record.state == "active":
+                # Another user's processes: found by the session recorded
+                # at the step's start, not by their environment.
+                left = processes_of_session(
+                    read_step_identity(self.path(record, ".step")))
+                if left:
+                    orphans[record.id] = sorted(
+                        set(orphans.get(record.id, [])) | set(left))
+                if orphans.get(record.id):
+                    log.warning("stopping what was left running of deployment %s",
+                                record.id)
+                    stop_processes(orphans[record.id], kill_grace)
+                self.update(record.id, state="interrupted", ended=time.time())
+                log.info("deployment %s of %s was running at a stop: interrupted",
+                         record.id, record.project)
+        return len(records)
+
+    def _load_project(self, project):
+        folder = self.deployments_dir(project)
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        names = {entry.name for entry in entries}
+        cached = read_index(folder)
+        index, stale = {}, False
+        for entry in entries:
+            stem, dot, suffix = entry.name.partition(".")
+            if entry.name.startswith("."):  # a torn atomic write
+                remove_quietly(entry.path)
+            elif suffix == "json" and DEPLOYMENT_ID.match(stem):
+                mtime = entry.stat().st_mtime_ns
+                cached_mtime, cached_record = cached.get(stem, (None, None))
+                record = cached_deployment(cached_record) \
+                    if cached_mtime == mtime else None
+                if record is None:
+                    stale = True
+                    record = self._read_record(entry.path, project, stem)
+                if record:
+                    index[stem] = (mtime, record)
+                    self._records[record.id] = record
+                    self._next_seq = max(self._next_seq, record.seq + 1)
+            elif stem + ".json" not in names and DEPLOYMENT_ID.match(stem):
+                # Files moved in by an upload that died before its record
+                # was written: that deployment never existed.
+                remove_quietly(entry.path)
+        if stale or len(index) != len(cached):
+            write_index(folder, index)
+
+    def _read_record(self, path, project, deployment_id):
+        try:
+            with open(path, encoding="utf-8") as file:
+                record = json.load(file)
+            if record.get("id") != deployment_id or record.get("project") != project:
+                raise ValueError("id or project does not match its file name")
+            if record.get("version", 1) > STATE_FORMAT_VERSION:
+                raise ValueError("written by a newer ipd (format %s)"
+                                 % record.get("version"))
+            return Deployment.from_disk(record)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            log.error("skipping unreadable deployment state %s: %s", path, error)
+            return None
+
+    # --- changes
+
+    def commit(self, record, folder, files):
+        """Move an upload's folder and files ({suffix: path}) into place and
+        write its record with the next sequence number; -> a copy of it.
+        All or nothing: on an error what was moved is removed again.  The
+        listeners hear of it before it returns (the queue: it waits)."""
+        moved = []
+        with self._commit_lock:
+            try:
+                os.makedirs(self.deployments_dir(record.project), exist_ok=True)
+                for suffix, source in [("", folder)] + sorted(files.items()):
+                    os.rename(source, self.path(record, suffix))
+                    moved.append(self.path(record, suffix))
+                moved.append(self.path(record, ".log"))
+                open(moved[-1], "ab").close()
+                with self._lock:
+                    record = record.replace(seq=self._next_seq)
+                    self._next_seq += 1
+                write_file_atomic(self.path(record, ".json"), record.encode())
+            except BaseException:
+                for path in moved:
+                    remove_quietly(path)
+                raise
+            with self._write_lock:  # it exists now: the record is on disk
+                with self._lock:
+                    self._records[record.id] = record
+                    self._by_project.setdefault(record.project, []).append(record.id)
+                self._changed(None, record)
+        return record.copy()
+
+    def update(self, deployment_id, **changes):
+        """Change a deployment: on disk first (atomically), then in memory,
+        then tell the listeners.  Returns a copy of the new record."""
+        with self._write_lock:
+            with self._lock:
+                old = self._records[deployment_id]
+            new = old.replace(**changes)
+            write_file_atomic(self.path(new, ".json"), new.encode())
+            with self._lock:
+                self._records[deployment_id] = new
+                self._lock.notify_all()  # wakes wait_final() and followers
+            if new.state != old.state:
+                log.info("deployment %s of %s: %s -> %s", new.id,
+                         new.project, old.state, new.state)
+                audit_event("state", project=new.project, deployment=new.id,
+                            previous=old.state, state=new.state)
+            self._changed(old, new)
+            return new.copy()
+
+    def _changed(self, old, new):
+        """Tell each listener of a change (called with _write_lock held)."""
+        old = old and old.copy()
+        new = new.copy()
+        for listener in self.listeners:
+            try:
+                listener(old, new)
+            except Exception:
+                log.exception("a listener failed on deployment %s", new.id)
+
+    def wait_final(self, deployment_id, timeout):
+        """Wait up to timeout seconds for the deployment to end; return a
+        copy of its record, ended or not."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                record = self._records[deployment_id]
+                remaining = deadline - time.monotonic()
+                if record.state not in UNFINISHED or remaining <= 0:
+                    return record.copy()
+                self._lock.wait(remaining)
+
+    def unfinished_with(self, project, digests):
+        """The waiting or running deployment of project whose files have
+        these SHA-256s ({field: hex}), or None."""
+        with self._lock:
+            for deployment_id in reversed(self._by_project.get(project, ())):
+                record = self._records[deployment_id]
+                if record.state in UNFINISHED and digests == {
+                        name: meta["sha256"] for name, meta in record.files.items()}:
+                    return record.copy()
+        return None
+
+    # --- pruning
+
+    def prune(self, project):
+        """Remove image and package files of finished deployments beyond
+        the newest KEEP_DEPLOYMENTS; states and logs stay."""
+        with self._lock:
+            ids = list(self._by_project.get(project, ()))
+            old = [i for i in ids[:-self.keep] if not self._records[i].pruned
+                   and self._records[i].state not in UNFINISHED]
+        for deployment_id in old:
+            self.prune_files(deployment_id)
+        if self.segments:
+            self.after_prune(project)
+
+    def prune_files(self, deployment_id):
+        record = self.get(deployment_id)
+        for suffix in ("", ".image", ".package", ".step", ".recipe"):
+            remove_quietly(self.path(record, suffix))
+        self.update(deployment_id, pruned=True)
+        if self.segments:
+            self.segments.forget(deployment_id)
+
+    def after_prune(self, project):
+        """(#16) Ended recipe deployments of project lose their rebuilt
+        files (DROP_REBUILT); below MIN_FREE_SPACE the oldest prunable
+        deployments are pruned; unreferenced segments go."""
+        if self.drop_rebuilt:
+            with self._lock:
+                ended = [self._records[i].copy() for i in self._by_project.get(project, ())
+                         if self._records[i].recipe and not self._records[i].pruned
+                         and self._records[i].state not in UNFINISHED]
+            for record in ended:
+                for name in record.files:
+                    remove_quietly(self.path(record, "." + name))
+        self.segments.collect()
+        self.make_room()
+
+    def make_room(self):
+        """Below MIN_FREE_SPACE: prune the oldest deployments that may be
+        pruned (never a waiting or running one, nor a project's latest ok
+        one) until there is room or none is left."""
+        while self.min_free:
+            free = free_space(self.upload_dir)
+            if free is None or free >= self.min_free:
+                return
+            with self._lock:
+                keep = set()
+                for ids in self._by_project.values():
+                    done = [i for i in ids if self._records[i].state == "ok"]
+                    keep.update(done[-1:])
+                candidates = [record for record in self._records.values()
+                              if record.id not in keep and not record.pruned
+                              and record.state not in UNFINISHED]
+            if not candidates:
+                log.warning("free space below MIN_FREE_SPACE and nothing left "
+                            "to prune")
+                return
+            oldest = min(candidates, key=lambda record: record.seq)
+            log.info("free space below MIN_FREE_SPACE: pruning deployment %s of %s",
+                     oldest.id, oldest.project)
+            self.prune_files(oldest.id)
+            if self.segments:
+                self.segments.collect()
+
+    # --- reading
+
+    def get(self, deployment_id):
+        with self._lock:
+            record = self._records.get(deployment_id)
+            return record.copy() if record else None
+
+    def find(self, project, deployment_id=None):
+        """The deployment of project with deployment_id, or its latest."""
+        with self._lock:
+            if deployment_id is None:
+                ids = self._by_project.get(project)
+                deployment_id = ids[-1] if ids else None
+            record = self._records.get(deployment_id)
+            if record is None or record.project != project:
+                return None
+            return record.copy()
+
+    def deployments_of(self, project):
+        """Copies of the project's records, oldest first."""
+        with self._lock:
+            return [self._records[i].copy() for i in self._by_project.get(project, ())]
+
+    def projects(self):
+        """{project: (latest record, number of deployments)}."""
+        with self._lock:
+            return {project: (self._records[ids[-1]].copy(), len(ids))
+                    for project, ids in sorted(self._by_project.items())}
+
+    def kept_files(self):
+        """(record, has a recipe) of each deployment that keeps its files;
+        the records are the store's own: read them, do not change them."""
+        with self._lock:
+            return [(record, record.recipe) for record in self._records.values()
+                    if not record.pruned and record.files]
+
+
+class DeployQueue:
+    """Which deployments wait and which run: per project at most one waiting
+    (a newer upload supersedes it) and one running; the oldest waiting one
+    of a project that runs none goes first; the cancel Event of each one
+    that runs.
+
+    It is one of the store's listeners (state_changed): a deployment waits
+    from the change that makes it exist, and the queue keeps, under its own
+    lock, the latest state of each one it holds, so cancel() sees a final
+    state as soon as the store has written it.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self._lock = threading.Condition()
+        self._held = {}      # id of a waiting or running deployment -> Deployment
+        self._waiting = {}   # project -> id
+        self._running = {}   # project -> id
+        self._cancels = {}   # id of a running deployment -> Event
+        self._superseded = []  # (older, newer id): to be recorded 'changed'
+        self._stopping = False
+        store.listeners.append(self.state_changed)  # before the store loads
+
+    def state_changed(self, old, new):
+        """The store's listener.  A new deployment (committed or loaded,
+        'await') waits from the change that makes it exist; of what the
+        queue holds it keeps the latest state."""
+        with self._lock:
+            if old is None and new.state == "await":
+                self._wait(new)
+            elif new.id in self._held:
+                self._held[new.id] = new
+
+    def _wait(self, record):
+        """Make record its project's waiting deployment (the events come in
+        upload order); the one that waited is to be superseded."""
+        waiting = self._waiting.get(record.project)
+        if waiting is not None:
+            del self._held[waiting]
+            self._superseded.append((waiting, record.id))
+        self._waiting[record.project] = record.id
+        self._held[record.id] = record
+        self._lock.notify_all()
+
+    def supersede(self):
+        """Record each waiting deployment a newer one replaced as 'changed'
+        (a listener may not change the store): after a commit or a load."""
+        while True:
+            with self._lock:
+                if not self._superseded:
+                    return
+                older, newer = self._superseded.pop(0)
+            self.store.update(older, state="changed", ended=time.time(),
+                              superseded_by=newer)
+
+    def cancel(self, deployment_id):
+        """Cancel a waiting deployment (it never runs) or ask the worker to
+        stop a running one.  Returns its record; raises Conflict when it
+        had ended already, NotFound when there is no such deployment."""
+        asked = None
+        with self._lock:
+            record = self._held.get(deployment_id)
+            if record is not None and record.state in UNFINISHED:  # the state first
+                if deployment_id in self._cancels:
+                    self._cancels[deployment_id].set()
+                    asked = "running"
+                else:
+                    del self._waiting[record.project]
+                    del self._held[deployment_id]
+                    asked = "waiting"
+        if asked == "waiting":
+            return self.store.update(deployment_id, state="cancelled", ended=time.time())
+        record = self.store.get(deployment_id)
+        if record is None:
+            raise NotFound("no deployment %s" % deployment_id)
+        if asked is None:
+            raise Conflict("deployment %s has ended already: %s"
+                           % (deployment_id, record.state))
+        return record
+
+    def cancel_requested(self, deployment_id):
+        """The Event the worker watches while deployment_id runs."""
+        with self._lock:
+            return self._cancels[deployment_id]
+
+    def counts(self):
+        """{'queue': deployments waiting, 'running': deployments running}."""
+        with self._lock:
+            return {"queue": len(self._waiting), "running": len(self._running)}
+
+    # --- as the worker sees it
+
+    def claim(self):
+        """Block until a waiting deployment may run; return it as 'active'.
+
+        Picks the oldest waiting deployment of a project that is not
+        running one; returns None once stop() was called.
+        """
+        with self._lock:
+            while True:
+                if self._stopping:
+                    return None
+                ready = [self._held[deployment_id] for project, deployment_id
+                         in self._waiting.items() if project not in self._running]
+                if ready:
+                    record = min(ready, key=lambda r: r.seq)
+                    del self._waiting[record.project]
+                    self._running[record.project] = record.id
+                    self._cancels[record.id] = threading.Event()
+                    break
+                self._lock.wait()
+        return self.store.update(record.id, state="active", started=time.time())
+
+    def release(self, record):
+        """The worker is done with record's project: let its next one run,
+        and prune the project."""
+        with self._lock:
+            if self._running.get(record.project) == record.id:
+                del self._running[record.project]
+            self._cancels.pop(record.id, None)
+            self._held.pop(record.id, None)
+            self._lock.notify_all()
+        self.store.prune(record.project)
+
+    def stop(self):
+        """Let claim() return None to every worker."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
 
 
 ###############################################################################
@@ -3041,14 +3143,15 @@ def processes_of_session(identity):
 class DeployWorker:
     """Runs waiting deployments, MAX_PARALLEL projects at once.
 
-    Each thread claims a deployment from the store as soon as one may run,
+    Each thread claims a deployment from the queue as soon as one may run,
     and runs its control.sh steps as the original README says: check;
     prepare where check did not succeed; deploy.
     """
 
-    def __init__(self, settings, store):
+    def __init__(self, settings, store, queue):
         self.settings = settings
         self.store = store
+        self.queue = queue
         self.threads = []
         self.kill_event = threading.Event()  # set when the grace period ends
 
@@ -3065,7 +3168,7 @@ class DeployWorker:
     def stop(self, grace):
         """Stop taking deployments; give running ones grace seconds, then
         stop their steps (state 'interrupted')."""
-        self.store.stop()
+        self.queue.stop()
         deadline = time.monotonic() + grace
         for thread in self.threads:
             thread.join(max(0, deadline - time.monotonic()))
@@ -3075,32 +3178,32 @@ class DeployWorker:
 
     def _loop(self):
         while True:
-            record = self.store.claim()
+            record = self.queue.claim()
             if record is None:
                 return
             try:
                 self.run(record)
             except Exception:
-                log.exception("deployment %s failed inside ipd", record["id"])
+                log.exception("deployment %s failed inside ipd", record.id)
                 try:
-                    self.store.update(record["id"], state="interrupted",
+                    self.store.update(record.id, state="interrupted",
                                       ended=time.time())
                 except Exception:
-                    log.exception("cannot record the failure of %s", record["id"])
+                    log.exception("cannot record the failure of %s", record.id)
             finally:
-                self.store.release(record)
+                self.queue.release(record)
 
     def run(self, record):
         """Run the steps of one deployment and record its final state."""
         success = self.settings.SUCCESS_CODE
-        cancel = self.store.cancel_requested(record["id"])
+        cancel = self.queue.cancel_requested(record.id)
         steps = []
         outcome = None
-        run_as = self.scripts_user(record["project"])
+        run_as = self.scripts_user(record.project)
         if run_as:
-            open_to_scripts(self.store.project_dir(record["project"]),
+            open_to_scripts(self.store.project_dir(record.project),
                             self.store.path(record), self.store.path(record, ".image")
-                            if "image" in record["files"] else None, run_as)
+                            if "image" in record.files else None, run_as)
         with open(self.store.path(record, ".log"), "ab") as log_file:
             for step in ("check", "prepare", "deploy"):
                 if step == "prepare" and steps[0]["code"] == success:
@@ -3113,13 +3216,13 @@ class DeployWorker:
                                               run_as)
                 steps.append({"step": step, "code": code,
                               "seconds": round(time.monotonic() - started, 3)})
-                self.store.update(record["id"], steps=list(steps))
+                self.store.update(record.id, steps=list(steps))
                 if outcome:
                     break
                 if step != "check" and code != success:
                     outcome = str(code)
                     break
-        self.store.update(record["id"], state=outcome or "ok", ended=time.time())
+        self.store.update(record.id, state=outcome or "ok", ended=time.time())
 
     def scripts_user(self, project):
         """RunAs of the project's scripts (RUN_AS, project.conf), or None."""
@@ -3134,16 +3237,16 @@ class DeployWorker:
         image = self.store.path(record, ".image")
         env.update({
             "PATH": os.environ.get("PATH", os.defpath),
-            "DEPLOY": record["id"],
-            "PROJECT": record["project"],
-            "IMAGE": image if "image" in record["files"] else "",
-            "PROJECT_DIR": self.store.project_dir(record["project"]),
+            "DEPLOY": record.id,
+            "PROJECT": record.project,
+            "IMAGE": image if "image" in record.files else "",
+            "PROJECT_DIR": self.store.project_dir(record.project),
         })
         if run_as:
             env["PROJECT_DIR"] = os.path.join(env["PROJECT_DIR"], WORK_DIR)
-        if record["signer"]:  # a signed release: a script may check who signed
-            env["SIGNER"] = record["signer"]["principal"]
-            env["SIGNER_KEY"] = record["signer"]["fingerprint"]
+        if record.signer:  # a signed release: a script may check who signed
+            env["SIGNER"] = record.signer["principal"]
+            env["SIGNER_KEY"] = record.signer["fingerprint"]
         return env
 
     def run_step(self, record, step, log_file, cancel, run_as=None):
@@ -3154,7 +3257,7 @@ class DeployWorker:
         started = time.monotonic()
         try:
             process = subprocess.Popen(
-                [record["control"], step], cwd=self.store.path(record),
+                [record.control, step], cwd=self.store.path(record),
                 env=self.environment(record, run_as), stdin=subprocess.DEVNULL,
                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                 close_fds=True, **credentials(run_as))
@@ -3167,7 +3270,7 @@ class DeployWorker:
                             ).encode())
             log_file.flush()
             log.warning("deployment %s: cannot run control.sh %s: %s",
-                        record["id"], step, error)
+                        record.id, step, error)
             return code, None
         # Recorded at once (no fsync: it must outlive ipd, not the machine)
         # so that a restart after kill -9 finds what is left of the step.
@@ -3187,7 +3290,7 @@ class DeployWorker:
                     outcome = "timeout"
                 if outcome:
                     log.warning("deployment %s: control.sh %s %s, stopping it",
-                                record["id"], step, outcome)
+                                record.id, step, outcome)
                     stop_process_group(process, self.settings.KILL_GRACE)
                     break
         # Children it left behind belong to the step: none may outlive it.
@@ -3196,7 +3299,7 @@ class DeployWorker:
         if code < 0:
             code = 128 - code  # killed by a signal, as a shell reports it
         log.info("deployment %s of %s: control.sh %s exited %d after %.3fs",
-                 record["id"], record["project"], step, code,
+                 record.id, record.project, step, code,
                  time.monotonic() - started)
         return code, outcome
 
@@ -3215,26 +3318,31 @@ class Notifier:
         self.environment = environment
         self.scripts_user = scripts_user or (lambda project: None)
 
+    def state_changed(self, old, new):
+        """The store's listener: notify when a deployment ends."""
+        if old is not None and new.state != old.state and new.state not in UNFINISHED:
+            self.deployment_ended(new)
+
     def deployment_ended(self, record):
         threading.Thread(target=self._notify, args=(record,), name="notify",
                          daemon=True).start()
 
     def _notify(self, record):
         try:
-            script = os.path.join(self.store.project_dir(record["project"]),
+            script = os.path.join(self.store.project_dir(record.project),
                                   "notify.sh")
             if os.path.isfile(script) and os.access(script, os.X_OK):
                 self.run_script(script, record)
             if self.settings.NOTIFY_URL:
                 self.post(record)
         except Exception:
-            log.exception("notifying the end of deployment %s failed", record["id"])
+            log.exception("notifying the end of deployment %s failed", record.id)
 
     def run_script(self, script, record):
         """notify.sh, with control.sh's environment plus STATE, as the
         user control.sh runs as."""
-        run_as = self.scripts_user(record["project"])
-        env = dict(self.environment(record, run_as), STATE=record["state"])
+        run_as = self.scripts_user(record.project)
+        env = dict(self.environment(record, run_as), STATE=record.state)
         process = subprocess.Popen([script], cwd=os.path.dirname(script), env=env,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True,
@@ -3245,14 +3353,14 @@ class Notifier:
             stop_process_group(process, self.settings.KILL_GRACE)
             output, _ = process.communicate()
             log.warning("notify.sh of %s ran over NOTIFY_TIMEOUT and was stopped",
-                        record["project"])
+                        record.project)
         text = output[-1000:].decode("utf-8", "replace").strip().replace("\n", " | ")
-        log.info("notify.sh of %s for %s (%s) exited %d: %s", record["project"],
-                 record["id"], record["state"], process.returncode, text)
+        log.info("notify.sh of %s for %s (%s) exited %d: %s", record.project,
+                 record.id, record.state, process.returncode, text)
 
     def post(self, record):
         """POST the summary to NOTIFY_URL; retried with a growing pause."""
-        body = json.dumps(dict(public_record(record), event="deployment_ended"),
+        body = json.dumps(dict(record.public(), event="deployment_ended"),
                           sort_keys=True).encode()
         for attempt in range(self.ATTEMPTS):
             request = urllib.request.Request(
@@ -3262,14 +3370,14 @@ class Notifier:
             try:
                 with urllib.request.urlopen(request,
                                             timeout=self.settings.NOTIFY_TIMEOUT):
-                    log.info("NOTIFY_URL told: %s of %s is %s", record["id"],
-                             record["project"], record["state"])
+                    log.info("NOTIFY_URL told: %s of %s is %s", record.id,
+                             record.project, record.state)
                     return
             except (OSError, http.client.HTTPException) as error:
                 problem = error
             time.sleep(2 ** attempt)
         log.warning("NOTIFY_URL failed %d times for %s: %s", self.ATTEMPTS,
-                    record["id"], problem)
+                    record.id, problem)
 
 
 def stop_process_group(process, grace):
@@ -3503,8 +3611,7 @@ class SegmentWriter:
         return self.store.add(self.user, self.digest, self.path)
 
     def release(self):
-        with self.store.lock:
-            self.store.busy.discard((self.user.name, self.digest))
+        self.store.writer_done(self.user, self.digest)
 
 
 class SegmentStore:
@@ -3581,7 +3688,7 @@ class SegmentStore:
             pass
         for project in store.projects():
             for record in store.deployments_of(project):
-                if record.get("recipe") and not record["pruned"]:
+                if record.recipe and not record.pruned:
                     self.read_refs(store, record)
         self.collect()
 
@@ -3591,10 +3698,10 @@ class SegmentStore:
                 files = json.loads(file.read().decode())
             digests = recipe_digests(files)
         except (OSError, ValueError, AttributeError, KeyError, TypeError) as error:
-            log.error("unreadable recipe of deployment %s: %s", record["id"], error)
+            log.error("unreadable recipe of deployment %s: %s", record.id, error)
             return
         with self.lock:
-            self.refs[record["id"]] = (record["project"], digests)
+            self.refs[record.id] = (record.project, digests)
 
     # --- who may know of what
 
@@ -3648,6 +3755,11 @@ class SegmentStore:
             with self.lock:
                 self.busy.discard(key)
             raise
+
+    def writer_done(self, user, digest):
+        """A SegmentWriter's request ended: another may write to it."""
+        with self.lock:
+            self.busy.discard((user.name, digest))
 
     def add(self, user, digest, partial):
         """Move a verified partial into the store (or drop it when the store
@@ -3715,7 +3827,7 @@ class SegmentStore:
 
     def refer(self, record, files):
         with self.lock:
-            self.refs[record["id"]] = (record["project"], recipe_digests(files))
+            self.refs[record.id] = (record.project, recipe_digests(files))
 
     def forget(self, deployment_id):
         with self.lock:
@@ -3777,7 +3889,7 @@ class SegmentStore:
             count = len(self.sizes)
         logical = files_on_disk = 0
         for record, recipe in store.kept_files():
-            for name, meta in record["files"].items():
+            for name, meta in record.files.items():
                 logical += meta.get("size", 0)
                 if not recipe:  # an upload's file: there until pruned
                     files_on_disk += meta.get("size", 0)
@@ -3806,8 +3918,8 @@ def free_space(path):
 # The service: what uploads, redeploys and cancels do #########################
 ###############################################################################
 
-# One object the HTTP layer calls: settings, users, tokens, the store,
-# the worker; signatures, redeploy and cancel with their log and audit.
+# One object the HTTP layer calls: users, tokens, store, queue, metrics,
+# worker; signatures, redeploy, cancel, statistics, with their log and audit.
 
 class Daemon:
     """What the handlers share: settings, users, deployments, counters."""
@@ -3822,17 +3934,39 @@ class Daemon:
         self.store.segments = self.segments
         self.store.drop_rebuilt = settings.DROP_REBUILT
         self.store.min_free = settings.MIN_FREE_SPACE
-        self.worker = DeployWorker(settings, self.store)
+        self.queue = DeployQueue(self.store)
+        self.metrics = Metrics()
+        self.store.listeners.append(self.metrics.state_changed)
+        self.worker = DeployWorker(settings, self.store, self.queue)
         self.notifier = Notifier(settings, self.store, self.worker.environment,
                                  self.worker.scripts_user)
-        self.store.on_final = self.notifier.deployment_ended
+        self.store.listeners.append(self.notifier.state_changed)
         self.started = time.time()
-        self.counter_lock = threading.Lock()
+        self._counter_lock = threading.Lock()
         self.uploads = 0
         self.bytes_received = 0
 
+    def load(self, kill_grace):
+        """Read UPLOAD_DIR at a start: deployments (DeploymentStore.load),
+        the queue, the segments.  Returns the number of deployments."""
+        count = self.store.load(kill_grace)
+        self.queue.supersede()
+        self.segments.load(self.store)
+        return count
+
+    def statistics(self):
+        """Deployments, states, queue, running, durations (see
+        Metrics.statistics), uploads and bytes received."""
+        figures = self.metrics.statistics()
+        stats = {"deployments": figures["deployments"], "states": figures["states"]}
+        stats.update(self.queue.counts())
+        stats["durations"] = figures["durations"]
+        with self._counter_lock:
+            stats.update(uploads=self.uploads, bytes_received=self.bytes_received)
+        return stats
+
     def count_upload(self, size):
-        with self.counter_lock:
+        with self._counter_lock:
             self.uploads += 1
             self.bytes_received += size
 
@@ -3856,10 +3990,10 @@ class Daemon:
         wait, run or succeeded, and the nonces ever used; (0, set())."""
         newest, nonces = 0, set()
         for record in self.store.deployments_of(project):
-            signer = record.get("signer")
+            signer = record.signer
             if signer:
                 nonces.add(signer.get("nonce"))
-                if record["state"] in UNFINISHED + ("ok",):
+                if record.state in UNFINISHED + ("ok",):
                     newest = max(newest, signer.get("created", 0))
         return newest, nonces
 
@@ -3908,57 +4042,57 @@ class Daemon:
             raise Forbidden(reason)
 
     def cancel(self, record, user, address):
-        """Cancel a deployment for user (see DeploymentStore.cancel); logged
+        """Cancel a deployment for user (see DeployQueue.cancel); logged
         and audited."""
-        self.store.cancel(record["id"])
+        self.queue.cancel(record.id)
         with open(self.store.path(record, ".log"), "ab") as file:
             file.write(("ipd: cancelled by %s from %s at %s\n" % (
                 user.name, address, iso_time(time.time()))).encode())
-        log.info("deployment %s of %s: cancel asked by %s", record["id"],
-                 record["project"], user.name)
-        audit_event("cancel", project=record["project"], deployment=record["id"],
+        log.info("deployment %s of %s: cancel asked by %s", record.id,
+                 record.project, user.name)
+        audit_event("cancel", project=record.project, deployment=record.id,
                     user=user.name, address=address)
 
     def redeploy(self, earlier, user, address):
         """A new deployment from the kept files of an earlier one: the
         rollback.  Raises Gone when they were pruned."""
-        if earlier["pruned"] or not earlier["files"]:
+        if earlier.pruned or not earlier.files:
             raise Gone("the files of deployment %s were pruned "
-                       "(KEEP_DEPLOYMENTS): upload them again" % earlier["id"])
-        if self.signature_required(earlier["project"]) and user.role != "ADMIN":
-            if not earlier["signer"]:
+                       "(KEEP_DEPLOYMENTS): upload them again" % earlier.id)
+        if self.signature_required(earlier.project) and user.role != "ADMIN":
+            if not earlier.signer:
                 raise Forbidden("project %s takes signed releases only: deployment "
                                 "%s was not signed (an ADMIN may redeploy it)"
-                                % (earlier["project"], earlier["id"]))
-            if earlier["signer"]["created"] < self.newest_signed(earlier["project"])[0]:
+                                % (earlier.project, earlier.id))
+            if earlier.signer["created"] < self.newest_signed(earlier.project)[0]:
                 raise Forbidden("deployment %s is older than the newest signed "
                                 "release of %s: only an ADMIN may roll back to it"
-                                % (earlier["id"], earlier["project"]))
+                                % (earlier.id, earlier.project))
         upload = Upload()
         try:
-            for name, meta in earlier["files"].items():
+            for name, meta in earlier.files.items():
                 path = self.store.path(earlier, "." + name)
-                if earlier.get("recipe") and not os.path.exists(path):
+                if earlier.recipe and not os.path.exists(path):
                     upload.files[name] = self.rebuild_kept(earlier, name, user)
                     continue
                 upload.files[name] = KeptFile(path, meta, self.settings.UPLOAD_DIR)
-            if earlier.get("recipe"):
+            if earlier.recipe:
                 upload.recipe = KeptFile(self.store.path(earlier, ".recipe"), {},
                                          self.settings.UPLOAD_DIR)
         except BaseException as error:
             upload.discard()
             if isinstance(error, FileNotFoundError):
-                raise Gone("the files of deployment %s are gone" % earlier["id"])
+                raise Gone("the files of deployment %s are gone" % earlier.id)
             if isinstance(error, IpdError):
                 raise
             raise disk_errors(error)
-        record = self.deploy_upload(earlier["project"], upload, user,
-                                    redeploy_of=earlier["id"], signer=earlier["signer"])
-        log.info("deployment %s of %s: redeploy of %s by %s", record["id"],
-                 record["project"], earlier["id"], user.name)
-        audit_event("redeploy", project=record["project"], deployment=record["id"],
-                    redeploy_of=earlier["id"], user=user.name, address=address,
-                    files=record["files"])
+        record = self.deploy_upload(earlier.project, upload, user,
+                                    redeploy_of=earlier.id, signer=earlier.signer)
+        log.info("deployment %s of %s: redeploy of %s by %s", record.id,
+                 record.project, earlier.id, user.name)
+        audit_event("redeploy", project=record.project, deployment=record.id,
+                    redeploy_of=earlier.id, user=user.name, address=address,
+                    files=record.files)
         return record
 
     def rebuild_kept(self, earlier, name, user):
@@ -3970,14 +4104,14 @@ class Daemon:
             meta = parse_recipe(json.dumps({"files": {name: stored[name]}}).encode())[
                 "files"][name]
         except (OSError, ValueError, KeyError, BadRequest):
-            raise Gone("the recipe of deployment %s is gone" % earlier["id"])
+            raise Gone("the recipe of deployment %s is gone" % earlier.id)
         sink = FileSink(self.settings.UPLOAD_DIR, name, meta["name"], ParallelHash())
         try:
             self.segments.rebuild(user, name, meta, sink)
         except BadRequest as error:
             sink.discard()
             raise Gone("the files of deployment %s cannot be rebuilt: %s"
-                       % (earlier["id"], error))
+                       % (earlier.id, error))
         except BaseException:
             sink.discard()
             raise
@@ -4006,18 +4140,18 @@ class Daemon:
             earlier = self.store.unfinished_with(project, digests)
             if earlier:
                 log.info("deployment %s of %s: the same files again, from %s; "
-                         "not queued twice", earlier["id"], project, user.name)
+                         "not queued twice", earlier.id, project, user.name)
                 return earlier, False
         if signer:
             self.check_not_replayed(project, signer, user, address)
         record = self.deploy_upload(project, upload, user, signer=signer)
-        log.info("deployment %s of %s uploaded by %s: %s", record["id"], project,
+        log.info("deployment %s of %s uploaded by %s: %s", record.id, project,
                  user.name, ", ".join("%s %s (%d bytes)" % (
                      name, meta["name"], meta["size"])
-                     for name, meta in record["files"].items()))
-        audit_event("upload", project=project, deployment=record["id"],
-                    user=user.name, address=address, files=record["files"],
-                    signer=record["signer"])
+                     for name, meta in record.files.items()))
+        audit_event("upload", project=project, deployment=record.id,
+                    user=user.name, address=address, files=record.files,
+                    signer=record.signer)
         self.count_upload(received)
         return record, True
 
@@ -4045,16 +4179,16 @@ class Daemon:
             control = find_control_script(staging if own_script else None,
                                           store.project_dir(project))
             files = {name: sink.describe() for name, sink in upload.files.items()}
-            record = new_record(str(uuid.uuid4()), project, None, user.name,
-                                files, control)
-            record.update(extra)
+            record = Deployment(str(uuid.uuid4()), project, None, user.name,
+                                files, control, recipe=upload.recipe is not None,
+                                **extra)
             if control.startswith(staging + os.sep):
-                record["control"] = os.path.join(store.path(record), "control.sh")
+                record.control = os.path.join(store.path(record), "control.sh")
             moves = {"." + name: sink.path for name, sink in upload.files.items()}
             if upload.recipe is not None:
                 moves[".recipe"] = upload.recipe.path
-                record["recipe"] = True
-            store.commit(record, staging, moves)
+            record = store.commit(record, staging, moves)
+            self.queue.supersede()
             if upload.recipe is not None:
                 self.segments.read_refs(store, record)
         except BaseException as error:
@@ -4068,6 +4202,9 @@ class Daemon:
 ###############################################################################
 # Status pages for people #####################################################
 ###############################################################################
+
+# HTML for browsers, rendered from data by functions that the handler calls
+# and sends: the projects, a project, a deployment with its live log.
 
 # One inline stylesheet, no external resource (air-gapped hosts), readable
 # on a phone; a strict Content-Security-Policy admits only this response's
@@ -4123,7 +4260,7 @@ def read_log_tail(path, limit):
 
 def signed_by(record):
     """', signed by WHO@PROJECT (SHA256:...)' for a signed release."""
-    signer = record.get("signer")
+    signer = record.signer
     if not signer:
         return ""
     return "<br>signed by %s <code>%s</code>" % (html.escape(signer["principal"]),
@@ -4141,161 +4278,123 @@ def page_time(timestamp):
 
 
 def page_duration(record):
-    if record["started"] and record["ended"]:
-        return "%.1f s" % (record["ended"] - record["started"])
+    if record.started and record.ended:
+        return "%.1f s" % (record.ended - record.started)
     return "-"
 
 
-class StatusPages:
-    """HTML views for browsers: the projects, one project, one deployment
-    with its live log, and buttons to cancel and redeploy.  Behind the same
-    login and role rules as the API; every value goes through html.escape."""
+def ui_link(root, *parts):
+    """The escaped address of a page under API_ROOT root: /ui/PARTS."""
+    return html.escape("%s/ui/%s" % (root, "/".join(
+        urllib.parse.quote(part, safe="") for part in parts)))
 
-    def wants_html(self):
-        return self.headers is not None and not self.wants_json() \
-            and "text/html" in self.headers.get("Accept", "")
 
-    def send_page(self, title, body, script=None, refresh=False):
-        """An HTML page; body is its text, or pieces of it (a long list is
-        sent as it is rendered, never whole in memory)."""
-        nonce = secrets.token_urlsafe(16)
-        root = html.escape(self.ipd.settings.API_ROOT)
-        parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-                 '<meta name="viewport" content="width=device-width,initial-scale=1">'
-                 '<title>%s - ipd</title><style nonce="%s">%s</style>'
-                 % (html.escape(title), nonce, PAGE_STYLE)]
-        if refresh:
-            parts.append('<noscript><meta http-equiv="refresh" content="3"></noscript>')
-        parts.append('</head><body><header><a href="%s/ui/">ipd</a> &middot; %s'
-                     '</header>' % (root, html.escape(title)))
-        tail = ['<script nonce="%s">%s</script>' % (nonce, script)] if script else []
-        tail.append("</body></html>\n")
-        body = [body] if isinstance(body, str) else body
-        self.send_stream("text/html; charset=utf-8",
-                         itertools.chain(parts, body, tail), {
-                             "Content-Security-Policy":
-                             "default-src 'none'; style-src 'nonce-%s'; script-src "
-                             "'nonce-%s'; connect-src 'self'; form-action 'self'; "
-                             "frame-ancestors 'none'; base-uri 'none'" % (nonce, nonce),
-                             "X-Content-Type-Options": "nosniff",
-                             "Referrer-Policy": "same-origin",
-                             "Cache-Control": "no-store"})
+def render_page(root, title, body, nonce, script=None, refresh=False):
+    """The pieces of an HTML page; body is its text, or pieces of it (a long
+    list is rendered as it is sent, never whole in memory).  Its style and
+    script carry nonce (see page_headers)."""
+    parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+             '<meta name="viewport" content="width=device-width,initial-scale=1">'
+             '<title>%s - ipd</title><style nonce="%s">%s</style>'
+             % (html.escape(title), nonce, PAGE_STYLE)]
+    if refresh:
+        parts.append('<noscript><meta http-equiv="refresh" content="3"></noscript>')
+    parts.append('</head><body><header><a href="%s/ui/">ipd</a> &middot; %s'
+                 '</header>' % (html.escape(root), html.escape(title)))
+    tail = ['<script nonce="%s">%s</script>' % (nonce, script)] if script else []
+    tail.append("</body></html>\n")
+    body = [body] if isinstance(body, str) else body
+    return itertools.chain(parts, body, tail)
 
-    def ui_link(self, *parts):
-        return html.escape("%s/ui/%s" % (self.ipd.settings.API_ROOT, "/".join(
-            urllib.parse.quote(part, safe="") for part in parts)))
 
-    def api_ui_projects(self):
-        projects = [(project, latest, count) for project, (latest, count)
-                    in self.ipd.store.projects().items() if self.user.may_use(project)]
-        if not projects:
-            self.send_page("projects", "<p>No deployments yet.</p>")
-            return
-        rows = ("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td>"
-                "<td>%s</td><td>%s</td><td>%d</td></tr>" % (
-                    self.ui_link(project), html.escape(project),
-                    state_badge(latest["state"]),
-                    page_time(latest["ended"] or latest["started"] or latest["created"]),
-                    page_duration(latest), html.escape(latest["user"] or "-"), count)
-                for project, latest, count in projects)
-        self.send_page("projects", itertools.chain(
-            ["<table><tr><th>project</th><th>latest</th><th>when</th><th>took</th>"
-             "<th>by</th><th>deployments</th></tr>"], rows, ["</table>"]))
+def page_headers(nonce):
+    """The headers of a page whose style and script carry nonce."""
+    return {"Content-Security-Policy":
+            "default-src 'none'; style-src 'nonce-%s'; script-src "
+            "'nonce-%s'; connect-src 'self'; form-action 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'" % (nonce, nonce),
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "same-origin",
+            "Cache-Control": "no-store"}
 
-    def api_ui_project(self, project):
-        self.check_project_access(project)
-        records = self.ipd.store.deployments_of(project)
-        if not records:
-            raise NotFound("no")
-        rows = (self.deployment_row(record) for record in reversed(records))
-        self.send_page(project, itertools.chain(
-            ["<table><tr><th>deployment</th><th>state</th><th>uploaded, started, "
-             "ended</th><th>took</th><th>by</th><th>files (SHA-256)</th><th></th>"
-             "</tr>"], rows, ["</table>"]))
 
-    def deployment_row(self, record):
-        files = "".join("<div>%s: %s, %d bytes<br><code>%s</code></div>" % (
-            html.escape(name), html.escape(meta.get("name") or "-"),
-            meta.get("size", 0), html.escape(meta.get("sha256", "")))
-            for name, meta in sorted(record["files"].items()))
-        return ("<tr><td><a href=\"%s\"><code>%s</code></a></td><td>%s</td>"
-                "<td>%s<br>%s<br>%s</td><td>%s</td><td>%s</td><td>%s%s</td>"
-                "<td>%s</td></tr>" % (
-                    self.ui_link(record["project"], record["id"]),
-                    html.escape(record["id"][:8]), state_badge(record["state"]),
-                    page_time(record["created"]), page_time(record["started"]),
-                    page_time(record["ended"]), page_duration(record),
-                    html.escape(record["user"] or "-") + signed_by(record), files,
-                    "<div>(pruned)</div>" if record["pruned"] else "",
-                    self.buttons(record)))
+def buttons(root, record):
+    """The cancel and redeploy buttons that apply to record."""
+    actions = []
+    if record.state in UNFINISHED:
+        actions.append("cancel")
+    if record.files and not record.pruned:
+        actions.append("redeploy")
+    return "".join('<form method="post" action="%s"><button>%s</button></form>'
+                   % (ui_link(root, record.project, record.id, action), action)
+                   for action in actions)
 
-    def buttons(self, record):
-        actions = []
-        if record["state"] in UNFINISHED:
-            actions.append("cancel")
-        if record["files"] and not record["pruned"]:
-            actions.append("redeploy")
-        return "".join('<form method="post" action="%s"><button>%s</button></form>'
-                       % (self.ui_link(record["project"], record["id"], action), action)
-                       for action in actions)
 
-    def api_ui_deployment(self, project, deployment_id):
-        record = self.find_deployment(project, deployment_id)
-        if record is None:
-            raise NotFound("no")
-        skipped, text = read_log_tail(self.ipd.store.path(record, ".log"),
-                                      PAGE_LOG_TAIL)
-        running = record["state"] in UNFINISHED
-        follow = "%s/log/%s/%s?follow=1&offset=%d" % (
-            self.ipd.settings.API_ROOT, project, deployment_id, skipped + len(text))
-        whole = ("<p>The first %d bytes of the log are left out here: "
-                 "<a href=\"%s/log/%s/%s\">the whole log</a> (text).</p>" % (
-                     skipped, html.escape(self.ipd.settings.API_ROOT),
-                     html.escape(urllib.parse.quote(project, safe="")),
-                     html.escape(deployment_id))) if skipped else ""
-        body = ("<p>%s of <a href=\"%s\">%s</a> by %s &middot; uploaded %s, "
-                "started %s, ended %s, took %s</p><p>%s</p>" % (
-                    state_badge(record["state"]), self.ui_link(project),
-                    html.escape(project),
-                    html.escape(record["user"] or "-") + signed_by(record),
-                    page_time(record["created"]), page_time(record["started"]),
-                    page_time(record["ended"]), page_duration(record),
-                    self.buttons(record)) + whole +
-                "<pre id=\"log\" data-follow=\"%s\">%s</pre>" % (
-                    html.escape(follow), html.escape(text.decode("utf-8", "replace"))))
-        self.send_page("%s %s" % (project, deployment_id[:8]), body,
-                       FOLLOW_SCRIPT if running else None, refresh=running)
+def deployment_row(root, record):
+    files = "".join("<div>%s: %s, %d bytes<br><code>%s</code></div>" % (
+        html.escape(name), html.escape(meta.get("name") or "-"),
+        meta.get("size", 0), html.escape(meta.get("sha256", "")))
+        for name, meta in sorted(record.files.items()))
+    return ("<tr><td><a href=\"%s\"><code>%s</code></a></td><td>%s</td>"
+            "<td>%s<br>%s<br>%s</td><td>%s</td><td>%s</td><td>%s%s</td>"
+            "<td>%s</td></tr>" % (
+                ui_link(root, record.project, record.id),
+                html.escape(record.id[:8]), state_badge(record.state),
+                page_time(record.created), page_time(record.started),
+                page_time(record.ended), page_duration(record),
+                html.escape(record.user or "-") + signed_by(record), files,
+                "<div>(pruned)</div>" if record.pruned else "",
+                buttons(root, record)))
 
-    def api_ui_action(self, project, deployment_id, action):
-        """POST from a button: same origin only (no cross-site requests)."""
-        self.check_same_origin()
-        record = self.find_deployment(project, deployment_id)
-        if record is None:
-            raise NotFound("no")
-        if action == "cancel":
-            self.ipd.cancel(record, self.user, self.client_ip())
-            target = record
-        elif action == "redeploy":
-            target = self.ipd.redeploy(record, self.user, self.client_ip())
-        else:
-            raise NotFound("no such action: %s" % action)
-        self.send_response(303)
-        self.send_header("Location", "%s/ui/%s/%s" % (self.ipd.settings.API_ROOT,
-                                                     project, target["id"]))
-        self.send_header("Content-Length", "0")
-        self.end_headers()
 
-    def check_same_origin(self):
-        """A button's POST comes from a browser, which says where from:
-        besides check_origin (done for every request), one with neither
-        Origin nor Sec-Fetch-Site needs a Referer of this server's origin."""
-        if "Origin" in self.headers or "Sec-Fetch-Site" in self.headers:
-            return
-        referer = self.headers.get("Referer", "")
-        match = re.match(r"[^:/]+://[^/?#]+", referer)
-        if not match or normalize_origin(match.group(0)) not in self.own_origins():
-            raise Forbidden("cross-origin request refused: a button's POST "
-                            "must name its origin")
+def render_projects(root, projects):
+    """The body of the projects page: projects is a list of (project, its
+    latest Deployment, its number of deployments)."""
+    if not projects:
+        return "<p>No deployments yet.</p>"
+    rows = ("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td>"
+            "<td>%s</td><td>%s</td><td>%d</td></tr>" % (
+                ui_link(root, project), html.escape(project),
+                state_badge(latest.state),
+                page_time(latest.ended or latest.started or latest.created),
+                page_duration(latest), html.escape(latest.user or "-"), count)
+            for project, latest, count in projects)
+    return itertools.chain(
+        ["<table><tr><th>project</th><th>latest</th><th>when</th><th>took</th>"
+         "<th>by</th><th>deployments</th></tr>"], rows, ["</table>"])
+
+
+def render_project(root, records):
+    """The body of a project's page: its deployments (records, oldest
+    first), newest first."""
+    rows = (deployment_row(root, record) for record in reversed(records))
+    return itertools.chain(
+        ["<table><tr><th>deployment</th><th>state</th><th>uploaded, started, "
+         "ended</th><th>took</th><th>by</th><th>files (SHA-256)</th><th></th>"
+         "</tr>"], rows, ["</table>"])
+
+
+def render_deployment(root, record, skipped, text):
+    """The body of a deployment's page: its state, times, buttons and the
+    end of its log (text, the log's bytes after the first skipped)."""
+    project, deployment_id = record.project, record.id
+    follow = "%s/log/%s/%s?follow=1&offset=%d" % (
+        root, project, deployment_id, skipped + len(text))
+    whole = ("<p>The first %d bytes of the log are left out here: "
+             "<a href=\"%s/log/%s/%s\">the whole log</a> (text).</p>" % (
+                 skipped, html.escape(root),
+                 html.escape(urllib.parse.quote(project, safe="")),
+                 html.escape(deployment_id))) if skipped else ""
+    return ("<p>%s of <a href=\"%s\">%s</a> by %s &middot; uploaded %s, "
+            "started %s, ended %s, took %s</p><p>%s</p>" % (
+                state_badge(record.state), ui_link(root, project),
+                html.escape(project),
+                html.escape(record.user or "-") + signed_by(record),
+                page_time(record.created), page_time(record.started),
+                page_time(record.ended), page_duration(record),
+                buttons(root, record)) + whole +
+            "<pre id=\"log\" data-follow=\"%s\">%s</pre>" % (
+                html.escape(follow), html.escape(text.decode("utf-8", "replace"))))
 
 
 ###############################################################################
@@ -4501,7 +4600,7 @@ class ConnectionGuard:
                     pass
 
 
-class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
+class Handler(http.server.BaseHTTPRequestHandler):
     """One connection; each request is routed to a method of the API."""
 
     protocol_version = "HTTP/1.1"
@@ -4813,21 +4912,19 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
     def api_info(self):
         rows, lines = [], []
         for project, (latest, count) in self.ipd.store.projects().items():
-            row = {"project": project, "deployment": latest["id"],
-                   "state": latest["state"], "started": iso_time(latest["started"]),
-                   "ended": iso_time(latest["ended"]), "deployments": count,
-                   "user": latest["user"], "files": latest["files"]}
+            row = {"project": project, "deployment": latest.id,
+                   "state": latest.state, "started": iso_time(latest.started),
+                   "ended": iso_time(latest.ended), "deployments": count,
+                   "user": latest.user, "files": latest.files}
             rows.append(row)
             lines.append("%s %s %s started=%s ended=%s deployments=%d\n" % (
-                project, latest["id"], latest["state"], row["started"] or "-",
+                project, latest.id, latest.state, row["started"] or "-",
                 row["ended"] or "-", count))
         self.answer(200, "".join(lines), {"projects": rows})
 
     def api_statistics(self):
         daemon = self.ipd
-        stats = daemon.store.statistics()
-        with daemon.counter_lock:
-            stats.update(uploads=daemon.uploads, bytes_received=daemon.bytes_received)
+        stats = daemon.statistics()
         stats.update(daemon.segments.statistics(daemon.store))
         stats = dict({"version": __version__,
                       "uptime": round(time.time() - daemon.started, 3)}, **stats)
@@ -4850,7 +4947,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         wait = self.query_seconds("wait")
         if wait:
             record = self.wait_final(record, wait)
-        self.answer(200, record["state"] + "\n", public_record(record))
+        self.answer(200, record.state + "\n", record.public())
 
     def wait_final(self, record, timeout):
         """The record once it ends or timeout passes, looking each second
@@ -4859,8 +4956,8 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            record = self.ipd.store.wait_final(record["id"], min(1.0, remaining))
-            if record["state"] not in UNFINISHED or remaining <= 1.0:
+            record = self.ipd.store.wait_final(record.id, min(1.0, remaining))
+            if record.state not in UNFINISHED or remaining <= 1.0:
                 return record
             if peer_closed(self.connection):
                 raise ClientGone("gave up waiting")
@@ -4896,7 +4993,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
                 self.follow_log(record, file)
             elif self.wants_json():
                 head = json.dumps({"project": project, "deployment": deployment_id,
-                                   "state": record["state"]})
+                                   "state": record.state})
                 self.send_stream("application/json", itertools.chain(
                     [head[:-1] + ', "log": "'], json_string_pieces(file), ['"}\n']))
             else:
@@ -4945,19 +5042,19 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
                 self.send_chunk(data, chunked)
                 last = data[-1:]
                 continue
-            current = self.ipd.store.wait_final(record["id"], 0.2)
+            current = self.ipd.store.wait_final(record.id, 0.2)
             if time.monotonic() - quiet_since >= 1:  # still anybody there?
                 if peer_closed(self.connection):
                     raise ClientGone("stopped following the log")
                 quiet_since = time.monotonic()
-            if current["state"] not in UNFINISHED:
+            if current.state not in UNFINISHED:
                 data = file.read()  # what it printed last
                 if data:
                     self.send_chunk(data, chunked)
                     last = data[-1:]
                 break
         ending = b"" if last == b"\n" else b"\n"
-        self.send_chunk(ending + ("ipd: state: %s\n" % current["state"]).encode(),
+        self.send_chunk(ending + ("ipd: state: %s\n" % current.state).encode(),
                         chunked)
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
@@ -5005,9 +5102,9 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         if record is None:
             raise NotFound("no")
         self.ipd.cancel(record, self.user, self.client_ip())
-        record = self.ipd.store.wait_final(record["id"],
+        record = self.ipd.store.wait_final(record.id,
                                            self.ipd.settings.KILL_GRACE + 10)
-        self.answer(200, record["state"] + "\n", public_record(record))
+        self.answer(200, record.state + "\n", record.public())
 
     def api_redeploy(self, project, deployment_id):
         record = self.find_deployment(project, deployment_id)
@@ -5031,9 +5128,8 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
 
     def api_metrics(self):
         daemon = self.ipd
-        stats = daemon.store.statistics()
-        with daemon.counter_lock:
-            uploads, received = daemon.uploads, daemon.bytes_received
+        stats = daemon.statistics()
+        uploads, received = stats["uploads"], stats["bytes_received"]
         gauges = {
             "ipd_queue_length": ("Deployments waiting to run.", stats["queue"]),
             "ipd_running_deployments": ("Deployments whose control.sh runs.",
@@ -5054,8 +5150,7 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
             "ipd_uploads_total": ("Uploads accepted.", uploads),
             "ipd_upload_bytes_total": ("Bytes of accepted uploads.", received),
         }
-        with daemon.store.lock:
-            text = daemon.store.metrics.render(gauges, counters)
+        text = daemon.metrics.render(gauges, counters)
         body = text.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
@@ -5070,6 +5165,75 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
         (they are never used as paths), so every miss answers 'no'."""
         self.check_project_access(project)
         return self.ipd.store.find(project, deployment_id)
+
+    # --- status pages (rendered by the functions of the pages section)
+
+    def wants_html(self):
+        return self.headers is not None and not self.wants_json() \
+            and "text/html" in self.headers.get("Accept", "")
+
+    def send_page(self, title, body, script=None, refresh=False):
+        """An HTML page (see render_page), sent as it is rendered."""
+        nonce = secrets.token_urlsafe(16)
+        self.send_stream("text/html; charset=utf-8", render_page(
+            self.ipd.settings.API_ROOT, title, body, nonce, script, refresh),
+            page_headers(nonce))
+
+    def api_ui_projects(self):
+        projects = [(project, latest, count) for project, (latest, count)
+                    in self.ipd.store.projects().items() if self.user.may_use(project)]
+        self.send_page("projects", render_projects(self.ipd.settings.API_ROOT,
+                                                   projects))
+
+    def api_ui_project(self, project):
+        self.check_project_access(project)
+        records = self.ipd.store.deployments_of(project)
+        if not records:
+            raise NotFound("no")
+        self.send_page(project, render_project(self.ipd.settings.API_ROOT, records))
+
+    def api_ui_deployment(self, project, deployment_id):
+        record = self.find_deployment(project, deployment_id)
+        if record is None:
+            raise NotFound("no")
+        skipped, text = read_log_tail(self.ipd.store.path(record, ".log"),
+                                      PAGE_LOG_TAIL)
+        running = record.state in UNFINISHED
+        self.send_page("%s %s" % (project, deployment_id[:8]),
+                       render_deployment(self.ipd.settings.API_ROOT, record,
+                                         skipped, text),
+                       FOLLOW_SCRIPT if running else None, refresh=running)
+
+    def api_ui_action(self, project, deployment_id, action):
+        """POST from a button: same origin only (no cross-site requests)."""
+        self.check_same_origin()
+        record = self.find_deployment(project, deployment_id)
+        if record is None:
+            raise NotFound("no")
+        if action == "cancel":
+            self.ipd.cancel(record, self.user, self.client_ip())
+            target = record
+        elif action == "redeploy":
+            target = self.ipd.redeploy(record, self.user, self.client_ip())
+        else:
+            raise NotFound("no such action: %s" % action)
+        self.send_response(303)
+        self.send_header("Location", "%s/ui/%s/%s" % (self.ipd.settings.API_ROOT,
+                                                     project, target.id))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def check_same_origin(self):
+        """A button's POST comes from a browser, which says where from:
+        besides check_origin (done for every request), one with neither
+        Origin nor Sec-Fetch-Site needs a Referer of this server's origin."""
+        if "Origin" in self.headers or "Sec-Fetch-Site" in self.headers:
+            return
+        referer = self.headers.get("Referer", "")
+        match = re.match(r"[^:/]+://[^/?#]+", referer)
+        if not match or normalize_origin(match.group(0)) not in self.own_origins():
+            raise Forbidden("cross-origin request refused: a button's POST "
+                            "must name its origin")
 
     # --- upload
 
@@ -5098,12 +5262,12 @@ class Handler(StatusPages, http.server.BaseHTTPRequestHandler):
 
     def answer_deployment(self, record, status=202):
         """The answer to an upload or a redeploy: the new deployment's id."""
-        self.answer(status, record["id"] + "\n",
-                    {"deployment": record["id"], "project": record["project"],
-                     "state": record["state"]},
+        self.answer(status, record.id + "\n",
+                    {"deployment": record.id, "project": record.project,
+                     "state": record.state},
                     {"Location": "%s/status/%s/%s" % (self.ipd.settings.API_ROOT,
-                                                      record["project"],
-                                                      record["id"])})
+                                                      record.project,
+                                                      record.id)})
 
     def open_body(self, limit):
         """The request body as a LengthBody or ChunkedBody, checked against
@@ -5514,8 +5678,7 @@ def run_daemon(settings, on_ready=None):
     daemon = Daemon(settings)
     server = bind_server(settings, daemon)  # before load: a clash changes nothing
     stop_signal = StopSignal()
-    count = daemon.store.load(settings.KILL_GRACE)
-    daemon.segments.load(daemon.store)
+    count = daemon.load(settings.KILL_GRACE)
     host, port = server.server_address[:2]
     url = "http://%s:%d%s/" % ("[%s]" % host if ":" in host else host, port,
                                settings.API_ROOT)

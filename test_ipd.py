@@ -3299,42 +3299,232 @@ class StoreQueueTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.addCleanup(kill_processes_in, self.tmp)
         self.store = ipd.DeploymentStore(self.tmp, 10)
+        self.queue = ipd.DeployQueue(self.store)
 
     def commit(self, project="app"):
         staging = tempfile.mkdtemp(dir=self.tmp, prefix=".upload-")
-        record = ipd.new_record(str(uuid.uuid4()), project, None, "admin", {}, "/bin/true")
-        self.store.commit(record, staging, {})
-        return record["id"]
+        record = ipd.Deployment(str(uuid.uuid4()), project, None, "admin", {}, "/bin/true")
+        record = self.store.commit(record, staging, {})
+        self.queue.supersede()
+        return record.id
 
     def test_a_second_cancel_after_the_last_update_is_409(self):
         deployment = self.commit()
-        claimed = self.store.claim()
-        self.assertEqual((claimed["id"], claimed["state"]), (deployment, "active"))
-        self.assertEqual(self.store.cancel(deployment)["state"], "active")  # asked
+        claimed = self.queue.claim()
+        self.assertEqual((claimed.id, claimed.state), (deployment, "active"))
+        self.assertEqual(self.queue.cancel(deployment).state, "active")  # asked
         # The worker writes the final state and has not released it yet:
         self.store.update(deployment, state="cancelled", ended=time.time())
         with self.assertRaises(ipd.Conflict):
-            self.store.cancel(deployment)
-        self.store.release(claimed)
+            self.queue.cancel(deployment)
+        self.queue.release(claimed)
         with self.assertRaises(ipd.Conflict):
-            self.store.cancel(deployment)
+            self.queue.cancel(deployment)
 
     def test_a_cancelled_waiting_deployment_never_runs(self):
         first, second = self.commit("a"), self.commit("b")
-        self.assertEqual(self.store.cancel(first)["state"], "cancelled")
-        self.assertEqual(self.store.claim()["id"], second)
-        self.store.stop()
-        self.assertIsNone(self.store.claim())
+        self.assertEqual(self.queue.cancel(first).state, "cancelled")
+        self.assertEqual(self.queue.claim().id, second)
+        self.queue.stop()
+        self.assertIsNone(self.queue.claim())
         self.assertEqual(json.loads(read_text(self.store.path(self.store.get(first), ".json")))
                          ["state"], "cancelled")  # on disk before it was answered
 
     def test_a_newer_upload_supersedes_the_waiting_one(self):
         running = self.commit()
-        self.store.claim()
+        self.queue.claim()
         older, newer = self.commit(), self.commit()
-        self.assertEqual(self.store.get(older)["state"], "changed")
-        self.assertEqual(self.store.get(newer)["state"], "await")
-        self.assertEqual(self.store.get(running)["state"], "active")
+        self.assertEqual(self.store.get(older).state, "changed")
+        self.assertEqual(self.store.get(newer).state, "await")
+        self.assertEqual(self.store.get(running).state, "active")
+
+
+class DeploymentQueueTests(unittest.TestCase):
+    """Issue #12: the Deployment type, its store, the queue and the metrics
+    called directly (no HTTP, no sleep): each race by order, not timing."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.store, self.queue, self.metrics = self.open_store()
+        self.changes = []
+        self.store.listeners.append(
+            lambda old, new: self.changes.append((old and old.state, new.state)))
+
+    def open_store(self):
+        store = ipd.DeploymentStore(self.tmp, 10)
+        queue = ipd.DeployQueue(store)
+        metrics = ipd.Metrics()
+        store.listeners.append(metrics.state_changed)
+        return store, queue, metrics
+
+    def commit(self, project="app", supersede=True):
+        staging = tempfile.mkdtemp(dir=self.tmp, prefix=".upload-")
+        record = ipd.Deployment(str(uuid.uuid4()), project, None, "admin",
+                                {"image": {"name": "i", "size": 1, "sha256": "ab"}},
+                                "/bin/true")
+        record = self.store.commit(record, staging, {})
+        if supersede:
+            self.queue.supersede()
+        return record
+
+    def state_file(self, record):
+        return json.loads(read_text(self.store.path(record, ".json")))
+
+    def test_an_old_state_file_loads_and_keeps_its_format(self):
+        record = self.commit()
+        path = self.store.path(record, ".json")
+        old = {"id": record.id, "project": "app", "seq": 7, "state": "ok",
+               "created": 1.0, "started": 2.0, "ended": 4.5, "user": "bob",
+               "files": {}, "control": "/x/control.sh", "steps": [],
+               "superseded_by": None, "a_later_field": [1]}  # no version, signer...
+        with open(path, "w") as file:
+            json.dump(old, file)
+        store, _, metrics = self.open_store()
+        self.assertEqual(store.load(), 1)
+        loaded = store.get(record.id)
+        self.assertEqual((loaded.seq, loaded.state, loaded.signer, loaded.pruned,
+                          loaded.recipe), (7, "ok", None, False, False))
+        self.assertEqual(loaded.to_disk(), dict(old, version=ipd.STATE_FORMAT_VERSION,
+                                                signer=None, pruned=False, recipe=False))
+        self.assertEqual(loaded.public(), {
+            "project": "app", "deployment": record.id, "state": "ok",
+            "created": ipd.iso_time(1.0), "started": ipd.iso_time(2.0),
+            "ended": ipd.iso_time(4.5), "duration": 2.5, "user": "bob", "files": {},
+            "steps": [], "pruned": False, "signer": None})
+        self.assertEqual(metrics.statistics()["states"], {"ok": 1})
+        store.update(record.id, pruned=True)
+        self.assertEqual(self.state_file(record), dict(
+            old, version=ipd.STATE_FORMAT_VERSION, signer=None, pruned=True,
+            recipe=False))  # what an older ipd reads back
+
+    def test_the_store_hands_out_copies(self):
+        record = self.commit()
+        record.state = "ok"
+        record.files["image"]["name"] = "changed by a caller"
+        copy = self.store.get(record.id)
+        self.assertEqual((copy.state, copy.files["image"]["name"]), ("await", "i"))
+        copy.steps.append({"step": "check"})
+        self.assertEqual(self.store.get(record.id).steps, [])
+        self.assertIsNot(self.store.get(record.id), self.store.get(record.id))
+
+    def test_listeners_see_every_change_in_order(self):
+        record = self.commit()
+        self.assertEqual(self.queue.claim().id, record.id)
+        self.store.update(record.id, steps=[{"step": "check", "code": 1, "seconds": 0.2}])
+        self.store.update(record.id, state="ok", ended=time.time())
+        self.queue.release(record)
+        self.assertEqual(self.changes, [(None, "await"), ("await", "active"),
+                                        ("active", "active"), ("active", "ok")])
+        stats = self.metrics.statistics()
+        self.assertEqual((stats["deployments"], stats["states"], stats["durations"]["count"]),
+                         (1, {"ok": 1}, 1))
+        text = self.metrics.render({}, {})
+        self.assertIn('ipd_deployments{project="app",state="ok"} 1\n', text)
+        self.assertIn('ipd_step_duration_seconds_count{step="check"} 1\n', text)
+        store, _, metrics = self.open_store()  # the same figures from disk alone
+        store.load()
+        self.assertEqual(metrics.statistics()["states"], stats["states"])
+
+    def test_a_second_cancel_after_the_workers_last_update_is_409(self):
+        record = self.commit()
+        claimed = self.queue.claim()
+        self.assertEqual(self.queue.cancel(record.id).state, "active")  # asked
+        self.assertTrue(self.queue.cancel_requested(record.id).is_set())
+        self.store.update(record.id, state="cancelled", ended=time.time())
+        with self.assertRaises(ipd.Conflict):  # not yet released: the state says
+            self.queue.cancel(record.id)
+        self.queue.release(claimed)
+        with self.assertRaises(ipd.Conflict):
+            self.queue.cancel(record.id)
+        self.assertEqual(self.queue.counts(), {"queue": 0, "running": 0})
+
+    def test_a_cancel_between_claim_and_active_is_asked_of_the_worker(self):
+        record = self.commit()
+        answers = []
+
+        def cancel_on_claim(old, new):  # the store tells it, its lock not held
+            if new.state == "active":
+                answers.append(self.queue.cancel(new.id).state)
+        self.store.listeners.insert(0, cancel_on_claim)
+        self.queue.claim()
+        self.assertEqual(answers, ["active"])  # asked before the queue heard it
+        self.assertTrue(self.queue.cancel_requested(record.id).is_set())
+
+    def test_a_cancelled_waiting_deployment_never_runs(self):
+        first, second = self.commit("a"), self.commit("b")
+        self.assertEqual(self.queue.cancel(first.id).state, "cancelled")
+        self.assertEqual(self.state_file(first)["state"], "cancelled")
+        with self.assertRaises(ipd.Conflict):
+            self.queue.cancel(first.id)
+        self.assertEqual(self.queue.claim().id, second.id)
+        self.queue.stop()
+        self.assertIsNone(self.queue.claim())
+
+    def test_a_deployment_waits_from_the_change_that_makes_it_exist(self):
+        older = self.commit()
+        newer = self.commit(supersede=False)  # the older one not yet 'changed'
+        self.assertEqual(self.queue.counts(), {"queue": 1, "running": 0})
+        self.assertEqual(self.queue.cancel(newer.id).state, "cancelled")
+        self.queue.supersede()
+        self.assertEqual(self.state_file(older)["superseded_by"], newer.id)
+        self.assertEqual(self.store.get(older.id).state, "changed")
+        self.assertIsNone(self.store.unfinished_with("app", {"image": "ab"}))
+        self.queue.stop()
+        self.assertIsNone(self.queue.claim())
+
+    def test_after_a_crash_the_running_one_is_interrupted_and_the_waiting_queued(self):
+        running = self.commit()
+        self.queue.claim()
+        older, waiting = self.commit("b", False), self.commit("b", False)
+        store, queue, metrics = self.open_store()
+        self.assertEqual(store.load(kill_grace=1), 3)
+        queue.supersede()
+        self.assertEqual(store.get(running.id).state, "interrupted")
+        self.assertEqual((store.get(older.id).state, store.get(waiting.id).state),
+                         ("changed", "await"))
+        self.assertEqual(queue.counts(), {"queue": 1, "running": 0})
+        self.assertEqual(queue.claim().id, waiting.id)
+        self.assertEqual(metrics.statistics()["states"],
+                         {"active": 1, "changed": 1, "interrupted": 1})
+
+
+class StatusPageRenderTests(unittest.TestCase):
+    """Issue #12: the status pages are functions from data to HTML, called
+    here without a handler or a socket."""
+
+    def deployment(self, **fields):
+        record = ipd.Deployment("0123abcd-0000-4000-8000-000000000000", "a<b", 3,
+                                "eve\"<x>", {"image": {"name": "<i>", "size": 2,
+                                                       "sha256": "ab"}}, "/c")
+        return record.replace(**fields)
+
+    def test_every_value_is_escaped_and_each_link_quoted(self):
+        record = self.deployment(state="active", started=1.0)
+        text = "".join(ipd.render_project("/deploy", [record]))
+        self.assertNotIn("<i>", text)
+        self.assertNotIn("eve\"<x>", text)
+        self.assertIn("eve&quot;&lt;x&gt;", text)
+        self.assertIn('href="/deploy/ui/a%%3Cb/%s"' % record.id, text)
+        self.assertIn('action="/deploy/ui/a%%3Cb/%s/cancel"' % record.id, text)
+        page = ipd.render_deployment("/deploy", record, 5, b"</pre><script>")
+        self.assertIn("&lt;/pre&gt;&lt;script&gt;", page)
+        self.assertIn("The first 5 bytes of the log are left out", page)
+
+    def test_the_buttons_follow_the_state(self):
+        self.assertIn(">cancel<", ipd.buttons("/d", self.deployment()))
+        ended = self.deployment(state="ok", pruned=True)
+        self.assertEqual(ipd.buttons("/d", ended), "")
+        self.assertEqual(ipd.render_projects("/d", []), "<p>No deployments yet.</p>")
+        rows = "".join(ipd.render_projects("/d", [("a<b", ended, 7)]))
+        self.assertIn("<td>7</td>", rows)
+
+    def test_a_page_carries_its_nonce_and_nothing_else_runs(self):
+        page = "".join(ipd.render_page("/d", "t<", "<p>x</p>", "N1", "go()", True))
+        self.assertIn('<style nonce="N1">', page)
+        self.assertIn('<script nonce="N1">go()</script>', page)
+        self.assertIn("<title>t&lt; - ipd</title>", page)
+        self.assertIn("'nonce-N1'", ipd.page_headers("N1")["Content-Security-Policy"])
 
 
 class InProcessServerTests(unittest.TestCase):
@@ -3353,7 +3543,7 @@ class InProcessServerTests(unittest.TestCase):
             "AUTH_DB": users, "LISTEN": "127.0.0.1:0", "KILL_GRACE": "1"})
         self.daemon = ipd.Daemon(settings)
         self.server = ipd.Server(settings.LISTEN, self.daemon)
-        self.daemon.store.load(settings.KILL_GRACE)
+        self.daemon.load(settings.KILL_GRACE)
         self.daemon.worker.start()
         thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         thread.start()
@@ -3372,7 +3562,7 @@ class InProcessServerTests(unittest.TestCase):
         self.assertEqual(statuses, [202, 400])
         deployment = re.search(rb"\r\n\r\n([0-9a-f-]{36})\n", answer).group(1).decode()
         record = self.daemon.store.wait_final(deployment, 20)
-        self.assertEqual(record["state"], "ok")
+        self.assertEqual(record.state, "ok")
         self.assertEqual(self.daemon.uploads, 1)  # the refused one is not counted
 
 
