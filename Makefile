@@ -55,7 +55,8 @@ test-system:
 # kill -9, 1 GiB pushes, large logs): once per CI run, on one Python.
 soak:
 	IPD_SOAK=1 $(PYTHON) test_ipd.py -k Guarantee -k MemoryTests -k test_push_of_1_gib \
-	    -k EdgeSizeTests -k EdgeFuzzTests -k PackageBombTests
+	    -k EdgeSizeTests -k EdgeFuzzTests -k PackageBombTests \
+	    -k test_zip_link_targets
 
 # Upload speed, memory and latency beside nginx, uvicorn and multipart
 # (installs its peers into build/bench-venv; takes some minutes).
