@@ -739,13 +739,15 @@ class Relay:
                     break
                 if counted:
                     # a link of rate bytes a second: each block leaves when
-                    # the ones before it have, and time the link stood idle
-                    # is not saved up for later
+                    # the ones before it have; time the link stood idle is
+                    # not saved up for later, beyond the few milliseconds
+                    # that a sleep oversleeps
                     with self.lock:
                         self.sent += len(data)
                         sent, now = self.sent, time.monotonic()
                         if self.rate:
-                            self.free_at = max(now, self.free_at) + len(data) / self.rate
+                            self.free_at = max(now - 0.005, self.free_at) + \
+                                len(data) / self.rate
                         ahead = self.free_at - now
                     if self.rate and ahead > 0:
                         time.sleep(ahead)
