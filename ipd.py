@@ -273,8 +273,8 @@ def parse_setting(kind, text):
             resolve_run_as(text)  # raises ValueError naming what is unknown
         return text
     if kind == "syslog":
-        if text and not (text.startswith("/") or re.fullmatch(r"[^\s/:]+:\d+",
-                                                               text)):
+        if text and not (text.startswith("/")
+                         or re.fullmatch(r"[^\s/:]+:\d+", text)):
             raise ValueError("must be a socket path like /dev/log or host:port")
         return text
     if kind == "root":
@@ -719,8 +719,8 @@ class User:
         self.projects = projects  # None: every project
 
     def may_use(self, project):
-        return self.role == "ADMIN" or self.projects is None \
-            or project in self.projects
+        return (self.role == "ADMIN" or self.projects is None
+                or project in self.projects)
 
 
 def file_signature(path):
@@ -909,15 +909,15 @@ def parse_manifest(data):
     except (UnicodeDecodeError, ValueError):
         raise BadRequest("manifest is not JSON")
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("ipd_manifest") != MANIFEST_FORMAT or \
-            not isinstance(manifest.get("project"), str) or \
-            not isinstance(manifest.get("created"), int) or \
-            not isinstance(manifest.get("nonce"), str) or not isinstance(files, dict) \
+    if (manifest.get("ipd_manifest") != MANIFEST_FORMAT or
+            not isinstance(manifest.get("project"), str) or
+            not isinstance(manifest.get("created"), int) or
+            not isinstance(manifest.get("nonce"), str) or not isinstance(files, dict)
             or not files or any(field not in ("image", "package") or
                                 not isinstance(meta, dict) or
                                 not re.fullmatch(r"[0-9a-f]{64}", str(meta.get("sha256")))
                                 or not isinstance(meta.get("size"), int)
-                                for field, meta in files.items()):
+                                for field, meta in files.items())):
         raise BadRequest("manifest must be ipd_manifest 1 with project, created, "
                          "nonce and files {image|package: {sha256, size}}")
     return manifest
@@ -1040,9 +1040,9 @@ class Token:
         self.created, self.revoked = created, revoked
 
     def line(self):
-        return "%s:%s:%s:%d:%s:%d:%d" % (self.id, self.digest, ",".join(self.projects),
-                                        self.expires, self.creator, self.created,
-                                        self.revoked)
+        return "%s:%s:%s:%d:%s:%d:%d" % (
+            self.id, self.digest, ",".join(self.projects), self.expires,
+            self.creator, self.created, self.revoked)
 
     def refusal(self, now=None):
         """None when the token may be used now, else why not."""
@@ -1401,8 +1401,8 @@ def decode_extended_value(text):
     parts = text.split("'")
     if len(parts) != 3 or parts[0].lower() not in EXTENDED_CHARSETS:
         return None
-    if not re.fullmatch(r"[A-Za-z0-9-]{0,35}", parts[1]) or \
-            not re.fullmatch(r"(?:[!#$&+.^_`|~0-9A-Za-z-]|%[0-9A-Fa-f]{2})*", parts[2]):
+    if (not re.fullmatch(r"[A-Za-z0-9-]{0,35}", parts[1]) or
+            not re.fullmatch(r"(?:[!#$&+.^_`|~0-9A-Za-z-]|%[0-9A-Fa-f]{2})*", parts[2])):
         return None
     try:
         return urllib.parse.unquote_to_bytes(parts[2]).decode(parts[0].lower())
@@ -1697,8 +1697,8 @@ def read_audit(path, project=None, since=0.0):
                 event = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(event, dict) or \
-                    not isinstance(event.get("ts", 0), (int, float)):
+            if (not isinstance(event, dict) or
+                    not isinstance(event.get("ts", 0), (int, float))):
                 continue
             if event.get("ts", 0) < since:
                 continue
@@ -2106,8 +2106,8 @@ def zip_directory(path):
             raise BadRequest("package is not a valid zip: no end record")
         entries = int.from_bytes(tail[at + 10:at + 12], "little")
         size = int.from_bytes(tail[at + 12:at + 16], "little")
-        if (entries == 0xFFFF or size == 0xFFFFFFFF) and at >= 20 \
-                and tail[at - 20:at - 16] == b"PK\x06\x07":
+        if ((entries == 0xFFFF or size == 0xFFFFFFFF) and at >= 20
+                and tail[at - 20:at - 16] == b"PK\x06\x07"):
             file.seek(int.from_bytes(tail[at - 12:at - 4], "little"))
             record = file.read(56)
             if len(record) < 56 or record[:4] != b"PK\x06\x06":
@@ -2535,8 +2535,8 @@ class DeploymentStore:
             elif suffix == "json" and DEPLOYMENT_ID.match(stem):
                 mtime = entry.stat().st_mtime_ns
                 cached_mtime, cached_record = cached.get(stem, (None, None))
-                record = cached_deployment(cached_record) \
-                    if cached_mtime == mtime else None
+                record = (cached_deployment(cached_record)
+                          if cached_mtime == mtime else None)
                 if record is None:
                     stale = True
                     record = self._read_record(entry.path, project, stem)
@@ -2911,8 +2911,8 @@ def lookup_id(name, database):
     if name.isdigit():
         return int(name)
     try:
-        return pwd.getpwnam(name).pw_uid if database == "user" \
-            else grp.getgrnam(name).gr_gid
+        return (pwd.getpwnam(name).pw_uid if database == "user"
+                else grp.getgrnam(name).gr_gid)
     except KeyError:
         raise ValueError("no such %s: %r" % (database, name)) from None
 
@@ -3018,8 +3018,8 @@ def project_settings(settings, project_dir):
         info = os.lstat(path)
     except FileNotFoundError:
         return values
-    if not stat.S_ISREG(info.st_mode) or info.st_uid not in (0, os.geteuid()) \
-            or info.st_mode & 0o022:
+    if (not stat.S_ISREG(info.st_mode) or info.st_uid not in (0, os.geteuid())
+            or info.st_mode & 0o022):
         raise IpdError("%s is not an administrator's file (owner root or "
                        "ipd, not writable by group or others)" % path)
     try:
@@ -3091,8 +3091,8 @@ def read_step_identity(path):
     try:
         with open(path, encoding="utf-8") as file:
             identity = json.load(file)
-        return identity if isinstance(identity, dict) and \
-            isinstance(identity.get("session"), int) else None
+        return (identity if isinstance(identity, dict) and
+                isinstance(identity.get("session"), int) else None)
     except (OSError, ValueError):
         return None
 
@@ -3494,8 +3494,8 @@ def parse_recipe(data):
         recipe = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the recipe is not JSON")
-    if not isinstance(recipe, dict) or not isinstance(recipe.get("files"), dict) \
-            or not recipe["files"]:
+    if (not isinstance(recipe, dict) or not isinstance(recipe.get("files"), dict)
+            or not recipe["files"]):
         raise BadRequest("the recipe needs a files object: image, package or both")
     for key in ("project", "manifest", "signature"):
         if key in recipe and not isinstance(recipe[key], str):
@@ -3505,9 +3505,9 @@ def parse_recipe(data):
         if field not in UPLOAD_FILE_FIELDS:
             raise BadRequest("unknown file in the recipe: %s (image or package)"
                              % printable(repr(field), 40))
-        if not isinstance(meta, dict) or not isinstance(meta.get("segments"), list) \
-                or not isinstance(meta.get("size"), int) or meta["size"] < 0 \
-                or not SHA256_HEX.match(str(meta.get("sha256", ""))):
+        if (not isinstance(meta, dict) or not isinstance(meta.get("segments"), list)
+                or not isinstance(meta.get("size"), int) or meta["size"] < 0
+                or not SHA256_HEX.match(str(meta.get("sha256", "")))):
             raise BadRequest("recipe of %s: needs size, sha256 (64 lower case hex "
                              "digits) and segments" % field)
         if len(meta["segments"]) > RECIPE_MAX_PIECES:
@@ -3913,7 +3913,6 @@ def free_space(path):
     return info.f_bavail * info.f_frsize
 
 
-
 ###############################################################################
 # The service: what uploads, redeploys and cancels do #########################
 ###############################################################################
@@ -4268,8 +4267,8 @@ def signed_by(record):
 
 
 def state_badge(state):
-    kind = state if state in ("ok", "active", "await") else \
-        "neutral" if state in ("changed", "cancelled") else "failed"
+    kind = (state if state in ("ok", "active", "await") else
+            "neutral" if state in ("changed", "cancelled") else "failed")
     return '<span class="badge %s">%s</span>' % (kind, html.escape(state))
 
 
@@ -4755,8 +4754,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                       "%d s" % (address, wait),
                                       {"Retry-After": str(wait)})
             name, password = parse_credentials(scheme, credentials)
-            user, reason = self.ipd.check_login(name, password) if password \
-                else (None, "malformed credentials")
+            user, reason = (self.ipd.check_login(name, password) if password
+                            else (None, "malformed credentials"))
             if user is None:
                 self.ipd.login_throttle.failed(address)
                 log.warning("failed login as %r from %s", name[:64], address)
@@ -4778,8 +4777,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def wants_json(self):
         # headers is None before a request's head is read (begin_request)
-        return self.headers is not None and \
-            "application/json" in self.headers.get("Accept", "")
+        return (self.headers is not None and
+                "application/json" in self.headers.get("Accept", ""))
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, header too long...)
@@ -4842,8 +4841,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return False
         if self.body is not None:
             return not self.body.finished
-        return "Transfer-Encoding" in self.headers or \
-            self.headers.get("Content-Length", "0").strip() not in ("", "0")
+        return ("Transfer-Encoding" in self.headers or
+                self.headers.get("Content-Length", "0").strip() not in ("", "0"))
 
     def client_ip(self):
         """The client's address: the proxy's word for it (X-Real-IP, else
@@ -4851,8 +4850,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         peer = self.client_address[0]
         if self.headers is None or not self.peer_is_trusted():
             return peer
-        forwarded = self.headers.get("X-Real-IP") or \
-            self.headers.get("X-Forwarded-For", "").split(",")[-1]
+        forwarded = (self.headers.get("X-Real-IP") or
+                     self.headers.get("X-Forwarded-For", "").split(",")[-1])
         try:
             return str(ipaddress.ip_address(forwarded.strip()))
         except ValueError:
@@ -4900,8 +4899,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         projects = set(self.ipd.store.projects())
         try:
             for entry in os.scandir(self.ipd.settings.UPLOAD_DIR):
-                if is_project_name(entry.name) and \
-                        os.path.isfile(os.path.join(entry.path, "control.sh")):
+                if (is_project_name(entry.name) and
+                        os.path.isfile(os.path.join(entry.path, "control.sh"))):
                     projects.add(entry.name)
         except OSError:
             pass
@@ -5169,8 +5168,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # --- status pages (rendered by the functions of the pages section)
 
     def wants_html(self):
-        return self.headers is not None and not self.wants_json() \
-            and "text/html" in self.headers.get("Accept", "")
+        return (self.headers is not None and not self.wants_json()
+                and "text/html" in self.headers.get("Accept", ""))
 
     def send_page(self, title, body, script=None, refresh=False):
         """An HTML page (see render_page), sent as it is rendered."""
@@ -5218,8 +5217,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             raise NotFound("no such action: %s" % action)
         self.send_response(303)
-        self.send_header("Location", "%s/ui/%s/%s" % (self.ipd.settings.API_ROOT,
-                                                     project, target.id))
+        self.send_header("Location", "%s/ui/%s/%s" % (
+            self.ipd.settings.API_ROOT, project, target.id))
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -5243,8 +5242,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         boundary = self.multipart_boundary()
         # The project may be named before the body (?project= or the
         # X-Ipd-Project header): a refused push then sends no file bytes.
-        self.announced_project = self.query.get("project", [None])[-1] or \
-            self.headers.get("X-Ipd-Project")
+        self.announced_project = (self.query.get("project", [None])[-1] or
+                                  self.headers.get("X-Ipd-Project"))
         if self.announced_project is not None:
             self.check_field("project", self.announced_project)
         if self.expects_continue:
@@ -5326,8 +5325,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """A deployment from a recipe: its files rebuilt from inline bytes
         and stored segments, then exactly as an upload."""
         settings = self.ipd.settings
-        self.announced_project = self.query.get("project", [None])[-1] or \
-            self.headers.get("X-Ipd-Project")
+        self.announced_project = (self.query.get("project", [None])[-1] or
+                                  self.headers.get("X-Ipd-Project"))
         if self.announced_project is not None:
             self.check_field("project", self.announced_project)
         recipe = parse_recipe(self.read_json_body(RECIPE_LIMIT))
@@ -5432,8 +5431,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def api_segments_missing(self):
         """Which of the listed segments the server lacks, for this user;
         and how much of each it has as a partial upload."""
-        announced = self.query.get("project", [None])[-1] or \
-            self.headers.get("X-Ipd-Project")
+        announced = (self.query.get("project", [None])[-1] or
+                     self.headers.get("X-Ipd-Project"))
         if announced is not None:  # a push it may not make sends nothing
             check_project_name(announced)
             self.check_project_access(announced)
@@ -5589,9 +5588,9 @@ def folder_problems(settings):
         try:
             is_folder = stat.S_ISDIR(os.stat(path).st_mode)
         except OSError as error:
-            reason = "no such folder: create it for the user ipd runs as" \
-                if error.errno == errno.ENOENT else \
-                "cannot reach it (%s)" % error.strerror
+            reason = ("no such folder: create it for the user ipd runs as"
+                      if error.errno == errno.ENOENT else
+                      "cannot reach it (%s)" % error.strerror)
         else:
             if not is_folder:
                 reason = "not a folder"
@@ -5727,8 +5726,8 @@ def syslog_handler(address):
 
 def explain_scripts_mode(settings):
     """Say once, at start, who supplies the code that runs and as whom."""
-    me = pwd.getpwuid(os.geteuid()).pw_name if has_account(os.geteuid()) \
-        else str(os.geteuid())
+    me = (pwd.getpwuid(os.geteuid()).pw_name if has_account(os.geteuid())
+          else str(os.geteuid()))
     if settings.SCRIPTS == "package":
         log.warning("SCRIPTS=package: a USER who may upload to a project runs "
                     "the control.sh in its package on this host, as %s; where "
@@ -5763,8 +5762,8 @@ def close_to_others(settings):
             info = os.stat(path)
         except OSError:
             continue
-        if stat.S_ISREG(info.st_mode) and info.st_mode & 0o007 \
-                and os.geteuid() in (0, info.st_uid):  # files only: never /tmp
+        if (stat.S_ISREG(info.st_mode) and info.st_mode & 0o007
+                and os.geteuid() in (0, info.st_uid)):  # files only: never /tmp
             os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o007)
             message = "%s: %s was open to others: made it %o" % (
                 key, path, stat.S_IMODE(info.st_mode) & ~0o007)
@@ -5777,9 +5776,10 @@ def keep_from_scripts(settings, run_as):
     reach (a file in one of its groups, a LOG_DIR it may write), and when
     it cannot even reach UPLOAD_DIR."""
     logs = [os.path.join(settings.LOG_DIR, name) for name in ("ipd.log", "audit.log")]
-    for path, access in [(settings.AUTH_DB, stat.S_IROTH | stat.S_IRGRP),
-                         (settings.LOG_DIR, stat.S_IWOTH | stat.S_IWGRP)] + \
-            [(path, stat.S_IRWXO | stat.S_IRGRP | stat.S_IWGRP) for path in logs]:
+    checks = [(settings.AUTH_DB, stat.S_IROTH | stat.S_IRGRP),
+              (settings.LOG_DIR, stat.S_IWOTH | stat.S_IWGRP)]
+    checks += [(path, stat.S_IRWXO | stat.S_IRGRP | stat.S_IWGRP) for path in logs]
+    for path, access in checks:
         if reachable_by(path, run_as, access):
             log.warning("%s is within reach of the scripts' user %s: chmod "
                         "o-rwx it, and keep that user out of its group",
@@ -5804,8 +5804,8 @@ def reachable_by(path, run_as, access):
     groups = (run_as.gid,) + run_as.groups
     other = access & (stat.S_IROTH | stat.S_IWOTH)
     group = access & (stat.S_IRGRP | stat.S_IWGRP)
-    return bool(info.st_mode & other) or \
-        (info.st_gid in groups and bool(info.st_mode & group))
+    return (bool(info.st_mode & other) or
+            (info.st_gid in groups and bool(info.st_mode & group)))
 
 
 def has_account(uid):
@@ -5827,8 +5827,8 @@ class SystemdNotifier:
         self.address = "\0" + path[1:] if path.startswith("@") else path
         usec = environ.get("WATCHDOG_USEC", "")
         for_us = environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
-        self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and for_us \
-            and int(usec) > 0 else None
+        self.watchdog_interval = (int(usec) / 2e6 if usec.isdigit() and for_us
+                                  and int(usec) > 0 else None)
 
     def send(self, message):
         if not self.address:
@@ -6421,6 +6421,7 @@ def read_pieces(path, bounds):
         return []
     half = (bounds[0][0] + bounds[-1][1]) // 2
     first = [bound for bound in bounds if bound[0] < half]
+
     def read(part):
         return [range_digest(path, start, end) if segment else
                 range_bytes(path, start, end) for start, end, segment, _ in part]
@@ -6503,8 +6504,8 @@ def digest_part(boundary, name, hexdigest):
 
 
 def file_part_head(boundary, name, filename):
-    filename = filename.replace("\\", "_").replace('"', "_").replace("\r", "_") \
-        .replace("\n", "_")
+    filename = (filename.replace("\\", "_").replace('"', "_").replace("\r", "_")
+                .replace("\n", "_"))
     return ('--%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n'
             'Content-Type: application/octet-stream\r\n\r\n'
             % (boundary, name, filename)).encode("utf-8")
