@@ -13,16 +13,17 @@ One file, standard library only, CPython 3.8 to 3.13:
     python3 ipd.py serve            # the daemon, configured by /etc/ipd.conf
     python3 ipd.py passwd ROLE NAME # add or replace a user in AUTH_DB
 
-How it is built, top to bottom (each section opens with what it owns):
-settings; errors; helpers; users and passwords; signed releases and deploy
-tokens; the streaming multipart parser (pure, no I/O); request bodies and
-uploads; safe unpacking of packages; deployments (the Deployment type, its
-on-disk store, the queue of waiting and running ones, the metrics);
-who runs the scripts (RUN_AS, project.conf); the deploy worker that runs
-control.sh; segments (layers stored once, recipes, resumable uploads); the
-service (what an upload, a redeploy, a cancel does); the status pages; HTTP
-(routes, the request handler, the server); running the daemon; the client
-(ipd.py push, status, logs...); the command line.
+How it is built, top to bottom (each section opens with what it owns, and
+refers only to names defined above it): errors; helpers; settings; users
+and passwords; signed releases and deploy tokens; the streaming multipart
+parser (pure, no I/O); request bodies and uploads; safe unpacking of
+packages; processes (who runs the scripts: RUN_AS, project.conf; stopping
+what a step leaves); deployments (the Deployment type, its on-disk store,
+the queue of waiting and running ones, the metrics); the deploy worker
+that runs control.sh; segments (layers stored once, recipes, resumable
+uploads); the service (what an upload, a redeploy, a cancel does); the
+status pages; HTTP (routes, the request handler, the server); running the
+daemon; the client (ipd.py push, status, logs...); the command line.
 
 On disk, under UPLOAD_DIR, each project has a folder (PROJECT_DIR, kept
 across deployments, where an administrator may place a control.sh,
@@ -98,10 +99,269 @@ import zipfile
 
 
 ###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+# The one error family: each IpdError is an HTTP status and a one-line
+# reason that reaches the client; ConfigError stops the daemon at start.
+
+class ConfigError(Exception):
+    """A setting or the users file is wrong; the daemon does not start."""
+
+
+class StartupError(ConfigError):
+    """The daemon cannot start: one line per reason, each naming a setting."""
+
+
+class IpdError(Exception):
+    """An error answered to the client with its HTTP status and message."""
+
+    http_status = 500
+
+    def __init__(self, message, headers=None):
+        super().__init__(message)
+        self.headers = headers or {}
+
+
+class BadRequest(IpdError):
+    http_status = 400
+
+
+class Unauthorized(IpdError):
+    http_status = 401
+
+
+class Forbidden(IpdError):
+    http_status = 403
+
+
+class NotFound(IpdError):
+    http_status = 404
+
+
+class MethodNotAllowed(IpdError):
+    http_status = 405
+
+
+class Conflict(IpdError):
+    http_status = 409
+
+
+class LengthRequired(IpdError):
+    http_status = 411
+
+
+class Gone(IpdError):
+    http_status = 410
+
+
+class TooLarge(IpdError):
+    http_status = 413
+
+
+class TooManyRequests(IpdError):
+    http_status = 429
+
+
+class DiskFull(IpdError):
+    http_status = 507
+
+
+class Unavailable(IpdError):
+    http_status = 503
+
+
+class MultipartError(BadRequest):
+    """The request body is not well-formed multipart/form-data."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection or stopped sending; nobody to answer."""
+
+
+###############################################################################
+# Helpers #####################################################################
+###############################################################################
+
+# Small pure functions and file primitives the rest builds on: names,
+# times, atomic writes, audit lines, hashing on a second core.
+
+PROJECT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
+DEPLOYMENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-"
+                           r"[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+log = logging.getLogger("ipd")
+audit = logging.getLogger("ipd.audit")  # LOG_DIR/audit.log, JSON lines
+
+
+def printable(text, limit=200):
+    """text for a log line or a one-line answer: control characters (a
+    forged line's CR and LF) escaped, cut to limit characters."""
+    text = str(text)
+    cut = len(text) > limit
+    text = CONTROL_CHARACTERS.sub(lambda match: "\\x%02x" % ord(match.group()),
+                                  text[:limit])
+    return text + "..." if cut else text
+
+
+def is_project_name(name):
+    """True for 1-64 of letters, digits, '.', '_', '-', not led by '.' or '-'."""
+    return bool(PROJECT_NAME.match(name)) and name.isascii()
+
+
+def check_project_name(name):
+    """Return name, or raise BadRequest."""
+    if not is_project_name(name):
+        raise BadRequest("bad project name: use 1-64 letters, digits, '.', "
+                         "'_' or '-', not starting with '.' or '-'")
+    return name
+
+
+def iso_time(timestamp):
+    """Seconds since the epoch -> '2026-11-25T10:25:58.123Z', or None."""
+    if timestamp is None:
+        return None
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp))
+    return "%s.%03dZ" % (whole, int(timestamp * 1000) % 1000)
+
+
+def audit_event(event, **fields):
+    """Append one event to the audit log: who did what to which deployment.
+    Never a password."""
+    now = time.time()
+    audit.info("%s", json.dumps(dict({"time": iso_time(now), "ts": round(now, 3),
+                                      "event": event}, **fields), sort_keys=True))
+
+
+def write_all(fd, data):
+    """os.write until every byte of data is written."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def fsync_dir(path):
+    """Make a rename or create in folder path durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ParallelHash:
+    """A SHA-256 computed by a thread of its own from the blocks (bytes, not
+    to be changed afterwards) given to update(), so that the caller can copy
+    or hash the same bytes on a second core meanwhile (hashlib lets go of
+    the GIL).  hexdigest() waits for the last block; close() gives up."""
+
+    def __init__(self):
+        self.hash = hashlib.sha256()
+        self.blocks = queue.Queue(2)  # two blocks in flight: flat memory
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        for block in iter(self.blocks.get, None):
+            self.hash.update(block)
+
+    def update(self, block):
+        self.blocks.put(block)
+
+    def close(self):
+        if self.thread.is_alive():
+            self.blocks.put(None)
+            self.thread.join()
+
+    def hexdigest(self):
+        self.close()
+        return self.hash.hexdigest()
+
+
+class Background:
+    """function(*args) run by a thread of its own; result() waits for it
+    and returns what it returned, or raises what it raised."""
+
+    def __init__(self, function, *args):
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(function, args),
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, function, args):
+        try:
+            self.value = function(*args)
+        except BaseException as error:  # handed to result()
+            self.error = error
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def remove_quietly(path):
+    """Remove a file or a whole folder; a missing one is fine."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_file_atomic(path, data, mode=0o640):
+    """Replace path with data: temporary file, fsync, rename, fsync folder."""
+    folder = os.path.dirname(path)
+    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                                     suffix=".tmp", dir=folder)
+    try:
+        write_all(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        os.replace(temporary, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        remove_quietly(temporary)
+        raise
+    fsync_dir(folder)
+
+
+def disk_errors(error):
+    """Turn a full disk into DiskFull (507); other OSErrors are re-raised."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC,
+                                                      errno.EDQUOT):
+        return DiskFull("disk full: the upload was not stored")
+    return error
+
+
+def free_space(path):
+    try:
+        info = os.statvfs(path)
+    except OSError:
+        return None
+    return info.f_bavail * info.f_frsize
+
+
+###############################################################################
 # Settings ####################################################################
 ###############################################################################
 
+# /etc/ipd.conf and the environment into one Settings object: every key,
+# its default and its parser in SETTINGS, checked once at start.
+
 DEFAULT_CONFIG = "/etc/ipd.conf"
+
 
 # KEY: (default, kind, description).  The same table feeds the parser, the
 # README and ipd.conf.example, so a setting is documented where it is read.
@@ -188,6 +448,7 @@ SETTINGS = {
                      "empty for none"),
 }
 
+
 # A deployment is "await" or "active" until it ends in a final state: ok,
 # changed, cancelled, timeout, interrupted, or an exit code.
 UNFINISHED = ("await", "active")
@@ -209,81 +470,6 @@ def parse_size(text):
         raise ValueError("not a size (like 512, 64K, 10M, 4G)")
     power = " KMGT".index(match.group(2).upper() or " ")
     return int(match.group(1)) * 1024 ** power
-
-
-def parse_setting(kind, text):
-    """Turn the text of one setting into its value.  Raises ValueError."""
-    text = text.strip()
-    if kind in ("int", "count"):
-        if not re.fullmatch(r"-?\d+", text):
-            raise ValueError("not a whole number")
-        value = int(text)
-        if kind == "count" and value < 1:
-            raise ValueError("must be at least 1")
-        return value
-    if kind == "seconds":
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError("not a number of seconds") from None
-        if not 0 < value < 10 ** 7:
-            raise ValueError("must be a positive number of seconds")
-        return value
-    if kind == "size":
-        return parse_size(text)
-    if kind == "yesno":
-        if text.lower() not in ("yes", "no", "1", "0", "true", "false"):
-            raise ValueError("must be yes or no")
-        return text.lower() in ("yes", "1", "true")
-    if kind == "names":
-        names = text.replace(",", " ").split()
-        for name in names:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise ValueError("not a variable name: %r" % name)
-        return names
-    if kind == "address":
-        return parse_listen(text)
-    if kind == "file":
-        return os.path.abspath(text) if text else ""
-    if kind == "projects":
-        names = text.replace(",", " ").split()
-        for name in names:
-            if name != "*" and not is_project_name(name):
-                raise ValueError("not a project name: %r" % name)
-        return names
-    if kind == "networks":
-        return [ipaddress.ip_network(word, strict=False)
-                for word in text.replace(",", " ").split()]
-    if kind == "origins":
-        origins = [normalize_origin(word) for word in text.replace(",", " ").split()]
-        if None in origins:
-            raise ValueError("each must be scheme://host[:port], like "
-                             "https://deploy.example.com")
-        return origins
-    if kind == "url":
-        if text and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
-            raise ValueError("must be an http:// or https:// URL")
-        return text
-    if kind == "scripts":
-        if text not in ("package", "server"):
-            raise ValueError("must be package or server")
-        return text
-    if kind == "run_as":
-        if text:
-            resolve_run_as(text)  # raises ValueError naming what is unknown
-        return text
-    if kind == "syslog":
-        if text and not (text.startswith("/")
-                         or re.fullmatch(r"[^\s/:]+:\d+", text)):
-            raise ValueError("must be a socket path like /dev/log or host:port")
-        return text
-    if kind == "root":
-        if not text.startswith("/") or re.search(r"[\s?#%]", text):
-            raise ValueError("must be a URL path starting with /")
-        return text.rstrip("/")
-    if not text:
-        raise ValueError("must not be empty")
-    return text
 
 
 def parse_listen(text):
@@ -364,6 +550,128 @@ def read_config_file(path):
     return entries
 
 
+class RunAs:
+    """A user with its primary group and supplementary groups."""
+
+    def __init__(self, uid, gid, groups, text):
+        self.uid, self.gid, self.groups, self.text = uid, gid, tuple(groups), text
+
+    def __repr__(self):
+        return "%s (uid %d, gid %d, groups %s)" % (
+            self.text, self.uid, self.gid, ",".join(map(str, self.groups)) or "-")
+
+
+def lookup_id(name, database):
+    """A user or group name or number -> its number.  Raises ValueError."""
+    if name.isdigit():
+        return int(name)
+    try:
+        return (pwd.getpwnam(name).pw_uid if database == "user"
+                else grp.getgrnam(name).gr_gid)
+    except KeyError:
+        raise ValueError("no such %s: %r" % (database, name)) from None
+
+
+def resolve_run_as(text):
+    """'user[:group[,group...]]' -> RunAs.  The first group is the primary
+    one, the others supplementary; with the user alone, its groups are those
+    of the passwd and group databases.  Numbers need no account.  Root is
+    refused: scripts under it would reach everything.  Raises ValueError."""
+    user, colon, groups = text.strip().partition(":")
+    if not user or (colon and not groups.strip(",")):
+        raise ValueError("must be user[:group[,group...]]")
+    uid = lookup_id(user, "user")
+    if colon:
+        gids = [lookup_id(name, "group") for name in groups.split(",") if name]
+        gid, extra = gids[0], gids[1:]
+    else:
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            raise ValueError("user %s has no account: give its group as "
+                             "%s:GROUP" % (user, user)) from None
+        gid = entry.pw_gid
+        extra = [g for g in os.getgrouplist(entry.pw_name, gid) if g != gid]
+    if uid == 0 or gid == 0 or 0 in extra:
+        raise ValueError("scripts may not run as root or in group root")
+    return RunAs(uid, gid, sorted(set(extra)), text.strip())
+
+
+def parse_setting(kind, text):
+    """Turn the text of one setting into its value.  Raises ValueError."""
+    text = text.strip()
+    if kind in ("int", "count"):
+        if not re.fullmatch(r"-?\d+", text):
+            raise ValueError("not a whole number")
+        value = int(text)
+        if kind == "count" and value < 1:
+            raise ValueError("must be at least 1")
+        return value
+    if kind == "seconds":
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("not a number of seconds") from None
+        if not 0 < value < 10 ** 7:
+            raise ValueError("must be a positive number of seconds")
+        return value
+    if kind == "size":
+        return parse_size(text)
+    if kind == "yesno":
+        if text.lower() not in ("yes", "no", "1", "0", "true", "false"):
+            raise ValueError("must be yes or no")
+        return text.lower() in ("yes", "1", "true")
+    if kind == "names":
+        names = text.replace(",", " ").split()
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError("not a variable name: %r" % name)
+        return names
+    if kind == "address":
+        return parse_listen(text)
+    if kind == "file":
+        return os.path.abspath(text) if text else ""
+    if kind == "projects":
+        names = text.replace(",", " ").split()
+        for name in names:
+            if name != "*" and not is_project_name(name):
+                raise ValueError("not a project name: %r" % name)
+        return names
+    if kind == "networks":
+        return [ipaddress.ip_network(word, strict=False)
+                for word in text.replace(",", " ").split()]
+    if kind == "origins":
+        origins = [normalize_origin(word) for word in text.replace(",", " ").split()]
+        if None in origins:
+            raise ValueError("each must be scheme://host[:port], like "
+                             "https://deploy.example.com")
+        return origins
+    if kind == "url":
+        if text and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
+            raise ValueError("must be an http:// or https:// URL")
+        return text
+    if kind == "scripts":
+        if text not in ("package", "server"):
+            raise ValueError("must be package or server")
+        return text
+    if kind == "run_as":
+        if text:
+            resolve_run_as(text)  # raises ValueError naming what is unknown
+        return text
+    if kind == "syslog":
+        if text and not (text.startswith("/")
+                         or re.fullmatch(r"[^\s/:]+:\d+", text)):
+            raise ValueError("must be a socket path like /dev/log or host:port")
+        return text
+    if kind == "root":
+        if not text.startswith("/") or re.search(r"[\s?#%]", text):
+            raise ValueError("must be a URL path starting with /")
+        return text.rstrip("/")
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
 def load_settings(config_path=None, environ=None, warn=None):
     """Read settings: defaults, then the config file, then the environment.
 
@@ -399,247 +707,11 @@ def load_settings(config_path=None, environ=None, warn=None):
 
 
 ###############################################################################
-# Errors ######################################################################
-###############################################################################
-
-class ConfigError(Exception):
-    """A setting or the users file is wrong; the daemon does not start."""
-
-
-class StartupError(ConfigError):
-    """The daemon cannot start: one line per reason, each naming a setting."""
-
-
-class IpdError(Exception):
-    """An error answered to the client with its HTTP status and message."""
-
-    http_status = 500
-
-    def __init__(self, message, headers=None):
-        super().__init__(message)
-        self.headers = headers or {}
-
-
-class BadRequest(IpdError):
-    http_status = 400
-
-
-class Unauthorized(IpdError):
-    http_status = 401
-
-
-class Forbidden(IpdError):
-    http_status = 403
-
-
-class NotFound(IpdError):
-    http_status = 404
-
-
-class MethodNotAllowed(IpdError):
-    http_status = 405
-
-
-class Conflict(IpdError):
-    http_status = 409
-
-
-class LengthRequired(IpdError):
-    http_status = 411
-
-
-class Gone(IpdError):
-    http_status = 410
-
-
-class TooLarge(IpdError):
-    http_status = 413
-
-
-class TooManyRequests(IpdError):
-    http_status = 429
-
-
-class DiskFull(IpdError):
-    http_status = 507
-
-
-class Unavailable(IpdError):
-    http_status = 503
-
-
-class MultipartError(BadRequest):
-    """The request body is not well-formed multipart/form-data."""
-
-
-class ClientGone(Exception):
-    """The client closed the connection or stopped sending; nobody to answer."""
-
-
-###############################################################################
-# Helpers #####################################################################
-###############################################################################
-
-PROJECT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
-DEPLOYMENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-"
-                           r"[0-9a-f]{4}-[0-9a-f]{12}\Z")
-
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-log = logging.getLogger("ipd")
-audit = logging.getLogger("ipd.audit")  # LOG_DIR/audit.log, JSON lines
-
-
-def audit_event(event, **fields):
-    """Append one event to the audit log: who did what to which deployment.
-    Never a password."""
-    now = time.time()
-    audit.info("%s", json.dumps(dict({"time": iso_time(now), "ts": round(now, 3),
-                                      "event": event}, **fields), sort_keys=True))
-
-
-def printable(text, limit=200):
-    """text for a log line or a one-line answer: control characters (a
-    forged line's CR and LF) escaped, cut to limit characters."""
-    text = str(text)
-    cut = len(text) > limit
-    text = CONTROL_CHARACTERS.sub(lambda match: "\\x%02x" % ord(match.group()),
-                                  text[:limit])
-    return text + "..." if cut else text
-
-
-def is_project_name(name):
-    """True for 1-64 of letters, digits, '.', '_', '-', not led by '.' or '-'."""
-    return bool(PROJECT_NAME.match(name)) and name.isascii()
-
-
-def check_project_name(name):
-    """Return name, or raise BadRequest."""
-    if not is_project_name(name):
-        raise BadRequest("bad project name: use 1-64 letters, digits, '.', "
-                         "'_' or '-', not starting with '.' or '-'")
-    return name
-
-
-def iso_time(timestamp):
-    """Seconds since the epoch -> '2026-11-25T10:25:58.123Z', or None."""
-    if timestamp is None:
-        return None
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp))
-    return "%s.%03dZ" % (whole, int(timestamp * 1000) % 1000)
-
-
-def write_all(fd, data):
-    """os.write until every byte of data is written."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def fsync_dir(path):
-    """Make a rename or create in folder path durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path, data, mode=0o640):
-    """Replace path with data: temporary file, fsync, rename, fsync folder."""
-    folder = os.path.dirname(path)
-    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
-                                     suffix=".tmp", dir=folder)
-    try:
-        write_all(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        os.replace(temporary, path)
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        remove_quietly(temporary)
-        raise
-    fsync_dir(folder)
-
-
-class ParallelHash:
-    """A SHA-256 computed by a thread of its own from the blocks (bytes, not
-    to be changed afterwards) given to update(), so that the caller can copy
-    or hash the same bytes on a second core meanwhile (hashlib lets go of
-    the GIL).  hexdigest() waits for the last block; close() gives up."""
-
-    def __init__(self):
-        self.hash = hashlib.sha256()
-        self.blocks = queue.Queue(2)  # two blocks in flight: flat memory
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        for block in iter(self.blocks.get, None):
-            self.hash.update(block)
-
-    def update(self, block):
-        self.blocks.put(block)
-
-    def close(self):
-        if self.thread.is_alive():
-            self.blocks.put(None)
-            self.thread.join()
-
-    def hexdigest(self):
-        self.close()
-        return self.hash.hexdigest()
-
-
-class Background:
-    """function(*args) run by a thread of its own; result() waits for it
-    and returns what it returned, or raises what it raised."""
-
-    def __init__(self, function, *args):
-        self.value = self.error = None
-        self.thread = threading.Thread(target=self._run, args=(function, args),
-                                       daemon=True)
-        self.thread.start()
-
-    def _run(self, function, args):
-        try:
-            self.value = function(*args)
-        except BaseException as error:  # handed to result()
-            self.error = error
-
-    def result(self):
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-def remove_quietly(path):
-    """Remove a file or a whole folder; a missing one is fine."""
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def disk_errors(error):
-    """Turn a full disk into DiskFull (507); other OSErrors are re-raised."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC,
-                                                      errno.EDQUOT):
-        return DiskFull("disk full: the upload was not stored")
-    return error
-
-
-###############################################################################
 # Users and passwords #########################################################
 ###############################################################################
+
+# AUTH_DB (ROLE:name:hash lines, re-read when it changes), password
+# hashing and checking in constant time, roles and project lists.
 
 ROLES = ("ADMIN", "USER", "METRICS")
 # Which roles each endpoint's role admits (METRICS: a scraper's login).
@@ -673,26 +745,6 @@ def check_password(password, stored):
     return hmac.compare_digest(computed, stored.lower())
 
 
-def parse_users(text, source="users file"):
-    """ROLE:username:hash[:project,...] lines -> ({name: User}, warnings)."""
-    users, warnings = {}, []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split(":")
-        problem = users_line_problem(fields)
-        if problem:
-            warnings.append("%s, line %d: %s" % (source, number, problem))
-            if problem.endswith("line ignored"):
-                continue
-        projects = None
-        if len(fields) == 4:
-            projects = frozenset(p for p in fields[3].split(",") if p)
-        users[fields[1]] = User(fields[1], fields[0], fields[2], projects)
-    return users, warnings
-
-
 def users_line_problem(fields):
     """What is wrong with the fields of one users file line, or None.  A
     reason ending in 'line ignored' means the line gives no user."""
@@ -721,6 +773,26 @@ class User:
     def may_use(self, project):
         return (self.role == "ADMIN" or self.projects is None
                 or project in self.projects)
+
+
+def parse_users(text, source="users file"):
+    """ROLE:username:hash[:project,...] lines -> ({name: User}, warnings)."""
+    users, warnings = {}, []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split(":")
+        problem = users_line_problem(fields)
+        if problem:
+            warnings.append("%s, line %d: %s" % (source, number, problem))
+            if problem.endswith("line ignored"):
+                continue
+        projects = None
+        if len(fields) == 4:
+            projects = frozenset(p for p in fields[3].split(",") if p)
+        users[fields[1]] = User(fields[1], fields[0], fields[2], projects)
+    return users, warnings
 
 
 def file_signature(path):
@@ -837,6 +909,11 @@ class LoginThrottle:
             self._failures[address] = (self._tokens(address, now) - 1, now)
 
 
+def check_name_for_config(project):
+    if not is_project_name(project):
+        raise ConfigError("bad project name %r" % project)
+
+
 def set_user(path, role, name, password_hash, projects=None):
     """Add or replace the line of user name in the users file at path.
 
@@ -871,11 +948,6 @@ def set_user(path, role, name, password_hash, projects=None):
                       stat.S_IMODE(info.st_mode) & ~0o007 if info else 0o640)
     if info and os.geteuid() == 0:  # root edits it; the ipd user reads it
         os.chown(path, info.st_uid, info.st_gid)
-
-
-def check_name_for_config(project):
-    if not is_project_name(project):
-        raise ConfigError("bad project name %r" % project)
 
 
 ###############################################################################
@@ -952,6 +1024,20 @@ def run_ssh_keygen(arguments, stdin_path=None, timeout=30):
     return done.returncode, done.stdout.decode("utf-8", "replace")
 
 
+def principals_for(found, project):
+    """From find-principals' output ('ci@web,alice@*' lines), the concrete
+    principals WHO@project whose pattern admits project."""
+    names = []
+    for line in found.splitlines():
+        for pattern in line.strip().split(","):
+            who, at, where = pattern.rpartition("@")
+            if at and who and fnmatch.fnmatchcase(project, where):
+                name = "%s@%s" % (who, project)
+                if name not in names and re.fullmatch(r"[^\s,*?!]+", name):
+                    names.append(name)
+    return names
+
+
 def verify_signature(allowed_signers, manifest, signature, project, folder):
     """Check signature (armored text) of manifest (bytes) for project
     against ALLOWED_SIGNERS.  Returns {"principal", "fingerprint"};
@@ -984,20 +1070,6 @@ def verify_signature(allowed_signers, manifest, signature, project, folder):
     finally:
         remove_quietly(signature_path)
         remove_quietly(manifest_path)
-
-
-def principals_for(found, project):
-    """From find-principals' output ('ci@web,alice@*' lines), the concrete
-    principals WHO@project whose pattern admits project."""
-    names = []
-    for line in found.splitlines():
-        for pattern in line.strip().split(","):
-            who, at, where = pattern.rpartition("@")
-            if at and who and fnmatch.fnmatchcase(project, where):
-                name = "%s@%s" % (who, project)
-                if name not in names and re.fullmatch(r"[^\s,*?!]+", name):
-                    names.append(name)
-    return names
 
 
 def sign_manifest(key, manifest):
@@ -1074,6 +1146,15 @@ def tokens_path(settings):
                                               "tokens.txt")
 
 
+def read_token_uses(path):
+    try:
+        with open(path + ".used", encoding="utf-8") as file:
+            used = json.load(file)
+        return used if isinstance(used, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 class TokenDB:
     """The tokens file, read again whenever it changes; last uses kept in
     TOKENS_DB.used (written at most once a minute per token)."""
@@ -1126,13 +1207,19 @@ class TokenDB:
             log.warning("cannot note the use of token %s: %s", token_id, error)
 
 
-def read_token_uses(path):
+def rewrite_tokens(path, change):
+    """Read the tokens file, change(list of Token), write it atomically
+    (0640, as the users file)."""
     try:
-        with open(path + ".used", encoding="utf-8") as file:
-            used = json.load(file)
-        return used if isinstance(used, dict) else {}
-    except (OSError, ValueError):
-        return {}
+        with open(path, encoding="utf-8") as file:
+            tokens = list(parse_tokens(file.read()).values())
+        info = os.stat(path)
+    except FileNotFoundError:
+        tokens, info = [], None
+    change(tokens)
+    write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(), 0o640)
+    if info and os.geteuid() == 0:
+        os.chown(path, info.st_uid, info.st_gid)
 
 
 def create_token(path, projects, expires, creator):
@@ -1149,21 +1236,6 @@ def create_token(path, projects, expires, creator):
     return secret
 
 
-def rewrite_tokens(path, change):
-    """Read the tokens file, change(list of Token), write it atomically
-    (0640, as the users file)."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            tokens = list(parse_tokens(file.read()).values())
-        info = os.stat(path)
-    except FileNotFoundError:
-        tokens, info = [], None
-    change(tokens)
-    write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(), 0o640)
-    if info and os.geteuid() == 0:
-        os.chown(path, info.st_uid, info.st_gid)
-
-
 def parse_duration(text):
     """'30d', '12h', '90m', '3600' (seconds) -> seconds.  Raises ValueError."""
     match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text)
@@ -1177,12 +1249,42 @@ def parse_duration(text):
 # Multipart parser ############################################################
 ###############################################################################
 
+# A streaming multipart/form-data parser: bytes in, events out, no I/O;
+# what it may keep in memory is bounded whatever the input.
+
 # Events returned by MultipartParser.feed
 PART_START = "start"   # value: {header name (lower case): value}
 PART_DATA = "data"     # value: bytes-like; valid until the next feed()
 PART_END = "end"       # value: None
 
+
 BOUNDARY_CHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]\Z")
+
+
+HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+def parse_part_headers(block):
+    """b'Name: value\\r\\n...' -> {'name': 'value'}.  Raises MultipartError
+    for a header that is not UTF-8 or whose name is not an HTTP token."""
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MultipartError("malformed part header: not UTF-8")
+    headers = {}
+    name = None
+    for line in text.split("\r\n"):
+        if not line:
+            continue
+        if line[0] in " \t" and name:  # obsolete line folding
+            headers[name] += " " + line.strip()
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not HTTP_TOKEN.match(name):
+            raise MultipartError("malformed part header: %s" % printable(line, 60))
+        name = name.lower()
+        headers[name] = value.strip()
+    return headers
 
 
 class MultipartParser:
@@ -1325,38 +1427,27 @@ class MultipartParser:
         return position + found + 4 - before
 
 
-HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-
-
-def parse_part_headers(block):
-    """b'Name: value\\r\\n...' -> {'name': 'value'}.  Raises MultipartError
-    for a header that is not UTF-8 or whose name is not an HTTP token."""
-    try:
-        text = block.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MultipartError("malformed part header: not UTF-8")
-    headers = {}
-    name = None
-    for line in text.split("\r\n"):
-        if not line:
-            continue
-        if line[0] in " \t" and name:  # obsolete line folding
-            headers[name] += " " + line.strip()
-            continue
-        name, colon, value = line.partition(":")
-        if not colon or not HTTP_TOKEN.match(name):
-            raise MultipartError("malformed part header: %s" % printable(line, 60))
-        name = name.lower()
-        headers[name] = value.strip()
-    return headers
-
-
 # A parameter: name=token, or name="quoted" where the quoted value runs to
 # the last quote before the next ';' (browsers send '"' as %22 and do not
 # escape with backslashes: WHATWG HTML, multipart/form-data encoding).
 HEADER_PARAM = re.compile(r'\s*([^\s=;]+)\s*=\s*(?:"((?:[^"]|"(?!\s*(?:;|$)))*)"'
                           r'|([^;]*?))\s*(?:;|$)')
 EXTENDED_CHARSETS = ("utf-8", "iso-8859-1", "us-ascii")
+
+
+def decode_extended_value(text):
+    """"UTF-8'en'%C3%A9" -> 'é'; None unless charset, language and
+    percent-encoding are well-formed and the charset is one RFC 8187 names."""
+    parts = text.split("'")
+    if len(parts) != 3 or parts[0].lower() not in EXTENDED_CHARSETS:
+        return None
+    if (not re.fullmatch(r"[A-Za-z0-9-]{0,35}", parts[1]) or
+            not re.fullmatch(r"(?:[!#$&+.^_`|~0-9A-Za-z-]|%[0-9A-Fa-f]{2})*", parts[2])):
+        return None
+    try:
+        return urllib.parse.unquote_to_bytes(parts[2]).decode(parts[0].lower())
+    except UnicodeDecodeError:
+        return None
 
 
 def parse_header_params(value):
@@ -1395,21 +1486,6 @@ def parse_header_params(value):
     return kind.strip().lower(), params
 
 
-def decode_extended_value(text):
-    """"UTF-8'en'%C3%A9" -> 'é'; None unless charset, language and
-    percent-encoding are well-formed and the charset is one RFC 8187 names."""
-    parts = text.split("'")
-    if len(parts) != 3 or parts[0].lower() not in EXTENDED_CHARSETS:
-        return None
-    if (not re.fullmatch(r"[A-Za-z0-9-]{0,35}", parts[1]) or
-            not re.fullmatch(r"(?:[!#$&+.^_`|~0-9A-Za-z-]|%[0-9A-Fa-f]{2})*", parts[2])):
-        return None
-    try:
-        return urllib.parse.unquote_to_bytes(parts[2]).decode(parts[0].lower())
-    except UnicodeDecodeError:
-        return None
-
-
 def client_filename(name):
     """The base name of a file name as a browser or client sent it: old
     browsers send a whole Windows path (C:\\Users\\x\\a.png: a.png);
@@ -1422,6 +1498,9 @@ def client_filename(name):
 ###############################################################################
 # Request bodies ##############################################################
 ###############################################################################
+
+# A request's body (Content-Length or chunked) streamed through the
+# parser into temporary files and fields: an Upload, or nothing left.
 
 CHUNK_SIZE = 1 << 20
 
@@ -1628,45 +1707,6 @@ class Upload:
             self.recipe = None
 
 
-def receive_upload(body, boundary, folder, on_field=None):
-    """Stream a multipart/form-data body into an Upload.
-
-    Files go to temporary files in folder, text fields to memory; on_field
-    is called with (name, value) as each text field completes, so that a
-    bad project name stops the upload before its files are read.  On any
-    error every temporary file is removed and the error raised.
-    """
-    parser = MultipartParser(boundary)
-    upload = Upload()
-    buffer = bytearray(CHUNK_SIZE)
-    view = memoryview(buffer)
-    sink = None
-    try:
-        while True:
-            count = body.readinto(view)
-            if not count:
-                break
-            for event, value in parser.feed(buffer, count):
-                if event == PART_DATA:
-                    sink.write(value)
-                elif event == PART_START:
-                    sink = open_sink(upload, value, folder)
-                else:
-                    sink.close()
-                    if isinstance(sink, FieldSink):
-                        upload.fields[sink.field] = sink.text()
-                        if on_field:
-                            on_field(sink.field, upload.fields[sink.field])
-                    sink = None
-        parser.close()
-        return upload
-    except BaseException:
-        if sink is not None:
-            sink.discard()
-        upload.discard()
-        raise
-
-
 def parse_since(text):
     """?since= as seconds since the epoch: a number, or ISO 8601 UTC."""
     if not text:
@@ -1751,9 +1791,51 @@ def open_sink(upload, headers, folder):
                      % printable(repr(name), 80))
 
 
+def receive_upload(body, boundary, folder, on_field=None):
+    """Stream a multipart/form-data body into an Upload.
+
+    Files go to temporary files in folder, text fields to memory; on_field
+    is called with (name, value) as each text field completes, so that a
+    bad project name stops the upload before its files are read.  On any
+    error every temporary file is removed and the error raised.
+    """
+    parser = MultipartParser(boundary)
+    upload = Upload()
+    buffer = bytearray(CHUNK_SIZE)
+    view = memoryview(buffer)
+    sink = None
+    try:
+        while True:
+            count = body.readinto(view)
+            if not count:
+                break
+            for event, value in parser.feed(buffer, count):
+                if event == PART_DATA:
+                    sink.write(value)
+                elif event == PART_START:
+                    sink = open_sink(upload, value, folder)
+                else:
+                    sink.close()
+                    if isinstance(sink, FieldSink):
+                        upload.fields[sink.field] = sink.text()
+                        if on_field:
+                            on_field(sink.field, upload.fields[sink.field])
+                    sink = None
+        parser.close()
+        return upload
+    except BaseException:
+        if sink is not None:
+            sink.discard()
+        upload.discard()
+        raise
+
+
 ###############################################################################
 # Packages: safe unpacking ####################################################
 ###############################################################################
+
+# A package (tar, tar.gz/bz2/xz, zip) unpacked into a deployment's folder:
+# every name, link, size and count checked before a byte is written.
 
 def member_parts(name):
     """An archive member's name -> its path components.
@@ -1943,37 +2025,6 @@ class PackageWriter:
         self.kinds[tuple(parts)] = "file"
 
 
-def unpack_package(archive, folder, max_bytes, limits=None):
-    """Unpack archive (tar, tar.gz/bz2/xz or zip, known by content) into
-    the existing empty folder, within limits (a PackageLimits).  Raises
-    BadRequest or TooLarge."""
-    writer = PackageWriter(folder, max_bytes, limits)
-    with open(archive, "rb") as file:
-        magic = file.read(6)
-    try:
-        if magic[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-            unpack_zip(archive, writer)
-        else:
-            unpack_tar(archive, writer, magic)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError,
-            NotImplementedError, RuntimeError, LookupError) as error:
-        # zlib.error, lzma.LZMAError are raised as ValueError subclasses or
-        # plain errors; catch the decompressors' errors by name below too.
-        raise BadRequest("package is not a valid tar, tar.gz or zip archive: "
-                         "%s" % (str(error).splitlines() or ["?"])[0])
-    except OSError as error:
-        if error.errno is None:  # gzip and bz2 say "corrupt" this way
-            raise BadRequest("package is not a valid archive: %s" % error)
-        if error.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR,
-                           errno.EEXIST, errno.ELOOP):  # a layout no folder takes
-            raise BadRequest("package cannot be unpacked: %s" % error.strerror)
-        raise disk_errors(error)
-    except Exception as error:
-        if type(error).__module__ in ("zlib", "lzma", "_lzma", "bz2", "_bz2"):
-            raise BadRequest("package is not a valid archive: %s" % error)
-        raise
-
-
 class TarStream:
     """A tar's decompressed bytes as tarfile reads them: forward only, and
     with the headers of each entry capped before they are read.
@@ -2039,6 +2090,26 @@ def open_decompressed(file, magic):
     return file
 
 
+def unpack_member(tar, stream, member, writer):
+    """Write one tar entry; its data is read as data, not as headers."""
+    if member.isdir():
+        writer.directory(member.name, member.mode)
+    elif member.isreg():
+        stream.data = True
+        try:
+            with tar.extractfile(member) as source:
+                writer.file(member.name, member.mode, source)
+        finally:
+            stream.data = False
+    elif member.issym():
+        writer.symlink(member.name, member.linkname)
+    elif member.islnk():
+        writer.hardlink(member.name, member.linkname)
+    else:
+        raise BadRequest("package entry %r: device files and FIFOs "
+                         "are refused" % member.name)
+
+
 def unpack_tar(archive, writer, magic=b""):
     """Unpack a tar (plain or compressed, as magic says) through writer,
     one entry at a time with bounded memory.  Raises BadRequest, TooLarge
@@ -2066,26 +2137,6 @@ def unpack_tar(archive, writer, magic=b""):
             raise BadRequest("package has more than MAX_TRAILING_SIZE (%d "
                              "bytes) after the end of its tar archive"
                              % limits.MAX_TRAILING_SIZE)
-
-
-def unpack_member(tar, stream, member, writer):
-    """Write one tar entry; its data is read as data, not as headers."""
-    if member.isdir():
-        writer.directory(member.name, member.mode)
-    elif member.isreg():
-        stream.data = True
-        try:
-            with tar.extractfile(member) as source:
-                writer.file(member.name, member.mode, source)
-        finally:
-            stream.data = False
-    elif member.issym():
-        writer.symlink(member.name, member.linkname)
-    elif member.islnk():
-        writer.hardlink(member.name, member.linkname)
-    else:
-        raise BadRequest("package entry %r: device files and FIFOs "
-                         "are refused" % member.name)
 
 
 # Central directory entry: 46 fixed bytes, the name, then extra fields and
@@ -2117,6 +2168,26 @@ def zip_directory(path):
     return entries, size
 
 
+def unpack_zip_entry(zipped, info, writer):
+    """Write one zip entry; a link's target is read to MAX_NAME_SIZE + 1."""
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        with zipped.open(info) as source:
+            target = source.read(writer.limits.MAX_NAME_SIZE + 1)
+        if len(target) > writer.limits.MAX_NAME_SIZE:
+            raise BadRequest("package entry %r: link target longer than "
+                             "MAX_NAME_SIZE" % info.filename[:200])
+        writer.symlink(info.filename, target.decode("utf-8", "replace"))
+    elif info.is_dir() or stat.S_ISDIR(mode):
+        writer.directory(info.filename, mode)
+    elif stat.S_IFMT(mode) in (0, stat.S_IFREG):  # 0: made without a type
+        with zipped.open(info) as source:
+            writer.file(info.filename, mode or 0o644, source)
+    else:
+        raise BadRequest("package entry %r: device files and FIFOs "
+                         "are refused" % info.filename[:200])
+
+
 def unpack_zip(archive, writer):
     """Unpack a zip through writer: entries and directory size checked
     from its end record first, stored or deflated entries only.  Raises
@@ -2139,24 +2210,35 @@ def unpack_zip(archive, writer):
             unpack_zip_entry(zipped, info, writer)
 
 
-def unpack_zip_entry(zipped, info, writer):
-    """Write one zip entry; a link's target is read to MAX_NAME_SIZE + 1."""
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode):
-        with zipped.open(info) as source:
-            target = source.read(writer.limits.MAX_NAME_SIZE + 1)
-        if len(target) > writer.limits.MAX_NAME_SIZE:
-            raise BadRequest("package entry %r: link target longer than "
-                             "MAX_NAME_SIZE" % info.filename[:200])
-        writer.symlink(info.filename, target.decode("utf-8", "replace"))
-    elif info.is_dir() or stat.S_ISDIR(mode):
-        writer.directory(info.filename, mode)
-    elif stat.S_IFMT(mode) in (0, stat.S_IFREG):  # 0: made without a type
-        with zipped.open(info) as source:
-            writer.file(info.filename, mode or 0o644, source)
-    else:
-        raise BadRequest("package entry %r: device files and FIFOs "
-                         "are refused" % info.filename[:200])
+def unpack_package(archive, folder, max_bytes, limits=None):
+    """Unpack archive (tar, tar.gz/bz2/xz or zip, known by content) into
+    the existing empty folder, within limits (a PackageLimits).  Raises
+    BadRequest or TooLarge."""
+    writer = PackageWriter(folder, max_bytes, limits)
+    with open(archive, "rb") as file:
+        magic = file.read(6)
+    try:
+        if magic[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+            unpack_zip(archive, writer)
+        else:
+            unpack_tar(archive, writer, magic)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError,
+            NotImplementedError, RuntimeError, LookupError) as error:
+        # zlib.error, lzma.LZMAError are raised as ValueError subclasses or
+        # plain errors; catch the decompressors' errors by name below too.
+        raise BadRequest("package is not a valid tar, tar.gz or zip archive: "
+                         "%s" % (str(error).splitlines() or ["?"])[0])
+    except OSError as error:
+        if error.errno is None:  # gzip and bz2 say "corrupt" this way
+            raise BadRequest("package is not a valid archive: %s" % error)
+        if error.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR,
+                           errno.EEXIST, errno.ELOOP):  # a layout no folder takes
+            raise BadRequest("package cannot be unpacked: %s" % error.strerror)
+        raise disk_errors(error)
+    except Exception as error:
+        if type(error).__module__ in ("zlib", "lzma", "_lzma", "bz2", "_bz2"):
+            raise BadRequest("package is not a valid archive: %s" % error)
+        raise
 
 
 def find_control_script(unpacked, project_dir):
@@ -2183,11 +2265,320 @@ def find_control_script(unpacked, project_dir):
 
 
 ###############################################################################
+# Processes: who runs the scripts, and what they leave ########################
+###############################################################################
+
+# RUN_AS and project.conf: the user, groups and capabilities the scripts
+# run with; finding and stopping the processes a step leaves behind.
+
+# UPLOAD_DIR/$PROJECT/project.conf: an administrator's SCRIPTS and RUN_AS
+# for one project (KEY=VALUE lines, as /etc/ipd.conf).
+PROJECT_CONF = "project.conf"
+PROJECT_KEYS = ("SCRIPTS", "RUN_AS")
+# With RUN_AS, PROJECT_DIR is this folder of the project's: the one place
+# its scripts may write.  The project folder itself, where control.sh,
+# notify.sh and project.conf lie, stays the daemon's.
+WORK_DIR = "work"
+CAP_KILL, CAP_SETGID, CAP_SETUID = 5, 6, 7
+
+
+def has_capability(number, field="CapEff"):
+    """True when this process holds capability number (/proc/self/status)."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith(field + ":"):
+                    return bool(int(line.split()[1], 16) >> number & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def credentials(run_as=None, gid=None):
+    """Popen arguments that start a process as run_as, with exactly its
+    groups (or, with gid alone, only in that group).  subprocess does it on
+    3.9+; 3.8 needs a preexec_fn.  A process whose uids all leave 0 has
+    its permitted, effective and ambient capabilities cleared by the kernel
+    (capabilities(7)); see keep_scripts_without_capabilities."""
+    if run_as is None and gid is None:
+        if os.geteuid() == 0 or not has_capability(CAP_SETUID, "CapPrm"):
+            return {}
+        # ipd holds capabilities (ipd-run-as.conf) but the scripts run as
+        # ipd itself: switching to its own uid sheds them all the same.
+        run_as = RunAs(os.getuid(), os.getgid(), os.getgroups(), "ipd")
+    if sys.version_info >= (3, 9):
+        if run_as is None:
+            return {"group": gid}
+        return {"user": run_as.uid, "group": run_as.gid,
+                "extra_groups": list(run_as.groups)}
+
+    def become():
+        if run_as is None:
+            os.setresgid(gid, gid, gid)
+            return
+        os.setgroups(list(run_as.groups))
+        os.setresgid(run_as.gid, run_as.gid, run_as.gid)
+        os.setresuid(run_as.uid, run_as.uid, run_as.uid)
+    return {"preexec_fn": become}
+
+
+def keep_scripts_without_capabilities():
+    """Make sure scripts started under RUN_AS get no capability.
+
+    Root switching to another user loses every capability.  A daemon that
+    is not root but holds CAP_SETUID (systemd's AmbientCapabilities) would
+    hand its ambient set on through execve to control.sh; with its saved
+    uid set to 0, a child that switches all its uids to the scripts' user
+    goes from "one uid is 0" to "none is", and the kernel then clears its
+    permitted, effective and ambient sets.  Call before any thread starts
+    (the change is process-wide).  Returns a line for the log, or None."""
+    if os.geteuid() == 0:
+        return None
+    missing = [name for number, name in ((CAP_SETUID, "CAP_SETUID"),
+                                         (CAP_SETGID, "CAP_SETGID"),
+                                         (CAP_KILL, "CAP_KILL"))
+               if not has_capability(number)]
+    if missing:
+        return ("RUN_AS needs ipd to run as root or with %s: scripts cannot "
+                "be started as their user" % ", ".join(missing))
+    ruid, euid, _ = os.getresuid()
+    os.setresuid(ruid, euid, 0)
+    return None
+
+
+def project_settings(settings, project_dir):
+    """{SCRIPTS, RUN_AS} of a project: the global settings, overridden by
+    the project folder's project.conf.  Only a file an administrator could
+    have placed counts: a regular file owned by root or ipd's user and not
+    writable by group or others.  Raises IpdError (500) for another one,
+    or for a bad value: never a silent fallback to the looser setting."""
+    values = {key: getattr(settings, key) for key in PROJECT_KEYS}
+    path = os.path.join(project_dir, PROJECT_CONF)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return values
+    if (not stat.S_ISREG(info.st_mode) or info.st_uid not in (0, os.geteuid())
+            or info.st_mode & 0o022):
+        raise IpdError("%s is not an administrator's file (owner root or "
+                       "ipd, not writable by group or others)" % path)
+    try:
+        for key, (text, number) in read_config_file(path).items():
+            if key not in PROJECT_KEYS:
+                raise ConfigError("%s:%d: only %s may be set here"
+                                  % (path, number, " and ".join(PROJECT_KEYS)))
+            values[key] = parse_setting(SETTINGS[key][1], text)
+    except (ConfigError, ValueError) as error:
+        raise IpdError("project settings: %s" % error)
+    return values
+
+
+def scripts_user(settings, project_dir):
+    """The RunAs of a project's scripts, or None: they run as ipd."""
+    text = project_settings(settings, project_dir)["RUN_AS"]
+    try:
+        return resolve_run_as(text) if text else None
+    except ValueError as error:
+        raise IpdError("RUN_AS of %s: %s" % (project_dir, error))
+
+
+def open_to_scripts(project_dir, deployment_folder, image, run_as):
+    """Give run_as what its scripts need and nothing more: UPLOAD_DIR and
+    the project folder to pass through (not to list), its work folder to write (made on first use,
+    owned by ipd, group run_as's: ipd needs no CAP_CHOWN), the
+    deployment's folder and image to read.  deployments/ lets it pass but
+    not list; state files, logs and packages stay ipd's (mode 0640)."""
+    for folder, mode, unwanted in (
+            (os.path.dirname(project_dir), stat.S_IXOTH, 0),
+            (project_dir, 0o711, 0o022),
+            (os.path.dirname(deployment_folder), 0o711, 0o022)):
+        info = os.stat(folder)
+        wanted = (stat.S_IMODE(info.st_mode) | mode) & ~unwanted
+        if info.st_uid == os.geteuid() and wanted != stat.S_IMODE(info.st_mode):
+            os.chmod(folder, wanted)
+    if os.path.isdir(deployment_folder):
+        os.chmod(deployment_folder, 0o755)
+    if image and os.path.exists(image):
+        os.chmod(image, 0o644)
+    work = os.path.join(project_dir, WORK_DIR)
+    try:
+        info = os.lstat(work)
+    except FileNotFoundError:
+        subprocess.run(["mkdir", "-m", "0770", work], check=True,
+                       stdin=subprocess.DEVNULL, **credentials(gid=run_as.gid))
+        return work
+    if not stat.S_ISDIR(info.st_mode):
+        raise IpdError("%s is not a folder" % work)
+    return work
+
+
+def read_step_identity(path):
+    """ID.step's identity, or None."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            identity = json.load(file)
+        return (identity if isinstance(identity, dict) and
+                isinstance(identity.get("session"), int) else None)
+    except (OSError, ValueError):
+        return None
+
+
+def process_start(pid):
+    """Start time of a process in clock ticks since boot, or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as file:
+            return int(file.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def boot_id():
+    """This boot's id (it changes at every boot), or None."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            return file.read().strip()
+    except OSError:
+        return None
+
+
+def write_step_identity(path, pid):
+    """Write ID.step: what identifies a running step's processes after a
+    restart without reading their environment (another user's is not ours
+    to read): its session, which its children keep, the start time of its
+    leader, and the boot.  A plain write, the moment the step started."""
+    data = json.dumps({"session": pid, "start": process_start(pid),
+                       "boot": boot_id()}).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def list_pids():
+    try:
+        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+
+
+def processes_of_deployments(deployment_ids):
+    """{deployment id: [pid, ...]} of the processes whose environment has
+    DEPLOY=id: the control.sh of a daemon that was killed, and its children."""
+    wanted = {("DEPLOY=" + i).encode(): i for i in deployment_ids}
+    found = {}
+    if not wanted:
+        return found
+    for pid in list_pids():
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as file:
+                variables = file.read().split(b"\0")
+        except OSError:
+            continue
+        for variable in variables:
+            if variable in wanted:
+                found.setdefault(wanted[variable], []).append(pid)
+    return found
+
+
+def process_state(pid):
+    """(state letter, process group) of a process from /proc, or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as file:
+            fields = file.read().rsplit(b")", 1)[1].split()
+        return fields[0], int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_running(pid):
+    state = process_state(pid)
+    return state is not None and state[0] != b"Z"
+
+
+def processes_of_session(identity):
+    """The pids still running in the session a step started, or []: none
+    when the machine rebooted since, or when its leader's pid now belongs
+    to another process (pids are not reused while a session has members)."""
+    if not identity or identity.get("boot") != boot_id():
+        return []
+    session = identity["session"]
+    if process_running(session) and process_start(session) != identity["start"]:
+        return []
+    found = []
+    for pid in list_pids():
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as file:
+                fields = file.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != b"Z":
+            found.append(pid)
+    return found
+
+
+def stop_processes(pids, grace):
+    """SIGTERM pids, SIGKILL those still running after grace seconds."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        while any(process_running(pid) for pid in pids):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        else:
+            return
+
+
+def signal_group(group, signum):
+    """Send signum to a process group; a group already gone is fine."""
+    try:
+        os.killpg(group, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def group_alive(group):
+    """True while a process of the group is running (zombies do not count:
+    orphans left to an init that does not reap them must not hold us up)."""
+    if not os.path.isdir("/proc"):  # ask the kernel, zombies included
+        try:
+            os.killpg(group, 0)
+            return True
+        except OSError:
+            return False
+    for pid in list_pids():
+        state = process_state(pid)
+        if state and state[1] == group and state[0] != b"Z":
+            return True
+    return False
+
+
+def stop_process_group(process, grace):
+    """SIGTERM the process group of process, SIGKILL what is left after
+    grace seconds, and reap process."""
+    group = process.pid
+    if group_alive(group):
+        signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while group_alive(group) and time.monotonic() < deadline:
+            process.poll()
+            time.sleep(0.05)
+        signal_group(group, signal.SIGKILL)
+    process.wait()
+
+
+###############################################################################
 # Deployments: the type, the store, the queue, the metrics ####################
 ###############################################################################
 
 # What a deployment is (Deployment), where it is kept (DeploymentStore, on
 # disk first), what waits and runs (DeployQueue); Metrics counts its changes.
+
 
 class Deployment:
     """One deployment: what was uploaded, by whom, and how far it got.
@@ -2881,264 +3272,11 @@ class DeployQueue:
 
 
 ###############################################################################
-# Who runs the scripts ########################################################
-###############################################################################
-
-# UPLOAD_DIR/$PROJECT/project.conf: an administrator's SCRIPTS and RUN_AS
-# for one project (KEY=VALUE lines, as /etc/ipd.conf).
-PROJECT_CONF = "project.conf"
-PROJECT_KEYS = ("SCRIPTS", "RUN_AS")
-# With RUN_AS, PROJECT_DIR is this folder of the project's: the one place
-# its scripts may write.  The project folder itself, where control.sh,
-# notify.sh and project.conf lie, stays the daemon's.
-WORK_DIR = "work"
-CAP_KILL, CAP_SETGID, CAP_SETUID = 5, 6, 7
-
-
-class RunAs:
-    """A user with its primary group and supplementary groups."""
-
-    def __init__(self, uid, gid, groups, text):
-        self.uid, self.gid, self.groups, self.text = uid, gid, tuple(groups), text
-
-    def __repr__(self):
-        return "%s (uid %d, gid %d, groups %s)" % (
-            self.text, self.uid, self.gid, ",".join(map(str, self.groups)) or "-")
-
-
-def lookup_id(name, database):
-    """A user or group name or number -> its number.  Raises ValueError."""
-    if name.isdigit():
-        return int(name)
-    try:
-        return (pwd.getpwnam(name).pw_uid if database == "user"
-                else grp.getgrnam(name).gr_gid)
-    except KeyError:
-        raise ValueError("no such %s: %r" % (database, name)) from None
-
-
-def resolve_run_as(text):
-    """'user[:group[,group...]]' -> RunAs.  The first group is the primary
-    one, the others supplementary; with the user alone, its groups are those
-    of the passwd and group databases.  Numbers need no account.  Root is
-    refused: scripts under it would reach everything.  Raises ValueError."""
-    user, colon, groups = text.strip().partition(":")
-    if not user or (colon and not groups.strip(",")):
-        raise ValueError("must be user[:group[,group...]]")
-    uid = lookup_id(user, "user")
-    if colon:
-        gids = [lookup_id(name, "group") for name in groups.split(",") if name]
-        gid, extra = gids[0], gids[1:]
-    else:
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:
-            raise ValueError("user %s has no account: give its group as "
-                             "%s:GROUP" % (user, user)) from None
-        gid = entry.pw_gid
-        extra = [g for g in os.getgrouplist(entry.pw_name, gid) if g != gid]
-    if uid == 0 or gid == 0 or 0 in extra:
-        raise ValueError("scripts may not run as root or in group root")
-    return RunAs(uid, gid, sorted(set(extra)), text.strip())
-
-
-def credentials(run_as=None, gid=None):
-    """Popen arguments that start a process as run_as, with exactly its
-    groups (or, with gid alone, only in that group).  subprocess does it on
-    3.9+; 3.8 needs a preexec_fn.  A process whose uids all leave 0 has
-    its permitted, effective and ambient capabilities cleared by the kernel
-    (capabilities(7)); see keep_scripts_without_capabilities."""
-    if run_as is None and gid is None:
-        if os.geteuid() == 0 or not has_capability(CAP_SETUID, "CapPrm"):
-            return {}
-        # ipd holds capabilities (ipd-run-as.conf) but the scripts run as
-        # ipd itself: switching to its own uid sheds them all the same.
-        run_as = RunAs(os.getuid(), os.getgid(), os.getgroups(), "ipd")
-    if sys.version_info >= (3, 9):
-        if run_as is None:
-            return {"group": gid}
-        return {"user": run_as.uid, "group": run_as.gid,
-                "extra_groups": list(run_as.groups)}
-
-    def become():
-        if run_as is None:
-            os.setresgid(gid, gid, gid)
-            return
-        os.setgroups(list(run_as.groups))
-        os.setresgid(run_as.gid, run_as.gid, run_as.gid)
-        os.setresuid(run_as.uid, run_as.uid, run_as.uid)
-    return {"preexec_fn": become}
-
-
-def has_capability(number, field="CapEff"):
-    """True when this process holds capability number (/proc/self/status)."""
-    try:
-        with open("/proc/self/status") as file:
-            for line in file:
-                if line.startswith(field + ":"):
-                    return bool(int(line.split()[1], 16) >> number & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
-
-
-def keep_scripts_without_capabilities():
-    """Make sure scripts started under RUN_AS get no capability.
-
-    Root switching to another user loses every capability.  A daemon that
-    is not root but holds CAP_SETUID (systemd's AmbientCapabilities) would
-    hand its ambient set on through execve to control.sh; with its saved
-    uid set to 0, a child that switches all its uids to the scripts' user
-    goes from "one uid is 0" to "none is", and the kernel then clears its
-    permitted, effective and ambient sets.  Call before any thread starts
-    (the change is process-wide).  Returns a line for the log, or None."""
-    if os.geteuid() == 0:
-        return None
-    missing = [name for number, name in ((CAP_SETUID, "CAP_SETUID"),
-                                         (CAP_SETGID, "CAP_SETGID"),
-                                         (CAP_KILL, "CAP_KILL"))
-               if not has_capability(number)]
-    if missing:
-        return ("RUN_AS needs ipd to run as root or with %s: scripts cannot "
-                "be started as their user" % ", ".join(missing))
-    ruid, euid, _ = os.getresuid()
-    os.setresuid(ruid, euid, 0)
-    return None
-
-
-def project_settings(settings, project_dir):
-    """{SCRIPTS, RUN_AS} of a project: the global settings, overridden by
-    the project folder's project.conf.  Only a file an administrator could
-    have placed counts: a regular file owned by root or ipd's user and not
-    writable by group or others.  Raises IpdError (500) for another one,
-    or for a bad value: never a silent fallback to the looser setting."""
-    values = {key: getattr(settings, key) for key in PROJECT_KEYS}
-    path = os.path.join(project_dir, PROJECT_CONF)
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return values
-    if (not stat.S_ISREG(info.st_mode) or info.st_uid not in (0, os.geteuid())
-            or info.st_mode & 0o022):
-        raise IpdError("%s is not an administrator's file (owner root or "
-                       "ipd, not writable by group or others)" % path)
-    try:
-        for key, (text, number) in read_config_file(path).items():
-            if key not in PROJECT_KEYS:
-                raise ConfigError("%s:%d: only %s may be set here"
-                                  % (path, number, " and ".join(PROJECT_KEYS)))
-            values[key] = parse_setting(SETTINGS[key][1], text)
-    except (ConfigError, ValueError) as error:
-        raise IpdError("project settings: %s" % error)
-    return values
-
-
-def scripts_user(settings, project_dir):
-    """The RunAs of a project's scripts, or None: they run as ipd."""
-    text = project_settings(settings, project_dir)["RUN_AS"]
-    try:
-        return resolve_run_as(text) if text else None
-    except ValueError as error:
-        raise IpdError("RUN_AS of %s: %s" % (project_dir, error))
-
-
-def open_to_scripts(project_dir, deployment_folder, image, run_as):
-    """Give run_as what its scripts need and nothing more: UPLOAD_DIR and
-    the project folder to pass through (not to list), its work folder to write (made on first use,
-    owned by ipd, group run_as's: ipd needs no CAP_CHOWN), the
-    deployment's folder and image to read.  deployments/ lets it pass but
-    not list; state files, logs and packages stay ipd's (mode 0640)."""
-    for folder, mode, unwanted in (
-            (os.path.dirname(project_dir), stat.S_IXOTH, 0),
-            (project_dir, 0o711, 0o022),
-            (os.path.dirname(deployment_folder), 0o711, 0o022)):
-        info = os.stat(folder)
-        wanted = (stat.S_IMODE(info.st_mode) | mode) & ~unwanted
-        if info.st_uid == os.geteuid() and wanted != stat.S_IMODE(info.st_mode):
-            os.chmod(folder, wanted)
-    if os.path.isdir(deployment_folder):
-        os.chmod(deployment_folder, 0o755)
-    if image and os.path.exists(image):
-        os.chmod(image, 0o644)
-    work = os.path.join(project_dir, WORK_DIR)
-    try:
-        info = os.lstat(work)
-    except FileNotFoundError:
-        subprocess.run(["mkdir", "-m", "0770", work], check=True,
-                       stdin=subprocess.DEVNULL, **credentials(gid=run_as.gid))
-        return work
-    if not stat.S_ISDIR(info.st_mode):
-        raise IpdError("%s is not a folder" % work)
-    return work
-
-
-def write_step_identity(path, pid):
-    """Write ID.step: what identifies a running step's processes after a
-    restart without reading their environment (another user's is not ours
-    to read): its session, which its children keep, the start time of its
-    leader, and the boot.  A plain write, the moment the step started."""
-    data = json.dumps({"session": pid, "start": process_start(pid),
-                       "boot": boot_id()}).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
-    try:
-        write_all(fd, data)
-    finally:
-        os.close(fd)
-
-
-def read_step_identity(path):
-    """ID.step's identity, or None."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            identity = json.load(file)
-        return (identity if isinstance(identity, dict) and
-                isinstance(identity.get("session"), int) else None)
-    except (OSError, ValueError):
-        return None
-
-
-def process_start(pid):
-    """Start time of a process in clock ticks since boot, or None."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as file:
-            return int(file.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def boot_id():
-    """This boot's id (it changes at every boot), or None."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as file:
-            return file.read().strip()
-    except OSError:
-        return None
-
-
-def processes_of_session(identity):
-    """The pids still running in the session a step started, or []: none
-    when the machine rebooted since, or when its leader's pid now belongs
-    to another process (pids are not reused while a session has members)."""
-    if not identity or identity.get("boot") != boot_id():
-        return []
-    session = identity["session"]
-    if process_running(session) and process_start(session) != identity["start"]:
-        return []
-    found = []
-    for pid in list_pids():
-        try:
-            with open("/proc/%d/stat" % pid, "rb") as file:
-                fields = file.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session and fields[0] != b"Z":
-            found.append(pid)
-    return found
-
-
-###############################################################################
 # The deploy worker ###########################################################
 ###############################################################################
+
+# The thread that runs waiting deployments: control.sh check, prepare,
+# deploy, each step logged and timed; notify.sh and NOTIFY_URL at the end.
 
 class DeployWorker:
     """Runs waiting deployments, MAX_PARALLEL projects at once.
@@ -3380,105 +3518,12 @@ class Notifier:
                     record.id, problem)
 
 
-def stop_process_group(process, grace):
-    """SIGTERM the process group of process, SIGKILL what is left after
-    grace seconds, and reap process."""
-    group = process.pid
-    if group_alive(group):
-        signal_group(group, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while group_alive(group) and time.monotonic() < deadline:
-            process.poll()
-            time.sleep(0.05)
-        signal_group(group, signal.SIGKILL)
-    process.wait()
-
-
-def processes_of_deployments(deployment_ids):
-    """{deployment id: [pid, ...]} of the processes whose environment has
-    DEPLOY=id: the control.sh of a daemon that was killed, and its children."""
-    wanted = {("DEPLOY=" + i).encode(): i for i in deployment_ids}
-    found = {}
-    if not wanted:
-        return found
-    for pid in list_pids():
-        try:
-            with open("/proc/%d/environ" % pid, "rb") as file:
-                variables = file.read().split(b"\0")
-        except OSError:
-            continue
-        for variable in variables:
-            if variable in wanted:
-                found.setdefault(wanted[variable], []).append(pid)
-    return found
-
-
-def stop_processes(pids, grace):
-    """SIGTERM pids, SIGKILL those still running after grace seconds."""
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, signum)
-            except OSError:
-                pass
-        deadline = time.monotonic() + grace
-        while any(process_running(pid) for pid in pids):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        else:
-            return
-
-
-def list_pids():
-    try:
-        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:
-        return []
-
-
-def process_state(pid):
-    """(state letter, process group) of a process from /proc, or None."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as file:
-            fields = file.read().rsplit(b")", 1)[1].split()
-        return fields[0], int(fields[2])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def process_running(pid):
-    state = process_state(pid)
-    return state is not None and state[0] != b"Z"
-
-
-def signal_group(group, signum):
-    """Send signum to a process group; a group already gone is fine."""
-    try:
-        os.killpg(group, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def group_alive(group):
-    """True while a process of the group is running (zombies do not count:
-    orphans left to an init that does not reap them must not hold us up)."""
-    if not os.path.isdir("/proc"):  # ask the kernel, zombies included
-        try:
-            os.killpg(group, 0)
-            return True
-        except OSError:
-            return False
-    for pid in list_pids():
-        state = process_state(pid)
-        if state and state[1] == group and state[0] != b"Z":
-            return True
-    return False
-
-
 ###############################################################################
 # Segments: layers stored once, recipes, resumable uploads (issue #16) ########
 ###############################################################################
+
+# Content-addressed segments shared by all deployments, the recipes that
+# rebuild a file from them, and their resumable uploads.
 
 SEGMENTS_DIR = ".segments"  # in UPLOAD_DIR; never a project name (leading dot)
 SHA256_HEX = re.compile(r"[0-9a-f]{64}\Z")
@@ -3905,20 +3950,13 @@ class SegmentStore:
         return dict(figures)
 
 
-def free_space(path):
-    try:
-        info = os.statvfs(path)
-    except OSError:
-        return None
-    return info.f_bavail * info.f_frsize
-
-
 ###############################################################################
 # The service: what uploads, redeploys and cancels do #########################
 ###############################################################################
 
 # One object the HTTP layer calls: users, tokens, store, queue, metrics,
 # worker; signatures, redeploy, cancel, statistics, with their log and audit.
+
 
 class Daemon:
     """What the handlers share: settings, users, deployments, counters."""
@@ -4205,6 +4243,7 @@ class Daemon:
 # HTML for browsers, rendered from data by functions that the handler calls
 # and sends: the projects, a project, a deployment with its live log.
 
+
 # One inline stylesheet, no external resource (air-gapped hosts), readable
 # on a phone; a strict Content-Security-Policy admits only this response's
 # own style and script (by nonce).
@@ -4221,6 +4260,7 @@ PAGE_STYLE = (
     "button{font:inherit;padding:.15em .8em;margin-right:.4em}"
     "@media(max-width:40em){th,td{display:block;border:0}tr{display:block;"
     "border-bottom:1px solid #ddd}}")
+
 
 # Reads the follow stream of a running deployment into the page; reloads
 # it at the end to show the final state.
@@ -4402,6 +4442,7 @@ def render_deployment(root, record, skipped, text):
 
 # Parse, call the service, answer: the route table, the cross-origin
 # check, connection limits, then one Handler per connection.
+
 
 # (method, first path segment, number of segments) -> (handler name, role)
 ROUTES = {
@@ -5505,6 +5546,9 @@ class Server(http.server.ThreadingHTTPServer):
 # Running the daemon ##########################################################
 ###############################################################################
 
+# From `ipd.py serve` to a listening server: logging, start-up checks,
+# the data folder's lock, systemd notification, signals.
+
 class OneLineFormatter(logging.Formatter):
     """One event, one line: control characters in a message (a file or
     user name with a CR or LF that a client chose) are escaped, so nobody
@@ -5515,59 +5559,11 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def setup_logging(log_dir, also_stderr=False, audit_syslog=""):
-    """Log to LOG_DIR/ipd.log, reopened when logrotate moves it; audit
-    events to LOG_DIR/audit.log and, with AUDIT_SYSLOG, to syslog too.
-    Raises ConfigError when the syslog socket cannot be reached."""
-    os.makedirs(log_dir, exist_ok=True)
-    handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "ipd.log"))
-    formatter = OneLineFormatter("%(asctime)s %(levelname)s %(message)s")
-    handler.setFormatter(formatter)
-    log.handlers[:] = [handler]
-    if also_stderr:
-        log_to_stderr()
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    trail = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "audit.log"))
-    trail.setFormatter(logging.Formatter("%(message)s"))
-    audit.handlers[:] = [trail]
-    if audit_syslog:
-        audit.addHandler(syslog_handler(audit_syslog))
-    audit.setLevel(logging.INFO)
-    audit.propagate = False  # not in ipd.log twice
-
-
 def log_to_stderr():
     """ipd.log's lines on stderr too (serve -v, the demo)."""
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(console)
-
-
-def serve(settings, verbose=False, on_ready=None):
-    """Check the folders, take UPLOAD_DIR's lock and run the daemon until
-    SIGTERM or SIGINT.  Returns the exit status; raises StartupError (each
-    line already in ipd.log where LOG_DIR allows) when it cannot start."""
-    # Nothing ipd writes is for others unless it says so (systemd's UMask
-    # does the same; ipd must not depend on being started by it).
-    os.umask(0o027)
-    problems = folder_problems(settings)
-    if "LOG_DIR" not in problems:
-        setup_logging(settings.LOG_DIR, audit_syslog=settings.AUDIT_SYSLOG)
-    if problems:
-        raise startup_error(list(problems.values()), "LOG_DIR" not in problems)
-    lock = lock_upload_dir(settings.UPLOAD_DIR)
-    try:
-        close_to_others(settings)
-        explain_scripts_mode(settings)
-        for warning in users_file_warnings(settings.AUTH_DB):
-            log.warning("%s", warning)
-            print_warning(warning)
-        if verbose:
-            log_to_stderr()
-        return run_daemon(settings, on_ready)
-    finally:
-        os.close(lock)  # only now may another daemon take UPLOAD_DIR
 
 
 def startup_error(lines, logged=True):
@@ -5606,6 +5602,26 @@ def folder_problems(settings):
 LOCK_FILE = ".ipd.lock"  # in UPLOAD_DIR; never a project name (leading dot)
 
 
+def lock_holder(fd):
+    """'PID n' of the process holding the flock on fd's file, from
+    /proc/locks, else from the PID it wrote into the file."""
+    info = os.fstat(fd)
+    wanted = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
+    try:
+        with open("/proc/locks") as file:
+            for line in file:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK":
+                    device = fields[5].split(":")
+                    if len(device) == 3 and (int(device[0], 16), int(device[1], 16),
+                                             int(device[2])) == wanted:
+                        return "PID %s" % fields[4]
+    except (OSError, ValueError):
+        pass
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return "PID %s" % text if text.isdigit() else "another process"
+
+
 def lock_upload_dir(upload_dir):
     """Take UPLOAD_DIR's exclusive lock, before anything in it is read or
     changed: one daemon per data folder.  It is a flock(2), which the kernel
@@ -5633,26 +5649,6 @@ def lock_upload_dir(upload_dir):
     return fd
 
 
-def lock_holder(fd):
-    """'PID n' of the process holding the flock on fd's file, from
-    /proc/locks, else from the PID it wrote into the file."""
-    info = os.fstat(fd)
-    wanted = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
-    try:
-        with open("/proc/locks") as file:
-            for line in file:
-                fields = line.split()
-                if len(fields) > 5 and fields[1] == "FLOCK":
-                    device = fields[5].split(":")
-                    if len(device) == 3 and (int(device[0], 16), int(device[1], 16),
-                                             int(device[2])) == wanted:
-                        return "PID %s" % fields[4]
-    except (OSError, ValueError):
-        pass
-    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    return "PID %s" % text if text.isdigit() else "another process"
-
-
 def listen_text(address):
     host, port = address
     return "%s:%d" % ("[%s]" % host if ":" in host else host, port)
@@ -5672,39 +5668,6 @@ def bind_server(settings, daemon):
                              % (listen_text(settings.LISTEN), reason)])
 
 
-def run_daemon(settings, on_ready=None):
-    """Run the daemon until SIGTERM or SIGINT.  Returns the exit status."""
-    daemon = Daemon(settings)
-    server = bind_server(settings, daemon)  # before load: a clash changes nothing
-    stop_signal = StopSignal()
-    count = daemon.load(settings.KILL_GRACE)
-    host, port = server.server_address[:2]
-    url = "http://%s:%d%s/" % ("[%s]" % host if ":" in host else host, port,
-                               settings.API_ROOT)
-    daemon.worker.start()
-    threading.Thread(target=server.serve_forever, name="http",
-                     daemon=True).start()
-    log.info("ipd %s listening on %s (%d deployment%s on disk)", __version__, url,
-             count, "" if count == 1 else "s")
-    print("ipd %s listening on %s" % (__version__, url), file=sys.stderr,
-          flush=True)
-    systemd = SystemdNotifier()
-    systemd.send("READY=1\nSTATUS=listening on %s" % url)
-    systemd.start_watchdog(lambda: time.monotonic() - server.last_loop < 5
-                           and daemon.worker.alive())
-    if on_ready:
-        on_ready(url)
-    signum = stop_signal.wait()
-    systemd.send("STOPPING=1")
-    log.info("%s: no new connections, running steps get %.0fs",
-             signal.Signals(signum).name, settings.SHUTDOWN_GRACE)
-    server.shutdown()
-    server.server_close()
-    daemon.worker.stop(settings.SHUTDOWN_GRACE)
-    log.info("stopped")
-    return 0
-
-
 def syslog_handler(address):
     """A handler sending each audit event to syslog (facility authpriv):
     a socket path such as /dev/log, where journald listens, or host:port
@@ -5722,6 +5685,73 @@ def syslog_handler(address):
         raise ConfigError("AUDIT_SYSLOG: cannot reach %s: %s" % (address, error))
     handler.setFormatter(logging.Formatter("ipd-audit: %(message)s"))
     return handler
+
+
+def setup_logging(log_dir, also_stderr=False, audit_syslog=""):
+    """Log to LOG_DIR/ipd.log, reopened when logrotate moves it; audit
+    events to LOG_DIR/audit.log and, with AUDIT_SYSLOG, to syslog too.
+    Raises ConfigError when the syslog socket cannot be reached."""
+    os.makedirs(log_dir, exist_ok=True)
+    handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "ipd.log"))
+    formatter = OneLineFormatter("%(asctime)s %(levelname)s %(message)s")
+    handler.setFormatter(formatter)
+    log.handlers[:] = [handler]
+    if also_stderr:
+        log_to_stderr()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    trail = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "audit.log"))
+    trail.setFormatter(logging.Formatter("%(message)s"))
+    audit.handlers[:] = [trail]
+    if audit_syslog:
+        audit.addHandler(syslog_handler(audit_syslog))
+    audit.setLevel(logging.INFO)
+    audit.propagate = False  # not in ipd.log twice
+
+
+def reachable_by(path, run_as, access):
+    """True when run_as gets the access bits (S_IR*, S_IW*) of path through
+    its owner, group or other bits."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    if info.st_uid == run_as.uid:
+        return True
+    groups = (run_as.gid,) + run_as.groups
+    other = access & (stat.S_IROTH | stat.S_IWOTH)
+    group = access & (stat.S_IRGRP | stat.S_IWGRP)
+    return (bool(info.st_mode & other) or
+            (info.st_gid in groups and bool(info.st_mode & group)))
+
+
+def keep_from_scripts(settings, run_as):
+    """At start with RUN_AS: warn about what the scripts' user may still
+    reach (a file in one of its groups, a LOG_DIR it may write), and when
+    it cannot even reach UPLOAD_DIR."""
+    logs = [os.path.join(settings.LOG_DIR, name) for name in ("ipd.log", "audit.log")]
+    checks = [(settings.AUTH_DB, stat.S_IROTH | stat.S_IRGRP),
+              (settings.LOG_DIR, stat.S_IWOTH | stat.S_IWGRP)]
+    checks += [(path, stat.S_IRWXO | stat.S_IRGRP | stat.S_IWGRP) for path in logs]
+    for path, access in checks:
+        if reachable_by(path, run_as, access):
+            log.warning("%s is within reach of the scripts' user %s: chmod "
+                        "o-rwx it, and keep that user out of its group",
+                        path, settings.RUN_AS)
+    folder = settings.UPLOAD_DIR
+    while folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+        if not reachable_by(folder, run_as, stat.S_IXOTH | stat.S_IXGRP):
+            log.warning("the scripts' user %s cannot pass through %s to reach "
+                        "UPLOAD_DIR: chmod o+x it", settings.RUN_AS, folder)
+
+
+def has_account(uid):
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
 
 
 def explain_scripts_mode(settings):
@@ -5749,71 +5779,6 @@ def explain_scripts_mode(settings):
                     "own user (%s), and can read the users file, rewrite "
                     "ipd.log and audit.log, and write every project's folder "
                     "and the deployments' state", me)
-
-
-def close_to_others(settings):
-    """At start: take others' bits off the users file and the logs where
-    ipd may (the original's installation left them 0644; a project.conf's
-    RUN_AS user is such an other), saying so in the log."""
-    for key, path in (("AUTH_DB", settings.AUTH_DB),
-                      ("LOG_DIR", os.path.join(settings.LOG_DIR, "ipd.log")),
-                      ("LOG_DIR", os.path.join(settings.LOG_DIR, "audit.log"))):
-        try:
-            info = os.stat(path)
-        except OSError:
-            continue
-        if (stat.S_ISREG(info.st_mode) and info.st_mode & 0o007
-                and os.geteuid() in (0, info.st_uid)):  # files only: never /tmp
-            os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o007)
-            message = "%s: %s was open to others: made it %o" % (
-                key, path, stat.S_IMODE(info.st_mode) & ~0o007)
-            log.warning("%s", message)
-            print_warning(message)
-
-
-def keep_from_scripts(settings, run_as):
-    """At start with RUN_AS: warn about what the scripts' user may still
-    reach (a file in one of its groups, a LOG_DIR it may write), and when
-    it cannot even reach UPLOAD_DIR."""
-    logs = [os.path.join(settings.LOG_DIR, name) for name in ("ipd.log", "audit.log")]
-    checks = [(settings.AUTH_DB, stat.S_IROTH | stat.S_IRGRP),
-              (settings.LOG_DIR, stat.S_IWOTH | stat.S_IWGRP)]
-    checks += [(path, stat.S_IRWXO | stat.S_IRGRP | stat.S_IWGRP) for path in logs]
-    for path, access in checks:
-        if reachable_by(path, run_as, access):
-            log.warning("%s is within reach of the scripts' user %s: chmod "
-                        "o-rwx it, and keep that user out of its group",
-                        path, settings.RUN_AS)
-    folder = settings.UPLOAD_DIR
-    while folder != os.path.dirname(folder):
-        folder = os.path.dirname(folder)
-        if not reachable_by(folder, run_as, stat.S_IXOTH | stat.S_IXGRP):
-            log.warning("the scripts' user %s cannot pass through %s to reach "
-                        "UPLOAD_DIR: chmod o+x it", settings.RUN_AS, folder)
-
-
-def reachable_by(path, run_as, access):
-    """True when run_as gets the access bits (S_IR*, S_IW*) of path through
-    its owner, group or other bits."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return False
-    if info.st_uid == run_as.uid:
-        return True
-    groups = (run_as.gid,) + run_as.groups
-    other = access & (stat.S_IROTH | stat.S_IWOTH)
-    group = access & (stat.S_IRGRP | stat.S_IWGRP)
-    return (bool(info.st_mode & other) or
-            (info.st_gid in groups and bool(info.st_mode & group)))
-
-
-def has_account(uid):
-    try:
-        pwd.getpwuid(uid)
-        return True
-    except KeyError:
-        return False
 
 
 class SystemdNotifier:
@@ -5879,6 +5844,39 @@ class StopSignal:
         return self.received[0]
 
 
+def run_daemon(settings, on_ready=None):
+    """Run the daemon until SIGTERM or SIGINT.  Returns the exit status."""
+    daemon = Daemon(settings)
+    server = bind_server(settings, daemon)  # before load: a clash changes nothing
+    stop_signal = StopSignal()
+    count = daemon.load(settings.KILL_GRACE)
+    host, port = server.server_address[:2]
+    url = "http://%s:%d%s/" % ("[%s]" % host if ":" in host else host, port,
+                               settings.API_ROOT)
+    daemon.worker.start()
+    threading.Thread(target=server.serve_forever, name="http",
+                     daemon=True).start()
+    log.info("ipd %s listening on %s (%d deployment%s on disk)", __version__, url,
+             count, "" if count == 1 else "s")
+    print("ipd %s listening on %s" % (__version__, url), file=sys.stderr,
+          flush=True)
+    systemd = SystemdNotifier()
+    systemd.send("READY=1\nSTATUS=listening on %s" % url)
+    systemd.start_watchdog(lambda: time.monotonic() - server.last_loop < 5
+                           and daemon.worker.alive())
+    if on_ready:
+        on_ready(url)
+    signum = stop_signal.wait()
+    systemd.send("STOPPING=1")
+    log.info("%s: no new connections, running steps get %.0fs",
+             signal.Signals(signum).name, settings.SHUTDOWN_GRACE)
+    server.shutdown()
+    server.server_close()
+    daemon.worker.stop(settings.SHUTDOWN_GRACE)
+    log.info("stopped")
+    return 0
+
+
 def users_file_warnings(path):
     """What is wrong with the users file at start, one line each naming
     AUTH_DB (and the line).  The daemon starts anyway: the file is read
@@ -5907,9 +5905,62 @@ def users_file_warnings(path):
     return warnings
 
 
+def print_warning(message):
+    print("ipd: warning: %s" % message, file=sys.stderr)
+
+
+def close_to_others(settings):
+    """At start: take others' bits off the users file and the logs where
+    ipd may (the original's installation left them 0644; a project.conf's
+    RUN_AS user is such an other), saying so in the log."""
+    for key, path in (("AUTH_DB", settings.AUTH_DB),
+                      ("LOG_DIR", os.path.join(settings.LOG_DIR, "ipd.log")),
+                      ("LOG_DIR", os.path.join(settings.LOG_DIR, "audit.log"))):
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        if (stat.S_ISREG(info.st_mode) and info.st_mode & 0o007
+                and os.geteuid() in (0, info.st_uid)):  # files only: never /tmp
+            os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o007)
+            message = "%s: %s was open to others: made it %o" % (
+                key, path, stat.S_IMODE(info.st_mode) & ~0o007)
+            log.warning("%s", message)
+            print_warning(message)
+
+
+def serve(settings, verbose=False, on_ready=None):
+    """Check the folders, take UPLOAD_DIR's lock and run the daemon until
+    SIGTERM or SIGINT.  Returns the exit status; raises StartupError (each
+    line already in ipd.log where LOG_DIR allows) when it cannot start."""
+    # Nothing ipd writes is for others unless it says so (systemd's UMask
+    # does the same; ipd must not depend on being started by it).
+    os.umask(0o027)
+    problems = folder_problems(settings)
+    if "LOG_DIR" not in problems:
+        setup_logging(settings.LOG_DIR, audit_syslog=settings.AUDIT_SYSLOG)
+    if problems:
+        raise startup_error(list(problems.values()), "LOG_DIR" not in problems)
+    lock = lock_upload_dir(settings.UPLOAD_DIR)
+    try:
+        close_to_others(settings)
+        explain_scripts_mode(settings)
+        for warning in users_file_warnings(settings.AUTH_DB):
+            log.warning("%s", warning)
+            print_warning(warning)
+        if verbose:
+            log_to_stderr()
+        return run_daemon(settings, on_ready)
+    finally:
+        os.close(lock)  # only now may another daemon take UPLOAD_DIR
+
+
 ###############################################################################
 # The client ##################################################################
 ###############################################################################
+
+# ipd.py push, status, logs, list, info, cancel, redeploy: HTTP to a
+# daemon with http.client, exit statuses scripts can tell apart.
 
 # Exit statuses of the client commands, distinct for scripts to tell apart.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NETWORK = 0, 1, 2, 3
@@ -5932,6 +5983,332 @@ class ClientError(Exception):
 
 # A broken log stream is resumed this many times in a row without progress.
 FOLLOW_RETRIES = 5
+
+
+# A tar member at least this large is sent as a segment of its own; the
+# bytes between such members (headers, small members) go inline, or as a
+# segment when they add up to as much (#16).
+SEGMENT_MIN = 64 * 1024
+
+
+def make_recipe(project, files, plans, signed=None, force=False, whole=None):
+    """The body of POST /push for files ({field: path}) as planned by
+    plan_file ({field: plan}); whole names each file's SHA-256 ({field:
+    digest}; by default the plans' FileHash, which may still be at work)."""
+    recipe = {"project": project, "force": bool(force), "files": {}}
+    if signed:
+        recipe["manifest"], recipe["signature"] = signed[0].decode(), signed[1]
+    for field, plan in plans.items():
+        recipe["files"][field] = {
+            "name": os.path.basename(files[field]), "size": plan["size"],
+            "sha256": whole[field] if whole else plan["whole"].result(),
+            "segments": [
+                {"sha256": digest, "size": end - start} if digest else
+                {"data": base64.b64encode(data).decode()}
+                for start, end, digest, data in plan["pieces"]]}
+    return recipe
+
+
+def parse_rate(text):
+    try:
+        rate = parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    if rate <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return rate
+
+
+# The largest manifest or image config push reads for the layers' digests.
+IMAGE_METADATA_LIMIT = 4 * 1024 * 1024
+OCI_BLOB = re.compile(r"(?:\./)?blobs/sha256/([0-9a-f]{64})\Z")
+
+
+def declared_digests(tar, members):
+    """{member name: SHA-256} as the image in tar says of its layers: the
+    OCI layout names each blob by it; a docker save manifest.json lists each
+    image's layers beside its config, whose rootfs.diff_ids are the layers'
+    digests, in order.  Push checks them before the recipe names them."""
+    found = {}
+    for name in members:
+        match = OCI_BLOB.match(name)
+        if match:
+            found[name] = match.group(1)
+
+    def read_json(name):
+        info = members.get(name)
+        if info is None or not info.isreg() or info.size > IMAGE_METADATA_LIMIT:
+            return None
+        return json.loads(tar.extractfile(info).read().decode("utf-8"))
+
+    for image in read_json("manifest.json") or []:
+        config = read_json(image.get("Config", ""))
+        diff_ids = (config or {}).get("rootfs", {}).get("diff_ids", [])
+        layers = image.get("Layers", [])
+        for layer, diff_id in zip(layers, diff_ids):
+            if len(layers) == len(diff_ids) and SHA256_HEX.match(
+                    diff_id[len("sha256:"):]) and diff_id.startswith("sha256:"):
+                found.setdefault(layer, diff_id[len("sha256:"):])
+    return found
+
+
+def tar_data_ranges(path, size):
+    """(start, end, declared) of the data of each large regular member of a
+    plain tar file, in order, declared being the SHA-256 that an image's own
+    metadata gives for it, or None; [(0, size, None)] for anything else
+    (compressed, not a tar)."""
+    whole = [(0, size, None)] if size else []
+    try:
+        ranges, members = [], {}
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if info.issparse():
+                    return whole
+                members[info.name] = info
+                if info.isreg() and info.size >= SEGMENT_MIN:
+                    ranges.append((info.offset_data, info.offset_data + info.size,
+                                   info.name))
+            declared = declared_digests(tar, members)
+    except Exception:  # not a tar: whatever tarfile says, one segment
+        return whole
+    position = 0
+    for start, end, _ in ranges:
+        if start < position or end > size:
+            return whole
+        position = end
+    return [(start, end, declared.get(name)) for start, end, name in ranges] or whole
+
+
+def range_chunks(path, start, end):
+    """The bytes start..end of path, in chunks; a shorter file is an error."""
+    with open(path, "rb") as file:
+        file.seek(start)
+        left = end - start
+        while left:
+            block = file.read(min(CHUNK_SIZE, left))
+            if not block:
+                raise ClientError("%s changed while it was read" % path, EXIT_USAGE)
+            left -= len(block)
+            yield block
+
+
+def range_digest(path, start, end):
+    digest = hashlib.sha256()
+    for block in range_chunks(path, start, end):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def range_bytes(path, start, end):
+    return b"".join(range_chunks(path, start, end))
+
+
+def read_pieces(path, bounds):
+    """For each (start, end, segment, _) of path: the SHA-256 of a segment,
+    the bytes of an inline piece; the first and second half of the bytes
+    read by a thread each (hashlib lets go of the GIL)."""
+    if not bounds:
+        return []
+    half = (bounds[0][0] + bounds[-1][1]) // 2
+    first = [bound for bound in bounds if bound[0] < half]
+
+    def read(part):
+        return [range_digest(path, start, end) if segment else
+                range_bytes(path, start, end) for start, end, segment, _ in part]
+
+    jobs = [Background(read, part) for part in (first, bounds[len(first):]) if part]
+    return [value for job in jobs for value in job.result()]
+
+
+def file_digest(path, status):
+    """The SHA-256 of a whole file that must still be as status (an os.stat
+    result) says: a file changed while push read it is an error."""
+    digest = range_digest(path, 0, status.st_size)
+    now = os.stat(path)
+    if (now.st_size, now.st_mtime_ns) != (status.st_size, status.st_mtime_ns):
+        raise ClientError("%s changed while it was read" % path, EXIT_USAGE)
+    return digest
+
+
+def plan_file(path):
+    """How push sends a file: {size, pieces: [(start, end, segment digest or
+    None, inline bytes or None)] covering it byte for byte, declared: the
+    indexes of pieces whose digest only the file's metadata gave, whole: the
+    file's SHA-256 and check: those digests as read (Background jobs)}.
+
+    Only the digests the file does not declare are computed first (on two
+    cores): the whole file's SHA-256 is needed only by the recipe, at the
+    end, and the declared digests only before it names them, so both are
+    computed while the missing segments go out."""
+    status = os.stat(path)
+    size = status.st_size
+    bounds, position = [], 0
+    for start, end, declared in tar_data_ranges(path, size):
+        if start > position:
+            bounds.append((position, start, start - position >= SEGMENT_MIN, None))
+        bounds.append((start, end, True, declared))
+        position = end
+    if position < size:
+        bounds.append((position, size, size - position >= SEGMENT_MIN, None))
+    found = read_pieces(path, [bound for bound in bounds if not bound[3]])
+    pieces, declared = [], []
+    for start, end, segment, digest in bounds:
+        value = digest or found.pop(0)
+        if digest:
+            declared.append(len(pieces))
+        if segment:
+            pieces.append((start, end, value, None))
+        elif pieces and pieces[-1][2] is None:  # one inline run
+            pieces[-1] = (pieces[-1][0], end, None, pieces[-1][3] + value)
+        else:
+            pieces.append((start, end, None, value))
+    plan = {"size": size, "pieces": pieces, "declared": declared}
+    if len(pieces) == 1 and pieces[0][2] and not declared:  # it is the whole file
+        plan["whole"] = Background(lambda: pieces[0][2])
+    else:
+        plan["whole"] = Background(file_digest, path, status)
+    plan["check"] = Background(lambda: {index: range_digest(path, *pieces[index][:2])
+                                        for index in declared})
+    return plan
+
+
+class Pacer:
+    """Sends no faster than rate bytes a second (push --limit-rate), in
+    front of an optional Progress."""
+
+    def __init__(self, rate, progress=None):
+        self.rate = rate
+        self.progress = progress
+        self.sent = 0
+        self.started = None
+
+    def start(self, total, present=0):
+        if self.progress:
+            self.progress.start(total, present)
+
+    def advance(self, count):
+        if self.started is None:
+            self.started = time.monotonic()
+        self.sent += count
+        ahead = self.sent / self.rate - (time.monotonic() - self.started)
+        if ahead > 0:
+            time.sleep(ahead)
+        if self.progress:
+            self.progress.advance(count)
+
+    def done(self):
+        if self.progress:
+            self.progress.done()
+
+
+def field_part(boundary, name, value):
+    return ('--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+            % (boundary, name, value)).encode()
+
+
+def digest_part(boundary, name, hexdigest):
+    """The end of a file's part, then the field with its SHA-256."""
+    return b"\r\n" + field_part(boundary, name + "_sha256", hexdigest)
+
+
+def file_part_head(boundary, name, filename):
+    filename = (filename.replace("\\", "_").replace('"', "_").replace("\r", "_")
+                .replace("\n", "_"))
+    return ('--%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n'
+            'Content-Type: application/octet-stream\r\n\r\n'
+            % (boundary, name, filename)).encode("utf-8")
+
+
+def send_segments(connection, segments, boundary, progress):
+    """Send the multipart body: bytes as they are, files from disk in 1 MiB
+    pieces through one reused buffer, each file's digest after it."""
+    buffer = bytearray(CHUNK_SIZE)
+    view = memoryview(buffer)
+    digests = {}
+    for segment in segments:
+        if isinstance(segment, bytes):
+            connection.send(segment)
+        elif segment[0] == "digest":
+            connection.send(digest_part(boundary, segment[1], digests[segment[1]]))
+        else:
+            name, path, size = segment
+            hasher = hashlib.sha256()
+            with open(path, "rb") as file:
+                while True:
+                    count = file.readinto(buffer)
+                    if not count:
+                        break
+                    hasher.update(view[:count])
+                    connection.send(view[:count])
+                    if progress:
+                        progress.advance(count)
+            digests[name] = hasher.hexdigest()
+    if progress:
+        progress.done()
+
+
+def parse_json(body):
+    try:
+        data = json.loads(body.decode("utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return {}
+
+
+def await_continue(connection, wait=3):
+    """After the headers of an Expect: 100-continue request: None when the
+    body may follow (100 Continue, or no word within wait seconds, as
+    RFC 9110 allows), else (status, body) of the server's early refusal."""
+    sock = connection.sock
+    readable = (getattr(sock, "pending", lambda: 0)() or
+                select.select([sock], [], [], wait)[0])
+    if not readable:
+        return None
+    reader = sock.makefile("rb", buffering=0)
+    status_line = reader.readline(65537)
+    headers = {}
+    while True:
+        line = reader.readline(65537)
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    status = int(status_line.split()[1]) if len(status_line.split()) > 1 else 0
+    if status == 100:
+        return None
+    length = int(headers.get("content-length", "0") or 0)
+    body = reader.read(length) if length else b""
+    return status, parse_json(body).get("error") or body
+
+
+def late_answer(connection):
+    """The server's answer after it stopped reading our body (413, 507...)."""
+    if connection.sock is None:  # never connected: nobody answered
+        return None
+    try:
+        response = connection.getresponse()
+        return response.status, parse_json(response.read()).get("error")
+    except Exception:
+        return None
+
+
+def http_error(status, message):
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    message = (str(message).strip().splitlines() or [""])[0]
+    return ClientError("HTTP %d: %s" % (status, message or "error"),
+                       EXIT_FOR_STATUS.get(status, EXIT_HTTP))
+
+
+def network_error(url, error):
+    return ClientError("cannot reach %s: %s" % (url, error), EXIT_NETWORK)
+
+
+def human_size(count):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
+        count /= 1024.0
 
 
 class Client:
@@ -6277,325 +6654,6 @@ class Client:
         return corrected
 
 
-# A tar member at least this large is sent as a segment of its own; the
-# bytes between such members (headers, small members) go inline, or as a
-# segment when they add up to as much (#16).
-SEGMENT_MIN = 64 * 1024
-
-
-def make_recipe(project, files, plans, signed=None, force=False, whole=None):
-    """The body of POST /push for files ({field: path}) as planned by
-    plan_file ({field: plan}); whole names each file's SHA-256 ({field:
-    digest}; by default the plans' FileHash, which may still be at work)."""
-    recipe = {"project": project, "force": bool(force), "files": {}}
-    if signed:
-        recipe["manifest"], recipe["signature"] = signed[0].decode(), signed[1]
-    for field, plan in plans.items():
-        recipe["files"][field] = {
-            "name": os.path.basename(files[field]), "size": plan["size"],
-            "sha256": whole[field] if whole else plan["whole"].result(),
-            "segments": [
-                {"sha256": digest, "size": end - start} if digest else
-                {"data": base64.b64encode(data).decode()}
-                for start, end, digest, data in plan["pieces"]]}
-    return recipe
-
-
-def parse_rate(text):
-    try:
-        rate = parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error))
-    if rate <= 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
-    return rate
-
-
-def tar_data_ranges(path, size):
-    """(start, end, declared) of the data of each large regular member of a
-    plain tar file, in order, declared being the SHA-256 that an image's own
-    metadata gives for it, or None; [(0, size, None)] for anything else
-    (compressed, not a tar)."""
-    whole = [(0, size, None)] if size else []
-    try:
-        ranges, members = [], {}
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                if info.issparse():
-                    return whole
-                members[info.name] = info
-                if info.isreg() and info.size >= SEGMENT_MIN:
-                    ranges.append((info.offset_data, info.offset_data + info.size,
-                                   info.name))
-            declared = declared_digests(tar, members)
-    except Exception:  # not a tar: whatever tarfile says, one segment
-        return whole
-    position = 0
-    for start, end, _ in ranges:
-        if start < position or end > size:
-            return whole
-        position = end
-    return [(start, end, declared.get(name)) for start, end, name in ranges] or whole
-
-
-# The largest manifest or image config push reads for the layers' digests.
-IMAGE_METADATA_LIMIT = 4 * 1024 * 1024
-OCI_BLOB = re.compile(r"(?:\./)?blobs/sha256/([0-9a-f]{64})\Z")
-
-
-def declared_digests(tar, members):
-    """{member name: SHA-256} as the image in tar says of its layers: the
-    OCI layout names each blob by it; a docker save manifest.json lists each
-    image's layers beside its config, whose rootfs.diff_ids are the layers'
-    digests, in order.  Push checks them before the recipe names them."""
-    found = {}
-    for name in members:
-        match = OCI_BLOB.match(name)
-        if match:
-            found[name] = match.group(1)
-
-    def read_json(name):
-        info = members.get(name)
-        if info is None or not info.isreg() or info.size > IMAGE_METADATA_LIMIT:
-            return None
-        return json.loads(tar.extractfile(info).read().decode("utf-8"))
-
-    for image in read_json("manifest.json") or []:
-        config = read_json(image.get("Config", ""))
-        diff_ids = (config or {}).get("rootfs", {}).get("diff_ids", [])
-        layers = image.get("Layers", [])
-        for layer, diff_id in zip(layers, diff_ids):
-            if len(layers) == len(diff_ids) and SHA256_HEX.match(
-                    diff_id[len("sha256:"):]) and diff_id.startswith("sha256:"):
-                found.setdefault(layer, diff_id[len("sha256:"):])
-    return found
-
-
-def plan_file(path):
-    """How push sends a file: {size, pieces: [(start, end, segment digest or
-    None, inline bytes or None)] covering it byte for byte, declared: the
-    indexes of pieces whose digest only the file's metadata gave, whole: the
-    file's SHA-256 and check: those digests as read (Background jobs)}.
-
-    Only the digests the file does not declare are computed first (on two
-    cores): the whole file's SHA-256 is needed only by the recipe, at the
-    end, and the declared digests only before it names them, so both are
-    computed while the missing segments go out."""
-    status = os.stat(path)
-    size = status.st_size
-    bounds, position = [], 0
-    for start, end, declared in tar_data_ranges(path, size):
-        if start > position:
-            bounds.append((position, start, start - position >= SEGMENT_MIN, None))
-        bounds.append((start, end, True, declared))
-        position = end
-    if position < size:
-        bounds.append((position, size, size - position >= SEGMENT_MIN, None))
-    found = read_pieces(path, [bound for bound in bounds if not bound[3]])
-    pieces, declared = [], []
-    for start, end, segment, digest in bounds:
-        value = digest or found.pop(0)
-        if digest:
-            declared.append(len(pieces))
-        if segment:
-            pieces.append((start, end, value, None))
-        elif pieces and pieces[-1][2] is None:  # one inline run
-            pieces[-1] = (pieces[-1][0], end, None, pieces[-1][3] + value)
-        else:
-            pieces.append((start, end, None, value))
-    plan = {"size": size, "pieces": pieces, "declared": declared}
-    if len(pieces) == 1 and pieces[0][2] and not declared:  # it is the whole file
-        plan["whole"] = Background(lambda: pieces[0][2])
-    else:
-        plan["whole"] = Background(file_digest, path, status)
-    plan["check"] = Background(lambda: {index: range_digest(path, *pieces[index][:2])
-                                        for index in declared})
-    return plan
-
-
-def read_pieces(path, bounds):
-    """For each (start, end, segment, _) of path: the SHA-256 of a segment,
-    the bytes of an inline piece; the first and second half of the bytes
-    read by a thread each (hashlib lets go of the GIL)."""
-    if not bounds:
-        return []
-    half = (bounds[0][0] + bounds[-1][1]) // 2
-    first = [bound for bound in bounds if bound[0] < half]
-
-    def read(part):
-        return [range_digest(path, start, end) if segment else
-                range_bytes(path, start, end) for start, end, segment, _ in part]
-
-    jobs = [Background(read, part) for part in (first, bounds[len(first):]) if part]
-    return [value for job in jobs for value in job.result()]
-
-
-def range_chunks(path, start, end):
-    """The bytes start..end of path, in chunks; a shorter file is an error."""
-    with open(path, "rb") as file:
-        file.seek(start)
-        left = end - start
-        while left:
-            block = file.read(min(CHUNK_SIZE, left))
-            if not block:
-                raise ClientError("%s changed while it was read" % path, EXIT_USAGE)
-            left -= len(block)
-            yield block
-
-
-def range_digest(path, start, end):
-    digest = hashlib.sha256()
-    for block in range_chunks(path, start, end):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-def range_bytes(path, start, end):
-    return b"".join(range_chunks(path, start, end))
-
-
-def file_digest(path, status):
-    """The SHA-256 of a whole file that must still be as status (an os.stat
-    result) says: a file changed while push read it is an error."""
-    digest = range_digest(path, 0, status.st_size)
-    now = os.stat(path)
-    if (now.st_size, now.st_mtime_ns) != (status.st_size, status.st_mtime_ns):
-        raise ClientError("%s changed while it was read" % path, EXIT_USAGE)
-    return digest
-
-
-class Pacer:
-    """Sends no faster than rate bytes a second (push --limit-rate), in
-    front of an optional Progress."""
-
-    def __init__(self, rate, progress=None):
-        self.rate = rate
-        self.progress = progress
-        self.sent = 0
-        self.started = None
-
-    def start(self, total, present=0):
-        if self.progress:
-            self.progress.start(total, present)
-
-    def advance(self, count):
-        if self.started is None:
-            self.started = time.monotonic()
-        self.sent += count
-        ahead = self.sent / self.rate - (time.monotonic() - self.started)
-        if ahead > 0:
-            time.sleep(ahead)
-        if self.progress:
-            self.progress.advance(count)
-
-    def done(self):
-        if self.progress:
-            self.progress.done()
-
-
-def field_part(boundary, name, value):
-    return ('--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
-            % (boundary, name, value)).encode()
-
-
-def digest_part(boundary, name, hexdigest):
-    """The end of a file's part, then the field with its SHA-256."""
-    return b"\r\n" + field_part(boundary, name + "_sha256", hexdigest)
-
-
-def file_part_head(boundary, name, filename):
-    filename = (filename.replace("\\", "_").replace('"', "_").replace("\r", "_")
-                .replace("\n", "_"))
-    return ('--%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n'
-            'Content-Type: application/octet-stream\r\n\r\n'
-            % (boundary, name, filename)).encode("utf-8")
-
-
-def send_segments(connection, segments, boundary, progress):
-    """Send the multipart body: bytes as they are, files from disk in 1 MiB
-    pieces through one reused buffer, each file's digest after it."""
-    buffer = bytearray(CHUNK_SIZE)
-    view = memoryview(buffer)
-    digests = {}
-    for segment in segments:
-        if isinstance(segment, bytes):
-            connection.send(segment)
-        elif segment[0] == "digest":
-            connection.send(digest_part(boundary, segment[1], digests[segment[1]]))
-        else:
-            name, path, size = segment
-            hasher = hashlib.sha256()
-            with open(path, "rb") as file:
-                while True:
-                    count = file.readinto(buffer)
-                    if not count:
-                        break
-                    hasher.update(view[:count])
-                    connection.send(view[:count])
-                    if progress:
-                        progress.advance(count)
-            digests[name] = hasher.hexdigest()
-    if progress:
-        progress.done()
-
-
-def await_continue(connection, wait=3):
-    """After the headers of an Expect: 100-continue request: None when the
-    body may follow (100 Continue, or no word within wait seconds, as
-    RFC 9110 allows), else (status, body) of the server's early refusal."""
-    sock = connection.sock
-    readable = (getattr(sock, "pending", lambda: 0)() or
-                select.select([sock], [], [], wait)[0])
-    if not readable:
-        return None
-    reader = sock.makefile("rb", buffering=0)
-    status_line = reader.readline(65537)
-    headers = {}
-    while True:
-        line = reader.readline(65537)
-        if line in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    status = int(status_line.split()[1]) if len(status_line.split()) > 1 else 0
-    if status == 100:
-        return None
-    length = int(headers.get("content-length", "0") or 0)
-    body = reader.read(length) if length else b""
-    return status, parse_json(body).get("error") or body
-
-
-def late_answer(connection):
-    """The server's answer after it stopped reading our body (413, 507...)."""
-    if connection.sock is None:  # never connected: nobody answered
-        return None
-    try:
-        response = connection.getresponse()
-        return response.status, parse_json(response.read()).get("error")
-    except Exception:
-        return None
-
-
-def parse_json(body):
-    try:
-        data = json.loads(body.decode("utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return {}
-
-
-def http_error(status, message):
-    if isinstance(message, bytes):
-        message = message.decode("utf-8", "replace")
-    message = (str(message).strip().splitlines() or [""])[0]
-    return ClientError("HTTP %d: %s" % (status, message or "error"),
-                       EXIT_FOR_STATUS.get(status, EXIT_HTTP))
-
-
-def network_error(url, error):
-    return ClientError("cannot reach %s: %s" % (url, error), EXIT_NETWORK)
-
-
 class Progress:
     """A progress bar on stderr: bytes, percent, rate, time left."""
 
@@ -6639,13 +6697,6 @@ class Progress:
         self.stream.flush()
 
 
-def human_size(count):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
-        count /= 1024.0
-
-
 def pack_directory(folder):
     """A directory as a tar.gz (control.sh at its root) named after it, in a
     temporary folder: the upload, and the audit log, show 'deploy.tar.gz'."""
@@ -6655,6 +6706,17 @@ def pack_directory(folder):
         for name in sorted(os.listdir(folder)):
             tar.add(os.path.join(folder, name), name)
     return path
+
+
+def netrc_login(host, user=None):
+    """(login, password) for host from ~/.netrc, or None."""
+    try:
+        entry = netrc.netrc().authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    if entry and (user is None or entry[0] == user):
+        return entry[0], entry[2]
+    return None
 
 
 def client_from_args(args):
@@ -6680,17 +6742,6 @@ def client_from_args(args):
     return Client(url, user, password, args.cacert)
 
 
-def netrc_login(host, user=None):
-    """(login, password) for host from ~/.netrc, or None."""
-    try:
-        entry = netrc.netrc().authenticators(host)
-    except (OSError, netrc.NetrcParseError):
-        return None
-    if entry and (user is None or entry[0] == user):
-        return entry[0], entry[2]
-    return None
-
-
 def wait_for_result(client, project, deployment, timeout):
     """Follow the log to the end; exit status 0 for ok, 1 otherwise."""
     deadline = time.monotonic() + timeout if timeout else None
@@ -6699,6 +6750,23 @@ def wait_for_result(client, project, deployment, timeout):
     print("ipd: deployment %s of %s: %s" % (deployment, project, state),
           file=sys.stderr)
     return EXIT_OK if state == "ok" else EXIT_FAILED
+
+
+def sign_push(key, project, files):
+    """(manifest, signature) for pushing files ({field: path}) to project,
+    signed with the SSH key at path key."""
+    described = {}
+    for field, path in files.items():
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(CHUNK_SIZE), b""):
+                digest.update(block)
+        described[field] = (digest.hexdigest(), os.path.getsize(path))
+    manifest = make_manifest(project, described)
+    try:
+        return manifest, sign_manifest(key, manifest)
+    except ConfigError as error:
+        raise ClientError(str(error), EXIT_USAGE)
 
 
 def cmd_push(args):
@@ -6738,23 +6806,6 @@ def cmd_push(args):
     if args.wait:
         return wait_for_result(client, args.project, deployment, args.timeout)
     return EXIT_OK
-
-
-def sign_push(key, project, files):
-    """(manifest, signature) for pushing files ({field: path}) to project,
-    signed with the SSH key at path key."""
-    described = {}
-    for field, path in files.items():
-        digest = hashlib.sha256()
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(CHUNK_SIZE), b""):
-                digest.update(block)
-        described[field] = (digest.hexdigest(), os.path.getsize(path))
-    manifest = make_manifest(project, described)
-    try:
-        return manifest, sign_manifest(key, manifest)
-    except ConfigError as error:
-        raise ClientError(str(error), EXIT_USAGE)
 
 
 def cmd_status(args):
@@ -6890,6 +6941,9 @@ def add_client_commands(commands):
 # Command line ################################################################
 ###############################################################################
 
+# The argparse commands, each calling the client, the daemon or the
+# users file; main() is the entry point of ipd.py and of `ipd`.
+
 DEMO_CONTROL_SH = """#!/bin/sh
 # An example control.sh: ipd runs it with check, prepare and deploy.
 # Exit status 1 means success (the original README's contract).
@@ -7023,10 +7077,6 @@ def cmd_token(args):
 def cmd_version(args):
     print("ipd", __version__)
     return 0
-
-
-def print_warning(message):
-    print("ipd: warning: %s" % message, file=sys.stderr)
 
 
 def build_parser():
