@@ -2593,6 +2593,7 @@ class Deployment:
     FIELDS = ("id", "project", "seq", "state", "created", "started", "ended",
               "user", "files", "control", "steps", "pruned", "signer", "recipe")
     __slots__ = FIELDS + ("others",)
+    FIELDS_SET = frozenset(FIELDS)
 
     def __init__(self, deployment_id, project, seq=None, user=None, files=None,
                  control=None, **fields):
@@ -2619,8 +2620,16 @@ class Deployment:
         """The Deployment of an ID.json's dict, of this format or an older
         one: fields an older one lacks get a new upload's defaults.  Raises
         KeyError, TypeError or AttributeError for what is not one."""
-        deployment = cls(data["id"], data["project"], data["seq"])
-        deployment._set(data)
+        if data.keys() - {"version"} != cls.FIELDS_SET:
+            deployment = cls(data["id"], data["project"], data["seq"])
+            deployment._set(data)
+            return deployment
+        # this format's state file, every field and no other (start-up reads
+        # 100,000 of them from the index caches): set them straight
+        deployment = cls.__new__(cls)
+        for key in cls.FIELDS:
+            setattr(deployment, key, data[key])
+        deployment.others = {}
         return deployment
 
     def to_disk(self):
@@ -2661,13 +2670,19 @@ class Deployment:
         lists and dicts is copied too, so that no change to it reaches
         the store's own."""
         deployment = Deployment.__new__(Deployment)
-        for key in self.FIELDS:
-            setattr(deployment, key, getattr(self, key))
+        deployment.id, deployment.project, deployment.seq = self.id, self.project, self.seq
+        deployment.state, deployment.user, deployment.control = (
+            self.state, self.user, self.control)
+        deployment.created, deployment.started, deployment.ended = (
+            self.created, self.started, self.ended)
+        deployment.pruned, deployment.recipe = self.pruned, self.recipe
         deployment.files = {name: dict(meta) for name, meta in self.files.items()}
         deployment.steps = [dict(step) for step in self.steps]
         deployment.signer = self.signer and dict(self.signer)
-        deployment.others = json.loads(json.dumps(self.others))  # JSON values
-        deployment._set(changes)
+        deployment.others = (json.loads(json.dumps(self.others))  # JSON values
+                             if self.others else {})
+        if changes:
+            deployment._set(changes)
         return deployment
 
     def __repr__(self):
@@ -3731,10 +3746,9 @@ class SegmentStore:
                         self.uploaders.setdefault(digest, set()).add(name)
         except FileNotFoundError:
             pass
-        for project in store.projects():
-            for record in store.deployments_of(project):
-                if record.recipe and not record.pruned:
-                    self.read_refs(store, record)
+        for record, has_recipe in store.kept_files():
+            if has_recipe:
+                self.read_refs(store, record)
         self.collect()
 
     def read_refs(self, store, record):
@@ -4843,15 +4857,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             body = text.encode()
             content_type = "text/plain; charset=utf-8"
+        self.send_whole(status, content_type, body, headers)
+
+    def send_whole(self, status, content_type, body, headers=None):
+        """An answer whose body (bytes) is known beforehand."""
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-            self.bytes_sent += len(body)
+        self.write_body(body)
+
+    def write_body(self, data, chunked=False):
+        """Every byte of every answer's body goes out here: none for HEAD,
+        each counted for the access log; a chunk of a chunked answer framed
+        (an empty one ends it) and flushed at once."""
+        if self.command == "HEAD":
+            return
+        if chunked:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        else:
+            self.wfile.write(data)
+        self.bytes_sent += len(data)
 
     def send_response(self, code, message=None):
         """The status line; a request whose body was not read to its end
@@ -5052,9 +5081,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             data = file.read(min(size, CHUNK_SIZE))
             if not data:  # cannot shrink, but never send a short body
                 data = b"\n" * size
-            self.wfile.write(data)
+            self.write_body(data)
             size -= len(data)
-            self.bytes_sent += len(data)
 
     def follow_log(self, record, file):
         """Stream the log as control.sh writes it, chunked, until the
@@ -5079,7 +5107,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         while True:
             data = file.read(CHUNK_SIZE)
             if data:
-                self.send_chunk(data, chunked)
+                self.write_body(data, chunked)
                 last = data[-1:]
                 continue
             current = self.ipd.store.wait_final(record.id, 0.2)
@@ -5090,14 +5118,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if current.state not in UNFINISHED:
                 data = file.read()  # what it printed last
                 if data:
-                    self.send_chunk(data, chunked)
+                    self.write_body(data, chunked)
                     last = data[-1:]
                 break
         ending = b"" if last == b"\n" else b"\n"
-        self.send_chunk(ending + ("ipd: state: %s\n" % current.state).encode(),
+        self.write_body(ending + ("ipd: state: %s\n" % current.state).encode(),
                         chunked)
         if chunked:
-            self.wfile.write(b"0\r\n\r\n")
+            self.write_body(b"", chunked)
 
     def send_stream(self, content_type, pieces, headers=None):
         """A 200 answer whose size is not known beforehand, sent as pieces
@@ -5122,20 +5150,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             batch.append(data)
             size += len(data)
             if size >= 65536:
-                self.send_chunk(b"".join(batch), chunked)
+                self.write_body(b"".join(batch), chunked)
                 batch, size = [], 0
         if size:
-            self.send_chunk(b"".join(batch), chunked)
+            self.write_body(b"".join(batch), chunked)
         if chunked:
-            self.wfile.write(b"0\r\n\r\n")
-
-    def send_chunk(self, data, chunked):
-        if chunked:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        else:
-            self.wfile.write(data)
-        self.wfile.flush()
-        self.bytes_sent += len(data)
+            self.write_body(b"", chunked)
 
     def api_cancel(self, project, deployment_id):
         record = self.find_deployment(project, deployment_id)
@@ -5191,14 +5211,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "ipd_upload_bytes_total": ("Bytes of accepted uploads.", received),
         }
         text = daemon.metrics.render(gauges, counters)
-        body = text.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-            self.bytes_sent += len(body)
+        self.send_whole(200, "text/plain; version=0.0.4; charset=utf-8", text.encode())
 
     def find_deployment(self, project, deployment_id):
         """The record, or None; names that cannot exist are looked up too
