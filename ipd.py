@@ -1581,15 +1581,15 @@ class ChunkedBody:
 
 
 class FileSink:
-    """A file part written to a temporary file, hashed as it streams (by a
-    ParallelHash when given one: then write() takes only bytes)."""
+    """A file part written to a temporary file, hashed as it streams (with
+    parallel, on a second core: then write() takes only bytes)."""
 
-    def __init__(self, folder, field, filename, sha256=None):
+    def __init__(self, folder, field, filename, parallel=False):
         self.field = field
         self.filename = filename
         self.fd, self.path = tempfile.mkstemp(prefix=".upload-", suffix=".tmp",
                                               dir=folder)
-        self.sha256 = sha256 or hashlib.sha256()
+        self.sha256 = ParallelHash() if parallel else hashlib.sha256()
         self.size = 0
 
     def write(self, data):
@@ -2623,13 +2623,19 @@ class Deployment:
         if data.keys() - {"version"} != cls.FIELDS_SET:
             deployment = cls(data["id"], data["project"], data["seq"])
             deployment._set(data)
-            return deployment
-        # this format's state file, every field and no other (start-up reads
-        # 100,000 of them from the index caches): set them straight
-        deployment = cls.__new__(cls)
-        for key in cls.FIELDS:
-            setattr(deployment, key, data[key])
-        deployment.others = {}
+        else:
+            # this format's state file, every field and no other (start-up
+            # reads 100,000 of them from the index caches): set them straight
+            deployment = cls.__new__(cls)
+            for key in cls.FIELDS:
+                setattr(deployment, key, data[key])
+            deployment.others = {}
+        if not (isinstance(deployment.id, str) and isinstance(deployment.project, str)
+                and isinstance(deployment.seq, int) and isinstance(deployment.state, str)
+                and isinstance(deployment.files, dict) and isinstance(deployment.steps, list)
+                and isinstance(deployment.signer, (dict, type(None)))):
+            raise TypeError("a field of deployment %r is of the wrong type"
+                            % (deployment.id,))
         return deployment
 
     def to_disk(self):
@@ -3043,17 +3049,6 @@ class DeploymentStore:
                     return record.copy()
                 self._lock.wait(remaining)
 
-    def unfinished_with(self, project, digests):
-        """The waiting or running deployment of project whose files have
-        these SHA-256s ({field: hex}), or None."""
-        with self._lock:
-            for deployment_id in reversed(self._by_project.get(project, ())):
-                record = self._records[deployment_id]
-                if record.state in UNFINISHED and digests == {
-                        name: meta["sha256"] for name, meta in record.files.items()}:
-                    return record.copy()
-        return None
-
     # --- pruning
 
     def prune(self, project):
@@ -3198,6 +3193,18 @@ class DeployQueue:
         self._waiting[record.project] = record.id
         self._held[record.id] = record
         self._lock.notify_all()
+
+    def holding(self, project, digests):
+        """The waiting or running deployment of project whose files have
+        these SHA-256s ({field: hex}), or None: one a newer upload has
+        superseded is no longer held, though the store may not yet say so."""
+        with self._lock:
+            for record in self._held.values():
+                if record.project == project and record.state in UNFINISHED and (
+                        digests == {name: meta["sha256"]
+                                    for name, meta in record.files.items()}):
+                    return record.copy()
+        return None
 
     def supersede(self):
         """Record each waiting deployment a newer one replaced as 'changed'
@@ -4156,7 +4163,7 @@ class Daemon:
                 "files"][name]
         except (OSError, ValueError, KeyError, BadRequest):
             raise Gone("the recipe of deployment %s is gone" % earlier.id)
-        sink = FileSink(self.settings.UPLOAD_DIR, name, meta["name"], ParallelHash())
+        sink = FileSink(self.settings.UPLOAD_DIR, name, meta["name"], parallel=True)
         try:
             self.segments.rebuild(user, name, meta, sink)
         except BadRequest as error:
@@ -4188,7 +4195,7 @@ class Daemon:
         digests = {name: sink.describe()["sha256"] for name, sink
                    in upload.files.items()}
         if upload.fields.get("force", "0") not in ("1", "true", "yes"):
-            earlier = self.store.unfinished_with(project, digests)
+            earlier = self.queue.holding(project, digests)
             if earlier:
                 log.info("deployment %s of %s: the same files again, from %s; "
                          "not queued twice", earlier.id, project, user.name)
@@ -5400,7 +5407,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 upload.fields[field + "_sha256"] = meta["sha256"]
                 # hashed on a second core while this one copies (#16)
                 sink = upload.files[field] = FileSink(settings.UPLOAD_DIR, field,
-                                                      meta["name"], ParallelHash())
+                                                      meta["name"], parallel=True)
                 self.ipd.segments.rebuild(self.user, field, meta, sink)
                 sink.close()
             upload.recipe = RecipeFile(encode_recipe(recipe["files"]),
@@ -6048,19 +6055,26 @@ def declared_digests(tar, members):
         if match:
             found[name] = match.group(1)
 
-    def read_json(name):
-        info = members.get(name)
+    def read_json(name, kind):
+        info = members.get(name) if isinstance(name, str) else None
         if info is None or not info.isreg() or info.size > IMAGE_METADATA_LIMIT:
-            return None
-        return json.loads(tar.extractfile(info).read().decode("utf-8"))
+            return kind()
+        value = json.loads(tar.extractfile(info).read().decode("utf-8"))
+        return value if isinstance(value, kind) else kind()
 
-    for image in read_json("manifest.json") or []:
-        config = read_json(image.get("Config", ""))
-        diff_ids = (config or {}).get("rootfs", {}).get("diff_ids", [])
-        layers = image.get("Layers", [])
+    for image in read_json("manifest.json", list):
+        if not isinstance(image, dict):
+            continue
+        rootfs = read_json(image.get("Config"), dict).get("rootfs")
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        layers = image.get("Layers")
+        if not (isinstance(layers, list) and isinstance(diff_ids, list)
+                and len(layers) == len(diff_ids)):
+            continue
         for layer, diff_id in zip(layers, diff_ids):
-            if len(layers) == len(diff_ids) and SHA256_HEX.match(
-                    diff_id[len("sha256:"):]) and diff_id.startswith("sha256:"):
+            if (isinstance(layer, str) and isinstance(diff_id, str)
+                    and diff_id.startswith("sha256:")
+                    and SHA256_HEX.match(diff_id[len("sha256:"):])):
                 found.setdefault(layer, diff_id[len("sha256:"):])
     return found
 
@@ -6081,7 +6095,10 @@ def tar_data_ranges(path, size):
                 if info.isreg() and info.size >= SEGMENT_MIN:
                     ranges.append((info.offset_data, info.offset_data + info.size,
                                    info.name))
-            declared = declared_digests(tar, members)
+            try:
+                declared = declared_digests(tar, members)
+            except Exception:  # odd metadata: the digests are computed
+                declared = {}
     except Exception:  # not a tar: whatever tarfile says, one segment
         return whole
     position = 0
@@ -6089,7 +6106,13 @@ def tar_data_ranges(path, size):
         if start < position or end > size:
             return whole
         position = end
-    return [(start, end, declared.get(name)) for start, end, name in ranges] or whole
+    # a name that two members bear (tar -r), or a digest declared for two
+    # of them, tells nothing certain of either: those are computed
+    names = [name for _, _, name in ranges]
+    digests = [declared.get(name) for name in names]
+    return [(start, end, declared.get(name) if names.count(name) == 1
+             and digests.count(declared.get(name)) == 1 else None)
+            for start, end, name in ranges] or whole
 
 
 def range_chunks(path, start, end):
@@ -6144,15 +6167,15 @@ def file_digest(path, status):
 
 
 def plan_file(path):
-    """How push sends a file: {size, pieces: [(start, end, segment digest or
-    None, inline bytes or None)] covering it byte for byte, declared: the
-    indexes of pieces whose digest only the file's metadata gave, whole: the
-    file's SHA-256 and check: those digests as read (Background jobs)}.
+    """How push sends a file: {path, status, size, pieces: [(start, end,
+    segment digest or None, inline bytes or None)] covering it byte for
+    byte, declared: the indexes of pieces whose digest only the file's
+    metadata gave}.
 
-    Only the digests the file does not declare are computed first (on two
+    Only the digests the file does not declare are computed here (on two
     cores): the whole file's SHA-256 is needed only by the recipe, at the
     end, and the declared digests only before it names them, so both are
-    computed while the missing segments go out."""
+    computed (start_checks) while the missing segments go out."""
     status = os.stat(path)
     size = status.st_size
     bounds, position = [], 0
@@ -6175,14 +6198,22 @@ def plan_file(path):
             pieces[-1] = (pieces[-1][0], end, None, pieces[-1][3] + value)
         else:
             pieces.append((start, end, None, value))
-    plan = {"size": size, "pieces": pieces, "declared": declared}
-    if len(pieces) == 1 and pieces[0][2] and not declared:  # it is the whole file
-        plan["whole"] = Background(lambda: pieces[0][2])
+    return {"path": path, "status": status, "size": size, "pieces": pieces,
+            "declared": declared}
+
+
+def start_checks(plan):
+    """Start computing, each on a thread of its own, what plan_file left
+    for later: plan["whole"], the file's SHA-256, and plan["check"], the
+    real digest of each piece whose digest the file only declared."""
+    path, pieces = plan["path"], plan["pieces"]
+    if len(pieces) == 1 and pieces[0][2] and not plan["declared"]:
+        plan["whole"] = Background(lambda: pieces[0][2])  # one segment: the file
     else:
-        plan["whole"] = Background(file_digest, path, status)
-    plan["check"] = Background(lambda: {index: range_digest(path, *pieces[index][:2])
-                                        for index in declared})
-    return plan
+        plan["whole"] = Background(file_digest, path, plan["status"])
+    ranges = {index: pieces[index][:2] for index in plan["declared"]}
+    plan["check"] = Background(lambda: {index: range_digest(path, start, end)
+                                        for index, (start, end) in ranges.items()})
 
 
 class Pacer:
@@ -6590,6 +6621,8 @@ class Client:
         if answer is None:
             return None
         missing, partial, present = answer
+        for plan in plans.values():
+            start_checks(plan)
         # the recipe's size for the progress bar, before the whole files'
         # digests (at work while the segments go out) are known
         body_size = len(json.dumps(make_recipe(
@@ -6608,8 +6641,13 @@ class Client:
                     plan["pieces"][index] = (start, end, digest, None)
                     corrected = True
         if corrected:
-            missing, partial, _ = self.missing_segments(project, plans, files)
-            to_send += sum(end - start for _, start, end in missing.values())
+            answer = self.missing_segments(project, plans, files)
+            if answer is None:
+                raise ClientError("the server stopped taking segments during the "
+                                  "push", EXIT_NETWORK)
+            missing, partial, _ = answer
+            to_send += sum(end - start - partial.get(digest, 0)
+                           for digest, (_, start, end) in missing.items())
             self.send_missing(missing, partial, plans, progress)
         recipe = make_recipe(project, files, plans, signed, force)
         status, answer = self.call_json("POST", "/push", recipe,

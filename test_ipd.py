@@ -3489,7 +3489,7 @@ class DeploymentQueueTests(unittest.TestCase):
         self.queue.supersede()
         self.assertEqual(self.state_file(older)["superseded_by"], newer.id)
         self.assertEqual(self.store.get(older.id).state, "changed")
-        self.assertIsNone(self.store.unfinished_with("app", {"image": "ab"}))
+        self.assertIsNone(self.queue.holding("app", {"image": "ab"}))
         self.queue.stop()
         self.assertIsNone(self.queue.claim())
 
@@ -5941,6 +5941,18 @@ def layered_image(path, layers, oci=False, tag="example/app:1", declared=None,
     return path
 
 
+def plain_tar(members):
+    """The bytes of a tar of (name, bytes) members, in order (names may
+    repeat)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1700000000
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
 def sha256_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -6071,6 +6083,28 @@ class LayerPushTests(LayerPushTestCase):
                                      sha256_file(path))
                     self.assertGreaterEqual(sent, len(changed))
                     self.assertLess(sent, len(changed) + 64 * 1024)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_odd_image_metadata_and_twice_named_members_still_split(self):
+        # a manifest.json that is not docker's, or a name two members bear
+        # (tar -r): push computes those digests, and still sends only the
+        # changed member
+        base, other = os.urandom(1 << 20), os.urandom(300000)
+        cases = {"web manifest": [("manifest.json", b'{"name": "app"}')],
+                 "odd layers": [("manifest.json", b'[{"Config": ["x"], "Layers": 7}]')],
+                 "not utf-8": [("manifest.json", b"\xff\xfe")],
+                 "twice named": [("blobs/sha256/" + hashlib.sha256(other).hexdigest(),
+                                  blob) for blob in (os.urandom(200000), other)]}
+        for name, extra in cases.items():
+            with self.subTest(name):
+                members = [("base.bin", base), ("layer.bin", os.urandom(200000))] + extra
+                v1 = self.write("v1.tar", plain_tar(members))
+                self.deployed_sha("app", self.push(v1)[0])
+                changed = [("base.bin", base), ("layer.bin", os.urandom(250000))] + extra
+                v2 = self.write("v2.tar", plain_tar(changed))
+                deployment, sent = self.push(v2)
+                self.assertEqual(self.deployed_sha("app", deployment), sha256_file(v2))
+                self.assertLess(sent, len(base))  # the 1 MiB member stayed
         self.assertEqual(self.daemon.leftovers(), [])
 
     def test_compressed_and_plain_files_are_one_segment_and_package_too(self):
