@@ -14,7 +14,7 @@ One file, standard library only, CPython 3.8 to 3.13:
     python3 ipd.py passwd ROLE NAME # add or replace a user in AUTH_DB
 
 How it is built, top to bottom (each section opens with what it owns, and
-refers only to names defined above it): errors; helpers; settings; users
+refers only to names defined above it): errors; settings; helpers; users
 and passwords; signed releases and deploy tokens; the streaming multipart
 parser (pure, no I/O); request bodies and uploads; safe unpacking of
 packages; processes (who runs the scripts: RUN_AS, project.conf; stopping
@@ -105,6 +105,7 @@ import zipfile
 # The one error family: each IpdError is an HTTP status and a one-line
 # reason that reaches the client; ConfigError stops the daemon at start.
 
+
 class ConfigError(Exception):
     """A setting or the users file is wrong; the daemon does not start."""
 
@@ -180,185 +181,22 @@ class ClientGone(Exception):
 
 
 ###############################################################################
-# Helpers #####################################################################
+# Settings ####################################################################
 ###############################################################################
 
-# Small pure functions and file primitives the rest builds on: names,
-# times, atomic writes, audit lines, hashing on a second core.
+# /etc/ipd.conf and the environment into one Settings object: every key,
+# its default and its parser in SETTINGS, checked once at start.
 
+# What names a project or a deployment (settings name projects too).
 PROJECT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
 DEPLOYMENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-"
                            r"[0-9a-f]{4}-[0-9a-f]{12}\Z")
-
-
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-log = logging.getLogger("ipd")
-audit = logging.getLogger("ipd.audit")  # LOG_DIR/audit.log, JSON lines
-
-
-def printable(text, limit=200):
-    """text for a log line or a one-line answer: control characters (a
-    forged line's CR and LF) escaped, cut to limit characters."""
-    text = str(text)
-    cut = len(text) > limit
-    text = CONTROL_CHARACTERS.sub(lambda match: "\\x%02x" % ord(match.group()),
-                                  text[:limit])
-    return text + "..." if cut else text
 
 
 def is_project_name(name):
     """True for 1-64 of letters, digits, '.', '_', '-', not led by '.' or '-'."""
     return bool(PROJECT_NAME.match(name)) and name.isascii()
 
-
-def check_project_name(name):
-    """Return name, or raise BadRequest."""
-    if not is_project_name(name):
-        raise BadRequest("bad project name: use 1-64 letters, digits, '.', "
-                         "'_' or '-', not starting with '.' or '-'")
-    return name
-
-
-def iso_time(timestamp):
-    """Seconds since the epoch -> '2026-11-25T10:25:58.123Z', or None."""
-    if timestamp is None:
-        return None
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp))
-    return "%s.%03dZ" % (whole, int(timestamp * 1000) % 1000)
-
-
-def audit_event(event, **fields):
-    """Append one event to the audit log: who did what to which deployment.
-    Never a password."""
-    now = time.time()
-    audit.info("%s", json.dumps(dict({"time": iso_time(now), "ts": round(now, 3),
-                                      "event": event}, **fields), sort_keys=True))
-
-
-def write_all(fd, data):
-    """os.write until every byte of data is written."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def fsync_dir(path):
-    """Make a rename or create in folder path durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class ParallelHash:
-    """A SHA-256 computed by a thread of its own from the blocks (bytes, not
-    to be changed afterwards) given to update(), so that the caller can copy
-    or hash the same bytes on a second core meanwhile (hashlib lets go of
-    the GIL).  hexdigest() waits for the last block; close() gives up."""
-
-    def __init__(self):
-        self.hash = hashlib.sha256()
-        self.blocks = queue.Queue(2)  # two blocks in flight: flat memory
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        for block in iter(self.blocks.get, None):
-            self.hash.update(block)
-
-    def update(self, block):
-        self.blocks.put(block)
-
-    def close(self):
-        if self.thread.is_alive():
-            self.blocks.put(None)
-            self.thread.join()
-
-    def hexdigest(self):
-        self.close()
-        return self.hash.hexdigest()
-
-
-class Background:
-    """function(*args) run by a thread of its own; result() waits for it
-    and returns what it returned, or raises what it raised."""
-
-    def __init__(self, function, *args):
-        self.value = self.error = None
-        self.thread = threading.Thread(target=self._run, args=(function, args),
-                                       daemon=True)
-        self.thread.start()
-
-    def _run(self, function, args):
-        try:
-            self.value = function(*args)
-        except BaseException as error:  # handed to result()
-            self.error = error
-
-    def result(self):
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-def remove_quietly(path):
-    """Remove a file or a whole folder; a missing one is fine."""
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def write_file_atomic(path, data, mode=0o640):
-    """Replace path with data: temporary file, fsync, rename, fsync folder."""
-    folder = os.path.dirname(path)
-    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
-                                     suffix=".tmp", dir=folder)
-    try:
-        write_all(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        os.replace(temporary, path)
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        remove_quietly(temporary)
-        raise
-    fsync_dir(folder)
-
-
-def disk_errors(error):
-    """Turn a full disk into DiskFull (507); other OSErrors are re-raised."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC,
-                                                      errno.EDQUOT):
-        return DiskFull("disk full: the upload was not stored")
-    return error
-
-
-def free_space(path):
-    try:
-        info = os.statvfs(path)
-    except OSError:
-        return None
-    return info.f_bavail * info.f_frsize
-
-
-###############################################################################
-# Settings ####################################################################
-###############################################################################
-
-# /etc/ipd.conf and the environment into one Settings object: every key,
-# its default and its parser in SETTINGS, checked once at start.
 
 DEFAULT_CONFIG = "/etc/ipd.conf"
 
@@ -707,11 +545,177 @@ def load_settings(config_path=None, environ=None, warn=None):
 
 
 ###############################################################################
+# Helpers #####################################################################
+###############################################################################
+
+# Small pure functions and file primitives the rest builds on: times,
+# atomic writes, audit lines, hashing on a second core.
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+log = logging.getLogger("ipd")
+audit = logging.getLogger("ipd.audit")  # LOG_DIR/audit.log, JSON lines
+
+
+def printable(text, limit=200):
+    """text for a log line or a one-line answer: control characters (a
+    forged line's CR and LF) escaped, cut to limit characters."""
+    text = str(text)
+    cut = len(text) > limit
+    text = CONTROL_CHARACTERS.sub(lambda match: "\\x%02x" % ord(match.group()),
+                                  text[:limit])
+    return text + "..." if cut else text
+
+
+def check_project_name(name):
+    """Return name, or raise BadRequest."""
+    if not is_project_name(name):
+        raise BadRequest("bad project name: use 1-64 letters, digits, '.', "
+                         "'_' or '-', not starting with '.' or '-'")
+    return name
+
+
+def iso_time(timestamp):
+    """Seconds since the epoch -> '2026-11-25T10:25:58.123Z', or None."""
+    if timestamp is None:
+        return None
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp))
+    return "%s.%03dZ" % (whole, int(timestamp * 1000) % 1000)
+
+
+def audit_event(event, **fields):
+    """Append one event to the audit log: who did what to which deployment.
+    Never a password."""
+    now = time.time()
+    audit.info("%s", json.dumps(dict({"time": iso_time(now), "ts": round(now, 3),
+                                      "event": event}, **fields), sort_keys=True))
+
+
+def write_all(fd, data):
+    """os.write until every byte of data is written."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def fsync_dir(path):
+    """Make a rename or create in folder path durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ParallelHash:
+    """A SHA-256 computed by a thread of its own from the blocks (bytes, not
+    to be changed afterwards) given to update(), so that the caller can copy
+    or hash the same bytes on a second core meanwhile (hashlib lets go of
+    the GIL).  hexdigest() waits for the last block; close() gives up."""
+
+    def __init__(self):
+        self.hash = hashlib.sha256()
+        self.blocks = queue.Queue(2)  # two blocks in flight: flat memory
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        for block in iter(self.blocks.get, None):
+            self.hash.update(block)
+
+    def update(self, block):
+        self.blocks.put(block)
+
+    def close(self):
+        if self.thread.is_alive():
+            self.blocks.put(None)
+            self.thread.join()
+
+    def hexdigest(self):
+        self.close()
+        return self.hash.hexdigest()
+
+
+class Background:
+    """function(*args) run by a thread of its own; result() waits for it
+    and returns what it returned, or raises what it raised."""
+
+    def __init__(self, function, *args):
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(function, args),
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, function, args):
+        try:
+            self.value = function(*args)
+        except BaseException as error:  # handed to result()
+            self.error = error
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def remove_quietly(path):
+    """Remove a file or a whole folder; a missing one is fine."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_file_atomic(path, data, mode=0o640):
+    """Replace path with data: temporary file, fsync, rename, fsync folder."""
+    folder = os.path.dirname(path)
+    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                                     suffix=".tmp", dir=folder)
+    try:
+        write_all(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        os.replace(temporary, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        remove_quietly(temporary)
+        raise
+    fsync_dir(folder)
+
+
+def disk_errors(error):
+    """Turn a full disk into DiskFull (507); other OSErrors are re-raised."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC,
+                                                      errno.EDQUOT):
+        return DiskFull("disk full: the upload was not stored")
+    return error
+
+
+def free_space(path):
+    try:
+        info = os.statvfs(path)
+    except OSError:
+        return None
+    return info.f_bavail * info.f_frsize
+
+
+###############################################################################
 # Users and passwords #########################################################
 ###############################################################################
 
 # AUTH_DB (ROLE:name:hash lines, re-read when it changes), password
 # hashing and checking in constant time, roles and project lists.
+
 
 ROLES = ("ADMIN", "USER", "METRICS")
 # Which roles each endpoint's role admits (METRICS: a scraper's login).
@@ -1252,6 +1256,7 @@ def parse_duration(text):
 # A streaming multipart/form-data parser: bytes in, events out, no I/O;
 # what it may keep in memory is bounded whatever the input.
 
+
 # Events returned by MultipartParser.feed
 PART_START = "start"   # value: {header name (lower case): value}
 PART_DATA = "data"     # value: bytes-like; valid until the next feed()
@@ -1501,6 +1506,7 @@ def client_filename(name):
 
 # A request's body (Content-Length or chunked) streamed through the
 # parser into temporary files and fields: an Upload, or nothing left.
+
 
 CHUNK_SIZE = 1 << 20
 
@@ -1836,6 +1842,7 @@ def receive_upload(body, boundary, folder, on_field=None):
 
 # A package (tar, tar.gz/bz2/xz, zip) unpacked into a deployment's folder:
 # every name, link, size and count checked before a byte is written.
+
 
 def member_parts(name):
     """An archive member's name -> its path components.
@@ -2270,6 +2277,7 @@ def find_control_script(unpacked, project_dir):
 
 # RUN_AS and project.conf: the user, groups and capabilities the scripts
 # run with; finding and stopping the processes a step leaves behind.
+
 
 # UPLOAD_DIR/$PROJECT/project.conf: an administrator's SCRIPTS and RUN_AS
 # for one project (KEY=VALUE lines, as /etc/ipd.conf).
@@ -3300,6 +3308,7 @@ class DeployQueue:
 # The thread that runs waiting deployments: control.sh check, prepare,
 # deploy, each step logged and timed; notify.sh and NOTIFY_URL at the end.
 
+
 class DeployWorker:
     """Runs waiting deployments, MAX_PARALLEL projects at once.
 
@@ -3546,6 +3555,7 @@ class Notifier:
 
 # Content-addressed segments shared by all deployments, the recipes that
 # rebuild a file from them, and their resumable uploads.
+
 
 SEGMENTS_DIR = ".segments"  # in UPLOAD_DIR; never a project name (leading dot)
 SHA256_HEX = re.compile(r"[0-9a-f]{64}\Z")
@@ -5569,6 +5579,7 @@ class Server(http.server.ThreadingHTTPServer):
 # From `ipd.py serve` to a listening server: logging, start-up checks,
 # the data folder's lock, systemd notification, signals.
 
+
 class OneLineFormatter(logging.Formatter):
     """One event, one line: control characters in a message (a file or
     user name with a CR or LF that a client chose) are escaped, so nobody
@@ -5981,6 +5992,7 @@ def serve(settings, verbose=False, on_ready=None):
 
 # ipd.py push, status, logs, list, info, cancel, redeploy: HTTP to a
 # daemon with http.client, exit statuses scripts can tell apart.
+
 
 # Exit statuses of the client commands, distinct for scripts to tell apart.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NETWORK = 0, 1, 2, 3
@@ -6994,6 +7006,7 @@ def add_client_commands(commands):
 
 # The argparse commands, each calling the client, the daemon or the
 # users file; main() is the entry point of ipd.py and of `ipd`.
+
 
 DEMO_CONTROL_SH = """#!/bin/sh
 # An example control.sh: ipd runs it with check, prepare and deploy.
