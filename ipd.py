@@ -6214,12 +6214,15 @@ def plan_file(path):
             "declared": declared}
 
 
-def start_checks(plan):
+def start_checks(plan, whole=None):
     """Start computing, each on a thread of its own, what plan_file left
-    for later: plan["whole"], the file's SHA-256, and plan["check"], the
-    real digest of each piece whose digest the file only declared."""
+    for later: plan["whole"], the file's SHA-256 (unless given: a signed
+    manifest's), and plan["check"], the real digest of each piece whose
+    digest the file only declared."""
     path, pieces = plan["path"], plan["pieces"]
-    if len(pieces) == 1 and pieces[0][2] and not plan["declared"]:
+    if whole:
+        plan["whole"] = Background(lambda: whole)
+    elif len(pieces) == 1 and pieces[0][2] and not plan["declared"]:
         plan["whole"] = Background(lambda: pieces[0][2])  # one segment: the file
     else:
         plan["whole"] = Background(file_digest, path, plan["status"])
@@ -6633,8 +6636,13 @@ class Client:
         if answer is None:
             return None
         missing, partial, present = answer
-        for plan in plans.values():
-            start_checks(plan)
+        signed_digests = {}
+        if signed:  # its manifest names each file's SHA-256 already
+            manifest = json.loads(signed[0].decode())
+            signed_digests = {field: meta["sha256"]
+                              for field, meta in manifest["files"].items()}
+        for field, plan in plans.items():
+            start_checks(plan, signed_digests.get(field))
         # the recipe's size for the progress bar, before the whole files'
         # digests (at work while the segments go out) are known
         body_size = len(json.dumps(make_recipe(
