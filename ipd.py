@@ -55,6 +55,7 @@ import bisect
 import bz2
 import calendar
 import codecs
+import collections
 import errno
 import fcntl
 import fnmatch
@@ -5311,12 +5312,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         settings = self.ipd.settings
         self.body = body = self.open_body(settings.MAX_UPLOAD_SIZE)
         boundary = self.multipart_boundary()
-        # The project may be named before the body (?project= or the
-        # X-Ipd-Project header): a refused push then sends no file bytes.
-        self.announced_project = (self.query.get("project", [None])[-1] or
-                                  self.headers.get("X-Ipd-Project"))
-        if self.announced_project is not None:
-            self.check_field("project", self.announced_project)
+        self.announce_project()
         if self.expects_continue:
             self.send_response_only(100)
             self.end_headers()
@@ -5363,6 +5359,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise BadRequest("multipart/form-data without a valid boundary")
         return boundary
 
+    def announce_project(self):
+        """The project named before the body (?project= or the X-Ipd-Project
+        header), checked, kept as announced_project; or None.  A push that
+        names one it may not use is refused before it sends a file byte."""
+        announced = (self.query.get("project", [None])[-1] or
+                     self.headers.get("X-Ipd-Project"))
+        if announced is not None:
+            check_project_name(announced)
+            self.check_project_access(announced)
+        self.announced_project = announced
+        return announced
+
     def check_field(self, name, value):
         if name == "project":
             check_project_name(value)
@@ -5396,10 +5404,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """A deployment from a recipe: its files rebuilt from inline bytes
         and stored segments, then exactly as an upload."""
         settings = self.ipd.settings
-        self.announced_project = (self.query.get("project", [None])[-1] or
-                                  self.headers.get("X-Ipd-Project"))
-        if self.announced_project is not None:
-            self.check_field("project", self.announced_project)
+        self.announce_project()
         recipe = parse_recipe(self.read_json_body(RECIPE_LIMIT))
         project = recipe["project"] or self.announced_project
         if project is None:
@@ -5502,11 +5507,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def api_segments_missing(self):
         """Which of the listed segments the server lacks, for this user;
         and how much of each it has as a partial upload."""
-        announced = (self.query.get("project", [None])[-1] or
-                     self.headers.get("X-Ipd-Project"))
-        if announced is not None:  # a push it may not make sends nothing
-            check_project_name(announced)
-            self.check_project_access(announced)
+        self.announce_project()  # a push it may not make sends nothing
         data = self.read_json_body(RECIPE_LIMIT)
         try:
             listed = json.loads(data.decode("utf-8"))["segments"]
@@ -6026,7 +6027,7 @@ SEGMENT_MIN = 64 * 1024
 def make_recipe(project, files, plans, signed=None, force=False, whole=None):
     """The body of POST /push for files ({field: path}) as planned by
     plan_file ({field: plan}); whole names each file's SHA-256 ({field:
-    digest}; by default the plans' FileHash, which may still be at work)."""
+    digest}; by default what start_checks began, waited for here)."""
     recipe = {"project": project, "force": bool(force), "files": {}}
     if signed:
         recipe["manifest"], recipe["signature"] = signed[0].decode(), signed[1]
@@ -6120,10 +6121,10 @@ def tar_data_ranges(path, size):
         position = end
     # a name that two members bear (tar -r), or a digest declared for two
     # of them, tells nothing certain of either: those are computed
-    names = [name for _, _, name in ranges]
-    digests = [declared.get(name) for name in names]
-    return [(start, end, declared.get(name) if names.count(name) == 1
-             and digests.count(declared.get(name)) == 1 else None)
+    names = collections.Counter(name for _, _, name in ranges)
+    digests = collections.Counter(declared.get(name) for name in names.elements())
+    return [(start, end, declared.get(name) if names[name] == 1
+             and digests[declared.get(name)] == 1 else None)
             for start, end, name in ranges] or whole
 
 
@@ -6401,35 +6402,36 @@ class Client:
         headers.update(extra)
         return headers
 
-    def request(self, method, path, timeout=None):
-        """-> (status, parsed JSON); raises ClientError for errors."""
+    def exchange(self, method, path, body=None, timeout=None, headers=None):
+        """One request on a connection of its own: -> (status, body bytes).
+        Raises ClientError when the network fails."""
         try:
             connection = self.connection(timeout)
-            connection.request(method, self.root + path, headers=self.headers())
-            response = connection.getresponse()
-            body = response.read()
-            connection.close()
+            try:
+                connection.request(method, self.root + path, body=body,
+                                   headers=self.headers(**(headers or {})))
+                response = connection.getresponse()
+                return response.status, response.read()
+            finally:
+                connection.close()
         except (OSError, http.client.HTTPException) as error:
             raise network_error(self.url, error)
+
+    def request(self, method, path, timeout=None):
+        """-> (status, parsed JSON); raises ClientError for errors."""
+        status, body = self.exchange(method, path, timeout=timeout)
         data = parse_json(body)
-        if response.status >= 400 and not (response.status == 404 and
-                                           data.get("state") == "no"):
-            raise http_error(response.status, data.get("error") or body)
-        return response.status, data
+        if status >= 400 and not (status == 404 and data.get("state") == "no"):
+            raise http_error(status, data.get("error") or body)
+        return status, data
 
     def text(self, path):
         """The plain text answer of a GET."""
-        try:
-            connection = self.connection()
-            connection.request("GET", self.root + path,
-                               headers=self.headers(Accept="text/plain"))
-            response = connection.getresponse()
-            body = response.read().decode("utf-8", "replace")
-        except (OSError, http.client.HTTPException) as error:
-            raise network_error(self.url, error)
-        if response.status >= 400:
-            raise http_error(response.status, body)
-        return body
+        status, body = self.exchange("GET", path, headers={"Accept": "text/plain"})
+        text = body.decode("utf-8", "replace")
+        if status >= 400:
+            raise http_error(status, text)
+        return text
 
     def follow(self, project, deployment, out, deadline=None):
         """Print the deployment's log as it is written; return its final
@@ -6536,22 +6538,13 @@ class Client:
     def call_json(self, method, path, data, extra=None):
         """-> (status, parsed JSON answer) of a request with a JSON body;
         raises ClientError only for the network."""
-        body = json.dumps(data).encode()
-        try:
-            connection = self.connection()
-            connection.request(method, self.root + path, body=body,
-                               headers=self.headers(**dict(
-                                   {"Content-Type": "application/json"},
-                                   **(extra or {}))))
-            response = connection.getresponse()
-            answer = response.read()
-            connection.close()
-        except (OSError, http.client.HTTPException) as error:
-            raise network_error(self.url, error)
+        status, answer = self.exchange(
+            method, path, json.dumps(data).encode(),
+            headers=dict({"Content-Type": "application/json"}, **(extra or {})))
         parsed = parse_json(answer)
-        if response.status >= 400 and not parsed.get("error"):
+        if status >= 400 and not parsed.get("error"):
             parsed["error"] = answer.decode("utf-8", "replace")
-        return response.status, parsed
+        return status, parsed
 
     def segment_offset(self, digest):
         """How many bytes of the segment the server has (HEAD)."""
@@ -6714,10 +6707,10 @@ class Client:
                     for plan in plans.values() for index in plan["declared"]}
         corrected = False
         for digest, (path, start, end) in missing.items():
-            if digest in declared and range_digest(path, start, end) != digest:
+            real = range_digest(path, start, end) if digest in declared else digest
+            if real != digest:
                 plan, index = declared[digest]
-                plan["pieces"][index] = (start, end, range_digest(path, start, end),
-                                         None)
+                plan["pieces"][index] = (start, end, real, None)
                 corrected = True
                 continue
             self.send_segment(digest, path, start, end, partial.get(digest, 0),
@@ -6828,11 +6821,8 @@ def sign_push(key, project, files):
     signed with the SSH key at path key."""
     described = {}
     for field, path in files.items():
-        digest = hashlib.sha256()
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(CHUNK_SIZE), b""):
-                digest.update(block)
-        described[field] = (digest.hexdigest(), os.path.getsize(path))
+        status = os.stat(path)
+        described[field] = (file_digest(path, status), status.st_size)
     manifest = make_manifest(project, described)
     try:
         return manifest, sign_manifest(key, manifest)
