@@ -3167,8 +3167,8 @@ class DeployQueue:
 
     It is one of the store's listeners (state_changed): a deployment waits
     from the change that makes it exist, and the queue keeps, under its own
-    lock, the latest state of each one it holds, so cancel() sees a final
-    state as soon as the store has written it.
+    lock, the latest state of each one it holds.  cancel() asks the store
+    too, which shows a final state before its listeners hear of it.
     """
 
     def __init__(self, store):
@@ -3233,7 +3233,11 @@ class DeployQueue:
         asked = None
         with self._lock:
             record = self._held.get(deployment_id)
-            if record is not None and record.state in UNFINISHED:  # the state first
+            # The state first, as the store has it: the store makes a final
+            # state visible (to ?wait= and status) before the queue hears it.
+            current = self.store.get(deployment_id)
+            if record is not None and current is not None and (
+                    current.state in UNFINISHED):
                 if deployment_id in self._cancels:
                     self._cancels[deployment_id].set()
                     asked = "running"

@@ -3459,6 +3459,23 @@ class DeploymentQueueTests(unittest.TestCase):
             self.queue.cancel(record.id)
         self.assertEqual(self.queue.counts(), {"queue": 0, "running": 0})
 
+    def test_a_cancel_once_the_store_shows_the_end_is_409(self):
+        record = self.commit()
+        claimed = self.queue.claim()
+        answers = []
+
+        def cancel_on_end(old, new):  # the end is visible, the queue not yet told
+            if new.state == "ok":
+                try:
+                    answers.append(self.queue.cancel(new.id).state)
+                except ipd.Conflict as error:
+                    answers.append(str(error))
+        self.store.listeners.insert(0, cancel_on_end)
+        self.store.update(record.id, state="ok", ended=time.time())
+        self.assertEqual(answers, ["deployment %s has ended already: ok" % record.id])
+        self.assertFalse(self.queue.cancel_requested(record.id).is_set())
+        self.queue.release(claimed)
+
     def test_a_cancel_between_claim_and_active_is_asked_of_the_worker(self):
         record = self.commit()
         answers = []
