@@ -3036,6 +3036,13 @@ class DeploymentStore:
             self._changed(old, new)
             return new.copy()
 
+    def settle(self):
+        """Return once the listeners have heard of every change a reader can
+        see here (they hear of it, under _write_lock, just after it shows):
+        figures they keep are then at least as new as any state answered."""
+        with self._write_lock:
+            pass
+
     def _changed(self, old, new):
         """Tell each listener of a change (called with _write_lock held)."""
         old = old and old.copy()
@@ -3060,17 +3067,26 @@ class DeploymentStore:
 
     # --- pruning
 
-    def prune(self, project):
+    def prune(self, project, ending=None):
         """Remove image and package files of finished deployments beyond
-        the newest KEEP_DEPLOYMENTS; states and logs stay."""
+        the newest KEEP_DEPLOYMENTS; states and logs stay.  ending: a
+        deployment with the final state its worker writes next, taken as
+        written (it prunes first, so a client that sees the end sees the
+        files it let go already gone)."""
         with self._lock:
             ids = list(self._by_project.get(project, ()))
             old = [i for i in ids[:-self.keep] if not self._records[i].pruned
-                   and self._records[i].state not in UNFINISHED]
+                   and self._state_of(i, ending) not in UNFINISHED]
         for deployment_id in old:
             self.prune_files(deployment_id)
         if self.segments:
-            self.after_prune(project)
+            self.after_prune(project, ending)
+
+    def _state_of(self, deployment_id, ending):
+        """A deployment's state; ending's coming one for ending (held _lock)."""
+        if ending is not None and deployment_id == ending.id:
+            return ending.state
+        return self._records[deployment_id].state
 
     def prune_files(self, deployment_id):
         record = self.get(deployment_id)
@@ -3080,7 +3096,7 @@ class DeploymentStore:
         if self.segments:
             self.segments.forget(deployment_id)
 
-    def after_prune(self, project):
+    def after_prune(self, project, ending=None):
         """(#16) Ended recipe deployments of project lose their rebuilt
         files (DROP_REBUILT); below MIN_FREE_SPACE the oldest prunable
         deployments are pruned; unreferenced segments go."""
@@ -3088,14 +3104,14 @@ class DeploymentStore:
             with self._lock:
                 ended = [self._records[i].copy() for i in self._by_project.get(project, ())
                          if self._records[i].recipe and not self._records[i].pruned
-                         and self._records[i].state not in UNFINISHED]
+                         and self._state_of(i, ending) not in UNFINISHED]
             for record in ended:
                 for name in record.files:
                     remove_quietly(self.path(record, "." + name))
         self.segments.collect()
-        self.make_room()
+        self.make_room(ending)
 
-    def make_room(self):
+    def make_room(self, ending=None):
         """Below MIN_FREE_SPACE: prune the oldest deployments that may be
         pruned (never a waiting or running one, nor a project's latest ok
         one) until there is room or none is left."""
@@ -3106,11 +3122,11 @@ class DeploymentStore:
             with self._lock:
                 keep = set()
                 for ids in self._by_project.values():
-                    done = [i for i in ids if self._records[i].state == "ok"]
+                    done = [i for i in ids if self._state_of(i, ending) == "ok"]
                     keep.update(done[-1:])
                 candidates = [record for record in self._records.values()
                               if record.id not in keep and not record.pruned
-                              and record.state not in UNFINISHED]
+                              and self._state_of(record.id, ending) not in UNFINISHED]
             if not candidates:
                 log.warning("free space below MIN_FREE_SPACE and nothing left "
                             "to prune")
@@ -3261,9 +3277,13 @@ class DeployQueue:
             return self._cancels[deployment_id]
 
     def counts(self):
-        """{'queue': deployments waiting, 'running': deployments running}."""
+        """{'queue': deployments waiting, 'running': deployments running}, by
+        their states as the store shows them: one that has ended counts no
+        more, though the worker has yet to release it."""
+        self.store.settle()
         with self._lock:
-            return {"queue": len(self._waiting), "running": len(self._running)}
+            states = collections.Counter(record.state for record in self._held.values())
+        return {"queue": states["await"], "running": states["active"]}
 
     # --- as the worker sees it
 
@@ -3289,15 +3309,13 @@ class DeployQueue:
         return self.store.update(record.id, state="active", started=time.time())
 
     def release(self, record):
-        """The worker is done with record's project: let its next one run,
-        and prune the project."""
+        """The worker is done with record's project: let its next one run."""
         with self._lock:
             if self._running.get(record.project) == record.id:
                 del self._running[record.project]
             self._cancels.pop(record.id, None)
             self._held.pop(record.id, None)
             self._lock.notify_all()
-        self.store.prune(record.project)
 
     def stop(self):
         """Let claim() return None to every worker."""
@@ -3360,8 +3378,7 @@ class DeployWorker:
             except Exception:
                 log.exception("deployment %s failed inside ipd", record.id)
                 try:
-                    self.store.update(record.id, state="interrupted",
-                                      ended=time.time())
+                    self.end(record, "interrupted")
                 except Exception:
                     log.exception("cannot record the failure of %s", record.id)
             finally:
@@ -3396,7 +3413,18 @@ class DeployWorker:
                 if step != "check" and code != success:
                     outcome = str(code)
                     break
-        self.store.update(record.id, state=outcome or "ok", ended=time.time())
+        self.end(record, outcome or "ok")
+
+    def end(self, record, state):
+        """Prune the project, then write the final state: whoever sees the
+        end sees the files that it let go already gone."""
+        ended = time.time()
+        try:
+            self.store.prune(record.project, ending=record.replace(state=state))
+        except Exception:
+            log.exception("pruning %s after deployment %s failed",
+                          record.project, record.id)
+        self.store.update(record.id, state=state, ended=ended)
 
     def scripts_user(self, project):
         """RunAs of the project's scripts (RUN_AS, project.conf), or None."""
@@ -4029,7 +4057,9 @@ class Daemon:
 
     def statistics(self):
         """Deployments, states, queue, running, durations (see
-        Metrics.statistics), uploads and bytes received."""
+        Metrics.statistics), uploads and bytes received: as new as any
+        state the store has answered."""
+        self.store.settle()
         figures = self.metrics.statistics()
         stats = {"deployments": figures["deployments"], "states": figures["states"]}
         stats.update(self.queue.counts())

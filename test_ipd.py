@@ -3476,6 +3476,33 @@ class DeploymentQueueTests(unittest.TestCase):
         self.assertFalse(self.queue.cancel_requested(record.id).is_set())
         self.queue.release(claimed)
 
+    def test_figures_are_as_new_as_any_state_the_store_shows(self):
+        record = self.commit()
+        claimed = self.queue.claim()
+        heard, go_on = threading.Event(), threading.Event()
+
+        def slow_listener(old, new):  # the end shows, the others not yet told
+            if new.state == "ok":
+                heard.set()
+                go_on.wait(30)
+        self.store.listeners.insert(0, slow_listener)
+        writer = threading.Thread(target=self.store.update, args=(record.id,),
+                                  kwargs={"state": "ok", "ended": time.time()})
+        writer.start()
+        self.assertTrue(heard.wait(30))
+        self.assertEqual(self.store.get(record.id).state, "ok")
+        answers = []
+        reader = threading.Thread(target=lambda: answers.append(
+            (self.queue.counts(), self.metrics.statistics()["states"])))
+        reader.start()
+        reader.join(0.3)
+        self.assertTrue(reader.is_alive())  # waits for the listeners
+        go_on.set()
+        writer.join(30)
+        reader.join(30)
+        self.assertEqual(answers, [({"queue": 0, "running": 0}, {"ok": 1})])
+        self.queue.release(claimed)
+
     def test_a_cancel_between_claim_and_active_is_asked_of_the_worker(self):
         record = self.commit()
         answers = []
@@ -6382,8 +6409,7 @@ class LayerDiskTests(LayerPushTestCase):
                                 [shared, top]) for number, top in enumerate(tops)]
         first, _ = self.push(images[0])
         self.deployed_sha("app", first)
-        wait_until(lambda: ".image" not in self.files_of(first),
-                   message="the rebuilt image dropped")
+        self.assertNotIn(".image", self.files_of(first))  # dropped before 'ok'
         self.assertIn(".recipe", self.files_of(first))
         self.assertNotIn(".package", self.files_of(first))
         second, _ = self.push(images[1])
@@ -6409,8 +6435,7 @@ class LayerDiskTests(LayerPushTestCase):
         time.sleep(1.2)
         fourth, _ = self.push(images[2], "app", "--whole")
         self.deployed_sha("app", fourth)
-        wait_until(lambda: top0 not in self.segment_files(),
-                   message="v0's top layer collected")
+        self.assertNotIn(top0, self.segment_files())  # collected before 'ok'
         self.assertIn(hashlib.sha256(shared).hexdigest(), self.segment_files())
         self.assertEqual(self.daemon.leftovers(), [])
 
@@ -6475,8 +6500,7 @@ class LayerFreeSpaceTests(LayerPushTestCase):
         def pruned():
             return [self.daemon.get_json("/status/app/" + deployment)[1]["pruned"]
                     for deployment in ids + [failing]]
-        wait_until(lambda: pruned() == [True, True, False, True],
-                   message="all but the latest ok pruned")
+        self.assertEqual(pruned(), [True, True, False, True])  # before the end shows
 
 
 ###############################################################################
