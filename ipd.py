@@ -2988,11 +2988,14 @@ class DeploymentStore:
 
     # --- changes
 
-    def commit(self, record, folder, files):
+    def commit(self, record, folder, files, announce=None):
         """Move an upload's folder and files ({suffix: path}) into place and
         write its record with the next sequence number; -> a copy of it.
-        All or nothing: on an error what was moved is removed again.  The
-        listeners hear of it before it returns (the queue: it waits)."""
+        All or nothing: on an error what was moved is removed again.
+        announce(record), when given, logs it once it is on disk and before
+        anything can happen to it (the audit log: an upload before the
+        states it goes through); the listeners hear of it before it returns
+        (the queue: it waits)."""
         moved = []
         with self._commit_lock:
             try:
@@ -3011,6 +3014,8 @@ class DeploymentStore:
                     remove_quietly(path)
                 raise
             with self._write_lock:  # it exists now: the record is on disk
+                if announce:
+                    announce(record.copy())
                 with self._lock:
                     self._records[record.id] = record
                     self._by_project.setdefault(record.project, []).append(record.id)
@@ -3025,14 +3030,14 @@ class DeploymentStore:
                 old = self._records[deployment_id]
             new = old.replace(**changes)
             write_file_atomic(self.path(new, ".json"), new.encode())
-            with self._lock:
-                self._records[deployment_id] = new
-                self._lock.notify_all()  # wakes wait_final() and followers
-            if new.state != old.state:
+            if new.state != old.state:  # in the audit log before it shows
                 log.info("deployment %s of %s: %s -> %s", new.id,
                          new.project, old.state, new.state)
                 audit_event("state", project=new.project, deployment=new.id,
                             previous=old.state, state=new.state)
+            with self._lock:
+                self._records[deployment_id] = new
+                self._lock.notify_all()  # wakes wait_final() and followers
             self._changed(old, new)
             return new.copy()
 
@@ -4189,14 +4194,15 @@ class Daemon:
             if isinstance(error, IpdError):
                 raise
             raise disk_errors(error)
-        record = self.deploy_upload(earlier.project, upload, user,
-                                    redeploy_of=earlier.id, signer=earlier.signer)
-        log.info("deployment %s of %s: redeploy of %s by %s", record.id,
-                 record.project, earlier.id, user.name)
-        audit_event("redeploy", project=record.project, deployment=record.id,
-                    redeploy_of=earlier.id, user=user.name, address=address,
-                    files=record.files)
-        return record
+
+        def announce(record):
+            log.info("deployment %s of %s: redeploy of %s by %s", record.id,
+                     record.project, earlier.id, user.name)
+            audit_event("redeploy", project=record.project, deployment=record.id,
+                        redeploy_of=earlier.id, user=user.name, address=address,
+                        files=record.files)
+        return self.deploy_upload(earlier.project, upload, user, announce,
+                                  redeploy_of=earlier.id, signer=earlier.signer)
 
     def rebuild_kept(self, earlier, name, user):
         """(#16) The file name of a recipe deployment, rebuilt from its kept
@@ -4247,19 +4253,22 @@ class Daemon:
                 return earlier, False
         if signer:
             self.check_not_replayed(project, signer, user, address)
-        record = self.deploy_upload(project, upload, user, signer=signer)
-        log.info("deployment %s of %s uploaded by %s: %s", record.id, project,
-                 user.name, ", ".join("%s %s (%d bytes)" % (
-                     name, meta["name"], meta["size"])
-                     for name, meta in record.files.items()))
-        audit_event("upload", project=project, deployment=record.id,
-                    user=user.name, address=address, files=record.files,
-                    signer=record.signer)
+
+        def announce(record):
+            log.info("deployment %s of %s uploaded by %s: %s", record.id, project,
+                     user.name, ", ".join("%s %s (%d bytes)" % (
+                         name, meta["name"], meta["size"])
+                         for name, meta in record.files.items()))
+            audit_event("upload", project=project, deployment=record.id,
+                        user=user.name, address=address, files=record.files,
+                        signer=record.signer)
+        record = self.deploy_upload(project, upload, user, announce, signer=signer)
         self.count_upload(received)
         return record, True
 
-    def deploy_upload(self, project, upload, user, **extra):
-        """Unpack the package, find control.sh, and commit the deployment.
+    def deploy_upload(self, project, upload, user, announce, **extra):
+        """Unpack the package, find control.sh, and commit the deployment
+        (announce: see DeploymentStore.commit).
 
         Returns its record; on any error nothing of the upload is left.
         """
@@ -4290,7 +4299,7 @@ class Daemon:
             moves = {"." + name: sink.path for name, sink in upload.files.items()}
             if upload.recipe is not None:
                 moves[".recipe"] = upload.recipe.path
-            record = store.commit(record, staging, moves)
+            record = store.commit(record, staging, moves, announce)
             self.queue.supersede()
             if upload.recipe is not None:
                 self.segments.read_refs(store, record)

@@ -2112,6 +2112,10 @@ class AccountableTests(DaemonTestCase):
         states = [(e["deployment"], e["state"]) for e in events if e["event"] == "state"]
         self.assertEqual([s for d, s in states if d == first], ["active", "ok"])
         self.assertEqual([s for d, s in states if d == running], ["active", "cancelled"])
+        for deployment, event in ((first, "upload"), (redo, "redeploy")):
+            self.assertEqual([e["event"] for e in events if e.get("deployment") == deployment],
+                             [event, "state", "state"])  # created, then its states
+        self.assertEqual(states[-1], (pruned, "ok"))  # in the log before it shows
         upload = next(e for e in events if e["event"] == "upload")
         self.assertEqual((upload["user"], upload["address"], upload["project"]),
                          ("admin", "127.0.0.1", "app"))
