@@ -3422,6 +3422,18 @@ class DeploymentQueueTests(unittest.TestCase):
             old, version=ipd.STATE_FORMAT_VERSION, signer=None, pruned=True,
             recipe=False))  # what an older ipd reads back
 
+    def test_a_copy_has_every_field(self):
+        record = ipd.Deployment("i", "p")
+        containers = {"files": {"image": {"size": 1}}, "steps": [{"step": "check"}],
+                      "signer": {"principal": "ci"}}
+        for number, key in enumerate(ipd.Deployment.FIELDS):
+            setattr(record, key, containers.get(key, number))
+        record.others = {"superseded_by": "x"}
+        copy = record.copy()
+        self.assertEqual([getattr(copy, key) for key in ipd.Deployment.FIELDS],
+                         [getattr(record, key) for key in ipd.Deployment.FIELDS])
+        self.assertEqual((copy.others, copy.to_disk()), (record.others, record.to_disk()))
+
     def test_the_store_hands_out_copies(self):
         record = self.commit()
         record.state = "ok"
