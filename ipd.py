@@ -3247,10 +3247,14 @@ class DeployQueue:
             self.store.update(older, state="changed", ended=time.time(),
                               superseded_by=newer)
 
-    def cancel(self, deployment_id):
+    def cancel(self, deployment_id, announce=None):
         """Cancel a waiting deployment (it never runs) or ask the worker to
-        stop a running one.  Returns its record; raises Conflict when it
-        had ended already, NotFound when there is no such deployment."""
+        stop a running one.  announce(), when given, is called once the
+        cancel is decided and before it takes effect (the log line and the
+        audit event that say who cancelled: before the state they explain
+        can show; when it raises, nothing is cancelled).  Returns its
+        record; raises Conflict when it had ended already, NotFound when
+        there is no such deployment."""
         asked = None
         with self._lock:
             record = self._held.get(deployment_id)
@@ -3259,6 +3263,8 @@ class DeployQueue:
             current = self.store.get(deployment_id)
             if record is not None and current is not None and (
                     current.state in UNFINISHED):
+                if announce:
+                    announce()
                 if deployment_id in self._cancels:
                     self._cancels[deployment_id].set()
                     asked = "running"
@@ -4151,15 +4157,17 @@ class Daemon:
 
     def cancel(self, record, user, address):
         """Cancel a deployment for user (see DeployQueue.cancel); logged
-        and audited."""
-        self.queue.cancel(record.id)
-        with open(self.store.path(record, ".log"), "ab") as file:
-            file.write(("ipd: cancelled by %s from %s at %s\n" % (
-                user.name, address, iso_time(time.time()))).encode())
-        log.info("deployment %s of %s: cancel asked by %s", record.id,
-                 record.project, user.name)
-        audit_event("cancel", project=record.project, deployment=record.id,
-                    user=user.name, address=address)
+        and audited before its state can say cancelled: a follower of its
+        log, notify.sh and the audit log see who cancelled it first."""
+        def announce():
+            with open(self.store.path(record, ".log"), "ab") as file:
+                file.write(("ipd: cancelled by %s from %s at %s\n" % (
+                    user.name, address, iso_time(time.time()))).encode())
+            log.info("deployment %s of %s: cancel asked by %s", record.id,
+                     record.project, user.name)
+            audit_event("cancel", project=record.project, deployment=record.id,
+                        user=user.name, address=address)
+        self.queue.cancel(record.id, announce)
 
     def redeploy(self, earlier, user, address):
         """A new deployment from the kept files of an earlier one: the

@@ -2180,6 +2180,9 @@ class AccountableTests(DaemonTestCase):
         states = [(e["deployment"], e["state"]) for e in events if e["event"] == "state"]
         self.assertEqual([s for d, s in states if d == first], ["active", "ok"])
         self.assertEqual([s for d, s in states if d == running], ["active", "cancelled"])
+        self.assertLess(kinds.index(("cancel", running)),  # who, then the state
+                        [(e["event"], e.get("deployment"), e.get("state")) for e in events
+                         ].index(("state", running, "cancelled")))
         for deployment, event in ((first, "upload"), (redo, "redeploy")):
             self.assertEqual([e["event"] for e in events if e.get("deployment") == deployment],
                              [event, "state", "state"])  # created, then its states
@@ -3546,6 +3549,34 @@ class DeploymentQueueTests(unittest.TestCase):
         self.store.update(record.id, state="ok", ended=time.time())
         self.assertEqual(answers, ["deployment %s has ended already: ok" % record.id])
         self.assertFalse(self.queue.cancel_requested(record.id).is_set())
+        self.queue.release(claimed)
+
+    def test_a_cancel_is_announced_before_it_takes_effect(self):
+        # Who cancelled (the log line, the audit event) is written before
+        # the state it explains can show: a follower of the log, notify.sh
+        # and the audit log never see 'cancelled' without it.
+        running = self.commit()
+        claimed = self.queue.claim()
+        waiting = self.commit()  # the same project: it waits
+        stop = self.queue.cancel_requested(running.id)
+
+        def failing():
+            raise OSError("the log cannot be written")
+        with self.assertRaises(OSError):  # nothing is cancelled then
+            self.queue.cancel(waiting.id, failing)
+        self.assertEqual(self.store.get(waiting.id).state, "await")
+        seen = []
+        for record in (waiting, running):
+            self.queue.cancel(record.id, lambda record=record: seen.append(
+                (self.store.get(record.id).state, stop.is_set())))
+        self.assertEqual(seen, [("await", False), ("active", False)])
+        self.assertEqual(self.store.get(waiting.id).state, "cancelled")
+        self.assertTrue(stop.is_set())
+        self.store.update(running.id, state="cancelled", ended=time.time())
+        for record in (waiting, running):  # ended: refused, not announced
+            with self.assertRaises(ipd.Conflict):
+                self.queue.cancel(record.id, lambda: seen.append("again"))
+        self.assertEqual(len(seen), 2)
         self.queue.release(claimed)
 
     def test_figures_are_as_new_as_any_state_the_store_shows(self):
