@@ -23,6 +23,7 @@ import os
 import py_compile
 import random
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -1293,7 +1294,14 @@ class UploadTests(DaemonTestCase):
 
 
 class FlowTests(DaemonTestCase):
-    settings = {"PASS_ENV": "IPD_TEST_PASSED", "STEP_TIMEOUT": "2"}
+    settings = {"PASS_ENV": "IPD_TEST_PASSED"}
+
+    def setUp(self):
+        # a step's time limit: short only where it is what is tested, so
+        # that no other step of a busy machine reaches it
+        timeout = "2" if self._testMethodName.startswith("test_timeout_") else "20"
+        self.settings = dict(self.settings, STEP_TIMEOUT=timeout)
+        super().setUp()
 
     def run_script(self, script, project="app"):
         deployment = self.daemon.deploy(script, project=project)
@@ -2973,7 +2981,7 @@ class EdgeSlotTests(DaemonTestCase):
             finally:
                 for sock in held:
                     sock.close()
-        wait_until(every_slot_back, 5, 0.2, message="all 20 slots given back")
+        wait_until(every_slot_back, 30, 0.2, message="all 20 slots given back")
         report("20 abandoned ?wait=3600 and log follows: every slot back after %.1f s"
                % (time.monotonic() - given_up))
         open(gate, "w").close()
@@ -2992,14 +3000,14 @@ class EdgePerAddressTests(DaemonTestCase):
 
     def test_one_address_cannot_take_every_connection(self):
         hog = [self.connect_from("127.0.0.2") for _ in range(30)]
-        refused = 0
-        for sock in hog:
-            sock.settimeout(0.2)
-            try:
+        refused, silent = 0, list(hog)  # until each of 20 has its answer
+        deadline = time.monotonic() + 30
+        while refused < 20 and time.monotonic() < deadline:
+            for sock in select.select(silent, [], [], 0.2)[0]:
                 refused += sock.recv(100).startswith(b"HTTP/1.1 503")
-            except socket.timeout:
-                pass
+                silent.remove(sock)
         self.assertEqual(refused, 20)
+        self.assertEqual(select.select(silent, [], [], 0.2)[0], [])  # 10 let in
         probe = self.connect_from("127.0.0.3")
         probe.sendall(raw_request("GET", "/deploy/stat"))
         with probe.makefile("rb") as file:
@@ -4165,7 +4173,7 @@ class GuaranteeConnectionCapTests(DaemonTestCase):
         self.assertEqual((status, body), (503, "too many connections, try again\n"))
         for sock in held:
             sock.close()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # the daemon sees them closed
         while self.daemon.get("/stat")[0] != 200:
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.05)
@@ -6723,10 +6731,12 @@ class UnpackLimitTests(unittest.TestCase):
             with self.subTest(kind=kind):
                 bomb = header_bomb(kind)
                 self.assertLess(len(bomb), 1600)
-                started = time.monotonic()
+                # CPU seconds: the work done, which a busy machine does not
+                # stretch as it stretches the wall clock
+                started = time.process_time()
                 with self.assertRaisesRegex(ipd.BadRequest, "MAX_HEADER_SIZE"):
                     self.unpack(bomb)
-                self.assertLess(time.monotonic() - started, 2)
+                self.assertLess(time.process_time() - started, 2)
 
     def test_long_names_and_link_targets_are_capped(self):
         long = "d/" * 40 + "f"
@@ -6775,10 +6785,10 @@ class UnpackLimitTests(unittest.TestCase):
         tar = tar_bytes({"a": b"x"}, "w")
         bomb = bz2.compress(tar) + bz2_runs(b"\0", 10 << 30)
         self.assertLess(len(bomb), 20000)
-        started = time.monotonic()
+        started = time.process_time()  # CPU seconds, as above
         with self.assertRaisesRegex(ipd.BadRequest, "MAX_TRAILING_SIZE"):
             self.unpack(bomb)
-        self.assertLess(time.monotonic() - started, 3)
+        self.assertLess(time.process_time() - started, 3)
         self.unpack(bz2.compress(tar + b"\0" * 100000))  # padding is fine
 
     def test_modes_are_masked(self):
@@ -7041,30 +7051,37 @@ class ScriptsUserChecks:
                   len(ATTACKS)))
         self.run_hostile()
 
-    def test_timeout_and_cancel_stop_the_scripts_processes(self):
-        script = """
+    def sleeping_script(self):
+        """control.sh that records the pid of a background sleep, then
+        sleeps itself; -> (script, the file of pids)."""
+        pid_file = os.path.join(self.daemon.upload_dir, "web", "work", "pids")
+        return """
             sleep 300 &
             echo $! >> %s
             sleep 300
-            """ % os.path.join(self.daemon.upload_dir, "web", "work", "pids")
+            """ % pid_file, pid_file
+
+    def test_timeout_stops_the_scripts_processes(self):
+        script, pid_file = self.sleeping_script()
         status, _, body = self.daemon.upload("web", control_script(script))
         deployment = body.strip()
         self.assertEqual(self.daemon.wait_state("web", deployment, timeout=60),
                          "timeout")
-        pids = read_text(os.path.join(self.daemon.upload_dir, "web", "work",
-                                 "pids")).split()
+        pids = read_text(pid_file).split()
         self.assertTrue(pids)
         for pid in pids:
             self.assertFalse(process_running(int(pid)), pid)
+
+    def test_cancel_stops_the_scripts_processes(self):
+        # STEP_TIMEOUT 20 here: a busy machine's cancel never comes after it
+        script, pid_file = self.sleeping_script()
         status, _, body = self.daemon.upload("web", control_script(script))
         deployment = body.strip()
-        pid_file = os.path.join(self.daemon.upload_dir, "web", "work", "pids")
-        wait_until(lambda: len(read_text(pid_file).split()) == len(pids) + 1,
-                   message="the second run's background sleep")
+        wait_until(lambda: os.path.exists(pid_file) and read_text(pid_file).split(),
+                   message="the background sleep")
         self.daemon.request("POST", "/cancel/web/" + deployment)
         self.assertEqual(self.daemon.wait_state("web", deployment), "cancelled")
-        for pid in read_text(os.path.join(self.daemon.upload_dir, "web", "work",
-                                     "pids")).split():
+        for pid in read_text(pid_file).split():
             self.assertFalse(process_running(int(pid)), pid)
 
     def test_kill_9_restart_stops_what_was_left(self):
