@@ -4270,8 +4270,9 @@ class Daemon:
             audit_event("upload", project=project, deployment=record.id,
                         user=user.name, address=address, files=record.files,
                         signer=record.signer)
+            # counted before it shows: /stat never lags a deployment seen
+            self.count_upload(received)
         record = self.deploy_upload(project, upload, user, announce, signer=signer)
-        self.count_upload(received)
         return record, True
 
     def deploy_upload(self, project, upload, user, announce, **extra):

@@ -3740,6 +3740,17 @@ class InProcessServerTests(unittest.TestCase):
         self.assertEqual(record.state, "ok")
         self.assertEqual(self.daemon.uploads, 1)  # the refused one is not counted
 
+    def test_an_upload_is_counted_before_it_shows(self):
+        # /stat waits for the listeners (settle): what they hear, it counts
+        heard = []
+        self.daemon.store.listeners.append(lambda old, new: old is None and heard.append(
+            (new.id, self.daemon.uploads, self.daemon.bytes_received > 0)))
+        answer = raw_exchange(self.port, upload_request())
+        self.assertEqual(answer_status(answer), 202)
+        deployment = re.search(rb"\r\n\r\n([0-9a-f-]{36})\n", answer).group(1).decode()
+        self.assertEqual(heard, [(deployment, 1, True)])
+        self.assertEqual(self.daemon.store.wait_final(deployment, 20).state, "ok")
+
 
 ###############################################################################
 # Signed releases and deploy tokens ###########################################
