@@ -1674,7 +1674,7 @@ class SteeringTests(DaemonTestCase):
         status, _, body = self.daemon.get("/status/app/%s?wait=20" % deployment)
         elapsed = time.monotonic() - started
         self.assertEqual((status, body), (200, "ok\n"))
-        self.assertLess(elapsed, 5)
+        self.assertLess(elapsed, 15)  # at its end, not at the 20 s of ?wait=20
         gate = os.path.join(self.tmp, "gate")
         slow = self.daemon.deploy(gate_script(gate))
         started = time.monotonic()
@@ -4363,10 +4363,12 @@ class GuaranteeSystemdTests(DaemonTestCase):
         self.daemon.start(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "300000"})
         messages = [listener.recv(4096).decode()]
         self.assertTrue(messages[0].startswith("READY=1\n"), messages)
+        # a ping each 0.15 s (half of WATCHDOG_USEC): four within 3 s, five
+        # times their due time, for a busy machine (counted, not sampled)
         started = time.monotonic()
-        while time.monotonic() - started < 1.2:
+        while messages.count("WATCHDOG=1") < 4:
             messages.append(listener.recv(4096).decode())
-        self.assertGreaterEqual(messages.count("WATCHDOG=1"), 4)
+        self.assertLess(time.monotonic() - started, 3)
         self.daemon.process.send_signal(signal.SIGTERM)
         while "STOPPING=1" not in messages:
             messages.append(listener.recv(4096).decode())
