@@ -2569,7 +2569,8 @@ def group_alive(group):
 
 def stop_process_group(process, grace):
     """SIGTERM the process group of process, SIGKILL what is left after
-    grace seconds, and reap process."""
+    grace seconds, and reap process: once it returns, none of the group
+    runs (what comes next, a final state, may say so)."""
     group = process.pid
     if group_alive(group):
         signal_group(group, signal.SIGTERM)
@@ -2578,6 +2579,12 @@ def stop_process_group(process, grace):
             process.poll()
             time.sleep(0.05)
         signal_group(group, signal.SIGKILL)
+        # SIGKILL is not instant: wait until the kernel has ended them all
+        # (a process stuck in the kernel, in state D, for at most grace more)
+        deadline = time.monotonic() + grace
+        while group_alive(group) and time.monotonic() < deadline:
+            process.poll()
+            time.sleep(0.01)
     process.wait()
 
 

@@ -1364,6 +1364,21 @@ class FlowTests(DaemonTestCase):
         pid = int(read_text(pid_file))
         self.assertFalse(process_running(pid), "the step's child survived")
 
+    def test_what_ignores_sigterm_is_gone_before_cancelled_shows(self):
+        # SIGKILL after KILL_GRACE, and the state only once the kernel has
+        # ended every process of the step
+        pid_file = os.path.join(self.tmp, "child.pid")
+        deployment = self.daemon.deploy(
+            "[ \"$1\" = deploy ] || exit 1\ntrap '' TERM\n"
+            "sh -c 'while :; do sleep 0.05; done' &\n"
+            "echo $! > %s.new; mv %s.new %s\nwhile :; do sleep 0.05; done\n"
+            % ((pid_file,) * 3))
+        self.wait_for_file(pid_file)
+        status, _, body = self.daemon.request("POST", "/cancel/app/" + deployment)
+        self.assertEqual((status, body), (200, "cancelled\n"))
+        self.assertFalse(process_running(int(read_text(pid_file))),
+                         "a process of the step outlived its state")
+
     def test_children_left_behind_are_stopped(self):
         pid_file = os.path.join(self.tmp, "child.pid")
         state, _, _ = self.run_script('(sleep 300 >/dev/null 2>&1 & echo $! > %s); '
