@@ -114,8 +114,10 @@ def read_bytes(path):
         return file.read()
 
 
-def wait_until(condition, timeout=10, interval=0.02, message="condition"):
-    """Call condition until it returns a true value; return that value."""
+def wait_until(condition, timeout=30, interval=0.02, message="condition"):
+    """Call condition until it returns a true value; return that value.
+    timeout bounds what will come: long enough for a busy machine, as it
+    costs nothing while the condition is met in time."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -763,7 +765,7 @@ class DaemonProcess:
     def log(self, project, deployment):
         return self.get("/log/%s/%s" % (project, deployment))[2]
 
-    def daemon_log(self, expect=None, timeout=10):
+    def daemon_log(self, expect=None, timeout=30):
         """ipd.log's text; with expect, wait until it matches (the access
         line is written just after the answer is sent)."""
         deadline = time.monotonic() + timeout
@@ -1192,7 +1194,7 @@ class UploadErrorTests(DaemonTestCase):
                       % (token, len(body))).encode() + body[:150000])
         wait_until(self.daemon.leftovers, message="the upload being written")
         sock.close()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while self.daemon.leftovers() and time.monotonic() < deadline:
             time.sleep(0.02)
         self.assert_refused(400, (400, None, "x\n"))
@@ -2547,7 +2549,7 @@ class StatusPageTests(DaemonTestCase):
         gate = os.path.join(self.tmp, "gate")
         deployment = self.daemon.deploy(gate_script(gate, "echo started"))
         self.daemon.wait_state("app", deployment, ["active"])
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while "started" not in self.daemon.log("app", deployment):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.02)
@@ -2769,7 +2771,7 @@ class BrowserTests(DaemonTestCase):
             '[ "$1" = deploy ] || exit 1\necho "line one"\n'
             'while [ ! -e %s ]; do sleep 0.05; done\necho "line two <b>not bold</b>"\n'
             'while [ ! -e %s ]; do sleep 0.05; done\nexit 1\n' % tuple(gates))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while "line one" not in self.daemon.log("app", deployment):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.05)
@@ -2980,7 +2982,7 @@ class EdgeSlotTests(DaemonTestCase):
             sock = socket.create_connection(("127.0.0.1", self.daemon.port))
             sock.sendall(raw_request("GET", path))
             clients.append(sock)
-        wait_until(lambda: self.daemon.get("/stat")[0] == 503, 10,
+        wait_until(lambda: self.daemon.get("/stat")[0] == 503, 30,
                    message="every slot held")
         given_up = time.monotonic()
         for sock in clients:
@@ -4120,7 +4122,7 @@ class GuaranteeFuzzTests(DaemonTestCase):
             thread.join()
         elapsed = time.monotonic() - started
         self.assertEqual(self.daemon.get("/stat")[0], 200)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while self.daemon.leftovers() and time.monotonic() < deadline:
             time.sleep(0.05)
         errors = sum(count for status, count in statuses.items() if status and status >= 500)
@@ -4197,7 +4199,7 @@ class GuaranteeSlowClientTests(DaemonTestCase):
             self.assertEqual(status, 404)
             time.sleep(0.05)
         # the slow ones are cut once their head is late (HEADER_TIMEOUT=2)
-        deadline = time.monotonic() + 8
+        deadline = time.monotonic() + 20  # each is cut by then, however busy
         closed = 0
         for sock in idle + slow:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
