@@ -585,9 +585,8 @@ class UsersTests(unittest.TestCase):
         self.assertTrue(users["alice"].may_use("db"))
 
     def test_sha256sum_output_matches(self):
-        digest = subprocess.run("printf %s mypassword | sha256sum | cut -f 1 -d ' '",
-                                shell=True, stdout=subprocess.PIPE,
-                                universal_newlines=True).stdout.strip()
+        digest = subprocess.run(["sha256sum"], input="mypassword", stdout=subprocess.PIPE,
+                                universal_newlines=True).stdout.split()[0]
         self.assertTrue(ipd.check_password("mypassword", digest))
 
     def test_pbkdf2(self):
