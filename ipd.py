@@ -4315,10 +4315,15 @@ class Daemon:
             moves = {"." + name: sink.path for name, sink in upload.files.items()}
             if upload.recipe is not None:
                 moves[".recipe"] = upload.recipe.path
-            record = store.commit(record, staging, moves, announce)
+
+            def refer_and_announce(record):
+                # its segments referred to before it can run, end and let
+                # a collection take them
+                if upload.recipe is not None:
+                    self.segments.read_refs(store, record)
+                announce(record)
+            record = store.commit(record, staging, moves, refer_and_announce)
             self.queue.supersede()
-            if upload.recipe is not None:
-                self.segments.read_refs(store, record)
         except BaseException as error:
             remove_quietly(staging)
             raise disk_errors(error)
