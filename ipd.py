@@ -2569,7 +2569,8 @@ def group_alive(group):
 
 def stop_process_group(process, grace):
     """SIGTERM the process group of process, SIGKILL what is left after
-    grace seconds, and reap process."""
+    grace seconds, and reap process: once it returns, none of the group
+    runs (what comes next, a final state, may say so)."""
     group = process.pid
     if group_alive(group):
         signal_group(group, signal.SIGTERM)
@@ -2578,6 +2579,12 @@ def stop_process_group(process, grace):
             process.poll()
             time.sleep(0.05)
         signal_group(group, signal.SIGKILL)
+        # SIGKILL is not instant: wait until the kernel has ended them all
+        # (a process stuck in the kernel, in state D, for at most grace more)
+        deadline = time.monotonic() + grace
+        while group_alive(group) and time.monotonic() < deadline:
+            process.poll()
+            time.sleep(0.01)
     process.wait()
 
 
@@ -3247,10 +3254,14 @@ class DeployQueue:
             self.store.update(older, state="changed", ended=time.time(),
                               superseded_by=newer)
 
-    def cancel(self, deployment_id):
+    def cancel(self, deployment_id, announce=None):
         """Cancel a waiting deployment (it never runs) or ask the worker to
-        stop a running one.  Returns its record; raises Conflict when it
-        had ended already, NotFound when there is no such deployment."""
+        stop a running one.  announce(), when given, is called once the
+        cancel is decided and before it takes effect (the log line and the
+        audit event that say who cancelled: before the state they explain
+        can show; when it raises, nothing is cancelled).  Returns its
+        record; raises Conflict when it had ended already, NotFound when
+        there is no such deployment."""
         asked = None
         with self._lock:
             record = self._held.get(deployment_id)
@@ -3259,6 +3270,8 @@ class DeployQueue:
             current = self.store.get(deployment_id)
             if record is not None and current is not None and (
                     current.state in UNFINISHED):
+                if announce:
+                    announce()
                 if deployment_id in self._cancels:
                     self._cancels[deployment_id].set()
                     asked = "running"
@@ -4151,15 +4164,17 @@ class Daemon:
 
     def cancel(self, record, user, address):
         """Cancel a deployment for user (see DeployQueue.cancel); logged
-        and audited."""
-        self.queue.cancel(record.id)
-        with open(self.store.path(record, ".log"), "ab") as file:
-            file.write(("ipd: cancelled by %s from %s at %s\n" % (
-                user.name, address, iso_time(time.time()))).encode())
-        log.info("deployment %s of %s: cancel asked by %s", record.id,
-                 record.project, user.name)
-        audit_event("cancel", project=record.project, deployment=record.id,
-                    user=user.name, address=address)
+        and audited before its state can say cancelled: a follower of its
+        log, notify.sh and the audit log see who cancelled it first."""
+        def announce():
+            with open(self.store.path(record, ".log"), "ab") as file:
+                file.write(("ipd: cancelled by %s from %s at %s\n" % (
+                    user.name, address, iso_time(time.time()))).encode())
+            log.info("deployment %s of %s: cancel asked by %s", record.id,
+                     record.project, user.name)
+            audit_event("cancel", project=record.project, deployment=record.id,
+                        user=user.name, address=address)
+        self.queue.cancel(record.id, announce)
 
     def redeploy(self, earlier, user, address):
         """A new deployment from the kept files of an earlier one: the
@@ -4262,8 +4277,9 @@ class Daemon:
             audit_event("upload", project=project, deployment=record.id,
                         user=user.name, address=address, files=record.files,
                         signer=record.signer)
+            # counted before it shows: /stat never lags a deployment seen
+            self.count_upload(received)
         record = self.deploy_upload(project, upload, user, announce, signer=signer)
-        self.count_upload(received)
         return record, True
 
     def deploy_upload(self, project, upload, user, announce, **extra):
@@ -4299,10 +4315,15 @@ class Daemon:
             moves = {"." + name: sink.path for name, sink in upload.files.items()}
             if upload.recipe is not None:
                 moves[".recipe"] = upload.recipe.path
-            record = store.commit(record, staging, moves, announce)
+
+            def refer_and_announce(record):
+                # its segments referred to before it can run, end and let
+                # a collection take them
+                if upload.recipe is not None:
+                    self.segments.read_refs(store, record)
+                announce(record)
+            record = store.commit(record, staging, moves, refer_and_announce)
             self.queue.supersede()
-            if upload.recipe is not None:
-                self.segments.read_refs(store, record)
         except BaseException as error:
             remove_quietly(staging)
             raise disk_errors(error)

@@ -23,6 +23,7 @@ import os
 import py_compile
 import random
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -113,8 +114,10 @@ def read_bytes(path):
         return file.read()
 
 
-def wait_until(condition, timeout=10, interval=0.02, message="condition"):
-    """Call condition until it returns a true value; return that value."""
+def wait_until(condition, timeout=30, interval=0.02, message="condition"):
+    """Call condition until it returns a true value; return that value.
+    timeout bounds what will come: long enough for a busy machine, as it
+    costs nothing while the condition is met in time."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -582,9 +585,8 @@ class UsersTests(unittest.TestCase):
         self.assertTrue(users["alice"].may_use("db"))
 
     def test_sha256sum_output_matches(self):
-        digest = subprocess.run("printf %s mypassword | sha256sum | cut -f 1 -d ' '",
-                                shell=True, stdout=subprocess.PIPE,
-                                universal_newlines=True).stdout.strip()
+        digest = subprocess.run(["sha256sum"], input="mypassword", stdout=subprocess.PIPE,
+                                universal_newlines=True).stdout.split()[0]
         self.assertTrue(ipd.check_password("mypassword", digest))
 
     def test_pbkdf2(self):
@@ -762,7 +764,7 @@ class DaemonProcess:
     def log(self, project, deployment):
         return self.get("/log/%s/%s" % (project, deployment))[2]
 
-    def daemon_log(self, expect=None, timeout=10):
+    def daemon_log(self, expect=None, timeout=30):
         """ipd.log's text; with expect, wait until it matches (the access
         line is written just after the answer is sent)."""
         deadline = time.monotonic() + timeout
@@ -1191,7 +1193,7 @@ class UploadErrorTests(DaemonTestCase):
                       % (token, len(body))).encode() + body[:150000])
         wait_until(self.daemon.leftovers, message="the upload being written")
         sock.close()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while self.daemon.leftovers() and time.monotonic() < deadline:
             time.sleep(0.02)
         self.assert_refused(400, (400, None, "x\n"))
@@ -1293,7 +1295,14 @@ class UploadTests(DaemonTestCase):
 
 
 class FlowTests(DaemonTestCase):
-    settings = {"PASS_ENV": "IPD_TEST_PASSED", "STEP_TIMEOUT": "2"}
+    settings = {"PASS_ENV": "IPD_TEST_PASSED"}
+
+    def setUp(self):
+        # a step's time limit: short only where it is what is tested, so
+        # that no other step of a busy machine reaches it
+        timeout = "2" if self._testMethodName.startswith("test_timeout_") else "20"
+        self.settings = dict(self.settings, STEP_TIMEOUT=timeout)
+        super().setUp()
 
     def run_script(self, script, project="app"):
         deployment = self.daemon.deploy(script, project=project)
@@ -1355,6 +1364,21 @@ class FlowTests(DaemonTestCase):
         self.assertEqual(state, "timeout")
         pid = int(read_text(pid_file))
         self.assertFalse(process_running(pid), "the step's child survived")
+
+    def test_what_ignores_sigterm_is_gone_before_cancelled_shows(self):
+        # SIGKILL after KILL_GRACE, and the state only once the kernel has
+        # ended every process of the step
+        pid_file = os.path.join(self.tmp, "child.pid")
+        deployment = self.daemon.deploy(
+            "[ \"$1\" = deploy ] || exit 1\ntrap '' TERM\n"
+            "sh -c 'while :; do sleep 0.05; done' &\n"
+            "echo $! > %s.new; mv %s.new %s\nwhile :; do sleep 0.05; done\n"
+            % ((pid_file,) * 3))
+        self.wait_for_file(pid_file)
+        status, _, body = self.daemon.request("POST", "/cancel/app/" + deployment)
+        self.assertEqual((status, body), (200, "cancelled\n"))
+        self.assertFalse(process_running(int(read_text(pid_file))),
+                         "a process of the step outlived its state")
 
     def test_children_left_behind_are_stopped(self):
         pid_file = os.path.join(self.tmp, "child.pid")
@@ -1666,7 +1690,7 @@ class SteeringTests(DaemonTestCase):
         status, _, body = self.daemon.get("/status/app/%s?wait=20" % deployment)
         elapsed = time.monotonic() - started
         self.assertEqual((status, body), (200, "ok\n"))
-        self.assertLess(elapsed, 5)
+        self.assertLess(elapsed, 15)  # at its end, not at the 20 s of ?wait=20
         gate = os.path.join(self.tmp, "gate")
         slow = self.daemon.deploy(gate_script(gate))
         started = time.monotonic()
@@ -2001,7 +2025,10 @@ class Listener:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
+                length = int(self.headers["Content-Length"])
+                body = self.rfile.read(length)
+                if len(body) < length:
+                    return  # its sender was stopped mid-POST: a test's end
                 received.append(json.loads(body))
                 self.send_response(204)
                 self.end_headers()
@@ -2016,6 +2043,71 @@ class Listener:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class CountingRelay:
+    """A TCP relay from 127.0.0.1 (its port) to a server's port that counts
+    the bytes clients send through it: what a client put on the wire,
+    whether or not the server read it.  It reads each client to its end,
+    also after the server has closed, so nothing sent goes uncounted."""
+
+    def __init__(self, test, port):
+        self.target = port
+        self.sent = 0
+        self.lock = threading.Lock()
+        self.sockets = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+        test.addCleanup(self.close)
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.sockets.extend((client, server))
+            threading.Thread(target=self._pump, args=(client, server, True),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False),
+                             daemon=True).start()
+
+    def _pump(self, source, target, counted):
+        forward = True
+        while True:
+            try:
+                data = source.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            if counted:
+                with self.lock:
+                    self.sent += len(data)
+            try:
+                if forward:
+                    target.sendall(data)
+            except OSError:
+                forward = False  # the other side is gone: count on
+        try:
+            target.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes its pump
+                except OSError:
+                    pass
+                sock.close()
 
 
 class AccountableTests(DaemonTestCase):
@@ -2042,17 +2134,19 @@ class AccountableTests(DaemonTestCase):
             file.write(control_script(OK_SCRIPT))
         with open(self.daemon.users_file, "a") as file:
             file.write("USER:web-ci:%s:web\n" % sha256_hex("ci-pw"))
-        environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port)
+        # Through a relay that counts what the client sends: a client that
+        # missed the early answer would send the file after its 3 s wait.
+        relay = CountingRelay(self, self.daemon.port)
+        environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % relay.port)
         cases = (({"IPD_USER": "web-ci", "IPD_PASSWORD": "ci-pw"}, "api", 5, 403),
                  ({"IPD_USER": "web-ci", "IPD_PASSWORD": "wrong"}, "web", 4, 401))
         for env, project, code, status in cases:
-            started = time.monotonic()
             result = subprocess.run([sys.executable, IPD, "push", "--project", project,
                                      "--image", image, "--package", package],
                                     env=dict(environ, **env), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, timeout=60)
             self.assertEqual(result.returncode, code, result.stderr)
-            self.assertLess(time.monotonic() - started, 2.5)
+            self.assertLess(relay.sent, 64 << 10)  # heads only, not 40 MiB
             self.assertRegex(self.access_line(status),
                              r'"POST /deploy/(upload|segments/\w+)" %d user=\S+ in=0 '
                              % status)
@@ -2064,6 +2158,7 @@ class AccountableTests(DaemonTestCase):
                                      environ, IPD_USER="web-ci", IPD_PASSWORD="ci-pw"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(result.returncode, 6, result.stderr)
+        self.assertLess(relay.sent, 64 << 10)
         self.assertRegex(self.access_line(413),
                          r'"POST /deploy/(upload|segments/\w+)" 413 user=web-ci in=0 ')
         report("refused pushes (403, 401, 413) read 0 bytes of the body")
@@ -2112,6 +2207,9 @@ class AccountableTests(DaemonTestCase):
         states = [(e["deployment"], e["state"]) for e in events if e["event"] == "state"]
         self.assertEqual([s for d, s in states if d == first], ["active", "ok"])
         self.assertEqual([s for d, s in states if d == running], ["active", "cancelled"])
+        self.assertLess(kinds.index(("cancel", running)),  # who, then the state
+                        [(e["event"], e.get("deployment"), e.get("state")) for e in events
+                         ].index(("state", running, "cancelled")))
         for deployment, event in ((first, "upload"), (redo, "redeploy")):
             self.assertEqual([e["event"] for e in events if e.get("deployment") == deployment],
                              [event, "state", "state"])  # created, then its states
@@ -2145,10 +2243,8 @@ class AccountableTests(DaemonTestCase):
         self.daemon.wait_state("app", ok)
         failed = self.daemon.deploy("exit 7")  # its notify.sh hangs
         self.daemon.wait_state("app", failed)
-        started = time.monotonic()
-        after = self.daemon.deploy(OK_SCRIPT)
+        after = self.daemon.deploy(OK_SCRIPT)  # not held up: DeploymentQueueTests
         self.assertEqual(self.daemon.wait_state("app", after), "ok")
-        self.assertLess(time.monotonic() - started, 5)
         deadline = time.monotonic() + 15
         while (len(self.listener.received) < 3 or len(read_text(calls).splitlines()) < 3) \
                 and time.monotonic() < deadline:
@@ -2455,7 +2551,7 @@ class StatusPageTests(DaemonTestCase):
         gate = os.path.join(self.tmp, "gate")
         deployment = self.daemon.deploy(gate_script(gate, "echo started"))
         self.daemon.wait_state("app", deployment, ["active"])
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while "started" not in self.daemon.log("app", deployment):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.02)
@@ -2677,7 +2773,7 @@ class BrowserTests(DaemonTestCase):
             '[ "$1" = deploy ] || exit 1\necho "line one"\n'
             'while [ ! -e %s ]; do sleep 0.05; done\necho "line two <b>not bold</b>"\n'
             'while [ ! -e %s ]; do sleep 0.05; done\nexit 1\n' % tuple(gates))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while "line one" not in self.daemon.log("app", deployment):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.05)
@@ -2888,7 +2984,7 @@ class EdgeSlotTests(DaemonTestCase):
             sock = socket.create_connection(("127.0.0.1", self.daemon.port))
             sock.sendall(raw_request("GET", path))
             clients.append(sock)
-        wait_until(lambda: self.daemon.get("/stat")[0] == 503, 10,
+        wait_until(lambda: self.daemon.get("/stat")[0] == 503, 30,
                    message="every slot held")
         given_up = time.monotonic()
         for sock in clients:
@@ -2902,7 +2998,7 @@ class EdgeSlotTests(DaemonTestCase):
             finally:
                 for sock in held:
                     sock.close()
-        wait_until(every_slot_back, 5, 0.2, message="all 20 slots given back")
+        wait_until(every_slot_back, 30, 0.2, message="all 20 slots given back")
         report("20 abandoned ?wait=3600 and log follows: every slot back after %.1f s"
                % (time.monotonic() - given_up))
         open(gate, "w").close()
@@ -2921,14 +3017,14 @@ class EdgePerAddressTests(DaemonTestCase):
 
     def test_one_address_cannot_take_every_connection(self):
         hog = [self.connect_from("127.0.0.2") for _ in range(30)]
-        refused = 0
-        for sock in hog:
-            sock.settimeout(0.2)
-            try:
+        refused, silent = 0, list(hog)  # until each of 20 has its answer
+        deadline = time.monotonic() + 30
+        while refused < 20 and time.monotonic() < deadline:
+            for sock in select.select(silent, [], [], 0.2)[0]:
                 refused += sock.recv(100).startswith(b"HTTP/1.1 503")
-            except socket.timeout:
-                pass
+                silent.remove(sock)
         self.assertEqual(refused, 20)
+        self.assertEqual(select.select(silent, [], [], 0.2)[0], [])  # 10 let in
         probe = self.connect_from("127.0.0.3")
         probe.sendall(raw_request("GET", "/deploy/stat"))
         with probe.makefile("rb") as file:
@@ -3492,6 +3588,66 @@ class DeploymentQueueTests(unittest.TestCase):
         self.assertFalse(self.queue.cancel_requested(record.id).is_set())
         self.queue.release(claimed)
 
+    def test_a_cancel_is_announced_before_it_takes_effect(self):
+        # Who cancelled (the log line, the audit event) is written before
+        # the state it explains can show: a follower of the log, notify.sh
+        # and the audit log never see 'cancelled' without it.
+        running = self.commit()
+        claimed = self.queue.claim()
+        waiting = self.commit()  # the same project: it waits
+        stop = self.queue.cancel_requested(running.id)
+
+        def failing():
+            raise OSError("the log cannot be written")
+        with self.assertRaises(OSError):  # nothing is cancelled then
+            self.queue.cancel(waiting.id, failing)
+        self.assertEqual(self.store.get(waiting.id).state, "await")
+        seen = []
+        for record in (waiting, running):
+            self.queue.cancel(record.id, lambda record=record: seen.append(
+                (self.store.get(record.id).state, stop.is_set())))
+        self.assertEqual(seen, [("await", False), ("active", False)])
+        self.assertEqual(self.store.get(waiting.id).state, "cancelled")
+        self.assertTrue(stop.is_set())
+        self.store.update(running.id, state="cancelled", ended=time.time())
+        for record in (waiting, running):  # ended: refused, not announced
+            with self.assertRaises(ipd.Conflict):
+                self.queue.cancel(record.id, lambda: seen.append("again"))
+        self.assertEqual(len(seen), 2)
+        self.queue.release(claimed)
+
+    def test_a_hanging_notify_sh_holds_up_nothing(self):
+        # notify.sh waits for a gate opened only after the final state is
+        # written and the project's next deployment claimed: were it run on
+        # the writer's thread, the update would not return
+        project_dir = self.store.project_dir("app")
+        os.makedirs(project_dir)
+        gate, started, ended = (os.path.join(self.tmp, name)
+                                for name in ("gate", "started", "ended"))
+        self.addCleanup(kill_processes_in, self.tmp)
+        with open(os.path.join(project_dir, "notify.sh"), "w") as file:
+            file.write("#!/bin/sh\ntouch %s\nwhile [ ! -e %s ]; do sleep 0.02; done\n"
+                       "touch %s\n" % (started, gate, ended))
+        os.chmod(os.path.join(project_dir, "notify.sh"), 0o755)
+        settings = ipd.load_settings(os.devnull, environ={
+            "UPLOAD_DIR": self.tmp, "LOG_DIR": self.tmp, "NOTIFY_TIMEOUT": "600"})
+        notifier = ipd.Notifier(settings, self.store, lambda record, run_as=None: {
+            "PATH": os.environ["PATH"]})
+        self.store.listeners.append(notifier.state_changed)
+        record = self.commit()
+        claimed = self.queue.claim()
+        after = self.commit()
+        writer = threading.Thread(target=self.store.update, args=(record.id,),
+                                  kwargs={"state": "ok", "ended": time.time()})
+        writer.start()
+        writer.join(30)  # at once, unless it waited for notify.sh's gate
+        self.assertFalse(writer.is_alive(), "the final state waited for notify.sh")
+        self.queue.release(claimed)
+        self.assertEqual(self.queue.claim().id, after.id)
+        wait_until(lambda: os.path.exists(started), 30, message="notify.sh running")
+        open(gate, "w").close()
+        wait_until(lambda: os.path.exists(ended), 30, message="notify.sh ended")
+
     def test_figures_are_as_new_as_any_state_the_store_shows(self):
         record = self.commit()
         claimed = self.queue.claim()
@@ -3644,6 +3800,17 @@ class InProcessServerTests(unittest.TestCase):
         record = self.daemon.store.wait_final(deployment, 20)
         self.assertEqual(record.state, "ok")
         self.assertEqual(self.daemon.uploads, 1)  # the refused one is not counted
+
+    def test_an_upload_is_counted_before_it_shows(self):
+        # /stat waits for the listeners (settle): what they hear, it counts
+        heard = []
+        self.daemon.store.listeners.append(lambda old, new: old is None and heard.append(
+            (new.id, self.daemon.uploads, self.daemon.bytes_received > 0)))
+        answer = raw_exchange(self.port, upload_request())
+        self.assertEqual(answer_status(answer), 202)
+        deployment = re.search(rb"\r\n\r\n([0-9a-f-]{36})\n", answer).group(1).decode()
+        self.assertEqual(heard, [(deployment, 1, True)])
+        self.assertEqual(self.daemon.store.wait_final(deployment, 20).state, "ok")
 
 
 ###############################################################################
@@ -3969,7 +4136,7 @@ class GuaranteeFuzzTests(DaemonTestCase):
             thread.join()
         elapsed = time.monotonic() - started
         self.assertEqual(self.daemon.get("/stat")[0], 200)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while self.daemon.leftovers() and time.monotonic() < deadline:
             time.sleep(0.05)
         errors = sum(count for status, count in statuses.items() if status and status >= 500)
@@ -4046,7 +4213,7 @@ class GuaranteeSlowClientTests(DaemonTestCase):
             self.assertEqual(status, 404)
             time.sleep(0.05)
         # the slow ones are cut once their head is late (HEADER_TIMEOUT=2)
-        deadline = time.monotonic() + 8
+        deadline = time.monotonic() + 20  # each is cut by then, however busy
         closed = 0
         for sock in idle + slow:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
@@ -4078,7 +4245,7 @@ class GuaranteeConnectionCapTests(DaemonTestCase):
         self.assertEqual((status, body), (503, "too many connections, try again\n"))
         for sock in held:
             sock.close()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # the daemon sees them closed
         while self.daemon.get("/stat")[0] != 200:
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.05)
@@ -4257,10 +4424,12 @@ class GuaranteeSystemdTests(DaemonTestCase):
         self.daemon.start(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "300000"})
         messages = [listener.recv(4096).decode()]
         self.assertTrue(messages[0].startswith("READY=1\n"), messages)
+        # a ping each 0.15 s (half of WATCHDOG_USEC): four within 3 s, five
+        # times their due time, for a busy machine (counted, not sampled)
         started = time.monotonic()
-        while time.monotonic() - started < 1.2:
+        while messages.count("WATCHDOG=1") < 4:
             messages.append(listener.recv(4096).decode())
-        self.assertGreaterEqual(messages.count("WATCHDOG=1"), 4)
+        self.assertLess(time.monotonic() - started, 3)
         self.daemon.process.send_signal(signal.SIGTERM)
         while "STOPPING=1" not in messages:
             messages.append(listener.recv(4096).decode())
@@ -6636,10 +6805,12 @@ class UnpackLimitTests(unittest.TestCase):
             with self.subTest(kind=kind):
                 bomb = header_bomb(kind)
                 self.assertLess(len(bomb), 1600)
-                started = time.monotonic()
+                # CPU seconds: the work done, which a busy machine does not
+                # stretch as it stretches the wall clock
+                started = time.process_time()
                 with self.assertRaisesRegex(ipd.BadRequest, "MAX_HEADER_SIZE"):
                     self.unpack(bomb)
-                self.assertLess(time.monotonic() - started, 2)
+                self.assertLess(time.process_time() - started, 2)
 
     def test_long_names_and_link_targets_are_capped(self):
         long = "d/" * 40 + "f"
@@ -6688,10 +6859,10 @@ class UnpackLimitTests(unittest.TestCase):
         tar = tar_bytes({"a": b"x"}, "w")
         bomb = bz2.compress(tar) + bz2_runs(b"\0", 10 << 30)
         self.assertLess(len(bomb), 20000)
-        started = time.monotonic()
+        started = time.process_time()  # CPU seconds, as above
         with self.assertRaisesRegex(ipd.BadRequest, "MAX_TRAILING_SIZE"):
             self.unpack(bomb)
-        self.assertLess(time.monotonic() - started, 3)
+        self.assertLess(time.process_time() - started, 3)
         self.unpack(bz2.compress(tar + b"\0" * 100000))  # padding is fine
 
     def test_modes_are_masked(self):
@@ -6954,30 +7125,37 @@ class ScriptsUserChecks:
                   len(ATTACKS)))
         self.run_hostile()
 
-    def test_timeout_and_cancel_stop_the_scripts_processes(self):
-        script = """
+    def sleeping_script(self):
+        """control.sh that records the pid of a background sleep, then
+        sleeps itself; -> (script, the file of pids)."""
+        pid_file = os.path.join(self.daemon.upload_dir, "web", "work", "pids")
+        return """
             sleep 300 &
             echo $! >> %s
             sleep 300
-            """ % os.path.join(self.daemon.upload_dir, "web", "work", "pids")
+            """ % pid_file, pid_file
+
+    def test_timeout_stops_the_scripts_processes(self):
+        script, pid_file = self.sleeping_script()
         status, _, body = self.daemon.upload("web", control_script(script))
         deployment = body.strip()
         self.assertEqual(self.daemon.wait_state("web", deployment, timeout=60),
                          "timeout")
-        pids = read_text(os.path.join(self.daemon.upload_dir, "web", "work",
-                                 "pids")).split()
+        pids = read_text(pid_file).split()
         self.assertTrue(pids)
         for pid in pids:
             self.assertFalse(process_running(int(pid)), pid)
+
+    def test_cancel_stops_the_scripts_processes(self):
+        # STEP_TIMEOUT 20 here: a busy machine's cancel never comes after it
+        script, pid_file = self.sleeping_script()
         status, _, body = self.daemon.upload("web", control_script(script))
         deployment = body.strip()
-        pid_file = os.path.join(self.daemon.upload_dir, "web", "work", "pids")
-        wait_until(lambda: len(read_text(pid_file).split()) == len(pids) + 1,
-                   message="the second run's background sleep")
+        wait_until(lambda: os.path.exists(pid_file) and read_text(pid_file).split(),
+                   message="the background sleep")
         self.daemon.request("POST", "/cancel/web/" + deployment)
         self.assertEqual(self.daemon.wait_state("web", deployment), "cancelled")
-        for pid in read_text(os.path.join(self.daemon.upload_dir, "web", "work",
-                                     "pids")).split():
+        for pid in read_text(pid_file).split():
             self.assertFalse(process_running(int(pid)), pid)
 
     def test_kill_9_restart_stops_what_was_left(self):
