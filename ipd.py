@@ -4637,6 +4637,30 @@ def peer_closed(connection):
         return True
 
 
+# How long a refused body may still be read and dropped before we close.
+LINGER_SECONDS = 2
+
+
+def drain_before_close(connection, seconds=LINGER_SECONDS):
+    """After an answer to a request whose body was not read: end our side,
+    then read and drop what the client still sends, until it closes, is
+    idle for a second, or seconds pass.  Closing a socket with unread
+    bytes resets the connection, and a reset can destroy the answer (a
+    413, a 401) before the client has read it: a lingering close, as
+    nginx does."""
+    deadline = time.monotonic() + seconds
+    try:
+        connection.shutdown(socket.SHUT_WR)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([connection], [], [], min(left, 1))[0]:
+                return
+            if not connection.recv(1 << 16):
+                return
+    except (OSError, ValueError):
+        pass
+
+
 def answer_busy(connection):
     """503 to a connection over the limit, without a thread for it."""
     body = b"too many connections, try again\n"
@@ -4748,6 +4772,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.timeout = self.server.ipd.settings.READ_TIMEOUT
         self.ipd = self.server.ipd
         super().setup()
+
+    def finish(self):
+        super().finish()  # the answer flushed
+        if self.close_connection and self.has_unread_body():
+            drain_before_close(self.connection)
 
     def handle_one_request(self):
         self.begin_request()

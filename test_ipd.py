@@ -1074,6 +1074,24 @@ class UploadErrorTests(DaemonTestCase):
         self.assert_refused(413, self.daemon.upload("app", image=big,
                                                     package=control_script(OK_SCRIPT)))
 
+    def test_an_early_refusal_reaches_a_client_still_sending(self):
+        # ipd answers 413 from the head, before any body byte, and then
+        # reads and drops what the client still sends before it closes: a
+        # client that reads only once it has sent everything (as
+        # http.client does) gets the answer, not a connection reset.
+        size = 8 << 20
+        head = raw_request("POST", "/deploy/upload", headers={
+            "Content-Type": "multipart/form-data; boundary=b",
+            "Content-Length": str(size)})
+        with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=30) as sock:
+            sock.sendall(head)
+            self.assertEqual(sock.recv(12, socket.MSG_WAITALL), b"HTTP/1.1 413")  # at once
+            sock.sendall(b"\0" * size)  # without the drain: EPIPE or a reset
+            answer = sock.makefile("rb").read()
+        self.assertIn(b"\r\nConnection: close\r\n", answer)
+        self.assertTrue(answer.endswith(b"upload larger than MAX_UPLOAD_SIZE "
+                                        b"(1048576 bytes)\n"), answer)
+
     def test_too_large_chunked(self):
         _, body = multipart([("project", "app"),
                              ("image", ("i", b"\0" * (2 << 20)))])
