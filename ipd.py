@@ -3285,8 +3285,10 @@ class DeployQueue:
         if record is None:
             raise NotFound("no deployment %s" % deployment_id)
         if asked is None:
-            raise Conflict("deployment %s has ended already: %s"
-                           % (deployment_id, record.state))
+            state = record.state
+            if state in UNFINISHED:  # let go by the queue, not yet recorded
+                state = "cancelled or replaced by a newer upload"
+            raise Conflict("deployment %s has ended already: %s" % (deployment_id, state))
         return record
 
     def cancel_requested(self, deployment_id):

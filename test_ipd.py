@@ -3719,6 +3719,8 @@ class DeploymentQueueTests(unittest.TestCase):
         older = self.commit()
         newer = self.commit(supersede=False)  # the older one not yet 'changed'
         self.assertEqual(self.queue.counts(), {"queue": 1, "running": 0})
+        with self.assertRaisesRegex(ipd.Conflict, "ended already: cancelled or replaced"):
+            self.queue.cancel(older.id)  # let go by the queue, the store still 'await'
         self.assertEqual(self.queue.cancel(newer.id).state, "cancelled")
         self.queue.supersede()
         self.assertEqual(self.state_file(older)["superseded_by"], newer.id)
