@@ -2567,6 +2567,15 @@ def group_alive(group):
     return False
 
 
+def wait_for_group(process, seconds, pause):
+    """Wait up to seconds, looking every pause seconds, until no process of
+    process's group runs; reap process meanwhile (its zombie is not one)."""
+    deadline = time.monotonic() + seconds
+    while group_alive(process.pid) and time.monotonic() < deadline:
+        process.poll()
+        time.sleep(pause)
+
+
 def stop_process_group(process, grace):
     """SIGTERM the process group of process, SIGKILL what is left after
     grace seconds, and reap process: once it returns, none of the group
@@ -2574,17 +2583,11 @@ def stop_process_group(process, grace):
     group = process.pid
     if group_alive(group):
         signal_group(group, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while group_alive(group) and time.monotonic() < deadline:
-            process.poll()
-            time.sleep(0.05)
+        wait_for_group(process, grace, 0.05)
         signal_group(group, signal.SIGKILL)
         # SIGKILL is not instant: wait until the kernel has ended them all
         # (a process stuck in the kernel, in state D, for at most grace more)
-        deadline = time.monotonic() + grace
-        while group_alive(group) and time.monotonic() < deadline:
-            process.poll()
-            time.sleep(0.01)
+        wait_for_group(process, grace, 0.01)
     process.wait()
 
 
@@ -3264,12 +3267,12 @@ class DeployQueue:
         there is no such deployment."""
         asked = None
         with self._lock:
-            record = self._held.get(deployment_id)
             # The state first, as the store has it: the store makes a final
             # state visible (to ?wait= and status) before the queue hears it.
-            current = self.store.get(deployment_id)
-            if record is not None and current is not None and (
-                    current.state in UNFINISHED):
+            record = self.store.get(deployment_id)
+            if record is None:
+                raise NotFound("no deployment %s" % deployment_id)
+            if deployment_id in self._held and record.state in UNFINISHED:
                 if announce:
                     announce()
                 if deployment_id in self._cancels:
@@ -3281,9 +3284,6 @@ class DeployQueue:
                     asked = "waiting"
         if asked == "waiting":
             return self.store.update(deployment_id, state="cancelled", ended=time.time())
-        record = self.store.get(deployment_id)
-        if record is None:
-            raise NotFound("no deployment %s" % deployment_id)
         if asked is None:
             state = record.state
             if state in UNFINISHED:  # let go by the queue, not yet recorded
