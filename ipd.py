@@ -2592,11 +2592,12 @@ def stop_process_group(process, grace):
 
 
 ###############################################################################
-# Deployments: the type, the store, the queue, the metrics ####################
+# Deployments: the type and the one owner of their state #####################
 ###############################################################################
 
-# What a deployment is (Deployment), where it is kept (DeploymentStore, on
-# disk first), what waits and runs (DeployQueue); Metrics counts its changes.
+# What a deployment is (Deployment), and the one object that owns every
+# deployment's state (DeploymentStore): records on disk first, the queue of
+# waiting and running ones, cancel requests, and the counters (Counters).
 
 
 class Deployment:
@@ -2776,34 +2777,38 @@ def escape_label(value):
 STEP_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
-class Metrics:
-    """The figures behind /stat and /metrics, kept current by the store's
-    change events (state_changed is one of its listeners), so that a scrape
-    reads no disk and takes no lock but this object's own."""
+class Counters:
+    """The figures behind /stat and /metrics.
+
+    It has no lock of its own: only DeploymentStore changes and reads it,
+    under the store's _lock and in the same step as the state it counts,
+    so that no figure is ever behind a state a reader can see.
+    """
 
     def __init__(self):
-        self._lock = threading.Lock()
         self.deployments = {}     # (project, state) -> number
         self.steps = {}           # step -> [per bucket..., +Inf, sum]
         self.last_success = {}    # project -> end time of its latest ok
         self.durations = []       # seconds of the latest finished deployments
+        self.uploads = 0          # uploads accepted (not redeploys)
+        self.bytes_received = 0   # their bytes, as received
 
-    def state_changed(self, old, new):
-        """The store's listener: count new (and no longer old)."""
+    def count(self, old, new):
+        """Count new, and old no more (old is None for a new or loaded
+        record): states, the steps new has run since old, its end."""
         project = new.project
-        with self._lock:
-            if old is not None:
-                self.deployments[(project, old.state)] -= 1
-            key = (project, new.state)
-            self.deployments[key] = self.deployments.get(key, 0) + 1
-            for step in new.steps[len(old.steps) if old else 0:]:
-                self._observe(step["step"], step.get("seconds"))
-            if new.state == "ok" and new.ended:
-                self.last_success[project] = max(new.ended,
-                                                 self.last_success.get(project, 0))
-            if (old is None or old.ended is None) and new.ended and new.started:
-                self.durations.append(new.ended - new.started)
-                del self.durations[:-1000]
+        if old is not None:
+            self.deployments[(project, old.state)] -= 1
+        key = (project, new.state)
+        self.deployments[key] = self.deployments.get(key, 0) + 1
+        for step in new.steps[len(old.steps) if old else 0:]:
+            self._observe(step["step"], step.get("seconds"))
+        if new.state == "ok" and new.ended:
+            self.last_success[project] = max(new.ended,
+                                             self.last_success.get(project, 0))
+        if (old is None or old.ended is None) and new.ended and new.started:
+            self.durations.append(new.ended - new.started)
+            del self.durations[:-1000]
 
     def _observe(self, step, seconds):
         if seconds is None:
@@ -2815,18 +2820,20 @@ class Metrics:
 
     def statistics(self):
         """{'deployments': how many, 'states': {state: how many},
-        'durations': summarize() of the latest 1000 that ended}."""
-        with self._lock:
-            states = {}
-            for (_, state), count in self.deployments.items():
-                states[state] = states.get(state, 0) + count
-            return {"deployments": sum(states.values()),
-                    "states": {state: count for state, count
-                               in sorted(states.items()) if count},
-                    "durations": summarize(sorted(self.durations))}
+        'durations': summarize() of the latest 1000 that ended, 'uploads',
+        'bytes_received'}."""
+        states = {}
+        for (_, state), count in self.deployments.items():
+            states[state] = states.get(state, 0) + count
+        return {"deployments": sum(states.values()),
+                "states": {state: count for state, count
+                           in sorted(states.items()) if count},
+                "durations": summarize(sorted(self.durations)),
+                "uploads": self.uploads, "bytes_received": self.bytes_received}
 
     def render(self, gauges, counters):
-        """Prometheus text format (version 0.0.4)."""
+        """Prometheus text format (version 0.0.4): these figures, then the
+        gauges and counters given ({name: (help text, value)})."""
         lines = []
 
         def family(name, kind, text, samples):
@@ -2836,15 +2843,12 @@ class Metrics:
                                       for key, v in labels)
                 lines.append("%s%s %s\n" % (name, "{%s}" % label_text
                                             if label_text else "", value))
-        with self._lock:
-            deployments = sorted(self.deployments.items())
-            steps = sorted((step, list(counts)) for step, counts in self.steps.items())
-            last_success = sorted(self.last_success.items())
         family("ipd_deployments", "gauge", "Deployments by project and state.",
-               [((("project", p), ("state", st)), n) for (p, st), n in deployments if n])
+               [((("project", p), ("state", st)), n)
+                for (p, st), n in sorted(self.deployments.items()) if n])
         lines.append("# HELP ipd_step_duration_seconds Time control.sh steps "
                      "took.\n# TYPE ipd_step_duration_seconds histogram\n")
-        for step, counts in steps:
+        for step, counts in sorted(self.steps.items()):
             total = 0
             for bound, count in zip(STEP_BUCKETS + ("+Inf",), counts):
                 total += count
@@ -2856,7 +2860,8 @@ class Metrics:
                          % (step, total))
         family("ipd_last_success_timestamp_seconds", "gauge",
                "When the latest successful deployment of a project ended.",
-               [((("project", p),), "%.3f" % t) for p, t in last_success])
+               [((("project", p),), "%.3f" % t)
+                for p, t in sorted(self.last_success.items())])
         for name, (text, value) in sorted(gauges.items()):
             family(name, "gauge", text, [((), value)])
         for name, (text, value) in sorted(counters.items()):
@@ -2865,34 +2870,49 @@ class Metrics:
 
 
 class DeploymentStore:
-    """Every deployment's record, on disk and in memory: loading after a
-    start or crash, the index per project, sequence numbers, pruning.
+    """The one owner of deployment state: every deployment's record (on
+    disk first), which ones wait and which run, the cancel requests of
+    running ones, and the counters of /stat and /metrics.
 
-    Records are Deployments; callers get copies.  Every change goes through
-    update() (or commit() for a new one), which writes the record to disk
-    before the change is visible, so a state once answered survives any
-    crash, and then calls each of listeners with (old, new) copies, one
-    change at a time in the order they were made (old is None for a new or
-    loaded record): the queue, the metrics and the notifier learn of states
-    this way, and never take this store's lock.
+    Records are Deployments; callers get copies, never the store's own.
+    Every change of a deployment goes through _change(), which does, in
+    this order and one change at a time:
+
+    1. write ID.json atomically: a state once answered survives any crash;
+    2. log it and append its audit event: the audit log has every change
+       before anyone can see it, in the order they were made;
+    3. under _lock, at once: the record, the queue (waiting and running
+       follow the state) and the counters; then wake the waiters.  A
+       reader therefore never sees a state without all that follows from
+       it (no /stat behind a state, no cancel of what has ended);
+    4. after both locks are let go: a final state is handed to after_final
+       (notify.sh, NOTIFY_URL), which may be slow or fail and can stop
+       nothing.
+
+    Per project at most one deployment waits (a newer upload supersedes
+    it: 'changed') and one runs; claim() gives the worker the oldest
+    waiting one of a project that runs none.
     """
 
-    def __init__(self, upload_dir, keep):
+    def __init__(self, upload_dir, keep, after_final=None):
         self.upload_dir = upload_dir
-        self.keep = keep
-        self._lock = threading.Condition()  # wait_final() waits on it
-        # One change at a time, from writing it to telling the listeners.
-        self._write_lock = threading.Lock()
-        # Held from taking an upload's sequence number until it is added,
-        # so that each project's list is in upload order.
-        self._commit_lock = threading.Lock()
+        self.keep = keep                # KEEP_DEPLOYMENTS
+        self.after_final = after_final  # called with a copy of each final state
+        # One change at a time, from writing its file to showing it, so
+        # that the disk, the audit log and memory see changes in the same
+        # order.  Taken before _lock, never while _lock is held.
+        self._change_lock = threading.Lock()
+        # Guards everything in memory below; held only to read or apply a
+        # change, never for I/O.  wait_final() and claim() wait on it.
+        self._lock = threading.Condition()
         self._records = {}        # id -> Deployment
         self._by_project = {}     # project -> [ids, oldest first]
         self._next_seq = 1
-        self.listeners = []       # called with (old or None, new) after a change
-        self.segments = None      # the SegmentStore of recipe pushes (#16)
-        self.drop_rebuilt = False  # DROP_REBUILT
-        self.min_free = 0         # MIN_FREE_SPACE
+        self._waiting = {}        # project -> id of its waiting deployment
+        self._running = {}        # project -> id of its running deployment
+        self._cancels = {}        # id of a claimed deployment -> Event
+        self._stopping = False
+        self._counters = Counters()
 
     # --- paths
 
@@ -2912,50 +2932,60 @@ class DeploymentStore:
     def load(self, kill_grace=10):
         """Rebuild state from UPLOAD_DIR after a start, a crash or kill -9.
 
-        Torn uploads are removed; a deployment that was running becomes
-        'interrupted' and what is left of its control.sh is stopped, so that
-        it never overlaps the project's next deployment.  Listeners hear of
-        each record found (the queue: what waited waits again, in upload
-        order).  Returns the number of deployments found.
+        Torn uploads are removed; what waited waits again, in upload order
+        (of a project's several, the older are superseded: 'changed'); a
+        deployment that was running becomes 'interrupted' and what is left
+        of its control.sh is stopped, so that it never overlaps the
+        project's next deployment.  Returns the number of deployments.
         """
         os.makedirs(self.upload_dir, exist_ok=True)
+        found = {}
         for entry in os.scandir(self.upload_dir):
             if entry.name.startswith(".upload-"):
                 log.info("removing torn upload %s", entry.name)
                 remove_quietly(entry.path)
             elif is_project_name(entry.name) and entry.is_dir():
-                self._load_project(entry.name)
-        records = sorted(self._records.values(), key=lambda r: r.seq)
-        with self._write_lock:
+                found.update(self._load_project(entry.name))
+        records = sorted(found.values(), key=lambda r: r.seq)
+        superseded = []
+        with self._lock:
             for record in records:
-                self._by_project.setdefault(record.project, []).append(record.id)
-                self._changed(None, record)
-        orphans = processes_of_deployments(
-            [record.id for record in records if record.state == "active"])
-        for record in records:
-            if record.state == "active":
-                # Another user's processes: found by the session recorded
-                # at the step's start, not by their environment.
-                left = processes_of_session(
-                    read_step_identity(self.path(record, ".step")))
-                if left:
-                    orphans[record.id] = sorted(
-                        set(orphans.get(record.id, [])) | set(left))
-                if orphans.get(record.id):
-                    log.warning("stopping what was left running of deployment %s",
-                                record.id)
-                    stop_processes(orphans[record.id], kill_grace)
-                self.update(record.id, state="interrupted", ended=time.time())
-                log.info("deployment %s of %s was running at a stop: interrupted",
-                         record.id, record.project)
+                older = self._waiting.get(record.project)
+                if record.state == "await" and older is not None:
+                    superseded.append((older, record.id))
+                self._next_seq = max(self._next_seq, record.seq + 1)
+                self._apply(None, record)
+        for older, newer in superseded:
+            self.update(older, state="changed", ended=time.time(),
+                        superseded_by=newer)
+        self._interrupt([r for r in records if r.state == "active"], kill_grace)
         return len(records)
 
+    def _interrupt(self, records, kill_grace):
+        """Stop what is left of each deployment that ran at a stop, and
+        record it 'interrupted'."""
+        orphans = processes_of_deployments([record.id for record in records])
+        for record in records:
+            # Another user's processes: found by the session recorded at
+            # the step's start, not by their environment.
+            left = processes_of_session(read_step_identity(self.path(record, ".step")))
+            pids = sorted(set(orphans.get(record.id, [])) | set(left))
+            if pids:
+                log.warning("stopping what was left running of deployment %s",
+                            record.id)
+                stop_processes(pids, kill_grace)
+            self.update(record.id, state="interrupted", ended=time.time())
+            log.info("deployment %s of %s was running at a stop: interrupted",
+                     record.id, record.project)
+
     def _load_project(self, project):
+        """{id: Deployment} of project's state files (through its index
+        cache); files of uploads that never got a state file are removed."""
         folder = self.deployments_dir(project)
         try:
             entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
-            return
+            return {}
         names = {entry.name for entry in entries}
         cached = read_index(folder)
         index, stale = {}, False
@@ -2973,16 +3003,17 @@ class DeploymentStore:
                     record = self._read_record(entry.path, project, stem)
                 if record:
                     index[stem] = (mtime, record)
-                    self._records[record.id] = record
-                    self._next_seq = max(self._next_seq, record.seq + 1)
             elif stem + ".json" not in names and DEPLOYMENT_ID.match(stem):
                 # Files moved in by an upload that died before its record
                 # was written: that deployment never existed.
                 remove_quietly(entry.path)
         if stale or len(index) != len(cached):
             write_index(folder, index)
+        return {stem: record for stem, (mtime, record) in index.items()}
 
     def _read_record(self, path, project, deployment_id):
+        """The Deployment of a state file, or None (logged) for one that is
+        unreadable, not this deployment's, or written by a newer ipd."""
         try:
             with open(path, encoding="utf-8") as file:
                 record = json.load(file)
@@ -2996,18 +3027,77 @@ class DeploymentStore:
             log.error("skipping unreadable deployment state %s: %s", path, error)
             return None
 
-    # --- changes
+    # --- the one place a change is made
 
-    def commit(self, record, folder, files, announce=None):
+    def _apply(self, old, new):
+        """Make new the record (old: what it was, None for a new or loaded
+        one), the queue and the counters following its state, and wake the
+        waiters.  Called with _lock held."""
+        project = new.project
+        self._records[new.id] = new
+        if old is None:
+            self._by_project.setdefault(project, []).append(new.id)
+        if old is None or old.state != new.state:
+            if new.state == "await":
+                self._waiting[project] = new.id
+            elif self._waiting.get(project) == new.id:
+                del self._waiting[project]
+            if new.state == "active":
+                self._running[project] = new.id
+            elif self._running.get(project) == new.id:
+                del self._running[project]  # ended: the next one may run
+        self._counters.count(old, new)
+        self._lock.notify_all()
+
+    def _tell(self, old, new):
+        """Step 2 of a change: the daemon's log and the audit log."""
+        if new.state != old.state:
+            log.info("deployment %s of %s: %s -> %s", new.id, new.project,
+                     old.state, new.state)
+            audit_event("state", project=new.project, deployment=new.id,
+                        previous=old.state, state=new.state)
+
+    def _change(self, deployment_id, **changes):
+        """Steps 1-3 of a change (see the class): -> (old, new).  Called
+        with _change_lock held; what is on disk is never behind memory."""
+        with self._lock:
+            old = self._records[deployment_id]
+        new = old.replace(**changes)
+        write_file_atomic(self.path(new, ".json"), new.encode())
+        self._tell(old, new)
+        with self._lock:
+            self._apply(old, new)
+        return old, new
+
+    def _after(self, old, new):
+        """Step 4: a final state's side effects, outside the locks.  Whatever
+        they raise is logged: they can never stop a deployment."""
+        if (self.after_final and new.state != old.state
+                and new.state not in UNFINISHED):
+            try:
+                self.after_final(new.copy())
+            except Exception:
+                log.exception("telling the end of deployment %s failed", new.id)
+
+    def update(self, deployment_id, **changes):
+        """Change a deployment's fields (see the class for what follows);
+        -> a copy of the new record."""
+        with self._change_lock:
+            old, new = self._change(deployment_id, **changes)
+        self._after(old, new)
+        return new.copy()
+
+    def commit(self, record, folder, files, audit=None, message=None, received=0):
         """Move an upload's folder and files ({suffix: path}) into place and
-        write its record with the next sequence number; -> a copy of it.
-        All or nothing: on an error what was moved is removed again.
-        announce(record), when given, logs it once it is on disk and before
-        anything can happen to it (the audit log: an upload before the
-        states it goes through); the listeners hear of it before it returns
-        (the queue: it waits)."""
+        write its record (state 'await') with the next sequence number.  It
+        waits from the moment it shows, and the project's waiting one is
+        superseded ('changed') in the same step.  message (a log line) and
+        audit ((event, {fields})) are written once it is on disk and
+        before any of its states; received bytes are counted as an upload
+        in the step that shows it.  -> a copy of the record.  All or
+        nothing: on an error what was moved is removed again."""
         moved = []
-        with self._commit_lock:
+        with self._change_lock:  # also guards _next_seq
             try:
                 os.makedirs(self.deployments_dir(record.project), exist_ok=True)
                 for suffix, source in [("", folder)] + sorted(files.items()):
@@ -3015,143 +3105,119 @@ class DeploymentStore:
                     moved.append(self.path(record, suffix))
                 moved.append(self.path(record, ".log"))
                 open(moved[-1], "ab").close()
+                record = record.replace(seq=self._next_seq, state="await")
+                moved.append(self.path(record, ".json"))
+                write_file_atomic(moved[-1], record.encode())
                 with self._lock:
-                    record = record.replace(seq=self._next_seq)
-                    self._next_seq += 1
-                write_file_atomic(self.path(record, ".json"), record.encode())
+                    older = self._records.get(self._waiting.get(record.project))
+                replaced = older and older.replace(
+                    state="changed", ended=time.time(), superseded_by=record.id)
+                if replaced:
+                    write_file_atomic(self.path(replaced, ".json"), replaced.encode())
             except BaseException:
                 for path in moved:
                     remove_quietly(path)
                 raise
-            with self._write_lock:  # it exists now: the record is on disk
-                if announce:
-                    announce(record.copy())
-                with self._lock:
-                    self._records[record.id] = record
-                    self._by_project.setdefault(record.project, []).append(record.id)
-                self._changed(None, record)
+            self._next_seq += 1  # it exists now: the record is on disk
+            if message:
+                log.info("%s", message)
+            if audit:
+                audit_event(audit[0], **audit[1])
+            if replaced:
+                self._tell(older, replaced)
+            with self._lock:
+                if replaced:
+                    self._apply(older, replaced)
+                self._apply(None, record)
+                if received:
+                    self._counters.uploads += 1
+                    self._counters.bytes_received += received
+        if replaced:
+            self._after(older, replaced)
         return record.copy()
 
-    def update(self, deployment_id, **changes):
-        """Change a deployment: on disk first (atomically), then in memory,
-        then tell the listeners.  Returns a copy of the new record."""
-        with self._write_lock:
+    def cancel(self, deployment_id, who, address):
+        """Cancel a waiting deployment (it never runs) or ask the worker to
+        stop a running one; who cancelled is written to its log, the
+        daemon's log and the audit log first (when that fails, nothing is
+        cancelled).  Returns its record; raises NotFound when there is no
+        such deployment, Conflict when it has ended already."""
+        with self._change_lock:
             with self._lock:
-                old = self._records[deployment_id]
-            new = old.replace(**changes)
-            write_file_atomic(self.path(new, ".json"), new.encode())
-            if new.state != old.state:  # in the audit log before it shows
-                log.info("deployment %s of %s: %s -> %s", new.id,
-                         new.project, old.state, new.state)
-                audit_event("state", project=new.project, deployment=new.id,
-                            previous=old.state, state=new.state)
+                record = self._records.get(deployment_id)
+                if record is None:
+                    raise NotFound("no deployment %s" % deployment_id)
+                waiting = self._waiting.get(record.project) == deployment_id
+                stop = self._cancels.get(deployment_id)
+            if record.state not in UNFINISHED:
+                raise Conflict("deployment %s has ended already: %s"
+                               % (deployment_id, record.state))
+            with open(self.path(record, ".log"), "ab") as file:
+                file.write(("ipd: cancelled by %s from %s at %s\n" % (
+                    who, address, iso_time(time.time()))).encode())
+            log.info("deployment %s of %s: cancel asked by %s", record.id,
+                     record.project, who)
+            audit_event("cancel", project=record.project, deployment=record.id,
+                        user=who, address=address)
+            if not waiting:
+                if stop is None:  # loaded as running, being interrupted
+                    raise Conflict("deployment %s has ended already: "
+                                   "interrupted" % deployment_id)
+                stop.set()
+                return record.copy()
+            old, new = self._change(deployment_id, state="cancelled",
+                                    ended=time.time())
+        self._after(old, new)
+        return new.copy()
+
+    # --- as the worker sees it
+
+    def _ready(self):
+        """The id of the oldest waiting deployment of a project that runs
+        none, or None (held _lock)."""
+        ready = [self._records[deployment_id] for project, deployment_id
+                 in self._waiting.items() if project not in self._running]
+        return min(ready, key=lambda r: r.seq).id if ready else None
+
+    def claim(self):
+        """Block until a waiting deployment may run; -> it, now 'active',
+        with its cancel Event (cancel_requested) made; None once stop()
+        was called."""
+        while True:
             with self._lock:
-                self._records[deployment_id] = new
-                self._lock.notify_all()  # wakes wait_final() and followers
-            self._changed(old, new)
-            return new.copy()
+                while not self._stopping and self._ready() is None:
+                    self._lock.wait()
+                if self._stopping:
+                    return None
+            with self._change_lock:
+                with self._lock:  # again: a cancel may have come in between
+                    deployment_id = self._ready()
+                    if deployment_id is not None:
+                        self._cancels[deployment_id] = threading.Event()
+                if deployment_id is not None:
+                    return self._change(deployment_id, state="active",
+                                        started=time.time())[1].copy()
 
-    def settle(self):
-        """Return once the listeners have heard of every change a reader can
-        see here (they hear of it, under _write_lock, just after it shows):
-        figures they keep are then at least as new as any state answered."""
-        with self._write_lock:
-            pass
-
-    def _changed(self, old, new):
-        """Tell each listener of a change (called with _write_lock held)."""
-        old = old and old.copy()
-        new = new.copy()
-        for listener in self.listeners:
-            try:
-                listener(old, new)
-            except Exception:
-                log.exception("a listener failed on deployment %s", new.id)
-
-    def wait_final(self, deployment_id, timeout):
-        """Wait up to timeout seconds for the deployment to end; return a
-        copy of its record, ended or not."""
-        deadline = time.monotonic() + timeout
+    def cancel_requested(self, deployment_id):
+        """The Event the worker watches while deployment_id runs."""
         with self._lock:
-            while True:
-                record = self._records[deployment_id]
-                remaining = deadline - time.monotonic()
-                if record.state not in UNFINISHED or remaining <= 0:
-                    return record.copy()
-                self._lock.wait(remaining)
+            return self._cancels[deployment_id]
 
-    # --- pruning
-
-    def prune(self, project, ending=None):
-        """Remove image and package files of finished deployments beyond
-        the newest KEEP_DEPLOYMENTS; states and logs stay.  ending: a
-        deployment with the final state its worker writes next, taken as
-        written (it prunes first, so a client that sees the end sees the
-        files it let go already gone)."""
+    def release(self, record):
+        """The worker is done with record: its cancel Event goes, and its
+        project's next deployment may run even if no final state could be
+        written (a disk error)."""
         with self._lock:
-            ids = list(self._by_project.get(project, ()))
-            old = [i for i in ids[:-self.keep] if not self._records[i].pruned
-                   and self._state_of(i, ending) not in UNFINISHED]
-        for deployment_id in old:
-            self.prune_files(deployment_id)
-        if self.segments:
-            self.after_prune(project, ending)
+            self._cancels.pop(record.id, None)
+            if self._running.get(record.project) == record.id:
+                del self._running[record.project]
+                self._lock.notify_all()
 
-    def _state_of(self, deployment_id, ending):
-        """A deployment's state; ending's coming one for ending (held _lock)."""
-        if ending is not None and deployment_id == ending.id:
-            return ending.state
-        return self._records[deployment_id].state
-
-    def prune_files(self, deployment_id):
-        record = self.get(deployment_id)
-        for suffix in ("", ".image", ".package", ".step", ".recipe"):
-            remove_quietly(self.path(record, suffix))
-        self.update(deployment_id, pruned=True)
-        if self.segments:
-            self.segments.forget(deployment_id)
-
-    def after_prune(self, project, ending=None):
-        """(#16) Ended recipe deployments of project lose their rebuilt
-        files (DROP_REBUILT); below MIN_FREE_SPACE the oldest prunable
-        deployments are pruned; unreferenced segments go."""
-        if self.drop_rebuilt:
-            with self._lock:
-                ended = [self._records[i].copy() for i in self._by_project.get(project, ())
-                         if self._records[i].recipe and not self._records[i].pruned
-                         and self._state_of(i, ending) not in UNFINISHED]
-            for record in ended:
-                for name in record.files:
-                    remove_quietly(self.path(record, "." + name))
-        self.segments.collect()
-        self.make_room(ending)
-
-    def make_room(self, ending=None):
-        """Below MIN_FREE_SPACE: prune the oldest deployments that may be
-        pruned (never a waiting or running one, nor a project's latest ok
-        one) until there is room or none is left."""
-        while self.min_free:
-            free = free_space(self.upload_dir)
-            if free is None or free >= self.min_free:
-                return
-            with self._lock:
-                keep = set()
-                for ids in self._by_project.values():
-                    done = [i for i in ids if self._state_of(i, ending) == "ok"]
-                    keep.update(done[-1:])
-                candidates = [record for record in self._records.values()
-                              if record.id not in keep and not record.pruned
-                              and self._state_of(record.id, ending) not in UNFINISHED]
-            if not candidates:
-                log.warning("free space below MIN_FREE_SPACE and nothing left "
-                            "to prune")
-                return
-            oldest = min(candidates, key=lambda record: record.seq)
-            log.info("free space below MIN_FREE_SPACE: pruning deployment %s of %s",
-                     oldest.id, oldest.project)
-            self.prune_files(oldest.id)
-            if self.segments:
-                self.segments.collect()
+    def stop(self):
+        """Let claim() return None to every worker."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
 
     # --- reading
 
@@ -3171,6 +3237,43 @@ class DeploymentStore:
                 return None
             return record.copy()
 
+    def holding(self, project, digests):
+        """The waiting or running deployment of project whose files have
+        these SHA-256s ({field: hex}), or None."""
+        with self._lock:
+            for deployment_id in (self._waiting.get(project),
+                                  self._running.get(project)):
+                record = self._records.get(deployment_id)
+                if record and record.state in UNFINISHED and digests == {
+                        name: meta["sha256"] for name, meta in record.files.items()}:
+                    return record.copy()
+        return None
+
+    def wait_final(self, deployment_id, timeout):
+        """Wait up to timeout seconds for the deployment to end; return a
+        copy of its record, ended or not."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                record = self._records[deployment_id]
+                remaining = deadline - time.monotonic()
+                if record.state not in UNFINISHED or remaining <= 0:
+                    return record.copy()
+                self._lock.wait(remaining)
+
+    def statistics(self):
+        """Counters.statistics() plus 'queue' (deployments waiting) and
+        'running': all as of the same moment as every state shown."""
+        with self._lock:
+            stats = self._counters.statistics()
+            stats.update(queue=len(self._waiting), running=len(self._running))
+        return stats
+
+    def metrics_text(self, gauges, counters):
+        """/metrics' text (Counters.render) as of one moment."""
+        with self._lock:
+            return self._counters.render(gauges, counters)
+
     def deployments_of(self, project):
         """Copies of the project's records, oldest first."""
         with self._lock:
@@ -3189,159 +3292,45 @@ class DeploymentStore:
             return [(record, record.recipe) for record in self._records.values()
                     if not record.pruned and record.files]
 
+    # --- what retention asks
 
-class DeployQueue:
-    """Which deployments wait and which run: per project at most one waiting
-    (a newer upload supersedes it) and one running; the oldest waiting one
-    of a project that runs none goes first; the cancel Event of each one
-    that runs.
-
-    It is one of the store's listeners (state_changed): a deployment waits
-    from the change that makes it exist, and the queue keeps, under its own
-    lock, the latest state of each one it holds.  cancel() asks the store
-    too, which shows a final state before its listeners hear of it.
-    """
-
-    def __init__(self, store):
-        self.store = store
-        self._lock = threading.Condition()
-        self._held = {}      # id of a waiting or running deployment -> Deployment
-        self._waiting = {}   # project -> id
-        self._running = {}   # project -> id
-        self._cancels = {}   # id of a running deployment -> Event
-        self._superseded = []  # (older, newer id): to be recorded 'changed'
-        self._stopping = False
-        store.listeners.append(self.state_changed)  # before the store loads
-
-    def state_changed(self, old, new):
-        """The store's listener.  A new deployment (committed or loaded,
-        'await') waits from the change that makes it exist; of what the
-        queue holds it keeps the latest state."""
+    def prunable(self, project, ending=None):
+        """Copies of project's finished deployments beyond the newest
+        KEEP_DEPLOYMENTS that still have their files.  ending: a deployment
+        whose final state its worker writes next, taken as written."""
         with self._lock:
-            if old is None and new.state == "await":
-                self._wait(new)
-            elif new.id in self._held:
-                self._held[new.id] = new
+            ids = list(self._by_project.get(project, ()))
+            return [self._records[i].copy() for i in ids[:-self.keep]
+                    if not self._records[i].pruned
+                    and self._state_of(i, ending) not in UNFINISHED]
 
-    def _wait(self, record):
-        """Make record its project's waiting deployment (the events come in
-        upload order); the one that waited is to be superseded."""
-        waiting = self._waiting.get(record.project)
-        if waiting is not None:
-            del self._held[waiting]
-            self._superseded.append((waiting, record.id))
-        self._waiting[record.project] = record.id
-        self._held[record.id] = record
-        self._lock.notify_all()
-
-    def holding(self, project, digests):
-        """The waiting or running deployment of project whose files have
-        these SHA-256s ({field: hex}), or None: one a newer upload has
-        superseded is no longer held, though the store may not yet say so."""
+    def rebuilt_files(self, project, ending=None):
+        """Copies of project's finished recipe deployments that keep their
+        files (which can be rebuilt from segments: DROP_REBUILT)."""
         with self._lock:
-            for record in self._held.values():
-                if record.project == project and record.state in UNFINISHED and (
-                        digests == {name: meta["sha256"]
-                                    for name, meta in record.files.items()}):
-                    return record.copy()
-        return None
+            return [self._records[i].copy() for i in self._by_project.get(project, ())
+                    if self._records[i].recipe and not self._records[i].pruned
+                    and self._state_of(i, ending) not in UNFINISHED]
 
-    def supersede(self):
-        """Record each waiting deployment a newer one replaced as 'changed'
-        (a listener may not change the store): after a commit or a load."""
-        while True:
-            with self._lock:
-                if not self._superseded:
-                    return
-                older, newer = self._superseded.pop(0)
-            self.store.update(older, state="changed", ended=time.time(),
-                              superseded_by=newer)
-
-    def cancel(self, deployment_id, announce=None):
-        """Cancel a waiting deployment (it never runs) or ask the worker to
-        stop a running one.  announce(), when given, is called once the
-        cancel is decided and before it takes effect (the log line and the
-        audit event that say who cancelled: before the state they explain
-        can show; when it raises, nothing is cancelled).  Returns its
-        record; raises Conflict when it had ended already, NotFound when
-        there is no such deployment."""
-        asked = None
+    def oldest_prunable(self, ending=None):
+        """A copy of the oldest deployment that may be pruned to make room:
+        never a waiting or running one, nor a project's latest ok one; or
+        None."""
         with self._lock:
-            # The state first, as the store has it: the store makes a final
-            # state visible (to ?wait= and status) before the queue hears it.
-            record = self.store.get(deployment_id)
-            if record is None:
-                raise NotFound("no deployment %s" % deployment_id)
-            if deployment_id in self._held and record.state in UNFINISHED:
-                if announce:
-                    announce()
-                if deployment_id in self._cancels:
-                    self._cancels[deployment_id].set()
-                    asked = "running"
-                else:
-                    del self._waiting[record.project]
-                    del self._held[deployment_id]
-                    asked = "waiting"
-        if asked == "waiting":
-            return self.store.update(deployment_id, state="cancelled", ended=time.time())
-        if asked is None:
-            state = record.state
-            if state in UNFINISHED:  # let go by the queue, not yet recorded
-                state = "cancelled or replaced by a newer upload"
-            raise Conflict("deployment %s has ended already: %s" % (deployment_id, state))
-        return record
+            keep = set()
+            for ids in self._by_project.values():
+                done = [i for i in ids if self._state_of(i, ending) == "ok"]
+                keep.update(done[-1:])
+            candidates = [record for record in self._records.values()
+                          if record.id not in keep and not record.pruned
+                          and self._state_of(record.id, ending) not in UNFINISHED]
+            return min(candidates, key=lambda r: r.seq).copy() if candidates else None
 
-    def cancel_requested(self, deployment_id):
-        """The Event the worker watches while deployment_id runs."""
-        with self._lock:
-            return self._cancels[deployment_id]
-
-    def counts(self):
-        """{'queue': deployments waiting, 'running': deployments running}, by
-        their states as the store shows them: one that has ended counts no
-        more, though the worker has yet to release it."""
-        self.store.settle()
-        with self._lock:
-            states = collections.Counter(record.state for record in self._held.values())
-        return {"queue": states["await"], "running": states["active"]}
-
-    # --- as the worker sees it
-
-    def claim(self):
-        """Block until a waiting deployment may run; return it as 'active'.
-
-        Picks the oldest waiting deployment of a project that is not
-        running one; returns None once stop() was called.
-        """
-        with self._lock:
-            while True:
-                if self._stopping:
-                    return None
-                ready = [self._held[deployment_id] for project, deployment_id
-                         in self._waiting.items() if project not in self._running]
-                if ready:
-                    record = min(ready, key=lambda r: r.seq)
-                    del self._waiting[record.project]
-                    self._running[record.project] = record.id
-                    self._cancels[record.id] = threading.Event()
-                    break
-                self._lock.wait()
-        return self.store.update(record.id, state="active", started=time.time())
-
-    def release(self, record):
-        """The worker is done with record's project: let its next one run."""
-        with self._lock:
-            if self._running.get(record.project) == record.id:
-                del self._running[record.project]
-            self._cancels.pop(record.id, None)
-            self._held.pop(record.id, None)
-            self._lock.notify_all()
-
-    def stop(self):
-        """Let claim() return None to every worker."""
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
+    def _state_of(self, deployment_id, ending):
+        """A deployment's state; ending's coming one for ending (held _lock)."""
+        if ending is not None and deployment_id == ending.id:
+            return ending.state
+        return self._records[deployment_id].state
 
 
 ###############################################################################
@@ -3355,15 +3344,17 @@ class DeployQueue:
 class DeployWorker:
     """Runs waiting deployments, MAX_PARALLEL projects at once.
 
-    Each thread claims a deployment from the queue as soon as one may run,
+    Each thread claims a deployment from the store as soon as one may run,
     and runs its control.sh steps as the original README says: check;
-    prepare where check did not succeed; deploy.
+    prepare where check did not succeed; deploy.  Before the final state
+    it runs retention (a Retention, or None), so that whoever sees the end
+    sees the files it let go already gone.
     """
 
-    def __init__(self, settings, store, queue):
+    def __init__(self, settings, store, retention=None):
         self.settings = settings
         self.store = store
-        self.queue = queue
+        self.retention = retention
         self.threads = []
         self.kill_event = threading.Event()  # set when the grace period ends
 
@@ -3380,7 +3371,7 @@ class DeployWorker:
     def stop(self, grace):
         """Stop taking deployments; give running ones grace seconds, then
         stop their steps (state 'interrupted')."""
-        self.queue.stop()
+        self.store.stop()
         deadline = time.monotonic() + grace
         for thread in self.threads:
             thread.join(max(0, deadline - time.monotonic()))
@@ -3390,7 +3381,7 @@ class DeployWorker:
 
     def _loop(self):
         while True:
-            record = self.queue.claim()
+            record = self.store.claim()
             if record is None:
                 return
             try:
@@ -3402,12 +3393,12 @@ class DeployWorker:
                 except Exception:
                     log.exception("cannot record the failure of %s", record.id)
             finally:
-                self.queue.release(record)
+                self.store.release(record)
 
     def run(self, record):
         """Run the steps of one deployment and record its final state."""
         success = self.settings.SUCCESS_CODE
-        cancel = self.queue.cancel_requested(record.id)
+        cancel = self.store.cancel_requested(record.id)
         steps = []
         outcome = None
         run_as = self.scripts_user(record.project)
@@ -3436,11 +3427,13 @@ class DeployWorker:
         self.end(record, outcome or "ok")
 
     def end(self, record, state):
-        """Prune the project, then write the final state: whoever sees the
-        end sees the files that it let go already gone."""
+        """Run retention, then write the final state: whoever sees the end
+        sees the files that it let go already gone."""
         ended = time.time()
         try:
-            self.store.prune(record.project, ending=record.replace(state=state))
+            if self.retention:
+                self.retention.before_final(record.project,
+                                            ending=record.replace(state=state))
         except Exception:
             log.exception("pruning %s after deployment %s failed",
                           record.project, record.id)
@@ -3540,12 +3533,9 @@ class Notifier:
         self.environment = environment
         self.scripts_user = scripts_user or (lambda project: None)
 
-    def state_changed(self, old, new):
-        """The store's listener: notify when a deployment ends."""
-        if old is not None and new.state != old.state and new.state not in UNFINISHED:
-            self.deployment_ended(new)
-
     def deployment_ended(self, record):
+        """Tell of record's final state, on a thread of its own (the store's
+        after_final: called after the state shows, outside its locks)."""
         threading.Thread(target=self._notify, args=(record,), name="notify",
                          daemon=True).start()
 
@@ -3821,6 +3811,12 @@ class SegmentStore:
                 self.read_refs(store, record)
         self.collect()
 
+    def refer_recipe(self, record, path):
+        """Refer record to the segments its recipe file at path names (before
+        it is committed: see forget).  Raises OSError or ValueError."""
+        with open(path, "rb") as file:
+            self.refer(record, json.loads(file.read().decode()))
+
     def read_refs(self, store, record):
         try:
             with open(store.path(record, ".recipe"), "rb") as file:
@@ -4035,11 +4031,83 @@ class SegmentStore:
 
 
 ###############################################################################
+# Retention: what the disk keeps ##############################################
+###############################################################################
+
+# One job, run by the worker before each final state (and by the service
+# before a segment is written): prune beyond KEEP_DEPLOYMENTS, drop rebuilt
+# files (DROP_REBUILT), collect unreferenced segments, keep MIN_FREE_SPACE.
+# It asks the deployment store and the segment store; neither calls it.
+
+
+class Retention:
+    """Removes the files deployments no longer keep; states and logs stay."""
+
+    def __init__(self, settings, store, segments):
+        self.settings = settings
+        self.store = store
+        self.segments = segments
+
+    def before_final(self, project, ending=None):
+        """Prune project's deployments beyond KEEP_DEPLOYMENTS, drop its
+        ended recipe deployments' rebuilt files (DROP_REBUILT), collect
+        segments no kept deployment refers to, then make room.  ending: a
+        deployment whose final state its worker writes next, taken as
+        written."""
+        for record in self.store.prunable(project, ending):
+            self.prune(record)
+        if self.settings.DROP_REBUILT:
+            for record in self.store.rebuilt_files(project, ending):
+                for name in record.files:
+                    remove_quietly(self.store.path(record, "." + name))
+        self.segments.collect()
+        self.make_room(ending)
+
+    def prune(self, record):
+        """Remove a deployment's folder, image, package and recipe; it is
+        'pruned' from then on, and its segments no longer referred to."""
+        for suffix in ("", ".image", ".package", ".step", ".recipe"):
+            remove_quietly(self.store.path(record, suffix))
+        self.store.update(record.id, pruned=True)
+        self.segments.forget(record.id)
+
+    def make_room(self, ending=None):
+        """Below MIN_FREE_SPACE: prune the oldest deployments that may be
+        pruned (see DeploymentStore.oldest_prunable) until there is room or
+        none is left."""
+        while self.settings.MIN_FREE_SPACE:
+            free = free_space(self.settings.UPLOAD_DIR)
+            if free is None or free >= self.settings.MIN_FREE_SPACE:
+                return
+            oldest = self.store.oldest_prunable(ending)
+            if oldest is None:
+                log.warning("free space below MIN_FREE_SPACE and nothing left "
+                            "to prune")
+                return
+            log.info("free space below MIN_FREE_SPACE: pruning deployment %s of %s",
+                     oldest.id, oldest.project)
+            self.prune(oldest)
+            self.segments.collect()
+
+
+###############################################################################
 # The service: what uploads, redeploys and cancels do #########################
 ###############################################################################
 
-# One object the HTTP layer calls: users, tokens, store, queue, metrics,
-# worker; signatures, redeploy, cancel, statistics, with their log and audit.
+# One object the HTTP layer calls: users, tokens, the deployment store, the
+# segments, retention, the worker and the notifier; signatures, uploads,
+# redeploy, cancel, statistics, with their log and audit.
+
+
+def deployment_message(record, event):
+    """The daemon's log line of a new deployment: an upload or a redeploy."""
+    if event == "redeploy":
+        return "deployment %s of %s: redeploy of %s by %s" % (
+            record.id, record.project, record.others.get("redeploy_of"), record.user)
+    return "deployment %s of %s uploaded by %s: %s" % (
+        record.id, record.project, record.user, ", ".join(
+            "%s %s (%d bytes)" % (name, meta["name"], meta["size"])
+            for name, meta in record.files.items()))
 
 
 class Daemon:
@@ -4050,48 +4118,35 @@ class Daemon:
         self.users = UserDB(settings.AUTH_DB)
         self.tokens = TokenDB(tokens_path(settings))
         self.login_throttle = LoginThrottle()
-        self.store = DeploymentStore(settings.UPLOAD_DIR, settings.KEEP_DEPLOYMENTS)
+        self.store = DeploymentStore(settings.UPLOAD_DIR, settings.KEEP_DEPLOYMENTS,
+                                     after_final=self.tell_the_end)
         self.segments = SegmentStore(settings.UPLOAD_DIR, settings.SEGMENT_EXPIRY)
-        self.store.segments = self.segments
-        self.store.drop_rebuilt = settings.DROP_REBUILT
-        self.store.min_free = settings.MIN_FREE_SPACE
-        self.queue = DeployQueue(self.store)
-        self.metrics = Metrics()
-        self.store.listeners.append(self.metrics.state_changed)
-        self.worker = DeployWorker(settings, self.store, self.queue)
+        self.retention = Retention(settings, self.store, self.segments)
+        self.worker = DeployWorker(settings, self.store, self.retention)
         self.notifier = Notifier(settings, self.store, self.worker.environment,
                                  self.worker.scripts_user)
-        self.store.listeners.append(self.notifier.state_changed)
         self.started = time.time()
-        self._counter_lock = threading.Lock()
-        self.uploads = 0
-        self.bytes_received = 0
+
+    def tell_the_end(self, record):
+        """The store's after_final: notify.sh and NOTIFY_URL, on a thread."""
+        self.notifier.deployment_ended(record)
 
     def load(self, kill_grace):
-        """Read UPLOAD_DIR at a start: deployments (DeploymentStore.load),
-        the queue, the segments.  Returns the number of deployments."""
+        """Read UPLOAD_DIR at a start: deployments and their queue
+        (DeploymentStore.load), then the segments.  Returns the number of
+        deployments."""
         count = self.store.load(kill_grace)
-        self.queue.supersede()
         self.segments.load(self.store)
         return count
 
     def statistics(self):
-        """Deployments, states, queue, running, durations (see
-        Metrics.statistics), uploads and bytes received: as new as any
-        state the store has answered."""
-        self.store.settle()
-        figures = self.metrics.statistics()
-        stats = {"deployments": figures["deployments"], "states": figures["states"]}
-        stats.update(self.queue.counts())
-        stats["durations"] = figures["durations"]
-        with self._counter_lock:
-            stats.update(uploads=self.uploads, bytes_received=self.bytes_received)
-        return stats
+        """Deployments, states, queue, running, durations, uploads and
+        bytes received (DeploymentStore.statistics): as of one moment."""
+        return self.store.statistics()
 
-    def count_upload(self, size):
-        with self._counter_lock:
-            self.uploads += 1
-            self.bytes_received += size
+    def make_room(self):
+        """Below MIN_FREE_SPACE, prune until there is room (Retention)."""
+        self.retention.make_room()
 
     def check_login(self, name, password):
         """-> (User, None), or (None, why) for a refused login.  A deploy
@@ -4165,18 +4220,9 @@ class Daemon:
             raise Forbidden(reason)
 
     def cancel(self, record, user, address):
-        """Cancel a deployment for user (see DeployQueue.cancel); logged
-        and audited before its state can say cancelled: a follower of its
-        log, notify.sh and the audit log see who cancelled it first."""
-        def announce():
-            with open(self.store.path(record, ".log"), "ab") as file:
-                file.write(("ipd: cancelled by %s from %s at %s\n" % (
-                    user.name, address, iso_time(time.time()))).encode())
-            log.info("deployment %s of %s: cancel asked by %s", record.id,
-                     record.project, user.name)
-            audit_event("cancel", project=record.project, deployment=record.id,
-                        user=user.name, address=address)
-        self.queue.cancel(record.id, announce)
+        """Cancel a deployment for user (see DeploymentStore.cancel: who
+        cancelled is logged and audited before its state can say so)."""
+        return self.store.cancel(record.id, user.name, address)
 
     def redeploy(self, earlier, user, address):
         """A new deployment from the kept files of an earlier one: the
@@ -4212,13 +4258,8 @@ class Daemon:
                 raise
             raise disk_errors(error)
 
-        def announce(record):
-            log.info("deployment %s of %s: redeploy of %s by %s", record.id,
-                     record.project, earlier.id, user.name)
-            audit_event("redeploy", project=record.project, deployment=record.id,
-                        redeploy_of=earlier.id, user=user.name, address=address,
-                        files=record.files)
-        return self.deploy_upload(earlier.project, upload, user, announce,
+        return self.deploy_upload(earlier.project, upload, user, "redeploy",
+                                  {"redeploy_of": earlier.id, "address": address},
                                   redeploy_of=earlier.id, signer=earlier.signer)
 
     def rebuild_kept(self, earlier, name, user):
@@ -4263,36 +4304,31 @@ class Daemon:
         digests = {name: sink.describe()["sha256"] for name, sink
                    in upload.files.items()}
         if upload.fields.get("force", "0") not in ("1", "true", "yes"):
-            earlier = self.queue.holding(project, digests)
+            earlier = self.store.holding(project, digests)
             if earlier:
                 log.info("deployment %s of %s: the same files again, from %s; "
                          "not queued twice", earlier.id, project, user.name)
                 return earlier, False
         if signer:
             self.check_not_replayed(project, signer, user, address)
-
-        def announce(record):
-            log.info("deployment %s of %s uploaded by %s: %s", record.id, project,
-                     user.name, ", ".join("%s %s (%d bytes)" % (
-                         name, meta["name"], meta["size"])
-                         for name, meta in record.files.items()))
-            audit_event("upload", project=project, deployment=record.id,
-                        user=user.name, address=address, files=record.files,
-                        signer=record.signer)
-            # counted before it shows: /stat never lags a deployment seen
-            self.count_upload(received)
-        record = self.deploy_upload(project, upload, user, announce, signer=signer)
+        record = self.deploy_upload(project, upload, user, "upload",
+                                    {"address": address, "signer": signer},
+                                    received=received, signer=signer)
         return record, True
 
-    def deploy_upload(self, project, upload, user, announce, **extra):
-        """Unpack the package, find control.sh, and commit the deployment
-        (announce: see DeploymentStore.commit).
+    def deploy_upload(self, project, upload, user, event, fields, received=0,
+                      **extra):
+        """Unpack the package, find control.sh, and commit the deployment:
+        audited as event ('upload' or 'redeploy', with fields and who, which
+        deployment and its files) and counted (received bytes, an upload)
+        as it shows (DeploymentStore.commit); extra: its record's fields.
 
         Returns its record; on any error nothing of the upload is left.
         """
         store = self.store
         staging = tempfile.mkdtemp(prefix=".upload-", suffix=".dir",
                                    dir=self.settings.UPLOAD_DIR)
+        record = None
         try:
             own_script = "package" in upload.files and project_settings(
                 self.settings, store.project_dir(project))["SCRIPTS"] == "package"
@@ -4317,16 +4353,16 @@ class Daemon:
             moves = {"." + name: sink.path for name, sink in upload.files.items()}
             if upload.recipe is not None:
                 moves[".recipe"] = upload.recipe.path
-
-            def refer_and_announce(record):
-                # its segments referred to before it can run, end and let
-                # a collection take them
-                if upload.recipe is not None:
-                    self.segments.read_refs(store, record)
-                announce(record)
-            record = store.commit(record, staging, moves, refer_and_announce)
-            self.queue.supersede()
+                # its segments referred to before it can run, end and let a
+                # collection take them (forgotten again if the commit fails)
+                self.segments.refer_recipe(record, upload.recipe.path)
+            fields = dict(fields, project=project, deployment=record.id,
+                          user=user.name, files=record.files)
+            record = store.commit(record, staging, moves, (event, fields),
+                                  deployment_message(record, event), received)
         except BaseException as error:
+            if record is not None:
+                self.segments.forget(record.id)
             remove_quietly(staging)
             raise disk_errors(error)
         finally:
@@ -5323,7 +5359,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "ipd_uploads_total": ("Uploads accepted.", uploads),
             "ipd_upload_bytes_total": ("Bytes of accepted uploads.", received),
         }
-        text = daemon.metrics.render(gauges, counters)
+        text = daemon.store.metrics_text(gauges, counters)
         self.send_whole(200, "text/plain; version=0.0.4; charset=utf-8", text.encode())
 
     def find_deployment(self, project, deployment_id):
@@ -5505,7 +5541,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if project is None:
             raise BadRequest("missing recipe field 'project'")
         self.check_field("project", project)
-        self.ipd.store.make_room()
+        self.ipd.make_room()
         upload = Upload()
         try:
             upload.fields["project"] = project
@@ -5577,7 +5613,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         Upload-Complete: ?1 (the default) verify and store it."""
         complete = parse_upload_complete(self.headers.get("Upload-Complete"), True)
         settings = self.ipd.settings
-        self.ipd.store.make_room()
+        self.ipd.make_room()
         limit = settings.MAX_UPLOAD_SIZE  # of the whole segment, however sent
         if limit and offset >= limit:
             raise TooLarge("segment larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)

@@ -19,6 +19,7 @@ import http.server
 import importlib.util
 import io
 import json
+import logging
 import os
 import py_compile
 import random
@@ -3428,86 +3429,58 @@ class EdgeBrowserTests(DaemonTestCase):
 # In process: the store, the queue and the real Server in a thread ############
 ###############################################################################
 
-class StoreQueueTests(unittest.TestCase):
-    """The store and its queue called directly, so that their races are
-    reached by order, not by timing."""
+class AuditRecorder(logging.Handler):
+    """The audit events ipd writes while it is attached, as dicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def emit(self, record):
+        self.events.append(json.loads(record.getMessage()))
+
+    def states(self, deployment_id):
+        return [(event["event"], event.get("state")) for event in self.events
+                if event.get("deployment") == deployment_id]
+
+
+class DeploymentStoreTests(unittest.TestCase):
+    """The one owner of deployment state (DeploymentStore: records, queue,
+    cancel requests, counters) called directly, with no HTTP and no
+    sleep: each race reached by order, not by timing."""
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.addCleanup(kill_processes_in, self.tmp)
-        self.store = ipd.DeploymentStore(self.tmp, 10)
-        self.queue = ipd.DeployQueue(self.store)
+        self.audit = AuditRecorder()
+        ipd.audit.addHandler(self.audit)
+        self.addCleanup(ipd.audit.removeHandler, self.audit)
+        self.addCleanup(ipd.audit.setLevel, ipd.audit.level)
+        ipd.audit.setLevel(logging.INFO)
+        self.store = self.open_store()
 
-    def commit(self, project="app"):
-        staging = tempfile.mkdtemp(dir=self.tmp, prefix=".upload-")
-        record = ipd.Deployment(str(uuid.uuid4()), project, None, "admin", {}, "/bin/true")
-        record = self.store.commit(record, staging, {})
-        self.queue.supersede()
-        return record.id
+    def open_store(self, after_final=None):
+        return ipd.DeploymentStore(self.tmp, 10, after_final=after_final)
 
-    def test_a_second_cancel_after_the_last_update_is_409(self):
-        deployment = self.commit()
-        claimed = self.queue.claim()
-        self.assertEqual((claimed.id, claimed.state), (deployment, "active"))
-        self.assertEqual(self.queue.cancel(deployment).state, "active")  # asked
-        # The worker writes the final state and has not released it yet:
-        self.store.update(deployment, state="cancelled", ended=time.time())
-        with self.assertRaises(ipd.Conflict):
-            self.queue.cancel(deployment)
-        self.queue.release(claimed)
-        with self.assertRaises(ipd.Conflict):
-            self.queue.cancel(deployment)
-
-    def test_a_cancelled_waiting_deployment_never_runs(self):
-        first, second = self.commit("a"), self.commit("b")
-        self.assertEqual(self.queue.cancel(first).state, "cancelled")
-        self.assertEqual(self.queue.claim().id, second)
-        self.queue.stop()
-        self.assertIsNone(self.queue.claim())
-        self.assertEqual(json.loads(read_text(self.store.path(self.store.get(first), ".json")))
-                         ["state"], "cancelled")  # on disk before it was answered
-
-    def test_a_newer_upload_supersedes_the_waiting_one(self):
-        running = self.commit()
-        self.queue.claim()
-        older, newer = self.commit(), self.commit()
-        self.assertEqual(self.store.get(older).state, "changed")
-        self.assertEqual(self.store.get(newer).state, "await")
-        self.assertEqual(self.store.get(running).state, "active")
-
-
-class DeploymentQueueTests(unittest.TestCase):
-    """Issue #12: the Deployment type, its store, the queue and the metrics
-    called directly (no HTTP, no sleep): each race by order, not timing."""
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.store, self.queue, self.metrics = self.open_store()
-        self.changes = []
-        self.store.listeners.append(
-            lambda old, new: self.changes.append((old and old.state, new.state)))
-
-    def open_store(self):
-        store = ipd.DeploymentStore(self.tmp, 10)
-        queue = ipd.DeployQueue(store)
-        metrics = ipd.Metrics()
-        store.listeners.append(metrics.state_changed)
-        return store, queue, metrics
-
-    def commit(self, project="app", supersede=True):
+    def commit(self, project="app", store=None):
+        store = store or self.store
         staging = tempfile.mkdtemp(dir=self.tmp, prefix=".upload-")
         record = ipd.Deployment(str(uuid.uuid4()), project, None, "admin",
                                 {"image": {"name": "i", "size": 1, "sha256": "ab"}},
                                 "/bin/true")
-        record = self.store.commit(record, staging, {})
-        if supersede:
-            self.queue.supersede()
-        return record
+        return store.commit(record, staging, {}, ("upload", {
+            "project": project, "deployment": record.id}), received=1)
+
+    def cancel(self, deployment_id, store=None):
+        return (store or self.store).cancel(deployment_id, "admin", "127.0.0.1")
 
     def state_file(self, record):
         return json.loads(read_text(self.store.path(record, ".json")))
+
+    def counts(self, store=None):
+        stats = (store or self.store).statistics()
+        return {"queue": stats["queue"], "running": stats["running"]}
 
     def test_an_old_state_file_loads_and_keeps_its_format(self):
         record = self.commit()
@@ -3518,7 +3491,7 @@ class DeploymentQueueTests(unittest.TestCase):
                "superseded_by": None, "a_later_field": [1]}  # no version, signer...
         with open(path, "w") as file:
             json.dump(old, file)
-        store, _, metrics = self.open_store()
+        store = self.open_store()
         self.assertEqual(store.load(), 1)
         loaded = store.get(record.id)
         self.assertEqual((loaded.seq, loaded.state, loaded.signer, loaded.pruned,
@@ -3530,7 +3503,7 @@ class DeploymentQueueTests(unittest.TestCase):
             "created": ipd.iso_time(1.0), "started": ipd.iso_time(2.0),
             "ended": ipd.iso_time(4.5), "duration": 2.5, "user": "bob", "files": {},
             "steps": [], "pruned": False, "signer": None})
-        self.assertEqual(metrics.statistics()["states"], {"ok": 1})
+        self.assertEqual(store.statistics()["states"], {"ok": 1})
         store.update(record.id, pruned=True)
         self.assertEqual(self.state_file(record), dict(
             old, version=ipd.STATE_FORMAT_VERSION, signer=None, pruned=True,
@@ -3558,81 +3531,84 @@ class DeploymentQueueTests(unittest.TestCase):
         self.assertEqual(self.store.get(record.id).steps, [])
         self.assertIsNot(self.store.get(record.id), self.store.get(record.id))
 
-    def test_listeners_see_every_change_in_order(self):
+    def test_every_change_is_audited_and_counted_in_order(self):
         record = self.commit()
-        self.assertEqual(self.queue.claim().id, record.id)
+        self.assertEqual(self.store.claim().id, record.id)
         self.store.update(record.id, steps=[{"step": "check", "code": 1, "seconds": 0.2}])
         self.store.update(record.id, state="ok", ended=time.time())
-        self.queue.release(record)
-        self.assertEqual(self.changes, [(None, "await"), ("await", "active"),
-                                        ("active", "active"), ("active", "ok")])
-        stats = self.metrics.statistics()
-        self.assertEqual((stats["deployments"], stats["states"], stats["durations"]["count"]),
-                         (1, {"ok": 1}, 1))
-        text = self.metrics.render({}, {})
+        self.store.release(record)
+        self.assertEqual(self.audit.states(record.id), [
+            ("upload", None), ("state", "active"), ("state", "ok")])
+        stats = self.store.statistics()
+        self.assertEqual((stats["deployments"], stats["states"], stats["durations"]["count"],
+                          stats["uploads"], stats["queue"], stats["running"]),
+                         (1, {"ok": 1}, 1, 1, 0, 0))
+        text = self.store.metrics_text({}, {})
         self.assertIn('ipd_deployments{project="app",state="ok"} 1\n', text)
         self.assertIn('ipd_step_duration_seconds_count{step="check"} 1\n', text)
-        store, _, metrics = self.open_store()  # the same figures from disk alone
+        store = self.open_store()  # the same figures from disk alone
         store.load()
-        self.assertEqual(metrics.statistics()["states"], stats["states"])
+        self.assertEqual(store.statistics()["states"], stats["states"])
 
     def test_a_second_cancel_after_the_workers_last_update_is_409(self):
         record = self.commit()
-        claimed = self.queue.claim()
-        self.assertEqual(self.queue.cancel(record.id).state, "active")  # asked
-        self.assertTrue(self.queue.cancel_requested(record.id).is_set())
+        claimed = self.store.claim()
+        self.assertEqual(self.cancel(record.id).state, "active")  # asked
+        self.assertTrue(self.store.cancel_requested(record.id).is_set())
         self.store.update(record.id, state="cancelled", ended=time.time())
         with self.assertRaises(ipd.Conflict):  # not yet released: the state says
-            self.queue.cancel(record.id)
-        self.queue.release(claimed)
+            self.cancel(record.id)
+        self.store.release(claimed)
         with self.assertRaises(ipd.Conflict):
-            self.queue.cancel(record.id)
-        self.assertEqual(self.queue.counts(), {"queue": 0, "running": 0})
+            self.cancel(record.id)
+        self.assertEqual(self.counts(), {"queue": 0, "running": 0})
 
-    def test_a_cancel_once_the_store_shows_the_end_is_409(self):
-        record = self.commit()
-        claimed = self.queue.claim()
+    def test_a_cancel_once_the_end_shows_is_409(self):
+        # after_final runs once the end is visible, before the worker lets
+        # the deployment go: a cancel then is refused, never answered 200
         answers = []
 
-        def cancel_on_end(old, new):  # the end is visible, the queue not yet told
-            if new.state == "ok":
-                try:
-                    answers.append(self.queue.cancel(new.id).state)
-                except ipd.Conflict as error:
-                    answers.append(str(error))
-        self.store.listeners.insert(0, cancel_on_end)
+        def cancel_on_end(record):
+            try:
+                answers.append(self.cancel(record.id).state)
+            except ipd.Conflict as error:
+                answers.append(str(error))
+        self.store = self.open_store(after_final=cancel_on_end)
+        record = self.commit()
+        claimed = self.store.claim()
         self.store.update(record.id, state="ok", ended=time.time())
         self.assertEqual(answers, ["deployment %s has ended already: ok" % record.id])
-        self.assertFalse(self.queue.cancel_requested(record.id).is_set())
-        self.queue.release(claimed)
+        self.assertFalse(self.store.cancel_requested(record.id).is_set())
+        self.store.release(claimed)
 
     def test_a_cancel_is_announced_before_it_takes_effect(self):
         # Who cancelled (the log line, the audit event) is written before
         # the state it explains can show: a follower of the log, notify.sh
         # and the audit log never see 'cancelled' without it.
         running = self.commit()
-        claimed = self.queue.claim()
+        claimed = self.store.claim()
         waiting = self.commit()  # the same project: it waits
-        stop = self.queue.cancel_requested(running.id)
-
-        def failing():
-            raise OSError("the log cannot be written")
-        with self.assertRaises(OSError):  # nothing is cancelled then
-            self.queue.cancel(waiting.id, failing)
+        stop = self.store.cancel_requested(running.id)
+        log_path = self.store.path(waiting, ".log")
+        os.remove(log_path)
+        os.mkdir(log_path)  # the log cannot be written: nothing is cancelled
+        with self.assertRaises(OSError):
+            self.cancel(waiting.id)
         self.assertEqual(self.store.get(waiting.id).state, "await")
-        seen = []
-        for record in (waiting, running):
-            self.queue.cancel(record.id, lambda record=record: seen.append(
-                (self.store.get(record.id).state, stop.is_set())))
-        self.assertEqual(seen, [("await", False), ("active", False)])
-        self.assertEqual(self.store.get(waiting.id).state, "cancelled")
+        os.rmdir(log_path)
+        self.assertEqual(self.cancel(waiting.id).state, "cancelled")
+        self.assertEqual(self.audit.states(waiting.id), [
+            ("upload", None), ("cancel", None), ("state", "cancelled")])
+        self.assertIn("ipd: cancelled by admin from 127.0.0.1", read_text(log_path))
+        self.assertEqual(self.cancel(running.id).state, "active")
         self.assertTrue(stop.is_set())
+        self.assertIn("ipd: cancelled by admin", read_text(self.store.path(running, ".log")))
         self.store.update(running.id, state="cancelled", ended=time.time())
         for record in (waiting, running):  # ended: refused, not announced
             with self.assertRaises(ipd.Conflict):
-                self.queue.cancel(record.id, lambda: seen.append("again"))
-        self.assertEqual(len(seen), 2)
-        self.queue.release(claimed)
+                self.cancel(record.id)
+        self.assertEqual([event["event"] for event in self.audit.events].count("cancel"), 2)
+        self.store.release(claimed)
 
     def test_a_hanging_notify_sh_holds_up_nothing(self):
         # notify.sh waits for a gate opened only after the final state is
@@ -3642,7 +3618,6 @@ class DeploymentQueueTests(unittest.TestCase):
         os.makedirs(project_dir)
         gate, started, ended = (os.path.join(self.tmp, name)
                                 for name in ("gate", "started", "ended"))
-        self.addCleanup(kill_processes_in, self.tmp)
         with open(os.path.join(project_dir, "notify.sh"), "w") as file:
             file.write("#!/bin/sh\ntouch %s\nwhile [ ! -e %s ]; do sleep 0.02; done\n"
                        "touch %s\n" % (started, gate, ended))
@@ -3651,97 +3626,136 @@ class DeploymentQueueTests(unittest.TestCase):
             "UPLOAD_DIR": self.tmp, "LOG_DIR": self.tmp, "NOTIFY_TIMEOUT": "600"})
         notifier = ipd.Notifier(settings, self.store, lambda record, run_as=None: {
             "PATH": os.environ["PATH"]})
-        self.store.listeners.append(notifier.state_changed)
+        self.store.after_final = notifier.deployment_ended
         record = self.commit()
-        claimed = self.queue.claim()
+        claimed = self.store.claim()
         after = self.commit()
         writer = threading.Thread(target=self.store.update, args=(record.id,),
                                   kwargs={"state": "ok", "ended": time.time()})
         writer.start()
         writer.join(30)  # at once, unless it waited for notify.sh's gate
         self.assertFalse(writer.is_alive(), "the final state waited for notify.sh")
-        self.queue.release(claimed)
-        self.assertEqual(self.queue.claim().id, after.id)
+        self.store.release(claimed)
+        self.assertEqual(self.store.claim().id, after.id)
         wait_until(lambda: os.path.exists(started), 30, message="notify.sh running")
         open(gate, "w").close()
         wait_until(lambda: os.path.exists(ended), 30, message="notify.sh ended")
 
+    def test_a_failing_notifier_stops_nothing(self):
+        def failing(record):
+            raise RuntimeError("the notifier is broken")
+        self.store = self.open_store(after_final=failing)
+        first, second = self.commit(), self.commit("other")
+        claimed = self.store.claim()
+        self.assertEqual(claimed.id, first.id)
+        self.assertEqual(self.store.update(first.id, state="ok",
+                                           ended=time.time()).state, "ok")
+        self.assertEqual(self.state_file(first)["state"], "ok")
+        self.store.release(claimed)
+        third = self.commit()  # the project's next one runs too
+        self.assertEqual({self.store.claim().id, self.store.claim().id},
+                         {second.id, third.id})
+
     def test_figures_are_as_new_as_any_state_the_store_shows(self):
-        record = self.commit()
-        claimed = self.queue.claim()
-        heard, go_on = threading.Event(), threading.Event()
+        # a reader that sees a state, then asks for the figures, finds them
+        # counting it (or a later one): they change in the same step
+        seen, done = [], threading.Event()
 
-        def slow_listener(old, new):  # the end shows, the others not yet told
-            if new.state == "ok":
-                heard.set()
-                go_on.wait(30)
-        self.store.listeners.insert(0, slow_listener)
-        writer = threading.Thread(target=self.store.update, args=(record.id,),
-                                  kwargs={"state": "ok", "ended": time.time()})
-        writer.start()
-        self.assertTrue(heard.wait(30))
-        self.assertEqual(self.store.get(record.id).state, "ok")
-        answers = []
-        reader = threading.Thread(target=lambda: answers.append(
-            (self.queue.counts(), self.metrics.statistics()["states"])))
-        reader.start()
-        reader.join(0.3)
-        self.assertTrue(reader.is_alive())  # waits for the listeners
-        go_on.set()
-        writer.join(30)
-        reader.join(30)
-        self.assertEqual(answers, [({"queue": 0, "running": 0}, {"ok": 1})])
-        self.queue.release(claimed)
+        def reader(deployment_id):
+            while not done.is_set():
+                state = self.store.get(deployment_id).state
+                stats = self.store.statistics()
+                seen.append((state, stats))
+        rounds = soak(50, 10)
+        for number in range(rounds):
+            record = self.commit()
+            done.clear()
+            thread = threading.Thread(target=reader, args=(record.id,))
+            thread.start()
+            claimed = self.store.claim()
+            self.store.update(record.id, state="ok", ended=time.time())
+            self.store.release(claimed)
+            done.set()
+            thread.join(30)
+            for state, stats in seen:
+                if state == "ok":  # counted, and neither waiting nor running
+                    self.assertEqual((stats["states"].get("ok"), stats["queue"],
+                                      stats["running"]), (number + 1, 0, 0))
+                elif state == "active":  # no longer counted as waiting
+                    self.assertEqual((stats["states"].get("await", 0), stats["queue"]),
+                                     (0, 0))
+            del seen[:]
 
-    def test_a_cancel_between_claim_and_active_is_asked_of_the_worker(self):
-        record = self.commit()
-        answers = []
-
-        def cancel_on_claim(old, new):  # the store tells it, its lock not held
-            if new.state == "active":
-                answers.append(self.queue.cancel(new.id).state)
-        self.store.listeners.insert(0, cancel_on_claim)
-        self.queue.claim()
-        self.assertEqual(answers, ["active"])  # asked before the queue heard it
-        self.assertTrue(self.queue.cancel_requested(record.id).is_set())
+    def test_a_cancel_racing_the_claim_is_one_or_the_other(self):
+        # a deployment a worker claims as it is cancelled either never runs
+        # (cancelled) or runs with its cancel asked: never both, never lost
+        outcomes = set()
+        for number in range(soak(100, 20)):
+            store = ipd.DeploymentStore(os.path.join(self.tmp, str(number)), 10)
+            os.makedirs(os.path.join(self.tmp, str(number)))
+            record = self.commit(store=store)
+            claimed = []
+            worker = threading.Thread(target=lambda: claimed.append(store.claim()))
+            worker.start()
+            answer = self.cancel(record.id, store).state
+            if answer == "cancelled":
+                store.stop()
+                worker.join(30)
+                self.assertEqual(claimed, [None])
+            else:
+                worker.join(30)
+                self.assertEqual((answer, claimed[0].id), ("active", record.id))
+                self.assertTrue(store.cancel_requested(record.id).is_set())
+                store.stop()
+            outcomes.add(answer)
+        self.assertTrue(outcomes <= {"cancelled", "active"})
 
     def test_a_cancelled_waiting_deployment_never_runs(self):
         first, second = self.commit("a"), self.commit("b")
-        self.assertEqual(self.queue.cancel(first.id).state, "cancelled")
-        self.assertEqual(self.state_file(first)["state"], "cancelled")
+        self.assertEqual(self.cancel(first.id).state, "cancelled")
+        self.assertEqual(self.state_file(first)["state"], "cancelled")  # on disk first
         with self.assertRaises(ipd.Conflict):
-            self.queue.cancel(first.id)
-        self.assertEqual(self.queue.claim().id, second.id)
-        self.queue.stop()
-        self.assertIsNone(self.queue.claim())
+            self.cancel(first.id)
+        self.assertEqual(self.store.claim().id, second.id)
+        self.store.stop()
+        self.assertIsNone(self.store.claim())
 
-    def test_a_deployment_waits_from_the_change_that_makes_it_exist(self):
+    def test_a_newer_upload_supersedes_the_waiting_one_as_it_shows(self):
+        running = self.commit()
+        self.store.claim()
         older = self.commit()
-        newer = self.commit(supersede=False)  # the older one not yet 'changed'
-        self.assertEqual(self.queue.counts(), {"queue": 1, "running": 0})
-        with self.assertRaisesRegex(ipd.Conflict, "ended already: cancelled or replaced"):
-            self.queue.cancel(older.id)  # let go by the queue, the store still 'await'
-        self.assertEqual(self.queue.cancel(newer.id).state, "cancelled")
-        self.queue.supersede()
+        newer = self.commit()  # in the same step: older is 'changed'
         self.assertEqual(self.state_file(older)["superseded_by"], newer.id)
         self.assertEqual(self.store.get(older.id).state, "changed")
-        self.assertIsNone(self.queue.holding("app", {"image": "ab"}))
-        self.queue.stop()
-        self.assertIsNone(self.queue.claim())
+        self.assertEqual((self.store.get(newer.id).state, self.store.get(running.id).state),
+                         ("await", "active"))
+        self.assertEqual(self.counts(), {"queue": 1, "running": 1})
+        with self.assertRaisesRegex(ipd.Conflict, "ended already: changed"):
+            self.cancel(older.id)
+        self.assertEqual(self.audit.states(older.id), [("upload", None),
+                                                       ("state", "changed")])
+        self.assertEqual(self.cancel(newer.id).state, "cancelled")
+        self.assertIsNone(self.store.holding("app", {"image": "ab"}) and
+                          self.store.holding("app", {"image": "cd"}))
+        self.store.stop()
+        self.assertIsNone(self.store.claim())
 
     def test_after_a_crash_the_running_one_is_interrupted_and_the_waiting_queued(self):
         running = self.commit()
-        self.queue.claim()
-        older, waiting = self.commit("b", False), self.commit("b", False)
-        store, queue, metrics = self.open_store()
+        self.store.claim()
+        older, waiting = self.commit("b"), self.commit("b")
+        # as an older ipd killed between two writes left it: both waiting
+        both_waiting = dict(self.state_file(older), state="await", ended=None)
+        with open(self.store.path(older, ".json"), "w") as file:
+            json.dump(both_waiting, file)
+        store = self.open_store()
         self.assertEqual(store.load(kill_grace=1), 3)
-        queue.supersede()
         self.assertEqual(store.get(running.id).state, "interrupted")
         self.assertEqual((store.get(older.id).state, store.get(waiting.id).state),
                          ("changed", "await"))
-        self.assertEqual(queue.counts(), {"queue": 1, "running": 0})
-        self.assertEqual(queue.claim().id, waiting.id)
-        self.assertEqual(metrics.statistics()["states"],
+        self.assertEqual(self.counts(store), {"queue": 1, "running": 0})
+        self.assertEqual(store.claim().id, waiting.id)
+        self.assertEqual(store.statistics()["states"],
                          {"active": 1, "changed": 1, "interrupted": 1})
 
 
@@ -3819,17 +3833,26 @@ class InProcessServerTests(unittest.TestCase):
         deployment = re.search(rb"\r\n\r\n([0-9a-f-]{36})\n", answer).group(1).decode()
         record = self.daemon.store.wait_final(deployment, 20)
         self.assertEqual(record.state, "ok")
-        self.assertEqual(self.daemon.uploads, 1)  # the refused one is not counted
+        self.assertEqual(self.daemon.statistics()["uploads"], 1)  # not the refused one
 
     def test_an_upload_is_counted_before_it_shows(self):
-        # /stat waits for the listeners (settle): what they hear, it counts
-        heard = []
-        self.daemon.store.listeners.append(lambda old, new: old is None and heard.append(
-            (new.id, self.daemon.uploads, self.daemon.bytes_received > 0)))
+        # the upload's counters change in the step that shows it: a reader
+        # that sees the deployment finds /stat counting it
+        heard, done = [], threading.Event()
+
+        def reader():
+            while not done.is_set():
+                if self.daemon.store.projects():
+                    stats = self.daemon.statistics()
+                    heard.append((stats["uploads"], stats["bytes_received"] > 0))
+        thread = threading.Thread(target=reader)
+        thread.start()
         answer = raw_exchange(self.port, upload_request())
+        done.set()
+        thread.join(30)
         self.assertEqual(answer_status(answer), 202)
         deployment = re.search(rb"\r\n\r\n([0-9a-f-]{36})\n", answer).group(1).decode()
-        self.assertEqual(heard, [(deployment, 1, True)])
+        self.assertEqual(set(heard), {(1, True)})
         self.assertEqual(self.daemon.store.wait_final(deployment, 20).state, "ok")
 
 
