@@ -5041,6 +5041,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().send_response(code, message)
         if self.close_connection:
             self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0":
+            # http.server keeps an HTTP/1.0 connection that asked for
+            # keep-alive; such a client (ab -k) reuses it only when the
+            # answer says so, and would wait for the close otherwise
+            self.send_header("Connection", "keep-alive")
 
     def send_error_answer(self, error):
         if self.status_sent is not None:  # too late for a clean answer
@@ -5239,14 +5244,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         read the log file, never the script: many of them cost it nothing."""
         offset = self.query_number("offset")
         chunked = self.request_version == "HTTP/1.1"
+        if not chunked:  # to the connection's end
+            self.close_connection = True
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Accel-Buffering", "no")  # nginx: pass it on at once
         if chunked:
             self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.close_connection = True
         self.end_headers()
         if self.command == "HEAD":
             return

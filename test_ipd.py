@@ -2903,6 +2903,26 @@ class EdgeFramingTests(DaemonTestCase):
         self.assertEqual(self.daemon.get("/status/app")[0], 404)  # nothing queued
 
 
+    def test_an_http_1_0_keep_alive_client_is_told_and_answered(self):
+        # ApacheBench's -k: HTTP/1.0 with Connection: Keep-Alive reuses the
+        # connection only when the answer says keep-alive; each answer
+        # comes whole, with its length, and the next request is served
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=20)
+        self.addCleanup(sock.close)
+        file = sock.makefile("rb")
+        self.addCleanup(file.close)
+        for _ in range(5):
+            sock.sendall(b"GET /deploy/ HTTP/1.0\r\nHost: x\r\n"
+                         b"Connection: Keep-Alive\r\n\r\n")
+            status, headers, body = read_answer(file)
+            self.assertEqual((status, headers.get("connection")), (200, "keep-alive"))
+            self.assertEqual(int(headers["content-length"]), len(body))
+        sock.sendall(b"GET /deploy/ HTTP/1.0\r\nHost: x\r\n\r\n")  # no keep-alive
+        status, headers, body = read_answer(file)
+        self.assertEqual((status, headers.get("connection")), (200, "close"))
+        self.assertIsNone(read_answer(file))  # and closed
+
+
 class EdgeOriginTests(DaemonTestCase):
     """Every state-changing request of a browser must come from this origin."""
 
