@@ -46,6 +46,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD = os.path.join(HERE, "build", "bench")
+IPD_SCRIPT = os.path.join(HERE, "ipd.py")
+# The ipd.py whose start-up at scale is printed beside this one's: the last
+# commit before its deployment state got one owner and lazy records (#22).
+STARTUP_BASELINE = "ae953d2"
 VENV = os.path.join(HERE, "build", "bench-venv")
 PEERS = ["uvicorn", "starlette", "python-multipart", "multipart"]
 MIB = 1 << 20
@@ -503,10 +507,9 @@ def control_start_latency(system, runs):
     return statistics.median(delays)
 
 
-def startup_at_scale(work, projects, per_project):
-    """Start-up time and memory over projects x per_project finished
-    deployments, and /info and /stat latency over them."""
-    store = os.path.join(work, "scale")
+def make_scale_store(store, projects, per_project):
+    """An UPLOAD_DIR of projects x per_project finished deployments (kept
+    between runs of the bench, as it takes a while to write)."""
     if not os.path.exists(os.path.join(store, ".complete-%d-%d" % (projects, per_project))):
         shutil.rmtree(store, ignore_errors=True)
         for number in range(projects):
@@ -524,10 +527,28 @@ def startup_at_scale(work, projects, per_project):
                     json.dump(record, file)
                 open(os.path.join(folder, deployment + ".log"), "w").close()
         open(os.path.join(store, ".complete-%d-%d" % (projects, per_project)), "w").close()
-    return [start_once(work, store) for _ in range(2)]  # builds the caches; uses them
 
 
-def start_once(work, store):
+def startup_beside(work, projects, per_project, revision):
+    """Start-up time and memory over projects x per_project finished
+    deployments, and /info and /stat latency over them: of this ipd.py and
+    of ipd.py at git revision (an older one, for today's figures), each in
+    a store of its own whose caches its first start builds; -> {label:
+    [(startup, rss, latencies) of the first start, of the next]}."""
+    older = os.path.join(work, "ipd-%s.py" % revision)
+    with open(older, "wb") as file:
+        file.write(subprocess.run(["git", "-C", HERE, "show", "%s:ipd.py" % revision],
+                                  check=True, stdout=subprocess.PIPE).stdout)
+    figures = {}
+    for label, script in (("this ipd.py", IPD_SCRIPT), (revision, older)):
+        store = os.path.join(BUILD, "scale-%s-%d" % (
+            "this" if script == IPD_SCRIPT else revision, projects * per_project))
+        make_scale_store(store, projects, per_project)
+        figures[label] = [start_once(work, store, script) for _ in range(2)]
+    return figures
+
+
+def start_once(work, store, script):
     system = Ipd(work)
     users = os.path.join(system.work, "users.txt")
     with open(users, "w") as file:
@@ -536,8 +557,7 @@ def start_once(work, store):
                    LISTEN="127.0.0.1:0")
     began = time.monotonic()
     system.port = start_and_read_port(
-        [sys.executable, os.path.join(HERE, "ipd.py"), "--config", os.devnull, "serve"],
-        environ, system)
+        [sys.executable, script, "--config", os.devnull, "serve"], environ, system)
     startup = time.monotonic() - began
     with open("/proc/%d/status" % system.process.pid) as file:
         rss = int(re.search(r"VmRSS:\s+(\d+)", file.read()).group(1)) / 1024
@@ -582,10 +602,16 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--layers", action="store_true", help="only the layer "
                         "push figures (issue #16)")
+    parser.add_argument("--scale", action="store_true", help="only the start-up "
+                        "over 100,000 deployments, beside %s's" % STARTUP_BASELINE)
     args = parser.parse_args(argv)
     runs = 1 if args.quick else args.runs
     os.makedirs(BUILD, exist_ok=True)
     work = tempfile.mkdtemp(prefix="run-", dir=BUILD)
+    if args.scale:
+        report_scale(startup_beside(work, 1000, 100, STARTUP_BASELINE))
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     if args.layers:
         report_layers(layer_figures(work, args.quick))
         shutil.rmtree(work, ignore_errors=True)
@@ -622,7 +648,8 @@ def main(argv=None):
     finally:
         for system in systems:
             system.stop()
-    scale = startup_at_scale(work, *((100, 10) if args.quick else (1000, 100)))
+    scale = startup_beside(work, *((100, 10) if args.quick else (1000, 100)),
+                           revision=STARTUP_BASELINE)
     report(results, payloads, sha_rate, status, start_delay, scale, runs)
     report_layers(layer_figures(work, args.quick))
     shutil.rmtree(work, ignore_errors=True)
@@ -686,10 +713,16 @@ def report(results, payloads, sha_rate, status, start_delay, scale, runs):
                                                      figures["p99"], figures["rps"] / bare))
     print("\nan upload's last byte to control.sh starting: %.1f ms (median)"
           % (start_delay * 1000))
-    for when, (startup, rss, latencies) in zip(("first", "next"), scale):
-        print("%s start-up over the deployments on disk: %.2f s, RSS %.0f MiB; "
-              "/info %.1f ms, /stat %.1f ms" % (when, startup, rss, latencies["/info"],
-                                                 latencies["/stat"]))
+    report_scale(scale)
+
+
+def report_scale(scale):
+    """The start-up figures of startup_beside, this ipd.py's first."""
+    for label, starts in scale.items():
+        for when, (startup, rss, latencies) in zip(("first", "next"), starts):
+            print("%-12s %s start-up over the deployments on disk: %.2f s, RSS %.0f "
+                  "MiB; /info %.1f ms, /stat %.1f ms" % (
+                      label, when, startup, rss, latencies["/info"], latencies["/stat"]))
 
 
 # --- layer pushes (issue #16)
