@@ -49,6 +49,7 @@ and partial/ the segment uploads under way.
 __version__ = "1.0.0"
 
 import argparse
+import array
 import base64
 import binascii
 import bisect
@@ -2715,51 +2716,6 @@ class Deployment:
         return "<Deployment %s of %s: %s>" % (self.id, self.project, self.state)
 
 
-# Each project's deployments/index.cache holds its records as last read,
-# each with its state file's mtime: a start-up reads one file a project
-# instead of one a deployment, and reads a state file again only when it
-# changed since (the cache is never trusted over the file).
-INDEX_FILE = "index.cache"
-
-
-def read_index(folder):
-    """{id: (mtime_ns, record as on disk)} from folder's index, or {} when
-    there is none or it is unreadable."""
-    try:
-        with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as file:
-            data = json.load(file)
-        if data.get("version") != STATE_FORMAT_VERSION:
-            return {}
-        return {key: (value[0], value[1]) for key, value in data["records"].items()}
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return {}
-
-
-def cached_deployment(data):
-    """The Deployment of an index entry, or None when it is not one."""
-    try:
-        return Deployment.from_disk(data)
-    except (KeyError, TypeError, AttributeError, ValueError):
-        return None
-
-
-def write_index(folder, index):
-    """Write folder's index (a cache: no fsync, a torn one is ignored)."""
-    path = os.path.join(folder, INDEX_FILE)
-    temporary = os.path.join(folder, ".%s.%d.part" % (INDEX_FILE, os.getpid()))
-    try:
-        text = json.dumps({"version": STATE_FORMAT_VERSION,  # dumps: the C encoder
-                           "records": {key: [mtime, record.to_disk()]
-                                       for key, (mtime, record)
-                                       in index.items()}}, separators=(",", ":"))
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except OSError as error:
-        log.warning("cannot write %s: %s", path, error)
-        remove_quietly(temporary)
-
-
 def summarize(values):
     """count, mean, median, max of a sorted list of seconds."""
     if not values:
@@ -2775,6 +2731,16 @@ def escape_label(value):
 
 
 STEP_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+def observe_step(steps, step, seconds):
+    """Count a step's time into steps ({step: [per bucket (not yet
+    cumulative)..., +Inf, sum]})."""
+    if seconds is None:
+        return
+    counts = steps.setdefault(step, [0] * (len(STEP_BUCKETS) + 2))
+    counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1
+    counts[-1] += seconds
 
 
 class Counters:
@@ -2802,7 +2768,7 @@ class Counters:
         key = (project, new.state)
         self.deployments[key] = self.deployments.get(key, 0) + 1
         for step in new.steps[len(old.steps) if old else 0:]:
-            self._observe(step["step"], step.get("seconds"))
+            observe_step(self.steps, step["step"], step.get("seconds"))
         if new.state == "ok" and new.ended:
             self.last_success[project] = max(new.ended,
                                              self.last_success.get(project, 0))
@@ -2810,13 +2776,18 @@ class Counters:
             self.durations.append(new.ended - new.started)
             del self.durations[:-1000]
 
-    def _observe(self, step, seconds):
-        if seconds is None:
-            return
-        # per bucket (not yet cumulative), then +Inf, then the sum
-        counts = self.steps.setdefault(step, [0] * (len(STEP_BUCKETS) + 2))
-        counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1
-        counts[-1] += seconds
+    def add_cold(self, project, cold):
+        """Count a loaded project's cold records (ColdFigures) in, but for
+        their durations (the store takes the newest of all)."""
+        for state, count in cold.states.items():
+            key = (project, state)
+            self.deployments[key] = self.deployments.get(key, 0) + count
+        for step, counts in cold.steps.items():
+            mine = self.steps.setdefault(step, [0] * (len(STEP_BUCKETS) + 2))
+            self.steps[step] = [a + b for a, b in zip(mine, counts)]
+        if cold.last_success:
+            self.last_success[project] = max(cold.last_success,
+                                             self.last_success.get(project, 0))
 
     def statistics(self):
         """{'deployments': how many, 'states': {state: how many},
@@ -2869,14 +2840,192 @@ class Counters:
         return "".join(lines)
 
 
+# A project's records fall in two kinds.  Hot ones may still change or keep
+# files: unfinished, not pruned, or the project's latest; the store holds
+# them whole (at most KEEP_DEPLOYMENTS and a few a project).  Cold ones are
+# finished and pruned and never change again: the store keeps only figures
+# of them (how many, their sequence numbers, the newest success, signed
+# manifests' nonces) and reads one's state file when it is asked for.
+def is_cold(record):
+    """True for a record that can change no more and holds no files."""
+    return record.pruned and record.state not in UNFINISHED
+
+
+# Each project's deployments/index.cache holds what a start-up needs of it:
+# its hot records, each with its state file's mtime, and the cold ones'
+# figures (ColdFigures).  It is a cache, never trusted over the files: it is
+# given the folder's mtime when written and set to 0 before the first change
+# after a start, so a start-up reads it alone only while the folder is as
+# it saw it, and otherwise every state file it cannot vouch for.
+INDEX_FILE = "index.cache"
+INDEX_FORMAT = 2
+
+
+def read_index(folder):
+    """(index dict, fresh) of a deployments folder: fresh when the folder
+    is as the index saw it; (None, False) when there is none or a torn
+    one; only 'hot' of an older ipd's index (all its records)."""
+    try:
+        with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as file:
+            mtime = os.fstat(file.fileno()).st_mtime_ns
+            data = json.load(file)
+        if isinstance(data, dict) and data.get("version") == 1:
+            # an older ipd's: its records, by mtime, save reading their files
+            return {"hot": data.get("records")}, False
+        if (not isinstance(data, dict) or data.get("version") != INDEX_FORMAT
+                or data.get("buckets") != list(STEP_BUCKETS)):
+            return None, False
+        return data, mtime != 0 and mtime == os.stat(folder).st_mtime_ns
+    except (OSError, ValueError):
+        return None, False
+
+
+def write_index(folder, hot, mtimes, cold):
+    """Write folder's index (no fsync: a torn one is ignored), then give it
+    the folder's mtime, which vouches for it until the folder changes."""
+    path = os.path.join(folder, INDEX_FILE)
+    temporary = os.path.join(folder, ".%s.%d.part" % (INDEX_FILE, os.getpid()))
+    try:
+        text = json.dumps({  # dumps: the C encoder
+            "version": INDEX_FORMAT, "buckets": STEP_BUCKETS, "cold": cold.to_disk(),
+            "hot": {record.id: [mtimes[record.id], record.to_disk()] for record in hot},
+        }, separators=(",", ":"))
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+        mtime = os.stat(folder).st_mtime_ns
+        os.utime(path, ns=(mtime, mtime))
+    except OSError as error:
+        log.warning("cannot write %s: %s", path, error)
+        remove_quietly(temporary)
+
+
+def mark_index_stale(folder):
+    """The folder is about to change: its index vouches for it no more."""
+    try:
+        os.utime(os.path.join(folder, INDEX_FILE), ns=(0, 0))
+    except OSError:
+        pass
+
+
+def cached_deployment(data):
+    """The Deployment of an index entry, or None when it is not one."""
+    try:
+        return Deployment.from_disk(data)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
+
+
+class ColdFigures:
+    """What a start-up learns of a project's cold records, kept in its index:
+    their ids and sequence numbers, counts by state, step times (as
+    Counters keeps them), the latest success, the latest ok one's sequence
+    number, the newest signed manifest time among the ok ones, the nonces,
+    and the newest 1,000 durations as [seq, seconds]."""
+
+    FIELDS = ("ids", "seqs", "states", "steps", "last_success", "last_ok_seq",
+              "signed_newest", "nonces", "durations")
+
+    def __init__(self, data=None):
+        """Empty, or from an index's dict; raises TypeError, KeyError or
+        ValueError for one that is not of this form."""
+        self.seqs, self.nonces, self.durations = [], [], []
+        self.states, self.steps = {}, {}
+        self.last_success = self.last_ok_seq = None
+        self.signed_newest = 0
+        self._ids, self._id_text = [], ""
+        if data is not None:
+            for key in self.FIELDS[1:]:
+                setattr(self, key, data[key])
+            # the ids as one string: a start-up that trusts the index
+            # makes no object of each (see ids)
+            self._ids, self._id_text = None, data["ids"]
+            if not (all(isinstance(getattr(self, key), list) for key in
+                        ("seqs", "nonces", "durations"))
+                    and isinstance(self.states, dict) and isinstance(self.steps, dict)
+                    and isinstance(self._id_text, str)):
+                raise TypeError("not the cold figures of an index")
+
+    @property
+    def ids(self):
+        """The cold records' ids, in the order of seqs."""
+        if self._ids is None:
+            self._ids = self._id_text.split()
+        return self._ids
+
+    def fold(self, record):
+        """Count a cold record in."""
+        self.ids.append(record.id)
+        self.seqs.append(record.seq)
+        self.states[record.state] = self.states.get(record.state, 0) + 1
+        for step in record.steps:
+            observe_step(self.steps, step["step"], step.get("seconds"))
+        if record.state == "ok":
+            self.last_ok_seq = max(record.seq, self.last_ok_seq or 0)
+            if record.ended:
+                self.last_success = max(record.ended, self.last_success or 0)
+            if record.signer:
+                self.signed_newest = max(self.signed_newest,
+                                         record.signer.get("created", 0))
+        if record.signer and record.signer.get("nonce"):
+            self.nonces.append(record.signer["nonce"])
+        if record.started and record.ended:
+            self.durations.append([record.seq, record.ended - record.started])
+
+    def to_disk(self):
+        self.durations = sorted(self.durations)[-1000:]
+        return dict({key: getattr(self, key) for key in self.FIELDS[1:]},
+                    ids=" ".join(self.ids))
+
+
+class ProjectLedger:
+    """What the store keeps of one project: its hot records' ids in upload
+    order and its latest's; of its cold ones only how many, their sequence
+    numbers (sorted), the latest ok one's, the newest signed manifest time
+    among the ok ones; the nonces of all its signed manifests; whether its
+    index still vouches for its folder."""
+
+    __slots__ = ("hot", "latest", "cold_count", "cold_seqs", "cold_last_ok_seq",
+                 "cold_signed_newest", "nonces", "index_fresh")
+
+    def __init__(self, cold=None):
+        self.hot = {}  # id -> None, in upload order (a dict: removal in O(1))
+        self.latest = None
+        cold = cold or ColdFigures()
+        self.cold_count = len(cold.seqs)
+        self.cold_seqs = array.array("q", sorted(cold.seqs))
+        self.cold_last_ok_seq = cold.last_ok_seq
+        self.cold_signed_newest = cold.signed_newest
+        self.nonces = set(cold.nonces)
+        self.index_fresh = False
+
+    def count(self):
+        return self.cold_count + len(self.hot)
+
+    def cold_newer_than(self, seq):
+        """How many cold records came after seq."""
+        return len(self.cold_seqs) - bisect.bisect_right(self.cold_seqs, seq)
+
+    def make_cold(self, record):
+        """record (hot until now) can change no more: count it as cold."""
+        del self.hot[record.id]
+        self.cold_count += 1
+        bisect.insort(self.cold_seqs, record.seq)
+        if record.state == "ok":
+            self.cold_last_ok_seq = max(record.seq, self.cold_last_ok_seq or 0)
+            if record.signer:
+                self.cold_signed_newest = max(self.cold_signed_newest,
+                                              record.signer.get("created", 0))
+
+
 class DeploymentStore:
     """The one owner of deployment state: every deployment's record (on
     disk first), which ones wait and which run, the cancel requests of
     running ones, and the counters of /stat and /metrics.
 
     Records are Deployments; callers get copies, never the store's own.
-    Every change of a deployment goes through _change(), which does, in
-    this order and one change at a time:
+    Every change of a deployment goes through _change() (or commit() for
+    a new one), which does, in this order and one change at a time:
 
     1. write ID.json atomically: a state once answered survives any crash;
     2. log it and append its audit event: the audit log has every change
@@ -2891,7 +3040,9 @@ class DeploymentStore:
 
     Per project at most one deployment waits (a newer upload supersedes
     it: 'changed') and one runs; claim() gives the worker the oldest
-    waiting one of a project that runs none.
+    waiting one of a project that runs none.  Memory holds the hot records
+    whole and figures of the cold ones (see is_cold): a cold record is
+    read from its state file when asked for.
     """
 
     def __init__(self, upload_dir, keep, after_final=None):
@@ -2900,13 +3051,14 @@ class DeploymentStore:
         self.after_final = after_final  # called with a copy of each final state
         # One change at a time, from writing its file to showing it, so
         # that the disk, the audit log and memory see changes in the same
-        # order.  Taken before _lock, never while _lock is held.
+        # order.  Taken before _lock, never while _lock is held; it also
+        # guards _next_seq and the ledgers' index_fresh.
         self._change_lock = threading.Lock()
         # Guards everything in memory below; held only to read or apply a
         # change, never for I/O.  wait_final() and claim() wait on it.
         self._lock = threading.Condition()
-        self._records = {}        # id -> Deployment
-        self._by_project = {}     # project -> [ids, oldest first]
+        self._hot = {}            # id -> Deployment, of the hot records
+        self._ledgers = {}        # project -> ProjectLedger
         self._next_seq = 1
         self._waiting = {}        # project -> id of its waiting deployment
         self._running = {}        # project -> id of its running deployment
@@ -2939,14 +3091,39 @@ class DeploymentStore:
         project's next deployment.  Returns the number of deployments.
         """
         os.makedirs(self.upload_dir, exist_ok=True)
-        found = {}
+        hot, durations = [], []
         for entry in os.scandir(self.upload_dir):
             if entry.name.startswith(".upload-"):
                 log.info("removing torn upload %s", entry.name)
                 remove_quietly(entry.path)
             elif is_project_name(entry.name) and entry.is_dir():
-                found.update(self._load_project(entry.name))
-        records = sorted(found.values(), key=lambda r: r.seq)
+                records, cold, fresh = self._load_project(entry.name)
+                if records:
+                    self._add_project(entry.name, records, cold, fresh)
+                    hot.extend(records)
+                    durations.extend(cold.durations)
+        hot.sort(key=lambda r: r.seq)
+        superseded = self._queue_loaded(hot)
+        durations.extend([r.seq, r.ended - r.started] for r in hot
+                         if r.started and r.ended)
+        self._counters.durations = [seconds for _, seconds in sorted(durations)[-1000:]]
+        for older, newer in superseded:
+            self.update(older, state="changed", ended=time.time(),
+                        superseded_by=newer)
+        self._interrupt([r for r in hot if r.state == "active"], kill_grace)
+        return sum(ledger.count() for ledger in self._ledgers.values())
+
+    def _add_project(self, project, records, cold, fresh):
+        """Take a loaded project's cold figures into its ledger and counters."""
+        ledger = self._ledgers[project] = ProjectLedger(cold)
+        ledger.index_fresh = True  # fresh, or written anew just now
+        self._counters.add_cold(project, cold)
+        if cold.seqs:
+            self._next_seq = max(self._next_seq, max(cold.seqs) + 1)
+
+    def _queue_loaded(self, records):
+        """Apply the loaded hot records in upload order; -> [(older, newer)]
+        of the waiting ones a newer one supersedes."""
         superseded = []
         with self._lock:
             for record in records:
@@ -2955,11 +3132,7 @@ class DeploymentStore:
                     superseded.append((older, record.id))
                 self._next_seq = max(self._next_seq, record.seq + 1)
                 self._apply(None, record)
-        for older, newer in superseded:
-            self.update(older, state="changed", ended=time.time(),
-                        superseded_by=newer)
-        self._interrupt([r for r in records if r.state == "active"], kill_grace)
-        return len(records)
+        return superseded
 
     def _interrupt(self, records, kill_grace):
         """Stop what is left of each deployment that ran at a stop, and
@@ -2979,37 +3152,66 @@ class DeploymentStore:
                      record.id, record.project)
 
     def _load_project(self, project):
-        """{id: Deployment} of project's state files (through its index
-        cache); files of uploads that never got a state file are removed."""
+        """-> (hot records, ColdFigures, fresh) of project: from its index
+        alone while it vouches for the folder; otherwise from every state
+        file it cannot vouch for, the index then written anew."""
+        folder = self.deployments_dir(project)
+        index, fresh = read_index(folder)
+        try:
+            cold = ColdFigures(index.get("cold") if index else None)
+            cached = dict(index["hot"]) if index else {}
+            if fresh:
+                records = [cached_deployment(entry[1]) for entry in cached.values()]
+                if records and None not in records:
+                    return records, cold, True
+        except (KeyError, TypeError, ValueError, IndexError):
+            cold, cached = ColdFigures(), {}
+        return self._scan_project(project, cold, cached)
+
+    def _scan_project(self, project, cold, cached):
+        """_load_project's slow way: read the state files that neither cold
+        (the index's figures) nor cached (its hot records, by mtime) vouch
+        for; remove torn writes and the files of uploads that never got a
+        state file; write the index anew."""
         folder = self.deployments_dir(project)
         try:
             entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
-            return {}
+            return [], cold, False
         names = {entry.name for entry in entries}
-        cached = read_index(folder)
-        index, stale = {}, False
+        if not all(deployment_id + ".json" in names for deployment_id in cold.ids):
+            cold = ColdFigures()  # a state file it counted is gone: count anew
+        counted = set(cold.ids)
+        records, mtimes = [], {}
         for entry in entries:
             stem, dot, suffix = entry.name.partition(".")
             if entry.name.startswith("."):  # a torn atomic write
                 remove_quietly(entry.path)
-            elif suffix == "json" and DEPLOYMENT_ID.match(stem):
-                mtime = entry.stat().st_mtime_ns
+            elif suffix == "json" and DEPLOYMENT_ID.match(stem) and stem not in counted:
+                mtimes[stem] = entry.stat().st_mtime_ns
                 cached_mtime, cached_record = cached.get(stem, (None, None))
                 record = (cached_deployment(cached_record)
-                          if cached_mtime == mtime else None)
-                if record is None:
-                    stale = True
-                    record = self._read_record(entry.path, project, stem)
+                          if cached_mtime == mtimes[stem] else None)
+                record = record or self._read_record(entry.path, project, stem)
                 if record:
-                    index[stem] = (mtime, record)
+                    records.append(record)
             elif stem + ".json" not in names and DEPLOYMENT_ID.match(stem):
                 # Files moved in by an upload that died before its record
                 # was written: that deployment never existed.
                 remove_quietly(entry.path)
-        if stale or len(index) != len(cached):
-            write_index(folder, index)
-        return {stem: record for stem, (mtime, record) in index.items()}
+        if counted and not records:  # the latest must be hot: count anew
+            return self._scan_project(project, ColdFigures(), {})
+        records.sort(key=lambda r: r.seq)
+        hot = records[-1:]
+        for record in records[:-1]:
+            if is_cold(record):
+                cold.fold(record)
+            else:
+                hot.append(record)
+        hot.sort(key=lambda r: r.seq)
+        if hot:
+            write_index(folder, hot, mtimes, cold)
+        return hot, cold, False
 
     def _read_record(self, path, project, deployment_id):
         """The Deployment of a state file, or None (logged) for one that is
@@ -3027,16 +3229,33 @@ class DeploymentStore:
             log.error("skipping unreadable deployment state %s: %s", path, error)
             return None
 
+    def _read_cold(self, project, deployment_id):
+        """A cold record of project from its state file, or None."""
+        if not DEPLOYMENT_ID.match(deployment_id or ""):
+            return None
+        path = os.path.join(self.deployments_dir(project), deployment_id + ".json")
+        if not os.path.exists(path):
+            return None
+        return self._read_record(path, project, deployment_id)
+
     # --- the one place a change is made
 
     def _apply(self, old, new):
         """Make new the record (old: what it was, None for a new or loaded
-        one), the queue and the counters following its state, and wake the
-        waiters.  Called with _lock held."""
+        one): the queue and the counters follow its state, a record that
+        can change no more turns cold, and the waiters wake.  Called with
+        _lock held."""
         project = new.project
-        self._records[new.id] = new
+        ledger = self._ledgers.get(project) or self._ledgers.setdefault(
+            project, ProjectLedger())
+        self._hot[new.id] = new
         if old is None:
-            self._by_project.setdefault(project, []).append(new.id)
+            ledger.hot[new.id] = None
+            previous, ledger.latest = ledger.latest, new.id
+            if previous and is_cold(self._hot[previous]):
+                ledger.make_cold(self._hot.pop(previous))
+        if new.signer and new.signer.get("nonce"):
+            ledger.nonces.add(new.signer["nonce"])
         if old is None or old.state != new.state:
             if new.state == "await":
                 self._waiting[project] = new.id
@@ -3046,8 +3265,18 @@ class DeploymentStore:
                 self._running[project] = new.id
             elif self._running.get(project) == new.id:
                 del self._running[project]  # ended: the next one may run
+        if new.id != ledger.latest and is_cold(new):
+            ledger.make_cold(self._hot.pop(new.id))
         self._counters.count(old, new)
         self._lock.notify_all()
+
+    def _before_change(self, project):
+        """Called with _change_lock held before project's folder changes:
+        its index vouches for it no more."""
+        ledger = self._ledgers.get(project)
+        if ledger is not None and ledger.index_fresh:
+            mark_index_stale(self.deployments_dir(project))
+            ledger.index_fresh = False
 
     def _tell(self, old, new):
         """Step 2 of a change: the daemon's log and the audit log."""
@@ -3058,11 +3287,13 @@ class DeploymentStore:
                         previous=old.state, state=new.state)
 
     def _change(self, deployment_id, **changes):
-        """Steps 1-3 of a change (see the class): -> (old, new).  Called
-        with _change_lock held; what is on disk is never behind memory."""
+        """Steps 1-3 of a change (see the class) of a hot record: -> (old,
+        new).  Called with _change_lock held; what is on disk is never
+        behind memory."""
         with self._lock:
-            old = self._records[deployment_id]
+            old = self._hot[deployment_id]
         new = old.replace(**changes)
+        self._before_change(new.project)
         write_file_atomic(self.path(new, ".json"), new.encode())
         self._tell(old, new)
         with self._lock:
@@ -3081,7 +3312,8 @@ class DeploymentStore:
 
     def update(self, deployment_id, **changes):
         """Change a deployment's fields (see the class for what follows);
-        -> a copy of the new record."""
+        -> a copy of the new record.  KeyError for one that is cold (it
+        can change no more) or unknown."""
         with self._change_lock:
             old, new = self._change(deployment_id, **changes)
         self._after(old, new)
@@ -3097,8 +3329,9 @@ class DeploymentStore:
         in the step that shows it.  -> a copy of the record.  All or
         nothing: on an error what was moved is removed again."""
         moved = []
-        with self._change_lock:  # also guards _next_seq
+        with self._change_lock:
             try:
+                self._before_change(record.project)
                 os.makedirs(self.deployments_dir(record.project), exist_ok=True)
                 for suffix, source in [("", folder)] + sorted(files.items()):
                     os.rename(source, self.path(record, suffix))
@@ -3109,7 +3342,7 @@ class DeploymentStore:
                 moved.append(self.path(record, ".json"))
                 write_file_atomic(moved[-1], record.encode())
                 with self._lock:
-                    older = self._records.get(self._waiting.get(record.project))
+                    older = self._hot.get(self._waiting.get(record.project))
                 replaced = older and older.replace(
                     state="changed", ended=time.time(), superseded_by=record.id)
                 if replaced:
@@ -3144,14 +3377,17 @@ class DeploymentStore:
         such deployment, Conflict when it has ended already."""
         with self._change_lock:
             with self._lock:
-                record = self._records.get(deployment_id)
-                if record is None:
-                    raise NotFound("no deployment %s" % deployment_id)
-                waiting = self._waiting.get(record.project) == deployment_id
+                record = self._hot.get(deployment_id)
+                waiting = record and self._waiting.get(record.project) == deployment_id
                 stop = self._cancels.get(deployment_id)
+            if record is None:
+                raise NotFound("no deployment %s" % deployment_id)
             if record.state not in UNFINISHED:
                 raise Conflict("deployment %s has ended already: %s"
                                % (deployment_id, record.state))
+            if not waiting and stop is None:  # loaded as running, being interrupted
+                raise Conflict("deployment %s has ended already: interrupted"
+                               % deployment_id)
             with open(self.path(record, ".log"), "ab") as file:
                 file.write(("ipd: cancelled by %s from %s at %s\n" % (
                     who, address, iso_time(time.time()))).encode())
@@ -3160,9 +3396,6 @@ class DeploymentStore:
             audit_event("cancel", project=record.project, deployment=record.id,
                         user=who, address=address)
             if not waiting:
-                if stop is None:  # loaded as running, being interrupted
-                    raise Conflict("deployment %s has ended already: "
-                                   "interrupted" % deployment_id)
                 stop.set()
                 return record.copy()
             old, new = self._change(deployment_id, state="cancelled",
@@ -3175,7 +3408,7 @@ class DeploymentStore:
     def _ready(self):
         """The id of the oldest waiting deployment of a project that runs
         none, or None (held _lock)."""
-        ready = [self._records[deployment_id] for project, deployment_id
+        ready = [self._hot[deployment_id] for project, deployment_id
                  in self._waiting.items() if project not in self._running]
         return min(ready, key=lambda r: r.seq).id if ready else None
 
@@ -3222,20 +3455,30 @@ class DeploymentStore:
     # --- reading
 
     def get(self, deployment_id):
+        """A copy of the deployment, or None; a cold one read from disk."""
         with self._lock:
-            record = self._records.get(deployment_id)
-            return record.copy() if record else None
+            record = self._hot.get(deployment_id)
+            if record:
+                return record.copy()
+            projects = list(self._ledgers)
+        for project in projects:
+            record = self._read_cold(project, deployment_id)
+            if record:
+                return record
+        return None
 
     def find(self, project, deployment_id=None):
         """The deployment of project with deployment_id, or its latest."""
         with self._lock:
-            if deployment_id is None:
-                ids = self._by_project.get(project)
-                deployment_id = ids[-1] if ids else None
-            record = self._records.get(deployment_id)
-            if record is None or record.project != project:
+            ledger = self._ledgers.get(project)
+            if ledger is None:
                 return None
-            return record.copy()
+            if deployment_id is None:
+                deployment_id = ledger.latest
+            record = self._hot.get(deployment_id)
+            if record is not None:
+                return record.copy() if record.project == project else None
+        return self._read_cold(project, deployment_id)
 
     def holding(self, project, digests):
         """The waiting or running deployment of project whose files have
@@ -3243,7 +3486,7 @@ class DeploymentStore:
         with self._lock:
             for deployment_id in (self._waiting.get(project),
                                   self._running.get(project)):
-                record = self._records.get(deployment_id)
+                record = self._hot.get(deployment_id)
                 if record and record.state in UNFINISHED and digests == {
                         name: meta["sha256"] for name, meta in record.files.items()}:
                     return record.copy()
@@ -3251,15 +3494,18 @@ class DeploymentStore:
 
     def wait_final(self, deployment_id, timeout):
         """Wait up to timeout seconds for the deployment to end; return a
-        copy of its record, ended or not."""
+        copy of its record, ended or not (None when there is none)."""
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
-                record = self._records[deployment_id]
+                record = self._hot.get(deployment_id)
                 remaining = deadline - time.monotonic()
+                if record is None:
+                    break  # cold: ended long ago
                 if record.state not in UNFINISHED or remaining <= 0:
                     return record.copy()
                 self._lock.wait(remaining)
+        return self.get(deployment_id)
 
     def statistics(self):
         """Counters.statistics() plus 'queue' (deployments waiting) and
@@ -3275,22 +3521,55 @@ class DeploymentStore:
             return self._counters.render(gauges, counters)
 
     def deployments_of(self, project):
-        """Copies of the project's records, oldest first."""
+        """Copies of the project's records, oldest first: the cold ones read
+        from their state files."""
         with self._lock:
-            return [self._records[i].copy() for i in self._by_project.get(project, ())]
+            ledger = self._ledgers.get(project)
+            if ledger is None:
+                return []
+            hot = [self._hot[i].copy() for i in ledger.hot]
+            cold_count = ledger.cold_count
+        records = {record.id: record for record in hot}
+        if cold_count:
+            try:
+                names = os.listdir(self.deployments_dir(project))
+            except OSError:
+                names = []
+            for name in names:
+                stem, dot, suffix = name.partition(".")
+                if suffix == "json" and stem not in records:
+                    record = self._read_cold(project, stem)
+                    if record and is_cold(record):
+                        records[stem] = record
+        return sorted(records.values(), key=lambda r: r.seq)
 
     def projects(self):
         """{project: (latest record, number of deployments)}."""
         with self._lock:
-            return {project: (self._records[ids[-1]].copy(), len(ids))
-                    for project, ids in sorted(self._by_project.items())}
+            return {project: (self._hot[ledger.latest].copy(), ledger.count())
+                    for project, ledger in sorted(self._ledgers.items())
+                    if ledger.latest}
 
     def kept_files(self):
         """(record, has a recipe) of each deployment that keeps its files;
         the records are the store's own: read them, do not change them."""
         with self._lock:
-            return [(record, record.recipe) for record in self._records.values()
+            return [(record, record.recipe) for record in self._hot.values()
                     if not record.pruned and record.files]
+
+    def signed_history(self, project):
+        """(the newest manifest time of project's signed deployments that
+        wait, run or succeeded, the nonces of all its signed ones)."""
+        with self._lock:
+            ledger = self._ledgers.get(project)
+            if ledger is None:
+                return 0, set()
+            newest = ledger.cold_signed_newest
+            for deployment_id in ledger.hot:
+                record = self._hot[deployment_id]
+                if record.signer and record.state in UNFINISHED + ("ok",):
+                    newest = max(newest, record.signer.get("created", 0))
+            return newest, set(ledger.nonces)
 
     # --- what retention asks
 
@@ -3299,38 +3578,47 @@ class DeploymentStore:
         KEEP_DEPLOYMENTS that still have their files.  ending: a deployment
         whose final state its worker writes next, taken as written."""
         with self._lock:
-            ids = list(self._by_project.get(project, ()))
-            return [self._records[i].copy() for i in ids[:-self.keep]
-                    if not self._records[i].pruned
-                    and self._state_of(i, ending) not in UNFINISHED]
+            ledger = self._ledgers.get(project)
+            if ledger is None:
+                return []
+            hot = [self._hot[i] for i in ledger.hot]
+            found = []
+            for number, record in enumerate(hot):
+                newer = len(hot) - number - 1 + ledger.cold_newer_than(record.seq)
+                if (newer >= self.keep and not record.pruned
+                        and self._state_of(record, ending) not in UNFINISHED):
+                    found.append(record.copy())
+            return found
 
     def rebuilt_files(self, project, ending=None):
         """Copies of project's finished recipe deployments that keep their
         files (which can be rebuilt from segments: DROP_REBUILT)."""
         with self._lock:
-            return [self._records[i].copy() for i in self._by_project.get(project, ())
-                    if self._records[i].recipe and not self._records[i].pruned
-                    and self._state_of(i, ending) not in UNFINISHED]
+            ledger = self._ledgers.get(project)
+            return [self._hot[i].copy() for i in (ledger.hot if ledger else ())
+                    if self._hot[i].recipe and not self._hot[i].pruned
+                    and self._state_of(self._hot[i], ending) not in UNFINISHED]
 
     def oldest_prunable(self, ending=None):
         """A copy of the oldest deployment that may be pruned to make room:
         never a waiting or running one, nor a project's latest ok one; or
         None."""
         with self._lock:
-            keep = set()
-            for ids in self._by_project.values():
-                done = [i for i in ids if self._state_of(i, ending) == "ok"]
-                keep.update(done[-1:])
-            candidates = [record for record in self._records.values()
-                          if record.id not in keep and not record.pruned
-                          and self._state_of(record.id, ending) not in UNFINISHED]
+            candidates = []
+            for ledger in self._ledgers.values():
+                hot = [self._hot[i] for i in ledger.hot]
+                done = [r.seq for r in hot if self._state_of(r, ending) == "ok"]
+                latest_ok = max(done + [ledger.cold_last_ok_seq or 0])
+                candidates.extend(r for r in hot if r.seq != latest_ok and not r.pruned
+                                  and self._state_of(r, ending) not in UNFINISHED)
             return min(candidates, key=lambda r: r.seq).copy() if candidates else None
 
-    def _state_of(self, deployment_id, ending):
-        """A deployment's state; ending's coming one for ending (held _lock)."""
-        if ending is not None and deployment_id == ending.id:
+    @staticmethod
+    def _state_of(record, ending):
+        """A record's state; ending's coming one for ending."""
+        if ending is not None and record.id == ending.id:
             return ending.state
-        return self._records[deployment_id].state
+        return record.state
 
 
 ###############################################################################
@@ -4163,18 +4451,6 @@ class Daemon:
         rule = self.settings.REQUIRE_SIGNATURE
         return "*" in rule or project in rule
 
-    def newest_signed(self, project):
-        """The newest manifest time of project's signed deployments that
-        wait, run or succeeded, and the nonces ever used; (0, set())."""
-        newest, nonces = 0, set()
-        for record in self.store.deployments_of(project):
-            signer = record.signer
-            if signer:
-                nonces.add(signer.get("nonce"))
-                if record.state in UNFINISHED + ("ok",):
-                    newest = max(newest, signer.get("created", 0))
-        return newest, nonces
-
     def check_signature(self, project, upload, user, address):
         """The signer of a push ({principal, fingerprint, created, nonce})
         or None for an unsigned one; raises Forbidden (audited) for a push
@@ -4206,7 +4482,7 @@ class Daemon:
     def check_not_replayed(self, project, signer, user, address):
         """Refuse a signed manifest seen before, or older than the newest
         signed release of project (a rollback its signer did not ask for)."""
-        newest, nonces = self.newest_signed(project)
+        newest, nonces = self.store.signed_history(project)
         reason = None
         if signer["nonce"] in nonces:
             reason = "this signed manifest was pushed before (a replay)"
@@ -4235,7 +4511,7 @@ class Daemon:
                 raise Forbidden("project %s takes signed releases only: deployment "
                                 "%s was not signed (an ADMIN may redeploy it)"
                                 % (earlier.project, earlier.id))
-            if earlier.signer["created"] < self.newest_signed(earlier.project)[0]:
+            if earlier.signer["created"] < self.store.signed_history(earlier.project)[0]:
                 raise Forbidden("deployment %s is older than the newest signed "
                                 "release of %s: only an ADMIN may roll back to it"
                                 % (earlier.id, earlier.project))

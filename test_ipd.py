@@ -2902,7 +2902,6 @@ class EdgeFramingTests(DaemonTestCase):
                                  1, answer)
         self.assertEqual(self.daemon.get("/status/app")[0], 404)  # nothing queued
 
-
     def test_an_http_1_0_keep_alive_client_is_told_and_answered(self):
         # ApacheBench's -k: HTTP/1.0 with Connection: Keep-Alive reuses the
         # connection only when the answer says keep-alive; each answer
@@ -3668,8 +3667,10 @@ class DeploymentStoreTests(unittest.TestCase):
         first, second = self.commit(), self.commit("other")
         claimed = self.store.claim()
         self.assertEqual(claimed.id, first.id)
-        self.assertEqual(self.store.update(first.id, state="ok",
-                                           ended=time.time()).state, "ok")
+        with self.assertLogs(ipd.log, "ERROR") as logged:  # logged, not raised
+            self.assertEqual(self.store.update(first.id, state="ok",
+                                               ended=time.time()).state, "ok")
+        self.assertIn("the notifier is broken", "\n".join(logged.output))
         self.assertEqual(self.state_file(first)["state"], "ok")
         self.store.release(claimed)
         third = self.commit()  # the project's next one runs too
@@ -3759,6 +3760,64 @@ class DeploymentStoreTests(unittest.TestCase):
                           self.store.holding("app", {"image": "cd"}))
         self.store.stop()
         self.assertIsNone(self.store.claim())
+
+    def run_to_the_end(self, store, count, project="app"):
+        """count deployments of project run to 'ok', those beyond the
+        store's keep pruned as retention does; -> their records."""
+        records = []
+        for _ in range(count):
+            record = self.commit(project, store)
+            claimed = store.claim()
+            for old in store.prunable(project, ending=claimed.replace(state="ok")):
+                store.update(old.id, pruned=True)
+            store.update(record.id, state="ok", ended=time.time(),
+                         steps=[{"step": "deploy", "code": 1, "seconds": 0.3}])
+            store.release(claimed)
+            records.append(store.get(record.id))
+        return records
+
+    def test_old_records_are_figures_read_from_disk_when_asked(self):
+        # cold records (finished, pruned, not the latest) are counted, not
+        # held: each is read from its state file when asked for
+        store = ipd.DeploymentStore(self.tmp, 2)
+        records = self.run_to_the_end(store, 6)
+        for reloaded in (store, ipd.DeploymentStore(self.tmp, 2)):
+            if reloaded is not store:
+                self.assertEqual(reloaded.load(), 6)
+            self.assertEqual([r.pruned for r in reloaded.deployments_of("app")],
+                             [True] * 4 + [False] * 2)
+            self.assertEqual(reloaded.find("app", records[0].id).to_disk(),
+                             records[0].replace(pruned=True).to_disk())
+            self.assertEqual(reloaded.get(records[1].id).state, "ok")
+            self.assertEqual((reloaded.find("app").id, reloaded.projects()["app"][1]),
+                             (records[-1].id, 6))
+            stats = reloaded.statistics()
+            self.assertEqual((stats["states"], stats["durations"]["count"]), ({"ok": 6}, 6))
+            self.assertIn('ipd_step_duration_seconds_count{step="deploy"} 6\n',
+                          reloaded.metrics_text({}, {}))
+            self.assertEqual(reloaded.prunable("app"), [])
+            self.assertIsNone(reloaded.find("app", "0" * 8 + "-0000-4000-8000-" + "0" * 12))
+        more = self.run_to_the_end(reloaded, 1)  # goes on where it was
+        self.assertEqual(more[0].seq, records[-1].seq + 1)
+        self.assertEqual([r.pruned for r in reloaded.deployments_of("app")],
+                         [True] * 5 + [False] * 2)
+
+    def test_a_start_reads_the_index_alone_while_it_vouches_for_the_folder(self):
+        store = ipd.DeploymentStore(self.tmp, 1)
+        records = self.run_to_the_end(store, 4)
+        self.assertEqual(ipd.DeploymentStore(self.tmp, 1).load(), 4)  # writes the index
+        path = store.path(records[0], ".json")
+        with open(path, "r+") as file:  # in place: the folder's mtime stays
+            file.write("not json")
+        loaded = ipd.DeploymentStore(self.tmp, 1)
+        self.assertEqual(loaded.load(), 4)  # its state file was not read
+        self.assertEqual(loaded.statistics()["states"], {"ok": 4})
+        self.run_to_the_end(loaded, 1)  # a change: the index no longer vouches
+        os.remove(path)  # and a state file it counted is gone: counted anew
+        again = ipd.DeploymentStore(self.tmp, 1)
+        self.assertEqual(again.load(), 4)
+        self.assertEqual(again.statistics()["states"], {"ok": 4})
+        self.assertEqual([r.id for r in again.deployments_of("app")][:1], [records[1].id])
 
     def test_after_a_crash_the_running_one_is_interrupted_and_the_waiting_queued(self):
         running = self.commit()
@@ -3860,8 +3919,8 @@ class InProcessServerTests(unittest.TestCase):
         # that sees the deployment finds /stat counting it
         heard, done = [], threading.Event()
 
-        def reader():
-            while not done.is_set():
+        def reader():  # until it has seen the deployment, and the answer came
+            while not (done.is_set() and heard):
                 if self.daemon.store.projects():
                     stats = self.daemon.statistics()
                     heard.append((stats["uploads"], stats["bytes_received"] > 0))
