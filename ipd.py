@@ -4495,6 +4495,121 @@ class Daemon:
                         address=address, reason=reason)
             raise Forbidden(reason)
 
+    # --- reading, for the API (one method per row of the README's table)
+
+    def check_access(self, user, project):
+        """Raise Forbidden unless user may use project."""
+        if not user.may_use(project):
+            raise Forbidden("forbidden: user %s may not use project %s"
+                            % (user.name, project))
+
+    def find(self, user, project, deployment_id=None):
+        """project's deployment (its latest without deployment_id), or None;
+        Forbidden when user may not use project.  Names that cannot exist
+        are looked up too (never used as paths), so every miss is None."""
+        self.check_access(user, project)
+        return self.store.find(project, deployment_id)
+
+    def find_or_404(self, user, project, deployment_id):
+        """find(), or NotFound ('no', as the original README answers)."""
+        record = self.find(user, project, deployment_id)
+        if record is None:
+            raise NotFound("no")
+        return record
+
+    def wait_final(self, record, timeout):
+        """record once it has ended, or as it is after timeout seconds."""
+        return self.store.wait_final(record.id, timeout)
+
+    def project_names(self):
+        """Projects with deployments or a control.sh placed on the server."""
+        projects = set(self.store.projects())
+        try:
+            for entry in os.scandir(self.settings.UPLOAD_DIR):
+                if (is_project_name(entry.name) and
+                        os.path.isfile(os.path.join(entry.path, "control.sh"))):
+                    projects.add(entry.name)
+        except OSError:
+            pass
+        return sorted(projects)
+
+    def project_latest(self, user=None):
+        """[(project, latest record, number of deployments)], by name: every
+        project's, or those user may use."""
+        return [(project, latest, count) for project, (latest, count)
+                in self.store.projects().items()
+                if user is None or user.may_use(project)]
+
+    def history(self, user, project):
+        """Every deployment of project, oldest first; NotFound for none."""
+        self.check_access(user, project)
+        records = self.store.deployments_of(project)
+        if not records:
+            raise NotFound("no")
+        return records
+
+    def open_log(self, record):
+        """record's log, open for reading in binary (empty when gone)."""
+        try:
+            return open(self.store.path(record, ".log"), "rb")
+        except FileNotFoundError:
+            return io.BytesIO()
+
+    def log_tail(self, record, limit):
+        """(bytes left out, the last limit bytes of record's log)."""
+        return read_log_tail(self.store.path(record, ".log"), limit)
+
+    def audit_events(self, project, since):
+        """The audit log's events, oldest first (see read_audit)."""
+        return read_audit(os.path.join(self.settings.LOG_DIR, "audit.log"),
+                          project, since)
+
+    def full_statistics(self):
+        """/stat's figures: version, uptime, the store's (statistics) and
+        the segments'."""
+        stats = dict({"version": __version__,
+                      "uptime": round(time.time() - self.started, 3)},
+                     **self.statistics())
+        stats.update(self.segments.statistics(self.store))
+        return stats
+
+    def metrics_text(self):
+        """/metrics in Prometheus' text format (version 0.0.4)."""
+        stats = self.full_statistics()
+        gauges = {
+            "ipd_queue_length": ("Deployments waiting to run.", stats["queue"]),
+            "ipd_running_deployments": ("Deployments whose control.sh runs.",
+                                        stats["running"]),
+            "ipd_start_time_seconds": ("When ipd started.", "%.3f" % self.started),
+            "ipd_segments": ("Segments stored, each once.", stats["segments"]),
+            "ipd_unique_bytes": ("Bytes of the stored segments.", stats["unique_bytes"]),
+            "ipd_stored_bytes": ("Bytes the kept deployments' images and packages "
+                                 "take: segments and files.", stats["stored_bytes"]),
+            "ipd_saved_bytes": ("Bytes full copies of the kept deployments' files "
+                                "would take beyond the stored bytes.",
+                                stats["saved_bytes"]),
+        }
+        counters = {
+            "ipd_uploads_total": ("Uploads accepted.", stats["uploads"]),
+            "ipd_upload_bytes_total": ("Bytes of accepted uploads.",
+                                       stats["bytes_received"]),
+        }
+        return self.store.metrics_text(gauges, counters)
+
+    # --- changes, for the API
+
+    def cancel_for(self, user, address, project, deployment_id):
+        """POST /cancel: cancel project's deployment for user, and wait for
+        a running one to stop (KILL_GRACE and some); -> its record."""
+        record = self.find_or_404(user, project, deployment_id)
+        self.cancel(record, user, address)
+        return self.store.wait_final(record.id, self.settings.KILL_GRACE + 10)
+
+    def redeploy_for(self, user, address, project, deployment_id):
+        """POST /redeploy: a new deployment of an earlier one's files."""
+        return self.redeploy(self.find_or_404(user, project, deployment_id),
+                             user, address)
+
     def cancel(self, record, user, address):
         """Cancel a deployment for user (see DeploymentStore.cancel: who
         cancelled is logged and audited before its state can say so)."""
@@ -5251,9 +5366,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return user
 
     def check_project_access(self, project):
-        if not self.user.may_use(project):
-            raise Forbidden("forbidden: user %s may not use project %s"
-                            % (self.user.name, project))
+        self.ipd.check_access(self.user, project)
 
     def wants_json(self):
         # headers is None before a request's head is read (begin_request)
@@ -5284,14 +5397,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
             content_type = "text/plain; charset=utf-8"
         self.send_whole(status, content_type, body, headers)
 
+    def start_answer(self, status, headers, length=None, stream=False):
+        """Every answer's status line and headers go out here: the
+        Connection header (see send_response), then headers ({name: value}),
+        then how its body ends: Content-Length when length is known; for a
+        stream, chunked on HTTP/1.1 and the connection's end on HTTP/1.0.
+        Returns whether the body is to be chunked (see write_body)."""
+        chunked = stream and self.request_version == "HTTP/1.1"
+        if stream and not chunked:
+            self.close_connection = True  # decided before the status line
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        return chunked
+
     def send_whole(self, status, content_type, body, headers=None):
         """An answer whose body (bytes) is known beforehand."""
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
+        self.start_answer(status, dict({"Content-Type": content_type}, **(headers or {})),
+                          len(body))
         self.write_body(body)
 
     def write_body(self, data, chunked=False):
@@ -5396,21 +5524,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     {"name": "ipd", "version": __version__})
 
     def api_list_projects(self):
-        projects = set(self.ipd.store.projects())
-        try:
-            for entry in os.scandir(self.ipd.settings.UPLOAD_DIR):
-                if (is_project_name(entry.name) and
-                        os.path.isfile(os.path.join(entry.path, "control.sh"))):
-                    projects.add(entry.name)
-        except OSError:
-            pass
-        names = sorted(projects)
+        names = self.ipd.project_names()
         self.answer(200, "".join(name + "\n" for name in names),
                     {"projects": names})
 
     def api_info(self):
         rows, lines = [], []
-        for project, (latest, count) in self.ipd.store.projects().items():
+        for project, latest, count in self.ipd.project_latest():
             row = {"project": project, "deployment": latest.id,
                    "state": latest.state, "started": iso_time(latest.started),
                    "ended": iso_time(latest.ended), "deployments": count,
@@ -5422,11 +5542,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer(200, "".join(lines), {"projects": rows})
 
     def api_statistics(self):
-        daemon = self.ipd
-        stats = daemon.statistics()
-        stats.update(daemon.segments.statistics(daemon.store))
-        stats = dict({"version": __version__,
-                      "uptime": round(time.time() - daemon.started, 3)}, **stats)
+        stats = self.ipd.full_statistics()
         lines = ["version %s\n" % __version__, "uptime %.0f\n" % stats["uptime"]]
         for key in ("deployments", "queue", "running", "uploads", "bytes_received",
                     "segments", "unique_bytes", "stored_bytes", "saved_bytes"):
@@ -5438,7 +5554,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer(200, "".join(lines), stats)
 
     def api_status(self, project, deployment_id=None):
-        record = self.find_deployment(project, deployment_id)
+        record = self.ipd.find(self.user, project, deployment_id)
         if record is None:
             data = {"project": project, "deployment": deployment_id, "state": "no"}
             self.answer(404, "no\n", data)
@@ -5455,7 +5571,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            record = self.ipd.store.wait_final(record.id, min(1.0, remaining))
+            record = self.ipd.wait_final(record, min(1.0, remaining))
             if record.state not in UNFINISHED or remaining <= 1.0:
                 return record
             if peer_closed(self.connection):
@@ -5480,14 +5596,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return value
 
     def api_deployment_log(self, project, deployment_id):
-        record = self.find_deployment(project, deployment_id)
-        if record is None:
-            raise NotFound("no")
-        try:
-            file = open(self.ipd.store.path(record, ".log"), "rb")
-        except FileNotFoundError:
-            file = io.BytesIO()
-        with file:
+        record = self.ipd.find_or_404(self.user, project, deployment_id)
+        with self.ipd.open_log(record) as file:
             if self.query.get("follow", ["0"])[-1] not in ("", "0", "false", "no"):
                 self.follow_log(record, file)
             elif self.wants_json():
@@ -5501,10 +5611,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def send_file(self, file):
         size = file.seek(0, io.SEEK_END)
         file.seek(0)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(size))
-        self.end_headers()
+        self.start_answer(200, {"Content-Type": "text/plain; charset=utf-8"}, size)
         if self.command == "HEAD":
             return
         while size > 0:
@@ -5519,16 +5626,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         deployment ends; the last line names its final state.  Followers
         read the log file, never the script: many of them cost it nothing."""
         offset = self.query_number("offset")
-        chunked = self.request_version == "HTTP/1.1"
-        if not chunked:  # to the connection's end
-            self.close_connection = True
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("X-Accel-Buffering", "no")  # nginx: pass it on at once
-        if chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        chunked = self.start_answer(200, {
+            "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no"}, stream=True)  # nginx: pass it on at once
         if self.command == "HEAD":
             return
         file.seek(offset)
@@ -5540,7 +5640,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.write_body(data, chunked)
                 last = data[-1:]
                 continue
-            current = self.ipd.store.wait_final(record.id, 0.2)
+            current = self.ipd.wait_final(record, 0.2)
             if time.monotonic() - quiet_since >= 1:  # still anybody there?
                 if peer_closed(self.connection):
                     raise ClientGone("stopped following the log")
@@ -5561,16 +5661,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """A 200 answer whose size is not known beforehand, sent as pieces
         (text) come, in batches of about 64 KiB: chunked on HTTP/1.1, to
         the connection's end on HTTP/1.0.  Memory: one batch."""
-        chunked = self.request_version == "HTTP/1.1"
-        if not chunked:
-            self.close_connection = True
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        chunked = self.start_answer(200, dict({"Content-Type": content_type},
+                                              **(headers or {})), stream=True)
         if self.command == "HEAD":
             return
         batch = []
@@ -5588,27 +5680,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.write_body(b"", chunked)
 
     def api_cancel(self, project, deployment_id):
-        record = self.find_deployment(project, deployment_id)
-        if record is None:
-            raise NotFound("no")
-        self.ipd.cancel(record, self.user, self.client_ip())
-        record = self.ipd.store.wait_final(record.id,
-                                           self.ipd.settings.KILL_GRACE + 10)
+        record = self.ipd.cancel_for(self.user, self.client_ip(), project,
+                                     deployment_id)
         self.answer(200, record.state + "\n", record.public())
 
     def api_redeploy(self, project, deployment_id):
-        record = self.find_deployment(project, deployment_id)
-        if record is None:
-            raise NotFound("no")
-        self.answer_deployment(self.ipd.redeploy(record, self.user, self.client_ip()))
+        self.answer_deployment(self.ipd.redeploy_for(self.user, self.client_ip(),
+                                                     project, deployment_id))
 
     def api_audit(self):
         """GET /audit?project=P&since=T: the audit log's events, oldest first
         (T: seconds since the epoch, or ISO 8601 like 2026-11-25T10:00:00Z)."""
         project = self.query.get("project", [None])[-1]
         since = parse_since(self.query.get("since", [""])[-1])
-        events = read_audit(os.path.join(self.ipd.settings.LOG_DIR, "audit.log"),
-                            project, since)
+        events = self.ipd.audit_events(project, since)
         lines = (json.dumps(event, sort_keys=True) for event in events)
         if self.wants_json():
             self.send_stream("application/json", json_array_pieces("events", lines))
@@ -5617,37 +5702,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                              (line + "\n" for line in lines))
 
     def api_metrics(self):
-        daemon = self.ipd
-        stats = daemon.statistics()
-        uploads, received = stats["uploads"], stats["bytes_received"]
-        gauges = {
-            "ipd_queue_length": ("Deployments waiting to run.", stats["queue"]),
-            "ipd_running_deployments": ("Deployments whose control.sh runs.",
-                                        stats["running"]),
-            "ipd_start_time_seconds": ("When ipd started.", "%.3f" % daemon.started),
-        }
-        disk = daemon.segments.statistics(daemon.store)
-        gauges.update({
-            "ipd_segments": ("Segments stored, each once.", disk["segments"]),
-            "ipd_unique_bytes": ("Bytes of the stored segments.", disk["unique_bytes"]),
-            "ipd_stored_bytes": ("Bytes the kept deployments' images and packages "
-                                 "take: segments and files.", disk["stored_bytes"]),
-            "ipd_saved_bytes": ("Bytes full copies of the kept deployments' files "
-                                "would take beyond the stored bytes.",
-                                disk["saved_bytes"]),
-        })
-        counters = {
-            "ipd_uploads_total": ("Uploads accepted.", uploads),
-            "ipd_upload_bytes_total": ("Bytes of accepted uploads.", received),
-        }
-        text = daemon.store.metrics_text(gauges, counters)
-        self.send_whole(200, "text/plain; version=0.0.4; charset=utf-8", text.encode())
-
-    def find_deployment(self, project, deployment_id):
-        """The record, or None; names that cannot exist are looked up too
-        (they are never used as paths), so every miss answers 'no'."""
-        self.check_project_access(project)
-        return self.ipd.store.find(project, deployment_id)
+        self.send_whole(200, "text/plain; version=0.0.4; charset=utf-8",
+                        self.ipd.metrics_text().encode())
 
     # --- status pages (rendered by the functions of the pages section)
 
@@ -5663,24 +5719,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             page_headers(nonce))
 
     def api_ui_projects(self):
-        projects = [(project, latest, count) for project, (latest, count)
-                    in self.ipd.store.projects().items() if self.user.may_use(project)]
+        projects = self.ipd.project_latest(self.user)
         self.send_page("projects", render_projects(self.ipd.settings.API_ROOT,
                                                    projects))
 
     def api_ui_project(self, project):
-        self.check_project_access(project)
-        records = self.ipd.store.deployments_of(project)
-        if not records:
-            raise NotFound("no")
+        records = self.ipd.history(self.user, project)
         self.send_page(project, render_project(self.ipd.settings.API_ROOT, records))
 
     def api_ui_deployment(self, project, deployment_id):
-        record = self.find_deployment(project, deployment_id)
-        if record is None:
-            raise NotFound("no")
-        skipped, text = read_log_tail(self.ipd.store.path(record, ".log"),
-                                      PAGE_LOG_TAIL)
+        record = self.ipd.find_or_404(self.user, project, deployment_id)
+        skipped, text = self.ipd.log_tail(record, PAGE_LOG_TAIL)
         running = record.state in UNFINISHED
         self.send_page("%s %s" % (project, deployment_id[:8]),
                        render_deployment(self.ipd.settings.API_ROOT, record,
@@ -5690,9 +5739,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def api_ui_action(self, project, deployment_id, action):
         """POST from a button: same origin only (no cross-site requests)."""
         self.check_same_origin()
-        record = self.find_deployment(project, deployment_id)
-        if record is None:
-            raise NotFound("no")
+        record = self.ipd.find_or_404(self.user, project, deployment_id)
         if action == "cancel":
             self.ipd.cancel(record, self.user, self.client_ip())
             target = record
@@ -5700,11 +5747,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             target = self.ipd.redeploy(record, self.user, self.client_ip())
         else:
             raise NotFound("no such action: %s" % action)
-        self.send_response(303)
-        self.send_header("Location", "%s/ui/%s/%s" % (
-            self.ipd.settings.API_ROOT, project, target.id))
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+        self.start_answer(303, {"Location": "%s/ui/%s/%s" % (
+            self.ipd.settings.API_ROOT, project, target.id)}, 0)
 
     def check_same_origin(self):
         """A button's POST comes from a browser, which says where from:
@@ -5869,10 +5913,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                    "Upload-Complete": "?1" if complete else "?0",
                    "Cache-Control": "no-store"}
         if status == 204:
-            self.send_response(204)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.end_headers()
+            self.start_answer(204, headers)
             return
         self.answer(status, "%d%s\n" % (offset, " complete" if complete else ""),
                     {"offset": offset, "complete": complete}, headers)
