@@ -4831,9 +4831,10 @@ class Daemon:
                      record.project, earlier.id, user.name)
             audit_event("redeploy", project=record.project, deployment=record.id,
                         redeploy_of=earlier.id, user=user.name, address=address,
-                        files=record.files)
+                        files=record.files, **oidc_fields(user))
         return self.deploy_upload(earlier.project, upload, user, announce,
-                                  redeploy_of=earlier.id, signer=earlier.signer)
+                                  redeploy_of=earlier.id, signer=earlier.signer,
+                                  **oidc_fields(user))
 
     def rebuild_kept(self, earlier, name, user):
         """(#16) The file name of a recipe deployment, rebuilt from its kept

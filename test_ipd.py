@@ -4355,6 +4355,13 @@ class OidcTests(OidcTestCase):
                      "4242", "production"):
             self.assertIn(text, page)
         self.assertIn("acme/web", self.daemon.get("/ui/web")[2])
+        # a rollback by a token: its own claims, not the earlier push's
+        status, _, again = self.daemon.request(
+            "POST", "/redeploy/web/" + deployment, user=None, headers={
+                "Authorization": self.bearer(github_claims(run_id="4343"))})
+        self.assertEqual(status, 202, again)
+        self.assertEqual(self.daemon.get_json("/status/web/" + again.strip())[1]["oidc"]
+                         ["run_id"], "4343")
         # a restart reads it back; the token itself is nowhere
         self.daemon.restart()
         self.assertEqual(self.daemon.get_json("/status/web/" + deployment)[1]["oidc"],
