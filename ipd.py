@@ -43,7 +43,8 @@ notify.sh and project.conf; with RUN_AS the scripts' PROJECT_DIR is its
 
 and UPLOAD_DIR/.ipd.lock, flock'ed by the one daemon that uses the folder;
 UPLOAD_DIR/.segments/ holds the segments (sha256/ab/abcd...), each once,
-and partial/ the segment uploads under way.
+and partial/ the segment uploads under way; UPLOAD_DIR/.oidc/ the keys of
+the OpenID Connect issuers that ipd fetched, a file an issuer.
 """
 
 __version__ = "1.0.0"
@@ -1449,6 +1450,11 @@ def json_too_deep(text, limit):
     return False
 
 
+def no_constant(name):
+    """parse_constant: NaN and Infinity are not JSON (RFC 8259 6)."""
+    raise ValueError("%s is not a JSON number" % name)
+
+
 def unique_keys(pairs):
     """object_pairs_hook: a JSON object naming a member twice is refused
     (RFC 7515 4: header parameter names must be unique)."""
@@ -1467,7 +1473,7 @@ def parse_json_bounded(data, depth=OIDC_MAX_DEPTH * 2):
         raise ValueError("not UTF-8")
     if json_too_deep(text, depth):
         raise ValueError("JSON nested deeper than %d" % depth)
-    return json.loads(text, object_pairs_hook=unique_keys)
+    return json.loads(text, object_pairs_hook=unique_keys, parse_constant=no_constant)
 
 
 def b64url_int(text):
@@ -1681,7 +1687,7 @@ class IssuerKeys:
 
     def _write_cache(self, issuer, jwks):
         try:
-            os.makedirs(self.cache_dir, mode=0o750, exist_ok=True)
+            os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
             write_file_atomic(self.cache_path(issuer), json.dumps(
                 {"issuer": issuer, "fetched": int(time.time()), "jwks": jwks},
                 sort_keys=True).encode(), 0o640)
@@ -1753,7 +1759,10 @@ def rsa_sha256_verify(n, e, message, signature):
 
 
 def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """True for a NumericDate ipd can compare and print: seconds since
+    1970, before the year 5000 (a bool is no number)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 0 <= value < 95617584000)
 
 
 def check_token_times(claims, now):

@@ -4210,7 +4210,10 @@ class OidcVerifyTests(unittest.TestCase):
         for claims, reason in (({"exp": now - 60}, "expired"), ({}, "no exp"),
                                ({"exp": "soon"}, "no exp"), ({"exp": True}, "no exp"),
                                ({"exp": now + 9, "nbf": now + 61}, "not valid yet"),
-                               ({"exp": now + 9, "iat": now + 61}, "not valid yet")):
+                               ({"exp": now + 9, "iat": now + 61}, "not valid yet"),
+                               ({"exp": float("nan")}, "no exp"), ({"exp": 10 ** 30}, "no exp"),
+                               ({"exp": now + 9, "nbf": float("inf")}, "nbf is not a number"),
+                               ({"exp": now + 9, "iat": "0"}, "iat is not a number")):
             with self.subTest(claims), self.assertRaisesRegex(ipd.TokenRefused, reason):
                 ipd.check_token_times(claims, now)
 
@@ -4222,11 +4225,46 @@ class OidcVerifyTests(unittest.TestCase):
                               (b64url(b'{"alg":"RS256","alg":"none"}') + "." + plain + ".",
                                "twice"),
                               (plain + "." + plain, "three parts"),
+                              (plain + "." + b64url(b'{"exp":NaN}') + ".", "not a JSON number"),
                               (plain + ".e30.A", "base64url"),
                               (b64url(b"[1]") + ".e30.", "objects")):
             with self.subTest(reason), self.assertRaisesRegex(ipd.TokenRefused, reason):
                 ipd.parse_compact_jws(token)
         self.assertEqual(ipd.parse_compact_jws(plain + ".e30.")[1], {})
+
+    def test_hostile_tokens_are_refused_never_raise(self):
+        folder = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        with open(os.path.join(folder, "rfc.jwks"), "w") as file:
+            json.dump({"keys": [{"kty": "RSA", "kid": "rfc", "n": self.RFC_N,
+                                 "e": "AQAB"}]}, file)
+        with open(os.path.join(folder, "trust"), "w") as file:
+            file.write("%s %s * repository=* jwks=rfc.jwks\n" % (GITHUB, AUDIENCE))
+        logins = ipd.OidcLogins(os.path.join(folder, "trust"), os.path.join(folder, "c"))
+        header = b64url(b'{"alg":"RS256","kid":"rfc"}')
+        signature = self.RFC_TOKEN.split(".")[2]
+        crafted = ['{"iss":"%s","aud":"%s","repository":"x","sub":"s","exp":%s,"nbf":%s}'
+                   % (GITHUB, AUDIENCE, exp, nbf) for exp, nbf in (
+                       ("NaN", 0), ("Infinity", 0), ("1e400", 0), ("9" * 5000, 0),
+                       ("2000000000", "-Infinity"), ("2000000000", "1e300"),
+                       ("2000000000", "[]"), ('"x"', 0), ("-1", 0))]
+        crafted += ['{"iss":%s}' % value for value in ("1", "null", "[]", '{"a":1}')]
+        crafted += ['{"iss":"%s","aud":[[],{},1,null]}' % GITHUB, "[]", "1", '"x"', "",
+                    "\udcff", '{"iss":"%s","iss":"%s"}' % (GITHUB, GITHUB)]
+        tokens = [header + "." + b64url(claims.encode("utf-8", "surrogatepass")) + "." +
+                  signature for claims in crafted]
+        generator = random.Random(26)
+        alphabet = "eyJ._-AZaz09=+/ \x00\xff"
+        for _ in range(2000):
+            token = list(generator.choice(tokens + [self.RFC_TOKEN]))
+            for _ in range(generator.randint(1, 4)):
+                token[generator.randrange(len(token))] = generator.choice(alphabet)
+            tokens.append("".join(token))
+        for token in tokens:
+            user, reason = logins.authenticate(token)
+            self.assertIsNone(user, token)
+            self.assertTrue(reason.startswith("ID token refused: "), reason)
+            self.assertIn("issuer", reason.audit)
 
     def test_trust_rules_and_their_warnings(self):
         text = "\n".join([
@@ -4708,14 +4746,12 @@ class OidcPushTests(OidcTestCase):
             with self.subTest(whole=whole):
                 tokens = FakeActionsTokens(self, self.key, lifetime=2)
                 package = self.package(400000)
-                started = time.time()
                 result = self.push("--oidc", AUDIENCE, "--package", package,
                                    "--limit-rate", "100K", "--wait",
                                    *(["--whole"] if whole else []), env=tokens.environ)
                 self.assertEqual(result.returncode, 0, result.stderr)
                 # the first token was refused by ipd long before the end
                 self.assertGreater(time.time(), tokens.minted[0][1] + 1.0)
-                self.assertLess(tokens.minted[0][1], started + 3)
                 self.assertGreater(len(tokens.minted), 1)
                 deployment = result.stdout.decode().splitlines()[0]
                 self.assertEqual(self.daemon.state("web", deployment), "ok")
@@ -4727,11 +4763,11 @@ class OidcPushTests(OidcTestCase):
                   "project_path": "acme/web", "ref": "main", "ref_protected": "true",
                   "pipeline_id": "777", "job_id": "778", "environment": "production",
                   "iat": int(now), "nbf": int(now),
-                  # ipd takes it for 3 to 4 s more (leeway included)
-                  "exp": int(now + 4 - ipd.OIDC_LEEWAY)}
+                  # ipd takes it for 5 to 6 s more (leeway included)
+                  "exp": int(now + 6 - ipd.OIDC_LEEWAY)}
         token = mint(self.key, claims)
         result = self.push("--oidc-env", "CI_IPD_TOKEN", "--whole", "--package",
-                           self.package(600000), "--limit-rate", "100K",
+                           self.package(900000), "--limit-rate", "100K",
                            env={"CI_IPD_TOKEN": token})
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertGreater(time.time(), claims["exp"] + ipd.OIDC_LEEWAY)
