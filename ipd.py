@@ -1597,6 +1597,9 @@ class IssuerKeys:
             keys = self._file_keys(jwks)
         else:
             keys = self._issuer_keys(issuer, kid)
+        if not keys:
+            raise TokenRefused("no keys of this issuer (see ipd.log: cannot fetch "
+                               "the keys...)")
         if kid not in keys:
             raise TokenRefused("unknown kid %r" % printable(kid, 64))
         return keys[kid]
@@ -1666,12 +1669,15 @@ class IssuerKeys:
         return keys
 
     def context(self):
-        """The TLS context of the fetches: OIDC_CA_FILE, else the system's."""
+        """The TLS context of the fetches: OIDC_CA_FILE, else the system's
+        CAs; certificates and host names checked.  Raises OSError."""
         if self._context is None:
             self._context = ssl.create_default_context(cafile=self.ca_file or None)
         return self._context
 
     def cache_path(self, issuer):
+        """Where issuer's fetched keys are kept: a name of its hash, as an
+        issuer URL is no file name."""
         return os.path.join(self.cache_dir, hashlib.sha256(
             issuer.encode()).hexdigest()[:32] + ".json")
 
@@ -4661,9 +4667,9 @@ class Daemon:
         self.settings = settings
         self.users = UserDB(settings.AUTH_DB)
         self.tokens = TokenDB(tokens_path(settings))
-        self.oidc = settings.OIDC_TRUST and OidcLogins(
-            settings.OIDC_TRUST, os.path.join(settings.UPLOAD_DIR, ".oidc"),
-            settings.OIDC_CA_FILE)
+        self.oidc = OidcLogins(settings.OIDC_TRUST, os.path.join(
+            settings.UPLOAD_DIR, ".oidc"), settings.OIDC_CA_FILE) \
+            if settings.OIDC_TRUST else None  # ID tokens: off
         self.login_throttle = LoginThrottle()
         self.store = DeploymentStore(settings.UPLOAD_DIR, settings.KEEP_DEPLOYMENTS)
         self.segments = SegmentStore(settings.UPLOAD_DIR, settings.SEGMENT_EXPIRY)

@@ -4649,6 +4649,10 @@ class OidcDiscoveryTests(OidcTestCase):
         self.assertIn("cannot fetch the keys of OIDC issuer %s" % self.issuer.url("garbage"),
                       log)
         self.assertEqual(self.issuer.fetches("garbage"), (1, 0))
+        reasons = {event["issuer"]: event["reason"] for event in
+                   audit_events(self.tmp, "login_refused")}
+        for name in ("hang", "garbage"):
+            self.assertIn("no keys of this issuer", reasons[self.issuer.url(name)])
 
 
 class FakeActionsTokens:
