@@ -15,15 +15,18 @@ One file, standard library only, CPython 3.8 to 3.13:
 
 How it is built, top to bottom (each section opens with what it owns, and
 refers only to names defined above it): errors; settings; helpers; users
-and passwords; signed releases and deploy tokens; the streaming multipart
+and passwords; signed releases and deploy tokens; OpenID Connect ID
+tokens (CI jobs that log in with no secret); the streaming multipart
 parser (pure, no I/O); request bodies and uploads; safe unpacking of
 packages; processes (who runs the scripts: RUN_AS, project.conf; stopping
-what a step leaves); deployments (the Deployment type, its on-disk store,
-the queue of waiting and running ones, the metrics); the deploy worker
-that runs control.sh; segments (layers stored once, recipes, resumable
-uploads); the service (what an upload, a redeploy, a cancel does); the
-status pages; HTTP (routes, the request handler, the server); running the
-daemon; the client (ipd.py push, status, logs...); the command line.
+what a step leaves); deployments (the Deployment type and the one owner of
+their state: records on disk first, the queue, cancels, the counters); the
+deploy worker that runs control.sh; segments (layers stored once,
+recipes, resumable uploads); retention (pruning, the free-space floor,
+segment collection); the service (one method per operation of the API:
+the only door the HTTP layer uses); the status pages; HTTP (routes, the
+request handler, the server); running the daemon; the client (ipd.py
+push, status, logs...); the command line.
 
 On disk, under UPLOAD_DIR, each project has a folder (PROJECT_DIR, kept
 across deployments, where an administrator may place a control.sh,
@@ -43,7 +46,8 @@ notify.sh and project.conf; with RUN_AS the scripts' PROJECT_DIR is its
 
 and UPLOAD_DIR/.ipd.lock, flock'ed by the one daemon that uses the folder;
 UPLOAD_DIR/.segments/ holds the segments (sha256/ab/abcd...), each once,
-and partial/ the segment uploads under way.
+and partial/ the segment uploads under way; UPLOAD_DIR/.oidc/ the keys of
+the OpenID Connect issuers that ipd fetched, a file an issuer.
 """
 
 __version__ = "1.0.0"
@@ -245,6 +249,12 @@ SETTINGS = {
                           "empty: none"),
     "TOKENS_DB": ("", "file", "deploy tokens file; empty: tokens.txt beside "
                   "AUTH_DB"),
+    "OIDC_TRUST": ("", "file",
+                   "trust rules for CI jobs' OpenID Connect ID tokens (ISSUER "
+                   "AUDIENCE PROJECTS CLAIM=GLOB... lines); empty: off"),
+    "OIDC_CA_FILE": ("", "file",
+                     "CA certificates for fetching ID token issuers' keys over "
+                     "HTTPS; empty: the system's"),
     "PUBLIC_ORIGIN": ("", "origins",
                       "origin(s) browsers reach ipd at, like "
                       "https://deploy.example.com; empty: from the Host header"),
@@ -1249,6 +1259,613 @@ def parse_duration(text):
         raise ValueError("not a duration (like 30d, 12h, 90m)")
     return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400,
                                   "w": 604800}[match.group(2)]
+
+
+###############################################################################
+# OpenID Connect ID tokens ####################################################
+###############################################################################
+
+# A CI job's ID token as a login, with no secret stored anywhere: GitHub
+# Actions and GitLab CI give each job a JWT, signed RS256 by the CI, that
+# says which repository, branch, workflow and environment it is.  The
+# rules of OIDC_TRUST say which issuer, audience and claims may deploy
+# which projects; the issuer's keys come from a JWKS file (jwks=PATH) or
+# from its OpenID discovery over HTTPS, cached in UPLOAD_DIR/.oidc/.
+# Verified by hand, strictly: RFC 7515 (compact JWS only), RFC 7518 3.3
+# (RS256 is RSASSA-PKCS1-v1_5 with SHA-256), RFC 8017 8.2.2 and 9.2
+# (EMSA-PKCS1-v1_5), RFC 7519 4.1 (exp, nbf, iat).
+
+OIDC_MAX_TOKEN = 16384        # characters; GitHub's and GitLab's are ~1,200
+OIDC_MAX_DEPTH = 8            # nesting of a token's header and claims JSON
+OIDC_LEEWAY = 60              # seconds of clock skew on exp, nbf and iat
+OIDC_MIN_BITS = 2048          # the smallest RSA key a token may be signed by
+OIDC_REFETCH = 60             # an unknown kid fetches the keys at most this often
+OIDC_FETCH_TIMEOUT = 5        # seconds for each fetch (discovery, then JWKS)
+OIDC_MAX_DOCUMENT = 1 << 20   # bytes of a discovery document or a JWKS
+# RFC 8017 9.2, note 1: DER of the DigestInfo of SHA-256, before the hash.
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+# Header parameters that would let a token choose its own key, or that
+# ask for extensions ipd does not implement (RFC 7515 4.1): refused.
+FORBIDDEN_HEADERS = ("jku", "jwk", "x5u", "x5c", "crit")
+# The claims a deployment records (GitHub's, then GitLab's names).
+OIDC_CLAIMS = ("repository", "ref", "sha", "workflow", "run_id", "run_attempt",
+               "environment", "actor", "project_path", "pipeline_id", "job_id",
+               "user_login")
+# Short issuer names for the user name oidc:SHORT:SUB; any other issuer is
+# its host name (and path).
+SHORT_ISSUERS = {"https://token.actions.githubusercontent.com": "github",
+                 "https://gitlab.com": "gitlab"}
+CLAIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z")
+ISSUER_URL = re.compile(r"https://[A-Za-z0-9.-]+(:\d{1,5})?(/[^\s?#]*)?\Z")
+
+
+class TokenRefused(Unauthorized):
+    """An ID token that does not log in; the reason goes to the audit log
+    only, the client gets the 401 of a wrong password."""
+
+
+class LoginRefusal(str):
+    """Why a login was refused (a str, as the other reasons), with the
+    audit fields that come with it: for an ID token, its issuer."""
+
+    def __new__(cls, reason, **audit):
+        text = super().__new__(cls, reason)
+        text.audit = audit
+        return text
+
+
+def looks_like_jwt(password):
+    """True for what can only be a JWT: a base64url JSON header ('eyJ')
+    and two dots; such a password is never taken as a user's."""
+    return password.startswith("eyJ") and password.count(".") == 2
+
+
+def short_issuer(issuer):
+    """'github', 'gitlab', or the issuer's host and path (dots kept)."""
+    if issuer in SHORT_ISSUERS:
+        return SHORT_ISSUERS[issuer]
+    parts = urllib.parse.urlsplit(issuer)
+    return ((parts.hostname or "") + parts.path.rstrip("/")) or "issuer"
+
+
+class TrustRule:
+    """One line of OIDC_TRUST: tokens of issuer for audience whose claims
+    match every glob may deploy projects (None: every project)."""
+
+    def __init__(self, issuer, audience, projects, claims, jwks=None, line=0):
+        self.issuer, self.audience, self.projects = issuer, audience, projects
+        self.claims, self.jwks, self.line = claims, jwks, line
+
+    def mismatch(self, claims):
+        """None when claims match every CLAIM=GLOB, else which does not."""
+        for name, pattern in self.claims:
+            value = claims.get(name)
+            if isinstance(value, (bool, int, float)):  # as JSON writes them
+                value = json.dumps(value)
+            if not isinstance(value, str):
+                return "claim %s is missing" % name
+            if not fnmatch.fnmatchcase(value, pattern):
+                return "claim %s=%s does not match %s" % (
+                    name, printable(value, 100), pattern)
+        return None
+
+
+def trust_line_rule(words, folder, number):
+    """The TrustRule of one line's words; raises ValueError(why)."""
+    if len(words) < 3:
+        raise ValueError("expected ISSUER AUDIENCE PROJECTS CLAIM=GLOB... "
+                         "[jwks=PATH]")
+    issuer, audience, listed = words[:3]
+    if not ISSUER_URL.match(issuer):
+        raise ValueError("the issuer must be an https:// URL, not %r" % issuer[:80])
+    projects = [p for p in listed.split(",") if p]
+    for project in projects:
+        if project != "*" and not is_project_name(project):
+            raise ValueError("not a project name: %r" % project[:64])
+    claims, jwks = [], None
+    for word in words[3:]:
+        name, equals, pattern = word.partition("=")
+        if name == "jwks" and equals and pattern:
+            jwks = os.path.join(folder, pattern)
+        elif equals and CLAIM_NAME.match(name):
+            claims.append((name, pattern))
+        else:
+            raise ValueError("expected CLAIM=GLOB or jwks=PATH, not %r" % word[:80])
+    if not claims or not projects:
+        # any job of GitHub or GitLab may ask for any audience: without a
+        # claim to match, every repository there could deploy
+        raise ValueError("a rule needs projects and at least one CLAIM=GLOB "
+                         "(like repository=acme/web)")
+    return TrustRule(issuer, audience, None if "*" in projects else frozenset(projects),
+                     claims, jwks, number)
+
+
+def parse_trust(text, source="OIDC_TRUST", folder="."):
+    """OIDC_TRUST's text -> ([TrustRule], warnings); jwks paths are taken
+    from folder (the file's own).  A bad line is one warning, ignored."""
+    rules, warnings = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        try:
+            rules.append(trust_line_rule(words, folder, number))
+        except ValueError as error:
+            warnings.append("%s, line %d: %s; line ignored" % (source, number, error))
+    return rules, warnings
+
+
+class TrustDB:
+    """The OIDC_TRUST file, read again whenever it changes (as the users
+    file); a missing file trusts nobody."""
+
+    def __init__(self, path):
+        self.path = path
+        self._lock = threading.Lock()  # guards _signature and _rules
+        self._signature = None
+        self._rules = []
+
+    def rules(self):
+        """The rules as the file now says."""
+        signature = file_signature(self.path)
+        with self._lock:
+            if signature != self._signature:
+                self._signature = signature
+                self._rules = self._read()
+            return self._rules
+
+    def _read(self):
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as error:
+            log.error("cannot read OIDC_TRUST %s: %s; no ID token logs in",
+                      self.path, error)
+            return []
+        rules, warnings = parse_trust(text, self.path, os.path.dirname(self.path))
+        for warning in warnings:
+            log.warning("%s", warning)
+        return rules
+
+
+# --- keys: JSON Web Key Sets (RFC 7517), from a file or fetched
+
+def json_too_deep(text, limit):
+    """True when text's arrays and objects nest deeper than limit (strings
+    skipped): checked before json.loads, whose recursion has no bound of
+    its own that ipd chooses."""
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def no_constant(name):
+    """parse_constant: NaN and Infinity are not JSON (RFC 8259 6)."""
+    raise ValueError("%s is not a JSON number" % name)
+
+
+def unique_keys(pairs):
+    """object_pairs_hook: a JSON object naming a member twice is refused
+    (RFC 7515 4: header parameter names must be unique)."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise ValueError("a JSON object names a member twice")
+    return data
+
+
+def parse_json_bounded(data, depth=OIDC_MAX_DEPTH * 2):
+    """UTF-8 JSON bytes -> value, nesting at most depth, no member named
+    twice.  Raises ValueError."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8")
+    if json_too_deep(text, depth):
+        raise ValueError("JSON nested deeper than %d" % depth)
+    return json.loads(text, object_pairs_hook=unique_keys, parse_constant=no_constant)
+
+
+def b64url_int(text):
+    """A JWK's base64url big-endian number; raises ValueError."""
+    if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,1400}", text):
+        raise ValueError("not base64url")
+    return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)),
+                          "big")
+
+
+def parse_jwks(data):
+    """{kid: (n, e)} of the RSA signing keys of a JWKS (a dict); keys of
+    other types, uses or algorithms are left out.  Raises ValueError."""
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError("not a JSON Web Key Set (no \"keys\" list)")
+    keys = {}
+    for key in data["keys"]:
+        if not isinstance(key, dict) or key.get("kty") != "RSA":
+            continue
+        if key.get("use", "sig") != "sig" or key.get("alg", "RS256") != "RS256":
+            continue
+        kid = key.get("kid")
+        try:
+            n, e = b64url_int(key.get("n")), b64url_int(key.get("e"))
+        except ValueError:
+            continue
+        if isinstance(kid, str) and e > 1 and e % 2 and n > e:
+            keys[kid] = (n, e)
+    return keys
+
+
+def read_bounded(response):
+    """The body of an http.client response, at most OIDC_MAX_DOCUMENT
+    bytes.  Raises ValueError."""
+    pieces, size = [], 0
+    while True:
+        piece = response.read1(65536)
+        if not piece:
+            return b"".join(pieces)
+        size += len(piece)
+        if size > OIDC_MAX_DOCUMENT:
+            raise ValueError("larger than %d bytes" % OIDC_MAX_DOCUMENT)
+        pieces.append(piece)
+
+
+def shut_down(connection):
+    """A fetch's time is up: end its socket, so that whatever read waits
+    on it (connect, TLS handshake, headers, body) ends now."""
+    sock = connection.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def fetch_json(url, context):
+    """GET an https URL (no redirects) -> its JSON object, all of it
+    within OIDC_FETCH_TIMEOUT (a server that trickles is cut off) and
+    OIDC_MAX_DOCUMENT bytes.  Raises ValueError(why)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError("%s is not an https:// URL" % printable(url, 200))
+    deadline = time.monotonic() + OIDC_FETCH_TIMEOUT
+    connection = http.client.HTTPSConnection(parts.hostname, parts.port,
+                                             timeout=OIDC_FETCH_TIMEOUT,
+                                             context=context)
+    timer = threading.Timer(OIDC_FETCH_TIMEOUT, shut_down, (connection,))
+    timer.start()
+    try:
+        connection.request("GET", (parts.path or "/") + (
+            "?" + parts.query if parts.query else ""), headers={
+                "Accept": "application/json", "User-Agent": "ipd/" + __version__})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise ValueError("answered %d" % response.status)
+        body = read_bounded(response)
+    except (OSError, http.client.HTTPException, ValueError) as error:
+        if time.monotonic() >= deadline:
+            error = "no answer within %d s" % OIDC_FETCH_TIMEOUT
+        raise ValueError("%s: %s" % (printable(url, 200), error))
+    finally:
+        timer.cancel()
+        connection.close()
+    if time.monotonic() >= deadline:
+        raise ValueError("%s: no whole answer within %d s" % (
+            printable(url, 200), OIDC_FETCH_TIMEOUT))
+    data = parse_json_bounded(body)
+    if not isinstance(data, dict):
+        raise ValueError("%s is not a JSON object" % printable(url, 200))
+    return data
+
+
+class IssuerKeys:
+    """The signing keys of each trusted issuer: from its rule's jwks=PATH
+    (read again when the file changes), or fetched by OpenID discovery
+    (ISSUER/.well-known/openid-configuration, then its jwks_uri) over
+    HTTPS with certificate checks (OIDC_CA_FILE, else the system's CAs)
+    and kept in cache_dir, one file an issuer, across restarts.
+
+    A kid the keys lack fetches them again, at most once in OIDC_REFETCH
+    seconds per issuer and daemon run: a flood of made-up kids costs the
+    issuer one request a minute.  A fetch runs in the thread of the
+    request that needs it, outside the lock, bounded by
+    OIDC_FETCH_TIMEOUT: a hanging or garbage-answering issuer slows only
+    logins with its tokens, and those at most that long.
+    """
+
+    def __init__(self, cache_dir, ca_file=""):
+        self.cache_dir, self.ca_file = cache_dir, ca_file
+        self._lock = threading.Lock()  # guards the four dicts below
+        self._keys = {}       # issuer -> {kid: (n, e)}, as fetched or cached
+        self._attempted = {}  # issuer -> time.monotonic() of its last fetch
+        self._fetching = {}   # issuer -> Event, set when its fetch ends
+        self._files = {}      # jwks path -> (file_signature, {kid: (n, e)})
+        self._context = None
+
+    def key(self, issuer, kid, jwks=None):
+        """(n, e) of issuer's key kid; raises TokenRefused."""
+        if jwks:
+            keys = self._file_keys(jwks)
+        else:
+            keys = self._issuer_keys(issuer, kid)
+        if not keys:
+            raise TokenRefused("no keys of this issuer (see ipd.log: cannot fetch "
+                               "the keys...)")
+        if kid not in keys:
+            raise TokenRefused("unknown kid %r" % printable(kid, 64))
+        return keys[kid]
+
+    def _file_keys(self, path):
+        signature = file_signature(path)
+        with self._lock:
+            if path in self._files and self._files[path][0] == signature:
+                return self._files[path][1]
+        try:
+            with open(path, "rb") as file:
+                keys = parse_jwks(parse_json_bounded(file.read(OIDC_MAX_DOCUMENT)))
+        except (OSError, ValueError) as error:
+            log.error("cannot read the JWKS file %s: %s", path, error)
+            raise TokenRefused("the issuer's JWKS file cannot be read")
+        with self._lock:
+            self._files[path] = (signature, keys)
+        return keys
+
+    def _issuer_keys(self, issuer, kid):
+        """issuer's keys, fetched first when they lack kid and may be."""
+        with self._lock:
+            if issuer not in self._keys:
+                self._keys[issuer] = self._read_cache(issuer)
+            keys = self._keys[issuer]
+            if kid in keys:
+                return keys
+            waiting = self._fetching.get(issuer)
+            if waiting is None:
+                last = self._attempted.get(issuer)
+                if last is not None and time.monotonic() - last < OIDC_REFETCH:
+                    return keys
+                self._attempted[issuer] = time.monotonic()
+                done = self._fetching[issuer] = threading.Event()
+        if waiting is not None:  # another request fetches them: wait for it
+            waiting.wait(2 * OIDC_FETCH_TIMEOUT + 1)
+            with self._lock:
+                return self._keys[issuer]
+        try:
+            return self._fetch(issuer)
+        finally:
+            with self._lock:
+                del self._fetching[issuer]
+            done.set()
+
+    def _fetch(self, issuer):
+        """Fetch issuer's keys, keep them (memory and disk); -> the keys
+        now known, the old ones when the fetch fails."""
+        try:
+            discovery = fetch_json(issuer.rstrip("/") +
+                                   "/.well-known/openid-configuration",
+                                   self.context())
+            if discovery.get("issuer") != issuer:
+                raise ValueError("its discovery document names issuer %r"
+                                 % printable(str(discovery.get("issuer")), 100))
+            jwks = fetch_json(str(discovery.get("jwks_uri", "")), self.context())
+            keys = parse_jwks(jwks)
+        except (ValueError, OSError) as error:  # OSError: OIDC_CA_FILE
+            log.warning("cannot fetch the keys of OIDC issuer %s: %s", issuer, error)
+            with self._lock:
+                return self._keys[issuer]
+        log.info("fetched %d key(s) of OIDC issuer %s: %s", len(keys), issuer,
+                 ", ".join(sorted(keys))[:300])
+        self._write_cache(issuer, jwks)
+        with self._lock:
+            self._keys[issuer] = keys
+        return keys
+
+    def context(self):
+        """The TLS context of the fetches: OIDC_CA_FILE, else the system's
+        CAs; certificates and host names checked.  Raises OSError."""
+        if self._context is None:
+            self._context = ssl.create_default_context(cafile=self.ca_file or None)
+        return self._context
+
+    def cache_path(self, issuer):
+        """Where issuer's fetched keys are kept: a name of its hash, as an
+        issuer URL is no file name."""
+        return os.path.join(self.cache_dir, hashlib.sha256(
+            issuer.encode()).hexdigest()[:32] + ".json")
+
+    def _read_cache(self, issuer):
+        try:
+            with open(self.cache_path(issuer), "rb") as file:
+                cached = parse_json_bounded(file.read(OIDC_MAX_DOCUMENT + 4096))
+            if cached.get("issuer") == issuer:
+                return parse_jwks(cached.get("jwks"))
+        except (OSError, ValueError, AttributeError):
+            pass
+        return {}
+
+    def _write_cache(self, issuer, jwks):
+        try:
+            os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+            write_file_atomic(self.cache_path(issuer), json.dumps(
+                {"issuer": issuer, "fetched": int(time.time()), "jwks": jwks},
+                sort_keys=True).encode(), 0o640)
+        except OSError as error:
+            log.warning("cannot cache the keys of OIDC issuer %s: %s", issuer, error)
+
+
+# --- the token: compact JWS, RS256, claims
+
+def b64url_bytes(text):
+    """Bytes of unpadded base64url text (RFC 7515 2); raises TokenRefused."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text) or len(text) % 4 == 1:
+        raise TokenRefused("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def parse_compact_jws(token):
+    """A compact JWS -> (header, claims, signing input, signature), both
+    JSON objects bounded in size and nesting.  Raises TokenRefused."""
+    if len(token) > OIDC_MAX_TOKEN:
+        raise TokenRefused("token too large (%d characters, at most %d)"
+                           % (len(token), OIDC_MAX_TOKEN))
+    pieces = token.split(".")
+    if len(pieces) != 3:
+        raise TokenRefused("not a compact JWS (three parts)")
+    try:
+        header = parse_json_bounded(b64url_bytes(pieces[0]), OIDC_MAX_DEPTH)
+        claims = parse_json_bounded(b64url_bytes(pieces[1]), OIDC_MAX_DEPTH)
+    except ValueError as error:  # also binascii.Error
+        raise TokenRefused("header or claims are not JSON: %s" % error)
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise TokenRefused("header or claims are not JSON objects")
+    return header, claims, (pieces[0] + "." + pieces[1]).encode(), \
+        b64url_bytes(pieces[2])
+
+
+def check_jws_header(header):
+    """alg RS256, a kid, nothing that picks its own key; -> the kid.
+    Raises TokenRefused."""
+    if header.get("alg") != "RS256":
+        raise TokenRefused("alg %r refused (only RS256)"
+                           % printable(str(header.get("alg")), 20))
+    for name in FORBIDDEN_HEADERS:
+        if name in header:
+            raise TokenRefused("header parameter %s refused" % name)
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise TokenRefused("no kid in the header")
+    return kid
+
+
+def rsa_sha256_verify(n, e, message, signature):
+    """True when signature is RSASSA-PKCS1-v1_5 with SHA-256 of message
+    by key (n, e) (RFC 8017 8.2.2): the encoded message is rebuilt and
+    compared whole, in constant time, so no parsing of it can be fooled."""
+    size = (n.bit_length() + 7) // 8
+    if len(signature) != size:
+        return False
+    number = int.from_bytes(signature, "big")
+    if number >= n:
+        return False
+    encoded = pow(number, e, n).to_bytes(size, "big")
+    digest_info = SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
+    if size < len(digest_info) + 11:
+        return False
+    expected = (b"\x00\x01" + b"\xff" * (size - len(digest_info) - 3) + b"\x00" +
+                digest_info)
+    return hmac.compare_digest(encoded, expected)
+
+
+def is_number(value):
+    """True for a NumericDate ipd can compare and print: seconds since
+    1970, before the year 5000 (a bool is no number)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 0 <= value < 95617584000)
+
+
+def check_token_times(claims, now):
+    """exp required; exp, nbf and iat with OIDC_LEEWAY seconds of skew.
+    Raises TokenRefused."""
+    exp, nbf, iat = claims.get("exp"), claims.get("nbf"), claims.get("iat")
+    if not is_number(exp):
+        raise TokenRefused("no exp claim")
+    if now >= exp + OIDC_LEEWAY:
+        raise TokenRefused("expired at %s" % iso_time(exp))
+    for name, value in (("nbf", nbf), ("iat", iat)):
+        if value is not None and not is_number(value):
+            raise TokenRefused("%s is not a number" % name)
+        if value is not None and value > now + OIDC_LEEWAY:
+            raise TokenRefused("not valid yet (%s %s)" % (name, iso_time(value)))
+
+
+def audience_matches(claims, audience):
+    """aud equals audience, or is a list that holds it (RFC 7519 4.1.3)."""
+    aud = claims.get("aud")
+    return aud == audience or (isinstance(aud, list) and audience in aud)
+
+
+class OidcUser(User):
+    """A USER logged in by an ID token: scoped to its rules' projects,
+    with the claims that say which job it is (oidc, for the record)."""
+
+    def __init__(self, name, projects, oidc):
+        super().__init__(name, "USER", "", projects)
+        self.oidc = oidc
+
+
+def oidc_fields(user):
+    """{"oidc": claims} for a deployment made by an ID token, else {}."""
+    oidc = getattr(user, "oidc", None)
+    return {"oidc": dict(oidc)} if oidc else {}
+
+
+def oidc_user(claims, rules):
+    """The OidcUser of verified claims: named oidc:SHORT:SUB, scoped to
+    the projects of every rule that admits it.  Raises TokenRefused."""
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise TokenRefused("no sub claim")
+    admitting = [rule for rule in rules if audience_matches(claims, rule.audience)]
+    if not admitting:
+        raise TokenRefused("audience %s not trusted" % printable(
+            json.dumps(claims.get("aud")), 100))
+    mismatches = [rule.mismatch(claims) for rule in admitting]
+    admitting = [rule for rule, why in zip(admitting, mismatches) if why is None]
+    if not admitting:
+        raise TokenRefused(mismatches[0])
+    projects = None
+    if all(rule.projects is not None for rule in admitting):
+        projects = frozenset().union(*(rule.projects for rule in admitting))
+    issuer = claims["iss"]
+    recorded = {"issuer": issuer, "sub": printable(sub, 200)}
+    recorded.update((name, printable(str(claims[name]), 200)) for name in OIDC_CLAIMS
+                    if isinstance(claims.get(name), (str, int)))
+    name = "oidc:%s:%s" % (short_issuer(issuer),
+                           re.sub(r"[^A-Za-z0-9@._:/=+-]", "_", sub)[:200])
+    return OidcUser(name, projects, recorded)
+
+
+class OidcLogins:
+    """ID tokens as logins: OIDC_TRUST's rules and the issuers' keys."""
+
+    def __init__(self, trust_path, cache_dir, ca_file=""):
+        self.trust = TrustDB(trust_path)
+        self.keys = IssuerKeys(cache_dir, ca_file)
+
+    def authenticate(self, token, now=None):
+        """-> (OidcUser, None), or (None, LoginRefusal with the issuer)."""
+        issuer = ""
+        try:
+            header, claims, signed, signature = parse_compact_jws(token)
+            issuer = claims.get("iss") if isinstance(claims.get("iss"), str) else ""
+            kid = check_jws_header(header)
+            rules = [rule for rule in self.trust.rules() if rule.issuer == issuer]
+            if not rules:
+                raise TokenRefused("issuer not trusted (no rule in OIDC_TRUST)")
+            jwks = next((rule.jwks for rule in rules if rule.jwks), None)
+            n, e = self.keys.key(issuer, kid, jwks)
+            if n.bit_length() < OIDC_MIN_BITS:
+                raise TokenRefused("key %s has %d bits, fewer than %d" % (
+                    printable(kid, 64), n.bit_length(), OIDC_MIN_BITS))
+            if not rsa_sha256_verify(n, e, signed, signature):
+                raise TokenRefused("bad signature")
+            check_token_times(claims, time.time() if now is None else now)
+            return oidc_user(claims, rules), None
+        except TokenRefused as error:
+            return None, LoginRefusal("ID token refused: %s" % error,
+                                      issuer=printable(issuer, 200))
 
 
 ###############################################################################
@@ -2670,11 +3287,12 @@ class Deployment:
         return (json.dumps(self.to_disk(), indent=1, sort_keys=True) + "\n").encode()
 
     def public(self):
-        """What the API tells of a deployment (times as ISO 8601)."""
+        """What the API tells of a deployment (times as ISO 8601); of one
+        pushed with an ID token, its claims (oidc)."""
         duration = None
         if self.started and self.ended:
             duration = round(self.ended - self.started, 3)
-        return {
+        public = {
             "project": self.project,
             "deployment": self.id,
             "state": self.state,
@@ -2688,6 +3306,9 @@ class Deployment:
             "pruned": self.pruned,
             "signer": self.signer,
         }
+        if "oidc" in self.others:
+            public["oidc"] = self.others["oidc"]
+        return public
 
     def copy(self):
         return self.replace()
@@ -4405,6 +5026,9 @@ class Daemon:
         self.settings = settings
         self.users = UserDB(settings.AUTH_DB)
         self.tokens = TokenDB(tokens_path(settings))
+        self.oidc = OidcLogins(settings.OIDC_TRUST, os.path.join(
+            settings.UPLOAD_DIR, ".oidc"), settings.OIDC_CA_FILE) \
+            if settings.OIDC_TRUST else None  # ID tokens: off
         self.login_throttle = LoginThrottle()
         self.store = DeploymentStore(settings.UPLOAD_DIR, settings.KEEP_DEPLOYMENTS,
                                      after_final=self.tell_the_end)
@@ -4424,6 +5048,8 @@ class Daemon:
         (DeploymentStore.load), then the segments.  Returns the number of
         deployments."""
         count = self.store.load(kill_grace)
+        if self.oidc:
+            self.oidc.trust.rules()  # read now: its warnings come at the start
         self.segments.load(self.store)
         return count
 
@@ -4438,7 +5064,13 @@ class Daemon:
 
     def check_login(self, name, password):
         """-> (User, None), or (None, why) for a refused login.  A deploy
-        token (ipd_...) is taken as the password, whatever the name."""
+        token (ipd_...) is taken as the password, whatever the name, and
+        so is an ID token (eyJ...) when OIDC_TRUST is set."""
+        if self.oidc and looks_like_jwt(password):
+            user, reason = self.oidc.authenticate(password)
+            if user is None:  # as slow as a wrong password
+                check_password(password[:256], self.users.decoy_hash())
+            return user, reason
         if password.startswith("ipd_"):
             user, reason = self.tokens.authenticate(password)
             if user is None:  # as slow as a wrong password
@@ -4650,8 +5282,10 @@ class Daemon:
             raise disk_errors(error)
 
         return self.deploy_upload(earlier.project, upload, user, "redeploy",
-                                  {"redeploy_of": earlier.id, "address": address},
-                                  redeploy_of=earlier.id, signer=earlier.signer)
+                                  dict({"redeploy_of": earlier.id, "address": address},
+                                       **oidc_fields(user)),
+                                  redeploy_of=earlier.id, signer=earlier.signer,
+                                  **oidc_fields(user))
 
     def rebuild_kept(self, earlier, name, user):
         """(#16) The file name of a recipe deployment, rebuilt from its kept
@@ -4703,8 +5337,10 @@ class Daemon:
         if signer:
             self.check_not_replayed(project, signer, user, address)
         record = self.deploy_upload(project, upload, user, "upload",
-                                    {"address": address, "signer": signer},
-                                    received=received, signer=signer)
+                                    dict({"address": address, "signer": signer},
+                                         **oidc_fields(user)),
+                                    received=received, signer=signer,
+                                    **oidc_fields(user))
         return record, True
 
     def deploy_upload(self, project, upload, user, event, fields, received=0,
@@ -4831,6 +5467,17 @@ def signed_by(record):
                                                  html.escape(signer["fingerprint"]))
 
 
+def oidc_by(record):
+    """'ID token of ISSUER: repository ..., ref ...' for a deployment
+    pushed with an ID token."""
+    oidc = record.others.get("oidc")
+    if not isinstance(oidc, dict):
+        return ""
+    shown = [(name, oidc[name]) for name in OIDC_CLAIMS if name in oidc]
+    return "<br>ID token of %s: %s" % (html.escape(str(oidc.get("issuer"))), ", ".join(
+        "%s <code>%s</code>" % (name, html.escape(str(value))) for name, value in shown))
+
+
 def state_badge(state):
     kind = (state if state in ("ok", "active", "await") else
             "neutral" if state in ("changed", "cancelled") else "failed")
@@ -4906,7 +5553,8 @@ def deployment_row(root, record):
                 html.escape(record.id[:8]), state_badge(record.state),
                 page_time(record.created), page_time(record.started),
                 page_time(record.ended), page_duration(record),
-                html.escape(record.user or "-") + signed_by(record), files,
+                html.escape(record.user or "-") + signed_by(record) + oidc_by(record),
+                files,
                 "<div>(pruned)</div>" if record.pruned else "",
                 buttons(root, record)))
 
@@ -4953,7 +5601,7 @@ def render_deployment(root, record, skipped, text):
             "started %s, ended %s, took %s</p><p>%s</p>" % (
                 state_badge(record.state), ui_link(root, project),
                 html.escape(project),
-                html.escape(record.user or "-") + signed_by(record),
+                html.escape(record.user or "-") + signed_by(record) + oidc_by(record),
                 page_time(record.created), page_time(record.started),
                 page_time(record.ended), page_duration(record),
                 buttons(root, record)) + whole +
@@ -5355,7 +6003,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.ipd.login_throttle.failed(address)
                 log.warning("failed login as %r from %s", name[:64], address)
                 audit_event("login_refused", user=name[:64], address=address,
-                            path=self.path[:200], reason=reason)
+                            path=self.path[:200], reason=reason,
+                            **getattr(reason, "audit", {}))
         if user is None:
             raise Unauthorized("authentication required",
                                {"WWW-Authenticate":
@@ -7236,6 +7885,92 @@ def netrc_login(host, user=None):
     return None
 
 
+# --- ID tokens (OIDC_TRUST on the server): the CI's own, no stored secret
+
+def token_expiry(token):
+    """The exp of a JWT, read without verifying it (the server does), or
+    None."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"])
+    except (IndexError, ValueError, KeyError, TypeError, binascii.Error):
+        return None
+
+
+def github_id_token(audience, environ=None, timeout=30):
+    """An ID token for audience from GitHub Actions: GET
+    $ACTIONS_ID_TOKEN_REQUEST_URL&audience=... with the bearer
+    $ACTIONS_ID_TOKEN_REQUEST_TOKEN (the job needs permissions: id-token:
+    write).  Raises ClientError."""
+    environ = os.environ if environ is None else environ
+    url = environ.get("ACTIONS_ID_TOKEN_REQUEST_URL")
+    secret = environ.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN")
+    if not url or not secret:
+        raise ClientError("--oidc: ACTIONS_ID_TOKEN_REQUEST_URL and "
+                          "ACTIONS_ID_TOKEN_REQUEST_TOKEN are not set (GitHub "
+                          "Actions sets them for a job with permissions: id-token: "
+                          "write; elsewhere use --oidc-env NAME)", EXIT_USAGE)
+    url += ("&" if "?" in url else "?") + "audience=" + urllib.parse.quote(audience,
+                                                                           safe="")
+    request = urllib.request.Request(url, headers={
+        "Authorization": "Bearer " + secret, "Accept": "application/json",
+        "User-Agent": "ipd/" + __version__})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            value = json.loads(response.read(1 << 20).decode())["value"]
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as error:
+        raise ClientError("--oidc: cannot get an ID token from GitHub Actions: %s"
+                          % error, EXIT_NETWORK)
+    if not isinstance(value, str) or not value:
+        raise ClientError("--oidc: GitHub Actions gave no ID token", EXIT_NETWORK)
+    return value
+
+
+class IdTokenSource:
+    """The ID token each request carries: from GitHub Actions for
+    audience, asked for again once less than REFRESH seconds of it are
+    left (so a push of many requests outlasts any one token), or from the
+    environment variable variable (GitLab's id_tokens, which live as long
+    as the job)."""
+
+    REFRESH = 60
+
+    def __init__(self, audience=None, variable=None, environ=None):
+        self.audience, self.variable = audience, variable
+        self.environ = os.environ if environ is None else environ
+        self.token, self.expires = None, None
+
+    def current(self):
+        """The token to send now; raises ClientError."""
+        if self.variable:
+            token = self.environ.get(self.variable, "").strip()
+            if not token:
+                raise ClientError("--oidc-env: the variable %s is empty or not set"
+                                  % self.variable, EXIT_USAGE)
+            return token
+        if self.token is None or (self.expires is not None and
+                                  self.expires - time.time() < self.REFRESH):
+            self.token = github_id_token(self.audience, self.environ)
+            self.expires = token_expiry(self.token)
+        return self.token
+
+
+class OidcClient(Client):
+    """A Client that logs in with the CI's ID token (Bearer), not a
+    password: each request is authenticated as it starts, and one that
+    started goes on to its end however long its body takes."""
+
+    def __init__(self, url, source, cacert=None, timeout=60):
+        super().__init__(url, "oidc", "", cacert, timeout)
+        self.source = source
+
+    def headers(self, **extra):
+        headers = super().headers(**extra)
+        headers["Authorization"] = "Bearer " + self.source.current()
+        return headers
+
+
 def client_from_args(args):
     """A Client from --url/--user, else IPD_URL, IPD_USER, IPD_PASSWORD,
     else ~/.netrc; the password is never taken from the command line."""
@@ -7243,6 +7978,8 @@ def client_from_args(args):
     if not url:
         raise ClientError("set IPD_URL (e.g. https://host/deploy) or --url",
                           EXIT_USAGE)
+    if args.oidc or args.oidc_env:
+        return OidcClient(url, IdTokenSource(args.oidc, args.oidc_env), args.cacert)
     user = args.user or os.environ.get("IPD_USER") or None
     password = os.environ.get("IPD_PASSWORD") or None  # empty: not set
     if password is None or not user:
@@ -7379,6 +8116,12 @@ def add_client_commands(commands):
     common.add_argument("--user", help="default: $IPD_USER or ~/.netrc; the "
                         "password comes from $IPD_PASSWORD, ~/.netrc or a prompt")
     common.add_argument("--cacert", help="CA certificate file for https")
+    common.add_argument("--oidc", metavar="AUDIENCE", help="log in with GitHub "
+                        "Actions' ID token for AUDIENCE (the job needs "
+                        "permissions: id-token: write), not a password")
+    common.add_argument("--oidc-env", metavar="NAME", help="log in with the ID "
+                        "token in the environment variable NAME (GitLab CI's "
+                        "id_tokens), not a password")
     waiting = argparse.ArgumentParser(add_help=False)
     waiting.add_argument("--wait", action="store_true", help="follow the log "
                          "to the end; exit 0 only when the deployment is ok")

@@ -10,9 +10,11 @@ running real control.sh scripts.
 import argparse
 import base64
 import bz2
+import collections
 import functools
 import gzip
 import hashlib
+import hmac
 import html
 import http.client
 import http.server
@@ -29,6 +31,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -4151,6 +4154,765 @@ class TokenTests(DaemonTestCase):
         self.assertEqual(connection.getresponse().status, 403)
         self.assertRegex(self.daemon.daemon_log(r'"POST /deploy/upload" 403'),
                          r'"POST /deploy/upload" 403 user=token:\w+ in=0 ')
+
+
+###############################################################################
+# OpenID Connect ID tokens: keys made by openssl, tokens signed here ##########
+###############################################################################
+
+GITHUB = "https://token.actions.githubusercontent.com"
+AUDIENCE = "https://deploy.example.com"
+GITHUB_SUB = "repo:acme/web:ref:refs/heads/main"
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_uint(number):
+    return b64url(number.to_bytes((number.bit_length() + 7) // 8, "big"))
+
+
+def need_openssl():
+    if not shutil.which("openssl"):
+        if os.environ.get("CI"):
+            raise AssertionError("CI without openssl")
+        raise unittest.SkipTest("needs openssl (Debian: openssl)")
+
+
+class RsaKey:
+    """An RSA key made by `openssl genrsa` (its numbers read back from
+    `openssl rsa -text`), signing RS256 in pure Python: pow(m, d, n)."""
+
+    made = {}  # (bits, kid) -> key: each made once a run
+
+    def __init__(self, bits, kid):
+        folder = tempfile.mkdtemp(prefix="ipd-test-key-")
+        try:
+            path = os.path.join(folder, "key.pem")
+            subprocess.run(["openssl", "genrsa", "-out", path, str(bits)], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            text = subprocess.run(["openssl", "rsa", "-in", path, "-noout", "-text"],
+                                  check=True, stdout=subprocess.PIPE).stdout.decode()
+            self.public_pem = subprocess.run(
+                ["openssl", "rsa", "-in", path, "-pubout"], check=True,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+        finally:
+            shutil.rmtree(folder, True)
+
+        def number(label, following):
+            found = re.search(r"(?m)^%s:\s*\n((?:\s+[0-9a-f:]+\n)+)%s" % (label, following),
+                              text)
+            return int(re.sub(r"[^0-9a-f]", "", found.group(1)), 16)
+        self.n = number("modulus", "publicExponent")
+        self.e = int(re.search(r"publicExponent: (\d+)", text).group(1))
+        self.d = number("privateExponent", "prime1")
+        self.kid = kid
+        self.bits = self.n.bit_length()
+
+    @classmethod
+    def get(cls, bits, kid):
+        if (bits, kid) not in cls.made:
+            cls.made[bits, kid] = cls(bits, kid)
+        return cls.made[bits, kid]
+
+    def jwk(self):
+        return {"kty": "RSA", "kid": self.kid, "use": "sig", "alg": "RS256",
+                "n": b64url_uint(self.n), "e": b64url_uint(self.e)}
+
+    def sign(self, message):
+        """RSASSA-PKCS1-v1_5 with SHA-256, written out (RFC 8017 9.2)."""
+        size = (self.n.bit_length() + 7) // 8
+        info = bytes.fromhex("3031300d060960864801650304020105000420") + \
+            hashlib.sha256(message).digest()
+        encoded = b"\x00\x01" + b"\xff" * (size - len(info) - 3) + b"\x00" + info
+        return pow(int.from_bytes(encoded, "big"), self.d, self.n).to_bytes(size, "big")
+
+
+def jwks_text(*keys):
+    return json.dumps({"keys": [key.jwk() for key in keys]})
+
+
+def mint(key, claims, header=None):
+    """A compact JWS of claims signed RS256 by key (header: its own)."""
+    header = header or {"alg": "RS256", "typ": "JWT", "kid": key.kid}
+    signing = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
+    return signing + "." + b64url(key.sign(signing.encode()))
+
+
+def github_claims(**changes):
+    """The claims of a GitHub Actions job of acme/web on main; a change
+    to None leaves that claim out."""
+    now = int(time.time())
+    claims = {"iss": GITHUB, "aud": AUDIENCE, "sub": GITHUB_SUB,
+              "repository": "acme/web", "repository_owner": "acme",
+              "ref": "refs/heads/main", "sha": "a" * 40, "workflow": "deploy",
+              "run_id": "4242", "run_attempt": "1", "environment": "production",
+              "actor": "alice", "jti": str(uuid.uuid4()),
+              "iat": now - 5, "nbf": now - 5, "exp": now + 300}
+    claims.update(changes)
+    return {name: value for name, value in claims.items() if value is not None}
+
+
+def oidc_upload(daemon, authorization, project="web", address="127.0.0.1"):
+    """Upload an ok package to project with that Authorization; -> (status,
+    body)."""
+    content_type, body = multipart([("project", project), ("force", "1"), (
+        "package", ("p.tgz", control_script(OK_SCRIPT)))])
+    status, _, text = daemon.request("POST", "/upload", user=None, body=body, headers={
+        "Content-Type": content_type, "Authorization": authorization,
+        "X-Real-IP": address})
+    return status, text
+
+
+def audit_events(folder, event):
+    return [json.loads(line) for line in read_text(os.path.join(folder, "audit.log"))
+            .splitlines() if '"event": "%s"' % event in line]
+
+
+class OidcVerifyTests(unittest.TestCase):
+    """RS256 and the token's rules, in this process (no daemon)."""
+
+    # RFC 7515, Appendix A.2: the RS256 example and the key of RFC 7517
+    # Appendix A.1 it verifies with (exp 1300819380: March 2011).
+    RFC_TOKEN = (
+        "eyJhbGciOiJSUzI1NiJ9"
+        ".eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ"
+        ".cC4hiUPoj9Eetdgtv3hF80EGrhuB__dzERat0XF9g2VtQgr9PJbu3XOiZj5RZmh7AAuHIm4Bh-0Qc_lF5YKt_O8W"
+        "2Fp5jujGbds9uJdbF9CUAr7t1dnZcAcQjbKBYNX4BAynRFdiuB--f_nZLgrnbyTyWzO75vRK5h6xBArLIARNPvk"
+        "SjtQBMHlb1L07Qe7K0GarZRmB_eSN9383LcOLn6_dO--xi12jzDwusC-eOkHWEsqtFZESc6BfI7noOPqvhJ1phC"
+        "nvWh6IeYI2w9QOYEUipUTI8np6LbgGY9Fs98rqVt5AXLIhWkWywlVmtVrBp0igcN_IoypGlUPQGe77Rw")
+    RFC_N = (
+        "ofgWCuLjybRlzo0tZWJjNiuSfb4p4fAkd_wWJcyQoTbji9k0l8W26mPddxHmfHQp-Vaw-4qPCJrcS2mJPMEzP1Pt0"
+        "Bm4d4QlL-yRT-SFd2lZS-pCgNMsD1W_YpRPEwOWvG6b32690r2jZ47soMZo9wGzjb_7OMg0LOL-bSf63kpaSHSXndS"
+        "5z5rexMdbBYUsLA9e-KXBdQOS-UTo7WTBEMa2R2CapHg665xsmtdVMTBQY4uDZlxvb3qCo5ZwKh9kG4LT6_I5IhlJH"
+        "7aGhyxXFvUK-DWNmoudF8NAco9_h9iaGNj8q2ethFkMLs91kzk2PAcDTW9gb54h4FRWyuXpoQ")
+
+    def test_the_rfc_7515_a2_example_verifies_against_its_published_key(self):
+        n, e = ipd.b64url_int(self.RFC_N), ipd.b64url_int("AQAB")
+        self.assertEqual(n.bit_length(), 2048)
+        header, claims, signed, signature = ipd.parse_compact_jws(self.RFC_TOKEN)
+        self.assertEqual((header, claims["iss"], claims["exp"]),
+                         ({"alg": "RS256"}, "joe", 1300819380))
+        self.assertTrue(ipd.rsa_sha256_verify(n, e, signed, signature))
+        for flipped in (signed[:-1] + b"R", signed):  # the message, the signature
+            forged = signature if flipped != signed else \
+                signature[:100] + bytes([signature[100] ^ 1]) + signature[101:]
+            self.assertFalse(ipd.rsa_sha256_verify(n, e, flipped, forged))
+        self.assertFalse(ipd.rsa_sha256_verify(n, e, signed, signature[1:]))
+        with self.assertRaisesRegex(ipd.TokenRefused, "expired"):  # 2011
+            ipd.check_token_times(claims, time.time())
+        ipd.check_token_times(claims, 1300819380 - 1)
+
+    def test_times_have_at_most_60_s_of_leeway(self):
+        now = 2000000000
+        self.assertEqual(ipd.OIDC_LEEWAY, 60)
+        ipd.check_token_times({"exp": now - 59}, now)
+        ipd.check_token_times({"exp": now + 1, "nbf": now + 59, "iat": now + 59}, now)
+        for claims, reason in (({"exp": now - 60}, "expired"), ({}, "no exp"),
+                               ({"exp": "soon"}, "no exp"), ({"exp": True}, "no exp"),
+                               ({"exp": now + 9, "nbf": now + 61}, "not valid yet"),
+                               ({"exp": now + 9, "iat": now + 61}, "not valid yet"),
+                               ({"exp": float("nan")}, "no exp"), ({"exp": 10 ** 30}, "no exp"),
+                               ({"exp": now + 9, "nbf": float("inf")}, "nbf is not a number"),
+                               ({"exp": now + 9, "iat": "0"}, "iat is not a number")):
+            with self.subTest(claims), self.assertRaisesRegex(ipd.TokenRefused, reason):
+                ipd.check_token_times(claims, now)
+
+    def test_token_size_and_json_depth_are_bounded(self):
+        deep = b64url(b'{"a":' * 9 + b"1" + b"}" * 9)
+        plain = b64url(b'{"alg":"RS256"}')
+        for token, reason in ((plain + "." + deep + ".AA", "deeper"),
+                              (plain + "." + "A" * ipd.OIDC_MAX_TOKEN + ".AA", "too large"),
+                              (b64url(b'{"alg":"RS256","alg":"none"}') + "." + plain + ".",
+                               "twice"),
+                              (plain + "." + plain, "three parts"),
+                              (plain + "." + b64url(b'{"exp":NaN}') + ".", "not a JSON number"),
+                              (plain + ".e30.A", "base64url"),
+                              (b64url(b"[1]") + ".e30.", "objects")):
+            with self.subTest(reason), self.assertRaisesRegex(ipd.TokenRefused, reason):
+                ipd.parse_compact_jws(token)
+        self.assertEqual(ipd.parse_compact_jws(plain + ".e30.")[1], {})
+
+    def test_hostile_tokens_are_refused_never_raise(self):
+        folder = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        with open(os.path.join(folder, "rfc.jwks"), "w") as file:
+            json.dump({"keys": [{"kty": "RSA", "kid": "rfc", "n": self.RFC_N,
+                                 "e": "AQAB"}]}, file)
+        with open(os.path.join(folder, "trust"), "w") as file:
+            file.write("%s %s * repository=* jwks=rfc.jwks\n" % (GITHUB, AUDIENCE))
+        logins = ipd.OidcLogins(os.path.join(folder, "trust"), os.path.join(folder, "c"))
+        header = b64url(b'{"alg":"RS256","kid":"rfc"}')
+        signature = self.RFC_TOKEN.split(".")[2]
+        crafted = ['{"iss":"%s","aud":"%s","repository":"x","sub":"s","exp":%s,"nbf":%s}'
+                   % (GITHUB, AUDIENCE, exp, nbf) for exp, nbf in (
+                       ("NaN", 0), ("Infinity", 0), ("1e400", 0), ("9" * 5000, 0),
+                       ("2000000000", "-Infinity"), ("2000000000", "1e300"),
+                       ("2000000000", "[]"), ('"x"', 0), ("-1", 0))]
+        crafted += ['{"iss":%s}' % value for value in ("1", "null", "[]", '{"a":1}')]
+        crafted += ['{"iss":"%s","aud":[[],{},1,null]}' % GITHUB, "[]", "1", '"x"', "",
+                    "\udcff", '{"iss":"%s","iss":"%s"}' % (GITHUB, GITHUB)]
+        tokens = [header + "." + b64url(claims.encode("utf-8", "surrogatepass")) + "." +
+                  signature for claims in crafted]
+        generator = random.Random(26)
+        alphabet = "eyJ._-AZaz09=+/ \x00\xff"
+        for _ in range(2000):
+            token = list(generator.choice(tokens + [self.RFC_TOKEN]))
+            for _ in range(generator.randint(1, 4)):
+                token[generator.randrange(len(token))] = generator.choice(alphabet)
+            tokens.append("".join(token))
+        for token in tokens:
+            user, reason = logins.authenticate(token)
+            self.assertIsNone(user, token)
+            self.assertTrue(reason.startswith("ID token refused: "), reason)
+            self.assertIn("issuer", reason.audit)
+
+    def test_trust_rules_and_their_warnings(self):
+        text = "\n".join([
+            "# ISSUER AUDIENCE PROJECTS CLAIM=GLOB...",
+            "%s %s web,api repository=acme/web ref=refs/heads/main" % (GITHUB, AUDIENCE),
+            "https://gitlab.example.com ipd * project_path=acme/* jwks=keys/gitlab.json",
+            "http://plain.example ipd web repository=acme/web",
+            "%s %s web" % (GITHUB, AUDIENCE),
+            "%s %s ../etc repository=x" % (GITHUB, AUDIENCE),
+            "%s %s web =x" % (GITHUB, AUDIENCE),
+            "", "   # indented comment"])
+        rules, warnings = ipd.parse_trust(text, "trust.txt", "/etc/ipd")
+        self.assertEqual([(r.issuer, r.audience, r.projects, r.claims, r.jwks, r.line)
+                          for r in rules],
+                         [(GITHUB, AUDIENCE, frozenset({"web", "api"}),
+                           [("repository", "acme/web"), ("ref", "refs/heads/main")], None, 2),
+                          ("https://gitlab.example.com", "ipd", None,
+                           [("project_path", "acme/*")], "/etc/ipd/keys/gitlab.json", 3)])
+        self.assertEqual([w.split(":")[0] for w in warnings],
+                         ["trust.txt, line 4", "trust.txt, line 5", "trust.txt, line 6",
+                          "trust.txt, line 7"])
+        self.assertIn("https://", warnings[0])
+        self.assertIn("at least one CLAIM=GLOB", warnings[1])
+        self.assertTrue(all(w.endswith("line ignored") for w in warnings))
+        self.assertIsNone(rules[0].mismatch(github_claims()))
+        self.assertIn("ref=refs/heads/dev does not match",
+                      rules[0].mismatch(github_claims(ref="refs/heads/dev")))
+        self.assertIn("missing", rules[0].mismatch(github_claims(ref=None)))
+        gitlab = ipd.TrustRule("x", "ipd", None, [("ref_protected", "true")])
+        self.assertIsNone(gitlab.mismatch({"ref_protected": True}))
+        self.assertIsNone(gitlab.mismatch({"ref_protected": "true"}))
+
+    def test_user_names_and_recorded_claims(self):
+        self.assertEqual(ipd.short_issuer(GITHUB), "github")
+        self.assertEqual(ipd.short_issuer("https://gitlab.com"), "gitlab")
+        self.assertEqual(ipd.short_issuer("https://gitlab.example.com"), "gitlab.example.com")
+        self.assertEqual(ipd.short_issuer(GITHUB + "/acme"),
+                         "token.actions.githubusercontent.com/acme")
+        rules = [ipd.TrustRule(GITHUB, AUDIENCE, frozenset({"web"}), [("ref", "*")]),
+                 ipd.TrustRule(GITHUB, AUDIENCE, frozenset({"api"}), [("ref", "*/main")]),
+                 ipd.TrustRule(GITHUB, "other", None, [("ref", "*")])]
+        user = ipd.oidc_user(github_claims(sub="repo:acme/web:ref:refs/heads/main x"), rules)
+        self.assertEqual(user.name, "oidc:github:repo:acme/web:ref:refs/heads/main_x")
+        self.assertEqual((user.role, user.projects), ("USER", frozenset({"web", "api"})))
+        self.assertEqual(user.oidc["repository"], "acme/web")
+        self.assertEqual(user.oidc["run_id"], "4242")
+        self.assertNotIn("jti", user.oidc)
+        self.assertTrue(user.may_use("api") and not user.may_use("db"))
+        with self.assertRaisesRegex(ipd.TokenRefused, "audience"):
+            ipd.oidc_user(github_claims(aud=["a", "b"]), rules)
+        self.assertEqual(ipd.oidc_user(github_claims(aud=["x", "other"]), rules).projects,
+                         None)
+
+
+class OidcTestCase(DaemonTestCase):
+    """A daemon with OIDC_TRUST: rules written by rules(), keys made once."""
+
+    @classmethod
+    def setUpClass(cls):
+        need_openssl()
+        cls.key = RsaKey.get(2048, "key-1")
+        cls.rotated = RsaKey.get(2048, "key-2")
+        cls.weak = RsaKey.get(1024, "weak")
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
+        self.trust = os.path.join(self.tmp, "oidc-trust.txt")
+        with open(self.trust, "w") as file:
+            file.write(self.rules())
+        self.daemon = self.start_daemon(dict(self.daemon_settings(), OIDC_TRUST=self.trust))
+
+    def rules(self):
+        return ""
+
+    def daemon_settings(self):
+        return {}
+
+    def bearer(self, claims, key=None, header=None):
+        return "Bearer " + mint(key or self.key, claims, header)
+
+
+class OidcTests(OidcTestCase):
+    """ID tokens with keys from a JWKS file: what deploys, what is refused."""
+
+    def rules(self):
+        with open(os.path.join(self.tmp, "github.jwks"), "w") as file:
+            file.write(jwks_text(self.key, self.weak))
+        return ("# who may deploy what\n"
+                "%s %s web repository=acme/web ref=refs/heads/main jwks=github.jwks\n"
+                "%s %s web,api\n" % (GITHUB, AUDIENCE, GITHUB, AUDIENCE))
+
+    def daemon_settings(self):
+        self.listener = Listener()
+        self.addCleanup(self.listener.close)
+        return {"NOTIFY_URL": self.listener.url}
+
+    def test_a_matching_token_deploys_its_rules_project_and_only_it(self):
+        self.assertIn("line 3: a rule needs projects and at least one CLAIM=GLOB",
+                      self.daemon.daemon_log("line 3"))
+        token = self.bearer(github_claims())
+        status, deployment = oidc_upload(self.daemon, token)
+        self.assertEqual(status, 202, deployment)
+        deployment = deployment.strip()
+        self.assertEqual(self.daemon.wait_state("web", deployment), "ok")
+        self.assertEqual(oidc_upload(self.daemon, token, "api")[0], 403)
+        basic = "Basic " + base64.b64encode(b"oidc:" + token[7:].encode()).decode()
+        self.assertEqual(oidc_upload(self.daemon, basic)[0], 202)
+        # who deployed, exactly: the record, /status JSON, audit, notification, page
+        status, record = self.daemon.get_json("/status/web/" + deployment)
+        self.assertEqual(record["user"], "oidc:github:" + GITHUB_SUB)
+        expected = {"issuer": GITHUB, "sub": GITHUB_SUB, "repository": "acme/web",
+                    "ref": "refs/heads/main", "workflow": "deploy", "run_id": "4242",
+                    "environment": "production"}
+        self.assertEqual({k: record["oidc"].get(k) for k in expected}, expected)
+        upload = [e for e in audit_events(self.tmp, "upload")
+                  if e["deployment"] == deployment]
+        self.assertEqual(upload[0]["user"], "oidc:github:" + GITHUB_SUB)
+        self.assertEqual(upload[0]["oidc"]["repository"], "acme/web")
+        told = wait_until(lambda: [m for m in self.listener.received
+                                   if m["deployment"] == deployment], 20)
+        self.assertEqual(told[0]["oidc"]["run_id"], "4242")
+        page = self.daemon.get("/ui/web/" + deployment)[2]
+        for text in ("oidc:github:repo:acme/web", "acme/web</code>", "refs/heads/main",
+                     "4242", "production"):
+            self.assertIn(text, page)
+        self.assertIn("acme/web", self.daemon.get("/ui/web")[2])
+        # a rollback by a token: its own claims, not the earlier push's
+        status, _, again = self.daemon.request(
+            "POST", "/redeploy/web/" + deployment, user=None, headers={
+                "Authorization": self.bearer(github_claims(run_id="4343"))})
+        self.assertEqual(status, 202, again)
+        self.assertEqual(self.daemon.get_json("/status/web/" + again.strip())[1]["oidc"]
+                         ["run_id"], "4343")
+        # a restart reads it back; the token itself is nowhere
+        self.daemon.restart()
+        self.assertEqual(self.daemon.get_json("/status/web/" + deployment)[1]["oidc"],
+                         record["oidc"])
+        everything = read_text(os.path.join(self.tmp, "audit.log")) + \
+            self.daemon.daemon_log() + read_text(os.path.join(
+                self.daemon.upload_dir, "web", "deployments", deployment + ".json"))
+        self.assertNotIn(token[7:], everything)
+        self.assertNotIn(token.split(".")[2], everything)
+
+    def refusals(self):
+        """(what, Authorization, reason in the audit log) of each token
+        that must not log in."""
+        now = int(time.time())
+        good = github_claims()
+        header = {"alg": "RS256", "typ": "JWT", "kid": self.key.kid}
+        unsigned = b64url(json.dumps({"alg": "none"}).encode()) + "." + \
+            b64url(json.dumps(good).encode()) + "."
+        hs_header = b64url(json.dumps({"alg": "HS256", "typ": "JWT",
+                                       "kid": self.key.kid}).encode())
+        hs_input = hs_header + "." + b64url(json.dumps(good).encode())
+        hs256 = hs_input + "." + b64url(hmac.new(self.key.public_pem, hs_input.encode(),
+                                                 "sha256").digest())
+        signed = mint(self.key, good)
+        body, signature = signed.rsplit(".", 1)
+        raw = bytearray(base64.urlsafe_b64decode(signature + "=="))
+        raw[-1] ^= 1
+        flipped = body + "." + b64url(bytes(raw))
+        huge = mint(self.key, github_claims(padding="x" * (1 << 20)))
+        return [
+            ("wrong iss", self.bearer(github_claims(iss="https://token.example.com")),
+             "issuer not trusted"),
+            ("wrong aud", self.bearer(github_claims(aud="https://other.example")),
+             "audience"),
+            ("unmatched claim", self.bearer(github_claims(ref="refs/heads/dev")),
+             "claim ref=refs/heads/dev does not match"),
+            ("a claim missing", self.bearer(github_claims(repository=None)),
+             "claim repository is missing"),
+            ("expired", self.bearer(github_claims(exp=now - 61)), "expired"),
+            ("no exp", self.bearer(github_claims(exp=None)), "no exp"),
+            ("not yet valid", self.bearer(github_claims(nbf=now + 120)), "not valid yet"),
+            ("alg none", "Bearer " + unsigned, "alg 'none' refused"),
+            ("HS256 keyed with the public key", "Bearer " + hs256, "alg 'HS256' refused"),
+            ("unknown kid", self.bearer(good, header=dict(header, kid="key-9")),
+             "unknown kid"),
+            ("1,024-bit key", self.bearer(good, self.weak), "has 1024 bits"),
+            ("flipped signature bit", "Bearer " + flipped, "bad signature"),
+            ("signed by another key", self.bearer(good, self.rotated, header),
+             "bad signature"),
+            ("jku header", self.bearer(good, header=dict(header, jku="https://evil/k")),
+             "header parameter jku refused"),
+            ("a token of 1 MiB", "Bearer " + huge, "token too large"),
+        ]
+
+    def test_each_bad_token_is_a_401_audited_and_queues_nothing(self):
+        wrong_password = self.daemon.upload("web", control_script(OK_SCRIPT),
+                                            user="dev:wrong")
+        for number, (what, authorization, reason) in enumerate(self.refusals()):
+            with self.subTest(what):
+                if len(authorization) > 60000:  # over http.server's line limit:
+                    authorization = "\r\n ".join(  # folded (RFC 9112 5.2 obs-fold)
+                        authorization[i:i + 60000]
+                        for i in range(0, len(authorization), 60000))
+                status, body = oidc_upload(self.daemon, authorization,
+                                           address="10.0.0.%d" % number)
+                self.assertEqual((status, body), wrong_password[::2])
+                refused = audit_events(self.tmp, "login_refused")[-1]
+                self.assertIn(reason, refused["reason"])
+                self.assertEqual(refused["address"], "10.0.0.%d" % number)
+                # a token too large is not even decoded
+                self.assertEqual(refused["issuer"], {"wrong iss": "https://token.example.com",
+                                                     "a token of 1 MiB": ""}.get(what, GITHUB))
+        self.assertEqual(self.daemon.get("/status/web")[0], 404)
+        self.assertFalse(os.path.exists(os.path.join(self.daemon.upload_dir, "web")))
+        text = read_text(os.path.join(self.tmp, "audit.log")) + self.daemon.daemon_log()
+        for _, authorization, _ in self.refusals()[:3]:
+            self.assertNotIn(authorization.split(".")[2], text)
+
+    def test_rules_are_read_again_when_the_file_changes(self):
+        token = self.bearer(github_claims(ref="refs/heads/release"))
+        self.assertEqual(oidc_upload(self.daemon, token)[0], 401)
+        with open(self.trust, "a") as file:
+            file.write("%s %s web,api repository=acme/* ref=refs/heads/release "
+                       "jwks=github.jwks\n" % (GITHUB, AUDIENCE))
+        self.assertEqual(oidc_upload(self.daemon, token, "api")[0], 202)
+        os.remove(self.trust)
+        self.assertEqual(oidc_upload(self.daemon, token, "api")[0], 401)
+
+    def test_require_signature_still_applies(self):
+        self.daemon.stop()
+        with open(self.daemon.config, "a") as file:
+            file.write("REQUIRE_SIGNATURE=web\n")
+        self.daemon.start()
+        status, body = oidc_upload(self.daemon, self.bearer(github_claims()))
+        self.assertEqual(status, 403, body)
+        self.assertIn("signed pushes only", body)
+
+
+def make_test_ca(folder):
+    """A CA and a certificate for 127.0.0.1 it signed, made by openssl;
+    -> (CA certificate path, server certificate path, server key path)."""
+    def openssl(*args):
+        subprocess.run(["openssl"] + list(args), check=True, cwd=folder,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+            "-out", "ca.pem", "-days", "2", "-subj", "/CN=ipd test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+            "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    with open(os.path.join(folder, "server.ext"), "w") as file:
+        file.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\n"
+                   "authorityKeyIdentifier=keyid,issuer\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2",
+            "-extfile", "server.ext")
+    return tuple(os.path.join(folder, name) for name in
+                 ("ca.pem", "server.pem", "server.key"))
+
+
+class FakeIssuer:
+    """An OpenID issuer over HTTPS on 127.0.0.1 (certificate of a test CA):
+    issuers https://127.0.0.1:PORT/NAME, each answering discovery and its
+    JWKS as self.modes[NAME] says: 'keys' (self.keys), 'hang' (until the
+    test ends) or 'garbage'.  Counts each path it was asked for."""
+
+    def __init__(self, test, certificate, key):
+        self.keys, self.modes, self.hits = [], {}, collections.Counter()
+        self.entered = threading.Event()  # a request reached a 'hang'
+        self.release = threading.Event()
+        test.addCleanup(self.release.set)
+        issuer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                issuer.hits[self.path] += 1
+                name, _, rest = self.path.strip("/").partition("/")
+                mode = issuer.modes.get(name)
+                if mode == "hang":
+                    issuer.entered.set()
+                    issuer.release.wait(60)
+                    return
+                if mode == "garbage":
+                    body = b"\x00{{{ not JSON"
+                elif rest == ".well-known/openid-configuration":
+                    body = json.dumps({"issuer": issuer.url(name),
+                                       "jwks_uri": issuer.url(name) + "/jwks"}).encode()
+                else:
+                    body = jwks_text(*issuer.keys).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificate, key)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        test.addCleanup(self.server.server_close)
+        test.addCleanup(self.server.shutdown)
+
+    def url(self, name):
+        return "https://127.0.0.1:%d/%s" % (self.server.server_address[1], name)
+
+    def fetches(self, name):
+        """(discovery fetches, JWKS fetches) of issuer name."""
+        return (self.hits["/%s/.well-known/openid-configuration" % name],
+                self.hits["/%s/jwks" % name])
+
+
+class OidcDiscoveryTests(OidcTestCase):
+    """Keys fetched by OpenID discovery over HTTPS (OIDC_CA_FILE names the
+    test's CA), cached on disk, fetched again at most once a minute."""
+
+    def rules(self):
+        self.ca, certificate, key = make_test_ca(self.tmp)
+        self.issuer = FakeIssuer(self, certificate, key)
+        self.issuer.modes = {"ci": "keys", "hang": "hang", "garbage": "garbage"}
+        return "".join("%s ipd web repository=acme/web\n" % self.issuer.url(name)
+                       for name in ("ci", "hang", "garbage"))
+
+    def daemon_settings(self):
+        return {"OIDC_CA_FILE": self.ca}
+
+    def token(self, name="ci", key=None):
+        return self.bearer(github_claims(iss=self.issuer.url(name), aud="ipd"), key)
+
+    def test_keys_over_https_cached_and_a_rotated_key_fetched_once(self):
+        self.issuer.keys = [self.key]
+        self.assertEqual(oidc_upload(self.daemon, self.token())[0], 202)
+        self.assertEqual(self.issuer.fetches("ci"), (1, 1))
+        self.assertEqual(oidc_upload(self.daemon, self.token())[0], 202)
+        # the issuer rotates its key: within the minute of the last fetch a
+        # new kid is refused without asking again
+        self.issuer.keys = [self.key, self.rotated]
+        self.assertEqual(oidc_upload(self.daemon, self.token(key=self.rotated))[0], 401)
+        self.assertEqual(self.issuer.fetches("ci"), (1, 1))
+        self.assertIn("unknown kid", audit_events(self.tmp, "login_refused")[-1]["reason"])
+        # a new daemon: the keys come from its disk cache, the new kid is
+        # fetched once, and kids no set has are not fetched again
+        self.daemon.restart()
+        self.assertEqual(oidc_upload(self.daemon, self.token())[0], 202)
+        self.assertEqual(self.issuer.fetches("ci"), (1, 1))
+        for _ in range(2):
+            self.assertEqual(oidc_upload(self.daemon, self.token(key=self.rotated))[0], 202)
+        unknown = self.bearer(github_claims(iss=self.issuer.url("ci"), aud="ipd"),
+                              header={"alg": "RS256", "kid": "key-3"})
+        for number in range(3):
+            self.assertEqual(oidc_upload(self.daemon, unknown,
+                                         address="10.1.0.%d" % number)[0], 401)
+        self.assertEqual(self.issuer.fetches("ci"), (2, 2))
+        cached = os.listdir(os.path.join(self.daemon.upload_dir, ".oidc"))
+        self.assertEqual(len(cached), 1)
+
+    def test_a_hanging_or_garbage_issuer_blocks_no_other_request(self):
+        self.issuer.keys = [self.key]
+        answers = {}
+
+        def hanging_login():
+            started = time.monotonic()
+            answers["hang"] = oidc_upload(self.daemon, self.token("hang"))[0]
+            answers["took"] = time.monotonic() - started
+        thread = threading.Thread(target=hanging_login)
+        thread.start()
+        self.addCleanup(thread.join, 60)
+        self.assertTrue(self.issuer.entered.wait(30))
+        for authorization, expected in ((self.token("garbage"), 401),
+                                        (self.token("ci"), 202), (ADMIN_AUTH, 202)):
+            started = time.monotonic()
+            self.assertEqual(oidc_upload(self.daemon, authorization)[0], expected)
+            self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(self.daemon.get("/status/web")[0], 200)
+        thread.join(30)
+        self.assertEqual(answers["hang"], 401)
+        self.assertGreaterEqual(answers["took"], ipd.OIDC_FETCH_TIMEOUT - 0.5)
+        self.assertLess(answers["took"], 3 * ipd.OIDC_FETCH_TIMEOUT)
+        log = self.daemon.daemon_log("no answer within")
+        self.assertIn("cannot fetch the keys of OIDC issuer %s" % self.issuer.url("hang"),
+                      log)
+        self.assertIn("cannot fetch the keys of OIDC issuer %s" % self.issuer.url("garbage"),
+                      log)
+        self.assertEqual(self.issuer.fetches("garbage"), (1, 0))
+        reasons = {event["issuer"]: event["reason"] for event in
+                   audit_events(self.tmp, "login_refused")}
+        for name in ("hang", "garbage"):
+            self.assertIn("no keys of this issuer", reasons[self.issuer.url(name)])
+
+
+class FakeActionsTokens:
+    """GitHub Actions' ID token endpoint (ACTIONS_ID_TOKEN_REQUEST_URL), on
+    127.0.0.1: each GET with the right bearer mints a token for the asked
+    audience, valid for `lifetime` seconds by ipd's clock (leeway included)."""
+
+    SECRET = "actions-request-token"
+
+    def __init__(self, test, key, lifetime=300):
+        self.key, self.lifetime, self.minted = key, lifetime, []
+        tokens = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                if (self.headers.get("Authorization") != "Bearer " + tokens.SECRET or
+                        query.get("api-version") != ["2.0"]):
+                    self.send_error(403)
+                    return
+                body = json.dumps({"count": 1, "value": tokens.mint(
+                    query.get("audience", [""])[0])}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.server = serve_in_thread(test, Handler)
+        self.environ = {
+            "ACTIONS_ID_TOKEN_REQUEST_URL": "http://127.0.0.1:%d/token?api-version=2.0"
+                                            % self.server.server_address[1],
+            "ACTIONS_ID_TOKEN_REQUEST_TOKEN": self.SECRET}
+
+    def mint(self, audience):
+        # ipd takes a token up to OIDC_LEEWAY s after its exp
+        exp = int(time.time() + self.lifetime - ipd.OIDC_LEEWAY)
+        self.minted.append((audience, exp + ipd.OIDC_LEEWAY))  # refused from then
+        return mint(self.key, github_claims(aud=audience, exp=exp))
+
+
+class OidcPushTests(OidcTestCase):
+    """ipd.py push --oidc AUDIENCE and --oidc-env NAME, as CI jobs run them."""
+
+    def rules(self):
+        with open(os.path.join(self.tmp, "ci.jwks"), "w") as file:
+            file.write(jwks_text(self.key))
+        return ("%s %s web repository=acme/web ref=refs/heads/main jwks=ci.jwks\n"
+                "https://gitlab.example.com ipd web project_path=acme/web "
+                "ref_protected=true jwks=ci.jwks\n" % (GITHUB, AUDIENCE))
+
+    def push(self, *args, env=None):
+        environ = {"IPD_URL": "http://127.0.0.1:%d/deploy" % self.daemon.port,
+                   "HOME": self.tmp}
+        for name in ("IPD_USER", "IPD_PASSWORD", "ACTIONS_ID_TOKEN_REQUEST_URL",
+                     "ACTIONS_ID_TOKEN_REQUEST_TOKEN"):
+            environ[name] = ""
+        environ.update(env or {})
+        return subprocess.run(IPD_RUN + ["push", "--project", "web"] + list(args),
+                              env=ipd_environ(environ), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              timeout=120)
+
+    def package(self, size=0):
+        """A package with control.sh and size random (incompressible) bytes."""
+        path = os.path.join(self.tmp, "package.tar.gz")
+        with open(path, "wb") as file:
+            file.write(tar_bytes({"control.sh": (("#!/bin/sh\n" + OK_SCRIPT).encode(),
+                                                 0o755), "data": os.urandom(size)}))
+        return path
+
+    def test_push_oidc_deploys_with_a_token_from_github_actions(self):
+        tokens = FakeActionsTokens(self, self.key)
+        result = self.push("--oidc", AUDIENCE, "--package", self.package(), "--wait",
+                           env=tokens.environ)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        deployment = result.stdout.decode().splitlines()[0]
+        self.assertEqual(tokens.minted[0][0], AUDIENCE)
+        record = self.daemon.get_json("/status/web/" + deployment)[1]
+        self.assertEqual((record["state"], record["user"]),
+                         ("ok", "oidc:github:" + GITHUB_SUB))
+        # no GitHub variables: a usage error that says what is missing
+        result = self.push("--oidc", AUDIENCE, "--package", self.package())
+        self.assertEqual(result.returncode, 2)
+        self.assertIn(b"ACTIONS_ID_TOKEN_REQUEST_URL", result.stderr)
+        # a token for another audience is refused like a wrong password
+        result = self.push("--oidc", "https://other.example", "--package",
+                           self.package(), env=tokens.environ)
+        self.assertEqual(result.returncode, 4, result.stderr)
+
+    def test_a_push_longer_than_its_token_lives_completes(self):
+        for whole in (True, False):
+            with self.subTest(whole=whole):
+                tokens = FakeActionsTokens(self, self.key, lifetime=2)
+                package = self.package(400000)
+                result = self.push("--oidc", AUDIENCE, "--package", package,
+                                   "--limit-rate", "100K", "--wait",
+                                   *(["--whole"] if whole else []), env=tokens.environ)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                # the first token was refused by ipd long before the end
+                self.assertGreater(time.time(), tokens.minted[0][1] + 1.0)
+                self.assertGreater(len(tokens.minted), 1)
+                deployment = result.stdout.decode().splitlines()[0]
+                self.assertEqual(self.daemon.state("web", deployment), "ok")
+
+    def test_push_oidc_env_with_a_gitlab_id_token(self):
+        now = time.time()
+        claims = {"iss": "https://gitlab.example.com", "aud": "ipd",
+                  "sub": "project_path:acme/web:ref_type:branch:ref:main",
+                  "project_path": "acme/web", "ref": "main", "ref_protected": "true",
+                  "pipeline_id": "777", "job_id": "778", "environment": "production",
+                  "iat": int(now), "nbf": int(now),
+                  # ipd takes it for 5 to 6 s more (leeway included)
+                  "exp": int(now + 6 - ipd.OIDC_LEEWAY)}
+        token = mint(self.key, claims)
+        result = self.push("--oidc-env", "CI_IPD_TOKEN", "--whole", "--package",
+                           self.package(900000), "--limit-rate", "100K",
+                           env={"CI_IPD_TOKEN": token})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertGreater(time.time(), claims["exp"] + ipd.OIDC_LEEWAY)
+        deployment = result.stdout.decode().splitlines()[0]
+        self.assertEqual(self.daemon.wait_state("web", deployment), "ok")
+        record = self.daemon.get_json("/status/web/" + deployment)[1]
+        self.assertEqual(record["user"], "oidc:gitlab.example.com:" + claims["sub"])
+        self.assertEqual(record["oidc"]["pipeline_id"], "777")
+        # the same token, now past its time: refused
+        result = self.push("--oidc-env", "CI_IPD_TOKEN", "--package", self.package(),
+                           env={"CI_IPD_TOKEN": token})
+        self.assertEqual(result.returncode, 4, result.stderr)
+        result = self.push("--oidc-env", "CI_IPD_NOTHING", "--package", self.package())
+        self.assertEqual(result.returncode, 2)
+
+
+class OidcLoginCostTests(OidcTestCase):
+    alone = True  # measures time: runs while no other test does
+
+    def rules(self):
+        with open(os.path.join(self.tmp, "ci.jwks"), "w") as file:
+            file.write(jwks_text(self.key))
+        return "%s %s web repository=acme/web jwks=ci.jwks\n" % (GITHUB, AUDIENCE)
+
+    def test_a_refused_token_costs_what_a_wrong_password_costs(self):
+        timings = {"wrong password": [], "bad token": []}
+        token = self.bearer(github_claims(ref="x", repository="acme/other"))
+        password = "Basic " + base64.b64encode(b"admin:wrong").decode()
+        for number in range(3):
+            for name, authorization in (("wrong password", password), ("bad token", token)):
+                started = time.perf_counter()
+                status, _, _ = self.daemon.get("/status/web", user=None, headers={
+                    "Authorization": authorization, "X-Real-IP": "10.2.0.%d" % number})
+                timings[name].append(time.perf_counter() - started)
+                self.assertEqual(status, 401)
+        median = {name: sorted(values)[1] for name, values in timings.items()}
+        report("refused logins, median: wrong password %.1f ms, refused ID token %.1f ms"
+               % (1000 * median["wrong password"], 1000 * median["bad token"]))
+        self.assertGreater(median["bad token"] / median["wrong password"], 0.4, median)
 
 
 ###############################################################################
