@@ -5008,6 +5008,19 @@ class Retention:
 # redeploy, cancel, statistics, with their log and audit.
 
 
+def parse_credentials(scheme, credentials):
+    """Authorization 'Basic base64(name:password)' or 'Bearer TOKEN' ->
+    (name, password); ('', '') when malformed."""
+    if scheme.lower() == "bearer":
+        return "token", credentials.strip()
+    try:
+        name, colon, password = base64.b64decode(
+            credentials.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return "", ""
+    return (name, password) if colon else ("", "")
+
+
 def deployment_message(record, event):
     """The daemon's log line of a new deployment: an upload or a redeploy."""
     if event == "redeploy":
@@ -5061,6 +5074,36 @@ class Daemon:
     def make_room(self):
         """Below MIN_FREE_SPACE, prune until there is room (Retention)."""
         self.retention.make_room()
+
+    def login(self, scheme, credentials, role, address, path):
+        """The User of an Authorization header's scheme and credentials
+        (Basic, or Bearer for a token), with role; raises TooManyRequests
+        while address is throttled (checked before any password is hashed),
+        Unauthorized for none or refused ones (logged and audited, never the
+        password), Forbidden for another role."""
+        user = None
+        if scheme.lower() in ("basic", "bearer"):
+            wait = self.login_throttle.retry_after(address)
+            if wait:
+                raise TooManyRequests("too many failed logins from %s: retry in "
+                                      "%d s" % (address, wait),
+                                      {"Retry-After": str(wait)})
+            name, password = parse_credentials(scheme, credentials)
+            user, reason = (self.check_login(name, password) if password
+                            else (None, "malformed credentials"))
+            if user is None:
+                self.login_throttle.failed(address)
+                log.warning("failed login as %r from %s", name[:64], address)
+                audit_event("login_refused", user=name[:64], address=address,
+                            path=path, reason=reason, **getattr(reason, "audit", {}))
+        if user is None:
+            raise Unauthorized("authentication required",
+                               {"WWW-Authenticate":
+                                'Basic realm="ipd", charset="UTF-8"'})
+        if user.role not in ADMITTED[role]:
+            raise Forbidden("forbidden: this needs the %s role"
+                            % " or ".join(ADMITTED[role]))
+        return user
 
     def check_login(self, name, password):
         """-> (User, None), or (None, why) for a refused login.  A deploy
@@ -5665,19 +5708,6 @@ def json_string_pieces(file):
             return
 
 
-def parse_credentials(scheme, credentials):
-    """Authorization 'Basic base64(name:password)' or 'Bearer TOKEN' ->
-    (name, password); ('', '') when malformed."""
-    if scheme.lower() == "bearer":
-        return "token", credentials.strip()
-    try:
-        name, colon, password = base64.b64decode(
-            credentials.strip(), validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return "", ""
-    return (name, password) if colon else ("", "")
-
-
 # Methods that change nothing, so a browser may send them from any page.
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -5985,34 +6015,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return getattr(self, "api_" + name), role, segments[1:]
 
     def authenticate(self, role):
-        """Return the User of the request's Basic credentials, or raise."""
-        header = self.headers.get("Authorization", "")
-        scheme, _, credentials = header.partition(" ")
-        user = None
-        if scheme.lower() in ("basic", "bearer"):
-            address = self.client_ip()
-            wait = self.ipd.login_throttle.retry_after(address)
-            if wait:
-                raise TooManyRequests("too many failed logins from %s: retry in "
-                                      "%d s" % (address, wait),
-                                      {"Retry-After": str(wait)})
-            name, password = parse_credentials(scheme, credentials)
-            user, reason = (self.ipd.check_login(name, password) if password
-                            else (None, "malformed credentials"))
-            if user is None:
-                self.ipd.login_throttle.failed(address)
-                log.warning("failed login as %r from %s", name[:64], address)
-                audit_event("login_refused", user=name[:64], address=address,
-                            path=self.path[:200], reason=reason,
-                            **getattr(reason, "audit", {}))
-        if user is None:
-            raise Unauthorized("authentication required",
-                               {"WWW-Authenticate":
-                                'Basic realm="ipd", charset="UTF-8"'})
-        if user.role not in ADMITTED[role]:
-            raise Forbidden("forbidden: this needs the %s role"
-                            % " or ".join(ADMITTED[role]))
-        return user
+        """Return the User of the request's credentials (see Daemon.login),
+        or raise."""
+        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
+        return self.ipd.login(scheme, credentials, role, self.client_ip(),
+                              self.path[:200])
 
     def check_project_access(self, project):
         self.ipd.check_access(self.user, project)
