@@ -96,6 +96,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -209,94 +210,167 @@ DEFAULT_CONFIG = "/etc/ipd.conf"
 
 # KEY: (default, kind, description).  The same table feeds the parser, the
 # README and ipd.conf.example, so a setting is documented where it is read.
+# Every setting: its default (as text), its kind (which parse_setting
+# turns into a value) and what it does, written once: the README's
+# settings table and ipd.conf.example are made from here by
+# `python3 ipd.py settings --markdown` and `--conf`, and a test holds
+# them to it.  An example value, where the default suits no server, is
+# what ipd.conf.example sets.
+Setting = collections.namedtuple("Setting", "default kind text example")
+
+
+def setting(default, kind, text, example=None):
+    return Setting(default, kind, " ".join(text.split()), example)
+
+
 SETTINGS = {
-    "LISTEN": ("127.0.0.1:9955", "address",
-               "host:port to listen on; the nginx proxy_pass target"),
-    "API_ROOT": ("/deploy", "root", "URL prefix of every endpoint"),
-    "UPLOAD_DIR": (".", "path", "projects, deployments and temporary uploads"),
-    "LOG_DIR": (".", "path", "where ipd.log is written"),
-    "AUTH_DB": ("/opt/ipd/users.txt", "path",
-                "users file: ROLE:username:hash lines"),
-    "SUCCESS_CODE": ("1", "int", "exit status of control.sh that means success"),
-    "STEP_TIMEOUT": ("600", "seconds", "time limit of each control.sh step"),
-    "KILL_GRACE": ("10", "seconds", "between SIGTERM and SIGKILL of a step"),
-    "SHUTDOWN_GRACE": ("30", "seconds",
-                       "on SIGTERM, how long running steps may go on"),
-    "MAX_PARALLEL": ("4", "count", "how many projects deploy at once"),
-    "KEEP_DEPLOYMENTS": ("10", "count",
-                         "deployments per project that keep their files"),
-    "MAX_UPLOAD_SIZE": ("0", "size", "largest request body, 0 for no limit"),
-    "MAX_UNPACKED_SIZE": ("8G", "size",
-                          "largest unpacked package, 0 for no limit"),
-    "READ_TIMEOUT": ("60", "seconds",
-                     "a request body stalled this long is dropped"),
-    "HEADER_TIMEOUT": ("30", "seconds",
-                       "time to send a request's line and headers; also the "
-                       "idle time of a kept-alive connection"),
-    "MAX_CONNECTIONS": ("512", "count", "open connections; more get 503"),
-    "MAX_CONNECTIONS_PER_ADDRESS": ("64", "count",
-                                    "open connections of one client address "
-                                    "(behind a trusted proxy: its X-Real-IP); "
-                                    "more get 503"),
-    "TRUSTED_PROXIES": ("127.0.0.0/8 ::1", "networks",
-                        "peers whose X-Real-IP / X-Forwarded-For name the "
-                        "client (the nginx in front); empty: none"),
-    "ALLOWED_SIGNERS": ("", "file",
-                        "OpenSSH allowed-signers file of the keys that may sign "
-                        "pushes (principals WHO@PROJECT); empty: none"),
-    "REQUIRE_SIGNATURE": ("", "projects",
-                          "projects whose pushes must be signed, * for all; "
-                          "empty: none"),
-    "TOKENS_DB": ("", "file", "deploy tokens file; empty: tokens.txt beside "
-                  "AUTH_DB"),
-    "OIDC_TRUST": ("", "file",
-                   "trust rules for CI jobs' OpenID Connect ID tokens (ISSUER "
-                   "AUDIENCE PROJECTS CLAIM=GLOB... lines); empty: off"),
-    "OIDC_CA_FILE": ("", "file",
-                     "CA certificates for fetching ID token issuers' keys over "
-                     "HTTPS; empty: the system's"),
-    "PUBLIC_ORIGIN": ("", "origins",
-                      "origin(s) browsers reach ipd at, like "
-                      "https://deploy.example.com; empty: from the Host header"),
-    "PASS_ENV": ("", "names",
-                 "daemon environment variables passed on to control.sh"),
-    "NOTIFY_URL": ("", "url", "where a JSON summary of each ended deployment "
-                   "is POSTed; empty for none"),
-    "NOTIFY_TIMEOUT": ("30", "seconds", "time limit of notify.sh and of each "
-                       "NOTIFY_URL attempt"),
-    "SEGMENT_EXPIRY": ("86400", "seconds",
-                       "partial segment uploads untouched this long are removed, "
-                       "and so are segments no kept deployment refers to"),
-    "DROP_REBUILT": ("yes", "yesno",
-                     "remove the image and package a recipe push rebuilt once "
-                     "its run ends (a redeploy rebuilds them from segments)"),
-    "MIN_FREE_SPACE": ("0", "size",
-                       "free space floor of UPLOAD_DIR: below it the files of "
-                       "the oldest prunable deployments go first; 0 for none"),
-    # What an uploader can reach (issue 14): see README, Guarantees.
-    "SCRIPTS": ("package", "scripts",
-                "package: a package may carry its own control.sh (the "
-                "original); server: only the control.sh an administrator "
-                "placed in the project folder runs, and a package with one "
-                "is refused"),
-    "RUN_AS": ("", "run_as",
-               "user[:group[,group...]] that control.sh and notify.sh run "
-               "as (names or numbers, e.g. ipd-run:ipd-run,docker); empty: "
-               "as ipd's own user"),
-    "MAX_MEMBERS": ("50000", "count", "entries in a package"),
-    "MAX_HEADER_SIZE": ("64K", "size",
-                        "headers of one tar entry, its pax records and GNU "
-                        "long name or link included"),
-    "MAX_NAME_SIZE": ("4096", "size",
-                      "longest entry name and link target in a package"),
-    "MAX_TRAILING_SIZE": ("1M", "size",
-                          "bytes after the end of a tar archive (padding); "
-                          "more is refused"),
-    "AUDIT_SYSLOG": ("", "syslog",
-                     "also send each audit event to syslog: a socket path "
-                     "(/dev/log, read by the journal) or host:port (UDP); "
-                     "empty for none"),
+    "LISTEN": setting("127.0.0.1:9955", "address", """host:port to listen on
+        (`[::1]:9955` for IPv6); the nginx `proxy_pass` target.  ipd speaks
+        plain HTTP: put nginx with TLS in front of it."""),
+    "API_ROOT": setting("/deploy", "root", """URL prefix of every endpoint:
+        `/deploy/upload`, `/deploy/status/...`"""),
+    "UPLOAD_DIR": setting(".", "path", """projects, their deployments and
+        temporary uploads (one filesystem).  It must exist and be writable by
+        ipd's user; one ipd at a time may use it.""", "/srv/upload"),
+    "LOG_DIR": setting(".", "path", """where `ipd.log` and `audit.log` are
+        written; reopened when logrotate moves them.  It must exist and be
+        writable by ipd's user.""", "/var/log/ipd"),
+    "AUTH_DB": setting("/opt/ipd/users.txt", "path", """users file:
+        `ROLE:username:hash` lines (ROLE is ADMIN, USER or METRICS)"""),
+    "SUCCESS_CODE": setting("1", "int", """exit status of control.sh that
+        means success (the original README's: 1)"""),
+    "STEP_TIMEOUT": setting("600", "seconds", """time limit of each control.sh
+        step (check, prepare, deploy); past it the step's processes are
+        stopped and the state is `timeout`"""),
+    "KILL_GRACE": setting("10", "seconds", """seconds between SIGTERM and
+        SIGKILL when a step is stopped"""),
+    "SHUTDOWN_GRACE": setting("30", "seconds", """on SIGTERM (systemctl stop),
+        how long running steps may go on before they are stopped and marked
+        `interrupted`; keep the unit's TimeoutStopSec above it"""),
+    "MAX_PARALLEL": setting("4", "count", """how many projects deploy at once
+        (one project always deploys one at a time)"""),
+    "KEEP_DEPLOYMENTS": setting("10", "count", """deployments per project that
+        keep their image and package; older ones keep only their state and
+        log"""),
+    "MAX_UPLOAD_SIZE": setting("0", "size", """largest request body (`512M`,
+        `10G`), and largest file a layer push rebuilds; 0 for no limit (nginx:
+        `client_max_body_size 0`)"""),
+    "MAX_UNPACKED_SIZE": setting("8G", "size", """largest unpacked package
+        (stops decompression bombs); 0 for no limit"""),
+    "READ_TIMEOUT": setting("60", "seconds", """seconds a request body may
+        stall before the upload is dropped"""),
+    "HEADER_TIMEOUT": setting("30", "seconds", """seconds a client has to send
+        a request's line and headers, however slowly it trickles them; also
+        how long a kept-alive connection may stay idle"""),
+    "MAX_CONNECTIONS": setting("512", "count", """open connections at most;
+        more are answered 503 at once"""),
+    "MAX_CONNECTIONS_PER_ADDRESS": setting("64", "count", """open connections
+        of one client address at most (behind a trusted proxy, the address it
+        names in `X-Real-IP`); more are answered 503, so one client cannot
+        take every connection"""),
+    "TRUSTED_PROXIES": setting("127.0.0.0/8 ::1", "networks", """peers
+        (addresses or networks) whose `X-Real-IP` / `X-Forwarded-For` are
+        believed as the client's address: the nginx in front of ipd; anyone
+        else's are ignored.  Empty when nothing proxies: then no local user
+        can pose as another address to the login throttle or the audit
+        log."""),
+    "ALLOWED_SIGNERS": setting("", "file", """OpenSSH allowed-signers file of
+        the keys that may sign pushes (`ipd.py push --sign KEY`); each key's
+        principals are `WHO@PROJECT` patterns (`ci@web,ci@api`, `release@*`);
+        options such as `valid-before="20270101"` apply.  Empty: none."""),
+    "REQUIRE_SIGNATURE": setting("", "projects", """projects whose pushes must
+        be signed by a key of ALLOWED_SIGNERS, `*` for all; an unsigned or
+        badly signed push to them is refused with 403"""),
+    "TOKENS_DB": setting("", "file", """deploy tokens file (`ipd.py token
+        create --project web --expires 30d`), which keeps only the tokens'
+        SHA-256; empty: `tokens.txt` beside AUTH_DB"""),
+    "OIDC_TRUST": setting("", "file", """trust rules for CI jobs that log in
+        with their OpenID Connect ID token, no secret stored (GitHub Actions,
+        GitLab CI): one a line, `ISSUER AUDIENCE PROJECTS CLAIM=GLOB...
+        [jwks=PATH]`, read again when the file changes (see Deploy from CI
+        without secrets).  Empty: off."""),
+    "OIDC_CA_FILE": setting("", "file", """CA certificates that the HTTPS
+        fetch of an issuer's keys (`/.well-known/openid-configuration`, its
+        `jwks_uri`) checks against; empty: the system's"""),
+    "PUBLIC_ORIGIN": setting("", "origins", """the origin(s) browsers reach
+        ipd's pages at, like `https://deploy.example.com` (several separated
+        by spaces); a state-changing request a browser sends with another
+        Origin is refused.  Empty: from the `Host` header, with the scheme of
+        a trusted proxy's `X-Forwarded-Proto`."""),
+    "PASS_ENV": setting("", "names", """variables of ipd's own environment
+        passed on to control.sh, besides PATH, DEPLOY, PROJECT, IMAGE and
+        PROJECT_DIR; e.g. `HOME DOCKER_HOST`"""),
+    "NOTIFY_URL": setting("", "url", """where a JSON summary of each ended
+        deployment is POSTed (3 tries); empty for none.
+        `UPLOAD_DIR/$PROJECT/notify.sh`, where present, runs too."""),
+    "NOTIFY_TIMEOUT": setting("30", "seconds", """time limit of `notify.sh`
+        and of each NOTIFY_URL try"""),
+    "SEGMENT_EXPIRY": setting("86400", "seconds", """layer pushes: partial
+        segment uploads untouched this many seconds are removed, and so are
+        stored segments that no kept deployment refers to and nobody sent or
+        named for as long (see Layer pushes)"""),
+    "DROP_REBUILT": setting("yes", "yesno", """`yes`: a deployment pushed as a
+        recipe of segments loses its rebuilt image and package once its run
+        ends (its recipe stays; a redeploy rebuilds them), so deployments
+        sharing layers take about the unique bytes; `no`: keep them"""),
+    "MIN_FREE_SPACE": setting("0", "size", """free space floor of UPLOAD_DIR
+        (`5G`): below it, the files of the oldest prunable deployments go
+        first (never a waiting or running one, nor a project's latest ok
+        one); 0 for none"""),
+    "SCRIPTS": setting("package", "scripts", """who supplies the code that runs
+        on this host (see Scripts and who runs them).  `package`: a package's
+        own control.sh runs (the original), so whoever may upload runs code
+        here; `server`: only the control.sh placed in `UPLOAD_DIR/$PROJECT/`
+        runs, and a package carrying one is refused (400).  An administrator
+        may set it per project in `UPLOAD_DIR/$PROJECT/project.conf`."""),
+    "RUN_AS": setting("", "run_as", """the user control.sh and notify.sh run
+        as: `user[:group[,group...]]`, names or numbers
+        (`ipd-run:ipd-run,docker`); then PROJECT_DIR is
+        `UPLOAD_DIR/$PROJECT/work`, and ipd-run-as.conf is needed (`make
+        install-run-as`).  Empty: as ipd itself, which lets them read the
+        users file and rewrite the logs."""),
+    "MAX_MEMBERS": setting("50000", "count", """entries in a package (checked
+        before anything is read into memory)"""),
+    "MAX_HEADER_SIZE": setting("64K", "size", """headers of one tar entry, its
+        pax records and GNU long name or link included"""),
+    "MAX_NAME_SIZE": setting("4096", "size", """longest entry name and link
+        target in a package"""),
+    "MAX_TRAILING_SIZE": setting("1M", "size", """bytes after the end of a tar
+        archive (padding); more is refused"""),
+    "AUDIT_SYSLOG": setting("", "syslog", """also send each audit event to
+        syslog, out of the deploy user's reach: `/dev/log` (the journal:
+        `journalctl -t ipd-audit`) or `host:port` (UDP); empty for none"""),
 }
+
+CONF_HEAD = """\
+# ipd settings: copy to /etc/ipd.conf (make install does).
+# KEY=VALUE lines, '#' comments: the syntax of a systemd EnvironmentFile, so
+# ipd.service loads this same file.  An environment variable of the same
+# name overrides a line here.  Sizes take K, M, G, T; times are seconds.
+# Made by `python3 ipd.py settings --conf` from the SETTINGS table.
+"""
+
+
+def settings_markdown():
+    """The README's settings table, made from SETTINGS."""
+    lines = ["| Name | Default | Description |", "| ------ | ------ | ------ |"]
+    for key, entry in SETTINGS.items():
+        default = "`%s`" % entry.default if entry.default else "(empty)"
+        lines.append("| `%s` | %s | %s |" % (key, default, entry.text))
+    return "\n".join(lines) + "\n"
+
+
+def settings_conf():
+    """ipd.conf.example, made from SETTINGS: each setting's text as a
+    comment (wrapped, without Markdown's backticks), then KEY=VALUE."""
+    parts = [CONF_HEAD]
+    for key, entry in SETTINGS.items():
+        text = entry.text.replace("`", "")
+        text = text[:1].upper() + text[1:]
+        comment = "\n".join("# " + line for line in textwrap.wrap(text, 74))
+        value = entry.default if entry.example is None else entry.example
+        parts.append("\n%s\n%s=%s\n" % (comment, key, value))
+    return "".join(parts)
 
 
 # A deployment is "await" or "active" until it ends in a final state: ok,
@@ -532,8 +606,7 @@ def load_settings(config_path=None, environ=None, warn=None):
     environ = os.environ if environ is None else environ
     explicit = config_path or environ.get("IPD_CONFIG")
     path = explicit or DEFAULT_CONFIG
-    sources = {key: (default, "default") for key, (default, _, _)
-               in SETTINGS.items()}
+    sources = {key: (entry.default, "default") for key, entry in SETTINGS.items()}
     if explicit or os.path.exists(path):
         for key, (value, number) in read_config_file(path).items():
             where = "%s:%d" % (path, number)
@@ -8344,6 +8417,12 @@ def cmd_version(args):
     return 0
 
 
+def cmd_settings(args):
+    """Print the settings as ipd.conf.example or the README's table."""
+    sys.stdout.write(settings_markdown() if args.markdown else settings_conf())
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="ipd", description="Image Push and Deploy: receive app images "
@@ -8406,6 +8485,14 @@ def build_parser():
     version = commands.add_parser("version", help="print the version",
                                   description="Print the version.")
     version.set_defaults(func=cmd_version)
+    described = commands.add_parser(
+        "settings", help="print every setting: the README's table or "
+        "ipd.conf.example", description="Print every setting with its default "
+        "and what it does, as the README's table (--markdown) or as "
+        "ipd.conf.example (--conf, the default).")
+    described.add_argument("--markdown", action="store_true",
+                           help="the README's table instead")
+    described.set_defaults(func=cmd_settings)
     add_client_commands(commands)
     return parser
 

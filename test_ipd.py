@@ -6765,8 +6765,8 @@ class CommandLineIssue15Tests(unittest.TestCase):
         commands = next(action for action in parser._actions
                         if isinstance(action, argparse._SubParsersAction))
         self.assertEqual(sorted(commands.choices), sorted(
-            ["serve", "demo", "passwd", "token", "version", "push", "status", "logs",
-             "list", "info", "cancel", "redeploy"]))
+            ["serve", "demo", "passwd", "token", "version", "settings", "push", "status",
+             "logs", "list", "info", "cancel", "redeploy"]))
         for name, command in [("ipd", parser)] + sorted(commands.choices.items()):
             with self.subTest(command=name):
                 self.assertTrue(command.description)
@@ -6962,6 +6962,22 @@ class ReadmeTruthTests(DaemonTestCase):
 
 
 class InstallTests(unittest.TestCase):
+
+    def test_each_setting_is_described_once_in_the_settings_table(self):
+        # README's table and ipd.conf.example are what ipd.py settings makes
+        readme = read_text(os.path.join(HERE, "README.md"))
+        table = readme.split("python3 ipd.py settings --markdown -->\n", 1)[1]
+        self.assertEqual(table.split("<!-- end of the table -->", 1)[0],
+                         ipd.settings_markdown())
+        self.assertEqual(read_text(os.path.join(HERE, "ipd.conf.example")),
+                         ipd.settings_conf())
+        printed = subprocess.run([sys.executable, IPD, "settings"], check=True,
+                                 stdout=subprocess.PIPE, universal_newlines=True)
+        self.assertEqual(printed.stdout, ipd.settings_conf())
+        for key, entry in ipd.SETTINGS.items():  # every default parses
+            with self.subTest(key):
+                ipd.parse_setting(entry.kind, entry.default)
+                self.assertTrue(entry.text)
 
     def test_every_setting_is_documented(self):
         example = read_text(os.path.join(HERE, "ipd.conf.example"))
