@@ -521,79 +521,112 @@ def resolve_run_as(text):
     return RunAs(uid, gid, sorted(set(extra)), text.strip())
 
 
-def parse_setting(kind, text):
-    """Turn the text of one setting into its value.  Raises ValueError."""
-    text = text.strip()
-    if kind in ("int", "count"):
-        if not re.fullmatch(r"-?\d+", text):
-            raise ValueError("not a whole number")
-        value = int(text)
-        if kind == "count" and value < 1:
-            raise ValueError("must be at least 1")
-        return value
-    if kind == "seconds":
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError("not a number of seconds") from None
-        if not 0 < value < 10 ** 7:
-            raise ValueError("must be a positive number of seconds")
-        return value
-    if kind == "size":
-        return parse_size(text)
-    if kind == "yesno":
-        if text.lower() not in ("yes", "no", "1", "0", "true", "false"):
-            raise ValueError("must be yes or no")
-        return text.lower() in ("yes", "1", "true")
-    if kind == "names":
-        names = text.replace(",", " ").split()
-        for name in names:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise ValueError("not a variable name: %r" % name)
-        return names
-    if kind == "address":
-        return parse_listen(text)
-    if kind == "file":
-        return os.path.abspath(text) if text else ""
-    if kind == "projects":
-        names = text.replace(",", " ").split()
-        for name in names:
-            if name != "*" and not is_project_name(name):
-                raise ValueError("not a project name: %r" % name)
-        return names
-    if kind == "networks":
-        return [ipaddress.ip_network(word, strict=False)
-                for word in text.replace(",", " ").split()]
-    if kind == "origins":
-        origins = [normalize_origin(word) for word in text.replace(",", " ").split()]
-        if None in origins:
-            raise ValueError("each must be scheme://host[:port], like "
-                             "https://deploy.example.com")
-        return origins
-    if kind == "url":
-        if text and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
-            raise ValueError("must be an http:// or https:// URL")
-        return text
-    if kind == "scripts":
-        if text not in ("package", "server"):
-            raise ValueError("must be package or server")
-        return text
-    if kind == "run_as":
-        if text:
-            resolve_run_as(text)  # raises ValueError naming what is unknown
-        return text
-    if kind == "syslog":
-        if text and not (text.startswith("/")
-                         or re.fullmatch(r"[^\s/:]+:\d+", text)):
-            raise ValueError("must be a socket path like /dev/log or host:port")
-        return text
-    if kind == "root":
-        if not text.startswith("/") or re.search(r"[\s?#%]", text):
-            raise ValueError("must be a URL path starting with /")
-        return text.rstrip("/")
+def parse_whole(text, least=None):
+    """A whole number (at least least, when given)."""
+    if not re.fullmatch(r"-?\d+", text):
+        raise ValueError("not a whole number")
+    if least is not None and int(text) < least:
+        raise ValueError("must be at least %d" % least)
+    return int(text)
+
+
+def parse_seconds(text):
+    """A positive number of seconds (below 10,000,000)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if not 0 < value < 10 ** 7:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def parse_yes_no(text):
+    if text.lower() not in ("yes", "no", "1", "0", "true", "false"):
+        raise ValueError("must be yes or no")
+    return text.lower() in ("yes", "1", "true")
+
+
+def parse_words(text, check, what):
+    """Words separated by spaces or commas, each passing check."""
+    words = text.replace(",", " ").split()
+    for word in words:
+        if not check(word):
+            raise ValueError("not %s: %r" % (what, word))
+    return words
+
+
+def parse_origins(text):
+    origins = [normalize_origin(word) for word in text.replace(",", " ").split()]
+    if None in origins:
+        raise ValueError("each must be scheme://host[:port], like "
+                         "https://deploy.example.com")
+    return origins
+
+
+def parse_matching(text, pattern, problem):
+    """text, empty or matching pattern (else ValueError(problem))."""
+    if text and not re.fullmatch(pattern, text):
+        raise ValueError(problem)
+    return text
+
+
+def parse_root(text):
+    if not text.startswith("/") or re.search(r"[\s?#%]", text):
+        raise ValueError("must be a URL path starting with /")
+    return text.rstrip("/")
+
+
+def parse_run_as_setting(text):
+    if text:
+        resolve_run_as(text)  # raises ValueError naming what is unknown
+    return text
+
+
+def parse_scripts_mode(text):
+    if text not in ("package", "server"):
+        raise ValueError("must be package or server")
+    return text
+
+
+def parse_path(text):
     if not text:
         raise ValueError("must not be empty")
     return text
+
+
+# Each kind of setting (SETTINGS' second field) and its parser: the text
+# (stripped) -> the value, or ValueError saying what is wrong.
+SETTING_KINDS = {
+    "int": parse_whole,
+    "count": lambda text: parse_whole(text, least=1),
+    "seconds": parse_seconds,
+    "size": parse_size,
+    "yesno": parse_yes_no,
+    "names": lambda text: parse_words(text, re.compile(
+        r"[A-Za-z_][A-Za-z0-9_]*\Z").match, "a variable name"),
+    "projects": lambda text: parse_words(
+        text, lambda word: word == "*" or is_project_name(word), "a project name"),
+    "address": parse_listen,
+    "file": lambda text: os.path.abspath(text) if text else "",
+    "path": parse_path,
+    "networks": lambda text: [ipaddress.ip_network(word, strict=False)
+                              for word in text.replace(",", " ").split()],
+    "origins": parse_origins,
+    "url": lambda text: parse_matching(text, r"https?://[^\s/]+(/\S*)?",
+                                       "must be an http:// or https:// URL"),
+    "scripts": parse_scripts_mode,
+    "run_as": parse_run_as_setting,
+    "syslog": lambda text: parse_matching(
+        text, r"/.*|[^\s/:]+:\d+", "must be a socket path like /dev/log or host:port"),
+    "root": parse_root,
+}
+
+
+def parse_setting(kind, text):
+    """Turn the text of one setting of kind into its value.  Raises
+    ValueError."""
+    return SETTING_KINDS[kind](text.strip())
 
 
 def load_settings(config_path=None, environ=None, warn=None):
@@ -5468,31 +5501,17 @@ class Daemon:
 
         Returns its record; on any error nothing of the upload is left.
         """
-        store = self.store
         staging = tempfile.mkdtemp(prefix=".upload-", suffix=".dir",
                                    dir=self.settings.UPLOAD_DIR)
         record = None
         try:
-            own_script = "package" in upload.files and project_settings(
-                self.settings, store.project_dir(project))["SCRIPTS"] == "package"
-            if "package" in upload.files:
-                unpack_package(upload.files["package"].path, staging,
-                               self.settings.MAX_UNPACKED_SIZE,
-                               PackageLimits(self.settings))
-                if not own_script and os.path.lexists(
-                        os.path.join(staging, "control.sh")):
-                    raise BadRequest(
-                        "the package carries a control.sh, and project %s runs "
-                        "only the one an administrator placed on the server "
-                        "(SCRIPTS=server): leave it out of the package" % project)
-            control = find_control_script(staging if own_script else None,
-                                          store.project_dir(project))
+            control = self.unpack_upload(project, upload, staging)
             files = {name: sink.describe() for name, sink in upload.files.items()}
             record = Deployment(str(uuid.uuid4()), project, None, user.name,
                                 files, control, recipe=upload.recipe is not None,
                                 **extra)
             if control.startswith(staging + os.sep):
-                record.control = os.path.join(store.path(record), "control.sh")
+                record.control = os.path.join(self.store.path(record), "control.sh")
             moves = {"." + name: sink.path for name, sink in upload.files.items()}
             if upload.recipe is not None:
                 moves[".recipe"] = upload.recipe.path
@@ -5501,8 +5520,8 @@ class Daemon:
                 self.segments.refer_recipe(record, upload.recipe.path)
             fields = dict(fields, project=project, deployment=record.id,
                           user=user.name, files=record.files)
-            record = store.commit(record, staging, moves, (event, fields),
-                                  deployment_message(record, event), received)
+            record = self.store.commit(record, staging, moves, (event, fields),
+                                       deployment_message(record, event), received)
         except BaseException as error:
             if record is not None:
                 self.segments.forget(record.id)
@@ -5511,6 +5530,25 @@ class Daemon:
         finally:
             upload.discard()
         return record
+
+    def unpack_upload(self, project, upload, staging):
+        """Unpack upload's package (if any) into staging, and -> the path of
+        the control.sh that is to run: the package's own, where the
+        project's SCRIPTS allows it, else the one on the server.  Raises
+        BadRequest for a package that carries a control.sh it may not."""
+        project_dir = self.store.project_dir(project)
+        own_script = "package" in upload.files and project_settings(
+            self.settings, project_dir)["SCRIPTS"] == "package"
+        if "package" in upload.files:
+            unpack_package(upload.files["package"].path, staging,
+                           self.settings.MAX_UNPACKED_SIZE,
+                           PackageLimits(self.settings))
+            if not own_script and os.path.lexists(os.path.join(staging, "control.sh")):
+                raise BadRequest(
+                    "the package carries a control.sh, and project %s runs "
+                    "only the one an administrator placed on the server "
+                    "(SCRIPTS=server): leave it out of the package" % project)
+        return find_control_script(staging if own_script else None, project_dir)
 
 
 ###############################################################################
