@@ -132,50 +132,78 @@ class IpdError(Exception):
 
 
 class BadRequest(IpdError):
+    """400: the request is malformed or names what cannot be; the
+    message says what to fix."""
+
     http_status = 400
 
 
 class Unauthorized(IpdError):
+    """401: no credentials, or refused ones (the same answer for every
+    reason, so that it tells a guesser nothing)."""
+
     http_status = 401
 
 
 class Forbidden(IpdError):
+    """403: a known user without the role or the project, or a push that
+    must be signed and is not."""
+
     http_status = 403
 
 
 class NotFound(IpdError):
+    """404: no such endpoint, project or deployment ('no')."""
+
     http_status = 404
 
 
 class MethodNotAllowed(IpdError):
+    """405: the path exists for other methods (headers carry Allow)."""
+
     http_status = 405
 
 
 class Conflict(IpdError):
+    """409: the deployment has ended already, or the segment upload is
+    elsewhere (headers may carry Upload-Offset)."""
+
     http_status = 409
 
 
 class LengthRequired(IpdError):
+    """411: a body with neither Content-Length nor chunked coding."""
+
     http_status = 411
 
 
 class Gone(IpdError):
+    """410: the files a redeploy needs were pruned."""
+
     http_status = 410
 
 
 class TooLarge(IpdError):
+    """413: a body or file over MAX_UPLOAD_SIZE (or another limit)."""
+
     http_status = 413
 
 
 class TooManyRequests(IpdError):
+    """429: too many failed logins from one address (Retry-After)."""
+
     http_status = 429
 
 
 class DiskFull(IpdError):
+    """507: UPLOAD_DIR has no room; nothing of the request is kept."""
+
     http_status = 507
 
 
 class Unavailable(IpdError):
+    """503: too many connections, or ipd is stopping (Retry-After)."""
+
     http_status = 503
 
 
@@ -220,6 +248,7 @@ Setting = collections.namedtuple("Setting", "default kind text example")
 
 
 def setting(default, kind, text, example=None):
+    """A SETTINGS entry; text is folded into one line (Markdown)."""
     return Setting(default, kind, " ".join(text.split()), example)
 
 
@@ -542,6 +571,7 @@ def parse_seconds(text):
 
 
 def parse_yes_no(text):
+    """yes/no (or 1/0, true/false) -> bool."""
     if text.lower() not in ("yes", "no", "1", "0", "true", "false"):
         raise ValueError("must be yes or no")
     return text.lower() in ("yes", "1", "true")
@@ -557,6 +587,8 @@ def parse_words(text, check, what):
 
 
 def parse_origins(text):
+    """Origins (scheme://host[:port]), normalized, separated by spaces or
+    commas."""
     origins = [normalize_origin(word) for word in text.replace(",", " ").split()]
     if None in origins:
         raise ValueError("each must be scheme://host[:port], like "
@@ -572,24 +604,28 @@ def parse_matching(text, pattern, problem):
 
 
 def parse_root(text):
+    """API_ROOT: a URL path, without its trailing slash."""
     if not text.startswith("/") or re.search(r"[\s?#%]", text):
         raise ValueError("must be a URL path starting with /")
     return text.rstrip("/")
 
 
 def parse_run_as_setting(text):
+    """RUN_AS: empty, or user[:group[,group...]] of existing accounts."""
     if text:
         resolve_run_as(text)  # raises ValueError naming what is unknown
     return text
 
 
 def parse_scripts_mode(text):
+    """SCRIPTS: package or server."""
     if text not in ("package", "server"):
         raise ValueError("must be package or server")
     return text
 
 
 def parse_path(text):
+    """A path that must not be empty."""
     if not text:
         raise ValueError("must not be empty")
     return text
@@ -936,6 +972,8 @@ class UserDB:
 
     def __init__(self, path):
         self.path = path
+        # guards the users read (and the file signature they were read at)
+        # and the verified-password cache: a reload swaps them at once
         self._lock = threading.Lock()
         self._signature = None
         self._users = {}
@@ -1009,7 +1047,7 @@ class LoginThrottle:
         self.burst = burst
         self.refill = refill
         self.max_addresses = max_addresses
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _failures
         self._failures = {}  # address -> (tokens left, when last counted)
 
     def _tokens(self, address, now):
@@ -1283,6 +1321,8 @@ class TokenDB:
 
     def __init__(self, path):
         self.path = path
+        # guards the tokens read (at the file signature below) and their
+        # last uses, so that a reload and a login never see half of either
         self._lock = threading.Lock()
         self._signature = None
         self._tokens = {}
@@ -3417,6 +3457,7 @@ class Deployment:
         return public
 
     def copy(self):
+        """A copy that shares nothing changeable with this one."""
         return self.replace()
 
     def replace(self, **changes):
@@ -3454,6 +3495,7 @@ def summarize(values):
 
 
 def escape_label(value):
+    """A Prometheus label value, escaped for the text format."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
@@ -3700,6 +3742,7 @@ class ColdFigures:
             self.durations.append([record.seq, record.ended - record.started])
 
     def to_disk(self):
+        """The figures as the index keeps them (the newest durations)."""
         self.durations = sorted(self.durations)[-1000:]
         return dict({key: getattr(self, key) for key in self.FIELDS[1:]},
                     ids=" ".join(self.ids))
@@ -3727,6 +3770,7 @@ class ProjectLedger:
         self.index_fresh = False
 
     def count(self):
+        """How many deployments the project has, hot and cold."""
         return self.cold_count + len(self.hot)
 
     def cold_newer_than(self, seq):
@@ -3796,9 +3840,12 @@ class DeploymentStore:
     # --- paths
 
     def project_dir(self, project):
+        """UPLOAD_DIR/PROJECT: the administrator's control.sh, notify.sh,
+        project.conf, and deployments/."""
         return os.path.join(self.upload_dir, project)
 
     def deployments_dir(self, project):
+        """Where project's deployments' folders, files and states are."""
         return os.path.join(self.upload_dir, project, "deployments")
 
     def path(self, record, suffix=""):
@@ -3816,6 +3863,7 @@ class DeploymentStore:
         deployment that was running becomes 'interrupted' and what is left
         of its control.sh is stopped, so that it never overlaps the
         project's next deployment.  Returns the number of deployments.
+        Called once, before any other thread uses the store.
         """
         os.makedirs(self.upload_dir, exist_ok=True)
         hot, durations = [], []
@@ -4759,6 +4807,8 @@ class SegmentStore:
     def __init__(self, upload_dir, expiry):
         self.root = os.path.join(upload_dir, SEGMENTS_DIR)
         self.expiry = expiry
+        # guards the dicts and the busy set below (never held for I/O but
+        # the renames and removals that must agree with them)
         self.lock = threading.Lock()
         self.sizes = {}      # digest -> size of each complete segment
         self.uploaders = {}  # digest -> names of the users who sent its bytes
@@ -5907,7 +5957,7 @@ class ConnectionGuard:
         self.limit = limit
         self.per_address = per_address
         self.head_timeout = head_timeout
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the three dicts and the reaper
         self._open = {}  # socket -> the address it counts against
         self._counts = {}  # address -> its open connections
         self._deadlines = {}  # socket -> monotonic deadline of its head

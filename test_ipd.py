@@ -4902,14 +4902,14 @@ class OidcLoginCostTests(OidcTestCase):
         timings = {"wrong password": [], "bad token": []}
         token = self.bearer(github_claims(ref="x", repository="acme/other"))
         password = "Basic " + base64.b64encode(b"admin:wrong").decode()
-        for number in range(3):
+        for number in range(9):  # medians of nine, taken in turn: a busy machine
             for name, authorization in (("wrong password", password), ("bad token", token)):
                 started = time.perf_counter()
                 status, _, _ = self.daemon.get("/status/web", user=None, headers={
                     "Authorization": authorization, "X-Real-IP": "10.2.0.%d" % number})
                 timings[name].append(time.perf_counter() - started)
                 self.assertEqual(status, 401)
-        median = {name: sorted(values)[1] for name, values in timings.items()}
+        median = {name: sorted(values)[4] for name, values in timings.items()}
         report("refused logins, median: wrong password %.1f ms, refused ID token %.1f ms"
                % (1000 * median["wrong password"], 1000 * median["bad token"]))
         self.assertGreater(median["bad token"] / median["wrong password"], 0.4, median)
