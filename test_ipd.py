@@ -10,6 +10,7 @@ running real control.sh scripts.
 import argparse
 import base64
 import bz2
+import errno
 import collections
 import functools
 import gzip
@@ -3916,6 +3917,44 @@ class InProcessServerTests(unittest.TestCase):
         record = self.daemon.store.wait_final(deployment, 20)
         self.assertEqual(record.state, "ok")
         self.assertEqual(self.daemon.statistics()["uploads"], 1)  # not the refused one
+
+    def test_a_pushed_deployments_segments_are_referred_before_it_shows(self):
+        # a collection between the commit and the reference would take the
+        # segments only this deployment names: referred to first, and
+        # forgotten again when the commit fails
+        daemon, upload_dir = self.daemon, self.daemon.settings.UPLOAD_DIR
+        os.makedirs(os.path.join(upload_dir, "app"))
+        with open(os.path.join(upload_dir, "app", "control.sh"), "w") as file:
+            file.write("#!/bin/sh\nexit 1\n")
+        os.chmod(os.path.join(upload_dir, "app", "control.sh"), 0o755)
+        data = b"the bytes of one segment"
+        digest = hashlib.sha256(data).hexdigest()
+
+        def pushed():
+            upload = ipd.Upload()
+            upload.fields["force"] = "1"  # not "the same files again"
+            sink = upload.files["image"] = ipd.FileSink(upload_dir, "image", "i.tar")
+            sink.write(data)
+            sink.close()
+            upload.recipe = ipd.RecipeFile(ipd.encode_recipe({"image": {
+                "name": "i.tar", "size": len(data), "sha256": digest,
+                "segments": [{"sha256": digest, "size": len(data)}]}}), upload_dir)
+            return upload
+        seen, commit = [], daemon.store.commit
+
+        def watching_commit(record, *args, **kwargs):
+            seen.append(daemon.segments.refs.get(record.id))
+            if len(seen) == 2:
+                raise OSError(errno.ENOSPC, "no space left on device")
+            return commit(record, *args, **kwargs)
+        daemon.store.commit = watching_commit
+        admin = ipd.User("admin", "ADMIN", "")
+        record, created = daemon.create_deployment("app", pushed(), admin, "::1", 1)
+        self.assertEqual(seen, [("app", frozenset({digest}))])
+        with self.assertRaises(ipd.DiskFull):
+            daemon.create_deployment("app", pushed(), admin, "::1", 1)
+        self.assertEqual(list(daemon.segments.refs), [record.id])  # the failed one's gone
+        self.assertEqual(daemon.store.wait_final(record.id, 20).state, "ok")
 
     def test_an_upload_is_counted_before_it_shows(self):
         # the upload's counters change in the step that shows it: a reader
