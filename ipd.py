@@ -68,6 +68,7 @@ import getpass
 import grp
 import gzip
 import hashlib
+import heapq
 import hmac
 import html
 import http.client
@@ -3669,6 +3670,23 @@ def write_index(folder, hot, mtimes, cold):
         remove_quietly(temporary)
 
 
+def file_stamp(info):
+    """What the index keeps of a state file's os.stat: [mtime_ns, size,
+    inode]; None for one written in the last 2 s, whose mtime a later
+    rewrite in the same clock tick could leave as it is."""
+    if time.time() - info.st_mtime < 2:
+        return None
+    return [info.st_mtime_ns, info.st_size, info.st_ino]
+
+
+def stamp_matches(stamp, info):
+    """True when a state file (its os.stat) is as the index saw it: its
+    stamp, or the mtime alone that an older ipd's index kept."""
+    if isinstance(stamp, int):
+        return stamp == info.st_mtime_ns
+    return stamp is not None and stamp == [info.st_mtime_ns, info.st_size, info.st_ino]
+
+
 def mark_index_stale(folder):
     """The folder is about to change: its index vouches for it no more."""
     try:
@@ -3935,13 +3953,27 @@ class DeploymentStore:
         try:
             cold = ColdFigures(index.get("cold") if index else None)
             cached = dict(index["hot"]) if index else {}
-            if fresh:
+            if fresh and self._unchanged(project, cached):
                 records = [cached_deployment(entry[1]) for entry in cached.values()]
                 if records and None not in records:
                     return records, cold, True
         except (KeyError, TypeError, ValueError, IndexError):
             cold, cached = ColdFigures(), {}
         return self._scan_project(project, cold, cached)
+
+    def _unchanged(self, project, cached):
+        """True when each of the index's hot records' state files is as it
+        was (its stamp): a file rewritten in place leaves the folder's
+        mtime as it was."""
+        folder = self.deployments_dir(project)
+        for deployment_id, (stamp, _) in cached.items():
+            try:
+                info = os.stat(os.path.join(folder, deployment_id + ".json"))
+            except OSError:
+                return False
+            if not stamp_matches(stamp, info):
+                return False
+        return True
 
     def _scan_project(self, project, cold, cached):
         """_load_project's slow way: read the state files that neither cold
@@ -3963,10 +3995,11 @@ class DeploymentStore:
             if entry.name.startswith("."):  # a torn atomic write
                 remove_quietly(entry.path)
             elif suffix == "json" and DEPLOYMENT_ID.match(stem) and stem not in counted:
-                mtimes[stem] = entry.stat().st_mtime_ns
-                cached_mtime, cached_record = cached.get(stem, (None, None))
+                info = entry.stat()
+                mtimes[stem] = file_stamp(info)
+                cached_stamp, cached_record = cached.get(stem, (None, None))
                 record = (cached_deployment(cached_record)
-                          if cached_mtime == mtimes[stem] else None)
+                          if stamp_matches(cached_stamp, info) else None)
                 record = record or self._read_record(entry.path, project, stem)
                 if record:
                     records.append(record)
@@ -4094,6 +4127,17 @@ class DeploymentStore:
         self._after(old, new)
         return new.copy()
 
+    def mark_pruned(self, deployment_id):
+        """Record that a deployment's files are gone; -> False when it was
+        so already (two retention runs may pick the same one)."""
+        with self._change_lock:
+            with self._lock:
+                record = self._hot.get(deployment_id)
+            if record is None or record.pruned:
+                return False
+            self._change(deployment_id, pruned=True)
+        return True
+
     def commit(self, record, folder, files, audit=None, message=None, received=0):
         """Move an upload's folder and files ({suffix: path}) into place and
         write its record (state 'await') with the next sequence number.  It
@@ -4155,6 +4199,8 @@ class DeploymentStore:
                 record = self._hot.get(deployment_id)
                 waiting = record and self._waiting.get(record.project) == deployment_id
                 stop = self._cancels.get(deployment_id)
+            if record is None:  # cold: ended long ago, or none
+                record = self.get(deployment_id)
             if record is None:
                 raise NotFound("no deployment %s" % deployment_id)
             if record.state not in UNFINISHED:
@@ -4295,9 +4341,11 @@ class DeploymentStore:
         with self._lock:
             return self._counters.render(gauges, counters)
 
-    def deployments_of(self, project):
+    def deployments_of(self, project, limit=None):
         """Copies of the project's records, oldest first: the cold ones read
-        from their state files."""
+        from their state files; with limit, only about the newest limit
+        (the cold ones chosen by their files' mtimes, which is when they
+        ended), so that a long history costs a page no more than that."""
         with self._lock:
             ledger = self._ledgers.get(project)
             if ledger is None:
@@ -4306,17 +4354,26 @@ class DeploymentStore:
             cold_count = ledger.cold_count
         records = {record.id: record for record in hot}
         if cold_count:
-            try:
-                names = os.listdir(self.deployments_dir(project))
-            except OSError:
-                names = []
-            for name in names:
-                stem, dot, suffix = name.partition(".")
-                if suffix == "json" and stem not in records:
-                    record = self._read_cold(project, stem)
-                    if record and is_cold(record):
-                        records[stem] = record
-        return sorted(records.values(), key=lambda r: r.seq)
+            for stem in self._cold_files(project, records, limit):
+                record = self._read_cold(project, stem)
+                if record and is_cold(record):
+                    records[stem] = record
+        found = sorted(records.values(), key=lambda r: r.seq)
+        return found[-limit:] if limit else found
+
+    def _cold_files(self, project, hot, limit=None):
+        """The ids of project's state files that are not of hot records:
+        with limit, the limit most recently written."""
+        try:
+            entries = [entry for entry in os.scandir(self.deployments_dir(project))
+                       if entry.name.endswith(".json")
+                       and entry.name[:-5] not in hot]
+        except OSError:
+            return []
+        if limit:
+            entries = heapq.nlargest(limit, entries,
+                                     key=lambda entry: entry.stat().st_mtime_ns)
+        return [entry.name[:-5] for entry in entries]
 
     def projects(self):
         """{project: (latest record, number of deployments)}."""
@@ -5133,7 +5190,7 @@ class Retention:
         'pruned' from then on, and its segments no longer referred to."""
         for suffix in ("", ".image", ".package", ".step", ".recipe"):
             remove_quietly(self.store.path(record, suffix))
-        self.store.update(record.id, pruned=True)
+        self.store.mark_pruned(record.id)  # once, whoever else prunes it too
         self.segments.forget(record.id)
 
     def make_room(self, ending=None):
@@ -5175,6 +5232,11 @@ def parse_credentials(scheme, credentials):
     except (binascii.Error, UnicodeDecodeError):
         return "", ""
     return (name, password) if colon else ("", "")
+
+
+# The most deployments a project's status page lists (the newest): the
+# older ones stay on disk, each reachable by its ID.
+HISTORY_LIMIT = 1000
 
 
 def deployment_message(record, event):
@@ -5372,9 +5434,10 @@ class Daemon:
                 if user is None or user.may_use(project)]
 
     def history(self, user, project):
-        """Every deployment of project, oldest first; NotFound for none."""
+        """project's deployments, oldest first, the newest HISTORY_LIMIT of
+        them; NotFound for none."""
         self.check_access(user, project)
-        records = self.store.deployments_of(project)
+        records = self.store.deployments_of(project, HISTORY_LIMIT)
         if not records:
             raise NotFound("no")
         return records

@@ -3823,6 +3823,49 @@ class DeploymentStoreTests(unittest.TestCase):
         self.assertEqual(again.statistics()["states"], {"ok": 4})
         self.assertEqual([r.id for r in again.deployments_of("app")][:1], [records[1].id])
 
+    def test_a_cold_deployment_is_409_to_cancel_and_pruned_once(self):
+        store = ipd.DeploymentStore(self.tmp, 1)
+        records = self.run_to_the_end(store, 3)
+        with self.assertRaisesRegex(ipd.Conflict, "has ended already: ok"):
+            self.cancel(records[0].id, store)  # cold, read from disk: 409, not 404
+        with self.assertRaises(ipd.NotFound):
+            self.cancel(str(uuid.uuid4()), store)
+        settings = ipd.load_settings(os.devnull, environ={
+            "UPLOAD_DIR": self.tmp, "LOG_DIR": self.tmp})
+        kept = ipd.DeploymentStore(os.path.join(self.tmp, "kept"), 5)
+        os.makedirs(kept.upload_dir)
+        retention = ipd.Retention(settings, kept, ipd.SegmentStore(self.tmp, 3600))
+        older = self.run_to_the_end(kept, 2)[0]
+        self.assertFalse(older.pruned)
+        retention.prune(older)  # two retention runs that picked the same one
+        retention.prune(older)
+        self.assertTrue(kept.find("app", older.id).pruned)
+        self.assertFalse(kept.mark_pruned(older.id))
+
+    def test_a_state_file_rewritten_in_place_is_read_again(self):
+        # the folder's mtime stays when a file is rewritten in place: each
+        # hot record's own stamp (mtime, size, inode) is checked too
+        store = ipd.DeploymentStore(self.tmp, 5)
+        record = self.run_to_the_end(store, 2)[-1]
+        path = store.path(record, ".json")
+        for name in os.listdir(os.path.dirname(path)):  # written long ago
+            os.utime(os.path.join(os.path.dirname(path), name), (time.time() - 60,) * 2)
+        self.assertEqual(ipd.DeploymentStore(self.tmp, 5).load(), 2)  # the index
+        edited = dict(self.state_file(record), state="cancelled")
+        with open(path, "r+") as file:
+            file.write(json.dumps(edited))
+            file.truncate()
+        loaded = ipd.DeploymentStore(self.tmp, 5)
+        loaded.load()
+        self.assertEqual(loaded.find("app", record.id).state, "cancelled")
+
+    def test_a_long_history_is_read_as_far_as_asked(self):
+        store = ipd.DeploymentStore(self.tmp, 1)
+        records = self.run_to_the_end(store, 5)
+        self.assertEqual([r.id for r in store.deployments_of("app", 2)],
+                         [r.id for r in records[-2:]])
+        self.assertEqual(len(store.deployments_of("app")), 5)
+
     def test_after_a_crash_the_running_one_is_interrupted_and_the_waiting_queued(self):
         running = self.commit()
         self.store.claim()
