@@ -1427,7 +1427,12 @@ OIDC_MAX_DEPTH = 8            # nesting of a token's header and claims JSON
 OIDC_LEEWAY = 60              # seconds of clock skew on exp, nbf and iat
 OIDC_MIN_BITS = 2048          # the smallest RSA key a token may be signed by
 OIDC_REFETCH = 60             # an unknown kid fetches the keys at most this often
-OIDC_FETCH_TIMEOUT = 5        # seconds for each fetch (discovery, then JWKS)
+OIDC_FETCH_TIMEOUT = 5        # seconds for both fetches (discovery, then JWKS)
+# Fetched keys are asked for again at a login once they are this old (an
+# issuer withdraws a key that leaked); when that fetch fails they are
+# still used until OIDC_KEYS_GRACE, then no more.
+OIDC_KEYS_MAX_AGE = 3600
+OIDC_KEYS_GRACE = 86400
 OIDC_MAX_DOCUMENT = 1 << 20   # bytes of a discovery document or a JWKS
 # RFC 8017 9.2, note 1: DER of the DigestInfo of SHA-256, before the hash.
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
@@ -1530,13 +1535,21 @@ def trust_line_rule(words, folder, number):
 def parse_trust(text, source="OIDC_TRUST", folder="."):
     """OIDC_TRUST's text -> ([TrustRule], warnings); jwks paths are taken
     from folder (the file's own).  A bad line is one warning, ignored."""
-    rules, warnings = [], []
+    rules, warnings, sources = [], [], {}
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split()
         if not words or words[0].startswith("#"):
             continue
         try:
-            rules.append(trust_line_rule(words, folder, number))
+            rule = trust_line_rule(words, folder, number)
+            # one source of keys an issuer: a test key file on a narrow rule
+            # must not sign what a broader rule of the issuer admits
+            if sources.setdefault(rule.issuer, rule.jwks) != rule.jwks:
+                raise ValueError("its issuer's keys come from %s on an earlier "
+                                 "line; give every rule of an issuer the same "
+                                 "jwks=PATH, or none" % (
+                                     sources[rule.issuer] or "discovery"))
+            rules.append(rule)
         except ValueError as error:
             warnings.append("%s, line %d: %s; line ignored" % (source, number, error))
     return rules, warnings
@@ -1681,18 +1694,17 @@ def shut_down(connection):
             pass
 
 
-def fetch_json(url, context):
+def fetch_json(url, context, deadline):
     """GET an https URL (no redirects) -> its JSON object, all of it
-    within OIDC_FETCH_TIMEOUT (a server that trickles is cut off) and
-    OIDC_MAX_DOCUMENT bytes.  Raises ValueError(why)."""
+    before deadline (time.monotonic(); a server that trickles is cut off)
+    and within OIDC_MAX_DOCUMENT bytes.  Raises ValueError(why)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
         raise ValueError("%s is not an https:// URL" % printable(url, 200))
-    deadline = time.monotonic() + OIDC_FETCH_TIMEOUT
+    left = max(0.1, deadline - time.monotonic())
     connection = http.client.HTTPSConnection(parts.hostname, parts.port,
-                                             timeout=OIDC_FETCH_TIMEOUT,
-                                             context=context)
-    timer = threading.Timer(OIDC_FETCH_TIMEOUT, shut_down, (connection,))
+                                             timeout=left, context=context)
+    timer = threading.Timer(left, shut_down, (connection,))
     timer.start()
     try:
         connection.request("GET", (parts.path or "/") + (
@@ -1737,6 +1749,7 @@ class IssuerKeys:
         self.cache_dir, self.ca_file = cache_dir, ca_file
         self._lock = threading.Lock()  # guards the four dicts below
         self._keys = {}       # issuer -> {kid: (n, e)}, as fetched or cached
+        self._fetched = {}    # issuer -> time.time() when its keys were fetched
         self._attempted = {}  # issuer -> time.monotonic() of its last fetch
         self._fetching = {}   # issuer -> Event, set when its fetch ends
         self._files = {}      # jwks path -> (file_signature, {kid: (n, e)})
@@ -1774,9 +1787,9 @@ class IssuerKeys:
         """issuer's keys, fetched first when they lack kid and may be."""
         with self._lock:
             if issuer not in self._keys:
-                self._keys[issuer] = self._read_cache(issuer)
-            keys = self._keys[issuer]
-            if kid in keys:
+                self._keys[issuer], self._fetched[issuer] = self._read_cache(issuer)
+            keys = self._usable(issuer)
+            if kid in keys and time.time() - self._fetched[issuer] < OIDC_KEYS_MAX_AGE:
                 return keys
             waiting = self._fetching.get(issuer)
             if waiting is None:
@@ -1786,9 +1799,9 @@ class IssuerKeys:
                 self._attempted[issuer] = time.monotonic()
                 done = self._fetching[issuer] = threading.Event()
         if waiting is not None:  # another request fetches them: wait for it
-            waiting.wait(2 * OIDC_FETCH_TIMEOUT + 1)
+            waiting.wait(OIDC_FETCH_TIMEOUT + 1)
             with self._lock:
-                return self._keys[issuer]
+                return self._usable(issuer)
         try:
             return self._fetch(issuer)
         finally:
@@ -1796,27 +1809,42 @@ class IssuerKeys:
                 del self._fetching[issuer]
             done.set()
 
+    def _usable(self, issuer):
+        """issuer's keys, none once they are older than OIDC_KEYS_GRACE
+        (held _lock)."""
+        if time.time() - self._fetched.get(issuer, 0) >= OIDC_KEYS_GRACE:
+            return {}
+        return self._keys[issuer]
+
     def _fetch(self, issuer):
         """Fetch issuer's keys, keep them (memory and disk); -> the keys
-        now known, the old ones when the fetch fails."""
+        now usable: the old ones when the fetch fails (see _usable).  Both
+        fetches share one OIDC_FETCH_TIMEOUT, and the key set must be on
+        the issuer's own host."""
+        deadline = time.monotonic() + OIDC_FETCH_TIMEOUT
         try:
             discovery = fetch_json(issuer.rstrip("/") +
                                    "/.well-known/openid-configuration",
-                                   self.context())
+                                   self.context(), deadline)
             if discovery.get("issuer") != issuer:
                 raise ValueError("its discovery document names issuer %r"
                                  % printable(str(discovery.get("issuer")), 100))
-            jwks = fetch_json(str(discovery.get("jwks_uri", "")), self.context())
+            jwks_uri = str(discovery.get("jwks_uri", ""))
+            if (urllib.parse.urlsplit(jwks_uri).hostname
+                    != urllib.parse.urlsplit(issuer).hostname):
+                raise ValueError("its jwks_uri %s is not on the issuer's host"
+                                 % printable(jwks_uri, 200))
+            jwks = fetch_json(jwks_uri, self.context(), deadline)
             keys = parse_jwks(jwks)
         except (ValueError, OSError) as error:  # OSError: OIDC_CA_FILE
             log.warning("cannot fetch the keys of OIDC issuer %s: %s", issuer, error)
             with self._lock:
-                return self._keys[issuer]
+                return self._usable(issuer)
         log.info("fetched %d key(s) of OIDC issuer %s: %s", len(keys), issuer,
                  ", ".join(sorted(keys))[:300])
         self._write_cache(issuer, jwks)
         with self._lock:
-            self._keys[issuer] = keys
+            self._keys[issuer], self._fetched[issuer] = keys, time.time()
         return keys
 
     def context(self):
@@ -1833,14 +1861,17 @@ class IssuerKeys:
             issuer.encode()).hexdigest()[:32] + ".json")
 
     def _read_cache(self, issuer):
+        """(keys, when they were fetched) of issuer's cache file; ({}, 0)
+        when there is none or it is not one."""
         try:
             with open(self.cache_path(issuer), "rb") as file:
                 cached = parse_json_bounded(file.read(OIDC_MAX_DOCUMENT + 4096))
-            if cached.get("issuer") == issuer:
-                return parse_jwks(cached.get("jwks"))
+            fetched = cached.get("fetched")
+            if cached.get("issuer") == issuer and isinstance(fetched, int):
+                return parse_jwks(cached.get("jwks")), fetched
         except (OSError, ValueError, AttributeError):
             pass
-        return {}
+        return {}, 0
 
     def _write_cache(self, issuer, jwks):
         try:

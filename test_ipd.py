@@ -4459,6 +4459,7 @@ class OidcVerifyTests(unittest.TestCase):
             "%s %s web" % (GITHUB, AUDIENCE),
             "%s %s ../etc repository=x" % (GITHUB, AUDIENCE),
             "%s %s web =x" % (GITHUB, AUDIENCE),
+            "%s %s web repository=acme/web jwks=test-keys.json" % (GITHUB, AUDIENCE),
             "", "   # indented comment"])
         rules, warnings = ipd.parse_trust(text, "trust.txt", "/etc/ipd")
         self.assertEqual([(r.issuer, r.audience, r.projects, r.claims, r.jwks, r.line)
@@ -4469,7 +4470,8 @@ class OidcVerifyTests(unittest.TestCase):
                            [("project_path", "acme/*")], "/etc/ipd/keys/gitlab.json", 3)])
         self.assertEqual([w.split(":")[0] for w in warnings],
                          ["trust.txt, line 4", "trust.txt, line 5", "trust.txt, line 6",
-                          "trust.txt, line 7"])
+                          "trust.txt, line 7", "trust.txt, line 8"])
+        self.assertIn("keys come from discovery on an earlier line", warnings[4])
         self.assertIn("https://", warnings[0])
         self.assertIn("at least one CLAIM=GLOB", warnings[1])
         self.assertTrue(all(w.endswith("line ignored") for w in warnings))
@@ -4804,6 +4806,25 @@ class OidcDiscoveryTests(OidcTestCase):
         self.assertEqual(self.issuer.fetches("ci"), (2, 2))
         cached = os.listdir(os.path.join(self.daemon.upload_dir, ".oidc"))
         self.assertEqual(len(cached), 1)
+
+    def test_keys_older_than_their_max_age_are_asked_for_again(self):
+        # an issuer withdraws a key that leaked: once the fetched keys are
+        # OIDC_KEYS_MAX_AGE old, the next login asks for them again
+        self.issuer.keys = [self.key]
+        self.assertEqual(oidc_upload(self.daemon, self.token())[0], 202)
+        self.assertEqual(self.issuer.fetches("ci"), (1, 1))
+        folder = os.path.join(self.daemon.upload_dir, ".oidc")
+        path = os.path.join(folder, os.listdir(folder)[0])
+        with open(path) as file:
+            cached = json.load(file)
+        cached["fetched"] -= ipd.OIDC_KEYS_MAX_AGE + 60
+        with open(path, "w") as file:
+            json.dump(cached, file)
+        self.daemon.restart()
+        self.issuer.keys = [self.rotated]  # the old key withdrawn
+        self.assertEqual(oidc_upload(self.daemon, self.token())[0], 401)
+        self.assertEqual(self.issuer.fetches("ci"), (2, 2))
+        self.assertEqual(oidc_upload(self.daemon, self.token(key=self.rotated))[0], 202)
 
     def test_a_hanging_or_garbage_issuer_blocks_no_other_request(self):
         self.issuer.keys = [self.key]
