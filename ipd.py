@@ -964,6 +964,47 @@ def file_signature(path):
     return (info.st_mtime_ns, info.st_size, info.st_ino)
 
 
+class WatchedFile:
+    """A small file ipd reads again whenever it changes on disk (its
+    file_signature): the users file, the tokens file, OIDC_TRUST.
+
+    read() -> (value, changed): parse(text) of the file as it now is, or
+    missing() when it is gone or unreadable (logged, once a change, as
+    what and what follows, when what is given); changed says it was read
+    anew.  The lock guards the value and the signature it was read at, so
+    a reload is seen whole or not at all.
+    """
+
+    def __init__(self, path, parse, missing, what=None, follows=""):
+        self.path, self.parse, self.missing = path, parse, missing
+        self.what, self.follows = what, follows
+        self._lock = threading.Lock()
+        self._signature = None
+        self._value = missing()
+
+    def read(self):
+        signature = file_signature(self.path)
+        with self._lock:
+            if signature == self._signature:
+                return self._value, False
+            self._signature = signature
+            self._value = self._parse_file() if signature else self._gone(
+                "is missing")
+            return self._value, True
+
+    def _parse_file(self):
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                return self.parse(file.read())
+        except (OSError, UnicodeDecodeError) as error:
+            return self._gone("cannot be read: %s" % error)
+
+    def _gone(self, why):
+        if self.what:
+            log.warning("%s %s %s: %s", self.what, self.path, why, self.follows)
+        return self.missing()
+
+
 class UserDB:
     """The users file, read again whenever it changes on disk.
 
@@ -973,37 +1014,27 @@ class UserDB:
 
     def __init__(self, path):
         self.path = path
-        # guards the users read (and the file signature they were read at)
-        # and the verified-password cache: a reload swaps them at once
-        self._lock = threading.Lock()
-        self._signature = None
-        self._users = {}
+        self._file = WatchedFile(path, self._parse, dict, "users file",
+                                 "nobody can log in")
+        self._lock = threading.Lock()  # guards the verified-password cache
         self._verified = {}
         self._cache_key = secrets.token_bytes(32)
         self._decoy = None
 
-    def _reload_if_changed(self):
-        signature = file_signature(self.path)
-        with self._lock:
-            if signature == self._signature:
-                return
-            self._signature = signature
-            self._verified = {}
-            if signature is None:
-                self._users = {}
-                log.warning("users file %s is missing: nobody can log in",
-                            self.path)
-                return
-            try:
-                with open(self.path, encoding="utf-8") as file:
-                    text = file.read()
-            except (OSError, UnicodeDecodeError) as error:
-                log.error("cannot read users file %s: %s", self.path, error)
-                self._users = {}
-                return
-            self._users, warnings = parse_users(text, self.path)
-            for warning in warnings:
-                log.warning("%s", warning)
+    def _parse(self, text):
+        users, warnings = parse_users(text, self.path)
+        for warning in warnings:
+            log.warning("%s", warning)
+        return users
+
+    def _current_users(self):
+        """{name: User} as the file now says; a change empties the cache
+        of verified passwords."""
+        users, changed = self._file.read()
+        if changed:
+            with self._lock:
+                self._verified = {}
+        return users
 
     def decoy_hash(self):
         """A PBKDF2 hash of no one's password, checked for a login that
@@ -1015,9 +1046,7 @@ class UserDB:
 
     def authenticate(self, name, password):
         """Return the User for a right name and password, else None."""
-        self._reload_if_changed()
-        with self._lock:
-            user = self._users.get(name)
+        user = self._current_users().get(name)
         if user is None:  # as slow as a wrong password: names stay secret
             check_password(password, self.decoy_hash())
             return None
@@ -1322,31 +1351,15 @@ class TokenDB:
 
     def __init__(self, path):
         self.path = path
-        # guards the tokens read (at the file signature below) and their
-        # last uses, so that a reload and a login never see half of either
-        self._lock = threading.Lock()
-        self._signature = None
-        self._tokens = {}
+        self._file = WatchedFile(path, parse_tokens, dict)  # none yet: quiet
+        self._lock = threading.Lock()  # guards _used
         self._used = {}
-
-    def _reload_if_changed(self):
-        signature = file_signature(self.path)
-        with self._lock:
-            if signature == self._signature:
-                return
-            self._signature = signature
-            try:
-                with open(self.path, encoding="utf-8") as file:
-                    self._tokens = parse_tokens(file.read())
-            except (OSError, UnicodeDecodeError):
-                self._tokens = {}
 
     def authenticate(self, secret):
         """-> (User, None) for a good token; (None, reason) otherwise."""
         match = TOKEN_PATTERN.match(secret)
-        self._reload_if_changed()
-        with self._lock:
-            token = self._tokens.get(match.group(1)) if match else None
+        tokens = self._file.read()[0]
+        token = tokens.get(match.group(1)) if match else None
         digest = hashlib.sha256(secret.encode()).hexdigest()
         if token is None or not hmac.compare_digest(digest, token.digest):
             return None, "unknown token"
@@ -1561,27 +1574,14 @@ class TrustDB:
 
     def __init__(self, path):
         self.path = path
-        self._lock = threading.Lock()  # guards _signature and _rules
-        self._signature = None
-        self._rules = []
+        self._file = WatchedFile(path, self._parse, list, "OIDC_TRUST",
+                                 "no ID token logs in")
 
     def rules(self):
         """The rules as the file now says."""
-        signature = file_signature(self.path)
-        with self._lock:
-            if signature != self._signature:
-                self._signature = signature
-                self._rules = self._read()
-            return self._rules
+        return self._file.read()[0]
 
-    def _read(self):
-        try:
-            with open(self.path, encoding="utf-8") as file:
-                text = file.read()
-        except (OSError, UnicodeDecodeError) as error:
-            log.error("cannot read OIDC_TRUST %s: %s; no ID token logs in",
-                      self.path, error)
-            return []
+    def _parse(self, text):
         rules, warnings = parse_trust(text, self.path, os.path.dirname(self.path))
         for warning in warnings:
             log.warning("%s", warning)
