@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -6706,6 +6707,745 @@ class LayerFreeSpaceTests(LayerPushTestCase):
             return [self.daemon.get_json("/status/app/" + deployment)[1]["pruned"]
                     for deployment in ids + [failing]]
         self.assertEqual(pruned(), [True, True, False, True])  # before the end shows
+
+
+def daemon_rss(daemon, field="VmRSS"):
+    """The daemon process's resident memory (or VmHWM, its peak) in bytes,
+    from /proc/PID/status."""
+    with open("/proc/%d/status" % daemon.process.pid) as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no %s in /proc/%d/status" % (field, daemon.process.pid))
+
+
+def send_body(port, head, body, pieces=1 << 20, timeout=30):
+    """Send head and then body (bytes) in pieces on a raw socket, as far as
+    the server reads it; -> the answer's status, or None."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        try:
+            sock.sendall(head)
+            view = memoryview(body)
+            for start in range(0, len(body), pieces):
+                sock.sendall(view[start:start + pieces])
+        except OSError:
+            pass  # refused and closed early: what the answer says
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            try:
+                piece = sock.recv(65536)
+            except OSError:
+                break
+            if not piece:
+                break
+            answer += piece
+        return answer_status(answer), answer
+    finally:
+        sock.close()
+
+
+def json_head(path, length, headers=None):
+    fields = dict({"Host": "127.0.0.1", "Authorization": ADMIN_AUTH,
+                   "Content-Type": "application/json",
+                   "Content-Length": str(length)}, **(headers or {}))
+    return ("POST %s HTTP/1.1\r\n" % path).encode() + "".join(
+        "%s: %s\r\n" % item for item in fields.items()).encode() + b"\r\n"
+
+
+class LayerPushBoundsTests(LayerPushTestCase):
+    # issue 23, items 1, 2, 6 and 7: what a hostile body can make the
+    # daemon remember, write and answer on the layer-push endpoints
+
+    def post_json(self, path, body, user="admin", headers=None):
+        return self.raw("POST", path, body, dict({"Content-Type": "application/json"},
+                                                 **(headers or {})), user)
+
+    def test_json_of_any_shape_is_400_with_a_reason(self):
+        deep = b"[" * 20000 + b"]" * 20000
+        nested = b'{"a":' * 5000 + b"1" + b"}" * 5000
+        many = b'{"segments": [' + b",".join([b"{}"] * 500000) + b"]}"
+        bodies = {"deep array": (deep, "nested"), "deep object": (nested, "nested"),
+                  "array": (b"[1]", "object"), "null": (b"null", "object"),
+                  "string": (b'"x"', "object"), "number": (b"5", "object"),
+                  "too many values": (many, "values"),
+                  "long number": (b'{"segments": 1' + b"0" * 5000 + b"}", "digits"),
+                  "not utf-8": (b'{"segments": ["\xff"]}', "not JSON")}
+        for path in ("/push", "/segments/missing"):
+            for name, (body, reason) in bodies.items():
+                with self.subTest(path=path, body=name):
+                    status, _, text = self.post_json(path, body)
+                    self.assertEqual(status, 400, text)
+                    self.assertIn(reason, text)
+        # a signed push's manifest, in a multipart upload
+        package = control_script(OK_SCRIPT)
+        manifests = {"deep array": b"[" * 2000 + b"]" * 2000,
+                     "deep object": b'{"a":' * 600 + b"1" + b"}" * 600,
+                     "array": b"[1]", "null": b"null", "string": b'"x"'}
+        for name, body in manifests.items():
+            with self.subTest(manifest=name):
+                content_type, data = multipart([
+                    ("project", "app"), ("manifest", body),
+                    ("signature", "x"), ("package", ("p.tgz", package))])
+                status, _, text = self.raw("POST", "/upload", data,
+                                           {"Content-Type": content_type})
+                self.assertEqual(status, 400, text)
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_probes_leave_the_daemon_small(self):
+        # made-up digests are not remembered, a body of millions of {} is
+        # refused as it arrives, and an oversized list is refused unread
+        before = daemon_rss(self.daemon)
+        made_up = [hashlib.sha256(b"%d" % number).hexdigest()
+                   for number in range(ipd.MISSING_MAX_SEGMENTS)]
+        for round_number in range(4):
+            body = json.dumps({"segments": made_up}).encode()
+            status, _, text = self.post_json("/segments/missing", body,
+                                             headers={"Accept": "application/json"})
+            self.assertEqual(status, 200, text[:200])
+            self.assertEqual(len(json.loads(text)["missing"]), len(made_up))
+            made_up = [hashlib.sha256(digest.encode()).hexdigest()
+                       for digest in made_up]
+        pieces = (made_up * 2)[:ipd.RECIPE_MAX_PIECES]
+        for round_number in range(4):  # the largest recipes, all made up
+            recipe = json.dumps({"project": "app", "files": {field: {
+                "size": 5 * len(pieces), "sha256": "0" * 64,
+                "segments": [{"sha256": digest[:-1] + str(len(field)), "size": 5}
+                             for digest in pieces]} for field in ("image", "package")}})
+            status, _, text = self.post_json("/push", recipe.encode())
+            self.assertEqual((status, "does not have" in text), (400, True), text)
+            pieces = [hashlib.sha256(digest.encode()).hexdigest() for digest in pieces]
+        flood = b"{" + b'"x":[' + b"{}," * (21 << 20) + b"{}]}"
+        status, _ = send_body(self.daemon.port, json_head("/deploy/push", len(flood)),
+                              flood)
+        self.assertEqual(status, 400)
+        big = b'{"segments": [' + b'"' + b"a" * 64 + b'",' * (1 << 20)
+        status, _ = send_body(self.daemon.port,
+                              json_head("/deploy/segments/missing", 64 << 20), big)
+        self.assertEqual(status, 413)
+        after, peak = daemon_rss(self.daemon), daemon_rss(self.daemon, "VmHWM")
+        report("daemon RSS %.1f MiB before the probes, %.1f MiB after (peak %.1f MiB)"
+               % (before / 2 ** 20, after / 2 ** 20, peak / 2 ** 20))
+        self.assertLess(after, 64 << 20)
+        self.assertLess(after - before, 32 << 20)
+        self.assertLess(peak, 160 << 20)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_missing_does_the_same_work_whatever_another_project_holds(self):
+        # a digest another project holds costs what a made-up one costs:
+        # duplicates are removed first (issue 23, item 7)
+        held = os.urandom(100000)
+        digest = hashlib.sha256(held).hexdigest()
+        self.assertEqual(self.raw("POST", "/segments/" + digest, held)[0], 201)
+        with open(self.daemon.users_file, "a") as file:
+            file.write("USER:eve:%s:other\n" % sha256_hex("eve-pw"))
+        timings = {}
+        for name, named in (("held", digest), ("made up", "ab" * 32)):
+            body = json.dumps({"segments": [named] * ipd.MISSING_MAX_SEGMENTS}).encode()
+            runs = []
+            for _ in range(5):
+                started = time.perf_counter()
+                status, _, text = self.post_json("/segments/missing", body, "eve:eve-pw",
+                                                 {"Accept": "application/json"})
+                runs.append(time.perf_counter() - started)
+                self.assertEqual(json.loads(text)["missing"], [named])
+            timings[name] = min(runs)
+        report("/segments/missing of %d copies: held by another %.1f ms, made up "
+               "%.1f ms" % (ipd.MISSING_MAX_SEGMENTS, 1000 * timings["held"],
+                            1000 * timings["made up"]))
+        self.assertLess(abs(timings["held"] - timings["made up"]),
+                        0.25 * timings["made up"] + 0.01, timings)
+
+    def segment(self, size=1 << 20):
+        data = os.urandom(size)
+        digest = hashlib.sha256(data).hexdigest()
+        self.assertEqual(self.raw("POST", "/segments/" + digest, data)[0], 201)
+        return data, digest
+
+    def recipe(self, digest, size, count, declared=None, sha=None):
+        return json.dumps({"project": "app", "files": {"image": {
+            "size": size * count if declared is None else declared,
+            "sha256": sha or "0" * 64,
+            "segments": [{"sha256": digest, "size": size}] * count}}}).encode()
+
+    def test_a_recipe_must_add_up_and_fit_before_a_byte_is_copied(self):
+        free = shutil.disk_usage(self.daemon.upload_dir).free
+        count = ipd.RECIPE_MAX_PIECES
+        data, digest = self.segment(min(64 << 20, free // count + (1 << 20)))
+        cases = [(self.recipe(digest, len(data), count, declared=len(data)),
+                  400, "add up")]
+        if count * len(data) > free:  # never a real copy of it all
+            cases.append((self.recipe(digest, len(data), count), 507, "free"))
+        for body, expected, reason in cases:
+            with self.subTest(reason=reason):
+                started = time.monotonic()
+                status, _, text = self.post_json("/push", body)
+                self.assertEqual(status, expected, text)
+                self.assertIn(reason, text)
+                self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
+    def test_a_rebuild_stops_when_its_client_leaves(self):
+        data, digest = self.segment()
+        free = shutil.disk_usage(self.daemon.upload_dir).free
+        count = ipd.RECIPE_MAX_PIECES  # 10 GiB, which would take a while
+        if free < (count + 1024) * len(data):
+            self.skipTest("needs %d GiB free" % (count // 1024 + 1))
+        body = self.recipe(digest, len(data), count)
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=30)
+        try:
+            sock.sendall(json_head("/deploy/push", len(body)) + body)
+            wait_until(lambda: self.sizes_of_leftovers() > 64 << 20,
+                       message="the rebuild under way")
+        finally:
+            sock.close()
+        at_close = self.sizes_of_leftovers()
+        wait_until(lambda: not self.daemon.leftovers(), timeout=20,
+                   message="the rebuild's file removed")
+        self.assertIn("client gone", self.daemon.daemon_log("client gone"))
+        report("a rebuild of %.1f GiB whose client left after %d MiB stopped"
+               % (count / 1024.0, at_close >> 20))
+
+    def sizes_of_leftovers(self):
+        total = 0
+        for name in self.daemon.leftovers():
+            try:
+                total += os.path.getsize(os.path.join(self.daemon.upload_dir, name))
+            except OSError:
+                pass
+        return total
+
+
+class LayerPushSizeLimitTests(LayerPushTestCase):
+    # issue 23, item 2: MAX_UPLOAD_SIZE holds for a recipe's files too
+    settings = {"MAX_UPLOAD_SIZE": "4M"}
+
+    def test_a_recipe_larger_than_max_upload_size_is_413(self):
+        data = os.urandom(1 << 20)
+        digest = hashlib.sha256(data).hexdigest()
+        self.assertEqual(self.raw("POST", "/segments/" + digest, data)[0], 201)
+        for count, expected in ((ipd.RECIPE_MAX_PIECES, 413), (5, 413), (4, 400)):
+            with self.subTest(count=count):
+                body = json.dumps({"project": "app", "files": {"image": {
+                    "size": count << 20, "sha256": "0" * 64,
+                    "segments": [{"sha256": digest, "size": 1 << 20}] * count}}})
+                status, _, text = self.raw("POST", "/push", body.encode(),
+                                           {"Content-Type": "application/json"})
+                self.assertEqual(status, expected, text)
+                if expected == 413:
+                    self.assertIn("MAX_UPLOAD_SIZE", text)
+                else:
+                    self.assertIn("SHA-256", text)  # exactly 4M: copied, checked
+        self.assertEqual(self.daemon.leftovers(), [])
+
+
+class CuttingRelay(CountingRelay):
+    """A CountingRelay that, once clients have sent cut bytes, goes down:
+    it closes its clients without a word to the server, whose side it
+    holds open (a peer gone silent: the server's read waits), and closes
+    each new client at once, until down is set False again."""
+
+    def __init__(self, test, port, cut):
+        self.cut, self.down = cut, False
+        super().__init__(test, port)
+
+    def _pump(self, source, target, counted):
+        if not counted:
+            return super()._pump(source, target, counted)
+        while True:
+            with self.lock:
+                down = self.down
+            if down:
+                break
+            try:
+                data = source.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                try:
+                    target.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+            with self.lock:
+                self.sent += len(data)
+                if self.cut and self.sent >= self.cut:
+                    self.down, self.cut = True, 0
+            try:
+                target.sendall(data)
+            except OSError:
+                return
+        try:  # a reset: what a client sees of a relay that died
+            source.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                              struct.pack("ii", 1, 0))
+            source.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        source.close()
+
+
+class SegmentTakeoverTests(LayerPushTestCase):
+    # issue 23, item 9: a retry right after a cut resumes
+
+    def client_via(self, port, *args):
+        environ = ipd_environ(dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % port,
+                                   IPD_USER="admin", IPD_PASSWORD="admin-pw",
+                                   HOME=self.tmp))
+        return subprocess.run(IPD_RUN + list(args), env=environ, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              timeout=180)
+
+    def test_a_push_right_after_a_cut_resumes(self):
+        layer = os.urandom(soak(64, 24) << 20)
+        image = layered_image(os.path.join(self.tmp, "big.tar"),
+                              [os.urandom(100000), layer])
+        size = os.path.getsize(image)
+        relay = CuttingRelay(self, self.daemon.port, size // 2)
+        args = ("push", "--project", "app", "--image", image, "--package", self.package)
+        first = self.client_via(relay.port, *args)
+        self.assertNotEqual(first.returncode, 0, first.stderr)
+        with relay.lock:
+            relay.down, before = False, relay.sent
+        second = self.client_via(relay.port, *args)
+        self.assertEqual(second.returncode, 0, second.stderr)
+        sent = relay.sent - before
+        report("a push cut after %d of %d bytes, pushed again at once: %d bytes "
+               "(%.0f %%)" % (before, size, sent, 100.0 * sent / size))
+        self.assertLess(sent, 0.55 * size)
+        deployment = second.stdout.decode().strip()
+        self.assertEqual(self.deployed_sha("app", deployment), sha256_file(image))
+
+    def test_a_writer_still_receiving_is_not_taken_over(self):
+        # a live upload goes on; a second request for it waits, then 409
+        data = os.urandom(300000)
+        digest = hashlib.sha256(data).hexdigest()
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=30)
+        self.addCleanup(sock.close)
+        sock.sendall(raw_request("POST", "/deploy/segments/" + digest, b"", {
+            "Content-Length": str(len(data))}))
+        sock.sendall(data[:1000])
+        wait_until(lambda: os.path.isdir(os.path.join(
+            self.daemon.upload_dir, ".segments", "partial")))
+        done = []
+
+        def trickle():  # a byte a second: alive
+            for number in range(1000, 1000 + int(ipd.TAKEOVER_WAIT) + 3):
+                sock.sendall(data[number:number + 1])
+                time.sleep(0.5)
+            done.append(True)
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        status, headers, _ = self.raw("PATCH", "/segments/" + digest, data[1000:2000],
+                                      {"Upload-Offset": "1000"})
+        self.assertEqual(status, 409)
+        thread.join()
+        self.assertEqual(done, [True])  # never cut off
+
+
+class SegmentQuotaTests(LayerPushTestCase):
+    # issue 23, item 3: per-user bounds on what is not yet deployed
+    settings = {"SEGMENT_QUOTA": "1M", "SEGMENT_UPLOADS": "1"}
+    users = "USER:alice:%s:a\n" % sha256_hex("alice-pw")
+
+    def post(self, data, user="admin", complete=True):
+        digest = hashlib.sha256(data).hexdigest()
+        return self.raw("POST", "/segments/" + digest, data,
+                        {"Upload-Complete": "?1" if complete else "?0"}, user)
+
+    def test_segment_bytes_not_in_a_deployment_are_bounded_per_user(self):
+        first, second = os.urandom(600000), os.urandom(600000)
+        self.assertEqual(self.post(first)[0], 201)
+        self.assertEqual(self.post(os.urandom(300000), complete=False)[0], 204)
+        status, _, text = self.post(second)
+        self.assertEqual(status, 507, text)
+        self.assertIn("SEGMENT_QUOTA", text)
+        self.assertEqual(self.post(second, "alice:alice-pw")[0], 201)  # her own
+        # once a deployment refers to the first, it no longer counts
+        image = self.write("image.bin", first)
+        deployment, _ = self.push(image)
+        self.assertEqual(self.deployed_sha("app", deployment), sha256_file(image))
+        self.assertEqual(self.post(second)[0], 201)
+
+    def test_concurrent_uploads_are_bounded_per_user(self):
+        data = os.urandom(100000)
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=30)
+        self.addCleanup(sock.close)
+        sock.sendall(raw_request("POST", "/deploy/segments/"
+                                 + hashlib.sha256(data).hexdigest(), b"",
+                                 {"Content-Length": str(len(data))}) + data[:10])
+        partial = os.path.join(self.daemon.upload_dir, ".segments", "partial")
+        wait_until(lambda: os.path.isdir(partial) and any(
+            files for _, _, files in os.walk(partial)), message="the first upload")
+        status, headers, text = self.post(os.urandom(1000))
+        self.assertEqual(status, 429, text)
+        self.assertIn("SEGMENT_UPLOADS", text)
+        self.assertEqual(self.post(os.urandom(1000), "alice:alice-pw")[0], 201)
+        sock.sendall(data[10:])
+        self.assertEqual(answer_status(sock.recv(65536)), 201)
+        self.assertEqual(self.post(os.urandom(1000))[0], 201)
+
+
+class SegmentFloorTests(LayerPushTestCase):
+    # issue 23, item 3: below MIN_FREE_SPACE a layer push is refused (507)
+    # and prunes nothing of another project
+
+    def test_a_push_below_the_floor_is_507_and_prunes_no_other_project(self):
+        docs = [self.daemon.deploy(OK_SCRIPT + "# %d\n" % number, project="docs")
+                for number in range(2)]
+        for deployment in docs:
+            self.assertEqual(self.daemon.wait_state("docs", deployment), "ok")
+        self.daemon.stop()
+        self.daemon = self.start_daemon({"MIN_FREE_SPACE": "1000000T"})
+        data = os.urandom(100000)
+        digest = hashlib.sha256(data).hexdigest()
+        status, _, text = self.raw("POST", "/segments/" + digest, data)
+        self.assertEqual(status, 507, text)
+        self.assertIn("MIN_FREE_SPACE", text)
+        recipe = json.dumps({"project": "web", "files": {"package": {
+            "size": 5, "sha256": hashlib.sha256(b"hello").hexdigest(),
+            "segments": [{"data": base64.b64encode(b"hello").decode()}]}}}).encode()
+        status, _, text = self.raw("POST", "/push", recipe,
+                                   {"Content-Type": "application/json"})
+        self.assertEqual(status, 507, text)
+        _, record = self.daemon.get_json("/status/docs/" + docs[0])
+        self.assertFalse(record["pruned"])
+        self.assertEqual(self.raw("POST", "/redeploy/docs/" + docs[0])[0], 202)
+
+
+class TokenFileLockTests(unittest.TestCase):
+    # issue 23, item 5: the tokens, last-use and users files are changed
+    # under one lock each, by as many commands at once as you like
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.config = os.path.join(self.tmp, "ipd.conf")
+        self.users = os.path.join(self.tmp, "users.txt")
+        with open(self.config, "w") as file:
+            file.write("AUTH_DB=%s\nUPLOAD_DIR=%s\n" % (self.users, self.tmp))
+        self.tokens = os.path.join(self.tmp, "tokens.txt")
+
+    def start(self, *args, stdin_text=None):
+        return subprocess.Popen([sys.executable, IPD, "--config", self.config] + list(args),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=ipd_environ())
+
+    def finish(self, processes, stdin_text=None):
+        outputs = []
+        for process in processes:
+            out, err = process.communicate(stdin_text, timeout=60)
+            self.assertEqual(process.returncode, 0, err)
+            outputs.append(out.decode())
+        return outputs
+
+    def stored(self):
+        return ipd.parse_tokens(read_text(self.tokens))
+
+    def test_twelve_creates_at_once_are_all_kept(self):
+        secrets_shown = self.finish([self.start("token", "create", "--project", "web")
+                                     for _ in range(12)])
+        ids = {secret.strip().split("_")[1] for secret in secrets_shown}
+        self.assertEqual(set(self.stored()), ids)
+        self.assertEqual(len(ids), 12)
+
+    def test_a_revoke_that_said_revoked_stays_revoked(self):
+        ids = [out.strip().split("_")[1] for out in self.finish(
+            [self.start("token", "create", "--project", "web") for _ in range(8)])]
+        for token_id in ids:  # each round: a revoke among creates
+            processes = [self.start("token", "create", "--project", "web")
+                         for _ in range(2)]
+            processes.insert(1, self.start("token", "revoke", token_id))
+            processes += [self.start("token", "create", "--project", "api")]
+            self.finish(processes)
+            self.assertTrue(self.stored()[token_id].revoked, token_id)
+        self.assertEqual(len(self.stored()), 8 + 8 * 3)
+        self.assertTrue(all(self.stored()[token_id].revoked for token_id in ids))
+
+    def test_users_written_at_once_are_all_kept(self):
+        processes = [self.start("passwd", "USER", "user%d" % number, "--auth-db",
+                                self.users) for number in range(10)]
+        self.finish(processes, b"a-password\n")
+        names = set(ipd.parse_users(read_text(self.users))[0])
+        self.assertEqual(names, {"user%d" % number for number in range(10)})
+
+    def test_last_uses_noted_at_once_are_all_kept(self):
+        secrets_made = [ipd.create_token(self.tokens, ["web"], 0, "ci")
+                        for _ in range(8)]
+        databases = [ipd.TokenDB(self.tokens) for _ in secrets_made]
+        threads = [threading.Thread(target=database.authenticate, args=(secret,))
+                   for database, secret in zip(databases, secrets_made)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        used = ipd.read_token_uses(self.tokens)
+        self.assertEqual(set(used), {secret.split("_")[1] for secret in secrets_made})
+
+
+def first_answer_line(port, head, timeout=5):
+    """Send only a request's head; -> the first line the server answers
+    (before any body is sent), or None."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(head)
+        answer = b""
+        while b"\r\n" not in answer:
+            try:
+                piece = sock.recv(4096)
+            except socket.timeout:
+                return None
+            if not piece:
+                break
+            answer += piece
+        return answer.split(b"\r\n")[0].decode("latin-1")
+    finally:
+        sock.close()
+
+
+def padded_upload(size, project="app", boundary="testboundary1234"):
+    """A multipart upload body of exactly size bytes: a plain tar package
+    with control.sh, then zeros (a tar's end padding)."""
+    package = tar_bytes({"control.sh": (("#!/bin/sh\n" + OK_SCRIPT).encode(), 0o755)},
+                        "w")
+    content_type, body = multipart([("project", project),
+                                    ("package", ("p.tar", package))], boundary)
+    padding = size - len(body)
+    _, body = multipart([("project", project),
+                         ("package", ("p.tar", package + b"\0" * padding))], boundary)
+    return content_type, body
+
+
+def chunked(body, piece=65536):
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[start:start + piece]),
+                                       body[start:start + piece])
+                    for start in range(0, len(body), piece)) + b"0\r\n\r\n"
+
+
+class PromiseTests(DaemonTestCase):
+    # issue 23, item 10: a test for each promise no test held, each failing
+    # on the small bug that would break it
+    settings = {"MAX_UPLOAD_SIZE": "300000", "STEP_TIMEOUT": "2"}
+    extra_users = "USER:alice:%s:a\nUSER:bob:%s:b\n" % (sha256_hex("alice-pw"),
+                                                        sha256_hex("bob-pw"))
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
+        self.daemon = self.start_daemon(self.settings, extra_users=self.extra_users)
+
+    def send(self, data, timeout=30):
+        return answer_status(raw_exchange(self.daemon.port, data, timeout=timeout))
+
+    def test_an_upload_of_exactly_max_upload_size_is_taken(self):
+        limit = 300000
+        for size, expected in ((limit, 202), (limit + 1, 413)):
+            for framing, project in (("Content-Length", "app"), ("chunked", "other")):
+                content_type, body = padded_upload(size, project)
+                self.assertEqual(len(body), size)
+                headers = {"Content-Type": content_type}
+                if framing == "chunked":
+                    body, headers["Transfer-Encoding"] = chunked(body), "chunked"
+                with self.subTest(size=size, framing=framing):
+                    self.assertEqual(self.send(raw_request(
+                        "POST", "/deploy/upload", body, headers)), expected)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_a_project_name_with_a_trailing_newline_is_refused(self):
+        content_type, body = multipart([("project", "app\n"), (
+            "package", ("p.tgz", control_script(OK_SCRIPT)))])
+        status, _, text = self.daemon.request("POST", "/upload", body=body,
+                                              headers={"Content-Type": content_type})
+        self.assertEqual(status, 400, text)
+        status, _, text = self.daemon.request("POST", "/upload?project=app%0A",
+                                              body=body,
+                                              headers={"Content-Type": content_type})
+        self.assertEqual(status, 400, text)
+        self.assertEqual([name for name in os.listdir(self.daemon.upload_dir)
+                          if "\n" in name], [])
+
+    def test_a_step_ends_at_step_timeout_not_later(self):
+        # KILL_GRACE is 2 s here: a step that ends on its own at 3.5 s is
+        # past STEP_TIMEOUT (2 s), so it timed out, whatever it says
+        deployment = self.daemon.deploy('[ "$1" = deploy ] && sleep 3.5\nexit 1\n')
+        self.assertEqual(self.daemon.wait_state("app", deployment), "timeout")
+
+    def test_the_follow_streams_state_line_is_a_line_of_its_own(self):
+        deployment = self.daemon.deploy(
+            '[ "$1" = deploy ] && { sleep 1; printf "no newline at the end"; }\nexit 1\n')
+        status, _, text = self.daemon.get("/log/app/%s?follow=1" % deployment)
+        self.assertEqual(status, 200)
+        self.assertIn("no newline at the end\nipd: state: ok\n", text)
+        self.assertEqual(text.splitlines()[-1], "ipd: state: ok")
+
+    def test_a_segment_completed_by_patch_is_verified(self):
+        data = os.urandom(200000)
+        digest = hashlib.sha256(data).hexdigest()
+        status, _, _ = self.daemon.request("POST", "/segments/" + digest, body=data[:1000],
+                                           headers={"Upload-Complete": "?0"})
+        self.assertEqual(status, 204)
+        status, _, text = self.daemon.request(
+            "PATCH", "/segments/" + digest, body=os.urandom(len(data) - 1000),
+            headers={"Upload-Offset": "1000", "Upload-Complete": "?1"})
+        self.assertEqual(status, 400, text)
+        self.assertIn("SHA-256", text)
+        self.assertEqual(self.daemon.request("HEAD", "/segments/" + digest)[0], 404)
+        # another user's true bytes of it are stored, and they are the bytes
+        status, _, _ = self.daemon.request("POST", "/segments/" + digest, "bob:bob-pw",
+                                           body=data)
+        self.assertEqual(status, 201)
+        stored = os.path.join(self.daemon.upload_dir, ".segments", "sha256",
+                              digest[:2], digest)
+        self.assertEqual(sha256_file(stored), digest)
+        self.assertEqual(self.daemon.request("HEAD", "/segments/" + digest)[0], 404)
+
+    def test_100_continue_comes_only_after_the_checks(self):
+        # a refused request's client is told before it sends a byte
+        alice = "Basic " + base64.b64encode(b"alice:alice-pw").decode()
+        nobody = "Basic " + base64.b64encode(b"admin:wrong").decode()
+        multi = "multipart/form-data; boundary=testboundary1234"
+        cases = {
+            "too large": ("/deploy/upload", 300001, multi, ADMIN_AUTH, 413),
+            "no boundary": ("/deploy/upload", 1000, "multipart/form-data", ADMIN_AUTH,
+                            400),
+            "forbidden project": ("/deploy/upload?project=b", 1000, multi, alice, 403),
+            "wrong password": ("/deploy/upload", 1000, multi, nobody, 401),
+            "bad project": ("/deploy/upload?project=..", 1000, multi, ADMIN_AUTH, 400),
+            "push too large": ("/deploy/push", ipd.RECIPE_LIMIT + 1, "application/json",
+                               ADMIN_AUTH, 413),
+            "push forbidden": ("/deploy/push?project=b", 1000, "application/json",
+                               alice, 403),
+            "missing forbidden": ("/deploy/segments/missing?project=b", 100,
+                                  "application/json", alice, 403),
+            "segment too large": ("/deploy/segments/" + "a" * 64, 300001,
+                                  "application/octet-stream", ADMIN_AUTH, 413),
+        }
+        for name, (path, length, content_type, authorization, expected) in cases.items():
+            with self.subTest(name):
+                head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: %s\r\n"
+                        "Content-Type: %s\r\nContent-Length: %d\r\nExpect: 100-continue"
+                        "\r\n\r\n" % (path, authorization, content_type, length)).encode()
+                line = first_answer_line(self.daemon.port, head)
+                self.assertIsNotNone(line, "no answer before the body")
+                self.assertEqual(line.split()[1], str(expected), line)
+
+    def test_an_unsigned_extra_file_beside_a_signed_manifest_is_refused(self):
+        if not shutil.which("ssh-keygen"):
+            self.skipTest("needs ssh-keygen (Debian: openssh-client)")
+        key, public = ssh_key(self.tmp, "ci")
+        signers = os.path.join(self.tmp, "allowed_signers")
+        with open(signers, "w") as file:
+            file.write('ci@app namespaces="ipd" %s\n' % public)
+        self.daemon.stop()
+        self.daemon = self.start_daemon(dict(self.settings, ALLOWED_SIGNERS=signers,
+                                             MAX_UPLOAD_SIZE="0"))
+        package = control_script(OK_SCRIPT)
+
+        def signed(manifest, *files):
+            content_type, body = multipart([
+                ("project", "app"), ("manifest", manifest.decode()),
+                ("signature", ipd.sign_manifest(key, manifest))] + list(files))
+            return self.daemon.request("POST", "/upload", body=body,
+                                       headers={"Content-Type": content_type})
+        manifest = ipd.make_manifest("app", {"package": (
+            hashlib.sha256(package).hexdigest(), len(package))})
+        status, _, text = signed(manifest, ("image", ("image.tar", b"not signed")),
+                                 ("package", ("p.tgz", package)))
+        self.assertEqual(status, 403, text)
+        self.assertIn("signed manifest", text)
+        # dated ahead: a year, or past what a clock can print
+        for name, created in (("a year ahead", time.time() + 366 * 86400),
+                              ("2**62", 2 ** 62)):
+            with self.subTest(name):
+                ahead = ipd.make_manifest("app", {"package": (
+                    hashlib.sha256(package).hexdigest(), len(package))}, created)
+                status, _, text = signed(ahead, ("package", ("p.tgz", package)))
+                self.assertEqual(status, 403, text)
+                self.assertIn("ahead", text)
+        # and neither blocks the release signed now
+        status, _, text = signed(manifest, ("package", ("p.tgz", package)))
+        self.assertEqual(status, 202, text)
+        self.assertEqual(self.daemon.wait_state("app", text.strip()), "ok")
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
+
+class PromiseLoginThrottleTests(DaemonTestCase):
+    # issue 23, item 10: a throttled login costs no password hash
+    alone = True  # measures time: runs while no other test does
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
+        hashed = ipd.hash_password("slow-pw")
+        self.daemon = self.start_daemon(extra_users="ADMIN:slow:%s\n" % hashed)
+
+    def timed(self):
+        started = time.perf_counter()
+        status = self.daemon.get("/stat", user="slow:wrong")[0]
+        return status, time.perf_counter() - started
+
+    def test_the_throttle_is_checked_before_the_password(self):
+        wrong = []
+        for _ in range(40):
+            status, seconds = self.timed()
+            if status == 429:
+                break
+            self.assertEqual(status, 401)
+            wrong.append(seconds)
+        self.assertEqual(status, 429)
+        throttled = []
+        for _ in range(3):
+            status, seconds = self.timed()
+            self.assertEqual(status, 429)
+            throttled.append(seconds)
+        median_wrong = sorted(wrong)[len(wrong) // 2]
+        median_throttled = sorted(throttled)[1]
+        report("a wrong login %.1f ms, a throttled one %.1f ms (medians)"
+               % (1000 * median_wrong, 1000 * median_throttled))
+        self.assertLess(median_throttled, 0.4 * median_wrong)
+
+
+class StepSessionTests(DaemonTestCase):
+    # issue 23, item 8: a step ends with all it started in its session, and
+    # a script no longer allowed does not run
+
+    def test_a_child_in_a_process_group_of_its_own_ends_with_its_step(self):
+        pid_file = os.path.join(self.tmp, "child.pid")
+        child = ("import os, time\nos.setpgid(0, 0)\nopen(%r + '.tmp', 'w').write("
+                 "str(os.getpid()))\nos.rename(%r + '.tmp', %r)\ntime.sleep(120)\n"
+                 % (pid_file, pid_file, pid_file))
+        program = os.path.join(self.tmp, "child.py")
+        with open(program, "w") as file:
+            file.write(child)
+        script = ('[ "$1" = deploy ] && { %s %s > /dev/null 2>&1 &\n'
+                  'while [ ! -e %s ]; do sleep 0.02; done; }\nexit 1\n'
+                  % (sys.executable, program, pid_file))
+        deployment = self.daemon.deploy(script)
+        self.assertEqual(self.daemon.wait_state("app", deployment), "ok")
+        pid = int(read_text(pid_file))
+        # gone by the time the state says the step ended
+        self.assertFalse(process_running(pid), "the child outlived its step")
+
+    def test_a_waiting_deployment_whose_script_is_no_longer_allowed(self):
+        gate = os.path.join(self.tmp, "gate")
+        running = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", running, ("active",))
+        waiting = self.daemon.deploy(OK_SCRIPT + "# the package's own\n")
+        self.assertEqual(self.daemon.state("app", waiting), "await")
+        conf = os.path.join(self.daemon.upload_dir, "app", "project.conf")
+        with open(conf, "w") as file:
+            file.write("SCRIPTS=server\n")
+        os.chmod(conf, 0o644)
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", running), "ok")
+        self.assertEqual(self.daemon.wait_state("app", waiting), "126")
+        log = self.daemon.log("app", waiting)
+        self.assertIn("not run", log)
+        self.assertIn("SCRIPTS=server", log)
+        self.assertNotIn("step check", log)
 
 
 ###############################################################################
