@@ -2543,6 +2543,24 @@ def scripts_user(settings, project_dir):
         raise IpdError("RUN_AS of %s: %s" % (project_dir, error))
 
 
+def share_with_group(path, gid, mode):
+    """Let the group gid (a project's scripts' group) read path, and no
+    other user: group-owned, mode (0750, 0640), so that another project's
+    scripts' user reads nothing of this project's deployments (issue 23).
+    Where ipd may not give the file to that group (an unprivileged ipd
+    outside it, without CAP_CHOWN), everyone may read it, as before, and
+    the log says so."""
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        log.warning("cannot give %s to group %d (ipd is neither root nor in that "
+                    "group): readable by every user, so by other projects' "
+                    "scripts too", path, gid)
+        os.chmod(path, mode | 0o005 if mode & 0o100 else mode | 0o004)
+        return
+    os.chmod(path, mode)
+
+
 def open_to_scripts(project_dir, deployment_folder, image, run_as):
     """Give run_as what its scripts need and nothing more: UPLOAD_DIR and
     the project folder to pass through (not to list), its work folder to write (made on first use,
@@ -2558,9 +2576,9 @@ def open_to_scripts(project_dir, deployment_folder, image, run_as):
         if info.st_uid == os.geteuid() and wanted != stat.S_IMODE(info.st_mode):
             os.chmod(folder, wanted)
     if os.path.isdir(deployment_folder):
-        os.chmod(deployment_folder, 0o755)
+        share_with_group(deployment_folder, run_as.gid, 0o750)
     if image and os.path.exists(image):
-        os.chmod(image, 0o644)
+        share_with_group(image, run_as.gid, 0o640)
     work = os.path.join(project_dir, WORK_DIR)
     try:
         info = os.lstat(work)

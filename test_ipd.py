@@ -7491,6 +7491,51 @@ class PromiseLoginThrottleTests(DaemonTestCase):
         self.assertLess(median_throttled, 0.4 * median_wrong)
 
 
+class PromiseStateOnDiskTests(unittest.TestCase):
+    # issue 23, item 10: a state is visible only once it is on disk; each
+    # state file's write is slowed and hooked, and the API asked meanwhile
+    setUp = InProcessServerTests.setUp
+
+    def shown_state(self, project, deployment):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3)
+        try:
+            connection.request("GET", "/deploy/status/%s/%s" % (project, deployment),
+                               headers={"Authorization": ADMIN_AUTH})
+            response = connection.getresponse()
+            text = response.read().decode().strip()
+            return text if response.status == 200 else None
+        except socket.timeout:
+            return "blocked"  # held while it writes: not shown either
+        finally:
+            connection.close()
+
+    def test_a_state_shows_only_once_it_is_on_disk(self):
+        written, real = [], ipd.write_file_atomic
+        folder = os.sep + "deployments" + os.sep
+
+        def slowed(path, data, *args, **kwargs):
+            if folder in path and path.endswith(".json"):
+                record = json.loads(data.decode())
+                time.sleep(0.05)  # a slow disk: the write has not happened yet
+                written.append((record["state"], self.shown_state(
+                    record["project"], record["id"])))
+            return real(path, data, *args, **kwargs)
+        ipd.write_file_atomic = slowed
+        self.addCleanup(setattr, ipd, "write_file_atomic", real)
+        answer = raw_exchange(self.port, upload_request(force=True))
+        self.assertEqual(answer_status(answer), 202)
+        deployment = re.search(rb"\r\n\r\n([0-9a-f-]{36})\n", answer).group(1).decode()
+        wait_until(lambda: self.shown_state("app", deployment) == "ok")
+        before = None
+        for state, shown in written:
+            if state != before:  # a change: not shown before its write
+                self.assertNotEqual(shown, state, written)
+            before = state
+        states = [state for state, _ in written]
+        self.assertIn("active", states)
+        self.assertEqual(states[-1], "ok")
+
+
 class StepSessionTests(DaemonTestCase):
     # issue 23, item 8: a step ends with all it started in its session, and
     # a script no longer allowed does not run
@@ -7529,6 +7574,53 @@ class StepSessionTests(DaemonTestCase):
         self.assertIn("not run", log)
         self.assertIn("SCRIPTS=server", log)
         self.assertNotIn("step check", log)
+
+
+class RunAsIsolationTests(DaemonTestCase):
+    # issue 23, item 4: with a RUN_AS user per project, one project's
+    # scripts read nothing of another's deployments.  Needs root (CI).
+    users_of = {"web": (64123, 64123), "docs": (64125, 64125)}
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to switch users")
+        super().setUp()
+        os.chmod(self.tmp, 0o711)
+        for project, (uid, gid) in self.users_of.items():
+            folder = os.path.join(self.daemon.upload_dir, project)
+            os.makedirs(folder)
+            with open(os.path.join(folder, "project.conf"), "w") as file:
+                file.write("RUN_AS=%d:%d\n" % (uid, gid))
+            os.chmod(os.path.join(folder, "project.conf"), 0o644)
+
+    def test_a_project_reads_nothing_of_another_projects_deployments(self):
+        own = ('[ "$1" = deploy ] || exit 1\n'
+               'cat ./secret.txt > /dev/null && echo own_package=reached\n'
+               'cat "$IMAGE" > /dev/null && echo own_image=reached\nexit 1\n')
+        package = tar_bytes({"control.sh": (("#!/bin/sh\n" + own).encode(), 0o755),
+                             "secret.txt": b"web's package secret"})
+        status, _, web = self.daemon.upload("web", package, image=b"web's image")
+        self.assertEqual(status, 202, web)
+        web = web.strip()
+        self.assertEqual(self.daemon.wait_state("web", web), "ok")
+        self.assertIn("own_package=reached", self.daemon.log("web", web))
+        self.assertIn("own_image=reached", self.daemon.log("web", web))
+        folder = os.path.join(self.daemon.upload_dir, "web", "deployments")
+        tries = {"read_package": "cat %s/%s/secret.txt" % (folder, web),
+                 "list_package": "ls %s/%s" % (folder, web),
+                 "read_image": "cat %s/%s.image" % (folder, web)}
+        script = '[ "$1" = deploy ] || exit 1\n' + "".join(
+            "if %s > /dev/null 2>&1; then echo %s=reached; else echo %s=refused; fi\n"
+            % (command, name, name) for name, command in tries.items()) + "exit 1\n"
+        docs = self.daemon.deploy(script, project="docs")
+        self.assertEqual(self.daemon.wait_state("docs", docs), "ok")
+        log = self.daemon.log("docs", docs)
+        for name in tries:
+            self.assertIn("%s=refused" % name, log)
+        info = os.stat(os.path.join(folder, web))
+        self.assertEqual((stat.S_IMODE(info.st_mode), info.st_gid), (0o750, 64123))
+        info = os.stat(os.path.join(folder, web + ".image"))
+        self.assertEqual((stat.S_IMODE(info.st_mode), info.st_gid), (0o640, 64123))
 
 
 ###############################################################################
