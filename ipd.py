@@ -3665,18 +3665,23 @@ class DeployWorker:
                 "on the server (SCRIPTS=server), and this deployment's is its "
                 "package's" % record.project)
 
+    def refused_script(self, record, log_file):
+        """True, with the reason in the log, when record's control.sh may
+        no longer run (script_refusal)."""
+        refusal = self.script_refusal(record)
+        if refusal:
+            log_file.write(("ipd: control.sh not run: %s\n" % refusal).encode())
+            log_file.flush()
+            log.warning("deployment %s: control.sh not run: %s", record.id, refusal)
+        return bool(refusal)
+
     def run_step(self, record, step, log_file, cancel, run_as=None):
         """Run 'control.sh STEP' in its own session (as run_as, when given);
         return (code, outcome), where outcome is 'timeout', 'cancelled' or
         'interrupted' when we had to stop it."""
         log_file.flush()
         started = time.monotonic()
-        refusal = self.script_refusal(record) if step == "check" else None
-        if refusal:
-            log_file.write(("ipd: control.sh %s not run: %s\n" % (step, refusal)
-                            ).encode())
-            log_file.flush()
-            log.warning("deployment %s: control.sh not run: %s", record.id, refusal)
+        if step == "check" and self.refused_script(record, log_file):
             return 126, "126"  # cannot execute, as a shell says
         try:
             process = subprocess.Popen(
@@ -3866,11 +3871,7 @@ def parse_recipe(data):
             else:
                 raise BadRequest("recipe of %s: each segment is {\"data\": base64} "
                                  "or {\"sha256\": hex, \"size\": bytes}" % field)
-        total = sum(len(piece["data"]) if "data" in piece else piece["size"]
-                    for piece in pieces)
-        if total != meta["size"]:
-            raise BadRequest("recipe of %s: its pieces add up to %d bytes, not the "
-                             "%d it declares" % (field, total, meta["size"]))
+        check_pieces_add_up(field, pieces, meta["size"])
         name = client_filename(str(meta.get("name") or "")) or field
         files[field] = {"name": name, "size": meta["size"],
                         "sha256": meta["sha256"], "segments": pieces}
@@ -3878,6 +3879,17 @@ def parse_recipe(data):
     return {"project": recipe.get("project"), "files": files,
             "force": "1" if force in (True, 1, "1", "true", "yes") else "0",
             "manifest": recipe.get("manifest"), "signature": recipe.get("signature")}
+
+
+def check_pieces_add_up(field, pieces, size):
+    """A recipe's pieces of a file must add up to its declared size, so
+    that the size checked against the limits is what would be copied
+    (issue 23).  Raises BadRequest."""
+    total = sum(len(piece["data"]) if "data" in piece else piece["size"]
+                for piece in pieces)
+    if total != size:
+        raise BadRequest("recipe of %s: its pieces add up to %d bytes, not the "
+                         "%d it declares" % (field, total, size))
 
 
 def parse_missing_request(data):
