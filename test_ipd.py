@@ -7247,11 +7247,22 @@ class TokenFileLockTests(unittest.TestCase):
         self.assertTrue(all(self.stored()[token_id].revoked for token_id in ids))
 
     def test_users_written_at_once_are_all_kept(self):
-        processes = [self.start("passwd", "USER", "user%d" % number, "--auth-db",
-                                self.users) for number in range(10)]
-        self.finish(processes, b"a-password\n")
+        # what `passwd` does once it has the hash (PBKDF2 spaces real ones
+        # out), from 16 threads let go at once; then a real passwd
+        barrier = threading.Barrier(16)
+
+        def add(number):
+            barrier.wait()
+            ipd.set_user(self.users, "USER", "user%d" % number, sha256_hex("pw"))
+        threads = [threading.Thread(target=add, args=(number,)) for number in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.finish([self.start("passwd", "USER", "last", "--auth-db", self.users)],
+                    b"a-password\n")
         names = set(ipd.parse_users(read_text(self.users))[0])
-        self.assertEqual(names, {"user%d" % number for number in range(10)})
+        self.assertEqual(names, {"user%d" % number for number in range(16)} | {"last"})
 
     def test_last_uses_noted_at_once_are_all_kept(self):
         secrets_made = [ipd.create_token(self.tokens, ["web"], 0, "ci")
