@@ -796,7 +796,7 @@ def check_json_shape(data, what, max_items, max_depth=MAX_JSON_DEPTH):
 
 
 def bounded_int(text):
-    """json.loads' parse_int: a number of 40 digits or more costs it
+    """json.loads' parse_int: a number of more than 40 digits costs it
     quadratic time (and 3.11+ refuse them); no ipd number needs one."""
     if len(text) > 40:
         raise BadRequest("a number of more than 40 digits")
