@@ -5957,6 +5957,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Append the body to the user's partial segment at offset; with
         Upload-Complete: ?1 (the default) verify and store it."""
         complete = parse_upload_complete(self.headers.get("Upload-Complete"), True)
+        segments = self.ipd.segments
+        if self.expects_continue and segments.visible(self.user, [digest]):
+            # stored already (a retry whose first try completed it while
+            # it was taken over): the client that asked need send nothing
+            return self.send_upload_state(200, segments.sizes[digest], True)
         settings = self.ipd.settings
         limit = settings.MAX_UPLOAD_SIZE  # of the whole segment, however sent
         if limit and offset >= limit:
@@ -7070,6 +7075,9 @@ class Client:
                     connection.putheader(name, value)
                 connection.endheaders()
                 early = await_continue(connection)
+                if early and early[0] == 200:  # the server has it already
+                    connection.close()
+                    return
                 if early and early[0] == 409 and attempt < attempts - 1:
                     connection.close()
                     offset = None

@@ -6719,6 +6719,26 @@ def daemon_rss(daemon, field="VmRSS"):
     raise AssertionError("no %s in /proc/%d/status" % (field, daemon.process.pid))
 
 
+def first_answer_line(port, head, timeout=5):
+    """Send only a request's head; -> the first line the server answers
+    (before any body is sent), or None."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(head)
+        answer = b""
+        while b"\r\n" not in answer:
+            try:
+                piece = sock.recv(4096)
+            except socket.timeout:
+                return None
+            if not piece:
+                break
+            answer += piece
+        return answer.split(b"\r\n")[0].decode("latin-1")
+    finally:
+        sock.close()
+
+
 def send_body(port, head, body, pieces=1 << 20, timeout=30):
     """Send head and then body (bytes) in pieces on a raw socket, as far as
     the server reads it; -> the answer's status, or None."""
@@ -7100,6 +7120,18 @@ class SegmentTakeoverTests(LayerPushTestCase):
         deployment = second.stdout.decode().strip()
         self.assertEqual(self.deployed_sha("app", deployment), sha256_file(image))
 
+    def test_a_retry_of_a_stored_segment_sends_nothing(self):
+        data = os.urandom(100000)
+        digest = hashlib.sha256(data).hexdigest()
+        self.assertEqual(self.raw("POST", "/segments/" + digest, data)[0], 201)
+        for method, offset in (("POST", 0), ("PATCH", len(data))):
+            with self.subTest(method):
+                head = raw_request(method, "/deploy/segments/" + digest, b"", {
+                    "Content-Length": str(len(data) - offset),
+                    "Upload-Offset": str(offset), "Expect": "100-continue"})
+                line = first_answer_line(self.daemon.port, head)
+                self.assertEqual(line, "HTTP/1.1 200 OK")
+
     def test_a_writer_still_receiving_is_not_taken_over(self):
         # a live upload goes on; a second request for it waits, then 409
         data = os.urandom(300000)
@@ -7276,26 +7308,6 @@ class TokenFileLockTests(unittest.TestCase):
             thread.join()
         used = ipd.read_token_uses(self.tokens)
         self.assertEqual(set(used), {secret.split("_")[1] for secret in secrets_made})
-
-
-def first_answer_line(port, head, timeout=5):
-    """Send only a request's head; -> the first line the server answers
-    (before any body is sent), or None."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        sock.sendall(head)
-        answer = b""
-        while b"\r\n" not in answer:
-            try:
-                piece = sock.recv(4096)
-            except socket.timeout:
-                return None
-            if not piece:
-                break
-            answer += piece
-        return answer.split(b"\r\n")[0].decode("latin-1")
-    finally:
-        sock.close()
 
 
 def padded_upload(size, project="app", boundary="testboundary1234"):
