@@ -6852,31 +6852,6 @@ class LayerPushBoundsTests(LayerPushTestCase):
         self.assertLess(peak, 64 << 20)
         self.assertEqual(self.daemon.leftovers(), [])
 
-    def test_missing_does_the_same_work_whatever_another_project_holds(self):
-        # a digest another project holds costs what a made-up one costs:
-        # duplicates are removed first (issue 23, item 7)
-        held = os.urandom(100000)
-        digest = hashlib.sha256(held).hexdigest()
-        self.assertEqual(self.raw("POST", "/segments/" + digest, held)[0], 201)
-        with open(self.daemon.users_file, "a") as file:
-            file.write("USER:eve:%s:other\n" % sha256_hex("eve-pw"))
-        timings = {}
-        for name, named in (("held", digest), ("made up", "ab" * 32)):
-            body = json.dumps({"segments": [named] * ipd.MISSING_MAX_SEGMENTS}).encode()
-            runs = []
-            for _ in range(5):
-                started = time.perf_counter()
-                status, _, text = self.post_json("/segments/missing", body, "eve:eve-pw",
-                                                 {"Accept": "application/json"})
-                runs.append(time.perf_counter() - started)
-                self.assertEqual(json.loads(text)["missing"], [named])
-            timings[name] = min(runs)
-        report("/segments/missing of %d copies: held by another %.1f ms, made up "
-               "%.1f ms" % (ipd.MISSING_MAX_SEGMENTS, 1000 * timings["held"],
-                            1000 * timings["made up"]))
-        self.assertLess(abs(timings["held"] - timings["made up"]),
-                        0.25 * timings["made up"] + 0.01, timings)
-
     def segment(self, size=1 << 20):
         data = os.urandom(size)
         digest = hashlib.sha256(data).hexdigest()
@@ -6936,6 +6911,40 @@ class LayerPushBoundsTests(LayerPushTestCase):
             except OSError:
                 pass
         return total
+
+
+class LayerMissingTimingTests(LayerPushTestCase):
+    # issue 23, item 7: what another project holds does not show in time
+    alone = True  # measures time: runs while no other test does
+
+    def post_json(self, path, body, user="admin", headers=None):
+        return self.raw("POST", path, body, dict({"Content-Type": "application/json"},
+                                                 **(headers or {})), user)
+
+    def test_missing_does_the_same_work_whatever_another_project_holds(self):
+        # a digest another project holds costs what a made-up one costs:
+        # duplicates are removed first (issue 23, item 7)
+        held = os.urandom(100000)
+        digest = hashlib.sha256(held).hexdigest()
+        self.assertEqual(self.raw("POST", "/segments/" + digest, held)[0], 201)
+        with open(self.daemon.users_file, "a") as file:
+            file.write("USER:eve:%s:other\n" % sha256_hex("eve-pw"))
+        timings = {"held": [], "made up": []}
+        for _ in range(7):  # taken in turns, the fastest of each
+            for name, named in (("held", digest), ("made up", "ab" * 32)):
+                body = json.dumps({"segments": [named] * ipd.MISSING_MAX_SEGMENTS})
+                started = time.perf_counter()
+                status, _, text = self.post_json("/segments/missing", body.encode(),
+                                                 "eve:eve-pw",
+                                                 {"Accept": "application/json"})
+                timings[name].append(time.perf_counter() - started)
+                self.assertEqual(json.loads(text)["missing"], [named])
+        timings = {name: min(runs) for name, runs in timings.items()}
+        report("/segments/missing of %d copies: held by another %.1f ms, made up "
+               "%.1f ms" % (ipd.MISSING_MAX_SEGMENTS, 1000 * timings["held"],
+                            1000 * timings["made up"]))
+        self.assertLess(abs(timings["held"] - timings["made up"]),
+                        0.25 * timings["made up"] + 0.01, timings)
 
 
 class LayerPushSizeLimitTests(LayerPushTestCase):
