@@ -14,7 +14,8 @@ One file, standard library only, CPython 3.8 to 3.13:
     python3 ipd.py passwd ROLE NAME # add or replace a user in AUTH_DB
 
 How it is built, top to bottom (each section opens with what it owns, and
-refers only to names defined above it): errors; settings; helpers; users
+refers only to names defined above it): errors; settings; helpers (file
+locks, the bounded JSON decoder every JSON body goes through); users
 and passwords; signed releases and deploy tokens; the streaming multipart
 parser (pure, no I/O); request bodies and uploads; safe unpacking of
 packages; processes (who runs the scripts: RUN_AS, project.conf; stopping
@@ -558,7 +559,8 @@ def load_settings(config_path=None, environ=None, warn=None):
 ###############################################################################
 
 # Small pure functions and file primitives the rest builds on: times,
-# atomic writes, audit lines, hashing on a second core.
+# atomic writes, file locks, audit lines, hashing on a second core, JSON
+# decoded within bounds.
 
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
