@@ -6819,7 +6819,7 @@ class LayerPushBoundsTests(LayerPushTestCase):
         before = daemon_rss(self.daemon)
         made_up = [hashlib.sha256(b"%d" % number).hexdigest()
                    for number in range(ipd.MISSING_MAX_SEGMENTS)]
-        for round_number in range(4):
+        for round_number in range(20):  # 400,000 digests: 60 MiB if kept
             body = json.dumps({"segments": made_up}).encode()
             status, _, text = self.post_json("/segments/missing", body,
                                              headers={"Accept": "application/json"})
@@ -7142,30 +7142,39 @@ class SegmentTakeoverTests(LayerPushTestCase):
                 self.assertEqual(line, "HTTP/1.1 200 OK")
 
     def test_a_writer_still_receiving_is_not_taken_over(self):
-        # a live upload goes on; a second request for it waits, then 409
+        # a live upload (a byte each 0.5 s) goes on; a second request for
+        # it waits TAKEOVER_WAIT, gets 409, and the first one completes
         data = os.urandom(300000)
         digest = hashlib.sha256(data).hexdigest()
-        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=30)
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=60)
         self.addCleanup(sock.close)
         sock.sendall(raw_request("POST", "/deploy/segments/" + digest, b"", {
-            "Content-Length": str(len(data))}))
-        sock.sendall(data[:1000])
+            "Content-Length": str(len(data))}) + data[:1000])
         wait_until(lambda: os.path.isdir(os.path.join(
             self.daemon.upload_dir, ".segments", "partial")))
-        done = []
+        sent, stop = [1000], threading.Event()
 
-        def trickle():  # a byte a second: alive
-            for number in range(1000, 1000 + int(ipd.TAKEOVER_WAIT) + 3):
-                sock.sendall(data[number:number + 1])
+        def trickle():
+            while not stop.is_set():
+                sock.sendall(data[sent[0]:sent[0] + 1])
+                sent[0] += 1
                 time.sleep(0.5)
-            done.append(True)
         thread = threading.Thread(target=trickle, daemon=True)
         thread.start()
-        status, headers, _ = self.raw("PATCH", "/segments/" + digest, data[1000:2000],
-                                      {"Upload-Offset": "1000"})
-        self.assertEqual(status, 409)
+        status, headers, text = self.raw("PATCH", "/segments/" + digest,
+                                         data[1000:2000], {"Upload-Offset": "1000"})
+        stop.set()
         thread.join()
-        self.assertEqual(done, [True])  # never cut off
+        self.assertEqual(status, 409, text)
+        self.assertIn("another request", text)
+        sock.sendall(data[sent[0]:])
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answer += piece
+        self.assertEqual(answer_status(answer), 201)
 
 
 class SegmentQuotaTests(LayerPushTestCase):
