@@ -6947,6 +6947,36 @@ class LayerMissingTimingTests(LayerPushTestCase):
                         0.25 * timings["made up"] + 0.01, timings)
 
 
+class BoundedJsonTests(unittest.TestCase):
+    # issue 23, item 6: the decoder's limits, each at its boundary
+
+    def test_values_depth_and_digits_at_their_limits(self):
+        def values(count):  # an object of count values: {} and commas
+            return b'{"a": [' + b",".join([b"1"] * (count - 1)) + b"]}"
+        ipd.load_json_object(values(1000), "x", 1000)
+        with self.assertRaisesRegex(ipd.BadRequest, "more than 1000 values"):
+            ipd.load_json_object(values(1001), "x", 1000)
+        deep = ipd.MAX_JSON_DEPTH
+        ipd.load_json_object(b'{"a":' * deep + b"1" + b"}" * deep, "x", 100)
+        with self.assertRaisesRegex(ipd.BadRequest, "nested more than 16 deep"):
+            ipd.load_json_object(b'{"a":' * (deep + 1) + b"1" + b"}" * (deep + 1),
+                                 "x", 100)
+        # brackets and escaped quotes in strings do not count
+        self.assertEqual(ipd.load_json_object(b'{"a": "[[[[\\"[[[[[[[[[[[[[[[[[[["}',
+                                              "x", 10), {"a": '[[[[\"[[[[[[[[[[[[[[[[[[['})
+        self.assertEqual(ipd.load_json_object(b'{"a": ' + b"9" * 40 + b"}", "x", 10),
+                         {"a": int("9" * 40)})
+        with self.assertRaisesRegex(ipd.BadRequest, "40 digits"):
+            ipd.load_json_object(b'{"a": ' + b"9" * 41 + b"}", "x", 10)
+
+    def test_a_manifest_may_be_dated_ahead_by_the_skew_only(self):
+        now = 1800000000
+        ipd.check_manifest_time(now + ipd.MANIFEST_CLOCK_SKEW, now)
+        with self.assertRaisesRegex(ipd.Forbidden, "ahead"):
+            ipd.check_manifest_time(now + ipd.MANIFEST_CLOCK_SKEW + 1, now)
+        self.assertIn("after the epoch", ipd.iso_time(2 ** 62))
+
+
 class LayerPushSizeLimitTests(LayerPushTestCase):
     # issue 23, item 2: MAX_UPLOAD_SIZE holds for a recipe's files too
     settings = {"MAX_UPLOAD_SIZE": "4M"}
@@ -7200,6 +7230,9 @@ class SegmentQuotaTests(LayerPushTestCase):
         deployment, _ = self.push(image)
         self.assertEqual(self.deployed_sha("app", deployment), sha256_file(image))
         self.assertEqual(self.post(second)[0], 201)
+        left = (1 << 20) - 900000  # at its boundary: one byte more is refused
+        self.assertEqual(self.post(os.urandom(left + 1))[0], 507)
+        self.assertEqual(self.post(os.urandom(left))[0], 201)
 
     def test_concurrent_uploads_are_bounded_per_user(self):
         data = os.urandom(100000)
