@@ -14,7 +14,8 @@ One file, standard library only, CPython 3.8 to 3.13:
     python3 ipd.py passwd ROLE NAME # add or replace a user in AUTH_DB
 
 How it is built, top to bottom (each section opens with what it owns, and
-refers only to names defined above it): errors; settings; helpers; users
+refers only to names defined above it): errors; settings; helpers (file
+locks, the bounded JSON decoder every JSON body goes through); users
 and passwords; signed releases and deploy tokens; OpenID Connect ID
 tokens (CI jobs that log in with no secret); the streaming multipart
 parser (pure, no I/O); request bodies and uploads; safe unpacking of
@@ -61,6 +62,7 @@ import bz2
 import calendar
 import codecs
 import collections
+import ctypes
 import errno
 import fcntl
 import fnmatch
@@ -283,8 +285,9 @@ SETTINGS = {
         keep their image and package; older ones keep only their state and
         log"""),
     "MAX_UPLOAD_SIZE": setting("0", "size", """largest request body (`512M`,
-        `10G`), and largest file a layer push rebuilds; 0 for no limit (nginx:
-        `client_max_body_size 0`)"""),
+        `10G`), and largest file a layer push rebuilds (its recipe's pieces
+        must add up to its declared size, checked before a byte is copied: 413
+        over); 0 for no limit (nginx: `client_max_body_size 0`)"""),
     "MAX_UNPACKED_SIZE": setting("8G", "size", """largest unpacked package
         (stops decompression bombs); 0 for no limit"""),
     "READ_TIMEOUT": setting("60", "seconds", """seconds a request body may
@@ -344,9 +347,17 @@ SETTINGS = {
         ends (its recipe stays; a redeploy rebuilds them), so deployments
         sharing layers take about the unique bytes; `no`: keep them"""),
     "MIN_FREE_SPACE": setting("0", "size", """free space floor of UPLOAD_DIR
-        (`5G`): below it, the files of the oldest prunable deployments go
-        first (never a waiting or running one, nor a project's latest ok
-        one); 0 for none"""),
+        (`5G`): below it, when a deployment ends, the files of its project's
+        oldest prunable deployments go first (never a waiting or running one,
+        nor the latest ok one; never another project's); a segment upload or
+        a recipe push that would go below it is refused with 507 and prunes
+        nothing; 0 for none"""),
+    "SEGMENT_QUOTA": setting("20G", "size", """bytes one user (or token) may
+        hold in partial segment uploads and in segments no kept deployment
+        refers to (uploads not yet deployed); a segment upload over it is
+        refused with 507; 0 for no bound"""),
+    "SEGMENT_UPLOADS": setting("4", "count", """segment uploads one user (or
+        token) may have under way at once; more get 429"""),
     "SCRIPTS": setting("package", "scripts", """who supplies the code that runs
         on this host (see Scripts and who runs them).  `package`: a package's
         own control.sh runs (the original), so whoever may upload runs code
@@ -704,7 +715,8 @@ def load_settings(config_path=None, environ=None, warn=None):
 ###############################################################################
 
 # Small pure functions and file primitives the rest builds on: times,
-# atomic writes, audit lines, hashing on a second core.
+# atomic writes, file locks, audit lines, hashing on a second core, JSON
+# decoded within bounds.
 
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -736,7 +748,10 @@ def iso_time(timestamp):
     """Seconds since the epoch -> '2026-11-25T10:25:58.123Z', or None."""
     if timestamp is None:
         return None
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp))
+    try:
+        whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp))
+    except (OverflowError, OSError, ValueError):  # created=2**62 (issue 23)
+        return "%.0f s after the epoch" % timestamp
     return "%s.%03dZ" % (whole, int(timestamp * 1000) % 1000)
 
 
@@ -828,6 +843,31 @@ def remove_quietly(path):
         pass
 
 
+class FileLock:
+    """An exclusive lock (flock) on PATH.lock, beside a file that several
+    commands read, change and write back (the tokens file, its last uses,
+    the users file): one at a time, or a change is lost (issue 23).  The
+    kernel drops it with its holder; the empty lock file stays."""
+
+    def __init__(self, path):
+        self.path = path + ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        # read-only is enough for flock: root and the daemon's user share it
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        os.close(self.fd)  # and with it the lock
+        self.fd = None
+
+
 def write_file_atomic(path, data, mode=0o640):
     """Replace path with data: temporary file, fsync, rename, fsync folder."""
     folder = os.path.dirname(path)
@@ -862,6 +902,99 @@ def free_space(path):
     except OSError:
         return None
     return info.f_bavail * info.f_frsize
+
+
+# --- bounded JSON (issue 23): what json.loads would pay for, checked first
+
+# JSON bodies and files are nested at most this deep: json.loads recurses
+# once a level (RecursionError near 1,000), and no ipd document needs more.
+MAX_JSON_DEPTH = 16
+# What gives JSON text its structure: quotes, brackets, commas.
+NOT_STRUCTURE = bytes(set(range(256)) - set(b'"[]{},'))
+QUOTE, COMMA = ord('"'), ord(",")
+OPENING = frozenset(b"[{")
+
+
+def json_items(data):
+    """The containers and commas of JSON text: about how many objects
+    json.loads would make of it (a string's commas counted too, so an
+    upper bound).  Cheap: for a body as it arrives."""
+    return data.count(b"{") + data.count(b"[") + data.count(b",")
+
+
+def check_json_shape(data, what, max_items, max_depth=MAX_JSON_DEPTH):
+    """Refuse JSON text (bytes) with more than max_items values or nested
+    deeper than max_depth, before json.loads builds anything of it.  Only
+    the structure is walked (escaped quotes and backslashes dropped first,
+    then all but quotes, brackets and commas): no object per value is
+    made, however hostile the text.  Raises BadRequest naming what."""
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    marks = unescaped.translate(None, NOT_STRUCTURE)
+    del unescaped
+    if len(marks) > 8 * max_items + 64:  # a value has 2 quotes, a key 2 more
+        raise BadRequest("%s has more than %d values" % (what, max_items))
+    items = depth = 0
+    in_string = False
+    for mark in marks:
+        if mark == QUOTE:
+            in_string = not in_string
+        elif in_string:
+            continue
+        elif mark in OPENING:
+            depth += 1
+            items += 1
+            if depth > max_depth:
+                raise BadRequest("%s is nested more than %d deep" % (what, max_depth))
+        elif mark == COMMA:
+            items += 1
+        else:
+            depth -= 1
+    if items > max_items:
+        raise BadRequest("%s has more than %d values" % (what, max_items))
+
+
+def bounded_int(text):
+    """json.loads' parse_int: a number of more than 40 digits costs it
+    quadratic time (and 3.11+ refuse them); no ipd number needs one."""
+    if len(text) > 40:
+        raise BadRequest("a number of more than 40 digits")
+    return int(text)
+
+
+def return_freed_memory():
+    """Give the memory freed since back to the system, where the C library
+    can (glibc's malloc_trim): glibc keeps what a thread freed in that
+    thread's arena, so a few requests with large JSON bodies, each on a
+    thread of its own, would otherwise hold the daemon's RSS up until it
+    restarts (issue 23).  Elsewhere, nothing."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def json_kind(value):
+    """What a decoded JSON value is, in JSON's words."""
+    for kind, name in ((bool, "a boolean"), (dict, "an object"), (list, "an array"),
+                       (str, "a string"), ((int, float), "a number")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def load_json_object(data, what, max_items, max_depth=MAX_JSON_DEPTH):
+    """JSON text (bytes) that must be an object -> dict, its shape checked
+    first (check_json_shape).  Raises BadRequest with the reason, never
+    RecursionError or a TypeError."""
+    check_json_shape(data, what, max_items, max_depth)
+    try:
+        value = json.loads(bytes(data).decode("utf-8"), parse_int=bounded_int)
+    except BadRequest as error:
+        raise BadRequest("%s has %s" % (what, error))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BadRequest("%s is not JSON" % what)
+    if not isinstance(value, dict):
+        raise BadRequest("%s must be a JSON object, not %s" % (what, json_kind(value)))
+    return value
 
 
 ###############################################################################
@@ -1124,6 +1257,12 @@ def set_user(path, role, name, password_hash, projects=None):
         for project in projects:
             check_name_for_config(project)
         record += ":" + ",".join(projects)
+    with FileLock(path):  # another passwd may be at it too
+        replace_user_line(path, name, record)
+
+
+def replace_user_line(path, name, record):
+    """Write the users file at path with record instead of name's line."""
     try:
         with open(path, encoding="utf-8") as file:
             lines = file.read().splitlines()
@@ -1150,6 +1289,8 @@ def set_user(path, role, name, password_hash, projects=None):
 # key's principals are WHO@PROJECT patterns: "ci@web,ci@api", "alice@*".
 SIGNATURE_NAMESPACE = "ipd"
 MANIFEST_FORMAT = 1
+MANIFEST_MAX_ITEMS = 64     # values in a manifest: two files and their fields
+MANIFEST_CLOCK_SKEW = 300   # seconds a manifest may be dated ahead of us
 
 
 def make_manifest(project, files, created=None):
@@ -1165,12 +1306,10 @@ def make_manifest(project, files, created=None):
 
 
 def parse_manifest(data):
-    """Manifest bytes -> dict, checked in shape.  Raises BadRequest."""
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise BadRequest("manifest is not JSON")
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+    """Manifest bytes -> dict, checked in shape.  Raises BadRequest, and
+    Forbidden for one dated more than MANIFEST_CLOCK_SKEW ahead."""
+    manifest = load_json_object(data, "the manifest", MANIFEST_MAX_ITEMS)
+    files = manifest.get("files")
     if (manifest.get("ipd_manifest") != MANIFEST_FORMAT or
             not isinstance(manifest.get("project"), str) or
             not isinstance(manifest.get("created"), int) or
@@ -1182,7 +1321,19 @@ def parse_manifest(data):
                                 for field, meta in files.items())):
         raise BadRequest("manifest must be ipd_manifest 1 with project, created, "
                          "nonce and files {image|package: {sha256, size}}")
+    check_manifest_time(manifest["created"])
     return manifest
+
+
+def check_manifest_time(created, now=None):
+    """Refuse a manifest dated ahead of this clock by more than a skew: it
+    would be the project's newest signed release until that day, and
+    every release signed before then would be refused as a rollback."""
+    now = time.time() if now is None else now
+    if created > now + MANIFEST_CLOCK_SKEW:
+        raise Forbidden("the signed manifest is dated %s, more than %d s ahead of "
+                        "this server's clock: check the signer's clock"
+                        % (iso_time(created), MANIFEST_CLOCK_SKEW))
 
 
 def check_manifest_files(manifest, project, upload):
@@ -1376,26 +1527,31 @@ class TokenDB:
                 return
             self._used[token_id] = now
         try:
-            used = read_token_uses(self.path)
-            used[token_id] = int(now)
-            write_file_atomic(self.path + ".used", json.dumps(used).encode(), 0o640)
+            with FileLock(self.path + ".used"):
+                used = read_token_uses(self.path)
+                used[token_id] = int(now)
+                write_file_atomic(self.path + ".used", json.dumps(used).encode(),
+                                  0o640)
         except (OSError, ValueError) as error:
             log.warning("cannot note the use of token %s: %s", token_id, error)
 
 
 def rewrite_tokens(path, change):
     """Read the tokens file, change(list of Token), write it atomically
-    (0640, as the users file)."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            tokens = list(parse_tokens(file.read()).values())
-        info = os.stat(path)
-    except FileNotFoundError:
-        tokens, info = [], None
-    change(tokens)
-    write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(), 0o640)
-    if info and os.geteuid() == 0:
-        os.chown(path, info.st_uid, info.st_gid)
+    (0640, as the users file), all under the file's lock: of two commands
+    at once, each sees what the other wrote (issue 23)."""
+    with FileLock(path):
+        try:
+            with open(path, encoding="utf-8") as file:
+                tokens = list(parse_tokens(file.read()).values())
+            info = os.stat(path)
+        except FileNotFoundError:
+            tokens, info = [], None
+        change(tokens)
+        write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(),
+                          0o640)
+        if info and os.geteuid() == 0:
+            os.chown(path, info.st_uid, info.st_gid)
 
 
 def create_token(path, projects, expires, creator):
@@ -3187,6 +3343,24 @@ def scripts_user(settings, project_dir):
         raise IpdError("RUN_AS of %s: %s" % (project_dir, error))
 
 
+def share_with_group(path, gid, mode):
+    """Let the group gid (a project's scripts' group) read path, and no
+    other user: group-owned, mode (0750, 0640), so that another project's
+    scripts' user reads nothing of this project's deployments (issue 23).
+    Where ipd may not give the file to that group (an unprivileged ipd
+    outside it, without CAP_CHOWN), everyone may read it, as before, and
+    the log says so."""
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        log.warning("cannot give %s to group %d (ipd is neither root nor in that "
+                    "group): readable by every user, so by other projects' "
+                    "scripts too", path, gid)
+        os.chmod(path, mode | 0o005 if mode & 0o100 else mode | 0o004)
+        return
+    os.chmod(path, mode)
+
+
 def open_to_scripts(project_dir, deployment_folder, image, run_as):
     """Give run_as what its scripts need and nothing more: UPLOAD_DIR and
     the project folder to pass through (not to list), its work folder to write (made on first use,
@@ -3202,9 +3376,9 @@ def open_to_scripts(project_dir, deployment_folder, image, run_as):
         if info.st_uid == os.geteuid() and wanted != stat.S_IMODE(info.st_mode):
             os.chmod(folder, wanted)
     if os.path.isdir(deployment_folder):
-        os.chmod(deployment_folder, 0o755)
+        share_with_group(deployment_folder, run_as.gid, 0o750)
     if image and os.path.exists(image):
-        os.chmod(image, 0o644)
+        share_with_group(image, run_as.gid, 0o640)
     work = os.path.join(project_dir, WORK_DIR)
     try:
         info = os.lstat(work)
@@ -3310,12 +3484,18 @@ def processes_of_session(identity):
     session = identity["session"]
     if process_running(session) and process_start(session) != identity["start"]:
         return []
+    return session_members(session)
+
+
+def session_members(session):
+    """The pids running in session (zombies left out), whichever process
+    group they moved to: what setsid() alone would take them out of."""
     found = []
     for pid in list_pids():
         try:
             with open("/proc/%d/stat" % pid, "rb") as file:
                 fields = file.read().rsplit(b")", 1)[1].split()
-        except OSError:
+        except (OSError, IndexError):
             continue
         if int(fields[3]) == session and fields[0] != b"Z":
             found.append(pid)
@@ -3385,6 +3565,11 @@ def stop_process_group(process, grace):
         # (a process stuck in the kernel, in state D, for at most grace more)
         wait_for_group(process, grace, 0.01)
     process.wait()
+    # What moved to a process group of its own is still in the step's
+    # session (each step leads one): it ends with the step too (issue 23).
+    # Only a process that left the session as well (setsid) escapes.  The
+    # leader is reaped: a process with its pid now is another's, not ours.
+    stop_processes([pid for pid in session_members(group) if pid != group], grace)
 
 
 ###############################################################################
@@ -4462,13 +4647,13 @@ class DeploymentStore:
                     if self._hot[i].recipe and not self._hot[i].pruned
                     and self._state_of(self._hot[i], ending) not in UNFINISHED]
 
-    def oldest_prunable(self, ending=None):
-        """A copy of the oldest deployment that may be pruned to make room:
-        never a waiting or running one, nor a project's latest ok one; or
+    def oldest_prunable(self, project, ending=None):
+        """A copy of project's oldest deployment that may be pruned to make
+        room: never a waiting or running one, nor its latest ok one; or
         None."""
         with self._lock:
             candidates = []
-            for ledger in self._ledgers.values():
+            for ledger in filter(None, [self._ledgers.get(project)]):
                 hot = [self._hot[i] for i in ledger.hot]
                 done = [r.seq for r in hot if self._state_of(r, ending) == "ok"]
                 latest_ok = max(done + [ledger.cold_last_ok_seq or 0])
@@ -4615,12 +4800,37 @@ class DeployWorker:
             env["SIGNER_KEY"] = record.signer["fingerprint"]
         return env
 
+    def script_refusal(self, record):
+        """Why record's control.sh may no longer run, or None: its project
+        was switched to SCRIPTS=server after a package's own script was
+        taken (checked again as it starts: its first step, issue 23)."""
+        project_dir = self.store.project_dir(record.project)
+        if project_settings(self.settings, project_dir)["SCRIPTS"] != "server":
+            return None
+        if record.control == os.path.join(project_dir, "control.sh"):
+            return None
+        return ("project %s now runs only the control.sh an administrator placed "
+                "on the server (SCRIPTS=server), and this deployment's is its "
+                "package's" % record.project)
+
+    def refused_script(self, record, log_file):
+        """True, with the reason in the log, when record's control.sh may
+        no longer run (script_refusal)."""
+        refusal = self.script_refusal(record)
+        if refusal:
+            log_file.write(("ipd: control.sh not run: %s\n" % refusal).encode())
+            log_file.flush()
+            log.warning("deployment %s: control.sh not run: %s", record.id, refusal)
+        return bool(refusal)
+
     def run_step(self, record, step, log_file, cancel, run_as=None):
         """Run 'control.sh STEP' in its own session (as run_as, when given);
         return (code, outcome), where outcome is 'timeout', 'cancelled' or
         'interrupted' when we had to stop it."""
         log_file.flush()
         started = time.monotonic()
+        if step == "check" and self.refused_script(record, log_file):
+            return 126, "126"  # cannot execute, as a shell says
         try:
             process = subprocess.Popen(
                 [record.control, step], cwd=self.store.path(record),
@@ -4754,19 +4964,25 @@ class Notifier:
 SEGMENTS_DIR = ".segments"  # in UPLOAD_DIR; never a project name (leading dot)
 SHA256_HEX = re.compile(r"[0-9a-f]{64}\Z")
 RECIPE_LIMIT = 64 << 20      # largest recipe (JSON) body
-RECIPE_MAX_PIECES = 100000   # pieces in one file's recipe
+# Pieces in one file's recipe: a segment is a tar member of 64 KiB or more
+# (SEGMENT_MIN) or a run of smaller ones, so an image has hundreds; push
+# sends a file with more as a whole upload.  Bounded so that what a recipe
+# makes the daemon build stays small (issue 23).
+RECIPE_MAX_PIECES = 10000
+# JSON values a recipe may hold: each piece is an object, its two fields
+# and a comma; two files; a few more for the rest (issue 23).
+RECIPE_MAX_ITEMS = 4 * RECIPE_MAX_PIECES * 2 + 64
+# /segments/missing: a list of digests needs this much, not 64 MiB.
+MISSING_MAX_SEGMENTS = 2 * RECIPE_MAX_PIECES  # push asks in batches of these
+MISSING_LIMIT = MISSING_MAX_SEGMENTS * 80 + 4096
 
 
 def parse_recipe(data):
     """A recipe body -> {project, force, manifest, signature, files:
     {field: {name, size, sha256, segments: [{data: bytes} or {sha256,
     size}]}}}.  Raises BadRequest for anything malformed."""
-    try:
-        recipe = json.loads(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the recipe is not JSON")
-    if (not isinstance(recipe, dict) or not isinstance(recipe.get("files"), dict)
-            or not recipe["files"]):
+    recipe = load_json_object(data, "the recipe", RECIPE_MAX_ITEMS)
+    if not isinstance(recipe.get("files"), dict) or not recipe["files"]:
         raise BadRequest("the recipe needs a files object: image, package or both")
     for key in ("project", "manifest", "signature"):
         if key in recipe and not isinstance(recipe[key], str):
@@ -4800,6 +5016,7 @@ def parse_recipe(data):
             else:
                 raise BadRequest("recipe of %s: each segment is {\"data\": base64} "
                                  "or {\"sha256\": hex, \"size\": bytes}" % field)
+        check_pieces_add_up(field, pieces, meta["size"])
         name = client_filename(str(meta.get("name") or "")) or field
         files[field] = {"name": name, "size": meta["size"],
                         "sha256": meta["sha256"], "segments": pieces}
@@ -4807,6 +5024,60 @@ def parse_recipe(data):
     return {"project": recipe.get("project"), "files": files,
             "force": "1" if force in (True, 1, "1", "true", "yes") else "0",
             "manifest": recipe.get("manifest"), "signature": recipe.get("signature")}
+
+
+def check_pieces_add_up(field, pieces, size):
+    """A recipe's pieces of a file must add up to its declared size, so
+    that the size checked against the limits is what would be copied
+    (issue 23).  Raises BadRequest."""
+    total = sum(len(piece["data"]) if "data" in piece else piece["size"]
+                for piece in pieces)
+    if total != size:
+        raise BadRequest("recipe of %s: its pieces add up to %d bytes, not the "
+                         "%d it declares" % (field, total, size))
+
+
+def parse_missing_request(data):
+    """The body of POST /segments/missing -> its digests, each once, in
+    order (duplicates go first, so that each costs the same whatever the
+    server holds: issue 23).  Raises BadRequest."""
+    request = load_json_object(data, "the list of segments", MISSING_MAX_SEGMENTS * 3)
+    listed = request.get("segments")
+    if not isinstance(listed, list):
+        raise BadRequest('expected JSON {"segments": [sha256, ...]}')
+    if len(listed) > MISSING_MAX_SEGMENTS:
+        raise BadRequest("more than %d segments in one request" % MISSING_MAX_SEGMENTS)
+    digests = [item.get("sha256") if isinstance(item, dict) else item
+               for item in listed]
+    if not all(isinstance(digest, str) and SHA256_HEX.match(digest)
+               for digest in digests):
+        raise BadRequest("each segment is named by its SHA-256 (64 lower "
+                         "case hex digits)")
+    return list(dict.fromkeys(digests))
+
+
+def check_room(upload_dir, floor, needed, what):
+    """Raise DiskFull (507) when needed more bytes in upload_dir would not
+    fit or would leave less than floor (MIN_FREE_SPACE) free.  Nothing is
+    pruned for it: a layer push never costs another project its kept
+    deployments (issue 23); the deployments' own end prunes as before."""
+    free = free_space(upload_dir)
+    if free is not None and free - needed < floor:
+        raise DiskFull("%s needs %d bytes, and the server has %d free%s: not "
+                       "stored" % (what, needed, free, " above MIN_FREE_SPACE"
+                                   if floor else ""))
+
+
+def check_recipe_size(files, settings):
+    """A recipe's files add up to at most MAX_UPLOAD_SIZE (TooLarge, 413)
+    and fit on the disk above MIN_FREE_SPACE (DiskFull, 507): checked
+    before the first byte is copied."""
+    total = sum(meta["size"] for meta in files.values())
+    limit = settings.MAX_UPLOAD_SIZE
+    if limit and total > limit:
+        raise TooLarge("the recipe's files have %d bytes, more than MAX_UPLOAD_SIZE "
+                       "(%d bytes)" % (total, limit))
+    check_room(settings.UPLOAD_DIR, settings.MIN_FREE_SPACE, total, "the recipe")
 
 
 def encode_recipe(files):
@@ -4836,40 +5107,73 @@ def parse_upload_complete(value, default):
 REBUILD_BLOCK = 4 * CHUNK_SIZE
 
 
+# A request writing a partial segment that has received nothing for this
+# long is taken over by a newer request for it (a retry after a cut
+# connection: the old one's client is gone, or as good as); the newer one
+# waits at most TAKEOVER_WAIT for that, else it is answered 409 (issue 23).
+TAKEOVER_STALL = 2.0
+TAKEOVER_WAIT = 15.0
+
+
 class SegmentWriter:
     """One request's bytes appended to a partial segment (see
-    SegmentStore.begin); what arrived stays when the client goes away."""
+    SegmentStore.begin); what arrived stays when the client goes away.
+    A newer request for the same partial may take it over (supersede)."""
 
-    def __init__(self, store, user, digest, path, offset):
+    def __init__(self, store, user, digest, path, offset, connection=None):
         self.store, self.user, self.digest = store, user, digest
         self.path, self.offset = path, offset
+        self.connection = connection  # the request's socket, to wake it
+        self.progress = time.monotonic()  # when it last received bytes
+        self.superseded = self.finishing = False
+        self.released = threading.Event()
 
     def receive(self, body):
         """Append the whole request body; raises what the body raises,
-        after keeping (and fsyncing) what came."""
+        after keeping (and fsyncing) what came; Conflict once superseded."""
         buffer = bytearray(CHUNK_SIZE)
         view = memoryview(buffer)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            while True:
+            while not self.superseded:
                 count = body.readinto(view)
-                if not count:
+                if not count or self.superseded:
                     break
                 try:
                     write_all(fd, view[:count])
                 except OSError as error:
                     raise disk_errors(error)
                 self.offset += count
+                self.progress = time.monotonic()
         finally:
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        if self.superseded:
+            raise Conflict("a newer request for this segment took its upload over")
         return self.offset
+
+    def stalled(self):
+        """True when no byte came for TAKEOVER_STALL (never while the
+        whole segment is being verified: that is progress too)."""
+        return (not self.finishing and
+                time.monotonic() - self.progress > TAKEOVER_STALL)
+
+    def supersede(self):
+        """Tell this writer to stop, and wake it from a read that waits for
+        a client that is gone (its socket's reading side is shut)."""
+        self.superseded = True
+        if self.connection is not None:
+            try:
+                self.connection.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
 
     def finish(self):
         """Verify the whole segment's SHA-256 and move it into the store;
         -> its size.  A mismatch removes the partial (BadRequest)."""
+        self.finishing = True
         digest = hashlib.sha256()
         with open(self.path, "rb") as file:
             for block in iter(lambda: file.read(CHUNK_SIZE), b""):
@@ -4882,7 +5186,8 @@ class SegmentWriter:
         return self.store.add(self.user, self.digest, self.path)
 
     def release(self):
-        self.store.writer_done(self.user, self.digest)
+        self.store.writer_done(self)
+        self.released.set()
 
 
 class SegmentStore:
@@ -4902,7 +5207,7 @@ class SegmentStore:
         self.uploaders = {}  # digest -> names of the users who sent its bytes
         self.refs = {}       # deployment id -> (project, frozenset of digests)
         self.recent = {}     # digest -> when last sent or named by a push
-        self.busy = set()    # (user, digest) being written
+        self.busy = {}       # (user, digest) -> the SegmentWriter writing it
         self.collected = time.monotonic()
         self._statistics = None  # (when, figures)
 
@@ -4990,8 +5295,11 @@ class SegmentStore:
             for project, referred in self.refs.values():
                 if user.may_use(project):
                     own |= referred
-            return {digest for digest in digests if digest in self.sizes and (
-                digest in own or user.name in self.uploaders.get(digest, ()))}
+            # both tests for every digest: the same work whether another
+            # project holds it or nobody does (issue 23)
+            return {digest for digest in digests if (digest in own) + (
+                user.name in self.uploaders.get(digest, ())) > 0 and
+                digest in self.sizes}
 
     def touch(self, digests):
         """Digests named by a push: not collected for SEGMENT_EXPIRY."""
@@ -5008,18 +5316,16 @@ class SegmentStore:
 
     # --- uploads
 
-    def begin(self, user, digest, offset, restart=False):
+    def begin(self, user, digest, offset, restart=False, connection=None,
+              max_uploads=0):
         """A SegmentWriter at offset of user's partial upload of digest;
         Conflict (with the current Upload-Offset) when offset is not where
-        the partial ends or another request writes to it."""
-        key = (user.name, digest)
-        with self.lock:
-            if key in self.busy:
-                raise Conflict("this segment is being uploaded by another "
-                               "request; ask HEAD for its offset and go on")
-            self.busy.add(key)
+        the partial ends or another request keeps writing to it;
+        TooManyRequests when user has max_uploads under way (0: no bound)."""
+        path = self.partial_path(user.name, digest)
+        writer = SegmentWriter(self, user, digest, path, 0, connection)
+        self.claim(writer, max_uploads)
         try:
-            path = self.partial_path(user.name, digest)
             self.make_folder(os.path.dirname(path))
             if restart:
                 remove_quietly(path)
@@ -5028,16 +5334,64 @@ class SegmentStore:
                 raise Conflict("Upload-Offset is %d but the server has %d bytes "
                                "of this segment" % (offset, current),
                                {"Upload-Offset": str(current)})
-            return SegmentWriter(self, user, digest, path, current)
+            writer.offset = current
+            return writer
         except BaseException:
-            with self.lock:
-                self.busy.discard(key)
+            writer.release()
             raise
 
-    def writer_done(self, user, digest):
+    def claim(self, writer, max_uploads):
+        """Make writer the one request that writes its partial.  One still
+        writing it is waited for while it receives bytes, and taken over
+        once it stalls (TAKEOVER_STALL): a retry right after a cut goes on
+        where the partial ends (issue 23).  Raises Conflict, TooManyRequests."""
+        key = (writer.user.name, writer.digest)
+        deadline = time.monotonic() + TAKEOVER_WAIT
+        while True:
+            with self.lock:
+                old = self.busy.get(key)
+                if old is None:
+                    uploads = sum(1 for name, _ in self.busy if name == key[0])
+                    if max_uploads and uploads >= max_uploads:
+                        raise TooManyRequests(
+                            "%d segment uploads of %s are under way (SEGMENT_UPLOADS):"
+                            " finish one first" % (uploads, key[0]),
+                            {"Retry-After": "5"})
+                    self.busy[key] = writer
+                    return
+            if old.stalled():
+                old.supersede()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Conflict("this segment is being uploaded by another "
+                               "request; ask HEAD for its offset and go on")
+            old.released.wait(min(left, 0.1))
+
+    def writer_done(self, writer):
         """A SegmentWriter's request ended: another may write to it."""
         with self.lock:
-            self.busy.discard((user.name, digest))
+            key = (writer.user.name, writer.digest)
+            if self.busy.get(key) is writer:
+                del self.busy[key]
+
+    def usage(self, user):
+        """The bytes user holds that no kept deployment refers to: its
+        partial uploads, and the segments it sent that none refers to
+        (what SEGMENT_QUOTA bounds)."""
+        total = 0
+        try:
+            for entry in os.scandir(os.path.dirname(self.partial_path(user.name, "-"))):
+                total += entry.stat().st_size
+        except OSError:
+            pass
+        with self.lock:
+            referred = set()
+            for _, digests in self.refs.values():
+                referred |= digests
+            total += sum(self.sizes.get(digest, 0) for digest, names
+                         in self.uploaders.items()
+                         if user.name in names and digest not in referred)
+        return total
 
     def add(self, user, digest, partial):
         """Move a verified partial into the store (or drop it when the store
@@ -5063,24 +5417,18 @@ class SegmentStore:
 
     # --- recipes
 
-    def rebuild(self, user, field, meta, sink):
+    def rebuild(self, user, field, meta, sink, wanted=None):
         """Write the file of a recipe into sink (a FileSink) byte for byte
-        and check its size and SHA-256.  Raises BadRequest."""
-        named = [piece["sha256"] for piece in meta["segments"] if "sha256" in piece]
-        self.touch(named)
-        present = self.visible(user, named)
-        for digest in named:
-            if digest not in present:
-                raise BadRequest("recipe of %s names segment %s, which the server "
-                                 "does not have: send it first" % (field, digest))
+        and check its size and SHA-256.  Every named segment's presence and
+        size is checked before the first byte is copied; wanted (a request's
+        client still there?) is asked between blocks, and when it says no
+        the copy stops (ClientGone).  Raises BadRequest."""
+        self.check_pieces(user, field, meta)
+        copied = 0
         for piece in meta["segments"]:
             if "data" in piece:
                 sink.write(piece["data"])
                 continue
-            if piece["size"] != self.sizes.get(piece["sha256"]):
-                raise BadRequest("recipe of %s: segment %s has %s bytes, not %d"
-                                 % (field, piece["sha256"],
-                                    self.sizes.get(piece["sha256"]), piece["size"]))
             try:
                 with open(self.path(piece["sha256"]), "rb") as file:
                     # fresh bytes each time: the sink's hash may still hold
@@ -5088,6 +5436,9 @@ class SegmentStore:
                     # copy is what a push of a changed layer waits for
                     for block in iter(lambda: file.read(REBUILD_BLOCK), b""):
                         sink.write(block)
+                        copied += 1
+                        if wanted and copied % 16 == 0 and not wanted():
+                            raise ClientGone("the client left during the rebuild")
             except FileNotFoundError:
                 raise BadRequest("recipe of %s names segment %s, which the server "
                                  "does not have: send it first"
@@ -5100,6 +5451,25 @@ class SegmentStore:
                              "SHA-256 %s, not %d bytes and %s" % (
                                  field, found["size"], found["sha256"],
                                  meta["size"], meta["sha256"]))
+
+    def check_pieces(self, user, field, meta):
+        """Each segment a recipe's file names is on the server for user and
+        has the size the recipe says; then they are not collected for
+        SEGMENT_EXPIRY.  Raises BadRequest."""
+        named = [piece["sha256"] for piece in meta["segments"] if "sha256" in piece]
+        present = self.visible(user, named)
+        for piece in meta["segments"]:
+            if "sha256" not in piece:
+                continue
+            digest = piece["sha256"]
+            if digest not in present:
+                raise BadRequest("recipe of %s names segment %s, which the server "
+                                 "does not have: send it first" % (field, digest))
+            if piece["size"] != self.sizes.get(digest):
+                raise BadRequest("recipe of %s: segment %s has %s bytes, not %d"
+                                 % (field, digest, self.sizes.get(digest),
+                                    piece["size"]))
+        self.touch(present)  # after the checks: only what exists (issue 23)
 
     # --- references and collection
 
@@ -5214,7 +5584,7 @@ class Retention:
                 for name in record.files:
                     remove_quietly(self.store.path(record, "." + name))
         self.segments.collect()
-        self.make_room(ending)
+        self.make_room(project, ending)
 
     def prune(self, record):
         """Remove a deployment's folder, image, package and recipe; it is
@@ -5224,15 +5594,16 @@ class Retention:
         self.store.mark_pruned(record.id)  # once, whoever else prunes it too
         self.segments.forget(record.id)
 
-    def make_room(self, ending=None):
-        """Below MIN_FREE_SPACE: prune the oldest deployments that may be
-        pruned (see DeploymentStore.oldest_prunable) until there is room or
-        none is left."""
+    def make_room(self, project, ending=None):
+        """Below MIN_FREE_SPACE: prune project's oldest deployments that may
+        be pruned (see DeploymentStore.oldest_prunable) until there is room
+        or none is left.  Only project's own: no project pays for another's
+        use of the disk."""
         while self.settings.MIN_FREE_SPACE:
             free = free_space(self.settings.UPLOAD_DIR)
             if free is None or free >= self.settings.MIN_FREE_SPACE:
                 return
-            oldest = self.store.oldest_prunable(ending)
+            oldest = self.store.oldest_prunable(project, ending)
             if oldest is None:
                 log.warning("free space below MIN_FREE_SPACE and nothing left "
                             "to prune")
@@ -5320,9 +5691,6 @@ class Daemon:
         bytes received (DeploymentStore.statistics): as of one moment."""
         return self.store.statistics()
 
-    def make_room(self):
-        """Below MIN_FREE_SPACE, prune until there is room (Retention)."""
-        self.retention.make_room()
 
     def login(self, scheme, credentials, role, address, path):
         """The User of an Authorization header's scheme and credentials
@@ -6157,6 +6525,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.user = None
         self.body = None  # the body reader, once the body is opened
         self.expects_continue = False
+        self.large_body = False  # a JSON body of 64 KiB or more was read
         self.announced_project = None
         self.status_sent = None
         self.bytes_sent = 0
@@ -6214,6 +6583,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.has_unread_body():
                 self.close_connection = True
             self.log_access(method)
+            if self.large_body:
+                return_freed_memory()
 
     def count_against_client(self):
         """A proxied request's connection counts against the client the
@@ -6749,35 +7120,46 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # --- recipe pushes and segments (#16)
 
-    def read_json_body(self, limit):
+    def read_json_body(self, limit, max_items, what):
         """The whole (small) request body, read through LengthBody or
-        ChunkedBody, at most limit bytes."""
-        self.body = body = self.open_body(limit)
+        ChunkedBody, at most limit bytes; refused (BadRequest) as soon as
+        it holds more than about max_items JSON values, so that a body of
+        millions of {} is not even kept (issue 23)."""
+        try:
+            self.body = body = self.open_body(limit)
+        except TooLarge:
+            raise TooLarge("%s is larger than %d bytes" % (what, limit))
         if self.expects_continue:
             self.send_response_only(100)
             self.end_headers()
         data = bytearray()
         buffer = bytearray(CHUNK_SIZE)
         view = memoryview(buffer)
+        items = 0
         while True:
             count = body.readinto(view)
             if not count:
-                return bytes(data)
+                return data
             data += view[:count]
+            self.large_body = self.large_body or len(data) > (64 << 10)
             if len(data) > limit:
                 raise TooLarge("body larger than %d bytes" % limit)
+            items += json_items(view[:count].tobytes())
+            if items > max_items + 4096:  # a few commas in strings counted too
+                raise BadRequest("%s has more than %d values" % (what, max_items))
 
     def api_push(self):
         """A deployment from a recipe: its files rebuilt from inline bytes
         and stored segments, then exactly as an upload."""
         settings = self.ipd.settings
         self.announce_project()
-        recipe = parse_recipe(self.read_json_body(RECIPE_LIMIT))
+        recipe = parse_recipe(self.read_json_body(RECIPE_LIMIT, RECIPE_MAX_ITEMS,
+                                                  "the recipe"))
         project = recipe["project"] or self.announced_project
         if project is None:
             raise BadRequest("missing recipe field 'project'")
         self.check_field("project", project)
-        self.ipd.make_room()
+        check_recipe_size(recipe["files"], settings)
         upload = Upload()
         try:
             upload.fields["project"] = project
@@ -6790,7 +7172,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 # hashed on a second core while this one copies (#16)
                 sink = upload.files[field] = FileSink(settings.UPLOAD_DIR, field,
                                                       meta["name"], parallel=True)
-                self.ipd.segments.rebuild(self.user, field, meta, sink)
+                self.ipd.segments.rebuild(self.user, field, meta, sink,
+                                          lambda: not peer_closed(self.connection))
                 sink.close()
             upload.recipe = RecipeFile(encode_recipe(recipe["files"]),
                                        settings.UPLOAD_DIR)
@@ -6845,13 +7228,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Append the body to the user's partial segment at offset; with
         Upload-Complete: ?1 (the default) verify and store it."""
         complete = parse_upload_complete(self.headers.get("Upload-Complete"), True)
+        segments = self.ipd.segments
+        if self.expects_continue and segments.visible(self.user, [digest]):
+            # stored already (a retry whose first try completed it while
+            # it was taken over): the client that asked need send nothing
+            return self.send_upload_state(200, segments.sizes[digest], True)
         settings = self.ipd.settings
-        self.ipd.make_room()
         limit = settings.MAX_UPLOAD_SIZE  # of the whole segment, however sent
         if limit and offset >= limit:
             raise TooLarge("segment larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
-        self.body = body = self.open_body(limit - offset if limit else 0)
-        writer = self.ipd.segments.begin(self.user, digest, offset, restart)
+        limit = self.segment_room(limit - offset if limit else 0)
+        self.body = body = self.open_body(limit)
+        writer = self.ipd.segments.begin(self.user, digest, offset, restart,
+                                         self.connection, settings.SEGMENT_UPLOADS)
         try:
             if self.expects_continue:
                 self.send_response_only(100)
@@ -6868,27 +7257,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_upload_state(204, offset, False)
 
+    def segment_room(self, limit):
+        """The most a segment request's body may add (0: no bound), within
+        limit: refused before a byte is read when its Content-Length would
+        take this user over SEGMENT_QUOTA or the disk below MIN_FREE_SPACE
+        (DiskFull, 507; nothing of another project is pruned for it)."""
+        settings = self.ipd.settings
+        length = self.headers.get("Content-Length")
+        needed = int(length) if length and length.strip().isdigit() else 0
+        check_room(settings.UPLOAD_DIR, settings.MIN_FREE_SPACE, needed, "the segment")
+        quota = settings.SEGMENT_QUOTA
+        if not quota:
+            return limit
+        left = max(0, quota - self.ipd.segments.usage(self.user))
+        if needed > left:
+            raise DiskFull("segment uploads of %s not yet in a deployment would "
+                           "hold more than SEGMENT_QUOTA (%d bytes): %d bytes left"
+                           % (self.user.name, quota, left))
+        return min(limit, left) if limit else max(left, 1)
+
     def api_segments_missing(self):
         """Which of the listed segments the server lacks, for this user;
         and how much of each it has as a partial upload."""
         self.announce_project()  # a push it may not make sends nothing
-        data = self.read_json_body(RECIPE_LIMIT)
-        try:
-            listed = json.loads(data.decode("utf-8"))["segments"]
-            digests = [item if isinstance(item, str) else item["sha256"]
-                       for item in listed]
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
-            raise BadRequest('expected JSON {"segments": [sha256, ...]}')
-        if not all(isinstance(digest, str) and SHA256_HEX.match(digest)
-                   for digest in digests):
-            raise BadRequest("each segment is named by its SHA-256 (64 lower "
-                             "case hex digits)")
+        digests = parse_missing_request(self.read_json_body(
+            MISSING_LIMIT, MISSING_MAX_SEGMENTS * 3, "the list of segments"))
         segments = self.ipd.segments
-        segments.touch(digests)
         segments.collect_now_and_then()
         present = segments.visible(self.user, digests)
-        missing = [digest for digest in dict.fromkeys(digests)
-                   if digest not in present]
+        segments.touch(present)  # only what exists and this user may see
+        missing = [digest for digest in digests if digest not in present]
         partial = {}
         for digest in missing:
             offset = segments.partial_offset(self.user, digest)
@@ -7675,7 +8073,7 @@ def parse_json(body):
     try:
         data = json.loads(body.decode("utf-8"))
         return data if isinstance(data, dict) else {}
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return {}
 
 
@@ -7948,6 +8346,9 @@ class Client:
                     connection.putheader(name, value)
                 connection.endheaders()
                 early = await_continue(connection)
+                if early and early[0] == 200:  # the server has it already
+                    connection.close()
+                    return
                 if early and early[0] == 409 and attempt < attempts - 1:
                     connection.close()
                     offset = None
@@ -7989,6 +8390,8 @@ class Client:
         recipe.  Returns the deployment's id, or None when the server does
         not take recipes (404/405): then a whole upload is the way."""
         plans = {field: plan_file(path) for field, path in files.items()}
+        if any(len(plan["pieces"]) > RECIPE_MAX_PIECES for plan in plans.values()):
+            return None  # more pieces than a recipe may have: a whole upload
         answer = self.missing_segments(project, plans, files)
         if answer is None:
             return None
@@ -8048,17 +8451,21 @@ class Client:
             for start, end, digest, _ in plan["pieces"]:
                 if digest:
                     wanted.setdefault(digest, (files[field], start, end))
-        status, answer = self.call_json("POST", "/segments/missing",
-                                        {"segments": list(wanted)},
-                                        {"X-Ipd-Project": project})
-        if status in (404, 405):
-            return None
-        if status >= 400:
-            raise http_error(status, answer.get("error"))
-        missing = {digest: wanted[digest] for digest in answer.get("missing", [])
-                   if digest in wanted}
-        partial = {digest: int(offset) for digest, offset
-                   in (answer.get("partial") or {}).items() if digest in missing}
+        listed, missing, partial = list(wanted), {}, {}
+        for first in range(0, max(1, len(listed)), MISSING_MAX_SEGMENTS):
+            status, answer = self.call_json(
+                "POST", "/segments/missing",
+                {"segments": listed[first:first + MISSING_MAX_SEGMENTS]},
+                {"X-Ipd-Project": project})
+            if status in (404, 405):
+                return None
+            if status >= 400:
+                raise http_error(status, answer.get("error"))
+            missing.update((digest, wanted[digest]) for digest
+                           in answer.get("missing", []) if digest in wanted)
+            partial.update((digest, int(offset)) for digest, offset
+                           in (answer.get("partial") or {}).items()
+                           if digest in missing)
         present = sum(end - start for digest, (_, start, end) in wanted.items()
                       if digest not in missing) + sum(partial.values())
         return missing, partial, present
