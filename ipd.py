@@ -2464,7 +2464,34 @@ def client_filename(name):
 CHUNK_SIZE = 1 << 20
 
 
-class LengthBody:
+class RequestBody:
+    """What LengthBody and ChunkedBody share: pieces(), the one loop that
+    reads a body, and on_first_read, the one place a client that waits
+    (Expect: 100-continue) is told to send its body: at the first read,
+    so that every check an endpoint makes before reading refuses the
+    request before a byte of the body is sent (RFC 9110 10.1.1)."""
+
+    on_first_read = None
+
+    def _starting(self):
+        if self.on_first_read is not None:
+            tell, self.on_first_read = self.on_first_read, None
+            tell()
+
+    def pieces(self):
+        """The body piece by piece, as (buffer, count): the buffer is
+        reused, its first count bytes are the piece until the next one.
+        Raises what readinto raises."""
+        buffer = bytearray(CHUNK_SIZE)
+        view = memoryview(buffer)
+        while True:
+            count = self.readinto(view)
+            if not count:
+                return
+            yield buffer, count
+
+
+class LengthBody(RequestBody):
     """A request body of Content-Length bytes, read into caller buffers."""
 
     def __init__(self, rfile, length):
@@ -2481,6 +2508,7 @@ class LengthBody:
         """Fill view from the body; 0 at its end.  Raises ClientGone."""
         if self.remaining <= 0:
             return 0
+        self._starting()
         # readinto1: what has arrived, at most one read of the socket, so
         # the parser sees data (and refuses bad input) as soon as it comes.
         count = self.rfile.readinto1(view[:min(len(view), self.remaining)])
@@ -2491,7 +2519,7 @@ class LengthBody:
         return count
 
 
-class ChunkedBody:
+class ChunkedBody(RequestBody):
     """A Transfer-Encoding: chunked request body (RFC 9112 section 7.1)."""
 
     def __init__(self, rfile, limit=0):
@@ -2520,8 +2548,11 @@ class ChunkedBody:
             self.finished = True
 
     def readinto(self, view):
+        """Fill view from the body; 0 at its end.  Raises ClientGone,
+        BadRequest for a malformed one, TooLarge past the limit."""
         if self.finished:
             return 0
+        self._starting()
         if self.chunk_left == 0:
             self._next_chunk()
             if self.finished:
@@ -2760,14 +2791,9 @@ def receive_upload(body, boundary, folder, on_field=None):
     """
     parser = MultipartParser(boundary)
     upload = Upload()
-    buffer = bytearray(CHUNK_SIZE)
-    view = memoryview(buffer)
     sink = None
     try:
-        while True:
-            count = body.readinto(view)
-            if not count:
-                break
+        for buffer, count in body.pieces():
             for event, value in parser.feed(buffer, count):
                 if event == PART_DATA:
                     sink.write(value)
@@ -5131,20 +5157,19 @@ class SegmentWriter:
     def receive(self, body):
         """Append the whole request body; raises what the body raises,
         after keeping (and fsyncing) what came; Conflict once superseded."""
-        buffer = bytearray(CHUNK_SIZE)
-        view = memoryview(buffer)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            while not self.superseded:
-                count = body.readinto(view)
-                if not count or self.superseded:
+            for buffer, count in ([] if self.superseded else body.pieces()):
+                if self.superseded:
                     break
                 try:
-                    write_all(fd, view[:count])
+                    write_all(fd, memoryview(buffer)[:count])
                 except OSError as error:
                     raise disk_errors(error)
                 self.offset += count
                 self.progress = time.monotonic()
+                if self.superseded:
+                    break
         finally:
             try:
                 os.fsync(fd)
@@ -5690,7 +5715,6 @@ class Daemon:
         """Deployments, states, queue, running, durations, uploads and
         bytes received (DeploymentStore.statistics): as of one moment."""
         return self.store.statistics()
-
 
     def login(self, scheme, credentials, role, address, path):
         """The User of an Authorization header's scheme and credentials
@@ -7051,9 +7075,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body = body = self.open_body(settings.MAX_UPLOAD_SIZE)
         boundary = self.multipart_boundary()
         self.announce_project()
-        if self.expects_continue:
-            self.send_response_only(100)
-            self.end_headers()
         upload = receive_upload(body, boundary, settings.UPLOAD_DIR,
                                 self.check_field)
         try:
@@ -7075,18 +7096,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def open_body(self, limit):
         """The request body as a LengthBody or ChunkedBody, checked against
-        limit before any of it is read."""
+        limit before any of it is read.  A client that waits for it to be
+        asked for (Expect: 100-continue) is told at the first read: an
+        endpoint refuses before it reads, and no body byte is sent then."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return ChunkedBody(self.rfile, limit)
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise LengthRequired("a Content-Length or chunked body is required")
-        if not re.fullmatch(r"\s*\d{1,19}\s*", length):
-            raise BadRequest("bad Content-Length: %r" % length[:40])
-        length = int(length)
-        if limit and length > limit:
-            raise TooLarge("upload larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
-        return LengthBody(self.rfile, length)
+            body = ChunkedBody(self.rfile, limit)
+        else:
+            length = self.headers.get("Content-Length")
+            if length is None:
+                raise LengthRequired("a Content-Length or chunked body is required")
+            if not re.fullmatch(r"\s*\d{1,19}\s*", length):
+                raise BadRequest("bad Content-Length: %r" % length[:40])
+            length = int(length)
+            if limit and length > limit:
+                raise TooLarge("upload larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
+            body = LengthBody(self.rfile, length)
+        if self.expects_continue:
+            body.on_first_read = self.send_continue
+        return body
+
+    def send_continue(self):
+        """100 Continue, once (see open_body)."""
+        self.expects_continue = False
+        self.send_response_only(100)
+        self.end_headers()
 
     def multipart_boundary(self):
         kind, params = parse_header_params(self.headers.get("Content-Type", ""))
@@ -7129,17 +7162,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.body = body = self.open_body(limit)
         except TooLarge:
             raise TooLarge("%s is larger than %d bytes" % (what, limit))
-        if self.expects_continue:
-            self.send_response_only(100)
-            self.end_headers()
         data = bytearray()
-        buffer = bytearray(CHUNK_SIZE)
-        view = memoryview(buffer)
         items = 0
-        while True:
-            count = body.readinto(view)
-            if not count:
-                return data
+        for buffer, count in body.pieces():
+            view = memoryview(buffer)
             data += view[:count]
             self.large_body = self.large_body or len(data) > (64 << 10)
             if len(data) > limit:
@@ -7147,6 +7173,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             items += json_items(view[:count].tobytes())
             if items > max_items + 4096:  # a few commas in strings counted too
                 raise BadRequest("%s has more than %d values" % (what, max_items))
+        return data
 
     def api_push(self):
         """A deployment from a recipe: its files rebuilt from inline bytes
@@ -7242,9 +7269,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         writer = self.ipd.segments.begin(self.user, digest, offset, restart,
                                          self.connection, settings.SEGMENT_UPLOADS)
         try:
-            if self.expects_continue:
-                self.send_response_only(100)
-                self.end_headers()
             offset = writer.receive(body)
             if complete:
                 writer.finish()
