@@ -5927,6 +5927,112 @@ class Daemon:
         return self.redeploy(self.find_or_404(user, project, deployment_id),
                              user, address)
 
+    # --- layer pushes and segments (#16)
+
+    def push(self, user, address, recipe, project, received, client_waits):
+        """POST /push: a deployment of project from a parsed recipe (see
+        parse_recipe), its files rebuilt from inline bytes and user's
+        segments while client_waits() says its client is still there, then
+        exactly as an upload (create_deployment: -> (record, created)).
+        The pieces must add up, within MAX_UPLOAD_SIZE and the free space,
+        before a byte is copied.  Raises IpdError."""
+        check_recipe_size(recipe["files"], self.settings)
+        upload = Upload()
+        try:
+            upload.fields["project"] = project
+            upload.fields["force"] = recipe["force"]
+            for key in ("manifest", "signature"):
+                if recipe[key] is not None:
+                    upload.fields[key] = recipe[key]
+            for field, meta in sorted(recipe["files"].items()):
+                upload.fields[field + "_sha256"] = meta["sha256"]
+                # hashed on a second core while this one copies (#16)
+                sink = upload.files[field] = FileSink(
+                    self.settings.UPLOAD_DIR, field, meta["name"], parallel=True)
+                self.segments.rebuild(user, field, meta, sink, client_waits)
+                sink.close()
+            upload.recipe = RecipeFile(encode_recipe(recipe["files"]),
+                                       self.settings.UPLOAD_DIR)
+            return self.create_deployment(project, upload, user, address, received)
+        finally:
+            upload.discard()
+
+    def segment_state(self, user, digest):
+        """HEAD /segments/SHA256: (offset, complete) of user's view of the
+        segment: its size and True once stored and visible to user, else
+        how much of user's own upload of it has come.  NotFound for none."""
+        stored = self.stored_segment_size(user, digest)
+        if stored is not None:
+            return stored, True
+        offset = self.segments.partial_offset(user, digest)
+        if offset is None:
+            raise NotFound("no such segment on the server")
+        return offset, False
+
+    def stored_segment_size(self, user, digest):
+        """The size of a stored segment user may know of, or None."""
+        if self.segments.visible(user, [digest]):
+            return self.segments.sizes.get(digest)
+        return None
+
+    def segment_room(self, user, offset, needed):
+        """The most a segment request's body may add (0: no bound) at
+        offset, needed its declared length: refused before a byte is read
+        past MAX_UPLOAD_SIZE (TooLarge), over user's SEGMENT_QUOTA or below
+        MIN_FREE_SPACE (DiskFull, 507: nothing of any project is pruned for
+        a segment)."""
+        limit = self.settings.MAX_UPLOAD_SIZE  # of the whole segment
+        if limit and offset >= limit:
+            raise TooLarge("segment larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
+        limit = limit - offset if limit else 0
+        check_room(self.settings.UPLOAD_DIR, self.settings.MIN_FREE_SPACE, needed,
+                   "the segment")
+        quota = self.settings.SEGMENT_QUOTA
+        if not quota:
+            return limit
+        left = max(0, quota - self.segments.usage(user))
+        if needed > left:
+            raise DiskFull("segment uploads of %s not yet in a deployment would "
+                           "hold more than SEGMENT_QUOTA (%d bytes): %d bytes left"
+                           % (user.name, quota, left))
+        return min(limit, left) if limit else max(left, 1)
+
+    def receive_segment(self, user, digest, offset, restart, complete, body,
+                        connection):
+        """POST or PATCH /segments/SHA256: append body to user's upload of
+        digest at offset (restart: from nothing), and with complete verify
+        and store it; -> the offset it reached.  connection is the one it
+        comes on, shut when a retry takes the upload over.  Raises Conflict
+        (Upload-Offset), BadRequest for bytes of another digest."""
+        writer = self.segments.begin(user, digest, offset, restart, connection,
+                                     self.settings.SEGMENT_UPLOADS)
+        try:
+            offset = writer.receive(body)
+            if complete:
+                writer.finish()
+        finally:
+            writer.release()
+        if complete:
+            log.info("segment %s (%d bytes) stored, sent by %s", digest, offset,
+                     user.name)
+        return offset
+
+    def missing_segments(self, user, digests):
+        """POST /segments/missing: (the digests the server lacks for user,
+        {digest: bytes of user's partial upload of it}); the ones it has
+        are kept from collection for SEGMENT_EXPIRY."""
+        segments = self.segments
+        segments.collect_now_and_then()
+        present = segments.visible(user, digests)
+        segments.touch(present)  # only what exists and this user may see
+        missing = [digest for digest in digests if digest not in present]
+        partial = {}
+        for digest in missing:
+            offset = segments.partial_offset(user, digest)
+            if offset:
+                partial[digest] = offset
+        return missing, partial
+
     def cancel(self, record, user, address):
         """Cancel a deployment for user (see DeploymentStore.cancel: who
         cancelled is logged and audited before its state can say so)."""
@@ -7177,8 +7283,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def api_push(self):
         """A deployment from a recipe: its files rebuilt from inline bytes
-        and stored segments, then exactly as an upload."""
-        settings = self.ipd.settings
+        and stored segments, then exactly as an upload (Daemon.push)."""
         self.announce_project()
         recipe = parse_recipe(self.read_json_body(RECIPE_LIMIT, RECIPE_MAX_ITEMS,
                                                   "the recipe"))
@@ -7186,28 +7291,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if project is None:
             raise BadRequest("missing recipe field 'project'")
         self.check_field("project", project)
-        check_recipe_size(recipe["files"], settings)
-        upload = Upload()
-        try:
-            upload.fields["project"] = project
-            upload.fields["force"] = recipe["force"]
-            for key in ("manifest", "signature"):
-                if recipe[key] is not None:
-                    upload.fields[key] = recipe[key]
-            for field, meta in sorted(recipe["files"].items()):
-                upload.fields[field + "_sha256"] = meta["sha256"]
-                # hashed on a second core while this one copies (#16)
-                sink = upload.files[field] = FileSink(settings.UPLOAD_DIR, field,
-                                                      meta["name"], parallel=True)
-                self.ipd.segments.rebuild(self.user, field, meta, sink,
-                                          lambda: not peer_closed(self.connection))
-                sink.close()
-            upload.recipe = RecipeFile(encode_recipe(recipe["files"]),
-                                       settings.UPLOAD_DIR)
-            record, created = self.ipd.create_deployment(
-                project, upload, self.user, self.client_ip(), self.body.received)
-        finally:
-            upload.discard()
+        record, created = self.ipd.push(
+            self.user, self.client_ip(), recipe, project, self.body.received,
+            lambda: not peer_closed(self.connection))
         self.answer_deployment(record, 202 if created else 200)
 
     def segment_digest(self, name):
@@ -7218,14 +7304,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def api_segment(self, name):
         """HEAD (or GET) of a segment: its Upload-Offset, Upload-Complete."""
-        digest = self.segment_digest(name)
-        segments = self.ipd.segments
-        if segments.visible(self.user, [digest]):
-            offset, complete = segments.sizes[digest], True
-        else:
-            offset, complete = segments.partial_offset(self.user, digest), False
-            if offset is None:
-                raise NotFound("no such segment on the server")
+        offset, complete = self.ipd.segment_state(self.user, self.segment_digest(name))
         self.send_upload_state(204 if self.command == "HEAD" else 200, offset,
                                complete)
 
@@ -7255,50 +7334,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Append the body to the user's partial segment at offset; with
         Upload-Complete: ?1 (the default) verify and store it."""
         complete = parse_upload_complete(self.headers.get("Upload-Complete"), True)
-        segments = self.ipd.segments
-        if self.expects_continue and segments.visible(self.user, [digest]):
+        stored = self.ipd.stored_segment_size(self.user, digest)
+        if self.expects_continue and stored is not None:
             # stored already (a retry whose first try completed it while
             # it was taken over): the client that asked need send nothing
-            return self.send_upload_state(200, segments.sizes[digest], True)
-        settings = self.ipd.settings
-        limit = settings.MAX_UPLOAD_SIZE  # of the whole segment, however sent
-        if limit and offset >= limit:
-            raise TooLarge("segment larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
-        limit = self.segment_room(limit - offset if limit else 0)
-        self.body = body = self.open_body(limit)
-        writer = self.ipd.segments.begin(self.user, digest, offset, restart,
-                                         self.connection, settings.SEGMENT_UPLOADS)
-        try:
-            offset = writer.receive(body)
-            if complete:
-                writer.finish()
-        finally:
-            writer.release()
-        if complete:
-            log.info("segment %s (%d bytes) stored, sent by %s", digest, offset,
-                     self.user.name)
-            self.send_upload_state(201, offset, True)
-        else:
-            self.send_upload_state(204, offset, False)
-
-    def segment_room(self, limit):
-        """The most a segment request's body may add (0: no bound), within
-        limit: refused before a byte is read when its Content-Length would
-        take this user over SEGMENT_QUOTA or the disk below MIN_FREE_SPACE
-        (DiskFull, 507; nothing of another project is pruned for it)."""
-        settings = self.ipd.settings
+            return self.send_upload_state(200, stored, True)
         length = self.headers.get("Content-Length")
-        needed = int(length) if length and length.strip().isdigit() else 0
-        check_room(settings.UPLOAD_DIR, settings.MIN_FREE_SPACE, needed, "the segment")
-        quota = settings.SEGMENT_QUOTA
-        if not quota:
-            return limit
-        left = max(0, quota - self.ipd.segments.usage(self.user))
-        if needed > left:
-            raise DiskFull("segment uploads of %s not yet in a deployment would "
-                           "hold more than SEGMENT_QUOTA (%d bytes): %d bytes left"
-                           % (self.user.name, quota, left))
-        return min(limit, left) if limit else max(left, 1)
+        limit = self.ipd.segment_room(self.user, offset, int(length) if length
+                                      and length.strip().isdigit() else 0)
+        self.body = self.open_body(limit)
+        offset = self.ipd.receive_segment(self.user, digest, offset, restart,
+                                          complete, self.body, self.connection)
+        self.send_upload_state(201 if complete else 204, offset, complete)
 
     def api_segments_missing(self):
         """Which of the listed segments the server lacks, for this user;
@@ -7306,16 +7353,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.announce_project()  # a push it may not make sends nothing
         digests = parse_missing_request(self.read_json_body(
             MISSING_LIMIT, MISSING_MAX_SEGMENTS * 3, "the list of segments"))
-        segments = self.ipd.segments
-        segments.collect_now_and_then()
-        present = segments.visible(self.user, digests)
-        segments.touch(present)  # only what exists and this user may see
-        missing = [digest for digest in digests if digest not in present]
-        partial = {}
-        for digest in missing:
-            offset = segments.partial_offset(self.user, digest)
-            if offset:
-                partial[digest] = offset
+        missing, partial = self.ipd.missing_segments(self.user, digests)
         self.answer(200, "".join(digest + "\n" for digest in missing),
                     {"missing": missing, "partial": partial})
 
