@@ -1512,6 +1512,278 @@ class QueueTests(DaemonTestCase):
         self.assertLess(time.monotonic() - started, 5)
 
 
+class VerifyTests(DaemonTestCase):
+    """Issue 25: control.sh verify after deploy, 'reverted' and the rollback
+    to the project's last ok deployment, with scripted control.sh."""
+
+    settings = {"VERIFY_SECONDS": "1", "MAX_PARALLEL": "1"}
+
+    def setUp(self):
+        super().setUp()
+        self.runs = os.path.join(self.tmp, "runs")
+
+    def version(self, verify='exit 1', name="v"):
+        """A package whose control.sh records each step it runs ($DEPLOY,
+        the step, VERIFY_SECONDS) and whose verify runs the shell verify."""
+        return control_script('echo "$DEPLOY $1 %s ${VERIFY_SECONDS:-unset}" >> %s\n'
+                              'if [ "$1" = verify ]; then %s; fi\nexit 1\n'
+                              % (name, self.runs, verify))
+
+    def push(self, package, project="app"):
+        status, _, body = self.daemon.upload(project, package)
+        self.assertEqual(status, 202, body)
+        return body.strip()
+
+    def record(self, deployment, project="app"):
+        return self.daemon.get_json("/status/%s/%s" % (project, deployment))[1]
+
+    def history(self, project="app"):
+        """The project's deployments, oldest first, from their state files."""
+        folder = os.path.join(self.daemon.upload_dir, project, "deployments")
+        records = [json.loads(read_text(os.path.join(folder, name)))
+                   for name in os.listdir(folder) if name.endswith(".json")]
+        return [{"deployment": r["id"], "state": r["state"]}
+                for r in sorted(records, key=lambda r: r["seq"])]
+
+    def audit(self, event):
+        return [json.loads(line) for line in read_text(os.path.join(
+            self.tmp, "audit.log")).splitlines() if '"event": "%s"' % event in line]
+
+    def test_verify_runs_after_deploy_and_a_release_that_holds_is_ok(self):
+        first = self.push(self.version())
+        self.assertEqual(self.daemon.wait_state("app", first), "ok")
+        steps = [step["step"] for step in self.record(first)["steps"]]
+        self.assertEqual(steps, ["check", "deploy", "verify"])
+        self.assertIn("%s verify v 1" % first, read_text(self.runs))
+        self.assertIn("%s deploy v unset" % first, read_text(self.runs))
+        self.assertEqual(ipd.parse_setting("window", "0"), 0)
+        for bad in ("-1", "1.5", "86401", "x"):
+            with self.assertRaises(ValueError):
+                ipd.parse_setting("window", bad)
+
+    def test_project_conf_turns_verify_on_for_one_project(self):
+        self.daemon.stop()
+        daemon = self.daemon = self.start_daemon({"VERIFY_SECONDS": "0"})
+        folder = os.path.join(daemon.upload_dir, "watched")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "project.conf"), "w") as file:
+            file.write("VERIFY_SECONDS=2\n")
+        # An old control.sh answers an unknown step with an error: no verify
+        old = daemon.deploy('[ "$1" = verify ] && exit 2; exit 1', project="plain")
+        self.assertEqual(daemon.wait_state("plain", old), "ok")
+        watched = self.push(self.version(), project="watched")
+        self.assertEqual(daemon.wait_state("watched", watched), "ok")
+        self.assertIn("%s verify v 2" % watched, read_text(self.runs))
+
+    def test_failed_verify_reverts_and_rolls_back_to_the_last_ok(self):
+        project_dir = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(project_dir)
+        calls = os.path.join(self.tmp, "calls")
+        with open(os.path.join(project_dir, "notify.sh"), "w") as file:
+            file.write('#!/bin/sh\necho "$DEPLOY $STATE ${ROLLBACK:-none}" >> %s\n' % calls)
+        os.chmod(os.path.join(project_dir, "notify.sh"), 0o755)
+        good = self.push(self.version(name="good"))
+        self.assertEqual(self.daemon.wait_state("app", good), "ok")
+        plain = self.daemon.deploy(OK_SCRIPT)  # the last ok one: rolled back to
+        self.assertEqual(self.daemon.wait_state("app", plain), "ok")
+        broken = self.push(self.version('echo "5xx share too high"; exit 7', "bad"))
+        self.assertEqual(self.daemon.wait_state("app", broken), "reverted")
+        record = self.record(broken)
+        rollback = record["rollback"]
+        self.assertEqual(record["steps"][-1]["step"], "verify")
+        self.assertEqual(record["steps"][-1]["code"], 7)
+        self.assertIn("5xx share too high", self.daemon.log("app", broken))
+        self.assertIn("ipd: reverted: control.sh verify exited 7; rolled back: "
+                      "deployment %s redeploys %s" % (rollback, plain),
+                      self.daemon.log("app", broken))
+        self.assertEqual(self.daemon.wait_state("app", rollback), "ok")
+        again = self.record(rollback)
+        self.assertEqual(again["rollback_of"], broken)
+        self.assertEqual(again["user"], "ipd")
+        self.assertIn("step verify", self.daemon.log("app", rollback))
+        events = self.audit("rollback")
+        self.assertEqual([(e["deployment"], e["reverted"], e["redeploy_of"]) for e in events],
+                         [(rollback, broken, plain)])
+        self.assertEqual(events[0]["reason"], "control.sh verify exited 7")
+        wait_until(lambda: len(read_text(calls).splitlines()) >= 4, message="notify.sh")
+        self.assertIn("%s reverted %s" % (broken, rollback), read_text(calls).splitlines())
+        self.assertIn("%s ok none" % rollback, read_text(calls).splitlines())
+        page = self.daemon.get("/ui/app")[2]
+        self.assertIn('<span class="badge reverted">reverted</span>', page)
+
+    def test_a_verify_over_its_time_limit_is_reverted(self):
+        self.daemon.stop()
+        daemon = self.daemon = self.start_daemon({"VERIFY_SECONDS": "1",
+                                                  "STEP_TIMEOUT": "1"})
+        # the window and a step's time: 1.5 s of verify is within its limit
+        slow = self.push(self.version("sleep 1.5; exit 1"))
+        self.assertEqual(daemon.wait_state("app", slow), "ok")
+        hung = self.push(self.version("sleep 60"))
+        self.assertEqual(daemon.wait_state("app", hung), "reverted")
+        record = self.record(hung)
+        self.assertGreaterEqual(record["steps"][-1]["seconds"], 2)
+        self.assertLess(record["steps"][-1]["seconds"], 10)
+        self.assertIn("control.sh verify ran over its time limit",
+                      daemon.log("app", hung))
+        self.assertEqual(daemon.wait_state("app", record["rollback"]), "ok")
+
+    def test_with_no_earlier_ok_deployment_nothing_is_rolled_back(self):
+        failing = self.daemon.deploy("exit 4", project="app")
+        self.assertEqual(self.daemon.wait_state("app", failing), "4")
+        first = self.push(self.version("exit 3"))
+        self.assertEqual(self.daemon.wait_state("app", first), "reverted")
+        self.assertIsNone(self.record(first)["rollback"])
+        self.assertIn("nothing to roll back to: no earlier deployment of app that "
+                      "ended ok keeps its files", self.daemon.log("app", first))
+        self.assertEqual(len(self.history()), 2)
+        events = self.audit("rollback")
+        self.assertEqual([(e["reverted"], e["deployment"]) for e in events],
+                         [(first, None)])
+
+    def test_the_rollback_of_a_rollback_never_happens(self):
+        broken = os.path.join(self.tmp, "broken")
+        good = self.push(self.version('[ -e %s ] && exit 0' % broken, "good"))
+        self.assertEqual(self.daemon.wait_state("app", good), "ok")
+        open(broken, "w").close()  # from now on even the good one fails
+        bad = self.push(self.version("exit 0", "bad"))
+        self.assertEqual(self.daemon.wait_state("app", bad), "reverted")
+        rollback = self.record(bad)["rollback"]
+        self.assertEqual(self.daemon.wait_state("app", rollback), "reverted")
+        self.assertIsNone(self.record(rollback)["rollback"])
+        self.assertIn("it is itself the rollback of %s: not rolled back again" % bad,
+                      self.daemon.log("app", rollback))
+        time.sleep(1)
+        self.assertEqual([d["deployment"] for d in self.history()], [good, bad, rollback])
+
+    def gate(self, name):
+        path = os.path.join(self.tmp, "gate-" + name)
+        return path, "while [ ! -e %s ]; do sleep 0.02; done" % path
+
+    def test_an_upload_waiting_during_verify_wins_over_the_rollback(self):
+        good = self.push(self.version())
+        self.daemon.wait_state("app", good)
+        gate, wait = self.gate("verify")
+        bad = self.push(self.version(wait + "; exit 0", "bad"))
+        wait_until(lambda: " verify bad" in read_text(self.runs), message="verify")
+        newer = self.push(self.version(name="newer"))
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", bad), "reverted")
+        self.assertIsNone(self.record(bad)["rollback"])
+        self.assertIn("no rollback: deployment %s waits: it is newer and runs instead"
+                      % newer, self.daemon.log("app", bad))
+        self.assertEqual(self.daemon.wait_state("app", newer), "ok")
+        self.assertEqual(len(self.history()), 3)
+
+    def test_a_newer_upload_supersedes_the_waiting_rollback(self):
+        good = self.push(self.version())
+        self.daemon.wait_state("app", good)
+        gate, wait = self.gate("verify")
+        bad = self.push(self.version(wait + "; exit 0", "bad"))
+        wait_until(lambda: " verify bad" in read_text(self.runs), message="verify")
+        # MAX_PARALLEL=1: another project's deployment, older than the
+        # rollback, runs first and holds the rollback in the queue
+        other_gate, other_wait = self.gate("other")
+        other = self.daemon.deploy(other_wait + "\nexit 1", project="other")
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", bad), "reverted")
+        rollback = self.record(bad)["rollback"]
+        self.assertEqual(self.daemon.wait_state("other", other, ["active"]), "active")
+        self.assertEqual(self.daemon.state("app", rollback), "await")
+        newer = self.push(self.version(name="newer"))
+        self.assertEqual(self.daemon.state("app", rollback), "changed")
+        open(other_gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", newer), "ok")
+        self.assertEqual(self.record(rollback)["state"], "changed")
+        self.assertNotIn("%s check" % rollback, read_text(self.runs))
+
+    def test_kill_9_during_verify_then_restart_reverts_and_rolls_back(self):
+        calls = os.path.join(self.tmp, "calls")
+        project_dir = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(project_dir)
+        with open(os.path.join(project_dir, "notify.sh"), "w") as file:
+            file.write('#!/bin/sh\necho "$DEPLOY $STATE ${ROLLBACK:-none}" >> %s\n' % calls)
+        os.chmod(os.path.join(project_dir, "notify.sh"), 0o755)
+        good = self.push(self.version(name="good"))
+        self.daemon.wait_state("app", good)
+        pid_file = os.path.join(self.tmp, "verify.pid")
+        judged = self.push(self.version("echo $$ > %s; sleep 300" % pid_file, "judged"))
+        self.wait_for_file(pid_file)
+        wait_until(lambda: read_text(pid_file).strip(), message="pid")
+        self.daemon.kill()
+        orphan = int(read_text(pid_file))
+        self.assertTrue(process_running(orphan))
+        self.daemon.start()
+        self.assertFalse(process_running(orphan), "verify outlived the restart")
+        self.assertEqual(self.daemon.state("app", judged), "reverted")
+        rollback = self.record(judged)["rollback"]
+        self.assertEqual(self.record(rollback)["rollback_of"], judged)
+        self.assertEqual(self.daemon.wait_state("app", rollback), "ok")
+        self.assertIn("ipd: reverted: ipd stopped while control.sh verify ran: it was "
+                      "never judged; rolled back: deployment %s redeploys %s"
+                      % (rollback, good), self.daemon.log("app", judged))
+        wait_until(lambda: "%s reverted %s" % (judged, rollback) in read_text(calls),
+                   message="notify.sh told of the revert with its rollback")
+        self.assertEqual(read_text(calls).count("%s reverted" % judged), 1)
+        self.daemon.restart()  # judged once: a second start changes nothing
+        self.assertEqual(self.record(judged)["rollback"], rollback)
+        self.assertEqual(len(self.history()), 3)
+
+    def test_a_rollback_committed_just_before_a_kill_is_not_queued_twice(self):
+        good = self.push(self.version(name="good"))
+        self.daemon.wait_state("app", good)
+        _, wait = self.gate("never")
+        judged = self.push(self.version(wait + "; exit 0", "judged"))
+        wait_until(lambda: " verify judged" in read_text(self.runs), message="verify")
+        self.daemon.kill()
+        path = os.path.join(self.daemon.upload_dir, "app", "deployments", judged + ".json")
+        self.assertIn("verify_started", json.loads(read_text(path)))
+        self.daemon.start()
+        rollback = self.record(judged)["rollback"]
+        self.daemon.stop()
+        # A kill -9 after the worker committed the rollback and before it
+        # wrote 'reverted' leaves both on disk: the judged one as running.
+        data = json.loads(read_text(path))
+        data.update(state="active", ended=None)
+        del data["rollback"]
+        with open(path, "w") as file:
+            json.dump(data, file)
+        os.remove(os.path.join(self.daemon.upload_dir, "app", "deployments", "index.cache"))
+        self.daemon.start()
+        self.assertEqual(self.daemon.state("app", judged), "reverted")
+        self.assertEqual(self.record(judged)["rollback"], rollback)
+        self.assertEqual(len(self.history()), 3)
+
+    def test_wait_and_push_wait_answer_once_verify_ended(self):
+        good = self.push(self.version())
+        self.daemon.wait_state("app", good)
+        bad = self.push(self.version("sleep 1; exit 0", "bad"))
+        started = time.monotonic()
+        status, _, body = self.daemon.get("/status/app/%s?wait=30" % bad)
+        self.assertEqual((status, body), (200, "reverted\n"))
+        self.assertGreaterEqual(time.monotonic() - started, 1)
+        package = os.path.join(self.tmp, "bad.tgz")
+        with open(package, "wb") as file:
+            file.write(self.version("sleep 1; exit 0", "pushed"))
+        environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port,
+                       IPD_USER="admin", IPD_PASSWORD="admin-pw", HOME=self.tmp)
+        result = subprocess.run(IPD_RUN + ["push", "--project", "app", "--package",
+                                           package, "--wait", "--timeout", "60"],
+                                env=ipd_environ(environ), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(result.returncode, ipd.EXIT_REVERTED, result.stderr)
+        self.assertEqual(ipd.EXIT_REVERTED, 10)
+        self.assertIn(b": reverted", result.stderr)
+        self.assertIn(b"ipd: reverted: control.sh verify exited 0", result.stdout)
+        good_again = os.path.join(self.tmp, "good.tgz")
+        with open(good_again, "wb") as file:
+            file.write(self.version())
+        result = subprocess.run(IPD_RUN + ["push", "--project", "app", "--package",
+                                           good_again, "--wait"],
+                                env=ipd_environ(environ), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+
 class RestartTests(DaemonTestCase):
     settings = {"MAX_PARALLEL": "1"}
 
