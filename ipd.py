@@ -3965,13 +3965,11 @@ class DeploymentStore:
         """Move an upload's folder and files ({suffix: path}) into place and
         write its record (state 'await') with the next sequence number.  It
         waits from the moment it shows, and the project's waiting one is
-        superseded ('changed') in the same step; with yield_to_waiting (a
-        rollback) a waiting one wins instead: Conflict, nothing committed.
-        message (a log line) and audit ((event, {fields})) are written once
-        it is on disk and before any of its states; received bytes are
-        counted as an upload in the step that shows it.  -> a copy of the
-        record.  All or nothing: on an error what was moved is removed
-        again."""
+        superseded ('changed') in the same step (yield_to_waiting: it wins,
+        Conflict).  message (a log line) and audit ((event, {fields})) are
+        written once it is on disk and before any of its states; received
+        bytes are counted as an upload in the step that shows it.  -> a copy
+        of the record.  All or nothing: what was moved goes on an error."""
         moved = []
         with self._change_lock:
             try:
@@ -4433,7 +4431,8 @@ class DeployWorker:
         why = ("ran over its time limit (VERIFY_SECONDS + STEP_TIMEOUT)"
                if outcome == "timeout" else "was stopped with ipd"
                if outcome == "interrupted" else "exited %d" % code)
-        return "reverted", self.revert(record, log_file, "control.sh verify " + why)
+        outcome = "reverted"  # the release did not hold: undo it
+        return outcome, self.revert(record, log_file, "control.sh verify " + why)
 
     def revert(self, record, log_file, why):
         """Queue the rollback of record (reverted: why), saying in its log
@@ -4474,10 +4473,9 @@ class DeployWorker:
 
     def run_step(self, record, step, log_file, cancel, run_as=None, timeout=None,
                  extra_env=None):
-        """Run 'control.sh STEP' in its own session (as run_as, when given)
-        for up to timeout seconds (STEP_TIMEOUT), its environment with
-        extra_env; return (code, outcome), where outcome is 'timeout',
-        'cancelled' or 'interrupted' when we had to stop it."""
+        """Run 'control.sh STEP' in its own session (as run_as, when given),
+        with extra_env, for timeout (STEP_TIMEOUT) seconds; return (code,
+        outcome): 'timeout', 'cancelled' or 'interrupted' when stopped."""
         log_file.flush()
         started = time.monotonic()
         try:
@@ -5524,11 +5522,10 @@ class Daemon:
     def deploy_upload(self, project, upload, user, event, fields, received=0,
                       yield_to_waiting=False, **extra):
         """Unpack the package, find control.sh, and commit the deployment:
-        audited as event ('upload', 'redeploy' or 'rollback', with fields
-        and who, which deployment and its files) and counted (received
-        bytes, an upload) as it shows (DeploymentStore.commit, which a
-        waiting deployment wins with yield_to_waiting); extra: its
-        record's fields.
+        audited as event ('upload', 'redeploy', 'rollback': fields, who,
+        which deployment, its files) and counted (received bytes, an
+        upload) as it shows (DeploymentStore.commit; yield_to_waiting for
+        a rollback); extra: its record's fields.
 
         Returns its record; on any error nothing of the upload is left.
         """
@@ -5596,7 +5593,8 @@ PAGE_STYLE = (
     "border-bottom:1px solid #ddd;text-align:left;vertical-align:top}"
     ".badge{display:inline-block;padding:0 .55em;border-radius:.7em;color:#fff;"
     "background:#6b6b6b}.ok{background:#2a7d2e}.active,.await{background:#1f5fa8}"
-    ".failed{background:#b3261e}.reverted{background:#a14a00}code{font-size:.85em;word-break:break-all}"
+    ".failed{background:#b3261e}code{font-size:.85em;word-break:break-all}"
+    ".reverted{background:#a14a00}"
     "pre{background:#111;color:#eee;padding:.8em;white-space:pre-wrap;"
     "word-break:break-all;min-height:3em}form{display:inline}"
     "button{font:inherit;padding:.15em .8em;margin-right:.4em}"

@@ -1772,6 +1772,9 @@ class VerifyTests(DaemonTestCase):
                                 stderr=subprocess.PIPE, timeout=120)
         self.assertEqual(result.returncode, ipd.EXIT_REVERTED, result.stderr)
         self.assertEqual(ipd.EXIT_REVERTED, 10)
+        for text in (" ".join(run_ipd("push", "--help").stdout.split()), " ".join(
+                read_text(os.path.join(HERE, "README.md")).replace("`", "").split())):
+            self.assertIn("10 the deployment was reverted (its verify failed", text)
         self.assertIn(b": reverted", result.stderr)
         self.assertIn(b"ipd: reverted: control.sh verify exited 0", result.stdout)
         good_again = os.path.join(self.tmp, "good.tgz")
