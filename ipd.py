@@ -2987,9 +2987,8 @@ def keep_scripts_without_capabilities():
 def project_settings(settings, project_dir):
     """{SCRIPTS, RUN_AS, VERIFY_SECONDS} of a project: the global settings,
     overridden by the project folder's project.conf.  Only a file an
-    administrator could
-    have placed counts: a regular file owned by root or ipd's user and not
-    writable by group or others.  Raises IpdError (500) for another one,
+    administrator could have placed counts: a regular file owned by root
+    or ipd's user and not writable by group or others.  Raises IpdError (500) for another one,
     or for a bad value: never a silent fallback to the looser setting."""
     values = {key: getattr(settings, key) for key in PROJECT_KEYS}
     path = os.path.join(project_dir, PROJECT_CONF)
@@ -3787,7 +3786,9 @@ class DeploymentStore:
                 stop_processes(pids, kill_grace)
             # One stopped in verify is live but was never judged: it is
             # not taken as holding (the Daemon then queues its rollback).
-            state = "reverted" if "verify_started" in record.others else "interrupted"
+            unjudged = "verify_started" in record.others and not record.others.get(
+                "verified")
+            state = "reverted" if unjudged else "interrupted"
             self.update(record.id, state=state, ended=time.time())
             log.info("deployment %s of %s was running at a stop: %s",
                      record.id, record.project, state)
@@ -4413,8 +4414,8 @@ class DeployWorker:
         when the release holds, else its final state, the record's fields).
         Its time limit is VERIFY_SECONDS plus STEP_TIMEOUT: the window,
         then a step's usual time to judge it.  'verify_started' is on disk
-        before it runs, so that a restart knows that a release stopped in
-        verify was never judged (DeploymentStore._interrupt)."""
+        before it runs and 'verified' once it held, so that a restart knows
+        a release stopped before it was judged (DeploymentStore._interrupt)."""
         seconds = self.verify_seconds(record.project)
         self.store.update(record.id, verify_started=time.time())
         started = time.monotonic()
@@ -4423,11 +4424,10 @@ class DeployWorker:
                                       {"VERIFY_SECONDS": str(seconds)})
         steps.append({"step": "verify", "code": code,
                       "seconds": round(time.monotonic() - started, 3)})
-        self.store.update(record.id, steps=list(steps))
-        if outcome == "cancelled":  # who cancelled keeps what is live
+        held = outcome is None and code == self.settings.SUCCESS_CODE
+        self.store.update(record.id, steps=list(steps), **({"verified": True} if held else {}))
+        if held or outcome == "cancelled":  # who cancels keeps what is live
             return outcome, {}
-        if outcome is None and code == self.settings.SUCCESS_CODE:
-            return None, {}
         why = ("ran over its time limit (VERIFY_SECONDS + STEP_TIMEOUT)"
                if outcome == "timeout" else "was stopped with ipd"
                if outcome == "interrupted" else "exited %d" % code)

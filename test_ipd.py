@@ -5689,9 +5689,11 @@ class Nginx:
 
 
 def busybox_image(tag, folder, version, healthy=True,
-                  command=("/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www")):
+                  command=("/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"),
+                  extra=()):
     """Build an image from a busybox root file system (no image can be
-    pulled here), docker save it as a user's CI would; return the tar."""
+    pulled here), with extra files ((name, bytes, mode)...), docker save it
+    as a user's CI would; return the tar."""
     rootfs = io.BytesIO()
     with tarfile.open(fileobj=rootfs, mode="w") as tar:
         tar.add(os.path.realpath(shutil.which("busybox")), "bin/busybox")
@@ -5705,6 +5707,10 @@ def busybox_image(tag, folder, version, healthy=True,
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, data, mode in extra:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
             tar.addfile(info, io.BytesIO(data))
     docker("import", "--change", "CMD " + json.dumps(list(command)),
            "-", tag, stdin=rootfs.getvalue())
@@ -6266,6 +6272,92 @@ class DockerOperatorTests(DockerExampleTests):
         self.assertTrue(port.startswith("127.0.0.1:"), port)
         self.assertEqual(self.proxy_config(), config)
         self.assertEqual(len(self.deployments), 1)
+
+
+class DockerVerifyTests(DockerExampleTests):
+    """Issue 25: examples/docker/control.sh verify behind a real nginx, and
+    ipd's rollback: a release that breaks after the switch undoes itself."""
+
+    test_v1_then_v2_without_a_failed_request_then_broken_v3 = None  # run once, above
+
+    WINDOW = 20  # VERIFY_SECONDS
+    HEALTH_TIMEOUT = 8  # the example's health-check time (DockerExampleTests)
+
+    def verify_on(self):
+        """VERIFY_SECONDS for this project only, as an administrator sets it."""
+        path = os.path.join(self.daemon.upload_dir, self.project, "project.conf")
+        with open(path, "w") as file:
+            file.write("VERIFY_SECONDS=%d\n" % self.WINDOW)
+        os.chmod(path, 0o644)
+
+    def record(self, deployment):
+        return self.daemon.get_json("/status/%s/%s" % (self.project, deployment))[1]
+
+    def crashing_image(self, version):
+        """Healthy at first; its server exits 5 s after the start (the
+        restart policy brings it back: a crash loop)."""
+        return busybox_image("ipd-test-%s:%s" % (self.project, version), self.tmp,
+                             version, command=("/bin/sh", "-c", "/bin/busybox httpd -p "
+                                               "8080 -h /www; sleep 5; exit 1"))
+
+    def failing_image(self, version):
+        """The health path answers 200, / a 500 (a CGI, served from a
+        folder of its own: no index.html)."""
+        cgi = (b'#!/bin/sh\nprintf "HTTP/1.0 500 Internal Server Error\\r\\n'
+               b'Content-Type: text/plain\\r\\n\\r\\nbroken\\n"\n')
+        return busybox_image("ipd-test-%s:%s" % (self.project, version), self.tmp,
+                             version, extra=[("broken/cgi-bin/index.cgi", cgi, 0o755),
+                                             ("broken/health", b"ok\n", 0o644)],
+                             command=("/bin/busybox", "httpd", "-f", "-p", "8080",
+                                      "-h", "/broken"))
+
+    def test_a_crash_loop_and_5xx_after_the_switch_are_rolled_back(self):
+        v1, v2 = self.image("v1"), self.crashing_image("v2")
+        v3, v4 = self.image("v3"), self.failing_image("v4")
+        self.deploy(v1)  # before VERIFY_SECONDS: ok at once
+        self.verify_on()
+        with RequestLoop(self.app) as loop:
+            log = self.deploy(v2, expect="reverted")
+            self.assertIn("restarted or stopped", log)
+            reverted = self.deployments[-1]
+            rollback = self.record(reverted)["rollback"]
+            self.assertIn("rolled back: deployment %s redeploys %s"
+                          % (rollback, self.deployments[0]), log)
+            # v1 serves again, and the test asked nothing of ipd for it
+            v2_served = loop.wait_for((200, "v2"), 0)
+            wait_until(loop.failures, message="v2's crash seen through nginx")
+            loop.wait_for((200, "v1"), loop.failures()[0][0], timeout=60)
+            time.sleep(1)
+        # the switch back: where the answers became v1 and stayed so
+        back = [when for when, answer in loop.answers if answer != (200, "v1")][-1]
+        switched = min(when for when, answer in loop.answers if when > back)
+        failures = loop.failures()
+        first, last = failures[0][0], failures[-1][0]
+        report("verify: v2 crashed and failed requests through nginx for %.1f s "
+               "(%d failed) until the rollback's switch to v1 (window %d s + "
+               "health check %d s)" % (switched - first, len(failures), self.WINDOW,
+                                       self.HEALTH_TIMEOUT))
+        self.assertGreater(first, v2_served)  # none while v2 was switched in
+        self.assertLess(last, switched)       # none after v1 was back
+        self.assertLess(switched - first, self.WINDOW + self.HEALTH_TIMEOUT)
+        self.assertEqual(self.daemon.wait_state(self.project, rollback, timeout=120), "ok")
+        self.assertEqual(self.record(rollback)["rollback_of"], reverted)
+
+        self.deploy(v3)  # healthy: ok once the window passed
+        verify = self.record(self.deployments[-1])["steps"][-1]
+        self.assertEqual(verify["step"], "verify")
+        self.assertGreaterEqual(verify["seconds"], self.WINDOW)  # the whole window
+        self.assertEqual(self.app(), (200, "v3"))
+
+        with RequestLoop(self.app) as loop:
+            started = time.monotonic()
+            log = self.deploy(v4, expect="reverted")
+            self.assertIn("answers were 5xx", log)
+            rollback = self.record(self.deployments[-1])["rollback"]
+            back = loop.wait_for((200, "v3"), started + 1, timeout=60)
+        self.assertLess(back - started, self.WINDOW + self.HEALTH_TIMEOUT + 10)
+        self.assertEqual(self.daemon.wait_state(self.project, rollback, timeout=120), "ok")
+        self.assertEqual(self.app(), (200, "v3"))
 
 
 class PathUnit:
