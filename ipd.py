@@ -5,7 +5,8 @@ A small daemon that receives an app's container image and deploy package
 over HTTP and switches the server to the new version by running the
 project's ``control.sh``: ``check``, then ``prepare`` where the check
 failed, then ``deploy`` (exit status 1 means success, as the original
-README says; see SUCCESS_CODE).
+README says; see SUCCESS_CODE); where VERIFY_SECONDS is set, ``verify``
+watches the live release, and one that fails it is rolled back.
 
 One file, standard library only, CPython 3.8 to 3.13:
 
@@ -4295,7 +4296,8 @@ class DeploymentStore:
 ###############################################################################
 
 # The thread that runs waiting deployments: control.sh check, prepare,
-# deploy, each step logged and timed; notify.sh and NOTIFY_URL at the end.
+# deploy (and verify, which may end it 'reverted' and queue a rollback),
+# each step logged and timed; notify.sh and NOTIFY_URL at the end.
 
 
 class DeployWorker:

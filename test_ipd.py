@@ -1753,6 +1753,38 @@ class VerifyTests(DaemonTestCase):
         self.assertEqual(self.record(judged)["rollback"], rollback)
         self.assertEqual(len(self.history()), 3)
 
+    def test_a_stop_during_verify_reverts_and_the_rollback_runs_after(self):
+        self.daemon.stop()
+        self.daemon = self.start_daemon({"VERIFY_SECONDS": "1", "SHUTDOWN_GRACE": "0.5"})
+        good = self.push(self.version(name="good"))
+        self.daemon.wait_state("app", good)
+        judged = self.push(self.version("sleep 300", "judged"))
+        wait_until(lambda: " verify judged" in read_text(self.runs), message="verify")
+        self.assertEqual(self.daemon.stop(), 0)
+        path = os.path.join(self.daemon.upload_dir, "app", "deployments", judged)
+        record = json.loads(read_text(path + ".json"))
+        self.assertEqual(record["state"], "reverted")  # at the stop itself
+        self.assertIn("control.sh verify was stopped with ipd", read_text(path + ".log"))
+        self.daemon.start()
+        self.assertEqual(self.daemon.wait_state("app", record["rollback"]), "ok")
+
+    def test_a_kill_after_verify_held_is_no_revert(self):
+        held = self.push(self.version())
+        self.assertEqual(self.daemon.wait_state("app", held), "ok")
+        self.daemon.stop()
+        # A kill -9 after verify held and before 'ok' was written: the
+        # release was judged, so the restart makes it 'interrupted' only.
+        folder = os.path.join(self.daemon.upload_dir, "app", "deployments")
+        data = json.loads(read_text(os.path.join(folder, held + ".json")))
+        self.assertTrue(data["verified"])
+        data.update(state="active", ended=None)
+        with open(os.path.join(folder, held + ".json"), "w") as file:
+            json.dump(data, file)
+        ipd.remove_quietly(os.path.join(folder, "index.cache"))  # it vouches no more
+        self.daemon.start()
+        self.assertEqual(self.daemon.state("app", held), "interrupted")
+        self.assertEqual(len(self.history()), 1)
+
     def test_wait_and_push_wait_answer_once_verify_ended(self):
         good = self.push(self.version())
         self.daemon.wait_state("app", good)
@@ -6358,6 +6390,32 @@ class DockerVerifyTests(DockerExampleTests):
         self.assertLess(back - started, self.WINDOW + self.HEALTH_TIMEOUT + 10)
         self.assertEqual(self.daemon.wait_state(self.project, rollback, timeout=120), "ok")
         self.assertEqual(self.app(), (200, "v3"))
+
+
+class SwarmVerifyTests(SwarmExampleTests):
+    """Issue 25: examples/swarm/control.sh verify per slot: a task the swarm
+    has to replace after the switch (a crash loop) is rolled back."""
+
+    test_v1_v2_then_broken_v3_rolled_back = None  # run once, above
+
+    def test_a_crashing_slot_is_rolled_back(self):
+        v1 = self.image("v1")
+        v2 = busybox_image("ipd-test-%s:v2" % self.project, self.tmp, "v2",
+                           command=("/bin/sh", "-c", "/bin/busybox httpd -p 8080 "
+                                    "-h /www; sleep 5; exit 1"))
+        self.deploy(v1)
+        path = os.path.join(self.daemon.upload_dir, self.project, "project.conf")
+        with open(path, "w") as file:
+            file.write("VERIFY_SECONDS=15\n")
+        log = self.deploy(v2, expect="reverted")
+        self.assertIn("a task was replaced or stopped", log)
+        record = self.daemon.get_json("/status/%s/%s" % (self.project,
+                                                         self.deployments[-1]))[1]
+        self.assertEqual(record["steps"][-1]["code"], 12)
+        rollback = record["rollback"]
+        self.assertEqual(self.daemon.wait_state(self.project, rollback, timeout=180), "ok")
+        self.assertIn("held for 15s", self.daemon.log(self.project, rollback))
+        self.assertEqual(self.app(), (200, "v1"))
 
 
 class PathUnit:
