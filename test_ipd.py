@@ -1576,6 +1576,10 @@ class VerifyTests(DaemonTestCase):
         self.assertIn("%s verify v 2" % watched, read_text(self.runs))
 
     def test_failed_verify_reverts_and_rolls_back_to_the_last_ok(self):
+        listener = Listener()
+        self.addCleanup(listener.close)
+        self.daemon.stop()
+        self.daemon = self.start_daemon(dict(self.settings, NOTIFY_URL=listener.url))
         project_dir = os.path.join(self.daemon.upload_dir, "app")
         os.makedirs(project_dir)
         calls = os.path.join(self.tmp, "calls")
@@ -1608,6 +1612,11 @@ class VerifyTests(DaemonTestCase):
         wait_until(lambda: len(read_text(calls).splitlines()) >= 4, message="notify.sh")
         self.assertIn("%s reverted %s" % (broken, rollback), read_text(calls).splitlines())
         self.assertIn("%s ok none" % rollback, read_text(calls).splitlines())
+        wait_until(lambda: len(listener.received) >= 4, message="NOTIFY_URL")
+        told = {e["deployment"]: e for e in listener.received}
+        self.assertEqual((told[broken]["state"], told[broken]["rollback"]),
+                         ("reverted", rollback))
+        self.assertEqual(told[rollback]["rollback_of"], broken)
         page = self.daemon.get("/ui/app")[2]
         self.assertIn('<span class="badge reverted">reverted</span>', page)
 
