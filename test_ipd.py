@@ -1777,6 +1777,18 @@ class VerifyTests(DaemonTestCase):
         self.daemon.start()
         self.assertEqual(self.daemon.wait_state("app", record["rollback"]), "ok")
 
+    def test_a_cancel_during_verify_keeps_what_is_live(self):
+        good = self.push(self.version())
+        self.daemon.wait_state("app", good)
+        watched = self.push(self.version("sleep 300", "watched"))
+        wait_until(lambda: " verify watched" in read_text(self.runs), message="verify")
+        status, _, body = self.daemon.request("POST", "/cancel/app/%s" % watched)
+        self.assertEqual((status, body.strip()), (200, "cancelled"))
+        self.assertEqual(self.daemon.wait_state("app", watched), "cancelled")
+        self.assertNotIn("rollback", self.record(watched))
+        time.sleep(0.5)
+        self.assertEqual(len(self.history()), 2)
+
     def test_a_kill_after_verify_held_is_no_revert(self):
         held = self.push(self.version())
         self.assertEqual(self.daemon.wait_state("app", held), "ok")
