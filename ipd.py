@@ -3965,13 +3965,12 @@ class DeploymentStore:
     def commit(self, record, folder, files, audit=None, message=None, received=0,
                yield_to_waiting=False):
         """Move an upload's folder and files ({suffix: path}) into place and
-        write its record (state 'await') with the next sequence number.  It
-        waits from the moment it shows, and the project's waiting one is
-        superseded ('changed') in the same step (yield_to_waiting: it wins,
-        Conflict).  message (a log line) and audit ((event, {fields})) are
-        written once it is on disk and before any of its states; received
-        bytes are counted as an upload in the step that shows it.  -> a copy
-        of the record.  All or nothing: what was moved goes on an error."""
+        write its record ('await', the next sequence number): it waits as it
+        shows, the project's waiting one superseded ('changed') in the same
+        step (with yield_to_waiting, that one wins: Conflict).  message (a
+        log line) and audit ((event, {fields})) are written once it is on
+        disk, before its states; received bytes count as an upload as it
+        shows.  -> a copy.  All or nothing: what was moved goes on an error."""
         moved = []
         with self._change_lock:
             try:
