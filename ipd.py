@@ -5,7 +5,8 @@ A small daemon that receives an app's container image and deploy package
 over HTTP and switches the server to the new version by running the
 project's ``control.sh``: ``check``, then ``prepare`` where the check
 failed, then ``deploy`` (exit status 1 means success, as the original
-README says; see SUCCESS_CODE).
+README says; see SUCCESS_CODE); where VERIFY_SECONDS is set, ``verify``
+watches the live release, and one that fails it is rolled back.
 
 One file, standard library only, CPython 3.8 to 3.13:
 
@@ -281,6 +282,11 @@ SETTINGS = {
         `interrupted`; keep the unit's TimeoutStopSec above it"""),
     "MAX_PARALLEL": setting("4", "count", """how many projects deploy at once
         (one project always deploys one at a time)"""),
+    "VERIFY_SECONDS": setting("0", "window", """after deploy, `control.sh
+        verify` watches the release this many whole seconds (0: no verify
+        step); a failed verify ends `reverted` and redeploys the project's last
+        ok deployment (see Verify and automatic rollback).  Per project in
+        `UPLOAD_DIR/$PROJECT/project.conf`."""),
     "KEEP_DEPLOYMENTS": setting("10", "count", """deployments per project that
         keep their image and package; older ones keep only their state and
         log"""),
@@ -415,7 +421,8 @@ def settings_conf():
 
 
 # A deployment is "await" or "active" until it ends in a final state: ok,
-# changed, cancelled, timeout, interrupted, or an exit code.
+# changed, cancelled, timeout, interrupted, reverted (its verify failed and
+# it was rolled back), or an exit code.
 UNFINISHED = ("await", "active")
 STATE_FORMAT_VERSION = 1
 
@@ -629,6 +636,13 @@ def parse_run_as_setting(text):
     return text
 
 
+def parse_window(text):
+    """VERIFY_SECONDS: whole seconds from 0 to 86400 (a shell's $(( )))."""
+    if not re.fullmatch(r"\d{1,6}", text) or int(text) > 86400:
+        raise ValueError("must be a whole number of seconds from 0 to 86400")
+    return int(text)
+
+
 def parse_scripts_mode(text):
     """SCRIPTS: package or server."""
     if text not in ("package", "server"):
@@ -649,6 +663,7 @@ SETTING_KINDS = {
     "int": parse_whole,
     "count": lambda text: parse_whole(text, least=1),
     "seconds": parse_seconds,
+    "window": parse_window,
     "size": parse_size,
     "yesno": parse_yes_no,
     "names": lambda text: parse_words(text, re.compile(
@@ -3258,10 +3273,10 @@ def find_control_script(unpacked, project_dir):
 # run with; finding and stopping the processes a step leaves behind.
 
 
-# UPLOAD_DIR/$PROJECT/project.conf: an administrator's SCRIPTS and RUN_AS
-# for one project (KEY=VALUE lines, as /etc/ipd.conf).
+# UPLOAD_DIR/$PROJECT/project.conf: an administrator's SCRIPTS, RUN_AS and
+# VERIFY_SECONDS for one project (KEY=VALUE lines, as /etc/ipd.conf).
 PROJECT_CONF = "project.conf"
-PROJECT_KEYS = ("SCRIPTS", "RUN_AS")
+PROJECT_KEYS = ("SCRIPTS", "RUN_AS", "VERIFY_SECONDS")
 # With RUN_AS, PROJECT_DIR is this folder of the project's: the one place
 # its scripts may write.  The project folder itself, where control.sh,
 # notify.sh and project.conf lie, stays the daemon's.
@@ -3334,10 +3349,10 @@ def keep_scripts_without_capabilities():
 
 
 def project_settings(settings, project_dir):
-    """{SCRIPTS, RUN_AS} of a project: the global settings, overridden by
-    the project folder's project.conf.  Only a file an administrator could
-    have placed counts: a regular file owned by root or ipd's user and not
-    writable by group or others.  Raises IpdError (500) for another one,
+    """{SCRIPTS, RUN_AS, VERIFY_SECONDS} of a project: the global settings,
+    overridden by the project folder's project.conf.  Only a file an
+    administrator could have placed counts: a regular file owned by root
+    or ipd's user and not writable by group or others.  Raises IpdError (500) for another one,
     or for a bad value: never a silent fallback to the looser setting."""
     values = {key: getattr(settings, key) for key in PROJECT_KEYS}
     path = os.path.join(project_dir, PROJECT_CONF)
@@ -3677,7 +3692,9 @@ class Deployment:
 
     def public(self):
         """What the API tells of a deployment (times as ISO 8601); of one
-        pushed with an ID token, its claims (oidc)."""
+        pushed with an ID token, its claims (oidc); of a reverted one, its
+        rollback's ID (rollback), and of a rollback, what it undoes
+        (rollback_of)."""
         duration = None
         if self.started and self.ended:
             duration = round(self.ended - self.started, 3)
@@ -3697,6 +3714,9 @@ class Deployment:
         }
         if "oidc" in self.others:
             public["oidc"] = self.others["oidc"]
+        for name in ("rollback", "rollback_of"):  # verify's rollback (#25)
+            if name in self.others:
+                public[name] = self.others[name]
         return public
 
     def copy(self):
@@ -4182,9 +4202,14 @@ class DeploymentStore:
                 log.warning("stopping what was left running of deployment %s",
                             record.id)
                 stop_processes(pids, kill_grace)
-            self.update(record.id, state="interrupted", ended=time.time())
-            log.info("deployment %s of %s was running at a stop: interrupted",
-                     record.id, record.project)
+            # One stopped in verify is live but was never judged: it is
+            # not taken as holding (the Daemon then queues its rollback).
+            unjudged = "verify_started" in record.others and not record.others.get(
+                "verified")
+            state = "reverted" if unjudged else "interrupted"
+            self.update(record.id, state=state, ended=time.time())
+            log.info("deployment %s of %s was running at a stop: %s",
+                     record.id, record.project, state)
 
     def _load_project(self, project):
         """-> (hot records, ColdFigures, fresh) of project: from its index
@@ -4380,15 +4405,15 @@ class DeploymentStore:
             self._change(deployment_id, pruned=True)
         return True
 
-    def commit(self, record, folder, files, audit=None, message=None, received=0):
+    def commit(self, record, folder, files, audit=None, message=None, received=0,
+               yield_to_waiting=False):
         """Move an upload's folder and files ({suffix: path}) into place and
-        write its record (state 'await') with the next sequence number.  It
-        waits from the moment it shows, and the project's waiting one is
-        superseded ('changed') in the same step.  message (a log line) and
-        audit ((event, {fields})) are written once it is on disk and
-        before any of its states; received bytes are counted as an upload
-        in the step that shows it.  -> a copy of the record.  All or
-        nothing: on an error what was moved is removed again."""
+        write its record ('await', the next sequence number): it waits as it
+        shows, the project's waiting one superseded ('changed') in the same
+        step (with yield_to_waiting, that one wins: Conflict).  message (a
+        log line) and audit ((event, {fields})) are written once it is on
+        disk, before its states; received bytes count as an upload as it
+        shows.  -> a copy.  All or nothing: what was moved goes on an error."""
         moved = []
         with self._change_lock:
             try:
@@ -4404,6 +4429,8 @@ class DeploymentStore:
                 write_file_atomic(moved[-1], record.encode())
                 with self._lock:
                     older = self._hot.get(self._waiting.get(record.project))
+                if older and yield_to_waiting:
+                    raise Conflict("deployment %s waits: it is newer" % older.id)
                 replaced = older and older.replace(
                     state="changed", ended=time.time(), superseded_by=record.id)
                 if replaced:
@@ -4645,6 +4672,30 @@ class DeploymentStore:
                     newest = max(newest, record.signer.get("created", 0))
             return newest, set(ledger.nonces)
 
+    def last_ok(self, project, before_seq):
+        """A copy of project's newest deployment uploaded before before_seq
+        that ended 'ok' and keeps its files (a hot one: a pruned one has
+        none), or None: what a rollback redeploys."""
+        with self._lock:
+            ledger = self._ledgers.get(project)
+            found = [self._hot[i] for i in (ledger.hot if ledger else ())
+                     if self._hot[i].state == "ok" and self._hot[i].seq < before_seq
+                     and not self._hot[i].pruned and self._hot[i].files]
+            return max(found, key=lambda r: r.seq).copy() if found else None
+
+    def rollbacks_unrecorded(self):
+        """[(reverted record, the rollback committed for it or None)] of each
+        'reverted' deployment with no 'rollback' field yet: one that was in
+        verify when ipd stopped (kill -9 included), whose rollback may have
+        been committed just before."""
+        with self._lock:
+            reverted = [r for r in self._hot.values()
+                        if r.state == "reverted" and "rollback" not in r.others]
+            made = {r.others["rollback_of"]: r for r in self._hot.values()
+                    if r.others.get("rollback_of")}
+            return [(r.copy(), made[r.id].copy() if r.id in made else None)
+                    for r in sorted(reverted, key=lambda r: r.seq)]
+
     # --- what retention asks
 
     def prunable(self, project, ending=None):
@@ -4700,7 +4751,8 @@ class DeploymentStore:
 ###############################################################################
 
 # The thread that runs waiting deployments: control.sh check, prepare,
-# deploy, each step logged and timed; notify.sh and NOTIFY_URL at the end.
+# deploy (and verify, which may end it 'reverted' and queue a rollback),
+# each step logged and timed; notify.sh and NOTIFY_URL at the end.
 
 
 class DeployWorker:
@@ -4708,15 +4760,20 @@ class DeployWorker:
 
     Each thread claims a deployment from the store as soon as one may run,
     and runs its control.sh steps as the original README says: check;
-    prepare where check did not succeed; deploy.  Before the final state
-    it runs retention (a Retention, or None), so that whoever sees the end
-    sees the files it let go already gone.
+    prepare where check did not succeed; deploy; then, where the project's
+    VERIFY_SECONDS is not 0, verify (issue 25).  A failed verify ends
+    'reverted', and rollback (the service's: given a reverted record and
+    why, -> (the rollback queued or None, a line saying what was done))
+    queues the project's last ok deployment again.  Before the final
+    state it runs retention (a Retention, or None), so that whoever sees
+    the end sees the files it let go already gone.
     """
 
-    def __init__(self, settings, store, retention=None):
+    def __init__(self, settings, store, retention=None, rollback=None):
         self.settings = settings
         self.store = store
         self.retention = retention
+        self.rollback = rollback
         self.threads = []
         self.kill_event = threading.Event()  # set when the grace period ends
 
@@ -4786,11 +4843,14 @@ class DeployWorker:
                 if step != "check" and code != success:
                     outcome = str(code)
                     break
-        self.end(record, outcome or "ok")
+            fields = {}
+            if outcome is None and self.verify_seconds(record.project):
+                outcome, fields = self.verify(record, steps, log_file, cancel, run_as)
+        self.end(record, outcome or "ok", **fields)
 
-    def end(self, record, state):
-        """Run retention, then write the final state: whoever sees the end
-        sees the files that it let go already gone."""
+    def end(self, record, state, **fields):
+        """Run retention, then write the final state (and fields): whoever
+        sees the end sees the files that it let go already gone."""
         ended = time.time()
         try:
             if self.retention:
@@ -4799,7 +4859,49 @@ class DeployWorker:
         except Exception:
             log.exception("pruning %s after deployment %s failed",
                           record.project, record.id)
-        self.store.update(record.id, state=state, ended=ended)
+        self.store.update(record.id, state=state, ended=ended, **fields)
+
+    def verify_seconds(self, project):
+        """The project's VERIFY_SECONDS (project.conf, else the setting)."""
+        return project_settings(self.settings,
+                                self.store.project_dir(project))["VERIFY_SECONDS"]
+
+    def verify(self, record, steps, log_file, cancel, run_as):
+        """Run control.sh verify after a deploy that succeeded; -> (None
+        when the release holds, else its final state, the record's fields).
+        Its time limit is VERIFY_SECONDS plus STEP_TIMEOUT: the window,
+        then a step's usual time to judge it.  'verify_started' is on disk
+        before it runs and 'verified' once it held, so that a restart knows
+        a release stopped before it was judged (DeploymentStore._interrupt)."""
+        seconds = self.verify_seconds(record.project)
+        self.store.update(record.id, verify_started=time.time())
+        started = time.monotonic()
+        code, outcome = self.run_step(record, "verify", log_file, cancel, run_as,
+                                      seconds + self.settings.STEP_TIMEOUT,
+                                      {"VERIFY_SECONDS": str(seconds)})
+        steps.append({"step": "verify", "code": code,
+                      "seconds": round(time.monotonic() - started, 3)})
+        held = outcome is None and code == self.settings.SUCCESS_CODE
+        self.store.update(record.id, steps=list(steps), **({"verified": True} if held else {}))
+        if held or outcome == "cancelled":  # who cancels keeps what is live
+            return outcome, {}
+        why = ("ran over its time limit (VERIFY_SECONDS + STEP_TIMEOUT)"
+               if outcome == "timeout" else "was stopped with ipd"
+               if outcome == "interrupted" else "exited %d" % code)
+        outcome = "reverted"  # the release did not hold: undo it
+        return outcome, self.revert(record, log_file, "control.sh verify " + why)
+
+    def revert(self, record, log_file, why):
+        """Queue the rollback of record (reverted: why), saying in its log
+        what was done; -> the fields of its final state: rollback (the ID
+        of the deployment queued, or None)."""
+        rollback, done = (self.rollback(record, why) if self.rollback
+                          else (None, "no rollback: ipd has no service"))
+        log_file.write(("ipd: reverted: %s; %s\n" % (why, done)).encode())
+        log_file.flush()
+        log.warning("deployment %s of %s reverted: %s; %s", record.id,
+                    record.project, why, done)
+        return {"rollback": rollback.id if rollback else None}
 
     def scripts_user(self, project):
         """RunAs of the project's scripts (RUN_AS, project.conf), or None."""
@@ -4849,10 +4951,11 @@ class DeployWorker:
             log.warning("deployment %s: control.sh not run: %s", record.id, refusal)
         return bool(refusal)
 
-    def run_step(self, record, step, log_file, cancel, run_as=None):
-        """Run 'control.sh STEP' in its own session (as run_as, when given);
-        return (code, outcome), where outcome is 'timeout', 'cancelled' or
-        'interrupted' when we had to stop it."""
+    def run_step(self, record, step, log_file, cancel, run_as=None, timeout=None,
+                 extra_env=None):
+        """Run 'control.sh STEP' in its own session (as run_as, when given),
+        with extra_env, for timeout (STEP_TIMEOUT) seconds; return (code,
+        outcome): 'timeout', 'cancelled' or 'interrupted' when stopped."""
         log_file.flush()
         started = time.monotonic()
         if step == "check" and self.refused_script(record, log_file):
@@ -4860,7 +4963,8 @@ class DeployWorker:
         try:
             process = subprocess.Popen(
                 [record.control, step], cwd=self.store.path(record),
-                env=self.environment(record, run_as), stdin=subprocess.DEVNULL,
+                env=dict(self.environment(record, run_as), **(extra_env or {})),
+                stdin=subprocess.DEVNULL,
                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                 close_fds=True, **credentials(run_as))
         except (OSError, subprocess.SubprocessError) as error:
@@ -4877,7 +4981,7 @@ class DeployWorker:
         # Recorded at once (no fsync: it must outlive ipd, not the machine)
         # so that a restart after kill -9 finds what is left of the step.
         write_step_identity(self.store.path(record, ".step"), process.pid)
-        deadline = started + self.settings.STEP_TIMEOUT
+        deadline = started + (timeout or self.settings.STEP_TIMEOUT)
         outcome = None
         while True:
             try:
@@ -4938,10 +5042,13 @@ class Notifier:
             log.exception("notifying the end of deployment %s failed", record.id)
 
     def run_script(self, script, record):
-        """notify.sh, with control.sh's environment plus STATE, as the
-        user control.sh runs as."""
+        """notify.sh, with control.sh's environment plus STATE (and for a
+        reverted one ROLLBACK, the ID of its rollback), as the user
+        control.sh runs as."""
         run_as = self.scripts_user(record.project)
         env = dict(self.environment(record, run_as), STATE=record.state)
+        if record.others.get("rollback"):
+            env["ROLLBACK"] = record.others["rollback"]
         process = subprocess.Popen([script], cwd=os.path.dirname(script), env=env,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True,
@@ -5671,6 +5778,10 @@ def deployment_message(record, event):
     if event == "redeploy":
         return "deployment %s of %s: redeploy of %s by %s" % (
             record.id, record.project, record.others.get("redeploy_of"), record.user)
+    if event == "rollback":
+        return "deployment %s of %s: rollback of %s, a redeploy of %s" % (
+            record.id, record.project, record.others.get("rollback_of"),
+            record.others.get("redeploy_of"))
     return "deployment %s of %s uploaded by %s: %s" % (
         record.id, record.project, record.user, ", ".join(
             "%s %s (%d bytes)" % (name, meta["name"], meta["size"])
@@ -5692,24 +5803,84 @@ class Daemon:
                                      after_final=self.tell_the_end)
         self.segments = SegmentStore(settings.UPLOAD_DIR, settings.SEGMENT_EXPIRY)
         self.retention = Retention(settings, self.store, self.segments)
-        self.worker = DeployWorker(settings, self.store, self.retention)
+        self.worker = DeployWorker(settings, self.store, self.retention,
+                                   rollback=self.roll_back)
         self.notifier = Notifier(settings, self.store, self.worker.environment,
                                  self.worker.scripts_user)
         self.started = time.time()
 
     def tell_the_end(self, record):
-        """The store's after_final: notify.sh and NOTIFY_URL, on a thread."""
+        """The store's after_final: notify.sh and NOTIFY_URL, on a thread.
+        A 'reverted' one whose rollback is not yet recorded (stopped in
+        verify) is told by finish_rollbacks, with its rollback's ID."""
+        if record.state == "reverted" and "rollback" not in record.others:
+            return
         self.notifier.deployment_ended(record)
 
     def load(self, kill_grace):
         """Read UPLOAD_DIR at a start: deployments and their queue
-        (DeploymentStore.load), then the segments.  Returns the number of
-        deployments."""
+        (DeploymentStore.load), then the segments; then queue the rollbacks
+        of releases stopped in verify.  Returns the number of deployments."""
         count = self.store.load(kill_grace)
         if self.oidc:
             self.oidc.trust.rules()  # read now: its warnings come at the start
         self.segments.load(self.store)
+        self.finish_rollbacks()
         return count
+
+    # --- verify's rollback (issue 25)
+
+    # Who an automatic rollback is made by: ipd itself, as an ADMIN could
+    # (a signed project's older release included: it was live and ok).
+    ROLLBACK_USER = User("ipd", "ADMIN", None)
+
+    def roll_back(self, reverted, why):
+        """Queue a redeploy of the last deployment of reverted's project
+        that ended ok (the worker's rollback, after a failed verify): as
+        POST /redeploy does, audited as 'rollback' with why.  Never of a
+        rollback (no loops), nor over a newer upload that waits (it wins).
+        -> (the rollback's record or None, a line saying what was done)."""
+        if reverted.others.get("rollback_of"):
+            return None, ("it is itself the rollback of %s: not rolled back "
+                          "again" % reverted.others["rollback_of"])
+        earlier = self.store.last_ok(reverted.project, reverted.seq)
+        if earlier is None:
+            audit_event("rollback", project=reverted.project, reverted=reverted.id,
+                        deployment=None, redeploy_of=None, reason=why)
+            return None, ("nothing to roll back to: no earlier deployment of %s "
+                          "that ended ok keeps its files" % reverted.project)
+        try:
+            rollback = self.redeploy(earlier, self.ROLLBACK_USER, None,
+                                     rollback_of=reverted.id, reason=why)
+        except Conflict as error:
+            return None, "no rollback: %s and runs instead" % error
+        except (IpdError, OSError) as error:
+            log.warning("rollback of %s to %s failed: %s", reverted.id,
+                        earlier.id, error)
+            return None, "cannot roll back to %s: %s" % (earlier.id, error)
+        return rollback, "rolled back: deployment %s redeploys %s" % (
+            rollback.id, earlier.id)
+
+    def finish_rollbacks(self):
+        """At a start: for each release reverted because ipd stopped while
+        it was in verify, queue its rollback (unless it was committed just
+        before the stop), record it, say so in its log, and tell its end."""
+        for reverted, made in self.store.rollbacks_unrecorded():
+            why = "ipd stopped while control.sh verify ran: it was never judged"
+            if made is None:
+                made, done = self.roll_back(reverted, why)
+            else:
+                done = "rolled back: deployment %s redeploys %s" % (
+                    made.id, made.others.get("redeploy_of"))
+            try:
+                with open(self.store.path(reverted, ".log"), "ab") as file:
+                    file.write(("\nipd: reverted: %s; %s\n" % (why, done)).encode())
+            except OSError as error:
+                log.warning("cannot write to the log of %s: %s", reverted.id, error)
+            log.warning("deployment %s of %s reverted: %s; %s", reverted.id,
+                        reverted.project, why, done)
+            self.notifier.deployment_ended(self.store.update(
+                reverted.id, rollback=made.id if made else None))
 
     def statistics(self):
         """Deployments, states, queue, running, durations, uploads and
@@ -6038,9 +6209,12 @@ class Daemon:
         cancelled is logged and audited before its state can say so)."""
         return self.store.cancel(record.id, user.name, address)
 
-    def redeploy(self, earlier, user, address):
+    def redeploy(self, earlier, user, address, rollback_of=None, reason=None):
         """A new deployment from the kept files of an earlier one: the
-        rollback.  Raises Gone when they were pruned."""
+        rollback.  Raises Gone when they were pruned.  rollback_of: the
+        reverted deployment this one undoes (verify's rollback, audited
+        as 'rollback' with reason); it yields to a waiting deployment of
+        the project (Conflict)."""
         if earlier.pruned or not earlier.files:
             raise Gone("the files of deployment %s were pruned "
                        "(KEEP_DEPLOYMENTS): upload them again" % earlier.id)
@@ -6072,6 +6246,12 @@ class Daemon:
                 raise
             raise disk_errors(error)
 
+        if rollback_of:
+            return self.deploy_upload(earlier.project, upload, user, "rollback",
+                                      {"redeploy_of": earlier.id, "reverted": rollback_of,
+                                       "reason": reason}, yield_to_waiting=True,
+                                      redeploy_of=earlier.id, signer=earlier.signer,
+                                      rollback_of=rollback_of)
         return self.deploy_upload(earlier.project, upload, user, "redeploy",
                                   dict({"redeploy_of": earlier.id, "address": address},
                                        **oidc_fields(user)),
@@ -6135,11 +6315,12 @@ class Daemon:
         return record, True
 
     def deploy_upload(self, project, upload, user, event, fields, received=0,
-                      **extra):
+                      yield_to_waiting=False, **extra):
         """Unpack the package, find control.sh, and commit the deployment:
-        audited as event ('upload' or 'redeploy', with fields and who, which
-        deployment and its files) and counted (received bytes, an upload)
-        as it shows (DeploymentStore.commit); extra: its record's fields.
+        audited as event ('upload', 'redeploy', 'rollback': fields, who,
+        which deployment, its files) and counted (received bytes, an
+        upload) as it shows (DeploymentStore.commit; yield_to_waiting for
+        a rollback); extra: its record's fields.
 
         Returns its record; on any error nothing of the upload is left.
         """
@@ -6163,7 +6344,8 @@ class Daemon:
             fields = dict(fields, project=project, deployment=record.id,
                           user=user.name, files=record.files)
             record = self.store.commit(record, staging, moves, (event, fields),
-                                       deployment_message(record, event), received)
+                                       deployment_message(record, event), received,
+                                       yield_to_waiting)
         except BaseException as error:
             if record is not None:
                 self.segments.forget(record.id)
@@ -6212,6 +6394,7 @@ PAGE_STYLE = (
     ".badge{display:inline-block;padding:0 .55em;border-radius:.7em;color:#fff;"
     "background:#6b6b6b}.ok{background:#2a7d2e}.active,.await{background:#1f5fa8}"
     ".failed{background:#b3261e}code{font-size:.85em;word-break:break-all}"
+    ".reverted{background:#a14a00}"
     "pre{background:#111;color:#eee;padding:.8em;white-space:pre-wrap;"
     "word-break:break-all;min-height:3em}form{display:inline}"
     "button{font:inherit;padding:.15em .8em;margin-right:.4em}"
@@ -6275,7 +6458,7 @@ def oidc_by(record):
 
 
 def state_badge(state):
-    kind = (state if state in ("ok", "active", "await") else
+    kind = (state if state in ("ok", "active", "await", "reverted") else
             "neutral" if state in ("changed", "cancelled") else "failed")
     return '<span class="badge %s">%s</span>' % (kind, html.escape(state))
 
@@ -7823,11 +8006,13 @@ def serve(settings, verbose=False, on_ready=None):
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NETWORK = 0, 1, 2, 3
 EXIT_FOR_STATUS = {401: 4, 403: 5, 413: 6, 507: 7}
 EXIT_HTTP, EXIT_TIMEOUT = 8, 9
+EXIT_REVERTED = 10  # its verify failed and it was rolled back (issue 25)
 EXIT_STATUS_HELP = (
     "exit status of the client commands: 0 ok; 1 the deployment ended in "
     "another state; 2 usage; 3 network error; 4 wrong login (401); 5 "
     "forbidden (403); 6 too large (413); 7 disk full (507); 8 another HTTP "
-    "error; 9 --timeout passed")
+    "error; 9 --timeout passed; 10 the deployment was reverted (its verify "
+    "failed)")
 
 
 class ClientError(Exception):
@@ -8728,12 +8913,15 @@ def client_from_args(args):
 
 
 def wait_for_result(client, project, deployment, timeout):
-    """Follow the log to the end; exit status 0 for ok, 1 otherwise."""
+    """Follow the log to the end; exit status 0 for ok, 10 for reverted
+    (undone by its verify), 1 otherwise."""
     deadline = time.monotonic() + timeout if timeout else None
     out = getattr(sys.stdout, "buffer", sys.stdout)
     state = client.follow(project, deployment, out, deadline)
     print("ipd: deployment %s of %s: %s" % (deployment, project, state),
           file=sys.stderr)
+    if state == "reverted":
+        return EXIT_REVERTED
     return EXIT_OK if state == "ok" else EXIT_FAILED
 
 

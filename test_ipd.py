@@ -1514,6 +1514,334 @@ class QueueTests(DaemonTestCase):
         self.assertLess(time.monotonic() - started, 5)
 
 
+class VerifyTests(DaemonTestCase):
+    """Issue 25: control.sh verify after deploy, 'reverted' and the rollback
+    to the project's last ok deployment, with scripted control.sh."""
+
+    settings = {"VERIFY_SECONDS": "1", "MAX_PARALLEL": "1"}
+
+    def setUp(self):
+        super().setUp()
+        self.runs = os.path.join(self.tmp, "runs")
+
+    def version(self, verify='exit 1', name="v"):
+        """A package whose control.sh records each step it runs ($DEPLOY,
+        the step, VERIFY_SECONDS) and whose verify runs the shell verify."""
+        return control_script('echo "$DEPLOY $1 %s ${VERIFY_SECONDS:-unset}" >> %s\n'
+                              'if [ "$1" = verify ]; then %s; fi\nexit 1\n'
+                              % (name, self.runs, verify))
+
+    def push(self, package, project="app"):
+        status, _, body = self.daemon.upload(project, package)
+        self.assertEqual(status, 202, body)
+        return body.strip()
+
+    def record(self, deployment, project="app"):
+        return self.daemon.get_json("/status/%s/%s" % (project, deployment))[1]
+
+    def history(self, project="app"):
+        """The project's deployments, oldest first, from their state files."""
+        folder = os.path.join(self.daemon.upload_dir, project, "deployments")
+        records = [json.loads(read_text(os.path.join(folder, name)))
+                   for name in os.listdir(folder) if name.endswith(".json")]
+        return [{"deployment": r["id"], "state": r["state"]}
+                for r in sorted(records, key=lambda r: r["seq"])]
+
+    def audit(self, event):
+        return [json.loads(line) for line in read_text(os.path.join(
+            self.tmp, "audit.log")).splitlines() if '"event": "%s"' % event in line]
+
+    def test_verify_runs_after_deploy_and_a_release_that_holds_is_ok(self):
+        first = self.push(self.version())
+        self.assertEqual(self.daemon.wait_state("app", first), "ok")
+        steps = [step["step"] for step in self.record(first)["steps"]]
+        self.assertEqual(steps, ["check", "deploy", "verify"])
+        self.assertIn("%s verify v 1" % first, read_text(self.runs))
+        self.assertIn("%s deploy v unset" % first, read_text(self.runs))
+        self.assertEqual(ipd.parse_setting("window", "0"), 0)
+        for bad in ("-1", "1.5", "86401", "x"):
+            with self.assertRaises(ValueError):
+                ipd.parse_setting("window", bad)
+
+    def test_project_conf_turns_verify_on_for_one_project(self):
+        self.daemon.stop()
+        daemon = self.daemon = self.start_daemon({"VERIFY_SECONDS": "0"})
+        folder = os.path.join(daemon.upload_dir, "watched")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "project.conf"), "w") as file:
+            file.write("VERIFY_SECONDS=2\n")
+        # An old control.sh answers an unknown step with an error: no verify
+        old = daemon.deploy('[ "$1" = verify ] && exit 2; exit 1', project="plain")
+        self.assertEqual(daemon.wait_state("plain", old), "ok")
+        watched = self.push(self.version(), project="watched")
+        self.assertEqual(daemon.wait_state("watched", watched), "ok")
+        self.assertIn("%s verify v 2" % watched, read_text(self.runs))
+
+    def test_failed_verify_reverts_and_rolls_back_to_the_last_ok(self):
+        listener = Listener()
+        self.addCleanup(listener.close)
+        self.daemon.stop()
+        self.daemon = self.start_daemon(dict(self.settings, NOTIFY_URL=listener.url))
+        project_dir = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(project_dir)
+        calls = os.path.join(self.tmp, "calls")
+        with open(os.path.join(project_dir, "notify.sh"), "w") as file:
+            file.write('#!/bin/sh\necho "$DEPLOY $STATE ${ROLLBACK:-none}" >> %s\n' % calls)
+        os.chmod(os.path.join(project_dir, "notify.sh"), 0o755)
+        good = self.push(self.version(name="good"))
+        self.assertEqual(self.daemon.wait_state("app", good), "ok")
+        plain = self.daemon.deploy(OK_SCRIPT)  # the last ok one: rolled back to
+        self.assertEqual(self.daemon.wait_state("app", plain), "ok")
+        broken = self.push(self.version('echo "5xx share too high"; exit 7', "bad"))
+        self.assertEqual(self.daemon.wait_state("app", broken), "reverted")
+        record = self.record(broken)
+        rollback = record["rollback"]
+        self.assertEqual(record["steps"][-1]["step"], "verify")
+        self.assertEqual(record["steps"][-1]["code"], 7)
+        self.assertIn("5xx share too high", self.daemon.log("app", broken))
+        self.assertIn("ipd: reverted: control.sh verify exited 7; rolled back: "
+                      "deployment %s redeploys %s" % (rollback, plain),
+                      self.daemon.log("app", broken))
+        self.assertEqual(self.daemon.wait_state("app", rollback), "ok")
+        again = self.record(rollback)
+        self.assertEqual(again["rollback_of"], broken)
+        self.assertEqual(again["user"], "ipd")
+        self.assertIn("step verify", self.daemon.log("app", rollback))
+        events = self.audit("rollback")
+        self.assertEqual([(e["deployment"], e["reverted"], e["redeploy_of"]) for e in events],
+                         [(rollback, broken, plain)])
+        self.assertEqual(events[0]["reason"], "control.sh verify exited 7")
+        wait_until(lambda: len(read_text(calls).splitlines()) >= 4, message="notify.sh")
+        self.assertIn("%s reverted %s" % (broken, rollback), read_text(calls).splitlines())
+        self.assertIn("%s ok none" % rollback, read_text(calls).splitlines())
+        wait_until(lambda: len(listener.received) >= 4, message="NOTIFY_URL")
+        told = {e["deployment"]: e for e in listener.received}
+        self.assertEqual((told[broken]["state"], told[broken]["rollback"]),
+                         ("reverted", rollback))
+        self.assertEqual(told[rollback]["rollback_of"], broken)
+        page = self.daemon.get("/ui/app")[2]
+        self.assertIn('<span class="badge reverted">reverted</span>', page)
+
+    def test_a_verify_over_its_time_limit_is_reverted(self):
+        self.daemon.stop()
+        daemon = self.daemon = self.start_daemon({"VERIFY_SECONDS": "1",
+                                                  "STEP_TIMEOUT": "1"})
+        # the window and a step's time: 1.5 s of verify is within its limit
+        slow = self.push(self.version("sleep 1.5; exit 1"))
+        self.assertEqual(daemon.wait_state("app", slow), "ok")
+        hung = self.push(self.version("sleep 60"))
+        self.assertEqual(daemon.wait_state("app", hung), "reverted")
+        record = self.record(hung)
+        self.assertGreaterEqual(record["steps"][-1]["seconds"], 2)
+        self.assertLess(record["steps"][-1]["seconds"], 10)
+        self.assertIn("control.sh verify ran over its time limit",
+                      daemon.log("app", hung))
+        self.assertEqual(daemon.wait_state("app", record["rollback"]), "ok")
+
+    def test_with_no_earlier_ok_deployment_nothing_is_rolled_back(self):
+        failing = self.daemon.deploy("exit 4", project="app")
+        self.assertEqual(self.daemon.wait_state("app", failing), "4")
+        first = self.push(self.version("exit 3"))
+        self.assertEqual(self.daemon.wait_state("app", first), "reverted")
+        self.assertIsNone(self.record(first)["rollback"])
+        self.assertIn("nothing to roll back to: no earlier deployment of app that "
+                      "ended ok keeps its files", self.daemon.log("app", first))
+        self.assertEqual(len(self.history()), 2)
+        events = self.audit("rollback")
+        self.assertEqual([(e["reverted"], e["deployment"]) for e in events],
+                         [(first, None)])
+
+    def test_the_rollback_of_a_rollback_never_happens(self):
+        broken = os.path.join(self.tmp, "broken")
+        good = self.push(self.version('[ -e %s ] && exit 0' % broken, "good"))
+        self.assertEqual(self.daemon.wait_state("app", good), "ok")
+        open(broken, "w").close()  # from now on even the good one fails
+        bad = self.push(self.version("exit 0", "bad"))
+        self.assertEqual(self.daemon.wait_state("app", bad), "reverted")
+        rollback = self.record(bad)["rollback"]
+        self.assertEqual(self.daemon.wait_state("app", rollback), "reverted")
+        self.assertIsNone(self.record(rollback)["rollback"])
+        self.assertIn("it is itself the rollback of %s: not rolled back again" % bad,
+                      self.daemon.log("app", rollback))
+        time.sleep(1)
+        self.assertEqual([d["deployment"] for d in self.history()], [good, bad, rollback])
+
+    def gate(self, name):
+        path = os.path.join(self.tmp, "gate-" + name)
+        return path, "while [ ! -e %s ]; do sleep 0.02; done" % path
+
+    def test_an_upload_waiting_during_verify_wins_over_the_rollback(self):
+        good = self.push(self.version())
+        self.daemon.wait_state("app", good)
+        gate, wait = self.gate("verify")
+        bad = self.push(self.version(wait + "; exit 0", "bad"))
+        wait_until(lambda: " verify bad" in read_text(self.runs), message="verify")
+        newer = self.push(self.version(name="newer"))
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", bad), "reverted")
+        self.assertIsNone(self.record(bad)["rollback"])
+        self.assertIn("no rollback: deployment %s waits: it is newer and runs instead"
+                      % newer, self.daemon.log("app", bad))
+        self.assertEqual(self.daemon.wait_state("app", newer), "ok")
+        self.assertEqual(len(self.history()), 3)
+
+    def test_a_newer_upload_supersedes_the_waiting_rollback(self):
+        good = self.push(self.version())
+        self.daemon.wait_state("app", good)
+        gate, wait = self.gate("verify")
+        bad = self.push(self.version(wait + "; exit 0", "bad"))
+        wait_until(lambda: " verify bad" in read_text(self.runs), message="verify")
+        # MAX_PARALLEL=1: another project's deployment, older than the
+        # rollback, runs first and holds the rollback in the queue
+        other_gate, other_wait = self.gate("other")
+        other = self.daemon.deploy(other_wait + "\nexit 1", project="other")
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", bad), "reverted")
+        rollback = self.record(bad)["rollback"]
+        self.assertEqual(self.daemon.wait_state("other", other, ["active"]), "active")
+        self.assertEqual(self.daemon.state("app", rollback), "await")
+        newer = self.push(self.version(name="newer"))
+        self.assertEqual(self.daemon.state("app", rollback), "changed")
+        open(other_gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", newer), "ok")
+        self.assertEqual(self.record(rollback)["state"], "changed")
+        self.assertNotIn("%s check" % rollback, read_text(self.runs))
+
+    def test_kill_9_during_verify_then_restart_reverts_and_rolls_back(self):
+        calls = os.path.join(self.tmp, "calls")
+        project_dir = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(project_dir)
+        with open(os.path.join(project_dir, "notify.sh"), "w") as file:
+            file.write('#!/bin/sh\necho "$DEPLOY $STATE ${ROLLBACK:-none}" >> %s\n' % calls)
+        os.chmod(os.path.join(project_dir, "notify.sh"), 0o755)
+        good = self.push(self.version(name="good"))
+        self.daemon.wait_state("app", good)
+        pid_file = os.path.join(self.tmp, "verify.pid")
+        judged = self.push(self.version("echo $$ > %s; sleep 300" % pid_file, "judged"))
+        self.wait_for_file(pid_file)
+        wait_until(lambda: read_text(pid_file).strip(), message="pid")
+        self.daemon.kill()
+        orphan = int(read_text(pid_file))
+        self.assertTrue(process_running(orphan))
+        self.daemon.start()
+        self.assertFalse(process_running(orphan), "verify outlived the restart")
+        self.assertEqual(self.daemon.state("app", judged), "reverted")
+        rollback = self.record(judged)["rollback"]
+        self.assertEqual(self.record(rollback)["rollback_of"], judged)
+        self.assertEqual(self.daemon.wait_state("app", rollback), "ok")
+        self.assertIn("ipd: reverted: ipd stopped while control.sh verify ran: it was "
+                      "never judged; rolled back: deployment %s redeploys %s"
+                      % (rollback, good), self.daemon.log("app", judged))
+        wait_until(lambda: "%s reverted %s" % (judged, rollback) in read_text(calls),
+                   message="notify.sh told of the revert with its rollback")
+        self.assertEqual(read_text(calls).count("%s reverted" % judged), 1)
+        self.daemon.restart()  # judged once: a second start changes nothing
+        self.assertEqual(self.record(judged)["rollback"], rollback)
+        self.assertEqual(len(self.history()), 3)
+
+    def test_a_rollback_committed_just_before_a_kill_is_not_queued_twice(self):
+        good = self.push(self.version(name="good"))
+        self.daemon.wait_state("app", good)
+        _, wait = self.gate("never")
+        judged = self.push(self.version(wait + "; exit 0", "judged"))
+        wait_until(lambda: " verify judged" in read_text(self.runs), message="verify")
+        self.daemon.kill()
+        path = os.path.join(self.daemon.upload_dir, "app", "deployments", judged + ".json")
+        self.assertIn("verify_started", json.loads(read_text(path)))
+        self.daemon.start()
+        rollback = self.record(judged)["rollback"]
+        self.daemon.stop()
+        # A kill -9 after the worker committed the rollback and before it
+        # wrote 'reverted' leaves both on disk: the judged one as running.
+        data = json.loads(read_text(path))
+        data.update(state="active", ended=None)
+        del data["rollback"]
+        with open(path, "w") as file:
+            json.dump(data, file)
+        os.remove(os.path.join(self.daemon.upload_dir, "app", "deployments", "index.cache"))
+        self.daemon.start()
+        self.assertEqual(self.daemon.state("app", judged), "reverted")
+        self.assertEqual(self.record(judged)["rollback"], rollback)
+        self.assertEqual(len(self.history()), 3)
+
+    def test_a_stop_during_verify_reverts_and_the_rollback_runs_after(self):
+        self.daemon.stop()
+        self.daemon = self.start_daemon({"VERIFY_SECONDS": "1", "SHUTDOWN_GRACE": "0.5"})
+        good = self.push(self.version(name="good"))
+        self.daemon.wait_state("app", good)
+        judged = self.push(self.version("sleep 300", "judged"))
+        wait_until(lambda: " verify judged" in read_text(self.runs), message="verify")
+        self.assertEqual(self.daemon.stop(), 0)
+        path = os.path.join(self.daemon.upload_dir, "app", "deployments", judged)
+        record = json.loads(read_text(path + ".json"))
+        self.assertEqual(record["state"], "reverted")  # at the stop itself
+        self.assertIn("control.sh verify was stopped with ipd", read_text(path + ".log"))
+        self.daemon.start()
+        self.assertEqual(self.daemon.wait_state("app", record["rollback"]), "ok")
+
+    def test_a_cancel_during_verify_keeps_what_is_live(self):
+        good = self.push(self.version())
+        self.daemon.wait_state("app", good)
+        watched = self.push(self.version("sleep 300", "watched"))
+        wait_until(lambda: " verify watched" in read_text(self.runs), message="verify")
+        status, _, body = self.daemon.request("POST", "/cancel/app/%s" % watched)
+        self.assertEqual((status, body.strip()), (200, "cancelled"))
+        self.assertEqual(self.daemon.wait_state("app", watched), "cancelled")
+        self.assertNotIn("rollback", self.record(watched))
+        time.sleep(0.5)
+        self.assertEqual(len(self.history()), 2)
+
+    def test_a_kill_after_verify_held_is_no_revert(self):
+        held = self.push(self.version())
+        self.assertEqual(self.daemon.wait_state("app", held), "ok")
+        self.daemon.stop()
+        # A kill -9 after verify held and before 'ok' was written: the
+        # release was judged, so the restart makes it 'interrupted' only.
+        folder = os.path.join(self.daemon.upload_dir, "app", "deployments")
+        data = json.loads(read_text(os.path.join(folder, held + ".json")))
+        self.assertTrue(data["verified"])
+        data.update(state="active", ended=None)
+        with open(os.path.join(folder, held + ".json"), "w") as file:
+            json.dump(data, file)
+        ipd.remove_quietly(os.path.join(folder, "index.cache"))  # it vouches no more
+        self.daemon.start()
+        self.assertEqual(self.daemon.state("app", held), "interrupted")
+        self.assertEqual(len(self.history()), 1)
+
+    def test_wait_and_push_wait_answer_once_verify_ended(self):
+        good = self.push(self.version())
+        self.daemon.wait_state("app", good)
+        bad = self.push(self.version("sleep 1; exit 0", "bad"))
+        started = time.monotonic()
+        status, _, body = self.daemon.get("/status/app/%s?wait=30" % bad)
+        self.assertEqual((status, body), (200, "reverted\n"))
+        self.assertGreaterEqual(time.monotonic() - started, 1)
+        package = os.path.join(self.tmp, "bad.tgz")
+        with open(package, "wb") as file:
+            file.write(self.version("sleep 1; exit 0", "pushed"))
+        environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port,
+                       IPD_USER="admin", IPD_PASSWORD="admin-pw", HOME=self.tmp)
+        result = subprocess.run(IPD_RUN + ["push", "--project", "app", "--package",
+                                           package, "--wait", "--timeout", "60"],
+                                env=ipd_environ(environ), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(result.returncode, ipd.EXIT_REVERTED, result.stderr)
+        self.assertEqual(ipd.EXIT_REVERTED, 10)
+        for text in (" ".join(run_ipd("push", "--help").stdout.split()), " ".join(
+                read_text(os.path.join(HERE, "README.md")).replace("`", "").split())):
+            self.assertIn("10 the deployment was reverted (its verify failed", text)
+        self.assertIn(b": reverted", result.stderr)
+        self.assertIn(b"ipd: reverted: control.sh verify exited 0", result.stdout)
+        good_again = os.path.join(self.tmp, "good.tgz")
+        with open(good_again, "wb") as file:
+            file.write(self.version())
+        result = subprocess.run(IPD_RUN + ["push", "--project", "app", "--package",
+                                           good_again, "--wait"],
+                                env=ipd_environ(environ), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+
 class RestartTests(DaemonTestCase):
     settings = {"MAX_PARALLEL": "1"}
 
@@ -5518,9 +5846,11 @@ class Nginx:
 
 
 def busybox_image(tag, folder, version, healthy=True,
-                  command=("/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www")):
+                  command=("/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"),
+                  extra=()):
     """Build an image from a busybox root file system (no image can be
-    pulled here), docker save it as a user's CI would; return the tar."""
+    pulled here), with extra files ((name, bytes, mode)...), docker save it
+    as a user's CI would; return the tar."""
     rootfs = io.BytesIO()
     with tarfile.open(fileobj=rootfs, mode="w") as tar:
         tar.add(os.path.realpath(shutil.which("busybox")), "bin/busybox")
@@ -5534,6 +5864,10 @@ def busybox_image(tag, folder, version, healthy=True,
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, data, mode in extra:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
             tar.addfile(info, io.BytesIO(data))
     docker("import", "--change", "CMD " + json.dumps(list(command)),
            "-", tag, stdin=rootfs.getvalue())
@@ -6095,6 +6429,118 @@ class DockerOperatorTests(DockerExampleTests):
         self.assertTrue(port.startswith("127.0.0.1:"), port)
         self.assertEqual(self.proxy_config(), config)
         self.assertEqual(len(self.deployments), 1)
+
+
+class DockerVerifyTests(DockerExampleTests):
+    """Issue 25: examples/docker/control.sh verify behind a real nginx, and
+    ipd's rollback: a release that breaks after the switch undoes itself."""
+
+    test_v1_then_v2_without_a_failed_request_then_broken_v3 = None  # run once, above
+
+    WINDOW = 20  # VERIFY_SECONDS
+    HEALTH_TIMEOUT = 8  # the example's health-check time (DockerExampleTests)
+
+    def verify_on(self):
+        """VERIFY_SECONDS for this project only, as an administrator sets it."""
+        path = os.path.join(self.daemon.upload_dir, self.project, "project.conf")
+        with open(path, "w") as file:
+            file.write("VERIFY_SECONDS=%d\n" % self.WINDOW)
+        os.chmod(path, 0o644)
+
+    def record(self, deployment):
+        return self.daemon.get_json("/status/%s/%s" % (self.project, deployment))[1]
+
+    def crashing_image(self, version):
+        """Healthy at first; its server exits 5 s after the start (the
+        restart policy brings it back: a crash loop)."""
+        return busybox_image("ipd-test-%s:%s" % (self.project, version), self.tmp,
+                             version, command=("/bin/sh", "-c", "/bin/busybox httpd -p "
+                                               "8080 -h /www; sleep 5; exit 1"))
+
+    def failing_image(self, version):
+        """The health path answers 200, / a 500 (a CGI, served from a
+        folder of its own: no index.html)."""
+        cgi = (b'#!/bin/sh\nprintf "HTTP/1.0 500 Internal Server Error\\r\\n'
+               b'Content-Type: text/plain\\r\\n\\r\\nbroken\\n"\n')
+        return busybox_image("ipd-test-%s:%s" % (self.project, version), self.tmp,
+                             version, extra=[("broken/cgi-bin/index.cgi", cgi, 0o755),
+                                             ("broken/health", b"ok\n", 0o644)],
+                             command=("/bin/busybox", "httpd", "-f", "-p", "8080",
+                                      "-h", "/broken"))
+
+    def test_a_crash_loop_and_5xx_after_the_switch_are_rolled_back(self):
+        v1, v2 = self.image("v1"), self.crashing_image("v2")
+        v3, v4 = self.image("v3"), self.failing_image("v4")
+        self.deploy(v1)  # before VERIFY_SECONDS: ok at once
+        self.verify_on()
+        with RequestLoop(self.app) as loop:
+            log = self.deploy(v2, expect="reverted")
+            self.assertIn("restarted or stopped", log)
+            reverted = self.deployments[-1]
+            rollback = self.record(reverted)["rollback"]
+            self.assertIn("rolled back: deployment %s redeploys %s"
+                          % (rollback, self.deployments[0]), log)
+            # v1 serves again, and the test asked nothing of ipd for it
+            v2_served = loop.wait_for((200, "v2"), 0)
+            wait_until(loop.failures, message="v2's crash seen through nginx")
+            loop.wait_for((200, "v1"), loop.failures()[0][0], timeout=60)
+            time.sleep(1)
+        # the switch back: where the answers became v1 and stayed so
+        back = [when for when, answer in loop.answers if answer != (200, "v1")][-1]
+        switched = min(when for when, answer in loop.answers if when > back)
+        failures = loop.failures()
+        first, last = failures[0][0], failures[-1][0]
+        report("verify: v2 crashed and failed requests through nginx for %.1f s "
+               "(%d failed) until the rollback's switch to v1 (window %d s + "
+               "health check %d s)" % (switched - first, len(failures), self.WINDOW,
+                                       self.HEALTH_TIMEOUT))
+        self.assertGreater(first, v2_served)  # none while v2 was switched in
+        self.assertLess(last, switched)       # none after v1 was back
+        self.assertLess(switched - first, self.WINDOW + self.HEALTH_TIMEOUT)
+        self.assertEqual(self.daemon.wait_state(self.project, rollback, timeout=120), "ok")
+        self.assertEqual(self.record(rollback)["rollback_of"], reverted)
+
+        self.deploy(v3)  # healthy: ok once the window passed
+        verify = self.record(self.deployments[-1])["steps"][-1]
+        self.assertEqual(verify["step"], "verify")
+        self.assertGreaterEqual(verify["seconds"], self.WINDOW)  # the whole window
+        self.assertEqual(self.app(), (200, "v3"))
+
+        with RequestLoop(self.app) as loop:
+            started = time.monotonic()
+            log = self.deploy(v4, expect="reverted")
+            self.assertIn("answers were 5xx", log)
+            rollback = self.record(self.deployments[-1])["rollback"]
+            back = loop.wait_for((200, "v3"), started + 1, timeout=60)
+        self.assertLess(back - started, self.WINDOW + self.HEALTH_TIMEOUT + 10)
+        self.assertEqual(self.daemon.wait_state(self.project, rollback, timeout=120), "ok")
+        self.assertEqual(self.app(), (200, "v3"))
+
+
+class SwarmVerifyTests(SwarmExampleTests):
+    """Issue 25: examples/swarm/control.sh verify per slot: a task the swarm
+    has to replace after the switch (a crash loop) is rolled back."""
+
+    test_v1_v2_then_broken_v3_rolled_back = None  # run once, above
+
+    def test_a_crashing_slot_is_rolled_back(self):
+        v1 = self.image("v1")
+        v2 = busybox_image("ipd-test-%s:v2" % self.project, self.tmp, "v2",
+                           command=("/bin/sh", "-c", "/bin/busybox httpd -p 8080 "
+                                    "-h /www; sleep 5; exit 1"))
+        self.deploy(v1)
+        path = os.path.join(self.daemon.upload_dir, self.project, "project.conf")
+        with open(path, "w") as file:
+            file.write("VERIFY_SECONDS=15\n")
+        log = self.deploy(v2, expect="reverted")
+        self.assertIn("a task was replaced or stopped", log)
+        record = self.daemon.get_json("/status/%s/%s" % (self.project,
+                                                         self.deployments[-1]))[1]
+        self.assertEqual(record["steps"][-1]["code"], 12)
+        rollback = record["rollback"]
+        self.assertEqual(self.daemon.wait_state(self.project, rollback, timeout=180), "ok")
+        self.assertIn("held for 15s", self.daemon.log(self.project, rollback))
+        self.assertEqual(self.app(), (200, "v1"))
 
 
 class PathUnit:
