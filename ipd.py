@@ -8126,6 +8126,24 @@ def network_error(url, error):
     return ClientError("cannot reach %s: %s" % (url, error), EXIT_NETWORK)
 
 
+def timed_out(what):
+    """The ClientError (exit 9) of a wait for what that passed its --timeout."""
+    return ClientError("timed out waiting for %s" % what, EXIT_TIMEOUT)
+
+
+def read_by(connection, response, deadline, what):
+    """The next bytes of response, or b"" at its end; raises timed_out at
+    the deadline (None: none) however steadily the server keeps sending:
+    each read may block only for the time that is left."""
+    if deadline is not None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise timed_out(what)
+        if connection.sock is not None:
+            connection.sock.settimeout(min(remaining, 3600))
+    return response.read1(65536)
+
+
 def human_size(count):
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
@@ -8195,6 +8213,34 @@ class Client:
             raise http_error(status, text)
         return text
 
+    def request_by(self, path, deadline, what):
+        """GET path, answered whole by the deadline (time.monotonic()):
+        -> parsed JSON.  Raises timed_out(what) past the deadline, and
+        ClientError for network and HTTP errors, as request does."""
+        remaining = max(deadline - time.monotonic(), 0.001)
+        try:
+            connection = self.connection(remaining)
+            try:
+                connection.request("GET", self.root + path, headers=self.headers())
+                response = connection.getresponse()
+                body = b""
+                while True:
+                    data = read_by(connection, response, deadline, what)
+                    if not data:
+                        break
+                    body += data
+            finally:
+                connection.close()
+        except socket.timeout:
+            raise timed_out(what)
+        except (OSError, http.client.HTTPException) as error:
+            raise network_error(self.url, error)
+        data = parse_json(body)
+        if response.status >= 400 and not (response.status == 404
+                                           and data.get("state") == "no"):
+            raise http_error(response.status, data.get("error") or body)
+        return data
+
     def follow(self, project, deployment, out, deadline=None):
         """Print the deployment's log as it is written; return its final
         state.  A broken stream (a proxy's read timeout) is resumed where
@@ -8218,7 +8264,8 @@ class Client:
                     raise http_error(response.status, response.read())
                 pending, final = b"", None
                 while True:
-                    data = response.read1(65536)
+                    data = read_by(connection, response, deadline,
+                                   "deployment %s" % deployment)
                     if not data:
                         break
                     pending += data
@@ -8247,7 +8294,8 @@ class Client:
             failures = 0 if offset > progress else failures + 1
             if failures >= FOLLOW_RETRIES:
                 raise network_error(self.url, problem)
-            time.sleep(1)  # then resumed from offset
+            time.sleep(1 if deadline is None else  # then resumed from offset
+                       max(0, min(1, deadline - time.monotonic())))
 
     def push(self, project, files, progress=None, signed=None):
         """Upload files ({field: path}) for project; return the new
@@ -8734,7 +8782,10 @@ def cmd_status(args):
                                           if args.deployment else "")
     if args.wait:
         path += "?wait=%g" % args.wait
-    _, data = client.request("GET", path, timeout=(args.wait or 0) + 60)
+    # --timeout bounds the whole answer; without it, a minute past --wait
+    deadline = time.monotonic() + (args.timeout or (args.wait or 0) + 60)
+    data = client.request_by(path, deadline, "deployment %s" % (
+        args.deployment or "of " + args.project))
     print(data.get("state"))
     return EXIT_OK if data.get("state") in ("ok", "await", "active") else EXIT_FAILED
 
@@ -8824,6 +8875,9 @@ def add_client_commands(commands):
                         "(default: the latest)")
     status.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                         help="answer when it ends, or after SECONDS")
+    status.add_argument("--timeout", type=float, default=0, help="give up "
+                        "after this many seconds (exit 9; default: --wait "
+                        "plus 60)")
     status.set_defaults(func=cmd_status)
     logs = commands.add_parser("logs", parents=[common], help="what control.sh "
                                "printed", description="Print what control.sh "

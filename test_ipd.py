@@ -6896,6 +6896,44 @@ class CommandLineIssue15Tests(unittest.TestCase):
         self.assertEqual((ipd.EXIT_NETWORK, ipd.EXIT_TIMEOUT), (3, 9))
 
 
+class ClientTimeoutTests(DaemonTestCase):
+    """Issue #27: --timeout bounds a client's whole wait (push --wait, logs
+    -f, status --wait), whatever the server keeps sending."""
+
+    client = ClientTests.client
+    write = ClientTests.write
+    # deploy prints a line every 0.2 s for 60 s: a stream that never stalls
+    CHATTY = ('[ "$1" = deploy ] || exit 1\n'
+              'n=0; while [ $n -lt 300 ]; do echo "line $n"; sleep 0.2; '
+              'n=$((n+1)); done\nexit 1\n')
+
+    def assert_timed_out(self, result, started, limit):
+        elapsed = time.monotonic() - started
+        self.assertEqual(result.returncode, 9, result.stderr)
+        self.assertIn(b"timed out waiting for deployment", result.stderr)
+        self.assertLess(elapsed, limit + 8)  # the start of python, the upload
+
+    def test_push_wait_ends_at_the_timeout_of_a_chatty_script(self):
+        package = self.write("chatty.tgz", control_script(self.CHATTY))
+        started = time.monotonic()
+        result = self.client("push", "--project", "app", "--package", package,
+                             "--wait", "--timeout", "2")
+        self.assert_timed_out(result, started, 2)
+        self.assertIn(b"line 1\n", result.stdout)  # it did follow the log
+
+    def test_logs_follow_and_status_wait_end_at_the_timeout(self):
+        deployment = self.daemon.deploy(self.CHATTY)
+        self.daemon.wait_state("app", deployment, ("active",))
+        started = time.monotonic()
+        result = self.client("logs", "app", deployment, "-f", "--timeout", "2")
+        self.assert_timed_out(result, started, 2)
+        started = time.monotonic()
+        result = self.client("status", "app", deployment, "--wait", "60",
+                             "--timeout", "2")
+        self.assert_timed_out(result, started, 2)
+        self.assertEqual(self.daemon.state("app", deployment), "active")
+
+
 class ReadmeTruthTests(DaemonTestCase):
     """Issue #15: what the README states about states, errors, /info, the
     demo, install and the bench is what the code does."""
