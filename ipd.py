@@ -63,6 +63,7 @@ import calendar
 import codecs
 import collections
 import ctypes
+import difflib
 import errno
 import fcntl
 import fnmatch
@@ -515,6 +516,24 @@ def read_config_file(path):
     return entries
 
 
+def did_you_mean(name, known):
+    """' (did you mean X?)' for the known name closest to a mistyped one,
+    or '' when none is close."""
+    close = difflib.get_close_matches(name, list(known), 1, 0.6)
+    return " (did you mean %s?)" % close[0] if close else ""
+
+
+class UnknownSettings(ConfigError):
+    """Names in a config file that no setting has: the daemon does not
+    start (a typo would leave a setting at its default, such as UPLOAD_DIR
+    at '.').  log_dir: the LOG_DIR the file or environment gave, else
+    None (ipd.log's place is not known then)."""
+
+    def __init__(self, lines, log_dir):
+        super().__init__("\n".join(lines))
+        self.log_dir = log_dir
+
+
 class RunAs:
     """A user with its primary group and supplementary groups."""
 
@@ -682,18 +701,21 @@ def load_settings(config_path=None, environ=None, warn=None):
 
     config_path None means IPD_CONFIG or /etc/ipd.conf, either of which
     may be absent; a path given explicitly must exist.  Returns Settings;
-    raises ConfigError with a one-line reason naming file, line and key.
+    raises ConfigError with a one-line reason naming file, line and key,
+    UnknownSettings for names no setting has.  warn is kept for callers:
+    nothing is only a warning any more.
     """
     environ = os.environ if environ is None else environ
     explicit = config_path or environ.get("IPD_CONFIG")
     path = explicit or DEFAULT_CONFIG
     sources = {key: (entry.default, "default") for key, entry in SETTINGS.items()}
+    unknown = []
     if explicit or os.path.exists(path):
         for key, (value, number) in read_config_file(path).items():
             where = "%s:%d" % (path, number)
             if key not in SETTINGS:
-                if warn:
-                    warn("%s: unknown setting %s ignored" % (where, key))
+                unknown.append("%s: unknown setting %s%s" % (
+                    where, key, did_you_mean(key, SETTINGS)))
                 continue
             sources[key] = (value, where)
     for key in SETTINGS:
@@ -707,6 +729,9 @@ def load_settings(config_path=None, environ=None, warn=None):
             raise ConfigError("%s: %s: %s (got %r)" % (where, key, error, text))
     for key in ("UPLOAD_DIR", "LOG_DIR"):
         values[key] = os.path.abspath(values[key])
+    if unknown:
+        given = sources["LOG_DIR"][1] != "default"
+        raise UnknownSettings(unknown, values["LOG_DIR"] if given else None)
     return Settings(values)
 
 
@@ -1037,6 +1062,24 @@ def check_password(password, stored):
     return hmac.compare_digest(computed, stored.lower())
 
 
+# The hashes a users file line may hold: the original's SHA-256 hex, and
+# hash_password's PBKDF2 form.
+KNOWN_HASH = re.compile(r"[0-9A-Fa-f]{64}\Z|pbkdf2_sha256\$[0-9]+\$[^$]+\$[0-9a-f]{64}\Z")
+
+
+def hash_problem(name, password_hash):
+    """What is wrong with a users file line's hash, or None: one neither
+    form can match refuses every login of its user, silently (401)."""
+    if KNOWN_HASH.match(password_hash):
+        return None
+    if KNOWN_HASH.match(password_hash.rstrip(" -")):
+        return ("the hash of %s ends in ' -', as sha256sum prints it: cut "
+                "it, keep the 64 hex digits" % name)
+    return ("the hash of %s is neither 64 hex digits (sha256) nor "
+            "pbkdf2_sha256$ITERATIONS$SALT$HASH: nobody can log in as %s; "
+            "write it with 'ipd passwd'" % (name, name))
+
+
 def users_line_problem(fields):
     """What is wrong with the fields of one users file line, or None.  A
     reason ending in 'line ignored' means the line gives no user."""
@@ -1050,7 +1093,7 @@ def users_line_problem(fields):
         return "empty user name; line ignored"
     if len(fields) == 4 and fields[0] != "USER":
         return "a project list is for USER lines only; ignored for %s" % fields[0]
-    return None
+    return hash_problem(fields[1], fields[2])
 
 
 class User:
@@ -3326,8 +3369,10 @@ def project_settings(settings, project_dir):
     try:
         for key, (text, number) in read_config_file(path).items():
             if key not in PROJECT_KEYS:
-                raise ConfigError("%s:%d: only %s may be set here"
-                                  % (path, number, " and ".join(PROJECT_KEYS)))
+                raise ConfigError("%s:%d: unknown setting %s%s: only %s may be "
+                                  "set here" % (path, number, key,
+                                                did_you_mean(key, PROJECT_KEYS),
+                                                " and ".join(PROJECT_KEYS)))
             values[key] = parse_setting(SETTINGS[key][1], text)
     except (ConfigError, ValueError) as error:
         raise IpdError("project settings: %s" % error)
@@ -7353,18 +7398,26 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+# extra= of a log line that ipd prints on stderr itself: serve -v and the
+# demo, which copy ipd.log to stderr, show it once.
+PRINTED_TOO = {"printed": True}
+
+
 def log_to_stderr():
-    """ipd.log's lines on stderr too (serve -v, the demo)."""
+    """ipd.log's lines on stderr too (serve -v, the demo), but for those
+    printed there already (PRINTED_TOO)."""
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
+    console.addFilter(lambda record: not getattr(record, "printed", False))
     log.addHandler(console)
 
 
 def startup_error(lines, logged=True):
-    """A StartupError of these lines, each logged first when ipd.log is open."""
+    """A StartupError of these lines, each logged first when ipd.log is open
+    (main prints them on stderr)."""
     if logged:
         for line in lines:
-            log.error("not started: %s", line)
+            log.error("not started: %s", line, extra=PRINTED_TOO)
     return StartupError("\n".join(lines))
 
 
@@ -7651,7 +7704,7 @@ def run_daemon(settings, on_ready=None):
     threading.Thread(target=server.serve_forever, name="http",
                      daemon=True).start()
     log.info("ipd %s listening on %s (%d deployment%s on disk)", __version__, url,
-             count, "" if count == 1 else "s")
+             count, "" if count == 1 else "s", extra=PRINTED_TOO)
     print("ipd %s listening on %s" % (__version__, url), file=sys.stderr,
           flush=True)
     systemd = SystemdNotifier()
@@ -7699,6 +7752,22 @@ def users_file_warnings(path):
     return warnings
 
 
+def project_conf_problems(settings):
+    """At start: each project.conf in UPLOAD_DIR that its project's next
+    upload would refuse (an unknown name, a bad value, a file not an
+    administrator's), one line each; ipd does not start on them."""
+    problems = []
+    for name in sorted(os.listdir(settings.UPLOAD_DIR)):
+        folder = os.path.join(settings.UPLOAD_DIR, name)
+        if is_project_name(name) and os.path.isfile(os.path.join(folder,
+                                                                 PROJECT_CONF)):
+            try:
+                project_settings(settings, folder)
+            except IpdError as error:
+                problems.append(str(error))
+    return problems
+
+
 def print_warning(message):
     print("ipd: warning: %s" % message, file=sys.stderr)
 
@@ -7737,6 +7806,9 @@ def serve(settings, verbose=False, on_ready=None):
         raise startup_error(list(problems.values()), "LOG_DIR" not in problems)
     lock = lock_upload_dir(settings.UPLOAD_DIR)
     try:
+        problems = project_conf_problems(settings)
+        if problems:
+            raise startup_error(problems)
         close_to_others(settings)
         explain_scripts_mode(settings)
         for warning in users_file_warnings(settings.AUTH_DB):
@@ -8942,9 +9014,47 @@ exit 2
 DEMO_IMAGE_TEXT = b"A stand-in for an image that `docker save` writes.\n"
 
 
+def settings_to_serve(config_path, environ=None):
+    """load_settings for a daemon about to start: an unknown setting's
+    lines also go to ipd.log when the settings name a LOG_DIR ipd may
+    write.  Returns Settings; raises ConfigError."""
+    try:
+        return load_settings(config_path, environ)
+    except UnknownSettings as error:
+        lines = str(error).splitlines()
+        logged = bool(error.log_dir and os.path.isdir(error.log_dir)
+                      and os.access(error.log_dir, os.W_OK | os.X_OK))
+        if logged:
+            setup_logging(error.log_dir)
+        raise startup_error(lines, logged)
+
+
 def cmd_serve(args):
-    settings = load_settings(args.config, warn=print_warning)
+    settings = settings_to_serve(args.config)
     return serve(settings, verbose=args.verbose)
+
+
+# The demo's hints name its options, not the settings they stand for.
+DEMO_HINTS = ((r"\bLISTEN=", "--listen "), (r"another LISTEN\b", "another --listen"),
+              (r"\bUPLOAD_DIR=(\S+)/uploads\b", r"--dir \1"),
+              (r"its own UPLOAD_DIR\b", "its own --dir"))
+
+
+def demo_hint(text):
+    """A start-up problem's text as the demo's user can act on it."""
+    for pattern, replacement in DEMO_HINTS:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def demo_settings(args, folder):
+    """The settings serve would read (--config, $IPD_CONFIG or
+    /etc/ipd.conf, the environment), with the demo's folder, users file and
+    --listen over them.  Returns Settings; raises ConfigError."""
+    environ = dict(os.environ, UPLOAD_DIR=os.path.join(folder, "uploads"),
+                   LOG_DIR=folder, AUTH_DB=os.path.join(folder, "users.txt"),
+                   LISTEN=args.listen)
+    return settings_to_serve(getattr(args, "config", None), environ)
 
 
 def cmd_demo(args):
@@ -8970,15 +9080,16 @@ def cmd_demo(args):
             info = tarfile.TarInfo("hello.txt")
             info.size = len(DEMO_IMAGE_TEXT)
             tar.addfile(info, io.BytesIO(DEMO_IMAGE_TEXT))
-    environ = {"UPLOAD_DIR": uploads, "LOG_DIR": folder, "AUTH_DB": users,
-               "LISTEN": args.listen, "API_ROOT": "/deploy"}
-    settings = load_settings(os.devnull, environ)
+    settings = demo_settings(args, folder)
 
     def explain(url):
         print("demo: user demo, password demo, data in %s\n"
               "try:  curl -u demo:demo -F project=hello -F image=@%s %supload"
               % (folder, shlex.quote(image), url), file=sys.stderr, flush=True)
-    return serve(settings, verbose=True, on_ready=explain)
+    try:
+        return serve(settings, verbose=True, on_ready=explain)
+    except StartupError as error:
+        raise StartupError(demo_hint(str(error)))
 
 
 def cmd_passwd(args):
@@ -9086,11 +9197,17 @@ def build_parser():
     serve_parser.add_argument("-v", "--verbose", action="store_true",
                               help="log to stderr too")
     serve_parser.set_defaults(func=cmd_serve)
-    demo = commands.add_parser("demo", help="a local daemon to try: user "
-                               "demo, password demo, project hello",
+    demo = commands.add_parser("demo", parents=[config], help="a local daemon "
+                               "to try: user demo, password demo, project hello",
                                description="Run a daemon to try at once: data "
                                "in --dir, user demo, password demo, a project "
-                               "hello whose control.sh prints what it deploys.")
+                               "hello whose control.sh prints what it deploys. "
+                               "It takes the same settings as serve (--config, "
+                               "$IPD_CONFIG or %s, and the environment, e.g. "
+                               "ALLOWED_SIGNERS=... REQUIRE_SIGNATURE=hello), "
+                               "but for UPLOAD_DIR, LOG_DIR and AUTH_DB, which "
+                               "are in --dir, and LISTEN, which is --listen."
+                               % DEFAULT_CONFIG)
     demo.add_argument("--dir", default="ipd-demo", help="its folder "
                       "(default: ./ipd-demo)")
     demo.add_argument("--listen", default="127.0.0.1:9955", help="host:port to "

@@ -559,12 +559,9 @@ class SettingsTests(unittest.TestCase):
         with self.assertRaises(ipd.ConfigError):
             ipd.load_settings(os.path.join(self.tmp, "missing.conf"), environ={})
 
-    def test_unknown_key_is_a_warning(self):
-        warnings = []
-        ipd.load_settings(self.config("COLOUR=blue\n"), environ={},
-                          warn=warnings.append)
-        self.assertEqual(len(warnings), 1)
-        self.assertIn("COLOUR", warnings[0])
+    def test_unknown_key_is_an_error(self):  # a warning before issue #27
+        with self.assertRaisesRegex(ipd.UnknownSettings, "COLOUR"):
+            ipd.load_settings(self.config("COLOUR=blue\n"), environ={})
 
     def test_daemon_refuses_to_start_on_a_bad_setting(self):
         path = self.config("STEP_TIMEOUT=-3\n")
@@ -6932,6 +6929,140 @@ class ClientTimeoutTests(DaemonTestCase):
                              "--timeout", "2")
         self.assert_timed_out(result, started, 2)
         self.assertEqual(self.daemon.state("app", deployment), "active")
+
+
+class ConfigMistakeTests(unittest.TestCase):
+    """Issue #27: a mistyped setting stops the start, naming the file, the
+    line and the closest known name; a users file line whose hash can
+    never match is a warning naming the line; the demo takes serve's
+    settings and names its own options."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
+
+    def test_a_mistyped_setting_stops_the_start(self):
+        config = os.path.join(self.tmp, "ipd.conf")
+        uploads = os.path.join(self.tmp, "uploads")
+        os.makedirs(uploads)
+        with open(config, "w") as file:
+            file.write("LISTEN=127.0.0.1:0\nLOG_DIR=%s\n# uploads\nUPLOAD_DRI=%s\n"
+                       % (self.tmp, uploads))
+        work = os.path.join(self.tmp, "work")
+        os.makedirs(work)
+        result = run_ipd("--config", config, "serve", cwd=work)
+        line = ("%s:4: unknown setting UPLOAD_DRI (did you mean UPLOAD_DIR?)"
+                % config)
+        self.assertEqual((result.returncode, result.stderr), (2, "ipd: %s\n" % line))
+        self.assertIn("not started: " + line, read_text(os.path.join(self.tmp,
+                                                                     "ipd.log")))
+        self.assertEqual(os.listdir(work), [])  # no lock file in the current folder
+        with open(config, "w") as file:  # a name nothing is close to: no guess
+            file.write("LISTEN=127.0.0.1:0\nCOLOUR=blue\n")
+        result = run_ipd("--config", config, "serve", cwd=work)
+        self.assertEqual((result.returncode, result.stderr),
+                         (2, "ipd: %s:2: unknown setting COLOUR\n" % config))
+        self.assertEqual(os.listdir(work), [])
+        result = run_ipd("--config", config, "token", "list", cwd=work)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("unknown setting COLOUR", result.stderr)
+
+    def test_a_mistyped_project_conf_name_stops_the_start(self):
+        daemon = DaemonProcess(self.tmp)
+        project = os.path.join(daemon.upload_dir, "web")
+        os.makedirs(project)
+        conf = os.path.join(project, "project.conf")
+        with open(conf, "w") as file:
+            file.write("SCRIPTS=package\nRUN_SA=nobody\n")
+        os.chmod(conf, 0o644)
+        with self.assertRaisesRegex(AssertionError, re.escape(
+                "%s:2: unknown setting RUN_SA (did you mean RUN_AS?): only "
+                "SCRIPTS and RUN_AS may be set here" % conf)):
+            daemon.start()
+        self.assertEqual(daemon.process.returncode, 2)
+        os.unlink(conf)  # a project.conf written while ipd runs: its uploads
+        daemon.start()   # are refused with the same line
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        with open(conf, "w") as file:
+            file.write("SCRPTS=server\n")
+        os.chmod(conf, 0o644)
+        status, _, body = daemon.upload("web", control_script(OK_SCRIPT))
+        self.assertEqual(status, 500)
+        self.assertIn("unknown setting SCRPTS (did you mean SCRIPTS?)", body)
+
+    def test_a_sha256sum_line_pasted_whole_is_a_warning_at_start_and_reload(self):
+        digest = sha256_hex("admin-pw")
+        daemon = DaemonProcess(self.tmp, users={}, extra_users=(
+            "# the team\nADMIN:admin:%s  -\n" % digest))
+        daemon.start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        stderr = read_text(daemon.stderr_path)
+        self.assertIn("line 2: the hash of admin ends in ' -', as sha256sum prints "
+                      "it: cut it, keep the 64 hex digits", stderr)
+        self.assertIn("line 2: the hash of admin ends in ' -'", daemon.daemon_log())
+        self.assertEqual(daemon.get("/list")[0], 401)
+        with open(daemon.users_file, "w") as file:  # read again at the next login
+            file.write("ADMIN:admin:%s\nUSER:ci:md5-1234\n" % digest)
+        self.assertEqual(daemon.get("/list")[0], 200)
+        expected = ("line 2: the hash of ci is neither 64 hex digits (sha256) nor "
+                    "pbkdf2_sha256$ITERATIONS$SALT$HASH")
+        self.assertIn(expected, daemon.daemon_log(re.escape(expected)))
+        users, warnings = ipd.parse_users("ADMIN:a:%s\nUSER:b:%s\n" % (
+            digest.upper(), ipd.hash_password("x", iterations=1000)))
+        self.assertEqual((sorted(users), warnings), (["a", "b"], []))
+
+    def demo(self, *args, env=None):
+        """ipd demo in self.tmp until it listens (or ends): -> (process,
+        its stderr so far)."""
+        process = subprocess.Popen(
+            IPD_RUN + ["demo", "--dir", os.path.join(self.tmp, "demo")] + list(args),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=ipd_environ(env), universal_newlines=True)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.wait)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("try:"):
+                break
+        return process, "".join(lines)
+
+    def test_the_demo_takes_the_settings_of_serve(self):
+        signers = os.path.join(self.tmp, "allowed_signers")
+        open(signers, "w").close()
+        config = os.path.join(self.tmp, "demo.conf")
+        with open(config, "w") as file:
+            file.write("ALLOWED_SIGNERS=%s\n" % signers)
+        process, stderr = self.demo("--config", config, "--listen", "127.0.0.1:0",
+                                    env={"REQUIRE_SIGNATURE": "hello"})
+        url = re.search(r"(http://127\.0\.0\.1:\d+/deploy/)upload", stderr).group(1)
+        self.assertEqual(stderr.count("listening on"), 1, stderr)
+        image = os.path.join(self.tmp, "demo", "image.tar")
+        result = subprocess.run(IPD_RUN + ["push", "--project", "hello", "--image",
+                                           image, "--whole"], env=ipd_environ(
+            IPD_URL=url, IPD_USER="demo", IPD_PASSWORD="demo"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        self.assertEqual(result.returncode, 5, result.stderr)
+        self.assertIn("takes signed pushes only", result.stderr)
+        process.terminate()
+        process.wait(30)
+        help_text = " ".join(run_ipd("demo", "--help").stdout.split())
+        self.assertIn("the same settings as serve", help_text)
+
+    def test_the_demo_names_its_options_once(self):
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = "127.0.0.1:%d" % listener.getsockname()[1]
+        process, stderr = self.demo("--config", os.devnull, "--listen", taken)
+        stderr += process.stderr.read()
+        self.assertEqual(process.wait(30), 2)
+        self.assertEqual(stderr, "ipd: --listen %s: cannot listen: address already "
+                         "in use (another ipd, or another program, listens "
+                         "there): stop it or set another --listen\n" % taken)
 
 
 class ReadmeTruthTests(DaemonTestCase):
