@@ -1582,19 +1582,29 @@ class TokenDB:
 def rewrite_tokens(path, change):
     """Read the tokens file, change(list of Token), write it atomically
     (0640, as the users file), all under the file's lock: of two commands
-    at once, each sees what the other wrote (issue 23)."""
-    with FileLock(path):
-        try:
-            with open(path, encoding="utf-8") as file:
-                tokens = list(parse_tokens(file.read()).values())
-            info = os.stat(path)
-        except FileNotFoundError:
-            tokens, info = [], None
-        change(tokens)
-        write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(),
-                          0o640)
-        if info and os.geteuid() == 0:
-            os.chown(path, info.st_uid, info.st_gid)
+    at once, each sees what the other wrote (issue 23).  Raises ConfigError
+    saying what to do when its folder is missing or not ours to write."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError("cannot write the tokens file %s: its folder %s does "
+                          "not exist (create it, or give --tokens-db FILE or "
+                          "set TOKENS_DB)" % (path, folder))
+    try:
+        with FileLock(path):
+            try:
+                with open(path, encoding="utf-8") as file:
+                    tokens = list(parse_tokens(file.read()).values())
+                info = os.stat(path)
+            except FileNotFoundError:
+                tokens, info = [], None
+            change(tokens)
+            write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(),
+                              0o640)
+            if info and os.geteuid() == 0:
+                os.chown(path, info.st_uid, info.st_gid)
+    except PermissionError:
+        raise ConfigError("cannot write the tokens file %s: permission denied "
+                          "(run this as the user ipd runs as, or as root)" % path)
 
 
 def create_token(path, projects, expires, creator):
@@ -3244,6 +3254,25 @@ def unpack_package(archive, folder, max_bytes, limits=None):
         raise
 
 
+def control_script_problem(path, shown="control.sh"):
+    """Why the kernel would not run the script at path, with the fix, or
+    None: no exec bit (chmod +x), or a '#!' line ending in CR (a file saved
+    with Windows line ends: the kernel looks for '/bin/sh\\r', 'No such
+    file or directory').  shown: how the fix names the file."""
+    try:
+        with open(path, "rb") as file:
+            first = file.readline(256)
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if first.startswith(b"#!") and first.rstrip(b"\n").endswith(b"\r"):
+        return ("its #! line ends in CR (Windows line ends): convert it with "
+                "dos2unix %s or sed -i 's/\\r$//' %s" % (shown, shown))
+    if not mode & 0o111:
+        return "it is not executable: chmod +x %s" % shown
+    return None
+
+
 def find_control_script(unpacked, project_dir):
     """The control.sh to run: the package's, else the project folder's.
 
@@ -3259,9 +3288,14 @@ def find_control_script(unpacked, project_dir):
         real = os.path.realpath(path)
         if not real.startswith(os.path.realpath(folder) + os.sep):
             raise BadRequest("control.sh of the %s points outside it" % where)
-        if not os.path.isfile(real) or not os.access(real, os.X_OK):
+        if not os.path.isfile(real):
             raise BadRequest("control.sh of the %s is not an executable file"
                              % where)
+        problem = control_script_problem(real, "control.sh" if folder == unpacked
+                                         else path)
+        if problem or not os.access(real, os.X_OK):
+            raise BadRequest("control.sh of the %s cannot run: %s" % (
+                where, problem or "ipd's user may not execute it"))
         return path
     raise BadRequest("no control.sh: put one at the package's root, or in "
                      "the project folder on the server")
@@ -4886,9 +4920,10 @@ class DeployWorker:
             # A broken "#!" line or a vanished file: end as a shell would
             # (127 not found, 126 cannot execute), saying why in the log.
             code = 127 if isinstance(error, FileNotFoundError) else 126
-            log_file.write(("ipd: cannot run control.sh %s: %s\n"
-                            % (step, getattr(error, "strerror", None) or error)
-                            ).encode())
+            problem = control_script_problem(record.control)
+            log_file.write(("ipd: cannot run control.sh %s: %s%s\n"
+                            % (step, getattr(error, "strerror", None) or error,
+                               "; " + problem if problem else "")).encode())
             log_file.flush()
             log.warning("deployment %s: cannot run control.sh %s: %s",
                         record.id, step, error)
@@ -5697,6 +5732,19 @@ def deployment_message(record, event):
             for name, meta in record.files.items()))
 
 
+def login_refusal(scheme, password, id_tokens=False):
+    """The 401's reason for credentials that were given but refused: what
+    they are, never which half of a login was wrong (names stay secret).
+    id_tokens: OIDC_TRUST is set, so an eyJ... password is an ID token."""
+    if not password:
+        return "malformed credentials: expected Basic base64(user:password)"
+    if id_tokens and looks_like_jwt(password):
+        return "ID token refused (the audit log says why)"
+    if password.startswith("ipd_") or scheme.lower() == "bearer":
+        return "deploy token refused: unknown, expired or revoked"
+    return "wrong user name or password"
+
+
 class Daemon:
     """What the handlers share: settings, users, deployments, counters."""
 
@@ -5743,7 +5791,7 @@ class Daemon:
         while address is throttled (checked before any password is hashed),
         Unauthorized for none or refused ones (logged and audited, never the
         password), Forbidden for another role."""
-        user = None
+        user, refusal = None, "authentication required"
         if scheme.lower() in ("basic", "bearer"):
             wait = self.login_throttle.retry_after(address)
             if wait:
@@ -5754,14 +5802,14 @@ class Daemon:
             user, reason = (self.check_login(name, password) if password
                             else (None, "malformed credentials"))
             if user is None:
+                refusal = login_refusal(scheme, password, bool(self.oidc))
                 self.login_throttle.failed(address)
                 log.warning("failed login as %r from %s", name[:64], address)
                 audit_event("login_refused", user=name[:64], address=address,
                             path=path, reason=reason, **getattr(reason, "audit", {}))
         if user is None:
-            raise Unauthorized("authentication required",
-                               {"WWW-Authenticate":
-                                'Basic realm="ipd", charset="UTF-8"'})
+            raise Unauthorized(refusal, {"WWW-Authenticate":
+                                         'Basic realm="ipd", charset="UTF-8"'})
         if user.role not in ADMITTED[role]:
             raise Forbidden("forbidden: this needs the %s role"
                             % " or ".join(ADMITTED[role]))
@@ -8809,6 +8857,17 @@ def sign_push(key, project, files):
         raise ClientError(str(error), EXIT_USAGE)
 
 
+def check_push_file(field, path):
+    """Raise ClientError (exit 2) saying what to give instead when path
+    is no file to push as field ('image' or 'package')."""
+    if os.path.isdir(path) and field == "image":
+        raise ClientError("--image %s is a directory: give the image's file, "
+                          "e.g. from docker save -o web.tar IMAGE (a directory "
+                          "is packed for --package only)" % path, EXIT_USAGE)
+    if not os.path.isfile(path):
+        raise ClientError("no such file: %s" % path, EXIT_USAGE)
+
+
 def cmd_push(args):
     client = client_from_args(args)
     files, temporary = {}, None
@@ -8821,9 +8880,8 @@ def cmd_push(args):
             files["package"] = args.package
     if not files:
         raise ClientError("give --image, --package or both", EXIT_USAGE)
-    for path in files.values():
-        if not os.path.isfile(path):
-            raise ClientError("no such file: %s" % path, EXIT_USAGE)
+    for field, path in files.items():
+        check_push_file(field, path)
     try:
         signed = sign_push(args.sign, args.project, files) if args.sign else None
         total = sum(os.path.getsize(path) for path in files.values())
@@ -9157,6 +9215,9 @@ def cmd_token(args):
             tokens = parse_tokens(file.read())
     except FileNotFoundError:
         tokens = {}
+    if not tokens:  # stdout stays empty for scripts; exit 0: none is no error
+        print("ipd: no tokens yet in %s: create one with 'ipd token create "
+              "--project PROJECT'" % path, file=sys.stderr)
     used = read_token_uses(path)
     for token in tokens.values():
         print("%s projects=%s expires=%s creator=%s created=%s last_use=%s%s" % (

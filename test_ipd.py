@@ -963,7 +963,9 @@ class AuthTests(DaemonTestCase):
         self.assertEqual(answers[0][0], 401)
         self.assertIn("Basic", answers[0][1])
         self.assertEqual(answers[0], answers[1])
-        self.assertEqual(answers[0], answers[2])
+        self.assertIn("wrong user name or password", answers[0][2])  # issue #27
+        self.assertEqual(answers[2][:2], answers[0][:2])
+        self.assertIn("authentication required", answers[2][2])  # none given
         for broken in ("Basic !!!", "Bearer x", "Basic " +
                        base64.b64encode(b"no-colon").decode()):
             status, _, _ = self.daemon.get("/stat", user=None,
@@ -7063,6 +7065,106 @@ class ConfigMistakeTests(unittest.TestCase):
         self.assertEqual(stderr, "ipd: --listen %s: cannot listen: address already "
                          "in use (another ipd, or another program, listens "
                          "there): stop it or set another --listen\n" % taken)
+
+
+class MistakeMessageTests(DaemonTestCase):
+    """Issue #27: each mistake a new operator makes first is answered with
+    what to do: a missing tokens folder, no tokens yet, a directory given
+    as an image, control.sh without its exec bit or with Windows line
+    ends, a wrong password."""
+
+    client = ClientTests.client
+    write = ClientTests.write
+
+    def test_tokens_folder_missing_and_no_tokens_yet(self):
+        config = self.write("ipd.conf", ("AUTH_DB=%s/opt/ipd/users.txt\n"
+                                         % self.tmp).encode())
+        tokens = os.path.join(self.tmp, "opt", "ipd", "tokens.txt")
+        result = run_ipd("--config", config, "token", "create", "--project", "web")
+        self.assertEqual((result.returncode, result.stdout), (2, ""))
+        self.assertEqual(result.stderr, "ipd: cannot write the tokens file %s: its "
+                         "folder %s does not exist (create it, or give --tokens-db "
+                         "FILE or set TOKENS_DB)\n" % (tokens, os.path.dirname(tokens)))
+        result = run_ipd("--config", config, "token", "list")
+        self.assertEqual((result.returncode, result.stdout), (0, ""))
+        self.assertEqual(result.stderr, "ipd: no tokens yet in %s: create one with "
+                         "'ipd token create --project PROJECT'\n" % tokens)
+        os.makedirs(os.path.dirname(tokens))
+        result = run_ipd("--config", config, "token", "create", "--project", "web")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        result = run_ipd("--config", config, "token", "list")
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("projects=web", result.stdout)
+        self.assertEqual(result.stderr, "")
+
+    def test_a_directory_given_as_an_image(self):
+        folder = os.path.join(self.tmp, "build")
+        os.makedirs(folder)
+        result = self.client("push", "--project", "app", "--image", folder)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.decode(), "ipd: --image %s is a directory: give "
+                         "the image's file, e.g. from docker save -o web.tar IMAGE "
+                         "(a directory is packed for --package only)\n" % folder)
+
+    def test_control_sh_without_exec_bit_or_with_crlf_is_refused_at_upload(self):
+        for script, mode, reason in (
+                (b"#!/bin/sh\nexit 1\n", 0o644,
+                 "control.sh of the package cannot run: it is not executable: "
+                 "chmod +x control.sh"),
+                (b"#!/bin/sh\r\nexit 1\r\n", 0o755,
+                 "control.sh of the package cannot run: its #! line ends in CR "
+                 "(Windows line ends): convert it with dos2unix control.sh or "
+                 "sed -i 's/\\r$//' control.sh")):
+            with self.subTest(reason=reason):
+                status, _, body = self.daemon.upload(
+                    "app", tar_bytes({"control.sh": (script, mode)}))
+                self.assertEqual((status, body.strip()), (400, reason))
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_the_step_log_names_the_fix(self):
+        gate = os.path.join(self.tmp, "gate")
+        first = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", first, ("active",))
+        waiting = self.daemon.deploy()
+        self.assertEqual(self.daemon.state("app", waiting), "await")
+        control = os.path.join(self.daemon.upload_dir, "app", "deployments",
+                               waiting, "control.sh")
+        os.chmod(control, 0o644)  # as if changed on the server after the upload
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", waiting), "126")
+        self.assertIn("ipd: cannot run control.sh check: Permission denied; it is "
+                      "not executable: chmod +x control.sh",
+                      self.daemon.log("app", waiting))
+        os.unlink(gate)
+        first = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", first, ("active",))
+        crlf = self.daemon.deploy()
+        control = os.path.join(self.daemon.upload_dir, "app", "deployments", crlf,
+                               "control.sh")
+        with open(control, "wb") as file:
+            file.write(b"#!/bin/sh\r\nexit 1\r\n")
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", crlf), "127")
+        self.assertIn("ipd: cannot run control.sh check: No such file or directory; "
+                      "its #! line ends in CR (Windows line ends): convert it with "
+                      "dos2unix control.sh", self.daemon.log("app", crlf))
+
+    def test_a_wrong_password_is_answered_as_one(self):
+        package = self.write("p.tgz", control_script(OK_SCRIPT))
+        for env in ({"IPD_PASSWORD": "wrong"},
+                    {"IPD_USER": "nobody", "IPD_PASSWORD": "admin-pw"}):
+            with self.subTest(env=env):
+                result = self.client("push", "--project", "app", "--package",
+                                     package, env=env)
+                self.assertEqual(result.returncode, 4)
+                self.assertEqual(result.stderr, b"ipd: HTTP 401: wrong user name or "
+                                 b"password\n")
+        result = self.client("push", "--project", "app", "--package", package,
+                             env={"IPD_PASSWORD": "ipd_0123456789ab_nothing"})
+        self.assertEqual(result.stderr, b"ipd: HTTP 401: deploy token refused: "
+                         b"unknown, expired or revoked\n")
+        status, _, body = self.daemon.get("/stat", user=None)
+        self.assertEqual((status, body.strip()), (401, "authentication required"))
 
 
 class ReadmeTruthTests(DaemonTestCase):
