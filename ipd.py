@@ -3254,22 +3254,32 @@ def unpack_package(archive, folder, max_bytes, limits=None):
         raise
 
 
-def control_script_problem(path, shown="control.sh"):
-    """Why the kernel would not run the script at path, with the fix, or
-    None: no exec bit (chmod +x), or a '#!' line ending in CR (a file saved
-    with Windows line ends: the kernel looks for '/bin/sh\\r', 'No such
-    file or directory').  shown: how the fix names the file."""
+# A '#!' line saved with Windows line ends: the kernel looks for the
+# interpreter '/bin/sh\r' and the step fails with 'No such file or directory'.
+CRLF_HINT = ("its #! line ends in CR (Windows line ends): convert it with "
+             "dos2unix %s or sed -i 's/\\r$//' %s")
+
+
+def has_crlf_shebang(path):
+    """True when the file at path starts with a '#!' line ending in CR."""
     try:
         with open(path, "rb") as file:
             first = file.readline(256)
-        mode = os.stat(path).st_mode
     except OSError:
-        return None
-    if first.startswith(b"#!") and first.rstrip(b"\n").endswith(b"\r"):
-        return ("its #! line ends in CR (Windows line ends): convert it with "
-                "dos2unix %s or sed -i 's/\\r$//' %s" % (shown, shown))
-    if not mode & 0o111:
-        return "it is not executable: chmod +x %s" % shown
+        return False
+    return first.startswith(b"#!") and first.rstrip(b"\n").endswith(b"\r")
+
+
+def control_script_problem(path, shown="control.sh"):
+    """Why the kernel would not run the script at path, with the fix, or
+    None: a CRLF '#!' line, or no exec bit.  shown: how the fix names it."""
+    if has_crlf_shebang(path):
+        return CRLF_HINT % (shown, shown)
+    try:
+        if not os.stat(path).st_mode & 0o111:
+            return "it is not executable: chmod +x %s" % shown
+    except OSError:
+        pass
     return None
 
 
@@ -3291,11 +3301,13 @@ def find_control_script(unpacked, project_dir):
         if not os.path.isfile(real):
             raise BadRequest("control.sh of the %s is not an executable file"
                              % where)
-        problem = control_script_problem(real, "control.sh" if folder == unpacked
-                                         else path)
-        if problem or not os.access(real, os.X_OK):
-            raise BadRequest("control.sh of the %s cannot run: %s" % (
-                where, problem or "ipd's user may not execute it"))
+        shown = "control.sh" if folder == unpacked else path
+        if has_crlf_shebang(real):
+            raise BadRequest("control.sh of the %s cannot run: %s"
+                             % (where, CRLF_HINT % (shown, shown)))
+        if not os.access(real, os.X_OK):
+            raise BadRequest("control.sh of the %s is not an executable file: "
+                             "chmod +x %s" % (where, shown))
         return path
     raise BadRequest("no control.sh: put one at the package's root, or in "
                      "the project folder on the server")

@@ -7109,7 +7109,7 @@ class MistakeMessageTests(DaemonTestCase):
     def test_control_sh_without_exec_bit_or_with_crlf_is_refused_at_upload(self):
         for script, mode, reason in (
                 (b"#!/bin/sh\nexit 1\n", 0o644,
-                 "control.sh of the package cannot run: it is not executable: "
+                 "control.sh of the package is not an executable file: "
                  "chmod +x control.sh"),
                 (b"#!/bin/sh\r\nexit 1\r\n", 0o755,
                  "control.sh of the package cannot run: its #! line ends in CR "
