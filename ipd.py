@@ -4682,6 +4682,24 @@ class DeploymentStore:
                                      key=lambda entry: entry.stat().st_mtime_ns)
         return [entry.name[:-5] for entry in entries]
 
+    def last_ok(self, project):
+        """A copy of the project's newest deployment that ended ok (the one
+        live), or None.  It is hot but when more than KEEP_DEPLOYMENTS
+        deployments failed after it: then it is looked for among the cold
+        ones' state files."""
+        with self._lock:
+            ledger = self._ledgers.get(project)
+            if ledger is None:
+                return None
+            hot = [self._hot[i] for i in ledger.hot if self._hot[i].state == "ok"]
+            newest = max(hot, key=lambda record: record.seq) if hot else None
+            if newest is not None and newest.seq >= (ledger.cold_last_ok_seq or 0):
+                return newest.copy()
+            if ledger.cold_last_ok_seq is None:
+                return None
+        return next((record for record in reversed(self.deployments_of(project))
+                     if record.state == "ok"), None)
+
     def projects(self):
         """{project: (latest record, number of deployments)}."""
         with self._lock:
@@ -5937,6 +5955,10 @@ class Daemon:
                 in self.store.projects().items()
                 if user is None or user.may_use(project)]
 
+    def live_deployment(self, project):
+        """project's deployment that is live (its last ok), or None."""
+        return self.store.last_ok(project)
+
     def history(self, user, project):
         """project's deployments, oldest first, the newest HISTORY_LIMIT of
         them; NotFound for none."""
@@ -6185,13 +6207,24 @@ PAGE_STYLE = (
     "table{border-collapse:collapse;width:100%}th,td{padding:.35em .5em;"
     "border-bottom:1px solid #ddd;text-align:left;vertical-align:top}"
     ".badge{display:inline-block;padding:0 .55em;border-radius:.7em;color:#fff;"
-    "background:#6b6b6b}.ok{background:#2a7d2e}.active,.await{background:#1f5fa8}"
-    ".failed{background:#b3261e}code{font-size:.85em;word-break:break-all}"
+    "background:#6b6b6b;white-space:nowrap}"
+    # one colour a state (issue #27): await and active, the failures apart
+    ".ok{background:#2a7d2e}.active{background:#1f5fa8}.await{background:#8a6100}"
+    ".failed{background:#b3261e}.timeout{background:#a34400}"
+    ".interrupted{background:#7b3fa0}.cancelled{background:#5c5c5c}"
+    ".changed{background:#0f6e69}"
+    ".mark{display:inline-block;margin-left:.4em;padding:0 .45em;font-size:.8em;"
+    "border:1px solid #2a7d2e;border-radius:.6em;color:#2a7d2e}"
+    ".mark.newest{border-color:#6b6b6b;color:#555}tr.live{background:#f1f8f1}"
+    "time,code[title],a code{white-space:nowrap}code{font-size:.85em}"
     "pre{background:#111;color:#eee;padding:.8em;white-space:pre-wrap;"
     "word-break:break-all;min-height:3em}form{display:inline}"
     "button{font:inherit;padding:.15em .8em;margin-right:.4em}"
+    # a narrow screen: one row a block, each value after its label
     "@media(max-width:40em){th,td{display:block;border:0}tr{display:block;"
-    "border-bottom:1px solid #ddd}}")
+    "border-bottom:1px solid #ddd}tr.head{display:none}"
+    "td[data-label]::before{content:attr(data-label);display:inline-block;"
+    "min-width:7em;color:#555;font-size:.85em}}")
 
 
 # Reads the follow stream of a running deployment into the page; reloads
@@ -6229,13 +6262,20 @@ def read_log_tail(path, limit):
     return start, text
 
 
+def short_digest(value, keep=12):
+    """A digest or fingerprint as its first keep characters, the whole
+    value in the title (shown on hover)."""
+    shown = value if len(value) <= keep + 1 else value[:keep] + "\u2026"
+    return '<code title="%s">%s</code>' % (html.escape(value), html.escape(shown))
+
+
 def signed_by(record):
     """', signed by WHO@PROJECT (SHA256:...)' for a signed release."""
     signer = record.signer
     if not signer:
         return ""
-    return "<br>signed by %s <code>%s</code>" % (html.escape(signer["principal"]),
-                                                 html.escape(signer["fingerprint"]))
+    return "<br>signed by %s %s" % (html.escape(signer["principal"]),
+                                    short_digest(signer["fingerprint"], 19))
 
 
 def oidc_by(record):
@@ -6249,19 +6289,90 @@ def oidc_by(record):
         "%s <code>%s</code>" % (name, html.escape(str(value))) for name, value in shown))
 
 
-def state_badge(state):
-    kind = (state if state in ("ok", "active", "await") else
-            "neutral" if state in ("changed", "cancelled") else "failed")
-    return '<span class="badge %s">%s</span>' % (kind, html.escape(state))
+# The states with a badge of their own; any other (an exit code) is a
+# failure.  Each has its own colour in PAGE_STYLE.
+BADGE_STATES = ("await", "active", "ok", "timeout", "cancelled", "interrupted",
+                "changed")
 
 
-def page_time(timestamp):
-    return html.escape(iso_time(timestamp) or "-")
+def state_badge(state, word=None):
+    """The badge of a state: its colour, and word (default: the state)."""
+    kind = state if state in BADGE_STATES else "failed"
+    return '<span class="badge %s">%s</span>' % (kind, html.escape(word or state))
 
 
-def page_duration(record):
+def state_words(record):
+    """The state as people read it: 'deploy failed: 5' for one that ended
+    with a step's exit code (from its steps), else the state."""
+    if record.state in BADGE_STATES:
+        return record.state
+    for step in reversed(record.steps):
+        if str(step.get("code")) == record.state:
+            return "%s failed: %s" % (step.get("step"), record.state)
+    return "failed: %s" % record.state
+
+
+def record_badge(record):
+    return state_badge(record.state, state_words(record))
+
+
+def full_time(timestamp):
+    """'2026-12-04 18:21:18 UTC': a time for people, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def time_ago(seconds):
+    """'12 s ago', '3 min ago', '5 h ago', '2 d ago'."""
+    seconds = max(0, int(seconds))
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= size:
+            return "%d %s ago" % (seconds // size, unit)
+    return "%d s ago" % seconds
+
+
+def page_time(timestamp, now=None, word="", title=None):
+    """A time as 'WORD 3 min ago' (now: the page's time), the full time (or
+    title) on hover and in datetime: computed here, no script needed."""
+    if not timestamp:
+        return "-"
+    now = time.time() if now is None else now
+    return '<time datetime="%s" title="%s">%s%s</time>' % (
+        html.escape(iso_time(timestamp)), html.escape(title or full_time(timestamp)),
+        word + " " if word else "", time_ago(now - timestamp))
+
+
+def record_time(record, now=None):
+    """A deployment's latest time ('ended 3 min ago', else started, else
+    uploaded), its three full times in the title."""
+    times = [(word, value) for word, value in (
+        ("uploaded", record.created), ("started", record.started),
+        ("ended", record.ended)) if value]
+    if not times:
+        return "-"
+    word, value = times[-1]
+    return page_time(value, now, word, "; ".join(
+        "%s %s" % (name, full_time(when)) for name, when in times))
+
+
+def human_duration(seconds):
+    """'0.4 s', '12 s', '3 min 5 s', '2 h 10 min'."""
+    if seconds < 10:
+        return "%.1f s" % seconds
+    seconds = int(seconds)
+    if seconds < 60:
+        return "%d s" % seconds
+    if seconds < 3600:
+        return "%d min %d s" % (seconds // 60, seconds % 60)
+    return "%d h %d min" % (seconds // 3600, seconds % 3600 // 60)
+
+
+def page_duration(record, now=None):
+    """How long a deployment ran, or runs so far; '-' before it starts."""
     if record.started and record.ended:
-        return "%.1f s" % (record.ended - record.started)
+        return human_duration(record.ended - record.started)
+    if record.started and record.state in UNFINISHED:
+        now = time.time() if now is None else now
+        return human_duration(max(0, now - record.started)) + " so far"
     return "-"
 
 
@@ -6301,65 +6412,114 @@ def page_headers(nonce):
 
 
 def buttons(root, record):
-    """The cancel and redeploy buttons that apply to record."""
+    """The buttons that apply to record: cancel while it waits or runs,
+    redeploy once it ended with its files kept."""
     actions = []
     if record.state in UNFINISHED:
         actions.append("cancel")
-    if record.files and not record.pruned:
+    elif record.files and not record.pruned:
         actions.append("redeploy")
     return "".join('<form method="post" action="%s"><button>%s</button></form>'
                    % (ui_link(root, record.project, record.id, action), action)
                    for action in actions)
 
 
-def deployment_row(root, record):
-    files = "".join("<div>%s: %s, %d bytes<br><code>%s</code></div>" % (
+def table_row(cells, css=""):
+    """A row of (label, html) cells; each label shows beside its value on a
+    narrow screen (data-label, see PAGE_STYLE)."""
+    return "<tr%s>%s</tr>" % (' class="%s"' % css if css else "", "".join(
+        '<td data-label="%s">%s</td>' % (html.escape(label), value)
+        for label, value in cells))
+
+
+def table_head(labels):
+    return '<table><tr class="head">%s</tr>' % "".join(
+        "<th>%s</th>" % html.escape(label) for label in labels)
+
+
+def marks(words):
+    return "".join('<span class="mark %s">%s</span>' % (word, word) for word in words)
+
+
+DEPLOYMENT_LABELS = ("deployment", "state", "when", "took", "by",
+                     "files (SHA-256)", "")
+
+
+def deployment_row(root, record, now=None, marked=()):
+    """A deployment's row on its project's page; marked: 'live' (its last
+    ok) and/or 'newest'."""
+    files = "".join("<div>%s: %s, {:,} bytes %s</div>".format(meta.get("size", 0)) % (
         html.escape(name), html.escape(meta.get("name") or "-"),
-        meta.get("size", 0), html.escape(meta.get("sha256", "")))
+        short_digest(meta.get("sha256", "")))
         for name, meta in sorted(record.files.items()))
-    return ("<tr><td><a href=\"%s\"><code>%s</code></a></td><td>%s</td>"
-            "<td>%s<br>%s<br>%s</td><td>%s</td><td>%s</td><td>%s%s</td>"
-            "<td>%s</td></tr>" % (
-                ui_link(root, record.project, record.id),
-                html.escape(record.id[:8]), state_badge(record.state),
-                page_time(record.created), page_time(record.started),
-                page_time(record.ended), page_duration(record),
-                html.escape(record.user or "-") + signed_by(record) + oidc_by(record),
-                files,
-                "<div>(pruned)</div>" if record.pruned else "",
-                buttons(root, record)))
+    values = (
+        '<a href="%s"><code>%s</code></a>%s' % (ui_link(root, record.project, record.id),
+                                                html.escape(record.id[:8]),
+                                                marks(marked)),
+        record_badge(record), record_time(record, now), page_duration(record, now),
+        html.escape(record.user or "-") + signed_by(record) + oidc_by(record),
+        files + ("<div>(pruned)</div>" if record.pruned else ""),
+        buttons(root, record))
+    return table_row(zip(DEPLOYMENT_LABELS, values),
+                     "live" if "live" in marked else "")
 
 
-def render_projects(root, projects):
+def last_activity(record):
+    return record.ended or record.started or record.created or 0
+
+
+def project_row(root, project, latest, count, live, now):
+    """A project's row: its newest deployment, the one live, how many."""
+    live_cell = "-"
+    if live is not None:
+        live_cell = '<a href="%s"><code>%s</code></a> %s' % (
+            ui_link(root, project, live.id), html.escape(live.id[:8]),
+            page_time(live.ended, now))
+    return table_row((
+        ("project", '<a href="%s">%s</a>' % (ui_link(root, project),
+                                            html.escape(project))),
+        ("newest", record_badge(latest)), ("when", record_time(latest, now)),
+        ("took", page_duration(latest, now)),
+        ("by", html.escape(latest.user or "-")), ("live", live_cell),
+        ("deployments", "%d" % count)))
+
+
+def render_projects(root, projects, live=None, now=None):
     """The body of the projects page: projects is a list of (project, its
-    latest Deployment, its number of deployments)."""
+    latest Deployment, its number of deployments), shown by last activity,
+    newest first; live: {project: its last ok Deployment or None}."""
     if not projects:
         return "<p>No deployments yet.</p>"
-    rows = ("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td>"
-            "<td>%s</td><td>%s</td><td>%d</td></tr>" % (
-                ui_link(root, project), html.escape(project),
-                state_badge(latest.state),
-                page_time(latest.ended or latest.started or latest.created),
-                page_duration(latest), html.escape(latest.user or "-"), count)
-            for project, latest, count in projects)
+    live = live or {}
+    rows = (project_row(root, project, latest, count, live.get(project), now)
+            for project, latest, count in sorted(
+                projects, key=lambda entry: -last_activity(entry[1])))
     return itertools.chain(
-        ["<table><tr><th>project</th><th>latest</th><th>when</th><th>took</th>"
-         "<th>by</th><th>deployments</th></tr>"], rows, ["</table>"])
+        [table_head(("project", "newest", "when", "took", "by", "live",
+                     "deployments"))], rows, ["</table>"])
 
 
-def render_project(root, records):
+def render_project(root, records, now=None):
     """The body of a project's page: its deployments (records, oldest
-    first), newest first."""
-    rows = (deployment_row(root, record) for record in reversed(records))
-    return itertools.chain(
-        ["<table><tr><th>deployment</th><th>state</th><th>uploaded, started, "
-         "ended</th><th>took</th><th>by</th><th>files (SHA-256)</th><th></th>"
-         "</tr>"], rows, ["</table>"])
+    first), newest first, the live one (its last ok) marked."""
+    live = next((record.id for record in reversed(records) if record.state == "ok"),
+                None)
+    newest = records[-1].id if records else None
+
+    def row(record):
+        marked = tuple(word for word, deployment_id in (("live", live),
+                                                        ("newest", newest))
+                       if record.id == deployment_id)
+        return deployment_row(root, record, now, marked)
+    return itertools.chain([table_head(DEPLOYMENT_LABELS)],
+                           (row(record) for record in reversed(records)),
+                           ["</table>"])
 
 
-def render_deployment(root, record, skipped, text):
+def render_deployment(root, record, skipped, text, now=None, live=False):
     """The body of a deployment's page: its state, times, buttons and the
-    end of its log (text, the log's bytes after the first skipped)."""
+    end of its log (text, the log's bytes after the first skipped); live:
+    it is its project's last ok."""
     project, deployment_id = record.project, record.id
     follow = "%s/log/%s/%s?follow=1&offset=%d" % (
         root, project, deployment_id, skipped + len(text))
@@ -6368,13 +6528,13 @@ def render_deployment(root, record, skipped, text):
                  skipped, html.escape(root),
                  html.escape(urllib.parse.quote(project, safe="")),
                  html.escape(deployment_id))) if skipped else ""
-    return ("<p>%s of <a href=\"%s\">%s</a> by %s &middot; uploaded %s, "
+    return ("<p>%s%s of <a href=\"%s\">%s</a> by %s &middot; uploaded %s, "
             "started %s, ended %s, took %s</p><p>%s</p>" % (
-                state_badge(record.state), ui_link(root, project),
-                html.escape(project),
+                record_badge(record), marks(("live",) if live else ()),
+                ui_link(root, project), html.escape(project),
                 html.escape(record.user or "-") + signed_by(record) + oidc_by(record),
-                page_time(record.created), page_time(record.started),
-                page_time(record.ended), page_duration(record),
+                page_time(record.created, now), page_time(record.started, now),
+                page_time(record.ended, now), page_duration(record, now),
                 buttons(root, record)) + whole +
             "<pre id=\"log\" data-follow=\"%s\">%s</pre>" % (
                 html.escape(follow), html.escape(text.decode("utf-8", "replace"))))
@@ -7107,8 +7267,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def api_ui_projects(self):
         projects = self.ipd.project_latest(self.user)
+        live = {project: self.ipd.live_deployment(project) for project, _, _ in projects}
         self.send_page("projects", render_projects(self.ipd.settings.API_ROOT,
-                                                   projects))
+                                                   projects, live))
 
     def api_ui_project(self, project):
         records = self.ipd.history(self.user, project)
@@ -7118,9 +7279,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         record = self.ipd.find_or_404(self.user, project, deployment_id)
         skipped, text = self.ipd.log_tail(record, PAGE_LOG_TAIL)
         running = record.state in UNFINISHED
+        live = self.ipd.live_deployment(project)
         self.send_page("%s %s" % (project, deployment_id[:8]),
                        render_deployment(self.ipd.settings.API_ROOT, record,
-                                         skipped, text),
+                                         skipped, text, live=live is not None
+                                         and live.id == record.id),
                        FOLLOW_SCRIPT if running else None, refresh=running)
 
     def api_ui_action(self, project, deployment_id, action):

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import hmac
 import html
+import html.parser
 import http.client
 import http.server
 import importlib.util
@@ -2544,7 +2545,7 @@ class StatusPageTests(DaemonTestCase):
         self.assert_strict_page(headers, body)
         self.assertIn('<a href="/deploy/ui/web">web</a>', body)
         self.assertIn('<span class="badge ok">ok</span>', body)
-        self.assertIn('<span class="badge failed">3</span>', body)
+        self.assertIn('<span class="badge failed">prepare failed: 3</span>', body)
         without_nonce = lambda page: re.sub(r'nonce="[^"]+"', "", page)
         self.assertEqual(without_nonce(self.page("/ui/")[2]), without_nonce(body))
         # curl answers stay as they are
@@ -2623,9 +2624,9 @@ class StatusPageTests(DaemonTestCase):
 
     def test_a_badge_for_each_state_and_hostile_names_in_urls(self):
         expected = {"await": "await", "active": "active", "ok": "ok", "3": "failed",
-                    "126": "failed", "changed": "neutral", "cancelled": "neutral",
-                    "timeout": "failed", "interrupted": "failed",
-                    "<b>": "failed"}
+                    "126": "failed", "changed": "changed", "cancelled": "cancelled",
+                    "timeout": "timeout", "interrupted": "interrupted",
+                    "<b>": "failed"}  # each its own since issue #27
         for state, kind in expected.items():
             self.assertEqual(ipd.state_badge(state), '<span class="badge %s">%s</span>'
                              % (kind, html.escape(state)))
@@ -3913,7 +3914,7 @@ class StatusPageRenderTests(unittest.TestCase):
         self.assertEqual(ipd.buttons("/d", ended), "")
         self.assertEqual(ipd.render_projects("/d", []), "<p>No deployments yet.</p>")
         rows = "".join(ipd.render_projects("/d", [("a<b", ended, 7)]))
-        self.assertIn("<td>7</td>", rows)
+        self.assertIn('<td data-label="deployments">7</td>', rows)
 
     def test_a_page_carries_its_nonce_and_nothing_else_runs(self):
         page = "".join(ipd.render_page("/d", "t<", "<p>x</p>", "N1", "go()", True))
@@ -7165,6 +7166,348 @@ class MistakeMessageTests(DaemonTestCase):
                          b"unknown, expired or revoked\n")
         status, _, body = self.daemon.get("/stat", user=None)
         self.assertEqual((status, body.strip()), (401, "authentication required"))
+
+
+class Element:
+    """An element of a parsed page: tag, attributes, children, its text."""
+
+    def __init__(self, tag, attrs, parent=None):
+        self.tag, self.attrs, self.parent = tag, dict(attrs), parent
+        self.children, self.parts = [], []
+
+    def text(self):
+        return "".join(part if isinstance(part, str) else part.text()
+                       for part in self.parts)
+
+    def classes(self):
+        return (self.attrs.get("class") or "").split()
+
+    def find_all(self, tag=None, css=None):
+        """The elements below this one with tag and/or the class css."""
+        found = []
+        for child in self.children:
+            if (tag is None or child.tag == tag) and (css is None or css in child.classes()):
+                found.append(child)
+            found.extend(child.find_all(tag, css))
+        return found
+
+
+class PageParser(html.parser.HTMLParser):
+    """HTML text -> a tree of Elements (void elements have no children)."""
+
+    VOID = ("meta", "br", "input", "img", "link")
+
+    def __init__(self, text):
+        super().__init__(convert_charrefs=True)
+        self.root = self.current = Element("document", {})
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        element = Element(tag, attrs, self.current)
+        self.current.children.append(element)
+        self.current.parts.append(element)
+        if tag not in self.VOID:
+            self.current = element
+
+    def handle_endtag(self, tag):
+        element = self.current
+        while element is not self.root and element.tag != tag:
+            element = element.parent
+        if element is not self.root:
+            self.current = element.parent
+
+    def handle_data(self, data):
+        self.current.parts.append(data)
+
+
+def parse_page(text):
+    return PageParser("".join(text)).root
+
+
+# The deployments of the status page tests, oldest first: (state, seconds
+# ago uploaded, started, ended, steps).
+NOW = 1800000000.0
+LAYOUT_RECORDS = (
+    ("ok", 7300, 7200, 7000, [("check", 0), ("prepare", 1), ("deploy", 1)]),
+    ("ok", 3700, 3660, 3600, [("check", 1), ("deploy", 1)]),
+    ("5", 700, 660, 600, [("check", 0), ("prepare", 1), ("deploy", 5)]),
+    ("timeout", 500, 490, 100, [("check", 1), ("deploy", None)]),
+    ("cancelled", 90, 80, 70, []),
+    ("interrupted", 60, 55, 50, [("check", 1)]),
+    ("changed", 45, None, 40, []),
+    ("active", 30, 12, None, [("check", 1)]),
+    ("await", 5, None, None, []),
+)
+
+
+def layout_records(project="web", now=NOW):
+    """The Deployments of LAYOUT_RECORDS, each with an image and a package."""
+    records = []
+    for number, (state, created, started, ended, steps) in enumerate(LAYOUT_RECORDS):
+        files = {"image": {"name": "web.tar", "size": 123456789,
+                           "sha256": hashlib.sha256(b"%d" % number).hexdigest()}}
+        records.append(ipd.Deployment(
+            "%08x-0000-4000-8000-%012x" % (number, number), project, number + 1,
+            "ci", files, "/c", state=state, created=now - created,
+            started=started and now - started, ended=ended and now - ended,
+            steps=[{"step": step, "code": code, "seconds": 1} for step, code in steps]))
+    return records
+
+
+class StatusPageLayoutTests(unittest.TestCase):
+    """Issue #27: the status pages as people read them, checked on the
+    rendered HTML's elements: relative times with the full time on hover,
+    durations, the live deployment apart from the newest, a badge a state,
+    a failure naming its step, only the buttons that apply, short digests,
+    labels on a narrow screen, projects by last activity."""
+
+    def project_page(self):
+        return parse_page(ipd.render_project("/deploy", layout_records(), NOW))
+
+    def rows(self, page):
+        return [row for row in page.find_all("tr") if "head" not in row.classes()]
+
+    def test_times_are_relative_with_the_full_time_on_hover(self):
+        rows = self.rows(self.project_page())
+        when = {row.find_all("td")[1].text(): row.find_all("time")[0] for row in rows}
+        self.assertEqual(when["ok"].text(), "ended 1 h ago")
+        self.assertEqual(when["deploy failed: 5"].text(), "ended 10 min ago")
+        self.assertEqual(when["await"].text(), "uploaded 5 s ago")
+        self.assertEqual(when["active"].text(), "started 12 s ago")
+        self.assertEqual(when["deploy failed: 5"].attrs["title"],
+                         "uploaded 2027-01-15 07:48:20 UTC; started 2027-01-15 "
+                         "07:49:00 UTC; ended 2027-01-15 07:50:00 UTC")
+        self.assertEqual(when["await"].attrs["datetime"], ipd.iso_time(NOW - 5))
+        took = {row.find_all("td")[1].text(): row.find_all("td")[3].text()
+                for row in rows}
+        self.assertEqual(took["deploy failed: 5"], "1 min 0 s")
+        self.assertEqual(took["timeout"], "6 min 30 s")
+        self.assertEqual(took["active"], "12 s so far")
+        self.assertEqual(took["await"], "-")
+        self.assertEqual([ipd.human_duration(s) for s in (0.44, 12.5, 185, 7500)],
+                         ["0.4 s", "12 s", "3 min 5 s", "2 h 5 min"])
+        self.assertEqual([ipd.time_ago(s) for s in (-3, 59, 60, 3599, 7200, 86400 * 3)],
+                         ["0 s ago", "59 s ago", "1 min ago", "59 min ago", "2 h ago",
+                          "3 d ago"])
+        deployment = parse_page(ipd.render_deployment(
+            "/deploy", layout_records()[2], 0, b"log", NOW))
+        times = deployment.find_all("time")
+        self.assertEqual([t.text() for t in times],
+                         ["11 min ago", "11 min ago", "10 min ago"])
+        self.assertEqual(times[2].attrs["title"], "2027-01-15 07:50:00 UTC")
+
+    def test_the_live_deployment_is_marked_apart_from_the_newest(self):
+        rows = self.rows(self.project_page())
+        marked = {mark.text(): row.find_all("code")[0].text() for row in rows
+                  for mark in row.find_all("span", "mark")}
+        self.assertEqual(marked, {"live": "00000001", "newest": "00000008"})
+        self.assertEqual([row.find_all("code")[0].text() for row in rows
+                          if "live" in row.classes()], ["00000001"])
+        self.assertEqual(rows[0].find_all("code")[0].text(), "00000008")  # newest first
+        live = parse_page(ipd.render_deployment("/deploy", layout_records()[1], 0,
+                                                b"", NOW, live=True))
+        self.assertEqual([m.text() for m in live.find_all("span", "mark")], ["live"])
+        other = parse_page(ipd.render_deployment("/deploy", layout_records()[0], 0,
+                                                 b"", NOW))
+        self.assertEqual(other.find_all("span", "mark"), [])
+
+    def test_one_badge_a_state_and_a_failure_names_its_step(self):
+        badges = [row.find_all("span", "badge")[0] for row in self.rows(self.project_page())]
+        seen = {badge.text(): badge.classes()[1] for badge in badges}
+        self.assertEqual(seen, {"await": "await", "active": "active", "ok": "ok",
+                                "deploy failed: 5": "failed", "timeout": "timeout",
+                                "cancelled": "cancelled", "interrupted": "interrupted",
+                                "changed": "changed"})
+        for kind in seen.values():  # each its own colour
+            self.assertIn(".%s{background:" % kind, ipd.PAGE_STYLE)
+        colours = re.findall(r"\.(await|active|ok|failed|timeout|cancelled|"
+                             r"interrupted|changed)\{background:(#[0-9a-f]+)\}",
+                             ipd.PAGE_STYLE)
+        self.assertEqual(len(set(colour for _, colour in colours)), 8)
+        failed = layout_records()[2]
+        self.assertEqual(ipd.state_words(failed.replace(steps=[])), "failed: 5")
+        page = parse_page(ipd.render_deployment("/deploy", failed, 0, b"", NOW))
+        self.assertEqual(page.find_all("span", "badge")[0].text(), "deploy failed: 5")
+
+    def test_only_the_buttons_that_apply(self):
+        for row in self.rows(self.project_page()):
+            state = row.find_all("span", "badge")[0].classes()[1]
+            buttons = [button.text() for button in row.find_all("button")]
+            with self.subTest(state=state):
+                self.assertEqual(buttons, ["cancel"] if state in ("await", "active")
+                                 else ["redeploy"])
+        pruned = layout_records()[0].replace(pruned=True)
+        self.assertEqual(ipd.buttons("/deploy", pruned), "")
+
+    def test_digests_are_short_with_the_whole_value_on_hover(self):
+        record = layout_records()[0]
+        digest = record.files["image"]["sha256"]
+        codes = [code for code in self.rows(self.project_page())[-1].find_all("code")
+                 if code.attrs.get("title")]
+        self.assertEqual([(code.text(), code.attrs["title"]) for code in codes],
+                         [(digest[:12] + "\u2026", digest)])
+        self.assertIn("123,456,789 bytes", self.rows(self.project_page())[-1].text())
+        signed = record.replace(signer={"principal": "ci@web", "fingerprint":
+                                        "SHA256:" + "A" * 43})
+        code = parse_page(ipd.signed_by(signed)).find_all("code")[0]
+        self.assertEqual((code.text(), code.attrs["title"]),
+                         ("SHA256:" + "A" * 12 + "\u2026", "SHA256:" + "A" * 43))
+
+    def test_every_value_keeps_its_label_on_a_narrow_screen(self):
+        page = self.project_page()
+        labels = [th.text() for th in page.find_all("th")]
+        for row in self.rows(page):
+            self.assertEqual([td.attrs.get("data-label") for td in row.find_all("td")],
+                             labels)
+        self.assertIn("head", page.find_all("tr")[0].classes())
+        narrow = ipd.PAGE_STYLE[ipd.PAGE_STYLE.index("@media(max-width:40em)"):]
+        self.assertIn("tr.head{display:none}", narrow)
+        self.assertIn("td[data-label]::before{content:attr(data-label)", narrow)
+
+    def test_projects_by_last_activity_with_their_live_deployment(self):
+        records = {name: layout_records(name) for name in ("quiet", "busy", "middle")}
+        latest = {"quiet": records["quiet"][0], "busy": records["busy"][-1],
+                  "middle": records["middle"][2]}
+        page = parse_page(ipd.render_projects(
+            "/deploy", [(name, latest[name], 3) for name in ("busy", "middle", "quiet")
+                        ][::-1], {"busy": records["busy"][1], "middle": None}, NOW))
+        rows = self.rows(page)
+        self.assertEqual([row.find_all("a")[0].text() for row in rows],
+                         ["busy", "middle", "quiet"])
+        cells = {td.attrs["data-label"]: td for td in rows[0].find_all("td")}
+        self.assertEqual(cells["newest"].text(), "await")
+        self.assertEqual(cells["live"].text(), "00000001 1 h ago")
+        self.assertEqual(cells["when"].text(), "uploaded 5 s ago")
+        self.assertEqual(self.rows(page)[1].find_all("td")[5].text(), "-")
+
+    def test_the_policy_is_unchanged_and_no_script_is_added(self):
+        self.assertEqual(ipd.page_headers("N")["Content-Security-Policy"],
+                         "default-src 'none'; style-src 'nonce-N'; script-src "
+                         "'nonce-N'; connect-src 'self'; form-action 'self'; "
+                         "frame-ancestors 'none'; base-uri 'none'")
+        page = "".join(ipd.render_page("/deploy", "web", ipd.render_project(
+            "/deploy", layout_records(), NOW), "N"))
+        self.assertNotIn("<script", page)
+        self.assertNotIn(" style=", page)  # the policy admits no style attribute
+
+
+def browser_logged_in(test):
+    """A WebDriver for test (a DaemonTestCase) that logs in as admin."""
+    browser = WebDriver(test.tmp)
+    test.addCleanup(browser.quit)
+    browser.cdp("Network.enable", {})
+    browser.cdp("Network.setExtraHTTPHeaders", {"headers": {
+        "Authorization": "Basic " + base64.b64encode(b"admin:admin-pw").decode()}})
+    return browser
+
+
+# Where the browser tests keep their screenshots (CI keeps the folder).
+ARTEFACTS = os.path.join(HERE, "build", "artefacts")
+
+
+class StatusPageBrowserTests(DaemonTestCase):
+    """Issue #27: the status pages in headless Chromium at 1280 and 400 px
+    wide, screenshots kept in build/artefacts/, the elements checked in the
+    browser's own layout."""
+    system = True
+    setUpClass = BrowserTests.__dict__["setUpClass"]
+
+    def setUp(self):
+        super().setUp()
+        self.browser = browser_logged_in(self)
+        self.base = "http://127.0.0.1:%d/deploy" % self.daemon.port
+        os.makedirs(ARTEFACTS, exist_ok=True)
+
+    def script(self, body, *args):
+        return self.browser.session_call("POST", "/execute/sync",
+                                         {"script": body, "args": list(args)})
+
+    def width(self, pixels):
+        self.browser.cdp("Emulation.setDeviceMetricsOverride", {
+            "width": pixels, "height": 900, "deviceScaleFactor": 1,
+            "mobile": pixels < 600})
+
+    def shoot(self, name):
+        data = self.browser.screenshot(os.path.join(ARTEFACTS, name))
+        self.assertGreater(png_colours(data), 10)
+
+    def deployments(self):
+        """A live ok, a failed deploy, a running one and a waiting one."""
+        ok = self.daemon.deploy()
+        self.daemon.wait_state("app", ok)
+        failed = self.daemon.deploy('[ "$1" = deploy ] && exit 5; exit 1')
+        self.daemon.wait_state("app", failed)
+        gate = os.path.join(self.tmp, "gate")
+        running = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", running, ("active",))
+        waiting = self.daemon.deploy()
+        self.addCleanup(lambda: open(gate, "w").close())
+        self.daemon.wait_state("web", self.daemon.deploy(project="web"))
+        return ok, failed, running, waiting
+
+    def rows(self):
+        """{deployment id: {label: (text, title of its time or code)}}."""
+        return self.script(
+            "var rows={};document.querySelectorAll('tr:not(.head)').forEach("
+            "function(tr){var cells={};tr.querySelectorAll('td').forEach("
+            "function(td){var t=td.querySelector('time,code[title]');cells["
+            "td.getAttribute('data-label')]=[td.innerText.trim(),t?t.title:'',"
+            "getComputedStyle(td,'::before').content];});rows[tr.querySelector("
+            "'a').getAttribute('href').split('/').pop()]=cells;});return rows;")
+
+    def test_the_project_page_at_1280_and_400_px(self):
+        ok, failed, running, waiting = self.deployments()
+        self.browser.open(self.base + "/ui/app")
+        for pixels in (1280, 400):
+            with self.subTest(width=pixels):
+                self.width(pixels)
+                self.browser.open(self.base + "/ui/app")
+                self.shoot("project-%d.png" % pixels)
+                rows = self.rows()
+                self.assertEqual(rows[failed]["state"][0], "deploy failed: 5")
+                self.assertRegex(rows[ok]["deployment"][0], r"\A%s\s*live\Z" % ok[:8])
+                self.assertRegex(rows[waiting]["deployment"][0], r"newest\Z")
+                self.assertRegex(rows[ok]["when"][0], r"\Aended \d+ s ago\Z")
+                self.assertRegex(rows[ok]["when"][1], r"ended 20\d\d-\d\d-\d\d "
+                                 r"\d\d:\d\d:\d\d UTC\Z")
+                self.assertRegex(rows[running]["took"][0], r"so far\Z")
+                shown, digest = rows[running]["files (SHA-256)"][:2]
+                self.assertRegex(digest, r"\A[0-9a-f]{64}\Z")
+                self.assertIn(digest[:12] + "\u2026", shown)
+                self.assertNotIn(digest, shown)
+                self.assertEqual(rows[running][""][0], "cancel")
+                self.assertEqual(rows[waiting][""][0], "cancel")
+                self.assertEqual(rows[failed][""][0], "redeploy")
+                labels_shown = [cell[2] for cell in rows[ok].values()]
+                head = self.script("return getComputedStyle(document.querySelector("
+                                   "'tr.head')).display")
+                wide = self.script("return document.documentElement.scrollWidth")
+                if pixels == 400:  # a label before each value, no table head
+                    self.assertEqual(head, "none")
+                    self.assertIn('"when"', labels_shown)
+                    self.assertLessEqual(wide, 400)
+                else:
+                    self.assertNotEqual(head, "none")
+                    self.assertEqual(set(labels_shown), {"none"})
+                    lines = self.script("return document.querySelector('tr:not(.head)"
+                                        " time').getClientRects().length")
+                    self.assertEqual(lines, 1)  # a time never wraps
+        self.browser.open(self.base + "/ui/")
+        names = self.script("return Array.from(document.querySelectorAll("
+                            "'tr:not(.head) td:first-child a')).map(function(a)"
+                            "{return a.textContent})")
+        self.assertEqual(names, ["web", "app"])  # by last activity
+        self.shoot("projects-400.png")
+        self.width(1280)
+        self.browser.open(self.base + "/ui/")
+        self.shoot("projects-1280.png")
+        self.browser.open("%s/ui/app/%s" % (self.base, failed))
+        self.assertEqual(self.browser.text("p .badge"), "deploy failed: 5")
+        self.shoot("deployment-1280.png")
+        report("Chromium at 1280 and 400 px: relative times, live and newest marked, "
+               "a failure naming its step, labels on a phone; screenshots in "
+               "build/artefacts/")
 
 
 class ReadmeTruthTests(DaemonTestCase):
