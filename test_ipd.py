@@ -7510,6 +7510,132 @@ class StatusPageBrowserTests(DaemonTestCase):
                "build/artefacts/")
 
 
+class ExampleSettingsTests(unittest.TestCase):
+    """Issue #27: both examples' prepare fill in every setting a deploy.env
+    lacks with its default and keep the ones it has.  control.sh runs for
+    real; `docker` is a script that answers yes to every question (only
+    deploy.env is under test here: the Docker test classes deploy)."""
+
+    SCRIPTS = ("examples/docker/control.sh", "examples/swarm/control.sh")
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        tools = os.path.join(self.tmp, "bin")
+        os.makedirs(tools)
+        with open(os.path.join(tools, "docker"), "w") as file:
+            file.write("#!/bin/sh\nexit 0\n")
+        os.chmod(os.path.join(tools, "docker"), 0o755)
+        self.path = tools + os.pathsep + os.environ.get("PATH", os.defpath)
+
+    def run_step(self, script, step, project_dir):
+        return subprocess.run(
+            ["sh", os.path.join(HERE, script), step], cwd=self.tmp,
+            env={"PATH": self.path, "PROJECT": "web", "DEPLOY": "d1", "IMAGE": "",
+                 "PROJECT_DIR": project_dir}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+
+    def settings(self, path):
+        """{name: value} of a deploy.env, each name counted once."""
+        names = re.findall(r"(?m)^([A-Z_][A-Z0-9_]*)=(.*)$", read_text(path))
+        self.assertEqual(len(names), len(dict(names)), names)
+        return dict(names)
+
+    def test_prepare_fills_in_every_missing_setting(self):
+        for script in self.SCRIPTS:
+            with self.subTest(script=script):
+                fresh = os.path.join(self.tmp, script.split("/")[1], "fresh")
+                os.makedirs(fresh)
+                self.assertEqual(self.run_step(script, "prepare", fresh).returncode, 1)
+                defaults = self.settings(os.path.join(fresh, "deploy.env"))
+                given = os.path.join(self.tmp, script.split("/")[1], "given")
+                os.makedirs(given)
+                env = os.path.join(given, "deploy.env")
+                with open(env, "w") as file:  # as the README says, no last newline
+                    file.write("# mine\nNGINX_LISTEN=8081\nNGINX_SERVER_NAME=web.example")
+                check = self.run_step(script, "check", given)
+                self.assertEqual(check.returncode, 0, check.stdout)
+                self.assertIn("APP_PORT", check.stdout)
+                result = self.run_step(script, "prepare", given)
+                self.assertEqual(result.returncode, 1, result.stdout)
+                self.assertIn("added to %s: APP_PORT" % env, result.stdout)
+                settings = self.settings(env)
+                self.assertEqual(sorted(settings), sorted(defaults))
+                self.assertEqual((settings["NGINX_LISTEN"], settings["NGINX_SERVER_NAME"]),
+                                 ("8081", "web.example"))
+                self.assertTrue(read_text(env).startswith("# mine\n"))
+                self.assertRegex(settings["PORT_BASE"], r"\A2\d{4}\Z")
+                for name, value in settings.items():
+                    if name not in ("PORT_BASE", "NGINX_LISTEN", "NGINX_SERVER_NAME",
+                                    "NGINX_CONF"):
+                        self.assertEqual(value, defaults[name], name)
+                self.assertEqual(settings["NGINX_CONF"],
+                                 defaults["NGINX_CONF"].replace(fresh, given))
+                self.assertEqual(self.run_step(script, "check", given).returncode, 1)
+                again = self.run_step(script, "prepare", given)  # nothing more to add
+                self.assertNotIn("added to", again.stdout)
+                self.assertEqual(self.settings(env), settings)
+        swarm = self.settings(os.path.join(self.tmp, "swarm", "given", "deploy.env"))
+        for name in ("APP_PORT", "REPLICAS", "REGISTRY", "SERVICE_OPTS"):
+            self.assertIn(name, swarm)
+        readme = read_text(os.path.join(HERE, "README.md"))
+        docker = self.settings(os.path.join(self.tmp, "docker", "given", "deploy.env"))
+        table = readme[readme.index("Settings in `$PROJECT_DIR/deploy.env`"):]
+        table = table[:table.index("Exit codes")]
+        self.assertEqual(sorted(re.findall(r"(?m)^\| `([A-Z_]+)` \|", table)),
+                         sorted(docker))
+
+
+class InstallCommandTests(unittest.TestCase):
+    """Issue #27: `make install` puts `ipd` on PATH, as the .deb does."""
+
+    @unittest.skipUnless(shutil.which("make"), "needs make")
+    def test_make_install_links_ipd_into_prefix_bin(self):
+        stage = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, stage, True)
+        make = ["make", "-s", "DESTDIR=" + stage, "PREFIX=/usr"]
+        subprocess.run(make + ["install"], cwd=HERE, check=True,
+                       stdout=subprocess.DEVNULL)
+        command = os.path.join(stage, "usr/bin/ipd")
+        self.assertEqual(os.readlink(command), "../lib/ipd/ipd.py")
+        result = subprocess.run([command, "--version"], stdout=subprocess.PIPE,
+                                universal_newlines=True)
+        self.assertEqual(result.stdout, "ipd %s\n" % ipd.__version__)
+        subprocess.run(make + ["uninstall"], cwd=HERE, check=True,
+                       stdout=subprocess.DEVNULL)
+        self.assertFalse(os.path.lexists(command))
+        os.symlink("/opt/other/ipd", command)  # another's ipd: left alone
+        subprocess.run(make + ["uninstall"], cwd=HERE, check=True,
+                       stdout=subprocess.DEVNULL)
+        self.assertEqual(os.readlink(command), "/opt/other/ipd")
+
+
+class DebExamplesTests(unittest.TestCase):
+    """Issue #27: the .deb ships examples/, which the README tells to copy."""
+    system = True  # the same on every Python: once per CI run
+
+    @unittest.skipUnless(shutil.which("dpkg-deb"), "needs dpkg-deb")
+    def test_the_deb_has_the_examples_with_their_modes(self):
+        tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        result = subprocess.run(["make", "-s", "deb", "DIST=" + tmp], cwd=HERE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.assertEqual(result.returncode, 0, result.stdout)
+        root = os.path.join(tmp, "root")
+        subprocess.run(["dpkg-deb", "-x", os.path.join(
+            tmp, "ipd_%s_all.deb" % ipd.__version__), root], check=True)
+        examples = os.path.join(root, "usr/share/doc/ipd/examples")
+        for name in ("docker/control.sh", "swarm/control.sh", "docker/app/Dockerfile",
+                     "docker/app/app.py"):
+            with self.subTest(name=name):
+                self.assertEqual(read_bytes(os.path.join(examples, name)),
+                                 read_bytes(os.path.join(HERE, "examples", name)))
+        for name in ("docker/control.sh", "swarm/control.sh"):
+            self.assertTrue(os.access(os.path.join(examples, name), os.X_OK))
+        self.assertIn("/usr/share/doc/ipd/examples/docker/control.sh",
+                      read_text(os.path.join(HERE, "README.md")))
+
+
 class ReadmeTruthTests(DaemonTestCase):
     """Issue #15: what the README states about states, errors, /info, the
     demo, install and the bench is what the code does."""
