@@ -6605,8 +6605,8 @@ class SingleDaemonTests(DaemonTestCase):
         result = run_ipd("demo", "--listen", "127.0.0.1:0", cwd=demo)
         self.assertEqual(result.returncode, 2)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
-        self.assertIn("UPLOAD_DIR=%s is in use by another ipd (PID %d)"
-                      % (os.path.join(demo, "ipd-demo", "uploads"), first.pid),
+        self.assertIn("--dir %s is in use by another ipd (PID %d)"  # its option
+                      % (os.path.join(demo, "ipd-demo"), first.pid),  # (issue #27)
                       result.stderr)
 
 
