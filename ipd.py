@@ -3283,6 +3283,15 @@ def control_script_problem(path, shown="control.sh"):
     return None
 
 
+def cannot_run_line(path, step, error):
+    """The step log's line for a control.sh at path that the kernel would
+    not start (error, from Popen), with the fix when it is known."""
+    problem = control_script_problem(path)
+    return ("ipd: cannot run control.sh %s: %s%s\n" % (
+        step, getattr(error, "strerror", None) or error,
+        "; " + problem if problem else "")).encode()
+
+
 def find_control_script(unpacked, project_dir):
     """The control.sh to run: the package's, else the project folder's.
 
@@ -4950,10 +4959,7 @@ class DeployWorker:
             # A broken "#!" line or a vanished file: end as a shell would
             # (127 not found, 126 cannot execute), saying why in the log.
             code = 127 if isinstance(error, FileNotFoundError) else 126
-            problem = control_script_problem(record.control)
-            log_file.write(("ipd: cannot run control.sh %s: %s%s\n"
-                            % (step, getattr(error, "strerror", None) or error,
-                               "; " + problem if problem else "")).encode())
+            log_file.write(cannot_run_line(record.control, step, error))
             log_file.flush()
             log.warning("deployment %s: cannot run control.sh %s: %s",
                         record.id, step, error)
@@ -8559,8 +8565,7 @@ class Client:
                     raise http_error(response.status, response.read())
                 pending, final = b"", None
                 while True:
-                    data = read_by(connection, response, deadline,
-                                   "deployment %s" % deployment)
+                    data = read_by(connection, response, deadline, "deployment " + deployment)
                     if not data:
                         break
                     pending += data
@@ -8589,8 +8594,7 @@ class Client:
             failures = 0 if offset > progress else failures + 1
             if failures >= FOLLOW_RETRIES:
                 raise network_error(self.url, problem)
-            time.sleep(1 if deadline is None else  # then resumed from offset
-                       max(0, min(1, deadline - time.monotonic())))
+            time.sleep(min(1, max(0, deadline - time.monotonic())) if deadline else 1)
 
     def push(self, project, files, progress=None, signed=None):
         """Upload files ({field: path}) for project; return the new
@@ -9180,9 +9184,8 @@ def add_client_commands(commands):
                         "(default: the latest)")
     status.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                         help="answer when it ends, or after SECONDS")
-    status.add_argument("--timeout", type=float, default=0, help="give up "
-                        "after this many seconds (exit 9; default: --wait "
-                        "plus 60)")
+    status.add_argument("--timeout", type=float, default=0, help="give up after "
+                        "this many seconds (exit 9; default: --wait plus 60)")
     status.set_defaults(func=cmd_status)
     logs = commands.add_parser("logs", parents=[common], help="what control.sh "
                                "printed", description="Print what control.sh "
@@ -9413,6 +9416,15 @@ def cmd_settings(args):
     return 0
 
 
+DEMO_DESCRIPTION = (
+    "Run a daemon to try at once: data in --dir, user demo, password demo, a "
+    "project hello whose control.sh prints what it deploys.  It takes the "
+    "same settings as serve (--config, $IPD_CONFIG or %s, and the "
+    "environment, e.g. ALLOWED_SIGNERS=... REQUIRE_SIGNATURE=hello), but for "
+    "UPLOAD_DIR, LOG_DIR and AUTH_DB, which are in --dir, and LISTEN, which "
+    "is --listen." % DEFAULT_CONFIG)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="ipd", description="Image Push and Deploy: receive app images "
@@ -9435,15 +9447,7 @@ def build_parser():
     serve_parser.set_defaults(func=cmd_serve)
     demo = commands.add_parser("demo", parents=[config], help="a local daemon "
                                "to try: user demo, password demo, project hello",
-                               description="Run a daemon to try at once: data "
-                               "in --dir, user demo, password demo, a project "
-                               "hello whose control.sh prints what it deploys. "
-                               "It takes the same settings as serve (--config, "
-                               "$IPD_CONFIG or %s, and the environment, e.g. "
-                               "ALLOWED_SIGNERS=... REQUIRE_SIGNATURE=hello), "
-                               "but for UPLOAD_DIR, LOG_DIR and AUTH_DB, which "
-                               "are in --dir, and LISTEN, which is --listen."
-                               % DEFAULT_CONFIG)
+                               description=DEMO_DESCRIPTION)
     demo.add_argument("--dir", default="ipd-demo", help="its folder "
                       "(default: ./ipd-demo)")
     demo.add_argument("--listen", default="127.0.0.1:9955", help="host:port to "
