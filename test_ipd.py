@@ -7392,6 +7392,26 @@ class StatusPageLayoutTests(unittest.TestCase):
         self.assertNotIn(" style=", page)  # the policy admits no style attribute
 
 
+class StatusPageLiveTests(DaemonTestCase):
+    """Issue #27: the live deployment (a project's last ok) is found and
+    marked on the pages, also when later failures pruned its files."""
+    settings = {"KEEP_DEPLOYMENTS": "1"}
+
+    def test_the_last_ok_stays_live_behind_failures(self):
+        ok = self.daemon.deploy()
+        self.assertEqual(self.daemon.wait_state("app", ok), "ok")
+        for _ in range(3):
+            self.daemon.wait_state("app", self.daemon.deploy(
+                '[ "$1" = deploy ] && exit 5; exit 1'))
+        html_headers = {"Accept": "text/html"}
+        projects = parse_page(self.daemon.get("/ui/", headers=html_headers)[2])
+        live = [td for td in projects.find_all("td") if td.attrs.get("data-label") == "live"]
+        self.assertEqual(live[0].find_all("code")[0].text(), ok[:8])
+        page = parse_page(self.daemon.get("/ui/app/" + ok, headers=html_headers)[2])
+        self.assertEqual([m.text() for m in page.find_all("span", "mark")], ["live"])
+        self.assertIn("(pruned)", self.daemon.get("/ui/app", headers=html_headers)[2])
+
+
 def browser_logged_in(test):
     """A WebDriver for test (a DaemonTestCase) that logs in as admin."""
     browser = WebDriver(test.tmp)
