@@ -7571,8 +7571,9 @@ class ExampleSettingsTests(unittest.TestCase):
                 given = os.path.join(self.tmp, script.split("/")[1], "given")
                 os.makedirs(given)
                 env = os.path.join(given, "deploy.env")
-                with open(env, "w") as file:  # as the README says, no last newline
-                    file.write("# mine\nNGINX_LISTEN=8081\nNGINX_SERVER_NAME=web.example")
+                with open(env, "w") as file:  # no last newline; the last default given
+                    file.write("# mine\nNGINX_LISTEN=8081\nRELOAD_TIMEOUT=30\n"
+                               "NGINX_SERVER_NAME=web.example")
                 check = self.run_step(script, "check", given)
                 self.assertEqual(check.returncode, 0, check.stdout)
                 self.assertIn("APP_PORT", check.stdout)

@@ -144,7 +144,8 @@ add_missing_settings() {
     [ -z "$(tail -c 1 "$ENV_FILE")" ] || echo >> "$ENV_FILE"
     default_settings "$base" | while IFS= read -r line; do
         case "$line" in
-            [A-Z_]*=*) echo "$missing" | grep -qx "${line%%=*}" && printf '%s\n' "$line" ;;
+            [A-Z_]*=*) if echo "$missing" | grep -qx "${line%%=*}"; then
+                           printf '%s\n' "$line"; fi ;;
         esac
     done >> "$ENV_FILE" || fail 2 "cannot add settings to $ENV_FILE"
     say "added to $ENV_FILE:" $missing
