@@ -5774,8 +5774,8 @@ def login_refusal(scheme, password, id_tokens=False):
     id_tokens: OIDC_TRUST is set, so an eyJ... password is an ID token."""
     if not password:
         return "malformed credentials: expected Basic base64(user:password)"
-    if id_tokens and looks_like_jwt(password):
-        return "ID token refused (the audit log says why)"
+    if id_tokens and looks_like_jwt(password):  # as a wrong password: see
+        return "wrong user name or password"   # README, ID tokens
     if password.startswith("ipd_") or scheme.lower() == "bearer":
         return "deploy token refused: unknown, expired or revoked"
     return "wrong user name or password"
