@@ -6319,6 +6319,7 @@ def state_words(record):
 
 
 def record_badge(record):
+    """The badge of a deployment: its state's colour, state_words' words."""
     return state_badge(record.state, state_words(record))
 
 
@@ -6439,11 +6440,13 @@ def table_row(cells, css=""):
 
 
 def table_head(labels):
+    """A table's start and its head row (hidden on a narrow screen)."""
     return '<table><tr class="head">%s</tr>' % "".join(
         "<th>%s</th>" % html.escape(label) for label in labels)
 
 
 def marks(words):
+    """Small labels after a deployment's ID: 'live', 'newest'."""
     return "".join('<span class="mark %s">%s</span>' % (word, word) for word in words)
 
 
@@ -6471,6 +6474,7 @@ def deployment_row(root, record, now=None, marked=()):
 
 
 def last_activity(record):
+    """When a deployment last changed: its end, start or upload time."""
     return record.ended or record.started or record.created or 0
 
 
