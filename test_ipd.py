@@ -7597,6 +7597,7 @@ class ExampleSettingsTests(unittest.TestCase):
                 self.assertNotIn("added to", again.stdout)
                 self.assertEqual(self.settings(env), settings)
         swarm = self.settings(os.path.join(self.tmp, "swarm", "given", "deploy.env"))
+        self.assertNotIn("unknown setting", check.stdout)
         for name in ("APP_PORT", "REPLICAS", "REGISTRY", "SERVICE_OPTS"):
             self.assertIn(name, swarm)
         readme = read_text(os.path.join(HERE, "README.md"))
@@ -7605,6 +7606,25 @@ class ExampleSettingsTests(unittest.TestCase):
         table = table[:table.index("Exit codes")]
         self.assertEqual(sorted(re.findall(r"(?m)^\| `([A-Z_]+)` \|", table)),
                          sorted(docker))
+
+
+    def test_a_name_no_setting_has_is_a_warning(self):
+        for script in self.SCRIPTS:
+            with self.subTest(script=script):
+                project_dir = os.path.join(self.tmp, script.split("/")[1])
+                os.makedirs(project_dir)
+                env = os.path.join(project_dir, "deploy.env")
+                with open(env, "w") as file:
+                    file.write("NGINX_LISTN=8081\nexport APP_PORT=8000\n")
+                result = self.run_step(script, "prepare", project_dir)
+                self.assertEqual(result.returncode, 1, result.stdout)
+                check = self.run_step(script, "check", project_dir)
+                self.assertEqual(check.returncode, 1, check.stdout)
+                self.assertEqual(check.stdout.splitlines()[0], "[web] warning: %s: unknown "
+                                 "setting NGINX_LISTN (see the README's deploy.env "
+                                 "settings)" % env)
+                self.assertNotIn("APP_PORT", check.stdout)
+                self.assertEqual(read_text(env).count("APP_PORT="), 1)
 
 
 class InstallCommandTests(unittest.TestCase):

@@ -128,7 +128,19 @@ write_defaults() {
 # The names of the settings deploy.env lacks, one a line.
 missing_settings() {
     default_settings 0 | sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' |
-        while read -r key; do grep -q "^$key=" "$ENV_FILE" || echo "$key"; done
+        while read -r key; do grep -Eq "^(export +)?$key=" "$ENV_FILE" || echo "$key"; done
+}
+
+# Say which names in deploy.env no setting has (a typo leaves the setting
+# at its default); the file is shell, so a name of the user's own may be
+# meant: a warning, not a failure.
+warn_unknown_settings() {
+    known=$(default_settings 0 | sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p')
+    sed -n 's/^\(export  *\)\{0,1\}\([A-Za-z_][A-Za-z0-9_]*\)=.*/\2/p' "$ENV_FILE" |
+        while read -r key; do
+            echo "$known" | grep -qx "$key" ||
+                say "warning: $ENV_FILE: unknown setting $key (see the README's deploy.env settings)"
+        done
 }
 
 # Add each setting deploy.env lacks with its default (a deploy.env written
@@ -333,6 +345,7 @@ network_ready() {
 
 check() {
     [ -f "$ENV_FILE" ] || { say "no settings yet"; exit 0; }
+    warn_unknown_settings
     missing=$(missing_settings)
     [ -z "$missing" ] || { say "no" $missing "in $ENV_FILE yet"; exit 0; }
     load_settings
