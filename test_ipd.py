@@ -7499,6 +7499,10 @@ class StatusPageBrowserTests(DaemonTestCase):
                 self.assertEqual(rows[running][""][0], "cancel")
                 self.assertEqual(rows[waiting][""][0], "cancel")
                 self.assertEqual(rows[failed][""][0], "redeploy")
+                colours = self.script(
+                    "return Array.from(document.querySelectorAll('tr:not(.head) .badge'))"
+                    ".map(function(b){return getComputedStyle(b).backgroundColor})")
+                self.assertEqual(len(set(colours)), 4, colours)  # 4 states, 4 colours
                 labels_shown = [cell[2] for cell in rows[ok].values()]
                 head = self.script("return getComputedStyle(document.querySelector("
                                    "'tr.head')).display")
