@@ -7619,14 +7619,15 @@ class ExampleSettingsTests(unittest.TestCase):
                 os.makedirs(project_dir)
                 env = os.path.join(project_dir, "deploy.env")
                 with open(env, "w") as file:
-                    file.write("NGINX_LISTN=8081\nexport APP_PORT=8000\n")
+                    file.write("NGINX_LISTN=8081\nexport APP_PORT=8000\nMY_OWN=1\n")
                 result = self.run_step(script, "prepare", project_dir)
                 self.assertEqual(result.returncode, 1, result.stdout)
                 check = self.run_step(script, "check", project_dir)
                 self.assertEqual(check.returncode, 1, check.stdout)
                 self.assertEqual(check.stdout.splitlines()[0], "[web] warning: %s: unknown "
-                                 "setting NGINX_LISTN (see the README's deploy.env "
-                                 "settings)" % env)
+                                 "setting NGINX_LISTN (did you mean NGINX_LISTEN?)" % env)
+                self.assertEqual(check.stdout.splitlines()[1], "[web] warning: %s: unknown "
+                                 "setting MY_OWN (see the README)" % env)
                 self.assertNotIn("APP_PORT", check.stdout)
                 self.assertEqual(read_text(env).count("APP_PORT="), 1)
 

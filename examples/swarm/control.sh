@@ -132,15 +132,35 @@ missing_settings() {
 }
 
 # Say which names in deploy.env no setting has (a typo leaves the setting
-# at its default); the file is shell, so a name of the user's own may be
-# meant: a warning, not a failure.
+# at its default), with the closest one (at most 2 letters apart); the file
+# is shell, so a name of the user's own may be meant: a warning only.
 warn_unknown_settings() {
-    known=$(default_settings 0 | sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p')
+    known=$(default_settings 0 | sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' | tr '\n' ' ')
     sed -n 's/^\(export  *\)\{0,1\}\([A-Za-z_][A-Za-z0-9_]*\)=.*/\2/p' "$ENV_FILE" |
-        while read -r key; do
-            echo "$known" | grep -qx "$key" ||
-                say "warning: $ENV_FILE: unknown setting $key (see the README's deploy.env settings)"
-        done
+        awk -v known="$known" -v file="$ENV_FILE" -v project="$PROJECT" '
+        function distance(a, b,    i, j, n, m, d, cost) {
+            n = length(a); m = length(b)
+            for (i = 0; i <= n; i++) d[i, 0] = i
+            for (j = 0; j <= m; j++) d[0, j] = j
+            for (i = 1; i <= n; i++)
+                for (j = 1; j <= m; j++) {
+                    cost = substr(a, i, 1) != substr(b, j, 1)
+                    d[i, j] = d[i - 1, j - 1] + cost
+                    if (d[i - 1, j] + 1 < d[i, j]) d[i, j] = d[i - 1, j] + 1
+                    if (d[i, j - 1] + 1 < d[i, j]) d[i, j] = d[i, j - 1] + 1
+                }
+            return d[n, m]
+        }
+        BEGIN { count = split(known, names, " ") }
+        {
+            best = ""; score = 3
+            for (k = 1; k <= count; k++) {
+                if ($0 == names[k]) next
+                s = distance($0, names[k]); if (s < score) { score = s; best = names[k] }
+            }
+            hint = best != "" ? " (did you mean " best "?)" : " (see the README)"
+            printf "[%s] warning: %s: unknown setting %s%s\n", project, file, $0, hint
+        }'
 }
 
 # Add each setting deploy.env lacks with its default (a deploy.env written
