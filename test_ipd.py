@@ -7227,7 +7227,7 @@ def parse_page(text):
 
 # The deployments of the status page tests, oldest first: (state, seconds
 # ago uploaded, started, ended, steps).
-NOW = 1800000000.0
+PAGE_NOW = 1800000000.0
 LAYOUT_RECORDS = (
     ("ok", 7300, 7200, 7000, [("check", 0), ("prepare", 1), ("deploy", 1)]),
     ("ok", 3700, 3660, 3600, [("check", 1), ("deploy", 1)]),
@@ -7241,7 +7241,7 @@ LAYOUT_RECORDS = (
 )
 
 
-def layout_records(project="web", now=NOW):
+def layout_records(project="web", now=PAGE_NOW):
     """The Deployments of LAYOUT_RECORDS, each with an image and a package."""
     records = []
     for number, (state, created, started, ended, steps) in enumerate(LAYOUT_RECORDS):
@@ -7263,7 +7263,7 @@ class StatusPageLayoutTests(unittest.TestCase):
     labels on a narrow screen, projects by last activity."""
 
     def project_page(self):
-        return parse_page(ipd.render_project("/deploy", layout_records(), NOW))
+        return parse_page(ipd.render_project("/deploy", layout_records(), PAGE_NOW))
 
     def rows(self, page):
         return [row for row in page.find_all("tr") if "head" not in row.classes()]
@@ -7278,7 +7278,7 @@ class StatusPageLayoutTests(unittest.TestCase):
         self.assertEqual(when["deploy failed: 5"].attrs["title"],
                          "uploaded 2027-01-15 07:48:20 UTC; started 2027-01-15 "
                          "07:49:00 UTC; ended 2027-01-15 07:50:00 UTC")
-        self.assertEqual(when["await"].attrs["datetime"], ipd.iso_time(NOW - 5))
+        self.assertEqual(when["await"].attrs["datetime"], ipd.iso_time(PAGE_NOW - 5))
         took = {row.find_all("td")[1].text(): row.find_all("td")[3].text()
                 for row in rows}
         self.assertEqual(took["deploy failed: 5"], "1 min 0 s")
@@ -7291,7 +7291,7 @@ class StatusPageLayoutTests(unittest.TestCase):
                          ["0 s ago", "59 s ago", "1 min ago", "59 min ago", "2 h ago",
                           "3 d ago"])
         deployment = parse_page(ipd.render_deployment(
-            "/deploy", layout_records()[2], 0, b"log", NOW))
+            "/deploy", layout_records()[2], 0, b"log", PAGE_NOW))
         times = deployment.find_all("time")
         self.assertEqual([t.text() for t in times],
                          ["11 min ago", "11 min ago", "10 min ago"])
@@ -7306,10 +7306,10 @@ class StatusPageLayoutTests(unittest.TestCase):
                           if "live" in row.classes()], ["00000001"])
         self.assertEqual(rows[0].find_all("code")[0].text(), "00000008")  # newest first
         live = parse_page(ipd.render_deployment("/deploy", layout_records()[1], 0,
-                                                b"", NOW, live=True))
+                                                b"", PAGE_NOW, live=True))
         self.assertEqual([m.text() for m in live.find_all("span", "mark")], ["live"])
         other = parse_page(ipd.render_deployment("/deploy", layout_records()[0], 0,
-                                                 b"", NOW))
+                                                 b"", PAGE_NOW))
         self.assertEqual(other.find_all("span", "mark"), [])
 
     def test_one_badge_a_state_and_a_failure_names_its_step(self):
@@ -7327,7 +7327,7 @@ class StatusPageLayoutTests(unittest.TestCase):
         self.assertEqual(len(set(colour for _, colour in colours)), 8)
         failed = layout_records()[2]
         self.assertEqual(ipd.state_words(failed.replace(steps=[])), "failed: 5")
-        page = parse_page(ipd.render_deployment("/deploy", failed, 0, b"", NOW))
+        page = parse_page(ipd.render_deployment("/deploy", failed, 0, b"", PAGE_NOW))
         self.assertEqual(page.find_all("span", "badge")[0].text(), "deploy failed: 5")
 
     def test_only_the_buttons_that_apply(self):
@@ -7371,7 +7371,7 @@ class StatusPageLayoutTests(unittest.TestCase):
                   "middle": records["middle"][2]}
         page = parse_page(ipd.render_projects(
             "/deploy", [(name, latest[name], 3) for name in ("busy", "middle", "quiet")
-                        ][::-1], {"busy": records["busy"][1], "middle": None}, NOW))
+                        ][::-1], {"busy": records["busy"][1], "middle": None}, PAGE_NOW))
         rows = self.rows(page)
         self.assertEqual([row.find_all("a")[0].text() for row in rows],
                          ["busy", "middle", "quiet"])
@@ -7387,7 +7387,7 @@ class StatusPageLayoutTests(unittest.TestCase):
                          "'nonce-N'; connect-src 'self'; form-action 'self'; "
                          "frame-ancestors 'none'; base-uri 'none'")
         page = "".join(ipd.render_page("/deploy", "web", ipd.render_project(
-            "/deploy", layout_records(), NOW), "N"))
+            "/deploy", layout_records(), PAGE_NOW), "N"))
         self.assertNotIn("<script", page)
         self.assertNotIn(" style=", page)  # the policy admits no style attribute
 
