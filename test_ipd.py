@@ -7422,7 +7422,7 @@ def browser_logged_in(test):
     return browser
 
 
-# Where the browser tests keep their screenshots (CI keeps the folder).
+# Where the browser tests leave their screenshots, for people and CI to look at.
 ARTEFACTS = os.path.join(HERE, "build", "artefacts")
 
 
