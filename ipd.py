@@ -4518,16 +4518,7 @@ class DeploymentStore:
         moved = []
         with self._change_lock:
             try:
-                self._before_change(record.project)
-                os.makedirs(self.deployments_dir(record.project), exist_ok=True)
-                for suffix, source in [("", folder)] + sorted(files.items()):
-                    os.rename(source, self.path(record, suffix))
-                    moved.append(self.path(record, suffix))
-                moved.append(self.path(record, ".log"))
-                open(moved[-1], "ab").close()
-                record = record.replace(seq=self._next_seq, state="await")
-                moved.append(self.path(record, ".json"))
-                write_file_atomic(moved[-1], record.encode())
+                record = self._move_in(record, folder, files, moved)
                 with self._lock:
                     older = self._hot.get(self._waiting.get(record.project))
                 if older and yield_to_waiting:
@@ -4557,6 +4548,23 @@ class DeploymentStore:
         if replaced:
             self._after(older, replaced)
         return record.copy()
+
+    def _move_in(self, record, folder, files, moved):
+        """Step 1 of a commit (called with _change_lock held): move folder
+        and files in, make its log, write its state file with the next
+        sequence number; -> the record.  Each path made is added to moved,
+        for the commit to remove on an error."""
+        self._before_change(record.project)
+        os.makedirs(self.deployments_dir(record.project), exist_ok=True)
+        for suffix, source in [("", folder)] + sorted(files.items()):
+            os.rename(source, self.path(record, suffix))
+            moved.append(self.path(record, suffix))
+        moved.append(self.path(record, ".log"))
+        open(moved[-1], "ab").close()
+        record = record.replace(seq=self._next_seq, state="await")
+        moved.append(self.path(record, ".json"))
+        write_file_atomic(moved[-1], record.encode())
+        return record
 
     def cancel(self, deployment_id, who, address):
         """Cancel a waiting deployment (it never runs) or ask the worker to
@@ -5098,13 +5106,28 @@ class DeployWorker:
         # Recorded at once (no fsync: it must outlive ipd, not the machine)
         # so that a restart after kill -9 finds what is left of the step.
         write_step_identity(self.store.path(record, ".step"), process.pid)
-        deadline = started + (timeout or self.settings.STEP_TIMEOUT)
-        outcome = None
+        outcome = self.wait_step(record, step, process, cancel,
+                                 started + (timeout or self.settings.STEP_TIMEOUT))
+        # Children it left behind belong to the step: none may outlive it.
+        stop_process_group(process, self.settings.KILL_GRACE)
+        code = process.returncode
+        if code < 0:
+            code = 128 - code  # killed by a signal, as a shell reports it
+        log.info("deployment %s of %s: control.sh %s exited %d after %.3fs",
+                 record.id, record.project, step, code,
+                 time.monotonic() - started)
+        return code, outcome
+
+    def wait_step(self, record, step, process, cancel, deadline):
+        """Wait for a step's process to end; -> None, or the outcome for
+        which it was stopped: 'interrupted' (ipd stops past its grace),
+        'cancelled', or 'timeout' at deadline (time.monotonic())."""
         while True:
             try:
                 process.wait(timeout=min(0.1, max(0.01, deadline - time.monotonic())))
-                break
+                return None
             except subprocess.TimeoutExpired:
+                outcome = None
                 if self.kill_event.is_set():
                     outcome = "interrupted"
                 elif cancel.is_set():
@@ -5115,16 +5138,7 @@ class DeployWorker:
                     log.warning("deployment %s: control.sh %s %s, stopping it",
                                 record.id, step, outcome)
                     stop_process_group(process, self.settings.KILL_GRACE)
-                    break
-        # Children it left behind belong to the step: none may outlive it.
-        stop_process_group(process, self.settings.KILL_GRACE)
-        code = process.returncode
-        if code < 0:
-            code = 128 - code  # killed by a signal, as a shell reports it
-        log.info("deployment %s of %s: control.sh %s exited %d after %.3fs",
-                 record.id, record.project, step, code,
-                 time.monotonic() - started)
-        return code, outcome
+                    return outcome
 
 
 class Notifier:
