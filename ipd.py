@@ -3544,13 +3544,22 @@ def read_step_identity(path):
         return None
 
 
-def process_start(pid):
-    """Start time of a process in clock ticks since boot, or None."""
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command's name (state, parent,
+    process group, session, ...: the one reader of that file), or None
+    when there is no such process."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as file:
-            return int(file.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+            fields = file.read().rsplit(b")", 1)[1].split()
+        return fields if len(fields) > 19 else None
+    except (OSError, IndexError):
         return None
+
+
+def process_start(pid):
+    """Start time of a process in clock ticks since boot, or None."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def boot_id():
@@ -3577,6 +3586,7 @@ def write_step_identity(path, pid):
 
 
 def list_pids():
+    """The pids of every process this one may see."""
     try:
         return [int(name) for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
@@ -3604,15 +3614,12 @@ def processes_of_deployments(deployment_ids):
 
 def process_state(pid):
     """(state letter, process group) of a process from /proc, or None."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as file:
-            fields = file.read().rsplit(b")", 1)[1].split()
-        return fields[0], int(fields[2])
-    except (OSError, IndexError, ValueError):
-        return None
+    fields = proc_stat(pid)
+    return (fields[0], int(fields[2])) if fields else None
 
 
 def process_running(pid):
+    """True while pid is a process that has not ended (a zombie has)."""
     state = process_state(pid)
     return state is not None and state[0] != b"Z"
 
@@ -3634,13 +3641,22 @@ def session_members(session):
     group they moved to: what setsid() alone would take them out of."""
     found = []
     for pid in list_pids():
-        try:
-            with open("/proc/%d/stat" % pid, "rb") as file:
-                fields = file.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == session and fields[0] != b"Z":
+        fields = proc_stat(pid)
+        if fields and int(fields[3]) == session and fields[0] != b"Z":
             found.append(pid)
+    return found
+
+
+def leftovers_of(records, step_identity):
+    """{deployment id: [pid, ...]} of what is left running of each record's
+    step after ipd stopped (the one finder): the processes whose
+    environment says DEPLOY=id (our own user's) and those of the session
+    its step started (step_identity(record): another user's too)."""
+    found = processes_of_deployments([record.id for record in records])
+    for record in records:
+        left = set(found.get(record.id, [])) | set(
+            processes_of_session(step_identity(record)))
+        found[record.id] = sorted(left)
     return found
 
 
@@ -4293,12 +4309,10 @@ class DeploymentStore:
     def _interrupt(self, records, kill_grace):
         """Stop what is left of each deployment that ran at a stop, and
         record it 'interrupted'."""
-        orphans = processes_of_deployments([record.id for record in records])
+        leftovers = leftovers_of(records, lambda record: read_step_identity(
+            self.path(record, ".step")))
         for record in records:
-            # Another user's processes: found by the session recorded at
-            # the step's start, not by their environment.
-            left = processes_of_session(read_step_identity(self.path(record, ".step")))
-            pids = sorted(set(orphans.get(record.id, [])) | set(left))
+            pids = leftovers[record.id]
             if pids:
                 log.warning("stopping what was left running of deployment %s",
                             record.id)
