@@ -8846,6 +8846,22 @@ def human_size(count):
         count /= 1024.0
 
 
+def send_range(connection, path, start, end, view, progress=None):
+    """Send bytes start..end of the file at path on connection, through
+    view (a reused buffer); ClientError when the file is shorter now."""
+    with open(path, "rb") as file:
+        file.seek(start)
+        left = end - start
+        while left:
+            count = file.readinto(view[:min(len(view), left)])
+            if not count:
+                raise ClientError("%s changed while it was sent" % path, EXIT_USAGE)
+            connection.send(view[:count])
+            left -= count
+            if progress:
+                progress.advance(count)
+
+
 class Client:
     """Talks to ipd's API at IPD_URL (e.g. https://host/deploy)."""
 
@@ -8957,27 +8973,10 @@ class Client:
                 response = connection.getresponse()
                 if response.status >= 400:
                     raise http_error(response.status, response.read())
-                pending, final = b"", None
-                while True:
-                    data = read_by(connection, response, deadline, "deployment " + deployment)
-                    if not data:
-                        break
-                    pending += data
-                    *lines, pending = pending.split(b"\n")
-                    for line in lines:
-                        if final:  # a script's own "ipd: state:" line
-                            out.write(final[1] + b"\n")
-                            offset += len(final[1]) + 1
-                            final = None
-                        match = re.match(rb"ipd: state: (\S+)\Z", line)
-                        if match:  # the server's last line, if nothing follows
-                            final = (match.group(1).decode(), line)
-                            continue
-                        out.write(line + b"\n")
-                        offset += len(line) + 1
-                    out.flush()
-                if final and not pending:
-                    return final[0]
+                offset, final = self.follow_stream(connection, response, deadline,
+                                                   deployment, out, offset)
+                if final:
+                    return final
             except socket.timeout:
                 raise ClientError("timed out waiting for deployment %s" % deployment,
                                   EXIT_TIMEOUT)
@@ -8989,6 +8988,31 @@ class Client:
             if failures >= FOLLOW_RETRIES:
                 raise network_error(self.url, problem)
             time.sleep(min(1, max(0, deadline - time.monotonic())) if deadline else 1)
+
+    def follow_stream(self, connection, response, deadline, deployment, out, offset):
+        """Copy one follow stream's lines to out; -> (the offset reached,
+        the final state when the stream ended with the server's 'ipd:
+        state:' line, else None).  A script's own such line is printed."""
+        pending, final = b"", None
+        while True:
+            data = read_by(connection, response, deadline, "deployment " + deployment)
+            if not data:
+                break
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if final:  # a script's own "ipd: state:" line
+                    out.write(final[1] + b"\n")
+                    offset += len(final[1]) + 1
+                    final = None
+                match = re.match(rb"ipd: state: (\S+)\Z", line)
+                if match:  # the server's last line, if nothing follows
+                    final = (match.group(1).decode(), line)
+                    continue
+                out.write(line + b"\n")
+                offset += len(line) + 1
+            out.flush()
+        return offset, (final[0] if final and not pending else None)
 
     def push(self, project, files, progress=None, signed=None):
         """Upload files ({field: path}) for project; return the new
@@ -9096,18 +9120,7 @@ class Client:
                     continue
                 if early:
                     raise http_error(*early)
-                with open(path, "rb") as file:
-                    file.seek(start + offset)
-                    left = end - start - offset
-                    while left:
-                        count = file.readinto(view[:min(CHUNK_SIZE, left)])
-                        if not count:
-                            raise ClientError("%s changed while it was sent" % path,
-                                              EXIT_USAGE)
-                        connection.send(view[:count])
-                        left -= count
-                        if progress:
-                            progress.advance(count)
+                send_range(connection, path, start + offset, end, view, progress)
                 response = connection.getresponse()
                 answer = response.read()
                 connection.close()
@@ -9153,23 +9166,7 @@ class Client:
         if progress:
             progress.start(to_send + body_size, present)
         corrected = self.send_missing(missing, partial, plans, progress)
-        # a digest the file only declared is named by the recipe when the
-        # bytes have it: one that does not is corrected and its segment sent
-        for plan in plans.values():
-            for index, digest in plan["check"].result().items():
-                if plan["pieces"][index][2] != digest:
-                    start, end, _, _ = plan["pieces"][index]
-                    plan["pieces"][index] = (start, end, digest, None)
-                    corrected = True
-        if corrected:
-            answer = self.missing_segments(project, plans, files)
-            if answer is None:
-                raise ClientError("the server stopped taking segments during the "
-                                  "push", EXIT_NETWORK)
-            missing, partial, _ = answer
-            to_send += sum(end - start - partial.get(digest, 0)
-                           for digest, (_, start, end) in missing.items())
-            self.send_missing(missing, partial, plans, progress)
+        to_send += self.send_corrected(project, plans, files, progress, corrected)
         recipe = make_recipe(project, files, plans, signed, force)
         status, answer = self.call_json("POST", "/push", recipe,
                                         {"X-Ipd-Project": project})
@@ -9182,6 +9179,28 @@ class Client:
             out.write("ipd: sent %s, %s already on the server\n"
                       % (human_size(to_send + body_size), human_size(present)))
         return answer["deployment"]
+
+    def send_corrected(self, project, plans, files, progress, corrected):
+        """A digest the file only declared is named by the recipe when the
+        bytes have it: one that does not is corrected, and what the server
+        then lacks is sent too (also when corrected already).  -> the
+        bytes sent."""
+        for plan in plans.values():
+            for index, digest in plan["check"].result().items():
+                if plan["pieces"][index][2] != digest:
+                    start, end, _, _ = plan["pieces"][index]
+                    plan["pieces"][index] = (start, end, digest, None)
+                    corrected = True
+        if not corrected:
+            return 0
+        answer = self.missing_segments(project, plans, files)
+        if answer is None:
+            raise ClientError("the server stopped taking segments during the "
+                              "push", EXIT_NETWORK)
+        missing, partial, _ = answer
+        self.send_missing(missing, partial, plans, progress)
+        return sum(end - start - partial.get(digest, 0)
+                   for digest, (_, start, end) in missing.items())
 
     def missing_segments(self, project, plans, files):
         """Ask the server which of the plans' segments it lacks: ({digest:
@@ -9533,9 +9552,10 @@ def cmd_redeploy(args):
     return EXIT_OK
 
 
-def add_client_commands(commands):
-    """push, status, logs, list, info, cancel, redeploy: the API from a
-    terminal or a CI job."""
+def client_parents():
+    """(common, waiting): the options every client command takes (where
+    the API is, who logs in), and those of a command that may wait for
+    the end (--wait, --timeout)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="the API's base (default: $IPD_URL), "
                         "e.g. https://host/deploy")
@@ -9553,6 +9573,11 @@ def add_client_commands(commands):
                          "to the end; exit 0 only when the deployment is ok")
     waiting.add_argument("--timeout", type=float, default=0,
                          help="give up waiting after this many seconds")
+    return common, waiting
+
+
+def add_push_command(commands, common, waiting):
+    """push: an upload from a terminal or a CI job."""
     push = commands.add_parser("push", parents=[common, waiting],
                                help="upload an image and/or package",
                                description="Upload an image, a package or both "
@@ -9570,6 +9595,10 @@ def add_client_commands(commands):
     push.add_argument("--limit-rate", type=parse_rate, metavar="RATE",
                       help="send at most RATE bytes a second, like 10M")
     push.set_defaults(func=cmd_push)
+
+
+def add_reading_commands(commands, common):
+    """status, logs, list and info: what the client reads."""
     status = commands.add_parser("status", parents=[common],
                                  help="state of a deployment",
                                  description="Print the state of a deployment "
@@ -9601,6 +9630,10 @@ def add_client_commands(commands):
                                       description="Print %s (ADMIN)." % text,
                                       epilog=EXIT_STATUS_HELP)
         command.set_defaults(func=func)
+
+
+def add_changing_commands(commands, common, waiting):
+    """cancel and redeploy."""
     cancel = commands.add_parser("cancel", parents=[common],
                                  help="stop a waiting or running deployment",
                                  description="Cancel a deployment: a waiting one "
@@ -9620,6 +9653,15 @@ def add_client_commands(commands):
     redeploy.add_argument("deployment", help="the ID of the deployment to "
                           "deploy again")
     redeploy.set_defaults(func=cmd_redeploy)
+
+
+def add_client_commands(commands):
+    """push, status, logs, list, info, cancel, redeploy: the API from a
+    terminal or a CI job."""
+    common, waiting = client_parents()
+    add_push_command(commands, common, waiting)
+    add_reading_commands(commands, common)
+    add_changing_commands(commands, common, waiting)
 
 
 ###############################################################################
@@ -9822,19 +9864,8 @@ DEMO_DESCRIPTION = (
     "is --listen." % DEFAULT_CONFIG)
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="ipd", description="Image Push and Deploy: receive app images "
-        "and packages over HTTP and run control.sh to deploy them.",
-        epilog=EXIT_STATUS_HELP)
-    config_help = "settings file (default: $IPD_CONFIG or %s)" % DEFAULT_CONFIG
-    parser.add_argument("--config", help=config_help)
-    parser.add_argument("--version", action="version",
-                        version="ipd %s" % __version__, help="print the version")
-    # --config after the command too; SUPPRESS keeps one given before it
-    config = argparse.ArgumentParser(add_help=False)
-    config.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
-    commands = parser.add_subparsers(dest="command")
+def add_daemon_commands(commands, config):
+    """serve and demo: the daemon, configured or to try."""
     serve_parser = commands.add_parser(
         "serve", parents=[config], help="run the daemon (default)",
         description="Run the daemon with the settings of --config, "
@@ -9850,6 +9881,10 @@ def build_parser():
     demo.add_argument("--listen", default="127.0.0.1:9955", help="host:port to "
                       "listen on (default: 127.0.0.1:9955)")
     demo.set_defaults(func=cmd_demo)
+
+
+def add_admin_commands(commands, config):
+    """passwd and token: the users file and the deploy tokens."""
     passwd = commands.add_parser("passwd", parents=[config],
                                  help="add or replace a user in AUTH_DB",
                                  description="Add or replace a user in the "
@@ -9879,6 +9914,10 @@ def build_parser():
                        "$SUDO_USER or the login name)")
     token.add_argument("--tokens-db", help="tokens file (default: TOKENS_DB)")
     token.set_defaults(func=cmd_token)
+
+
+def add_telling_commands(commands):
+    """version and settings: what this ipd is and takes."""
     version = commands.add_parser("version", help="print the version",
                                   description="Print the version.")
     version.set_defaults(func=cmd_version)
@@ -9890,6 +9929,25 @@ def build_parser():
     described.add_argument("--markdown", action="store_true",
                            help="the README's table instead")
     described.set_defaults(func=cmd_settings)
+
+
+def build_parser():
+    """The command line's argparse parser, every command in it."""
+    parser = argparse.ArgumentParser(
+        prog="ipd", description="Image Push and Deploy: receive app images "
+        "and packages over HTTP and run control.sh to deploy them.",
+        epilog=EXIT_STATUS_HELP)
+    config_help = "settings file (default: $IPD_CONFIG or %s)" % DEFAULT_CONFIG
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--version", action="version",
+                        version="ipd %s" % __version__, help="print the version")
+    # --config after the command too; SUPPRESS keeps one given before it
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
+    commands = parser.add_subparsers(dest="command")
+    add_daemon_commands(commands, config)
+    add_admin_commands(commands, config)
+    add_telling_commands(commands)
     add_client_commands(commands)
     return parser
 
