@@ -4916,6 +4916,338 @@ class OidcLoginCostTests(OidcTestCase):
 
 
 ###############################################################################
+# Registry: docker push deploys (issue #24) ###################################
+###############################################################################
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+# Server-side control.sh of a registry project: tells what it got, keeps $IMAGE.
+REGISTRY_SCRIPT = """#!/bin/sh
+[ "$1" = deploy ] || exit 1
+[ -e "$PROJECT_DIR/gate" ] || [ ! -e "$PROJECT_DIR/hold" ] || while [ ! -e "$PROJECT_DIR/gate" ]; do sleep 0.02; done
+echo "IMAGE_REF=$IMAGE_REF"
+echo "IMAGE_DIGEST=$IMAGE_DIGEST"
+cp "$IMAGE" "$PROJECT_DIR/image-$DEPLOY.tar"
+exit 1
+"""
+
+
+def gzip_layer(files):
+    """A gzip-compressed tar layer of {name: bytes}."""
+    return gzip.compress(plain_tar(sorted(files.items())), mtime=0)
+
+
+def digest_of(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def image_manifest(layers, architecture="amd64", media_type=DOCKER_MANIFEST):
+    """(config, manifest) bytes of an image of gzip layers (bytes)."""
+    config = json.dumps({"architecture": architecture, "os": "linux",
+                         "config": {"Cmd": ["/bin/true"]},
+                         "rootfs": {"type": "layers", "diff_ids": [
+                             digest_of(gzip.decompress(layer)) for layer in layers]}
+                         }).encode()
+    oci = "oci" in media_type
+    manifest = {"schemaVersion": 2, "mediaType": media_type,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json" if oci
+                           else "application/vnd.docker.container.image.v1+json",
+                           "digest": digest_of(config), "size": len(config)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"
+                            if oci else "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                            "digest": digest_of(layer), "size": len(layer)}
+                           for layer in layers]}
+    return config, json.dumps(manifest, indent=3).encode()
+
+
+class RegistryTestCase(DaemonTestCase):
+    """A daemon, project web with a control.sh on the server (as an
+    image-only upload needs), and a registry client made of http.client."""
+    project = "web"
+
+    def setUp(self):  # DaemonTestCase's, with a user of project api only
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
+        self.daemon = self.start_daemon(self.settings, extra_users=(
+            "USER:other:%s:api\n" % sha256_hex("other-pw")))
+        self.place_script(self.daemon, self.project)
+
+    def place_script(self, daemon, project, script=REGISTRY_SCRIPT):
+        folder = os.path.join(daemon.upload_dir, project)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "control.sh")
+        with open(path, "w") as file:
+            file.write(script)
+        os.chmod(path, 0o755)
+
+    def call(self, method, path, body=None, headers=None, user="admin", daemon=None):
+        """-> (status, headers, body bytes) of a registry request."""
+        headers = dict(headers or {})
+        if user:
+            name, password = ((user, USERS[user][1]) if user in USERS
+                              else user.split(":", 1))
+            headers["Authorization"] = "Basic " + base64.b64encode(
+                ("%s:%s" % (name, password)).encode()).decode()
+        connection = (daemon or self.daemon).connection()
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            connection.close()
+
+    def assertError(self, answer, status, code):
+        """answer is status with the spec's error JSON of code (a HEAD's:
+        status and type, as it has no body)."""
+        self.assertEqual(answer[0], status, answer[2][:300])
+        self.assertEqual(answer[1]["Content-Type"], "application/json")
+        if not answer[2] and answer[1]["Content-Length"] != "0":
+            return ""
+        errors = json.loads(answer[2].decode())["errors"]
+        self.assertEqual(errors[0]["code"], code, errors)
+        self.assertTrue(errors[0]["message"])
+        return errors[0]["message"]
+
+    def push_blob(self, data, project=None, user="admin", daemon=None):
+        """POST, one streamed PATCH, PUT ?digest=, as docker push does."""
+        project = project or self.project
+        status, headers, _ = self.call("POST", "/v2/%s/blobs/uploads/" % project,
+                                       user=user, daemon=daemon)
+        self.assertEqual(status, 202)
+        status, headers, _ = self.call(  # chunked: http.client's for an iterable
+            "PATCH", headers["Location"], iter([data]),
+            {"Content-Type": "application/octet-stream"}, user=user, daemon=daemon)
+        self.assertEqual(status, 202)
+        location = headers["Location"] + "?digest=" + urllib.parse.quote(digest_of(data))
+        status, headers, body = self.call("PUT", location, b"", user=user, daemon=daemon)
+        self.assertEqual(status, 201, body)
+        return digest_of(data)
+
+    def push_image(self, tag, layers, project=None, user="admin", daemon=None, **kwargs):
+        """Push the layers, the config and the manifest by tag -> the
+        manifest PUT's (status, headers, body) and the manifest."""
+        config, manifest = image_manifest(layers, **kwargs)
+        for blob in layers + [config]:
+            self.push_blob(blob, project, user, daemon)
+        answer = self.call("PUT", "/v2/%s/manifests/%s" % (project or self.project, tag),
+                           manifest, {"Content-Type": json.loads(manifest)["mediaType"]},
+                           user=user, daemon=daemon)
+        return answer, manifest
+
+    def deployed(self, answer, state="ok"):
+        """The deployment a tag push made, once it ended in state."""
+        self.assertEqual(answer[0], 201, answer[2])
+        deployment = answer[1]["Ipd-Deployment"]
+        self.assertEqual(self.daemon.wait_state(self.project, deployment), state)
+        return deployment
+
+    def partial_files(self):
+        root = os.path.join(self.daemon.upload_dir, ".segments", "partial")
+        return [name for folder, _, names in os.walk(root) for name in names]
+
+
+class RegistryTests(RegistryTestCase):
+    """The push and pull protocol, driven by hand as clients drive it."""
+
+    def test_base_challenges_then_admits(self):
+        status, headers, body = self.call("GET", "/v2/", user=None)
+        self.assertEqual(status, 401)
+        self.assertTrue(headers["WWW-Authenticate"].startswith('Basic realm="ipd"'))
+        self.assertEqual(json.loads(body)["errors"][0]["code"], "UNAUTHORIZED")
+        status, headers, body = self.call("GET", "/v2/")
+        self.assertEqual((status, headers["Docker-Distribution-API-Version"]),
+                         (200, "registry/2.0"))
+        self.assertError(self.call("GET", "/v2/", user="admin:wrong"), 401, "UNAUTHORIZED")
+
+    def test_chunked_upload_ranges_status_resume_and_put_with_last_bytes(self):
+        blob = os.urandom(3000)
+        status, headers, _ = self.call("POST", "/v2/web/blobs/uploads/")
+        self.assertEqual((status, headers["Range"]), (202, "0-0"))
+        location, uuid_ = headers["Location"], headers["Docker-Upload-UUID"]
+        self.assertTrue(location.startswith("/v2/web/blobs/uploads/"))
+        self.assertIn(uuid_, location)
+        status, headers, _ = self.call("PATCH", location, blob[:1000], {
+            "Content-Range": "0-999", "Content-Type": "application/octet-stream"})
+        self.assertEqual((status, headers["Range"]), (202, "0-999"))
+        # a chunk that does not follow on: 416 with where the upload is
+        answer = self.call("PATCH", location, blob[1500:2000], {"Content-Range": "1500-1999"})
+        self.assertError(answer, 416, "BLOB_UPLOAD_INVALID")
+        self.assertEqual(answer[1]["Range"], "0-999")
+        status, headers, _ = self.call("GET", location)  # the resume's question
+        self.assertEqual((status, headers["Range"]), (204, "0-999"))
+        status, headers, _ = self.call("PATCH", headers["Location"], iter([blob[1000:2000]]))
+        self.assertEqual((status, headers["Range"]), (202, "0-1999"))
+        status, headers, _ = self.call("PUT", location + "?digest=" + digest_of(blob),
+                                       blob[2000:])
+        self.assertEqual(status, 201)
+        self.assertEqual(headers["Docker-Content-Digest"], digest_of(blob))
+        self.assertEqual(headers["Location"], "/v2/web/blobs/" + digest_of(blob))
+        status, headers, body = self.call("HEAD", "/v2/web/blobs/" + digest_of(blob))
+        self.assertEqual((status, headers["Content-Length"], body), (200, "3000", b""))
+        status, headers, body = self.call("GET", "/v2/web/blobs/" + digest_of(blob))
+        self.assertEqual((status, body), (200, blob))
+        self.assertError(self.call("GET", location), 404, "BLOB_UPLOAD_UNKNOWN")
+        self.assertEqual(self.partial_files(), [])
+
+    def test_monolithic_mount_and_abandon(self):
+        blob = b"monolithic blob"
+        status, headers, _ = self.call(
+            "POST", "/v2/web/blobs/uploads/?digest=" + digest_of(blob), blob)
+        self.assertEqual((status, headers["Docker-Content-Digest"]), (201, digest_of(blob)))
+        # mounted into another project of the user's: no bytes sent
+        status, headers, _ = self.call("POST", "/v2/api/blobs/uploads/?mount=%s&from=web"
+                                       % digest_of(blob))
+        self.assertEqual(status, 201)
+        self.assertEqual(self.call("HEAD", "/v2/api/blobs/" + digest_of(blob))[0], 200)
+        # an unknown blob to mount: a plain upload instead, abandoned
+        status, headers, _ = self.call("POST", "/v2/api/blobs/uploads/?mount=%s&from=web"
+                                       % digest_of(b"absent"))
+        self.assertEqual(status, 202)
+        self.assertEqual(self.call("DELETE", headers["Location"])[0], 204)
+        self.assertError(self.call("GET", headers["Location"]), 404, "BLOB_UPLOAD_UNKNOWN")
+        self.assertEqual(self.partial_files(), [])
+
+    def test_wrong_digest_is_digest_invalid_and_nothing_stored(self):
+        status, headers, _ = self.call("POST", "/v2/web/blobs/uploads/")
+        location = headers["Location"]
+        self.call("PATCH", location, b"some bytes")
+        message = self.assertError(self.call("PUT", location + "?digest=" + digest_of(b"x")),
+                                   400, "DIGEST_INVALID")
+        self.assertIn(digest_of(b"some bytes"), message)
+        for data in (b"x", b"some bytes"):
+            self.assertError(self.call("HEAD", "/v2/web/blobs/" + digest_of(data)), 404,
+                             "BLOB_UNKNOWN")
+        self.assertEqual(self.partial_files(), [])
+
+    def test_tag_push_deploys_a_docker_load_tar_with_image_ref_and_digest(self):
+        layers = [gzip_layer({"bin/app": b"v1"}), gzip_layer({"www/index.html": b"v1\n"})]
+        answer, manifest = self.push_image("v1", layers)
+        digest = answer[1]["Docker-Content-Digest"]
+        self.assertEqual(digest, digest_of(manifest))
+        self.assertEqual(answer[1]["Location"], "/v2/web/manifests/" + digest)
+        deployment = self.deployed(answer)
+        log = self.daemon.log("web", deployment)
+        self.assertIn("IMAGE_REF=127.0.0.1:%d/web:v1\n" % self.daemon.port, log)
+        self.assertIn("IMAGE_DIGEST=%s\n" % digest, log)
+        image = os.path.join(self.daemon.upload_dir, "web", "image-%s.tar" % deployment)
+        with tarfile.open(image) as tar:
+            loaded = json.loads(tar.extractfile("manifest.json").read())
+            self.assertEqual(loaded[0]["RepoTags"], ["127.0.0.1:%d/web:v1" % self.daemon.port])
+            self.assertEqual([tar.extractfile(name).read() for name in loaded[0]["Layers"]],
+                             layers)
+            config = json.loads(tar.extractfile(loaded[0]["Config"]).read())
+            self.assertEqual(config["architecture"], "amd64")
+        # pull: byte for byte, by tag and by digest, with its type
+        for reference in ("v1", digest):
+            status, headers, body = self.call("GET", "/v2/web/manifests/" + reference)
+            self.assertEqual((status, body, headers["Content-Type"],
+                              headers["Docker-Content-Digest"]),
+                             (200, manifest, DOCKER_MANIFEST, digest))
+        self.assertEqual(json.loads(self.call("GET", "/v2/web/tags/list")[2]),
+                         {"name": "web", "tags": ["v1"]})
+        event = audit_events(self.tmp, "upload")[-1]
+        self.assertEqual((event["deployment"], event["image_ref"]),
+                         (deployment, "127.0.0.1:%d/web:v1" % self.daemon.port))
+        status, data = self.daemon.get_json("/stat")
+        self.assertEqual(data["uploads"], 1)
+
+    def test_oci_index_by_digest_stores_and_by_tag_deploys_this_platform(self):
+        amd64 = [gzip_layer({"arch": b"amd64"})]
+        arm64 = [gzip_layer({"arch": b"arm64"})]
+        children = []
+        for layers, architecture in ((arm64, "arm64"), (amd64, "amd64")):
+            config, manifest = image_manifest(layers, architecture,
+                                              "application/vnd.oci.image.manifest.v1+json")
+            for blob in layers + [config]:
+                self.push_blob(blob)
+            status, headers, _ = self.call(
+                "PUT", "/v2/web/manifests/" + digest_of(manifest), manifest,
+                {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+            self.assertEqual(status, 201)
+            self.assertNotIn("Ipd-Deployment", headers)  # by digest: stored only
+            children.append({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                             "digest": digest_of(manifest), "size": len(manifest),
+                             "platform": {"os": "linux", "architecture": architecture}})
+        self.assertEqual(self.daemon.get("/status/web")[0], 404)  # nothing deployed
+        index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                            "manifests": children}).encode()
+        answer = self.call("PUT", "/v2/web/manifests/multi", index,
+                           {"Content-Type": OCI_INDEX})
+        deployment = self.deployed(answer)
+        self.assertIn("IMAGE_DIGEST=%s\n" % digest_of(index),
+                      self.daemon.log("web", deployment))
+        image = os.path.join(self.daemon.upload_dir, "web", "image-%s.tar" % deployment)
+        with tarfile.open(image) as tar:
+            loaded = json.loads(tar.extractfile("manifest.json").read())
+            self.assertEqual(tar.extractfile(loaded[0]["Layers"][0]).read(), amd64[0])
+        self.assertEqual(self.call("GET", "/v2/web/manifests/multi")[2], index)
+
+    def test_a_repeated_push_is_not_queued_twice(self):
+        open(os.path.join(self.daemon.upload_dir, "web", "hold"), "w").close()
+        layers = [gzip_layer({"a": b"1"})]
+        first, _ = self.push_image("v1", layers)
+        self.daemon.wait_state("web", first[1]["Ipd-Deployment"], ["active"])
+        again, _ = self.push_image("v1", layers)
+        self.assertEqual(again[1]["Ipd-Deployment"], first[1]["Ipd-Deployment"])
+        open(os.path.join(self.daemon.upload_dir, "web", "gate"), "w").close()
+        self.deployed(first)
+        self.assertEqual(len(audit_events(self.tmp, "upload")), 1)
+
+    def test_pull_is_for_users_of_the_project_only(self):
+        layers = [gzip_layer({"secret": b"web only"})]
+        answer, manifest = self.push_image("v1", layers)
+        self.deployed(answer)
+        digest = digest_of(manifest)
+        paths = ["/v2/web/manifests/v1", "/v2/web/manifests/" + digest,
+                 "/v2/web/blobs/" + digest_of(layers[0]), "/v2/web/tags/list"]
+        for path in paths:
+            self.assertEqual(self.call("GET", path, user="dev")[0], 200, path)
+            self.assertError(self.call("GET", path, user="other:other-pw"), 403, "DENIED")
+            self.assertError(self.call("GET", path, user=None), 401, "UNAUTHORIZED")
+        # the same bytes are not in another repository, nor leaked from it
+        self.assertError(self.call("GET", "/v2/api/blobs/" + digest_of(layers[0]),
+                                   user="other:other-pw"), 404, "BLOB_UNKNOWN")
+        self.assertError(self.call("GET", "/v2/api/manifests/v1", user="other:other-pw"),
+                         404, "MANIFEST_UNKNOWN")
+
+    def test_a_project_that_takes_signed_releases_refuses_a_push(self):
+        daemon = DaemonProcess(os.path.join(self.tmp, "signed"),
+                               {"REQUIRE_SIGNATURE": "web"}).start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        for method, path in (("POST", "/v2/web/blobs/uploads/"),
+                             ("PUT", "/v2/web/manifests/v1")):
+            message = self.assertError(self.call(method, path, b"{}", daemon=daemon),
+                                       403, "DENIED")
+            self.assertIn("ipd.py push --sign", message)
+        self.assertEqual(self.call("POST", "/v2/api/blobs/uploads/", daemon=daemon)[0], 202)
+
+
+class RegistryRetentionTests(RegistryTestCase):
+    """Sessions and blobs expire after SEGMENT_EXPIRY, unless a kept
+    deployment refers to them."""
+    settings = {"SEGMENT_EXPIRY": "1"}
+
+    def test_unfinished_sessions_and_unreferenced_blobs_go_deployed_ones_stay(self):
+        layers = [gzip_layer({"kept": b"1"})]
+        answer, manifest = self.push_image("v1", layers)
+        self.deployed(answer)
+        loose = self.push_blob(b"named by no manifest")
+        status, headers, _ = self.call("POST", "/v2/web/blobs/uploads/")
+        self.call("PATCH", headers["Location"], b"half")
+        time.sleep(1.5)
+        self.call("POST", "/v2/web/blobs/uploads/?digest=" + digest_of(b"n"), b"n")
+        time.sleep(1.5)
+        self.call("POST", "/v2/web/blobs/uploads/?digest=" + digest_of(b"m"), b"m")
+        self.assertError(self.call("GET", headers["Location"]), 404, "BLOB_UPLOAD_UNKNOWN")
+        self.assertError(self.call("HEAD", "/v2/web/blobs/" + loose), 404, "BLOB_UNKNOWN")
+        for digest in [digest_of(layers[0]), digest_of(manifest)]:
+            self.assertEqual(self.call("HEAD", "/v2/web/blobs/" + digest)[0], 200)
+        self.assertEqual(self.call("GET", "/v2/web/manifests/v1")[2], manifest)
+        self.assertEqual(self.partial_files(), [])
+
+
+###############################################################################
 # Guarantees: tests that attack ipd and count ################################
 ###############################################################################
 
