@@ -5285,6 +5285,11 @@ def registry_reference(text):
     return "tag", text
 
 
+def is_registry_path(path):
+    """True for /v2 and the paths under it: the registry's, not API_ROOT's."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def parse_registry_path(path):
     """A path under /v2/ -> (kind, project, argument): ('base', None, None),
     ('blob', project, HEX), ('uploads', project, ''), ('upload', project,
@@ -6284,10 +6289,14 @@ class Daemon:
                                 "sha256:%s, not sha256:%s" % (digest, value))
         manifest = parse_registry_manifest(data, content_type)
         self.registry_check_manifest(user, project, manifest)
+        image = None
+        if kind == "tag":  # what it deploys, checked before anything is kept
+            image = self.registry_image(project, digest, manifest, len(data))
+            check_loadable(image[0])
         self.segments.add_bytes(registry_principal(project), digest, data)
         record = None
         if kind == "tag":
-            record = self.registry_deploy(user, project, value, digest, manifest,
+            record = self.registry_deploy(user, project, value, digest, image,
                                           address, host, len(data))
             self.registry.set_tag(project, value, digest)
         audit_event("registry_push", project=project, user=user.name, address=address,
@@ -6295,11 +6304,12 @@ class Daemon:
                     deployment=record.id if record else None)
         return digest, record
 
-    def registry_image(self, project, digest, manifest):
-        """(image manifest, its HEX, its size, extra blobs) that a push of
-        manifest deploys: itself, or an index's image for this platform."""
+    def registry_image(self, project, digest, manifest, size):
+        """(image manifest, its HEX, its size, extra blobs [(HEX, size)]) that
+        a push of manifest (HEX, size bytes) deploys: itself, or an index's
+        image for this platform (then the index is the extra blob)."""
         if not manifest["index"]:
-            return manifest, digest, None, ()
+            return manifest, digest, size, ()
         child = choose_platform(manifest)
         data = self.segments.read_segment(child["digest"], REGISTRY_MANIFEST_LIMIT)
         if data is None:
@@ -6310,21 +6320,16 @@ class Daemon:
         if image["index"]:
             raise RegistryError(400, "MANIFEST_INVALID", "an index in an index is "
                                 "not deployed")
-        return image, child["digest"], len(data), ()
+        return image, child["digest"], len(data), [(digest, size)]
 
-    def registry_deploy(self, user, project, tag, digest, manifest, address, host,
+    def registry_deploy(self, user, project, tag, digest, image, address, host,
                         received):
-        """A deployment of a manifest pushed by tag, through create_deployment
-        as an upload: $IMAGE a docker-load tar of its image (docker_load_members)
-        built from the stored blobs, with the recipe that refers to them;
-        IMAGE_REF and IMAGE_DIGEST in its record.  -> the record."""
-        image, image_digest, image_size, extra = self.registry_image(
-            project, digest, manifest)
-        check_loadable(image)
-        if image_size is None:
-            image_size = self.segments.stored_size(image_digest)
-        else:
-            extra = [(digest, self.segments.stored_size(digest))]
+        """A deployment of manifest HEX pushed by tag (image: registry_image's),
+        through create_deployment as an upload: $IMAGE a docker-load tar of
+        its image (docker_load_members) built from the stored blobs, with the
+        recipe that refers to them; IMAGE_REF and IMAGE_DIGEST in its record.
+        -> the record."""
+        image, image_digest, image_size, extra = image
         image_ref = "%s/%s:%s" % (host, project, tag)
         pieces = archive_pieces(docker_load_members(image_ref, tag, image, image_digest,
                                                     image_size, extra))
@@ -6919,7 +6924,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Map the request to (bound method, required role, arguments)."""
         path, query = urllib.parse.urlsplit(self.path)[2:4]
         self.query = urllib.parse.parse_qs(query)
-        if path == "/v2" or path.startswith("/v2/"):  # docker push (#24)
+        if is_registry_path(path):  # docker push (#24)
             return self.api_registry, None, [method, path]
         root = self.ipd.settings.API_ROOT
         if path != root and not path.startswith(root + "/"):
@@ -7038,6 +7043,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.status_sent is not None:  # too late for a clean answer
             self.close_connection = True
             return
+        if is_registry_path(urllib.parse.urlsplit(self.path)[2]):
+            return self.send_registry_error(error)  # the spec's JSON (#24)
         message = str(error).splitlines()[0] if str(error) else "error"
         try:
             self.answer(error.http_status, message + "\n", {"error": message},
@@ -7575,22 +7582,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """A registry request: the login first (every path, HEAD too, so a
         client that never asked /v2/ gets the challenge), then the endpoint
         of REGISTRY_ROUTES; errors in the spec's JSON form."""
-        try:
-            self.user = self.authenticate("USER")
-            kind, project, argument = parse_registry_path(path)
-            name = REGISTRY_ROUTES.get((method, kind))
-            if name is None:
-                raise RegistryError(405, "UNSUPPORTED", "%s is not supported here"
-                                    % method)
-            getattr(self, "registry_" + name)(project, argument)
-        except IpdError as error:
-            self.send_registry_error(error)
+        self.user = self.authenticate("USER")
+        kind, project, argument = parse_registry_path(path)
+        name = REGISTRY_ROUTES.get((method, kind))
+        if name is None:
+            raise RegistryError(405, "UNSUPPORTED", "%s is not supported here" % method)
+        getattr(self, "registry_" + name)(project, argument)
 
     def send_registry_error(self, error):
-        """{"errors": [{"code", "message"}]}: docker push prints the message."""
-        if self.status_sent is not None:  # too late for a clean answer
-            self.close_connection = True
-            return
+        """{"errors": [{"code", "message"}]}: docker push prints the message
+        (see send_error_answer: every error of a path under /v2/)."""
         status = error.http_status
         code = getattr(error, "code", None) or REGISTRY_CODES.get(status, "UNKNOWN")
         message = str(error).splitlines()[0] if str(error) else "error"

@@ -5247,6 +5247,230 @@ class RegistryRetentionTests(RegistryTestCase):
         self.assertEqual(self.partial_files(), [])
 
 
+class RegistryHostileTests(RegistryTestCase):
+    """Malformed and hostile registry requests: each a 4xx with the spec's
+    error JSON, never a 5xx, nothing left behind."""
+    settings = {"READ_TIMEOUT": "5", "HEADER_TIMEOUT": "5", "MAX_UPLOAD_SIZE": "1M"}
+
+    def assertNothingLeft(self):
+        self.assertEqual(self.partial_files(), [])
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertEqual(self.daemon.get("/status/web")[0], 404)  # no deployment
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
+    def session(self, user="admin"):
+        status, headers, _ = self.call("POST", "/v2/web/blobs/uploads/", user=user)
+        self.assertEqual(status, 202)
+        return headers["Location"]
+
+    def test_bad_names_references_and_digests(self):
+        hexes = "0" * 64
+        cases = [
+            ("HEAD", "/v2/web/blobs/sha256:xyz", 400, "DIGEST_INVALID"),
+            ("GET", "/v2/web/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", 400,
+             "DIGEST_INVALID"),
+            ("GET", "/v2/web/blobs/SHA256:" + hexes, 400, "DIGEST_INVALID"),
+            ("GET", "/v2/web/manifests/..%2F..%2Fetc%2Fpasswd", 400, "MANIFEST_INVALID"),
+            ("GET", "/v2/web/manifests/-dash", 400, "MANIFEST_INVALID"),
+            ("GET", "/v2/web/manifests/" + "t" * 129, 400, "MANIFEST_INVALID"),
+            ("GET", "/v2/../../etc/passwd", 404, "NAME_UNKNOWN"),
+            ("GET", "/v2/..%2Fsecret/manifests/v1", 400, "NAME_INVALID"),
+            ("GET", "/v2/team/web/manifests/v1", 400, "NAME_INVALID"),
+            ("GET", "/v2/Web/manifests/v1", 400, "NAME_INVALID"),
+            ("GET", "/v2/.segments/blobs/sha256:" + hexes, 400, "NAME_INVALID"),
+            ("GET", "/v2/web%00/manifests/v1", 400, "NAME_INVALID"),
+            ("GET", "/v2/web/blobs/uploads/..%2F..%2Fx", 404, "BLOB_UPLOAD_UNKNOWN"),
+            ("PATCH", "/v2/web/blobs/uploads/" + "a" * 32, 404, "BLOB_UPLOAD_UNKNOWN"),
+            ("PUT", "/v2/web/blobs/uploads/%s?digest=sha256:%s" % ("a" * 32, hexes), 404,
+             "BLOB_UPLOAD_UNKNOWN"),
+            ("DELETE", "/v2/web/manifests/v1", 405, "UNSUPPORTED"),
+            ("POST", "/v2/web/blobs/uploads/?digest=sha256:nothex", 400, "DIGEST_INVALID"),
+        ]
+        for method, path, status, code in cases:
+            with self.subTest(path=path):
+                self.assertError(self.call(method, path), status, code)
+        message = self.assertError(self.call("GET", "/v2/team/web/manifests/v1"), 400,
+                                   "NAME_INVALID")
+        self.assertIn("push to HOST/web", message)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "secret")))
+        self.assertNothingLeft()
+
+    def test_lying_content_ranges(self):
+        location = self.session()
+        self.call("PATCH", location, b"a" * 100, {"Content-Range": "0-99"})
+        # Content-Length and Content-Range disagree: refused before the body
+        answer = self.call("PATCH", location, b"b" * 50, {"Content-Range": "100-199"})
+        self.assertError(answer, 400, "BLOB_UPLOAD_INVALID")
+        # a chunked body shorter than its range: none of it kept
+        answer = self.call("PATCH", location, iter([b"b" * 50]), {"Content-Range": "100-199"})
+        self.assertError(answer, 416, "BLOB_UPLOAD_INVALID")
+        self.assertEqual(answer[1]["Range"], "0-99")
+        for bad in ("bytes=a-b", "100-50", "-", "99999999999999999999-1"):
+            self.assertError(self.call("PATCH", location, b"c", {"Content-Range": bad}),
+                             416, "BLOB_UPLOAD_INVALID")
+        self.assertEqual(self.call("GET", location)[1]["Range"], "0-99")
+        self.call("PATCH", location, b"d" * 10, {"Content-Range": "100-109"})
+        status, headers, _ = self.call(
+            "PUT", location + "?digest=" + digest_of(b"a" * 100 + b"d" * 10))
+        self.assertEqual(status, 201)
+        self.assertError(self.call("PUT", self.session()), 400, "DIGEST_INVALID")
+
+    def test_manifests_that_name_absent_or_wrong_blobs_keep_nothing(self):
+        layer = gzip_layer({"x": b"1"})
+        config, manifest = image_manifest([layer])
+        self.push_blob(config)
+        answer = self.call("PUT", "/v2/web/manifests/v1", manifest,
+                           {"Content-Type": DOCKER_MANIFEST})
+        self.assertIn(digest_of(layer), self.assertError(answer, 400,
+                                                         "MANIFEST_BLOB_UNKNOWN"))
+        self.push_blob(layer)
+        parsed = json.loads(manifest)
+        parsed["layers"][0]["size"] += 1
+        wrong_size = json.dumps(parsed).encode()
+        too_many = json.loads(manifest)
+        too_many["layers"] = too_many["layers"] * 300
+        artifact = json.loads(manifest)
+        artifact["config"]["mediaType"] = "application/vnd.cncf.helm.config.v1+json"
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest_of(b"absent"), "size": 6,
+            "platform": {"os": "linux", "architecture": "amd64"}}]}
+        cases = [
+            ("v1", wrong_size, DOCKER_MANIFEST, "MANIFEST_INVALID"),
+            ("v1", json.dumps(too_many).encode(), DOCKER_MANIFEST, "MANIFEST_INVALID"),
+            ("v1", json.dumps(artifact).encode(), DOCKER_MANIFEST, "MANIFEST_INVALID"),
+            ("v1", b"not json", DOCKER_MANIFEST, "MANIFEST_INVALID"),
+            ("v1", b'{"schemaVersion": 1, "fsLayers": []}', DOCKER_MANIFEST,
+             "MANIFEST_INVALID"),
+            ("v1", manifest, OCI_INDEX, "MANIFEST_INVALID"),
+            ("v1", json.dumps(index).encode(), OCI_INDEX, "MANIFEST_BLOB_UNKNOWN"),
+            (digest_of(b"other"), manifest, DOCKER_MANIFEST, "DIGEST_INVALID"),
+        ]
+        for reference, body, content_type, code in cases:
+            with self.subTest(code=code, body=body[:60]):
+                self.assertError(self.call("PUT", "/v2/web/manifests/" + reference, body,
+                                           {"Content-Type": content_type}), 400, code)
+        self.assertError(self.call("GET", "/v2/web/manifests/v1"), 404, "MANIFEST_UNKNOWN")
+        for body in (wrong_size, json.dumps(artifact).encode()):
+            self.assertError(self.call("GET", "/v2/web/manifests/" + digest_of(body)),
+                             404, "MANIFEST_UNKNOWN")
+        # a blob is not a manifest
+        self.assertError(self.call("GET", "/v2/web/manifests/" + digest_of(layer)), 404,
+                         "MANIFEST_UNKNOWN")
+        self.assertNothingLeft()
+
+    def test_oversize_manifests_are_refused_before_or_while_read(self):
+        head = raw_request("PUT", "/v2/web/manifests/v1", headers={
+            "Content-Type": DOCKER_MANIFEST, "Content-Length": str(5 << 20)})
+        answer = raw_exchange(self.daemon.port, head)
+        self.assertEqual(answer_status(answer), 413)
+        self.assertIn(b'"SIZE_INVALID"', answer)
+        chunk = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+        answer = raw_exchange(self.daemon.port, raw_request(
+            "PUT", "/v2/web/manifests/v1", chunk * 5 + b"0\r\n\r\n",
+            {"Transfer-Encoding": "chunked", "Content-Type": DOCKER_MANIFEST}))
+        self.assertEqual(answer_status(answer), 413)
+        self.assertIn(b'"SIZE_INVALID"', answer)
+        # a blob over MAX_UPLOAD_SIZE (1M here)
+        answer = self.call("PATCH", self.session(), b"x" * ((1 << 20) + 1))
+        self.assertError(answer, 413, "SIZE_INVALID")
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_unauthenticated_requests_of_every_kind_get_the_challenge(self):
+        paths = ["/v2/", "/v2/web/blobs/sha256:" + "0" * 64, "/v2/web/blobs/uploads/",
+                 "/v2/web/blobs/uploads/" + "a" * 32, "/v2/web/manifests/v1",
+                 "/v2/web/tags/list", "/v2/nope", "/v2/../x", "/v2/Team/Web/manifests/x"]
+        for path in paths:
+            for method in ("HEAD", "GET", "POST", "PATCH", "PUT", "DELETE"):
+                # a wrong password too, on HEADs (more would be throttled)
+                for user in (None, "admin:wrong") if method == "HEAD" else (None,):
+                    with self.subTest(method=method, path=path, user=user):
+                        status, headers, body = self.call(method, path, b"x", user=user)
+                        self.assertEqual(status, 401)
+                        self.assertTrue(headers["WWW-Authenticate"].startswith(
+                            'Basic realm="ipd"'))
+                        if method != "HEAD":
+                            self.assertEqual(json.loads(body)["errors"][0]["code"],
+                                             "UNAUTHORIZED")
+        self.assertNothingLeft()
+
+    def test_concurrent_patches_are_refused_and_a_cut_chunk_resumes(self):
+        location = self.session()
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(raw_request("PATCH", location, b"a" * 600,
+                                 {"Content-Length": "1000"}))
+        wait_until(lambda: self.call("GET", location)[1]["Range"] == "0-599")
+        answer = self.call("PATCH", location, b"b" * 10)
+        self.assertError(answer, 409, "BLOB_UPLOAD_INVALID")
+        sock.close()  # cut mid-body: what came stays
+        wait_until(lambda: self.call("PATCH", location, b"", {
+            "Content-Range": "600-599"})[0] != 409, message="the cut PATCH ended")
+        self.assertEqual(self.call("GET", location)[1]["Range"], "0-599")
+        status, headers, _ = self.call("PATCH", location, b"c" * 400,
+                                       {"Content-Range": "600-999"})
+        self.assertEqual((status, headers["Range"]), (202, "0-999"))
+        blob = b"a" * 600 + b"c" * 400
+        self.assertEqual(self.call("PUT", location + "?digest=" + digest_of(blob))[0], 201)
+        self.assertEqual(self.call("GET", "/v2/web/blobs/" + digest_of(blob))[2], blob)
+        self.assertNothingLeft()
+
+    def test_sessions_are_bounded_and_their_own(self):
+        location = self.session()
+        self.assertError(self.call("GET", location, user="dev"), 404, "BLOB_UPLOAD_UNKNOWN")
+        self.assertError(self.call("PATCH", location, b"x", user="dev"), 404,
+                         "BLOB_UPLOAD_UNKNOWN")
+        self.assertError(self.call("PATCH", location.replace("/web/", "/api/"), b"x"), 404,
+                         "BLOB_UPLOAD_UNKNOWN")
+        for _ in range(ipd.REGISTRY_MAX_USER_SESSIONS - 1):
+            self.session()
+        self.assertError(self.call("POST", "/v2/web/blobs/uploads/"), 429, "TOOMANYREQUESTS")
+        self.assertEqual(self.call("POST", "/v2/web/blobs/uploads/", user="dev")[0], 202)
+
+    def test_seeded_fuzz_of_the_registry(self):
+        self.push_image("v1", [gzip_layer({"a": b"1"})])
+        rng = random.Random(24)
+        location = self.session()
+        words = ["web", "api", "Web", "..", "%2e%2e", "%00", "a" * 300, "team/web",
+                 "sha256:" + "0" * 64, "sha256:zz", "md5:00", "v1", "-x", "%2F",
+                 location.rsplit("/", 1)[-1], "a" * 32, "\u00e9"]
+        kinds = ["blobs", "blobs/uploads", "manifests", "tags/list", "tags", "x", ""]
+        params = ["digest", "mount", "from", "n", "last"]
+        headers = ["Content-Range", "Content-Type", "Range", "Accept", "Expect",
+                   "Authorization", "Transfer-Encoding"]
+        values = ["0-9", "5-1", "bytes=0-1", "x", DOCKER_MANIFEST, OCI_INDEX,
+                  "100-continue", "chunked", "Basic !!", "a" * 3000, "0-0"]
+        statuses = {}
+        for _ in range(300):
+            path = "/v2/%s/%s" % (urllib.parse.quote(rng.choice(words), safe="%/"),
+                                  rng.choice(kinds))
+            if rng.random() < 0.6:
+                path += "/" + urllib.parse.quote(rng.choice(words), safe="%/:")
+            query = "&".join("%s=%s" % (rng.choice(params), urllib.parse.quote(
+                rng.choice(words), safe="%:")) for _ in range(rng.randrange(3)))
+            fields = {"Authorization": ADMIN_AUTH} if rng.random() < 0.8 else {}
+            for _ in range(rng.randrange(3)):
+                fields[rng.choice(headers)] = rng.choice(values)
+            if fields.get("Transfer-Encoding") == "chunked":
+                del fields["Transfer-Encoding"]  # raw_request frames by length
+            method = rng.choice(["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE"])
+            body = os.urandom(rng.randrange(0, 300)) if rng.random() < 0.5 else b""
+            answer = raw_exchange(self.daemon.port, raw_request(
+                method, path + ("?" + query if query else ""), body, fields), timeout=15)
+            status = answer_status(answer)
+            statuses[status] = statuses.get(status, 0) + 1
+            if status and status >= 400 and method != "HEAD":
+                head, _, rest = re.sub(rb"\AHTTP/1\.1 100 Continue\r\n\r\n", b"",
+                                       answer).partition(b"\r\n\r\n")
+                self.assertIn(b'"errors"', rest, (method, path, head, rest))
+        report("fuzz of the registry: 300 requests; answers %s" % ", ".join(
+            "%s: %d" % item for item in sorted(statuses.items(), key=lambda i: str(i[0]))))
+        self.assertNotIn(None, statuses)
+        self.assertFalse([status for status in statuses if status >= 500], statuses)
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+        self.assertEqual(self.daemon.leftovers(), [])
+
+
 ###############################################################################
 # Guarantees: tests that attack ipd and count ################################
 ###############################################################################
