@@ -6250,6 +6250,166 @@ class LayerPushDockerTests(DockerTestCase):
         wait_until(lambda: not os.path.exists(os.path.join(folder, first + ".image")))
 
 
+def busybox_context(folder, version):
+    """A docker build context FROM scratch: busybox-static, then www/ (so a
+    new version changes only the top layer); -> its folder."""
+    context = os.path.join(folder, "context-" + version)
+    os.makedirs(os.path.join(context, "www"))
+    shutil.copy(os.path.realpath(shutil.which("busybox")), os.path.join(context, "busybox"))
+    for name, text in (("index.html", version + "\n"), ("health", "ok\n")):
+        with open(os.path.join(context, "www", name), "w") as file:
+            file.write(text)
+    with open(os.path.join(context, "Dockerfile"), "w") as file:
+        file.write('FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\n'
+                   'CMD ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]\n')
+    return context
+
+
+class RegistryClientTests(DockerTestCase):
+    """Issue #24: real clients push to ipd's registry and the push deploys
+    through examples/docker/control.sh (on the server, as for an image-only
+    upload): docker push (a second push sends only its changed layer, and
+    docker pull by digest works for the project's users only), buildah
+    push, podman push and skopeo copy."""
+    script = "examples/docker/control.sh"
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(self.remove_containers)
+        self.write_settings("""
+            APP_PORT=8080
+            HEALTH_PATH=/health
+            HEALTH_TIMEOUT=8
+            DRAIN_SECONDS=1
+            STOP_TIMEOUT=2
+            KEEP_IMAGES=2
+            DOCKER_RUN_OPTS=
+            """)
+        script = os.path.join(self.daemon.upload_dir, self.project, "control.sh")
+        shutil.copy(os.path.join(HERE, self.script), script)
+        os.chmod(script, 0o755)
+        self.host = "127.0.0.1:%d" % self.daemon.port
+        self.docker_config = os.path.join(self.tmp, "docker-config")
+        os.makedirs(self.docker_config)
+
+    remove_containers = DockerExampleTests.remove_containers
+
+    def run_tool(self, *command, env=None, check=True, stdin=None):
+        env = dict(os.environ, **(env or {}))
+        if command[0] == "docker":  # its login, in this test's folder
+            env["DOCKER_CONFIG"] = self.docker_config
+        result = subprocess.run(command, input=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, timeout=300, env=env)
+        if check:
+            self.assertEqual(result.returncode, 0, result.stdout.decode())
+        return result.returncode, result.stdout.decode()
+
+    def pushed(self, push, expect_version):
+        """Run push (a function), then wait for the deployment it made to
+        be ok and the app to answer expect_version; -> (deployment, bytes
+        the registry read)."""
+        log_path = os.path.join(self.tmp, "ipd.log")
+        since = os.path.getsize(log_path)
+        push()
+        deployment = self.daemon.get_json("/status/" + self.project)[1]["deployment"]
+        self.assertNotIn(deployment, self.deployments)
+        self.deployments.append(deployment)
+        state = self.daemon.wait_state(self.project, deployment, timeout=240)
+        self.assertEqual(state, "ok", self.daemon.log(self.project, deployment))
+        self.assertEqual(self.app(), (200, expect_version))
+        with open(log_path, "rb") as file:
+            file.seek(since)
+            text = file.read().decode()
+        return deployment, sum(int(n) for n in re.findall(r'"\w+ /v2/.*" \d+ .* in=(\d+) ',
+                                                          text))
+
+    def docker_push(self, version):
+        reference = "%s/%s:%s" % (self.host, self.project, version)
+        self.run_tool("docker", "build", "-q", "-t", reference,
+                      busybox_context(self.tmp, version), env={"DOCKER_BUILDKIT": "0"})
+        self.run_tool("docker", "push", reference)
+
+    def test_docker_push_deploys_then_sends_only_the_changed_layer(self):
+        self.run_tool("docker", "login", "-u", "admin", "--password-stdin", self.host,
+                      stdin=b"admin-pw")
+        first, sent1 = self.pushed(lambda: self.docker_push("v1"), "v1")
+        second, sent2 = self.pushed(lambda: self.docker_push("v2"), "v2")
+        busybox = os.path.getsize(os.path.realpath(shutil.which("busybox")))
+        report("docker push to ipd: v1 sent %d bytes, v2 (www/ changed) %d"
+               % (sent1, sent2))
+        self.assertGreater(sent1, busybox // 3)  # gzip-compressed
+        self.assertLess(sent2, 16 * 1024)
+        log = self.daemon.log(self.project, second)
+        self.assertIn("Loaded image: %s/%s:v2" % (self.host, self.project), log)
+        # pull by digest: for a user of the project, not for another's
+        digest = re.search(r"sha256:[0-9a-f]{64}", self.registry_digest(second)).group(0)
+        pull = "%s/%s@%s" % (self.host, self.project, digest)
+        self.run_tool("docker", "pull", pull)
+        with open(self.daemon.users_file, "a") as file:
+            file.write("USER:other:%s:api\n" % sha256_hex("other-pw"))
+        self.run_tool("docker", "logout", self.host)
+        self.run_tool("docker", "login", "-u", "other", "--password-stdin", self.host,
+                      stdin=b"other-pw")
+        self.assertIn('"GET /v2/%s/manifests/%s" 200 user=admin' % (self.project, digest),
+                      self.daemon.daemon_log())
+        # by tag (by digest, the engine takes the manifest it cached)
+        code, output = self.run_tool("docker", "pull", "%s/%s:v2" % (
+            self.host, self.project), check=False)
+        self.assertNotEqual(code, 0)
+        self.assertIn("denied", output.lower())
+        self.assertIn('/manifests/v2" 403 user=other', self.daemon.daemon_log())
+
+    def registry_digest(self, deployment):
+        """The IMAGE_DIGEST of a pushed deployment, from the audit log."""
+        for line in read_text(os.path.join(self.tmp, "audit.log")).splitlines():
+            event = json.loads(line)
+            if event.get("deployment") == deployment and "image_digest" in event:
+                return event["image_digest"]
+        raise AssertionError("no audit event of %s with its image_digest" % deployment)
+
+    def containers_tools(self):
+        """Storage options of buildah and podman (vfs, in this test's folder)."""
+        for tool in ("buildah", "podman", "skopeo"):
+            if not shutil.which(tool):
+                if os.environ.get("IPD_TEST_DOCKER") == "required":
+                    raise AssertionError(tool + " is not installed")
+                self.skipTest(tool + " is not installed")
+        self.storage = (os.path.join(self.tmp, "storage"), os.path.join(self.tmp, "run"))
+        return ["--root", self.storage[0], "--runroot", self.storage[1],
+                "--storage-driver", "vfs"]
+
+    def buildah_image(self, options, version):
+        """An image FROM scratch built by buildah: busybox-static, www/."""
+        context = busybox_context(self.tmp, version)
+        container = self.run_tool("buildah", *options, "from", "scratch")[1].split()[-1]
+        self.run_tool("buildah", *options, "copy", container,
+                      os.path.join(context, "busybox"), "/bin/busybox")
+        self.run_tool("buildah", *options, "copy", container,
+                      os.path.join(context, "www"), "/www")
+        self.run_tool("buildah", *options, "config", "--cmd", json.dumps(
+            ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]), container)
+        name = "localhost/ipd-test-%s:%s" % (self.project, version)
+        self.run_tool("buildah", *options, "commit", "-q", container, name)
+        self.run_tool("buildah", *options, "rm", container)
+        return name
+
+    def test_buildah_podman_and_skopeo_pushes_deploy(self):
+        options = self.containers_tools()
+        destination = "docker://%s/%s:" % (self.host, self.project)
+        login = ["--tls-verify=false", "--creds", "admin:admin-pw"]
+        image = self.buildah_image(options, "b1")
+        self.pushed(lambda: self.run_tool("buildah", *options, "push", *login, image,
+                                          destination + "b1"), "b1")
+        image = self.buildah_image(options, "p1")
+        self.pushed(lambda: self.run_tool("podman", *options, "push", *login, image,
+                                          destination + "p1"), "p1")
+        image = self.buildah_image(options, "s1")
+        store = "containers-storage:[vfs@%s+%s]%s" % (self.storage + (image,))
+        self.pushed(lambda: self.run_tool("skopeo", "copy", "--dest-tls-verify=false",
+                                          "--dest-creds", "admin:admin-pw", store,
+                                          destination + "s1"), "s1")
+
+
 class ScriptsUserDocker(DockerTestCase):
     """Issue 14: ipd as in DockerTestCase, but its scripts run as
     SCRIPTS_UID in the group of the Docker socket (as RUN_AS=ipd-run:ipd-run,docker
