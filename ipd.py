@@ -23,7 +23,9 @@ what a step leaves); deployments (the Deployment type and the one owner of
 their state: records on disk first, the queue, cancels, the counters); the
 deploy worker that runs control.sh; segments (layers stored once,
 recipes, resumable uploads); retention (pruning, the free-space floor,
-segment collection); the service (one method per operation of the API:
+segment collection); the registry (`docker push` as a deployment: the OCI
+Distribution protocol's grammar, manifests, the docker-load tar, upload
+sessions and tags); the service (one method per operation of the API:
 the only door the HTTP layer uses); the status pages; HTTP (routes, the
 request handler, the server); running the daemon; the client (ipd.py
 push, status, logs...); the command line.
@@ -46,8 +48,10 @@ notify.sh and project.conf; with RUN_AS the scripts' PROJECT_DIR is its
 
 and UPLOAD_DIR/.ipd.lock, flock'ed by the one daemon that uses the folder;
 UPLOAD_DIR/.segments/ holds the segments (sha256/ab/abcd...), each once,
-and partial/ the segment uploads under way; UPLOAD_DIR/.oidc/ the keys of
-the OpenID Connect issuers that ipd fetched, a file an issuer.
+and partial/ the segment uploads under way (registry uploads too);
+UPLOAD_DIR/.registry/PROJECT.json the tags pushed to a project's repository;
+UPLOAD_DIR/.oidc/ the keys of the OpenID Connect issuers that ipd fetched,
+a file an issuer.
 """
 
 __version__ = "1.0.0"
