@@ -5514,6 +5514,13 @@ def registry_principal(project):
     return User("registry:" + project, "USER", None, frozenset([project]))
 
 
+def registry_fields(record):
+    """The image_ref and image_digest of a pushed deployment (a redeploy
+    of it keeps them), or {}."""
+    return {key: record.others[key] for key in ("image_ref", "image_digest")
+            if key in record.others}
+
+
 class BlobUpload:
     """One upload session of a blob: its partial file in the segment
     store, the bytes so far and their SHA-256, taken as they arrive (so a
@@ -5535,7 +5542,11 @@ class BlobUpload:
         start, before = self.offset, self.sha256.copy()
         buffer = bytearray(CHUNK_SIZE)
         view = memoryview(buffer)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:  # expired and collected meanwhile
+            raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN", "no such upload: start "
+                                "it again")
         try:
             while True:
                 count = body.readinto(view)
@@ -5601,7 +5612,11 @@ class Registry:
                                     "under way: finish or cancel some")
             session = self.sessions[session_id] = BlobUpload(
                 session_id, project, user.name, path)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as error:
+            self.drop(session)
+            raise disk_errors(error)
         return session
 
     def expire(self):
@@ -6005,7 +6020,7 @@ class Daemon:
                                   dict({"redeploy_of": earlier.id, "address": address},
                                        **oidc_fields(user)),
                                   redeploy_of=earlier.id, signer=earlier.signer,
-                                  **oidc_fields(user))
+                                  **dict(oidc_fields(user), **registry_fields(earlier)))
 
     def rebuild_kept(self, earlier, name, user):
         """(#16) The file name of a recipe deployment, rebuilt from its kept
@@ -6224,10 +6239,14 @@ class Daemon:
                 if found != digest:
                     raise RegistryError(400, "DIGEST_INVALID", "the blob's bytes have "
                                         "digest sha256:%s, not sha256:%s" % (found, digest))
-                with open(session.path, "rb+") as file:
-                    os.fsync(file.fileno())
-                self.segments.add(registry_principal(session.project), digest,
-                                  session.path)
+                try:
+                    with open(session.path, "rb+") as file:
+                        os.fsync(file.fileno())
+                    self.segments.add(registry_principal(session.project), digest,
+                                      session.path)
+                except FileNotFoundError:  # expired and collected meanwhile
+                    raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN", "no such upload: "
+                                        "start it again")
             finally:
                 session.guard.release()
         finally:
@@ -6337,6 +6356,13 @@ class Daemon:
         image_ref = "%s/%s:%s" % (host, project, tag)
         pieces = archive_pieces(docker_load_members(image_ref, tag, image, image_digest,
                                                     image_size, extra))
+        size = sum(len(piece["data"]) if "data" in piece else piece["size"]
+                   for piece in pieces)
+        limit = self.settings.MAX_UPLOAD_SIZE  # of $IMAGE, as for a layer push
+        if limit and size > limit:
+            raise RegistryError(413, "SIZE_INVALID", "the image's tar would have %d "
+                                "bytes, over MAX_UPLOAD_SIZE (%d)" % (size, limit))
+        self.make_room()
         upload = Upload()
         try:
             upload.fields["project"] = project

@@ -5151,6 +5151,12 @@ class RegistryTests(RegistryTestCase):
                          (deployment, "127.0.0.1:%d/web:v1" % self.daemon.port))
         status, data = self.daemon.get_json("/stat")
         self.assertEqual(data["uploads"], 1)
+        # a redeploy (the rollback) of a pushed image: the same IMAGE_REF
+        status, _, again = self.daemon.request("POST", "/redeploy/web/" + deployment)
+        self.assertEqual(status, 202, again)
+        self.assertEqual(self.daemon.wait_state("web", again.strip()), "ok")
+        self.assertIn("IMAGE_REF=127.0.0.1:%d/web:v1\n" % self.daemon.port,
+                      self.daemon.log("web", again.strip()))
 
     def test_oci_index_by_digest_stores_and_by_tag_deploys_this_platform(self):
         amd64 = [gzip_layer({"arch": b"amd64"})]
@@ -5371,9 +5377,14 @@ class RegistryHostileTests(RegistryTestCase):
             {"Transfer-Encoding": "chunked", "Content-Type": DOCKER_MANIFEST}))
         self.assertEqual(answer_status(answer), 413)
         self.assertIn(b'"SIZE_INVALID"', answer)
-        # a blob over MAX_UPLOAD_SIZE (1M here)
+        # a blob over MAX_UPLOAD_SIZE (1M here), and an image's tar over it
         answer = self.call("PATCH", self.session(), b"x" * ((1 << 20) + 1))
         self.assertError(answer, 413, "SIZE_INVALID")
+        layers = [gzip_layer({"a": os.urandom(600 << 10)}),
+                  gzip_layer({"b": os.urandom(600 << 10)})]
+        answer, _ = self.push_image("big", layers)
+        self.assertIn("MAX_UPLOAD_SIZE", self.assertError(answer, 413, "SIZE_INVALID"))
+        self.assertEqual(self.daemon.get("/status/web")[0], 404)
         self.assertEqual(self.daemon.leftovers(), [])
 
     def test_unauthenticated_requests_of_every_kind_get_the_challenge(self):
