@@ -6567,6 +6567,50 @@ class SwarmExampleTests(DockerTestCase):
                          "ipd-%s:%s" % (self.project, self.deployments[1]))
 
 
+class RegistrySwarmTests(SwarmExampleTests):
+    """Issue #24: docker push to ipd deploys a Swarm service whose image the
+    node pulls from ipd itself (REGISTRY=ipd: IMAGE_REF@IMAGE_DIGEST,
+    --with-registry-auth), on a single-node swarm."""
+    test_v1_v2_then_broken_v3_rolled_back = None  # SwarmExampleTests' own
+
+    def setUp(self):
+        super().setUp()
+        # control.sh's docker needs the manager's login to ipd (DOCKER_CONFIG)
+        self.docker_config = os.path.join(self.tmp, "docker-config")
+        os.makedirs(self.docker_config)
+        self.daemon.stop()
+        self.daemon = DaemonProcess(self.tmp, {"PASS_ENV": "DOCKER_HOST DOCKER_CONFIG",
+                                               "STEP_TIMEOUT": "180"})
+        self.daemon.start(env={"DOCKER_CONFIG": self.docker_config})
+        self.addCleanup(self.daemon.stop, signal.SIGKILL)
+        settings = os.path.join(self.daemon.upload_dir, self.project, "deploy.env")
+        with open(settings) as file:
+            text = file.read().replace("REGISTRY=\n", "REGISTRY=ipd\n")
+        with open(settings, "w") as file:
+            file.write(text)
+        script = os.path.join(self.daemon.upload_dir, self.project, "control.sh")
+        shutil.copy(os.path.join(HERE, self.script), script)
+        os.chmod(script, 0o755)
+        self.host = "127.0.0.1:%d" % self.daemon.port
+
+    run_tool = RegistryClientTests.run_tool
+    pushed = RegistryClientTests.pushed
+    docker_push = RegistryClientTests.docker_push
+
+    def test_docker_push_runs_a_service_that_pulls_from_ipd(self):
+        self.run_tool("docker", "login", "-u", "admin", "--password-stdin", self.host,
+                      stdin=b"admin-pw")
+        first, _ = self.pushed(lambda: self.docker_push("v1"), "v1")
+        second, _ = self.pushed(lambda: self.docker_push("v2"), "v2")
+        services = docker("service", "ls", "--filter", "label=ipd.project=" + self.project,
+                          "--format", "{{.Image}}").split()
+        self.assertEqual(len(services), 1, services)
+        self.assertRegex(services[0], r"^%s/%s@sha256:[0-9a-f]{64}$" % (
+            re.escape(self.host), self.project))
+        self.assertIn('"GET /v2/%s/manifests/sha256:' % self.project,
+                      self.daemon.daemon_log())
+
+
 # --- Issue #17: Docker examples an operator can leave running for months:
 # restarts, disks, reloads and failures.
 
