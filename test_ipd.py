@@ -5253,6 +5253,43 @@ class RegistryRetentionTests(RegistryTestCase):
         self.assertEqual(self.partial_files(), [])
 
 
+class RegistryMemoryTests(RegistryTestCase):
+    """A large layer streams through a PATCH and into $IMAGE in flat memory."""
+
+    def test_a_large_layer_push_does_not_grow_memory(self):
+        self.deployed(self.push_image("small", [gzip_layer({"a": b"1"})])[0])
+        before = MemoryTests.peak_rss_kib(self)
+        size, block, digest = soak(1 << 30, 64 << 20), os.urandom(1 << 20), hashlib.sha256()
+
+        def body():
+            for _ in range(size // len(block)):
+                digest.update(block)
+                yield block
+        location = self.call("POST", "/v2/web/blobs/uploads/")[1]["Location"]
+        status, headers, _ = self.call("PATCH", location, body())
+        self.assertEqual((status, headers["Range"]), (202, "0-%d" % (size - 1)))
+        layer = "sha256:" + digest.hexdigest()
+        self.assertEqual(self.call("PUT", location + "?digest=" + layer)[0], 201)
+        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+            "type": "layers", "diff_ids": [layer]}}).encode()
+        self.push_blob(config)
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": digest_of(config), "size": len(config)}, "layers": [{
+                "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                "digest": layer, "size": size}]}).encode()
+        answer = self.call("PUT", "/v2/web/manifests/large", manifest,
+                           {"Content-Type": DOCKER_MANIFEST})
+        deployment = self.deployed(answer)
+        after = MemoryTests.peak_rss_kib(self)
+        report("registry push of a %d MiB layer: ipd's peak RSS %d KiB (was %d)"
+               % (size >> 20, after, before))
+        self.assertLess(after - before, 24 * 1024)  # buffers, the hash's thread
+        self.assertLess(after, 64 * 1024)
+        image = os.path.join(self.daemon.upload_dir, "web", "image-%s.tar" % deployment)
+        self.assertGreater(os.path.getsize(image), size)
+
+
 class RegistryHostileTests(RegistryTestCase):
     """Malformed and hostile registry requests: each a 4xx with the spec's
     error JSON, never a 5xx, nothing left behind."""
