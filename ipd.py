@@ -5118,12 +5118,13 @@ class SegmentStore:
         return data if len(data) <= limit else None
 
     def copy_segment(self, digest, sink):
-        """Write the stored segment digest into sink; False when it is gone."""
+        """Write the stored segment digest into sink; False when it is gone.
+        (1 MiB blocks: a sink that hashes on a second core holds three.)"""
         file = self.open_segment(digest)
         if file is None:
             return False
         with file:
-            for block in iter(lambda: file.read(REBUILD_BLOCK), b""):
+            for block in iter(lambda: file.read(CHUNK_SIZE), b""):
                 sink.write(block)
         return True
 

@@ -5284,7 +5284,7 @@ class RegistryMemoryTests(RegistryTestCase):
         after = MemoryTests.peak_rss_kib(self)
         report("registry push of a %d MiB layer: ipd's peak RSS %d KiB (was %d)"
                % (size >> 20, after, before))
-        self.assertLess(after - before, 24 * 1024)  # buffers, the hash's thread
+        self.assertLess(after - before, 16 * 1024)
         self.assertLess(after, 64 * 1024)
         image = os.path.join(self.daemon.upload_dir, "web", "image-%s.tar" % deployment)
         self.assertGreater(os.path.getsize(image), size)
