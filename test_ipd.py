@@ -5402,6 +5402,13 @@ class RegistryHostileTests(RegistryTestCase):
                          "MANIFEST_UNKNOWN")
         self.assertNothingLeft()
 
+    def test_a_project_without_a_control_script_refuses_a_tag_push(self):
+        answer, manifest = self.push_image("v1", [gzip_layer({"a": b"1"})], project="api")
+        self.assertIn("no control.sh", self.assertError(answer, 400, "UNSUPPORTED"))
+        self.assertError(self.call("GET", "/v2/api/manifests/v1"), 404, "MANIFEST_UNKNOWN")
+        self.assertEqual(self.daemon.get("/status/api")[0], 404)
+        self.assertEqual(self.daemon.leftovers(), [])
+
     def test_oversize_manifests_are_refused_before_or_while_read(self):
         head = raw_request("PUT", "/v2/web/manifests/v1", headers={
             "Content-Type": DOCKER_MANIFEST, "Content-Length": str(5 << 20)})
