@@ -6325,7 +6325,8 @@ class RegistryClientTests(DockerTestCase):
     through examples/docker/control.sh (on the server, as for an image-only
     upload): docker push (a second push sends only its changed layer, and
     docker pull by digest works for the project's users only), buildah
-    push, podman push and skopeo copy."""
+    push, podman push and skopeo copy; and a push through the README's
+    nginx block."""
     script = "examples/docker/control.sh"
 
     def setUp(self):
@@ -6413,6 +6414,58 @@ class RegistryClientTests(DockerTestCase):
         self.assertNotEqual(code, 0)
         self.assertIn("denied", output.lower())
         self.assertIn('/manifests/v2" 403 user=other', self.daemon.daemon_log())
+
+    def test_a_push_through_the_readme_nginx_block(self):
+        """The README's location /v2/ block beside location /deploy: a chunked
+        PATCH streams through, Location stays the client's, a tag deploys."""
+        folder = os.path.join(self.tmp, "front")
+        os.makedirs(folder)
+        proxy = Nginx(folder, self.daemon.port, os.path.join(folder, "none-*.conf"))
+        deploy_block = readme_nginx_location().replace(
+            "localhost:9955", "127.0.0.1:%d" % self.daemon.port)
+        registry_block = re.search(r"\n(    location /v2/ \{.*?\n    \})\n", read_text(
+            os.path.join(HERE, "README.md")), re.S).group(1).replace(
+                "localhost:9955", "127.0.0.1:%d" % self.daemon.port)
+        self.assertIn("proxy_request_buffering off;", registry_block)
+        conf = os.path.join(folder, "nginx.conf")
+        text = read_text(conf).replace(deploy_block, deploy_block + "\n" + registry_block)
+        with open(conf, "w") as file:
+            file.write(text)
+        try:
+            proxy.start()
+        except subprocess.CalledProcessError:
+            raise AssertionError(read_text(os.path.join(folder, "error.log")))
+        self.addCleanup(proxy.stop)
+        project = "proxied-" + uuid.uuid4().hex[:8]
+        RegistryTestCase.place_script(self, self.daemon, project)
+
+        def call(method, path, body=None, headers=None):
+            connection = UnixHTTPConnection(proxy.front, timeout=60)
+            try:
+                connection.request(method, path, body=body, headers=dict(
+                    {"Authorization": ADMIN_AUTH}, **(headers or {})))
+                response = connection.getresponse()
+                return response.status, response.headers, response.read()
+            finally:
+                connection.close()
+        self.assertEqual(call("GET", "/v2/", headers={"Authorization": ""})[0], 401)
+        layer = gzip_layer({"big": os.urandom(4 << 20)})
+        config, manifest = image_manifest([layer])
+        for blob in (layer, config):
+            status, headers, _ = call("POST", "/v2/%s/blobs/uploads/" % project)
+            self.assertEqual(status, 202)
+            pieces = [blob[i:i + 65536] for i in range(0, len(blob), 65536)]
+            status, headers, _ = call("PATCH", headers["Location"], iter(pieces))
+            self.assertEqual((status, headers["Range"]), (202, "0-%d" % (len(blob) - 1)))
+            status, _, _ = call("PUT", headers["Location"] + "?digest=" + digest_of(blob))
+            self.assertEqual(status, 201)
+        status, headers, body = call("PUT", "/v2/%s/manifests/v1" % project, manifest,
+                                     {"Content-Type": DOCKER_MANIFEST})
+        self.assertEqual(status, 201, body)
+        deployment = headers["Ipd-Deployment"]
+        self.assertEqual(self.daemon.wait_state(project, deployment), "ok")
+        self.assertIn("IMAGE_REF=localhost/%s:v1\n" % project,
+                      self.daemon.log(project, deployment))
 
     def registry_digest(self, deployment):
         """The IMAGE_DIGEST of a pushed deployment, from the audit log."""
