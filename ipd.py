@@ -5649,21 +5649,25 @@ class Registry:
                                 "writing to this upload", session.headers())
 
     def drop(self, session):
+        """End session: forgotten, its partial file removed."""
         with self.lock:
             self.sessions.pop(session.id, None)
         remove_quietly(session.path)
 
     def count_received(self, project, count):
+        """Count blob bytes received for project (an upload's figure)."""
         with self.lock:
             self.received[project] = self.received.get(project, 0) + count
 
     def take_received(self, project):
+        """The blob bytes received for project since the last call."""
         with self.lock:
             return self.received.pop(project, 0)
 
     # --- tags
 
     def tag_path(self, project):
+        """PROJECT.json, of a checked project name."""
         return os.path.join(self.folder, project + ".json")
 
     def tags(self, project):
@@ -7668,9 +7672,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return "localhost"
 
     def registry_base(self, project, argument):
+        """GET /v2/: the login holds (the version header says v2)."""
         self.registry_answer(200, {}, b"{}\n", "application/json")
 
     def registry_blob(self, project, digest):
+        """HEAD or GET of a blob of the project's repository."""
         self.ipd.registry_project(self.user, project)
         file, size = self.ipd.registry_open_blob(self.user, project, digest)
         with file:
@@ -7688,10 +7694,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 left -= len(block)
 
     def blob_created(self, project, digest):
+        """201: the blob is in the project's repository."""
         self.registry_answer(201, {"Location": "/v2/%s/blobs/sha256:%s" % (project, digest),
                                    "Docker-Content-Digest": "sha256:" + digest})
 
     def registry_query(self, name):
+        """The last ?name= of the query, or None."""
         values = self.query.get(name)
         return values[-1] if values else None
 
@@ -7733,6 +7741,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.registry_answer(202, session.headers())
 
     def registry_upload_status(self, project, session_id):
+        """GET of an upload: where it ends, for a resume."""
         self.ipd.registry_project(self.user, project, push=True)
         session = self.ipd.registry_session(self.user, project, session_id)
         self.registry_answer(204, session.headers())
@@ -7750,12 +7759,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.blob_created(project, digest)
 
     def registry_upload_delete(self, project, session_id):
+        """DELETE of an upload: abandoned, its bytes removed."""
         self.ipd.registry_project(self.user, project, push=True)
         self.ipd.registry_cancel_upload(
             self.ipd.registry_session(self.user, project, session_id))
         self.registry_answer(204, {})
 
     def registry_manifest(self, project, reference):
+        """HEAD or GET of a manifest, by tag or digest, byte for byte."""
         self.ipd.registry_project(self.user, project)
         media_type, data, digest = self.ipd.registry_manifest(self.user, project,
                                                               reference)
@@ -7782,6 +7793,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.registry_answer(201, headers)
 
     def registry_tags(self, project, argument):
+        """GET .../tags/list."""
         self.ipd.registry_project(self.user, project)
         self.registry_answer(200, {}, json.dumps(
             {"name": project, "tags": self.ipd.registry_tags(self.user, project)}
