@@ -5599,18 +5599,25 @@ class Registry:
         self.received = {}  # project -> blob bytes received since its last tag
 
     def start(self, user, project):
-        """A new BlobUpload of user to project; TooManyRequests beyond the
-        bounds (after forgetting expired sessions)."""
+        """A new BlobUpload of user to project.  Beyond the bounds (after
+        forgetting expired sessions) user's least recently used idle one
+        goes (a push that failed leaves its uploads behind); RegistryError
+        429 when none is idle."""
         session_id = uuid.uuid4().hex
         owner = registry_principal(project).name
         path = self.segments.session_path(owner, session_id)
         with self.lock:
             self.expire()
-            mine = sum(1 for s in self.sessions.values() if s.owner == user.name)
+            mine = [s for s in self.sessions.values() if s.owner == user.name]
             if (len(self.sessions) >= REGISTRY_MAX_SESSIONS or
-                    mine >= REGISTRY_MAX_USER_SESSIONS):
-                raise RegistryError(429, "TOOMANYREQUESTS", "too many blob uploads "
-                                    "under way: finish or cancel some")
+                    len(mine) >= REGISTRY_MAX_USER_SESSIONS):
+                idle = [s for s in mine if not s.guard.locked()]
+                if not idle:
+                    raise RegistryError(429, "TOOMANYREQUESTS", "too many blob "
+                                        "uploads under way: finish some")
+                oldest = min(idle, key=lambda s: s.touched)
+                del self.sessions[oldest.id]
+                remove_quietly(oldest.path)
             session = self.sessions[session_id] = BlobUpload(
                 session_id, project, user.name, path)
         try:

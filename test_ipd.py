@@ -5477,10 +5477,14 @@ class RegistryHostileTests(RegistryTestCase):
                          "BLOB_UPLOAD_UNKNOWN")
         self.assertError(self.call("PATCH", location.replace("/web/", "/api/"), b"x"), 404,
                          "BLOB_UPLOAD_UNKNOWN")
-        for _ in range(ipd.REGISTRY_MAX_USER_SESSIONS - 1):
-            self.session()
-        self.assertError(self.call("POST", "/v2/web/blobs/uploads/"), 429, "TOOMANYREQUESTS")
+        others = [self.session() for _ in range(ipd.REGISTRY_MAX_USER_SESSIONS - 1)]
+        self.call("PATCH", others[0], b"x")  # used since: the first is the oldest
         self.assertEqual(self.call("POST", "/v2/web/blobs/uploads/", user="dev")[0], 202)
+        # one more of the user's: the least recently used goes, the rest stay
+        self.assertEqual(self.call("POST", "/v2/web/blobs/uploads/")[0], 202)
+        self.assertError(self.call("GET", location), 404, "BLOB_UPLOAD_UNKNOWN")
+        self.assertEqual(self.call("GET", others[0])[1]["Range"], "0-0")
+        self.assertEqual(len(self.partial_files()), ipd.REGISTRY_MAX_USER_SESSIONS + 1)
 
     def test_seeded_fuzz_of_the_registry(self):
         self.push_image("v1", [gzip_layer({"a": b"1"})])
