@@ -7085,7 +7085,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.status_sent is not None:  # too late for a clean answer
             self.close_connection = True
             return
-        if is_registry_path(urllib.parse.urlsplit(self.path)[2]):
+        if is_registry_path(self.path.split("?", 1)[0]):
             return self.send_registry_error(error)  # the spec's JSON (#24)
         message = str(error).splitlines()[0] if str(error) else "error"
         try:
