@@ -56,7 +56,7 @@ test-system:
 soak:
 	IPD_SOAK=1 $(PYTHON) test_ipd.py -k Guarantee -k MemoryTests -k test_push_of_1_gib \
 	    -k EdgeSizeTests -k EdgeFuzzTests -k PackageBombTests \
-	    -k test_zip_link_targets
+	    -k test_zip_link_targets -k LayerJsonFuzzTests -k SegmentTakeoverTests
 
 # Upload speed, memory and latency beside nginx, uvicorn and multipart
 # (installs its peers into build/bench-venv; takes some minutes).

@@ -5,7 +5,8 @@ A small daemon that receives an app's container image and deploy package
 over HTTP and switches the server to the new version by running the
 project's ``control.sh``: ``check``, then ``prepare`` where the check
 failed, then ``deploy`` (exit status 1 means success, as the original
-README says; see SUCCESS_CODE).
+README says; see SUCCESS_CODE); where VERIFY_SECONDS is set, ``verify``
+watches the live release, and one that fails it is rolled back.
 
 One file, standard library only, CPython 3.8 to 3.13:
 
@@ -14,7 +15,8 @@ One file, standard library only, CPython 3.8 to 3.13:
     python3 ipd.py passwd ROLE NAME # add or replace a user in AUTH_DB
 
 How it is built, top to bottom (each section opens with what it owns, and
-refers only to names defined above it): errors; settings; helpers; users
+refers only to names defined above it): errors; settings; helpers (file
+locks, the bounded JSON decoder every JSON body goes through); users
 and passwords; signed releases and deploy tokens; OpenID Connect ID
 tokens (CI jobs that log in with no secret); the streaming multipart
 parser (pure, no I/O); request bodies and uploads; safe unpacking of
@@ -65,6 +67,7 @@ import bz2
 import calendar
 import codecs
 import collections
+import ctypes
 import errno
 import fcntl
 import fnmatch
@@ -72,6 +75,7 @@ import getpass
 import grp
 import gzip
 import hashlib
+import heapq
 import hmac
 import html
 import http.client
@@ -136,50 +140,78 @@ class IpdError(Exception):
 
 
 class BadRequest(IpdError):
+    """400: the request is malformed or names what cannot be; the
+    message says what to fix."""
+
     http_status = 400
 
 
 class Unauthorized(IpdError):
+    """401: no credentials, or refused ones (the same answer for every
+    reason, so that it tells a guesser nothing)."""
+
     http_status = 401
 
 
 class Forbidden(IpdError):
+    """403: a known user without the role or the project, or a push that
+    must be signed and is not."""
+
     http_status = 403
 
 
 class NotFound(IpdError):
+    """404: no such endpoint, project or deployment ('no')."""
+
     http_status = 404
 
 
 class MethodNotAllowed(IpdError):
+    """405: the path exists for other methods (headers carry Allow)."""
+
     http_status = 405
 
 
 class Conflict(IpdError):
+    """409: the deployment has ended already, or the segment upload is
+    elsewhere (headers may carry Upload-Offset)."""
+
     http_status = 409
 
 
 class LengthRequired(IpdError):
+    """411: a body with neither Content-Length nor chunked coding."""
+
     http_status = 411
 
 
 class Gone(IpdError):
+    """410: the files a redeploy needs were pruned."""
+
     http_status = 410
 
 
 class TooLarge(IpdError):
+    """413: a body or file over MAX_UPLOAD_SIZE (or another limit)."""
+
     http_status = 413
 
 
 class TooManyRequests(IpdError):
+    """429: too many failed logins from one address (Retry-After)."""
+
     http_status = 429
 
 
 class DiskFull(IpdError):
+    """507: UPLOAD_DIR has no room; nothing of the request is kept."""
+
     http_status = 507
 
 
 class Unavailable(IpdError):
+    """503: too many connections, or ipd is stopping (Retry-After)."""
+
     http_status = 503
 
 
@@ -224,6 +256,7 @@ Setting = collections.namedtuple("Setting", "default kind text example")
 
 
 def setting(default, kind, text, example=None):
+    """A SETTINGS entry; text is folded into one line (Markdown)."""
     return Setting(default, kind, " ".join(text.split()), example)
 
 
@@ -253,12 +286,18 @@ SETTINGS = {
         `interrupted`; keep the unit's TimeoutStopSec above it"""),
     "MAX_PARALLEL": setting("4", "count", """how many projects deploy at once
         (one project always deploys one at a time)"""),
+    "VERIFY_SECONDS": setting("0", "window", """after deploy, `control.sh
+        verify` watches the release this many whole seconds (0: no verify
+        step); a failed verify ends `reverted` and redeploys the project's last
+        ok deployment (see Verify and automatic rollback).  Per project in
+        `UPLOAD_DIR/$PROJECT/project.conf`."""),
     "KEEP_DEPLOYMENTS": setting("10", "count", """deployments per project that
         keep their image and package; older ones keep only their state and
         log"""),
     "MAX_UPLOAD_SIZE": setting("0", "size", """largest request body (`512M`,
-        `10G`), and largest file a layer push rebuilds; 0 for no limit (nginx:
-        `client_max_body_size 0`)"""),
+        `10G`), and largest file a layer push rebuilds (its recipe's pieces
+        must add up to its declared size, checked before a byte is copied: 413
+        over); 0 for no limit (nginx: `client_max_body_size 0`)"""),
     "MAX_UNPACKED_SIZE": setting("8G", "size", """largest unpacked package
         (stops decompression bombs); 0 for no limit"""),
     "READ_TIMEOUT": setting("60", "seconds", """seconds a request body may
@@ -318,9 +357,17 @@ SETTINGS = {
         ends (its recipe stays; a redeploy rebuilds them), so deployments
         sharing layers take about the unique bytes; `no`: keep them"""),
     "MIN_FREE_SPACE": setting("0", "size", """free space floor of UPLOAD_DIR
-        (`5G`): below it, the files of the oldest prunable deployments go
-        first (never a waiting or running one, nor a project's latest ok
-        one); 0 for none"""),
+        (`5G`): below it, when a deployment ends, the files of its project's
+        oldest prunable deployments go first (never a waiting or running one,
+        nor the latest ok one; never another project's); a segment upload or
+        a recipe push that would go below it is refused with 507 and prunes
+        nothing; 0 for none"""),
+    "SEGMENT_QUOTA": setting("20G", "size", """bytes one user (or token) may
+        hold in partial segment uploads and in segments no kept deployment
+        refers to (uploads not yet deployed); a segment upload over it is
+        refused with 507; 0 for no bound"""),
+    "SEGMENT_UPLOADS": setting("4", "count", """segment uploads one user (or
+        token) may have under way at once; more get 429"""),
     "SCRIPTS": setting("package", "scripts", """who supplies the code that runs
         on this host (see Scripts and who runs them).  `package`: a package's
         own control.sh runs (the original), so whoever may upload runs code
@@ -378,7 +425,8 @@ def settings_conf():
 
 
 # A deployment is "await" or "active" until it ends in a final state: ok,
-# changed, cancelled, timeout, interrupted, or an exit code.
+# changed, cancelled, timeout, interrupted, reverted (its verify failed and
+# it was rolled back), or an exit code.
 UNFINISHED = ("await", "active")
 STATE_FORMAT_VERSION = 1
 
@@ -546,6 +594,7 @@ def parse_seconds(text):
 
 
 def parse_yes_no(text):
+    """yes/no (or 1/0, true/false) -> bool."""
     if text.lower() not in ("yes", "no", "1", "0", "true", "false"):
         raise ValueError("must be yes or no")
     return text.lower() in ("yes", "1", "true")
@@ -561,6 +610,8 @@ def parse_words(text, check, what):
 
 
 def parse_origins(text):
+    """Origins (scheme://host[:port]), normalized, separated by spaces or
+    commas."""
     origins = [normalize_origin(word) for word in text.replace(",", " ").split()]
     if None in origins:
         raise ValueError("each must be scheme://host[:port], like "
@@ -576,24 +627,35 @@ def parse_matching(text, pattern, problem):
 
 
 def parse_root(text):
+    """API_ROOT: a URL path, without its trailing slash."""
     if not text.startswith("/") or re.search(r"[\s?#%]", text):
         raise ValueError("must be a URL path starting with /")
     return text.rstrip("/")
 
 
 def parse_run_as_setting(text):
+    """RUN_AS: empty, or user[:group[,group...]] of existing accounts."""
     if text:
         resolve_run_as(text)  # raises ValueError naming what is unknown
     return text
 
 
+def parse_window(text):
+    """VERIFY_SECONDS: whole seconds from 0 to 86400 (a shell's $(( )))."""
+    if not re.fullmatch(r"\d{1,6}", text) or int(text) > 86400:
+        raise ValueError("must be a whole number of seconds from 0 to 86400")
+    return int(text)
+
+
 def parse_scripts_mode(text):
+    """SCRIPTS: package or server."""
     if text not in ("package", "server"):
         raise ValueError("must be package or server")
     return text
 
 
 def parse_path(text):
+    """A path that must not be empty."""
     if not text:
         raise ValueError("must not be empty")
     return text
@@ -605,6 +667,7 @@ SETTING_KINDS = {
     "int": parse_whole,
     "count": lambda text: parse_whole(text, least=1),
     "seconds": parse_seconds,
+    "window": parse_window,
     "size": parse_size,
     "yesno": parse_yes_no,
     "names": lambda text: parse_words(text, re.compile(
@@ -671,7 +734,8 @@ def load_settings(config_path=None, environ=None, warn=None):
 ###############################################################################
 
 # Small pure functions and file primitives the rest builds on: times,
-# atomic writes, audit lines, hashing on a second core.
+# atomic writes, file locks, audit lines, hashing on a second core, JSON
+# decoded within bounds.
 
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -703,7 +767,10 @@ def iso_time(timestamp):
     """Seconds since the epoch -> '2026-11-25T10:25:58.123Z', or None."""
     if timestamp is None:
         return None
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp))
+    try:
+        whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp))
+    except (OverflowError, OSError, ValueError):  # created=2**62 (issue 23)
+        return "%.0f s after the epoch" % timestamp
     return "%s.%03dZ" % (whole, int(timestamp * 1000) % 1000)
 
 
@@ -795,6 +862,31 @@ def remove_quietly(path):
         pass
 
 
+class FileLock:
+    """An exclusive lock (flock) on PATH.lock, beside a file that several
+    commands read, change and write back (the tokens file, its last uses,
+    the users file): one at a time, or a change is lost (issue 23).  The
+    kernel drops it with its holder; the empty lock file stays."""
+
+    def __init__(self, path):
+        self.path = path + ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        # read-only is enough for flock: root and the daemon's user share it
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        os.close(self.fd)  # and with it the lock
+        self.fd = None
+
+
 def write_file_atomic(path, data, mode=0o640):
     """Replace path with data: temporary file, fsync, rename, fsync folder."""
     folder = os.path.dirname(path)
@@ -829,6 +921,99 @@ def free_space(path):
     except OSError:
         return None
     return info.f_bavail * info.f_frsize
+
+
+# --- bounded JSON (issue 23): what json.loads would pay for, checked first
+
+# JSON bodies and files are nested at most this deep: json.loads recurses
+# once a level (RecursionError near 1,000), and no ipd document needs more.
+MAX_JSON_DEPTH = 16
+# What gives JSON text its structure: quotes, brackets, commas.
+NOT_STRUCTURE = bytes(set(range(256)) - set(b'"[]{},'))
+QUOTE, COMMA = ord('"'), ord(",")
+OPENING = frozenset(b"[{")
+
+
+def json_items(data):
+    """The containers and commas of JSON text: about how many objects
+    json.loads would make of it (a string's commas counted too, so an
+    upper bound).  Cheap: for a body as it arrives."""
+    return data.count(b"{") + data.count(b"[") + data.count(b",")
+
+
+def check_json_shape(data, what, max_items, max_depth=MAX_JSON_DEPTH):
+    """Refuse JSON text (bytes) with more than max_items values or nested
+    deeper than max_depth, before json.loads builds anything of it.  Only
+    the structure is walked (escaped quotes and backslashes dropped first,
+    then all but quotes, brackets and commas): no object per value is
+    made, however hostile the text.  Raises BadRequest naming what."""
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    marks = unescaped.translate(None, NOT_STRUCTURE)
+    del unescaped
+    if len(marks) > 8 * max_items + 64:  # a value has 2 quotes, a key 2 more
+        raise BadRequest("%s has more than %d values" % (what, max_items))
+    items = depth = 0
+    in_string = False
+    for mark in marks:
+        if mark == QUOTE:
+            in_string = not in_string
+        elif in_string:
+            continue
+        elif mark in OPENING:
+            depth += 1
+            items += 1
+            if depth > max_depth:
+                raise BadRequest("%s is nested more than %d deep" % (what, max_depth))
+        elif mark == COMMA:
+            items += 1
+        else:
+            depth -= 1
+    if items > max_items:
+        raise BadRequest("%s has more than %d values" % (what, max_items))
+
+
+def bounded_int(text):
+    """json.loads' parse_int: a number of more than 40 digits costs it
+    quadratic time (and 3.11+ refuse them); no ipd number needs one."""
+    if len(text) > 40:
+        raise BadRequest("a number of more than 40 digits")
+    return int(text)
+
+
+def return_freed_memory():
+    """Give the memory freed since back to the system, where the C library
+    can (glibc's malloc_trim): glibc keeps what a thread freed in that
+    thread's arena, so a few requests with large JSON bodies, each on a
+    thread of its own, would otherwise hold the daemon's RSS up until it
+    restarts (issue 23).  Elsewhere, nothing."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def json_kind(value):
+    """What a decoded JSON value is, in JSON's words."""
+    for kind, name in ((bool, "a boolean"), (dict, "an object"), (list, "an array"),
+                       (str, "a string"), ((int, float), "a number")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def load_json_object(data, what, max_items, max_depth=MAX_JSON_DEPTH):
+    """JSON text (bytes) that must be an object -> dict, its shape checked
+    first (check_json_shape).  Raises BadRequest with the reason, never
+    RecursionError or a TypeError."""
+    check_json_shape(data, what, max_items, max_depth)
+    try:
+        value = json.loads(bytes(data).decode("utf-8"), parse_int=bounded_int)
+    except BadRequest as error:
+        raise BadRequest("%s has %s" % (what, error))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BadRequest("%s is not JSON" % what)
+    if not isinstance(value, dict):
+        raise BadRequest("%s must be a JSON object, not %s" % (what, json_kind(value)))
+    return value
 
 
 ###############################################################################
@@ -931,6 +1116,47 @@ def file_signature(path):
     return (info.st_mtime_ns, info.st_size, info.st_ino)
 
 
+class WatchedFile:
+    """A small file ipd reads again whenever it changes on disk (its
+    file_signature): the users file, the tokens file, OIDC_TRUST.
+
+    read() -> (value, changed): parse(text) of the file as it now is, or
+    missing() when it is gone or unreadable (logged, once a change, as
+    what and what follows, when what is given); changed says it was read
+    anew.  The lock guards the value and the signature it was read at, so
+    a reload is seen whole or not at all.
+    """
+
+    def __init__(self, path, parse, missing, what=None, follows=""):
+        self.path, self.parse, self.missing = path, parse, missing
+        self.what, self.follows = what, follows
+        self._lock = threading.Lock()
+        self._signature = None
+        self._value = missing()
+
+    def read(self):
+        signature = file_signature(self.path)
+        with self._lock:
+            if signature == self._signature:
+                return self._value, False
+            self._signature = signature
+            self._value = self._parse_file() if signature else self._gone(
+                "is missing")
+            return self._value, True
+
+    def _parse_file(self):
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                return self.parse(file.read())
+        except (OSError, UnicodeDecodeError) as error:
+            return self._gone("cannot be read: %s" % error)
+
+    def _gone(self, why):
+        if self.what:
+            log.warning("%s %s %s: %s", self.what, self.path, why, self.follows)
+        return self.missing()
+
+
 class UserDB:
     """The users file, read again whenever it changes on disk.
 
@@ -940,35 +1166,27 @@ class UserDB:
 
     def __init__(self, path):
         self.path = path
-        self._lock = threading.Lock()
-        self._signature = None
-        self._users = {}
+        self._file = WatchedFile(path, self._parse, dict, "users file",
+                                 "nobody can log in")
+        self._lock = threading.Lock()  # guards the verified-password cache
         self._verified = {}
         self._cache_key = secrets.token_bytes(32)
         self._decoy = None
 
-    def _reload_if_changed(self):
-        signature = file_signature(self.path)
-        with self._lock:
-            if signature == self._signature:
-                return
-            self._signature = signature
-            self._verified = {}
-            if signature is None:
-                self._users = {}
-                log.warning("users file %s is missing: nobody can log in",
-                            self.path)
-                return
-            try:
-                with open(self.path, encoding="utf-8") as file:
-                    text = file.read()
-            except (OSError, UnicodeDecodeError) as error:
-                log.error("cannot read users file %s: %s", self.path, error)
-                self._users = {}
-                return
-            self._users, warnings = parse_users(text, self.path)
-            for warning in warnings:
-                log.warning("%s", warning)
+    def _parse(self, text):
+        users, warnings = parse_users(text, self.path)
+        for warning in warnings:
+            log.warning("%s", warning)
+        return users
+
+    def _current_users(self):
+        """{name: User} as the file now says; a change empties the cache
+        of verified passwords."""
+        users, changed = self._file.read()
+        if changed:
+            with self._lock:
+                self._verified = {}
+        return users
 
     def decoy_hash(self):
         """A PBKDF2 hash of no one's password, checked for a login that
@@ -980,9 +1198,7 @@ class UserDB:
 
     def authenticate(self, name, password):
         """Return the User for a right name and password, else None."""
-        self._reload_if_changed()
-        with self._lock:
-            user = self._users.get(name)
+        user = self._current_users().get(name)
         if user is None:  # as slow as a wrong password: names stay secret
             check_password(password, self.decoy_hash())
             return None
@@ -1013,7 +1229,7 @@ class LoginThrottle:
         self.burst = burst
         self.refill = refill
         self.max_addresses = max_addresses
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _failures
         self._failures = {}  # address -> (tokens left, when last counted)
 
     def _tokens(self, address, now):
@@ -1060,6 +1276,12 @@ def set_user(path, role, name, password_hash, projects=None):
         for project in projects:
             check_name_for_config(project)
         record += ":" + ",".join(projects)
+    with FileLock(path):  # another passwd may be at it too
+        replace_user_line(path, name, record)
+
+
+def replace_user_line(path, name, record):
+    """Write the users file at path with record instead of name's line."""
     try:
         with open(path, encoding="utf-8") as file:
             lines = file.read().splitlines()
@@ -1086,6 +1308,8 @@ def set_user(path, role, name, password_hash, projects=None):
 # key's principals are WHO@PROJECT patterns: "ci@web,ci@api", "alice@*".
 SIGNATURE_NAMESPACE = "ipd"
 MANIFEST_FORMAT = 1
+MANIFEST_MAX_ITEMS = 64     # values in a manifest: two files and their fields
+MANIFEST_CLOCK_SKEW = 300   # seconds a manifest may be dated ahead of us
 
 
 def make_manifest(project, files, created=None):
@@ -1101,12 +1325,10 @@ def make_manifest(project, files, created=None):
 
 
 def parse_manifest(data):
-    """Manifest bytes -> dict, checked in shape.  Raises BadRequest."""
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise BadRequest("manifest is not JSON")
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+    """Manifest bytes -> dict, checked in shape.  Raises BadRequest, and
+    Forbidden for one dated more than MANIFEST_CLOCK_SKEW ahead."""
+    manifest = load_json_object(data, "the manifest", MANIFEST_MAX_ITEMS)
+    files = manifest.get("files")
     if (manifest.get("ipd_manifest") != MANIFEST_FORMAT or
             not isinstance(manifest.get("project"), str) or
             not isinstance(manifest.get("created"), int) or
@@ -1118,7 +1340,19 @@ def parse_manifest(data):
                                 for field, meta in files.items())):
         raise BadRequest("manifest must be ipd_manifest 1 with project, created, "
                          "nonce and files {image|package: {sha256, size}}")
+    check_manifest_time(manifest["created"])
     return manifest
+
+
+def check_manifest_time(created, now=None):
+    """Refuse a manifest dated ahead of this clock by more than a skew: it
+    would be the project's newest signed release until that day, and
+    every release signed before then would be refused as a rollback."""
+    now = time.time() if now is None else now
+    if created > now + MANIFEST_CLOCK_SKEW:
+        raise Forbidden("the signed manifest is dated %s, more than %d s ahead of "
+                        "this server's clock: check the signer's clock"
+                        % (iso_time(created), MANIFEST_CLOCK_SKEW))
 
 
 def check_manifest_files(manifest, project, upload):
@@ -1287,29 +1521,15 @@ class TokenDB:
 
     def __init__(self, path):
         self.path = path
-        self._lock = threading.Lock()
-        self._signature = None
-        self._tokens = {}
+        self._file = WatchedFile(path, parse_tokens, dict)  # none yet: quiet
+        self._lock = threading.Lock()  # guards _used
         self._used = {}
-
-    def _reload_if_changed(self):
-        signature = file_signature(self.path)
-        with self._lock:
-            if signature == self._signature:
-                return
-            self._signature = signature
-            try:
-                with open(self.path, encoding="utf-8") as file:
-                    self._tokens = parse_tokens(file.read())
-            except (OSError, UnicodeDecodeError):
-                self._tokens = {}
 
     def authenticate(self, secret):
         """-> (User, None) for a good token; (None, reason) otherwise."""
         match = TOKEN_PATTERN.match(secret)
-        self._reload_if_changed()
-        with self._lock:
-            token = self._tokens.get(match.group(1)) if match else None
+        tokens = self._file.read()[0]
+        token = tokens.get(match.group(1)) if match else None
         digest = hashlib.sha256(secret.encode()).hexdigest()
         if token is None or not hmac.compare_digest(digest, token.digest):
             return None, "unknown token"
@@ -1326,26 +1546,31 @@ class TokenDB:
                 return
             self._used[token_id] = now
         try:
-            used = read_token_uses(self.path)
-            used[token_id] = int(now)
-            write_file_atomic(self.path + ".used", json.dumps(used).encode(), 0o640)
+            with FileLock(self.path + ".used"):
+                used = read_token_uses(self.path)
+                used[token_id] = int(now)
+                write_file_atomic(self.path + ".used", json.dumps(used).encode(),
+                                  0o640)
         except (OSError, ValueError) as error:
             log.warning("cannot note the use of token %s: %s", token_id, error)
 
 
 def rewrite_tokens(path, change):
     """Read the tokens file, change(list of Token), write it atomically
-    (0640, as the users file)."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            tokens = list(parse_tokens(file.read()).values())
-        info = os.stat(path)
-    except FileNotFoundError:
-        tokens, info = [], None
-    change(tokens)
-    write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(), 0o640)
-    if info and os.geteuid() == 0:
-        os.chown(path, info.st_uid, info.st_gid)
+    (0640, as the users file), all under the file's lock: of two commands
+    at once, each sees what the other wrote (issue 23)."""
+    with FileLock(path):
+        try:
+            with open(path, encoding="utf-8") as file:
+                tokens = list(parse_tokens(file.read()).values())
+            info = os.stat(path)
+        except FileNotFoundError:
+            tokens, info = [], None
+        change(tokens)
+        write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(),
+                          0o640)
+        if info and os.geteuid() == 0:
+            os.chown(path, info.st_uid, info.st_gid)
 
 
 def create_token(path, projects, expires, creator):
@@ -1390,7 +1615,12 @@ OIDC_MAX_DEPTH = 8            # nesting of a token's header and claims JSON
 OIDC_LEEWAY = 60              # seconds of clock skew on exp, nbf and iat
 OIDC_MIN_BITS = 2048          # the smallest RSA key a token may be signed by
 OIDC_REFETCH = 60             # an unknown kid fetches the keys at most this often
-OIDC_FETCH_TIMEOUT = 5        # seconds for each fetch (discovery, then JWKS)
+OIDC_FETCH_TIMEOUT = 5        # seconds for both fetches (discovery, then JWKS)
+# Fetched keys are asked for again at a login once they are this old (an
+# issuer withdraws a key that leaked); when that fetch fails they are
+# still used until OIDC_KEYS_GRACE, then no more.
+OIDC_KEYS_MAX_AGE = 3600
+OIDC_KEYS_GRACE = 86400
 OIDC_MAX_DOCUMENT = 1 << 20   # bytes of a discovery document or a JWKS
 # RFC 8017 9.2, note 1: DER of the DigestInfo of SHA-256, before the hash.
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
@@ -1493,13 +1723,21 @@ def trust_line_rule(words, folder, number):
 def parse_trust(text, source="OIDC_TRUST", folder="."):
     """OIDC_TRUST's text -> ([TrustRule], warnings); jwks paths are taken
     from folder (the file's own).  A bad line is one warning, ignored."""
-    rules, warnings = [], []
+    rules, warnings, sources = [], [], {}
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split()
         if not words or words[0].startswith("#"):
             continue
         try:
-            rules.append(trust_line_rule(words, folder, number))
+            rule = trust_line_rule(words, folder, number)
+            # one source of keys an issuer: a test key file on a narrow rule
+            # must not sign what a broader rule of the issuer admits
+            if sources.setdefault(rule.issuer, rule.jwks) != rule.jwks:
+                raise ValueError("its issuer's keys come from %s on an earlier "
+                                 "line; give every rule of an issuer the same "
+                                 "jwks=PATH, or none" % (
+                                     sources[rule.issuer] or "discovery"))
+            rules.append(rule)
         except ValueError as error:
             warnings.append("%s, line %d: %s; line ignored" % (source, number, error))
     return rules, warnings
@@ -1511,27 +1749,14 @@ class TrustDB:
 
     def __init__(self, path):
         self.path = path
-        self._lock = threading.Lock()  # guards _signature and _rules
-        self._signature = None
-        self._rules = []
+        self._file = WatchedFile(path, self._parse, list, "OIDC_TRUST",
+                                 "no ID token logs in")
 
     def rules(self):
         """The rules as the file now says."""
-        signature = file_signature(self.path)
-        with self._lock:
-            if signature != self._signature:
-                self._signature = signature
-                self._rules = self._read()
-            return self._rules
+        return self._file.read()[0]
 
-    def _read(self):
-        try:
-            with open(self.path, encoding="utf-8") as file:
-                text = file.read()
-        except (OSError, UnicodeDecodeError) as error:
-            log.error("cannot read OIDC_TRUST %s: %s; no ID token logs in",
-                      self.path, error)
-            return []
+    def _parse(self, text):
         rules, warnings = parse_trust(text, self.path, os.path.dirname(self.path))
         for warning in warnings:
             log.warning("%s", warning)
@@ -1644,18 +1869,17 @@ def shut_down(connection):
             pass
 
 
-def fetch_json(url, context):
+def fetch_json(url, context, deadline):
     """GET an https URL (no redirects) -> its JSON object, all of it
-    within OIDC_FETCH_TIMEOUT (a server that trickles is cut off) and
-    OIDC_MAX_DOCUMENT bytes.  Raises ValueError(why)."""
+    before deadline (time.monotonic(); a server that trickles is cut off)
+    and within OIDC_MAX_DOCUMENT bytes.  Raises ValueError(why)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
         raise ValueError("%s is not an https:// URL" % printable(url, 200))
-    deadline = time.monotonic() + OIDC_FETCH_TIMEOUT
+    left = max(0.1, deadline - time.monotonic())
     connection = http.client.HTTPSConnection(parts.hostname, parts.port,
-                                             timeout=OIDC_FETCH_TIMEOUT,
-                                             context=context)
-    timer = threading.Timer(OIDC_FETCH_TIMEOUT, shut_down, (connection,))
+                                             timeout=left, context=context)
+    timer = threading.Timer(left, shut_down, (connection,))
     timer.start()
     try:
         connection.request("GET", (parts.path or "/") + (
@@ -1700,6 +1924,7 @@ class IssuerKeys:
         self.cache_dir, self.ca_file = cache_dir, ca_file
         self._lock = threading.Lock()  # guards the four dicts below
         self._keys = {}       # issuer -> {kid: (n, e)}, as fetched or cached
+        self._fetched = {}    # issuer -> time.time() when its keys were fetched
         self._attempted = {}  # issuer -> time.monotonic() of its last fetch
         self._fetching = {}   # issuer -> Event, set when its fetch ends
         self._files = {}      # jwks path -> (file_signature, {kid: (n, e)})
@@ -1737,9 +1962,9 @@ class IssuerKeys:
         """issuer's keys, fetched first when they lack kid and may be."""
         with self._lock:
             if issuer not in self._keys:
-                self._keys[issuer] = self._read_cache(issuer)
-            keys = self._keys[issuer]
-            if kid in keys:
+                self._keys[issuer], self._fetched[issuer] = self._read_cache(issuer)
+            keys = self._usable(issuer)
+            if kid in keys and time.time() - self._fetched[issuer] < OIDC_KEYS_MAX_AGE:
                 return keys
             waiting = self._fetching.get(issuer)
             if waiting is None:
@@ -1749,9 +1974,9 @@ class IssuerKeys:
                 self._attempted[issuer] = time.monotonic()
                 done = self._fetching[issuer] = threading.Event()
         if waiting is not None:  # another request fetches them: wait for it
-            waiting.wait(2 * OIDC_FETCH_TIMEOUT + 1)
+            waiting.wait(OIDC_FETCH_TIMEOUT + 1)
             with self._lock:
-                return self._keys[issuer]
+                return self._usable(issuer)
         try:
             return self._fetch(issuer)
         finally:
@@ -1759,27 +1984,42 @@ class IssuerKeys:
                 del self._fetching[issuer]
             done.set()
 
+    def _usable(self, issuer):
+        """issuer's keys, none once they are older than OIDC_KEYS_GRACE
+        (held _lock)."""
+        if time.time() - self._fetched.get(issuer, 0) >= OIDC_KEYS_GRACE:
+            return {}
+        return self._keys[issuer]
+
     def _fetch(self, issuer):
         """Fetch issuer's keys, keep them (memory and disk); -> the keys
-        now known, the old ones when the fetch fails."""
+        now usable: the old ones when the fetch fails (see _usable).  Both
+        fetches share one OIDC_FETCH_TIMEOUT, and the key set must be on
+        the issuer's own host."""
+        deadline = time.monotonic() + OIDC_FETCH_TIMEOUT
         try:
             discovery = fetch_json(issuer.rstrip("/") +
                                    "/.well-known/openid-configuration",
-                                   self.context())
+                                   self.context(), deadline)
             if discovery.get("issuer") != issuer:
                 raise ValueError("its discovery document names issuer %r"
                                  % printable(str(discovery.get("issuer")), 100))
-            jwks = fetch_json(str(discovery.get("jwks_uri", "")), self.context())
+            jwks_uri = str(discovery.get("jwks_uri", ""))
+            if (urllib.parse.urlsplit(jwks_uri).hostname
+                    != urllib.parse.urlsplit(issuer).hostname):
+                raise ValueError("its jwks_uri %s is not on the issuer's host"
+                                 % printable(jwks_uri, 200))
+            jwks = fetch_json(jwks_uri, self.context(), deadline)
             keys = parse_jwks(jwks)
         except (ValueError, OSError) as error:  # OSError: OIDC_CA_FILE
             log.warning("cannot fetch the keys of OIDC issuer %s: %s", issuer, error)
             with self._lock:
-                return self._keys[issuer]
+                return self._usable(issuer)
         log.info("fetched %d key(s) of OIDC issuer %s: %s", len(keys), issuer,
                  ", ".join(sorted(keys))[:300])
         self._write_cache(issuer, jwks)
         with self._lock:
-            self._keys[issuer] = keys
+            self._keys[issuer], self._fetched[issuer] = keys, time.time()
         return keys
 
     def context(self):
@@ -1796,14 +2036,17 @@ class IssuerKeys:
             issuer.encode()).hexdigest()[:32] + ".json")
 
     def _read_cache(self, issuer):
+        """(keys, when they were fetched) of issuer's cache file; ({}, 0)
+        when there is none or it is not one."""
         try:
             with open(self.cache_path(issuer), "rb") as file:
                 cached = parse_json_bounded(file.read(OIDC_MAX_DOCUMENT + 4096))
-            if cached.get("issuer") == issuer:
-                return parse_jwks(cached.get("jwks"))
+            fetched = cached.get("fetched")
+            if cached.get("issuer") == issuer and isinstance(fetched, int):
+                return parse_jwks(cached.get("jwks")), fetched
         except (OSError, ValueError, AttributeError):
             pass
-        return {}
+        return {}, 0
 
     def _write_cache(self, issuer, jwks):
         try:
@@ -2240,7 +2483,34 @@ def client_filename(name):
 CHUNK_SIZE = 1 << 20
 
 
-class LengthBody:
+class RequestBody:
+    """What LengthBody and ChunkedBody share: pieces(), the one loop that
+    reads a body, and on_first_read, the one place a client that waits
+    (Expect: 100-continue) is told to send its body: at the first read,
+    so that every check an endpoint makes before reading refuses the
+    request before a byte of the body is sent (RFC 9110 10.1.1)."""
+
+    on_first_read = None
+
+    def _starting(self):
+        if self.on_first_read is not None:
+            tell, self.on_first_read = self.on_first_read, None
+            tell()
+
+    def pieces(self):
+        """The body piece by piece, as (buffer, count): the buffer is
+        reused, its first count bytes are the piece until the next one.
+        Raises what readinto raises."""
+        buffer = bytearray(CHUNK_SIZE)
+        view = memoryview(buffer)
+        while True:
+            count = self.readinto(view)
+            if not count:
+                return
+            yield buffer, count
+
+
+class LengthBody(RequestBody):
     """A request body of Content-Length bytes, read into caller buffers."""
 
     def __init__(self, rfile, length):
@@ -2257,6 +2527,7 @@ class LengthBody:
         """Fill view from the body; 0 at its end.  Raises ClientGone."""
         if self.remaining <= 0:
             return 0
+        self._starting()
         # readinto1: what has arrived, at most one read of the socket, so
         # the parser sees data (and refuses bad input) as soon as it comes.
         count = self.rfile.readinto1(view[:min(len(view), self.remaining)])
@@ -2267,7 +2538,7 @@ class LengthBody:
         return count
 
 
-class ChunkedBody:
+class ChunkedBody(RequestBody):
     """A Transfer-Encoding: chunked request body (RFC 9112 section 7.1)."""
 
     def __init__(self, rfile, limit=0):
@@ -2296,8 +2567,11 @@ class ChunkedBody:
             self.finished = True
 
     def readinto(self, view):
+        """Fill view from the body; 0 at its end.  Raises ClientGone,
+        BadRequest for a malformed one, TooLarge past the limit."""
         if self.finished:
             return 0
+        self._starting()
         if self.chunk_left == 0:
             self._next_chunk()
             if self.finished:
@@ -2537,14 +2811,9 @@ def receive_upload(body, boundary, folder, on_field=None):
     """
     parser = MultipartParser(boundary)
     upload = Upload()
-    buffer = bytearray(CHUNK_SIZE)
-    view = memoryview(buffer)
     sink = None
     try:
-        while True:
-            count = body.readinto(view)
-            if not count:
-                break
+        for buffer, count in body.pieces():
             for event, value in parser.feed(buffer, count):
                 if event == PART_DATA:
                     sink.write(value)
@@ -3009,10 +3278,10 @@ def find_control_script(unpacked, project_dir):
 # run with; finding and stopping the processes a step leaves behind.
 
 
-# UPLOAD_DIR/$PROJECT/project.conf: an administrator's SCRIPTS and RUN_AS
-# for one project (KEY=VALUE lines, as /etc/ipd.conf).
+# UPLOAD_DIR/$PROJECT/project.conf: an administrator's SCRIPTS, RUN_AS and
+# VERIFY_SECONDS for one project (KEY=VALUE lines, as /etc/ipd.conf).
 PROJECT_CONF = "project.conf"
-PROJECT_KEYS = ("SCRIPTS", "RUN_AS")
+PROJECT_KEYS = ("SCRIPTS", "RUN_AS", "VERIFY_SECONDS")
 # With RUN_AS, PROJECT_DIR is this folder of the project's: the one place
 # its scripts may write.  The project folder itself, where control.sh,
 # notify.sh and project.conf lie, stays the daemon's.
@@ -3085,10 +3354,10 @@ def keep_scripts_without_capabilities():
 
 
 def project_settings(settings, project_dir):
-    """{SCRIPTS, RUN_AS} of a project: the global settings, overridden by
-    the project folder's project.conf.  Only a file an administrator could
-    have placed counts: a regular file owned by root or ipd's user and not
-    writable by group or others.  Raises IpdError (500) for another one,
+    """{SCRIPTS, RUN_AS, VERIFY_SECONDS} of a project: the global settings,
+    overridden by the project folder's project.conf.  Only a file an
+    administrator could have placed counts: a regular file owned by root
+    or ipd's user and not writable by group or others.  Raises IpdError (500) for another one,
     or for a bad value: never a silent fallback to the looser setting."""
     values = {key: getattr(settings, key) for key in PROJECT_KEYS}
     path = os.path.join(project_dir, PROJECT_CONF)
@@ -3120,6 +3389,24 @@ def scripts_user(settings, project_dir):
         raise IpdError("RUN_AS of %s: %s" % (project_dir, error))
 
 
+def share_with_group(path, gid, mode):
+    """Let the group gid (a project's scripts' group) read path, and no
+    other user: group-owned, mode (0750, 0640), so that another project's
+    scripts' user reads nothing of this project's deployments (issue 23).
+    Where ipd may not give the file to that group (an unprivileged ipd
+    outside it, without CAP_CHOWN), everyone may read it, as before, and
+    the log says so."""
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        log.warning("cannot give %s to group %d (ipd is neither root nor in that "
+                    "group): readable by every user, so by other projects' "
+                    "scripts too", path, gid)
+        os.chmod(path, mode | 0o005 if mode & 0o100 else mode | 0o004)
+        return
+    os.chmod(path, mode)
+
+
 def open_to_scripts(project_dir, deployment_folder, image, run_as):
     """Give run_as what its scripts need and nothing more: UPLOAD_DIR and
     the project folder to pass through (not to list), its work folder to write (made on first use,
@@ -3135,9 +3422,9 @@ def open_to_scripts(project_dir, deployment_folder, image, run_as):
         if info.st_uid == os.geteuid() and wanted != stat.S_IMODE(info.st_mode):
             os.chmod(folder, wanted)
     if os.path.isdir(deployment_folder):
-        os.chmod(deployment_folder, 0o755)
+        share_with_group(deployment_folder, run_as.gid, 0o750)
     if image and os.path.exists(image):
-        os.chmod(image, 0o644)
+        share_with_group(image, run_as.gid, 0o640)
     work = os.path.join(project_dir, WORK_DIR)
     try:
         info = os.lstat(work)
@@ -3243,12 +3530,18 @@ def processes_of_session(identity):
     session = identity["session"]
     if process_running(session) and process_start(session) != identity["start"]:
         return []
+    return session_members(session)
+
+
+def session_members(session):
+    """The pids running in session (zombies left out), whichever process
+    group they moved to: what setsid() alone would take them out of."""
     found = []
     for pid in list_pids():
         try:
             with open("/proc/%d/stat" % pid, "rb") as file:
                 fields = file.read().rsplit(b")", 1)[1].split()
-        except OSError:
+        except (OSError, IndexError):
             continue
         if int(fields[3]) == session and fields[0] != b"Z":
             found.append(pid)
@@ -3318,6 +3611,11 @@ def stop_process_group(process, grace):
         # (a process stuck in the kernel, in state D, for at most grace more)
         wait_for_group(process, grace, 0.01)
     process.wait()
+    # What moved to a process group of its own is still in the step's
+    # session (each step leads one): it ends with the step too (issue 23).
+    # Only a process that left the session as well (setsid) escapes.  The
+    # leader is reaped: a process with its pid now is another's, not ours.
+    stop_processes([pid for pid in session_members(group) if pid != group], grace)
 
 
 ###############################################################################
@@ -3399,7 +3697,9 @@ class Deployment:
 
     def public(self):
         """What the API tells of a deployment (times as ISO 8601); of one
-        pushed with an ID token, its claims (oidc)."""
+        pushed with an ID token, its claims (oidc); of a reverted one, its
+        rollback's ID (rollback), and of a rollback, what it undoes
+        (rollback_of)."""
         duration = None
         if self.started and self.ended:
             duration = round(self.ended - self.started, 3)
@@ -3419,9 +3719,13 @@ class Deployment:
         }
         if "oidc" in self.others:
             public["oidc"] = self.others["oidc"]
+        for name in ("rollback", "rollback_of"):  # verify's rollback (#25)
+            if name in self.others:
+                public[name] = self.others[name]
         return public
 
     def copy(self):
+        """A copy that shares nothing changeable with this one."""
         return self.replace()
 
     def replace(self, **changes):
@@ -3459,6 +3763,7 @@ def summarize(values):
 
 
 def escape_label(value):
+    """A Prometheus label value, escaped for the text format."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
@@ -3632,6 +3937,23 @@ def write_index(folder, hot, mtimes, cold):
         remove_quietly(temporary)
 
 
+def file_stamp(info):
+    """What the index keeps of a state file's os.stat: [mtime_ns, size,
+    inode]; None for one written in the last 2 s, whose mtime a later
+    rewrite in the same clock tick could leave as it is."""
+    if time.time() - info.st_mtime < 2:
+        return None
+    return [info.st_mtime_ns, info.st_size, info.st_ino]
+
+
+def stamp_matches(stamp, info):
+    """True when a state file (its os.stat) is as the index saw it: its
+    stamp, or the mtime alone that an older ipd's index kept."""
+    if isinstance(stamp, int):
+        return stamp == info.st_mtime_ns
+    return stamp is not None and stamp == [info.st_mtime_ns, info.st_size, info.st_ino]
+
+
 def mark_index_stale(folder):
     """The folder is about to change: its index vouches for it no more."""
     try:
@@ -3705,6 +4027,7 @@ class ColdFigures:
             self.durations.append([record.seq, record.ended - record.started])
 
     def to_disk(self):
+        """The figures as the index keeps them (the newest durations)."""
         self.durations = sorted(self.durations)[-1000:]
         return dict({key: getattr(self, key) for key in self.FIELDS[1:]},
                     ids=" ".join(self.ids))
@@ -3732,6 +4055,7 @@ class ProjectLedger:
         self.index_fresh = False
 
     def count(self):
+        """How many deployments the project has, hot and cold."""
         return self.cold_count + len(self.hot)
 
     def cold_newer_than(self, seq):
@@ -3801,9 +4125,12 @@ class DeploymentStore:
     # --- paths
 
     def project_dir(self, project):
+        """UPLOAD_DIR/PROJECT: the administrator's control.sh, notify.sh,
+        project.conf, and deployments/."""
         return os.path.join(self.upload_dir, project)
 
     def deployments_dir(self, project):
+        """Where project's deployments' folders, files and states are."""
         return os.path.join(self.upload_dir, project, "deployments")
 
     def path(self, record, suffix=""):
@@ -3821,6 +4148,7 @@ class DeploymentStore:
         deployment that was running becomes 'interrupted' and what is left
         of its control.sh is stopped, so that it never overlaps the
         project's next deployment.  Returns the number of deployments.
+        Called once, before any other thread uses the store.
         """
         os.makedirs(self.upload_dir, exist_ok=True)
         hot, durations = [], []
@@ -3879,9 +4207,14 @@ class DeploymentStore:
                 log.warning("stopping what was left running of deployment %s",
                             record.id)
                 stop_processes(pids, kill_grace)
-            self.update(record.id, state="interrupted", ended=time.time())
-            log.info("deployment %s of %s was running at a stop: interrupted",
-                     record.id, record.project)
+            # One stopped in verify is live but was never judged: it is
+            # not taken as holding (the Daemon then queues its rollback).
+            unjudged = "verify_started" in record.others and not record.others.get(
+                "verified")
+            state = "reverted" if unjudged else "interrupted"
+            self.update(record.id, state=state, ended=time.time())
+            log.info("deployment %s of %s was running at a stop: %s",
+                     record.id, record.project, state)
 
     def _load_project(self, project):
         """-> (hot records, ColdFigures, fresh) of project: from its index
@@ -3892,13 +4225,27 @@ class DeploymentStore:
         try:
             cold = ColdFigures(index.get("cold") if index else None)
             cached = dict(index["hot"]) if index else {}
-            if fresh:
+            if fresh and self._unchanged(project, cached):
                 records = [cached_deployment(entry[1]) for entry in cached.values()]
                 if records and None not in records:
                     return records, cold, True
         except (KeyError, TypeError, ValueError, IndexError):
             cold, cached = ColdFigures(), {}
         return self._scan_project(project, cold, cached)
+
+    def _unchanged(self, project, cached):
+        """True when each of the index's hot records' state files is as it
+        was (its stamp): a file rewritten in place leaves the folder's
+        mtime as it was."""
+        folder = self.deployments_dir(project)
+        for deployment_id, (stamp, _) in cached.items():
+            try:
+                info = os.stat(os.path.join(folder, deployment_id + ".json"))
+            except OSError:
+                return False
+            if not stamp_matches(stamp, info):
+                return False
+        return True
 
     def _scan_project(self, project, cold, cached):
         """_load_project's slow way: read the state files that neither cold
@@ -3920,10 +4267,11 @@ class DeploymentStore:
             if entry.name.startswith("."):  # a torn atomic write
                 remove_quietly(entry.path)
             elif suffix == "json" and DEPLOYMENT_ID.match(stem) and stem not in counted:
-                mtimes[stem] = entry.stat().st_mtime_ns
-                cached_mtime, cached_record = cached.get(stem, (None, None))
+                info = entry.stat()
+                mtimes[stem] = file_stamp(info)
+                cached_stamp, cached_record = cached.get(stem, (None, None))
                 record = (cached_deployment(cached_record)
-                          if cached_mtime == mtimes[stem] else None)
+                          if stamp_matches(cached_stamp, info) else None)
                 record = record or self._read_record(entry.path, project, stem)
                 if record:
                     records.append(record)
@@ -4051,15 +4399,26 @@ class DeploymentStore:
         self._after(old, new)
         return new.copy()
 
-    def commit(self, record, folder, files, audit=None, message=None, received=0):
+    def mark_pruned(self, deployment_id):
+        """Record that a deployment's files are gone; -> False when it was
+        so already (two retention runs may pick the same one)."""
+        with self._change_lock:
+            with self._lock:
+                record = self._hot.get(deployment_id)
+            if record is None or record.pruned:
+                return False
+            self._change(deployment_id, pruned=True)
+        return True
+
+    def commit(self, record, folder, files, audit=None, message=None, received=0,
+               yield_to_waiting=False):
         """Move an upload's folder and files ({suffix: path}) into place and
-        write its record (state 'await') with the next sequence number.  It
-        waits from the moment it shows, and the project's waiting one is
-        superseded ('changed') in the same step.  message (a log line) and
-        audit ((event, {fields})) are written once it is on disk and
-        before any of its states; received bytes are counted as an upload
-        in the step that shows it.  -> a copy of the record.  All or
-        nothing: on an error what was moved is removed again."""
+        write its record ('await', the next sequence number): it waits as it
+        shows, the project's waiting one superseded ('changed') in the same
+        step (with yield_to_waiting, that one wins: Conflict).  message (a
+        log line) and audit ((event, {fields})) are written once it is on
+        disk, before its states; received bytes count as an upload as it
+        shows.  -> a copy.  All or nothing: what was moved goes on an error."""
         moved = []
         with self._change_lock:
             try:
@@ -4075,6 +4434,8 @@ class DeploymentStore:
                 write_file_atomic(moved[-1], record.encode())
                 with self._lock:
                     older = self._hot.get(self._waiting.get(record.project))
+                if older and yield_to_waiting:
+                    raise Conflict("deployment %s waits: it is newer" % older.id)
                 replaced = older and older.replace(
                     state="changed", ended=time.time(), superseded_by=record.id)
                 if replaced:
@@ -4112,6 +4473,8 @@ class DeploymentStore:
                 record = self._hot.get(deployment_id)
                 waiting = record and self._waiting.get(record.project) == deployment_id
                 stop = self._cancels.get(deployment_id)
+            if record is None:  # cold: ended long ago, or none
+                record = self.get(deployment_id)
             if record is None:
                 raise NotFound("no deployment %s" % deployment_id)
             if record.state not in UNFINISHED:
@@ -4252,9 +4615,11 @@ class DeploymentStore:
         with self._lock:
             return self._counters.render(gauges, counters)
 
-    def deployments_of(self, project):
+    def deployments_of(self, project, limit=None):
         """Copies of the project's records, oldest first: the cold ones read
-        from their state files."""
+        from their state files; with limit, only about the newest limit
+        (the cold ones chosen by their files' mtimes, which is when they
+        ended), so that a long history costs a page no more than that."""
         with self._lock:
             ledger = self._ledgers.get(project)
             if ledger is None:
@@ -4263,17 +4628,26 @@ class DeploymentStore:
             cold_count = ledger.cold_count
         records = {record.id: record for record in hot}
         if cold_count:
-            try:
-                names = os.listdir(self.deployments_dir(project))
-            except OSError:
-                names = []
-            for name in names:
-                stem, dot, suffix = name.partition(".")
-                if suffix == "json" and stem not in records:
-                    record = self._read_cold(project, stem)
-                    if record and is_cold(record):
-                        records[stem] = record
-        return sorted(records.values(), key=lambda r: r.seq)
+            for stem in self._cold_files(project, records, limit):
+                record = self._read_cold(project, stem)
+                if record and is_cold(record):
+                    records[stem] = record
+        found = sorted(records.values(), key=lambda r: r.seq)
+        return found[-limit:] if limit else found
+
+    def _cold_files(self, project, hot, limit=None):
+        """The ids of project's state files that are not of hot records:
+        with limit, the limit most recently written."""
+        try:
+            entries = [entry for entry in os.scandir(self.deployments_dir(project))
+                       if entry.name.endswith(".json")
+                       and entry.name[:-5] not in hot]
+        except OSError:
+            return []
+        if limit:
+            entries = heapq.nlargest(limit, entries,
+                                     key=lambda entry: entry.stat().st_mtime_ns)
+        return [entry.name[:-5] for entry in entries]
 
     def projects(self):
         """{project: (latest record, number of deployments)}."""
@@ -4303,6 +4677,30 @@ class DeploymentStore:
                     newest = max(newest, record.signer.get("created", 0))
             return newest, set(ledger.nonces)
 
+    def last_ok(self, project, before_seq):
+        """A copy of project's newest deployment uploaded before before_seq
+        that ended 'ok' and keeps its files (a hot one: a pruned one has
+        none), or None: what a rollback redeploys."""
+        with self._lock:
+            ledger = self._ledgers.get(project)
+            found = [self._hot[i] for i in (ledger.hot if ledger else ())
+                     if self._hot[i].state == "ok" and self._hot[i].seq < before_seq
+                     and not self._hot[i].pruned and self._hot[i].files]
+            return max(found, key=lambda r: r.seq).copy() if found else None
+
+    def rollbacks_unrecorded(self):
+        """[(reverted record, the rollback committed for it or None)] of each
+        'reverted' deployment with no 'rollback' field yet: one that was in
+        verify when ipd stopped (kill -9 included), whose rollback may have
+        been committed just before."""
+        with self._lock:
+            reverted = [r for r in self._hot.values()
+                        if r.state == "reverted" and "rollback" not in r.others]
+            made = {r.others["rollback_of"]: r for r in self._hot.values()
+                    if r.others.get("rollback_of")}
+            return [(r.copy(), made[r.id].copy() if r.id in made else None)
+                    for r in sorted(reverted, key=lambda r: r.seq)]
+
     # --- what retention asks
 
     def prunable(self, project, ending=None):
@@ -4331,13 +4729,13 @@ class DeploymentStore:
                     if self._hot[i].recipe and not self._hot[i].pruned
                     and self._state_of(self._hot[i], ending) not in UNFINISHED]
 
-    def oldest_prunable(self, ending=None):
-        """A copy of the oldest deployment that may be pruned to make room:
-        never a waiting or running one, nor a project's latest ok one; or
+    def oldest_prunable(self, project, ending=None):
+        """A copy of project's oldest deployment that may be pruned to make
+        room: never a waiting or running one, nor its latest ok one; or
         None."""
         with self._lock:
             candidates = []
-            for ledger in self._ledgers.values():
+            for ledger in filter(None, [self._ledgers.get(project)]):
                 hot = [self._hot[i] for i in ledger.hot]
                 done = [r.seq for r in hot if self._state_of(r, ending) == "ok"]
                 latest_ok = max(done + [ledger.cold_last_ok_seq or 0])
@@ -4358,7 +4756,8 @@ class DeploymentStore:
 ###############################################################################
 
 # The thread that runs waiting deployments: control.sh check, prepare,
-# deploy, each step logged and timed; notify.sh and NOTIFY_URL at the end.
+# deploy (and verify, which may end it 'reverted' and queue a rollback),
+# each step logged and timed; notify.sh and NOTIFY_URL at the end.
 
 
 class DeployWorker:
@@ -4366,15 +4765,20 @@ class DeployWorker:
 
     Each thread claims a deployment from the store as soon as one may run,
     and runs its control.sh steps as the original README says: check;
-    prepare where check did not succeed; deploy.  Before the final state
-    it runs retention (a Retention, or None), so that whoever sees the end
-    sees the files it let go already gone.
+    prepare where check did not succeed; deploy; then, where the project's
+    VERIFY_SECONDS is not 0, verify (issue 25).  A failed verify ends
+    'reverted', and rollback (the service's: given a reverted record and
+    why, -> (the rollback queued or None, a line saying what was done))
+    queues the project's last ok deployment again.  Before the final
+    state it runs retention (a Retention, or None), so that whoever sees
+    the end sees the files it let go already gone.
     """
 
-    def __init__(self, settings, store, retention=None):
+    def __init__(self, settings, store, retention=None, rollback=None):
         self.settings = settings
         self.store = store
         self.retention = retention
+        self.rollback = rollback
         self.threads = []
         self.kill_event = threading.Event()  # set when the grace period ends
 
@@ -4444,11 +4848,14 @@ class DeployWorker:
                 if step != "check" and code != success:
                     outcome = str(code)
                     break
-        self.end(record, outcome or "ok")
+            fields = {}
+            if outcome is None and self.verify_seconds(record.project):
+                outcome, fields = self.verify(record, steps, log_file, cancel, run_as)
+        self.end(record, outcome or "ok", **fields)
 
-    def end(self, record, state):
-        """Run retention, then write the final state: whoever sees the end
-        sees the files that it let go already gone."""
+    def end(self, record, state, **fields):
+        """Run retention, then write the final state (and fields): whoever
+        sees the end sees the files that it let go already gone."""
         ended = time.time()
         try:
             if self.retention:
@@ -4457,7 +4864,49 @@ class DeployWorker:
         except Exception:
             log.exception("pruning %s after deployment %s failed",
                           record.project, record.id)
-        self.store.update(record.id, state=state, ended=ended)
+        self.store.update(record.id, state=state, ended=ended, **fields)
+
+    def verify_seconds(self, project):
+        """The project's VERIFY_SECONDS (project.conf, else the setting)."""
+        return project_settings(self.settings,
+                                self.store.project_dir(project))["VERIFY_SECONDS"]
+
+    def verify(self, record, steps, log_file, cancel, run_as):
+        """Run control.sh verify after a deploy that succeeded; -> (None
+        when the release holds, else its final state, the record's fields).
+        Its time limit is VERIFY_SECONDS plus STEP_TIMEOUT: the window,
+        then a step's usual time to judge it.  'verify_started' is on disk
+        before it runs and 'verified' once it held, so that a restart knows
+        a release stopped before it was judged (DeploymentStore._interrupt)."""
+        seconds = self.verify_seconds(record.project)
+        self.store.update(record.id, verify_started=time.time())
+        started = time.monotonic()
+        code, outcome = self.run_step(record, "verify", log_file, cancel, run_as,
+                                      seconds + self.settings.STEP_TIMEOUT,
+                                      {"VERIFY_SECONDS": str(seconds)})
+        steps.append({"step": "verify", "code": code,
+                      "seconds": round(time.monotonic() - started, 3)})
+        held = outcome is None and code == self.settings.SUCCESS_CODE
+        self.store.update(record.id, steps=list(steps), **({"verified": True} if held else {}))
+        if held or outcome == "cancelled":  # who cancels keeps what is live
+            return outcome, {}
+        why = ("ran over its time limit (VERIFY_SECONDS + STEP_TIMEOUT)"
+               if outcome == "timeout" else "was stopped with ipd"
+               if outcome == "interrupted" else "exited %d" % code)
+        outcome = "reverted"  # the release did not hold: undo it
+        return outcome, self.revert(record, log_file, "control.sh verify " + why)
+
+    def revert(self, record, log_file, why):
+        """Queue the rollback of record (reverted: why), saying in its log
+        what was done; -> the fields of its final state: rollback (the ID
+        of the deployment queued, or None)."""
+        rollback, done = (self.rollback(record, why) if self.rollback
+                          else (None, "no rollback: ipd has no service"))
+        log_file.write(("ipd: reverted: %s; %s\n" % (why, done)).encode())
+        log_file.flush()
+        log.warning("deployment %s of %s reverted: %s; %s", record.id,
+                    record.project, why, done)
+        return {"rollback": rollback.id if rollback else None}
 
     def scripts_user(self, project):
         """RunAs of the project's scripts (RUN_AS, project.conf), or None."""
@@ -4487,16 +4936,43 @@ class DeployWorker:
             env["SIGNER_KEY"] = record.signer["fingerprint"]
         return env
 
-    def run_step(self, record, step, log_file, cancel, run_as=None):
-        """Run 'control.sh STEP' in its own session (as run_as, when given);
-        return (code, outcome), where outcome is 'timeout', 'cancelled' or
-        'interrupted' when we had to stop it."""
+    def script_refusal(self, record):
+        """Why record's control.sh may no longer run, or None: its project
+        was switched to SCRIPTS=server after a package's own script was
+        taken (checked again as it starts: its first step, issue 23)."""
+        project_dir = self.store.project_dir(record.project)
+        if project_settings(self.settings, project_dir)["SCRIPTS"] != "server":
+            return None
+        if record.control == os.path.join(project_dir, "control.sh"):
+            return None
+        return ("project %s now runs only the control.sh an administrator placed "
+                "on the server (SCRIPTS=server), and this deployment's is its "
+                "package's" % record.project)
+
+    def refused_script(self, record, log_file):
+        """True, with the reason in the log, when record's control.sh may
+        no longer run (script_refusal)."""
+        refusal = self.script_refusal(record)
+        if refusal:
+            log_file.write(("ipd: control.sh not run: %s\n" % refusal).encode())
+            log_file.flush()
+            log.warning("deployment %s: control.sh not run: %s", record.id, refusal)
+        return bool(refusal)
+
+    def run_step(self, record, step, log_file, cancel, run_as=None, timeout=None,
+                 extra_env=None):
+        """Run 'control.sh STEP' in its own session (as run_as, when given),
+        with extra_env, for timeout (STEP_TIMEOUT) seconds; return (code,
+        outcome): 'timeout', 'cancelled' or 'interrupted' when stopped."""
         log_file.flush()
         started = time.monotonic()
+        if step == "check" and self.refused_script(record, log_file):
+            return 126, "126"  # cannot execute, as a shell says
         try:
             process = subprocess.Popen(
                 [record.control, step], cwd=self.store.path(record),
-                env=self.environment(record, run_as), stdin=subprocess.DEVNULL,
+                env=dict(self.environment(record, run_as), **(extra_env or {})),
+                stdin=subprocess.DEVNULL,
                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                 close_fds=True, **credentials(run_as))
         except (OSError, subprocess.SubprocessError) as error:
@@ -4513,7 +4989,7 @@ class DeployWorker:
         # Recorded at once (no fsync: it must outlive ipd, not the machine)
         # so that a restart after kill -9 finds what is left of the step.
         write_step_identity(self.store.path(record, ".step"), process.pid)
-        deadline = started + self.settings.STEP_TIMEOUT
+        deadline = started + (timeout or self.settings.STEP_TIMEOUT)
         outcome = None
         while True:
             try:
@@ -4574,10 +5050,13 @@ class Notifier:
             log.exception("notifying the end of deployment %s failed", record.id)
 
     def run_script(self, script, record):
-        """notify.sh, with control.sh's environment plus STATE, as the
-        user control.sh runs as."""
+        """notify.sh, with control.sh's environment plus STATE (and for a
+        reverted one ROLLBACK, the ID of its rollback), as the user
+        control.sh runs as."""
         run_as = self.scripts_user(record.project)
         env = dict(self.environment(record, run_as), STATE=record.state)
+        if record.others.get("rollback"):
+            env["ROLLBACK"] = record.others["rollback"]
         process = subprocess.Popen([script], cwd=os.path.dirname(script), env=env,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True,
@@ -4626,19 +5105,25 @@ class Notifier:
 SEGMENTS_DIR = ".segments"  # in UPLOAD_DIR; never a project name (leading dot)
 SHA256_HEX = re.compile(r"[0-9a-f]{64}\Z")
 RECIPE_LIMIT = 64 << 20      # largest recipe (JSON) body
-RECIPE_MAX_PIECES = 100000   # pieces in one file's recipe
+# Pieces in one file's recipe: a segment is a tar member of 64 KiB or more
+# (SEGMENT_MIN) or a run of smaller ones, so an image has hundreds; push
+# sends a file with more as a whole upload.  Bounded so that what a recipe
+# makes the daemon build stays small (issue 23).
+RECIPE_MAX_PIECES = 10000
+# JSON values a recipe may hold: each piece is an object, its two fields
+# and a comma; two files; a few more for the rest (issue 23).
+RECIPE_MAX_ITEMS = 4 * RECIPE_MAX_PIECES * 2 + 64
+# /segments/missing: a list of digests needs this much, not 64 MiB.
+MISSING_MAX_SEGMENTS = 2 * RECIPE_MAX_PIECES  # push asks in batches of these
+MISSING_LIMIT = MISSING_MAX_SEGMENTS * 80 + 4096
 
 
 def parse_recipe(data):
     """A recipe body -> {project, force, manifest, signature, files:
     {field: {name, size, sha256, segments: [{data: bytes} or {sha256,
     size}]}}}.  Raises BadRequest for anything malformed."""
-    try:
-        recipe = json.loads(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the recipe is not JSON")
-    if (not isinstance(recipe, dict) or not isinstance(recipe.get("files"), dict)
-            or not recipe["files"]):
+    recipe = load_json_object(data, "the recipe", RECIPE_MAX_ITEMS)
+    if not isinstance(recipe.get("files"), dict) or not recipe["files"]:
         raise BadRequest("the recipe needs a files object: image, package or both")
     for key in ("project", "manifest", "signature"):
         if key in recipe and not isinstance(recipe[key], str):
@@ -4672,6 +5157,7 @@ def parse_recipe(data):
             else:
                 raise BadRequest("recipe of %s: each segment is {\"data\": base64} "
                                  "or {\"sha256\": hex, \"size\": bytes}" % field)
+        check_pieces_add_up(field, pieces, meta["size"])
         name = client_filename(str(meta.get("name") or "")) or field
         files[field] = {"name": name, "size": meta["size"],
                         "sha256": meta["sha256"], "segments": pieces}
@@ -4679,6 +5165,60 @@ def parse_recipe(data):
     return {"project": recipe.get("project"), "files": files,
             "force": "1" if force in (True, 1, "1", "true", "yes") else "0",
             "manifest": recipe.get("manifest"), "signature": recipe.get("signature")}
+
+
+def check_pieces_add_up(field, pieces, size):
+    """A recipe's pieces of a file must add up to its declared size, so
+    that the size checked against the limits is what would be copied
+    (issue 23).  Raises BadRequest."""
+    total = sum(len(piece["data"]) if "data" in piece else piece["size"]
+                for piece in pieces)
+    if total != size:
+        raise BadRequest("recipe of %s: its pieces add up to %d bytes, not the "
+                         "%d it declares" % (field, total, size))
+
+
+def parse_missing_request(data):
+    """The body of POST /segments/missing -> its digests, each once, in
+    order (duplicates go first, so that each costs the same whatever the
+    server holds: issue 23).  Raises BadRequest."""
+    request = load_json_object(data, "the list of segments", MISSING_MAX_SEGMENTS * 3)
+    listed = request.get("segments")
+    if not isinstance(listed, list):
+        raise BadRequest('expected JSON {"segments": [sha256, ...]}')
+    if len(listed) > MISSING_MAX_SEGMENTS:
+        raise BadRequest("more than %d segments in one request" % MISSING_MAX_SEGMENTS)
+    digests = [item.get("sha256") if isinstance(item, dict) else item
+               for item in listed]
+    if not all(isinstance(digest, str) and SHA256_HEX.match(digest)
+               for digest in digests):
+        raise BadRequest("each segment is named by its SHA-256 (64 lower "
+                         "case hex digits)")
+    return list(dict.fromkeys(digests))
+
+
+def check_room(upload_dir, floor, needed, what):
+    """Raise DiskFull (507) when needed more bytes in upload_dir would not
+    fit or would leave less than floor (MIN_FREE_SPACE) free.  Nothing is
+    pruned for it: a layer push never costs another project its kept
+    deployments (issue 23); the deployments' own end prunes as before."""
+    free = free_space(upload_dir)
+    if free is not None and free - needed < floor:
+        raise DiskFull("%s needs %d bytes, and the server has %d free%s: not "
+                       "stored" % (what, needed, free, " above MIN_FREE_SPACE"
+                                   if floor else ""))
+
+
+def check_recipe_size(files, settings):
+    """A recipe's files add up to at most MAX_UPLOAD_SIZE (TooLarge, 413)
+    and fit on the disk above MIN_FREE_SPACE (DiskFull, 507): checked
+    before the first byte is copied."""
+    total = sum(meta["size"] for meta in files.values())
+    limit = settings.MAX_UPLOAD_SIZE
+    if limit and total > limit:
+        raise TooLarge("the recipe's files have %d bytes, more than MAX_UPLOAD_SIZE "
+                       "(%d bytes)" % (total, limit))
+    check_room(settings.UPLOAD_DIR, settings.MIN_FREE_SPACE, total, "the recipe")
 
 
 def encode_recipe(files):
@@ -4708,40 +5248,72 @@ def parse_upload_complete(value, default):
 REBUILD_BLOCK = 4 * CHUNK_SIZE
 
 
+# A request writing a partial segment that has received nothing for this
+# long is taken over by a newer request for it (a retry after a cut
+# connection: the old one's client is gone, or as good as); the newer one
+# waits at most TAKEOVER_WAIT for that, else it is answered 409 (issue 23).
+TAKEOVER_STALL = 2.0
+TAKEOVER_WAIT = 15.0
+
+
 class SegmentWriter:
     """One request's bytes appended to a partial segment (see
-    SegmentStore.begin); what arrived stays when the client goes away."""
+    SegmentStore.begin); what arrived stays when the client goes away.
+    A newer request for the same partial may take it over (supersede)."""
 
-    def __init__(self, store, user, digest, path, offset):
+    def __init__(self, store, user, digest, path, offset, connection=None):
         self.store, self.user, self.digest = store, user, digest
         self.path, self.offset = path, offset
+        self.connection = connection  # the request's socket, to wake it
+        self.progress = time.monotonic()  # when it last received bytes
+        self.superseded = self.finishing = False
+        self.released = threading.Event()
 
     def receive(self, body):
         """Append the whole request body; raises what the body raises,
-        after keeping (and fsyncing) what came."""
-        buffer = bytearray(CHUNK_SIZE)
-        view = memoryview(buffer)
+        after keeping (and fsyncing) what came; Conflict once superseded."""
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            while True:
-                count = body.readinto(view)
-                if not count:
+            for buffer, count in ([] if self.superseded else body.pieces()):
+                if self.superseded:
                     break
                 try:
-                    write_all(fd, view[:count])
+                    write_all(fd, memoryview(buffer)[:count])
                 except OSError as error:
                     raise disk_errors(error)
                 self.offset += count
+                self.progress = time.monotonic()
+                if self.superseded:
+                    break
         finally:
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        if self.superseded:
+            raise Conflict("a newer request for this segment took its upload over")
         return self.offset
+
+    def stalled(self):
+        """True when no byte came for TAKEOVER_STALL (never while the
+        whole segment is being verified: that is progress too)."""
+        return (not self.finishing and
+                time.monotonic() - self.progress > TAKEOVER_STALL)
+
+    def supersede(self):
+        """Tell this writer to stop, and wake it from a read that waits for
+        a client that is gone (its socket's reading side is shut)."""
+        self.superseded = True
+        if self.connection is not None:
+            try:
+                self.connection.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
 
     def finish(self):
         """Verify the whole segment's SHA-256 and move it into the store;
         -> its size.  A mismatch removes the partial (BadRequest)."""
+        self.finishing = True
         digest = hashlib.sha256()
         with open(self.path, "rb") as file:
             for block in iter(lambda: file.read(CHUNK_SIZE), b""):
@@ -4754,7 +5326,8 @@ class SegmentWriter:
         return self.store.add(self.user, self.digest, self.path)
 
     def release(self):
-        self.store.writer_done(self.user, self.digest)
+        self.store.writer_done(self)
+        self.released.set()
 
 
 class SegmentStore:
@@ -4767,12 +5340,14 @@ class SegmentStore:
     def __init__(self, upload_dir, expiry):
         self.root = os.path.join(upload_dir, SEGMENTS_DIR)
         self.expiry = expiry
+        # guards the dicts and the busy set below (never held for I/O but
+        # the renames and removals that must agree with them)
         self.lock = threading.Lock()
         self.sizes = {}      # digest -> size of each complete segment
         self.uploaders = {}  # digest -> names of the users who sent its bytes
         self.refs = {}       # deployment id -> (project, frozenset of digests)
         self.recent = {}     # digest -> when last sent or named by a push
-        self.busy = set()    # (user, digest) being written
+        self.busy = {}       # (user, digest) -> the SegmentWriter writing it
         self.collected = time.monotonic()
         self._statistics = None  # (when, figures)
 
@@ -4860,8 +5435,11 @@ class SegmentStore:
             for project, referred in self.refs.values():
                 if user.may_use(project):
                     own |= referred
-            return {digest for digest in digests if digest in self.sizes and (
-                digest in own or user.name in self.uploaders.get(digest, ()))}
+            # both tests for every digest: the same work whether another
+            # project holds it or nobody does (issue 23)
+            return {digest for digest in digests if (digest in own) + (
+                user.name in self.uploaders.get(digest, ())) > 0 and
+                digest in self.sizes}
 
     def touch(self, digests):
         """Digests named by a push: not collected for SEGMENT_EXPIRY."""
@@ -4878,18 +5456,16 @@ class SegmentStore:
 
     # --- uploads
 
-    def begin(self, user, digest, offset, restart=False):
+    def begin(self, user, digest, offset, restart=False, connection=None,
+              max_uploads=0):
         """A SegmentWriter at offset of user's partial upload of digest;
         Conflict (with the current Upload-Offset) when offset is not where
-        the partial ends or another request writes to it."""
-        key = (user.name, digest)
-        with self.lock:
-            if key in self.busy:
-                raise Conflict("this segment is being uploaded by another "
-                               "request; ask HEAD for its offset and go on")
-            self.busy.add(key)
+        the partial ends or another request keeps writing to it;
+        TooManyRequests when user has max_uploads under way (0: no bound)."""
+        path = self.partial_path(user.name, digest)
+        writer = SegmentWriter(self, user, digest, path, 0, connection)
+        self.claim(writer, max_uploads)
         try:
-            path = self.partial_path(user.name, digest)
             self.make_folder(os.path.dirname(path))
             if restart:
                 remove_quietly(path)
@@ -4898,16 +5474,64 @@ class SegmentStore:
                 raise Conflict("Upload-Offset is %d but the server has %d bytes "
                                "of this segment" % (offset, current),
                                {"Upload-Offset": str(current)})
-            return SegmentWriter(self, user, digest, path, current)
+            writer.offset = current
+            return writer
         except BaseException:
-            with self.lock:
-                self.busy.discard(key)
+            writer.release()
             raise
 
-    def writer_done(self, user, digest):
+    def claim(self, writer, max_uploads):
+        """Make writer the one request that writes its partial.  One still
+        writing it is waited for while it receives bytes, and taken over
+        once it stalls (TAKEOVER_STALL): a retry right after a cut goes on
+        where the partial ends (issue 23).  Raises Conflict, TooManyRequests."""
+        key = (writer.user.name, writer.digest)
+        deadline = time.monotonic() + TAKEOVER_WAIT
+        while True:
+            with self.lock:
+                old = self.busy.get(key)
+                if old is None:
+                    uploads = sum(1 for name, _ in self.busy if name == key[0])
+                    if max_uploads and uploads >= max_uploads:
+                        raise TooManyRequests(
+                            "%d segment uploads of %s are under way (SEGMENT_UPLOADS):"
+                            " finish one first" % (uploads, key[0]),
+                            {"Retry-After": "5"})
+                    self.busy[key] = writer
+                    return
+            if old.stalled():
+                old.supersede()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Conflict("this segment is being uploaded by another "
+                               "request; ask HEAD for its offset and go on")
+            old.released.wait(min(left, 0.1))
+
+    def writer_done(self, writer):
         """A SegmentWriter's request ended: another may write to it."""
         with self.lock:
-            self.busy.discard((user.name, digest))
+            key = (writer.user.name, writer.digest)
+            if self.busy.get(key) is writer:
+                del self.busy[key]
+
+    def usage(self, user):
+        """The bytes user holds that no kept deployment refers to: its
+        partial uploads, and the segments it sent that none refers to
+        (what SEGMENT_QUOTA bounds)."""
+        total = 0
+        try:
+            for entry in os.scandir(os.path.dirname(self.partial_path(user.name, "-"))):
+                total += entry.stat().st_size
+        except OSError:
+            pass
+        with self.lock:
+            referred = set()
+            for _, digests in self.refs.values():
+                referred |= digests
+            total += sum(self.sizes.get(digest, 0) for digest, names
+                         in self.uploaders.items()
+                         if user.name in names and digest not in referred)
+        return total
 
     def add(self, user, digest, partial):
         """Move a verified partial into the store (or drop it when the store
@@ -4933,24 +5557,18 @@ class SegmentStore:
 
     # --- recipes
 
-    def rebuild(self, user, field, meta, sink):
+    def rebuild(self, user, field, meta, sink, wanted=None):
         """Write the file of a recipe into sink (a FileSink) byte for byte
-        and check its size and SHA-256.  Raises BadRequest."""
-        named = [piece["sha256"] for piece in meta["segments"] if "sha256" in piece]
-        self.touch(named)
-        present = self.visible(user, named)
-        for digest in named:
-            if digest not in present:
-                raise BadRequest("recipe of %s names segment %s, which the server "
-                                 "does not have: send it first" % (field, digest))
+        and check its size and SHA-256.  Every named segment's presence and
+        size is checked before the first byte is copied; wanted (a request's
+        client still there?) is asked between blocks, and when it says no
+        the copy stops (ClientGone).  Raises BadRequest."""
+        self.check_pieces(user, field, meta)
+        copied = 0
         for piece in meta["segments"]:
             if "data" in piece:
                 sink.write(piece["data"])
                 continue
-            if piece["size"] != self.sizes.get(piece["sha256"]):
-                raise BadRequest("recipe of %s: segment %s has %s bytes, not %d"
-                                 % (field, piece["sha256"],
-                                    self.sizes.get(piece["sha256"]), piece["size"]))
             try:
                 with open(self.path(piece["sha256"]), "rb") as file:
                     # fresh bytes each time: the sink's hash may still hold
@@ -4958,6 +5576,9 @@ class SegmentStore:
                     # copy is what a push of a changed layer waits for
                     for block in iter(lambda: file.read(REBUILD_BLOCK), b""):
                         sink.write(block)
+                        copied += 1
+                        if wanted and copied % 16 == 0 and not wanted():
+                            raise ClientGone("the client left during the rebuild")
             except FileNotFoundError:
                 raise BadRequest("recipe of %s names segment %s, which the server "
                                  "does not have: send it first"
@@ -4970,6 +5591,25 @@ class SegmentStore:
                              "SHA-256 %s, not %d bytes and %s" % (
                                  field, found["size"], found["sha256"],
                                  meta["size"], meta["sha256"]))
+
+    def check_pieces(self, user, field, meta):
+        """Each segment a recipe's file names is on the server for user and
+        has the size the recipe says; then they are not collected for
+        SEGMENT_EXPIRY.  Raises BadRequest."""
+        named = [piece["sha256"] for piece in meta["segments"] if "sha256" in piece]
+        present = self.visible(user, named)
+        for piece in meta["segments"]:
+            if "sha256" not in piece:
+                continue
+            digest = piece["sha256"]
+            if digest not in present:
+                raise BadRequest("recipe of %s names segment %s, which the server "
+                                 "does not have: send it first" % (field, digest))
+            if piece["size"] != self.sizes.get(digest):
+                raise BadRequest("recipe of %s: segment %s has %s bytes, not %d"
+                                 % (field, digest, self.sizes.get(digest),
+                                    piece["size"]))
+        self.touch(present)  # after the checks: only what exists (issue 23)
 
     # --- references and collection
 
@@ -5160,25 +5800,26 @@ class Retention:
                 for name in record.files:
                     remove_quietly(self.store.path(record, "." + name))
         self.segments.collect()
-        self.make_room(ending)
+        self.make_room(project, ending)
 
     def prune(self, record):
         """Remove a deployment's folder, image, package and recipe; it is
         'pruned' from then on, and its segments no longer referred to."""
         for suffix in ("", ".image", ".package", ".step", ".recipe"):
             remove_quietly(self.store.path(record, suffix))
-        self.store.update(record.id, pruned=True)
+        self.store.mark_pruned(record.id)  # once, whoever else prunes it too
         self.segments.forget(record.id)
 
-    def make_room(self, ending=None):
-        """Below MIN_FREE_SPACE: prune the oldest deployments that may be
-        pruned (see DeploymentStore.oldest_prunable) until there is room or
-        none is left."""
+    def make_room(self, project, ending=None):
+        """Below MIN_FREE_SPACE: prune project's oldest deployments that may
+        be pruned (see DeploymentStore.oldest_prunable) until there is room
+        or none is left.  Only project's own: no project pays for another's
+        use of the disk."""
         while self.settings.MIN_FREE_SPACE:
             free = free_space(self.settings.UPLOAD_DIR)
             if free is None or free >= self.settings.MIN_FREE_SPACE:
                 return
-            oldest = self.store.oldest_prunable(ending)
+            oldest = self.store.oldest_prunable(project, ending)
             if oldest is None:
                 log.warning("free space below MIN_FREE_SPACE and nothing left "
                             "to prune")
@@ -5205,6 +5846,7 @@ class Retention:
 REGISTRY_DIR = ".registry"   # in UPLOAD_DIR: PROJECT.json, its tags
 REGISTRY_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 REGISTRY_MANIFEST_LIMIT = 4 << 20  # a manifest or index body (distribution's)
+REGISTRY_MANIFEST_ITEMS = 100000   # JSON values in one (annotations and all)
 REGISTRY_CONFIG_LIMIT = 4 << 20    # an image config a manifest names
 REGISTRY_MAX_LAYERS = 256          # layers of one image (overlayfs takes 128)
 REGISTRY_MAX_CHILDREN = 256        # manifests of one index
@@ -5375,11 +6017,11 @@ def parse_registry_manifest(data, content_type=None):
     if len(data) > REGISTRY_MANIFEST_LIMIT:
         raise RegistryError(413, "SIZE_INVALID", "manifest larger than %d bytes"
                             % REGISTRY_MANIFEST_LIMIT)
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise RegistryError(400, "MANIFEST_INVALID", "the manifest is not JSON")
-    if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
+    try:  # the bounded decoder: no deep nesting, no million values
+        manifest = load_json_object(data, "the manifest", REGISTRY_MANIFEST_ITEMS)
+    except BadRequest as error:
+        raise RegistryError(400, "MANIFEST_INVALID", str(error))
+    if manifest.get("schemaVersion") != 2:
         raise RegistryError(400, "MANIFEST_INVALID", "a manifest is a JSON object "
                             "with schemaVersion 2 (schema 1 is not taken)")
     media_type = manifest_media_type(manifest, content_type)
@@ -5541,18 +6183,14 @@ class BlobUpload:
         416).  A client gone mid-body keeps what came (a resume goes on
         from GET's Range).  -> the offset."""
         start, before = self.offset, self.sha256.copy()
-        buffer = bytearray(CHUNK_SIZE)
-        view = memoryview(buffer)
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except FileNotFoundError:  # expired and collected meanwhile
             raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN", "no such upload: start "
                                 "it again")
         try:
-            while True:
-                count = body.readinto(view)
-                if not count:
-                    break
+            for buffer, count in body.pieces():
+                view = memoryview(buffer)
                 if length is not None and self.offset + count - start > length:
                     break
                 try:
@@ -5723,11 +6361,20 @@ def parse_credentials(scheme, credentials):
     return (name, password) if colon else ("", "")
 
 
+# The most deployments a project's status page lists (the newest): the
+# older ones stay on disk, each reachable by its ID.
+HISTORY_LIMIT = 1000
+
+
 def deployment_message(record, event):
     """The daemon's log line of a new deployment: an upload or a redeploy."""
     if event == "redeploy":
         return "deployment %s of %s: redeploy of %s by %s" % (
             record.id, record.project, record.others.get("redeploy_of"), record.user)
+    if event == "rollback":
+        return "deployment %s of %s: rollback of %s, a redeploy of %s" % (
+            record.id, record.project, record.others.get("rollback_of"),
+            record.others.get("redeploy_of"))
     return "deployment %s of %s uploaded by %s: %s" % (
         record.id, record.project, record.user, ", ".join(
             "%s %s (%d bytes)" % (name, meta["name"], meta["size"])
@@ -5749,7 +6396,8 @@ class Daemon:
                                      after_final=self.tell_the_end)
         self.segments = SegmentStore(settings.UPLOAD_DIR, settings.SEGMENT_EXPIRY)
         self.retention = Retention(settings, self.store, self.segments)
-        self.worker = DeployWorker(settings, self.store, self.retention)
+        self.worker = DeployWorker(settings, self.store, self.retention,
+                                   rollback=self.roll_back)
         self.notifier = Notifier(settings, self.store, self.worker.environment,
                                  self.worker.scripts_user)
         self.registry = Registry(settings.UPLOAD_DIR, self.segments,
@@ -5757,27 +6405,82 @@ class Daemon:
         self.started = time.time()
 
     def tell_the_end(self, record):
-        """The store's after_final: notify.sh and NOTIFY_URL, on a thread."""
+        """The store's after_final: notify.sh and NOTIFY_URL, on a thread.
+        A 'reverted' one whose rollback is not yet recorded (stopped in
+        verify) is told by finish_rollbacks, with its rollback's ID."""
+        if record.state == "reverted" and "rollback" not in record.others:
+            return
         self.notifier.deployment_ended(record)
 
     def load(self, kill_grace):
         """Read UPLOAD_DIR at a start: deployments and their queue
-        (DeploymentStore.load), then the segments.  Returns the number of
-        deployments."""
+        (DeploymentStore.load), then the segments; then queue the rollbacks
+        of releases stopped in verify.  Returns the number of deployments."""
         count = self.store.load(kill_grace)
         if self.oidc:
             self.oidc.trust.rules()  # read now: its warnings come at the start
         self.segments.load(self.store)
+        self.finish_rollbacks()
         return count
+
+    # --- verify's rollback (issue 25)
+
+    # Who an automatic rollback is made by: ipd itself, as an ADMIN could
+    # (a signed project's older release included: it was live and ok).
+    ROLLBACK_USER = User("ipd", "ADMIN", None)
+
+    def roll_back(self, reverted, why):
+        """Queue a redeploy of the last deployment of reverted's project
+        that ended ok (the worker's rollback, after a failed verify): as
+        POST /redeploy does, audited as 'rollback' with why.  Never of a
+        rollback (no loops), nor over a newer upload that waits (it wins).
+        -> (the rollback's record or None, a line saying what was done)."""
+        if reverted.others.get("rollback_of"):
+            return None, ("it is itself the rollback of %s: not rolled back "
+                          "again" % reverted.others["rollback_of"])
+        earlier = self.store.last_ok(reverted.project, reverted.seq)
+        if earlier is None:
+            audit_event("rollback", project=reverted.project, reverted=reverted.id,
+                        deployment=None, redeploy_of=None, reason=why)
+            return None, ("nothing to roll back to: no earlier deployment of %s "
+                          "that ended ok keeps its files" % reverted.project)
+        try:
+            rollback = self.redeploy(earlier, self.ROLLBACK_USER, None,
+                                     rollback_of=reverted.id, reason=why)
+        except Conflict as error:
+            return None, "no rollback: %s and runs instead" % error
+        except (IpdError, OSError) as error:
+            log.warning("rollback of %s to %s failed: %s", reverted.id,
+                        earlier.id, error)
+            return None, "cannot roll back to %s: %s" % (earlier.id, error)
+        return rollback, "rolled back: deployment %s redeploys %s" % (
+            rollback.id, earlier.id)
+
+    def finish_rollbacks(self):
+        """At a start: for each release reverted because ipd stopped while
+        it was in verify, queue its rollback (unless it was committed just
+        before the stop), record it, say so in its log, and tell its end."""
+        for reverted, made in self.store.rollbacks_unrecorded():
+            why = "ipd stopped while control.sh verify ran: it was never judged"
+            if made is None:
+                made, done = self.roll_back(reverted, why)
+            else:
+                done = "rolled back: deployment %s redeploys %s" % (
+                    made.id, made.others.get("redeploy_of"))
+            try:
+                with open(self.store.path(reverted, ".log"), "ab") as file:
+                    file.write(("\nipd: reverted: %s; %s\n" % (why, done)).encode())
+            except OSError as error:
+                log.warning("cannot write to the log of %s: %s", reverted.id, error)
+            log.warning("deployment %s of %s reverted: %s; %s", reverted.id,
+                        reverted.project, why, done)
+            self.notifier.deployment_ended(self.store.update(
+                reverted.id, rollback=made.id if made else None))
 
     def statistics(self):
         """Deployments, states, queue, running, durations, uploads and
         bytes received (DeploymentStore.statistics): as of one moment."""
         return self.store.statistics()
-
-    def make_room(self):
-        """Below MIN_FREE_SPACE, prune until there is room (Retention)."""
-        self.retention.make_room()
 
     def login(self, scheme, credentials, role, address, path):
         """The User of an Authorization header's scheme and credentials
@@ -5920,9 +6623,10 @@ class Daemon:
                 if user is None or user.may_use(project)]
 
     def history(self, user, project):
-        """Every deployment of project, oldest first; NotFound for none."""
+        """project's deployments, oldest first, the newest HISTORY_LIMIT of
+        them; NotFound for none."""
         self.check_access(user, project)
-        records = self.store.deployments_of(project)
+        records = self.store.deployments_of(project, HISTORY_LIMIT)
         if not records:
             raise NotFound("no")
         return records
@@ -5989,14 +6693,123 @@ class Daemon:
         return self.redeploy(self.find_or_404(user, project, deployment_id),
                              user, address)
 
+    # --- layer pushes and segments (#16)
+
+    def push(self, user, address, recipe, project, received, client_waits):
+        """POST /push: a deployment of project from a parsed recipe (see
+        parse_recipe), its files rebuilt from inline bytes and user's
+        segments while client_waits() says its client is still there, then
+        exactly as an upload (create_deployment: -> (record, created)).
+        The pieces must add up, within MAX_UPLOAD_SIZE and the free space,
+        before a byte is copied.  Raises IpdError."""
+        check_recipe_size(recipe["files"], self.settings)
+        upload = Upload()
+        try:
+            upload.fields["project"] = project
+            upload.fields["force"] = recipe["force"]
+            for key in ("manifest", "signature"):
+                if recipe[key] is not None:
+                    upload.fields[key] = recipe[key]
+            for field, meta in sorted(recipe["files"].items()):
+                upload.fields[field + "_sha256"] = meta["sha256"]
+                # hashed on a second core while this one copies (#16)
+                sink = upload.files[field] = FileSink(
+                    self.settings.UPLOAD_DIR, field, meta["name"], parallel=True)
+                self.segments.rebuild(user, field, meta, sink, client_waits)
+                sink.close()
+            upload.recipe = RecipeFile(encode_recipe(recipe["files"]),
+                                       self.settings.UPLOAD_DIR)
+            return self.create_deployment(project, upload, user, address, received)
+        finally:
+            upload.discard()
+
+    def segment_state(self, user, digest):
+        """HEAD /segments/SHA256: (offset, complete) of user's view of the
+        segment: its size and True once stored and visible to user, else
+        how much of user's own upload of it has come.  NotFound for none."""
+        stored = self.stored_segment_size(user, digest)
+        if stored is not None:
+            return stored, True
+        offset = self.segments.partial_offset(user, digest)
+        if offset is None:
+            raise NotFound("no such segment on the server")
+        return offset, False
+
+    def stored_segment_size(self, user, digest):
+        """The size of a stored segment user may know of, or None."""
+        if self.segments.visible(user, [digest]):
+            return self.segments.sizes.get(digest)
+        return None
+
+    def segment_room(self, user, offset, needed):
+        """The most a segment request's body may add (0: no bound) at
+        offset, needed its declared length: refused before a byte is read
+        past MAX_UPLOAD_SIZE (TooLarge), over user's SEGMENT_QUOTA or below
+        MIN_FREE_SPACE (DiskFull, 507: nothing of any project is pruned for
+        a segment)."""
+        limit = self.settings.MAX_UPLOAD_SIZE  # of the whole segment
+        if limit and offset >= limit:
+            raise TooLarge("segment larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
+        limit = limit - offset if limit else 0
+        check_room(self.settings.UPLOAD_DIR, self.settings.MIN_FREE_SPACE, needed,
+                   "the segment")
+        quota = self.settings.SEGMENT_QUOTA
+        if not quota:
+            return limit
+        left = max(0, quota - self.segments.usage(user))
+        if needed > left:
+            raise DiskFull("segment uploads of %s not yet in a deployment would "
+                           "hold more than SEGMENT_QUOTA (%d bytes): %d bytes left"
+                           % (user.name, quota, left))
+        return min(limit, left) if limit else max(left, 1)
+
+    def receive_segment(self, user, digest, offset, restart, complete, body,
+                        connection):
+        """POST or PATCH /segments/SHA256: append body to user's upload of
+        digest at offset (restart: from nothing), and with complete verify
+        and store it; -> the offset it reached.  connection is the one it
+        comes on, shut when a retry takes the upload over.  Raises Conflict
+        (Upload-Offset), BadRequest for bytes of another digest."""
+        writer = self.segments.begin(user, digest, offset, restart, connection,
+                                     self.settings.SEGMENT_UPLOADS)
+        try:
+            offset = writer.receive(body)
+            if complete:
+                writer.finish()
+        finally:
+            writer.release()
+        if complete:
+            log.info("segment %s (%d bytes) stored, sent by %s", digest, offset,
+                     user.name)
+        return offset
+
+    def missing_segments(self, user, digests):
+        """POST /segments/missing: (the digests the server lacks for user,
+        {digest: bytes of user's partial upload of it}); the ones it has
+        are kept from collection for SEGMENT_EXPIRY."""
+        segments = self.segments
+        segments.collect_now_and_then()
+        present = segments.visible(user, digests)
+        segments.touch(present)  # only what exists and this user may see
+        missing = [digest for digest in digests if digest not in present]
+        partial = {}
+        for digest in missing:
+            offset = segments.partial_offset(user, digest)
+            if offset:
+                partial[digest] = offset
+        return missing, partial
+
     def cancel(self, record, user, address):
         """Cancel a deployment for user (see DeploymentStore.cancel: who
         cancelled is logged and audited before its state can say so)."""
         return self.store.cancel(record.id, user.name, address)
 
-    def redeploy(self, earlier, user, address):
+    def redeploy(self, earlier, user, address, rollback_of=None, reason=None):
         """A new deployment from the kept files of an earlier one: the
-        rollback.  Raises Gone when they were pruned."""
+        rollback.  Raises Gone when they were pruned.  rollback_of: the
+        reverted deployment this one undoes (verify's rollback, audited
+        as 'rollback' with reason); it yields to a waiting deployment of
+        the project (Conflict)."""
         if earlier.pruned or not earlier.files:
             raise Gone("the files of deployment %s were pruned "
                        "(KEEP_DEPLOYMENTS): upload them again" % earlier.id)
@@ -6028,6 +6841,12 @@ class Daemon:
                 raise
             raise disk_errors(error)
 
+        if rollback_of:
+            return self.deploy_upload(earlier.project, upload, user, "rollback",
+                                      {"redeploy_of": earlier.id, "reverted": rollback_of,
+                                       "reason": reason}, yield_to_waiting=True,
+                                      redeploy_of=earlier.id, signer=earlier.signer,
+                                      rollback_of=rollback_of, **registry_fields(earlier))
         return self.deploy_upload(earlier.project, upload, user, "redeploy",
                                   dict({"redeploy_of": earlier.id, "address": address},
                                        **oidc_fields(user)),
@@ -6091,11 +6910,12 @@ class Daemon:
         return record, True
 
     def deploy_upload(self, project, upload, user, event, fields, received=0,
-                      **extra):
+                      yield_to_waiting=False, **extra):
         """Unpack the package, find control.sh, and commit the deployment:
-        audited as event ('upload' or 'redeploy', with fields and who, which
-        deployment and its files) and counted (received bytes, an upload)
-        as it shows (DeploymentStore.commit); extra: its record's fields.
+        audited as event ('upload', 'redeploy', 'rollback': fields, who,
+        which deployment, its files) and counted (received bytes, an
+        upload) as it shows (DeploymentStore.commit; yield_to_waiting for
+        a rollback); extra: its record's fields.
 
         Returns its record; on any error nothing of the upload is left.
         """
@@ -6119,7 +6939,8 @@ class Daemon:
             fields = dict(fields, project=project, deployment=record.id,
                           user=user.name, files=record.files)
             record = self.store.commit(record, staging, moves, (event, fields),
-                                       deployment_message(record, event), received)
+                                       deployment_message(record, event), received,
+                                       yield_to_waiting)
         except BaseException as error:
             if record is not None:
                 self.segments.forget(record.id)
@@ -6201,8 +7022,10 @@ class Daemon:
             return False
 
     def registry_start_upload(self, user, project):
-        """A new upload session (BlobUpload) of user to project."""
-        self.make_room()
+        """A new upload session (BlobUpload) of user to project (507 below
+        MIN_FREE_SPACE: nothing is pruned for a push, see check_room)."""
+        check_room(self.settings.UPLOAD_DIR, self.settings.MIN_FREE_SPACE, 0,
+                   "a blob upload")
         self.segments.collect_now_and_then()
         return self.registry.start(user, project)
 
@@ -6210,12 +7033,33 @@ class Daemon:
         """user's upload session; RegistryError BLOB_UPLOAD_UNKNOWN."""
         return self.registry.find(user, project, session_id)
 
-    def registry_receive(self, session, open_body, content_range=None):
-        """Append a request body (open_body() opens it, once the request
-        passed its checks) to session, at content_range's (start, end) when
-        given: the start must be where it ends, else 416 with the current
-        Range.  Raises RegistryError."""
-        self.make_room()
+    def registry_room(self, session, needed):
+        """The most a request may add to session (0: no bound): within
+        MAX_UPLOAD_SIZE for the whole blob (413), SEGMENT_QUOTA for what the
+        project's repository holds undeployed, and above MIN_FREE_SPACE
+        (507), needed bytes (a Content-Length) checked at once."""
+        limit = self.settings.MAX_UPLOAD_SIZE
+        if limit and session.offset + needed > limit or limit and session.offset >= limit:
+            raise RegistryError(413, "SIZE_INVALID", "blob larger than MAX_UPLOAD_SIZE "
+                                "(%d bytes)" % limit)
+        limit = limit - session.offset if limit else 0
+        check_room(self.settings.UPLOAD_DIR, self.settings.MIN_FREE_SPACE, needed,
+                   "the blob")
+        quota = self.settings.SEGMENT_QUOTA
+        if not quota:
+            return limit
+        left = max(0, quota - self.segments.usage(registry_principal(session.project)))
+        if needed > left or not left:
+            raise DiskFull("blobs pushed to %s and not yet deployed would hold more "
+                           "than SEGMENT_QUOTA (%d bytes): %d bytes left"
+                           % (session.project, quota, left))
+        return min(limit, left) if limit else left
+
+    def registry_receive(self, session, open_body, content_range=None, needed=0):
+        """Append a request body (open_body(limit) opens it, once the request
+        passed its checks, within registry_room) to session, at
+        content_range's (start, end) when given: the start must be where it
+        ends, else 416 with the current Range.  Raises RegistryError."""
         self.registry.take(session)
         try:
             length = None
@@ -6227,8 +7071,9 @@ class Daemon:
                                         session.headers())
                 length = content_range[1] - content_range[0] + 1
             before = session.offset
+            room = self.registry_room(session, needed)
             try:
-                session.receive(open_body(), length)
+                session.receive(open_body(room), length)
             except RegistryError as error:
                 error.headers = dict(session.headers(), **error.headers)
                 raise
@@ -6238,13 +7083,13 @@ class Daemon:
             session.guard.release()
         return session
 
-    def registry_finish_upload(self, user, session, digest, open_body=None):
+    def registry_finish_upload(self, user, session, digest, open_body=None, needed=0):
         """The last bytes (open_body()) of session, then its SHA-256 checked against
         digest (HEX) and the blob stored in project's repository; the session
         ends either way.  RegistryError DIGEST_INVALID on a mismatch."""
         try:
             if open_body is not None:
-                self.registry_receive(session, open_body)
+                self.registry_receive(session, open_body, needed=needed)
             self.registry.take(session)
             try:
                 found = session.sha256.hexdigest()
@@ -6374,7 +7219,8 @@ class Daemon:
         if limit and size > limit:
             raise RegistryError(413, "SIZE_INVALID", "the image's tar would have %d "
                                 "bytes, over MAX_UPLOAD_SIZE (%d)" % (size, limit))
-        self.make_room()
+        check_room(self.settings.UPLOAD_DIR, self.settings.MIN_FREE_SPACE, size,
+                   "the image's tar")
         upload = Upload()
         try:
             upload.fields["project"] = project
@@ -6418,6 +7264,7 @@ PAGE_STYLE = (
     ".badge{display:inline-block;padding:0 .55em;border-radius:.7em;color:#fff;"
     "background:#6b6b6b}.ok{background:#2a7d2e}.active,.await{background:#1f5fa8}"
     ".failed{background:#b3261e}code{font-size:.85em;word-break:break-all}"
+    ".reverted{background:#a14a00}"
     "pre{background:#111;color:#eee;padding:.8em;white-space:pre-wrap;"
     "word-break:break-all;min-height:3em}form{display:inline}"
     "button{font:inherit;padding:.15em .8em;margin-right:.4em}"
@@ -6481,7 +7328,7 @@ def oidc_by(record):
 
 
 def state_badge(state):
-    kind = (state if state in ("ok", "active", "await") else
+    kind = (state if state in ("ok", "active", "await", "reverted") else
             "neutral" if state in ("changed", "cancelled") else "failed")
     return '<span class="badge %s">%s</span>' % (kind, html.escape(state))
 
@@ -6768,7 +7615,7 @@ class ConnectionGuard:
         self.limit = limit
         self.per_address = per_address
         self.head_timeout = head_timeout
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the three dicts and the reaper
         self._open = {}  # socket -> the address it counts against
         self._counts = {}  # address -> its open connections
         self._deadlines = {}  # socket -> monotonic deadline of its head
@@ -6874,6 +7721,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.user = None
         self.body = None  # the body reader, once the body is opened
         self.expects_continue = False
+        self.large_body = False  # a JSON body of 64 KiB or more was read
         self.announced_project = None
         self.status_sent = None
         self.bytes_sent = 0
@@ -6931,6 +7779,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.has_unread_body():
                 self.close_connection = True
             self.log_access(method)
+            if self.large_body:
+                return_freed_memory()
 
     def count_against_client(self):
         """A proxied request's connection counts against the client the
@@ -7401,9 +8251,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body = body = self.open_body(settings.MAX_UPLOAD_SIZE)
         boundary = self.multipart_boundary()
         self.announce_project()
-        if self.expects_continue:
-            self.send_response_only(100)
-            self.end_headers()
         upload = receive_upload(body, boundary, settings.UPLOAD_DIR,
                                 self.check_field)
         try:
@@ -7425,18 +8272,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def open_body(self, limit):
         """The request body as a LengthBody or ChunkedBody, checked against
-        limit before any of it is read."""
+        limit before any of it is read.  A client that waits for it to be
+        asked for (Expect: 100-continue) is told at the first read: an
+        endpoint refuses before it reads, and no body byte is sent then."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return ChunkedBody(self.rfile, limit)
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise LengthRequired("a Content-Length or chunked body is required")
-        if not re.fullmatch(r"\s*\d{1,19}\s*", length):
-            raise BadRequest("bad Content-Length: %r" % length[:40])
-        length = int(length)
-        if limit and length > limit:
-            raise TooLarge("upload larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
-        return LengthBody(self.rfile, length)
+            body = ChunkedBody(self.rfile, limit)
+        else:
+            length = self.headers.get("Content-Length")
+            if length is None:
+                raise LengthRequired("a Content-Length or chunked body is required")
+            if not re.fullmatch(r"\s*\d{1,19}\s*", length):
+                raise BadRequest("bad Content-Length: %r" % length[:40])
+            length = int(length)
+            if limit and length > limit:
+                raise TooLarge("upload larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
+            body = LengthBody(self.rfile, length)
+        if self.expects_continue:
+            body.on_first_read = self.send_continue
+        return body
+
+    def send_continue(self):
+        """100 Continue, once (see open_body)."""
+        self.expects_continue = False
+        self.send_response_only(100)
+        self.end_headers()
 
     def multipart_boundary(self):
         kind, params = parse_header_params(self.headers.get("Content-Type", ""))
@@ -7470,55 +8329,41 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # --- recipe pushes and segments (#16)
 
-    def read_json_body(self, limit):
+    def read_json_body(self, limit, max_items, what):
         """The whole (small) request body, read through LengthBody or
-        ChunkedBody, at most limit bytes."""
-        self.body = body = self.open_body(limit)
-        if self.expects_continue:
-            self.send_response_only(100)
-            self.end_headers()
+        ChunkedBody, at most limit bytes; refused (BadRequest) as soon as
+        it holds more than about max_items JSON values, so that a body of
+        millions of {} is not even kept (issue 23)."""
+        try:
+            self.body = body = self.open_body(limit)
+        except TooLarge:
+            raise TooLarge("%s is larger than %d bytes" % (what, limit))
         data = bytearray()
-        buffer = bytearray(CHUNK_SIZE)
-        view = memoryview(buffer)
-        while True:
-            count = body.readinto(view)
-            if not count:
-                return bytes(data)
+        items = 0
+        for buffer, count in body.pieces():
+            view = memoryview(buffer)
             data += view[:count]
+            self.large_body = self.large_body or len(data) > (64 << 10)
             if len(data) > limit:
                 raise TooLarge("body larger than %d bytes" % limit)
+            items += json_items(view[:count].tobytes())
+            if items > max_items + 4096:  # a few commas in strings counted too
+                raise BadRequest("%s has more than %d values" % (what, max_items))
+        return data
 
     def api_push(self):
         """A deployment from a recipe: its files rebuilt from inline bytes
-        and stored segments, then exactly as an upload."""
-        settings = self.ipd.settings
+        and stored segments, then exactly as an upload (Daemon.push)."""
         self.announce_project()
-        recipe = parse_recipe(self.read_json_body(RECIPE_LIMIT))
+        recipe = parse_recipe(self.read_json_body(RECIPE_LIMIT, RECIPE_MAX_ITEMS,
+                                                  "the recipe"))
         project = recipe["project"] or self.announced_project
         if project is None:
             raise BadRequest("missing recipe field 'project'")
         self.check_field("project", project)
-        self.ipd.make_room()
-        upload = Upload()
-        try:
-            upload.fields["project"] = project
-            upload.fields["force"] = recipe["force"]
-            for key in ("manifest", "signature"):
-                if recipe[key] is not None:
-                    upload.fields[key] = recipe[key]
-            for field, meta in sorted(recipe["files"].items()):
-                upload.fields[field + "_sha256"] = meta["sha256"]
-                # hashed on a second core while this one copies (#16)
-                sink = upload.files[field] = FileSink(settings.UPLOAD_DIR, field,
-                                                      meta["name"], parallel=True)
-                self.ipd.segments.rebuild(self.user, field, meta, sink)
-                sink.close()
-            upload.recipe = RecipeFile(encode_recipe(recipe["files"]),
-                                       settings.UPLOAD_DIR)
-            record, created = self.ipd.create_deployment(
-                project, upload, self.user, self.client_ip(), self.body.received)
-        finally:
-            upload.discard()
+        record, created = self.ipd.push(
+            self.user, self.client_ip(), recipe, project, self.body.received,
+            lambda: not peer_closed(self.connection))
         self.answer_deployment(record, 202 if created else 200)
 
     def segment_digest(self, name):
@@ -7529,14 +8374,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def api_segment(self, name):
         """HEAD (or GET) of a segment: its Upload-Offset, Upload-Complete."""
-        digest = self.segment_digest(name)
-        segments = self.ipd.segments
-        if segments.visible(self.user, [digest]):
-            offset, complete = segments.sizes[digest], True
-        else:
-            offset, complete = segments.partial_offset(self.user, digest), False
-            if offset is None:
-                raise NotFound("no such segment on the server")
+        offset, complete = self.ipd.segment_state(self.user, self.segment_digest(name))
         self.send_upload_state(204 if self.command == "HEAD" else 200, offset,
                                complete)
 
@@ -7566,55 +8404,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Append the body to the user's partial segment at offset; with
         Upload-Complete: ?1 (the default) verify and store it."""
         complete = parse_upload_complete(self.headers.get("Upload-Complete"), True)
-        settings = self.ipd.settings
-        self.ipd.make_room()
-        limit = settings.MAX_UPLOAD_SIZE  # of the whole segment, however sent
-        if limit and offset >= limit:
-            raise TooLarge("segment larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
-        self.body = body = self.open_body(limit - offset if limit else 0)
-        writer = self.ipd.segments.begin(self.user, digest, offset, restart)
-        try:
-            if self.expects_continue:
-                self.send_response_only(100)
-                self.end_headers()
-            offset = writer.receive(body)
-            if complete:
-                writer.finish()
-        finally:
-            writer.release()
-        if complete:
-            log.info("segment %s (%d bytes) stored, sent by %s", digest, offset,
-                     self.user.name)
-            self.send_upload_state(201, offset, True)
-        else:
-            self.send_upload_state(204, offset, False)
+        stored = self.ipd.stored_segment_size(self.user, digest)
+        if self.expects_continue and stored is not None:
+            # stored already (a retry whose first try completed it while
+            # it was taken over): the client that asked need send nothing
+            return self.send_upload_state(200, stored, True)
+        length = self.headers.get("Content-Length")
+        limit = self.ipd.segment_room(self.user, offset, int(length) if length
+                                      and length.strip().isdigit() else 0)
+        self.body = self.open_body(limit)
+        offset = self.ipd.receive_segment(self.user, digest, offset, restart,
+                                          complete, self.body, self.connection)
+        self.send_upload_state(201 if complete else 204, offset, complete)
 
     def api_segments_missing(self):
         """Which of the listed segments the server lacks, for this user;
         and how much of each it has as a partial upload."""
         self.announce_project()  # a push it may not make sends nothing
-        data = self.read_json_body(RECIPE_LIMIT)
-        try:
-            listed = json.loads(data.decode("utf-8"))["segments"]
-            digests = [item if isinstance(item, str) else item["sha256"]
-                       for item in listed]
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
-            raise BadRequest('expected JSON {"segments": [sha256, ...]}')
-        if not all(isinstance(digest, str) and SHA256_HEX.match(digest)
-                   for digest in digests):
-            raise BadRequest("each segment is named by its SHA-256 (64 lower "
-                             "case hex digits)")
-        segments = self.ipd.segments
-        segments.touch(digests)
-        segments.collect_now_and_then()
-        present = segments.visible(self.user, digests)
-        missing = [digest for digest in dict.fromkeys(digests)
-                   if digest not in present]
-        partial = {}
-        for digest in missing:
-            offset = segments.partial_offset(self.user, digest)
-            if offset:
-                partial[digest] = offset
+        digests = parse_missing_request(self.read_json_body(
+            MISSING_LIMIT, MISSING_MAX_SEGMENTS * 3, "the list of segments"))
+        missing, partial = self.ipd.missing_segments(self.user, digests)
         self.answer(200, "".join(digest + "\n" for digest in missing),
                     {"missing": missing, "partial": partial})
 
@@ -7653,22 +8462,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.start_answer(status, headers, len(body))
         self.write_body(body)
 
-    def registry_body(self, offset):
-        """The request body of an upload at offset, bounded by
-        MAX_UPLOAD_SIZE for the whole blob; an absent one is empty."""
-        if ("Transfer-Encoding" not in self.headers and
-                self.headers.get("Content-Length", "0").strip() == "0"):
+    def registry_body(self, limit):
+        """The request body of an upload, at most limit bytes (0: no bound;
+        see Daemon.registry_room); an absent one is empty."""
+        if self.registry_length() == 0 and "Transfer-Encoding" not in self.headers:
             self.body = LengthBody(self.rfile, 0)
             return self.body
-        limit = self.ipd.settings.MAX_UPLOAD_SIZE
-        if limit and offset >= limit:
-            raise RegistryError(413, "SIZE_INVALID", "blob larger than MAX_UPLOAD_SIZE "
-                                "(%d bytes)" % limit)
-        self.body = self.open_body(limit - offset if limit else 0)
-        if self.expects_continue:
-            self.send_response_only(100)
-            self.end_headers()
+        try:
+            self.body = self.open_body(limit)
+        except TooLarge:
+            raise RegistryError(413, "SIZE_INVALID", "blob larger than MAX_UPLOAD_SIZE, "
+                                "or SEGMENT_QUOTA: at most %d more bytes" % limit)
         return self.body
+
+    def registry_length(self):
+        """The request's Content-Length (0 when absent or not a number)."""
+        length = (self.headers.get("Content-Length") or "0").strip()
+        return int(length) if length.isdigit() and len(length) < 20 else 0
 
     def registry_host(self):
         """The Host the client pushed to (for IMAGE_REF), if well-formed."""
@@ -7725,8 +8535,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         session = self.ipd.registry_start_upload(self.user, project)
         if digest is None:
             return self.registry_answer(202, session.headers())
-        self.ipd.registry_finish_upload(self.user, session, digest,
-                                        lambda: self.registry_body(0))
+        self.ipd.registry_finish_upload(self.user, session, digest, self.registry_body,
+                                        self.registry_length())
         self.blob_created(project, digest)
 
     def registry_upload_patch(self, project, session_id):
@@ -7743,8 +8553,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                     "%d bytes but Content-Length %s" % (
                                         content_range[1] - content_range[0] + 1,
                                         length.strip()), session.headers())
-        self.ipd.registry_receive(session, lambda: self.registry_body(session.offset),
-                                  content_range)
+        self.ipd.registry_receive(session, self.registry_body, content_range,
+                                  self.registry_length())
         self.registry_answer(202, session.headers())
 
     def registry_upload_status(self, project, session_id):
@@ -7761,8 +8571,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if digest is None:
             raise RegistryError(400, "DIGEST_INVALID", "PUT of an upload needs ?digest=")
         digest = registry_digest(digest)
-        self.ipd.registry_finish_upload(self.user, session, digest,
-                                        lambda: self.registry_body(session.offset))
+        self.ipd.registry_finish_upload(self.user, session, digest, self.registry_body,
+                                        self.registry_length())
         self.blob_created(project, digest)
 
     def registry_upload_delete(self, project, session_id):
@@ -7787,7 +8597,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if length.isdigit() and int(length) > REGISTRY_MANIFEST_LIMIT:
             raise RegistryError(413, "SIZE_INVALID", "manifest larger than %d bytes"
                                 % REGISTRY_MANIFEST_LIMIT)
-        data = self.read_json_body(REGISTRY_MANIFEST_LIMIT)
+        data = self.read_json_body(REGISTRY_MANIFEST_LIMIT, REGISTRY_MANIFEST_ITEMS,
+                                   "the manifest")
         digest, record = self.ipd.registry_put_manifest(
             self.user, project, reference, self.headers.get("Content-Type"), data,
             self.client_ip(), self.registry_host())
@@ -8272,11 +9083,13 @@ def serve(settings, verbose=False, on_ready=None):
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NETWORK = 0, 1, 2, 3
 EXIT_FOR_STATUS = {401: 4, 403: 5, 413: 6, 507: 7}
 EXIT_HTTP, EXIT_TIMEOUT = 8, 9
+EXIT_REVERTED = 10  # its verify failed and it was rolled back (issue 25)
 EXIT_STATUS_HELP = (
     "exit status of the client commands: 0 ok; 1 the deployment ended in "
     "another state; 2 usage; 3 network error; 4 wrong login (401); 5 "
     "forbidden (403); 6 too large (413); 7 disk full (507); 8 another HTTP "
-    "error; 9 --timeout passed")
+    "error; 9 --timeout passed; 10 the deployment was reverted (its verify "
+    "failed)")
 
 
 class ClientError(Exception):
@@ -8584,7 +9397,7 @@ def parse_json(body):
     try:
         data = json.loads(body.decode("utf-8"))
         return data if isinstance(data, dict) else {}
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return {}
 
 
@@ -8857,6 +9670,9 @@ class Client:
                     connection.putheader(name, value)
                 connection.endheaders()
                 early = await_continue(connection)
+                if early and early[0] == 200:  # the server has it already
+                    connection.close()
+                    return
                 if early and early[0] == 409 and attempt < attempts - 1:
                     connection.close()
                     offset = None
@@ -8898,6 +9714,8 @@ class Client:
         recipe.  Returns the deployment's id, or None when the server does
         not take recipes (404/405): then a whole upload is the way."""
         plans = {field: plan_file(path) for field, path in files.items()}
+        if any(len(plan["pieces"]) > RECIPE_MAX_PIECES for plan in plans.values()):
+            return None  # more pieces than a recipe may have: a whole upload
         answer = self.missing_segments(project, plans, files)
         if answer is None:
             return None
@@ -8957,17 +9775,21 @@ class Client:
             for start, end, digest, _ in plan["pieces"]:
                 if digest:
                     wanted.setdefault(digest, (files[field], start, end))
-        status, answer = self.call_json("POST", "/segments/missing",
-                                        {"segments": list(wanted)},
-                                        {"X-Ipd-Project": project})
-        if status in (404, 405):
-            return None
-        if status >= 400:
-            raise http_error(status, answer.get("error"))
-        missing = {digest: wanted[digest] for digest in answer.get("missing", [])
-                   if digest in wanted}
-        partial = {digest: int(offset) for digest, offset
-                   in (answer.get("partial") or {}).items() if digest in missing}
+        listed, missing, partial = list(wanted), {}, {}
+        for first in range(0, max(1, len(listed)), MISSING_MAX_SEGMENTS):
+            status, answer = self.call_json(
+                "POST", "/segments/missing",
+                {"segments": listed[first:first + MISSING_MAX_SEGMENTS]},
+                {"X-Ipd-Project": project})
+            if status in (404, 405):
+                return None
+            if status >= 400:
+                raise http_error(status, answer.get("error"))
+            missing.update((digest, wanted[digest]) for digest
+                           in answer.get("missing", []) if digest in wanted)
+            partial.update((digest, int(offset)) for digest, offset
+                           in (answer.get("partial") or {}).items()
+                           if digest in missing)
         present = sum(end - start for digest, (_, start, end) in wanted.items()
                       if digest not in missing) + sum(partial.values())
         return missing, partial, present
@@ -9168,12 +9990,15 @@ def client_from_args(args):
 
 
 def wait_for_result(client, project, deployment, timeout):
-    """Follow the log to the end; exit status 0 for ok, 1 otherwise."""
+    """Follow the log to the end; exit status 0 for ok, 10 for reverted
+    (undone by its verify), 1 otherwise."""
     deadline = time.monotonic() + timeout if timeout else None
     out = getattr(sys.stdout, "buffer", sys.stdout)
     state = client.follow(project, deployment, out, deadline)
     print("ipd: deployment %s of %s: %s" % (deployment, project, state),
           file=sys.stderr)
+    if state == "reverted":
+        return EXIT_REVERTED
     return EXIT_OK if state == "ok" else EXIT_FAILED
 
 

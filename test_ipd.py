@@ -10,6 +10,7 @@ running real control.sh scripts.
 import argparse
 import base64
 import bz2
+import errno
 import collections
 import functools
 import gzip
@@ -33,6 +34,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -1510,6 +1512,334 @@ class QueueTests(DaemonTestCase):
         self.daemon.deploy('touch %s; exit 1' % marker)
         self.wait_for_file(marker)
         self.assertLess(time.monotonic() - started, 5)
+
+
+class VerifyTests(DaemonTestCase):
+    """Issue 25: control.sh verify after deploy, 'reverted' and the rollback
+    to the project's last ok deployment, with scripted control.sh."""
+
+    settings = {"VERIFY_SECONDS": "1", "MAX_PARALLEL": "1"}
+
+    def setUp(self):
+        super().setUp()
+        self.runs = os.path.join(self.tmp, "runs")
+
+    def version(self, verify='exit 1', name="v"):
+        """A package whose control.sh records each step it runs ($DEPLOY,
+        the step, VERIFY_SECONDS) and whose verify runs the shell verify."""
+        return control_script('echo "$DEPLOY $1 %s ${VERIFY_SECONDS:-unset}" >> %s\n'
+                              'if [ "$1" = verify ]; then %s; fi\nexit 1\n'
+                              % (name, self.runs, verify))
+
+    def push(self, package, project="app"):
+        status, _, body = self.daemon.upload(project, package)
+        self.assertEqual(status, 202, body)
+        return body.strip()
+
+    def record(self, deployment, project="app"):
+        return self.daemon.get_json("/status/%s/%s" % (project, deployment))[1]
+
+    def history(self, project="app"):
+        """The project's deployments, oldest first, from their state files."""
+        folder = os.path.join(self.daemon.upload_dir, project, "deployments")
+        records = [json.loads(read_text(os.path.join(folder, name)))
+                   for name in os.listdir(folder) if name.endswith(".json")]
+        return [{"deployment": r["id"], "state": r["state"]}
+                for r in sorted(records, key=lambda r: r["seq"])]
+
+    def audit(self, event):
+        return [json.loads(line) for line in read_text(os.path.join(
+            self.tmp, "audit.log")).splitlines() if '"event": "%s"' % event in line]
+
+    def test_verify_runs_after_deploy_and_a_release_that_holds_is_ok(self):
+        first = self.push(self.version())
+        self.assertEqual(self.daemon.wait_state("app", first), "ok")
+        steps = [step["step"] for step in self.record(first)["steps"]]
+        self.assertEqual(steps, ["check", "deploy", "verify"])
+        self.assertIn("%s verify v 1" % first, read_text(self.runs))
+        self.assertIn("%s deploy v unset" % first, read_text(self.runs))
+        self.assertEqual(ipd.parse_setting("window", "0"), 0)
+        for bad in ("-1", "1.5", "86401", "x"):
+            with self.assertRaises(ValueError):
+                ipd.parse_setting("window", bad)
+
+    def test_project_conf_turns_verify_on_for_one_project(self):
+        self.daemon.stop()
+        daemon = self.daemon = self.start_daemon({"VERIFY_SECONDS": "0"})
+        folder = os.path.join(daemon.upload_dir, "watched")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "project.conf"), "w") as file:
+            file.write("VERIFY_SECONDS=2\n")
+        # An old control.sh answers an unknown step with an error: no verify
+        old = daemon.deploy('[ "$1" = verify ] && exit 2; exit 1', project="plain")
+        self.assertEqual(daemon.wait_state("plain", old), "ok")
+        watched = self.push(self.version(), project="watched")
+        self.assertEqual(daemon.wait_state("watched", watched), "ok")
+        self.assertIn("%s verify v 2" % watched, read_text(self.runs))
+
+    def test_failed_verify_reverts_and_rolls_back_to_the_last_ok(self):
+        listener = Listener()
+        self.addCleanup(listener.close)
+        self.daemon.stop()
+        self.daemon = self.start_daemon(dict(self.settings, NOTIFY_URL=listener.url))
+        project_dir = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(project_dir)
+        calls = os.path.join(self.tmp, "calls")
+        with open(os.path.join(project_dir, "notify.sh"), "w") as file:
+            file.write('#!/bin/sh\necho "$DEPLOY $STATE ${ROLLBACK:-none}" >> %s\n' % calls)
+        os.chmod(os.path.join(project_dir, "notify.sh"), 0o755)
+        good = self.push(self.version(name="good"))
+        self.assertEqual(self.daemon.wait_state("app", good), "ok")
+        plain = self.daemon.deploy(OK_SCRIPT)  # the last ok one: rolled back to
+        self.assertEqual(self.daemon.wait_state("app", plain), "ok")
+        broken = self.push(self.version('echo "5xx share too high"; exit 7', "bad"))
+        self.assertEqual(self.daemon.wait_state("app", broken), "reverted")
+        record = self.record(broken)
+        rollback = record["rollback"]
+        self.assertEqual(record["steps"][-1]["step"], "verify")
+        self.assertEqual(record["steps"][-1]["code"], 7)
+        self.assertIn("5xx share too high", self.daemon.log("app", broken))
+        self.assertIn("ipd: reverted: control.sh verify exited 7; rolled back: "
+                      "deployment %s redeploys %s" % (rollback, plain),
+                      self.daemon.log("app", broken))
+        self.assertEqual(self.daemon.wait_state("app", rollback), "ok")
+        again = self.record(rollback)
+        self.assertEqual(again["rollback_of"], broken)
+        self.assertEqual(again["user"], "ipd")
+        self.assertIn("step verify", self.daemon.log("app", rollback))
+        events = self.audit("rollback")
+        self.assertEqual([(e["deployment"], e["reverted"], e["redeploy_of"]) for e in events],
+                         [(rollback, broken, plain)])
+        self.assertEqual(events[0]["reason"], "control.sh verify exited 7")
+        wait_until(lambda: len(read_text(calls).splitlines()) >= 4, message="notify.sh")
+        self.assertIn("%s reverted %s" % (broken, rollback), read_text(calls).splitlines())
+        self.assertIn("%s ok none" % rollback, read_text(calls).splitlines())
+        wait_until(lambda: len(listener.received) >= 4, message="NOTIFY_URL")
+        told = {e["deployment"]: e for e in listener.received}
+        self.assertEqual((told[broken]["state"], told[broken]["rollback"]),
+                         ("reverted", rollback))
+        self.assertEqual(told[rollback]["rollback_of"], broken)
+        page = self.daemon.get("/ui/app")[2]
+        self.assertIn('<span class="badge reverted">reverted</span>', page)
+
+    def test_a_verify_over_its_time_limit_is_reverted(self):
+        self.daemon.stop()
+        daemon = self.daemon = self.start_daemon({"VERIFY_SECONDS": "1",
+                                                  "STEP_TIMEOUT": "1"})
+        # the window and a step's time: 1.5 s of verify is within its limit
+        slow = self.push(self.version("sleep 1.5; exit 1"))
+        self.assertEqual(daemon.wait_state("app", slow), "ok")
+        hung = self.push(self.version("sleep 60"))
+        self.assertEqual(daemon.wait_state("app", hung), "reverted")
+        record = self.record(hung)
+        self.assertGreaterEqual(record["steps"][-1]["seconds"], 2)
+        self.assertLess(record["steps"][-1]["seconds"], 10)
+        self.assertIn("control.sh verify ran over its time limit",
+                      daemon.log("app", hung))
+        self.assertEqual(daemon.wait_state("app", record["rollback"]), "ok")
+
+    def test_with_no_earlier_ok_deployment_nothing_is_rolled_back(self):
+        failing = self.daemon.deploy("exit 4", project="app")
+        self.assertEqual(self.daemon.wait_state("app", failing), "4")
+        first = self.push(self.version("exit 3"))
+        self.assertEqual(self.daemon.wait_state("app", first), "reverted")
+        self.assertIsNone(self.record(first)["rollback"])
+        self.assertIn("nothing to roll back to: no earlier deployment of app that "
+                      "ended ok keeps its files", self.daemon.log("app", first))
+        self.assertEqual(len(self.history()), 2)
+        events = self.audit("rollback")
+        self.assertEqual([(e["reverted"], e["deployment"]) for e in events],
+                         [(first, None)])
+
+    def test_the_rollback_of_a_rollback_never_happens(self):
+        broken = os.path.join(self.tmp, "broken")
+        good = self.push(self.version('[ -e %s ] && exit 0' % broken, "good"))
+        self.assertEqual(self.daemon.wait_state("app", good), "ok")
+        open(broken, "w").close()  # from now on even the good one fails
+        bad = self.push(self.version("exit 0", "bad"))
+        self.assertEqual(self.daemon.wait_state("app", bad), "reverted")
+        rollback = self.record(bad)["rollback"]
+        self.assertEqual(self.daemon.wait_state("app", rollback), "reverted")
+        self.assertIsNone(self.record(rollback)["rollback"])
+        self.assertIn("it is itself the rollback of %s: not rolled back again" % bad,
+                      self.daemon.log("app", rollback))
+        time.sleep(1)
+        self.assertEqual([d["deployment"] for d in self.history()], [good, bad, rollback])
+
+    def gate(self, name):
+        path = os.path.join(self.tmp, "gate-" + name)
+        return path, "while [ ! -e %s ]; do sleep 0.02; done" % path
+
+    def test_an_upload_waiting_during_verify_wins_over_the_rollback(self):
+        good = self.push(self.version())
+        self.daemon.wait_state("app", good)
+        gate, wait = self.gate("verify")
+        bad = self.push(self.version(wait + "; exit 0", "bad"))
+        wait_until(lambda: " verify bad" in read_text(self.runs), message="verify")
+        newer = self.push(self.version(name="newer"))
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", bad), "reverted")
+        self.assertIsNone(self.record(bad)["rollback"])
+        self.assertIn("no rollback: deployment %s waits: it is newer and runs instead"
+                      % newer, self.daemon.log("app", bad))
+        self.assertEqual(self.daemon.wait_state("app", newer), "ok")
+        self.assertEqual(len(self.history()), 3)
+
+    def test_a_newer_upload_supersedes_the_waiting_rollback(self):
+        good = self.push(self.version())
+        self.daemon.wait_state("app", good)
+        gate, wait = self.gate("verify")
+        bad = self.push(self.version(wait + "; exit 0", "bad"))
+        wait_until(lambda: " verify bad" in read_text(self.runs), message="verify")
+        # MAX_PARALLEL=1: another project's deployment, older than the
+        # rollback, runs first and holds the rollback in the queue
+        other_gate, other_wait = self.gate("other")
+        other = self.daemon.deploy(other_wait + "\nexit 1", project="other")
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", bad), "reverted")
+        rollback = self.record(bad)["rollback"]
+        self.assertEqual(self.daemon.wait_state("other", other, ["active"]), "active")
+        self.assertEqual(self.daemon.state("app", rollback), "await")
+        newer = self.push(self.version(name="newer"))
+        self.assertEqual(self.daemon.state("app", rollback), "changed")
+        open(other_gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", newer), "ok")
+        self.assertEqual(self.record(rollback)["state"], "changed")
+        self.assertNotIn("%s check" % rollback, read_text(self.runs))
+
+    def test_kill_9_during_verify_then_restart_reverts_and_rolls_back(self):
+        calls = os.path.join(self.tmp, "calls")
+        project_dir = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(project_dir)
+        with open(os.path.join(project_dir, "notify.sh"), "w") as file:
+            file.write('#!/bin/sh\necho "$DEPLOY $STATE ${ROLLBACK:-none}" >> %s\n' % calls)
+        os.chmod(os.path.join(project_dir, "notify.sh"), 0o755)
+        good = self.push(self.version(name="good"))
+        self.daemon.wait_state("app", good)
+        pid_file = os.path.join(self.tmp, "verify.pid")
+        judged = self.push(self.version("echo $$ > %s; sleep 300" % pid_file, "judged"))
+        self.wait_for_file(pid_file)
+        wait_until(lambda: read_text(pid_file).strip(), message="pid")
+        self.daemon.kill()
+        orphan = int(read_text(pid_file))
+        self.assertTrue(process_running(orphan))
+        self.daemon.start()
+        self.assertFalse(process_running(orphan), "verify outlived the restart")
+        self.assertEqual(self.daemon.state("app", judged), "reverted")
+        rollback = self.record(judged)["rollback"]
+        self.assertEqual(self.record(rollback)["rollback_of"], judged)
+        self.assertEqual(self.daemon.wait_state("app", rollback), "ok")
+        self.assertIn("ipd: reverted: ipd stopped while control.sh verify ran: it was "
+                      "never judged; rolled back: deployment %s redeploys %s"
+                      % (rollback, good), self.daemon.log("app", judged))
+        wait_until(lambda: "%s reverted %s" % (judged, rollback) in read_text(calls),
+                   message="notify.sh told of the revert with its rollback")
+        self.assertEqual(read_text(calls).count("%s reverted" % judged), 1)
+        self.daemon.restart()  # judged once: a second start changes nothing
+        self.assertEqual(self.record(judged)["rollback"], rollback)
+        self.assertEqual(len(self.history()), 3)
+
+    def test_a_rollback_committed_just_before_a_kill_is_not_queued_twice(self):
+        good = self.push(self.version(name="good"))
+        self.daemon.wait_state("app", good)
+        _, wait = self.gate("never")
+        judged = self.push(self.version(wait + "; exit 0", "judged"))
+        wait_until(lambda: " verify judged" in read_text(self.runs), message="verify")
+        self.daemon.kill()
+        path = os.path.join(self.daemon.upload_dir, "app", "deployments", judged + ".json")
+        self.assertIn("verify_started", json.loads(read_text(path)))
+        self.daemon.start()
+        rollback = self.record(judged)["rollback"]
+        self.daemon.stop()
+        # A kill -9 after the worker committed the rollback and before it
+        # wrote 'reverted' leaves both on disk: the judged one as running.
+        data = json.loads(read_text(path))
+        data.update(state="active", ended=None)
+        del data["rollback"]
+        with open(path, "w") as file:
+            json.dump(data, file)
+        os.remove(os.path.join(self.daemon.upload_dir, "app", "deployments", "index.cache"))
+        self.daemon.start()
+        self.assertEqual(self.daemon.state("app", judged), "reverted")
+        self.assertEqual(self.record(judged)["rollback"], rollback)
+        self.assertEqual(len(self.history()), 3)
+
+    def test_a_stop_during_verify_reverts_and_the_rollback_runs_after(self):
+        self.daemon.stop()
+        self.daemon = self.start_daemon({"VERIFY_SECONDS": "1", "SHUTDOWN_GRACE": "0.5"})
+        good = self.push(self.version(name="good"))
+        self.daemon.wait_state("app", good)
+        judged = self.push(self.version("sleep 300", "judged"))
+        wait_until(lambda: " verify judged" in read_text(self.runs), message="verify")
+        self.assertEqual(self.daemon.stop(), 0)
+        path = os.path.join(self.daemon.upload_dir, "app", "deployments", judged)
+        record = json.loads(read_text(path + ".json"))
+        self.assertEqual(record["state"], "reverted")  # at the stop itself
+        self.assertIn("control.sh verify was stopped with ipd", read_text(path + ".log"))
+        self.daemon.start()
+        self.assertEqual(self.daemon.wait_state("app", record["rollback"]), "ok")
+
+    def test_a_cancel_during_verify_keeps_what_is_live(self):
+        good = self.push(self.version())
+        self.daemon.wait_state("app", good)
+        watched = self.push(self.version("sleep 300", "watched"))
+        wait_until(lambda: " verify watched" in read_text(self.runs), message="verify")
+        status, _, body = self.daemon.request("POST", "/cancel/app/%s" % watched)
+        self.assertEqual((status, body.strip()), (200, "cancelled"))
+        self.assertEqual(self.daemon.wait_state("app", watched), "cancelled")
+        self.assertNotIn("rollback", self.record(watched))
+        time.sleep(0.5)
+        self.assertEqual(len(self.history()), 2)
+
+    def test_a_kill_after_verify_held_is_no_revert(self):
+        held = self.push(self.version())
+        self.assertEqual(self.daemon.wait_state("app", held), "ok")
+        self.daemon.stop()
+        # A kill -9 after verify held and before 'ok' was written: the
+        # release was judged, so the restart makes it 'interrupted' only.
+        folder = os.path.join(self.daemon.upload_dir, "app", "deployments")
+        data = json.loads(read_text(os.path.join(folder, held + ".json")))
+        self.assertTrue(data["verified"])
+        data.update(state="active", ended=None)
+        with open(os.path.join(folder, held + ".json"), "w") as file:
+            json.dump(data, file)
+        ipd.remove_quietly(os.path.join(folder, "index.cache"))  # it vouches no more
+        self.daemon.start()
+        self.assertEqual(self.daemon.state("app", held), "interrupted")
+        self.assertEqual(len(self.history()), 1)
+
+    def test_wait_and_push_wait_answer_once_verify_ended(self):
+        good = self.push(self.version())
+        self.daemon.wait_state("app", good)
+        bad = self.push(self.version("sleep 1; exit 0", "bad"))
+        started = time.monotonic()
+        status, _, body = self.daemon.get("/status/app/%s?wait=30" % bad)
+        self.assertEqual((status, body), (200, "reverted\n"))
+        self.assertGreaterEqual(time.monotonic() - started, 1)
+        package = os.path.join(self.tmp, "bad.tgz")
+        with open(package, "wb") as file:
+            file.write(self.version("sleep 1; exit 0", "pushed"))
+        environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port,
+                       IPD_USER="admin", IPD_PASSWORD="admin-pw", HOME=self.tmp)
+        result = subprocess.run(IPD_RUN + ["push", "--project", "app", "--package",
+                                           package, "--wait", "--timeout", "60"],
+                                env=ipd_environ(environ), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(result.returncode, ipd.EXIT_REVERTED, result.stderr)
+        self.assertEqual(ipd.EXIT_REVERTED, 10)
+        for text in (" ".join(run_ipd("push", "--help").stdout.split()), " ".join(
+                read_text(os.path.join(HERE, "README.md")).replace("`", "").split())):
+            self.assertIn("10 the deployment was reverted (its verify failed", text)
+        self.assertIn(b": reverted", result.stderr)
+        self.assertIn(b"ipd: reverted: control.sh verify exited 0", result.stdout)
+        good_again = os.path.join(self.tmp, "good.tgz")
+        with open(good_again, "wb") as file:
+            file.write(self.version())
+        result = subprocess.run(IPD_RUN + ["push", "--project", "app", "--package",
+                                           good_again, "--wait"],
+                                env=ipd_environ(environ), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
 
 
 class RestartTests(DaemonTestCase):
@@ -3822,6 +4152,49 @@ class DeploymentStoreTests(unittest.TestCase):
         self.assertEqual(again.statistics()["states"], {"ok": 4})
         self.assertEqual([r.id for r in again.deployments_of("app")][:1], [records[1].id])
 
+    def test_a_cold_deployment_is_409_to_cancel_and_pruned_once(self):
+        store = ipd.DeploymentStore(self.tmp, 1)
+        records = self.run_to_the_end(store, 3)
+        with self.assertRaisesRegex(ipd.Conflict, "has ended already: ok"):
+            self.cancel(records[0].id, store)  # cold, read from disk: 409, not 404
+        with self.assertRaises(ipd.NotFound):
+            self.cancel(str(uuid.uuid4()), store)
+        settings = ipd.load_settings(os.devnull, environ={
+            "UPLOAD_DIR": self.tmp, "LOG_DIR": self.tmp})
+        kept = ipd.DeploymentStore(os.path.join(self.tmp, "kept"), 5)
+        os.makedirs(kept.upload_dir)
+        retention = ipd.Retention(settings, kept, ipd.SegmentStore(self.tmp, 3600))
+        older = self.run_to_the_end(kept, 2)[0]
+        self.assertFalse(older.pruned)
+        retention.prune(older)  # two retention runs that picked the same one
+        retention.prune(older)
+        self.assertTrue(kept.find("app", older.id).pruned)
+        self.assertFalse(kept.mark_pruned(older.id))
+
+    def test_a_state_file_rewritten_in_place_is_read_again(self):
+        # the folder's mtime stays when a file is rewritten in place: each
+        # hot record's own stamp (mtime, size, inode) is checked too
+        store = ipd.DeploymentStore(self.tmp, 5)
+        record = self.run_to_the_end(store, 2)[-1]
+        path = store.path(record, ".json")
+        for name in os.listdir(os.path.dirname(path)):  # written long ago
+            os.utime(os.path.join(os.path.dirname(path), name), (time.time() - 60,) * 2)
+        self.assertEqual(ipd.DeploymentStore(self.tmp, 5).load(), 2)  # the index
+        edited = dict(self.state_file(record), state="cancelled")
+        with open(path, "r+") as file:
+            file.write(json.dumps(edited))
+            file.truncate()
+        loaded = ipd.DeploymentStore(self.tmp, 5)
+        loaded.load()
+        self.assertEqual(loaded.find("app", record.id).state, "cancelled")
+
+    def test_a_long_history_is_read_as_far_as_asked(self):
+        store = ipd.DeploymentStore(self.tmp, 1)
+        records = self.run_to_the_end(store, 5)
+        self.assertEqual([r.id for r in store.deployments_of("app", 2)],
+                         [r.id for r in records[-2:]])
+        self.assertEqual(len(store.deployments_of("app")), 5)
+
     def test_after_a_crash_the_running_one_is_interrupted_and_the_waiting_queued(self):
         running = self.commit()
         self.store.claim()
@@ -3916,6 +4289,44 @@ class InProcessServerTests(unittest.TestCase):
         record = self.daemon.store.wait_final(deployment, 20)
         self.assertEqual(record.state, "ok")
         self.assertEqual(self.daemon.statistics()["uploads"], 1)  # not the refused one
+
+    def test_a_pushed_deployments_segments_are_referred_before_it_shows(self):
+        # a collection between the commit and the reference would take the
+        # segments only this deployment names: referred to first, and
+        # forgotten again when the commit fails
+        daemon, upload_dir = self.daemon, self.daemon.settings.UPLOAD_DIR
+        os.makedirs(os.path.join(upload_dir, "app"))
+        with open(os.path.join(upload_dir, "app", "control.sh"), "w") as file:
+            file.write("#!/bin/sh\nexit 1\n")
+        os.chmod(os.path.join(upload_dir, "app", "control.sh"), 0o755)
+        data = b"the bytes of one segment"
+        digest = hashlib.sha256(data).hexdigest()
+
+        def pushed():
+            upload = ipd.Upload()
+            upload.fields["force"] = "1"  # not "the same files again"
+            sink = upload.files["image"] = ipd.FileSink(upload_dir, "image", "i.tar")
+            sink.write(data)
+            sink.close()
+            upload.recipe = ipd.RecipeFile(ipd.encode_recipe({"image": {
+                "name": "i.tar", "size": len(data), "sha256": digest,
+                "segments": [{"sha256": digest, "size": len(data)}]}}), upload_dir)
+            return upload
+        seen, commit = [], daemon.store.commit
+
+        def watching_commit(record, *args, **kwargs):
+            seen.append(daemon.segments.refs.get(record.id))
+            if len(seen) == 2:
+                raise OSError(errno.ENOSPC, "no space left on device")
+            return commit(record, *args, **kwargs)
+        daemon.store.commit = watching_commit
+        admin = ipd.User("admin", "ADMIN", "")
+        record, created = daemon.create_deployment("app", pushed(), admin, "::1", 1)
+        self.assertEqual(seen, [("app", frozenset({digest}))])
+        with self.assertRaises(ipd.DiskFull):
+            daemon.create_deployment("app", pushed(), admin, "::1", 1)
+        self.assertEqual(list(daemon.segments.refs), [record.id])  # the failed one's gone
+        self.assertEqual(daemon.store.wait_final(record.id, 20).state, "ok")
 
     def test_an_upload_is_counted_before_it_shows(self):
         # the upload's counters change in the step that shows it: a reader
@@ -4377,6 +4788,7 @@ class OidcVerifyTests(unittest.TestCase):
             "%s %s web" % (GITHUB, AUDIENCE),
             "%s %s ../etc repository=x" % (GITHUB, AUDIENCE),
             "%s %s web =x" % (GITHUB, AUDIENCE),
+            "%s %s web repository=acme/web jwks=test-keys.json" % (GITHUB, AUDIENCE),
             "", "   # indented comment"])
         rules, warnings = ipd.parse_trust(text, "trust.txt", "/etc/ipd")
         self.assertEqual([(r.issuer, r.audience, r.projects, r.claims, r.jwks, r.line)
@@ -4387,7 +4799,8 @@ class OidcVerifyTests(unittest.TestCase):
                            [("project_path", "acme/*")], "/etc/ipd/keys/gitlab.json", 3)])
         self.assertEqual([w.split(":")[0] for w in warnings],
                          ["trust.txt, line 4", "trust.txt, line 5", "trust.txt, line 6",
-                          "trust.txt, line 7"])
+                          "trust.txt, line 7", "trust.txt, line 8"])
+        self.assertIn("keys come from discovery on an earlier line", warnings[4])
         self.assertIn("https://", warnings[0])
         self.assertIn("at least one CLAIM=GLOB", warnings[1])
         self.assertTrue(all(w.endswith("line ignored") for w in warnings))
@@ -4723,6 +5136,25 @@ class OidcDiscoveryTests(OidcTestCase):
         cached = os.listdir(os.path.join(self.daemon.upload_dir, ".oidc"))
         self.assertEqual(len(cached), 1)
 
+    def test_keys_older_than_their_max_age_are_asked_for_again(self):
+        # an issuer withdraws a key that leaked: once the fetched keys are
+        # OIDC_KEYS_MAX_AGE old, the next login asks for them again
+        self.issuer.keys = [self.key]
+        self.assertEqual(oidc_upload(self.daemon, self.token())[0], 202)
+        self.assertEqual(self.issuer.fetches("ci"), (1, 1))
+        folder = os.path.join(self.daemon.upload_dir, ".oidc")
+        path = os.path.join(folder, os.listdir(folder)[0])
+        with open(path) as file:
+            cached = json.load(file)
+        cached["fetched"] -= ipd.OIDC_KEYS_MAX_AGE + 60
+        with open(path, "w") as file:
+            json.dump(cached, file)
+        self.daemon.restart()
+        self.issuer.keys = [self.rotated]  # the old key withdrawn
+        self.assertEqual(oidc_upload(self.daemon, self.token())[0], 401)
+        self.assertEqual(self.issuer.fetches("ci"), (2, 2))
+        self.assertEqual(oidc_upload(self.daemon, self.token(key=self.rotated))[0], 202)
+
     def test_a_hanging_or_garbage_issuer_blocks_no_other_request(self):
         self.issuer.keys = [self.key]
         answers = {}
@@ -4902,14 +5334,14 @@ class OidcLoginCostTests(OidcTestCase):
         timings = {"wrong password": [], "bad token": []}
         token = self.bearer(github_claims(ref="x", repository="acme/other"))
         password = "Basic " + base64.b64encode(b"admin:wrong").decode()
-        for number in range(3):
+        for number in range(9):  # medians of nine, taken in turn: a busy machine
             for name, authorization in (("wrong password", password), ("bad token", token)):
                 started = time.perf_counter()
                 status, _, _ = self.daemon.get("/status/web", user=None, headers={
                     "Authorization": authorization, "X-Real-IP": "10.2.0.%d" % number})
                 timings[name].append(time.perf_counter() - started)
                 self.assertEqual(status, 401)
-        median = {name: sorted(values)[1] for name, values in timings.items()}
+        median = {name: sorted(values)[4] for name, values in timings.items()}
         report("refused logins, median: wrong password %.1f ms, refused ID token %.1f ms"
                % (1000 * median["wrong password"], 1000 * median["bad token"]))
         self.assertGreater(median["bad token"] / median["wrong password"], 0.4, median)
@@ -6035,9 +6467,11 @@ class Nginx:
 
 
 def busybox_image(tag, folder, version, healthy=True,
-                  command=("/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www")):
+                  command=("/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"),
+                  extra=()):
     """Build an image from a busybox root file system (no image can be
-    pulled here), docker save it as a user's CI would; return the tar."""
+    pulled here), with extra files ((name, bytes, mode)...), docker save it
+    as a user's CI would; return the tar."""
     rootfs = io.BytesIO()
     with tarfile.open(fileobj=rootfs, mode="w") as tar:
         tar.add(os.path.realpath(shutil.which("busybox")), "bin/busybox")
@@ -6051,6 +6485,10 @@ def busybox_image(tag, folder, version, healthy=True,
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, data, mode in extra:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
             tar.addfile(info, io.BytesIO(data))
     docker("import", "--change", "CMD " + json.dumps(list(command)),
            "-", tag, stdin=rootfs.getvalue())
@@ -6869,6 +7307,118 @@ class DockerOperatorTests(DockerExampleTests):
         self.assertTrue(port.startswith("127.0.0.1:"), port)
         self.assertEqual(self.proxy_config(), config)
         self.assertEqual(len(self.deployments), 1)
+
+
+class DockerVerifyTests(DockerExampleTests):
+    """Issue 25: examples/docker/control.sh verify behind a real nginx, and
+    ipd's rollback: a release that breaks after the switch undoes itself."""
+
+    test_v1_then_v2_without_a_failed_request_then_broken_v3 = None  # run once, above
+
+    WINDOW = 20  # VERIFY_SECONDS
+    HEALTH_TIMEOUT = 8  # the example's health-check time (DockerExampleTests)
+
+    def verify_on(self):
+        """VERIFY_SECONDS for this project only, as an administrator sets it."""
+        path = os.path.join(self.daemon.upload_dir, self.project, "project.conf")
+        with open(path, "w") as file:
+            file.write("VERIFY_SECONDS=%d\n" % self.WINDOW)
+        os.chmod(path, 0o644)
+
+    def record(self, deployment):
+        return self.daemon.get_json("/status/%s/%s" % (self.project, deployment))[1]
+
+    def crashing_image(self, version):
+        """Healthy at first; its server exits 5 s after the start (the
+        restart policy brings it back: a crash loop)."""
+        return busybox_image("ipd-test-%s:%s" % (self.project, version), self.tmp,
+                             version, command=("/bin/sh", "-c", "/bin/busybox httpd -p "
+                                               "8080 -h /www; sleep 5; exit 1"))
+
+    def failing_image(self, version):
+        """The health path answers 200, / a 500 (a CGI, served from a
+        folder of its own: no index.html)."""
+        cgi = (b'#!/bin/sh\nprintf "HTTP/1.0 500 Internal Server Error\\r\\n'
+               b'Content-Type: text/plain\\r\\n\\r\\nbroken\\n"\n')
+        return busybox_image("ipd-test-%s:%s" % (self.project, version), self.tmp,
+                             version, extra=[("broken/cgi-bin/index.cgi", cgi, 0o755),
+                                             ("broken/health", b"ok\n", 0o644)],
+                             command=("/bin/busybox", "httpd", "-f", "-p", "8080",
+                                      "-h", "/broken"))
+
+    def test_a_crash_loop_and_5xx_after_the_switch_are_rolled_back(self):
+        v1, v2 = self.image("v1"), self.crashing_image("v2")
+        v3, v4 = self.image("v3"), self.failing_image("v4")
+        self.deploy(v1)  # before VERIFY_SECONDS: ok at once
+        self.verify_on()
+        with RequestLoop(self.app) as loop:
+            log = self.deploy(v2, expect="reverted")
+            self.assertIn("restarted or stopped", log)
+            reverted = self.deployments[-1]
+            rollback = self.record(reverted)["rollback"]
+            self.assertIn("rolled back: deployment %s redeploys %s"
+                          % (rollback, self.deployments[0]), log)
+            # v1 serves again, and the test asked nothing of ipd for it
+            v2_served = loop.wait_for((200, "v2"), 0)
+            wait_until(loop.failures, message="v2's crash seen through nginx")
+            loop.wait_for((200, "v1"), loop.failures()[0][0], timeout=60)
+            time.sleep(1)
+        # the switch back: where the answers became v1 and stayed so
+        back = [when for when, answer in loop.answers if answer != (200, "v1")][-1]
+        switched = min(when for when, answer in loop.answers if when > back)
+        failures = loop.failures()
+        first, last = failures[0][0], failures[-1][0]
+        report("verify: v2 crashed and failed requests through nginx for %.1f s "
+               "(%d failed) until the rollback's switch to v1 (window %d s + "
+               "health check %d s)" % (switched - first, len(failures), self.WINDOW,
+                                       self.HEALTH_TIMEOUT))
+        self.assertGreater(first, v2_served)  # none while v2 was switched in
+        self.assertLess(last, switched)       # none after v1 was back
+        self.assertLess(switched - first, self.WINDOW + self.HEALTH_TIMEOUT)
+        self.assertEqual(self.daemon.wait_state(self.project, rollback, timeout=120), "ok")
+        self.assertEqual(self.record(rollback)["rollback_of"], reverted)
+
+        self.deploy(v3)  # healthy: ok once the window passed
+        verify = self.record(self.deployments[-1])["steps"][-1]
+        self.assertEqual(verify["step"], "verify")
+        self.assertGreaterEqual(verify["seconds"], self.WINDOW)  # the whole window
+        self.assertEqual(self.app(), (200, "v3"))
+
+        with RequestLoop(self.app) as loop:
+            started = time.monotonic()
+            log = self.deploy(v4, expect="reverted")
+            self.assertIn("answers were 5xx", log)
+            rollback = self.record(self.deployments[-1])["rollback"]
+            back = loop.wait_for((200, "v3"), started + 1, timeout=60)
+        self.assertLess(back - started, self.WINDOW + self.HEALTH_TIMEOUT + 10)
+        self.assertEqual(self.daemon.wait_state(self.project, rollback, timeout=120), "ok")
+        self.assertEqual(self.app(), (200, "v3"))
+
+
+class SwarmVerifyTests(SwarmExampleTests):
+    """Issue 25: examples/swarm/control.sh verify per slot: a task the swarm
+    has to replace after the switch (a crash loop) is rolled back."""
+
+    test_v1_v2_then_broken_v3_rolled_back = None  # run once, above
+
+    def test_a_crashing_slot_is_rolled_back(self):
+        v1 = self.image("v1")
+        v2 = busybox_image("ipd-test-%s:v2" % self.project, self.tmp, "v2",
+                           command=("/bin/sh", "-c", "/bin/busybox httpd -p 8080 "
+                                    "-h /www; sleep 5; exit 1"))
+        self.deploy(v1)
+        path = os.path.join(self.daemon.upload_dir, self.project, "project.conf")
+        with open(path, "w") as file:
+            file.write("VERIFY_SECONDS=15\n")
+        log = self.deploy(v2, expect="reverted")
+        self.assertIn("a task was replaced or stopped", log)
+        record = self.daemon.get_json("/status/%s/%s" % (self.project,
+                                                         self.deployments[-1]))[1]
+        self.assertEqual(record["steps"][-1]["code"], 12)
+        rollback = record["rollback"]
+        self.assertEqual(self.daemon.wait_state(self.project, rollback, timeout=180), "ok")
+        self.assertIn("held for 15s", self.daemon.log(self.project, rollback))
+        self.assertEqual(self.app(), (200, "v1"))
 
 
 class PathUnit:
@@ -8464,6 +9014,1019 @@ class LayerFreeSpaceTests(LayerPushTestCase):
             return [self.daemon.get_json("/status/app/" + deployment)[1]["pruned"]
                     for deployment in ids + [failing]]
         self.assertEqual(pruned(), [True, True, False, True])  # before the end shows
+
+
+class FloorOwnProjectTests(LayerPushTestCase):
+    """Issue 23: below MIN_FREE_SPACE a deployment's end prunes only its own
+    project's files: no project pays for another's use of the disk."""
+
+    def run_deployments(self, project, count):
+        ids = []
+        for _ in range(count):  # one after another: not "the same files again"
+            ids.append(self.daemon.deploy(project=project))
+            self.assertEqual(self.daemon.wait_state(project, ids[-1]), "ok")
+        return ids
+
+    def pruned(self, project, ids):
+        return [self.daemon.get_json("/status/%s/%s" % (project, deployment))[1]["pruned"]
+                for deployment in ids]
+
+    def test_below_the_floor_an_ending_deployment_prunes_only_its_own_project(self):
+        docs = self.run_deployments("docs", 2)  # above the floor: both kept
+        self.daemon.stop()
+        self.daemon.start(env={"MIN_FREE_SPACE": "1000000T"})  # now below it
+        web = self.run_deployments("web", 2)
+        self.assertEqual(self.pruned("web", web), [True, False])
+        self.assertEqual(self.pruned("docs", docs), [False, False])  # not web's to take
+        docs += self.run_deployments("docs", 1)
+        self.assertEqual(self.pruned("docs", docs), [True, True, False])
+
+def daemon_rss(daemon, field="VmRSS"):
+    """The daemon process's resident memory (or VmHWM, its peak) in bytes,
+    from /proc/PID/status."""
+    with open("/proc/%d/status" % daemon.process.pid) as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no %s in /proc/%d/status" % (field, daemon.process.pid))
+
+
+def first_answer_line(port, head, timeout=5):
+    """Send only a request's head; -> the first line the server answers
+    (before any body is sent), or None."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(head)
+        answer = b""
+        while b"\r\n" not in answer:
+            try:
+                piece = sock.recv(4096)
+            except socket.timeout:
+                return None
+            if not piece:
+                break
+            answer += piece
+        return answer.split(b"\r\n")[0].decode("latin-1")
+    finally:
+        sock.close()
+
+
+def send_body(port, head, body, pieces=1 << 20, timeout=30):
+    """Send head and then body (bytes) in pieces on a raw socket, as far as
+    the server reads it; -> the answer's status, or None."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        try:
+            sock.sendall(head)
+            view = memoryview(body)
+            for start in range(0, len(body), pieces):
+                sock.sendall(view[start:start + pieces])
+        except OSError:
+            pass  # refused and closed early: what the answer says
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            try:
+                piece = sock.recv(65536)
+            except OSError:
+                break
+            if not piece:
+                break
+            answer += piece
+        return answer_status(answer), answer
+    finally:
+        sock.close()
+
+
+def json_head(path, length, headers=None):
+    fields = dict({"Host": "127.0.0.1", "Authorization": ADMIN_AUTH,
+                   "Content-Type": "application/json",
+                   "Content-Length": str(length)}, **(headers or {}))
+    return ("POST %s HTTP/1.1\r\n" % path).encode() + "".join(
+        "%s: %s\r\n" % item for item in fields.items()).encode() + b"\r\n"
+
+
+class LayerPushBoundsTests(LayerPushTestCase):
+    # issue 23, items 1, 2, 6 and 7: what a hostile body can make the
+    # daemon remember, write and answer on the layer-push endpoints
+
+    def post_json(self, path, body, user="admin", headers=None):
+        return self.raw("POST", path, body, dict({"Content-Type": "application/json"},
+                                                 **(headers or {})), user)
+
+    def test_json_of_any_shape_is_400_with_a_reason(self):
+        deep = b"[" * 20000 + b"]" * 20000
+        nested = b'{"a":' * 5000 + b"1" + b"}" * 5000
+        many = b'{"segments": [' + b",".join([b"{}"] * 500000) + b"]}"
+        bodies = {"deep array": (deep, "nested"), "deep object": (nested, "nested"),
+                  "array": (b"[1]", "object"), "null": (b"null", "object"),
+                  "string": (b'"x"', "object"), "number": (b"5", "object"),
+                  "too many values": (many, "values"),
+                  "long number": (b'{"segments": 1' + b"0" * 5000 + b"}", "digits"),
+                  "not utf-8": (b'{"segments": ["\xff"]}', "not JSON")}
+        for path in ("/push", "/segments/missing"):
+            for name, (body, reason) in bodies.items():
+                with self.subTest(path=path, body=name):
+                    status, _, text = self.post_json(path, body)
+                    self.assertEqual(status, 400, text)
+                    self.assertIn(reason, text)
+        # a signed push's manifest, in a multipart upload
+        package = control_script(OK_SCRIPT)
+        manifests = {"deep array": b"[" * 2000 + b"]" * 2000,
+                     "deep object": b'{"a":' * 600 + b"1" + b"}" * 600,
+                     "array": b"[1]", "null": b"null", "string": b'"x"'}
+        for name, body in manifests.items():
+            with self.subTest(manifest=name):
+                content_type, data = multipart([
+                    ("project", "app"), ("manifest", body),
+                    ("signature", "x"), ("package", ("p.tgz", package))])
+                status, _, text = self.raw("POST", "/upload", data,
+                                           {"Content-Type": content_type})
+                self.assertEqual(status, 400, text)
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_probes_leave_the_daemon_small(self):
+        # made-up digests are not remembered, a body of millions of {} is
+        # refused as it arrives, and an oversized list is refused unread
+        before = daemon_rss(self.daemon)
+        made_up = [hashlib.sha256(b"%d" % number).hexdigest()
+                   for number in range(ipd.MISSING_MAX_SEGMENTS)]
+        for round_number in range(20):  # 400,000 digests: 60 MiB if kept
+            body = json.dumps({"segments": made_up}).encode()
+            status, _, text = self.post_json("/segments/missing", body,
+                                             headers={"Accept": "application/json"})
+            self.assertEqual(status, 200, text[:200])
+            self.assertEqual(len(json.loads(text)["missing"]), len(made_up))
+            made_up = [hashlib.sha256(digest.encode()).hexdigest()
+                       for digest in made_up]
+        pieces = (made_up * 2)[:ipd.RECIPE_MAX_PIECES]
+        for round_number in range(4):  # the largest recipes, all made up
+            recipe = json.dumps({"project": "app", "files": {field: {
+                "size": 5 * len(pieces), "sha256": "0" * 64,
+                "segments": [{"sha256": digest[:-1] + str(len(field)), "size": 5}
+                             for digest in pieces]} for field in ("image", "package")}})
+            status, _, text = self.post_json("/push", recipe.encode())
+            self.assertEqual((status, "does not have" in text), (400, True), text)
+            pieces = [hashlib.sha256(digest.encode()).hexdigest() for digest in pieces]
+        flood = b"{" + b'"x":[' + b"{}," * (21 << 20) + b"{}]}"
+        status, _ = send_body(self.daemon.port, json_head("/deploy/push", len(flood)),
+                              flood)
+        self.assertEqual(status, 400)
+        big = b'{"segments": [' + b'"' + b"a" * 64 + b'",' * (1 << 20)
+        status, _ = send_body(self.daemon.port,
+                              json_head("/deploy/segments/missing", 64 << 20), big)
+        self.assertEqual(status, 413)
+        after, peak = daemon_rss(self.daemon), daemon_rss(self.daemon, "VmHWM")
+        report("daemon RSS %.1f MiB before the probes, %.1f MiB after (peak %.1f MiB)"
+               % (before / 2 ** 20, after / 2 ** 20, peak / 2 ** 20))
+        self.assertLess(after, 64 << 20)
+        self.assertLess(after - before, 32 << 20)
+        self.assertLess(peak, 64 << 20)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def segment(self, size=1 << 20):
+        data = os.urandom(size)
+        digest = hashlib.sha256(data).hexdigest()
+        self.assertEqual(self.raw("POST", "/segments/" + digest, data)[0], 201)
+        return data, digest
+
+    def recipe(self, digest, size, count, declared=None, sha=None):
+        return json.dumps({"project": "app", "files": {"image": {
+            "size": size * count if declared is None else declared,
+            "sha256": sha or "0" * 64,
+            "segments": [{"sha256": digest, "size": size}] * count}}}).encode()
+
+    def test_a_recipe_must_add_up_and_fit_before_a_byte_is_copied(self):
+        free = shutil.disk_usage(self.daemon.upload_dir).free
+        count = ipd.RECIPE_MAX_PIECES
+        data, digest = self.segment(min(64 << 20, free // count + (1 << 20)))
+        cases = [(self.recipe(digest, len(data), count, declared=len(data)),
+                  400, "add up")]
+        if count * len(data) > free:  # never a real copy of it all
+            cases.append((self.recipe(digest, len(data), count), 507, "free"))
+        for body, expected, reason in cases:
+            with self.subTest(reason=reason):
+                started = time.monotonic()
+                status, _, text = self.post_json("/push", body)
+                self.assertEqual(status, expected, text)
+                self.assertIn(reason, text)
+                self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
+    def test_a_rebuild_stops_when_its_client_leaves(self):
+        data, digest = self.segment()
+        free = shutil.disk_usage(self.daemon.upload_dir).free
+        count = ipd.RECIPE_MAX_PIECES  # 10 GiB, which would take a while
+        if free < (count + 1024) * len(data):
+            self.skipTest("needs %d GiB free" % (count // 1024 + 1))
+        body = self.recipe(digest, len(data), count)
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=30)
+        try:
+            sock.sendall(json_head("/deploy/push", len(body)) + body)
+            wait_until(lambda: self.sizes_of_leftovers() > 64 << 20,
+                       message="the rebuild under way")
+        finally:
+            sock.close()
+        at_close = self.sizes_of_leftovers()
+        wait_until(lambda: not self.daemon.leftovers(), timeout=20,
+                   message="the rebuild's file removed")
+        self.assertIn("client gone", self.daemon.daemon_log("client gone"))
+        report("a rebuild of %.1f GiB whose client left after %d MiB stopped"
+               % (count / 1024.0, at_close >> 20))
+
+    def sizes_of_leftovers(self):
+        total = 0
+        for name in self.daemon.leftovers():
+            try:
+                total += os.path.getsize(os.path.join(self.daemon.upload_dir, name))
+            except OSError:
+                pass
+        return total
+
+
+class LayerMissingTimingTests(LayerPushTestCase):
+    # issue 23, item 7: what another project holds does not show in time
+    alone = True  # measures time: runs while no other test does
+
+    def post_json(self, path, body, user="admin", headers=None):
+        return self.raw("POST", path, body, dict({"Content-Type": "application/json"},
+                                                 **(headers or {})), user)
+
+    def test_missing_does_the_same_work_whatever_another_project_holds(self):
+        # a digest another project holds costs what a made-up one costs:
+        # duplicates are removed first (issue 23, item 7)
+        held = os.urandom(100000)
+        digest = hashlib.sha256(held).hexdigest()
+        self.assertEqual(self.raw("POST", "/segments/" + digest, held)[0], 201)
+        with open(self.daemon.users_file, "a") as file:
+            file.write("USER:eve:%s:other\n" % sha256_hex("eve-pw"))
+        timings = {"held": [], "made up": []}
+        for _ in range(7):  # taken in turns, the fastest of each
+            for name, named in (("held", digest), ("made up", "ab" * 32)):
+                body = json.dumps({"segments": [named] * ipd.MISSING_MAX_SEGMENTS})
+                started = time.perf_counter()
+                status, _, text = self.post_json("/segments/missing", body.encode(),
+                                                 "eve:eve-pw",
+                                                 {"Accept": "application/json"})
+                timings[name].append(time.perf_counter() - started)
+                self.assertEqual(json.loads(text)["missing"], [named])
+        timings = {name: min(runs) for name, runs in timings.items()}
+        report("/segments/missing of %d copies: held by another %.1f ms, made up "
+               "%.1f ms" % (ipd.MISSING_MAX_SEGMENTS, 1000 * timings["held"],
+                            1000 * timings["made up"]))
+        self.assertLess(abs(timings["held"] - timings["made up"]),
+                        0.25 * timings["made up"] + 0.01, timings)
+
+
+class BoundedJsonTests(unittest.TestCase):
+    # issue 23, item 6: the decoder's limits, each at its boundary
+
+    def test_values_depth_and_digits_at_their_limits(self):
+        def values(count):  # an object of count values: {} and commas
+            return b'{"a": [' + b",".join([b"1"] * (count - 1)) + b"]}"
+        ipd.load_json_object(values(1000), "x", 1000)
+        with self.assertRaisesRegex(ipd.BadRequest, "more than 1000 values"):
+            ipd.load_json_object(values(1001), "x", 1000)
+        deep = ipd.MAX_JSON_DEPTH
+        ipd.load_json_object(b'{"a":' * deep + b"1" + b"}" * deep, "x", 100)
+        with self.assertRaisesRegex(ipd.BadRequest, "nested more than 16 deep"):
+            ipd.load_json_object(b'{"a":' * (deep + 1) + b"1" + b"}" * (deep + 1),
+                                 "x", 100)
+        # brackets and escaped quotes in strings do not count
+        self.assertEqual(ipd.load_json_object(b'{"a": "[[[[\\"[[[[[[[[[[[[[[[[[[["}',
+                                              "x", 10), {"a": '[[[[\"[[[[[[[[[[[[[[[[[[['})
+        self.assertEqual(ipd.load_json_object(b'{"a": ' + b"9" * 40 + b"}", "x", 10),
+                         {"a": int("9" * 40)})
+        with self.assertRaisesRegex(ipd.BadRequest, "40 digits"):
+            ipd.load_json_object(b'{"a": ' + b"9" * 41 + b"}", "x", 10)
+
+    def test_a_manifest_may_be_dated_ahead_by_the_skew_only(self):
+        now = 1800000000
+        ipd.check_manifest_time(now + ipd.MANIFEST_CLOCK_SKEW, now)
+        with self.assertRaisesRegex(ipd.Forbidden, "ahead"):
+            ipd.check_manifest_time(now + ipd.MANIFEST_CLOCK_SKEW + 1, now)
+        self.assertIn("after the epoch", ipd.iso_time(2 ** 62))
+
+
+class LayerPushSizeLimitTests(LayerPushTestCase):
+    # issue 23, item 2: MAX_UPLOAD_SIZE holds for a recipe's files too
+    settings = {"MAX_UPLOAD_SIZE": "4M"}
+
+    def test_a_recipe_larger_than_max_upload_size_is_413(self):
+        data = os.urandom(1 << 20)
+        digest = hashlib.sha256(data).hexdigest()
+        self.assertEqual(self.raw("POST", "/segments/" + digest, data)[0], 201)
+        for count, expected in ((ipd.RECIPE_MAX_PIECES, 413), (5, 413), (4, 400)):
+            with self.subTest(count=count):
+                body = json.dumps({"project": "app", "files": {"image": {
+                    "size": count << 20, "sha256": "0" * 64,
+                    "segments": [{"sha256": digest, "size": 1 << 20}] * count}}})
+                status, _, text = self.raw("POST", "/push", body.encode(),
+                                           {"Content-Type": "application/json"})
+                self.assertEqual(status, expected, text)
+                if expected == 413:
+                    self.assertIn("MAX_UPLOAD_SIZE", text)
+                else:
+                    self.assertIn("SHA-256", text)  # exactly 4M: copied, checked
+        self.assertEqual(self.daemon.leftovers(), [])
+
+
+def hostile_json(rng, digest):
+    """JSON text (bytes) a hostile client might send to a layer-push
+    endpoint: nested, not an object, huge, or nearly right."""
+    depth = rng.choice([17, 100, 1000, 50000])
+    kind = rng.randrange(12)
+    if kind == 0:
+        return b"[" * depth + b"]" * rng.choice([depth, 0, 1])
+    if kind == 1:
+        return b'{"segments":' * depth + b"1" + b"}" * depth
+    if kind == 2:
+        return rng.choice([b"[1]", b"null", b'"x"', b"5", b"true", b"[]", b"1e999",
+                           b"-0", b'{"segments": null}', b'{"files": []}'])
+    if kind == 3:  # many values
+        return b'{"segments": [' + b",".join([b"{}"] * rng.choice(
+            [60001, 200000])) + b"]}"
+    if kind == 4:
+        return b'{"segments": [' + b'"%s",' % digest.encode() * rng.randrange(
+            1, 30000) + b'"%s"]}' % digest.encode()
+    if kind == 5:
+        return b'{"size": ' + b"9" * rng.choice([39, 40, 5000]) + b"}"
+    if kind == 6:  # a recipe with odd pieces and sizes
+        count = rng.choice([1, 2, 10001])
+        return json.dumps({"project": "app", "files": {"image": {
+            "size": rng.choice([13 * count, 13, 2 ** 63, -1, 0]),
+            "sha256": rng.choice([digest, "0" * 64]),
+            "segments": [{"sha256": digest, "size": 13}] * count}}}).encode()
+    if kind == 7:
+        return json.dumps({"project": "app", "files": {"image": {
+            "size": 5, "sha256": digest,
+            "segments": [{"data": rng.choice(["aGVsbG8=", "*", 5, None,
+                                              [[[[]]]]])}]}}}).encode()
+    if kind == 8:  # truncated or mutated nearly right text
+        text = bytearray(json.dumps({"segments": [digest, digest]}).encode())
+        for _ in range(rng.randrange(1, 4)):
+            text[rng.randrange(len(text))] = rng.choice(b'[]{}",:\\x\xff')
+        return bytes(text[:rng.randrange(1, len(text) + 1)])
+    if kind == 9:
+        return b'{"segments": ["' + b"\\" * rng.randrange(1, 5000) + b'"]}'
+    if kind == 10:
+        return b'{"a": "' + b"[" * 10000 + b'"}'  # brackets in a string
+    return os.urandom(rng.randrange(1, 300))
+
+
+class LayerJsonFuzzTests(LayerPushTestCase):
+    # issue 23, item 6: nested, non-object and huge JSON to every endpoint
+    # that decodes JSON: never a 5xx (make soak: 20,000 requests)
+    settings = {"MAX_UPLOAD_SIZE": "1M", "READ_TIMEOUT": "5"}
+    requests = int(os.environ.get("IPD_FUZZ_REQUESTS", soak(20000, 400)))
+
+    def test_fuzz_json_bodies(self):
+        rng = random.Random(23)
+        data = b"segment bytes"
+        digest = hashlib.sha256(data).hexdigest()
+        self.assertEqual(self.raw("POST", "/segments/" + digest, data)[0], 201)
+        statuses = {}
+        started = time.monotonic()
+        for _ in range(self.requests):
+            body = hostile_json(rng, digest)
+            path = rng.choice(["/deploy/push", "/deploy/segments/missing", "manifest"])
+            fields = {"Host": "127.0.0.1", "Authorization": ADMIN_AUTH,
+                      "Content-Type": "application/json"}
+            if path == "manifest":  # a signed upload's manifest field
+                content_type, body = multipart([
+                    ("project", "app"), ("manifest", body[:4096]), ("signature", "x"),
+                    ("package", ("p.tgz", b"x"))])
+                path, fields["Content-Type"] = "/deploy/upload", content_type
+            if rng.random() < 0.2:
+                fields["Expect"] = "100-continue"
+            answer = raw_exchange(self.daemon.port, raw_request(
+                "POST", path, body, fields), timeout=30)
+            status = answer_status(answer)
+            statuses[status] = statuses.get(status, 0) + 1
+        report("%d hostile JSON bodies to /push, /segments/missing and a manifest in "
+               "%.0f s: %s" % (self.requests, time.monotonic() - started,
+                               ", ".join("%s: %d" % item for item in
+                                         sorted(statuses.items(), key=str))))
+        self.assertNotIn(None, statuses)
+        self.assertEqual([status for status in statuses if status >= 500], [], statuses)
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertLess(daemon_rss(self.daemon), 64 << 20)
+
+
+class CuttingRelay(CountingRelay):
+    """A CountingRelay that, once clients have sent cut bytes, goes down:
+    it closes its clients without a word to the server, whose side it
+    holds open (a peer gone silent: the server's read waits), and closes
+    each new client at once, until down is set False again."""
+
+    def __init__(self, test, port, cut):
+        self.cut, self.down = cut, False
+        super().__init__(test, port)
+
+    def _pump(self, source, target, counted):
+        if not counted:
+            return super()._pump(source, target, counted)
+        while True:
+            with self.lock:
+                down = self.down
+            if down:
+                break
+            try:
+                data = source.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                try:
+                    target.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+            with self.lock:
+                self.sent += len(data)
+                if self.cut and self.sent >= self.cut:
+                    self.down, self.cut = True, 0
+            try:
+                target.sendall(data)
+            except OSError:
+                return
+        try:  # a reset: what a client sees of a relay that died
+            source.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                              struct.pack("ii", 1, 0))
+            source.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        source.close()
+
+
+class SegmentTakeoverTests(LayerPushTestCase):
+    # issue 23, item 9: a retry right after a cut resumes
+
+    def client_via(self, port, *args):
+        environ = ipd_environ(dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % port,
+                                   IPD_USER="admin", IPD_PASSWORD="admin-pw",
+                                   HOME=self.tmp))
+        return subprocess.run(IPD_RUN + list(args), env=environ, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              timeout=180)
+
+    def test_a_push_right_after_a_cut_resumes(self):
+        layer = os.urandom(soak(64, 24) << 20)
+        image = layered_image(os.path.join(self.tmp, "big.tar"),
+                              [os.urandom(100000), layer])
+        size = os.path.getsize(image)
+        relay = CuttingRelay(self, self.daemon.port, size // 2)
+        args = ("push", "--project", "app", "--image", image, "--package", self.package)
+        first = self.client_via(relay.port, *args)
+        self.assertNotEqual(first.returncode, 0, first.stderr)
+        with relay.lock:
+            relay.down, before = False, relay.sent
+        second = self.client_via(relay.port, *args)
+        self.assertEqual(second.returncode, 0, second.stderr)
+        sent = relay.sent - before
+        report("a push cut after %d of %d bytes, pushed again at once: %d bytes "
+               "(%.0f %%)" % (before, size, sent, 100.0 * sent / size))
+        self.assertLess(sent, 0.55 * size)
+        deployment = second.stdout.decode().strip()
+        self.assertEqual(self.deployed_sha("app", deployment), sha256_file(image))
+
+    def test_a_retry_of_a_stored_segment_sends_nothing(self):
+        data = os.urandom(100000)
+        digest = hashlib.sha256(data).hexdigest()
+        self.assertEqual(self.raw("POST", "/segments/" + digest, data)[0], 201)
+        for method, offset in (("POST", 0), ("PATCH", len(data))):
+            with self.subTest(method):
+                head = raw_request(method, "/deploy/segments/" + digest, b"", {
+                    "Content-Length": str(len(data) - offset),
+                    "Upload-Offset": str(offset), "Expect": "100-continue"})
+                line = first_answer_line(self.daemon.port, head)
+                self.assertEqual(line, "HTTP/1.1 200 OK")
+
+    def test_a_writer_still_receiving_is_not_taken_over(self):
+        # a live upload (a byte each 0.5 s) goes on; a second request for
+        # it waits TAKEOVER_WAIT, gets 409, and the first one completes
+        data = os.urandom(300000)
+        digest = hashlib.sha256(data).hexdigest()
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=60)
+        self.addCleanup(sock.close)
+        sock.sendall(raw_request("POST", "/deploy/segments/" + digest, b"", {
+            "Content-Length": str(len(data))}) + data[:1000])
+        wait_until(lambda: os.path.isdir(os.path.join(
+            self.daemon.upload_dir, ".segments", "partial")))
+        sent, stop = [1000], threading.Event()
+
+        def trickle():
+            while not stop.is_set():
+                sock.sendall(data[sent[0]:sent[0] + 1])
+                sent[0] += 1
+                time.sleep(0.5)
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        status, headers, text = self.raw("PATCH", "/segments/" + digest,
+                                         data[1000:2000], {"Upload-Offset": "1000"})
+        stop.set()
+        thread.join()
+        self.assertEqual(status, 409, text)
+        self.assertIn("another request", text)
+        sock.sendall(data[sent[0]:])
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answer += piece
+        self.assertEqual(answer_status(answer), 201)
+
+
+class SegmentQuotaTests(LayerPushTestCase):
+    # issue 23, item 3: per-user bounds on what is not yet deployed
+    settings = {"SEGMENT_QUOTA": "1M", "SEGMENT_UPLOADS": "1"}
+    users = "USER:alice:%s:a\n" % sha256_hex("alice-pw")
+
+    def post(self, data, user="admin", complete=True):
+        digest = hashlib.sha256(data).hexdigest()
+        return self.raw("POST", "/segments/" + digest, data,
+                        {"Upload-Complete": "?1" if complete else "?0"}, user)
+
+    def test_segment_bytes_not_in_a_deployment_are_bounded_per_user(self):
+        first, second = os.urandom(600000), os.urandom(600000)
+        self.assertEqual(self.post(first)[0], 201)
+        self.assertEqual(self.post(os.urandom(300000), complete=False)[0], 204)
+        status, _, text = self.post(second)
+        self.assertEqual(status, 507, text)
+        self.assertIn("SEGMENT_QUOTA", text)
+        self.assertEqual(self.post(second, "alice:alice-pw")[0], 201)  # her own
+        # once a deployment refers to the first, it no longer counts
+        image = self.write("image.bin", first)
+        deployment, _ = self.push(image)
+        self.assertEqual(self.deployed_sha("app", deployment), sha256_file(image))
+        self.assertEqual(self.post(second)[0], 201)
+        left = (1 << 20) - 900000  # at its boundary: one byte more is refused
+        self.assertEqual(self.post(os.urandom(left + 1))[0], 507)
+        self.assertEqual(self.post(os.urandom(left))[0], 201)
+
+    def test_concurrent_uploads_are_bounded_per_user(self):
+        data = os.urandom(100000)
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=30)
+        self.addCleanup(sock.close)
+        sock.sendall(raw_request("POST", "/deploy/segments/"
+                                 + hashlib.sha256(data).hexdigest(), b"",
+                                 {"Content-Length": str(len(data))}) + data[:10])
+        partial = os.path.join(self.daemon.upload_dir, ".segments", "partial")
+        wait_until(lambda: os.path.isdir(partial) and any(
+            files for _, _, files in os.walk(partial)), message="the first upload")
+        status, headers, text = self.post(os.urandom(1000))
+        self.assertEqual(status, 429, text)
+        self.assertIn("SEGMENT_UPLOADS", text)
+        self.assertEqual(self.post(os.urandom(1000), "alice:alice-pw")[0], 201)
+        sock.sendall(data[10:])
+        self.assertEqual(answer_status(sock.recv(65536)), 201)
+        self.assertEqual(self.post(os.urandom(1000))[0], 201)
+
+
+class SegmentFloorTests(LayerPushTestCase):
+    # issue 23, item 3: below MIN_FREE_SPACE a layer push is refused (507)
+    # and prunes nothing of another project
+
+    def test_a_push_below_the_floor_is_507_and_prunes_no_other_project(self):
+        docs = [self.daemon.deploy(OK_SCRIPT + "# %d\n" % number, project="docs")
+                for number in range(2)]
+        for deployment in docs:
+            self.assertEqual(self.daemon.wait_state("docs", deployment), "ok")
+        self.daemon.stop()
+        self.daemon = self.start_daemon({"MIN_FREE_SPACE": "1000000T"})
+        data = os.urandom(100000)
+        digest = hashlib.sha256(data).hexdigest()
+        status, _, text = self.raw("POST", "/segments/" + digest, data)
+        self.assertEqual(status, 507, text)
+        self.assertIn("MIN_FREE_SPACE", text)
+        recipe = json.dumps({"project": "web", "files": {"package": {
+            "size": 5, "sha256": hashlib.sha256(b"hello").hexdigest(),
+            "segments": [{"data": base64.b64encode(b"hello").decode()}]}}}).encode()
+        status, _, text = self.raw("POST", "/push", recipe,
+                                   {"Content-Type": "application/json"})
+        self.assertEqual(status, 507, text)
+        _, record = self.daemon.get_json("/status/docs/" + docs[0])
+        self.assertFalse(record["pruned"])
+        self.assertEqual(self.raw("POST", "/redeploy/docs/" + docs[0])[0], 202)
+
+
+class TokenFileLockTests(unittest.TestCase):
+    # issue 23, item 5: the tokens, last-use and users files are changed
+    # under one lock each, by as many commands at once as you like
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.config = os.path.join(self.tmp, "ipd.conf")
+        self.users = os.path.join(self.tmp, "users.txt")
+        with open(self.config, "w") as file:
+            file.write("AUTH_DB=%s\nUPLOAD_DIR=%s\n" % (self.users, self.tmp))
+        self.tokens = os.path.join(self.tmp, "tokens.txt")
+
+    def start(self, *args, stdin_text=None):
+        return subprocess.Popen([sys.executable, IPD, "--config", self.config] + list(args),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=ipd_environ())
+
+    def finish(self, processes, stdin_text=None):
+        outputs = []
+        for process in processes:
+            out, err = process.communicate(stdin_text, timeout=60)
+            self.assertEqual(process.returncode, 0, err)
+            outputs.append(out.decode())
+        return outputs
+
+    def stored(self):
+        return ipd.parse_tokens(read_text(self.tokens))
+
+    def test_twelve_creates_at_once_are_all_kept(self):
+        secrets_shown = self.finish([self.start("token", "create", "--project", "web")
+                                     for _ in range(12)])
+        ids = {secret.strip().split("_")[1] for secret in secrets_shown}
+        self.assertEqual(set(self.stored()), ids)
+        self.assertEqual(len(ids), 12)
+
+    def test_a_revoke_that_said_revoked_stays_revoked(self):
+        ids = [out.strip().split("_")[1] for out in self.finish(
+            [self.start("token", "create", "--project", "web") for _ in range(8)])]
+        for token_id in ids:  # each round: a revoke among creates
+            processes = [self.start("token", "create", "--project", "web")
+                         for _ in range(2)]
+            processes.insert(1, self.start("token", "revoke", token_id))
+            processes += [self.start("token", "create", "--project", "api")]
+            self.finish(processes)
+            self.assertTrue(self.stored()[token_id].revoked, token_id)
+        self.assertEqual(len(self.stored()), 8 + 8 * 3)
+        self.assertTrue(all(self.stored()[token_id].revoked for token_id in ids))
+
+    def test_users_written_at_once_are_all_kept(self):
+        # what `passwd` does once it has the hash (PBKDF2 spaces real ones
+        # out), from 16 threads let go at once; then a real passwd
+        barrier = threading.Barrier(16)
+
+        def add(number):
+            barrier.wait()
+            ipd.set_user(self.users, "USER", "user%d" % number, sha256_hex("pw"))
+        threads = [threading.Thread(target=add, args=(number,)) for number in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.finish([self.start("passwd", "USER", "last", "--auth-db", self.users)],
+                    b"a-password\n")
+        names = set(ipd.parse_users(read_text(self.users))[0])
+        self.assertEqual(names, {"user%d" % number for number in range(16)} | {"last"})
+
+    def test_last_uses_noted_at_once_are_all_kept(self):
+        secrets_made = [ipd.create_token(self.tokens, ["web"], 0, "ci")
+                        for _ in range(8)]
+        databases = [ipd.TokenDB(self.tokens) for _ in secrets_made]
+        threads = [threading.Thread(target=database.authenticate, args=(secret,))
+                   for database, secret in zip(databases, secrets_made)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        used = ipd.read_token_uses(self.tokens)
+        self.assertEqual(set(used), {secret.split("_")[1] for secret in secrets_made})
+
+
+def padded_upload(size, project="app", boundary="testboundary1234"):
+    """A multipart upload body of exactly size bytes: a plain tar package
+    with control.sh, then zeros (a tar's end padding)."""
+    package = tar_bytes({"control.sh": (("#!/bin/sh\n" + OK_SCRIPT).encode(), 0o755)},
+                        "w")
+    content_type, body = multipart([("project", project),
+                                    ("package", ("p.tar", package))], boundary)
+    padding = size - len(body)
+    _, body = multipart([("project", project),
+                         ("package", ("p.tar", package + b"\0" * padding))], boundary)
+    return content_type, body
+
+
+def chunked(body, piece=65536):
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[start:start + piece]),
+                                       body[start:start + piece])
+                    for start in range(0, len(body), piece)) + b"0\r\n\r\n"
+
+
+class PromiseTests(DaemonTestCase):
+    # issue 23, item 10: a test for each promise no test held, each failing
+    # on the small bug that would break it
+    settings = {"MAX_UPLOAD_SIZE": "300000", "STEP_TIMEOUT": "2"}
+    extra_users = "USER:alice:%s:a\nUSER:bob:%s:b\n" % (sha256_hex("alice-pw"),
+                                                        sha256_hex("bob-pw"))
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
+        self.daemon = self.start_daemon(self.settings, extra_users=self.extra_users)
+
+    def send(self, data, timeout=30):
+        return answer_status(raw_exchange(self.daemon.port, data, timeout=timeout))
+
+    def test_an_upload_of_exactly_max_upload_size_is_taken(self):
+        limit = 300000
+        for size, expected in ((limit, 202), (limit + 1, 413)):
+            for framing, project in (("Content-Length", "app"), ("chunked", "other")):
+                content_type, body = padded_upload(size, project)
+                self.assertEqual(len(body), size)
+                headers = {"Content-Type": content_type}
+                if framing == "chunked":
+                    body, headers["Transfer-Encoding"] = chunked(body), "chunked"
+                with self.subTest(size=size, framing=framing):
+                    self.assertEqual(self.send(raw_request(
+                        "POST", "/deploy/upload", body, headers)), expected)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_a_project_name_with_a_trailing_newline_is_refused(self):
+        content_type, body = multipart([("project", "app\n"), (
+            "package", ("p.tgz", control_script(OK_SCRIPT)))])
+        status, _, text = self.daemon.request("POST", "/upload", body=body,
+                                              headers={"Content-Type": content_type})
+        self.assertEqual(status, 400, text)
+        status, _, text = self.daemon.request("POST", "/upload?project=app%0A",
+                                              body=body,
+                                              headers={"Content-Type": content_type})
+        self.assertEqual(status, 400, text)
+        self.assertEqual([name for name in os.listdir(self.daemon.upload_dir)
+                          if "\n" in name], [])
+
+    def test_a_step_ends_at_step_timeout_not_later(self):
+        # KILL_GRACE is 2 s here: a step that ends on its own at 3.5 s is
+        # past STEP_TIMEOUT (2 s), so it timed out, whatever it says
+        deployment = self.daemon.deploy('[ "$1" = deploy ] && sleep 3.5\nexit 1\n')
+        self.assertEqual(self.daemon.wait_state("app", deployment), "timeout")
+
+    def test_the_follow_streams_state_line_is_a_line_of_its_own(self):
+        deployment = self.daemon.deploy(
+            '[ "$1" = deploy ] && { sleep 1; printf "no newline at the end"; }\nexit 1\n')
+        status, _, text = self.daemon.get("/log/app/%s?follow=1" % deployment)
+        self.assertEqual(status, 200)
+        self.assertIn("no newline at the end\nipd: state: ok\n", text)
+        self.assertEqual(text.splitlines()[-1], "ipd: state: ok")
+
+    def test_a_segment_completed_by_patch_is_verified(self):
+        data = os.urandom(200000)
+        digest = hashlib.sha256(data).hexdigest()
+        status, _, _ = self.daemon.request("POST", "/segments/" + digest, body=data[:1000],
+                                           headers={"Upload-Complete": "?0"})
+        self.assertEqual(status, 204)
+        status, _, text = self.daemon.request(
+            "PATCH", "/segments/" + digest, body=os.urandom(len(data) - 1000),
+            headers={"Upload-Offset": "1000", "Upload-Complete": "?1"})
+        self.assertEqual(status, 400, text)
+        self.assertIn("SHA-256", text)
+        self.assertEqual(self.daemon.request("HEAD", "/segments/" + digest)[0], 404)
+        # another user's true bytes of it are stored, and they are the bytes
+        status, _, _ = self.daemon.request("POST", "/segments/" + digest, "bob:bob-pw",
+                                           body=data)
+        self.assertEqual(status, 201)
+        stored = os.path.join(self.daemon.upload_dir, ".segments", "sha256",
+                              digest[:2], digest)
+        self.assertEqual(sha256_file(stored), digest)
+        self.assertEqual(self.daemon.request("HEAD", "/segments/" + digest)[0], 404)
+
+    def test_100_continue_comes_only_after_the_checks(self):
+        # a refused request's client is told before it sends a byte
+        alice = "Basic " + base64.b64encode(b"alice:alice-pw").decode()
+        nobody = "Basic " + base64.b64encode(b"admin:wrong").decode()
+        multi = "multipart/form-data; boundary=testboundary1234"
+        cases = {
+            "too large": ("/deploy/upload", 300001, multi, ADMIN_AUTH, 413),
+            "no boundary": ("/deploy/upload", 1000, "multipart/form-data", ADMIN_AUTH,
+                            400),
+            "forbidden project": ("/deploy/upload?project=b", 1000, multi, alice, 403),
+            "wrong password": ("/deploy/upload", 1000, multi, nobody, 401),
+            "bad project": ("/deploy/upload?project=..", 1000, multi, ADMIN_AUTH, 400),
+            "push too large": ("/deploy/push", ipd.RECIPE_LIMIT + 1, "application/json",
+                               ADMIN_AUTH, 413),
+            "push forbidden": ("/deploy/push?project=b", 1000, "application/json",
+                               alice, 403),
+            "missing forbidden": ("/deploy/segments/missing?project=b", 100,
+                                  "application/json", alice, 403),
+            "segment too large": ("/deploy/segments/" + "a" * 64, 300001,
+                                  "application/octet-stream", ADMIN_AUTH, 413),
+        }
+        for name, (path, length, content_type, authorization, expected) in cases.items():
+            with self.subTest(name):
+                head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: %s\r\n"
+                        "Content-Type: %s\r\nContent-Length: %d\r\nExpect: 100-continue"
+                        "\r\n\r\n" % (path, authorization, content_type, length)).encode()
+                line = first_answer_line(self.daemon.port, head)
+                self.assertIsNotNone(line, "no answer before the body")
+                self.assertEqual(line.split()[1], str(expected), line)
+
+    def test_an_unsigned_extra_file_beside_a_signed_manifest_is_refused(self):
+        if not shutil.which("ssh-keygen"):
+            self.skipTest("needs ssh-keygen (Debian: openssh-client)")
+        key, public = ssh_key(self.tmp, "ci")
+        signers = os.path.join(self.tmp, "allowed_signers")
+        with open(signers, "w") as file:
+            file.write('ci@app namespaces="ipd" %s\n' % public)
+        self.daemon.stop()
+        self.daemon = self.start_daemon(dict(self.settings, ALLOWED_SIGNERS=signers,
+                                             MAX_UPLOAD_SIZE="0"))
+        package = control_script(OK_SCRIPT)
+
+        def signed(manifest, *files):
+            content_type, body = multipart([
+                ("project", "app"), ("manifest", manifest.decode()),
+                ("signature", ipd.sign_manifest(key, manifest))] + list(files))
+            return self.daemon.request("POST", "/upload", body=body,
+                                       headers={"Content-Type": content_type})
+        manifest = ipd.make_manifest("app", {"package": (
+            hashlib.sha256(package).hexdigest(), len(package))})
+        status, _, text = signed(manifest, ("image", ("image.tar", b"not signed")),
+                                 ("package", ("p.tgz", package)))
+        self.assertEqual(status, 403, text)
+        self.assertIn("signed manifest", text)
+        # dated ahead: a year, or past what a clock can print
+        for name, created in (("a year ahead", time.time() + 366 * 86400),
+                              ("2**62", 2 ** 62)):
+            with self.subTest(name):
+                ahead = ipd.make_manifest("app", {"package": (
+                    hashlib.sha256(package).hexdigest(), len(package))}, created)
+                status, _, text = signed(ahead, ("package", ("p.tgz", package)))
+                self.assertEqual(status, 403, text)
+                self.assertIn("ahead", text)
+        # and neither blocks the release signed now
+        status, _, text = signed(manifest, ("package", ("p.tgz", package)))
+        self.assertEqual(status, 202, text)
+        self.assertEqual(self.daemon.wait_state("app", text.strip()), "ok")
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
+
+class PromiseLoginThrottleTests(DaemonTestCase):
+    # issue 23, item 10: a throttled login costs no password hash
+    alone = True  # measures time: runs while no other test does
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
+        hashed = ipd.hash_password("slow-pw")
+        self.daemon = self.start_daemon(extra_users="ADMIN:slow:%s\n" % hashed)
+
+    def timed(self):
+        started = time.perf_counter()
+        status = self.daemon.get("/stat", user="slow:wrong")[0]
+        return status, time.perf_counter() - started
+
+    def test_the_throttle_is_checked_before_the_password(self):
+        wrong = []
+        for _ in range(40):
+            status, seconds = self.timed()
+            if status == 429:
+                break
+            self.assertEqual(status, 401)
+            wrong.append(seconds)
+        self.assertEqual(status, 429)
+        throttled = []
+        for _ in range(3):
+            status, seconds = self.timed()
+            self.assertEqual(status, 429)
+            throttled.append(seconds)
+        median_wrong = sorted(wrong)[len(wrong) // 2]
+        median_throttled = sorted(throttled)[1]
+        report("a wrong login %.1f ms, a throttled one %.1f ms (medians)"
+               % (1000 * median_wrong, 1000 * median_throttled))
+        self.assertLess(median_throttled, 0.4 * median_wrong)
+
+
+class PromiseStateOnDiskTests(unittest.TestCase):
+    # issue 23, item 10: a state is visible only once it is on disk; each
+    # state file's write is slowed and hooked, and the API asked meanwhile
+    setUp = InProcessServerTests.setUp
+
+    def shown_state(self, project, deployment):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3)
+        try:
+            connection.request("GET", "/deploy/status/%s/%s" % (project, deployment),
+                               headers={"Authorization": ADMIN_AUTH})
+            response = connection.getresponse()
+            text = response.read().decode().strip()
+            return text if response.status == 200 else None
+        except socket.timeout:
+            return "blocked"  # held while it writes: not shown either
+        finally:
+            connection.close()
+
+    def test_a_state_shows_only_once_it_is_on_disk(self):
+        written, real = [], ipd.write_file_atomic
+        folder = os.sep + "deployments" + os.sep
+
+        def slowed(path, data, *args, **kwargs):
+            if folder in path and path.endswith(".json"):
+                record = json.loads(data.decode())
+                time.sleep(0.05)  # a slow disk: the write has not happened yet
+                written.append((record["state"], self.shown_state(
+                    record["project"], record["id"])))
+            return real(path, data, *args, **kwargs)
+        ipd.write_file_atomic = slowed
+        self.addCleanup(setattr, ipd, "write_file_atomic", real)
+        answer = raw_exchange(self.port, upload_request(force=True))
+        self.assertEqual(answer_status(answer), 202)
+        deployment = re.search(rb"\r\n\r\n([0-9a-f-]{36})\n", answer).group(1).decode()
+        wait_until(lambda: self.shown_state("app", deployment) == "ok")
+        before = None
+        for state, shown in written:
+            if state != before:  # a change: not shown before its write
+                self.assertNotEqual(shown, state, written)
+            before = state
+        states = [state for state, _ in written]
+        self.assertIn("active", states)
+        self.assertEqual(states[-1], "ok")
+
+
+class StepSessionTests(DaemonTestCase):
+    # issue 23, item 8: a step ends with all it started in its session, and
+    # a script no longer allowed does not run
+
+    def test_a_child_in_a_process_group_of_its_own_ends_with_its_step(self):
+        pid_file = os.path.join(self.tmp, "child.pid")
+        child = ("import os, time\nos.setpgid(0, 0)\nopen(%r + '.tmp', 'w').write("
+                 "str(os.getpid()))\nos.rename(%r + '.tmp', %r)\ntime.sleep(120)\n"
+                 % (pid_file, pid_file, pid_file))
+        program = os.path.join(self.tmp, "child.py")
+        with open(program, "w") as file:
+            file.write(child)
+        script = ('[ "$1" = deploy ] && { %s %s > /dev/null 2>&1 &\n'
+                  'while [ ! -e %s ]; do sleep 0.02; done; }\nexit 1\n'
+                  % (sys.executable, program, pid_file))
+        deployment = self.daemon.deploy(script)
+        self.assertEqual(self.daemon.wait_state("app", deployment), "ok")
+        pid = int(read_text(pid_file))
+        # gone by the time the state says the step ended
+        self.assertFalse(process_running(pid), "the child outlived its step")
+
+    def test_a_waiting_deployment_whose_script_is_no_longer_allowed(self):
+        gate = os.path.join(self.tmp, "gate")
+        running = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", running, ("active",))
+        waiting = self.daemon.deploy(OK_SCRIPT + "# the package's own\n")
+        self.assertEqual(self.daemon.state("app", waiting), "await")
+        conf = os.path.join(self.daemon.upload_dir, "app", "project.conf")
+        with open(conf, "w") as file:
+            file.write("SCRIPTS=server\n")
+        os.chmod(conf, 0o644)
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", running), "ok")
+        self.assertEqual(self.daemon.wait_state("app", waiting), "126")
+        log = self.daemon.log("app", waiting)
+        self.assertIn("not run", log)
+        self.assertIn("SCRIPTS=server", log)
+        self.assertNotIn("step check", log)
+
+
+class RunAsIsolationTests(DaemonTestCase):
+    # issue 23, item 4: with a RUN_AS user per project, one project's
+    # scripts read nothing of another's deployments.  Needs root (CI).
+    users_of = {"web": (64123, 64123), "docs": (64125, 64125)}
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to switch users")
+        super().setUp()
+        os.chmod(self.tmp, 0o711)
+        for project, (uid, gid) in self.users_of.items():
+            folder = os.path.join(self.daemon.upload_dir, project)
+            os.makedirs(folder)
+            with open(os.path.join(folder, "project.conf"), "w") as file:
+                file.write("RUN_AS=%d:%d\n" % (uid, gid))
+            os.chmod(os.path.join(folder, "project.conf"), 0o644)
+
+    def test_a_project_reads_nothing_of_another_projects_deployments(self):
+        own = ('[ "$1" = deploy ] || exit 1\n'
+               'cat ./secret.txt > /dev/null && echo own_package=reached\n'
+               'cat "$IMAGE" > /dev/null && echo own_image=reached\nexit 1\n')
+        package = tar_bytes({"control.sh": (("#!/bin/sh\n" + own).encode(), 0o755),
+                             "secret.txt": b"web's package secret"})
+        status, _, web = self.daemon.upload("web", package, image=b"web's image")
+        self.assertEqual(status, 202, web)
+        web = web.strip()
+        self.assertEqual(self.daemon.wait_state("web", web), "ok")
+        self.assertIn("own_package=reached", self.daemon.log("web", web))
+        self.assertIn("own_image=reached", self.daemon.log("web", web))
+        folder = os.path.join(self.daemon.upload_dir, "web", "deployments")
+        tries = {"read_package": "cat %s/%s/secret.txt" % (folder, web),
+                 "list_package": "ls %s/%s" % (folder, web),
+                 "read_image": "cat %s/%s.image" % (folder, web)}
+        script = '[ "$1" = deploy ] || exit 1\n' + "".join(
+            "if %s > /dev/null 2>&1; then echo %s=reached; else echo %s=refused; fi\n"
+            % (command, name, name) for name, command in tries.items()) + "exit 1\n"
+        docs = self.daemon.deploy(script, project="docs")
+        self.assertEqual(self.daemon.wait_state("docs", docs), "ok")
+        log = self.daemon.log("docs", docs)
+        for name in tries:
+            self.assertIn("%s=refused" % name, log)
+        info = os.stat(os.path.join(folder, web))
+        self.assertEqual((stat.S_IMODE(info.st_mode), info.st_gid), (0o750, 64123))
+        info = os.stat(os.path.join(folder, web + ".image"))
+        self.assertEqual((stat.S_IMODE(info.st_mode), info.st_gid), (0o640, 64123))
 
 
 ###############################################################################

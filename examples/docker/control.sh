@@ -2,7 +2,7 @@
 # examples/docker/control.sh - one app container on one host, behind nginx,
 # upgraded with zero downtime.  ipd runs it as
 #
-#     control.sh check | prepare | deploy
+#     control.sh check | prepare | deploy [| verify]
 #
 # and, as the original ipd says, exit status 1 means success: anything else
 # is the deployment's failure code.  It uses what ipd gives it:
@@ -27,9 +27,20 @@
 # project, failed deployments' included, is removed, and so are stopped
 # containers.  Settings: $PROJECT_DIR/deploy.env.
 #
+# verify (run by ipd after deploy where the project's VERIFY_SECONDS is not
+# 0) watches the new container for VERIFY_SECONDS: a restart of it (a
+# crash loop), its health path every second, and the share of 5xx answers
+# nginx gave for the project, from the access log the proxy config sets up
+# (NGINX_ACCESS_LOG, format "$msec $status").  It fails on a restart, on
+# VERIFY_HEALTH_FAILURES failed health checks in a row, or when more than
+# VERIFY_MAX_5XX_PERCENT of at least VERIFY_MIN_REQUESTS answers were 5xx;
+# ipd then marks the deployment reverted and redeploys the last good one.
+#
 # Exit codes: 1 ok; 0 check found something missing (then prepare runs);
 # 2 prepare failed; 3 no image; 4 docker load failed; 5 docker run failed;
-# 10 new container not healthy; 11 nginx refused the new config.
+# 10 new container not healthy; 11 nginx refused the new config; verify:
+# 12 the container restarted or stopped; 13 its health checks failed; 14
+# too many 5xx answers.
 set -u
 set -f  # DOCKER_RUN_OPTS is split on spaces, never globbed
 
@@ -129,6 +140,11 @@ load_settings() {
     RELOAD_TIMEOUT=${RELOAD_TIMEOUT:-30}
     RESTART=${RESTART:-unless-stopped}
     STOP_SIGNAL=${STOP_SIGNAL:-}
+    # verify's thresholds (see the README), and where nginx logs for it.
+    VERIFY_HEALTH_FAILURES=${VERIFY_HEALTH_FAILURES:-3}
+    VERIFY_MAX_5XX_PERCENT=${VERIFY_MAX_5XX_PERCENT:-5}
+    VERIFY_MIN_REQUESTS=${VERIFY_MIN_REQUESTS:-20}
+    NGINX_ACCESS_LOG=${NGINX_ACCESS_LOG:-$PROJECT_DIR/access.log}
     [ -n "${PORT_BASE:-}" ] || fail 2 "no PORT_BASE in $ENV_FILE: prepare adds it"
 }
 
@@ -144,9 +160,12 @@ write_nginx_config() {
 upstream ipd-$PROJECT {
     $server
 }
+# What control.sh verify counts: when, and the status of each answer.
+log_format ipd-$PROJECT-verify '\$msec \$status';
 server {
     listen $NGINX_LISTEN;
     server_name $NGINX_SERVER_NAME;
+    access_log $NGINX_ACCESS_LOG ipd-$PROJECT-verify;
     location / {
         proxy_pass http://ipd-$PROJECT;
         proxy_http_version 1.1;
@@ -330,10 +349,57 @@ deploy() {
     exit $OK
 }
 
+# "requests 5xx": the answers nginx logged for the project since byte $1
+# of its access log, and how many of them were 5xx.
+answers_since() {
+    tail -c +$(($1 + 1)) "$NGINX_ACCESS_LOG" 2>/dev/null |
+        awk '{ n++ } $2 ~ /^5/ { e++ } END { printf "%d %d\n", n, e }'
+}
+
+# Watch this deployment's container for VERIFY_SECONDS; exit 1 when it held.
+verify() {
+    load_settings
+    seconds=${VERIFY_SECONDS:-60}
+    name=$(docker ps -aq --filter "label=ipd.project=$PROJECT" \
+        --filter "label=ipd.deploy=$DEPLOY" | head -n 1)
+    [ -n "$name" ] || fail 12 "no container of deployment $DEPLOY"
+    port=$(docker inspect -f '{{index .Config.Labels "ipd.port"}}' "$name")
+    offset=$(stat -c %s "$NGINX_ACCESS_LOG" 2>/dev/null || echo 0)
+    say "verifying $name on 127.0.0.1:$port for ${seconds}s"
+    end=$(( $(date +%s%N) / 1000000 + seconds * 1000 ))  # in ms
+    failed=0 requests=0 errors=0
+    while :; do
+        state=$(docker inspect -f '{{.RestartCount}} {{.State.Running}}' "$name" 2>/dev/null)
+        if [ "$state" != "0 true" ]; then
+            say "last lines of its log:"; docker logs --tail 20 "$name" 2>&1
+            fail 12 "$name restarted or stopped (restarts, running: ${state:-gone})"
+        fi
+        if http_ok "http://127.0.0.1:$port$HEALTH_PATH"; then failed=0
+        else
+            failed=$((failed + 1))
+            [ "$failed" -lt "$VERIFY_HEALTH_FAILURES" ] ||
+                fail 13 "$HEALTH_PATH failed $failed times in a row"
+        fi
+        # a log rotated meanwhile is read from its start
+        [ "$(stat -c %s "$NGINX_ACCESS_LOG" 2>/dev/null || echo 0)" -ge "$offset" ] || offset=0
+        set -- $(answers_since "$offset")
+        requests=$1 errors=$2
+        if [ "$requests" -ge "$VERIFY_MIN_REQUESTS" ] &&
+                [ $((errors * 100)) -gt $((VERIFY_MAX_5XX_PERCENT * requests)) ]; then
+            fail 14 "$errors of $requests answers were 5xx (over ${VERIFY_MAX_5XX_PERCENT}%)"
+        fi
+        [ $(( $(date +%s%N) / 1000000 )) -lt "$end" ] || break
+        sleep 1
+    done
+    say "$name held for ${seconds}s: $requests answers, $errors 5xx, no restart"
+    exit $OK
+}
+
 case "${1:-}" in
     check) check ;;
     prepare) prepare ;;
     deploy) deploy ;;
+    verify) verify ;;
 esac
-echo "usage: control.sh check|prepare|deploy"
+echo "usage: control.sh check|prepare|deploy|verify"
 exit 2

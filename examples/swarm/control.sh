@@ -2,7 +2,7 @@
 # examples/swarm/control.sh - an app as Docker Swarm services behind nginx.
 # ipd runs it as
 #
-#     control.sh check | prepare | deploy
+#     control.sh check | prepare | deploy [| verify]
 #
 # and, as the original ipd says, exit status 1 means success: anything else
 # is the deployment's failure code.  It uses IMAGE (a `docker save` tar),
@@ -24,10 +24,19 @@
 # the images of the last KEEP_IMAGES deployments are kept and every other
 # image of the project is removed.
 #
+# verify (run by ipd after deploy where the project's VERIFY_SECONDS is not
+# 0) watches each slot of the new version for VERIFY_SECONDS: a task the
+# swarm had to replace (a crash loop), each slot's health path every
+# second, and the share of 5xx answers nginx gave for the project (its
+# access log, set up by the proxy config: NGINX_ACCESS_LOG).  The same
+# thresholds as examples/docker: VERIFY_HEALTH_FAILURES in a row for one
+# slot, over VERIFY_MAX_5XX_PERCENT of at least VERIFY_MIN_REQUESTS.
+#
 # Exit codes: 1 ok; 0 check found something missing (then prepare runs);
 # 2 prepare failed; 3 no image; 4 docker load or push failed; 5 docker
 # service create failed; 10 the new tasks did not answer their health
-# check; 11 nginx refused the new config.
+# check; 11 nginx refused the new config; verify: 12 a task was replaced
+# or stopped; 13 a slot's health checks failed; 14 too many 5xx answers.
 set -u
 set -f
 
@@ -130,6 +139,11 @@ load_settings() {
     DRAIN_SECONDS=${DRAIN_SECONDS:-2} STOP_TIMEOUT=${STOP_TIMEOUT:-10}
     STOP_SIGNAL=${STOP_SIGNAL:-} RESTART_DELAY=${RESTART_DELAY:-1s}
     KEEP_IMAGES=${KEEP_IMAGES:-3}
+    # verify's thresholds (see the README), and where nginx logs for it.
+    VERIFY_HEALTH_FAILURES=${VERIFY_HEALTH_FAILURES:-3}
+    VERIFY_MAX_5XX_PERCENT=${VERIFY_MAX_5XX_PERCENT:-5}
+    VERIFY_MIN_REQUESTS=${VERIFY_MIN_REQUESTS:-20}
+    NGINX_ACCESS_LOG=${NGINX_ACCESS_LOG:-$PROJECT_DIR/access.log}
     [ -n "${PORT_BASE:-}" ] || fail 2 "no PORT_BASE in $ENV_FILE: prepare adds it"
     case "$REPLICAS" in [1-9]|10) ;; *) fail 2 "REPLICAS=$REPLICAS: 1 to 10" ;; esac
     image_repo=$(repository)
@@ -210,9 +224,12 @@ write_nginx_config() {
 upstream ipd-$PROJECT {
 $servers
 }
+# What control.sh verify counts: when, and the status of each answer.
+log_format ipd-$PROJECT-verify '\$msec \$status \$upstream_addr';
 server {
     listen $NGINX_LISTEN;
     server_name $NGINX_SERVER_NAME;
+    access_log $NGINX_ACCESS_LOG ipd-$PROJECT-verify;
     location / {
         proxy_pass http://ipd-$PROJECT;
         proxy_http_version 1.1;
@@ -414,10 +431,66 @@ deploy() {
     exit $OK
 }
 
+# "requests 5xx": the answers nginx logged for the project since byte $1
+# of its access log, and how many of them were 5xx.
+answers_since() {
+    tail -c +$(($1 + 1)) "$NGINX_ACCESS_LOG" 2>/dev/null |
+        awk '{ n++ } $2 ~ /^5/ { e++ } END { printf "%d %d\n", n, e }'
+}
+
+# Whether slot $1 (service $2, port $3) still holds: its first task runs
+# (no task replaced) and HEALTH_PATH did not fail VERIFY_HEALTH_FAILURES
+# times in a row (counted in failed_$1).  Exits 12 or 13 when it does not.
+slot_holds() {
+    tasks=$(docker service ps -q "$2" 2>/dev/null | wc -l)
+    if [ "$tasks" != 1 ] || ! docker service ps --filter desired-state=running \
+            --format '{{.CurrentState}}' "$2" | grep -q '^Running'; then
+        docker service ps --no-trunc --format '{{.Name}} {{.CurrentState}} {{.Error}}' "$2" |
+            head -n 5
+        fail 12 "slot $1 ($2): a task was replaced or stopped ($tasks tasks)"
+    fi
+    eval "count=\${failed_$1:-0}"
+    if slot_healthy "$2" "$3"; then count=0; else count=$((count + 1)); fi
+    eval "failed_$1=$count"
+    [ "$count" -lt "$VERIFY_HEALTH_FAILURES" ] ||
+        fail 13 "slot $1 ($2): $HEALTH_PATH failed $count times in a row"
+}
+
+# Watch every slot of this deployment for VERIFY_SECONDS; exit 1 when it held.
+verify() {
+    load_settings
+    seconds=${VERIFY_SECONDS:-60}
+    first=$(docker service ls -q --filter "label=ipd.project=$PROJECT" \
+        --filter "label=ipd.deploy=$DEPLOY" | head -n 1)
+    [ -n "$first" ] || fail 12 "no service of deployment $DEPLOY"
+    color=$(docker service inspect -f '{{index .Spec.Labels "ipd.color"}}' "$first")
+    ports=$(slot_ports "$color")
+    offset=$(stat -c %s "$NGINX_ACCESS_LOG" 2>/dev/null || echo 0)
+    say "verifying $REPLICAS $color slot(s) for ${seconds}s"
+    end=$(( $(date +%s%N) / 1000000 + seconds * 1000 ))  # in ms
+    requests=0 errors=0
+    while :; do
+        i=1
+        for port in $ports; do slot_holds "$i" "$SERVICE-$color-$i" "$port"; i=$((i + 1)); done
+        [ "$(stat -c %s "$NGINX_ACCESS_LOG" 2>/dev/null || echo 0)" -ge "$offset" ] || offset=0
+        set -- $(answers_since "$offset")
+        requests=$1 errors=$2
+        if [ "$requests" -ge "$VERIFY_MIN_REQUESTS" ] &&
+                [ $((errors * 100)) -gt $((VERIFY_MAX_5XX_PERCENT * requests)) ]; then
+            fail 14 "$errors of $requests answers were 5xx (over ${VERIFY_MAX_5XX_PERCENT}%)"
+        fi
+        [ $(( $(date +%s%N) / 1000000 )) -lt "$end" ] || break
+        sleep 1
+    done
+    say "$color held for ${seconds}s: $requests answers, $errors 5xx, no task replaced"
+    exit $OK
+}
+
 case "${1:-}" in
     check) check ;;
     prepare) prepare ;;
     deploy) deploy ;;
+    verify) verify ;;
 esac
-echo "usage: control.sh check|prepare|deploy"
+echo "usage: control.sh check|prepare|deploy|verify"
 exit 2
