@@ -3,7 +3,8 @@
 #   make test-system          the Docker, nginx, Chromium and packaging tests
 #   make soak                 the long soaks at full size (CI runs them once)
 #   make bench                the benchmark (README: Performance)
-#   make install              the original README's installation, automated
+#   make install              the original README's installation, automated,
+#                             and `ipd` on PATH ($(PREFIX)/bin/ipd)
 #   make uninstall            undo it; uploads, logs, users and config stay
 #   make wheel / sdist / deb  dist/ipd-<v>-py3-none-any.whl, .tar.gz, ipd_<v>_all.deb
 #   make install-unit EXEC=/opt/ipd/bin/ipd   only the unit, for a virtualenv
@@ -17,6 +18,10 @@ PYTHON ?= python3
 PREFIX ?= /usr/local
 DESTDIR ?=
 LIBDIR = $(PREFIX)/lib/ipd
+# `ipd` on PATH: a link to $(LIBDIR)/ipd.py, relative (as the .deb's
+# /usr/bin/ipd) so that it holds in a DESTDIR stage too.
+BINDIR = $(PREFIX)/bin
+IPD_LINK = $(patsubst $(PREFIX)/%,../%,$(LIBDIR))/ipd.py
 UNITDIR ?= /etc/systemd/system
 CONFIG ?= /etc/ipd.conf
 AUTH_DB ?= /opt/ipd/users.txt
@@ -72,6 +77,8 @@ install:
 	    $(DESTDIR)$(UPLOAD_DIR) $(DESTDIR)$(LOG_DIR)
 	install -m 0755 ipd.py $(DESTDIR)$(LIBDIR)/ipd.py
 	install -m 0644 README.md ipd.conf.example ipd-run-as.conf $(DESTDIR)$(LIBDIR)/
+	install -d $(DESTDIR)$(BINDIR)
+	ln -sfn $(IPD_LINK) $(DESTDIR)$(BINDIR)/ipd
 	$(MAKE) --no-print-directory install-unit install-nginx-reload
 	@# The config and the users file are the operator's: never overwritten.
 	@if [ ! -e $(DESTDIR)$(CONFIG) ]; then \
@@ -154,6 +161,9 @@ uninstall:
 	rm -f $(DESTDIR)$(UNITDIR)/ipd.service $(DESTDIR)$(UNITDIR)/ipd-nginx.path \
 	    $(DESTDIR)$(UNITDIR)/ipd-nginx.service $(DESTDIR)$(UNITDIR)/ipd.service.d/run-as.conf
 	rm -rf $(DESTDIR)$(LIBDIR)
+	@# the link only, never an `ipd` of another's
+	if [ "$$(readlink $(DESTDIR)$(BINDIR)/ipd)" = $(IPD_LINK) ]; then \
+	    rm -f $(DESTDIR)$(BINDIR)/ipd; fi
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 	    systemctl daemon-reload; fi
 	@echo "kept: $(UPLOAD_DIR), $(LOG_DIR), $(NGINX_DIR), $(CONFIG), $(AUTH_DB) and the" \

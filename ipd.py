@@ -68,6 +68,7 @@ import calendar
 import codecs
 import collections
 import ctypes
+import difflib
 import errno
 import fcntl
 import fnmatch
@@ -526,6 +527,24 @@ def read_config_file(path):
     return entries
 
 
+def did_you_mean(name, known):
+    """' (did you mean X?)' for the known name closest to a mistyped one,
+    or '' when none is close."""
+    close = difflib.get_close_matches(name, list(known), 1, 0.6)
+    return " (did you mean %s?)" % close[0] if close else ""
+
+
+class UnknownSettings(ConfigError):
+    """Names in a config file that no setting has: the daemon does not
+    start (a typo would leave a setting at its default, such as UPLOAD_DIR
+    at '.').  log_dir: the LOG_DIR the file or environment gave, else
+    None (ipd.log's place is not known then)."""
+
+    def __init__(self, lines, log_dir):
+        super().__init__("\n".join(lines))
+        self.log_dir = log_dir
+
+
 class RunAs:
     """A user with its primary group and supplementary groups."""
 
@@ -701,18 +720,21 @@ def load_settings(config_path=None, environ=None, warn=None):
 
     config_path None means IPD_CONFIG or /etc/ipd.conf, either of which
     may be absent; a path given explicitly must exist.  Returns Settings;
-    raises ConfigError with a one-line reason naming file, line and key.
+    raises ConfigError with a one-line reason naming file, line and key,
+    UnknownSettings for names no setting has.  warn is kept for callers:
+    nothing is only a warning any more.
     """
     environ = os.environ if environ is None else environ
     explicit = config_path or environ.get("IPD_CONFIG")
     path = explicit or DEFAULT_CONFIG
     sources = {key: (entry.default, "default") for key, entry in SETTINGS.items()}
+    unknown = []
     if explicit or os.path.exists(path):
         for key, (value, number) in read_config_file(path).items():
             where = "%s:%d" % (path, number)
             if key not in SETTINGS:
-                if warn:
-                    warn("%s: unknown setting %s ignored" % (where, key))
+                unknown.append("%s: unknown setting %s%s" % (
+                    where, key, did_you_mean(key, SETTINGS)))
                 continue
             sources[key] = (value, where)
     for key in SETTINGS:
@@ -726,6 +748,9 @@ def load_settings(config_path=None, environ=None, warn=None):
             raise ConfigError("%s: %s: %s (got %r)" % (where, key, error, text))
     for key in ("UPLOAD_DIR", "LOG_DIR"):
         values[key] = os.path.abspath(values[key])
+    if unknown:
+        given = sources["LOG_DIR"][1] != "default"
+        raise UnknownSettings(unknown, values["LOG_DIR"] if given else None)
     return Settings(values)
 
 
@@ -1056,6 +1081,24 @@ def check_password(password, stored):
     return hmac.compare_digest(computed, stored.lower())
 
 
+# The hashes a users file line may hold: the original's SHA-256 hex, and
+# hash_password's PBKDF2 form.
+KNOWN_HASH = re.compile(r"[0-9A-Fa-f]{64}\Z|pbkdf2_sha256\$[0-9]+\$[^$]+\$[0-9a-f]{64}\Z")
+
+
+def hash_problem(name, password_hash):
+    """What is wrong with a users file line's hash, or None: one neither
+    form can match refuses every login of its user, silently (401)."""
+    if KNOWN_HASH.match(password_hash):
+        return None
+    if KNOWN_HASH.match(password_hash.rstrip(" -")):
+        return ("the hash of %s ends in ' -', as sha256sum prints it: cut "
+                "it, keep the 64 hex digits" % name)
+    return ("the hash of %s is neither 64 hex digits (sha256) nor "
+            "pbkdf2_sha256$ITERATIONS$SALT$HASH: nobody can log in as %s; "
+            "write it with 'ipd passwd'" % (name, name))
+
+
 def users_line_problem(fields):
     """What is wrong with the fields of one users file line, or None.  A
     reason ending in 'line ignored' means the line gives no user."""
@@ -1069,7 +1112,7 @@ def users_line_problem(fields):
         return "empty user name; line ignored"
     if len(fields) == 4 and fields[0] != "USER":
         return "a project list is for USER lines only; ignored for %s" % fields[0]
-    return None
+    return hash_problem(fields[1], fields[2])
 
 
 class User:
@@ -1558,19 +1601,29 @@ class TokenDB:
 def rewrite_tokens(path, change):
     """Read the tokens file, change(list of Token), write it atomically
     (0640, as the users file), all under the file's lock: of two commands
-    at once, each sees what the other wrote (issue 23)."""
-    with FileLock(path):
-        try:
-            with open(path, encoding="utf-8") as file:
-                tokens = list(parse_tokens(file.read()).values())
-            info = os.stat(path)
-        except FileNotFoundError:
-            tokens, info = [], None
-        change(tokens)
-        write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(),
-                          0o640)
-        if info and os.geteuid() == 0:
-            os.chown(path, info.st_uid, info.st_gid)
+    at once, each sees what the other wrote (issue 23).  Raises ConfigError
+    saying what to do when its folder is missing or not ours to write."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError("cannot write the tokens file %s: its folder %s does "
+                          "not exist (create it, or give --tokens-db FILE or "
+                          "set TOKENS_DB)" % (path, folder))
+    try:
+        with FileLock(path):
+            try:
+                with open(path, encoding="utf-8") as file:
+                    tokens = list(parse_tokens(file.read()).values())
+                info = os.stat(path)
+            except FileNotFoundError:
+                tokens, info = [], None
+            change(tokens)
+            write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(),
+                              0o640)
+            if info and os.geteuid() == 0:
+                os.chown(path, info.st_uid, info.st_gid)
+    except PermissionError:
+        raise ConfigError("cannot write the tokens file %s: permission denied "
+                          "(run this as the user ipd runs as, or as root)" % path)
 
 
 def create_token(path, projects, expires, creator):
@@ -3247,6 +3300,44 @@ def unpack_package(archive, folder, max_bytes, limits=None):
         raise
 
 
+# A '#!' line saved with Windows line ends: the kernel looks for the
+# interpreter '/bin/sh\r' and the step fails with 'No such file or directory'.
+CRLF_HINT = ("its #! line ends in CR (Windows line ends): convert it with "
+             "dos2unix %s or sed -i 's/\\r$//' %s")
+
+
+def has_crlf_shebang(path):
+    """True when the file at path starts with a '#!' line ending in CR."""
+    try:
+        with open(path, "rb") as file:
+            first = file.readline(256)
+    except OSError:
+        return False
+    return first.startswith(b"#!") and first.rstrip(b"\n").endswith(b"\r")
+
+
+def control_script_problem(path, shown="control.sh"):
+    """Why the kernel would not run the script at path, with the fix, or
+    None: a CRLF '#!' line, or no exec bit.  shown: how the fix names it."""
+    if has_crlf_shebang(path):
+        return CRLF_HINT % (shown, shown)
+    try:
+        if not os.stat(path).st_mode & 0o111:
+            return "it is not executable: chmod +x %s" % shown
+    except OSError:
+        pass
+    return None
+
+
+def cannot_run_line(path, step, error):
+    """The step log's line for a control.sh at path that the kernel would
+    not start (error, from Popen), with the fix when it is known."""
+    problem = control_script_problem(path)
+    return ("ipd: cannot run control.sh %s: %s%s\n" % (
+        step, getattr(error, "strerror", None) or error,
+        "; " + problem if problem else "")).encode()
+
+
 def find_control_script(unpacked, project_dir):
     """The control.sh to run: the package's, else the project folder's.
 
@@ -3262,9 +3353,16 @@ def find_control_script(unpacked, project_dir):
         real = os.path.realpath(path)
         if not real.startswith(os.path.realpath(folder) + os.sep):
             raise BadRequest("control.sh of the %s points outside it" % where)
-        if not os.path.isfile(real) or not os.access(real, os.X_OK):
+        if not os.path.isfile(real):
             raise BadRequest("control.sh of the %s is not an executable file"
                              % where)
+        shown = "control.sh" if folder == unpacked else path
+        if has_crlf_shebang(real):
+            raise BadRequest("control.sh of the %s cannot run: %s"
+                             % (where, CRLF_HINT % (shown, shown)))
+        if not os.access(real, os.X_OK):
+            raise BadRequest("control.sh of the %s is not an executable file: "
+                             "chmod +x %s" % (where, shown))
         return path
     raise BadRequest("no control.sh: put one at the package's root, or in "
                      "the project folder on the server")
@@ -3372,8 +3470,11 @@ def project_settings(settings, project_dir):
     try:
         for key, (text, number) in read_config_file(path).items():
             if key not in PROJECT_KEYS:
-                raise ConfigError("%s:%d: only %s may be set here"
-                                  % (path, number, " and ".join(PROJECT_KEYS)))
+                raise ConfigError("%s:%d: unknown setting %s%s: only %s may be "
+                                  "set here" % (path, number, key,
+                                                did_you_mean(key, PROJECT_KEYS),
+                                                ", ".join(PROJECT_KEYS[:-1]) + " and "
+                                                + PROJECT_KEYS[-1]))
             values[key] = parse_setting(SETTINGS[key][1], text)
     except (ConfigError, ValueError) as error:
         raise IpdError("project settings: %s" % error)
@@ -4422,16 +4523,7 @@ class DeploymentStore:
         moved = []
         with self._change_lock:
             try:
-                self._before_change(record.project)
-                os.makedirs(self.deployments_dir(record.project), exist_ok=True)
-                for suffix, source in [("", folder)] + sorted(files.items()):
-                    os.rename(source, self.path(record, suffix))
-                    moved.append(self.path(record, suffix))
-                moved.append(self.path(record, ".log"))
-                open(moved[-1], "ab").close()
-                record = record.replace(seq=self._next_seq, state="await")
-                moved.append(self.path(record, ".json"))
-                write_file_atomic(moved[-1], record.encode())
+                record = self._move_in(record, folder, files, moved)
                 with self._lock:
                     older = self._hot.get(self._waiting.get(record.project))
                 if older and yield_to_waiting:
@@ -4461,6 +4553,23 @@ class DeploymentStore:
         if replaced:
             self._after(older, replaced)
         return record.copy()
+
+    def _move_in(self, record, folder, files, moved):
+        """Step 1 of a commit (called with _change_lock held): move folder
+        and files in, make its log, write its state file with the next
+        sequence number; -> the record.  Each path made is added to moved,
+        for the commit to remove on an error."""
+        self._before_change(record.project)
+        os.makedirs(self.deployments_dir(record.project), exist_ok=True)
+        for suffix, source in [("", folder)] + sorted(files.items()):
+            os.rename(source, self.path(record, suffix))
+            moved.append(self.path(record, suffix))
+        moved.append(self.path(record, ".log"))
+        open(moved[-1], "ab").close()
+        record = record.replace(seq=self._next_seq, state="await")
+        moved.append(self.path(record, ".json"))
+        write_file_atomic(moved[-1], record.encode())
+        return record
 
     def cancel(self, deployment_id, who, address):
         """Cancel a waiting deployment (it never runs) or ask the worker to
@@ -4649,6 +4758,24 @@ class DeploymentStore:
                                      key=lambda entry: entry.stat().st_mtime_ns)
         return [entry.name[:-5] for entry in entries]
 
+    def live_deployment(self, project):
+        """A copy of the project's newest deployment that ended ok (the one
+        live), or None.  It is hot but when more than KEEP_DEPLOYMENTS
+        deployments failed after it: then it is looked for among the cold
+        ones' state files."""
+        with self._lock:
+            ledger = self._ledgers.get(project)
+            if ledger is None:
+                return None
+            hot = [self._hot[i] for i in ledger.hot if self._hot[i].state == "ok"]
+            newest = max(hot, key=lambda record: record.seq) if hot else None
+            if newest is not None and newest.seq >= (ledger.cold_last_ok_seq or 0):
+                return newest.copy()
+            if ledger.cold_last_ok_seq is None:
+                return None
+        return next((record for record in reversed(self.deployments_of(project, 1000))
+                     if record.state == "ok"), None)  # among the newest 1000
+
     def projects(self):
         """{project: (latest record, number of deployments)}."""
         with self._lock:
@@ -4677,7 +4804,7 @@ class DeploymentStore:
                     newest = max(newest, record.signer.get("created", 0))
             return newest, set(ledger.nonces)
 
-    def last_ok(self, project, before_seq):
+    def rollback_target(self, project, before_seq):
         """A copy of project's newest deployment uploaded before before_seq
         that ended 'ok' and keeps its files (a hot one: a pruned one has
         none), or None: what a rollback redeploys."""
@@ -4979,9 +5106,7 @@ class DeployWorker:
             # A broken "#!" line or a vanished file: end as a shell would
             # (127 not found, 126 cannot execute), saying why in the log.
             code = 127 if isinstance(error, FileNotFoundError) else 126
-            log_file.write(("ipd: cannot run control.sh %s: %s\n"
-                            % (step, getattr(error, "strerror", None) or error)
-                            ).encode())
+            log_file.write(cannot_run_line(record.control, step, error))
             log_file.flush()
             log.warning("deployment %s: cannot run control.sh %s: %s",
                         record.id, step, error)
@@ -4989,13 +5114,28 @@ class DeployWorker:
         # Recorded at once (no fsync: it must outlive ipd, not the machine)
         # so that a restart after kill -9 finds what is left of the step.
         write_step_identity(self.store.path(record, ".step"), process.pid)
-        deadline = started + (timeout or self.settings.STEP_TIMEOUT)
-        outcome = None
+        outcome = self.wait_step(record, step, process, cancel,
+                                 started + (timeout or self.settings.STEP_TIMEOUT))
+        # Children it left behind belong to the step: none may outlive it.
+        stop_process_group(process, self.settings.KILL_GRACE)
+        code = process.returncode
+        if code < 0:
+            code = 128 - code  # killed by a signal, as a shell reports it
+        log.info("deployment %s of %s: control.sh %s exited %d after %.3fs",
+                 record.id, record.project, step, code,
+                 time.monotonic() - started)
+        return code, outcome
+
+    def wait_step(self, record, step, process, cancel, deadline):
+        """Wait for a step's process to end; -> None, or the outcome for
+        which it was stopped: 'interrupted' (ipd stops past its grace),
+        'cancelled', or 'timeout' at deadline (time.monotonic())."""
         while True:
             try:
                 process.wait(timeout=min(0.1, max(0.01, deadline - time.monotonic())))
-                break
+                return None
             except subprocess.TimeoutExpired:
+                outcome = None
                 if self.kill_event.is_set():
                     outcome = "interrupted"
                 elif cancel.is_set():
@@ -5006,16 +5146,7 @@ class DeployWorker:
                     log.warning("deployment %s: control.sh %s %s, stopping it",
                                 record.id, step, outcome)
                     stop_process_group(process, self.settings.KILL_GRACE)
-                    break
-        # Children it left behind belong to the step: none may outlive it.
-        stop_process_group(process, self.settings.KILL_GRACE)
-        code = process.returncode
-        if code < 0:
-            code = 128 - code  # killed by a signal, as a shell reports it
-        log.info("deployment %s of %s: control.sh %s exited %d after %.3fs",
-                 record.id, record.project, step, code,
-                 time.monotonic() - started)
-        return code, outcome
+                    return outcome
 
 
 class Notifier:
@@ -6381,6 +6512,19 @@ def deployment_message(record, event):
             for name, meta in record.files.items()))
 
 
+def login_refusal(scheme, password, id_tokens=False):
+    """The 401's reason for credentials that were given but refused: what
+    they are, never which half of a login was wrong (names stay secret).
+    id_tokens: OIDC_TRUST is set, so an eyJ... password is an ID token."""
+    if not password:
+        return "malformed credentials: expected Basic base64(user:password)"
+    if id_tokens and looks_like_jwt(password):  # as a wrong password: see
+        return "wrong user name or password"   # README, ID tokens
+    if password.startswith("ipd_") or scheme.lower() == "bearer":
+        return "deploy token refused: unknown, expired or revoked"
+    return "wrong user name or password"
+
+
 class Daemon:
     """What the handlers share: settings, users, deployments, counters."""
 
@@ -6438,7 +6582,7 @@ class Daemon:
         if reverted.others.get("rollback_of"):
             return None, ("it is itself the rollback of %s: not rolled back "
                           "again" % reverted.others["rollback_of"])
-        earlier = self.store.last_ok(reverted.project, reverted.seq)
+        earlier = self.store.rollback_target(reverted.project, reverted.seq)
         if earlier is None:
             audit_event("rollback", project=reverted.project, reverted=reverted.id,
                         deployment=None, redeploy_of=None, reason=why)
@@ -6488,7 +6632,7 @@ class Daemon:
         while address is throttled (checked before any password is hashed),
         Unauthorized for none or refused ones (logged and audited, never the
         password), Forbidden for another role."""
-        user = None
+        user, refusal = None, "authentication required"
         if scheme.lower() in ("basic", "bearer"):
             wait = self.login_throttle.retry_after(address)
             if wait:
@@ -6499,14 +6643,14 @@ class Daemon:
             user, reason = (self.check_login(name, password) if password
                             else (None, "malformed credentials"))
             if user is None:
+                refusal = login_refusal(scheme, password, bool(self.oidc))
                 self.login_throttle.failed(address)
                 log.warning("failed login as %r from %s", name[:64], address)
                 audit_event("login_refused", user=name[:64], address=address,
                             path=path, reason=reason, **getattr(reason, "audit", {}))
         if user is None:
-            raise Unauthorized("authentication required",
-                               {"WWW-Authenticate":
-                                'Basic realm="ipd", charset="UTF-8"'})
+            raise Unauthorized(refusal, {"WWW-Authenticate":
+                                         'Basic realm="ipd", charset="UTF-8"'})
         if user.role not in ADMITTED[role]:
             raise Forbidden("forbidden: this needs the %s role"
                             % " or ".join(ADMITTED[role]))
@@ -6621,6 +6765,10 @@ class Daemon:
         return [(project, latest, count) for project, (latest, count)
                 in self.store.projects().items()
                 if user is None or user.may_use(project)]
+
+    def live_deployment(self, project):
+        """project's deployment that is live (its last ok), or None."""
+        return self.store.live_deployment(project)
 
     def history(self, user, project):
         """project's deployments, oldest first, the newest HISTORY_LIMIT of
@@ -7262,14 +7410,24 @@ PAGE_STYLE = (
     "table{border-collapse:collapse;width:100%}th,td{padding:.35em .5em;"
     "border-bottom:1px solid #ddd;text-align:left;vertical-align:top}"
     ".badge{display:inline-block;padding:0 .55em;border-radius:.7em;color:#fff;"
-    "background:#6b6b6b}.ok{background:#2a7d2e}.active,.await{background:#1f5fa8}"
-    ".failed{background:#b3261e}code{font-size:.85em;word-break:break-all}"
-    ".reverted{background:#a14a00}"
+    "background:#6b6b6b;white-space:nowrap}"
+    # one colour a state (issue #27): await and active, the failures apart
+    ".ok{background:#2a7d2e}.active{background:#1f5fa8}.await{background:#8a6100}"
+    ".failed{background:#b3261e}.timeout{background:#a34400}"
+    ".interrupted{background:#7b3fa0}.cancelled{background:#5c5c5c}"
+    ".changed{background:#0f6e69}.reverted{background:#a14a00}"
+    ".mark{display:inline-block;margin-left:.4em;padding:0 .45em;font-size:.8em;"
+    "border:1px solid #2a7d2e;border-radius:.6em;color:#2a7d2e}"
+    ".mark.newest{border-color:#6b6b6b;color:#555}tr.live{background:#f1f8f1}"
+    "time,code[title],a code{white-space:nowrap}code{font-size:.85em}"
     "pre{background:#111;color:#eee;padding:.8em;white-space:pre-wrap;"
     "word-break:break-all;min-height:3em}form{display:inline}"
     "button{font:inherit;padding:.15em .8em;margin-right:.4em}"
+    # a narrow screen: one row a block, each value after its label
     "@media(max-width:40em){th,td{display:block;border:0}tr{display:block;"
-    "border-bottom:1px solid #ddd}}")
+    "border-bottom:1px solid #ddd}tr.head{display:none}"
+    "td[data-label]::before{content:attr(data-label);display:inline-block;"
+    "min-width:7em;color:#555;font-size:.85em}}")
 
 
 # Reads the follow stream of a running deployment into the page; reloads
@@ -7307,13 +7465,20 @@ def read_log_tail(path, limit):
     return start, text
 
 
+def short_digest(value, keep=12):
+    """A digest or fingerprint as its first keep characters, the whole
+    value in the title (shown on hover)."""
+    shown = value if len(value) <= keep + 1 else value[:keep] + "\u2026"
+    return '<code title="%s">%s</code>' % (html.escape(value), html.escape(shown))
+
+
 def signed_by(record):
     """', signed by WHO@PROJECT (SHA256:...)' for a signed release."""
     signer = record.signer
     if not signer:
         return ""
-    return "<br>signed by %s <code>%s</code>" % (html.escape(signer["principal"]),
-                                                 html.escape(signer["fingerprint"]))
+    return "<br>signed by %s %s" % (html.escape(signer["principal"]),
+                                    short_digest(signer["fingerprint"], 19))
 
 
 def oidc_by(record):
@@ -7327,19 +7492,91 @@ def oidc_by(record):
         "%s <code>%s</code>" % (name, html.escape(str(value))) for name, value in shown))
 
 
-def state_badge(state):
-    kind = (state if state in ("ok", "active", "await", "reverted") else
-            "neutral" if state in ("changed", "cancelled") else "failed")
-    return '<span class="badge %s">%s</span>' % (kind, html.escape(state))
+# The states with a badge of their own; any other (an exit code) is a
+# failure.  Each has its own colour in PAGE_STYLE.
+BADGE_STATES = ("await", "active", "ok", "timeout", "cancelled", "interrupted",
+                "changed", "reverted")
 
 
-def page_time(timestamp):
-    return html.escape(iso_time(timestamp) or "-")
+def state_badge(state, word=None):
+    """The badge of a state: its colour, and word (default: the state)."""
+    kind = state if state in BADGE_STATES else "failed"
+    return '<span class="badge %s">%s</span>' % (kind, html.escape(word or state))
 
 
-def page_duration(record):
+def state_words(record):
+    """The state as people read it: 'deploy failed: 5' for one that ended
+    with a step's exit code (from its steps), else the state."""
+    if record.state in BADGE_STATES:
+        return record.state
+    for step in reversed(record.steps):
+        if str(step.get("code")) == record.state:
+            return "%s failed: %s" % (step.get("step"), record.state)
+    return "failed: %s" % record.state
+
+
+def record_badge(record):
+    """The badge of a deployment: its state's colour, state_words' words."""
+    return state_badge(record.state, state_words(record))
+
+
+def full_time(timestamp):
+    """'2026-12-04 18:21:18 UTC': a time for people, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def time_ago(seconds):
+    """'12 s ago', '3 min ago', '5 h ago', '2 d ago'."""
+    seconds = max(0, int(seconds))
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= size:
+            return "%d %s ago" % (seconds // size, unit)
+    return "%d s ago" % seconds
+
+
+def page_time(timestamp, now=None, word="", title=None):
+    """A time as 'WORD 3 min ago' (now: the page's time), the full time (or
+    title) on hover and in datetime: computed here, no script needed."""
+    if not timestamp:
+        return "-"
+    now = time.time() if now is None else now
+    return '<time datetime="%s" title="%s">%s%s</time>' % (
+        html.escape(iso_time(timestamp)), html.escape(title or full_time(timestamp)),
+        word + " " if word else "", time_ago(now - timestamp))
+
+
+def record_time(record, now=None):
+    """A deployment's latest time ('ended 3 min ago', else started, else
+    uploaded), its three full times in the title."""
+    times = [(word, value) for word, value in (
+        ("uploaded", record.created), ("started", record.started),
+        ("ended", record.ended)) if value]
+    if not times:
+        return "-"
+    word, value = times[-1]
+    return page_time(value, now, word, "; ".join(
+        "%s %s" % (name, full_time(when)) for name, when in times))
+
+
+def human_duration(seconds):
+    """'0.4 s', '12 s', '3 min 5 s', '2 h 10 min'."""
+    if seconds < 10:
+        return "%.1f s" % seconds
+    seconds = int(seconds)
+    if seconds < 60:
+        return "%d s" % seconds
+    if seconds < 3600:
+        return "%d min %d s" % (seconds // 60, seconds % 60)
+    return "%d h %d min" % (seconds // 3600, seconds % 3600 // 60)
+
+
+def page_duration(record, now=None):
+    """How long a deployment ran, or runs so far; '-' before it starts."""
     if record.started and record.ended:
-        return "%.1f s" % (record.ended - record.started)
+        return human_duration(record.ended - record.started)
+    if record.started and record.state in UNFINISHED:
+        now = time.time() if now is None else now
+        return human_duration(max(0, now - record.started)) + " so far"
     return "-"
 
 
@@ -7379,65 +7616,117 @@ def page_headers(nonce):
 
 
 def buttons(root, record):
-    """The cancel and redeploy buttons that apply to record."""
+    """The buttons that apply to record: cancel while it waits or runs,
+    redeploy once it ended with its files kept."""
     actions = []
     if record.state in UNFINISHED:
         actions.append("cancel")
-    if record.files and not record.pruned:
+    elif record.files and not record.pruned:
         actions.append("redeploy")
     return "".join('<form method="post" action="%s"><button>%s</button></form>'
                    % (ui_link(root, record.project, record.id, action), action)
                    for action in actions)
 
 
-def deployment_row(root, record):
-    files = "".join("<div>%s: %s, %d bytes<br><code>%s</code></div>" % (
+def table_row(cells, css=""):
+    """A row of (label, html) cells; each label shows beside its value on a
+    narrow screen (data-label, see PAGE_STYLE)."""
+    return "<tr%s>%s</tr>" % (' class="%s"' % css if css else "", "".join(
+        '<td data-label="%s">%s</td>' % (html.escape(label), value)
+        for label, value in cells))
+
+
+def table_head(labels):
+    """A table's start and its head row (hidden on a narrow screen)."""
+    return '<table><tr class="head">%s</tr>' % "".join(
+        "<th>%s</th>" % html.escape(label) for label in labels)
+
+
+def marks(words):
+    """Small labels after a deployment's ID: 'live', 'newest'."""
+    return "".join('<span class="mark %s">%s</span>' % (word, word) for word in words)
+
+
+DEPLOYMENT_LABELS = ("deployment", "state", "when", "took", "by",
+                     "files (SHA-256)", "")
+
+
+def deployment_row(root, record, now=None, marked=()):
+    """A deployment's row on its project's page; marked: 'live' (its last
+    ok) and/or 'newest'."""
+    files = "".join("<div>%s: %s, {:,} bytes %s</div>".format(meta.get("size", 0)) % (
         html.escape(name), html.escape(meta.get("name") or "-"),
-        meta.get("size", 0), html.escape(meta.get("sha256", "")))
+        short_digest(meta.get("sha256", "")))
         for name, meta in sorted(record.files.items()))
-    return ("<tr><td><a href=\"%s\"><code>%s</code></a></td><td>%s</td>"
-            "<td>%s<br>%s<br>%s</td><td>%s</td><td>%s</td><td>%s%s</td>"
-            "<td>%s</td></tr>" % (
-                ui_link(root, record.project, record.id),
-                html.escape(record.id[:8]), state_badge(record.state),
-                page_time(record.created), page_time(record.started),
-                page_time(record.ended), page_duration(record),
-                html.escape(record.user or "-") + signed_by(record) + oidc_by(record),
-                files,
-                "<div>(pruned)</div>" if record.pruned else "",
-                buttons(root, record)))
+    values = (
+        '<a href="%s"><code>%s</code></a>%s' % (ui_link(root, record.project, record.id),
+                                                html.escape(record.id[:8]),
+                                                marks(marked)),
+        record_badge(record), record_time(record, now), page_duration(record, now),
+        html.escape(record.user or "-") + signed_by(record) + oidc_by(record),
+        files + ("<div>(pruned)</div>" if record.pruned else ""),
+        buttons(root, record))
+    return table_row(zip(DEPLOYMENT_LABELS, values),
+                     "live" if "live" in marked else "")
 
 
-def render_projects(root, projects):
+def last_activity(record):
+    """When a deployment last changed: its end, start or upload time."""
+    return record.ended or record.started or record.created or 0
+
+
+def project_row(root, project, latest, count, live, now):
+    """A project's row: its newest deployment, the one live, how many."""
+    live_cell = "-"
+    if live is not None:
+        live_cell = '<a href="%s"><code>%s</code></a> %s' % (
+            ui_link(root, project, live.id), html.escape(live.id[:8]),
+            page_time(live.ended, now))
+    return table_row((
+        ("project", '<a href="%s">%s</a>' % (
+            ui_link(root, project), html.escape(project))),
+        ("newest", record_badge(latest)), ("when", record_time(latest, now)),
+        ("took", page_duration(latest, now)),
+        ("by", html.escape(latest.user or "-")), ("live", live_cell),
+        ("deployments", "%d" % count)))
+
+
+def render_projects(root, projects, live=None, now=None):
     """The body of the projects page: projects is a list of (project, its
-    latest Deployment, its number of deployments)."""
+    latest Deployment, its number of deployments), shown by last activity,
+    newest first; live: {project: its last ok Deployment or None}."""
     if not projects:
         return "<p>No deployments yet.</p>"
-    rows = ("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td>"
-            "<td>%s</td><td>%s</td><td>%d</td></tr>" % (
-                ui_link(root, project), html.escape(project),
-                state_badge(latest.state),
-                page_time(latest.ended or latest.started or latest.created),
-                page_duration(latest), html.escape(latest.user or "-"), count)
-            for project, latest, count in projects)
+    live = live or {}
+    rows = (project_row(root, project, latest, count, live.get(project), now)
+            for project, latest, count in sorted(
+                projects, key=lambda entry: -last_activity(entry[1])))
     return itertools.chain(
-        ["<table><tr><th>project</th><th>latest</th><th>when</th><th>took</th>"
-         "<th>by</th><th>deployments</th></tr>"], rows, ["</table>"])
+        [table_head(("project", "newest", "when", "took", "by", "live",
+                     "deployments"))], rows, ["</table>"])
 
 
-def render_project(root, records):
+def render_project(root, records, now=None):
     """The body of a project's page: its deployments (records, oldest
-    first), newest first."""
-    rows = (deployment_row(root, record) for record in reversed(records))
-    return itertools.chain(
-        ["<table><tr><th>deployment</th><th>state</th><th>uploaded, started, "
-         "ended</th><th>took</th><th>by</th><th>files (SHA-256)</th><th></th>"
-         "</tr>"], rows, ["</table>"])
+    first), newest first, the live one (its last ok) marked."""
+    live = next((record.id for record in reversed(records) if record.state == "ok"),
+                None)
+    newest = records[-1].id if records else None
+
+    def row(record):
+        marked = tuple(word for word, deployment_id in (("live", live),
+                                                        ("newest", newest))
+                       if record.id == deployment_id)
+        return deployment_row(root, record, now, marked)
+    return itertools.chain([table_head(DEPLOYMENT_LABELS)],
+                           (row(record) for record in reversed(records)),
+                           ["</table>"])
 
 
-def render_deployment(root, record, skipped, text):
+def render_deployment(root, record, skipped, text, now=None, live=False):
     """The body of a deployment's page: its state, times, buttons and the
-    end of its log (text, the log's bytes after the first skipped)."""
+    end of its log (text, the log's bytes after the first skipped); live:
+    it is its project's last ok."""
     project, deployment_id = record.project, record.id
     follow = "%s/log/%s/%s?follow=1&offset=%d" % (
         root, project, deployment_id, skipped + len(text))
@@ -7446,13 +7735,13 @@ def render_deployment(root, record, skipped, text):
                  skipped, html.escape(root),
                  html.escape(urllib.parse.quote(project, safe="")),
                  html.escape(deployment_id))) if skipped else ""
-    return ("<p>%s of <a href=\"%s\">%s</a> by %s &middot; uploaded %s, "
+    return ("<p>%s%s of <a href=\"%s\">%s</a> by %s &middot; uploaded %s, "
             "started %s, ended %s, took %s</p><p>%s</p>" % (
-                state_badge(record.state), ui_link(root, project),
-                html.escape(project),
+                record_badge(record), marks(("live",) if live else ()),
+                ui_link(root, project), html.escape(project),
                 html.escape(record.user or "-") + signed_by(record) + oidc_by(record),
-                page_time(record.created), page_time(record.started),
-                page_time(record.ended), page_duration(record),
+                page_time(record.created, now), page_time(record.started, now),
+                page_time(record.ended, now), page_duration(record, now),
                 buttons(root, record)) + whole +
             "<pre id=\"log\" data-follow=\"%s\">%s</pre>" % (
                 html.escape(follow), html.escape(text.decode("utf-8", "replace"))))
@@ -8202,8 +8491,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def api_ui_projects(self):
         projects = self.ipd.project_latest(self.user)
+        live = {project: self.ipd.live_deployment(project) for project, _, _ in projects}
         self.send_page("projects", render_projects(self.ipd.settings.API_ROOT,
-                                                   projects))
+                                                   projects, live))
 
     def api_ui_project(self, project):
         records = self.ipd.history(self.user, project)
@@ -8213,9 +8503,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         record = self.ipd.find_or_404(self.user, project, deployment_id)
         skipped, text = self.ipd.log_tail(record, PAGE_LOG_TAIL)
         running = record.state in UNFINISHED
+        live = self.ipd.live_deployment(project)
         self.send_page("%s %s" % (project, deployment_id[:8]),
                        render_deployment(self.ipd.settings.API_ROOT, record,
-                                         skipped, text),
+                                         skipped, text, live=live is not None
+                                         and live.id == record.id),
                        FOLLOW_SCRIPT if running else None, refresh=running)
 
     def api_ui_action(self, project, deployment_id, action):
@@ -8675,18 +8967,26 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+# extra= of a log line that ipd prints on stderr itself: serve -v and the
+# demo, which copy ipd.log to stderr, show it once.
+PRINTED_TOO = {"printed": True}
+
+
 def log_to_stderr():
-    """ipd.log's lines on stderr too (serve -v, the demo)."""
+    """ipd.log's lines on stderr too (serve -v, the demo), but for those
+    printed there already (PRINTED_TOO)."""
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
+    console.addFilter(lambda record: not getattr(record, "printed", False))
     log.addHandler(console)
 
 
 def startup_error(lines, logged=True):
-    """A StartupError of these lines, each logged first when ipd.log is open."""
+    """A StartupError of these lines, each logged first when ipd.log is open
+    (main prints them on stderr)."""
     if logged:
         for line in lines:
-            log.error("not started: %s", line)
+            log.error("not started: %s", line, extra=PRINTED_TOO)
     return StartupError("\n".join(lines))
 
 
@@ -8973,7 +9273,7 @@ def run_daemon(settings, on_ready=None):
     threading.Thread(target=server.serve_forever, name="http",
                      daemon=True).start()
     log.info("ipd %s listening on %s (%d deployment%s on disk)", __version__, url,
-             count, "" if count == 1 else "s")
+             count, "" if count == 1 else "s", extra=PRINTED_TOO)
     print("ipd %s listening on %s" % (__version__, url), file=sys.stderr,
           flush=True)
     systemd = SystemdNotifier()
@@ -9021,6 +9321,22 @@ def users_file_warnings(path):
     return warnings
 
 
+def project_conf_problems(settings):
+    """At start: each project.conf in UPLOAD_DIR that its project's next
+    upload would refuse (an unknown name, a bad value, a file not an
+    administrator's), one line each; ipd does not start on them."""
+    problems = []
+    for name in sorted(os.listdir(settings.UPLOAD_DIR)):
+        folder = os.path.join(settings.UPLOAD_DIR, name)
+        if is_project_name(name) and os.path.isfile(os.path.join(folder,
+                                                                 PROJECT_CONF)):
+            try:
+                project_settings(settings, folder)
+            except IpdError as error:
+                problems.append(str(error))
+    return problems
+
+
 def print_warning(message):
     print("ipd: warning: %s" % message, file=sys.stderr)
 
@@ -9059,6 +9375,9 @@ def serve(settings, verbose=False, on_ready=None):
         raise startup_error(list(problems.values()), "LOG_DIR" not in problems)
     lock = lock_upload_dir(settings.UPLOAD_DIR)
     try:
+        problems = project_conf_problems(settings)
+        if problems:
+            raise startup_error(problems)
         close_to_others(settings)
         explain_scripts_mode(settings)
         for warning in users_file_warnings(settings.AUTH_DB):
@@ -9450,6 +9769,24 @@ def network_error(url, error):
     return ClientError("cannot reach %s: %s" % (url, error), EXIT_NETWORK)
 
 
+def timed_out(what):
+    """The ClientError (exit 9) of a wait for what that passed its --timeout."""
+    return ClientError("timed out waiting for %s" % what, EXIT_TIMEOUT)
+
+
+def read_by(connection, response, deadline, what):
+    """The next bytes of response, or b"" at its end; raises timed_out at
+    the deadline (None: none) however steadily the server keeps sending:
+    each read may block only for the time that is left."""
+    if deadline is not None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise timed_out(what)
+        if connection.sock is not None:
+            connection.sock.settimeout(min(remaining, 3600))
+    return response.read1(65536)
+
+
 def human_size(count):
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
@@ -9519,6 +9856,34 @@ class Client:
             raise http_error(status, text)
         return text
 
+    def request_by(self, path, deadline, what):
+        """GET path, answered whole by the deadline (time.monotonic()):
+        -> parsed JSON.  Raises timed_out(what) past the deadline, and
+        ClientError for network and HTTP errors, as request does."""
+        remaining = max(deadline - time.monotonic(), 0.001)
+        try:
+            connection = self.connection(remaining)
+            try:
+                connection.request("GET", self.root + path, headers=self.headers())
+                response = connection.getresponse()
+                body = b""
+                while True:
+                    data = read_by(connection, response, deadline, what)
+                    if not data:
+                        break
+                    body += data
+            finally:
+                connection.close()
+        except socket.timeout:
+            raise timed_out(what)
+        except (OSError, http.client.HTTPException) as error:
+            raise network_error(self.url, error)
+        data = parse_json(body)
+        if response.status >= 400 and not (response.status == 404
+                                           and data.get("state") == "no"):
+            raise http_error(response.status, data.get("error") or body)
+        return data
+
     def follow(self, project, deployment, out, deadline=None):
         """Print the deployment's log as it is written; return its final
         state.  A broken stream (a proxy's read timeout) is resumed where
@@ -9542,7 +9907,7 @@ class Client:
                     raise http_error(response.status, response.read())
                 pending, final = b"", None
                 while True:
-                    data = response.read1(65536)
+                    data = read_by(connection, response, deadline, "deployment " + deployment)
                     if not data:
                         break
                     pending += data
@@ -9571,7 +9936,7 @@ class Client:
             failures = 0 if offset > progress else failures + 1
             if failures >= FOLLOW_RETRIES:
                 raise network_error(self.url, problem)
-            time.sleep(1)  # then resumed from offset
+            time.sleep(min(1, max(0, deadline - time.monotonic())) if deadline else 1)
 
     def push(self, project, files, progress=None, signed=None):
         """Upload files ({field: path}) for project; return the new
@@ -10016,6 +10381,17 @@ def sign_push(key, project, files):
         raise ClientError(str(error), EXIT_USAGE)
 
 
+def check_push_file(field, path):
+    """Raise ClientError (exit 2) saying what to give instead when path
+    is no file to push as field ('image' or 'package')."""
+    if os.path.isdir(path) and field == "image":
+        raise ClientError("--image %s is a directory: give the image's file, "
+                          "e.g. from docker save -o web.tar IMAGE (a directory "
+                          "is packed for --package only)" % path, EXIT_USAGE)
+    if not os.path.isfile(path):
+        raise ClientError("no such file: %s" % path, EXIT_USAGE)
+
+
 def cmd_push(args):
     client = client_from_args(args)
     files, temporary = {}, None
@@ -10028,9 +10404,8 @@ def cmd_push(args):
             files["package"] = args.package
     if not files:
         raise ClientError("give --image, --package or both", EXIT_USAGE)
-    for path in files.values():
-        if not os.path.isfile(path):
-            raise ClientError("no such file: %s" % path, EXIT_USAGE)
+    for field, path in files.items():
+        check_push_file(field, path)
     try:
         signed = sign_push(args.sign, args.project, files) if args.sign else None
         total = sum(os.path.getsize(path) for path in files.values())
@@ -10061,7 +10436,10 @@ def cmd_status(args):
                                           if args.deployment else "")
     if args.wait:
         path += "?wait=%g" % args.wait
-    _, data = client.request("GET", path, timeout=(args.wait or 0) + 60)
+    # --timeout bounds the whole answer; without it, a minute past --wait
+    deadline = time.monotonic() + (args.timeout or (args.wait or 0) + 60)
+    data = client.request_by(path, deadline, "deployment %s" % (
+        args.deployment or "of " + args.project))
     print(data.get("state"))
     return EXIT_OK if data.get("state") in ("ok", "await", "active") else EXIT_FAILED
 
@@ -10151,6 +10529,8 @@ def add_client_commands(commands):
                         "(default: the latest)")
     status.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                         help="answer when it ends, or after SECONDS")
+    status.add_argument("--timeout", type=float, default=0, help="give up after "
+                        "this many seconds (exit 9; default: --wait plus 60)")
     status.set_defaults(func=cmd_status)
     logs = commands.add_parser("logs", parents=[common], help="what control.sh "
                                "printed", description="Print what control.sh "
@@ -10215,9 +10595,47 @@ exit 2
 DEMO_IMAGE_TEXT = b"A stand-in for an image that `docker save` writes.\n"
 
 
+def settings_to_serve(config_path, environ=None):
+    """load_settings for a daemon about to start: an unknown setting's
+    lines also go to ipd.log when the settings name a LOG_DIR ipd may
+    write.  Returns Settings; raises ConfigError."""
+    try:
+        return load_settings(config_path, environ)
+    except UnknownSettings as error:
+        lines = str(error).splitlines()
+        logged = bool(error.log_dir and os.path.isdir(error.log_dir)
+                      and os.access(error.log_dir, os.W_OK | os.X_OK))
+        if logged:
+            setup_logging(error.log_dir)
+        raise startup_error(lines, logged)
+
+
 def cmd_serve(args):
-    settings = load_settings(args.config, warn=print_warning)
+    settings = settings_to_serve(args.config)
     return serve(settings, verbose=args.verbose)
+
+
+# The demo's hints name its options, not the settings they stand for.
+DEMO_HINTS = ((r"\bLISTEN=", "--listen "), (r"another LISTEN\b", "another --listen"),
+              (r"\bUPLOAD_DIR=(\S+)/uploads\b", r"--dir \1"),
+              (r"its own UPLOAD_DIR\b", "its own --dir"))
+
+
+def demo_hint(text):
+    """A start-up problem's text as the demo's user can act on it."""
+    for pattern, replacement in DEMO_HINTS:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def demo_settings(args, folder):
+    """The settings serve would read (--config, $IPD_CONFIG or
+    /etc/ipd.conf, the environment), with the demo's folder, users file and
+    --listen over them.  Returns Settings; raises ConfigError."""
+    environ = dict(os.environ, UPLOAD_DIR=os.path.join(folder, "uploads"),
+                   LOG_DIR=folder, AUTH_DB=os.path.join(folder, "users.txt"),
+                   LISTEN=args.listen)
+    return settings_to_serve(getattr(args, "config", None), environ)
 
 
 def cmd_demo(args):
@@ -10243,15 +10661,16 @@ def cmd_demo(args):
             info = tarfile.TarInfo("hello.txt")
             info.size = len(DEMO_IMAGE_TEXT)
             tar.addfile(info, io.BytesIO(DEMO_IMAGE_TEXT))
-    environ = {"UPLOAD_DIR": uploads, "LOG_DIR": folder, "AUTH_DB": users,
-               "LISTEN": args.listen, "API_ROOT": "/deploy"}
-    settings = load_settings(os.devnull, environ)
+    settings = demo_settings(args, folder)
 
     def explain(url):
         print("demo: user demo, password demo, data in %s\n"
               "try:  curl -u demo:demo -F project=hello -F image=@%s %supload"
               % (folder, shlex.quote(image), url), file=sys.stderr, flush=True)
-    return serve(settings, verbose=True, on_ready=explain)
+    try:
+        return serve(settings, verbose=True, on_ready=explain)
+    except StartupError as error:
+        raise StartupError(demo_hint(str(error)))
 
 
 def cmd_passwd(args):
@@ -10319,6 +10738,9 @@ def cmd_token(args):
             tokens = parse_tokens(file.read())
     except FileNotFoundError:
         tokens = {}
+    if not tokens:  # stdout stays empty for scripts; exit 0: none is no error
+        print("ipd: no tokens yet in %s: create one with 'ipd token create "
+              "--project PROJECT'" % path, file=sys.stderr)
     used = read_token_uses(path)
     for token in tokens.values():
         print("%s projects=%s expires=%s creator=%s created=%s last_use=%s%s" % (
@@ -10337,6 +10759,15 @@ def cmd_settings(args):
     """Print the settings as ipd.conf.example or the README's table."""
     sys.stdout.write(settings_markdown() if args.markdown else settings_conf())
     return 0
+
+
+DEMO_DESCRIPTION = (
+    "Run a daemon to try at once: data in --dir, user demo, password demo, a "
+    "project hello whose control.sh prints what it deploys.  It takes the "
+    "same settings as serve (--config, $IPD_CONFIG or %s, and the "
+    "environment, e.g. ALLOWED_SIGNERS=... REQUIRE_SIGNATURE=hello), but for "
+    "UPLOAD_DIR, LOG_DIR and AUTH_DB, which are in --dir, and LISTEN, which "
+    "is --listen." % DEFAULT_CONFIG)
 
 
 def build_parser():
@@ -10359,11 +10790,9 @@ def build_parser():
     serve_parser.add_argument("-v", "--verbose", action="store_true",
                               help="log to stderr too")
     serve_parser.set_defaults(func=cmd_serve)
-    demo = commands.add_parser("demo", help="a local daemon to try: user "
-                               "demo, password demo, project hello",
-                               description="Run a daemon to try at once: data "
-                               "in --dir, user demo, password demo, a project "
-                               "hello whose control.sh prints what it deploys.")
+    demo = commands.add_parser("demo", parents=[config], help="a local daemon "
+                               "to try: user demo, password demo, project hello",
+                               description=DEMO_DESCRIPTION)
     demo.add_argument("--dir", default="ipd-demo", help="its folder "
                       "(default: ./ipd-demo)")
     demo.add_argument("--listen", default="127.0.0.1:9955", help="host:port to "

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import hmac
 import html
+import html.parser
 import http.client
 import http.server
 import importlib.util
@@ -559,12 +560,9 @@ class SettingsTests(unittest.TestCase):
         with self.assertRaises(ipd.ConfigError):
             ipd.load_settings(os.path.join(self.tmp, "missing.conf"), environ={})
 
-    def test_unknown_key_is_a_warning(self):
-        warnings = []
-        ipd.load_settings(self.config("COLOUR=blue\n"), environ={},
-                          warn=warnings.append)
-        self.assertEqual(len(warnings), 1)
-        self.assertIn("COLOUR", warnings[0])
+    def test_unknown_key_is_an_error(self):  # a warning before issue #27
+        with self.assertRaisesRegex(ipd.UnknownSettings, "COLOUR"):
+            ipd.load_settings(self.config("COLOUR=blue\n"), environ={})
 
     def test_daemon_refuses_to_start_on_a_bad_setting(self):
         path = self.config("STEP_TIMEOUT=-3\n")
@@ -966,7 +964,9 @@ class AuthTests(DaemonTestCase):
         self.assertEqual(answers[0][0], 401)
         self.assertIn("Basic", answers[0][1])
         self.assertEqual(answers[0], answers[1])
-        self.assertEqual(answers[0], answers[2])
+        self.assertIn("wrong user name or password", answers[0][2])  # issue #27
+        self.assertEqual(answers[2][:2], answers[0][:2])
+        self.assertIn("authentication required", answers[2][2])  # none given
         for broken in ("Basic !!!", "Bearer x", "Basic " +
                        base64.b64encode(b"no-colon").decode()):
             status, _, _ = self.daemon.get("/stat", user=None,
@@ -2873,7 +2873,7 @@ class StatusPageTests(DaemonTestCase):
         self.assert_strict_page(headers, body)
         self.assertIn('<a href="/deploy/ui/web">web</a>', body)
         self.assertIn('<span class="badge ok">ok</span>', body)
-        self.assertIn('<span class="badge failed">3</span>', body)
+        self.assertIn('<span class="badge failed">prepare failed: 3</span>', body)
         without_nonce = lambda page: re.sub(r'nonce="[^"]+"', "", page)
         self.assertEqual(without_nonce(self.page("/ui/")[2]), without_nonce(body))
         # curl answers stay as they are
@@ -2952,9 +2952,9 @@ class StatusPageTests(DaemonTestCase):
 
     def test_a_badge_for_each_state_and_hostile_names_in_urls(self):
         expected = {"await": "await", "active": "active", "ok": "ok", "3": "failed",
-                    "126": "failed", "changed": "neutral", "cancelled": "neutral",
-                    "timeout": "failed", "interrupted": "failed",
-                    "<b>": "failed"}
+                    "126": "failed", "changed": "changed", "cancelled": "cancelled",
+                    "timeout": "timeout", "interrupted": "interrupted",
+                    "<b>": "failed"}  # each its own since issue #27
         for state, kind in expected.items():
             self.assertEqual(ipd.state_badge(state), '<span class="badge %s">%s</span>'
                              % (kind, html.escape(state)))
@@ -4242,7 +4242,7 @@ class StatusPageRenderTests(unittest.TestCase):
         self.assertEqual(ipd.buttons("/d", ended), "")
         self.assertEqual(ipd.render_projects("/d", []), "<p>No deployments yet.</p>")
         rows = "".join(ipd.render_projects("/d", [("a<b", ended, 7)]))
-        self.assertIn("<td>7</td>", rows)
+        self.assertIn('<td data-label="deployments">7</td>', rows)
 
     def test_a_page_carries_its_nonce_and_nothing_else_runs(self):
         page = "".join(ipd.render_page("/d", "t<", "<p>x</p>", "N1", "go()", True))
@@ -7929,8 +7929,8 @@ class SingleDaemonTests(DaemonTestCase):
         result = run_ipd("demo", "--listen", "127.0.0.1:0", cwd=demo)
         self.assertEqual(result.returncode, 2)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
-        self.assertIn("UPLOAD_DIR=%s is in use by another ipd (PID %d)"
-                      % (os.path.join(demo, "ipd-demo", "uploads"), first.pid),
+        self.assertIn("--dir %s is in use by another ipd (PID %d)"  # its option
+                      % (os.path.join(demo, "ipd-demo"), first.pid),  # (issue #27)
                       result.stderr)
 
 
@@ -8218,6 +8218,792 @@ class CommandLineIssue15Tests(unittest.TestCase):
                     self.assertTrue("%d %s" % (status, meaning) in readme, meaning)
         self.assertEqual(ipd.EXIT_FOR_STATUS, {401: 4, 403: 5, 413: 6, 507: 7})
         self.assertEqual((ipd.EXIT_NETWORK, ipd.EXIT_TIMEOUT), (3, 9))
+
+
+class ClientTimeoutTests(DaemonTestCase):
+    """Issue #27: --timeout bounds a client's whole wait (push --wait, logs
+    -f, status --wait), whatever the server keeps sending."""
+
+    client = ClientTests.client
+    write = ClientTests.write
+    # deploy prints a line every 0.2 s for 60 s: a stream that never stalls
+    CHATTY = ('[ "$1" = deploy ] || exit 1\n'
+              'n=0; while [ $n -lt 300 ]; do echo "line $n"; sleep 0.2; '
+              'n=$((n+1)); done\nexit 1\n')
+
+    def assert_timed_out(self, result, started, limit):
+        elapsed = time.monotonic() - started
+        self.assertEqual(result.returncode, 9, result.stderr)
+        self.assertIn(b"timed out waiting for deployment", result.stderr)
+        self.assertLess(elapsed, limit + 8)  # the start of python, the upload
+
+    def test_push_wait_ends_at_the_timeout_of_a_chatty_script(self):
+        package = self.write("chatty.tgz", control_script(self.CHATTY))
+        started = time.monotonic()
+        result = self.client("push", "--project", "app", "--package", package,
+                             "--wait", "--timeout", "2")
+        self.assert_timed_out(result, started, 2)
+        self.assertIn(b"line 1\n", result.stdout)  # it did follow the log
+
+    def test_logs_follow_and_status_wait_end_at_the_timeout(self):
+        deployment = self.daemon.deploy(self.CHATTY)
+        self.daemon.wait_state("app", deployment, ("active",))
+        started = time.monotonic()
+        result = self.client("logs", "app", deployment, "-f", "--timeout", "2")
+        self.assert_timed_out(result, started, 2)
+        started = time.monotonic()
+        result = self.client("status", "app", deployment, "--wait", "60",
+                             "--timeout", "2")
+        self.assert_timed_out(result, started, 2)
+        self.assertEqual(self.daemon.state("app", deployment), "active")
+
+
+class ConfigMistakeTests(unittest.TestCase):
+    """Issue #27: a mistyped setting stops the start, naming the file, the
+    line and the closest known name; a users file line whose hash can
+    never match is a warning naming the line; the demo takes serve's
+    settings and names its own options."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
+
+    def test_a_mistyped_setting_stops_the_start(self):
+        config = os.path.join(self.tmp, "ipd.conf")
+        uploads = os.path.join(self.tmp, "uploads")
+        os.makedirs(uploads)
+        with open(config, "w") as file:
+            file.write("LISTEN=127.0.0.1:0\nLOG_DIR=%s\n# uploads\nUPLOAD_DRI=%s\n"
+                       % (self.tmp, uploads))
+        work = os.path.join(self.tmp, "work")
+        os.makedirs(work)
+        result = run_ipd("--config", config, "serve", cwd=work)
+        line = ("%s:4: unknown setting UPLOAD_DRI (did you mean UPLOAD_DIR?)"
+                % config)
+        self.assertEqual((result.returncode, result.stderr), (2, "ipd: %s\n" % line))
+        self.assertIn("not started: " + line, read_text(os.path.join(self.tmp,
+                                                                     "ipd.log")))
+        self.assertEqual(os.listdir(work), [])  # no lock file in the current folder
+        with open(config, "w") as file:  # a name nothing is close to: no guess
+            file.write("LISTEN=127.0.0.1:0\nCOLOUR=blue\n")
+        result = run_ipd("--config", config, "serve", cwd=work)
+        self.assertEqual((result.returncode, result.stderr),
+                         (2, "ipd: %s:2: unknown setting COLOUR\n" % config))
+        self.assertEqual(os.listdir(work), [])
+        result = run_ipd("--config", config, "token", "list", cwd=work)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("unknown setting COLOUR", result.stderr)
+
+    def test_a_mistyped_project_conf_name_stops_the_start(self):
+        daemon = DaemonProcess(self.tmp)
+        project = os.path.join(daemon.upload_dir, "web")
+        os.makedirs(project)
+        conf = os.path.join(project, "project.conf")
+        with open(conf, "w") as file:
+            file.write("SCRIPTS=package\nRUN_SA=nobody\n")
+        os.chmod(conf, 0o644)
+        with self.assertRaisesRegex(AssertionError, re.escape(
+                "%s:2: unknown setting RUN_SA (did you mean RUN_AS?): only "
+                "SCRIPTS, RUN_AS and VERIFY_SECONDS may be set here" % conf)):
+            daemon.start()
+        self.assertEqual(daemon.process.returncode, 2)
+        os.unlink(conf)  # a project.conf written while ipd runs: its uploads
+        daemon.start()   # are refused with the same line
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        with open(conf, "w") as file:
+            file.write("SCRPTS=server\n")
+        os.chmod(conf, 0o644)
+        status, _, body = daemon.upload("web", control_script(OK_SCRIPT))
+        self.assertEqual(status, 500)
+        self.assertIn("unknown setting SCRPTS (did you mean SCRIPTS?)", body)
+
+    def test_a_sha256sum_line_pasted_whole_is_a_warning_at_start_and_reload(self):
+        digest = sha256_hex("admin-pw")
+        daemon = DaemonProcess(self.tmp, users={}, extra_users=(
+            "# the team\nADMIN:admin:%s  -\n" % digest))
+        daemon.start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        stderr = read_text(daemon.stderr_path)
+        self.assertIn("line 2: the hash of admin ends in ' -', as sha256sum prints "
+                      "it: cut it, keep the 64 hex digits", stderr)
+        self.assertIn("line 2: the hash of admin ends in ' -'", daemon.daemon_log())
+        self.assertEqual(daemon.get("/list")[0], 401)
+        with open(daemon.users_file, "w") as file:  # read again at the next login
+            file.write("ADMIN:admin:%s\nUSER:ci:md5-1234\n" % digest)
+        self.assertEqual(daemon.get("/list")[0], 200)
+        expected = ("line 2: the hash of ci is neither 64 hex digits (sha256) nor "
+                    "pbkdf2_sha256$ITERATIONS$SALT$HASH")
+        self.assertIn(expected, daemon.daemon_log(re.escape(expected)))
+        users, warnings = ipd.parse_users("ADMIN:a:%s\nUSER:b:%s\n" % (
+            digest.upper(), ipd.hash_password("x", iterations=1000)))
+        self.assertEqual((sorted(users), warnings), (["a", "b"], []))
+
+    def demo(self, *args, env=None):
+        """ipd demo in self.tmp until it listens (or ends): -> (process,
+        its stderr so far)."""
+        process = subprocess.Popen(
+            IPD_RUN + ["demo", "--dir", os.path.join(self.tmp, "demo")] + list(args),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=ipd_environ(env), universal_newlines=True)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.wait)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("try:"):
+                break
+        return process, "".join(lines)
+
+    def test_the_demo_takes_the_settings_of_serve(self):
+        signers = os.path.join(self.tmp, "allowed_signers")
+        open(signers, "w").close()
+        config = os.path.join(self.tmp, "demo.conf")
+        with open(config, "w") as file:
+            file.write("ALLOWED_SIGNERS=%s\n" % signers)
+        process, stderr = self.demo("--config", config, "--listen", "127.0.0.1:0",
+                                    env={"REQUIRE_SIGNATURE": "hello"})
+        url = re.search(r"(http://127\.0\.0\.1:\d+/deploy/)upload", stderr).group(1)
+        self.assertEqual(stderr.count("listening on"), 1, stderr)
+        image = os.path.join(self.tmp, "demo", "image.tar")
+        result = subprocess.run(IPD_RUN + ["push", "--project", "hello", "--image",
+                                           image, "--whole"], env=ipd_environ(
+            IPD_URL=url, IPD_USER="demo", IPD_PASSWORD="demo"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        self.assertEqual(result.returncode, 5, result.stderr)
+        self.assertIn("takes signed pushes only", result.stderr)
+        process.terminate()
+        process.wait(30)
+        help_text = " ".join(run_ipd("demo", "--help").stdout.split())
+        self.assertIn("the same settings as serve", help_text)
+
+    def test_the_demo_names_its_options_once(self):
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = "127.0.0.1:%d" % listener.getsockname()[1]
+        process, stderr = self.demo("--config", os.devnull, "--listen", taken)
+        stderr += process.stderr.read()
+        self.assertEqual(process.wait(30), 2)
+        self.assertEqual(stderr, "ipd: --listen %s: cannot listen: address already "
+                         "in use (another ipd, or another program, listens "
+                         "there): stop it or set another --listen\n" % taken)
+
+
+class MistakeMessageTests(DaemonTestCase):
+    """Issue #27: each mistake a new operator makes first is answered with
+    what to do: a missing tokens folder, no tokens yet, a directory given
+    as an image, control.sh without its exec bit or with Windows line
+    ends, a wrong password."""
+
+    client = ClientTests.client
+    write = ClientTests.write
+
+    def test_tokens_folder_missing_and_no_tokens_yet(self):
+        config = self.write("ipd.conf", ("AUTH_DB=%s/opt/ipd/users.txt\n"
+                                         % self.tmp).encode())
+        tokens = os.path.join(self.tmp, "opt", "ipd", "tokens.txt")
+        result = run_ipd("--config", config, "token", "create", "--project", "web")
+        self.assertEqual((result.returncode, result.stdout), (2, ""))
+        self.assertEqual(result.stderr, "ipd: cannot write the tokens file %s: its "
+                         "folder %s does not exist (create it, or give --tokens-db "
+                         "FILE or set TOKENS_DB)\n" % (tokens, os.path.dirname(tokens)))
+        result = run_ipd("--config", config, "token", "list")
+        self.assertEqual((result.returncode, result.stdout), (0, ""))
+        self.assertEqual(result.stderr, "ipd: no tokens yet in %s: create one with "
+                         "'ipd token create --project PROJECT'\n" % tokens)
+        os.makedirs(os.path.dirname(tokens))
+        result = run_ipd("--config", config, "token", "create", "--project", "web")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        result = run_ipd("--config", config, "token", "list")
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("projects=web", result.stdout)
+        self.assertEqual(result.stderr, "")
+
+    def test_a_directory_given_as_an_image(self):
+        folder = os.path.join(self.tmp, "build")
+        os.makedirs(folder)
+        result = self.client("push", "--project", "app", "--image", folder)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.decode(), "ipd: --image %s is a directory: give "
+                         "the image's file, e.g. from docker save -o web.tar IMAGE "
+                         "(a directory is packed for --package only)\n" % folder)
+
+    def test_control_sh_without_exec_bit_or_with_crlf_is_refused_at_upload(self):
+        for script, mode, reason in (
+                (b"#!/bin/sh\nexit 1\n", 0o644,
+                 "control.sh of the package is not an executable file: "
+                 "chmod +x control.sh"),
+                (b"#!/bin/sh\r\nexit 1\r\n", 0o755,
+                 "control.sh of the package cannot run: its #! line ends in CR "
+                 "(Windows line ends): convert it with dos2unix control.sh or "
+                 "sed -i 's/\\r$//' control.sh")):
+            with self.subTest(reason=reason):
+                status, _, body = self.daemon.upload(
+                    "app", tar_bytes({"control.sh": (script, mode)}))
+                self.assertEqual((status, body.strip()), (400, reason))
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_the_step_log_names_the_fix(self):
+        gate = os.path.join(self.tmp, "gate")
+        first = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", first, ("active",))
+        waiting = self.daemon.deploy()
+        self.assertEqual(self.daemon.state("app", waiting), "await")
+        control = os.path.join(self.daemon.upload_dir, "app", "deployments",
+                               waiting, "control.sh")
+        os.chmod(control, 0o644)  # as if changed on the server after the upload
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", waiting), "126")
+        self.assertIn("ipd: cannot run control.sh check: Permission denied; it is "
+                      "not executable: chmod +x control.sh",
+                      self.daemon.log("app", waiting))
+        os.unlink(gate)
+        first = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", first, ("active",))
+        crlf = self.daemon.deploy()
+        control = os.path.join(self.daemon.upload_dir, "app", "deployments", crlf,
+                               "control.sh")
+        with open(control, "wb") as file:
+            file.write(b"#!/bin/sh\r\nexit 1\r\n")
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("app", crlf), "127")
+        self.assertIn("ipd: cannot run control.sh check: No such file or directory; "
+                      "its #! line ends in CR (Windows line ends): convert it with "
+                      "dos2unix control.sh", self.daemon.log("app", crlf))
+
+    def test_a_wrong_password_is_answered_as_one(self):
+        package = self.write("p.tgz", control_script(OK_SCRIPT))
+        for env in ({"IPD_PASSWORD": "wrong"},
+                    {"IPD_USER": "nobody", "IPD_PASSWORD": "admin-pw"}):
+            with self.subTest(env=env):
+                result = self.client("push", "--project", "app", "--package",
+                                     package, env=env)
+                self.assertEqual(result.returncode, 4)
+                self.assertEqual(result.stderr, b"ipd: HTTP 401: wrong user name or "
+                                 b"password\n")
+        result = self.client("push", "--project", "app", "--package", package,
+                             env={"IPD_PASSWORD": "ipd_0123456789ab_nothing"})
+        self.assertEqual(result.stderr, b"ipd: HTTP 401: deploy token refused: "
+                         b"unknown, expired or revoked\n")
+        status, _, body = self.daemon.get("/stat", user=None)
+        self.assertEqual((status, body.strip()), (401, "authentication required"))
+
+
+class Element:
+    """An element of a parsed page: tag, attributes, children, its text."""
+
+    def __init__(self, tag, attrs, parent=None):
+        self.tag, self.attrs, self.parent = tag, dict(attrs), parent
+        self.children, self.parts = [], []
+
+    def text(self):
+        return "".join(part if isinstance(part, str) else part.text()
+                       for part in self.parts)
+
+    def classes(self):
+        return (self.attrs.get("class") or "").split()
+
+    def find_all(self, tag=None, css=None):
+        """The elements below this one with tag and/or the class css."""
+        found = []
+        for child in self.children:
+            if (tag is None or child.tag == tag) and (css is None or css in child.classes()):
+                found.append(child)
+            found.extend(child.find_all(tag, css))
+        return found
+
+
+class PageParser(html.parser.HTMLParser):
+    """HTML text -> a tree of Elements (void elements have no children)."""
+
+    VOID = ("meta", "br", "input", "img", "link")
+
+    def __init__(self, text):
+        super().__init__(convert_charrefs=True)
+        self.root = self.current = Element("document", {})
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        element = Element(tag, attrs, self.current)
+        self.current.children.append(element)
+        self.current.parts.append(element)
+        if tag not in self.VOID:
+            self.current = element
+
+    def handle_endtag(self, tag):
+        element = self.current
+        while element is not self.root and element.tag != tag:
+            element = element.parent
+        if element is not self.root:
+            self.current = element.parent
+
+    def handle_data(self, data):
+        self.current.parts.append(data)
+
+
+def parse_page(text):
+    return PageParser("".join(text)).root
+
+
+# The deployments of the status page tests, oldest first: (state, seconds
+# ago uploaded, started, ended, steps).
+PAGE_NOW = 1800000000.0
+LAYOUT_RECORDS = (
+    ("ok", 7300, 7200, 7000, [("check", 0), ("prepare", 1), ("deploy", 1)]),
+    ("ok", 3700, 3660, 3600, [("check", 1), ("deploy", 1)]),
+    ("5", 700, 660, 600, [("check", 0), ("prepare", 1), ("deploy", 5)]),
+    ("timeout", 500, 490, 100, [("check", 1), ("deploy", None)]),
+    ("cancelled", 90, 80, 70, []),
+    ("interrupted", 60, 55, 50, [("check", 1)]),
+    ("changed", 45, None, 40, []),
+    ("active", 30, 12, None, [("check", 1)]),
+    ("await", 5, None, None, []),
+)
+
+
+def layout_records(project="web", now=PAGE_NOW):
+    """The Deployments of LAYOUT_RECORDS, each with an image and a package."""
+    records = []
+    for number, (state, created, started, ended, steps) in enumerate(LAYOUT_RECORDS):
+        files = {"image": {"name": "web.tar", "size": 123456789,
+                           "sha256": hashlib.sha256(b"%d" % number).hexdigest()}}
+        records.append(ipd.Deployment(
+            "%08x-0000-4000-8000-%012x" % (number, number), project, number + 1,
+            "ci", files, "/c", state=state, created=now - created,
+            started=started and now - started, ended=ended and now - ended,
+            steps=[{"step": step, "code": code, "seconds": 1} for step, code in steps]))
+    return records
+
+
+class StatusPageLayoutTests(unittest.TestCase):
+    """Issue #27: the status pages as people read them, checked on the
+    rendered HTML's elements: relative times with the full time on hover,
+    durations, the live deployment apart from the newest, a badge a state,
+    a failure naming its step, only the buttons that apply, short digests,
+    labels on a narrow screen, projects by last activity."""
+
+    def project_page(self):
+        return parse_page(ipd.render_project("/deploy", layout_records(), PAGE_NOW))
+
+    def rows(self, page):
+        return [row for row in page.find_all("tr") if "head" not in row.classes()]
+
+    def test_times_are_relative_with_the_full_time_on_hover(self):
+        rows = self.rows(self.project_page())
+        when = {row.find_all("td")[1].text(): row.find_all("time")[0] for row in rows}
+        self.assertEqual(when["ok"].text(), "ended 1 h ago")
+        self.assertEqual(when["deploy failed: 5"].text(), "ended 10 min ago")
+        self.assertEqual(when["await"].text(), "uploaded 5 s ago")
+        self.assertEqual(when["active"].text(), "started 12 s ago")
+        self.assertEqual(when["deploy failed: 5"].attrs["title"],
+                         "uploaded 2027-01-15 07:48:20 UTC; started 2027-01-15 "
+                         "07:49:00 UTC; ended 2027-01-15 07:50:00 UTC")
+        self.assertEqual(when["await"].attrs["datetime"], ipd.iso_time(PAGE_NOW - 5))
+        took = {row.find_all("td")[1].text(): row.find_all("td")[3].text()
+                for row in rows}
+        self.assertEqual(took["deploy failed: 5"], "1 min 0 s")
+        self.assertEqual(took["timeout"], "6 min 30 s")
+        self.assertEqual(took["active"], "12 s so far")
+        self.assertEqual(took["await"], "-")
+        self.assertEqual([ipd.human_duration(s) for s in (0.44, 12.5, 185, 7500)],
+                         ["0.4 s", "12 s", "3 min 5 s", "2 h 5 min"])
+        self.assertEqual([ipd.time_ago(s) for s in (-3, 59, 60, 3599, 7200, 86400 * 3)],
+                         ["0 s ago", "59 s ago", "1 min ago", "59 min ago", "2 h ago",
+                          "3 d ago"])
+        deployment = parse_page(ipd.render_deployment(
+            "/deploy", layout_records()[2], 0, b"log", PAGE_NOW))
+        times = deployment.find_all("time")
+        self.assertEqual([t.text() for t in times],
+                         ["11 min ago", "11 min ago", "10 min ago"])
+        self.assertEqual(times[2].attrs["title"], "2027-01-15 07:50:00 UTC")
+
+    def test_the_live_deployment_is_marked_apart_from_the_newest(self):
+        rows = self.rows(self.project_page())
+        marked = {mark.text(): row.find_all("code")[0].text() for row in rows
+                  for mark in row.find_all("span", "mark")}
+        self.assertEqual(marked, {"live": "00000001", "newest": "00000008"})
+        self.assertEqual([row.find_all("code")[0].text() for row in rows
+                          if "live" in row.classes()], ["00000001"])
+        self.assertEqual(rows[0].find_all("code")[0].text(), "00000008")  # newest first
+        live = parse_page(ipd.render_deployment("/deploy", layout_records()[1], 0,
+                                                b"", PAGE_NOW, live=True))
+        self.assertEqual([m.text() for m in live.find_all("span", "mark")], ["live"])
+        other = parse_page(ipd.render_deployment("/deploy", layout_records()[0], 0,
+                                                 b"", PAGE_NOW))
+        self.assertEqual(other.find_all("span", "mark"), [])
+
+    def test_one_badge_a_state_and_a_failure_names_its_step(self):
+        badges = [row.find_all("span", "badge")[0] for row in self.rows(self.project_page())]
+        seen = {badge.text(): badge.classes()[1] for badge in badges}
+        self.assertEqual(seen, {"await": "await", "active": "active", "ok": "ok",
+                                "deploy failed: 5": "failed", "timeout": "timeout",
+                                "cancelled": "cancelled", "interrupted": "interrupted",
+                                "changed": "changed"})
+        for kind in seen.values():  # each its own colour
+            self.assertIn(".%s{background:" % kind, ipd.PAGE_STYLE)
+        colours = re.findall(r"\.(await|active|ok|failed|timeout|cancelled|"
+                             r"interrupted|changed)\{background:(#[0-9a-f]+)\}",
+                             ipd.PAGE_STYLE)
+        self.assertEqual(len(set(colour for _, colour in colours)), 8)
+        failed = layout_records()[2]
+        self.assertEqual(ipd.state_words(failed.replace(steps=[])), "failed: 5")
+        page = parse_page(ipd.render_deployment("/deploy", failed, 0, b"", PAGE_NOW))
+        self.assertEqual(page.find_all("span", "badge")[0].text(), "deploy failed: 5")
+
+    def test_only_the_buttons_that_apply(self):
+        for row in self.rows(self.project_page()):
+            state = row.find_all("span", "badge")[0].classes()[1]
+            buttons = [button.text() for button in row.find_all("button")]
+            with self.subTest(state=state):
+                self.assertEqual(buttons, ["cancel"] if state in ("await", "active")
+                                 else ["redeploy"])
+        pruned = layout_records()[0].replace(pruned=True)
+        self.assertEqual(ipd.buttons("/deploy", pruned), "")
+
+    def test_digests_are_short_with_the_whole_value_on_hover(self):
+        record = layout_records()[0]
+        digest = record.files["image"]["sha256"]
+        codes = [code for code in self.rows(self.project_page())[-1].find_all("code")
+                 if code.attrs.get("title")]
+        self.assertEqual([(code.text(), code.attrs["title"]) for code in codes],
+                         [(digest[:12] + "\u2026", digest)])
+        self.assertIn("123,456,789 bytes", self.rows(self.project_page())[-1].text())
+        signed = record.replace(signer={"principal": "ci@web", "fingerprint":
+                                        "SHA256:" + "A" * 43})
+        code = parse_page(ipd.signed_by(signed)).find_all("code")[0]
+        self.assertEqual((code.text(), code.attrs["title"]),
+                         ("SHA256:" + "A" * 12 + "\u2026", "SHA256:" + "A" * 43))
+
+    def test_every_value_keeps_its_label_on_a_narrow_screen(self):
+        page = self.project_page()
+        labels = [th.text() for th in page.find_all("th")]
+        for row in self.rows(page):
+            self.assertEqual([td.attrs.get("data-label") for td in row.find_all("td")],
+                             labels)
+        self.assertIn("head", page.find_all("tr")[0].classes())
+        narrow = ipd.PAGE_STYLE[ipd.PAGE_STYLE.index("@media(max-width:40em)"):]
+        self.assertIn("tr.head{display:none}", narrow)
+        self.assertIn("td[data-label]::before{content:attr(data-label)", narrow)
+
+    def test_projects_by_last_activity_with_their_live_deployment(self):
+        records = {name: layout_records(name) for name in ("quiet", "busy", "middle")}
+        latest = {"quiet": records["quiet"][0], "busy": records["busy"][-1],
+                  "middle": records["middle"][2]}
+        page = parse_page(ipd.render_projects(
+            "/deploy", [(name, latest[name], 3) for name in ("busy", "middle", "quiet")
+                        ][::-1], {"busy": records["busy"][1], "middle": None}, PAGE_NOW))
+        rows = self.rows(page)
+        self.assertEqual([row.find_all("a")[0].text() for row in rows],
+                         ["busy", "middle", "quiet"])
+        cells = {td.attrs["data-label"]: td for td in rows[0].find_all("td")}
+        self.assertEqual(cells["newest"].text(), "await")
+        self.assertEqual(cells["live"].text(), "00000001 1 h ago")
+        self.assertEqual(cells["when"].text(), "uploaded 5 s ago")
+        self.assertEqual(self.rows(page)[1].find_all("td")[5].text(), "-")
+
+    def test_the_policy_is_unchanged_and_no_script_is_added(self):
+        self.assertEqual(ipd.page_headers("N")["Content-Security-Policy"],
+                         "default-src 'none'; style-src 'nonce-N'; script-src "
+                         "'nonce-N'; connect-src 'self'; form-action 'self'; "
+                         "frame-ancestors 'none'; base-uri 'none'")
+        page = "".join(ipd.render_page("/deploy", "web", ipd.render_project(
+            "/deploy", layout_records(), PAGE_NOW), "N"))
+        self.assertNotIn("<script", page)
+        self.assertNotIn(" style=", page)  # the policy admits no style attribute
+
+
+class StatusPageLiveTests(DaemonTestCase):
+    """Issue #27: the live deployment (a project's last ok) is found and
+    marked on the pages, also when later failures pruned its files."""
+    settings = {"KEEP_DEPLOYMENTS": "1"}
+
+    def test_the_last_ok_stays_live_behind_failures(self):
+        ok = self.daemon.deploy()
+        self.assertEqual(self.daemon.wait_state("app", ok), "ok")
+        for _ in range(3):
+            self.daemon.wait_state("app", self.daemon.deploy(
+                '[ "$1" = deploy ] && exit 5; exit 1'))
+        html_headers = {"Accept": "text/html"}
+        projects = parse_page(self.daemon.get("/ui/", headers=html_headers)[2])
+        live = [td for td in projects.find_all("td") if td.attrs.get("data-label") == "live"]
+        self.assertEqual(live[0].find_all("code")[0].text(), ok[:8])
+        page = parse_page(self.daemon.get("/ui/app/" + ok, headers=html_headers)[2])
+        self.assertEqual([m.text() for m in page.find_all("span", "mark")], ["live"])
+        self.assertIn("(pruned)", self.daemon.get("/ui/app", headers=html_headers)[2])
+
+
+def browser_logged_in(test):
+    """A WebDriver for test (a DaemonTestCase) that logs in as admin."""
+    browser = WebDriver(test.tmp)
+    test.addCleanup(browser.quit)
+    browser.cdp("Network.enable", {})
+    browser.cdp("Network.setExtraHTTPHeaders", {"headers": {
+        "Authorization": "Basic " + base64.b64encode(b"admin:admin-pw").decode()}})
+    return browser
+
+
+# Where the browser tests leave their screenshots, for people and CI to look at.
+ARTEFACTS = os.path.join(HERE, "build", "artefacts")
+
+
+class StatusPageBrowserTests(DaemonTestCase):
+    """Issue #27: the status pages in headless Chromium at 1280 and 400 px
+    wide, screenshots kept in build/artefacts/, the elements checked in the
+    browser's own layout."""
+    system = True
+    setUpClass = BrowserTests.__dict__["setUpClass"]
+
+    def setUp(self):
+        super().setUp()
+        self.browser = browser_logged_in(self)
+        self.base = "http://127.0.0.1:%d/deploy" % self.daemon.port
+        os.makedirs(ARTEFACTS, exist_ok=True)
+
+    def script(self, body, *args):
+        return self.browser.session_call("POST", "/execute/sync",
+                                         {"script": body, "args": list(args)})
+
+    def width(self, pixels):
+        self.browser.cdp("Emulation.setDeviceMetricsOverride", {
+            "width": pixels, "height": 900, "deviceScaleFactor": 1,
+            "mobile": pixels < 600})
+
+    def shoot(self, name):
+        data = self.browser.screenshot(os.path.join(ARTEFACTS, name))
+        self.assertGreater(png_colours(data), 10)
+
+    def deployments(self):
+        """A live ok, a failed deploy, a running one and a waiting one."""
+        ok = self.daemon.deploy()
+        self.daemon.wait_state("app", ok)
+        failed = self.daemon.deploy('[ "$1" = deploy ] && exit 5; exit 1')
+        self.daemon.wait_state("app", failed)
+        gate = os.path.join(self.tmp, "gate")
+        running = self.daemon.deploy(gate_script(gate))
+        self.daemon.wait_state("app", running, ("active",))
+        waiting = self.daemon.deploy()
+        self.addCleanup(lambda: open(gate, "w").close())
+        self.daemon.wait_state("web", self.daemon.deploy(project="web"))
+        return ok, failed, running, waiting
+
+    def rows(self):
+        """{deployment id: {label: (text, title of its time or code)}}."""
+        return self.script(
+            "var rows={};document.querySelectorAll('tr:not(.head)').forEach("
+            "function(tr){var cells={};tr.querySelectorAll('td').forEach("
+            "function(td){var t=td.querySelector('time,code[title]');cells["
+            "td.getAttribute('data-label')]=[td.innerText.trim(),t?t.title:'',"
+            "getComputedStyle(td,'::before').content];});rows[tr.querySelector("
+            "'a').getAttribute('href').split('/').pop()]=cells;});return rows;")
+
+    def test_the_project_page_at_1280_and_400_px(self):
+        ok, failed, running, waiting = self.deployments()
+        self.browser.open(self.base + "/ui/app")
+        for pixels in (1280, 400):
+            with self.subTest(width=pixels):
+                self.width(pixels)
+                self.browser.open(self.base + "/ui/app")
+                self.shoot("project-%d.png" % pixels)
+                rows = self.rows()
+                self.assertEqual(rows[failed]["state"][0], "deploy failed: 5")
+                self.assertRegex(rows[ok]["deployment"][0], r"\A%s\s*live\Z" % ok[:8])
+                self.assertRegex(rows[waiting]["deployment"][0], r"newest\Z")
+                self.assertRegex(rows[ok]["when"][0], r"\Aended \d+ s ago\Z")
+                self.assertRegex(rows[ok]["when"][1], r"ended 20\d\d-\d\d-\d\d "
+                                 r"\d\d:\d\d:\d\d UTC\Z")
+                self.assertRegex(rows[running]["took"][0], r"so far\Z")
+                shown, digest = rows[running]["files (SHA-256)"][:2]
+                self.assertRegex(digest, r"\A[0-9a-f]{64}\Z")
+                self.assertIn(digest[:12] + "\u2026", shown)
+                self.assertNotIn(digest, shown)
+                self.assertEqual(rows[running][""][0], "cancel")
+                self.assertEqual(rows[waiting][""][0], "cancel")
+                self.assertEqual(rows[failed][""][0], "redeploy")
+                colours = self.script(
+                    "return Array.from(document.querySelectorAll('tr:not(.head) .badge'))"
+                    ".map(function(b){return getComputedStyle(b).backgroundColor})")
+                self.assertEqual(len(set(colours)), 4, colours)  # 4 states, 4 colours
+                labels_shown = [cell[2] for cell in rows[ok].values()]
+                head = self.script("return getComputedStyle(document.querySelector("
+                                   "'tr.head')).display")
+                wide = self.script("return document.documentElement.scrollWidth")
+                if pixels == 400:  # a label before each value, no table head
+                    self.assertEqual(head, "none")
+                    self.assertIn('"when"', labels_shown)
+                    self.assertLessEqual(wide, 400)
+                else:
+                    self.assertNotEqual(head, "none")
+                    self.assertEqual(set(labels_shown), {"none"})
+                    lines = self.script("return document.querySelector('tr:not(.head)"
+                                        " time').getClientRects().length")
+                    self.assertEqual(lines, 1)  # a time never wraps
+        self.browser.open(self.base + "/ui/")
+        names = self.script("return Array.from(document.querySelectorAll("
+                            "'tr:not(.head) td:first-child a')).map(function(a)"
+                            "{return a.textContent})")
+        self.assertEqual(names, ["web", "app"])  # by last activity
+        self.shoot("projects-400.png")
+        self.width(1280)
+        self.browser.open(self.base + "/ui/")
+        self.shoot("projects-1280.png")
+        self.browser.open("%s/ui/app/%s" % (self.base, failed))
+        self.assertEqual(self.browser.text("p .badge"), "deploy failed: 5")
+        self.shoot("deployment-1280.png")
+        report("Chromium at 1280 and 400 px: relative times, live and newest marked, "
+               "a failure naming its step, labels on a phone; screenshots in "
+               "build/artefacts/")
+
+
+class ExampleSettingsTests(unittest.TestCase):
+    """Issue #27: both examples' prepare fill in every setting a deploy.env
+    lacks with its default and keep the ones it has.  control.sh runs for
+    real; `docker` is a script that answers yes to every question (only
+    deploy.env is under test here: the Docker test classes deploy)."""
+
+    SCRIPTS = ("examples/docker/control.sh", "examples/swarm/control.sh")
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        tools = os.path.join(self.tmp, "bin")
+        os.makedirs(tools)
+        with open(os.path.join(tools, "docker"), "w") as file:
+            file.write("#!/bin/sh\nexit 0\n")
+        os.chmod(os.path.join(tools, "docker"), 0o755)
+        self.path = tools + os.pathsep + os.environ.get("PATH", os.defpath)
+
+    def run_step(self, script, step, project_dir):
+        return subprocess.run(
+            ["sh", os.path.join(HERE, script), step], cwd=self.tmp,
+            env={"PATH": self.path, "PROJECT": "web", "DEPLOY": "d1", "IMAGE": "",
+                 "PROJECT_DIR": project_dir}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+
+    def settings(self, path):
+        """{name: value} of a deploy.env, each name counted once."""
+        names = re.findall(r"(?m)^([A-Z_][A-Z0-9_]*)=(.*)$", read_text(path))
+        self.assertEqual(len(names), len(dict(names)), names)
+        return dict(names)
+
+    def test_prepare_fills_in_every_missing_setting(self):
+        for script in self.SCRIPTS:
+            with self.subTest(script=script):
+                fresh = os.path.join(self.tmp, script.split("/")[1], "fresh")
+                os.makedirs(fresh)
+                self.assertEqual(self.run_step(script, "prepare", fresh).returncode, 1)
+                defaults = self.settings(os.path.join(fresh, "deploy.env"))
+                given = os.path.join(self.tmp, script.split("/")[1], "given")
+                os.makedirs(given)
+                env = os.path.join(given, "deploy.env")
+                with open(env, "w") as file:  # no last newline; the last default given
+                    file.write("# mine\nNGINX_LISTEN=8081\nRELOAD_TIMEOUT=30\n"
+                               "NGINX_SERVER_NAME=web.example")
+                check = self.run_step(script, "check", given)
+                self.assertEqual(check.returncode, 0, check.stdout)
+                self.assertIn("APP_PORT", check.stdout)
+                result = self.run_step(script, "prepare", given)
+                self.assertEqual(result.returncode, 1, result.stdout)
+                self.assertIn("added to %s: APP_PORT" % env, result.stdout)
+                settings = self.settings(env)
+                self.assertEqual(sorted(settings), sorted(defaults))
+                self.assertEqual((settings["NGINX_LISTEN"], settings["NGINX_SERVER_NAME"]),
+                                 ("8081", "web.example"))
+                self.assertTrue(read_text(env).startswith("# mine\n"))
+                self.assertRegex(settings["PORT_BASE"], r"\A2\d{4}\Z")
+                for name, value in settings.items():
+                    if name not in ("PORT_BASE", "NGINX_LISTEN", "NGINX_SERVER_NAME",
+                                    "NGINX_CONF"):
+                        self.assertEqual(value, defaults[name], name)
+                self.assertEqual(settings["NGINX_CONF"],
+                                 defaults["NGINX_CONF"].replace(fresh, given))
+                self.assertEqual(self.run_step(script, "check", given).returncode, 1)
+                again = self.run_step(script, "prepare", given)  # nothing more to add
+                self.assertNotIn("added to", again.stdout)
+                self.assertEqual(self.settings(env), settings)
+        swarm = self.settings(os.path.join(self.tmp, "swarm", "given", "deploy.env"))
+        self.assertNotIn("unknown setting", check.stdout)
+        for name in ("APP_PORT", "REPLICAS", "REGISTRY", "SERVICE_OPTS"):
+            self.assertIn(name, swarm)
+        readme = read_text(os.path.join(HERE, "README.md"))
+        docker = self.settings(os.path.join(self.tmp, "docker", "given", "deploy.env"))
+        table = readme[readme.index("Settings in `$PROJECT_DIR/deploy.env`"):]
+        table = table[:table.index("Exit codes")]
+        self.assertEqual(sorted(re.findall(r"(?m)^\| `([A-Z_]+)` \|", table)),
+                         sorted(docker))
+
+
+    def test_a_name_no_setting_has_is_a_warning(self):
+        for script in self.SCRIPTS:
+            with self.subTest(script=script):
+                project_dir = os.path.join(self.tmp, script.split("/")[1])
+                os.makedirs(project_dir)
+                env = os.path.join(project_dir, "deploy.env")
+                with open(env, "w") as file:
+                    file.write("NGINX_LISTN=8081\nexport APP_PORT=8000\nMY_OWN=1\n")
+                result = self.run_step(script, "prepare", project_dir)
+                self.assertEqual(result.returncode, 1, result.stdout)
+                check = self.run_step(script, "check", project_dir)
+                self.assertEqual(check.returncode, 1, check.stdout)
+                self.assertEqual(check.stdout.splitlines()[0], "[web] warning: %s: unknown "
+                                 "setting NGINX_LISTN (did you mean NGINX_LISTEN?)" % env)
+                self.assertEqual(check.stdout.splitlines()[1], "[web] warning: %s: unknown "
+                                 "setting MY_OWN (see the README)" % env)
+                self.assertNotIn("APP_PORT", check.stdout)
+                self.assertEqual(read_text(env).count("APP_PORT="), 1)
+
+
+class InstallCommandTests(unittest.TestCase):
+    """Issue #27: `make install` puts `ipd` on PATH, as the .deb does."""
+
+    @unittest.skipUnless(shutil.which("make"), "needs make")
+    def test_make_install_links_ipd_into_prefix_bin(self):
+        stage = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, stage, True)
+        make = ["make", "-s", "DESTDIR=" + stage, "PREFIX=/usr"]
+        subprocess.run(make + ["install"], cwd=HERE, check=True,
+                       stdout=subprocess.DEVNULL)
+        command = os.path.join(stage, "usr/bin/ipd")
+        self.assertEqual(os.readlink(command), "../lib/ipd/ipd.py")
+        result = subprocess.run([command, "--version"], stdout=subprocess.PIPE,
+                                universal_newlines=True)
+        self.assertEqual(result.stdout, "ipd %s\n" % ipd.__version__)
+        subprocess.run(make + ["uninstall"], cwd=HERE, check=True,
+                       stdout=subprocess.DEVNULL)
+        self.assertFalse(os.path.lexists(command))
+        os.symlink("/opt/other/ipd", command)  # another's ipd: left alone
+        subprocess.run(make + ["uninstall"], cwd=HERE, check=True,
+                       stdout=subprocess.DEVNULL)
+        self.assertEqual(os.readlink(command), "/opt/other/ipd")
+
+
+class DebExamplesTests(unittest.TestCase):
+    """Issue #27: the .deb ships examples/, which the README tells to copy."""
+    system = True  # the same on every Python: once per CI run
+
+    @unittest.skipUnless(shutil.which("dpkg-deb"), "needs dpkg-deb")
+    def test_the_deb_has_the_examples_with_their_modes(self):
+        tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        result = subprocess.run(["make", "-s", "deb", "DIST=" + tmp], cwd=HERE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.assertEqual(result.returncode, 0, result.stdout)
+        root = os.path.join(tmp, "root")
+        subprocess.run(["dpkg-deb", "-x", os.path.join(
+            tmp, "ipd_%s_all.deb" % ipd.__version__), root], check=True)
+        examples = os.path.join(root, "usr/share/doc/ipd/examples")
+        for name in ("docker/control.sh", "swarm/control.sh", "docker/app/Dockerfile",
+                     "docker/app/app.py"):
+            with self.subTest(name=name):
+                self.assertEqual(read_bytes(os.path.join(examples, name)),
+                                 read_bytes(os.path.join(HERE, "examples", name)))
+        for name in ("docker/control.sh", "swarm/control.sh"):
+            self.assertTrue(os.access(os.path.join(examples, name), os.X_OK))
+        self.assertIn("/usr/share/doc/ipd/examples/docker/control.sh",
+                      read_text(os.path.join(HERE, "README.md")))
 
 
 class ReadmeTruthTests(DaemonTestCase):

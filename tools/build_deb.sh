@@ -22,6 +22,9 @@ sed -e 's|^ExecStart=.*|ExecStart=/usr/lib/ipd/nginx-reload|' \
 install -m 0644 ipd.conf.example "$stage/etc/ipd.conf"
 install -m 0644 README.md ipd.conf.example ipd-run-as.conf "$stage/usr/share/doc/ipd/"
 install -m 0644 LICENSE "$stage/usr/share/doc/ipd/copyright"
+# The example control.sh scripts the README tells to copy, modes kept.
+cp -R examples "$stage/usr/share/doc/ipd/examples"
+find "$stage/usr/share/doc/ipd/examples" -name __pycache__ -prune -exec rm -rf {} +
 install -m 0755 tools/deb/postinst tools/deb/prerm tools/deb/postrm "$stage/DEBIAN/"
 echo /etc/ipd.conf > "$stage/DEBIAN/conffiles"
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)

@@ -20,9 +20,10 @@
 # engine restart) the new one gets the same port, so nginx stays right
 # without a deploy.  REPLICAS is read on every deploy.
 #
-# Disk: as in examples/docker, the uploaded image's own names are removed,
-# the images of the last KEEP_IMAGES deployments are kept and every other
-# image of the project is removed.
+# Disk: the image is tagged ipd-<project>:<deployment ID> (no current or
+# previous tag, unlike examples/docker), the uploaded image's own names are
+# removed, the images of the last KEEP_IMAGES deployments are kept and
+# every other tag of ipd-<project> is removed.
 #
 # verify (run by ipd after deploy where the project's VERIFY_SECONDS is not
 # 0) watches each slot of the new version for VERIFY_SECONDS: a task the
@@ -34,9 +35,10 @@
 #
 # Exit codes: 1 ok; 0 check found something missing (then prepare runs);
 # 2 prepare failed; 3 no image; 4 docker load or push failed; 5 docker
-# service create failed; 10 the new tasks did not answer their health
-# check; 11 nginx refused the new config; verify: 12 a task was replaced
-# or stopped; 13 a slot's health checks failed; 14 too many 5xx answers.
+# service create failed or a port stayed taken; 10 the new tasks did not
+# answer their health check; 11 nginx refused the new config; verify: 12 a
+# task was replaced or stopped; 13 a slot's health checks failed; 14 too
+# many 5xx answers.
 set -u
 set -f
 
@@ -78,19 +80,22 @@ pick_port_base() {
     return 1
 }
 
-write_defaults() {
-    base=$(pick_port_base) || fail 2 "no free PORT_BASE from 20000 to 29999"
-    if [ -d "$RELOAD_DIR" ] && [ -w "$RELOAD_DIR" ]; then conf="$RELOAD_DIR/$PROJECT.conf"
+# Every setting with its default, PORT_BASE=$1: deploy.env as prepare
+# first writes it, and the lines it adds to one that lacks some.
+default_settings() {
+    # a deploy.env of before, which lacks NGINX_CONF, keeps its proxy config
+    if [ -f "$ENV_FILE" ] && [ -f "$PROJECT_DIR/nginx.conf" ]; then conf="$PROJECT_DIR/nginx.conf"
+    elif [ -d "$RELOAD_DIR" ] && [ -w "$RELOAD_DIR" ]; then conf="$RELOAD_DIR/$PROJECT.conf"
     else conf="$PROJECT_DIR/nginx.conf"; fi
     nginx=""
     [ "$(id -u)" = 0 ] && nginx=nginx
-    cat > "$ENV_FILE.tmp" <<EOF
+    cat <<EOF
 # Settings of examples/swarm/control.sh for project $PROJECT (shell syntax).
 APP_PORT=8080
 # Tasks, 1 to 10, each a service of one replica on its own port: slot i of
 # the blue version on PORT_BASE+2(i-1), of the green one on PORT_BASE+2i-1.
 REPLICAS=1
-PORT_BASE=$base
+PORT_BASE=$1
 # Where tasks publish their port.  127.0.0.1 keeps them on this node and
 # out of reach but through nginx; for several nodes see the README.
 PUBLISH_ADDRESS=127.0.0.1
@@ -123,8 +128,71 @@ NGINX="$nginx"
 NGINX_STATUS=/run/ipd-nginx/status
 RELOAD_TIMEOUT=30
 EOF
+}
+
+write_defaults() {
+    base=$(pick_port_base) || fail 2 "no free PORT_BASE from 20000 to 29999"
+    default_settings "$base" > "$ENV_FILE.tmp"
     mv "$ENV_FILE.tmp" "$ENV_FILE"
     say "wrote default settings to $ENV_FILE"
+}
+
+# The names of the settings deploy.env lacks, one a line.
+missing_settings() {
+    default_settings 0 | sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' |
+        while read -r key; do grep -Eq "^(export +)?$key=" "$ENV_FILE" || echo "$key"; done
+}
+
+# Say which names in deploy.env no setting has (a typo leaves the setting
+# at its default), with the closest one (at most 2 letters apart); the file
+# is shell, so a name of the user's own may be meant: a warning only.
+warn_unknown_settings() {
+    known=$(default_settings 0 | sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' | tr '\n' ' ')
+    sed -n 's/^\(export  *\)\{0,1\}\([A-Za-z_][A-Za-z0-9_]*\)=.*/\2/p' "$ENV_FILE" |
+        awk -v known="$known" -v file="$ENV_FILE" -v project="$PROJECT" '
+        function distance(a, b,    i, j, n, m, d, cost) {
+            n = length(a); m = length(b)
+            for (i = 0; i <= n; i++) d[i, 0] = i
+            for (j = 0; j <= m; j++) d[0, j] = j
+            for (i = 1; i <= n; i++)
+                for (j = 1; j <= m; j++) {
+                    cost = substr(a, i, 1) != substr(b, j, 1)
+                    d[i, j] = d[i - 1, j - 1] + cost
+                    if (d[i - 1, j] + 1 < d[i, j]) d[i, j] = d[i - 1, j] + 1
+                    if (d[i, j - 1] + 1 < d[i, j]) d[i, j] = d[i, j - 1] + 1
+                }
+            return d[n, m]
+        }
+        BEGIN { count = split(known, names, " ") }
+        {
+            best = ""; score = 3
+            for (k = 1; k <= count; k++) {
+                if ($0 == names[k]) next
+                s = distance($0, names[k]); if (s < score) { score = s; best = names[k] }
+            }
+            hint = best != "" ? " (did you mean " best "?)" : " (see the README)"
+            printf "[%s] warning: %s: unknown setting %s%s\n", project, file, $0, hint
+        }'
+}
+
+# Add each setting deploy.env lacks with its default (a deploy.env written
+# by hand with a few settings, or by an earlier version of this script),
+# so that every one has a value and the file shows them all.
+add_missing_settings() {
+    missing=$(missing_settings)
+    [ -n "$missing" ] || return 0
+    base=0
+    if echo "$missing" | grep -qx PORT_BASE; then
+        base=$(pick_port_base) || fail 2 "no free PORT_BASE from 20000 to 29999"
+    fi
+    [ -z "$(tail -c 1 "$ENV_FILE")" ] || echo >> "$ENV_FILE"
+    default_settings "$base" | while IFS= read -r line; do
+        case "$line" in
+            [A-Z_]*=*) if echo "$missing" | grep -qx "${line%%=*}"; then
+                           printf '%s\n' "$line"; fi ;;
+        esac
+    done >> "$ENV_FILE" || fail 2 "cannot add settings to $ENV_FILE"
+    say "added to $ENV_FILE:" $missing
 }
 
 load_settings() {
@@ -324,7 +392,9 @@ network_ready() {
 
 check() {
     [ -f "$ENV_FILE" ] || { say "no settings yet"; exit 0; }
-    grep -q '^PORT_BASE=' "$ENV_FILE" || { say "no PORT_BASE yet"; exit 0; }
+    warn_unknown_settings
+    missing=$(missing_settings)
+    [ -z "$missing" ] || { say "no" $missing "in $ENV_FILE yet"; exit 0; }
     load_settings
     network_ready || { say "no network yet"; exit 0; }
     [ -f "$NGINX_CONF" ] || { say "no proxy config yet"; exit 0; }
@@ -336,11 +406,7 @@ check() {
 # bind PUBLISH_ADDRESS (a config-only network holds that option).
 prepare() {
     [ -f "$ENV_FILE" ] || write_defaults
-    if ! grep -q '^PORT_BASE=' "$ENV_FILE"; then
-        base=$(pick_port_base) || fail 2 "no free PORT_BASE from 20000 to 29999"
-        echo "PORT_BASE=$base" >> "$ENV_FILE"
-        say "added PORT_BASE=$base to $ENV_FILE"
-    fi
+    add_missing_settings
     load_settings
     if ! network_ready; then
         docker network inspect "$SERVICE-config" >/dev/null 2>&1 ||
