@@ -5664,7 +5664,25 @@ class RegistryTests(RegistryTestCase):
 class RegistryRetentionTests(RegistryTestCase):
     """Sessions and blobs expire after SEGMENT_EXPIRY, unless a kept
     deployment refers to them."""
-    settings = {"SEGMENT_EXPIRY": "1"}
+    settings = {"SEGMENT_EXPIRY": "1", "KEEP_DEPLOYMENTS": "1"}
+
+    def test_a_pruned_deployments_blobs_go_the_kept_ones_stay(self):
+        old_layer, new_layer = gzip_layer({"v": b"1"}), gzip_layer({"v": b"2"})
+        first, _ = self.push_image("v1", [old_layer])
+        self.deployed(first)
+        second, manifest = self.push_image("v2", [new_layer])
+        self.deployed(second)  # KEEP_DEPLOYMENTS=1: the first is pruned
+        folder = os.path.join(self.daemon.upload_dir, "web", "deployments")
+        wait_until(lambda: not os.path.exists(os.path.join(
+            folder, first[1]["Ipd-Deployment"] + ".recipe")))
+        time.sleep(1.5)
+        self.call("POST", "/v2/web/blobs/uploads/?digest=" + digest_of(b"n"), b"n")
+        self.assertError(self.call("GET", "/v2/web/blobs/" + digest_of(old_layer)), 404,
+                         "BLOB_UNKNOWN")
+        self.assertError(self.call("GET", "/v2/web/manifests/v1"), 404, "MANIFEST_UNKNOWN")
+        self.assertEqual(self.call("GET", "/v2/web/blobs/" + digest_of(new_layer))[2],
+                         new_layer)
+        self.assertEqual(self.call("GET", "/v2/web/manifests/v2")[2], manifest)
 
     def test_unfinished_sessions_and_unreferenced_blobs_go_deployed_ones_stay(self):
         layers = [gzip_layer({"kept": b"1"})]
