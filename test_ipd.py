@@ -5649,6 +5649,21 @@ class RegistryTests(RegistryTestCase):
         self.assertError(self.call("GET", "/v2/api/manifests/v1", user="other:other-pw"),
                          404, "MANIFEST_UNKNOWN")
 
+    def test_a_deploy_token_pushes_to_its_project_only(self):
+        done = subprocess.run([sys.executable, IPD, "--config", self.daemon.config, "token",
+                               "create", "--project", "web", "--expires", "1h"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        login = "ci:" + done.stdout.decode().strip()  # docker login -u ci -p ipd_...
+        answer, _ = self.push_image("v1", [gzip_layer({"t": b"1"})], user=login)
+        deployment = self.deployed(answer)
+        self.assertTrue(self.daemon.get_json("/status/web/" + deployment)[1]["user"]
+                        .startswith("token:"))
+        self.assertError(self.call("POST", "/v2/api/blobs/uploads/", user=login), 403,
+                         "DENIED")
+        self.assertError(self.call("GET", "/v2/web/manifests/v1", user="ci:ipd_0_wrong"),
+                         401, "UNAUTHORIZED")
+
     def test_a_project_that_takes_signed_releases_refuses_a_push(self):
         daemon = DaemonProcess(os.path.join(self.tmp, "signed"),
                                {"REQUIRE_SIGNATURE": "web"}).start()
