@@ -60,7 +60,7 @@ test-system:
 # kill -9, 1 GiB pushes, large logs): once per CI run, on one Python.
 soak:
 	IPD_SOAK=1 $(PYTHON) test_ipd.py -k Guarantee -k MemoryTests -k test_push_of_1_gib \
-	    -k EdgeSizeTests -k EdgeFuzzTests -k PackageBombTests \
+	    -k LargeAnswerTests -k RequestFuzzTests -k PackageBombTests \
 	    -k test_zip_link_targets -k LayerJsonFuzzTests -k SegmentTakeoverTests
 
 # Upload speed, memory and latency beside nginx, uvicorn and multipart

@@ -841,14 +841,17 @@ class ParallelHash:
             self.hash.update(block)
 
     def update(self, block):
+        """Hand a block to the hashing thread (at most two in flight)."""
         self.blocks.put(block)
 
     def close(self):
+        """Wait for the hashing thread to take every block."""
         if self.thread.is_alive():
             self.blocks.put(None)
             self.thread.join()
 
     def hexdigest(self):
+        """The SHA-256 of every block, once the thread has them all."""
         self.close()
         return self.hash.hexdigest()
 
@@ -870,6 +873,7 @@ class Background:
             self.error = error
 
     def result(self):
+        """The function's value once it has run; raises what it raised."""
         self.thread.join()
         if self.error is not None:
             raise self.error
@@ -941,6 +945,7 @@ def disk_errors(error):
 
 
 def free_space(path):
+    """Bytes free for ipd's user on path's filesystem, or None."""
     try:
         info = os.statvfs(path)
     except OSError:
@@ -1125,6 +1130,7 @@ class User:
         self.projects = projects  # None: every project
 
     def may_use(self, project):
+        """True when this user may deploy and follow project."""
         return (self.role == "ADMIN" or self.projects is None
                 or project in self.projects)
 
@@ -1286,6 +1292,7 @@ class LoginThrottle:
         return 0 if tokens >= 1 else int((1 - tokens) * self.refill) + 1
 
     def failed(self, address):
+        """Count a failed login from address."""
         with self._lock:
             now = time.monotonic()
             if len(self._failures) >= self.max_addresses:
@@ -1295,6 +1302,7 @@ class LoginThrottle:
 
 
 def check_name_for_config(project):
+    """Raise ValueError for a name that cannot be in the users file."""
     if not is_project_name(project):
         raise ConfigError("bad project name %r" % project)
 
@@ -1515,6 +1523,7 @@ class Token:
         self.created, self.revoked = created, revoked
 
     def line(self):
+        """The token's line in the tokens file."""
         return "%s:%s:%s:%d:%s:%d:%d" % (
             self.id, self.digest, ",".join(self.projects), self.expires,
             self.creator, self.created, self.revoked)
@@ -1529,6 +1538,8 @@ class Token:
 
 
 def parse_tokens(text):
+    """The tokens file's text -> {id: Token}; lines that are not one are
+    skipped."""
     tokens = {}
     for line in text.splitlines():
         fields = line.strip().split(":")
@@ -1550,6 +1561,8 @@ def tokens_path(settings):
 
 
 def read_token_uses(path):
+    """{token id: when last used} of the tokens file's .used beside it ({}
+    when none)."""
     try:
         with open(path + ".used", encoding="utf-8") as file:
             used = json.load(file)
@@ -2655,6 +2668,8 @@ class FileSink:
         self.size = 0
 
     def write(self, data):
+        """Append data (bytes, or a buffer when not parallel) to the file
+        and its hash."""
         self.sha256.update(data)
         try:
             write_all(self.fd, data)
@@ -2663,17 +2678,21 @@ class FileSink:
         self.size += len(data)
 
     def close(self):
+        """Flush the file to disk and close it (it stays, for the commit to
+        move)."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
     def discard(self):
+        """Close and remove the file: nothing of it is left."""
         self.close()
         if isinstance(self.sha256, ParallelHash):
             self.sha256.close()
         remove_quietly(self.path)
 
     def describe(self):
+        """{name, size, sha256} of what was written."""
         return {"name": self.filename, "size": self.size,
                 "sha256": self.sha256.hexdigest()}
 
@@ -2695,9 +2714,11 @@ class KeptFile:
             shutil.copyfile(source, self.path)
 
     def describe(self):
+        """{name, size, sha256} of the earlier deployment's file."""
         return dict(self.meta)
 
     def discard(self):
+        """Remove the link (or copy) made for the redeploy."""
         remove_quietly(self.path)
 
 
@@ -2715,6 +2736,7 @@ class RecipeFile:
             os.close(fd)
 
     def discard(self):
+        """Remove the recipe's temporary file."""
         remove_quietly(self.path)
 
 
@@ -2727,17 +2749,21 @@ class FieldSink:
         self.limit = limit
 
     def write(self, data):
+        """Append a text field's bytes; BadRequest past its limit."""
         self.value += data
         if len(self.value) > self.limit:
             raise BadRequest("form field %r is too long" % self.field)
 
     def close(self):
+        """Nothing to close: the field is in memory."""
         pass
 
     def discard(self):
+        """Nothing to remove: the field is in memory."""
         pass
 
     def text(self):
+        """The field's value as text (UTF-8); BadRequest when it is not."""
         try:
             return self.value.decode("utf-8")
         except UnicodeDecodeError:
@@ -2762,6 +2788,7 @@ class Upload:
         self.record = {}  # fields of its deployment's record (#24: image_ref)
 
     def discard(self):
+        """Remove every temporary file of the upload (its files and recipe)."""
         for sink in self.files.values():
             sink.discard()
         self.files = {}
@@ -2986,6 +3013,8 @@ class PackageWriter:
             raise BadRequest("package entry %r: given twice" % name)
 
     def directory(self, name, mode):
+        """Make a folder of the package (mode given), inside the
+        destination."""
         self._count(name)
         parts = member_parts(name)
         if not parts:
@@ -3027,6 +3056,7 @@ class PackageWriter:
         self.kinds[tuple(parts)] = "file"
 
     def symlink(self, name, target):
+        """Make a symbolic link whose target stays inside the destination."""
         self._count(name)
         if len(target.encode("utf-8", "surrogateescape")) > self.limits.MAX_NAME_SIZE:
             raise BadRequest("package entry %r: link target longer than "
@@ -3071,6 +3101,7 @@ class PackageWriter:
         return passed
 
     def hardlink(self, name, target):
+        """Make a hard link to a file this package wrote earlier."""
         self._count(name)
         parts = member_parts(name)
         target_parts = member_parts(target)
@@ -3104,6 +3135,7 @@ class TarStream:
         self.data = False
 
     def read(self, size=-1):
+        """Read up to size bytes of the decompressed stream."""
         if size is None or size < 0:
             raise BadRequest("package: a tar entry to be read whole")
         if not self.data:
@@ -3117,9 +3149,11 @@ class TarStream:
         return data
 
     def tell(self):
+        """How many decompressed bytes were read."""
         return self.position
 
     def seek(self, offset, whence=os.SEEK_SET):
+        """Go forward to offset by reading (the stream cannot go back)."""
         if whence != os.SEEK_SET or offset < self.position:
             raise BadRequest("package: a tar that must be read backwards")
         self.skip(offset - self.position)
@@ -3549,13 +3583,22 @@ def read_step_identity(path):
         return None
 
 
-def process_start(pid):
-    """Start time of a process in clock ticks since boot, or None."""
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command's name (state, parent,
+    process group, session, ...: the one reader of that file), or None
+    when there is no such process."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as file:
-            return int(file.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+            fields = file.read().rsplit(b")", 1)[1].split()
+        return fields if len(fields) > 19 else None
+    except (OSError, IndexError):
         return None
+
+
+def process_start(pid):
+    """Start time of a process in clock ticks since boot, or None."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def boot_id():
@@ -3582,6 +3625,7 @@ def write_step_identity(path, pid):
 
 
 def list_pids():
+    """The pids of every process this one may see."""
     try:
         return [int(name) for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
@@ -3609,15 +3653,12 @@ def processes_of_deployments(deployment_ids):
 
 def process_state(pid):
     """(state letter, process group) of a process from /proc, or None."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as file:
-            fields = file.read().rsplit(b")", 1)[1].split()
-        return fields[0], int(fields[2])
-    except (OSError, IndexError, ValueError):
-        return None
+    fields = proc_stat(pid)
+    return (fields[0], int(fields[2])) if fields else None
 
 
 def process_running(pid):
+    """True while pid is a process that has not ended (a zombie has)."""
     state = process_state(pid)
     return state is not None and state[0] != b"Z"
 
@@ -3639,13 +3680,22 @@ def session_members(session):
     group they moved to: what setsid() alone would take them out of."""
     found = []
     for pid in list_pids():
-        try:
-            with open("/proc/%d/stat" % pid, "rb") as file:
-                fields = file.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == session and fields[0] != b"Z":
+        fields = proc_stat(pid)
+        if fields and int(fields[3]) == session and fields[0] != b"Z":
             found.append(pid)
+    return found
+
+
+def leftovers_of(records, step_identity):
+    """{deployment id: [pid, ...]} of what is left running of each record's
+    step after ipd stopped (the one finder): the processes whose
+    environment says DEPLOY=id (our own user's) and those of the session
+    its step started (step_identity(record): another user's too)."""
+    found = processes_of_deployments([record.id for record in records])
+    for record in records:
+        left = set(found.get(record.id, [])) | set(
+            processes_of_session(step_identity(record)))
+        found[record.id] = sorted(left)
     return found
 
 
@@ -4298,12 +4348,10 @@ class DeploymentStore:
     def _interrupt(self, records, kill_grace):
         """Stop what is left of each deployment that ran at a stop, and
         record it 'interrupted'."""
-        orphans = processes_of_deployments([record.id for record in records])
+        leftovers = leftovers_of(records, lambda record: read_step_identity(
+            self.path(record, ".step")))
         for record in records:
-            # Another user's processes: found by the session recorded at
-            # the step's start, not by their environment.
-            left = processes_of_session(read_step_identity(self.path(record, ".step")))
-            pids = sorted(set(orphans.get(record.id, [])) | set(left))
+            pids = leftovers[record.id]
             if pids:
                 log.warning("stopping what was left running of deployment %s",
                             record.id)
@@ -4910,6 +4958,7 @@ class DeployWorker:
         self.kill_event = threading.Event()  # set when the grace period ends
 
     def start(self):
+        """Start the MAX_PARALLEL worker threads."""
         for number in range(self.settings.MAX_PARALLEL):
             thread = threading.Thread(target=self._loop, name="deploy-%d" % number,
                                       daemon=True)
@@ -4917,6 +4966,7 @@ class DeployWorker:
             self.threads.append(thread)
 
     def alive(self):
+        """True while every worker thread runs (the watchdog asks)."""
         return all(thread.is_alive() for thread in self.threads)
 
     def stop(self, grace):
@@ -5361,6 +5411,7 @@ def encode_recipe(files):
 
 
 def recipe_digests(files):
+    """The SHA-256s of the segments a recipe's files name."""
     return frozenset(piece["sha256"] for meta in files.values()
                      for piece in meta["segments"] if "sha256" in piece)
 
@@ -5457,6 +5508,7 @@ class SegmentWriter:
         return self.store.add(self.user, self.digest, self.path)
 
     def release(self):
+        """Let another request write to this segment upload."""
         self.store.writer_done(self)
         self.released.set()
 
@@ -5490,13 +5542,16 @@ class SegmentStore:
     # --- paths
 
     def path(self, digest):
+        """Where a stored segment lies."""
         return os.path.join(self.root, "sha256", digest[:2], digest)
 
     def partial_path(self, user_name, digest):
+        """Where user_name's upload under way of a segment lies."""
         folder = hashlib.sha256(user_name.encode()).hexdigest()[:16]
         return os.path.join(self.root, "partial", folder, digest)
 
     def uploaders_path(self):
+        """The file of who sent which segment (a line a digest and user)."""
         return os.path.join(self.root, "uploaders")
 
     def make_folder(self, path):
@@ -5547,6 +5602,8 @@ class SegmentStore:
             self.refer(record, json.loads(file.read().decode()))
 
     def read_refs(self, store, record):
+        """Refer record (a kept recipe deployment) to the segments its
+        recipe names."""
         try:
             with open(store.path(record, ".recipe"), "rb") as file:
                 files = json.loads(file.read().decode())
@@ -5580,6 +5637,7 @@ class SegmentStore:
                 self.recent[digest] = now
 
     def partial_offset(self, user, digest):
+        """How many bytes of user's upload of digest have come, or None."""
         try:
             return os.stat(self.partial_path(user.name, digest)).st_size
         except OSError:
@@ -5745,10 +5803,13 @@ class SegmentStore:
     # --- references and collection
 
     def refer(self, record, files):
+        """Refer record's deployment to the segments of a recipe's files."""
         with self.lock:
             self.refs[record.id] = (record.project, recipe_digests(files))
 
     def forget(self, deployment_id):
+        """A deployment no longer refers to any segment (pruned, or never
+        made)."""
         with self.lock:
             self.refs.pop(deployment_id, None)
 
@@ -5792,6 +5853,7 @@ class SegmentStore:
         return freed
 
     def rewrite_uploaders(self):
+        """Write the uploaders file anew from memory (after a collection)."""
         with self.lock:
             lines = "".join(json.dumps([digest, name]) + "\n" for digest, names
                             in sorted(self.uploaders.items()) for name in sorted(names))
@@ -6674,6 +6736,7 @@ class Daemon:
         return user, None if user else "wrong user or password"
 
     def signature_required(self, project):
+        """True when project's pushes must be signed (REQUIRE_SIGNATURE)."""
         rule = self.settings.REQUIRE_SIGNATURE
         return "*" in rule or project in rule
 
@@ -7941,6 +8004,7 @@ class ConnectionGuard:
             return True
 
     def release(self, connection):
+        """A connection closed: it counts no more."""
         with self._lock:
             address = self._open.pop(connection, None)
             if address is not None:
@@ -7953,10 +8017,12 @@ class ConnectionGuard:
             del self._counts[address]
 
     def expect_head(self, connection):
+        """A request's head is to come on connection within HEADER_TIMEOUT."""
         with self._lock:
             self._deadlines[connection] = time.monotonic() + self.head_timeout
 
     def head_done(self, connection):
+        """The request's head came: no more deadline for it."""
         with self._lock:
             self._deadlines.pop(connection, None)
 
@@ -7984,16 +8050,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # --- plumbing
 
     def setup(self):
+        """The connection's settings: READ_TIMEOUT, the daemon it serves."""
         self.timeout = self.server.ipd.settings.READ_TIMEOUT
         self.ipd = self.server.ipd
         super().setup()
 
     def finish(self):
+        """After the last answer: drain what a refused request still sends."""
         super().finish()  # the answer flushed
         if self.close_connection and self.has_unread_body():
             drain_before_close(self.connection)
 
     def handle_one_request(self):
+        """One request, its head within HEADER_TIMEOUT."""
         self.begin_request()
         # The request line and headers must come within HEADER_TIMEOUT,
         # however slowly they trickle in (see ConnectionGuard).
@@ -8019,31 +8088,43 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def handle_expect_100(self):
         # Answer 100 Continue only once the request passed its checks
         # (see api_upload), so a refused upload sends no body.
+        """Note that the client waits: the body's first read sends 100
+        Continue."""
         self.expects_continue = True
         return True
 
     def do_GET(self):
+        """Route a GET."""
         self.dispatch("GET")
 
     def do_HEAD(self):
+        """Route a HEAD (as GET, without the body)."""
         self.dispatch("HEAD")
 
     def do_POST(self):
+        """Route a POST."""
         self.dispatch("POST")
 
     def do_PUT(self):
+        """Route a PUT."""
         self.dispatch("PUT")
 
     def do_DELETE(self):
+        """Route a DELETE."""
         self.dispatch("DELETE")
 
     def do_PATCH(self):
+        """Route a PATCH."""
         self.dispatch("PATCH")
 
     def do_OPTIONS(self):
+        """Route an OPTIONS."""
         self.dispatch("OPTIONS")
 
     def dispatch(self, method):
+        """Check framing, the client's connections, the origin and the
+        login, then call the route's method; every error is answered
+        here."""
         self.server.guard.head_done(self.connection)
         try:
             self.check_framing()
@@ -8135,10 +8216,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                               self.path[:200])
 
     def check_project_access(self, project):
+        """Forbidden unless the request's user may use project."""
         self.ipd.check_access(self.user, project)
 
     def wants_json(self):
         # headers is None before a request's head is read (begin_request)
+        """True when the client asks for JSON (Accept)."""
         return (self.headers is not None and
                 "application/json" in self.headers.get("Accept", ""))
 
@@ -8221,6 +8304,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "keep-alive")
 
     def send_error_answer(self, error):
+        """Answer an IpdError as one line (or JSON), unless an answer has
+        begun."""
         if self.status_sent is not None:  # too late for a clean answer
             self.close_connection = True
             return
@@ -8257,6 +8342,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return peer  # absent or not an address: the peer's own
 
     def peer_is_trusted(self):
+        """True when the peer is one of TRUSTED_PROXIES."""
         return address_in(self.client_address[0],
                           self.ipd.settings.TRUSTED_PROXIES)
 
@@ -8273,6 +8359,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return [origin] if origin else []
 
     def log_access(self, method):
+        """One line of ipd.log per request: who, what, status, bytes, time."""
         path = re.sub(r"[\x00-\x20\x7f]", "?", self.path[:200])
         if len(self.path) > 200:
             path += "...(%d bytes)" % len(self.path)
@@ -8283,23 +8370,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
                  self.bytes_sent, time.monotonic() - self.started)
 
     def log_message(self, format, *args):
+        """http.server's own messages, into ipd.log."""
         log.info("%s %s", self.address_string(), format % args)
 
     def log_request(self, code="-", size="-"):
+        """Nothing: log_access writes one line per request."""
         pass  # log_access writes one line per request, with more in it
 
     # --- the API, as in the README's table
 
     def api_welcome(self):
+        """GET /: the name and version."""
         self.answer(200, "ipd %s: Image Push and Deploy\n" % __version__,
                     {"name": "ipd", "version": __version__})
 
     def api_list_projects(self):
+        """GET /list: the projects."""
         names = self.ipd.project_names()
         self.answer(200, "".join(name + "\n" for name in names),
                     {"projects": names})
 
     def api_info(self):
+        """GET /info: each project's latest deployment."""
         rows, lines = [], []
         for project, latest, count in self.ipd.project_latest():
             row = {"project": project, "deployment": latest.id,
@@ -8313,6 +8405,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer(200, "".join(lines), {"projects": rows})
 
     def api_statistics(self):
+        """GET /stat: the figures (Daemon.full_statistics)."""
         stats = self.ipd.full_statistics()
         lines = ["version %s\n" % __version__, "uptime %.0f\n" % stats["uptime"]]
         for key in ("deployments", "queue", "running", "uploads", "bytes_received",
@@ -8325,6 +8418,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer(200, "".join(lines), stats)
 
     def api_status(self, project, deployment_id=None):
+        """GET /status/P[/ID][?wait=S]: the state, 'no' (404) for none."""
         record = self.ipd.find(self.user, project, deployment_id)
         if record is None:
             data = {"project": project, "deployment": deployment_id, "state": "no"}
@@ -8367,6 +8461,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return value
 
     def api_deployment_log(self, project, deployment_id):
+        """GET /log/P/ID[?follow=1]: the log, whole or followed."""
         record = self.ipd.find_or_404(self.user, project, deployment_id)
         with self.ipd.open_log(record) as file:
             if self.query.get("follow", ["0"])[-1] not in ("", "0", "false", "no"):
@@ -8380,6 +8475,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.send_file(file)
 
     def send_file(self, file):
+        """A 200 answer of a file's bytes, as long as it was when asked."""
         size = file.seek(0, io.SEEK_END)
         file.seek(0)
         self.start_answer(200, {"Content-Type": "text/plain; charset=utf-8"}, size)
@@ -8451,11 +8547,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.write_body(b"", chunked)
 
     def api_cancel(self, project, deployment_id):
+        """POST /cancel/P/ID: cancel it; its state once it has stopped."""
         record = self.ipd.cancel_for(self.user, self.client_ip(), project,
                                      deployment_id)
         self.answer(200, record.state + "\n", record.public())
 
     def api_redeploy(self, project, deployment_id):
+        """POST /redeploy/P/ID: a new deployment of its kept files."""
         self.answer_deployment(self.ipd.redeploy_for(self.user, self.client_ip(),
                                                      project, deployment_id))
 
@@ -8473,12 +8571,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                              (line + "\n" for line in lines))
 
     def api_metrics(self):
+        """GET /metrics: Prometheus' text format."""
         self.send_whole(200, "text/plain; version=0.0.4; charset=utf-8",
                         self.ipd.metrics_text().encode())
 
     # --- status pages (rendered by the functions of the pages section)
 
     def wants_html(self):
+        """True when a browser asks for a page (Accept: text/html)."""
         return (self.headers is not None and not self.wants_json()
                 and "text/html" in self.headers.get("Accept", ""))
 
@@ -8490,16 +8590,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             page_headers(nonce))
 
     def api_ui_projects(self):
+        """GET /ui: the projects' page."""
         projects = self.ipd.project_latest(self.user)
         live = {project: self.ipd.live_deployment(project) for project, _, _ in projects}
         self.send_page("projects", render_projects(self.ipd.settings.API_ROOT,
                                                    projects, live))
 
     def api_ui_project(self, project):
+        """GET /ui/P: a project's deployments."""
         records = self.ipd.history(self.user, project)
         self.send_page(project, render_project(self.ipd.settings.API_ROOT, records))
 
     def api_ui_deployment(self, project, deployment_id):
+        """GET /ui/P/ID: a deployment and its log."""
         record = self.ipd.find_or_404(self.user, project, deployment_id)
         skipped, text = self.ipd.log_tail(record, PAGE_LOG_TAIL)
         running = record.state in UNFINISHED
@@ -8539,6 +8642,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # --- upload
 
     def api_upload(self):
+        """POST /upload: the multipart upload, checked before its body is
+        asked for, then a deployment (Daemon.create_deployment)."""
         settings = self.ipd.settings
         self.body = body = self.open_body(settings.MAX_UPLOAD_SIZE)
         boundary = self.multipart_boundary()
@@ -8590,6 +8695,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def multipart_boundary(self):
+        """The upload's multipart boundary; BadRequest for another body."""
         kind, params = parse_header_params(self.headers.get("Content-Type", ""))
         if kind != "multipart/form-data":
             raise BadRequest("the upload must be multipart/form-data")
@@ -8611,6 +8717,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return announced
 
     def check_field(self, name, value):
+        """Check a text field as it completes: a project must be one the
+        user may use, and the one announced before the body."""
         if name == "project":
             check_project_name(value)
             self.check_project_access(value)
@@ -8659,6 +8767,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer_deployment(record, 202 if created else 200)
 
     def segment_digest(self, name):
+        """A segment's name as its SHA-256; NotFound for another."""
         if not SHA256_HEX.match(name):
             raise NotFound("not found: a segment is named by its SHA-256 "
                            "(64 lower case hex digits)")
@@ -8671,6 +8780,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                complete)
 
     def send_upload_state(self, status, offset, complete):
+        """An answer with Upload-Offset and Upload-Complete (no body for
+        204)."""
         headers = {"Upload-Offset": str(offset),
                    "Upload-Complete": "?1" if complete else "?0",
                    "Cache-Control": "no-store"}
@@ -8681,11 +8792,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     {"offset": offset, "complete": complete}, headers)
 
     def api_segment_post(self, name):
+        """POST /segments/SHA256 (start a segment's upload) or
+        /segments/missing."""
         if name == "missing":
             return self.api_segments_missing()
         self.receive_segment(self.segment_digest(name), 0, restart=True)
 
     def api_segment_patch(self, name):
+        """PATCH /segments/SHA256: append at Upload-Offset."""
         digest = self.segment_digest(name)
         offset = self.headers.get("Upload-Offset")
         if offset is None or not re.fullmatch(r"\s*\d{1,19}\s*", offset):
@@ -8927,9 +9041,12 @@ class Server(http.server.ThreadingHTTPServer):
         super().__init__(address, Handler)
 
     def service_actions(self):
+        """The serve loop's sign of life, for the systemd watchdog."""
         self.last_loop = time.monotonic()  # the watchdog's sign of life
 
     def process_request(self, request, client_address):
+        """Admit a connection (MAX_CONNECTIONS and per address) or answer
+        503 at once."""
         exceeded = self.guard.admit(request, client_address[0])
         if exceeded:
             log.warning("refusing a connection from %s: %s reached",
@@ -8940,12 +9057,14 @@ class Server(http.server.ThreadingHTTPServer):
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address):
+        """Serve a connection on its thread; it counts no more once closed."""
         try:
             super().process_request_thread(request, client_address)
         finally:
             self.guard.release(request)
 
     def handle_error(self, request, client_address):
+        """Log an error of a connection with its traceback; serve on."""
         log.exception("error on a connection from %s", client_address[0])
 
 
@@ -8963,6 +9082,7 @@ class OneLineFormatter(logging.Formatter):
     can write a made-up line into ipd.log.  A traceback keeps its lines."""
 
     def formatMessage(self, record):
+        """The message on one line: what a client sent cannot forge another."""
         record.message = printable(record.message, 4096)
         return super().formatMessage(record)
 
@@ -9066,6 +9186,7 @@ def lock_upload_dir(upload_dir):
 
 
 def listen_text(address):
+    """host:port of an address, [host]:port for IPv6."""
     host, port = address
     return "%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
@@ -9163,6 +9284,7 @@ def keep_from_scripts(settings, run_as):
 
 
 def has_account(uid):
+    """True when uid names an account of this host."""
     try:
         pwd.getpwuid(uid)
         return True
@@ -9212,6 +9334,8 @@ class SystemdNotifier:
                                   and int(usec) > 0 else None)
 
     def send(self, message):
+        """Send a state line to systemd's notify socket (nothing without
+        one)."""
         if not self.address:
             return
         try:
@@ -9338,6 +9462,7 @@ def project_conf_problems(settings):
 
 
 def print_warning(message):
+    """A warning on stderr, as 'ipd: warning: ...'."""
     print("ipd: warning: %s" % message, file=sys.stderr)
 
 

@@ -302,7 +302,7 @@ exit 1
 # The parser, on bytes ########################################################
 ###############################################################################
 
-class ParserTests(unittest.TestCase):
+class MultipartParserTests(unittest.TestCase):
 
     def parse(self, body, boundary="testboundary1234", pieces=None):
         """Feed body in pieces; return [(headers, data)] of the parts."""
@@ -394,7 +394,7 @@ class ParserTests(unittest.TestCase):
 # Packages ####################################################################
 ###############################################################################
 
-class PackageTests(unittest.TestCase):
+class PackageUnpackTests(unittest.TestCase):
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
@@ -2033,7 +2033,7 @@ def gate_script(gate, before="", after=""):
             % (before, gate, after))
 
 
-class SteeringTests(DaemonTestCase):
+class DeploymentApiTests(DaemonTestCase):
     settings = {"KEEP_DEPLOYMENTS": "2", "KILL_GRACE": "1"}
 
     def test_status_wait_answers_as_soon_as_it_ends(self):
@@ -2462,7 +2462,7 @@ class CountingRelay:
                 sock.close()
 
 
-class AccountableTests(DaemonTestCase):
+class AuditAndNotifyTests(DaemonTestCase):
     settings = {"KEEP_DEPLOYMENTS": "2", "MAX_UPLOAD_SIZE": "50M",
                 "NOTIFY_TIMEOUT": "1"}
 
@@ -3148,7 +3148,7 @@ class BrowserTests(DaemonTestCase):
 # The HTTP edge: origins, framing, slots, sizes, logs, addresses, logins ######
 ###############################################################################
 
-class EdgeFramingTests(DaemonTestCase):
+class HttpFramingTests(DaemonTestCase):
     """One request at a time on a connection, framed as RFC 9112 says."""
 
     def smuggling_requests(self):
@@ -3255,7 +3255,7 @@ class EdgeFramingTests(DaemonTestCase):
         self.assertIsNone(read_answer(file))  # and closed
 
 
-class EdgeOriginTests(DaemonTestCase):
+class CrossOriginTests(DaemonTestCase):
     """Every state-changing request of a browser must come from this origin."""
 
     def test_cross_origin_writes_are_refused_before_anything(self):
@@ -3324,7 +3324,7 @@ class EdgeOriginTests(DaemonTestCase):
                          r'user=- in=0 ')
 
 
-class EdgePublicOriginTests(DaemonTestCase):
+class PublicOriginTests(DaemonTestCase):
     settings = {"PUBLIC_ORIGIN": "https://deploy.example.com"}
 
     def test_public_origin_is_the_only_one(self):
@@ -3341,7 +3341,7 @@ class EdgePublicOriginTests(DaemonTestCase):
                 self.assertEqual(status, expected, text)
 
 
-class EdgeSlotTests(DaemonTestCase):
+class ConnectionSlotTests(DaemonTestCase):
     settings = {"MAX_CONNECTIONS": "20", "MAX_CONNECTIONS_PER_ADDRESS": "20"}
 
     def test_abandoned_waits_and_follows_give_their_slots_back(self):
@@ -3375,7 +3375,7 @@ class EdgeSlotTests(DaemonTestCase):
         open(gate, "w").close()
 
 
-class EdgePerAddressTests(DaemonTestCase):
+class PerAddressLimitTests(DaemonTestCase):
     settings = {"MAX_CONNECTIONS": "40", "MAX_CONNECTIONS_PER_ADDRESS": "10",
                 "HEADER_TIMEOUT": "30"}
 
@@ -3416,7 +3416,7 @@ class EdgePerAddressTests(DaemonTestCase):
             "X-Real-IP": "203.0.113.10"})[0], 200)
 
 
-class EdgeSizeTests(DaemonTestCase):
+class LargeAnswerTests(DaemonTestCase):
     """Answers that grow with stored data are streamed in bounded memory."""
 
     def peak_rss_kib(self):
@@ -3482,7 +3482,7 @@ class EdgeSizeTests(DaemonTestCase):
         self.assertNotIn("\n5\n", page)
 
 
-class EdgeInputTests(DaemonTestCase):
+class BadInputTests(DaemonTestCase):
     """No input gets a 5xx: every decoding and package layout is a 400."""
 
     def post(self, body, content_type="multipart/form-data; boundary=b"):
@@ -3552,7 +3552,7 @@ class EdgeInputTests(DaemonTestCase):
         self.assertNotIn("Traceback", self.daemon.daemon_log())
 
 
-class EdgeFuzzTests(DaemonTestCase):
+class RequestFuzzTests(DaemonTestCase):
     """Seeded random requests to every endpoint, header and parameter."""
     settings = {"READ_TIMEOUT": "5", "HEADER_TIMEOUT": "5", "MAX_UPLOAD_SIZE": "1M"}
     requests = int(os.environ.get("IPD_FUZZ_REQUESTS", soak(20000, 600))) // 5
@@ -3605,7 +3605,7 @@ class EdgeFuzzTests(DaemonTestCase):
         self.assertNotIn("Traceback", self.daemon.daemon_log())
 
 
-class EdgeLogTests(DaemonTestCase):
+class LogLineTests(DaemonTestCase):
     """Logs say what happened, and only that."""
 
     def test_no_forged_lines_and_long_paths_cut(self):
@@ -3630,7 +3630,7 @@ class EdgeLogTests(DaemonTestCase):
         self.assertTrue(record["files"]["package"]["name"].startswith("x.bin\r\n2026"))
 
 
-class EdgeAddressTests(DaemonTestCase):
+class ClientAddressTests(DaemonTestCase):
     settings = {"TRUSTED_PROXIES": ""}
 
     def test_forwarded_addresses_only_from_trusted_proxies(self):
@@ -3652,7 +3652,7 @@ class EdgeAddressTests(DaemonTestCase):
         self.assertIn('127.0.0.1 "GET /deploy/stat" 200', log)
 
 
-class EdgeLoginCostTests(DaemonTestCase):
+class LoginCostTests(DaemonTestCase):
     alone = True  # measures time: runs while no other test does
     extra = "ADMIN:fast:%s\n" % sha256_hex("fast-pw")
 
@@ -3679,7 +3679,7 @@ class EdgeLoginCostTests(DaemonTestCase):
             self.assertGreater(median[name] / median["slow"], 0.4, median)
 
 
-class EdgeFileNameTests(DaemonTestCase):
+class FileNameTests(DaemonTestCase):
     """File names recorded as browsers and clients mean them."""
 
     def test_names_as_browsers_send_them(self):
@@ -3727,7 +3727,7 @@ Promise.allSettled([post("/cancel/app/%(running)s"), post("/redeploy/app/%(runni
 </script></body></html>"""
 
 
-class EdgeBrowserTests(DaemonTestCase):
+class CrossOriginBrowserTests(DaemonTestCase):
     """A page of another origin, in a real Chromium logged in to ipd, tries
     to deploy, cancel and redeploy: each is answered 403, nothing changes."""
     system = True  # the same on every Python: once per CI run
@@ -8151,7 +8151,7 @@ class StartupCheckTests(unittest.TestCase):
         self.assertIn("(0 deployments on disk)", daemon.daemon_log())
 
 
-class CommandLineIssue15Tests(unittest.TestCase):
+class CommandLineOptionTests(unittest.TestCase):
     """Issue #15: --config anywhere, --version, passwd's checks, help for
     every command and option, the exit statuses in --help."""
 
@@ -11521,7 +11521,7 @@ class AuditSyslogTests(DaemonTestCase):
 # Known to take longest: started first, so that no worker is left with one
 # at the end.
 SLOW_FIRST = (
-    "AccountableTests.test_failing_notify_url_is_logged_not_fatal",
+    "AuditAndNotifyTests.test_failing_notify_url_is_logged_not_fatal",
     "ClientTests.test_errors_are_one_line_with_distinct_exit_codes",
     "GuaranteeRandomKillTests", "ScriptsUserTests.test_timeout_",
     "PackageBombTests", "GuaranteeFuzzTests.test_fuzz_the_upload_endpoint",
