@@ -5649,6 +5649,17 @@ class RegistryTests(RegistryTestCase):
         self.assertError(self.call("GET", "/v2/api/manifests/v1", user="other:other-pw"),
                          404, "MANIFEST_UNKNOWN")
 
+    def test_tags_and_blobs_outlive_a_restart(self):
+        layers = [gzip_layer({"kept": b"across a restart"})]
+        answer, manifest = self.push_image("v1", layers)
+        self.deployed(answer)
+        self.daemon.restart()
+        self.assertEqual(self.call("GET", "/v2/web/manifests/v1")[2], manifest)
+        self.assertEqual(self.call("GET", "/v2/web/blobs/" + digest_of(layers[0]))[2],
+                         layers[0])
+        self.assertEqual(self.call("GET", "/v2/web/tags/list", user="dev")[0], 200)
+        self.assertNotIn(".registry", self.daemon.get("/list")[2])
+
     def test_a_deploy_token_pushes_to_its_project_only(self):
         done = subprocess.run([sys.executable, IPD, "--config", self.daemon.config, "token",
                                "create", "--project", "web", "--expires", "1h"],
