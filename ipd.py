@@ -3700,18 +3700,22 @@ def leftovers_of(records, step_identity):
 
 
 def stop_processes(pids, grace):
-    """SIGTERM pids, SIGKILL those still running after grace seconds."""
-    for signum in (signal.SIGTERM, signal.SIGKILL):
+    """SIGTERM pids, SIGKILL those still running after grace seconds, and
+    return once they have ended: SIGKILL is not instant on a busy machine
+    (a process in the kernel, state D, ends when it leaves it), so what
+    comes next (a state that says they were stopped) waits for it, up to
+    a minute more."""
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, max(grace, 60))):
         for pid in pids:
             try:
                 os.kill(pid, signum)
             except OSError:
                 pass
-        deadline = time.monotonic() + grace
+        deadline = time.monotonic() + wait
         while any(process_running(pid) for pid in pids):
             if time.monotonic() > deadline:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         else:
             return
 
