@@ -602,6 +602,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--layers", action="store_true", help="only the layer "
                         "push figures (issue #16)")
+    parser.add_argument("--registry", action="store_true", help="only docker push "
+                        "to ipd beside docker-registry (issue #24)")
     parser.add_argument("--scale", action="store_true", help="only the start-up "
                         "over 100,000 deployments, beside %s's" % STARTUP_BASELINE)
     args = parser.parse_args(argv)
@@ -614,6 +616,10 @@ def main(argv=None):
         return 0
     if args.layers:
         report_layers(layer_figures(work, args.quick))
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
+    if args.registry:
+        report_registry(registry_figures(work, args.quick, runs))
         shutil.rmtree(work, ignore_errors=True)
         return 0
     ensure_tools()
@@ -652,6 +658,11 @@ def main(argv=None):
                            revision=STARTUP_BASELINE)
     report(results, payloads, sha_rate, status, start_delay, scale, runs)
     report_layers(layer_figures(work, args.quick))
+    if shutil.which("docker-registry") and shutil.which("docker"):
+        report_registry(registry_figures(work, args.quick, runs))
+    else:
+        print("\ndocker push beside docker-registry: skipped (apt-get install "
+              "docker.io docker-registry)")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
@@ -989,6 +1000,140 @@ def report_layers(figures):
           "the unique %.0f MiB (full copies: %.0f MiB) | at most 1.3 x |" % (
               ten["used"] / MIB, ten["used"] / ten["unique"], ten["unique"] / MIB,
               ten["full"] / MIB))
+
+
+# --- docker push to ipd beside Debian's docker-registry (issue #24)
+
+class DockerRegistry(System):
+    """Debian's docker-registry (the reference implementation), on loopback."""
+    name = "docker-registry"
+
+    def start(self):
+        self.port = free_port()
+        shutil.rmtree(self.store, ignore_errors=True)
+        config = os.path.join(self.work, "config.yml")
+        with open(config, "w") as file:
+            file.write("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+                       "    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%d\n"
+                       % (self.store, self.port))
+        with open(os.path.join(self.work, "server.log"), "wb") as out:
+            self.process = subprocess.Popen(["docker-registry", "serve", config],
+                                            stdout=out, stderr=out)
+        wait_for_port(self.port)
+
+
+class IpdRegistry(System):
+    """ipd as a registry: project bench, whose control.sh loads nothing."""
+    name = "ipd registry"
+    pinned = False  # as docker-registry: the engine compresses beside it
+
+    def start(self):
+        shutil.rmtree(self.store, ignore_errors=True)
+        Ipd.start(self)
+
+    def login(self, config):
+        subprocess.run(["docker", "login", "-u", "bench", "--password-stdin",
+                        "127.0.0.1:%d" % self.port], input=b"bench", check=True,
+                       stdout=subprocess.DEVNULL, env=dict(os.environ, DOCKER_CONFIG=config))
+
+    def wait_ok(self, since):
+        """Seconds from since until the project's latest deployment is ok."""
+        auth = "Basic " + base64.b64encode(b"bench:bench").decode()
+        while True:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            connection.request("GET", "/deploy/status/bench", headers={"Authorization": auth})
+            state = connection.getresponse().read().decode().strip()
+            connection.close()
+            if state == "ok":
+                return time.monotonic() - since
+            if state not in ("await", "active", "no"):
+                raise SystemExit("the pushed deployment ended %s" % state)
+            time.sleep(0.05)
+
+
+def registry_image(work, tag, size, top):
+    """Build tag FROM scratch: a layer of one random file of size bytes (the
+    same in every run), then a small top layer (top: its bytes)."""
+    context = os.path.join(work, "registry-context")
+    os.makedirs(context, exist_ok=True)
+    big = os.path.join(context, "big.bin")
+    if not os.path.exists(big) or os.path.getsize(big) != size:
+        with open(big, "wb") as out:
+            for _ in range(size // MIB):
+                out.write(os.urandom(MIB))
+    with open(os.path.join(context, "top.txt"), "wb") as out:
+        out.write(top)
+    with open(os.path.join(context, "Dockerfile"), "w") as out:
+        out.write("FROM scratch\nCOPY big.bin /big.bin\nCOPY top.txt /top.txt\n"
+                  'CMD ["/big.bin"]\n')
+    subprocess.run(["docker", "build", "-q", "-t", tag, context], check=True,
+                   stdout=subprocess.DEVNULL, env=dict(os.environ, DOCKER_BUILDKIT="0"))
+
+
+def registry_push(tag, config):
+    """Seconds docker push of tag takes."""
+    started = time.monotonic()
+    subprocess.run(["docker", "push", "-q", tag], check=True, stdout=subprocess.DEVNULL,
+                   env=dict(os.environ, DOCKER_CONFIG=config))
+    return time.monotonic() - started
+
+
+def registry_figures(work, quick, runs):
+    """docker push of the same image to docker-registry and to ipd, fresh
+    each run; ipd's peak RSS in its push; push-to-ok of a one-layer change."""
+    size = 64 * MIB if quick else 500 * MIB
+    config = os.path.join(work, "docker-config")
+    os.makedirs(config, exist_ok=True)
+    registry, ipd = DockerRegistry(work), IpdRegistry(work)
+    times = {registry.name: [], ipd.name: []}
+    peak = 0
+    for number in range(runs):
+        for system in (registry, ipd) if number % 2 == 0 else (ipd, registry):
+            system.start()
+            try:
+                tag = "127.0.0.1:%d/bench:v%d" % (system.port, number)
+                registry_image(work, tag, size, b"run %d\n" % number)
+                if system is ipd:
+                    ipd.login(config)
+                    reset_peak_rss(ipd.pids())
+                times[system.name].append(registry_push(tag, config))
+                if system is ipd:
+                    peak = max(peak, peak_rss_mib(ipd.pids()))
+                print("  docker push %-16s %d MiB run %d: %.2f s" % (
+                    system.name, size // MIB, number + 1, times[system.name][-1]),
+                    flush=True)
+                subprocess.run(["docker", "rmi", "-f", tag], stdout=subprocess.DEVNULL)
+            finally:
+                system.stop()
+    ipd.start()
+    try:
+        ipd.login(config)
+        tag = "127.0.0.1:%d/bench:" % ipd.port
+        registry_image(work, tag + "a", size, b"a\n")
+        registry_push(tag + "a", config)
+        ipd.wait_ok(time.monotonic())
+        registry_image(work, tag + "b", size, b"b\n")
+        started = time.monotonic()
+        registry_push(tag + "b", config)
+        change = ipd.wait_ok(started)
+    finally:
+        ipd.stop()
+    return {"size": size, "times": {name: statistics.median(values)
+                                    for name, values in times.items()},
+            "peak": peak, "change": change}
+
+
+def report_registry(figures):
+    times = figures["times"]
+    print("\ndocker push (issue #24): the same %d MiB image, fresh servers, "
+          "median" % (figures["size"] // MIB))
+    print("| figure | measured | target |")
+    print("| ------ | ------: | ------ |")
+    print("| push time, ipd / docker-registry | %.2f s / %.2f s = %.2f | at most "
+          "1.05 |" % (times["ipd registry"], times["docker-registry"],
+                      times["ipd registry"] / times["docker-registry"]))
+    print("| ipd's peak RSS during the push | %.0f MiB | under 64 MiB |" % figures["peak"])
+    print("| push to ok of a one-layer change | %.2f s | |" % figures["change"])
 
 
 if __name__ == "__main__":

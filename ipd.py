@@ -25,7 +25,9 @@ what a step leaves); deployments (the Deployment type and the one owner of
 their state: records on disk first, the queue, cancels, the counters); the
 deploy worker that runs control.sh; segments (layers stored once,
 recipes, resumable uploads); retention (pruning, the free-space floor,
-segment collection); the service (one method per operation of the API:
+segment collection); the registry (`docker push` as a deployment: the OCI
+Distribution protocol's grammar, manifests, the docker-load tar, upload
+sessions and tags); the service (one method per operation of the API:
 the only door the HTTP layer uses); the status pages; HTTP (routes, the
 request handler, the server); running the daemon; the client (ipd.py
 push, status, logs...); the command line.
@@ -48,8 +50,10 @@ notify.sh and project.conf; with RUN_AS the scripts' PROJECT_DIR is its
 
 and UPLOAD_DIR/.ipd.lock, flock'ed by the one daemon that uses the folder;
 UPLOAD_DIR/.segments/ holds the segments (sha256/ab/abcd...), each once,
-and partial/ the segment uploads under way; UPLOAD_DIR/.oidc/ the keys of
-the OpenID Connect issuers that ipd fetched, a file an issuer.
+and partial/ the segment uploads under way (registry uploads too);
+UPLOAD_DIR/.registry/PROJECT.json the tags pushed to a project's repository;
+UPLOAD_DIR/.oidc/ the keys of the OpenID Connect issuers that ipd fetched,
+a file an issuer.
 """
 
 __version__ = "1.0.0"
@@ -2781,6 +2785,7 @@ class Upload:
         self.fields = {}
         self.files = {}
         self.recipe = None  # a pushed recipe's temporary file (#16)
+        self.record = {}  # fields of its deployment's record (#24: image_ref)
 
     def discard(self):
         """Remove every temporary file of the upload (its files and recipe)."""
@@ -5104,6 +5109,9 @@ class DeployWorker:
         })
         if run_as:
             env["PROJECT_DIR"] = os.path.join(env["PROJECT_DIR"], WORK_DIR)
+        for field, name in (("image_ref", "IMAGE_REF"), ("image_digest", "IMAGE_DIGEST")):
+            if field in record.others:  # a docker push (#24)
+                env[name] = record.others[field]
         if record.signer:  # a signed release: a script may check who signed
             env["SIGNER"] = record.signer["principal"]
             env["SIGNER_KEY"] = record.signer["fingerprint"]
@@ -5881,6 +5889,82 @@ class SegmentStore:
         self._statistics = (time.monotonic(), figures)
         return dict(figures)
 
+    # --- registry blobs (#24): uploads named by a session, segments read
+
+    def session_path(self, owner, session_id):
+        """The partial file of a registry upload session (collected like a
+        segment's partial upload, after SEGMENT_EXPIRY untouched)."""
+        path = self.partial_path(owner, session_id)
+        self.make_folder(os.path.dirname(path))
+        return path
+
+    def stored_size(self, digest):
+        """The size of the stored segment digest, or None."""
+        with self.lock:
+            return self.sizes.get(digest)
+
+    def link(self, user, digest):
+        """Note user (a registry_principal) as a sender of the stored
+        segment digest: a blob mounted or found in a repository; False
+        when it is not stored."""
+        with self.lock:
+            if digest not in self.sizes:
+                return False
+            self.recent[digest] = time.time()
+            names = self.uploaders.setdefault(digest, set())
+            new = user.name not in names
+            names.add(user.name)
+        if new:
+            with open(self.uploaders_path(), "a", encoding="utf-8") as file:
+                file.write(json.dumps([digest, user.name]) + "\n")
+        return True
+
+    def add_bytes(self, user, digest, data):
+        """Store data (a pushed manifest, whose SHA-256 is digest) as a
+        segment sent by user."""
+        path = self.session_path(user.name, "bytes-" + uuid.uuid4().hex)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        except OSError as error:
+            os.close(fd)
+            remove_quietly(path)
+            raise disk_errors(error)
+        os.close(fd)
+        return self.add(user, digest, path)
+
+    def open_segment(self, digest):
+        """The stored segment digest open for reading (it stays readable
+        if a collection removes it meanwhile), or None."""
+        with self.lock:
+            if digest not in self.sizes:
+                return None
+            try:
+                return open(self.path(digest), "rb")
+            except FileNotFoundError:
+                return None
+
+    def read_segment(self, digest, limit):
+        """The bytes of a stored segment of at most limit bytes, or None."""
+        file = self.open_segment(digest)
+        if file is None:
+            return None
+        with file:
+            data = file.read(limit + 1)
+        return data if len(data) <= limit else None
+
+    def copy_segment(self, digest, sink):
+        """Write the stored segment digest into sink; False when it is gone.
+        (1 MiB blocks: a sink that hashes on a second core holds three.)"""
+        file = self.open_segment(digest)
+        if file is None:
+            return False
+        with file:
+            for block in iter(lambda: file.read(CHUNK_SIZE), b""):
+                sink.write(block)
+        return True
+
 
 ###############################################################################
 # Retention: what the disk keeps ##############################################
@@ -5941,6 +6025,515 @@ class Retention:
                      oldest.id, oldest.project)
             self.prune(oldest)
             self.segments.collect()
+
+
+###############################################################################
+# Registry: the OCI Distribution push and pull protocol (issue #24) ###########
+###############################################################################
+
+# `docker push HOST/PROJECT:TAG` as a deployment: the grammar of names,
+# references and digests (OCI Distribution Specification v1.1), the
+# manifests ipd takes (Docker v2 schema 2 and OCI, images and indexes,
+# checked whole before anything is kept), the docker-load tar built from a
+# pushed image as a recipe of its blobs (so a kept deployment refers to
+# them and they are stored once, in the segment store), and the upload
+# sessions and tags (Registry).  The service (Daemon.registry_*) does the
+# rest; the handler parses and answers.
+
+REGISTRY_DIR = ".registry"   # in UPLOAD_DIR: PROJECT.json, its tags
+REGISTRY_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
+REGISTRY_MANIFEST_LIMIT = 4 << 20  # a manifest or index body (distribution's)
+REGISTRY_MANIFEST_ITEMS = 100000   # JSON values in one (annotations and all)
+REGISTRY_CONFIG_LIMIT = 4 << 20    # an image config a manifest names
+REGISTRY_MAX_LAYERS = 256          # layers of one image (overlayfs takes 128)
+REGISTRY_MAX_CHILDREN = 256        # manifests of one index
+REGISTRY_MAX_SESSIONS = 256        # upload sessions open on the server
+REGISTRY_MAX_USER_SESSIONS = 32    # ... of one user
+REGISTRY_MAX_TAGS = 1000           # tags a project keeps (the oldest go)
+# A repository name component and a tag (distribution-spec, "Pulling").
+REGISTRY_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*\Z")
+REGISTRY_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+REGISTRY_DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+\Z")
+REGISTRY_SESSION = re.compile(r"[0-9a-f]{32}\Z")
+REGISTRY_PATH = re.compile(
+    r"/v2/(?P<name>.+?)/(?:(?P<uploads>blobs/uploads)/?(?P<session>[^/]*)"
+    r"|blobs/(?P<blob>[^/]+)|manifests/(?P<manifest>[^/]+)|(?P<tags>tags/list))\Z")
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+IMAGE_MANIFESTS = (DOCKER_MANIFEST, OCI_MANIFEST)
+INDEX_MANIFESTS = (DOCKER_MANIFEST_LIST, OCI_INDEX)
+IMAGE_CONFIGS = ("application/vnd.docker.container.image.v1+json",
+                 "application/vnd.oci.image.config.v1+json")
+# What docker load reads as a layer: tar, gzip (and zstd: Docker 23+).
+LOADABLE_LAYERS = ("application/vnd.docker.image.rootfs.diff.tar.gzip",
+                   "application/vnd.docker.image.rootfs.diff.tar",
+                   "application/vnd.oci.image.layer.v1.tar",
+                   "application/vnd.oci.image.layer.v1.tar+gzip",
+                   "application/vnd.oci.image.layer.v1.tar+zstd")
+# The spec's error codes of the statuses an IpdError carries.
+REGISTRY_CODES = {400: "UNSUPPORTED", 401: "UNAUTHORIZED", 403: "DENIED",
+                  404: "NAME_UNKNOWN", 405: "UNSUPPORTED", 409: "BLOB_UPLOAD_INVALID",
+                  411: "SIZE_INVALID", 413: "SIZE_INVALID", 416: "BLOB_UPLOAD_INVALID",
+                  429: "TOOMANYREQUESTS"}
+
+
+class RegistryError(IpdError):
+    """An error of the registry protocol: an HTTP status and the spec's
+    code (BLOB_UNKNOWN, DIGEST_INVALID, MANIFEST_BLOB_UNKNOWN...)."""
+
+    def __init__(self, status, code, message, headers=None):
+        super().__init__(message, headers)
+        self.http_status = status
+        self.code = code
+
+
+def registry_project(name):
+    """The project of a repository name; raises RegistryError NAME_INVALID
+    for a name that is not one component of the spec's grammar and a
+    project name (a multi-level name such as team/web is refused)."""
+    if "/" in name:
+        raise RegistryError(400, "NAME_INVALID", "repository %s: ipd takes one-level "
+                            "names, the project: push to HOST/%s" % (
+                                printable(name, 100), printable(name.rsplit("/", 1)[-1], 64)))
+    if not (REGISTRY_COMPONENT.match(name) and is_project_name(name)):
+        raise RegistryError(400, "NAME_INVALID", "repository %s is not a project name "
+                            "in lower case (1-64 of a-z, 0-9, '.', '_', '-')"
+                            % printable(name, 100))
+    return name
+
+
+def registry_digest(text):
+    """The 64 hex digits of a 'sha256:HEX' digest; RegistryError
+    DIGEST_INVALID for anything else."""
+    if (text.startswith("sha256:") and SHA256_HEX.match(text[7:])):
+        return text[7:]
+    if REGISTRY_DIGEST.match(text):
+        raise RegistryError(400, "DIGEST_INVALID", "digest %s: ipd takes sha256 "
+                            "digests only" % printable(text, 100))
+    raise RegistryError(400, "DIGEST_INVALID", "%s is not a digest (sha256:64 lower "
+                        "case hex digits)" % printable(text, 100))
+
+
+def registry_reference(text):
+    """A manifest reference -> ('tag', TAG) or ('digest', HEX); raises
+    RegistryError (MANIFEST_INVALID for a bad tag)."""
+    if ":" in text:
+        return "digest", registry_digest(text)
+    if not REGISTRY_TAG.match(text):
+        raise RegistryError(400, "MANIFEST_INVALID", "tag %s: 1-128 of letters, "
+                            "digits, '_', '.', '-', not led by '.' or '-'"
+                            % printable(text, 100))
+    return "tag", text
+
+
+def is_registry_path(path):
+    """True for /v2 and the paths under it: the registry's, not API_ROOT's."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def parse_registry_path(path):
+    """A path under /v2/ -> (kind, project, argument): ('base', None, None),
+    ('blob', project, HEX), ('uploads', project, ''), ('upload', project,
+    SESSION),
+    ('manifest', project, (kind, value)), ('tags', project, None).
+    Raises RegistryError (404 NAME_UNKNOWN for a path that is none)."""
+    if path in ("/v2", "/v2/"):
+        return "base", None, None
+    match = REGISTRY_PATH.match(path)
+    if not match:
+        raise RegistryError(404, "NAME_UNKNOWN", "not found: %s" % printable(path, 200))
+    project = registry_project(urllib.parse.unquote(match.group("name")))
+    if match.group("uploads"):
+        session = urllib.parse.unquote(match.group("session"))
+        if session and not REGISTRY_SESSION.match(session):
+            raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN", "no such upload")
+        return ("upload" if session else "uploads"), project, session
+    if match.group("blob"):
+        return "blob", project, registry_digest(urllib.parse.unquote(match.group("blob")))
+    if match.group("manifest"):
+        return "manifest", project, registry_reference(
+            urllib.parse.unquote(match.group("manifest")))
+    return "tags", project, None
+
+
+def parse_content_range(text):
+    """A PATCH's Content-Range 'START-END' (or 'bytes START-END') ->
+    (start, end); RegistryError 416 for anything else."""
+    match = re.fullmatch(r"\s*(?:bytes[ =])?(\d{1,19})-(\d{1,19})(?:/\S+)?\s*", text)
+    if not match or int(match.group(1)) > int(match.group(2)):
+        raise RegistryError(416, "BLOB_UPLOAD_INVALID", "Content-Range must be "
+                            "START-END: %s" % printable(text, 60))
+    return int(match.group(1)), int(match.group(2))
+
+
+def registry_descriptor(item, where):
+    """A descriptor {mediaType, digest, size[, platform]} checked -> a dict
+    with digest as HEX; RegistryError MANIFEST_INVALID."""
+    if (not isinstance(item, dict) or not isinstance(item.get("mediaType"), str)
+            or not isinstance(item.get("digest"), str)
+            or not isinstance(item.get("size"), int) or isinstance(item["size"], bool)
+            or item["size"] < 0):
+        raise RegistryError(400, "MANIFEST_INVALID", "%s: a descriptor needs "
+                            "mediaType, digest and size" % where)
+    try:
+        digest = registry_digest(item["digest"])
+    except RegistryError as error:
+        raise RegistryError(400, "MANIFEST_INVALID", "%s: %s" % (where, error))
+    platform = item.get("platform")
+    return {"mediaType": item["mediaType"], "digest": digest, "size": item["size"],
+            "platform": platform if isinstance(platform, dict) else {}}
+
+
+def manifest_media_type(manifest, content_type):
+    """The media type of a parsed manifest: its mediaType field, which
+    must agree with a manifest Content-Type; without one, what its fields
+    say (an OCI image or index).  Raises RegistryError MANIFEST_INVALID."""
+    declared = manifest.get("mediaType")
+    content_type = (content_type or "").split(";")[0].strip().lower()
+    known = IMAGE_MANIFESTS + INDEX_MANIFESTS
+    if declared is not None and declared not in known:
+        raise RegistryError(400, "MANIFEST_INVALID", "manifest type %s is not taken: "
+                            "push a Docker v2 schema 2 or OCI manifest or index"
+                            % printable(str(declared), 100))
+    if content_type in known and declared and declared != content_type:
+        raise RegistryError(400, "MANIFEST_INVALID", "the manifest says it is %s but "
+                            "was sent as %s" % (declared, content_type))
+    media_type = declared or (content_type if content_type in known else None)
+    if media_type is None:
+        media_type = OCI_INDEX if "manifests" in manifest else OCI_MANIFEST
+    return media_type
+
+
+def parse_registry_manifest(data, content_type=None):
+    """A manifest's bytes -> {mediaType, index (bool), config, layers,
+    manifests} with its descriptors checked (see registry_descriptor);
+    raises RegistryError MANIFEST_INVALID for anything else."""
+    if len(data) > REGISTRY_MANIFEST_LIMIT:
+        raise RegistryError(413, "SIZE_INVALID", "manifest larger than %d bytes"
+                            % REGISTRY_MANIFEST_LIMIT)
+    try:  # the bounded decoder: no deep nesting, no million values
+        manifest = load_json_object(data, "the manifest", REGISTRY_MANIFEST_ITEMS)
+    except BadRequest as error:
+        raise RegistryError(400, "MANIFEST_INVALID", str(error))
+    if manifest.get("schemaVersion") != 2:
+        raise RegistryError(400, "MANIFEST_INVALID", "a manifest is a JSON object "
+                            "with schemaVersion 2 (schema 1 is not taken)")
+    media_type = manifest_media_type(manifest, content_type)
+    parsed = {"mediaType": media_type, "index": media_type in INDEX_MANIFESTS,
+              "config": None, "layers": [], "manifests": []}
+    if parsed["index"]:
+        children = manifest.get("manifests")
+        if not isinstance(children, list) or len(children) > REGISTRY_MAX_CHILDREN:
+            raise RegistryError(400, "MANIFEST_INVALID", "an index needs a list of at "
+                                "most %d manifests" % REGISTRY_MAX_CHILDREN)
+        parsed["manifests"] = [registry_descriptor(item, "manifests[%d]" % number)
+                               for number, item in enumerate(children)]
+        return parsed
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or len(layers) > REGISTRY_MAX_LAYERS:
+        raise RegistryError(400, "MANIFEST_INVALID", "an image manifest needs a list "
+                            "of at most %d layers" % REGISTRY_MAX_LAYERS)
+    parsed["config"] = registry_descriptor(manifest.get("config"), "config")
+    if parsed["config"]["size"] > REGISTRY_CONFIG_LIMIT:
+        raise RegistryError(400, "MANIFEST_INVALID", "the image config is larger "
+                            "than %d bytes" % REGISTRY_CONFIG_LIMIT)
+    parsed["layers"] = [registry_descriptor(item, "layers[%d]" % number)
+                        for number, item in enumerate(layers)]
+    return parsed
+
+
+def host_platform():
+    """(os, architecture) of this server in OCI's words: linux/amd64 on x86_64."""
+    machine = os.uname().machine
+    return "linux", {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm",
+                     "i686": "386"}.get(machine, machine)
+
+
+def choose_platform(index):
+    """The descriptor of the image an index holds for this server: the one
+    for its platform (linux/amd64 on x86_64), else the only image in it
+    (attestations, platform unknown, do not count).  RegistryError
+    MANIFEST_INVALID when there is none."""
+    system, architecture = host_platform()
+    images = [child for child in index["manifests"]
+              if child["mediaType"] in IMAGE_MANIFESTS and
+              child["platform"].get("os") != "unknown"]
+    for child in images:
+        if (child["platform"].get("os") == system and
+                child["platform"].get("architecture") == architecture):
+            return child
+    if len(images) == 1:
+        return images[0]
+    raise RegistryError(400, "MANIFEST_INVALID", "the index holds no %s/%s image "
+                        "to deploy" % (system, architecture))
+
+
+def check_loadable(image):
+    """Raise RegistryError MANIFEST_INVALID unless docker load can read the
+    image of a parsed manifest: a container image config, tar layers."""
+    if image["config"]["mediaType"] not in IMAGE_CONFIGS:
+        raise RegistryError(400, "MANIFEST_INVALID", "ipd deploys container images: "
+                            "config type %s is not one" % printable(
+                                image["config"]["mediaType"], 100))
+    for layer in image["layers"]:
+        if layer["mediaType"] not in LOADABLE_LAYERS:
+            raise RegistryError(400, "MANIFEST_INVALID", "layer type %s cannot be "
+                                "deployed (docker load reads tar, gzip and zstd "
+                                "layers)" % printable(layer["mediaType"], 100))
+
+
+def tar_header(name, size, directory=False):
+    """The tar header block(s) of a member (PAX where a size needs it)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o755 if directory else 0o644
+    if directory:
+        info.type = tarfile.DIRTYPE
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def archive_pieces(members):
+    """The recipe pieces (see parse_recipe) of a tar of members: (name,
+    bytes) inline, (name, (HEX, size)) a stored segment, (name, None) a
+    folder.  Neighbouring inline bytes are joined."""
+    pieces = []
+
+    def inline(data):
+        if not data:
+            return
+        if pieces and "data" in pieces[-1]:
+            pieces[-1]["data"] += data
+        else:
+            pieces.append({"data": data})
+    for name, content in members:
+        if content is None:
+            inline(tar_header(name, 0, directory=True))
+            continue
+        size = len(content) if isinstance(content, bytes) else content[1]
+        inline(tar_header(name, size))
+        if isinstance(content, bytes):
+            inline(content)
+        else:
+            pieces.append({"sha256": content[0], "size": size})
+        inline(b"\0" * (-size % 512))
+    inline(b"\0" * 1024)  # the end of the archive
+    return pieces
+
+
+def docker_load_members(image_ref, tag, image, image_digest, image_size, extra=()):
+    """The members of a tar that `docker load -i` reads (docker save's
+    layout since Docker 25: an OCI image layout, blobs/sha256/HEX, and its
+    manifest.json naming the config and the layers, tagged image_ref):
+    the image's manifest, config and layers as segments, and extra
+    [(HEX, size)] blobs (a pushed index) beside them."""
+    def blob(digest):
+        return "blobs/sha256/" + digest
+    load = [{"Config": blob(image["config"]["digest"]), "RepoTags": [image_ref],
+             "Layers": [blob(layer["digest"]) for layer in image["layers"]]}]
+    layout_index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{
+        "mediaType": image["mediaType"], "digest": "sha256:" + image_digest,
+        "size": image_size, "annotations": {"io.containerd.image.name": image_ref,
+                                            "org.opencontainers.image.ref.name": tag}}]}
+    blobs = collections.OrderedDict()
+    for digest, size in [(image_digest, image_size)] + list(extra) + [
+            (d["digest"], d["size"]) for d in [image["config"]] + image["layers"]]:
+        blobs.setdefault(digest, size)
+    return ([("blobs/", None), ("blobs/sha256/", None)] +
+            [(blob(digest), (digest, size)) for digest, size in blobs.items()] +
+            [("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+             ("index.json", json.dumps(layout_index, sort_keys=True).encode()),
+             ("manifest.json", json.dumps(load, sort_keys=True).encode())])
+
+
+def registry_principal(project):
+    """Who a project's repository is to the segment store: a blob pushed
+    to it is 'sent' by this name (no user's: AUTH_DB names have no ':'),
+    and it may see what a kept deployment of project refers to."""
+    return User("registry:" + project, "USER", None, frozenset([project]))
+
+
+def registry_fields(record):
+    """The image_ref and image_digest of a pushed deployment (a redeploy
+    of it keeps them), or {}."""
+    return {key: record.others[key] for key in ("image_ref", "image_digest")
+            if key in record.others}
+
+
+class BlobUpload:
+    """One upload session of a blob: its partial file in the segment
+    store, the bytes so far and their SHA-256, taken as they arrive (so a
+    digest is never trusted, and never read twice).  guard: held by the
+    one request writing to it (others are refused, see Registry.take)."""
+
+    def __init__(self, session_id, project, owner, path):
+        self.id, self.project, self.owner, self.path = session_id, project, owner, path
+        self.offset = 0
+        self.sha256 = hashlib.sha256()
+        self.touched = time.time()
+        self.guard = threading.Lock()
+
+    def receive(self, body, length=None):
+        """Append the whole body; with length (a Content-Range's), anything
+        else is refused and the session left as it was (RegistryError
+        416).  A client gone mid-body keeps what came (a resume goes on
+        from GET's Range).  -> the offset."""
+        start, before = self.offset, self.sha256.copy()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:  # expired and collected meanwhile
+            raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN", "no such upload: start "
+                                "it again")
+        try:
+            for buffer, count in body.pieces():
+                view = memoryview(buffer)
+                if length is not None and self.offset + count - start > length:
+                    break
+                try:
+                    write_all(fd, view[:count])
+                except OSError as error:
+                    os.ftruncate(fd, self.offset)
+                    raise disk_errors(error)
+                self.sha256.update(view[:count])
+                self.offset += count
+            if length is not None and self.offset - start != length:
+                raise RegistryError(416, "BLOB_UPLOAD_INVALID", "the body is not the "
+                                    "%d bytes its Content-Range says" % length)
+        except BaseException:
+            if length is not None:  # a ranged chunk lands whole or not at all
+                os.ftruncate(fd, start)
+                self.offset, self.sha256 = start, before
+            raise
+        finally:
+            os.close(fd)
+            self.touched = time.time()
+        return self.offset
+
+    def headers(self):
+        """Location, Range (0-N: N the last byte received, 0-0 for none,
+        as clients count) and Docker-Upload-UUID of the session."""
+        return {"Location": "/v2/%s/blobs/uploads/%s" % (self.project, self.id),
+                "Range": "0-%d" % max(self.offset - 1, 0),
+                "Docker-Upload-UUID": self.id}
+
+
+class Registry:
+    """The registry's own state: the open upload sessions (in memory; a
+    restart forgets them, their partial files go after SEGMENT_EXPIRY) and
+    each project's tags (UPLOAD_DIR/.registry/PROJECT.json).  Blobs and
+    manifests themselves are segments.  lock guards sessions and the tag
+    files' read-change-write."""
+
+    def __init__(self, upload_dir, segments, expiry):
+        self.folder = os.path.join(upload_dir, REGISTRY_DIR)
+        self.segments = segments
+        self.expiry = expiry
+        self.lock = threading.Lock()
+        self.sessions = {}  # id -> BlobUpload
+        self.received = {}  # project -> blob bytes received since its last tag
+
+    def start(self, user, project):
+        """A new BlobUpload of user to project.  Beyond the bounds (after
+        forgetting expired sessions) user's least recently used idle one
+        goes (a push that failed leaves its uploads behind); RegistryError
+        429 when none is idle."""
+        session_id = uuid.uuid4().hex
+        owner = registry_principal(project).name
+        path = self.segments.session_path(owner, session_id)
+        with self.lock:
+            self.expire()
+            mine = [s for s in self.sessions.values() if s.owner == user.name]
+            if (len(self.sessions) >= REGISTRY_MAX_SESSIONS or
+                    len(mine) >= REGISTRY_MAX_USER_SESSIONS):
+                idle = [s for s in mine if not s.guard.locked()]
+                if not idle:
+                    raise RegistryError(429, "TOOMANYREQUESTS", "too many blob "
+                                        "uploads under way: finish some")
+                oldest = min(idle, key=lambda s: s.touched)
+                del self.sessions[oldest.id]
+                remove_quietly(oldest.path)
+            session = self.sessions[session_id] = BlobUpload(
+                session_id, project, user.name, path)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as error:
+            self.drop(session)
+            raise disk_errors(error)
+        return session
+
+    def expire(self):
+        """Forget sessions untouched for SEGMENT_EXPIRY or whose file the
+        segment store collected (under lock)."""
+        now = time.time()
+        for session_id, session in list(self.sessions.items()):
+            if now - session.touched > self.expiry or not os.path.exists(session.path):
+                if not session.guard.locked():
+                    del self.sessions[session_id]
+                    remove_quietly(session.path)
+
+    def find(self, user, project, session_id):
+        """user's session session_id of project; RegistryError 404
+        BLOB_UPLOAD_UNKNOWN for any other (nothing said of others')."""
+        with self.lock:
+            session = self.sessions.get(session_id)
+        if (session is None or session.owner != user.name or session.project != project
+                or not os.path.exists(session.path)):
+            raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN", "no such upload: start "
+                                "it again")
+        return session
+
+    def take(self, session):
+        """Hold session for one request; RegistryError 409 while another
+        request writes to it (its bytes would interleave)."""
+        if not session.guard.acquire(blocking=False):
+            raise RegistryError(409, "BLOB_UPLOAD_INVALID", "another request is "
+                                "writing to this upload", session.headers())
+
+    def drop(self, session):
+        """End session: forgotten, its partial file removed."""
+        with self.lock:
+            self.sessions.pop(session.id, None)
+        remove_quietly(session.path)
+
+    def count_received(self, project, count):
+        """Count blob bytes received for project (an upload's figure)."""
+        with self.lock:
+            self.received[project] = self.received.get(project, 0) + count
+
+    def take_received(self, project):
+        """The blob bytes received for project since the last call."""
+        with self.lock:
+            return self.received.pop(project, 0)
+
+    # --- tags
+
+    def tag_path(self, project):
+        """PROJECT.json, of a checked project name."""
+        return os.path.join(self.folder, project + ".json")
+
+    def tags(self, project):
+        """{tag: HEX} of project, oldest first."""
+        try:
+            with open(self.tag_path(project), "rb") as file:
+                tags = json.loads(file.read().decode()).get("tags", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return {tag: digest for tag, digest in tags.items()
+                if REGISTRY_TAG.match(tag) and SHA256_HEX.match(str(digest))}
+
+    def set_tag(self, project, tag, digest):
+        """Point project's tag at the manifest HEX, written atomically; the
+        oldest tags beyond REGISTRY_MAX_TAGS are forgotten."""
+        with self.lock:
+            tags = self.tags(project)
+            tags.pop(tag, None)
+            tags[tag] = digest
+            while len(tags) > REGISTRY_MAX_TAGS:
+                tags.pop(next(iter(tags)))
+            os.makedirs(self.folder, 0o700, exist_ok=True)
+            write_file_atomic(self.tag_path(project), json.dumps(
+                {"tags": tags}, indent=1).encode(), 0o600)
 
 
 ###############################################################################
@@ -6017,6 +6610,8 @@ class Daemon:
                                    rollback=self.roll_back)
         self.notifier = Notifier(settings, self.store, self.worker.environment,
                                  self.worker.scripts_user)
+        self.registry = Registry(settings.UPLOAD_DIR, self.segments,
+                                 settings.SEGMENT_EXPIRY)  # docker push (#24)
         self.started = time.time()
 
     def tell_the_end(self, record):
@@ -6466,12 +7061,12 @@ class Daemon:
                                       {"redeploy_of": earlier.id, "reverted": rollback_of,
                                        "reason": reason}, yield_to_waiting=True,
                                       redeploy_of=earlier.id, signer=earlier.signer,
-                                      rollback_of=rollback_of)
+                                      rollback_of=rollback_of, **registry_fields(earlier))
         return self.deploy_upload(earlier.project, upload, user, "redeploy",
                                   dict({"redeploy_of": earlier.id, "address": address},
                                        **oidc_fields(user)),
                                   redeploy_of=earlier.id, signer=earlier.signer,
-                                  **oidc_fields(user))
+                                  **dict(oidc_fields(user), **registry_fields(earlier)))
 
     def rebuild_kept(self, earlier, name, user):
         """(#16) The file name of a recipe deployment, rebuilt from its kept
@@ -6522,11 +7117,11 @@ class Daemon:
                 return earlier, False
         if signer:
             self.check_not_replayed(project, signer, user, address)
+        extra = dict(oidc_fields(user), **upload.record)
         record = self.deploy_upload(project, upload, user, "upload",
                                     dict({"address": address, "signer": signer},
-                                         **oidc_fields(user)),
-                                    received=received, signer=signer,
-                                    **oidc_fields(user))
+                                         **extra),
+                                    received=received, signer=signer, **extra)
         return record, True
 
     def deploy_upload(self, project, upload, user, event, fields, received=0,
@@ -6588,6 +7183,281 @@ class Daemon:
                     "only the one an administrator placed on the server "
                     "(SCRIPTS=server): leave it out of the package" % project)
         return find_control_script(staging if own_script else None, project_dir)
+
+    # --- the registry (#24): docker push and pull; Handler.api_registry
+
+    def registry_project(self, user, project, push=False):
+        """Check that user may use project's repository (to push to, with
+        push); raises RegistryError DENIED (the signed route named for a
+        project that takes signed releases only)."""
+        if not user.may_use(project):
+            raise RegistryError(403, "DENIED", "user %s may not use repository %s"
+                                % (user.name, project))
+        if push and self.signature_required(project):
+            raise RegistryError(403, "DENIED", "project %s takes signed releases only "
+                                "(REQUIRE_SIGNATURE): push with ipd.py push --sign "
+                                "KEY, not a registry push" % project)
+
+    def registry_blob_size(self, user, project, digest):
+        """The size of blob HEX in project's repository: pushed to it,
+        referred to by a kept deployment of it, or stored and visible to
+        user (then linked to it).  RegistryError BLOB_UNKNOWN otherwise."""
+        principal = registry_principal(project)
+        if not self.segments.visible(principal, [digest]):
+            if not (self.segments.visible(user, [digest]) and
+                    self.segments.link(principal, digest)):
+                raise RegistryError(404, "BLOB_UNKNOWN", "blob sha256:%s is not in "
+                                    "repository %s" % (digest, project))
+        return self.segments.stored_size(digest)
+
+    def registry_open_blob(self, user, project, digest):
+        """(open file, size) of a blob of project's repository (see
+        registry_blob_size); RegistryError BLOB_UNKNOWN."""
+        size = self.registry_blob_size(user, project, digest)
+        file = self.segments.open_segment(digest)
+        if file is None or size is None:
+            raise RegistryError(404, "BLOB_UNKNOWN", "blob sha256:%s is gone" % digest)
+        return file, size
+
+    def registry_mount(self, user, project, digest, source):
+        """Mount blob HEX from repository source (a project user may use)
+        into project: True when done, False when it is to be uploaded."""
+        try:
+            source = registry_project(source)
+        except RegistryError:
+            return False
+        if not user.may_use(source):
+            return False
+        principal = registry_principal(source)
+        if self.segments.visible(principal, [digest]):
+            return self.segments.link(registry_principal(project), digest)
+        try:
+            return self.registry_blob_size(user, project, digest) is not None
+        except RegistryError:
+            return False
+
+    def registry_start_upload(self, user, project):
+        """A new upload session (BlobUpload) of user to project (507 below
+        MIN_FREE_SPACE: nothing is pruned for a push, see check_room)."""
+        check_room(self.settings.UPLOAD_DIR, self.settings.MIN_FREE_SPACE, 0,
+                   "a blob upload")
+        self.segments.collect_now_and_then()
+        return self.registry.start(user, project)
+
+    def registry_session(self, user, project, session_id):
+        """user's upload session; RegistryError BLOB_UPLOAD_UNKNOWN."""
+        return self.registry.find(user, project, session_id)
+
+    def registry_room(self, session, needed):
+        """The most a request may add to session (0: no bound): within
+        MAX_UPLOAD_SIZE for the whole blob (413), SEGMENT_QUOTA for what the
+        project's repository holds undeployed, and above MIN_FREE_SPACE
+        (507), needed bytes (a Content-Length) checked at once."""
+        limit = self.settings.MAX_UPLOAD_SIZE
+        if limit and session.offset + needed > limit or limit and session.offset >= limit:
+            raise RegistryError(413, "SIZE_INVALID", "blob larger than MAX_UPLOAD_SIZE "
+                                "(%d bytes)" % limit)
+        limit = limit - session.offset if limit else 0
+        check_room(self.settings.UPLOAD_DIR, self.settings.MIN_FREE_SPACE, needed,
+                   "the blob")
+        quota = self.settings.SEGMENT_QUOTA
+        if not quota:
+            return limit
+        left = max(0, quota - self.segments.usage(registry_principal(session.project)))
+        if needed > left or not left:
+            raise DiskFull("blobs pushed to %s and not yet deployed would hold more "
+                           "than SEGMENT_QUOTA (%d bytes): %d bytes left"
+                           % (session.project, quota, left))
+        return min(limit, left) if limit else left
+
+    def registry_receive(self, session, open_body, content_range=None, needed=0):
+        """Append a request body (open_body(limit) opens it, once the request
+        passed its checks, within registry_room) to session, at
+        content_range's (start, end) when given: the start must be where it
+        ends, else 416 with the current Range.  Raises RegistryError."""
+        self.registry.take(session)
+        try:
+            length = None
+            if content_range is not None:
+                if content_range[0] != session.offset:
+                    raise RegistryError(416, "BLOB_UPLOAD_INVALID", "Content-Range "
+                                        "starts at %d but the upload has %d bytes"
+                                        % (content_range[0], session.offset),
+                                        session.headers())
+                length = content_range[1] - content_range[0] + 1
+            before = session.offset
+            room = self.registry_room(session, needed)
+            try:
+                session.receive(open_body(room), length)
+            except RegistryError as error:
+                error.headers = dict(session.headers(), **error.headers)
+                raise
+            finally:
+                self.registry.count_received(session.project, session.offset - before)
+        finally:
+            session.guard.release()
+        return session
+
+    def registry_finish_upload(self, user, session, digest, open_body=None, needed=0):
+        """The last bytes (open_body()) of session, then its SHA-256 checked against
+        digest (HEX) and the blob stored in project's repository; the session
+        ends either way.  RegistryError DIGEST_INVALID on a mismatch."""
+        try:
+            if open_body is not None:
+                self.registry_receive(session, open_body, needed=needed)
+            self.registry.take(session)
+            try:
+                found = session.sha256.hexdigest()
+                if found != digest:
+                    raise RegistryError(400, "DIGEST_INVALID", "the blob's bytes have "
+                                        "digest sha256:%s, not sha256:%s" % (found, digest))
+                try:
+                    with open(session.path, "rb+") as file:
+                        os.fsync(file.fileno())
+                    self.segments.add(registry_principal(session.project), digest,
+                                      session.path)
+                except FileNotFoundError:  # expired and collected meanwhile
+                    raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN", "no such upload: "
+                                        "start it again")
+            finally:
+                session.guard.release()
+        finally:
+            self.registry.drop(session)
+        log.info("blob sha256:%s (%d bytes) pushed to %s by %s", digest,
+                 session.offset, session.project, user.name)
+
+    def registry_cancel_upload(self, session):
+        """DELETE of an upload: its bytes go."""
+        self.registry.take(session)
+        session.guard.release()
+        self.registry.drop(session)
+
+    def registry_manifest(self, user, project, reference):
+        """(media type, bytes, HEX) of a manifest of project's repository by
+        ('tag', TAG) or ('digest', HEX); RegistryError MANIFEST_UNKNOWN."""
+        kind, value = reference
+        digest = self.registry.tags(project).get(value) if kind == "tag" else value
+        data = None
+        if digest and self.segments.visible(registry_principal(project), [digest]):
+            data = self.segments.read_segment(digest, REGISTRY_MANIFEST_LIMIT)
+        try:
+            manifest = parse_registry_manifest(data) if data is not None else None
+        except RegistryError:
+            manifest = None
+        if manifest is None:
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "manifest %s is not in "
+                                "repository %s" % (printable(value, 100), project))
+        return manifest["mediaType"], data, digest
+
+    def registry_tags(self, user, project):
+        """The tags of project's repository, by name."""
+        return sorted(self.registry.tags(project))
+
+    def registry_check_manifest(self, user, project, manifest):
+        """Every blob (or child manifest) a parsed manifest names is in
+        project's repository with the size it says; RegistryError
+        MANIFEST_BLOB_UNKNOWN for one that is not."""
+        named = manifest["manifests"] or [manifest["config"]] + manifest["layers"]
+        self.segments.touch([item["digest"] for item in named])
+        for item in named:
+            try:
+                size = self.registry_blob_size(user, project, item["digest"])
+            except RegistryError:
+                raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", "the manifest names "
+                                    "sha256:%s, which repository %s does not have: "
+                                    "push it first" % (item["digest"], project))
+            if size != item["size"]:
+                raise RegistryError(400, "MANIFEST_INVALID", "sha256:%s has %s bytes, "
+                                    "not the %d the manifest says"
+                                    % (item["digest"], size, item["size"]))
+
+    def registry_put_manifest(self, user, project, reference, content_type, data,
+                              address, host):
+        """Store a pushed manifest byte for byte (checked: see
+        parse_registry_manifest, registry_check_manifest); by tag, deploy
+        it (registry_deploy) and tag it.  -> (HEX, deployment record or
+        None).  Raises RegistryError or IpdError."""
+        kind, value = reference
+        digest = hashlib.sha256(data).hexdigest()
+        if kind == "digest" and value != digest:
+            raise RegistryError(400, "DIGEST_INVALID", "the manifest's digest is "
+                                "sha256:%s, not sha256:%s" % (digest, value))
+        manifest = parse_registry_manifest(data, content_type)
+        self.registry_check_manifest(user, project, manifest)
+        image = None
+        if kind == "tag":  # what it deploys, checked before anything is kept
+            image = self.registry_image(project, digest, manifest, len(data))
+            check_loadable(image[0])
+        self.segments.add_bytes(registry_principal(project), digest, data)
+        record = None
+        if kind == "tag":
+            record = self.registry_deploy(user, project, value, digest, image,
+                                          address, host, len(data))
+            self.registry.set_tag(project, value, digest)
+        audit_event("registry_push", project=project, user=user.name, address=address,
+                    reference=value, digest="sha256:" + digest,
+                    deployment=record.id if record else None)
+        return digest, record
+
+    def registry_image(self, project, digest, manifest, size):
+        """(image manifest, its HEX, its size, extra blobs [(HEX, size)]) that
+        a push of manifest (HEX, size bytes) deploys: itself, or an index's
+        image for this platform (then the index is the extra blob)."""
+        if not manifest["index"]:
+            return manifest, digest, size, ()
+        child = choose_platform(manifest)
+        data = self.segments.read_segment(child["digest"], REGISTRY_MANIFEST_LIMIT)
+        if data is None:
+            raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", "the index's image "
+                                "sha256:%s is not in repository %s" % (
+                                    child["digest"], project))
+        image = parse_registry_manifest(data)
+        if image["index"]:
+            raise RegistryError(400, "MANIFEST_INVALID", "an index in an index is "
+                                "not deployed")
+        return image, child["digest"], len(data), [(digest, size)]
+
+    def registry_deploy(self, user, project, tag, digest, image, address, host,
+                        received):
+        """A deployment of manifest HEX pushed by tag (image: registry_image's),
+        through create_deployment as an upload: $IMAGE a docker-load tar of
+        its image (docker_load_members) built from the stored blobs, with the
+        recipe that refers to them; IMAGE_REF and IMAGE_DIGEST in its record.
+        -> the record."""
+        image, image_digest, image_size, extra = image
+        image_ref = "%s/%s:%s" % (host, project, tag)
+        pieces = archive_pieces(docker_load_members(image_ref, tag, image, image_digest,
+                                                    image_size, extra))
+        size = sum(len(piece["data"]) if "data" in piece else piece["size"]
+                   for piece in pieces)
+        limit = self.settings.MAX_UPLOAD_SIZE  # of $IMAGE, as for a layer push
+        if limit and size > limit:
+            raise RegistryError(413, "SIZE_INVALID", "the image's tar would have %d "
+                                "bytes, over MAX_UPLOAD_SIZE (%d)" % (size, limit))
+        check_room(self.settings.UPLOAD_DIR, self.settings.MIN_FREE_SPACE, size,
+                   "the image's tar")
+        upload = Upload()
+        try:
+            upload.fields["project"] = project
+            sink = upload.files["image"] = FileSink(self.settings.UPLOAD_DIR, "image",
+                                                    "image.tar", parallel=True)
+            for piece in pieces:
+                if "data" in piece:
+                    sink.write(piece["data"])
+                elif not self.segments.copy_segment(piece["sha256"], sink):
+                    raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", "blob sha256:%s "
+                                        "is gone: push it again" % piece["sha256"])
+            sink.close()
+            described = sink.describe()
+            upload.recipe = RecipeFile(encode_recipe({"image": dict(
+                described, segments=pieces)}), self.settings.UPLOAD_DIR)
+            upload.record = {"image_ref": image_ref, "image_digest": "sha256:" + digest}
+            record, _ = self.create_deployment(
+                project, upload, user, address,
+                received + self.registry.take_received(project))
+        finally:
+            upload.discard()
+        return record
 
 
 ###############################################################################
@@ -6976,6 +7846,19 @@ ROUTES = {
     ("GET", "segments", 2): ("segment", "USER"),            # HEAD: the offset
 }
 
+# The registry's endpoints under /v2/ (#24): (method, kind of path, see
+# parse_registry_path) -> Handler.registry_NAME; every one needs a login.
+REGISTRY_ROUTES = {
+    ("GET", "base"): "base", ("HEAD", "base"): "base",
+    ("GET", "blob"): "blob", ("HEAD", "blob"): "blob",
+    ("POST", "uploads"): "upload_start",
+    ("PATCH", "upload"): "upload_patch", ("PUT", "upload"): "upload_put",
+    ("GET", "upload"): "upload_status", ("DELETE", "upload"): "upload_delete",
+    ("GET", "manifest"): "manifest", ("HEAD", "manifest"): "manifest",
+    ("PUT", "manifest"): "manifest_put",
+    ("GET", "tags"): "tags",
+}
+
 
 def json_array_pieces(key, items):
     """'{"key": [' item, item ... ']}' as pieces, for send_stream."""
@@ -7307,6 +8190,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Map the request to (bound method, required role, arguments)."""
         path, query = urllib.parse.urlsplit(self.path)[2:4]
         self.query = urllib.parse.parse_qs(query)
+        if is_registry_path(path):  # docker push (#24)
+            return self.api_registry, None, [method, path]
         root = self.ipd.settings.API_ROOT
         if path != root and not path.startswith(root + "/"):
             raise NotFound("not found: the API is under %s/" % root)
@@ -7428,6 +8313,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.status_sent is not None:  # too late for a clean answer
             self.close_connection = True
             return
+        if is_registry_path(self.path.split("?", 1)[0]):
+            return self.send_registry_error(error)  # the spec's JSON (#24)
         message = str(error).splitlines()[0] if str(error) else "error"
         try:
             self.answer(error.http_status, message + "\n", {"error": message},
@@ -7949,6 +8836,196 @@ class Handler(http.server.BaseHTTPRequestHandler):
         missing, partial = self.ipd.missing_segments(self.user, digests)
         self.answer(200, "".join(digest + "\n" for digest in missing),
                     {"missing": missing, "partial": partial})
+
+    # --- the registry (#24): the OCI Distribution endpoints under /v2/
+
+    def api_registry(self, method, path):
+        """A registry request: the login first (every path, HEAD too, so a
+        client that never asked /v2/ gets the challenge), then the endpoint
+        of REGISTRY_ROUTES; errors in the spec's JSON form."""
+        self.user = self.authenticate("USER")
+        kind, project, argument = parse_registry_path(path)
+        name = REGISTRY_ROUTES.get((method, kind))
+        if name is None:
+            raise RegistryError(405, "UNSUPPORTED", "%s is not supported here" % method)
+        getattr(self, "registry_" + name)(project, argument)
+
+    def send_registry_error(self, error):
+        """{"errors": [{"code", "message"}]}: docker push prints the message
+        (see send_error_answer: every error of a path under /v2/)."""
+        status = error.http_status
+        code = getattr(error, "code", None) or REGISTRY_CODES.get(status, "UNKNOWN")
+        message = str(error).splitlines()[0] if str(error) else "error"
+        body = json.dumps({"errors": [{"code": code, "message": message,
+                                       "detail": {}}]}) + "\n"
+        try:
+            self.send_whole(status, "application/json", body.encode(),
+                            dict(REGISTRY_HEADERS, **error.headers))
+        except OSError:
+            self.close_connection = True
+
+    def registry_answer(self, status, headers, body=b"", content_type=None):
+        """An answer of the registry, with its version header."""
+        headers = dict(REGISTRY_HEADERS, **headers)
+        if content_type:
+            headers["Content-Type"] = content_type
+        self.start_answer(status, headers, len(body))
+        self.write_body(body)
+
+    def registry_body(self, limit):
+        """The request body of an upload, at most limit bytes (0: no bound;
+        see Daemon.registry_room); an absent one is empty."""
+        if self.registry_length() == 0 and "Transfer-Encoding" not in self.headers:
+            self.body = LengthBody(self.rfile, 0)
+            return self.body
+        try:
+            self.body = self.open_body(limit)
+        except TooLarge:
+            raise RegistryError(413, "SIZE_INVALID", "blob larger than MAX_UPLOAD_SIZE, "
+                                "or SEGMENT_QUOTA: at most %d more bytes" % limit)
+        return self.body
+
+    def registry_length(self):
+        """The request's Content-Length (0 when absent or not a number)."""
+        length = (self.headers.get("Content-Length") or "0").strip()
+        return int(length) if length.isdigit() and len(length) < 20 else 0
+
+    def registry_host(self):
+        """The Host the client pushed to (for IMAGE_REF), if well-formed."""
+        host = (self.headers.get("Host") or "").strip()
+        if re.fullmatch(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])"
+                        r"(?::[0-9]{1,5})?", host):
+            return host
+        return "localhost"
+
+    def registry_base(self, project, argument):
+        """GET /v2/: the login holds (the version header says v2)."""
+        self.registry_answer(200, {}, b"{}\n", "application/json")
+
+    def registry_blob(self, project, digest):
+        """HEAD or GET of a blob of the project's repository."""
+        self.ipd.registry_project(self.user, project)
+        file, size = self.ipd.registry_open_blob(self.user, project, digest)
+        with file:
+            self.start_answer(200, dict(REGISTRY_HEADERS, **{
+                "Content-Type": "application/octet-stream",
+                "Docker-Content-Digest": "sha256:" + digest}), size)
+            if self.command == "HEAD":
+                return
+            left = size
+            while left > 0:
+                block = file.read(min(CHUNK_SIZE, left))
+                if not block:
+                    raise ClientGone("blob sha256:%s ended early" % digest)
+                self.write_body(block)
+                left -= len(block)
+
+    def blob_created(self, project, digest):
+        """201: the blob is in the project's repository."""
+        self.registry_answer(201, {"Location": "/v2/%s/blobs/sha256:%s" % (project, digest),
+                                   "Docker-Content-Digest": "sha256:" + digest})
+
+    def registry_query(self, name):
+        """The last ?name= of the query, or None."""
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+    def registry_upload_start(self, project, argument):
+        """POST .../blobs/uploads/: a session (202), a monolithic upload
+        (?digest=, 201) or a mount (?mount=&from=, 201, else a session)."""
+        self.ipd.registry_project(self.user, project, push=True)
+        mount, digest = self.registry_query("mount"), self.registry_query("digest")
+        if mount is not None:
+            mount = registry_digest(mount)
+            if self.ipd.registry_mount(self.user, project, mount,
+                                       self.registry_query("from") or ""):
+                return self.blob_created(project, mount)
+        if digest is not None:
+            digest = registry_digest(digest)
+        session = self.ipd.registry_start_upload(self.user, project)
+        if digest is None:
+            return self.registry_answer(202, session.headers())
+        self.ipd.registry_finish_upload(self.user, session, digest, self.registry_body,
+                                        self.registry_length())
+        self.blob_created(project, digest)
+
+    def registry_upload_patch(self, project, session_id):
+        """PATCH: a chunk (Content-Range) or the rest of the stream."""
+        self.ipd.registry_project(self.user, project, push=True)
+        session = self.ipd.registry_session(self.user, project, session_id)
+        content_range = self.headers.get("Content-Range")
+        if content_range is not None:
+            content_range = parse_content_range(content_range)
+            length = self.headers.get("Content-Length")
+            if (length is not None and length.strip().isdigit() and
+                    int(length) != content_range[1] - content_range[0] + 1):
+                raise RegistryError(400, "BLOB_UPLOAD_INVALID", "Content-Range names "
+                                    "%d bytes but Content-Length %s" % (
+                                        content_range[1] - content_range[0] + 1,
+                                        length.strip()), session.headers())
+        self.ipd.registry_receive(session, self.registry_body, content_range,
+                                  self.registry_length())
+        self.registry_answer(202, session.headers())
+
+    def registry_upload_status(self, project, session_id):
+        """GET of an upload: where it ends, for a resume."""
+        self.ipd.registry_project(self.user, project, push=True)
+        session = self.ipd.registry_session(self.user, project, session_id)
+        self.registry_answer(204, session.headers())
+
+    def registry_upload_put(self, project, session_id):
+        """PUT ...?digest=: the last bytes, if any; the blob checked, stored."""
+        self.ipd.registry_project(self.user, project, push=True)
+        session = self.ipd.registry_session(self.user, project, session_id)
+        digest = self.registry_query("digest")
+        if digest is None:
+            raise RegistryError(400, "DIGEST_INVALID", "PUT of an upload needs ?digest=")
+        digest = registry_digest(digest)
+        self.ipd.registry_finish_upload(self.user, session, digest, self.registry_body,
+                                        self.registry_length())
+        self.blob_created(project, digest)
+
+    def registry_upload_delete(self, project, session_id):
+        """DELETE of an upload: abandoned, its bytes removed."""
+        self.ipd.registry_project(self.user, project, push=True)
+        self.ipd.registry_cancel_upload(
+            self.ipd.registry_session(self.user, project, session_id))
+        self.registry_answer(204, {})
+
+    def registry_manifest(self, project, reference):
+        """HEAD or GET of a manifest, by tag or digest, byte for byte."""
+        self.ipd.registry_project(self.user, project)
+        media_type, data, digest = self.ipd.registry_manifest(self.user, project,
+                                                              reference)
+        self.registry_answer(200, {"Docker-Content-Digest": "sha256:" + digest},
+                             data, media_type)
+
+    def registry_manifest_put(self, project, reference):
+        """PUT .../manifests/REFERENCE: stored; by tag, a deployment."""
+        self.ipd.registry_project(self.user, project, push=True)
+        length = self.headers.get("Content-Length", "").strip()
+        if length.isdigit() and int(length) > REGISTRY_MANIFEST_LIMIT:
+            raise RegistryError(413, "SIZE_INVALID", "manifest larger than %d bytes"
+                                % REGISTRY_MANIFEST_LIMIT)
+        data = self.read_json_body(REGISTRY_MANIFEST_LIMIT, REGISTRY_MANIFEST_ITEMS,
+                                   "the manifest")
+        digest, record = self.ipd.registry_put_manifest(
+            self.user, project, reference, self.headers.get("Content-Type"), data,
+            self.client_ip(), self.registry_host())
+        headers = {"Location": "/v2/%s/manifests/sha256:%s" % (project, digest),
+                   "Docker-Content-Digest": "sha256:" + digest}
+        if record is not None:
+            headers["Ipd-Deployment"] = record.id
+            headers["Ipd-Status"] = "%s/status/%s/%s" % (
+                self.ipd.settings.API_ROOT, project, record.id)
+        self.registry_answer(201, headers)
+
+    def registry_tags(self, project, argument):
+        """GET .../tags/list."""
+        self.ipd.registry_project(self.user, project)
+        self.registry_answer(200, {}, json.dumps(
+            {"name": project, "tags": self.ipd.registry_tags(self.user, project)}
+        ).encode(), "application/json")
 
 
 class Server(http.server.ThreadingHTTPServer):

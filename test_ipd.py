@@ -5348,6 +5348,671 @@ class OidcLoginCostTests(OidcTestCase):
 
 
 ###############################################################################
+# Registry: docker push deploys (issue #24) ###################################
+###############################################################################
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+# Server-side control.sh of a registry project: tells what it got, keeps $IMAGE.
+REGISTRY_SCRIPT = """#!/bin/sh
+[ "$1" = deploy ] || exit 1
+[ -e "$PROJECT_DIR/gate" ] || [ ! -e "$PROJECT_DIR/hold" ] || while [ ! -e "$PROJECT_DIR/gate" ]; do sleep 0.02; done
+echo "IMAGE_REF=$IMAGE_REF"
+echo "IMAGE_DIGEST=$IMAGE_DIGEST"
+cp "$IMAGE" "$PROJECT_DIR/image-$DEPLOY.tar"
+exit 1
+"""
+
+
+def gzip_layer(files):
+    """A gzip-compressed tar layer of {name: bytes}."""
+    return gzip.compress(plain_tar(sorted(files.items())), mtime=0)
+
+
+def digest_of(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def image_manifest(layers, architecture="amd64", media_type=DOCKER_MANIFEST):
+    """(config, manifest) bytes of an image of gzip layers (bytes)."""
+    config = json.dumps({"architecture": architecture, "os": "linux",
+                         "config": {"Cmd": ["/bin/true"]},
+                         "rootfs": {"type": "layers", "diff_ids": [
+                             digest_of(gzip.decompress(layer)) for layer in layers]}
+                         }).encode()
+    oci = "oci" in media_type
+    manifest = {"schemaVersion": 2, "mediaType": media_type,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json" if oci
+                           else "application/vnd.docker.container.image.v1+json",
+                           "digest": digest_of(config), "size": len(config)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"
+                            if oci else "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                            "digest": digest_of(layer), "size": len(layer)}
+                           for layer in layers]}
+    return config, json.dumps(manifest, indent=3).encode()
+
+
+class RegistryTestCase(DaemonTestCase):
+    """A daemon, project web with a control.sh on the server (as an
+    image-only upload needs), and a registry client made of http.client."""
+    project = "web"
+
+    def setUp(self):  # DaemonTestCase's, with a user of project api only
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
+        self.daemon = self.start_daemon(self.settings, extra_users=(
+            "USER:other:%s:api\n" % sha256_hex("other-pw")))
+        self.place_script(self.daemon, self.project)
+
+    def place_script(self, daemon, project, script=REGISTRY_SCRIPT):
+        folder = os.path.join(daemon.upload_dir, project)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "control.sh")
+        with open(path, "w") as file:
+            file.write(script)
+        os.chmod(path, 0o755)
+
+    def call(self, method, path, body=None, headers=None, user="admin", daemon=None):
+        """-> (status, headers, body bytes) of a registry request."""
+        headers = dict(headers or {})
+        if user:
+            name, password = ((user, USERS[user][1]) if user in USERS
+                              else user.split(":", 1))
+            headers["Authorization"] = "Basic " + base64.b64encode(
+                ("%s:%s" % (name, password)).encode()).decode()
+        connection = (daemon or self.daemon).connection()
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            connection.close()
+
+    def assertError(self, answer, status, code):
+        """answer is status with the spec's error JSON of code (a HEAD's:
+        status and type, as it has no body)."""
+        self.assertEqual(answer[0], status, answer[2][:300])
+        self.assertEqual(answer[1]["Content-Type"], "application/json")
+        if not answer[2] and answer[1]["Content-Length"] != "0":
+            return ""
+        errors = json.loads(answer[2].decode())["errors"]
+        self.assertEqual(errors[0]["code"], code, errors)
+        self.assertTrue(errors[0]["message"])
+        return errors[0]["message"]
+
+    def push_blob(self, data, project=None, user="admin", daemon=None):
+        """POST, one streamed PATCH, PUT ?digest=, as docker push does."""
+        project = project or self.project
+        status, headers, _ = self.call("POST", "/v2/%s/blobs/uploads/" % project,
+                                       user=user, daemon=daemon)
+        self.assertEqual(status, 202)
+        status, headers, _ = self.call(  # chunked: http.client's for an iterable
+            "PATCH", headers["Location"], iter([data]),
+            {"Content-Type": "application/octet-stream"}, user=user, daemon=daemon)
+        self.assertEqual(status, 202)
+        location = headers["Location"] + "?digest=" + urllib.parse.quote(digest_of(data))
+        status, headers, body = self.call("PUT", location, b"", user=user, daemon=daemon)
+        self.assertEqual(status, 201, body)
+        return digest_of(data)
+
+    def push_image(self, tag, layers, project=None, user="admin", daemon=None, **kwargs):
+        """Push the layers, the config and the manifest by tag -> the
+        manifest PUT's (status, headers, body) and the manifest."""
+        config, manifest = image_manifest(layers, **kwargs)
+        for blob in layers + [config]:
+            self.push_blob(blob, project, user, daemon)
+        answer = self.call("PUT", "/v2/%s/manifests/%s" % (project or self.project, tag),
+                           manifest, {"Content-Type": json.loads(manifest)["mediaType"]},
+                           user=user, daemon=daemon)
+        return answer, manifest
+
+    def deployed(self, answer, state="ok"):
+        """The deployment a tag push made, once it ended in state."""
+        self.assertEqual(answer[0], 201, answer[2])
+        deployment = answer[1]["Ipd-Deployment"]
+        self.assertEqual(self.daemon.wait_state(self.project, deployment), state)
+        return deployment
+
+    def partial_files(self):
+        root = os.path.join(self.daemon.upload_dir, ".segments", "partial")
+        return [name for folder, _, names in os.walk(root) for name in names]
+
+
+class RegistryTests(RegistryTestCase):
+    """The push and pull protocol, driven by hand as clients drive it."""
+
+    def test_base_challenges_then_admits(self):
+        status, headers, body = self.call("GET", "/v2/", user=None)
+        self.assertEqual(status, 401)
+        self.assertTrue(headers["WWW-Authenticate"].startswith('Basic realm="ipd"'))
+        self.assertEqual(json.loads(body)["errors"][0]["code"], "UNAUTHORIZED")
+        status, headers, body = self.call("GET", "/v2/")
+        self.assertEqual((status, headers["Docker-Distribution-API-Version"]),
+                         (200, "registry/2.0"))
+        self.assertError(self.call("GET", "/v2/", user="admin:wrong"), 401, "UNAUTHORIZED")
+
+    def test_chunked_upload_ranges_status_resume_and_put_with_last_bytes(self):
+        blob = os.urandom(3000)
+        status, headers, _ = self.call("POST", "/v2/web/blobs/uploads/")
+        self.assertEqual((status, headers["Range"]), (202, "0-0"))
+        location, uuid_ = headers["Location"], headers["Docker-Upload-UUID"]
+        self.assertTrue(location.startswith("/v2/web/blobs/uploads/"))
+        self.assertIn(uuid_, location)
+        status, headers, _ = self.call("PATCH", location, blob[:1000], {
+            "Content-Range": "0-999", "Content-Type": "application/octet-stream"})
+        self.assertEqual((status, headers["Range"]), (202, "0-999"))
+        # a chunk that does not follow on: 416 with where the upload is
+        answer = self.call("PATCH", location, blob[1500:2000], {"Content-Range": "1500-1999"})
+        self.assertError(answer, 416, "BLOB_UPLOAD_INVALID")
+        self.assertEqual(answer[1]["Range"], "0-999")
+        status, headers, _ = self.call("GET", location)  # the resume's question
+        self.assertEqual((status, headers["Range"]), (204, "0-999"))
+        status, headers, _ = self.call("PATCH", headers["Location"], iter([blob[1000:2000]]))
+        self.assertEqual((status, headers["Range"]), (202, "0-1999"))
+        status, headers, _ = self.call("PUT", location + "?digest=" + digest_of(blob),
+                                       blob[2000:])
+        self.assertEqual(status, 201)
+        self.assertEqual(headers["Docker-Content-Digest"], digest_of(blob))
+        self.assertEqual(headers["Location"], "/v2/web/blobs/" + digest_of(blob))
+        status, headers, body = self.call("HEAD", "/v2/web/blobs/" + digest_of(blob))
+        self.assertEqual((status, headers["Content-Length"], body), (200, "3000", b""))
+        status, headers, body = self.call("GET", "/v2/web/blobs/" + digest_of(blob))
+        self.assertEqual((status, body), (200, blob))
+        self.assertError(self.call("GET", location), 404, "BLOB_UPLOAD_UNKNOWN")
+        self.assertEqual(self.partial_files(), [])
+
+    def test_monolithic_mount_and_abandon(self):
+        blob = b"monolithic blob"
+        status, headers, _ = self.call(
+            "POST", "/v2/web/blobs/uploads/?digest=" + digest_of(blob), blob)
+        self.assertEqual((status, headers["Docker-Content-Digest"]), (201, digest_of(blob)))
+        # mounted into another project of the user's: no bytes sent
+        status, headers, _ = self.call("POST", "/v2/api/blobs/uploads/?mount=%s&from=web"
+                                       % digest_of(blob))
+        self.assertEqual(status, 201)
+        self.assertEqual(self.call("HEAD", "/v2/api/blobs/" + digest_of(blob))[0], 200)
+        # an unknown blob to mount: a plain upload instead, abandoned
+        status, headers, _ = self.call("POST", "/v2/api/blobs/uploads/?mount=%s&from=web"
+                                       % digest_of(b"absent"))
+        self.assertEqual(status, 202)
+        self.assertEqual(self.call("DELETE", headers["Location"])[0], 204)
+        self.assertError(self.call("GET", headers["Location"]), 404, "BLOB_UPLOAD_UNKNOWN")
+        self.assertEqual(self.partial_files(), [])
+
+    def test_wrong_digest_is_digest_invalid_and_nothing_stored(self):
+        status, headers, _ = self.call("POST", "/v2/web/blobs/uploads/")
+        location = headers["Location"]
+        self.call("PATCH", location, b"some bytes")
+        message = self.assertError(self.call("PUT", location + "?digest=" + digest_of(b"x")),
+                                   400, "DIGEST_INVALID")
+        self.assertIn(digest_of(b"some bytes"), message)
+        for data in (b"x", b"some bytes"):
+            self.assertError(self.call("HEAD", "/v2/web/blobs/" + digest_of(data)), 404,
+                             "BLOB_UNKNOWN")
+        self.assertEqual(self.partial_files(), [])
+
+    def test_tag_push_deploys_a_docker_load_tar_with_image_ref_and_digest(self):
+        layers = [gzip_layer({"bin/app": b"v1"}), gzip_layer({"www/index.html": b"v1\n"})]
+        answer, manifest = self.push_image("v1", layers)
+        digest = answer[1]["Docker-Content-Digest"]
+        self.assertEqual(digest, digest_of(manifest))
+        self.assertEqual(answer[1]["Location"], "/v2/web/manifests/" + digest)
+        deployment = self.deployed(answer)
+        log = self.daemon.log("web", deployment)
+        self.assertIn("IMAGE_REF=127.0.0.1:%d/web:v1\n" % self.daemon.port, log)
+        self.assertIn("IMAGE_DIGEST=%s\n" % digest, log)
+        image = os.path.join(self.daemon.upload_dir, "web", "image-%s.tar" % deployment)
+        with tarfile.open(image) as tar:
+            loaded = json.loads(tar.extractfile("manifest.json").read())
+            self.assertEqual(loaded[0]["RepoTags"], ["127.0.0.1:%d/web:v1" % self.daemon.port])
+            self.assertEqual([tar.extractfile(name).read() for name in loaded[0]["Layers"]],
+                             layers)
+            config = json.loads(tar.extractfile(loaded[0]["Config"]).read())
+            self.assertEqual(config["architecture"], "amd64")
+        # pull: byte for byte, by tag and by digest, with its type
+        for reference in ("v1", digest):
+            status, headers, body = self.call("GET", "/v2/web/manifests/" + reference)
+            self.assertEqual((status, body, headers["Content-Type"],
+                              headers["Docker-Content-Digest"]),
+                             (200, manifest, DOCKER_MANIFEST, digest))
+        self.assertEqual(json.loads(self.call("GET", "/v2/web/tags/list")[2]),
+                         {"name": "web", "tags": ["v1"]})
+        event = audit_events(self.tmp, "upload")[-1]
+        self.assertEqual((event["deployment"], event["image_ref"]),
+                         (deployment, "127.0.0.1:%d/web:v1" % self.daemon.port))
+        status, data = self.daemon.get_json("/stat")
+        self.assertEqual(data["uploads"], 1)
+        # a redeploy (the rollback) of a pushed image: the same IMAGE_REF
+        status, _, again = self.daemon.request("POST", "/redeploy/web/" + deployment)
+        self.assertEqual(status, 202, again)
+        self.assertEqual(self.daemon.wait_state("web", again.strip()), "ok")
+        self.assertIn("IMAGE_REF=127.0.0.1:%d/web:v1\n" % self.daemon.port,
+                      self.daemon.log("web", again.strip()))
+
+    def test_oci_index_by_digest_stores_and_by_tag_deploys_this_platform(self):
+        amd64 = [gzip_layer({"arch": b"amd64"})]
+        arm64 = [gzip_layer({"arch": b"arm64"})]
+        children = []
+        for layers, architecture in ((arm64, "arm64"), (amd64, "amd64")):
+            config, manifest = image_manifest(layers, architecture,
+                                              "application/vnd.oci.image.manifest.v1+json")
+            for blob in layers + [config]:
+                self.push_blob(blob)
+            status, headers, _ = self.call(
+                "PUT", "/v2/web/manifests/" + digest_of(manifest), manifest,
+                {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+            self.assertEqual(status, 201)
+            self.assertNotIn("Ipd-Deployment", headers)  # by digest: stored only
+            children.append({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                             "digest": digest_of(manifest), "size": len(manifest),
+                             "platform": {"os": "linux", "architecture": architecture}})
+        self.assertEqual(self.daemon.get("/status/web")[0], 404)  # nothing deployed
+        index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                            "manifests": children}).encode()
+        answer = self.call("PUT", "/v2/web/manifests/multi", index,
+                           {"Content-Type": OCI_INDEX})
+        deployment = self.deployed(answer)
+        self.assertIn("IMAGE_DIGEST=%s\n" % digest_of(index),
+                      self.daemon.log("web", deployment))
+        image = os.path.join(self.daemon.upload_dir, "web", "image-%s.tar" % deployment)
+        with tarfile.open(image) as tar:
+            loaded = json.loads(tar.extractfile("manifest.json").read())
+            self.assertEqual(tar.extractfile(loaded[0]["Layers"][0]).read(), amd64[0])
+        self.assertEqual(self.call("GET", "/v2/web/manifests/multi")[2], index)
+
+    def test_a_repeated_push_is_not_queued_twice(self):
+        open(os.path.join(self.daemon.upload_dir, "web", "hold"), "w").close()
+        layers = [gzip_layer({"a": b"1"})]
+        first, _ = self.push_image("v1", layers)
+        self.daemon.wait_state("web", first[1]["Ipd-Deployment"], ["active"])
+        again, _ = self.push_image("v1", layers)
+        self.assertEqual(again[1]["Ipd-Deployment"], first[1]["Ipd-Deployment"])
+        open(os.path.join(self.daemon.upload_dir, "web", "gate"), "w").close()
+        self.deployed(first)
+        self.assertEqual(len(audit_events(self.tmp, "upload")), 1)
+
+    def test_pull_is_for_users_of_the_project_only(self):
+        layers = [gzip_layer({"secret": b"web only"})]
+        answer, manifest = self.push_image("v1", layers)
+        self.deployed(answer)
+        digest = digest_of(manifest)
+        paths = ["/v2/web/manifests/v1", "/v2/web/manifests/" + digest,
+                 "/v2/web/blobs/" + digest_of(layers[0]), "/v2/web/tags/list"]
+        for path in paths:
+            self.assertEqual(self.call("GET", path, user="dev")[0], 200, path)
+            self.assertError(self.call("GET", path, user="other:other-pw"), 403, "DENIED")
+            self.assertError(self.call("GET", path, user=None), 401, "UNAUTHORIZED")
+        # the same bytes are not in another repository, nor leaked from it
+        self.assertError(self.call("GET", "/v2/api/blobs/" + digest_of(layers[0]),
+                                   user="other:other-pw"), 404, "BLOB_UNKNOWN")
+        self.assertError(self.call("GET", "/v2/api/manifests/v1", user="other:other-pw"),
+                         404, "MANIFEST_UNKNOWN")
+
+    def test_tags_and_blobs_outlive_a_restart(self):
+        layers = [gzip_layer({"kept": b"across a restart"})]
+        answer, manifest = self.push_image("v1", layers)
+        self.deployed(answer)
+        self.daemon.restart()
+        self.assertEqual(self.call("GET", "/v2/web/manifests/v1")[2], manifest)
+        self.assertEqual(self.call("GET", "/v2/web/blobs/" + digest_of(layers[0]))[2],
+                         layers[0])
+        self.assertEqual(self.call("GET", "/v2/web/tags/list", user="dev")[0], 200)
+        self.assertNotIn(".registry", self.daemon.get("/list")[2])
+
+    def test_a_deploy_token_pushes_to_its_project_only(self):
+        done = subprocess.run([sys.executable, IPD, "--config", self.daemon.config, "token",
+                               "create", "--project", "web", "--expires", "1h"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        login = "ci:" + done.stdout.decode().strip()  # docker login -u ci -p ipd_...
+        answer, _ = self.push_image("v1", [gzip_layer({"t": b"1"})], user=login)
+        deployment = self.deployed(answer)
+        self.assertTrue(self.daemon.get_json("/status/web/" + deployment)[1]["user"]
+                        .startswith("token:"))
+        self.assertError(self.call("POST", "/v2/api/blobs/uploads/", user=login), 403,
+                         "DENIED")
+        self.assertError(self.call("GET", "/v2/web/manifests/v1", user="ci:ipd_0_wrong"),
+                         401, "UNAUTHORIZED")
+
+    def test_a_project_that_takes_signed_releases_refuses_a_push(self):
+        daemon = DaemonProcess(os.path.join(self.tmp, "signed"),
+                               {"REQUIRE_SIGNATURE": "web"}).start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        for method, path in (("POST", "/v2/web/blobs/uploads/"),
+                             ("PUT", "/v2/web/manifests/v1")):
+            message = self.assertError(self.call(method, path, b"{}", daemon=daemon),
+                                       403, "DENIED")
+            self.assertIn("ipd.py push --sign", message)
+        self.assertEqual(self.call("POST", "/v2/api/blobs/uploads/", daemon=daemon)[0], 202)
+
+
+class RegistryRetentionTests(RegistryTestCase):
+    """Sessions and blobs expire after SEGMENT_EXPIRY, unless a kept
+    deployment refers to them."""
+    settings = {"SEGMENT_EXPIRY": "1", "KEEP_DEPLOYMENTS": "1"}
+
+    def test_a_pruned_deployments_blobs_go_the_kept_ones_stay(self):
+        old_layer, new_layer = gzip_layer({"v": b"1"}), gzip_layer({"v": b"2"})
+        first, _ = self.push_image("v1", [old_layer])
+        self.deployed(first)
+        second, manifest = self.push_image("v2", [new_layer])
+        self.deployed(second)  # KEEP_DEPLOYMENTS=1: the first is pruned
+        folder = os.path.join(self.daemon.upload_dir, "web", "deployments")
+        wait_until(lambda: not os.path.exists(os.path.join(
+            folder, first[1]["Ipd-Deployment"] + ".recipe")))
+        time.sleep(1.5)
+        self.call("POST", "/v2/web/blobs/uploads/?digest=" + digest_of(b"n"), b"n")
+        self.assertError(self.call("GET", "/v2/web/blobs/" + digest_of(old_layer)), 404,
+                         "BLOB_UNKNOWN")
+        self.assertError(self.call("GET", "/v2/web/manifests/v1"), 404, "MANIFEST_UNKNOWN")
+        self.assertEqual(self.call("GET", "/v2/web/blobs/" + digest_of(new_layer))[2],
+                         new_layer)
+        self.assertEqual(self.call("GET", "/v2/web/manifests/v2")[2], manifest)
+
+    def test_unfinished_sessions_and_unreferenced_blobs_go_deployed_ones_stay(self):
+        layers = [gzip_layer({"kept": b"1"})]
+        answer, manifest = self.push_image("v1", layers)
+        self.deployed(answer)
+        loose = self.push_blob(b"named by no manifest")
+        status, headers, _ = self.call("POST", "/v2/web/blobs/uploads/")
+        self.call("PATCH", headers["Location"], b"half")
+        time.sleep(1.5)
+        self.call("POST", "/v2/web/blobs/uploads/?digest=" + digest_of(b"n"), b"n")
+        time.sleep(1.5)
+        self.call("POST", "/v2/web/blobs/uploads/?digest=" + digest_of(b"m"), b"m")
+        self.assertError(self.call("GET", headers["Location"]), 404, "BLOB_UPLOAD_UNKNOWN")
+        self.assertError(self.call("HEAD", "/v2/web/blobs/" + loose), 404, "BLOB_UNKNOWN")
+        for digest in [digest_of(layers[0]), digest_of(manifest)]:
+            self.assertEqual(self.call("HEAD", "/v2/web/blobs/" + digest)[0], 200)
+        self.assertEqual(self.call("GET", "/v2/web/manifests/v1")[2], manifest)
+        self.assertEqual(self.partial_files(), [])
+
+
+class RegistryMemoryTests(RegistryTestCase):
+    """A large layer streams through a PATCH and into $IMAGE in flat memory."""
+
+    def test_a_large_layer_push_does_not_grow_memory(self):
+        self.deployed(self.push_image("small", [gzip_layer({"a": b"1"})])[0])
+        before = MemoryTests.peak_rss_kib(self)
+        size, block, digest = soak(1 << 30, 64 << 20), os.urandom(1 << 20), hashlib.sha256()
+
+        def body():
+            for _ in range(size // len(block)):
+                digest.update(block)
+                yield block
+        location = self.call("POST", "/v2/web/blobs/uploads/")[1]["Location"]
+        status, headers, _ = self.call("PATCH", location, body())
+        self.assertEqual((status, headers["Range"]), (202, "0-%d" % (size - 1)))
+        layer = "sha256:" + digest.hexdigest()
+        self.assertEqual(self.call("PUT", location + "?digest=" + layer)[0], 201)
+        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+            "type": "layers", "diff_ids": [layer]}}).encode()
+        self.push_blob(config)
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": digest_of(config), "size": len(config)}, "layers": [{
+                "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                "digest": layer, "size": size}]}).encode()
+        answer = self.call("PUT", "/v2/web/manifests/large", manifest,
+                           {"Content-Type": DOCKER_MANIFEST})
+        deployment = self.deployed(answer)
+        after = MemoryTests.peak_rss_kib(self)
+        report("registry push of a %d MiB layer: ipd's peak RSS %d KiB (was %d)"
+               % (size >> 20, after, before))
+        self.assertLess(after - before, 16 * 1024)
+        self.assertLess(after, 64 * 1024)
+        image = os.path.join(self.daemon.upload_dir, "web", "image-%s.tar" % deployment)
+        self.assertGreater(os.path.getsize(image), size)
+
+
+class RegistryHostileTests(RegistryTestCase):
+    """Malformed and hostile registry requests: each a 4xx with the spec's
+    error JSON, never a 5xx, nothing left behind."""
+    settings = {"READ_TIMEOUT": "5", "HEADER_TIMEOUT": "5", "MAX_UPLOAD_SIZE": "1M"}
+
+    def assertNothingLeft(self):
+        self.assertEqual(self.partial_files(), [])
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertEqual(self.daemon.get("/status/web")[0], 404)  # no deployment
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
+    def session(self, user="admin"):
+        status, headers, _ = self.call("POST", "/v2/web/blobs/uploads/", user=user)
+        self.assertEqual(status, 202)
+        return headers["Location"]
+
+    def test_bad_names_references_and_digests(self):
+        hexes = "0" * 64
+        cases = [
+            ("HEAD", "/v2/web/blobs/sha256:xyz", 400, "DIGEST_INVALID"),
+            ("GET", "/v2/web/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", 400,
+             "DIGEST_INVALID"),
+            ("GET", "/v2/web/blobs/SHA256:" + hexes, 400, "DIGEST_INVALID"),
+            ("GET", "/v2/web/manifests/..%2F..%2Fetc%2Fpasswd", 400, "MANIFEST_INVALID"),
+            ("GET", "/v2/web/manifests/-dash", 400, "MANIFEST_INVALID"),
+            ("GET", "/v2/web/manifests/" + "t" * 129, 400, "MANIFEST_INVALID"),
+            ("GET", "/v2/../../etc/passwd", 404, "NAME_UNKNOWN"),
+            ("GET", "/v2/..%2Fsecret/manifests/v1", 400, "NAME_INVALID"),
+            ("GET", "/v2/team/web/manifests/v1", 400, "NAME_INVALID"),
+            ("GET", "/v2/Web/manifests/v1", 400, "NAME_INVALID"),
+            ("GET", "/v2/.segments/blobs/sha256:" + hexes, 400, "NAME_INVALID"),
+            ("GET", "/v2/web%00/manifests/v1", 400, "NAME_INVALID"),
+            ("GET", "/v2/web/blobs/uploads/..%2F..%2Fx", 404, "BLOB_UPLOAD_UNKNOWN"),
+            ("PATCH", "/v2/web/blobs/uploads/" + "a" * 32, 404, "BLOB_UPLOAD_UNKNOWN"),
+            ("PUT", "/v2/web/blobs/uploads/%s?digest=sha256:%s" % ("a" * 32, hexes), 404,
+             "BLOB_UPLOAD_UNKNOWN"),
+            ("DELETE", "/v2/web/manifests/v1", 405, "UNSUPPORTED"),
+            ("POST", "/v2/web/blobs/uploads/?digest=sha256:nothex", 400, "DIGEST_INVALID"),
+        ]
+        for method, path, status, code in cases:
+            with self.subTest(path=path):
+                self.assertError(self.call(method, path), status, code)
+        message = self.assertError(self.call("GET", "/v2/team/web/manifests/v1"), 400,
+                                   "NAME_INVALID")
+        self.assertIn("push to HOST/web", message)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "secret")))
+        self.assertNothingLeft()
+
+    def test_lying_content_ranges(self):
+        location = self.session()
+        self.call("PATCH", location, b"a" * 100, {"Content-Range": "0-99"})
+        # Content-Length and Content-Range disagree: refused before the body
+        answer = self.call("PATCH", location, b"b" * 50, {"Content-Range": "100-199"})
+        self.assertError(answer, 400, "BLOB_UPLOAD_INVALID")
+        # a chunked body shorter than its range: none of it kept
+        answer = self.call("PATCH", location, iter([b"b" * 50]), {"Content-Range": "100-199"})
+        self.assertError(answer, 416, "BLOB_UPLOAD_INVALID")
+        self.assertEqual(answer[1]["Range"], "0-99")
+        for bad in ("bytes=a-b", "100-50", "-", "99999999999999999999-1"):
+            self.assertError(self.call("PATCH", location, b"c", {"Content-Range": bad}),
+                             416, "BLOB_UPLOAD_INVALID")
+        self.assertEqual(self.call("GET", location)[1]["Range"], "0-99")
+        self.call("PATCH", location, b"d" * 10, {"Content-Range": "100-109"})
+        status, headers, _ = self.call(
+            "PUT", location + "?digest=" + digest_of(b"a" * 100 + b"d" * 10))
+        self.assertEqual(status, 201)
+        self.assertError(self.call("PUT", self.session()), 400, "DIGEST_INVALID")
+
+    def test_manifests_that_name_absent_or_wrong_blobs_keep_nothing(self):
+        layer = gzip_layer({"x": b"1"})
+        config, manifest = image_manifest([layer])
+        self.push_blob(config)
+        answer = self.call("PUT", "/v2/web/manifests/v1", manifest,
+                           {"Content-Type": DOCKER_MANIFEST})
+        self.assertIn(digest_of(layer), self.assertError(answer, 400,
+                                                         "MANIFEST_BLOB_UNKNOWN"))
+        self.push_blob(layer)
+        parsed = json.loads(manifest)
+        parsed["layers"][0]["size"] += 1
+        wrong_size = json.dumps(parsed).encode()
+        too_many = json.loads(manifest)
+        too_many["layers"] = too_many["layers"] * 300
+        artifact = json.loads(manifest)
+        artifact["config"]["mediaType"] = "application/vnd.cncf.helm.config.v1+json"
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest_of(b"absent"), "size": 6,
+            "platform": {"os": "linux", "architecture": "amd64"}}]}
+        cases = [
+            ("v1", wrong_size, DOCKER_MANIFEST, "MANIFEST_INVALID"),
+            ("v1", json.dumps(too_many).encode(), DOCKER_MANIFEST, "MANIFEST_INVALID"),
+            ("v1", json.dumps(artifact).encode(), DOCKER_MANIFEST, "MANIFEST_INVALID"),
+            ("v1", b"not json", DOCKER_MANIFEST, "MANIFEST_INVALID"),
+            ("v1", b'{"schemaVersion": 1, "fsLayers": []}', DOCKER_MANIFEST,
+             "MANIFEST_INVALID"),
+            ("v1", manifest, OCI_INDEX, "MANIFEST_INVALID"),
+            ("v1", json.dumps(index).encode(), OCI_INDEX, "MANIFEST_BLOB_UNKNOWN"),
+            (digest_of(b"other"), manifest, DOCKER_MANIFEST, "DIGEST_INVALID"),
+        ]
+        for reference, body, content_type, code in cases:
+            with self.subTest(code=code, body=body[:60]):
+                self.assertError(self.call("PUT", "/v2/web/manifests/" + reference, body,
+                                           {"Content-Type": content_type}), 400, code)
+        self.assertError(self.call("GET", "/v2/web/manifests/v1"), 404, "MANIFEST_UNKNOWN")
+        for body in (wrong_size, json.dumps(artifact).encode()):
+            self.assertError(self.call("GET", "/v2/web/manifests/" + digest_of(body)),
+                             404, "MANIFEST_UNKNOWN")
+        # a blob is not a manifest
+        self.assertError(self.call("GET", "/v2/web/manifests/" + digest_of(layer)), 404,
+                         "MANIFEST_UNKNOWN")
+        self.assertNothingLeft()
+
+    def test_a_project_without_a_control_script_refuses_a_tag_push(self):
+        answer, manifest = self.push_image("v1", [gzip_layer({"a": b"1"})], project="api")
+        self.assertIn("no control.sh", self.assertError(answer, 400, "UNSUPPORTED"))
+        self.assertError(self.call("GET", "/v2/api/manifests/v1"), 404, "MANIFEST_UNKNOWN")
+        self.assertEqual(self.daemon.get("/status/api")[0], 404)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_oversize_manifests_are_refused_before_or_while_read(self):
+        head = raw_request("PUT", "/v2/web/manifests/v1", headers={
+            "Content-Type": DOCKER_MANIFEST, "Content-Length": str(5 << 20)})
+        answer = raw_exchange(self.daemon.port, head)
+        self.assertEqual(answer_status(answer), 413)
+        self.assertIn(b'"SIZE_INVALID"', answer)
+        chunk = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+        answer = raw_exchange(self.daemon.port, raw_request(
+            "PUT", "/v2/web/manifests/v1", chunk * 5 + b"0\r\n\r\n",
+            {"Transfer-Encoding": "chunked", "Content-Type": DOCKER_MANIFEST}))
+        self.assertEqual(answer_status(answer), 413)
+        self.assertIn(b'"SIZE_INVALID"', answer)
+        # a blob over MAX_UPLOAD_SIZE (1M here), and an image's tar over it
+        answer = self.call("PATCH", self.session(), b"x" * ((1 << 20) + 1))
+        self.assertError(answer, 413, "SIZE_INVALID")
+        layers = [gzip_layer({"a": os.urandom(600 << 10)}),
+                  gzip_layer({"b": os.urandom(600 << 10)})]
+        answer, _ = self.push_image("big", layers)
+        self.assertIn("MAX_UPLOAD_SIZE", self.assertError(answer, 413, "SIZE_INVALID"))
+        self.assertEqual(self.daemon.get("/status/web")[0], 404)
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_unauthenticated_requests_of_every_kind_get_the_challenge(self):
+        paths = ["/v2/", "/v2/web/blobs/sha256:" + "0" * 64, "/v2/web/blobs/uploads/",
+                 "/v2/web/blobs/uploads/" + "a" * 32, "/v2/web/manifests/v1",
+                 "/v2/web/tags/list", "/v2/nope", "/v2/../x", "/v2/Team/Web/manifests/x"]
+        for path in paths:
+            for method in ("HEAD", "GET", "POST", "PATCH", "PUT", "DELETE"):
+                # a wrong password too, on HEADs (more would be throttled)
+                for user in (None, "admin:wrong") if method == "HEAD" else (None,):
+                    with self.subTest(method=method, path=path, user=user):
+                        status, headers, body = self.call(method, path, b"x", user=user)
+                        self.assertEqual(status, 401)
+                        self.assertTrue(headers["WWW-Authenticate"].startswith(
+                            'Basic realm="ipd"'))
+                        if method != "HEAD":
+                            self.assertEqual(json.loads(body)["errors"][0]["code"],
+                                             "UNAUTHORIZED")
+        self.assertNothingLeft()
+
+    def test_concurrent_patches_are_refused_and_a_cut_chunk_resumes(self):
+        location = self.session()
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(raw_request("PATCH", location, b"a" * 600,
+                                 {"Content-Length": "1000"}))
+        wait_until(lambda: self.call("GET", location)[1]["Range"] == "0-599")
+        answer = self.call("PATCH", location, b"b" * 10)
+        self.assertError(answer, 409, "BLOB_UPLOAD_INVALID")
+        sock.close()  # cut mid-body: what came stays
+        wait_until(lambda: self.call("PATCH", location, b"", {
+            "Content-Range": "600-599"})[0] != 409, message="the cut PATCH ended")
+        self.assertEqual(self.call("GET", location)[1]["Range"], "0-599")
+        status, headers, _ = self.call("PATCH", location, b"c" * 400,
+                                       {"Content-Range": "600-999"})
+        self.assertEqual((status, headers["Range"]), (202, "0-999"))
+        blob = b"a" * 600 + b"c" * 400
+        self.assertEqual(self.call("PUT", location + "?digest=" + digest_of(blob))[0], 201)
+        self.assertEqual(self.call("GET", "/v2/web/blobs/" + digest_of(blob))[2], blob)
+        self.assertNothingLeft()
+
+    def test_sessions_are_bounded_and_their_own(self):
+        location = self.session()
+        self.assertError(self.call("GET", location, user="dev"), 404, "BLOB_UPLOAD_UNKNOWN")
+        self.assertError(self.call("PATCH", location, b"x", user="dev"), 404,
+                         "BLOB_UPLOAD_UNKNOWN")
+        self.assertError(self.call("PATCH", location.replace("/web/", "/api/"), b"x"), 404,
+                         "BLOB_UPLOAD_UNKNOWN")
+        others = [self.session() for _ in range(ipd.REGISTRY_MAX_USER_SESSIONS - 1)]
+        self.call("PATCH", others[0], b"x")  # used since: the first is the oldest
+        self.assertEqual(self.call("POST", "/v2/web/blobs/uploads/", user="dev")[0], 202)
+        # one more of the user's: the least recently used goes, the rest stay
+        self.assertEqual(self.call("POST", "/v2/web/blobs/uploads/")[0], 202)
+        self.assertError(self.call("GET", location), 404, "BLOB_UPLOAD_UNKNOWN")
+        self.assertEqual(self.call("GET", others[0])[1]["Range"], "0-0")
+        self.assertEqual(len(self.partial_files()), ipd.REGISTRY_MAX_USER_SESSIONS + 1)
+
+    def test_seeded_fuzz_of_the_registry(self):
+        _, valid = self.push_image("v1", [gzip_layer({"a": b"1"})])
+        rng = random.Random(24)
+        count = soak(5000, 300)
+        location = self.session()
+        words = ["web", "api", "Web", "..", "%2e%2e", "%00", "a" * 300, "team/web",
+                 "sha256:" + "0" * 64, "sha256:zz", "md5:00", "v1", "-x", "%2F",
+                 location.rsplit("/", 1)[-1], "a" * 32, "\u00e9"]
+        kinds = ["blobs", "blobs/uploads", "manifests", "tags/list", "tags", "x", ""]
+        params = ["digest", "mount", "from", "n", "last"]
+        headers = ["Content-Range", "Content-Type", "Range", "Accept", "Expect",
+                   "Transfer-Encoding"]  # (bad logins: throttled, see the 401 test)
+        values = ["0-9", "5-1", "bytes=0-1", "x", DOCKER_MANIFEST, OCI_INDEX,
+                  "100-continue", "chunked", "a" * 3000, "0-0"]
+        statuses = {}
+        for _ in range(count):
+            path = "/v2/%s/%s" % (urllib.parse.quote(rng.choice(words), safe="%/"),
+                                  rng.choice(kinds))
+            if rng.random() < 0.6:
+                path += "/" + urllib.parse.quote(rng.choice(words), safe="%/:")
+            query = "&".join("%s=%s" % (rng.choice(params), urllib.parse.quote(
+                rng.choice(words), safe="%:")) for _ in range(rng.randrange(3)))
+            fields = {"Authorization": ADMIN_AUTH if rng.random() < 0.8 else ""}
+            for _ in range(rng.randrange(3)):
+                fields[rng.choice(headers)] = rng.choice(values)
+            if fields.get("Transfer-Encoding") == "chunked":
+                del fields["Transfer-Encoding"]  # raw_request frames by length
+            method = rng.choice(["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE"])
+            body = os.urandom(rng.randrange(0, 300)) if rng.random() < 0.5 else b""
+            if rng.random() < 0.3:  # a pushed manifest, mutated
+                body = bytearray(valid)
+                for _ in range(rng.randrange(1, 6)):
+                    body[rng.randrange(len(body))] = rng.randrange(256)
+                body = bytes(body)
+            answer = raw_exchange(self.daemon.port, raw_request(
+                method, path + ("?" + query if query else ""), body, fields), timeout=15)
+            status = answer_status(answer)
+            statuses[status] = statuses.get(status, 0) + 1
+            if status and status >= 400 and method != "HEAD":
+                head, _, rest = re.sub(rb"\AHTTP/1\.1 100 Continue\r\n\r\n", b"",
+                                       answer).partition(b"\r\n\r\n")
+                self.assertIn(b'"errors"', rest, (method, path, head, rest))
+        report("fuzz of the registry: %d requests; answers %s" % (count, ", ".join(
+            "%s: %d" % item for item in sorted(statuses.items(), key=lambda i: str(i[0])))))
+        self.assertNotIn(None, statuses)
+        self.assertFalse([status for status in statuses if status >= 500], statuses)
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+        self.assertEqual(self.daemon.leftovers(), [])
+
+
+###############################################################################
 # Guarantees: tests that attack ipd and count ################################
 ###############################################################################
 
@@ -6132,6 +6797,219 @@ class LayerPushDockerTests(DockerTestCase):
         wait_until(lambda: not os.path.exists(os.path.join(folder, first + ".image")))
 
 
+def busybox_context(folder, version):
+    """A docker build context FROM scratch: busybox-static, then www/ (so a
+    new version changes only the top layer); -> its folder."""
+    context = os.path.join(folder, "context-" + version)
+    os.makedirs(os.path.join(context, "www"))
+    shutil.copy(os.path.realpath(shutil.which("busybox")), os.path.join(context, "busybox"))
+    for name, text in (("index.html", version + "\n"), ("health", "ok\n")):
+        with open(os.path.join(context, "www", name), "w") as file:
+            file.write(text)
+    with open(os.path.join(context, "Dockerfile"), "w") as file:
+        file.write('FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\n'
+                   'CMD ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]\n')
+    return context
+
+
+class RegistryClientTests(DockerTestCase):
+    """Issue #24: real clients push to ipd's registry and the push deploys
+    through examples/docker/control.sh (on the server, as for an image-only
+    upload): docker push (a second push sends only its changed layer, and
+    docker pull by digest works for the project's users only), buildah
+    push, podman push and skopeo copy; and a push through the README's
+    nginx block."""
+    script = "examples/docker/control.sh"
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(self.remove_containers)
+        self.write_settings("""
+            APP_PORT=8080
+            HEALTH_PATH=/health
+            HEALTH_TIMEOUT=8
+            DRAIN_SECONDS=1
+            STOP_TIMEOUT=2
+            KEEP_IMAGES=2
+            DOCKER_RUN_OPTS=
+            """)
+        script = os.path.join(self.daemon.upload_dir, self.project, "control.sh")
+        shutil.copy(os.path.join(HERE, self.script), script)
+        os.chmod(script, 0o755)
+        self.host = "127.0.0.1:%d" % self.daemon.port
+        self.docker_config = os.path.join(self.tmp, "docker-config")
+        os.makedirs(self.docker_config)
+
+    remove_containers = DockerExampleTests.remove_containers
+
+    def run_tool(self, *command, env=None, check=True, stdin=None):
+        env = dict(os.environ, **(env or {}))
+        if command[0] == "docker":  # its login, in this test's folder
+            env["DOCKER_CONFIG"] = self.docker_config
+        result = subprocess.run(command, input=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, timeout=300, env=env)
+        if check:
+            self.assertEqual(result.returncode, 0, result.stdout.decode())
+        return result.returncode, result.stdout.decode()
+
+    def pushed(self, push, expect_version):
+        """Run push (a function), then wait for the deployment it made to
+        be ok and the app to answer expect_version; -> (deployment, bytes
+        the registry read)."""
+        log_path = os.path.join(self.tmp, "ipd.log")
+        since = os.path.getsize(log_path)
+        push()
+        deployment = self.daemon.get_json("/status/" + self.project)[1]["deployment"]
+        self.assertNotIn(deployment, self.deployments)
+        self.deployments.append(deployment)
+        state = self.daemon.wait_state(self.project, deployment, timeout=240)
+        self.assertEqual(state, "ok", self.daemon.log(self.project, deployment))
+        self.assertEqual(self.app(), (200, expect_version))
+        with open(log_path, "rb") as file:
+            file.seek(since)
+            text = file.read().decode()
+        return deployment, sum(int(n) for n in re.findall(r'"\w+ /v2/.*" \d+ .* in=(\d+) ',
+                                                          text))
+
+    def docker_push(self, version):
+        reference = "%s/%s:%s" % (self.host, self.project, version)
+        self.run_tool("docker", "build", "-q", "-t", reference,
+                      busybox_context(self.tmp, version), env={"DOCKER_BUILDKIT": "0"})
+        self.run_tool("docker", "push", reference)
+
+    def test_docker_push_deploys_then_sends_only_the_changed_layer(self):
+        self.run_tool("docker", "login", "-u", "admin", "--password-stdin", self.host,
+                      stdin=b"admin-pw")
+        first, sent1 = self.pushed(lambda: self.docker_push("v1"), "v1")
+        second, sent2 = self.pushed(lambda: self.docker_push("v2"), "v2")
+        busybox = os.path.getsize(os.path.realpath(shutil.which("busybox")))
+        report("docker push to ipd: v1 sent %d bytes, v2 (www/ changed) %d"
+               % (sent1, sent2))
+        self.assertGreater(sent1, busybox // 3)  # gzip-compressed
+        self.assertLess(sent2, 16 * 1024)
+        log = self.daemon.log(self.project, second)
+        self.assertIn("Loaded image: %s/%s:v2" % (self.host, self.project), log)
+        # pull by digest: for a user of the project, not for another's
+        digest = re.search(r"sha256:[0-9a-f]{64}", self.registry_digest(second)).group(0)
+        pull = "%s/%s@%s" % (self.host, self.project, digest)
+        self.run_tool("docker", "pull", pull)
+        with open(self.daemon.users_file, "a") as file:
+            file.write("USER:other:%s:api\n" % sha256_hex("other-pw"))
+        self.run_tool("docker", "logout", self.host)
+        self.run_tool("docker", "login", "-u", "other", "--password-stdin", self.host,
+                      stdin=b"other-pw")
+        self.assertIn('"GET /v2/%s/manifests/%s" 200 user=admin' % (self.project, digest),
+                      self.daemon.daemon_log())
+        # by tag (by digest, the engine takes the manifest it cached)
+        code, output = self.run_tool("docker", "pull", "%s/%s:v2" % (
+            self.host, self.project), check=False)
+        self.assertNotEqual(code, 0)
+        self.assertIn("denied", output.lower())
+        self.assertIn('/manifests/v2" 403 user=other', self.daemon.daemon_log())
+
+    def test_a_push_through_the_readme_nginx_block(self):
+        """The README's location /v2/ block beside location /deploy: a chunked
+        PATCH streams through, Location stays the client's, a tag deploys."""
+        folder = os.path.join(self.tmp, "front")
+        os.makedirs(folder)
+        proxy = Nginx(folder, self.daemon.port, os.path.join(folder, "none-*.conf"))
+        deploy_block = readme_nginx_location().replace(
+            "localhost:9955", "127.0.0.1:%d" % self.daemon.port)
+        registry_block = re.search(r"\n(    location /v2/ \{.*?\n    \})\n", read_text(
+            os.path.join(HERE, "README.md")), re.S).group(1).replace(
+                "localhost:9955", "127.0.0.1:%d" % self.daemon.port)
+        self.assertIn("proxy_request_buffering off;", registry_block)
+        conf = os.path.join(folder, "nginx.conf")
+        text = read_text(conf).replace(deploy_block, deploy_block + "\n" + registry_block)
+        with open(conf, "w") as file:
+            file.write(text)
+        try:
+            proxy.start()
+        except subprocess.CalledProcessError:
+            raise AssertionError(read_text(os.path.join(folder, "error.log")))
+        self.addCleanup(proxy.stop)
+        project = "proxied-" + uuid.uuid4().hex[:8]
+        RegistryTestCase.place_script(self, self.daemon, project)
+
+        def call(method, path, body=None, headers=None):
+            connection = UnixHTTPConnection(proxy.front, timeout=60)
+            try:
+                connection.request(method, path, body=body, headers=dict(
+                    {"Authorization": ADMIN_AUTH}, **(headers or {})))
+                response = connection.getresponse()
+                return response.status, response.headers, response.read()
+            finally:
+                connection.close()
+        self.assertEqual(call("GET", "/v2/", headers={"Authorization": ""})[0], 401)
+        layer = gzip_layer({"big": os.urandom(4 << 20)})
+        config, manifest = image_manifest([layer])
+        for blob in (layer, config):
+            status, headers, _ = call("POST", "/v2/%s/blobs/uploads/" % project)
+            self.assertEqual(status, 202)
+            pieces = [blob[i:i + 65536] for i in range(0, len(blob), 65536)]
+            status, headers, _ = call("PATCH", headers["Location"], iter(pieces))
+            self.assertEqual((status, headers["Range"]), (202, "0-%d" % (len(blob) - 1)))
+            status, _, _ = call("PUT", headers["Location"] + "?digest=" + digest_of(blob))
+            self.assertEqual(status, 201)
+        status, headers, body = call("PUT", "/v2/%s/manifests/v1" % project, manifest,
+                                     {"Content-Type": DOCKER_MANIFEST})
+        self.assertEqual(status, 201, body)
+        deployment = headers["Ipd-Deployment"]
+        self.assertEqual(self.daemon.wait_state(project, deployment), "ok")
+        self.assertIn("IMAGE_REF=localhost/%s:v1\n" % project,
+                      self.daemon.log(project, deployment))
+
+    def registry_digest(self, deployment):
+        """The IMAGE_DIGEST of a pushed deployment, from the audit log."""
+        for line in read_text(os.path.join(self.tmp, "audit.log")).splitlines():
+            event = json.loads(line)
+            if event.get("deployment") == deployment and "image_digest" in event:
+                return event["image_digest"]
+        raise AssertionError("no audit event of %s with its image_digest" % deployment)
+
+    def containers_tools(self):
+        """Storage options of buildah and podman (vfs, in this test's folder)."""
+        for tool in ("buildah", "podman", "skopeo"):
+            if not shutil.which(tool):
+                if os.environ.get("IPD_TEST_DOCKER") == "required":
+                    raise AssertionError(tool + " is not installed")
+                self.skipTest(tool + " is not installed")
+        self.storage = (os.path.join(self.tmp, "storage"), os.path.join(self.tmp, "run"))
+        return ["--root", self.storage[0], "--runroot", self.storage[1],
+                "--storage-driver", "vfs"]
+
+    def buildah_image(self, options, version):
+        """An image FROM scratch built by buildah: busybox-static, www/."""
+        context = busybox_context(self.tmp, version)
+        container = self.run_tool("buildah", *options, "from", "scratch")[1].split()[-1]
+        self.run_tool("buildah", *options, "copy", container,
+                      os.path.join(context, "busybox"), "/bin/busybox")
+        self.run_tool("buildah", *options, "copy", container,
+                      os.path.join(context, "www"), "/www")
+        self.run_tool("buildah", *options, "config", "--cmd", json.dumps(
+            ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]), container)
+        name = "localhost/ipd-test-%s:%s" % (self.project, version)
+        self.run_tool("buildah", *options, "commit", "-q", container, name)
+        self.run_tool("buildah", *options, "rm", container)
+        return name
+
+    def test_buildah_podman_and_skopeo_pushes_deploy(self):
+        options = self.containers_tools()
+        destination = "docker://%s/%s:" % (self.host, self.project)
+        login = ["--tls-verify=false", "--creds", "admin:admin-pw"]
+        image = self.buildah_image(options, "b1")
+        self.pushed(lambda: self.run_tool("buildah", *options, "push", *login, image,
+                                          destination + "b1"), "b1")
+        image = self.buildah_image(options, "p1")
+        self.pushed(lambda: self.run_tool("podman", *options, "push", *login, image,
+                                          destination + "p1"), "p1")
+        image = self.buildah_image(options, "s1")
+        store = "containers-storage:[vfs@%s+%s]%s" % (self.storage + (image,))
+        self.pushed(lambda: self.run_tool("skopeo", "copy", "--dest-tls-verify=false",
+                                          "--dest-creds", "admin:admin-pw", store,
+                                          destination + "s1"), "s1")
+
+
 class ScriptsUserDocker(DockerTestCase):
     """Issue 14: ipd as in DockerTestCase, but its scripts run as
     SCRIPTS_UID in the group of the Docker socket (as RUN_AS=ipd-run:ipd-run,docker
@@ -6276,6 +7154,50 @@ class SwarmExampleTests(DockerTestCase):
         self.assertEqual(len(services), 1, services)
         self.assertEqual(services[0].split()[1].split("@")[0],
                          "ipd-%s:%s" % (self.project, self.deployments[1]))
+
+
+class RegistrySwarmTests(SwarmExampleTests):
+    """Issue #24: docker push to ipd deploys a Swarm service whose image the
+    node pulls from ipd itself (REGISTRY=ipd: IMAGE_REF@IMAGE_DIGEST,
+    --with-registry-auth), on a single-node swarm."""
+    test_v1_v2_then_broken_v3_rolled_back = None  # SwarmExampleTests' own
+
+    def setUp(self):
+        super().setUp()
+        # control.sh's docker needs the manager's login to ipd (DOCKER_CONFIG)
+        self.docker_config = os.path.join(self.tmp, "docker-config")
+        os.makedirs(self.docker_config)
+        self.daemon.stop()
+        self.daemon = DaemonProcess(self.tmp, {"PASS_ENV": "DOCKER_HOST DOCKER_CONFIG",
+                                               "STEP_TIMEOUT": "180"})
+        self.daemon.start(env={"DOCKER_CONFIG": self.docker_config})
+        self.addCleanup(self.daemon.stop, signal.SIGKILL)
+        settings = os.path.join(self.daemon.upload_dir, self.project, "deploy.env")
+        with open(settings) as file:
+            text = file.read().replace("REGISTRY=\n", "REGISTRY=ipd\n")
+        with open(settings, "w") as file:
+            file.write(text)
+        script = os.path.join(self.daemon.upload_dir, self.project, "control.sh")
+        shutil.copy(os.path.join(HERE, self.script), script)
+        os.chmod(script, 0o755)
+        self.host = "127.0.0.1:%d" % self.daemon.port
+
+    run_tool = RegistryClientTests.run_tool
+    pushed = RegistryClientTests.pushed
+    docker_push = RegistryClientTests.docker_push
+
+    def test_docker_push_runs_a_service_that_pulls_from_ipd(self):
+        self.run_tool("docker", "login", "-u", "admin", "--password-stdin", self.host,
+                      stdin=b"admin-pw")
+        first, _ = self.pushed(lambda: self.docker_push("v1"), "v1")
+        second, _ = self.pushed(lambda: self.docker_push("v2"), "v2")
+        services = docker("service", "ls", "--filter", "label=ipd.project=" + self.project,
+                          "--format", "{{.Image}}").split()
+        self.assertEqual(len(services), 1, services)
+        self.assertRegex(services[0], r"^%s/%s@sha256:[0-9a-f]{64}$" % (
+            re.escape(self.host), self.project))
+        self.assertIn('"GET /v2/%s/manifests/sha256:' % self.project,
+                      self.daemon.daemon_log())
 
 
 # --- Issue #17: Docker examples an operator can leave running for months:

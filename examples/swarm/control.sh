@@ -113,7 +113,9 @@ RESTART_DELAY=1s
 # Images of the last deployments kept for a rollback (a redeploy).
 KEEP_IMAGES=3
 # Registry the image is pushed to, for swarms of several nodes; empty: the
-# image stays on this node.  E.g. registry.example.com/team
+# image stays on this node.  E.g. registry.example.com/team; or ipd for an
+# image pushed to ipd with docker push: every node pulls it from ipd itself
+# (IMAGE_REF@IMAGE_DIGEST; the manager's docker login to ipd goes along).
 REGISTRY=
 # Extra options of docker service create, e.g. --env-file /srv/web.env
 SERVICE_OPTS=
@@ -213,7 +215,11 @@ load_settings() {
     [ -n "${PORT_BASE:-}" ] || fail 2 "no PORT_BASE in $ENV_FILE: prepare adds it"
     case "$REPLICAS" in [1-9]|10) ;; *) fail 2 "REPLICAS=$REPLICAS: 1 to 10" ;; esac
     image_repo=$(repository)
-    [ -n "$REGISTRY" ] && image_repo="$REGISTRY/$image_repo"
+    [ -n "$REGISTRY" ] && [ "$REGISTRY" != ipd ] && image_repo="$REGISTRY/$image_repo"
+    if [ "$REGISTRY" = ipd ] && { [ -z "${IMAGE_REF:-}" ] || [ -z "${IMAGE_DIGEST:-}" ]; }; then
+        fail 3 "REGISTRY=ipd deploys images pushed to ipd (docker push): no IMAGE_REF"
+    fi
+    return 0
 }
 
 # Load $IMAGE, tag it for this deployment (and push it to REGISTRY), drop
@@ -229,6 +235,9 @@ load_image() {
     for loaded_name in $(echo "$loaded" | sed -n 's/^Loaded image: //p'); do
         case "$loaded_name" in "$image_repo":*) ;; *) docker rmi "$loaded_name" >/dev/null ;; esac
     done
+    if [ "$REGISTRY" = ipd ]; then  # the nodes pull what was pushed to ipd
+        echo "${IMAGE_REF%:*}@$IMAGE_DIGEST"; return 0
+    fi
     if [ -n "$REGISTRY" ]; then docker push "$target" >&2 || fail 4 "cannot push $target"; fi
     echo "$target"
 }
