@@ -8188,7 +8188,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route(self, method):
         """Map the request to (bound method, required role, arguments)."""
-        path, query = urllib.parse.urlsplit(self.path)[2:4]
+        try:  # a target like http://[ is no URL at all
+            path, query = urllib.parse.urlsplit(self.path)[2:4]
+        except ValueError:
+            raise BadRequest("malformed request target")
         self.query = urllib.parse.parse_qs(query)
         if is_registry_path(path):  # docker push (#24)
             return self.api_registry, None, [method, path]

@@ -3549,6 +3549,11 @@ class BadInputTests(DaemonTestCase):
                 status, _, text = self.daemon.get(path)
                 self.assertEqual(status, expected, text[:200])
                 self.assertLess(len(text), 400)
+        for target in (b"http://[", b"http://[::1"):  # no URL at all: 400, not 500
+            with self.subTest(target):
+                answer = raw_exchange(self.daemon.port, b"GET " + target +
+                                      b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                self.assertEqual(answer_status(answer), 400, answer[:200])
         self.assertNotIn("Traceback", self.daemon.daemon_log())
 
 
