@@ -48,7 +48,10 @@ notify.sh and project.conf; with RUN_AS the scripts' PROJECT_DIR is its
     ID.recipe   of a push by recipe: how to rebuild ID.image and ID.package
                 from inline bytes and segments
 
-and UPLOAD_DIR/.ipd.lock, flock'ed by the one daemon that uses the folder;
+and deployments/index.cache, what a start-up needs of the project: its
+records that may still change or keep files, and figures of the others
+(a cache, trusted only while the folder is as it saw it); and
+UPLOAD_DIR/.ipd.lock, flock'ed by the one daemon that uses the folder;
 UPLOAD_DIR/.segments/ holds the segments (sha256/ab/abcd...), each once,
 and partial/ the segment uploads under way (registry uploads too);
 UPLOAD_DIR/.registry/PROJECT.json the tags pushed to a project's repository;
