@@ -1682,6 +1682,12 @@ def parse_duration(text):
 OIDC_MAX_TOKEN = 16384        # characters; GitHub's and GitLab's are ~1,200
 OIDC_MAX_DEPTH = 8            # nesting of a token's header and claims JSON
 OIDC_LEEWAY = 60              # seconds of clock skew on exp, nbf and iat
+# An ID token that logged in to the registry before its exp stays good
+# there this long past it, for the push it began: docker sends the one
+# password of its login with each request and cannot ask for a fresh one.
+# Verified whole each time but for exp; kept in memory, a token's hash.
+OIDC_SESSION = 3600
+OIDC_SESSIONS = 10000         # the most such tokens remembered at once
 OIDC_MIN_BITS = 2048          # the smallest RSA key a token may be signed by
 OIDC_REFETCH = 60             # an unknown kid fetches the keys at most this often
 OIDC_FETCH_TIMEOUT = 5        # seconds for both fetches (discovery, then JWKS)
@@ -2265,9 +2271,31 @@ class OidcLogins:
     def __init__(self, trust_path, cache_dir, ca_file=""):
         self.trust = TrustDB(trust_path)
         self.keys = IssuerKeys(cache_dir, ca_file)
+        self._lock = threading.Lock()  # guards _sessions
+        self._sessions = {}  # SHA-256 of a token that logged in -> good until
 
-    def authenticate(self, token, now=None):
-        """-> (OidcUser, None), or (None, LoginRefusal with the issuer)."""
+    def _check_times(self, token, claims, now):
+        """check_token_times, but a token that logged in before its exp is
+        good until OIDC_SESSION past it (a push outlives its token)."""
+        key = hashlib.sha256(token.encode()).digest()
+        try:
+            check_token_times(claims, now)
+        except TokenRefused:
+            with self._lock:
+                if now < self._sessions.get(key, 0):
+                    return
+            raise
+        with self._lock:
+            if len(self._sessions) >= OIDC_SESSIONS:
+                self._sessions = {k: until for k, until in self._sessions.items()
+                                  if until > now}
+            if len(self._sessions) < OIDC_SESSIONS:
+                self._sessions[key] = claims["exp"] + OIDC_LEEWAY + OIDC_SESSION
+
+    def authenticate(self, token, now=None, session=False):
+        """-> (OidcUser, None), or (None, LoginRefusal with the issuer).
+        session: a registry's request, for which a token that logged in
+        (so) before its exp stays good OIDC_SESSION past it."""
         issuer = ""
         try:
             header, claims, signed, signature = parse_compact_jws(token)
@@ -2283,7 +2311,11 @@ class OidcLogins:
                     printable(kid, 64), n.bit_length(), OIDC_MIN_BITS))
             if not rsa_sha256_verify(n, e, signed, signature):
                 raise TokenRefused("bad signature")
-            check_token_times(claims, time.time() if now is None else now)
+            now = time.time() if now is None else now
+            if session:
+                self._check_times(token, claims, now)
+            else:
+                check_token_times(claims, now)
             return oidc_user(claims, rules), None
         except TokenRefused as error:
             return None, LoginRefusal("ID token refused: %s" % error,
@@ -6709,8 +6741,8 @@ class Daemon:
                                       "%d s" % (address, wait),
                                       {"Retry-After": str(wait)})
             name, password = parse_credentials(scheme, credentials)
-            user, reason = (self.check_login(name, password) if password
-                            else (None, "malformed credentials"))
+            user, reason = (self.check_login(name, password, is_registry_path(path))
+                            if password else (None, "malformed credentials"))
             if user is None:
                 refusal = login_refusal(scheme, password, bool(self.oidc))
                 self.login_throttle.failed(address)
@@ -6725,12 +6757,14 @@ class Daemon:
                             % " or ".join(ADMITTED[role]))
         return user
 
-    def check_login(self, name, password):
+    def check_login(self, name, password, registry=False):
         """-> (User, None), or (None, why) for a refused login.  A deploy
         token (ipd_...) is taken as the password, whatever the name, and
-        so is an ID token (eyJ...) when OIDC_TRUST is set."""
+        so is an ID token (eyJ...) when OIDC_TRUST is set; on a registry
+        request (docker sends one password all its push long) an ID token
+        that logged in there before its exp is good OIDC_SESSION past it."""
         if self.oidc and looks_like_jwt(password):
-            user, reason = self.oidc.authenticate(password)
+            user, reason = self.oidc.authenticate(password, session=registry)
             if user is None:  # as slow as a wrong password
                 check_password(password[:256], self.users.decoy_hash())
             return user, reason

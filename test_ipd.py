@@ -4883,6 +4883,26 @@ class OidcTests(OidcTestCase):
         self.addCleanup(self.listener.close)
         return {"NOTIFY_URL": self.listener.url}
 
+    def test_a_token_that_logged_in_outlives_its_exp_for_its_push(self):
+        # docker push sends its login's one password with each request: an
+        # ID token that logged in to the registry before its exp stays good
+        # there OIDC_SESSION longer; elsewhere, and one never used, refused
+        exp = int(time.time()) - ipd.OIDC_LEEWAY + 3  # three seconds left
+        token = mint(self.key, github_claims(exp=exp))
+
+        def registry(token):
+            login = base64.b64encode(("oidc:" + token).encode()).decode()
+            return self.daemon.request("GET", "/v2/", user=None, root="", headers={
+                "Authorization": "Basic " + login})[0]
+        self.assertEqual(registry(token), 200)
+        wait_until(lambda: time.time() >= exp + ipd.OIDC_LEEWAY + 0.2, 30,
+                   message="the token's exp")
+        self.assertEqual(registry(token), 200)
+        self.assertEqual(oidc_upload(self.daemon, "Bearer " + token)[0], 401)
+        unused = mint(self.key, github_claims(exp=exp, run_id="2"))
+        self.assertEqual(registry(unused), 401)
+        self.assertIn("expired", audit_events(self.tmp, "login_refused")[-1]["reason"])
+
     def test_a_matching_token_deploys_its_rules_project_and_only_it(self):
         self.assertIn("line 3: a rule needs projects and at least one CLAIM=GLOB",
                       self.daemon.daemon_log("line 3"))
