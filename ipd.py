@@ -5774,14 +5774,24 @@ class SegmentStore:
                 os.rename(partial, final)
                 fsync_dir(os.path.dirname(final))
             self.sizes[digest] = size
-            self.recent[digest] = time.time()
-            names = self.uploaders.setdefault(digest, set())
-            new = user.name not in names
-            names.add(user.name)
+            new = self._note_sender(user, digest)
         if new:
-            with open(self.uploaders_path(), "a", encoding="utf-8") as file:
-                file.write(json.dumps([digest, user.name]) + "\n")
+            self._write_sender(user, digest)
         return size
+
+    def _note_sender(self, user, digest):
+        """Note user as a sender of the stored digest, seen now; -> True
+        when user was not one yet (held lock)."""
+        self.recent[digest] = time.time()
+        names = self.uploaders.setdefault(digest, set())
+        new = user.name not in names
+        names.add(user.name)
+        return new
+
+    def _write_sender(self, user, digest):
+        """Append a new sender to the uploaders file."""
+        with open(self.uploaders_path(), "a", encoding="utf-8") as file:
+            file.write(json.dumps([digest, user.name]) + "\n")
 
     # --- recipes
 
@@ -5945,13 +5955,9 @@ class SegmentStore:
         with self.lock:
             if digest not in self.sizes:
                 return False
-            self.recent[digest] = time.time()
-            names = self.uploaders.setdefault(digest, set())
-            new = user.name not in names
-            names.add(user.name)
+            new = self._note_sender(user, digest)
         if new:
-            with open(self.uploaders_path(), "a", encoding="utf-8") as file:
-                file.write(json.dumps([digest, user.name]) + "\n")
+            self._write_sender(user, digest)
         return True
 
     def add_bytes(self, user, digest, data):

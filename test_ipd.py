@@ -6648,21 +6648,26 @@ class DockerTestCase(unittest.TestCase):
                              version, healthy)
 
 
+# The Docker example's deploy.env in its tests: quick health checks and
+# drains, two images kept.
+DOCKER_EXAMPLE_SETTINGS = """
+    APP_PORT=8080
+    HEALTH_PATH=/health
+    HEALTH_TIMEOUT=8
+    DRAIN_SECONDS=1
+    STOP_TIMEOUT=2
+    KEEP_IMAGES=2
+    DOCKER_RUN_OPTS=
+    """
+
+
 class DockerExampleTests(DockerTestCase):
     script = "examples/docker/control.sh"
 
     def setUp(self):
         super().setUp()
         self.addCleanup(self.remove_containers)
-        self.write_settings("""
-            APP_PORT=8080
-            HEALTH_PATH=/health
-            HEALTH_TIMEOUT=8
-            DRAIN_SECONDS=1
-            STOP_TIMEOUT=2
-            KEEP_IMAGES=2
-            DOCKER_RUN_OPTS=
-            """)
+        self.write_settings(DOCKER_EXAMPLE_SETTINGS)
 
     def remove_containers(self):
         ids = docker("ps", "-aq", "--filter", "label=ipd.project=" + self.project).split()
@@ -6765,15 +6770,7 @@ class LayerPushDockerTests(DockerTestCase):
     def setUp(self):
         super().setUp()
         self.addCleanup(self.remove_containers)
-        self.write_settings("""
-            APP_PORT=8080
-            HEALTH_PATH=/health
-            HEALTH_TIMEOUT=8
-            DRAIN_SECONDS=1
-            STOP_TIMEOUT=2
-            KEEP_IMAGES=2
-            DOCKER_RUN_OPTS=
-            """)
+        self.write_settings(DOCKER_EXAMPLE_SETTINGS)
 
     remove_containers = DockerExampleTests.remove_containers
 
@@ -6849,15 +6846,7 @@ class RegistryClientTests(DockerTestCase):
     def setUp(self):
         super().setUp()
         self.addCleanup(self.remove_containers)
-        self.write_settings("""
-            APP_PORT=8080
-            HEALTH_PATH=/health
-            HEALTH_TIMEOUT=8
-            DRAIN_SECONDS=1
-            STOP_TIMEOUT=2
-            KEEP_IMAGES=2
-            DOCKER_RUN_OPTS=
-            """)
+        self.write_settings(DOCKER_EXAMPLE_SETTINGS)
         script = os.path.join(self.daemon.upload_dir, self.project, "control.sh")
         shutil.copy(os.path.join(HERE, self.script), script)
         os.chmod(script, 0o755)
