@@ -4783,9 +4783,11 @@ class DeploymentStore:
                     return record.copy()
         return None
 
-    def wait_final(self, deployment_id, timeout):
+    def wait_final(self, deployment_id, timeout, project=None):
         """Wait up to timeout seconds for the deployment to end; return a
-        copy of its record, ended or not (None when there is none)."""
+        copy of its record, ended or not (None when there is none).  A
+        cold one is read from disk: from project's folder when given,
+        else looked for in each project's."""
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
@@ -4796,6 +4798,8 @@ class DeploymentStore:
                 if record.state not in UNFINISHED or remaining <= 0:
                     return record.copy()
                 self._lock.wait(remaining)
+        if project is not None:
+            return self._read_cold(project, deployment_id)
         return self.get(deployment_id)
 
     def statistics(self):
@@ -6855,7 +6859,7 @@ class Daemon:
 
     def wait_final(self, record, timeout):
         """record once it has ended, or as it is after timeout seconds."""
-        return self.store.wait_final(record.id, timeout)
+        return self.store.wait_final(record.id, timeout, record.project)
 
     def project_names(self):
         """Projects with deployments or a control.sh placed on the server."""
@@ -6944,7 +6948,8 @@ class Daemon:
         a running one to stop (KILL_GRACE and some); -> its record."""
         record = self.find_or_404(user, project, deployment_id)
         self.cancel(record, user, address)
-        return self.store.wait_final(record.id, self.settings.KILL_GRACE + 10)
+        return self.store.wait_final(record.id, self.settings.KILL_GRACE + 10,
+                                     record.project)
 
     def redeploy_for(self, user, address, project, deployment_id):
         """POST /redeploy: a new deployment of an earlier one's files."""
