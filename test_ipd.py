@@ -9665,8 +9665,15 @@ class LayerPushTests(LayerPushTestCase):
         partial = os.path.join(self.daemon.upload_dir, ".segments", "partial")
 
         def partial_size():
-            return sum(os.path.getsize(os.path.join(folder, name))
-                       for folder, _, names in os.walk(partial) for name in names)
+            # a smaller segment may finish (and move) between walk and stat
+            total = 0
+            for folder, _, names in os.walk(partial):
+                for name in names:
+                    try:
+                        total += os.path.getsize(os.path.join(folder, name))
+                    except FileNotFoundError:
+                        pass
+            return total
         wait_until(lambda: partial_size() > 6 << 20, timeout=60,
                    message="half a segment on the server")
         process.kill()
