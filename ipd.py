@@ -28,8 +28,9 @@ recipes, resumable uploads); retention (pruning, the free-space floor,
 segment collection); the registry (`docker push` as a deployment: the OCI
 Distribution protocol's grammar, manifests, the docker-load tar, upload
 sessions and tags); the service (one method per operation of the API:
-the only door the HTTP layer uses); the status pages; HTTP (routes, the
-request handler, the server); running the daemon; the client (ipd.py
+the only door the HTTP layer uses); the status pages; HTTP (routes; the
+HTTP edge of a connection: framing, bodies, answers; the registry's
+requests; the API's handler; the server); running the daemon; the client (ipd.py
 push, status, logs...); the command line.
 
 On disk, under UPLOAD_DIR, each project has a folder (PROJECT_DIR, kept
@@ -7232,7 +7233,7 @@ class Daemon:
                     "(SCRIPTS=server): leave it out of the package" % project)
         return find_control_script(staging if own_script else None, project_dir)
 
-    # --- the registry (#24): docker push and pull; Handler.api_registry
+    # --- the registry (#24): docker push and pull; RegistryRequest
 
     def registry_project(self, user, project, push=False):
         """Check that user may use project's repository (to push to, with
@@ -7866,8 +7867,9 @@ def render_deployment(root, record, skipped, text, now=None, live=False):
 # HTTP: routes, the request handler and the server ############################
 ###############################################################################
 
-# Parse, call the service, answer: the route table, the cross-origin
-# check, connection limits, then one Handler per connection.
+# Parse, call the service, answer: the route table and the cross-origin
+# check; one Handler (the API) per connection, on HttpEdge (framing,
+# bodies, answers), with RegistryRequest for the registry's /v2/.
 
 
 # (method, first path segment, number of segments) -> (handler name, role)
@@ -7895,7 +7897,7 @@ ROUTES = {
 }
 
 # The registry's endpoints under /v2/ (#24): (method, kind of path, see
-# parse_registry_path) -> Handler.registry_NAME; every one needs a login.
+# parse_registry_path) -> RegistryRequest.NAME; every one needs a login.
 REGISTRY_ROUTES = {
     ("GET", "base"): "base", ("HEAD", "base"): "base",
     ("GET", "blob"): "blob", ("HEAD", "blob"): "blob",
@@ -8093,8 +8095,12 @@ class ConnectionGuard:
                     pass
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """One connection; each request is routed to a method of the API."""
+class HttpEdge(http.server.BaseHTTPRequestHandler):
+    """The HTTP side of one connection, below the API: the request's
+    framing and head deadline, the client's address and origin, the body
+    reader, and every answer's status line, headers and body bytes.  It
+    knows no endpoint: a subclass (Handler) gives route(method), which
+    maps a request to its method, and authenticate(role)."""
 
     protocol_version = "HTTP/1.1"
     server_version = "ipd/" + __version__
@@ -8132,7 +8138,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body = None  # the body reader, once the body is opened
         self.expects_continue = False
         self.large_body = False  # a JSON body of 64 KiB or more was read
-        self.announced_project = None
         self.status_sent = None
         self.bytes_sent = 0
         self.started = time.monotonic()
@@ -8204,14 +8209,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.large_body:
                 return_freed_memory()
 
-    def count_against_client(self):
-        """A proxied request's connection counts against the client the
-        proxy names (MAX_CONNECTIONS_PER_ADDRESS); over it, 503 and close."""
-        if not self.server.guard.attribute(self.connection, self.client_ip()):
-            self.close_connection = True
-            raise Unavailable("too many connections from %s, try again"
-                              % self.client_ip(), {"Retry-After": "1"})
-
     def check_framing(self):
         """One way to find where the body ends, or the request is refused
         and the connection closed (RFC 9112 6.1 and 6.3): a request that
@@ -8233,6 +8230,496 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if reason:
             self.close_connection = True
             raise BadRequest("malformed request: %s" % reason)
+
+    def count_against_client(self):
+        """A proxied request's connection counts against the client the
+        proxy names (MAX_CONNECTIONS_PER_ADDRESS); over it, 503 and close."""
+        if not self.server.guard.attribute(self.connection, self.client_ip()):
+            self.close_connection = True
+            raise Unavailable("too many connections from %s, try again"
+                              % self.client_ip(), {"Retry-After": "1"})
+
+    # --- the client: its address, its origin, what it asks for
+
+    def client_ip(self):
+        """The client's address: the proxy's word for it (X-Real-IP, else
+        the last X-Forwarded-For) when the peer is in TRUSTED_PROXIES."""
+        peer = self.client_address[0]
+        if self.headers is None or not self.peer_is_trusted():
+            return peer
+        forwarded = (self.headers.get("X-Real-IP") or
+                     self.headers.get("X-Forwarded-For", "").split(",")[-1])
+        try:
+            return str(ipaddress.ip_address(forwarded.strip()))
+        except ValueError:
+            return peer  # absent or not an address: the peer's own
+
+    def peer_is_trusted(self):
+        """True when the peer is one of TRUSTED_PROXIES."""
+        return address_in(self.client_address[0],
+                          self.ipd.settings.TRUSTED_PROXIES)
+
+    def own_origins(self):
+        """This server's origins as a browser sees them: PUBLIC_ORIGIN, else
+        the Host header's, with the scheme from a trusted proxy."""
+        if self.ipd.settings.PUBLIC_ORIGIN:
+            return self.ipd.settings.PUBLIC_ORIGIN
+        scheme = "http"
+        if self.peer_is_trusted():
+            forwarded = self.headers.get("X-Forwarded-Proto", "").strip().lower()
+            scheme = forwarded if forwarded in ("http", "https") else scheme
+        origin = normalize_origin("%s://%s" % (scheme, self.headers.get("Host", "")))
+        return [origin] if origin else []
+
+    def check_same_origin(self):
+        """A button's POST comes from a browser, which says where from:
+        besides check_origin (done for every request), one with neither
+        Origin nor Sec-Fetch-Site needs a Referer of this server's origin."""
+        if "Origin" in self.headers or "Sec-Fetch-Site" in self.headers:
+            return
+        referer = self.headers.get("Referer", "")
+        match = re.match(r"[^:/]+://[^/?#]+", referer)
+        if not match or normalize_origin(match.group(0)) not in self.own_origins():
+            raise Forbidden("cross-origin request refused: a button's POST "
+                            "must name its origin")
+
+    def wants_json(self):
+        # headers is None before a request's head is read (begin_request)
+        """True when the client asks for JSON (Accept)."""
+        return (self.headers is not None and
+                "application/json" in self.headers.get("Accept", ""))
+
+    def wants_html(self):
+        """True when a browser asks for a page (Accept: text/html)."""
+        return (self.headers is not None and not self.wants_json()
+                and "text/html" in self.headers.get("Accept", ""))
+
+    def query_number(self, name):
+        """?name=N as a whole number of ASCII digits (0 when absent)."""
+        text = self.query.get(name, ["0"])[-1]
+        if not re.fullmatch(r"[0-9]{1,18}", text):
+            raise BadRequest("%s must be a whole number" % name)
+        return int(text)
+
+    def query_seconds(self, name, limit=3600):
+        """?name=SECONDS as a number from 0 to limit (0 when absent)."""
+        text = self.query.get(name, ["0"])[-1]
+        try:
+            value = float(text)
+        except ValueError:
+            raise BadRequest("%s must be a number of seconds" % name)
+        if not 0 <= value <= limit:
+            raise BadRequest("%s must be from 0 to %d seconds" % (name, limit))
+        return value
+
+    # --- the request body
+
+    def has_unread_body(self):
+        """True when the request announced a body that was not read to its
+        end: whatever is left of it must not be parsed as a request."""
+        if self.headers is None:
+            return False
+        if self.body is not None:
+            return not self.body.finished
+        return ("Transfer-Encoding" in self.headers or
+                self.headers.get("Content-Length", "0").strip() not in ("", "0"))
+
+    def open_body(self, limit):
+        """The request body as a LengthBody or ChunkedBody, checked against
+        limit before any of it is read.  A client that waits for it to be
+        asked for (Expect: 100-continue) is told at the first read: an
+        endpoint refuses before it reads, and no body byte is sent then."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = ChunkedBody(self.rfile, limit)
+        else:
+            length = self.headers.get("Content-Length")
+            if length is None:
+                raise LengthRequired("a Content-Length or chunked body is required")
+            if not re.fullmatch(r"\s*\d{1,19}\s*", length):
+                raise BadRequest("bad Content-Length: %r" % length[:40])
+            length = int(length)
+            if limit and length > limit:
+                raise TooLarge("upload larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
+            body = LengthBody(self.rfile, length)
+        if self.expects_continue:
+            body.on_first_read = self.send_continue
+        return body
+
+    def send_continue(self):
+        """100 Continue, once (see open_body)."""
+        self.expects_continue = False
+        self.send_response_only(100)
+        self.end_headers()
+
+    def read_json_body(self, limit, max_items, what):
+        """The whole (small) request body, read through LengthBody or
+        ChunkedBody, at most limit bytes; refused (BadRequest) as soon as
+        it holds more than about max_items JSON values, so that a body of
+        millions of {} is not even kept (issue 23)."""
+        try:
+            self.body = body = self.open_body(limit)
+        except TooLarge:
+            raise TooLarge("%s is larger than %d bytes" % (what, limit))
+        data = bytearray()
+        items = 0
+        for buffer, count in body.pieces():
+            view = memoryview(buffer)
+            data += view[:count]
+            self.large_body = self.large_body or len(data) > (64 << 10)
+            if len(data) > limit:
+                raise TooLarge("body larger than %d bytes" % limit)
+            items += json_items(view[:count].tobytes())
+            if items > max_items + 4096:  # a few commas in strings counted too
+                raise BadRequest("%s has more than %d values" % (what, max_items))
+        return data
+
+    # --- answers: every status line, header and body byte goes out here
+
+    def send_response(self, code, message=None):
+        """The status line; a request whose body was not read to its end
+        is answered with Connection: close, and the connection closed,
+        since its unread bytes must never be taken for the next request."""
+        self.status_sent = code
+        if self.has_unread_body():
+            self.close_connection = True
+        super().send_response(code, message)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0":
+            # http.server keeps an HTTP/1.0 connection that asked for
+            # keep-alive; such a client (ab -k) reuses it only when the
+            # answer says so, and would wait for the close otherwise
+            self.send_header("Connection", "keep-alive")
+
+    def start_answer(self, status, headers, length=None, stream=False):
+        """Every answer's status line and headers go out here: the
+        Connection header (see send_response), then headers ({name: value}),
+        then how its body ends: Content-Length when length is known; for a
+        stream, chunked on HTTP/1.1 and the connection's end on HTTP/1.0.
+        Returns whether the body is to be chunked (see write_body)."""
+        chunked = stream and self.request_version == "HTTP/1.1"
+        if stream and not chunked:
+            self.close_connection = True  # decided before the status line
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        return chunked
+
+    def write_body(self, data, chunked=False):
+        """Every byte of every answer's body goes out here: none for HEAD,
+        each counted for the access log; a chunk of a chunked answer framed
+        (an empty one ends it) and flushed at once."""
+        if self.command == "HEAD":
+            return
+        if chunked:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        else:
+            self.wfile.write(data)
+        self.bytes_sent += len(data)
+
+    def send_whole(self, status, content_type, body, headers=None):
+        """An answer whose body (bytes) is known beforehand."""
+        self.start_answer(status, dict({"Content-Type": content_type}, **(headers or {})),
+                          len(body))
+        self.write_body(body)
+
+    def answer(self, status, text, data=None, headers=None):
+        """Send text (or data as JSON, when the client asks for JSON)."""
+        if data is not None and self.wants_json():
+            body = (json.dumps(data, indent=1) + "\n").encode()
+            content_type = "application/json"
+        else:
+            body = text.encode()
+            content_type = "text/plain; charset=utf-8"
+        self.send_whole(status, content_type, body, headers)
+
+    def send_file(self, file):
+        """A 200 answer of a file's bytes, as long as it was when asked."""
+        size = file.seek(0, io.SEEK_END)
+        file.seek(0)
+        self.start_answer(200, {"Content-Type": "text/plain; charset=utf-8"}, size)
+        if self.command == "HEAD":
+            return
+        while size > 0:
+            data = file.read(min(size, CHUNK_SIZE))
+            if not data:  # cannot shrink, but never send a short body
+                data = b"\n" * size
+            self.write_body(data)
+            size -= len(data)
+
+    def send_stream(self, content_type, pieces, headers=None):
+        """A 200 answer whose size is not known beforehand, sent as pieces
+        (text) come, in batches of about 64 KiB: chunked on HTTP/1.1, to
+        the connection's end on HTTP/1.0.  Memory: one batch."""
+        chunked = self.start_answer(200, dict({"Content-Type": content_type},
+                                              **(headers or {})), stream=True)
+        if self.command == "HEAD":
+            return
+        batch = []
+        size = 0
+        for piece in pieces:
+            data = piece.encode()
+            batch.append(data)
+            size += len(data)
+            if size >= 65536:
+                self.write_body(b"".join(batch), chunked)
+                batch, size = [], 0
+        if size:
+            self.write_body(b"".join(batch), chunked)
+        if chunked:
+            self.write_body(b"", chunked)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, header too long...)
+        answered like ours: one line of text, or JSON."""
+        self.close_connection = True
+        if getattr(self, "request_version", None) == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # garbage, not a 0.9 client
+        message = message or http.server.BaseHTTPRequestHandler.responses.get(
+            code, ("error",))[0]
+        error = IpdError(message)
+        error.http_status = code
+        self.status_sent = None
+        self.bytes_sent = 0
+        self.send_error_answer(error)
+
+    def send_error_answer(self, error):
+        """Answer an IpdError as one line (or JSON), unless an answer has
+        begun."""
+        if self.status_sent is not None:  # too late for a clean answer
+            self.close_connection = True
+            return
+        message = str(error).splitlines()[0] if str(error) else "error"
+        try:
+            self.answer(error.http_status, message + "\n", {"error": message},
+                        error.headers)
+        except OSError:
+            self.close_connection = True
+
+    # --- the access log
+
+    def log_access(self, method):
+        """One line of ipd.log per request: who, what, status, bytes, time."""
+        path = re.sub(r"[\x00-\x20\x7f]", "?", self.path[:200])
+        if len(self.path) > 200:
+            path += "...(%d bytes)" % len(self.path)
+        log.info('%s "%s %s" %s user=%s in=%d out=%d %.3fs', self.client_ip(), method,
+                 path, self.status_sent or "-",
+                 self.user.name if self.user else "-",
+                 self.body.received if self.body else 0,
+                 self.bytes_sent, time.monotonic() - self.started)
+
+    def log_message(self, format, *args):
+        """http.server's own messages, into ipd.log."""
+        log.info("%s %s", self.address_string(), format % args)
+
+    def log_request(self, code="-", size="-"):
+        """Nothing: log_access writes one line per request."""
+        pass  # log_access writes one line per request, with more in it
+
+
+class RegistryRequest:
+    """One request of the registry (#24), the OCI Distribution endpoints
+    under /v2/: its path's kind (REGISTRY_ROUTES) picks the method of the
+    same name, which checks the project, calls the service and answers
+    through the connection's HttpEdge (self.http)."""
+
+    def __init__(self, http, user):
+        self.http = http
+        self.ipd = http.ipd
+        self.user = user
+        self.headers = http.headers
+
+    def serve(self, method, path):
+        """Parse the path, pick its endpoint, run it; RegistryError (405)
+        for a method the path has not."""
+        kind, project, argument = parse_registry_path(path)
+        name = REGISTRY_ROUTES.get((method, kind))
+        if name is None:
+            raise RegistryError(405, "UNSUPPORTED", "%s is not supported here" % method)
+        getattr(self, name)(project, argument)
+
+    def answer(self, status, headers, body=b"", content_type=None):
+        """An answer of the registry, with its version header."""
+        headers = dict(REGISTRY_HEADERS, **headers)
+        if content_type:
+            headers["Content-Type"] = content_type
+        self.http.start_answer(status, headers, len(body))
+        self.http.write_body(body)
+
+    def open_upload_body(self, limit):
+        """The request body of an upload, at most limit bytes (0: no bound;
+        see Daemon.registry_room); an absent one is empty."""
+        if self.length() == 0 and "Transfer-Encoding" not in self.headers:
+            self.http.body = LengthBody(self.http.rfile, 0)
+            return self.http.body
+        try:
+            self.http.body = self.http.open_body(limit)
+        except TooLarge:
+            raise RegistryError(413, "SIZE_INVALID", "blob larger than MAX_UPLOAD_SIZE, "
+                                "or SEGMENT_QUOTA: at most %d more bytes" % limit)
+        return self.http.body
+
+    def length(self):
+        """The request's Content-Length (0 when absent or not a number)."""
+        length = (self.headers.get("Content-Length") or "0").strip()
+        return int(length) if length.isdigit() and len(length) < 20 else 0
+
+    def host(self):
+        """The Host the client pushed to (for IMAGE_REF), if well-formed."""
+        host = (self.headers.get("Host") or "").strip()
+        if re.fullmatch(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])"
+                        r"(?::[0-9]{1,5})?", host):
+            return host
+        return "localhost"
+
+    def base(self, project, argument):
+        """GET /v2/: the login holds (the version header says v2)."""
+        self.answer(200, {}, b"{}\n", "application/json")
+
+    def blob(self, project, digest):
+        """HEAD or GET of a blob of the project's repository."""
+        self.ipd.registry_project(self.user, project)
+        file, size = self.ipd.registry_open_blob(self.user, project, digest)
+        with file:
+            self.http.start_answer(200, dict(REGISTRY_HEADERS, **{
+                "Content-Type": "application/octet-stream",
+                "Docker-Content-Digest": "sha256:" + digest}), size)
+            if self.http.command == "HEAD":
+                return
+            left = size
+            while left > 0:
+                block = file.read(min(CHUNK_SIZE, left))
+                if not block:
+                    raise ClientGone("blob sha256:%s ended early" % digest)
+                self.http.write_body(block)
+                left -= len(block)
+
+    def blob_created(self, project, digest):
+        """201: the blob is in the project's repository."""
+        self.answer(201, {"Location": "/v2/%s/blobs/sha256:%s" % (project, digest),
+                          "Docker-Content-Digest": "sha256:" + digest})
+
+    def query_value(self, name):
+        """The last ?name= of the query, or None."""
+        values = self.http.query.get(name)
+        return values[-1] if values else None
+
+    def upload_start(self, project, argument):
+        """POST .../blobs/uploads/: a session (202), a monolithic upload
+        (?digest=, 201) or a mount (?mount=&from=, 201, else a session)."""
+        self.ipd.registry_project(self.user, project, push=True)
+        mount, digest = self.query_value("mount"), self.query_value("digest")
+        if mount is not None:
+            mount = registry_digest(mount)
+            if self.ipd.registry_mount(self.user, project, mount,
+                                       self.query_value("from") or ""):
+                return self.blob_created(project, mount)
+        if digest is not None:
+            digest = registry_digest(digest)
+        session = self.ipd.registry_start_upload(self.user, project)
+        if digest is None:
+            return self.answer(202, session.headers())
+        self.ipd.registry_finish_upload(self.user, session, digest, self.open_upload_body,
+                                        self.length())
+        self.blob_created(project, digest)
+
+    def upload_patch(self, project, session_id):
+        """PATCH: a chunk (Content-Range) or the rest of the stream."""
+        self.ipd.registry_project(self.user, project, push=True)
+        session = self.ipd.registry_session(self.user, project, session_id)
+        content_range = self.headers.get("Content-Range")
+        if content_range is not None:
+            content_range = parse_content_range(content_range)
+            length = self.headers.get("Content-Length")
+            if (length is not None and length.strip().isdigit() and
+                    int(length) != content_range[1] - content_range[0] + 1):
+                raise RegistryError(400, "BLOB_UPLOAD_INVALID", "Content-Range names "
+                                    "%d bytes but Content-Length %s" % (
+                                        content_range[1] - content_range[0] + 1,
+                                        length.strip()), session.headers())
+        self.ipd.registry_receive(session, self.open_upload_body, content_range,
+                                  self.length())
+        self.answer(202, session.headers())
+
+    def upload_status(self, project, session_id):
+        """GET of an upload: where it ends, for a resume."""
+        self.ipd.registry_project(self.user, project, push=True)
+        session = self.ipd.registry_session(self.user, project, session_id)
+        self.answer(204, session.headers())
+
+    def upload_put(self, project, session_id):
+        """PUT ...?digest=: the last bytes, if any; the blob checked, stored."""
+        self.ipd.registry_project(self.user, project, push=True)
+        session = self.ipd.registry_session(self.user, project, session_id)
+        digest = self.query_value("digest")
+        if digest is None:
+            raise RegistryError(400, "DIGEST_INVALID", "PUT of an upload needs ?digest=")
+        digest = registry_digest(digest)
+        self.ipd.registry_finish_upload(self.user, session, digest, self.open_upload_body,
+                                        self.length())
+        self.blob_created(project, digest)
+
+    def upload_delete(self, project, session_id):
+        """DELETE of an upload: abandoned, its bytes removed."""
+        self.ipd.registry_project(self.user, project, push=True)
+        self.ipd.registry_cancel_upload(
+            self.ipd.registry_session(self.user, project, session_id))
+        self.answer(204, {})
+
+    def manifest(self, project, reference):
+        """HEAD or GET of a manifest, by tag or digest, byte for byte."""
+        self.ipd.registry_project(self.user, project)
+        media_type, data, digest = self.ipd.registry_manifest(self.user, project,
+                                                              reference)
+        self.answer(200, {"Docker-Content-Digest": "sha256:" + digest},
+                    data, media_type)
+
+    def manifest_put(self, project, reference):
+        """PUT .../manifests/REFERENCE: stored; by tag, a deployment."""
+        self.ipd.registry_project(self.user, project, push=True)
+        length = self.headers.get("Content-Length", "").strip()
+        if length.isdigit() and int(length) > REGISTRY_MANIFEST_LIMIT:
+            raise RegistryError(413, "SIZE_INVALID", "manifest larger than %d bytes"
+                                % REGISTRY_MANIFEST_LIMIT)
+        data = self.http.read_json_body(REGISTRY_MANIFEST_LIMIT,
+                                        REGISTRY_MANIFEST_ITEMS, "the manifest")
+        digest, record = self.ipd.registry_put_manifest(
+            self.user, project, reference, self.headers.get("Content-Type"), data,
+            self.http.client_ip(), self.host())
+        headers = {"Location": "/v2/%s/manifests/sha256:%s" % (project, digest),
+                   "Docker-Content-Digest": "sha256:" + digest}
+        if record is not None:
+            headers["Ipd-Deployment"] = record.id
+            headers["Ipd-Status"] = "%s/status/%s/%s" % (
+                self.ipd.settings.API_ROOT, project, record.id)
+        self.answer(201, headers)
+
+    def tags(self, project, argument):
+        """GET .../tags/list."""
+        self.ipd.registry_project(self.user, project)
+        self.answer(200, {}, json.dumps(
+            {"name": project, "tags": self.ipd.registry_tags(self.user, project)}
+        ).encode(), "application/json")
+
+
+class Handler(HttpEdge):
+    """The API: each request is routed to a method that parses it, calls
+    the service (Daemon) and answers through HttpEdge; it touches no
+    store of its own."""
+
+    # --- routing and login
+
+    def begin_request(self):
+        """HttpEdge's fresh start, and no project announced yet."""
+        super().begin_request()
+        self.announced_project = None
 
     def route(self, method):
         """Map the request to (bound method, required role, arguments)."""
@@ -8273,164 +8760,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def check_project_access(self, project):
         """Forbidden unless the request's user may use project."""
         self.ipd.check_access(self.user, project)
-
-    def wants_json(self):
-        # headers is None before a request's head is read (begin_request)
-        """True when the client asks for JSON (Accept)."""
-        return (self.headers is not None and
-                "application/json" in self.headers.get("Accept", ""))
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, header too long...)
-        answered like ours: one line of text, or JSON."""
-        self.close_connection = True
-        if getattr(self, "request_version", None) == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"  # garbage, not a 0.9 client
-        message = message or http.server.BaseHTTPRequestHandler.responses.get(
-            code, ("error",))[0]
-        error = IpdError(message)
-        error.http_status = code
-        self.status_sent = None
-        self.bytes_sent = 0
-        self.send_error_answer(error)
-
-    def answer(self, status, text, data=None, headers=None):
-        """Send text (or data as JSON, when the client asks for JSON)."""
-        if data is not None and self.wants_json():
-            body = (json.dumps(data, indent=1) + "\n").encode()
-            content_type = "application/json"
-        else:
-            body = text.encode()
-            content_type = "text/plain; charset=utf-8"
-        self.send_whole(status, content_type, body, headers)
-
-    def start_answer(self, status, headers, length=None, stream=False):
-        """Every answer's status line and headers go out here: the
-        Connection header (see send_response), then headers ({name: value}),
-        then how its body ends: Content-Length when length is known; for a
-        stream, chunked on HTTP/1.1 and the connection's end on HTTP/1.0.
-        Returns whether the body is to be chunked (see write_body)."""
-        chunked = stream and self.request_version == "HTTP/1.1"
-        if stream and not chunked:
-            self.close_connection = True  # decided before the status line
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        if length is not None:
-            self.send_header("Content-Length", str(length))
-        if chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        return chunked
-
-    def send_whole(self, status, content_type, body, headers=None):
-        """An answer whose body (bytes) is known beforehand."""
-        self.start_answer(status, dict({"Content-Type": content_type}, **(headers or {})),
-                          len(body))
-        self.write_body(body)
-
-    def write_body(self, data, chunked=False):
-        """Every byte of every answer's body goes out here: none for HEAD,
-        each counted for the access log; a chunk of a chunked answer framed
-        (an empty one ends it) and flushed at once."""
-        if self.command == "HEAD":
-            return
-        if chunked:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-        else:
-            self.wfile.write(data)
-        self.bytes_sent += len(data)
-
-    def send_response(self, code, message=None):
-        """The status line; a request whose body was not read to its end
-        is answered with Connection: close, and the connection closed,
-        since its unread bytes must never be taken for the next request."""
-        self.status_sent = code
-        if self.has_unread_body():
-            self.close_connection = True
-        super().send_response(code, message)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        elif self.request_version == "HTTP/1.0":
-            # http.server keeps an HTTP/1.0 connection that asked for
-            # keep-alive; such a client (ab -k) reuses it only when the
-            # answer says so, and would wait for the close otherwise
-            self.send_header("Connection", "keep-alive")
-
-    def send_error_answer(self, error):
-        """Answer an IpdError as one line (or JSON), unless an answer has
-        begun."""
-        if self.status_sent is not None:  # too late for a clean answer
-            self.close_connection = True
-            return
-        if is_registry_path(self.path.split("?", 1)[0]):
-            return self.send_registry_error(error)  # the spec's JSON (#24)
-        message = str(error).splitlines()[0] if str(error) else "error"
-        try:
-            self.answer(error.http_status, message + "\n", {"error": message},
-                        error.headers)
-        except OSError:
-            self.close_connection = True
-
-    def has_unread_body(self):
-        """True when the request announced a body that was not read to its
-        end: whatever is left of it must not be parsed as a request."""
-        if self.headers is None:
-            return False
-        if self.body is not None:
-            return not self.body.finished
-        return ("Transfer-Encoding" in self.headers or
-                self.headers.get("Content-Length", "0").strip() not in ("", "0"))
-
-    def client_ip(self):
-        """The client's address: the proxy's word for it (X-Real-IP, else
-        the last X-Forwarded-For) when the peer is in TRUSTED_PROXIES."""
-        peer = self.client_address[0]
-        if self.headers is None or not self.peer_is_trusted():
-            return peer
-        forwarded = (self.headers.get("X-Real-IP") or
-                     self.headers.get("X-Forwarded-For", "").split(",")[-1])
-        try:
-            return str(ipaddress.ip_address(forwarded.strip()))
-        except ValueError:
-            return peer  # absent or not an address: the peer's own
-
-    def peer_is_trusted(self):
-        """True when the peer is one of TRUSTED_PROXIES."""
-        return address_in(self.client_address[0],
-                          self.ipd.settings.TRUSTED_PROXIES)
-
-    def own_origins(self):
-        """This server's origins as a browser sees them: PUBLIC_ORIGIN, else
-        the Host header's, with the scheme from a trusted proxy."""
-        if self.ipd.settings.PUBLIC_ORIGIN:
-            return self.ipd.settings.PUBLIC_ORIGIN
-        scheme = "http"
-        if self.peer_is_trusted():
-            forwarded = self.headers.get("X-Forwarded-Proto", "").strip().lower()
-            scheme = forwarded if forwarded in ("http", "https") else scheme
-        origin = normalize_origin("%s://%s" % (scheme, self.headers.get("Host", "")))
-        return [origin] if origin else []
-
-    def log_access(self, method):
-        """One line of ipd.log per request: who, what, status, bytes, time."""
-        path = re.sub(r"[\x00-\x20\x7f]", "?", self.path[:200])
-        if len(self.path) > 200:
-            path += "...(%d bytes)" % len(self.path)
-        log.info('%s "%s %s" %s user=%s in=%d out=%d %.3fs', self.client_ip(), method,
-                 path, self.status_sent or "-",
-                 self.user.name if self.user else "-",
-                 self.body.received if self.body else 0,
-                 self.bytes_sent, time.monotonic() - self.started)
-
-    def log_message(self, format, *args):
-        """http.server's own messages, into ipd.log."""
-        log.info("%s %s", self.address_string(), format % args)
-
-    def log_request(self, code="-", size="-"):
-        """Nothing: log_access writes one line per request."""
-        pass  # log_access writes one line per request, with more in it
 
     # --- the API, as in the README's table
 
@@ -8497,24 +8826,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if peer_closed(self.connection):
                 raise ClientGone("gave up waiting")
 
-    def query_number(self, name):
-        """?name=N as a whole number of ASCII digits (0 when absent)."""
-        text = self.query.get(name, ["0"])[-1]
-        if not re.fullmatch(r"[0-9]{1,18}", text):
-            raise BadRequest("%s must be a whole number" % name)
-        return int(text)
-
-    def query_seconds(self, name, limit=3600):
-        """?name=SECONDS as a number from 0 to limit (0 when absent)."""
-        text = self.query.get(name, ["0"])[-1]
-        try:
-            value = float(text)
-        except ValueError:
-            raise BadRequest("%s must be a number of seconds" % name)
-        if not 0 <= value <= limit:
-            raise BadRequest("%s must be from 0 to %d seconds" % (name, limit))
-        return value
-
     def api_deployment_log(self, project, deployment_id):
         """GET /log/P/ID[?follow=1]: the log, whole or followed."""
         record = self.ipd.find_or_404(self.user, project, deployment_id)
@@ -8528,20 +8839,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     [head[:-1] + ', "log": "'], json_string_pieces(file), ['"}\n']))
             else:
                 self.send_file(file)
-
-    def send_file(self, file):
-        """A 200 answer of a file's bytes, as long as it was when asked."""
-        size = file.seek(0, io.SEEK_END)
-        file.seek(0)
-        self.start_answer(200, {"Content-Type": "text/plain; charset=utf-8"}, size)
-        if self.command == "HEAD":
-            return
-        while size > 0:
-            data = file.read(min(size, CHUNK_SIZE))
-            if not data:  # cannot shrink, but never send a short body
-                data = b"\n" * size
-            self.write_body(data)
-            size -= len(data)
 
     def follow_log(self, record, file):
         """Stream the log as control.sh writes it, chunked, until the
@@ -8579,28 +8876,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if chunked:
             self.write_body(b"", chunked)
 
-    def send_stream(self, content_type, pieces, headers=None):
-        """A 200 answer whose size is not known beforehand, sent as pieces
-        (text) come, in batches of about 64 KiB: chunked on HTTP/1.1, to
-        the connection's end on HTTP/1.0.  Memory: one batch."""
-        chunked = self.start_answer(200, dict({"Content-Type": content_type},
-                                              **(headers or {})), stream=True)
-        if self.command == "HEAD":
-            return
-        batch = []
-        size = 0
-        for piece in pieces:
-            data = piece.encode()
-            batch.append(data)
-            size += len(data)
-            if size >= 65536:
-                self.write_body(b"".join(batch), chunked)
-                batch, size = [], 0
-        if size:
-            self.write_body(b"".join(batch), chunked)
-        if chunked:
-            self.write_body(b"", chunked)
-
     def api_cancel(self, project, deployment_id):
         """POST /cancel/P/ID: cancel it; its state once it has stopped."""
         record = self.ipd.cancel_for(self.user, self.client_ip(), project,
@@ -8631,11 +8906,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         self.ipd.metrics_text().encode())
 
     # --- status pages (rendered by the functions of the pages section)
-
-    def wants_html(self):
-        """True when a browser asks for a page (Accept: text/html)."""
-        return (self.headers is not None and not self.wants_json()
-                and "text/html" in self.headers.get("Accept", ""))
 
     def send_page(self, title, body, script=None, refresh=False):
         """An HTML page (see render_page), sent as it is rendered."""
@@ -8682,18 +8952,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.start_answer(303, {"Location": "%s/ui/%s/%s" % (
             self.ipd.settings.API_ROOT, project, target.id)}, 0)
 
-    def check_same_origin(self):
-        """A button's POST comes from a browser, which says where from:
-        besides check_origin (done for every request), one with neither
-        Origin nor Sec-Fetch-Site needs a Referer of this server's origin."""
-        if "Origin" in self.headers or "Sec-Fetch-Site" in self.headers:
-            return
-        referer = self.headers.get("Referer", "")
-        match = re.match(r"[^:/]+://[^/?#]+", referer)
-        if not match or normalize_origin(match.group(0)) not in self.own_origins():
-            raise Forbidden("cross-origin request refused: a button's POST "
-                            "must name its origin")
-
     # --- upload
 
     def api_upload(self):
@@ -8721,33 +8979,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     {"Location": "%s/status/%s/%s" % (self.ipd.settings.API_ROOT,
                                                       record.project,
                                                       record.id)})
-
-    def open_body(self, limit):
-        """The request body as a LengthBody or ChunkedBody, checked against
-        limit before any of it is read.  A client that waits for it to be
-        asked for (Expect: 100-continue) is told at the first read: an
-        endpoint refuses before it reads, and no body byte is sent then."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            body = ChunkedBody(self.rfile, limit)
-        else:
-            length = self.headers.get("Content-Length")
-            if length is None:
-                raise LengthRequired("a Content-Length or chunked body is required")
-            if not re.fullmatch(r"\s*\d{1,19}\s*", length):
-                raise BadRequest("bad Content-Length: %r" % length[:40])
-            length = int(length)
-            if limit and length > limit:
-                raise TooLarge("upload larger than MAX_UPLOAD_SIZE (%d bytes)" % limit)
-            body = LengthBody(self.rfile, length)
-        if self.expects_continue:
-            body.on_first_read = self.send_continue
-        return body
-
-    def send_continue(self):
-        """100 Continue, once (see open_body)."""
-        self.expects_continue = False
-        self.send_response_only(100)
-        self.end_headers()
 
     def multipart_boundary(self):
         """The upload's multipart boundary; BadRequest for another body."""
@@ -8783,28 +9014,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                  "named before the body (%s)" % (value, announced))
 
     # --- recipe pushes and segments (#16)
-
-    def read_json_body(self, limit, max_items, what):
-        """The whole (small) request body, read through LengthBody or
-        ChunkedBody, at most limit bytes; refused (BadRequest) as soon as
-        it holds more than about max_items JSON values, so that a body of
-        millions of {} is not even kept (issue 23)."""
-        try:
-            self.body = body = self.open_body(limit)
-        except TooLarge:
-            raise TooLarge("%s is larger than %d bytes" % (what, limit))
-        data = bytearray()
-        items = 0
-        for buffer, count in body.pieces():
-            view = memoryview(buffer)
-            data += view[:count]
-            self.large_body = self.large_body or len(data) > (64 << 10)
-            if len(data) > limit:
-                raise TooLarge("body larger than %d bytes" % limit)
-            items += json_items(view[:count].tobytes())
-            if items > max_items + 4096:  # a few commas in strings counted too
-                raise BadRequest("%s has more than %d values" % (what, max_items))
-        return data
 
     def api_push(self):
         """A deployment from a recipe: its files rebuilt from inline bytes
@@ -8892,14 +9101,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def api_registry(self, method, path):
         """A registry request: the login first (every path, HEAD too, so a
-        client that never asked /v2/ gets the challenge), then the endpoint
-        of REGISTRY_ROUTES; errors in the spec's JSON form."""
+        client that never asked /v2/ gets the challenge), then its endpoint
+        (RegistryRequest); errors in the spec's JSON form."""
         self.user = self.authenticate("USER")
-        kind, project, argument = parse_registry_path(path)
-        name = REGISTRY_ROUTES.get((method, kind))
-        if name is None:
-            raise RegistryError(405, "UNSUPPORTED", "%s is not supported here" % method)
-        getattr(self, "registry_" + name)(project, argument)
+        RegistryRequest(self, self.user).serve(method, path)
+
+    def send_error_answer(self, error):
+        """Under /v2/, the spec's error JSON (send_registry_error);
+        elsewhere HttpEdge's one line."""
+        if self.status_sent is None and is_registry_path(self.path.split("?", 1)[0]):
+            return self.send_registry_error(error)
+        super().send_error_answer(error)
 
     def send_registry_error(self, error):
         """{"errors": [{"code", "message"}]}: docker push prints the message
@@ -8914,169 +9126,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             dict(REGISTRY_HEADERS, **error.headers))
         except OSError:
             self.close_connection = True
-
-    def registry_answer(self, status, headers, body=b"", content_type=None):
-        """An answer of the registry, with its version header."""
-        headers = dict(REGISTRY_HEADERS, **headers)
-        if content_type:
-            headers["Content-Type"] = content_type
-        self.start_answer(status, headers, len(body))
-        self.write_body(body)
-
-    def registry_body(self, limit):
-        """The request body of an upload, at most limit bytes (0: no bound;
-        see Daemon.registry_room); an absent one is empty."""
-        if self.registry_length() == 0 and "Transfer-Encoding" not in self.headers:
-            self.body = LengthBody(self.rfile, 0)
-            return self.body
-        try:
-            self.body = self.open_body(limit)
-        except TooLarge:
-            raise RegistryError(413, "SIZE_INVALID", "blob larger than MAX_UPLOAD_SIZE, "
-                                "or SEGMENT_QUOTA: at most %d more bytes" % limit)
-        return self.body
-
-    def registry_length(self):
-        """The request's Content-Length (0 when absent or not a number)."""
-        length = (self.headers.get("Content-Length") or "0").strip()
-        return int(length) if length.isdigit() and len(length) < 20 else 0
-
-    def registry_host(self):
-        """The Host the client pushed to (for IMAGE_REF), if well-formed."""
-        host = (self.headers.get("Host") or "").strip()
-        if re.fullmatch(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])"
-                        r"(?::[0-9]{1,5})?", host):
-            return host
-        return "localhost"
-
-    def registry_base(self, project, argument):
-        """GET /v2/: the login holds (the version header says v2)."""
-        self.registry_answer(200, {}, b"{}\n", "application/json")
-
-    def registry_blob(self, project, digest):
-        """HEAD or GET of a blob of the project's repository."""
-        self.ipd.registry_project(self.user, project)
-        file, size = self.ipd.registry_open_blob(self.user, project, digest)
-        with file:
-            self.start_answer(200, dict(REGISTRY_HEADERS, **{
-                "Content-Type": "application/octet-stream",
-                "Docker-Content-Digest": "sha256:" + digest}), size)
-            if self.command == "HEAD":
-                return
-            left = size
-            while left > 0:
-                block = file.read(min(CHUNK_SIZE, left))
-                if not block:
-                    raise ClientGone("blob sha256:%s ended early" % digest)
-                self.write_body(block)
-                left -= len(block)
-
-    def blob_created(self, project, digest):
-        """201: the blob is in the project's repository."""
-        self.registry_answer(201, {"Location": "/v2/%s/blobs/sha256:%s" % (project, digest),
-                                   "Docker-Content-Digest": "sha256:" + digest})
-
-    def registry_query(self, name):
-        """The last ?name= of the query, or None."""
-        values = self.query.get(name)
-        return values[-1] if values else None
-
-    def registry_upload_start(self, project, argument):
-        """POST .../blobs/uploads/: a session (202), a monolithic upload
-        (?digest=, 201) or a mount (?mount=&from=, 201, else a session)."""
-        self.ipd.registry_project(self.user, project, push=True)
-        mount, digest = self.registry_query("mount"), self.registry_query("digest")
-        if mount is not None:
-            mount = registry_digest(mount)
-            if self.ipd.registry_mount(self.user, project, mount,
-                                       self.registry_query("from") or ""):
-                return self.blob_created(project, mount)
-        if digest is not None:
-            digest = registry_digest(digest)
-        session = self.ipd.registry_start_upload(self.user, project)
-        if digest is None:
-            return self.registry_answer(202, session.headers())
-        self.ipd.registry_finish_upload(self.user, session, digest, self.registry_body,
-                                        self.registry_length())
-        self.blob_created(project, digest)
-
-    def registry_upload_patch(self, project, session_id):
-        """PATCH: a chunk (Content-Range) or the rest of the stream."""
-        self.ipd.registry_project(self.user, project, push=True)
-        session = self.ipd.registry_session(self.user, project, session_id)
-        content_range = self.headers.get("Content-Range")
-        if content_range is not None:
-            content_range = parse_content_range(content_range)
-            length = self.headers.get("Content-Length")
-            if (length is not None and length.strip().isdigit() and
-                    int(length) != content_range[1] - content_range[0] + 1):
-                raise RegistryError(400, "BLOB_UPLOAD_INVALID", "Content-Range names "
-                                    "%d bytes but Content-Length %s" % (
-                                        content_range[1] - content_range[0] + 1,
-                                        length.strip()), session.headers())
-        self.ipd.registry_receive(session, self.registry_body, content_range,
-                                  self.registry_length())
-        self.registry_answer(202, session.headers())
-
-    def registry_upload_status(self, project, session_id):
-        """GET of an upload: where it ends, for a resume."""
-        self.ipd.registry_project(self.user, project, push=True)
-        session = self.ipd.registry_session(self.user, project, session_id)
-        self.registry_answer(204, session.headers())
-
-    def registry_upload_put(self, project, session_id):
-        """PUT ...?digest=: the last bytes, if any; the blob checked, stored."""
-        self.ipd.registry_project(self.user, project, push=True)
-        session = self.ipd.registry_session(self.user, project, session_id)
-        digest = self.registry_query("digest")
-        if digest is None:
-            raise RegistryError(400, "DIGEST_INVALID", "PUT of an upload needs ?digest=")
-        digest = registry_digest(digest)
-        self.ipd.registry_finish_upload(self.user, session, digest, self.registry_body,
-                                        self.registry_length())
-        self.blob_created(project, digest)
-
-    def registry_upload_delete(self, project, session_id):
-        """DELETE of an upload: abandoned, its bytes removed."""
-        self.ipd.registry_project(self.user, project, push=True)
-        self.ipd.registry_cancel_upload(
-            self.ipd.registry_session(self.user, project, session_id))
-        self.registry_answer(204, {})
-
-    def registry_manifest(self, project, reference):
-        """HEAD or GET of a manifest, by tag or digest, byte for byte."""
-        self.ipd.registry_project(self.user, project)
-        media_type, data, digest = self.ipd.registry_manifest(self.user, project,
-                                                              reference)
-        self.registry_answer(200, {"Docker-Content-Digest": "sha256:" + digest},
-                             data, media_type)
-
-    def registry_manifest_put(self, project, reference):
-        """PUT .../manifests/REFERENCE: stored; by tag, a deployment."""
-        self.ipd.registry_project(self.user, project, push=True)
-        length = self.headers.get("Content-Length", "").strip()
-        if length.isdigit() and int(length) > REGISTRY_MANIFEST_LIMIT:
-            raise RegistryError(413, "SIZE_INVALID", "manifest larger than %d bytes"
-                                % REGISTRY_MANIFEST_LIMIT)
-        data = self.read_json_body(REGISTRY_MANIFEST_LIMIT, REGISTRY_MANIFEST_ITEMS,
-                                   "the manifest")
-        digest, record = self.ipd.registry_put_manifest(
-            self.user, project, reference, self.headers.get("Content-Type"), data,
-            self.client_ip(), self.registry_host())
-        headers = {"Location": "/v2/%s/manifests/sha256:%s" % (project, digest),
-                   "Docker-Content-Digest": "sha256:" + digest}
-        if record is not None:
-            headers["Ipd-Deployment"] = record.id
-            headers["Ipd-Status"] = "%s/status/%s/%s" % (
-                self.ipd.settings.API_ROOT, project, record.id)
-        self.registry_answer(201, headers)
-
-    def registry_tags(self, project, argument):
-        """GET .../tags/list."""
-        self.ipd.registry_project(self.user, project)
-        self.registry_answer(200, {}, json.dumps(
-            {"name": project, "tags": self.ipd.registry_tags(self.user, project)}
-        ).encode(), "application/json")
 
 
 class Server(http.server.ThreadingHTTPServer):
