@@ -61,6 +61,8 @@ SOAK = os.environ.get("IPD_SOAK") == "1"
 def soak(full, quick):
     """full under IPD_SOAK=1, else quick."""
     return full if SOAK else quick
+
+
 IPD = os.path.join(HERE, "ipd.py")
 # Most tests run ipd.py as `python -m ipd`: the same file, from bytecode the
 # runner compiles once, not compiled anew at each of the suite's hundreds
@@ -4257,7 +4259,7 @@ class StatusPageRenderTests(unittest.TestCase):
         self.assertIn("'nonce-N1'", ipd.page_headers("N1")["Content-Security-Policy"])
 
 
-class InProcessServerTests(unittest.TestCase):
+class InProcessServerTestCase(unittest.TestCase):
     """The real Server on ('127.0.0.1', 0) in a thread of this process."""
 
     def setUp(self):
@@ -4281,6 +4283,10 @@ class InProcessServerTests(unittest.TestCase):
         self.addCleanup(self.server.server_close)
         self.addCleanup(self.server.shutdown)
         self.port = self.server.server_address[1]
+
+
+class InProcessServerTests(InProcessServerTestCase):
+    """Requests on one connection, answered by the Server of this process."""
 
     def test_three_requests_on_one_connection(self):
         hidden = raw_request("GET", "/deploy/stat", headers={"X-Real-IP": "6.6.6.6"})
@@ -10748,10 +10754,9 @@ class PromiseLoginThrottleTests(DaemonTestCase):
         self.assertLess(median_throttled, 0.4 * median_wrong)
 
 
-class PromiseStateOnDiskTests(unittest.TestCase):
+class PromiseStateOnDiskTests(InProcessServerTestCase):
     # issue 23, item 10: a state is visible only once it is on disk; each
     # state file's write is slowed and hooked, and the API asked meanwhile
-    setUp = InProcessServerTests.setUp
 
     def shown_state(self, project, deployment):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3)
