@@ -6497,6 +6497,11 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.unix_path)
 
 
+# The README and the files it links to (issue #27 moved its depths there).
+DOC_FILES = ("README.md", "docs/DETAILS.md", "docs/GUARANTEES.md", "docs/PERFORMANCE.md",
+             "examples/docker/README.md", "examples/swarm/README.md")
+
+
 def readme_nginx_location():
     """The nginx location block of the README (the original's)."""
     readme = read_text(os.path.join(HERE, "README.md"))
@@ -9064,6 +9069,9 @@ class DebExamplesTests(unittest.TestCase):
             self.assertTrue(os.access(os.path.join(examples, name), os.X_OK))
         self.assertIn("/usr/share/doc/ipd/examples/docker/control.sh",
                       read_text(os.path.join(HERE, "README.md")))
+        for name in DOC_FILES[1:4]:  # docs/, which the README links to, beside it
+            self.assertEqual(read_bytes(os.path.join(root, "usr/share/doc/ipd", name)),
+                             read_bytes(os.path.join(HERE, name)))
 
 
 class ReadmeTruthTests(DaemonTestCase):
@@ -9237,10 +9245,6 @@ class ReadmeTruthTests(DaemonTestCase):
             ceiling = 1 / (1 / reference + 1 / sha)
             self.assertEqual(int(stated.group(1 + number)), round(ceiling))
             self.assertEqual(stated.group(3 + number), "%.2f" % (rate / ceiling))
-
-
-DOC_FILES = ("README.md", "docs/DETAILS.md", "docs/GUARANTEES.md", "docs/PERFORMANCE.md",
-             "examples/docker/README.md", "examples/swarm/README.md")
 
 
 def doc_sh_blocks(text):
@@ -9468,6 +9472,86 @@ class ExampleReadmeTests(unittest.TestCase):
                 self.assertTrue(set(self.NO_DEFAULT_IN_DEPLOY) <= set(self.settings(env)))
                 check = self.run_step(script, "check", project_dir)
                 self.assertEqual(check.returncode, 1, check.stdout)  # ready
+
+
+class HttpsWalkthroughTests(unittest.TestCase):
+    """Issue #27: "From an empty server to your app on https" as written:
+    its deploy.env lines are what examples/docker/control.sh reads, and
+    nginx takes its conf.d file, the ipd blocks and the proxy config that
+    prepare writes from that deploy.env, certificate and all."""
+    system = True  # the same on every Python: once per CI run
+
+    setUp = ExampleSettingsTests.setUp
+    run_step = ExampleSettingsTests.run_step
+
+    def section(self):
+        readme = read_text(os.path.join(HERE, "README.md"))
+        return readme.split("### From an empty server to your app on https", 1)[1] \
+            .split("\n## ", 1)[0]
+
+    def write_deploy_env(self, project_dir):
+        """Run the section's printf line into PROJECT_DIR/deploy.env."""
+        printf = re.search(r"(?ms)^printf .*?> /srv/upload/web/deploy\.env$",
+                           self.section()).group(0)
+        env = os.path.join(project_dir, "deploy.env")
+        subprocess.run(["sh", "-e", "-c", printf.replace("/srv/upload/web/deploy.env",
+                                                         shlex.quote(env))], check=True)
+        return env
+
+    def test_the_deploy_env_lines_are_settings_of_the_docker_example(self):
+        project_dir = os.path.join(self.tmp, "web")
+        os.makedirs(project_dir)
+        env = self.write_deploy_env(project_dir)
+        script = "examples/docker/control.sh"
+        result = self.run_step(script, "prepare", project_dir)
+        self.assertEqual(result.returncode, 1, result.stdout)
+        check = self.run_step(script, "check", project_dir)
+        self.assertNotIn("warning", check.stdout)
+        shown = subprocess.run(
+            ["sh", "-u", "-c", '. "$0"; set -f; set -- $DOCKER_RUN_OPTS; '
+             'echo "$NGINX_LISTEN|$NGINX_SERVER_NAME|$#|$1|$2"', env],
+            stdout=subprocess.PIPE, universal_newlines=True, check=True)
+        self.assertEqual(shown.stdout, "443 ssl|example.com|2|--env-file|/etc/ipd/web.env\n")
+        self.assertIn("/etc/ipd/web.env", self.section().split("install -d -m 0750", 1)[1])
+
+    @unittest.skipUnless(shutil.which("nginx") and shutil.which("openssl"),
+                         "needs nginx and openssl")
+    def test_nginx_takes_the_walkthroughs_config(self):
+        project_dir = os.path.join(self.tmp, "web")
+        os.makedirs(project_dir)
+        env = self.write_deploy_env(project_dir)
+        with open(env, "a") as file:  # not the system's /var/lib/ipd/nginx
+            file.write("NGINX_CONF=%s/nginx.conf\n" % project_dir)
+        result = self.run_step("examples/docker/control.sh", "prepare", project_dir)
+        self.assertEqual(result.returncode, 1, result.stdout)
+        _, certificate, key = make_test_ca(self.tmp)
+        conf_d = re.search(r"(?s)`/etc/nginx/conf\.d/ipd\.conf`.*?\n```\n(.*?)```",
+                           self.section()).group(1)
+        self.assertIn("include /var/lib/ipd/nginx/*.conf;", conf_d)
+        registry = re.search(r"\n(    location /v2/ \{.*?\n    \})\n", read_text(
+            os.path.join(HERE, "README.md")), re.S).group(1)
+        conf_d = (conf_d.replace("/etc/letsencrypt/live/example.com/fullchain.pem",
+                                 certificate)
+                  .replace("/etc/letsencrypt/live/example.com/privkey.pem", key)
+                  .replace("/var/lib/ipd/nginx/*.conf", project_dir + "/*.conf")
+                  .replace('    # the location /deploy and location /v2/ blocks of '
+                           '"nginx" below\n', readme_nginx_location() + "\n" +
+                           registry + "\n"))
+        self.assertNotIn("letsencrypt", conf_d)
+        with open(os.path.join(self.tmp, "ipd.conf"), "w") as file:
+            file.write(conf_d)
+        main = os.path.join(self.tmp, "nginx-main.conf")
+        with open(main, "w") as file:
+            file.write("pid %s/nginx.pid;\nevents { }\nhttp {\n    include %s/ipd.conf;\n}\n"
+                       % (self.tmp, self.tmp))
+        tested = subprocess.run(["nginx", "-t", "-p", self.tmp, "-c", main, "-e",
+                                 os.path.join(self.tmp, "error.log")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                universal_newlines=True)
+        self.assertEqual(tested.returncode, 0, tested.stdout)
+        app = read_text(os.path.join(project_dir, "nginx.conf"))
+        self.assertIn("listen 443 ssl;", app)
+        self.assertIn("server_name example.com;", app)
 
 
 class InstallTests(unittest.TestCase):
