@@ -9450,6 +9450,18 @@ class ExampleReadmeTests(unittest.TestCase):
                     elif cell == "the project":
                         self.assertEqual(written[name], "web", name)
 
+    def test_the_exit_codes_are_the_scripts(self):
+        for example in ("docker", "swarm"):
+            with self.subTest(example=example):
+                readme = read_text(os.path.join(HERE, "examples", example, "README.md"))
+                listed = readme.split("Exit codes", 1)[1].split("\n\n", 2)
+                listed = listed[0] if listed[0].strip(": \n") else listed[1]
+                documented = set(map(int, re.findall(r"\b\d+\b", listed)))
+                script = read_text(os.path.join(HERE, "examples", example, "control.sh"))
+                used = {int(code) for code in re.findall(
+                    r"\b(?:fail|give_up|exit) (\d+)", script)} | {1}
+                self.assertEqual(documented, used)
+
     def test_a_swarm_deploy_env_of_two_lines_gets_every_setting_deploy_reads(self):
         project_dir = os.path.join(self.tmp, "web")
         os.makedirs(project_dir)
