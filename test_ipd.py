@@ -9388,7 +9388,7 @@ class ReadmeShellBlockTests(unittest.TestCase):
                     "## Deploy from CI", "### Deploy with docker push",
                     "## Deploy a Docker app", "### From an empty server to your app on https",
                     "## Status page", "## Install on a server", "## Users",
-                    "## Deploy tokens", "## CI logins without secrets (OIDC)",
+                    "## Deploy tokens", "## Deploy from CI without secrets (OIDC)",
                     "## Signed releases", "## Settings", "## Security and guarantees",
                     "## Performance", "## Compared with", "## Development"]
         places = [readme.index("\n%s\n" % heading) for heading in headings]
