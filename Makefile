@@ -77,6 +77,8 @@ install:
 	    $(DESTDIR)$(UPLOAD_DIR) $(DESTDIR)$(LOG_DIR)
 	install -m 0755 ipd.py $(DESTDIR)$(LIBDIR)/ipd.py
 	install -m 0644 README.md ipd.conf.example ipd-run-as.conf $(DESTDIR)$(LIBDIR)/
+	install -d $(DESTDIR)$(LIBDIR)/docs
+	install -m 0644 docs/*.md $(DESTDIR)$(LIBDIR)/docs/
 	install -d $(DESTDIR)$(BINDIR)
 	ln -sfn $(IPD_LINK) $(DESTDIR)$(BINDIR)/ipd
 	$(MAKE) --no-print-directory install-unit install-nginx-reload

@@ -1418,7 +1418,8 @@ class FlowTests(DaemonTestCase):
 class ReadmeExampleTests(DaemonTestCase):
 
     def test_the_readme_control_sh(self):
-        readme = read_text(os.path.join(HERE, "README.md"))
+        # the README links to it: docs/DETAILS.md, "A complete control.sh"
+        readme = read_text(os.path.join(HERE, "docs", "DETAILS.md"))
         script = re.search(r"```sh\n(#!/bin/sh\n# control.sh - ipd runs it as.*?)```",
                            readme, re.S).group(1)
         package = tar_bytes({"control.sh": (script.encode(), 0o755),
@@ -6502,6 +6503,11 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.unix_path)
 
 
+# The README and the files it links to (issue #27 moved its depths there).
+DOC_FILES = ("README.md", "docs/DETAILS.md", "docs/GUARANTEES.md", "docs/PERFORMANCE.md",
+             "examples/docker/README.md", "examples/swarm/README.md")
+
+
 def readme_nginx_location():
     """The nginx location block of the README (the original's)."""
     readme = read_text(os.path.join(HERE, "README.md"))
@@ -7780,9 +7786,10 @@ class NginxReloadUnitTests(unittest.TestCase):
                     if service.get(key, "").lower() not in ("", "no", "false", "0")]
         # so a drop-in with NoNewPrivileges=no would change nothing
         self.assertGreaterEqual(len(implying), 5, implying)
-        readme = read_text(os.path.join(HERE, "README.md"))
-        self.assertNotIn("NoNewPrivileges=no\n", readme)
-        self.assertNotIn("/etc/sudoers.d/ipd", readme)
+        for name in DOC_FILES:  # the README and the files it links to
+            readme = read_text(os.path.join(HERE, name))
+            self.assertNotIn("NoNewPrivileges=no\n", readme)
+            self.assertNotIn("/etc/sudoers.d/ipd", readme)
 
     def test_the_path_unit_watches_the_folder_the_examples_write(self):
         path = self.unit("ipd-nginx.path")
@@ -8992,7 +8999,7 @@ class ExampleSettingsTests(unittest.TestCase):
         self.assertNotIn("unknown setting", check.stdout)
         for name in ("APP_PORT", "REPLICAS", "REGISTRY", "SERVICE_OPTS"):
             self.assertIn(name, swarm)
-        readme = read_text(os.path.join(HERE, "README.md"))
+        readme = read_text(os.path.join(HERE, "examples", "docker", "README.md"))
         docker = self.settings(os.path.join(self.tmp, "docker", "given", "deploy.env"))
         table = readme[readme.index("Settings in `$PROJECT_DIR/deploy.env`"):]
         table = table[:table.index("Exit codes")]
@@ -9068,6 +9075,9 @@ class DebExamplesTests(unittest.TestCase):
             self.assertTrue(os.access(os.path.join(examples, name), os.X_OK))
         self.assertIn("/usr/share/doc/ipd/examples/docker/control.sh",
                       read_text(os.path.join(HERE, "README.md")))
+        for name in DOC_FILES[1:4]:  # docs/, which the README links to, beside it
+            self.assertEqual(read_bytes(os.path.join(root, "usr/share/doc/ipd", name)),
+                             read_bytes(os.path.join(HERE, name)))
 
 
 class ReadmeTruthTests(DaemonTestCase):
@@ -9089,7 +9099,7 @@ class ReadmeTruthTests(DaemonTestCase):
 
     def test_every_error_status_is_in_the_errors_list(self):
         errors = " ".join(self.readme().split("### Errors", 1)[1]
-                          .split("## Status page", 1)[0].split())
+                          .split("\n## ", 1)[0].split())
         codes = {cls.http_status for cls in vars(ipd).values() if isinstance(cls, type)
                  and issubclass(cls, ipd.IpdError) and cls is not ipd.IpdError}
         codes |= {500, 503}
@@ -9221,10 +9231,14 @@ class ReadmeTruthTests(DaemonTestCase):
         sys.path.insert(0, HERE)
         self.addCleanup(sys.path.remove, HERE)
         import bench_ipd
-        readme = self.readme()
+        # the bench's table and its ceilings: docs/PERFORMANCE.md, which the
+        # README's Performance section links to with the latest figures
+        self.assertNotIn("MB/s", self.readme().split("\n## Performance", 1)[1]
+                         .split("\n## ", 1)[0])
+        readme = read_text(os.path.join(HERE, "docs", "PERFORMANCE.md"))
         self.assertIn("\n" + bench_ipd.TABLE_HEADER + "\n", readme)
-        self.assertNotIn("MB/s", readme.split("## Performance", 1)[1]
-                         .split("## Installation", 1)[0])
+        self.assertNotIn("MB/s", readme.split("## Uploads beside nginx", 1)[1]
+                         .split("\n## ", 1)[0])
         sha = float(re.search(r"SHA-256, ([\d,]+) MiB/s", readme).group(1)
                     .replace(",", ""))
         nginx = [float(n) for n in re.findall(
@@ -9237,6 +9251,325 @@ class ReadmeTruthTests(DaemonTestCase):
             ceiling = 1 / (1 / reference + 1 / sha)
             self.assertEqual(int(stated.group(1 + number)), round(ceiling))
             self.assertEqual(stated.group(3 + number), "%.2f" % (rate / ceiling))
+
+
+def doc_sh_blocks(text):
+    """[(line number, marker or None, code)] of each ```sh block of a
+    Markdown text, indented ones (in a list) too; the marker is the HTML
+    comment on the last non-blank line before the fence."""
+    blocks, lines, number = [], text.split("\n"), 0
+    while number < len(lines):
+        line = lines[number]
+        if line.strip().startswith("```"):
+            end = number + 1
+            while not lines[end].strip().startswith("```"):
+                end += 1
+            if line.strip() == "```sh":
+                before = [l.strip() for l in lines[:number] if l.strip()]
+                marker = before[-1] if before and before[-1].startswith("<!--") else None
+                indent = len(line) - len(line.lstrip())
+                code = "\n".join(l[indent:] for l in lines[number + 1:end]) + "\n"
+                blocks.append((number + 1, marker, code))
+            number = end
+        number += 1
+    return blocks
+
+
+def doc_anchors(text):
+    """The anchors GitHub makes of a Markdown text's headings."""
+    anchors, seen = set(), collections.Counter()
+    for line in re.sub(r"(?ms)^ *```.*?^ *```", "", text).split("\n"):
+        if re.match(r"#{1,6} ", line):
+            slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            anchors.add(slug if not seen[slug] else "%s-%d" % (slug, seen[slug]))
+            seen[slug] += 1
+    return anchors
+
+
+class ReadmeShellBlockTests(unittest.TestCase):
+    """Issue #27: every shell block of the README and of the files it links
+    to is run here, or says what it needs or which test runs it; every
+    link reaches its file and heading; the README stays a guide."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    @staticmethod
+    def text(name):
+        return read_text(os.path.join(HERE, name))
+
+    def test_every_block_is_run_or_marked(self):
+        unmarked = {}
+        for name in DOC_FILES:
+            for line, marker, code in doc_sh_blocks(self.text(name)):
+                with self.subTest(name=name, line=line):
+                    if marker is None:
+                        unmarked.setdefault(name, []).append(code)
+                        continue
+                    kind = re.match(r"<!-- (needs|run by): (\S.*?) -->\Z", marker)
+                    self.assertTrue(kind, "%s:%d: %s" % (name, line, marker))
+                    if kind.group(1) == "run by":
+                        self.assert_tests_exist(kind.group(2))
+        self.assertIn("README.md", unmarked)
+        demo = start_demo(self, self.tmp)
+        for name, codes in sorted(unmarked.items()):
+            with self.subTest(name=name):
+                self.run_blocks(demo.port, name, codes)
+
+    def assert_tests_exist(self, text):
+        named = re.findall(r"\b([A-Z]\w*Tests)(?:\.(test_\w+))?", text)
+        self.assertTrue(named, text)
+        for class_name, method in named:
+            test_class = globals().get(class_name)
+            self.assertTrue(isinstance(test_class, type), class_name)
+            if method:
+                self.assertTrue(callable(getattr(test_class, method, None)), method)
+
+    def run_blocks(self, port, name, codes):
+        """Run a file's unmarked blocks as one script, as a reader would in
+        the demo's folder (ipd-demo/, examples/ and ipd.py at hand)."""
+        folder = os.path.join(self.tmp, name.replace("/", "-"))
+        os.makedirs(folder)
+        for link, target in (("ipd-demo", os.path.join(self.tmp, "ipd-demo")),
+                             ("examples", os.path.join(HERE, "examples")), ("ipd.py", IPD)):
+            os.symlink(target, os.path.join(folder, link))
+        script = "".join(codes).replace("127.0.0.1:9955", "127.0.0.1:%d" % port)
+        base = "http://127.0.0.1:%d/deploy" % port
+        result = subprocess.run(
+            ["sh", "-e", "-c", script], cwd=folder, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, universal_newlines=True, timeout=120,
+            env={"PATH": os.environ.get("PATH", os.defpath), "HOME": self.tmp,
+                 "IPD_AUTH": "demo:demo", "IPD_URL": base})
+        self.assertEqual(result.returncode, 0, "%s:\n%s" % (name, result.stdout))
+        if name == "README.md":  # the API block's lines, each answered
+            self.assertIn("ipd %s" % ipd.__version__, result.stdout)
+            self.assertIn("ipd: state: ok", result.stdout)
+            self.assertRegex(result.stdout, r"has ended already: ok\n")  # 409
+            self.assertRegex(result.stdout, r"(?m)^web [0-9a-f-]{36} \w+ started=")
+
+    def test_the_first_block_starts_the_demo(self):
+        readme = self.text("README.md")
+        self.assertLess(readme.index("## Try it"), readme.index("```sh"))
+        first = doc_sh_blocks(readme)[0][2].splitlines()
+        commands = [line.split("#", 1)[0].split() for line in first]
+        self.assertEqual(commands, [["python3", "ipd.py", "demo"], ["make", "test"]])
+        self.assertRegex(read_text(os.path.join(HERE, "Makefile")),
+                         r"(?m)^test:.*\n\t\$\(PYTHON\) test_ipd\.py")
+        shutil.copy(IPD, self.tmp)
+        stderr_path = os.path.join(self.tmp, "stderr")
+        with open(stderr_path, "wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable] + commands[0][1:] + ["--listen", "127.0.0.1:0"],
+                cwd=self.tmp, stderr=stderr, stdout=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.kill)
+        deadline = time.monotonic() + 30
+        while "try:" not in read_text(stderr_path):
+            self.assertIsNone(process.poll(), read_text(stderr_path))
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        self.assertIn("demo: user demo, password demo", read_text(stderr_path))
+        self.assertTrue(os.path.isfile(os.path.join(self.tmp, "ipd-demo", "image.tar")))
+
+    def test_every_link_reaches_its_file_and_heading(self):
+        for name in DOC_FILES:
+            text = re.sub(r"(?ms)^ *```.*?^ *```", "", self.text(name))
+            for target in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"`[^`\n]*`", "", text)):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                path, _, anchor = target.partition("#")
+                with self.subTest(name=name, target=target):
+                    destination = os.path.normpath(os.path.join(
+                        HERE, os.path.dirname(name), path)) if path else os.path.join(HERE, name)
+                    self.assertTrue(os.path.exists(destination))
+                    if anchor:
+                        self.assertIn(anchor, doc_anchors(read_text(destination)))
+
+    def test_the_readme_guides_in_an_operators_order(self):
+        readme = self.text("README.md")
+        self.assertLess(len(readme.split()), 6000)
+        headings = ["## Try it", "## Contents", "## How a deployment runs", "## API",
+                    "## Deploy from CI", "### Deploy with docker push",
+                    "## Deploy a Docker app", "### From an empty server to your app on https",
+                    "## Status page", "## Install on a server", "## Users",
+                    "## Deploy tokens", "## Deploy from CI without secrets (OIDC)",
+                    "## Signed releases", "## Settings", "## Security and guarantees",
+                    "## Performance", "## Compared with", "## Development"]
+        places = [readme.index("\n%s\n" % heading) for heading in headings]
+        self.assertEqual(places, sorted(places))
+        for name in DOC_FILES[1:]:  # each moved part is linked from the README
+            self.assertIn("](%s" % name, readme)
+        self.assertEqual(len(re.findall(r"(?i)the original ipd\b", readme)), 1)
+        compared = readme.split("## Compared with", 1)[1].split("\n## ", 1)[0]
+        for name in ("webhook", "Dokku", "Kamal", "CapRover", "Watchtower"):
+            self.assertIn(name, compared)
+
+    def test_the_headline_figures_are_those_of_the_performance_file(self):
+        readme = self.text("README.md")
+        section = readme.split("\n## Performance\n", 1)[1].split("\n## ", 1)[0]
+        details = " ".join(self.text("docs/PERFORMANCE.md").replace("*", "").split())
+        # the registry's table lives here only (its full run is in the file)
+        prose = re.sub(r"(?m)^\|.*\n", "", section)
+        figures = re.findall(r"\d[\d,]*\.\d+|\d{2,}[\d,]*", prose)
+        self.assertGreater(len(figures), 10)
+        for figure in figures:
+            self.assertTrue(figure in details, "README's Performance figure %s is not "
+                            "in docs/PERFORMANCE.md" % figure)
+
+
+class ExampleReadmeTests(unittest.TestCase):
+    """Issue #27: each example's README documents the settings its prepare
+    writes, with the defaults it writes; the Swarm one fills in the six
+    its deploy reads without a default."""
+
+    setUp = ExampleSettingsTests.setUp
+    run_step = ExampleSettingsTests.run_step
+    settings = ExampleSettingsTests.settings
+    NO_DEFAULT_IN_DEPLOY = ("APP_PORT", "REPLICAS", "REGISTRY", "SERVICE_OPTS",
+                            "NGINX_LISTEN", "NGINX_SERVER_NAME")
+
+    def documented(self, example):
+        """{name: default cell} of the settings table of examples/EXAMPLE/README.md."""
+        readme = read_text(os.path.join(HERE, "examples", example, "README.md"))
+        table = readme.split("Settings in `$PROJECT_DIR/deploy.env`", 1)[1]
+        table = table.split("\n\n", 2)[1]
+        return dict(re.findall(r"(?m)^\| `([A-Z_]+)` \| ([^|]*?) \|", table))
+
+    def test_each_documented_default_is_what_prepare_writes(self):
+        for example in ("docker", "swarm"):
+            with self.subTest(example=example):
+                fresh = os.path.join(self.tmp, example)
+                os.makedirs(fresh)
+                script = "examples/%s/control.sh" % example
+                self.assertEqual(self.run_step(script, "prepare", fresh).returncode, 1)
+                written = self.settings(os.path.join(fresh, "deploy.env"))
+                documented = self.documented(example)
+                self.assertEqual(sorted(documented), sorted(written))
+                for name, cell in documented.items():
+                    literal = re.match(r"`([^`]*)`\Z", cell)
+                    if literal:
+                        self.assertEqual(written[name], literal.group(1), name)
+                    elif cell.startswith("empty"):
+                        self.assertEqual(written[name], "", name)
+                    elif cell == "the project":
+                        self.assertEqual(written[name], "web", name)
+
+    def test_the_exit_codes_are_the_scripts(self):
+        for example in ("docker", "swarm"):
+            with self.subTest(example=example):
+                readme = read_text(os.path.join(HERE, "examples", example, "README.md"))
+                listed = readme.split("Exit codes", 1)[1].split("\n\n", 2)
+                listed = listed[0] if listed[0].strip(": \n") else listed[1]
+                documented = set(map(int, re.findall(r"\b\d+\b", listed)))
+                script = read_text(os.path.join(HERE, "examples", example, "control.sh"))
+                used = {int(code) for code in re.findall(
+                    r"\b(?:fail|give_up|exit) (\d+)", script)} | {1}
+                self.assertEqual(documented, used)
+
+    def test_a_swarm_deploy_env_of_two_lines_gets_every_setting_deploy_reads(self):
+        project_dir = os.path.join(self.tmp, "web")
+        os.makedirs(project_dir)
+        env = os.path.join(project_dir, "deploy.env")
+        for given in ("NGINX_LISTEN=8081\nNGINX_SERVER_NAME=web.example\n", ""):
+            with self.subTest(given=given):
+                with open(env, "w") as file:
+                    file.write(given)
+                script = "examples/swarm/control.sh"
+                result = self.run_step(script, "prepare", project_dir)
+                self.assertEqual(result.returncode, 1, result.stdout)
+                shown = subprocess.run(
+                    ["sh", "-u", "-c", '. "$0"; echo "$APP_PORT|$REPLICAS|$REGISTRY|'
+                     '$SERVICE_OPTS|$NGINX_LISTEN|$NGINX_SERVER_NAME"', env],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    universal_newlines=True)
+                self.assertEqual(shown.returncode, 0, shown.stdout)
+                listen = "8081|web.example" if given else "80|web"
+                self.assertEqual(shown.stdout, "8080|1|||%s\n" % listen)
+                self.assertTrue(set(self.NO_DEFAULT_IN_DEPLOY) <= set(self.settings(env)))
+                check = self.run_step(script, "check", project_dir)
+                self.assertEqual(check.returncode, 1, check.stdout)  # ready
+
+
+class HttpsWalkthroughTests(unittest.TestCase):
+    """Issue #27: "From an empty server to your app on https" as written:
+    its deploy.env lines are what examples/docker/control.sh reads, and
+    nginx takes its conf.d file, the ipd blocks and the proxy config that
+    prepare writes from that deploy.env, certificate and all."""
+    system = True  # the same on every Python: once per CI run
+
+    setUp = ExampleSettingsTests.setUp
+    run_step = ExampleSettingsTests.run_step
+
+    def section(self):
+        readme = read_text(os.path.join(HERE, "README.md"))
+        return readme.split("### From an empty server to your app on https", 1)[1] \
+            .split("\n## ", 1)[0]
+
+    def write_deploy_env(self, project_dir):
+        """Run the section's printf line into PROJECT_DIR/deploy.env."""
+        printf = re.search(r"(?ms)^printf .*?> /srv/upload/web/deploy\.env$",
+                           self.section()).group(0)
+        env = os.path.join(project_dir, "deploy.env")
+        subprocess.run(["sh", "-e", "-c", printf.replace("/srv/upload/web/deploy.env",
+                                                         shlex.quote(env))], check=True)
+        return env
+
+    def test_the_deploy_env_lines_are_settings_of_the_docker_example(self):
+        project_dir = os.path.join(self.tmp, "web")
+        os.makedirs(project_dir)
+        env = self.write_deploy_env(project_dir)
+        script = "examples/docker/control.sh"
+        result = self.run_step(script, "prepare", project_dir)
+        self.assertEqual(result.returncode, 1, result.stdout)
+        check = self.run_step(script, "check", project_dir)
+        self.assertNotIn("warning", check.stdout)
+        shown = subprocess.run(
+            ["sh", "-u", "-c", '. "$0"; set -f; set -- $DOCKER_RUN_OPTS; '
+             'echo "$NGINX_LISTEN|$NGINX_SERVER_NAME|$#|$1|$2"', env],
+            stdout=subprocess.PIPE, universal_newlines=True, check=True)
+        self.assertEqual(shown.stdout, "443 ssl|example.com|2|--env-file|/etc/ipd/web.env\n")
+        self.assertIn("/etc/ipd/web.env", self.section().split("install -d -m 0750", 1)[1])
+
+    @unittest.skipUnless(shutil.which("nginx") and shutil.which("openssl"),
+                         "needs nginx and openssl")
+    def test_nginx_takes_the_walkthroughs_config(self):
+        project_dir = os.path.join(self.tmp, "web")
+        os.makedirs(project_dir)
+        env = self.write_deploy_env(project_dir)
+        with open(env, "a") as file:  # not the system's /var/lib/ipd/nginx
+            file.write("NGINX_CONF=%s/nginx.conf\n" % project_dir)
+        result = self.run_step("examples/docker/control.sh", "prepare", project_dir)
+        self.assertEqual(result.returncode, 1, result.stdout)
+        _, certificate, key = make_test_ca(self.tmp)
+        conf_d = re.search(r"(?s)`/etc/nginx/conf\.d/ipd\.conf`.*?\n```\n(.*?)```",
+                           self.section()).group(1)
+        self.assertIn("include /var/lib/ipd/nginx/*.conf;", conf_d)
+        registry = re.search(r"\n(    location /v2/ \{.*?\n    \})\n", read_text(
+            os.path.join(HERE, "README.md")), re.S).group(1)
+        conf_d = (conf_d.replace("/etc/letsencrypt/live/example.com/fullchain.pem",
+                                 certificate)
+                  .replace("/etc/letsencrypt/live/example.com/privkey.pem", key)
+                  .replace("/var/lib/ipd/nginx/*.conf", project_dir + "/*.conf")
+                  .replace('    # the location /deploy and location /v2/ blocks of '
+                           '"nginx" below\n', readme_nginx_location() + "\n" +
+                           registry + "\n"))
+        self.assertNotIn("letsencrypt", conf_d)
+        with open(os.path.join(self.tmp, "ipd.conf"), "w") as file:
+            file.write(conf_d)
+        main = os.path.join(self.tmp, "nginx-main.conf")
+        with open(main, "w") as file:
+            file.write("pid %s/nginx.pid;\nevents { }\nhttp {\n    include %s/ipd.conf;\n}\n"
+                       % (self.tmp, self.tmp))
+        tested = subprocess.run(["nginx", "-t", "-p", self.tmp, "-c", main, "-e",
+                                 os.path.join(self.tmp, "error.log")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                universal_newlines=True)
+        self.assertEqual(tested.returncode, 0, tested.stdout)
+        app = read_text(os.path.join(project_dir, "nginx.conf"))
+        self.assertIn("listen 443 ssl;", app)
+        self.assertIn("server_name example.com;", app)
 
 
 class InstallTests(unittest.TestCase):

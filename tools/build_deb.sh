@@ -22,6 +22,9 @@ sed -e 's|^ExecStart=.*|ExecStart=/usr/lib/ipd/nginx-reload|' \
 install -m 0644 ipd.conf.example "$stage/etc/ipd.conf"
 install -m 0644 README.md ipd.conf.example ipd-run-as.conf "$stage/usr/share/doc/ipd/"
 install -m 0644 LICENSE "$stage/usr/share/doc/ipd/copyright"
+# The documents the README links to, beside it.
+install -d "$stage/usr/share/doc/ipd/docs"
+install -m 0644 docs/*.md "$stage/usr/share/doc/ipd/docs/"
 # The example control.sh scripts the README tells to copy, modes kept.
 cp -R examples "$stage/usr/share/doc/ipd/examples"
 find "$stage/usr/share/doc/ipd/examples" -name __pycache__ -prune -exec rm -rf {} +

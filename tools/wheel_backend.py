@@ -31,7 +31,8 @@ EPOCH = (1980, 1, 1, 0, 0, 0)
 SDIST_FILES = ("ipd.py", "README.md", "LICENSE", "pyproject.toml",
                "tools/wheel_backend.py", "ipd.service", "ipd.conf.example",
                "Makefile", "ipd-nginx.path", "ipd-nginx.service", "tools/nginx-reload",
-               "ipd-run-as.conf")
+               "ipd-run-as.conf", "docs/DETAILS.md", "docs/GUARANTEES.md",
+               "docs/PERFORMANCE.md")
 
 
 def version():
