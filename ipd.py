@@ -6214,6 +6214,46 @@ def parse_content_range(text):
     return int(match.group(1)), int(match.group(2))
 
 
+def blob_range(text, size):
+    """The (start, end) bytes a blob GET's Range header asks of a blob of
+    size bytes (RFC 9110 14.1.2: bytes=A-B, A- or the suffix -N, the end
+    capped at the blob's last byte), or None for the whole blob (no
+    header, or several ranges: a server may answer those whole, and
+    ipd does not build multipart answers).  RegistryError 416
+    RANGE_INVALID, with Content-Range bytes */SIZE, for any other Range
+    or one that starts past the end."""
+    if text is None or "," in text:
+        return None
+    match = re.fullmatch(r"\s*bytes=(\d{0,19})-(\d{0,19})\s*", text)
+    start = end = None
+    if match and match.group(1):  # A-B or A-
+        start = int(match.group(1))
+        end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+        if match.group(2) and int(match.group(2)) < start:
+            start = None  # a last byte before the first: invalid
+    elif match and match.group(2):  # -N: the last N bytes
+        start, end = max(size - int(match.group(2)), 0), size - 1
+    if start is None or start >= size or start > end:
+        raise RegistryError(416, "RANGE_INVALID", "Range %s cannot be served from "
+                            "this blob of %d bytes" % (printable(text, 60), size),
+                            {"Content-Range": "bytes */%d" % size})
+    return start, end
+
+
+def blob_answer(digest, size, range_text):
+    """(status, headers, first byte, length) of a blob GET or HEAD of
+    blob HEX of size bytes with Range range_text (see blob_range): 200
+    and the whole blob, or 206 and the range's bytes."""
+    headers = dict(REGISTRY_HEADERS, **{
+        "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+        "Docker-Content-Digest": "sha256:" + digest})
+    part = blob_range(range_text, size)
+    if part is None:
+        return 200, headers, 0, size
+    headers["Content-Range"] = "bytes %d-%d/%d" % (part[0], part[1], size)
+    return 206, headers, part[0], part[1] - part[0] + 1
+
+
 def registry_descriptor(item, where):
     """A descriptor {mediaType, digest, size[, platform]} checked -> a dict
     with digest as HEX; RegistryError MANIFEST_INVALID."""
@@ -8958,12 +8998,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.ipd.registry_project(self.user, project)
         file, size = self.ipd.registry_open_blob(self.user, project, digest)
         with file:
-            self.start_answer(200, dict(REGISTRY_HEADERS, **{
-                "Content-Type": "application/octet-stream",
-                "Docker-Content-Digest": "sha256:" + digest}), size)
+            status, headers, start, left = blob_answer(digest, size,
+                                                       self.headers.get("Range"))
+            file.seek(start)
+            self.start_answer(status, headers, left)
             if self.command == "HEAD":
                 return
-            left = size
             while left > 0:
                 block = file.read(min(CHUNK_SIZE, left))
                 if not block:

@@ -5988,19 +5988,22 @@ class RegistryHostileTests(RegistryTestCase):
         self.assertEqual(len(self.partial_files()), ipd.REGISTRY_MAX_USER_SESSIONS + 1)
 
     def test_seeded_fuzz_of_the_registry(self):
-        _, valid = self.push_image("v1", [gzip_layer({"a": b"1"})])
+        layer = gzip_layer({"a": b"1"})
+        _, valid = self.push_image("v1", [layer])
         rng = random.Random(24)
         count = soak(5000, 300)
         location = self.session()
         words = ["web", "api", "Web", "..", "%2e%2e", "%00", "a" * 300, "team/web",
                  "sha256:" + "0" * 64, "sha256:zz", "md5:00", "v1", "-x", "%2F",
+                 digest_of(layer), digest_of(valid),  # real blobs: their Range GETs
                  location.rsplit("/", 1)[-1], "a" * 32, "\u00e9"]
         kinds = ["blobs", "blobs/uploads", "manifests", "tags/list", "tags", "x", ""]
         params = ["digest", "mount", "from", "n", "last"]
         headers = ["Content-Range", "Content-Type", "Range", "Accept", "Expect",
                    "Transfer-Encoding"]  # (bad logins: throttled, see the 401 test)
         values = ["0-9", "5-1", "bytes=0-1", "x", DOCKER_MANIFEST, OCI_INDEX,
-                  "100-continue", "chunked", "a" * 3000, "0-0"]
+                  "100-continue", "chunked", "a" * 3000, "0-0", "bytes=5-", "bytes=-3",
+                  "bytes=0-1,4-", "bytes=99-"]
         statuses = {}
         for _ in range(count):
             path = "/v2/%s/%s" % (urllib.parse.quote(rng.choice(words), safe="%/"),
@@ -6035,6 +6038,71 @@ class RegistryHostileTests(RegistryTestCase):
         self.assertFalse([status for status in statuses if status >= 500], statuses)
         self.assertNotIn("Traceback", self.daemon.daemon_log())
         self.assertEqual(self.daemon.leftovers(), [])
+
+
+class RegistryRangeTests(RegistryTestCase):
+    """Range GETs of blobs (RFC 9110 14): a part of a blob is 206 with its
+    Content-Range, a Range that cannot be served 416 with bytes */SIZE."""
+
+    def setUp(self):
+        super().setUp()
+        self.blob = os.urandom(1000)
+        self.path = "/v2/web/blobs/" + self.push_blob(self.blob)
+
+    def test_a_range_is_206_with_its_bytes_and_content_range(self):
+        cases = [("bytes=0-0", 0, 0), ("bytes=10-19", 10, 19), ("bytes=990-", 990, 999),
+                 ("bytes=0-", 0, 999), ("bytes=500-99999", 500, 999),
+                 ("bytes=-10", 990, 999), ("bytes=-5000", 0, 999),
+                 ("bytes=999-999", 999, 999)]
+        for text, first, last in cases:
+            with self.subTest(range=text):
+                status, headers, body = self.call("GET", self.path, headers={"Range": text})
+                self.assertEqual(status, 206)
+                self.assertEqual(body, self.blob[first:last + 1])
+                self.assertEqual(headers["Content-Range"], "bytes %d-%d/1000" % (first, last))
+                self.assertEqual(headers["Content-Length"], str(last - first + 1))
+                self.assertEqual(headers["Accept-Ranges"], "bytes")
+                self.assertEqual(headers["Docker-Content-Digest"], digest_of(self.blob))
+        status, headers, body = self.call("HEAD", self.path, headers={"Range": "bytes=100-"})
+        self.assertEqual((status, headers["Content-Length"], headers["Content-Range"], body),
+                         (206, "900", "bytes 100-999/1000", b""))
+
+    def test_whole_blob_answers_say_they_take_ranges(self):
+        for method in ("GET", "HEAD"):
+            status, headers, body = self.call(method, self.path)
+            self.assertEqual((status, headers["Accept-Ranges"]), (200, "bytes"))
+            self.assertNotIn("Content-Range", headers)
+            self.assertEqual(body, self.blob if method == "GET" else b"")
+        # several ranges: the whole blob (RFC 9110 14.2 lets a server)
+        status, headers, body = self.call("GET", self.path,
+                                          headers={"Range": "bytes=0-1,5-6"})
+        self.assertEqual((status, body), (200, self.blob))
+
+    def test_bad_and_unsatisfiable_ranges_are_416_with_the_size(self):
+        for text in ("bytes=1000-", "bytes=5000-6000", "bytes=-0", "bytes=20-10",
+                     "bytes=-", "bytes=x-y", "bytes 0-5", "items=0-5", "bytes=0-5/10",
+                     "bytes=" + "9" * 30 + "-"):
+            with self.subTest(range=text):
+                answer = self.call("GET", self.path, headers={"Range": text})
+                self.assertIn(text[:20], self.assertError(answer, 416, "RANGE_INVALID"))
+                self.assertEqual(answer[1]["Content-Range"], "bytes */1000")
+        answer = self.call("HEAD", self.path, headers={"Range": "bytes=2000-"})
+        self.assertEqual((answer[0], answer[1]["Content-Range"], answer[2]),
+                         (416, "bytes */1000", b""))
+        empty = "/v2/web/blobs/" + self.push_blob(b"")  # no byte to serve
+        answer = self.call("GET", empty, headers={"Range": "bytes=0-"})
+        self.assertError(answer, 416, "RANGE_INVALID")
+        self.assertEqual(answer[1]["Content-Range"], "bytes */0")
+        self.assertEqual(self.call("GET", empty)[:3:2], (200, b""))
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
+    def test_a_range_of_a_blob_of_another_project_is_refused_as_the_blob_is(self):
+        answer = self.call("GET", self.path, headers={"Range": "bytes=0-9"}, user="other:other-pw")
+        self.assertError(answer, 403, "DENIED")
+        answer = self.call("GET", self.path.replace("/web/", "/api/"),
+                           headers={"Range": "bytes=0-9"}, user="other:other-pw")
+        self.assertError(answer, 404, "BLOB_UNKNOWN")
+        self.assertNotIn("Content-Range", answer[1])
 
 
 ###############################################################################
