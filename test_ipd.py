@@ -6040,6 +6040,92 @@ class RegistryHostileTests(RegistryTestCase):
         self.assertEqual(self.daemon.leftovers(), [])
 
 
+class RegistryImageTarTests(unittest.TestCase):
+    """The tar of a push's blobs (ImageTarSink): each blob copied by the
+    kernel (copy_file_range, else sendfile, else read and write) while a
+    second thread hashes the same file; the bytes and the SHA-256 are
+    the tar's whatever way copies."""
+
+    class Store:
+        """A segment store of files in a folder, named by their digests."""
+
+        def __init__(self, folder):
+            self.folder = folder
+
+        def open_segment(self, digest):
+            path = os.path.join(self.folder, digest)
+            return open(path, "rb") if os.path.exists(path) else None
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(setattr, ipd, "KERNEL_COPIES", ipd.KERNEL_COPIES)
+        self.store = self.Store(self.tmp)
+        self.blobs = {}
+        for size in (0, 100, (4 << 20) + 3, (9 << 20) + 1):  # a thread hashes the big
+            data = os.urandom(size)
+            self.blobs[hashlib.sha256(data).hexdigest()] = data
+            with open(os.path.join(self.tmp, hashlib.sha256(data).hexdigest()), "wb") as file:
+                file.write(data)
+
+    def build(self):
+        """-> (the sink's file's bytes, its describe()) of a tar-like file:
+        inline bytes between each blob."""
+        sink = ipd.ImageTarSink(self.tmp, "image", "image.tar")
+        self.addCleanup(sink.discard)
+        expected = b""
+        for digest, data in self.blobs.items():
+            sink.write(b"head" + digest.encode())
+            self.assertTrue(sink.copy_segment(self.store, digest, len(data)))
+            expected += b"head" + digest.encode() + data
+        sink.close()
+        with open(sink.path, "rb") as file:
+            self.assertEqual(file.read(), expected)
+        self.assertEqual(sink.describe(), {"name": "image.tar", "size": len(expected),
+                                           "sha256": hashlib.sha256(expected).hexdigest()})
+
+    def test_each_way_of_copying_gives_the_same_tar(self):
+        for ways in (ipd.KERNEL_COPIES, ipd.KERNEL_COPIES[1:], ipd.KERNEL_COPIES[-1:]):
+            with self.subTest(ways=[way.__name__ for way in ways]):
+                ipd.KERNEL_COPIES = ways
+                self.build()
+
+    def test_an_unsupported_way_hands_on_to_the_next(self):
+        calls = []
+
+        def unsupported(source, target, offset, count):
+            calls.append(offset)
+            raise OSError(errno.EXDEV, "cross-device")
+
+        def nothing(source, target, offset, count):  # some file systems: 0
+            calls.append(offset)
+            return 0
+
+        def some_then_unsupported(source, target, offset, count):
+            if offset:
+                raise OSError(errno.ENOSYS, "not implemented")
+            return ipd.copy_by_read_write(source, target, offset, min(count, 1000))
+        ipd.KERNEL_COPIES = (unsupported, nothing, some_then_unsupported,
+                             ipd.copy_by_read_write)
+        self.build()
+        self.assertTrue(calls)
+
+    def test_other_errors_and_short_blobs_fail_the_build(self):
+        def full(source, target, offset, count):
+            raise OSError(errno.ENOSPC, "no space")
+        ipd.KERNEL_COPIES = (full,)
+        big = [digest for digest, data in self.blobs.items() if len(data) > 1 << 20][0]
+        sink = ipd.ImageTarSink(self.tmp, "image", "image.tar")
+        self.addCleanup(sink.discard)
+        with self.assertRaises(ipd.DiskFull):
+            sink.copy_segment(self.store, big, len(self.blobs[big]))
+        ipd.KERNEL_COPIES = (ipd.copy_by_read_write,)
+        with self.assertRaises(ipd.RegistryError) as caught:
+            sink.copy_segment(self.store, big, len(self.blobs[big]) + 1)
+        self.assertEqual(caught.exception.code, "MANIFEST_BLOB_UNKNOWN")
+        self.assertFalse(sink.copy_segment(self.store, "0" * 64, 10))
+
+
 class RegistryRangeTests(RegistryTestCase):
     """Range GETs of blobs (RFC 9110 14): a part of a blob is 206 with its
     Content-Range, a Range that cannot be served 416 with bytes */SIZE."""
