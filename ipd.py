@@ -6549,6 +6549,49 @@ class ImageTarSink(FileSink):
         return True
 
 
+# A blob is fsynced before its PUT is answered (a stored segment is
+# trusted by its name from then on).  So that this fsync does not wait for
+# the whole layer, the disk is set writing while the layer still comes.
+REGISTRY_WRITEBACK = 32 << 20  # bytes appended between two such writes
+
+
+class Writeback:
+    """A file's appended bytes written to disk while more come: a
+    background fdatasync each REGISTRY_WRITEBACK bytes, one at a time.
+    The first error one meets stops them and is kept for finish(): the
+    kernel tells a write error once, to whoever asks first."""
+
+    def __init__(self, fd, offset):
+        self.fd, self.mark = fd, offset
+        self.running = None  # the Background fdatasync under way, or None
+        self.error = None
+
+    def wrote(self, offset):
+        """The file has offset bytes: start a write when enough are new."""
+        if offset - self.mark < REGISTRY_WRITEBACK or self.error is not None:
+            return
+        if self.running is not None and self.running.thread.is_alive():
+            return  # one at a time: the next starts when it is done
+        self.wait()
+        if self.error is None:
+            self.running, self.mark = Background(os.fdatasync, self.fd), offset
+
+    def wait(self):
+        """Wait for the write under way, noting its error."""
+        running, self.running = self.running, None
+        if running is not None:
+            try:
+                running.result()
+            except OSError as error:
+                self.error = self.error or error
+
+    def finish(self):
+        """Wait for the last write (before fd is closed or cut); -> the
+        OSError one met, or None."""
+        self.wait()
+        return self.error
+
+
 class BlobUpload:
     """One upload session of a blob: its partial file in the segment
     store, the bytes so far and their SHA-256, taken as they arrive (so a
@@ -6573,6 +6616,7 @@ class BlobUpload:
         except FileNotFoundError:  # expired and collected meanwhile
             raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN", "no such upload: start "
                                 "it again")
+        writeback = Writeback(fd, start)
         try:
             for buffer, count in body.pieces():
                 view = memoryview(buffer)
@@ -6585,6 +6629,7 @@ class BlobUpload:
                     raise disk_errors(error)
                 self.sha256.update(view[:count])
                 self.offset += count
+                writeback.wrote(self.offset)
             if length is not None and self.offset - start != length:
                 raise RegistryError(416, "BLOB_UPLOAD_INVALID", "the body is not the "
                                     "%d bytes its Content-Range says" % length)
@@ -6594,8 +6639,14 @@ class BlobUpload:
                 self.offset, self.sha256 = start, before
             raise
         finally:
+            failed = writeback.finish()
+            if failed is not None:  # bytes the disk may not hold: all go
+                os.ftruncate(fd, 0)
+                self.offset, self.sha256 = 0, hashlib.sha256()
             os.close(fd)
             self.touched = time.time()
+        if failed is not None:
+            raise disk_errors(failed)
         return self.offset
 
     def headers(self):
@@ -7484,7 +7535,8 @@ class Daemon:
                 error.headers = dict(session.headers(), **error.headers)
                 raise
             finally:
-                self.registry.count_received(session.project, session.offset - before)
+                self.registry.count_received(session.project,
+                                             max(session.offset - before, 0))
         finally:
             session.guard.release()
         return session

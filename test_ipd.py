@@ -6126,6 +6126,66 @@ class RegistryImageTarTests(unittest.TestCase):
         self.assertFalse(sink.copy_segment(self.store, "0" * 64, 10))
 
 
+class RegistryWritebackTests(unittest.TestCase):
+    """A blob upload has the disk write its bytes while more come (a
+    background fdatasync each REGISTRY_WRITEBACK bytes), so that its PUT's
+    fsync finds little left; a write the disk refused drops the upload."""
+
+    class Body:
+        """A request body of pieces (as RequestBody.pieces gives them)."""
+
+        def __init__(self, pieces):
+            self.list = pieces
+
+        def pieces(self):
+            for piece in self.list:
+                yield bytearray(piece), len(piece)
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(setattr, ipd, "REGISTRY_WRITEBACK", ipd.REGISTRY_WRITEBACK)
+        self.addCleanup(setattr, os, "fdatasync", os.fdatasync)
+        ipd.REGISTRY_WRITEBACK = 1000
+        self.path = os.path.join(self.tmp, "partial")
+        open(self.path, "wb").close()
+        self.upload = ipd.BlobUpload("a" * 32, "web", "admin", self.path)
+        self.synced = []
+        real = os.fdatasync
+
+        def counted(fd):
+            self.synced.append(os.fstat(fd).st_size)
+            real(fd)
+        os.fdatasync = counted
+
+    def test_a_long_upload_is_written_back_while_it_comes(self):
+        pieces = [os.urandom(600) for _ in range(10)]
+        self.assertEqual(self.upload.receive(self.Body(pieces)), 6000)
+        self.assertTrue(self.synced and max(self.synced) < 6000, self.synced)
+        with open(self.path, "rb") as file:
+            data = file.read()
+        self.assertEqual(data, b"".join(pieces))
+        self.assertEqual(self.upload.sha256.hexdigest(), hashlib.sha256(data).hexdigest())
+        self.synced = []
+        self.upload.receive(self.Body([b"x" * 500]))  # under the step: none
+        self.assertEqual(self.synced, [])
+
+    def test_a_write_the_disk_refused_drops_the_upload(self):
+        self.upload.receive(self.Body([b"a" * 700]))
+
+        def refused(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.fdatasync = refused
+        with self.assertRaises(ipd.DiskFull):
+            self.upload.receive(self.Body([b"b" * 600] * 5))
+        self.assertEqual((self.upload.offset, os.path.getsize(self.path)), (0, 0))
+        self.assertEqual(self.upload.headers()["Range"], "0-0")  # the client restarts
+        os.fdatasync = lambda fd: None
+        self.assertEqual(self.upload.receive(self.Body([b"c" * 1500])), 1500)
+        self.assertEqual(self.upload.sha256.hexdigest(),
+                         hashlib.sha256(b"c" * 1500).hexdigest())
+
+
 class RegistryRangeTests(RegistryTestCase):
     """Range GETs of blobs (RFC 9110 14): a part of a blob is 206 with its
     Content-Range, a Range that cannot be served 416 with bytes */SIZE."""
