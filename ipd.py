@@ -6446,109 +6446,6 @@ def registry_fields(record):
             if key in record.others}
 
 
-# --- $IMAGE of a push, fast: the kernel copies, a second core hashes
-#
-# A pushed image's tar is its stored blobs end to end.  Its manifest PUT
-# is answered only once the tar is built and the deployment committed (a
-# refused deployment fails the push itself), so the build is on the
-# push's clock: each blob is copied by the kernel (no bytes through
-# Python) while a second thread hashes the same open file, whose bytes
-# were verified by digest when they were stored; what is hashed is what
-# is copied, read once from the page cache by each.
-
-KERNEL_COPY_BLOCK = 64 << 20  # one call's most: the kernel returns between
-# The errors of a kernel copy that the file system or the kernel does
-# not offer (old kernels, other file systems): the next way is tried.
-KERNEL_COPY_UNSUPPORTED = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
-                           getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.EBADF)
-
-
-def copy_by_copy_file_range(source, target, offset, count):
-    """copy_file_range(2) (Linux 4.5+, Python 3.8+): -> bytes copied."""
-    return os.copy_file_range(source, target, count, offset)
-
-
-def copy_by_sendfile(source, target, offset, count):
-    """sendfile(2) to a file (Linux 2.6.33+): -> bytes copied."""
-    return os.sendfile(target, source, offset, count)
-
-
-def copy_by_read_write(source, target, offset, count):
-    """pread and write, the way that always works: -> bytes copied."""
-    data = os.pread(source, min(count, CHUNK_SIZE), offset)
-    write_all(target, data)
-    return len(data)
-
-
-KERNEL_COPIES = tuple(way for name, way in (
-    ("copy_file_range", copy_by_copy_file_range), ("sendfile", copy_by_sendfile))
-    if hasattr(os, name)) + (copy_by_read_write,)
-
-
-def kernel_copy(source, target, count):
-    """Append count bytes of fd source (from its start; its offset is not
-    used) to fd target at its offset, the fastest way the system offers
-    (KERNEL_COPIES; a way that fails as unsupported, or copies nothing
-    before the end, hands on to the next).  -> the bytes copied (fewer:
-    source is shorter).  Raises DiskFull, OSError."""
-    copied = 0
-    for way in KERNEL_COPIES:
-        try:
-            while copied < count:
-                done = way(source, target, copied, min(count - copied, KERNEL_COPY_BLOCK))
-                if not done:
-                    break
-                copied += done
-        except OSError as error:
-            if error.errno not in KERNEL_COPY_UNSUPPORTED:
-                raise disk_errors(error)
-        if copied == count:
-            break
-    return copied
-
-
-def hash_file_range(sha256, fd, count):
-    """Add the first count bytes of fd (read with pread: its offset is not
-    used) to sha256 -> the bytes hashed (fewer: the file is shorter)."""
-    hashed = 0
-    while hashed < count:
-        block = os.pread(fd, min(count - hashed, CHUNK_SIZE), hashed)
-        if not block:
-            break
-        sha256.update(block)
-        hashed += len(block)
-    return hashed
-
-
-class ImageTarSink(FileSink):
-    """A FileSink for the tar of a push's stored blobs (see above): inline
-    bytes written and hashed as a FileSink's, a blob copied by the kernel
-    while a second thread hashes it (a small one, here and now)."""
-
-    def copy_segment(self, segments, digest, size):
-        """Append stored segment digest of size bytes; False when it is
-        gone.  RegistryError MANIFEST_BLOB_UNKNOWN when it is shorter."""
-        file = segments.open_segment(digest)
-        if file is None:
-            return False
-        with file:
-            fd = file.fileno()
-            if size < 4 * CHUNK_SIZE:  # not worth a thread
-                hashed = hash_file_range(self.sha256, fd, size)
-                copied = kernel_copy(fd, self.fd, size)
-            else:
-                hashing = Background(hash_file_range, self.sha256, fd, size)
-                try:
-                    copied = kernel_copy(fd, self.fd, size)
-                finally:  # even after an error: the thread reads fd, and
-                    hashed = hashing.result()  # the hash goes on in order
-        if copied != size or hashed != size:
-            raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", "blob sha256:%s has "
-                                "fewer than its %d bytes: push it again" % (digest, size))
-        self.size += size
-        return True
-
-
 # A blob is fsynced before its PUT is answered (a stored segment is
 # trusted by its name from then on).  So that this fsync does not wait for
 # the whole layer, the disk is set writing while the layer still comes.
@@ -7682,12 +7579,12 @@ class Daemon:
         upload = Upload()
         try:
             upload.fields["project"] = project
-            sink = upload.files["image"] = ImageTarSink(self.settings.UPLOAD_DIR,
-                                                        "image", "image.tar")
+            sink = upload.files["image"] = FileSink(self.settings.UPLOAD_DIR, "image",
+                                                    "image.tar", parallel=True)
             for piece in pieces:
                 if "data" in piece:
                     sink.write(piece["data"])
-                elif not sink.copy_segment(self.segments, piece["sha256"], piece["size"]):
+                elif not self.segments.copy_segment(piece["sha256"], sink):
                     raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", "blob sha256:%s "
                                         "is gone: push it again" % piece["sha256"])
             sink.close()
