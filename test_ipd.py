@@ -6040,6 +6040,49 @@ class RegistryHostileTests(RegistryTestCase):
         self.assertEqual(self.daemon.leftovers(), [])
 
 
+class RegistryEarlyRefusalTests(RegistryTestCase):
+    """What the login, the project, the size or the range already refuse
+    is answered before the body (RFC 9110 10.1.1: no 100 Continue, not a
+    byte read), at the endpoints that take one."""
+    settings = {"MAX_UPLOAD_SIZE": "1M"}
+
+    def refused_before_the_body(self, method, path, user, fields=None):
+        """-> the status of a request that says it would send 10 MiB
+        (Expect: 100-continue) but sends none; its answer is no 100."""
+        fields = dict({"Expect": "100-continue", "Content-Length": str(10 << 20),
+                       "Content-Type": "application/octet-stream"}, **(fields or {}))
+        fields["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode() \
+            if user else ""
+        answer = raw_exchange(self.daemon.port, raw_request(method, path, b"", fields))
+        self.assertIsNotNone(answer, "no answer: the daemon waited for the body")
+        self.assertFalse(answer.startswith(b"HTTP/1.1 100"), answer[:200])
+        self.assertIn(b'"errors"', answer)
+        return answer_status(answer)
+
+    def test_refusals_come_before_the_body(self):
+        location = self.call("POST", "/v2/web/blobs/uploads/")[1]["Location"]
+        digest = "?digest=sha256:" + "0" * 64
+        admin, other = "admin:" + USERS["admin"][1], "other:other-pw"
+        cases = [
+            ("PATCH", location, None, {}, 401),
+            ("PATCH", location, other, {}, 403),
+            ("PUT", location + digest, other, {}, 403),
+            ("POST", "/v2/web/blobs/uploads/" + digest, other, {}, 403),
+            ("PUT", "/v2/web/manifests/v1", other, {}, 403),
+            ("PATCH", location, admin, {}, 413),  # over MAX_UPLOAD_SIZE
+            ("PATCH", location, admin, {"Content-Range": "5-%d" % ((10 << 20) + 4)}, 416),
+            ("PUT", location + "?digest=sha256:nothex", admin, {}, 400),
+            ("PATCH", "/v2/web/blobs/uploads/" + "b" * 32, admin, {}, 404),
+        ]
+        for method, path, user, fields, status in cases:
+            with self.subTest(method=method, path=path, user=user, fields=fields):
+                self.assertEqual(self.refused_before_the_body(method, path, user, fields),
+                                 status)
+        self.assertEqual(self.call("GET", location)[1]["Range"], "0-0")  # untouched
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
+
 class RegistryWritebackTests(unittest.TestCase):
     """A blob upload has the disk write its bytes while more come (a
     background fdatasync each REGISTRY_WRITEBACK bytes), so that its PUT's
