@@ -6499,6 +6499,7 @@ class BlobUpload:
         self.id, self.project, self.owner, self.path = session_id, project, owner, path
         self.offset = 0
         self.sha256 = hashlib.sha256()
+        self.written_back = 0  # where the last Writeback began (over requests)
         self.touched = time.time()
         self.guard = threading.Lock()
 
@@ -6513,7 +6514,7 @@ class BlobUpload:
         except FileNotFoundError:  # expired and collected meanwhile
             raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN", "no such upload: start "
                                 "it again")
-        writeback = Writeback(fd, start)
+        writeback = Writeback(fd, self.written_back)  # chunks add up to a step
         try:
             for buffer, count in body.pieces():
                 view = memoryview(buffer)
@@ -6536,10 +6537,10 @@ class BlobUpload:
                 self.offset, self.sha256 = start, before
             raise
         finally:
-            failed = writeback.finish()
+            failed, self.written_back = writeback.finish(), writeback.mark
             if failed is not None:  # bytes the disk may not hold: all go
                 os.ftruncate(fd, 0)
-                self.offset, self.sha256 = 0, hashlib.sha256()
+                self.offset, self.sha256, self.written_back = 0, hashlib.sha256(), 0
             os.close(fd)
             self.touched = time.time()
         if failed is not None:

@@ -6091,11 +6091,13 @@ class RegistryWritebackTests(unittest.TestCase):
     class Body:
         """A request body of pieces (as RequestBody.pieces gives them)."""
 
-        def __init__(self, pieces):
-            self.list = pieces
+        def __init__(self, pieces, before_last=None):
+            self.list, self.before_last = pieces, before_last
 
         def pieces(self):
-            for piece in self.list:
+            for number, piece in enumerate(self.list):
+                if number == len(self.list) - 1 and self.before_last:
+                    self.before_last()
                 yield bytearray(piece), len(piece)
 
     def setUp(self):
@@ -6117,15 +6119,20 @@ class RegistryWritebackTests(unittest.TestCase):
 
     def test_a_long_upload_is_written_back_while_it_comes(self):
         pieces = [os.urandom(600) for _ in range(10)]
-        self.assertEqual(self.upload.receive(self.Body(pieces)), 6000)
-        self.assertTrue(self.synced and max(self.synced) < 6000, self.synced)
+        body = self.Body(pieces, lambda: wait_until(  # the disk writes as bytes come
+            lambda: self.synced, message="a write-back before the body's end"))
+        self.assertEqual(self.upload.receive(body), 6000)
+        self.assertLess(self.synced[0], 6000)
         with open(self.path, "rb") as file:
             data = file.read()
         self.assertEqual(data, b"".join(pieces))
         self.assertEqual(self.upload.sha256.hexdigest(), hashlib.sha256(data).hexdigest())
-        self.synced = []
-        self.upload.receive(self.Body([b"x" * 500]))  # under the step: none
+        self.synced, chunked = [], ipd.BlobUpload("b" * 32, "web", "admin", self.path)
+        os.truncate(self.path, 0)
+        chunked.receive(self.Body([b"x" * 500]))  # under the step: none
         self.assertEqual(self.synced, [])
+        chunked.receive(self.Body([b"y" * 500]))  # chunks add up to one
+        self.assertEqual(self.synced, [1000])
 
     def test_a_write_the_disk_refused_drops_the_upload(self):
         self.upload.receive(self.Body([b"a" * 700]))
