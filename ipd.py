@@ -6224,7 +6224,7 @@ def blob_range(text, size):
     or one that starts past the end."""
     if text is None or "," in text:
         return None
-    match = re.fullmatch(r"\s*bytes=(\d{0,19})-(\d{0,19})\s*", text)
+    match = re.fullmatch(r"\s*bytes=(\d{0,19})-(\d{0,19})\s*", text, re.IGNORECASE)
     start = end = None
     if match and match.group(1):  # A-B or A-
         start = int(match.group(1))
@@ -6539,13 +6539,22 @@ class BlobUpload:
         finally:
             failed, self.written_back = writeback.finish(), writeback.mark
             if failed is not None:  # bytes the disk may not hold: all go
-                os.ftruncate(fd, 0)
-                self.offset, self.sha256, self.written_back = 0, hashlib.sha256(), 0
+                self.restart(fd)
             os.close(fd)
             self.touched = time.time()
         if failed is not None:
             raise disk_errors(failed)
         return self.offset
+
+    def restart(self, fd):
+        """Empty the upload (fd: its file): the client sends it again from
+        its start; when even that fails, its file goes (then the upload is
+        unknown: the client starts another)."""
+        self.offset, self.sha256, self.written_back = 0, hashlib.sha256(), 0
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            remove_quietly(self.path)
 
     def headers(self):
         """Location, Range (0-N: N the last byte received, 0-0 for none,

@@ -6163,7 +6163,7 @@ class RegistryRangeTests(RegistryTestCase):
         cases = [("bytes=0-0", 0, 0), ("bytes=10-19", 10, 19), ("bytes=990-", 990, 999),
                  ("bytes=0-", 0, 999), ("bytes=500-99999", 500, 999),
                  ("bytes=-10", 990, 999), ("bytes=-5000", 0, 999),
-                 ("bytes=999-999", 999, 999)]
+                 ("bytes=999-999", 999, 999), ("Bytes=1-2", 1, 2)]  # a unit of any case
         for text, first, last in cases:
             with self.subTest(range=text):
                 status, headers, body = self.call("GET", self.path, headers={"Range": text})
