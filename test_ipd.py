@@ -5995,7 +5995,7 @@ class RegistryHostileTests(RegistryTestCase):
         location = self.session()
         words = ["web", "api", "Web", "..", "%2e%2e", "%00", "a" * 300, "team/web",
                  "sha256:" + "0" * 64, "sha256:zz", "md5:00", "v1", "-x", "%2F",
-                 digest_of(layer), digest_of(valid),  # real blobs: their Range GETs
+                 digest_of(layer), digest_of(valid),
                  location.rsplit("/", 1)[-1], "a" * 32, "\u00e9"]
         kinds = ["blobs", "blobs/uploads", "manifests", "tags/list", "tags", "x", ""]
         params = ["digest", "mount", "from", "n", "last"]
@@ -6010,11 +6010,17 @@ class RegistryHostileTests(RegistryTestCase):
                                   rng.choice(kinds))
             if rng.random() < 0.6:
                 path += "/" + urllib.parse.quote(rng.choice(words), safe="%/:")
+            real = rng.random() < 0.1  # a real blob: its Range GETs, HEADs, PUTs...
+            if real:
+                path = "/v2/web/blobs/" + rng.choice([digest_of(layer), digest_of(valid)])
             query = "&".join("%s=%s" % (rng.choice(params), urllib.parse.quote(
                 rng.choice(words), safe="%:")) for _ in range(rng.randrange(3)))
             fields = {"Authorization": ADMIN_AUTH if rng.random() < 0.8 else ""}
             for _ in range(rng.randrange(3)):
                 fields[rng.choice(headers)] = rng.choice(values)
+            if real and rng.random() < 0.7:
+                fields["Range"] = rng.choice(values[-6:]) if rng.random() < 0.7 else \
+                    "bytes=%d-%d" % (rng.randrange(-5, 400), rng.randrange(-5, 400))
             if fields.get("Transfer-Encoding") == "chunked":
                 del fields["Transfer-Encoding"]  # raw_request frames by length
             method = rng.choice(["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE"])
