@@ -6215,6 +6215,46 @@ def parse_content_range(text):
     return int(match.group(1)), int(match.group(2))
 
 
+def blob_range(text, size):
+    """The (start, end) bytes a blob GET's Range header asks of a blob of
+    size bytes (RFC 9110 14.1.2: bytes=A-B, A- or the suffix -N, the end
+    capped at the blob's last byte), or None for the whole blob (no
+    header, or several ranges: a server may answer those whole, and
+    ipd does not build multipart answers).  RegistryError 416
+    RANGE_INVALID, with Content-Range bytes */SIZE, for any other Range
+    or one that starts past the end."""
+    if text is None or "," in text:
+        return None
+    match = re.fullmatch(r"\s*bytes=(\d{0,19})-(\d{0,19})\s*", text, re.IGNORECASE)
+    start = end = None
+    if match and match.group(1):  # A-B or A-
+        start = int(match.group(1))
+        end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+        if match.group(2) and int(match.group(2)) < start:
+            start = None  # a last byte before the first: invalid
+    elif match and match.group(2):  # -N: the last N bytes
+        start, end = max(size - int(match.group(2)), 0), size - 1
+    if start is None or start >= size or start > end:
+        raise RegistryError(416, "RANGE_INVALID", "Range %s cannot be served from "
+                            "this blob of %d bytes" % (printable(text, 60), size),
+                            {"Content-Range": "bytes */%d" % size})
+    return start, end
+
+
+def blob_answer(digest, size, range_text):
+    """(status, headers, first byte, length) of a blob GET or HEAD of
+    blob HEX of size bytes with Range range_text (see blob_range): 200
+    and the whole blob, or 206 and the range's bytes."""
+    headers = dict(REGISTRY_HEADERS, **{
+        "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+        "Docker-Content-Digest": "sha256:" + digest})
+    part = blob_range(range_text, size)
+    if part is None:
+        return 200, headers, 0, size
+    headers["Content-Range"] = "bytes %d-%d/%d" % (part[0], part[1], size)
+    return 206, headers, part[0], part[1] - part[0] + 1
+
+
 def registry_descriptor(item, where):
     """A descriptor {mediaType, digest, size[, platform]} checked -> a dict
     with digest as HEX; RegistryError MANIFEST_INVALID."""
@@ -6407,6 +6447,49 @@ def registry_fields(record):
             if key in record.others}
 
 
+# A blob is fsynced before its PUT is answered (a stored segment is
+# trusted by its name from then on).  So that this fsync does not wait for
+# the whole layer, the disk is set writing while the layer still comes.
+REGISTRY_WRITEBACK = 32 << 20  # bytes appended between two such writes
+
+
+class Writeback:
+    """A file's appended bytes written to disk while more come: a
+    background fdatasync each REGISTRY_WRITEBACK bytes, one at a time.
+    The first error one meets stops them and is kept for finish(): the
+    kernel tells a write error once, to whoever asks first."""
+
+    def __init__(self, fd, offset):
+        self.fd, self.mark = fd, offset
+        self.running = None  # the Background fdatasync under way, or None
+        self.error = None
+
+    def wrote(self, offset):
+        """The file has offset bytes: start a write when enough are new."""
+        if offset - self.mark < REGISTRY_WRITEBACK or self.error is not None:
+            return
+        if self.running is not None and self.running.thread.is_alive():
+            return  # one at a time: the next starts when it is done
+        self.wait()
+        if self.error is None:
+            self.running, self.mark = Background(os.fdatasync, self.fd), offset
+
+    def wait(self):
+        """Wait for the write under way, noting its error."""
+        running, self.running = self.running, None
+        if running is not None:
+            try:
+                running.result()
+            except OSError as error:
+                self.error = self.error or error
+
+    def finish(self):
+        """Wait for the last write (before fd is closed or cut); -> the
+        OSError one met, or None."""
+        self.wait()
+        return self.error
+
+
 class BlobUpload:
     """One upload session of a blob: its partial file in the segment
     store, the bytes so far and their SHA-256, taken as they arrive (so a
@@ -6417,6 +6500,7 @@ class BlobUpload:
         self.id, self.project, self.owner, self.path = session_id, project, owner, path
         self.offset = 0
         self.sha256 = hashlib.sha256()
+        self.written_back = 0  # where the last Writeback began (over requests)
         self.touched = time.time()
         self.guard = threading.Lock()
 
@@ -6431,6 +6515,7 @@ class BlobUpload:
         except FileNotFoundError:  # expired and collected meanwhile
             raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN", "no such upload: start "
                                 "it again")
+        writeback = Writeback(fd, self.written_back)  # chunks add up to a step
         try:
             for buffer, count in body.pieces():
                 view = memoryview(buffer)
@@ -6443,6 +6528,7 @@ class BlobUpload:
                     raise disk_errors(error)
                 self.sha256.update(view[:count])
                 self.offset += count
+                writeback.wrote(self.offset)
             if length is not None and self.offset - start != length:
                 raise RegistryError(416, "BLOB_UPLOAD_INVALID", "the body is not the "
                                     "%d bytes its Content-Range says" % length)
@@ -6452,9 +6538,24 @@ class BlobUpload:
                 self.offset, self.sha256 = start, before
             raise
         finally:
+            failed, self.written_back = writeback.finish(), writeback.mark
+            if failed is not None:  # bytes the disk may not hold: all go
+                self.restart(fd)
             os.close(fd)
             self.touched = time.time()
+        if failed is not None:
+            raise disk_errors(failed)
         return self.offset
+
+    def restart(self, fd):
+        """Empty the upload (fd: its file): the client sends it again from
+        its start; when even that fails, its file goes (then the upload is
+        unknown: the client starts another)."""
+        self.offset, self.sha256, self.written_back = 0, hashlib.sha256(), 0
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            remove_quietly(self.path)
 
     def headers(self):
         """Location, Range (0-N: N the last byte received, 0-0 for none,
@@ -7342,7 +7443,8 @@ class Daemon:
                 error.headers = dict(session.headers(), **error.headers)
                 raise
             finally:
-                self.registry.count_received(session.project, session.offset - before)
+                self.registry.count_received(session.project,
+                                             max(session.offset - before, 0))
         finally:
             session.guard.release()
         return session
@@ -8588,12 +8690,12 @@ class RegistryRequest:
         self.ipd.registry_project(self.user, project)
         file, size = self.ipd.registry_open_blob(self.user, project, digest)
         with file:
-            self.http.start_answer(200, dict(REGISTRY_HEADERS, **{
-                "Content-Type": "application/octet-stream",
-                "Docker-Content-Digest": "sha256:" + digest}), size)
+            status, headers, start, left = blob_answer(digest, size,
+                                                       self.headers.get("Range"))
+            file.seek(start)
+            self.http.start_answer(status, headers, left)
             if self.http.command == "HEAD":
                 return
-            left = size
             while left > 0:
                 block = file.read(min(CHUNK_SIZE, left))
                 if not block:

@@ -5995,30 +5995,39 @@ class RegistryHostileTests(RegistryTestCase):
         self.assertEqual(len(self.partial_files()), ipd.REGISTRY_MAX_USER_SESSIONS + 1)
 
     def test_seeded_fuzz_of_the_registry(self):
-        _, valid = self.push_image("v1", [gzip_layer({"a": b"1"})])
+        layer = gzip_layer({"a": b"1"})
+        _, valid = self.push_image("v1", [layer])
         rng = random.Random(24)
         count = soak(5000, 300)
         location = self.session()
         words = ["web", "api", "Web", "..", "%2e%2e", "%00", "a" * 300, "team/web",
                  "sha256:" + "0" * 64, "sha256:zz", "md5:00", "v1", "-x", "%2F",
+                 digest_of(layer), digest_of(valid),
                  location.rsplit("/", 1)[-1], "a" * 32, "\u00e9"]
         kinds = ["blobs", "blobs/uploads", "manifests", "tags/list", "tags", "x", ""]
         params = ["digest", "mount", "from", "n", "last"]
         headers = ["Content-Range", "Content-Type", "Range", "Accept", "Expect",
                    "Transfer-Encoding"]  # (bad logins: throttled, see the 401 test)
         values = ["0-9", "5-1", "bytes=0-1", "x", DOCKER_MANIFEST, OCI_INDEX,
-                  "100-continue", "chunked", "a" * 3000, "0-0"]
+                  "100-continue", "chunked", "a" * 3000, "0-0", "bytes=5-", "bytes=-3",
+                  "bytes=0-1,4-", "bytes=99-"]
         statuses = {}
         for _ in range(count):
             path = "/v2/%s/%s" % (urllib.parse.quote(rng.choice(words), safe="%/"),
                                   rng.choice(kinds))
             if rng.random() < 0.6:
                 path += "/" + urllib.parse.quote(rng.choice(words), safe="%/:")
+            real = rng.random() < 0.1  # a real blob: its Range GETs, HEADs, PUTs...
+            if real:
+                path = "/v2/web/blobs/" + rng.choice([digest_of(layer), digest_of(valid)])
             query = "&".join("%s=%s" % (rng.choice(params), urllib.parse.quote(
                 rng.choice(words), safe="%:")) for _ in range(rng.randrange(3)))
             fields = {"Authorization": ADMIN_AUTH if rng.random() < 0.8 else ""}
             for _ in range(rng.randrange(3)):
                 fields[rng.choice(headers)] = rng.choice(values)
+            if real and rng.random() < 0.7:
+                fields["Range"] = rng.choice(values[-6:]) if rng.random() < 0.7 else \
+                    "bytes=%d-%d" % (rng.randrange(-5, 400), rng.randrange(-5, 400))
             if fields.get("Transfer-Encoding") == "chunked":
                 del fields["Transfer-Encoding"]  # raw_request frames by length
             method = rng.choice(["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE"])
@@ -6042,6 +6051,181 @@ class RegistryHostileTests(RegistryTestCase):
         self.assertFalse([status for status in statuses if status >= 500], statuses)
         self.assertNotIn("Traceback", self.daemon.daemon_log())
         self.assertEqual(self.daemon.leftovers(), [])
+
+
+class RegistryEarlyRefusalTests(RegistryTestCase):
+    """What the login, the project, the size or the range already refuse
+    is answered before the body (RFC 9110 10.1.1: no 100 Continue, not a
+    byte read), at the endpoints that take one."""
+    settings = {"MAX_UPLOAD_SIZE": "1M"}
+
+    def refused_before_the_body(self, method, path, user, fields=None):
+        """-> the status of a request that says it would send 10 MiB
+        (Expect: 100-continue) but sends none; its answer is no 100."""
+        fields = dict({"Expect": "100-continue", "Content-Length": str(10 << 20),
+                       "Content-Type": "application/octet-stream"}, **(fields or {}))
+        fields["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode() \
+            if user else ""
+        answer = raw_exchange(self.daemon.port, raw_request(method, path, b"", fields))
+        self.assertIsNotNone(answer, "no answer: the daemon waited for the body")
+        self.assertFalse(answer.startswith(b"HTTP/1.1 100"), answer[:200])
+        self.assertIn(b'"errors"', answer)
+        return answer_status(answer)
+
+    def test_refusals_come_before_the_body(self):
+        location = self.call("POST", "/v2/web/blobs/uploads/")[1]["Location"]
+        digest = "?digest=sha256:" + "0" * 64
+        admin, other = "admin:" + USERS["admin"][1], "other:other-pw"
+        cases = [
+            ("PATCH", location, None, {}, 401),
+            ("PATCH", location, other, {}, 403),
+            ("PUT", location + digest, other, {}, 403),
+            ("POST", "/v2/web/blobs/uploads/" + digest, other, {}, 403),
+            ("PUT", "/v2/web/manifests/v1", other, {}, 403),
+            ("PATCH", location, admin, {}, 413),  # over MAX_UPLOAD_SIZE
+            ("PATCH", location, admin, {"Content-Range": "5-%d" % ((10 << 20) + 4)}, 416),
+            ("PUT", location + "?digest=sha256:nothex", admin, {}, 400),
+            ("PATCH", "/v2/web/blobs/uploads/" + "b" * 32, admin, {}, 404),
+        ]
+        for method, path, user, fields, status in cases:
+            with self.subTest(method=method, path=path, user=user, fields=fields):
+                self.assertEqual(self.refused_before_the_body(method, path, user, fields),
+                                 status)
+        self.assertEqual(self.call("GET", location)[1]["Range"], "0-0")  # untouched
+        self.assertEqual(self.daemon.leftovers(), [])
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
+
+class RegistryWritebackTests(unittest.TestCase):
+    """A blob upload has the disk write its bytes while more come (a
+    background fdatasync each REGISTRY_WRITEBACK bytes), so that its PUT's
+    fsync finds little left; a write the disk refused drops the upload."""
+
+    class Body:
+        """A request body of pieces (as RequestBody.pieces gives them)."""
+
+        def __init__(self, pieces, before_last=None):
+            self.list, self.before_last = pieces, before_last
+
+        def pieces(self):
+            for number, piece in enumerate(self.list):
+                if number == len(self.list) - 1 and self.before_last:
+                    self.before_last()
+                yield bytearray(piece), len(piece)
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(setattr, ipd, "REGISTRY_WRITEBACK", ipd.REGISTRY_WRITEBACK)
+        self.addCleanup(setattr, os, "fdatasync", os.fdatasync)
+        ipd.REGISTRY_WRITEBACK = 1000
+        self.path = os.path.join(self.tmp, "partial")
+        open(self.path, "wb").close()
+        self.upload = ipd.BlobUpload("a" * 32, "web", "admin", self.path)
+        self.synced = []
+        real = os.fdatasync
+
+        def counted(fd):
+            self.synced.append(os.fstat(fd).st_size)
+            real(fd)
+        os.fdatasync = counted
+
+    def test_a_long_upload_is_written_back_while_it_comes(self):
+        pieces = [os.urandom(600) for _ in range(10)]
+        body = self.Body(pieces, lambda: wait_until(  # the disk writes as bytes come
+            lambda: self.synced, message="a write-back before the body's end"))
+        self.assertEqual(self.upload.receive(body), 6000)
+        self.assertLess(self.synced[0], 6000)
+        with open(self.path, "rb") as file:
+            data = file.read()
+        self.assertEqual(data, b"".join(pieces))
+        self.assertEqual(self.upload.sha256.hexdigest(), hashlib.sha256(data).hexdigest())
+        self.synced, chunked = [], ipd.BlobUpload("b" * 32, "web", "admin", self.path)
+        os.truncate(self.path, 0)
+        chunked.receive(self.Body([b"x" * 500]))  # under the step: none
+        self.assertEqual(self.synced, [])
+        chunked.receive(self.Body([b"y" * 500]))  # chunks add up to one
+        self.assertEqual(self.synced, [1000])
+
+    def test_a_write_the_disk_refused_drops_the_upload(self):
+        self.upload.receive(self.Body([b"a" * 700]))
+
+        def refused(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.fdatasync = refused
+        with self.assertRaises(ipd.DiskFull):
+            self.upload.receive(self.Body([b"b" * 600] * 5))
+        self.assertEqual((self.upload.offset, os.path.getsize(self.path)), (0, 0))
+        self.assertEqual(self.upload.headers()["Range"], "0-0")  # the client restarts
+        os.fdatasync = lambda fd: None
+        self.assertEqual(self.upload.receive(self.Body([b"c" * 1500])), 1500)
+        self.assertEqual(self.upload.sha256.hexdigest(),
+                         hashlib.sha256(b"c" * 1500).hexdigest())
+
+
+class RegistryRangeTests(RegistryTestCase):
+    """Range GETs of blobs (RFC 9110 14): a part of a blob is 206 with its
+    Content-Range, a Range that cannot be served 416 with bytes */SIZE."""
+
+    def setUp(self):
+        super().setUp()
+        self.blob = os.urandom(1000)
+        self.path = "/v2/web/blobs/" + self.push_blob(self.blob)
+
+    def test_a_range_is_206_with_its_bytes_and_content_range(self):
+        cases = [("bytes=0-0", 0, 0), ("bytes=10-19", 10, 19), ("bytes=990-", 990, 999),
+                 ("bytes=0-", 0, 999), ("bytes=500-99999", 500, 999),
+                 ("bytes=-10", 990, 999), ("bytes=-5000", 0, 999),
+                 ("bytes=999-999", 999, 999), ("Bytes=1-2", 1, 2)]  # a unit of any case
+        for text, first, last in cases:
+            with self.subTest(range=text):
+                status, headers, body = self.call("GET", self.path, headers={"Range": text})
+                self.assertEqual(status, 206)
+                self.assertEqual(body, self.blob[first:last + 1])
+                self.assertEqual(headers["Content-Range"], "bytes %d-%d/1000" % (first, last))
+                self.assertEqual(headers["Content-Length"], str(last - first + 1))
+                self.assertEqual(headers["Accept-Ranges"], "bytes")
+                self.assertEqual(headers["Docker-Content-Digest"], digest_of(self.blob))
+        status, headers, body = self.call("HEAD", self.path, headers={"Range": "bytes=100-"})
+        self.assertEqual((status, headers["Content-Length"], headers["Content-Range"], body),
+                         (206, "900", "bytes 100-999/1000", b""))
+
+    def test_whole_blob_answers_say_they_take_ranges(self):
+        for method in ("GET", "HEAD"):
+            status, headers, body = self.call(method, self.path)
+            self.assertEqual((status, headers["Accept-Ranges"]), (200, "bytes"))
+            self.assertNotIn("Content-Range", headers)
+            self.assertEqual(body, self.blob if method == "GET" else b"")
+        # several ranges: the whole blob (RFC 9110 14.2 lets a server)
+        status, headers, body = self.call("GET", self.path,
+                                          headers={"Range": "bytes=0-1,5-6"})
+        self.assertEqual((status, body), (200, self.blob))
+
+    def test_bad_and_unsatisfiable_ranges_are_416_with_the_size(self):
+        for text in ("bytes=1000-", "bytes=5000-6000", "bytes=-0", "bytes=20-10",
+                     "bytes=-", "bytes=x-y", "bytes 0-5", "items=0-5", "bytes=0-5/10",
+                     "bytes=" + "9" * 30 + "-"):
+            with self.subTest(range=text):
+                answer = self.call("GET", self.path, headers={"Range": text})
+                self.assertIn(text[:20], self.assertError(answer, 416, "RANGE_INVALID"))
+                self.assertEqual(answer[1]["Content-Range"], "bytes */1000")
+        answer = self.call("HEAD", self.path, headers={"Range": "bytes=2000-"})
+        self.assertEqual((answer[0], answer[1]["Content-Range"], answer[2]),
+                         (416, "bytes */1000", b""))
+        empty = "/v2/web/blobs/" + self.push_blob(b"")  # no byte to serve
+        answer = self.call("GET", empty, headers={"Range": "bytes=0-"})
+        self.assertError(answer, 416, "RANGE_INVALID")
+        self.assertEqual(answer[1]["Content-Range"], "bytes */0")
+        self.assertEqual(self.call("GET", empty)[:3:2], (200, b""))
+        self.assertNotIn("Traceback", self.daemon.daemon_log())
+
+    def test_a_range_of_a_blob_of_another_project_is_refused_as_the_blob_is(self):
+        answer = self.call("GET", self.path, headers={"Range": "bytes=0-9"}, user="other:other-pw")
+        self.assertError(answer, 403, "DENIED")
+        answer = self.call("GET", self.path.replace("/web/", "/api/"),
+                           headers={"Range": "bytes=0-9"}, user="other:other-pw")
+        self.assertError(answer, 404, "BLOB_UNKNOWN")
+        self.assertNotIn("Content-Range", answer[1])
 
 
 ###############################################################################
