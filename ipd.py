@@ -8282,7 +8282,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, header too long...)
-        answered like ours: one line of text, or JSON."""
+        answered like ours: one line of text, or JSON.  An unknown method
+        is routed (405 with Allow, or 404) and a version we do not speak is
+        400: bad input never gets a 5xx (README, Guarantees)."""
+        if code == http.HTTPStatus.NOT_IMPLEMENTED and self.headers is not None:
+            return self.dispatch(self.command)
+        if code == http.HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+            code = http.HTTPStatus.BAD_REQUEST
         self.close_connection = True
         if getattr(self, "request_version", None) == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # garbage, not a 0.9 client

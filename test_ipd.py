@@ -10793,6 +10793,44 @@ class PromiseStateOnDiskTests(unittest.TestCase):
         self.assertEqual(states[-1], "ok")
 
 
+class ContractAuditTests(DaemonTestCase):
+    # Read as a test writer reads the original README and the issues, and
+    # tried as an attacker: each test is a defect found, failing before
+    # its fix.  "Bad input never gets a 5xx" (Guarantees), and RFC 9112's
+    # MUSTs on a request's head.
+
+    def exchange(self, data):
+        """-> (status, headers {lower name: value}, body bytes) of one raw
+        request on its own connection."""
+        answer = raw_exchange(self.daemon.port, data)
+        self.assertIsNotNone(answer, "no answer: %r" % data[:80])
+        return read_answer(io.BytesIO(answer))
+
+    def test_an_unknown_method_is_405_with_allow_never_501(self):
+        for method in ("TRACE", "CONNECT", "PROPFIND", "get"):
+            for path, allow in (("/deploy/status/app", "GET"),
+                                ("/deploy/upload", "POST")):
+                with self.subTest(method=method, path=path):
+                    status, headers, body = self.exchange(raw_request(method, path))
+                    self.assertEqual(status, 405, body)
+                    self.assertEqual(headers.get("allow"), allow)
+                    self.assertIn(b"not allowed", body)
+            with self.subTest(method=method, path="/nowhere"):
+                self.assertEqual(self.exchange(raw_request(method, "/nowhere"))[0], 404)
+            with self.subTest(method=method, path="/v2/"):
+                status, headers, body = self.exchange(raw_request(method, "/v2/"))
+                self.assertEqual(status, 405, body)
+                self.assertEqual(json.loads(body)["errors"][0]["code"], "UNSUPPORTED")
+        self.assertEqual(self.daemon.get("/status/app")[0], 404)  # still serving
+
+    def test_an_http_version_it_does_not_speak_is_400(self):
+        for version in ("HTTP/2.0", "HTTP/3.0"):
+            with self.subTest(version=version):
+                status, _, body = self.exchange(raw_request("GET", "/deploy/", version=version))
+                self.assertEqual(status, 400, body)
+                self.assertIn(b"HTTP version", body)
+
+
 class StepSessionTests(DaemonTestCase):
     # issue 23, item 8: a step ends with all it started in its session, and
     # a script no longer allowed does not run
