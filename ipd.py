@@ -72,6 +72,7 @@ import codecs
 import collections
 import ctypes
 import difflib
+import email.errors
 import errno
 import fcntl
 import fnmatch
@@ -7904,7 +7905,7 @@ REGISTRY_ROUTES = {
     ("GET", "upload"): "upload_status", ("DELETE", "upload"): "upload_delete",
     ("GET", "manifest"): "manifest", ("HEAD", "manifest"): "manifest",
     ("PUT", "manifest"): "manifest_put",
-    ("GET", "tags"): "tags",
+    ("GET", "tags"): "tags", ("HEAD", "tags"): "tags",
 }
 
 
@@ -8093,6 +8094,23 @@ class ConnectionGuard:
                     pass
 
 
+def request_head_fault(headers, version):
+    """What makes a request's head one that RFC 9112 says to refuse with
+    400, or None: a header line that is not NAME: VALUE (5.1: whitespace
+    before the colon MUST be refused, as one parser would read a
+    Content-Length there and another not; and http.server, at a line with
+    no colon, silently drops every header after it), or an HTTP/1.1
+    request without exactly one Host (3.2; the origin check reads it)."""
+    if any(isinstance(defect, (email.errors.MissingHeaderBodySeparatorDefect,
+                               email.errors.FirstHeaderLineIsContinuationDefect))
+           for defect in headers.defects):
+        return "a header line that is not NAME: VALUE"
+    hosts = headers.get_all("Host") or []
+    if len(hosts) > 1 or (not hosts and version == "HTTP/1.1"):
+        return "an HTTP/1.1 request needs exactly one Host header"
+    return None
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """One connection; each request is routed to a method of the API."""
 
@@ -8230,6 +8248,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             values = {value.strip() for value in ",".join(lengths).split(",")}
             if len(values) != 1 or not re.fullmatch(r"[0-9]{1,19}", values.pop()):
                 reason = "bad Content-Length"
+        reason = reason or request_head_fault(self.headers, self.request_version)
         if reason:
             self.close_connection = True
             raise BadRequest("malformed request: %s" % reason)
@@ -8903,8 +8922,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.user = self.authenticate("USER")
         kind, project, argument = parse_registry_path(path)
         name = REGISTRY_ROUTES.get((method, kind))
-        if name is None:
-            raise RegistryError(405, "UNSUPPORTED", "%s is not supported here" % method)
+        if name is None:  # 405 names what is (RFC 9110 15.5.6)
+            allowed = sorted(m for (m, k) in REGISTRY_ROUTES if k == kind)
+            raise RegistryError(405, "UNSUPPORTED", "%s is not supported here" % method,
+                                {"Allow": ", ".join(allowed)} if allowed else None)
         getattr(self, "registry_" + name)(project, argument)
 
     def send_registry_error(self, error):

@@ -10830,6 +10830,65 @@ class ContractAuditTests(DaemonTestCase):
                 self.assertEqual(status, 400, body)
                 self.assertIn(b"HTTP version", body)
 
+    def test_a_header_line_that_is_not_name_colon_value_is_400_and_closed(self):
+        # RFC 9112 5.1: whitespace before the colon MUST be 400 (it hides a
+        # Content-Length from one parser and not from another: smuggling);
+        # a line without a colon made http.server drop every header after
+        # it, the Connection and the login among them
+        hidden = raw_request("GET", "/deploy/stat", headers={"X-Real-IP": "6.6.6.6"})
+        cases = {
+            "space before colon": b"Content-Length : %d\r\n" % len(hidden),
+            "tab before colon": b"Content-Length\t: %d\r\n" % len(hidden),
+            "no colon": b"garbage\r\nContent-Length: %d\r\n" % len(hidden),
+        }
+        for name, line in cases.items():
+            with self.subTest(name):
+                data = (b"POST /deploy/cancel/app/x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        + line + b"Authorization: " + ADMIN_AUTH.encode()
+                        + b"\r\n\r\n" + hidden)
+                answer = raw_exchange(self.daemon.port, data)
+                self.assertEqual(answer_status(answer), 400, answer)
+                self.assertIn(b"header", answer.partition(b"\r\n\r\n")[2])
+                self.assertEqual(len(re.findall(rb"\AHTTP/1|\r\n\r\nHTTP/1|\nHTTP/1\.1 ",
+                                                answer)), 1, answer)
+        log = self.daemon.daemon_log()
+        self.assertNotIn('"GET /deploy/stat"', log)
+
+    def test_a_request_without_one_host_is_400(self):
+        # RFC 9112 3.2: an HTTP/1.1 request without Host, or with two, MUST
+        # be 400 (the origin check reads the Host header)
+        two = (b"GET /deploy/ HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example"
+               b"\r\n\r\n")
+        none = b"GET /deploy/ HTTP/1.1\r\n\r\n"
+        for name, data in (("two", two), ("none", none)):
+            with self.subTest(name):
+                status, headers, body = self.exchange(data)
+                self.assertEqual(status, 400, body)
+                self.assertIn(b"Host", body)
+        self.assertEqual(self.exchange(b"GET /deploy/ HTTP/1.0\r\n\r\n")[0], 200)
+        self.assertEqual(self.exchange(raw_request("GET", "/deploy/"))[0], 200)
+
+    def test_head_answers_as_get_on_every_registry_read_and_405_names_allow(self):
+        # RFC 9110 9.3.2: HEAD is GET without the body; 405 MUST send Allow
+        # (the README: "405 wrong method (with Allow)"; under /v2/ "the same
+        # statuses")
+        auth = {"Authorization": ADMIN_AUTH}
+        for path in ("/v2/", "/v2/app/tags/list"):
+            with self.subTest(path=path):
+                get = self.exchange(raw_request("GET", path, headers=auth))
+                head = raw_exchange(self.daemon.port, raw_request("HEAD", path, headers=auth))
+                self.assertEqual(get[0], 200, get)
+                self.assertEqual(answer_status(head), 200, head)
+                self.assertTrue(head.endswith(b"\r\n\r\n"), head)  # no body
+        for method, path, allow in (("DELETE", "/v2/app/tags/list", "GET, HEAD"),
+                                    ("POST", "/v2/", "GET, HEAD"),
+                                    ("POST", "/v2/app/manifests/v1", "GET, HEAD, PUT")):
+            with self.subTest(method=method, path=path):
+                status, headers, body = self.exchange(raw_request(method, path, headers=auth))
+                self.assertEqual(status, 405, body)
+                self.assertEqual(headers.get("allow"), allow)
+                self.assertEqual(json.loads(body)["errors"][0]["code"], "UNSUPPORTED")
+
 
 class StepSessionTests(DaemonTestCase):
     # issue 23, item 8: a step ends with all it started in its session, and
