@@ -1142,6 +1142,8 @@ class User:
 def parse_users(text, source="users file"):
     """ROLE:username:hash[:project,...] lines -> ({name: User}, warnings)."""
     users, warnings = {}, []
+    if text.startswith("\ufeff"):  # a byte order mark, as Windows' Notepad saves
+        text = text[1:]
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):

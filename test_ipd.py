@@ -10889,6 +10889,17 @@ class ContractAuditTests(DaemonTestCase):
                 self.assertEqual(headers.get("allow"), allow)
                 self.assertEqual(json.loads(body)["errors"][0]["code"], "UNSUPPORTED")
 
+    def test_a_users_file_saved_with_a_byte_order_mark_and_crlf_logs_in(self):
+        # The original README's ROLE:username:sha256 lines, as Windows'
+        # Notepad saves them: a UTF-8 BOM before the first ROLE, CRLF ends
+        with open(self.daemon.users_file, "w", encoding="utf-8-sig", newline="\r\n") as file:
+            file.write("ADMIN:admin:%s\nUSER:dev:%s\n" % (sha256_hex("admin-pw"),
+                                                         sha256_hex("dev-pw")))
+        wait_until(lambda: self.daemon.get("/status/app", user="dev")[0] == 404,
+                   timeout=10, message="dev logs in")
+        self.assertEqual(self.daemon.get("/list")[0], 200)  # the first line's user
+        self.assertNotIn("unknown role", self.daemon.daemon_log())
+
 
 class StepSessionTests(DaemonTestCase):
     # issue 23, item 8: a step ends with all it started in its session, and
