@@ -10669,6 +10669,8 @@ def cmd_status(args):
     data = client.request_by(path, deadline, "deployment %s" % (
         args.deployment or "of " + args.project))
     print(data.get("state"))
+    if data.get("state") == "reverted":  # as push --wait and logs -f (issue 25)
+        return EXIT_REVERTED
     return EXIT_OK if data.get("state") in ("ok", "await", "active") else EXIT_FAILED
 
 
@@ -10760,7 +10762,7 @@ def add_reading_commands(commands, common):
                                  help="state of a deployment",
                                  description="Print the state of a deployment "
                                  "(of the project's latest one without an ID); "
-                                 "exit 0 for ok, await and active.",
+                                 "exit 0 for ok, await and active, 10 for reverted.",
                                  epilog=EXIT_STATUS_HELP)
     status.add_argument("project", help="the project")
     status.add_argument("deployment", nargs="?", help="the deployment's ID "

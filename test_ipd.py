@@ -10900,6 +10900,27 @@ class ContractAuditTests(DaemonTestCase):
         self.assertEqual(self.daemon.get("/list")[0], 200)  # the first line's user
         self.assertNotIn("unknown role", self.daemon.daemon_log())
 
+    def test_status_of_a_reverted_deployment_exits_10_as_the_table_says(self):
+        # "exit status of the client commands: ... 10 the deployment was
+        # reverted": push --wait and logs -f gave 10, status gave 1; the
+        # README's docker push recipe checks with `ipd.py status --wait`
+        folder = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "project.conf"), "w") as file:
+            file.write("VERIFY_SECONDS=1\n")
+        deployment = self.daemon.deploy('[ "$1" = verify ] && exit 0\nexit 1\n')
+        self.assertEqual(self.daemon.wait_state("app", deployment), "reverted")
+        environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port,
+                       IPD_USER="admin", IPD_PASSWORD="admin-pw", HOME=self.tmp)
+        for command in (["status", "app", deployment], ["status", "app", deployment,
+                                                          "--wait", "5"],
+                        ["logs", "app", deployment, "-f"]):
+            with self.subTest(command=command):
+                result = subprocess.run(IPD_RUN + command, env=ipd_environ(environ),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, timeout=60)
+                self.assertEqual(result.returncode, ipd.EXIT_REVERTED, result.stderr)
+
 
 class StepSessionTests(DaemonTestCase):
     # issue 23, item 8: a step ends with all it started in its session, and
