@@ -6762,8 +6762,9 @@ class Daemon:
                 log.warning("failed login as %r from %s", name[:64], address)
                 audit_event("login_refused", user=name[:64], address=address,
                             path=path, reason=reason, **getattr(reason, "audit", {}))
-        if user is None:
-            raise Unauthorized(refusal, {"WWW-Authenticate":
+        if user is None:  # the registry's challenge exactly as issue 24 names it
+            raise Unauthorized(refusal, {"WWW-Authenticate": 'Basic realm="ipd"' if
+                                         is_registry_path(path) else
                                          'Basic realm="ipd", charset="UTF-8"'})
         if user.role not in ADMITTED[role]:
             raise Forbidden("forbidden: this needs the %s role"

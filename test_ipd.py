@@ -10921,6 +10921,22 @@ class ContractAuditTests(DaemonTestCase):
                                         stdin=subprocess.DEVNULL, timeout=60)
                 self.assertEqual(result.returncode, ipd.EXIT_REVERTED, result.stderr)
 
+    def test_the_registry_challenge_is_exactly_basic_realm_ipd(self):
+        # Issue 24 and the README's registry table: "401 with
+        # WWW-Authenticate: Basic realm="ipd"", on every path, HEAD too
+        for method, path in (("GET", "/v2/"), ("HEAD", "/v2/"),
+                             ("HEAD", "/v2/app/blobs/sha256:" + "a" * 64),
+                             ("POST", "/v2/app/blobs/uploads/")):
+            with self.subTest(method=method, path=path):
+                answer = raw_exchange(self.daemon.port, raw_request(
+                    method, path, headers={"Authorization": ""}))
+                status, headers, _ = read_answer(io.BytesIO(answer))
+                self.assertEqual(status, 401)
+                self.assertEqual(headers["www-authenticate"], 'Basic realm="ipd"')
+        status, headers, _ = self.daemon.get("/status/app", user=None)
+        self.assertEqual(status, 401)  # the API's keeps its charset (RFC 7617)
+        self.assertEqual(headers["WWW-Authenticate"], 'Basic realm="ipd", charset="UTF-8"')
+
 
 class StepSessionTests(DaemonTestCase):
     # issue 23, item 8: a step ends with all it started in its session, and
