@@ -7935,6 +7935,14 @@ def json_string_pieces(file):
             return
 
 
+def referer_origin(referer):
+    """The origin of a Referer URL (see normalize_origin), or None: a
+    browser older than the Origin header on every POST (Firefox before 70)
+    still names the page that sent it."""
+    match = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*", referer.strip())
+    return normalize_origin(match.group()) if match else None
+
+
 # Methods that change nothing, so a browser may send them from any page.
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -7945,9 +7953,9 @@ def check_origin(method, headers, own_origins):
     request to this server, even one that a foreign page's form or fetch()
     starts, so a login alone proves nothing about who asked.  Sec-Fetch-Site
     (sent by current browsers) must say same-origin or none; an Origin, when
-    present, must be exactly one of own_origins.  A request with neither
-    header (curl, CI, ipd.py push) is no browser's and passes.  Raises
-    Forbidden."""
+    present, must be exactly one of own_origins; with neither, a Referer
+    must be a page of one of them.  A request with none of the three (curl,
+    CI, ipd.py push) is no browser's and passes.  Raises Forbidden."""
     if method in SAFE_METHODS:
         return
     site = headers.get("Sec-Fetch-Site")
@@ -7958,6 +7966,11 @@ def check_origin(method, headers, own_origins):
     if origin is not None and normalize_origin(origin) not in own_origins:
         raise Forbidden("cross-origin request refused: Origin %s is not this "
                         "server's (see PUBLIC_ORIGIN)" % printable(origin, 100))
+    referer = headers.get("Referer")
+    if site is None and origin is None and referer is not None and \
+            referer_origin(referer) not in own_origins:  # a browser before Origin
+        raise Forbidden("cross-origin request refused: Referer %s is not a page "
+                        "of this server (see PUBLIC_ORIGIN)" % printable(referer, 100))
 
 
 def peer_closed(connection):

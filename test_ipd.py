@@ -10937,6 +10937,28 @@ class ContractAuditTests(DaemonTestCase):
         self.assertEqual(status, 401)  # the API's keeps its charset (RFC 7617)
         self.assertEqual(headers["WWW-Authenticate"], 'Basic realm="ipd", charset="UTF-8"')
 
+    def test_a_post_whose_only_sign_of_a_browser_is_a_foreign_referer_is_403(self):
+        # "cross-origin POSTs with or without Origin": a browser that sends
+        # no Origin and no Sec-Fetch-Site (Firefox before 70) still sends
+        # Referer; the page that made it is another site's
+        deployment = self.daemon.deploy()
+        self.daemon.wait_state("app", deployment)
+        for referer in ("http://evil.example/x.html", "http://127.0.0.1.evil.example/",
+                        "garbage"):
+            with self.subTest(referer=referer):
+                status, _, body = self.daemon.request(
+                    "POST", "/redeploy/app/" + deployment, headers={"Referer": referer})
+                self.assertEqual(status, 403, body)
+                self.assertIn("Referer", body)
+        self.assertEqual(self.daemon.get_json("/info")[1]["projects"][0]["deployments"], 1)
+        own = "http://127.0.0.1:%d/deploy/ui/app" % self.daemon.port
+        status, _, body = self.daemon.request(
+            "POST", "/redeploy/app/" + deployment,
+            headers={"Referer": own, "Host": "127.0.0.1:%d" % self.daemon.port})
+        self.assertEqual(status, 202, body)  # its own page
+        status, _, _ = self.daemon.request("POST", "/redeploy/app/" + deployment)
+        self.assertEqual(status, 202)  # curl: no Referer
+
 
 class StepSessionTests(DaemonTestCase):
     # issue 23, item 8: a step ends with all it started in its session, and
