@@ -6601,8 +6601,8 @@ def parse_credentials(scheme, credentials):
     try:
         name, colon, password = base64.b64decode(
             credentials.strip(), validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return "", ""
+    except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII
+        return "", ""   # text (a header's Latin-1 bytes) that b64decode refuses
     return (name, password) if colon else ("", "")
 
 

@@ -10959,6 +10959,20 @@ class ContractAuditTests(DaemonTestCase):
         status, _, _ = self.daemon.request("POST", "/redeploy/app/" + deployment)
         self.assertEqual(status, 202)  # curl: no Referer
 
+    def test_credentials_that_are_not_ascii_are_401_never_500(self):
+        # A header's bytes are read as Latin-1: base64 of non-ASCII text
+        # raised a ValueError that no except caught (500)
+        for credentials in (b"Basic \xff\xfe", b"Basic \xe9t\xe9==", b"Bearer \xff\xfe",
+                            b"Bearer ipd_\xe9\xe9", b"Bearer eyJ\xe9.eyJ.x", b"basic \xc3\xa9"):
+            for path in (b"/deploy/list", b"/v2/"):
+                with self.subTest(credentials=credentials, path=path):
+                    answer = raw_exchange(self.daemon.port, b"GET " + path + b" HTTP/1.1\r\n"
+                                          b"Host: 127.0.0.1\r\nAuthorization: " + credentials
+                                          + b"\r\n\r\n")
+                    # 429 once the login throttle counts them
+                    self.assertIn(answer_status(answer), (401, 429), answer)
+        self.assertNotIn("internal error", self.daemon.daemon_log())
+
 
 class StepSessionTests(DaemonTestCase):
     # issue 23, item 8: a step ends with all it started in its session, and
