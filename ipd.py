@@ -3547,7 +3547,10 @@ def project_settings(settings, project_dir):
                                                 did_you_mean(key, PROJECT_KEYS),
                                                 ", ".join(PROJECT_KEYS[:-1]) + " and "
                                                 + PROJECT_KEYS[-1]))
-            values[key] = parse_setting(SETTINGS[key][1], text)
+            try:  # say where, as for an unknown name
+                values[key] = parse_setting(SETTINGS[key][1], text)
+            except ValueError as error:
+                raise ConfigError("%s:%d: %s: %s" % (path, number, key, error))
     except (ConfigError, ValueError) as error:
         raise IpdError("project settings: %s" % error)
     return values

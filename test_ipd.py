@@ -10973,6 +10973,20 @@ class ContractAuditTests(DaemonTestCase):
                     self.assertIn(answer_status(answer), (401, 429), answer)
         self.assertNotIn("internal error", self.daemon.daemon_log())
 
+    def test_a_bad_value_in_project_conf_names_its_file_line_and_setting(self):
+        # Issue 27: "messages that say what to do"; an unknown name in
+        # project.conf said file:line and name, a bad value said only
+        # "project settings: must be a whole number of seconds from 0 to 86400"
+        folder = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "project.conf")
+        with open(path, "w") as file:
+            file.write("# verify for a day\nVERIFY_SECONDS=86401\n")
+        status, _, body = self.daemon.upload("app", control_script(OK_SCRIPT))
+        self.assertIn("%s:2: VERIFY_SECONDS: must be a whole number of seconds from 0 to "
+                      "86400" % path, body)
+        self.assertEqual(self.daemon.get("/status/app")[2], "no\n")  # nothing queued
+
 
 class StepSessionTests(DaemonTestCase):
     # issue 23, item 8: a step ends with all it started in its session, and
