@@ -9562,6 +9562,21 @@ def project_conf_problems(settings):
     return problems
 
 
+def trust_file_warnings(path):
+    """What is wrong with the OIDC_TRUST file at start, one line each with
+    its line number, for the terminal as for the users file (issue 26: "as
+    for the users file"; the daemon logs them as it reads the file)."""
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as error:
+        return ["OIDC_TRUST=%s cannot be read (%s): no ID token logs in" % (
+            path, getattr(error, "strerror", None) or "not UTF-8 text")]
+    return parse_trust(text, path, os.path.dirname(path))[1]
+
+
 def print_warning(message):
     """A warning on stderr, as 'ipd: warning: ...'."""
     print("ipd: warning: %s" % message, file=sys.stderr)
@@ -9608,6 +9623,8 @@ def serve(settings, verbose=False, on_ready=None):
         explain_scripts_mode(settings)
         for warning in users_file_warnings(settings.AUTH_DB):
             log.warning("%s", warning)
+            print_warning(warning)
+        for warning in trust_file_warnings(settings.OIDC_TRUST):
             print_warning(warning)
         if verbose:
             log_to_stderr()

@@ -10987,6 +10987,22 @@ class ContractAuditTests(DaemonTestCase):
                       "86400" % path, body)
         self.assertEqual(self.daemon.get("/status/app")[2], "no\n")  # nothing queued
 
+    def test_bad_oidc_trust_lines_are_warned_at_start_as_the_users_files_are(self):
+        # Issue 26: "Bad lines: one warning each with the line number, as for
+        # the users file", whose warnings are on the terminal at start too
+        trust = os.path.join(self.tmp, "trust.txt")
+        with open(trust, "w") as file:
+            file.write("# ISSUER AUDIENCE PROJECTS CLAIM=GLOB\n"
+                       "http://insecure.example.com ipd web repository=acme/web\n"
+                       "https://token.actions.githubusercontent.com ipd web\n")
+        self.daemon.stop()
+        self.daemon = self.start_daemon({"OIDC_TRUST": trust})
+        stderr = read_text(self.daemon.stderr_path)
+        self.assertIn("ipd: warning: %s, line 2: the issuer must be an https:// URL" % trust,
+                      stderr)
+        self.assertIn("%s, line 3: " % trust, stderr)
+        self.assertIn("%s, line 2: " % trust, self.daemon.daemon_log())
+
 
 class StepSessionTests(DaemonTestCase):
     # issue 23, item 8: a step ends with all it started in its session, and
