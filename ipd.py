@@ -3388,11 +3388,29 @@ def has_crlf_shebang(path):
     return first.startswith(b"#!") and first.rstrip(b"\n").endswith(b"\r")
 
 
+# A script with no '#!' line: a shell would run it, but the kernel's exec
+# does not (ENOEXEC, 'Exec format error'); an ELF program has no '#!'.
+NO_SHEBANG_HINT = "it has no #! line: make its first line #!/bin/sh"
+
+
+def lacks_shebang(path):
+    """True when the file at path is neither a '#!' script nor an ELF
+    program, so that exec refuses it."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(4)
+    except OSError:
+        return False
+    return not (start.startswith(b"#!") or start == b"\x7fELF")
+
+
 def control_script_problem(path, shown="control.sh"):
     """Why the kernel would not run the script at path, with the fix, or
     None: a CRLF '#!' line, or no exec bit.  shown: how the fix names it."""
     if has_crlf_shebang(path):
         return CRLF_HINT % (shown, shown)
+    if lacks_shebang(path):
+        return NO_SHEBANG_HINT
     try:
         if not os.stat(path).st_mode & 0o111:
             return "it is not executable: chmod +x %s" % shown
@@ -3432,6 +3450,9 @@ def find_control_script(unpacked, project_dir):
         if has_crlf_shebang(real):
             raise BadRequest("control.sh of the %s cannot run: %s"
                              % (where, CRLF_HINT % (shown, shown)))
+        if lacks_shebang(real):
+            raise BadRequest("control.sh of the %s cannot run: %s"
+                             % (where, NO_SHEBANG_HINT))
         if not os.access(real, os.X_OK):
             raise BadRequest("control.sh of the %s is not an executable file: "
                              "chmod +x %s" % (where, shown))
