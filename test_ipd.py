@@ -10880,9 +10880,17 @@ class ContractAuditTests(DaemonTestCase):
                 self.assertEqual(get[0], 200, get)
                 self.assertEqual(answer_status(head), 200, head)
                 self.assertTrue(head.endswith(b"\r\n\r\n"), head)  # no body
+        status, headers, _ = self.exchange(raw_request("POST", "/v2/app/blobs/uploads/",
+                                                       headers=auth))
+        self.assertEqual(status, 202)
+        get = self.exchange(raw_request("GET", headers["location"], headers=auth))
+        head = self.exchange(raw_request("HEAD", headers["location"], headers=auth))
+        self.assertEqual((get[0], get[1]["range"]), (204, "0-0"))
+        self.assertEqual((head[0], head[1]["range"]), (204, "0-0"))  # the resume offset
         for method, path, allow in (("DELETE", "/v2/app/tags/list", "GET, HEAD"),
                                     ("POST", "/v2/", "GET, HEAD"),
-                                    ("POST", "/v2/app/manifests/v1", "GET, HEAD, PUT")):
+                                    ("POST", "/v2/app/manifests/v1", "GET, HEAD, PUT"),
+                                    ("POST", headers["location"], "DELETE, GET, HEAD, PATCH, PUT")):
             with self.subTest(method=method, path=path):
                 status, headers, body = self.exchange(raw_request(method, path, headers=auth))
                 self.assertEqual(status, 405, body)
