@@ -8135,20 +8135,20 @@ class ConnectionGuard:
                     pass
 
 
-def request_head_fault(headers, version):
+def request_head_fault(headers):
     """What makes a request's head one that RFC 9112 says to refuse with
     400, or None: a header line that is not NAME: VALUE (5.1: whitespace
     before the colon MUST be refused, as one parser would read a
     Content-Length there and another not; and http.server, at a line with
-    no colon, silently drops every header after it), or an HTTP/1.1
-    request without exactly one Host (3.2; the origin check reads it)."""
+    no colon, silently drops every header after it), or two Host headers
+    (3.2; the origin check reads it).  A request without Host is served
+    (HTTP/1.0's way): nothing of ipd depends on it."""
     if any(isinstance(defect, (email.errors.MissingHeaderBodySeparatorDefect,
                                email.errors.FirstHeaderLineIsContinuationDefect))
            for defect in headers.defects):
         return "a header line that is not NAME: VALUE"
-    hosts = headers.get_all("Host") or []
-    if len(hosts) > 1 or (not hosts and version == "HTTP/1.1"):
-        return "an HTTP/1.1 request needs exactly one Host header"
+    if len(headers.get_all("Host") or []) > 1:
+        return "more than one Host header"
     return None
 
 
@@ -8289,7 +8289,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             values = {value.strip() for value in ",".join(lengths).split(",")}
             if len(values) != 1 or not re.fullmatch(r"[0-9]{1,19}", values.pop()):
                 reason = "bad Content-Length"
-        reason = reason or request_head_fault(self.headers, self.request_version)
+        reason = reason or request_head_fault(self.headers)
         if reason:
             self.close_connection = True
             raise BadRequest("malformed request: %s" % reason)
