@@ -3393,15 +3393,22 @@ def has_crlf_shebang(path):
 NO_SHEBANG_HINT = "it has no #! line: make its first line #!/bin/sh"
 
 
-def lacks_shebang(path):
-    """True when the file at path is neither a '#!' script nor an ELF
-    program, so that exec refuses it."""
+BOM_HINT = ("it starts with a byte order mark, which hides its #! line: save it "
+            "without one (sed -i '1s/^\\xEF\\xBB\\xBF//' %s)")
+
+
+def shebang_problem(path, shown="control.sh"):
+    """Why exec would refuse the file at path though a shell runs it, with
+    the fix, or None: neither a '#!' script nor an ELF program (a UTF-8
+    byte order mark before '#!', as Windows editors save, is one)."""
     try:
         with open(path, "rb") as file:
-            start = file.read(4)
+            start = file.read(5)
     except OSError:
-        return False
-    return not (start.startswith(b"#!") or start == b"\x7fELF")
+        return None
+    if start.startswith(b"#!") or start.startswith(b"\x7fELF"):
+        return None
+    return BOM_HINT % shown if start.startswith(b"\xef\xbb\xbf#!") else NO_SHEBANG_HINT
 
 
 def control_script_problem(path, shown="control.sh"):
@@ -3409,8 +3416,8 @@ def control_script_problem(path, shown="control.sh"):
     None: a CRLF '#!' line, or no exec bit.  shown: how the fix names it."""
     if has_crlf_shebang(path):
         return CRLF_HINT % (shown, shown)
-    if lacks_shebang(path):
-        return NO_SHEBANG_HINT
+    if shebang_problem(path, shown):
+        return shebang_problem(path, shown)
     try:
         if not os.stat(path).st_mode & 0o111:
             return "it is not executable: chmod +x %s" % shown
@@ -3450,9 +3457,9 @@ def find_control_script(unpacked, project_dir):
         if has_crlf_shebang(real):
             raise BadRequest("control.sh of the %s cannot run: %s"
                              % (where, CRLF_HINT % (shown, shown)))
-        if lacks_shebang(real):
+        if shebang_problem(real, shown):
             raise BadRequest("control.sh of the %s cannot run: %s"
-                             % (where, NO_SHEBANG_HINT))
+                             % (where, shebang_problem(real, shown)))
         if not os.access(real, os.X_OK):
             raise BadRequest("control.sh of the %s is not an executable file: "
                              "chmod +x %s" % (where, shown))

@@ -11017,6 +11017,10 @@ class ContractAuditTests(DaemonTestCase):
         self.assertEqual(status, 400, body)
         self.assertIn("control.sh of the package cannot run: it has no #! line: make "
                       "its first line #!/bin/sh", body)
+        package = tar_bytes({"control.sh": (b"\xef\xbb\xbf#!/bin/sh\nexit 1\n", 0o755)})
+        status, _, body = self.daemon.upload("app", package)
+        self.assertEqual(status, 400, body)
+        self.assertIn("it starts with a byte order mark, which hides its #! line", body)
         self.assertEqual(self.daemon.get("/status/app")[2], "no\n")
         # one that loses its #! line while a deployment waits: the log says so
         script = os.path.join(self.daemon.upload_dir, "app", "control.sh")
