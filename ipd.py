@@ -3457,9 +3457,6 @@ def find_control_script(unpacked, project_dir):
         if has_crlf_shebang(real):
             raise BadRequest("control.sh of the %s cannot run: %s"
                              % (where, CRLF_HINT % (shown, shown)))
-        if shebang_problem(real, shown):
-            raise BadRequest("control.sh of the %s cannot run: %s"
-                             % (where, shebang_problem(real, shown)))
         if not os.access(real, os.X_OK):
             raise BadRequest("control.sh of the %s is not an executable file: "
                              "chmod +x %s" % (where, shown))
