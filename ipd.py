@@ -73,6 +73,7 @@ import codecs
 import collections
 import ctypes
 import difflib
+import email.errors
 import errno
 import fcntl
 import fnmatch
@@ -1142,6 +1143,8 @@ class User:
 def parse_users(text, source="users file"):
     """ROLE:username:hash[:project,...] lines -> ({name: User}, warnings)."""
     users, warnings = {}, []
+    if text.startswith("\ufeff"):  # a byte order mark, as Windows' Notepad saves
+        text = text[1:]
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -3386,11 +3389,36 @@ def has_crlf_shebang(path):
     return first.startswith(b"#!") and first.rstrip(b"\n").endswith(b"\r")
 
 
+# A script with no '#!' line: a shell would run it, but the kernel's exec
+# does not (ENOEXEC, 'Exec format error'); an ELF program has no '#!'.
+NO_SHEBANG_HINT = "it has no #! line: make its first line #!/bin/sh"
+
+
+BOM_HINT = ("it starts with a byte order mark, which hides its #! line: save it "
+            "without one (sed -i '1s/^\\xEF\\xBB\\xBF//' %s)")
+
+
+def shebang_problem(path, shown="control.sh"):
+    """Why exec would refuse the file at path though a shell runs it, with
+    the fix, or None: neither a '#!' script nor an ELF program (a UTF-8
+    byte order mark before '#!', as Windows editors save, is one)."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(5)
+    except OSError:
+        return None
+    if start.startswith(b"#!") or start.startswith(b"\x7fELF"):
+        return None
+    return BOM_HINT % shown if start.startswith(b"\xef\xbb\xbf#!") else NO_SHEBANG_HINT
+
+
 def control_script_problem(path, shown="control.sh"):
     """Why the kernel would not run the script at path, with the fix, or
     None: a CRLF '#!' line, or no exec bit.  shown: how the fix names it."""
     if has_crlf_shebang(path):
         return CRLF_HINT % (shown, shown)
+    if shebang_problem(path, shown):
+        return shebang_problem(path, shown)
     try:
         if not os.stat(path).st_mode & 0o111:
             return "it is not executable: chmod +x %s" % shown
@@ -3545,7 +3573,10 @@ def project_settings(settings, project_dir):
                                                 did_you_mean(key, PROJECT_KEYS),
                                                 ", ".join(PROJECT_KEYS[:-1]) + " and "
                                                 + PROJECT_KEYS[-1]))
-            values[key] = parse_setting(SETTINGS[key][1], text)
+            try:  # say where, as for an unknown name
+                values[key] = parse_setting(SETTINGS[key][1], text)
+            except ValueError as error:
+                raise ConfigError("%s:%d: %s: %s" % (path, number, key, error))
     except (ConfigError, ValueError) as error:
         raise IpdError("project settings: %s" % error)
     return values
@@ -6700,8 +6731,8 @@ def parse_credentials(scheme, credentials):
     try:
         name, colon, password = base64.b64decode(
             credentials.strip(), validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return "", ""
+    except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII
+        return "", ""   # text (a header's Latin-1 bytes) that b64decode refuses
     return (name, password) if colon else ("", "")
 
 
@@ -6861,8 +6892,9 @@ class Daemon:
                 log.warning("failed login as %r from %s", name[:64], address)
                 audit_event("login_refused", user=name[:64], address=address,
                             path=path, reason=reason, **getattr(reason, "audit", {}))
-        if user is None:
-            raise Unauthorized(refusal, {"WWW-Authenticate":
+        if user is None:  # the registry's challenge exactly as issue 24 names it
+            raise Unauthorized(refusal, {"WWW-Authenticate": 'Basic realm="ipd"' if
+                                         is_registry_path(path) else
                                          'Basic realm="ipd", charset="UTF-8"'})
         if user.role not in ADMITTED[role]:
             raise Forbidden("forbidden: this needs the %s role"
@@ -8005,10 +8037,11 @@ REGISTRY_ROUTES = {
     ("GET", "blob"): "blob", ("HEAD", "blob"): "blob",
     ("POST", "uploads"): "upload_start",
     ("PATCH", "upload"): "upload_patch", ("PUT", "upload"): "upload_put",
-    ("GET", "upload"): "upload_status", ("DELETE", "upload"): "upload_delete",
+    ("GET", "upload"): "upload_status", ("HEAD", "upload"): "upload_status",
+    ("DELETE", "upload"): "upload_delete",
     ("GET", "manifest"): "manifest", ("HEAD", "manifest"): "manifest",
     ("PUT", "manifest"): "manifest_put",
-    ("GET", "tags"): "tags",
+    ("GET", "tags"): "tags", ("HEAD", "tags"): "tags",
 }
 
 
@@ -8035,6 +8068,14 @@ def json_string_pieces(file):
             return
 
 
+def referer_origin(referer):
+    """The origin of a Referer URL (see normalize_origin), or None: a
+    browser older than the Origin header on every POST (Firefox before 70)
+    still names the page that sent it."""
+    match = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*", referer.strip())
+    return normalize_origin(match.group()) if match else None
+
+
 # Methods that change nothing, so a browser may send them from any page.
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -8045,9 +8086,9 @@ def check_origin(method, headers, own_origins):
     request to this server, even one that a foreign page's form or fetch()
     starts, so a login alone proves nothing about who asked.  Sec-Fetch-Site
     (sent by current browsers) must say same-origin or none; an Origin, when
-    present, must be exactly one of own_origins.  A request with neither
-    header (curl, CI, ipd.py push) is no browser's and passes.  Raises
-    Forbidden."""
+    present, must be exactly one of own_origins; with neither, a Referer
+    must be a page of one of them.  A request with none of the three (curl,
+    CI, ipd.py push) is no browser's and passes.  Raises Forbidden."""
     if method in SAFE_METHODS:
         return
     site = headers.get("Sec-Fetch-Site")
@@ -8058,6 +8099,11 @@ def check_origin(method, headers, own_origins):
     if origin is not None and normalize_origin(origin) not in own_origins:
         raise Forbidden("cross-origin request refused: Origin %s is not this "
                         "server's (see PUBLIC_ORIGIN)" % printable(origin, 100))
+    referer = headers.get("Referer")
+    if site is None and origin is None and referer is not None and \
+            referer_origin(referer) not in own_origins:  # a browser before Origin
+        raise Forbidden("cross-origin request refused: Referer %s is not a page "
+                        "of this server (see PUBLIC_ORIGIN)" % printable(referer, 100))
 
 
 def peer_closed(connection):
@@ -8197,6 +8243,23 @@ class ConnectionGuard:
                     pass
 
 
+def request_head_fault(headers):
+    """What makes a request's head one that RFC 9112 says to refuse with
+    400, or None: a header line that is not NAME: VALUE (5.1: whitespace
+    before the colon MUST be refused, as one parser would read a
+    Content-Length there and another not; and http.server, at a line with
+    no colon, silently drops every header after it), or two Host headers
+    (3.2; the origin check reads it).  A request without Host is served
+    (HTTP/1.0's way): nothing of ipd depends on it."""
+    if any(isinstance(defect, (email.errors.MissingHeaderBodySeparatorDefect,
+                               email.errors.FirstHeaderLineIsContinuationDefect))
+           for defect in headers.defects):
+        return "a header line that is not NAME: VALUE"
+    if len(headers.get_all("Host") or []) > 1:
+        return "more than one Host header"
+    return None
+
+
 class HttpEdge(http.server.BaseHTTPRequestHandler):
     """The HTTP side of one connection, below the API: the request's
     framing and head deadline, the client's address and origin, the body
@@ -8329,6 +8392,7 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
             values = {value.strip() for value in ",".join(lengths).split(",")}
             if len(values) != 1 or not re.fullmatch(r"[0-9]{1,19}", values.pop()):
                 reason = "bad Content-Length"
+        reason = reason or request_head_fault(self.headers)
         if reason:
             self.close_connection = True
             raise BadRequest("malformed request: %s" % reason)
@@ -8579,7 +8643,13 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, header too long...)
-        answered like ours: one line of text, or JSON."""
+        answered like ours: one line of text, or JSON.  An unknown method
+        is routed (405 with Allow, or 404) and a version we do not speak is
+        400: bad input never gets a 5xx (README, Guarantees)."""
+        if code == http.HTTPStatus.NOT_IMPLEMENTED and self.headers is not None:
+            return self.dispatch(self.command)
+        if code == http.HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+            code = http.HTTPStatus.BAD_REQUEST
         self.close_connection = True
         if getattr(self, "request_version", None) == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # garbage, not a 0.9 client
@@ -8643,8 +8713,10 @@ class RegistryRequest:
         for a method the path has not."""
         kind, project, argument = parse_registry_path(path)
         name = REGISTRY_ROUTES.get((method, kind))
-        if name is None:
-            raise RegistryError(405, "UNSUPPORTED", "%s is not supported here" % method)
+        if name is None:  # 405 names what is (RFC 9110 15.5.6)
+            allowed = sorted(m for (m, k) in REGISTRY_ROUTES if k == kind)
+            raise RegistryError(405, "UNSUPPORTED", "%s is not supported here" % method,
+                                {"Allow": ", ".join(allowed)} if allowed else None)
         getattr(self, name)(project, argument)
 
     def answer(self, status, headers, body=b"", content_type=None):
@@ -9667,6 +9739,21 @@ def project_conf_problems(settings):
     return problems
 
 
+def trust_file_warnings(path):
+    """What is wrong with the OIDC_TRUST file at start, one line each with
+    its line number, for the terminal as for the users file (issue 26: "as
+    for the users file"; the daemon logs them as it reads the file)."""
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as error:
+        return ["OIDC_TRUST=%s cannot be read (%s): no ID token logs in" % (
+            path, getattr(error, "strerror", None) or "not UTF-8 text")]
+    return parse_trust(text, path, os.path.dirname(path))[1]
+
+
 def print_warning(message):
     """A warning on stderr, as 'ipd: warning: ...'."""
     print("ipd: warning: %s" % message, file=sys.stderr)
@@ -9713,6 +9800,8 @@ def serve(settings, verbose=False, on_ready=None):
         explain_scripts_mode(settings)
         for warning in users_file_warnings(settings.AUTH_DB):
             log.warning("%s", warning)
+            print_warning(warning)
+        for warning in trust_file_warnings(settings.OIDC_TRUST):
             print_warning(warning)
         if verbose:
             log_to_stderr()
@@ -10791,6 +10880,8 @@ def cmd_status(args):
     data = client.request_by(path, deadline, "deployment %s" % (
         args.deployment or "of " + args.project))
     print(data.get("state"))
+    if data.get("state") == "reverted":  # as push --wait and logs -f (issue 25)
+        return EXIT_REVERTED
     return EXIT_OK if data.get("state") in ("ok", "await", "active") else EXIT_FAILED
 
 
@@ -10882,7 +10973,7 @@ def add_reading_commands(commands, common):
                                  help="state of a deployment",
                                  description="Print the state of a deployment "
                                  "(of the project's latest one without an ID); "
-                                 "exit 0 for ok, await and active.",
+                                 "exit 0 for ok, await and active, 10 for reverted.",
                                  epilog=EXIT_STATUS_HELP)
     status.add_argument("project", help="the project")
     status.add_argument("deployment", nargs="?", help="the deployment's ID "

@@ -11315,6 +11315,238 @@ class PromiseStateOnDiskTests(InProcessServerTestCase):
         self.assertEqual(states[-1], "ok")
 
 
+class ContractAuditTests(DaemonTestCase):
+    # Read as a test writer reads the original README and the issues, and
+    # tried as an attacker: each test is a defect found, failing before
+    # its fix.  "Bad input never gets a 5xx" (Guarantees), and RFC 9112's
+    # MUSTs on a request's head.
+
+    def exchange(self, data):
+        """-> (status, headers {lower name: value}, body bytes) of one raw
+        request on its own connection."""
+        answer = raw_exchange(self.daemon.port, data)
+        self.assertIsNotNone(answer, "no answer: %r" % data[:80])
+        return read_answer(io.BytesIO(answer))
+
+    def test_an_unknown_method_is_405_with_allow_never_501(self):
+        for method in ("TRACE", "CONNECT", "PROPFIND", "get"):
+            for path, allow in (("/deploy/status/app", "GET"),
+                                ("/deploy/upload", "POST")):
+                with self.subTest(method=method, path=path):
+                    status, headers, body = self.exchange(raw_request(method, path))
+                    self.assertEqual(status, 405, body)
+                    self.assertEqual(headers.get("allow"), allow)
+                    self.assertIn(b"not allowed", body)
+            with self.subTest(method=method, path="/nowhere"):
+                self.assertEqual(self.exchange(raw_request(method, "/nowhere"))[0], 404)
+            with self.subTest(method=method, path="/v2/"):
+                status, headers, body = self.exchange(raw_request(method, "/v2/"))
+                self.assertEqual(status, 405, body)
+                self.assertEqual(json.loads(body)["errors"][0]["code"], "UNSUPPORTED")
+        self.assertEqual(self.daemon.get("/status/app")[0], 404)  # still serving
+
+    def test_an_http_version_it_does_not_speak_is_400(self):
+        for version in ("HTTP/2.0", "HTTP/3.0"):
+            with self.subTest(version=version):
+                status, _, body = self.exchange(raw_request("GET", "/deploy/", version=version))
+                self.assertEqual(status, 400, body)
+                self.assertIn(b"HTTP version", body)
+
+    def test_a_header_line_that_is_not_name_colon_value_is_400_and_closed(self):
+        # RFC 9112 5.1: whitespace before the colon MUST be 400 (it hides a
+        # Content-Length from one parser and not from another: smuggling);
+        # a line without a colon made http.server drop every header after
+        # it, the Connection and the login among them
+        hidden = raw_request("GET", "/deploy/stat", headers={"X-Real-IP": "6.6.6.6"})
+        cases = {
+            "space before colon": b"Content-Length : %d\r\n" % len(hidden),
+            "tab before colon": b"Content-Length\t: %d\r\n" % len(hidden),
+            "no colon": b"garbage\r\nContent-Length: %d\r\n" % len(hidden),
+        }
+        for name, line in cases.items():
+            with self.subTest(name):
+                data = (b"POST /deploy/cancel/app/x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        + line + b"Authorization: " + ADMIN_AUTH.encode()
+                        + b"\r\n\r\n" + hidden)
+                answer = raw_exchange(self.daemon.port, data)
+                self.assertEqual(answer_status(answer), 400, answer)
+                self.assertIn(b"header", answer.partition(b"\r\n\r\n")[2])
+                self.assertEqual(len(re.findall(rb"\AHTTP/1|\r\n\r\nHTTP/1|\nHTTP/1\.1 ",
+                                                answer)), 1, answer)
+        log = self.daemon.daemon_log()
+        self.assertNotIn('"GET /deploy/stat"', log)
+
+    def test_a_request_with_two_hosts_is_400(self):
+        # RFC 9112 3.2: a request with two Host lines MUST be 400 (the
+        # origin check reads the first; a proxy may have routed by another)
+        two = (b"POST /deploy/cancel/app/x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               b"Host: evil.example\r\nOrigin: http://127.0.0.1\r\n\r\n")
+        status, headers, body = self.exchange(two)
+        self.assertEqual(status, 400, body)
+        self.assertIn(b"more than one Host header", body)
+        for data in (b"GET /deploy/ HTTP/1.0\r\n\r\n", b"GET /deploy/ HTTP/1.1\r\n\r\n",
+                     raw_request("GET", "/deploy/")):
+            self.assertEqual(self.exchange(data)[0], 200)  # none, or one: served
+
+    def test_head_answers_as_get_on_every_registry_read_and_405_names_allow(self):
+        # RFC 9110 9.3.2: HEAD is GET without the body; 405 MUST send Allow
+        # (the README: "405 wrong method (with Allow)"; under /v2/ "the same
+        # statuses")
+        auth = {"Authorization": ADMIN_AUTH}
+        for path in ("/v2/", "/v2/app/tags/list"):
+            with self.subTest(path=path):
+                get = self.exchange(raw_request("GET", path, headers=auth))
+                head = raw_exchange(self.daemon.port, raw_request("HEAD", path, headers=auth))
+                self.assertEqual(get[0], 200, get)
+                self.assertEqual(answer_status(head), 200, head)
+                self.assertTrue(head.endswith(b"\r\n\r\n"), head)  # no body
+        status, headers, _ = self.exchange(raw_request("POST", "/v2/app/blobs/uploads/",
+                                                       headers=auth))
+        self.assertEqual(status, 202)
+        get = self.exchange(raw_request("GET", headers["location"], headers=auth))
+        head = self.exchange(raw_request("HEAD", headers["location"], headers=auth))
+        self.assertEqual((get[0], get[1]["range"]), (204, "0-0"))
+        self.assertEqual((head[0], head[1]["range"]), (204, "0-0"))  # the resume offset
+        for method, path, allow in (("DELETE", "/v2/app/tags/list", "GET, HEAD"),
+                                    ("POST", "/v2/", "GET, HEAD"),
+                                    ("POST", "/v2/app/manifests/v1", "GET, HEAD, PUT"),
+                                    ("POST", headers["location"], "DELETE, GET, HEAD, PATCH, PUT")):
+            with self.subTest(method=method, path=path):
+                status, headers, body = self.exchange(raw_request(method, path, headers=auth))
+                self.assertEqual(status, 405, body)
+                self.assertEqual(headers.get("allow"), allow)
+                self.assertEqual(json.loads(body)["errors"][0]["code"], "UNSUPPORTED")
+
+    def test_a_users_file_saved_with_a_byte_order_mark_and_crlf_logs_in(self):
+        # The original README's ROLE:username:sha256 lines, as Windows'
+        # Notepad saves them: a UTF-8 BOM before the first ROLE, CRLF ends
+        with open(self.daemon.users_file, "w", encoding="utf-8-sig", newline="\r\n") as file:
+            file.write("ADMIN:admin:%s\nUSER:dev:%s\n" % (sha256_hex("admin-pw"),
+                                                         sha256_hex("dev-pw")))
+        wait_until(lambda: self.daemon.get("/status/app", user="dev")[0] == 404,
+                   timeout=10, message="dev logs in")
+        self.assertEqual(self.daemon.get("/list")[0], 200)  # the first line's user
+        self.assertNotIn("unknown role", self.daemon.daemon_log())
+
+    def test_status_of_a_reverted_deployment_exits_10_as_the_table_says(self):
+        # "exit status of the client commands: ... 10 the deployment was
+        # reverted": push --wait and logs -f gave 10, status gave 1; the
+        # README's docker push recipe checks with `ipd.py status --wait`
+        folder = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "project.conf"), "w") as file:
+            file.write("VERIFY_SECONDS=1\n")
+        deployment = self.daemon.deploy('[ "$1" = verify ] && exit 0\nexit 1\n')
+        self.assertEqual(self.daemon.wait_state("app", deployment), "reverted")
+        environ = dict(os.environ, IPD_URL="http://127.0.0.1:%d/deploy" % self.daemon.port,
+                       IPD_USER="admin", IPD_PASSWORD="admin-pw", HOME=self.tmp)
+        for command in (["status", "app", deployment], ["status", "app", deployment,
+                                                          "--wait", "5"],
+                        ["logs", "app", deployment, "-f"]):
+            with self.subTest(command=command):
+                result = subprocess.run(IPD_RUN + command, env=ipd_environ(environ),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, timeout=60)
+                self.assertEqual(result.returncode, ipd.EXIT_REVERTED, result.stderr)
+
+    def test_the_registry_challenge_is_exactly_basic_realm_ipd(self):
+        # Issue 24 and the README's registry table: "401 with
+        # WWW-Authenticate: Basic realm="ipd"", on every path, HEAD too
+        for method, path in (("GET", "/v2/"), ("HEAD", "/v2/"),
+                             ("HEAD", "/v2/app/blobs/sha256:" + "a" * 64),
+                             ("POST", "/v2/app/blobs/uploads/")):
+            with self.subTest(method=method, path=path):
+                answer = raw_exchange(self.daemon.port, raw_request(
+                    method, path, headers={"Authorization": ""}))
+                status, headers, _ = read_answer(io.BytesIO(answer))
+                self.assertEqual(status, 401)
+                self.assertEqual(headers["www-authenticate"], 'Basic realm="ipd"')
+        status, headers, _ = self.daemon.get("/status/app", user=None)
+        self.assertEqual(status, 401)  # the API's keeps its charset (RFC 7617)
+        self.assertEqual(headers["WWW-Authenticate"], 'Basic realm="ipd", charset="UTF-8"')
+
+    def test_a_post_whose_only_sign_of_a_browser_is_a_foreign_referer_is_403(self):
+        # "cross-origin POSTs with or without Origin": a browser that sends
+        # no Origin and no Sec-Fetch-Site (Firefox before 70) still sends
+        # Referer; the page that made it is another site's
+        deployment = self.daemon.deploy()
+        self.daemon.wait_state("app", deployment)
+        for referer in ("http://evil.example/x.html", "http://127.0.0.1.evil.example/",
+                        "garbage"):
+            with self.subTest(referer=referer):
+                status, _, body = self.daemon.request(
+                    "POST", "/redeploy/app/" + deployment, headers={"Referer": referer})
+                self.assertEqual(status, 403, body)
+                self.assertIn("Referer", body)
+        self.assertEqual(self.daemon.get_json("/info")[1]["projects"][0]["deployments"], 1)
+        own = "http://127.0.0.1:%d/deploy/ui/app" % self.daemon.port
+        status, _, body = self.daemon.request(
+            "POST", "/redeploy/app/" + deployment,
+            headers={"Referer": own, "Host": "127.0.0.1:%d" % self.daemon.port})
+        self.assertEqual(status, 202, body)  # its own page
+        status, _, _ = self.daemon.request("POST", "/redeploy/app/" + deployment)
+        self.assertEqual(status, 202)  # curl: no Referer
+
+    def test_credentials_that_are_not_ascii_are_401_never_500(self):
+        # A header's bytes are read as Latin-1: base64 of non-ASCII text
+        # raised a ValueError that no except caught (500)
+        for credentials in (b"Basic \xff\xfe", b"Basic \xe9t\xe9==", b"Bearer \xff\xfe",
+                            b"Bearer ipd_\xe9\xe9", b"Bearer eyJ\xe9.eyJ.x", b"basic \xc3\xa9"):
+            for path in (b"/deploy/list", b"/v2/"):
+                with self.subTest(credentials=credentials, path=path):
+                    answer = raw_exchange(self.daemon.port, b"GET " + path + b" HTTP/1.1\r\n"
+                                          b"Host: 127.0.0.1\r\nAuthorization: " + credentials
+                                          + b"\r\n\r\n")
+                    # 429 once the login throttle counts them
+                    self.assertIn(answer_status(answer), (401, 429), answer)
+        self.assertNotIn("internal error", self.daemon.daemon_log())
+
+    def test_a_bad_value_in_project_conf_names_its_file_line_and_setting(self):
+        # Issue 27: "messages that say what to do"; an unknown name in
+        # project.conf said file:line and name, a bad value said only
+        # "project settings: must be a whole number of seconds from 0 to 86400"
+        folder = os.path.join(self.daemon.upload_dir, "app")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "project.conf")
+        with open(path, "w") as file:
+            file.write("# verify for a day\nVERIFY_SECONDS=86401\n")
+        status, _, body = self.daemon.upload("app", control_script(OK_SCRIPT))
+        self.assertIn("%s:2: VERIFY_SECONDS: must be a whole number of seconds from 0 to "
+                      "86400" % path, body)
+        self.assertEqual(self.daemon.get("/status/app")[2], "no\n")  # nothing queued
+
+    def test_bad_oidc_trust_lines_are_warned_at_start_as_the_users_files_are(self):
+        # Issue 26: "Bad lines: one warning each with the line number, as for
+        # the users file", whose warnings are on the terminal at start too
+        trust = os.path.join(self.tmp, "trust.txt")
+        with open(trust, "w") as file:
+            file.write("# ISSUER AUDIENCE PROJECTS CLAIM=GLOB\n"
+                       "http://insecure.example.com ipd web repository=acme/web\n"
+                       "https://token.actions.githubusercontent.com ipd web\n")
+        self.daemon.stop()
+        self.daemon = self.start_daemon({"OIDC_TRUST": trust})
+        stderr = read_text(self.daemon.stderr_path)
+        self.assertIn("ipd: warning: %s, line 2: the issuer must be an https:// URL" % trust,
+                      stderr)
+        self.assertIn("%s, line 3: " % trust, stderr)
+        self.assertIn("%s, line 2: " % trust, self.daemon.daemon_log())
+
+    def test_a_control_sh_without_a_shebang_is_named_with_its_fix(self):
+        # As the CRLF #! line and the exec bit (issue 27): a script that a
+        # shell runs but exec refuses ended 126 with a bare 'Exec format
+        # error'; it still ends 126 (the Guarantees: "one that cannot run
+        # ends 126/127 with the reason in its log"), now with the fix
+        for script, hint in ((b"echo hi\nexit 1\n", "it has no #! line: make its "
+                              "first line #!/bin/sh"),
+                             (b"\xef\xbb\xbf#!/bin/sh\nexit 1\n", "it starts with a "
+                              "byte order mark, which hides its #! line")):
+            with self.subTest(script=script):
+                package = tar_bytes({"control.sh": (script, 0o755)})
+                deployment = self.daemon.upload("app", package)[2].strip()
+                self.assertEqual(self.daemon.wait_state("app", deployment), "126")
+                self.assertIn("ipd: cannot run control.sh check: Exec format error; " + hint,
+                              self.daemon.log("app", deployment))
+
 class StepSessionTests(DaemonTestCase):
     # issue 23, item 8: a step ends with all it started in its session, and
     # a script no longer allowed does not run
