@@ -5327,12 +5327,11 @@ class OidcPushTests(OidcTestCase):
                   "project_path": "acme/web", "ref": "main", "ref_protected": "true",
                   "pipeline_id": "777", "job_id": "778", "environment": "production",
                   "iat": int(now), "nbf": int(now),
-                  # ipd takes it for 3 to 4 s more (leeway included)
-                  "exp": int(now + 4 - ipd.OIDC_LEEWAY)}
+                  # ipd takes it for 5 to 6 s more (leeway included)
+                  "exp": int(now + 6 - ipd.OIDC_LEEWAY)}
         token = mint(self.key, claims)
-        # at 100K a second the push takes 6 s: it ends after the token did
         result = self.push("--oidc-env", "CI_IPD_TOKEN", "--whole", "--package",
-                           self.package(600000), "--limit-rate", "100K",
+                           self.package(900000), "--limit-rate", "100K",
                            env={"CI_IPD_TOKEN": token})
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertGreater(time.time(), claims["exp"] + ipd.OIDC_LEEWAY)
@@ -6263,12 +6262,15 @@ class GuaranteePasswordGuessingTests(DaemonTestCase):
     alone = True  # measures time: runs while no other test does
 
     def setUp(self):
-        super().setUp()
-        self.daemon.stop()
-        with open(self.daemon.users_file, "w") as file:
+        # the users file written before the daemon starts: one start, not
+        # a start, a stop and a start, in the phase that runs alone
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
+        with open(os.path.join(self.tmp, "users.txt"), "w") as file:
             file.write("ADMIN:admin:%s\n" % ipd.hash_password("admin-pw"))
             file.write("USER:dev:%s\n" % sha256_hex("dev-pw"))
-        self.daemon.start()
+        self.daemon = self.start_daemon(self.settings)
 
     def test_a_burst_of_wrong_passwords_does_not_slow_others(self):
         token = base64.b64encode(b"admin:guess").decode()
@@ -11823,7 +11825,9 @@ if __name__ == "__main__":
         sys.exit(run_worker())
     py_compile.compile(IPD, importlib.util.cache_from_source(IPD), doraise=True)
     test_set = os.environ.get("IPD_TEST_SET", "fast")
-    jobs = int(os.environ.get("IPD_TEST_JOBS", "4"))
+    # three workers a processor: most tests wait (for a daemon, a step, a
+    # timeout) most of their time, and the others' tests fill it
+    jobs = int(os.environ.get("IPD_TEST_JOBS", min(16, 3 * (os.cpu_count() or 2))))
     if len(sys.argv) == 1 and jobs > 1:
         sys.exit(run_in_workers(test_classes(test_set), jobs))
     # One process: named tests or -k patterns (any class), or one job.
