@@ -12,6 +12,7 @@ import base64
 import bz2
 import errno
 import collections
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -4516,9 +4517,9 @@ class TokenTests(DaemonTestCase):
     """Deploy tokens: shown once, scoped to projects, expiring, revocable."""
 
     def token(self, *args):
-        done = subprocess.run([sys.executable, IPD, "--config", self.daemon.config,
-                               "token"] + list(args), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=30)
+        done = subprocess.run(IPD_RUN + ["--config", self.daemon.config,
+                                         "token"] + list(args), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=30, env=ipd_environ())
         self.assertEqual(done.returncode, 0, done.stderr)
         return done.stdout.decode()
 
@@ -4603,12 +4604,26 @@ class RsaKey:
 
     made = {}  # (bits, kid) -> key: each made once a run
 
+    @staticmethod
+    def generate(bits, kid, folder):
+        """The path of a private key of bits made by `openssl genrsa`: in
+        folder, or in the folder the runner shares among its workers
+        (IPD_TEST_KEYS), made there by the first one that asks."""
+        folder = os.environ.get("IPD_TEST_KEYS") or folder
+        path = os.path.join(folder, "%d-%s.pem" % (bits, kid))
+        with open(os.path.join(folder, "lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one maker; the others wait
+            if not os.path.exists(path):
+                subprocess.run(["openssl", "genrsa", "-out", path + ".new", str(bits)],
+                               check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+                os.rename(path + ".new", path)
+        return path
+
     def __init__(self, bits, kid):
         folder = tempfile.mkdtemp(prefix="ipd-test-key-")
         try:
-            path = os.path.join(folder, "key.pem")
-            subprocess.run(["openssl", "genrsa", "-out", path, str(bits)], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            path = self.generate(bits, kid, folder)
             text = subprocess.run(["openssl", "rsa", "-in", path, "-noout", "-text"],
                                   check=True, stdout=subprocess.PIPE).stdout.decode()
             self.public_pem = subprocess.run(
@@ -11750,6 +11765,9 @@ def run_in_workers(classes, jobs):
     first, those of one `serial` kind one after another, and the `alone`
     ones last, one at a time; print each one's output when it ends, then
     the totals line.  -> exit status."""
+    py_compile.compile(__file__, importlib.util.cache_from_source(__file__), doraise=True)
+    # the OIDC tests' RSA keys, made once for all workers (RsaKey.generate)
+    os.environ["IPD_TEST_KEYS"] = tempfile.mkdtemp(prefix="ipd-test-keys-")
     together = work_units(cls for cls in classes if not getattr(cls, "alone", False))
     alone = work_units(cls for cls in classes if getattr(cls, "alone", False))
     totals = [0, 0, 0]
@@ -11760,9 +11778,11 @@ def run_in_workers(classes, jobs):
     started = time.monotonic()
 
     def work(pending):
-        worker = subprocess.Popen([sys.executable, __file__, "--worker"],
+        # -m: this file from the bytecode compiled below, not compiled anew
+        # by each worker
+        worker = subprocess.Popen([sys.executable, "-m", "test_ipd", "--worker"],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  universal_newlines=True)
+                                  universal_newlines=True, env=ipd_environ())
         try:
             while True:
                 with lock:
@@ -11816,6 +11836,7 @@ def run_in_workers(classes, jobs):
         sys.stderr.write(time_report(seconds, cpu, int(os.environ["IPD_TEST_TIMES"])))
     if failed:
         sys.stderr.write("failed: %s\n" % ", ".join(sorted(failed)))
+    shutil.rmtree(os.environ.pop("IPD_TEST_KEYS"), True)
     print("%d passed, %d failed, %d skipped" % tuple(totals))
     return 0 if totals[1] == 0 and sum(totals) else 1
 
