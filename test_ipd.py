@@ -11760,14 +11760,31 @@ def work_units(classes):
     return sorted(units, key=longest_first(known_seconds()))
 
 
+def prepare_workers():
+    """Make what the workers share, once before they start: this file's
+    bytecode (they run it with -m, not each compiling it anew) and a folder
+    for the OIDC tests' RSA keys (IPD_TEST_KEYS, RsaKey.generate), which
+    the workers inherit.  Returns that folder."""
+    py_compile.compile(__file__, importlib.util.cache_from_source(__file__), doraise=True)
+    os.environ["IPD_TEST_KEYS"] = tempfile.mkdtemp(prefix="ipd-test-keys-")
+    return os.environ["IPD_TEST_KEYS"]
+
+
+def report_times(seconds, cpu, failed):
+    """After a whole run: keep the seconds of the units that passed for
+    the next run's order (TIMES_FILE), and with IPD_TEST_TIMES=N print the
+    slowest N (time_report)."""
+    keep_seconds({unit: spent for unit, spent in seconds.items() if unit not in failed})
+    if os.environ.get("IPD_TEST_TIMES"):
+        sys.stderr.write(time_report(seconds, cpu, int(os.environ["IPD_TEST_TIMES"])))
+
+
 def run_in_workers(classes, jobs):
     """Run the tests of classes in jobs worker processes, the slow ones
     first, those of one `serial` kind one after another, and the `alone`
     ones last, one at a time; print each one's output when it ends, then
     the totals line.  -> exit status."""
-    py_compile.compile(__file__, importlib.util.cache_from_source(__file__), doraise=True)
-    # the OIDC tests' RSA keys, made once for all workers (RsaKey.generate)
-    os.environ["IPD_TEST_KEYS"] = tempfile.mkdtemp(prefix="ipd-test-keys-")
+    keys = prepare_workers()
     together = work_units(cls for cls in classes if not getattr(cls, "alone", False))
     alone = work_units(cls for cls in classes if getattr(cls, "alone", False))
     totals = [0, 0, 0]
@@ -11778,8 +11795,6 @@ def run_in_workers(classes, jobs):
     started = time.monotonic()
 
     def work(pending):
-        # -m: this file from the bytecode compiled below, not compiled anew
-        # by each worker
         worker = subprocess.Popen([sys.executable, "-m", "test_ipd", "--worker"],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   universal_newlines=True, env=ipd_environ())
@@ -11831,12 +11846,10 @@ def run_in_workers(classes, jobs):
     sys.stderr.write("\nRan %d test classes in %.1fs with %d workers; slowest: %s\n"
                      % (len(classes), time.monotonic() - started, jobs, ", ".join(
                          "%s %.1fs" % (name, seconds[name]) for name in slowest)))
-    keep_seconds({unit: spent for unit, spent in seconds.items() if unit not in failed})
-    if os.environ.get("IPD_TEST_TIMES"):
-        sys.stderr.write(time_report(seconds, cpu, int(os.environ["IPD_TEST_TIMES"])))
+    report_times(seconds, cpu, failed)
     if failed:
         sys.stderr.write("failed: %s\n" % ", ".join(sorted(failed)))
-    shutil.rmtree(os.environ.pop("IPD_TEST_KEYS"), True)
+    shutil.rmtree(keys, True)
     print("%d passed, %d failed, %d skipped" % tuple(totals))
     return 0 if totals[1] == 0 and sum(totals) else 1
 
