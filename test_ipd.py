@@ -690,7 +690,7 @@ class DaemonProcess:
                 return self
             if self.process.poll() is not None:
                 raise AssertionError("ipd did not start: " + text)
-            time.sleep(0.02)
+            time.sleep(0.005)  # a small file read: each test starts one or more
         raise AssertionError("ipd did not start in time")
 
     def stop(self, signum=signal.SIGTERM, timeout=30):
@@ -4403,12 +4403,12 @@ class SignedPushTests(DaemonTestCase):
                                       + OK_SCRIPT))
 
     def push(self, key=None, project="web", *extra):
-        command = [sys.executable, IPD, "push", "--url", "http://127.0.0.1:%d/deploy"
-                   % self.daemon.port, "--user", "admin", "--project", project,
-                   "--package", self.package] + (["--sign", key] if key else []) \
+        command = IPD_RUN + ["push", "--url", "http://127.0.0.1:%d/deploy"
+                             % self.daemon.port, "--user", "admin", "--project", project,
+                             "--package", self.package] + (["--sign", key] if key else []) \
             + list(extra)
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=dict(os.environ, IPD_PASSWORD="admin-pw"), timeout=60)
+                              env=ipd_environ(IPD_PASSWORD="admin-pw"), timeout=60)
         return done.returncode, done.stdout.decode().strip(), done.stderr.decode()
 
     def deployments(self, project="web"):
@@ -10496,7 +10496,7 @@ class TokenFileLockTests(unittest.TestCase):
         self.tokens = os.path.join(self.tmp, "tokens.txt")
 
     def start(self, *args, stdin_text=None):
-        # IPD_RUN: ipd.py from its compiled bytecode; this class starts 60
+        # IPD_RUN: ipd.py from its compiled bytecode; this class starts 53
         # commands, and the lock, not how each one starts, is what it tests
         return subprocess.Popen(IPD_RUN + ["--config", self.config] + list(args),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -11859,9 +11859,9 @@ if __name__ == "__main__":
         sys.exit(run_worker())
     py_compile.compile(IPD, importlib.util.cache_from_source(IPD), doraise=True)
     test_set = os.environ.get("IPD_TEST_SET", "fast")
-    # three workers a processor: most tests wait (for a daemon, a step, a
-    # timeout) most of their time, and the others' tests fill it
-    jobs = int(os.environ.get("IPD_TEST_JOBS", min(16, 3 * (os.cpu_count() or 2))))
+    # three workers a processor this process may use: most tests wait (for
+    # a daemon, a step, a timeout) most of their time, and the others fill it
+    jobs = int(os.environ.get("IPD_TEST_JOBS", min(16, 3 * len(os.sched_getaffinity(0)))))
     if len(sys.argv) == 1 and jobs > 1:
         sys.exit(run_in_workers(test_classes(test_set), jobs))
     # One process: named tests or -k patterns (any class), or one job.
