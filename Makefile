@@ -1,5 +1,5 @@
 # ipd - Image Push and Deploy
-#   make test                 the tests, with $(PYTHON), in four processes
+#   make test                 the tests, with $(PYTHON), in 4 processes a CPU
 #   make test-system          the Docker, nginx, Chromium and packaging tests
 #   make soak                 the long soaks at full size (CI runs them once)
 #   make bench                the benchmark (README: Performance)
