@@ -1314,6 +1314,24 @@ def check_name_for_config(project):
         raise ConfigError("bad project name %r" % project)
 
 
+def replace_user_line(path, name, record):
+    """Write the users file at path with record instead of name's line."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+        info = os.stat(path)
+    except FileNotFoundError:
+        lines, info = [], None
+    kept = [line for line in lines
+            if line.strip().split(":")[1:2] != [name]
+            or line.strip().startswith("#")]
+    kept.append(record)
+    write_file_atomic(path, ("\n".join(kept) + "\n").encode(),
+                      stat.S_IMODE(info.st_mode) & ~0o007 if info else 0o640)
+    if info and os.geteuid() == 0:  # root edits it; the ipd user reads it
+        os.chown(path, info.st_uid, info.st_gid)
+
+
 def set_user(path, role, name, password_hash, projects=None):
     """Add or replace the line of user name in the users file at path.
 
@@ -1336,24 +1354,6 @@ def set_user(path, role, name, password_hash, projects=None):
         record += ":" + ",".join(projects)
     with FileLock(path):  # another passwd may be at it too
         replace_user_line(path, name, record)
-
-
-def replace_user_line(path, name, record):
-    """Write the users file at path with record instead of name's line."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            lines = file.read().splitlines()
-        info = os.stat(path)
-    except FileNotFoundError:
-        lines, info = [], None
-    kept = [line for line in lines
-            if line.strip().split(":")[1:2] != [name]
-            or line.strip().startswith("#")]
-    kept.append(record)
-    write_file_atomic(path, ("\n".join(kept) + "\n").encode(),
-                      stat.S_IMODE(info.st_mode) & ~0o007 if info else 0o640)
-    if info and os.geteuid() == 0:  # root edits it; the ipd user reads it
-        os.chown(path, info.st_uid, info.st_gid)
 
 
 ###############################################################################
@@ -1382,6 +1382,17 @@ def make_manifest(project, files, created=None):
     }, sort_keys=True, separators=(",", ":")).encode()
 
 
+def check_manifest_time(created, now=None):
+    """Refuse a manifest dated ahead of this clock by more than a skew: it
+    would be the project's newest signed release until that day, and
+    every release signed before then would be refused as a rollback."""
+    now = time.time() if now is None else now
+    if created > now + MANIFEST_CLOCK_SKEW:
+        raise Forbidden("the signed manifest is dated %s, more than %d s ahead of "
+                        "this server's clock: check the signer's clock"
+                        % (iso_time(created), MANIFEST_CLOCK_SKEW))
+
+
 def parse_manifest(data):
     """Manifest bytes -> dict, checked in shape.  Raises BadRequest, and
     Forbidden for one dated more than MANIFEST_CLOCK_SKEW ahead."""
@@ -1400,17 +1411,6 @@ def parse_manifest(data):
                          "nonce and files {image|package: {sha256, size}}")
     check_manifest_time(manifest["created"])
     return manifest
-
-
-def check_manifest_time(created, now=None):
-    """Refuse a manifest dated ahead of this clock by more than a skew: it
-    would be the project's newest signed release until that day, and
-    every release signed before then would be refused as a rollback."""
-    now = time.time() if now is None else now
-    if created > now + MANIFEST_CLOCK_SKEW:
-        raise Forbidden("the signed manifest is dated %s, more than %d s ahead of "
-                        "this server's clock: check the signer's clock"
-                        % (iso_time(created), MANIFEST_CLOCK_SKEW))
 
 
 def check_manifest_files(manifest, project, upload):
@@ -3730,6 +3730,17 @@ def process_running(pid):
     return state is not None and state[0] != b"Z"
 
 
+def session_members(session):
+    """The pids running in session (zombies left out), whichever process
+    group they moved to: what setsid() alone would take them out of."""
+    found = []
+    for pid in list_pids():
+        fields = proc_stat(pid)
+        if fields and int(fields[3]) == session and fields[0] != b"Z":
+            found.append(pid)
+    return found
+
+
 def processes_of_session(identity):
     """The pids still running in the session a step started, or []: none
     when the machine rebooted since, or when its leader's pid now belongs
@@ -3740,17 +3751,6 @@ def processes_of_session(identity):
     if process_running(session) and process_start(session) != identity["start"]:
         return []
     return session_members(session)
-
-
-def session_members(session):
-    """The pids running in session (zombies left out), whichever process
-    group they moved to: what setsid() alone would take them out of."""
-    found = []
-    for pid in list_pids():
-        fields = proc_stat(pid)
-        if fields and int(fields[3]) == session and fields[0] != b"Z":
-            found.append(pid)
-    return found
 
 
 def leftovers_of(records, step_identity):
@@ -5375,6 +5375,17 @@ MISSING_MAX_SEGMENTS = 2 * RECIPE_MAX_PIECES  # push asks in batches of these
 MISSING_LIMIT = MISSING_MAX_SEGMENTS * 80 + 4096
 
 
+def check_pieces_add_up(field, pieces, size):
+    """A recipe's pieces of a file must add up to its declared size, so
+    that the size checked against the limits is what would be copied
+    (issue 23).  Raises BadRequest."""
+    total = sum(len(piece["data"]) if "data" in piece else piece["size"]
+                for piece in pieces)
+    if total != size:
+        raise BadRequest("recipe of %s: its pieces add up to %d bytes, not the "
+                         "%d it declares" % (field, total, size))
+
+
 def parse_recipe(data):
     """A recipe body -> {project, force, manifest, signature, files:
     {field: {name, size, sha256, segments: [{data: bytes} or {sha256,
@@ -5422,17 +5433,6 @@ def parse_recipe(data):
     return {"project": recipe.get("project"), "files": files,
             "force": "1" if force in (True, 1, "1", "true", "yes") else "0",
             "manifest": recipe.get("manifest"), "signature": recipe.get("signature")}
-
-
-def check_pieces_add_up(field, pieces, size):
-    """A recipe's pieces of a file must add up to its declared size, so
-    that the size checked against the limits is what would be copied
-    (issue 23).  Raises BadRequest."""
-    total = sum(len(piece["data"]) if "data" in piece else piece["size"]
-                for piece in pieces)
-    if total != size:
-        raise BadRequest("recipe of %s: its pieces add up to %d bytes, not the "
-                         "%d it declares" % (field, total, size))
 
 
 def parse_missing_request(data):
@@ -6770,6 +6770,25 @@ def login_refusal(scheme, password, id_tokens=False):
     return "wrong user name or password"
 
 
+def read_log_tail(path, limit):
+    """(bytes left out, the last at most limit bytes of the file at path,
+    from a line's start where one begins in them); (0, b'') if missing."""
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:
+        return 0, b""
+    with file:
+        size = file.seek(0, io.SEEK_END)
+        start = max(0, size - limit)
+        file.seek(start)
+        text = file.read(limit)
+    if start:
+        newline = text.find(b"\n")
+        if 0 <= newline < len(text) - 1:
+            start, text = start + newline + 1, text[newline + 1:]
+    return start, text
+
+
 class Daemon:
     """What the handlers share: settings, users, deployments, counters."""
 
@@ -7695,25 +7714,6 @@ FOLLOW_SCRIPT = (
 
 # The deployment page shows this much of a log's end; the rest is a link.
 PAGE_LOG_TAIL = 256 * 1024
-
-
-def read_log_tail(path, limit):
-    """(bytes left out, the last at most limit bytes of the file at path,
-    from a line's start where one begins in them); (0, b'') if missing."""
-    try:
-        file = open(path, "rb")
-    except FileNotFoundError:
-        return 0, b""
-    with file:
-        size = file.seek(0, io.SEEK_END)
-        start = max(0, size - limit)
-        file.seek(start)
-        text = file.read(limit)
-    if start:
-        newline = text.find(b"\n")
-        if 0 <= newline < len(text) - 1:
-            start, text = start + newline + 1, text[newline + 1:]
-    return start, text
 
 
 def short_digest(value, keep=12):
