@@ -3417,8 +3417,9 @@ def control_script_problem(path, shown="control.sh"):
     None: a CRLF '#!' line, or no exec bit.  shown: how the fix names it."""
     if has_crlf_shebang(path):
         return CRLF_HINT % (shown, shown)
-    if shebang_problem(path, shown):
-        return shebang_problem(path, shown)
+    problem = shebang_problem(path, shown)
+    if problem:
+        return problem
     try:
         if not os.stat(path).st_mode & 0o111:
             return "it is not executable: chmod +x %s" % shown
@@ -8444,9 +8445,7 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
         Origin nor Sec-Fetch-Site needs a Referer of this server's origin."""
         if "Origin" in self.headers or "Sec-Fetch-Site" in self.headers:
             return
-        referer = self.headers.get("Referer", "")
-        match = re.match(r"[^:/]+://[^/?#]+", referer)
-        if not match or normalize_origin(match.group(0)) not in self.own_origins():
+        if referer_origin(self.headers.get("Referer", "")) not in self.own_origins():
             raise Forbidden("cross-origin request refused: a button's POST "
                             "must name its origin")
 
