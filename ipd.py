@@ -2761,6 +2761,26 @@ class KeptFile:
         remove_quietly(self.path)
 
 
+class LaterFile:
+    """A file the worker builds from the deployment's recipe before the
+    first step, of which only the name and size are known at the commit:
+    a docker push's $IMAGE (#24), so that the manifest's PUT is answered
+    without copying the image's bytes (DeployWorker.build_files)."""
+
+    path = None  # nothing to move in
+
+    def __init__(self, name, size):
+        self.meta = {"name": name, "size": size}
+
+    def describe(self):
+        """{name, size}: no SHA-256 until it is built."""
+        return dict(self.meta)
+
+    def discard(self):
+        """Nothing to remove: it is not written yet."""
+        pass
+
+
 class RecipeFile:
     """A pushed recipe in a temporary file, moved in beside the deployment's
     files like them (#16)."""
@@ -4297,6 +4317,16 @@ class ProjectLedger:
                                               record.signer.get("created", 0))
 
 
+def upload_identity(files, others):
+    """What makes an upload the same as a waiting or running deployment
+    (then it is not queued twice: a retried push): a docker push's
+    manifest and the name it was pushed as (#24; its $IMAGE is built by
+    the worker, so no SHA-256 is known yet), else its files' SHA-256s."""
+    if "image_digest" in others:
+        return others["image_digest"], others.get("image_ref")
+    return {name: meta.get("sha256") for name, meta in files.items()}
+
+
 class DeploymentStore:
     """The one owner of deployment state: every deployment's record (on
     disk first), which ones wait and which run, the cancel requests of
@@ -4804,15 +4834,15 @@ class DeploymentStore:
                 return record.copy() if record.project == project else None
         return self._read_cold(project, deployment_id)
 
-    def holding(self, project, digests):
-        """The waiting or running deployment of project whose files have
-        these SHA-256s ({field: hex}), or None."""
+    def holding(self, project, identity):
+        """The waiting or running deployment of project that an upload of
+        this upload_identity repeats, or None."""
         with self._lock:
             for deployment_id in (self._waiting.get(project),
                                   self._running.get(project)):
                 record = self._hot.get(deployment_id)
-                if record and record.state in UNFINISHED and digests == {
-                        name: meta["sha256"] for name, meta in record.files.items()}:
+                if record and record.state in UNFINISHED and identity == \
+                        upload_identity(record.files, record.others):
                     return record.copy()
         return None
 
@@ -5022,14 +5052,17 @@ class DeployWorker:
     why, -> (the rollback queued or None, a line saying what was done))
     queues the project's last ok deployment again.  Before the final
     state it runs retention (a Retention, or None), so that whoever sees
-    the end sees the files it let go already gone.
+    the end sees the files it let go already gone.  Before the first
+    step, build (the service's: given a record and wanted(), -> the
+    record) makes the files its commit left to the worker (LaterFile).
     """
 
-    def __init__(self, settings, store, retention=None, rollback=None):
+    def __init__(self, settings, store, retention=None, rollback=None, build=None):
         self.settings = settings
         self.store = store
         self.retention = retention
         self.rollback = rollback
+        self.build = build
         self.threads = []
         self.kill_event = threading.Event()  # set when the grace period ends
 
@@ -5077,14 +5110,14 @@ class DeployWorker:
         success = self.settings.SUCCESS_CODE
         cancel = self.store.cancel_requested(record.id)
         steps = []
-        outcome = None
-        run_as = self.scripts_user(record.project)
-        if run_as:
-            open_to_scripts(self.store.project_dir(record.project),
-                            self.store.path(record), self.store.path(record, ".image")
-                            if "image" in record.files else None, run_as)
         with open(self.store.path(record, ".log"), "ab") as log_file:
-            for step in ("check", "prepare", "deploy"):
+            record, outcome = self.build_files(record, log_file, cancel)
+            run_as = self.scripts_user(record.project)
+            if run_as and outcome is None:
+                open_to_scripts(self.store.project_dir(record.project),
+                                self.store.path(record), self.store.path(record, ".image")
+                                if "image" in record.files else None, run_as)
+            for step in ("check", "prepare", "deploy") if outcome is None else ():
                 if step == "prepare" and steps[0]["code"] == success:
                     continue
                 if cancel.is_set():
@@ -5105,6 +5138,23 @@ class DeployWorker:
             if outcome is None and self.verify_seconds(record.project):
                 outcome, fields = self.verify(record, steps, log_file, cancel, run_as)
         self.end(record, outcome or "ok", **fields)
+
+    def build_files(self, record, log_file, cancel):
+        """Build the files record's commit left to the worker (see build);
+        -> (the record, None), or (it, its final state) when they cannot
+        be made (the reason in its log) or it was cancelled meanwhile."""
+        if self.build is None or all("sha256" in meta for meta in record.files.values()):
+            return record, None
+        try:
+            return self.build(record, lambda: not cancel.is_set()), None
+        except ClientGone:
+            return record, "cancelled"
+        except (IpdError, OSError) as error:
+            log_file.write(("ipd: the deployment's files cannot be built from the "
+                            "pushed blobs: %s\n" % error).encode())
+            log.error("deployment %s of %s: its files cannot be built: %s", record.id,
+                      record.project, error)
+            return record, "interrupted"
 
     def end(self, record, state, **fields):
         """Run retention, then write the final state (and fields): whoever
@@ -5487,6 +5537,17 @@ def encode_recipe(files):
         sort_keys=True).encode()
 
 
+def decode_recipe(data):
+    """The files of a recipe as stored beside a deployment (encode_recipe's
+    bytes), inline pieces decoded.  Raises ValueError (or KeyError,
+    TypeError) for a file that is not one."""
+    files = json.loads(data.decode())
+    for meta in files.values():
+        meta["segments"] = [{"data": base64.b64decode(piece["data"])}
+                            if "data" in piece else piece for piece in meta["segments"]]
+    return files
+
+
 def recipe_digests(files):
     """The SHA-256s of the segments a recipe's files name."""
     return frozenset(piece["sha256"] for meta in files.values()
@@ -5833,12 +5894,13 @@ class SegmentStore:
 
     # --- recipes
 
-    def rebuild(self, user, field, meta, sink, wanted=None):
+    def rebuild(self, user, field, meta, sink, wanted=None, block=REBUILD_BLOCK):
         """Write the file of a recipe into sink (a FileSink) byte for byte
-        and check its size and SHA-256.  Every named segment's presence and
+        and check its size and SHA-256 (where the recipe has one).  Every named segment's presence and
         size is checked before the first byte is copied; wanted (a request's
         client still there?) is asked between blocks, and when it says no
-        the copy stops (ClientGone).  Raises BadRequest."""
+        the copy stops (ClientGone).  block: the bytes a read takes (for a
+        copy nobody waits for, CHUNK_SIZE: less memory).  Raises BadRequest."""
         self.check_pieces(user, field, meta)
         copied = 0
         for piece in meta["segments"]:
@@ -5850,8 +5912,8 @@ class SegmentStore:
                     # fresh bytes each time: the sink's hash may still hold
                     # the last block on another core; large blocks, as the
                     # copy is what a push of a changed layer waits for
-                    for block in iter(lambda: file.read(REBUILD_BLOCK), b""):
-                        sink.write(block)
+                    for data in iter(lambda: file.read(block), b""):
+                        sink.write(data)
                         copied += 1
                         if wanted and copied % 16 == 0 and not wanted():
                             raise ClientGone("the client left during the rebuild")
@@ -5861,8 +5923,8 @@ class SegmentStore:
                                  % (field, piece["sha256"]))
             if sink.size > meta["size"]:
                 break
-        found = sink.describe()
-        if found["size"] != meta["size"] or found["sha256"] != meta["sha256"]:
+        found = sink.describe()  # meta's sha256 is None for a LaterFile
+        if found["size"] != meta["size"] or meta["sha256"] not in (None, found["sha256"]):
             raise BadRequest("the file the recipe of %s rebuilds has %d bytes and "
                              "SHA-256 %s, not %d bytes and %s" % (
                                  field, found["size"], found["sha256"],
@@ -6032,17 +6094,6 @@ class SegmentStore:
         with file:
             data = file.read(limit + 1)
         return data if len(data) <= limit else None
-
-    def copy_segment(self, digest, sink):
-        """Write the stored segment digest into sink; False when it is gone.
-        (1 MiB blocks: a sink that hashes on a second core holds three.)"""
-        file = self.open_segment(digest)
-        if file is None:
-            return False
-        with file:
-            for block in iter(lambda: file.read(CHUNK_SIZE), b""):
-                sink.write(block)
-        return True
 
 
 ###############################################################################
@@ -6806,7 +6857,7 @@ class Daemon:
         self.segments = SegmentStore(settings.UPLOAD_DIR, settings.SEGMENT_EXPIRY)
         self.retention = Retention(settings, self.store, self.segments)
         self.worker = DeployWorker(settings, self.store, self.retention,
-                                   rollback=self.roll_back)
+                                   rollback=self.roll_back, build=self.build_later_files)
         self.notifier = Notifier(settings, self.store, self.worker.environment,
                                  self.worker.scripts_user)
         self.registry = Registry(settings.UPLOAD_DIR, self.segments,
@@ -7271,19 +7322,20 @@ class Daemon:
                                   redeploy_of=earlier.id, signer=earlier.signer,
                                   **dict(oidc_fields(user), **registry_fields(earlier)))
 
-    def rebuild_kept(self, earlier, name, user):
+    def rebuild_kept(self, earlier, name, user, wanted=None, block=REBUILD_BLOCK):
         """(#16) The file name of a recipe deployment, rebuilt from its kept
-        recipe into a FileSink; Gone when its segments are gone."""
+        recipe into a FileSink (checked against the SHA-256 its record
+        has); Gone when its segments are gone.  wanted, block: see
+        Segments.rebuild."""
         try:
             with open(self.store.path(earlier, ".recipe"), "rb") as file:
-                stored = json.loads(file.read().decode())
-            meta = parse_recipe(json.dumps({"files": {name: stored[name]}}).encode())[
-                "files"][name]
-        except (OSError, ValueError, KeyError, BadRequest):
+                meta = decode_recipe(file.read())[name]
+        except (OSError, ValueError, KeyError, TypeError):
             raise Gone("the recipe of deployment %s is gone" % earlier.id)
+        meta["sha256"] = meta["sha256"] or earlier.files[name].get("sha256")
         sink = FileSink(self.settings.UPLOAD_DIR, name, meta["name"], parallel=True)
         try:
-            self.segments.rebuild(user, name, meta, sink)
+            self.segments.rebuild(user, name, meta, sink, wanted, block)
         except BadRequest as error:
             sink.discard()
             raise Gone("the files of deployment %s cannot be rebuilt: %s"
@@ -7293,6 +7345,22 @@ class Daemon:
             raise
         sink.close()
         return sink
+
+    def build_later_files(self, record, wanted):
+        """The worker's first task for a deployment whose commit left files
+        to it (LaterFile: a docker push's $IMAGE, #24, so that the push is
+        answered as soon as its manifest is kept): build each from the
+        recipe as a redeploy rebuilds a dropped one, move it in, and ->
+        the record with their SHA-256s.  Raises Gone; ClientGone when
+        wanted() says stop (a cancel)."""
+        files = dict(record.files)
+        for name, meta in sorted(record.files.items()):
+            if "sha256" not in meta:
+                sink = self.rebuild_kept(record, name, registry_principal(record.project),
+                                         wanted, CHUNK_SIZE)
+                os.rename(sink.path, self.store.path(record, "." + name))
+                files[name] = sink.describe()
+        return self.store.update(record.id, files=files) if files != record.files else record
 
     def create_deployment(self, project, upload, user, address, received):
         """Turn a complete Upload for project into a waiting deployment, all
@@ -7310,10 +7378,10 @@ class Daemon:
                              "or both")
         check_digests(upload)
         signer = self.check_signature(project, upload, user, address)
-        digests = {name: sink.describe()["sha256"] for name, sink
-                   in upload.files.items()}
         if upload.fields.get("force", "0") not in ("1", "true", "yes"):
-            earlier = self.store.holding(project, digests)
+            earlier = self.store.holding(project, upload_identity(
+                {name: sink.describe() for name, sink in upload.files.items()},
+                upload.record))
             if earlier:
                 log.info("deployment %s of %s: the same files again, from %s; "
                          "not queued twice", earlier.id, project, user.name)
@@ -7348,7 +7416,8 @@ class Daemon:
                                 **extra)
             if control.startswith(staging + os.sep):
                 record.control = os.path.join(self.store.path(record), "control.sh")
-            moves = {"." + name: sink.path for name, sink in upload.files.items()}
+            moves = {"." + name: sink.path for name, sink in upload.files.items()
+                     if sink.path is not None}  # not a LaterFile
             if upload.recipe is not None:
                 moves[".recipe"] = upload.recipe.path
                 # its segments referred to before it can run, end and let a
@@ -7625,9 +7694,9 @@ class Daemon:
                         received):
         """A deployment of manifest HEX pushed by tag (image: registry_image's),
         through create_deployment as an upload: $IMAGE a docker-load tar of
-        its image (docker_load_members) built from the stored blobs, with the
-        recipe that refers to them; IMAGE_REF and IMAGE_DIGEST in its record.
-        -> the record."""
+        its image (docker_load_members), a LaterFile that the worker builds
+        from the recipe that refers to the stored blobs (build_later_files);
+        IMAGE_REF and IMAGE_DIGEST in its record.  -> the record."""
         image, image_digest, image_size, extra = image
         image_ref = "%s/%s:%s" % (host, project, tag)
         pieces = archive_pieces(docker_load_members(image_ref, tag, image, image_digest,
@@ -7643,18 +7712,10 @@ class Daemon:
         upload = Upload()
         try:
             upload.fields["project"] = project
-            sink = upload.files["image"] = FileSink(self.settings.UPLOAD_DIR, "image",
-                                                    "image.tar", parallel=True)
-            for piece in pieces:
-                if "data" in piece:
-                    sink.write(piece["data"])
-                elif not self.segments.copy_segment(piece["sha256"], sink):
-                    raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", "blob sha256:%s "
-                                        "is gone: push it again" % piece["sha256"])
-            sink.close()
-            described = sink.describe()
-            upload.recipe = RecipeFile(encode_recipe({"image": dict(
-                described, segments=pieces)}), self.settings.UPLOAD_DIR)
+            upload.files["image"] = LaterFile("image.tar", size)
+            upload.recipe = RecipeFile(encode_recipe({"image": {
+                "name": "image.tar", "size": size, "sha256": None,
+                "segments": pieces}}), self.settings.UPLOAD_DIR)
             upload.record = {"image_ref": image_ref, "image_digest": "sha256:" + digest}
             record, _ = self.create_deployment(
                 project, upload, user, address,

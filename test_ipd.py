@@ -6608,6 +6608,77 @@ class RegistryMemoryTests(RegistryTestCase):
         self.assertGreater(os.path.getsize(image), size)
 
 
+class RegistryLaterImageTests(RegistryTestCase):
+    """A tag push is answered once its manifest is kept and its deployment
+    waits; the worker builds $IMAGE from the blobs before the first step
+    (so the push takes no longer than a registry's)."""
+
+    def hold_first(self):
+        """A first deployment held in its deploy step: the next one waits."""
+        folder = os.path.join(self.daemon.upload_dir, "web")
+        open(os.path.join(folder, "hold"), "w").close()
+        first = self.push_image("v1", [gzip_layer({"v": b"1"})])[0][1]["Ipd-Deployment"]
+        wait_until(lambda: self.daemon.state("web", first) == "active")
+        return first, os.path.join(folder, "gate")
+
+    def record_of(self, deployment):
+        return json.loads(read_text(os.path.join(
+            self.daemon.upload_dir, "web", "deployments", deployment + ".json")))
+
+    def test_the_waiting_push_has_no_image_yet_and_the_worker_builds_it(self):
+        first, gate = self.hold_first()
+        layers = [gzip_layer({"www/index.html": b"v2\n"})]
+        answer, manifest = self.push_image("v2", layers)
+        second = answer[1]["Ipd-Deployment"]
+        self.assertEqual(self.daemon.state("web", second), "await")
+        folder = os.path.join(self.daemon.upload_dir, "web", "deployments")
+        self.assertFalse(os.path.exists(os.path.join(folder, second + ".image")))
+        meta = self.record_of(second)["files"]["image"]
+        self.assertNotIn("sha256", meta)
+        # the same manifest pushed again while it waits: the same deployment
+        again = self.call("PUT", "/v2/web/manifests/v2", manifest,
+                          {"Content-Type": DOCKER_MANIFEST})
+        self.assertEqual((again[0], again[1]["Ipd-Deployment"]), (201, second))
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("web", first), "ok")
+        self.deployed(answer)
+        image = os.path.join(self.daemon.upload_dir, "web", "image-%s.tar" % second)
+        built = self.record_of(second)["files"]["image"]
+        self.assertEqual((built["size"], built["sha256"]),
+                         (meta["size"], sha256_file(image)))
+        with tarfile.open(image) as tar:
+            loaded = json.loads(tar.extractfile("manifest.json").read())
+            self.assertEqual([tar.extractfile(name).read() for name in loaded[0]["Layers"]],
+                             layers)
+
+    def test_a_blob_lost_before_the_build_ends_it_interrupted_with_the_reason(self):
+        first, gate = self.hold_first()
+        layer = gzip_layer({"lost": os.urandom(5000)})
+        answer, _ = self.push_image("v2", [layer])
+        os.unlink(os.path.join(self.daemon.upload_dir, ".segments", "sha256",
+                               digest_of(layer)[7:9], digest_of(layer)[7:]))
+        open(gate, "w").close()
+        second = self.deployed(answer, "interrupted")
+        log = self.daemon.log("web", second)
+        self.assertIn("ipd: the deployment's files cannot be built from the pushed "
+                      "blobs: ", log)
+        self.assertNotIn("IMAGE_REF=", log)  # no step ran
+        self.assertEqual(self.partial_files(), [])
+
+    def test_a_waiting_push_outlives_a_kill_and_is_built_after_the_restart(self):
+        first, gate = self.hold_first()
+        layers = [gzip_layer({"after": b"restart"})]
+        answer, _ = self.push_image("v2", layers)
+        self.daemon.kill()
+        os.unlink(os.path.join(self.daemon.upload_dir, "web", "hold"))
+        self.daemon.start()
+        self.assertEqual(self.daemon.wait_state("web", first), "interrupted")
+        second = self.deployed(answer)
+        image = os.path.join(self.daemon.upload_dir, "web", "image-%s.tar" % second)
+        self.assertEqual(self.record_of(second)["files"]["image"]["sha256"],
+                         sha256_file(image))
+
+
 class RegistryHostileTests(RegistryTestCase):
     """Malformed and hostile registry requests: each a 4xx with the spec's
     error JSON, never a 5xx, nothing left behind."""
