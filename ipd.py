@@ -8317,33 +8317,12 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
         self.expects_continue = True
         return True
 
-    def do_GET(self):
-        """Route a GET."""
-        self.dispatch("GET")
+    def do_request(self):
+        """Route a request, whatever its method (HEAD as GET, without the
+        body): one entrance for all, see dispatch."""
+        self.dispatch(self.command)
 
-    def do_HEAD(self):
-        """Route a HEAD (as GET, without the body)."""
-        self.dispatch("HEAD")
-
-    def do_POST(self):
-        """Route a POST."""
-        self.dispatch("POST")
-
-    def do_PUT(self):
-        """Route a PUT."""
-        self.dispatch("PUT")
-
-    def do_DELETE(self):
-        """Route a DELETE."""
-        self.dispatch("DELETE")
-
-    def do_PATCH(self):
-        """Route a PATCH."""
-        self.dispatch("PATCH")
-
-    def do_OPTIONS(self):
-        """Route an OPTIONS."""
-        self.dispatch("OPTIONS")
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_request
 
     def dispatch(self, method):
         """Check framing, the client's connections, the origin and the
@@ -8610,14 +8589,20 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
         size = file.seek(0, io.SEEK_END)
         file.seek(0)
         self.start_answer(200, {"Content-Type": "text/plain; charset=utf-8"}, size)
-        if self.command == "HEAD":
-            return
-        while size > 0:
-            data = file.read(min(size, CHUNK_SIZE))
-            if not data:  # cannot shrink, but never send a short body
-                data = b"\n" * size
+        self.write_file_body(file, size)
+
+    def write_file_body(self, file, left, what=None):
+        """The next left bytes of file as the body (none for HEAD).  A file
+        that ends sooner raises ClientGone saying what ended early, or
+        without what (a log: it cannot shrink) is made up with newlines:
+        never a short body."""
+        while left > 0 and self.command != "HEAD":
+            data = file.read(min(left, CHUNK_SIZE))
+            if not data and what:
+                raise ClientGone("%s ended early" % what)
+            data = data or b"\n" * left
             self.write_body(data)
-            size -= len(data)
+            left -= len(data)
 
     def send_stream(self, content_type, pieces, headers=None):
         """A 200 answer whose size is not known beforehand, sent as pieces
@@ -8669,10 +8654,14 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
             return
         message = str(error).splitlines()[0] if str(error) else "error"
         try:
-            self.answer(error.http_status, message + "\n", {"error": message},
-                        error.headers)
+            self.send_error_body(error, message)
         except OSError:
             self.close_connection = True
+
+    def send_error_body(self, error, message):
+        """The answer to error: its message (one line) as text, or JSON."""
+        self.answer(error.http_status, message + "\n", {"error": message},
+                    error.headers)
 
     # --- the access log
 
@@ -8699,8 +8688,9 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
 class RegistryRequest:
     """One request of the registry (#24), the OCI Distribution endpoints
     under /v2/: its path's kind (REGISTRY_ROUTES) picks the method of the
-    same name, which checks the project, calls the service and answers
-    through the connection's HttpEdge (self.http)."""
+    same name, which calls the service and answers through the
+    connection's HttpEdge (self.http), once serve has checked the
+    project (and found the upload session)."""
 
     def __init__(self, http, user):
         self.http = http
@@ -8709,7 +8699,9 @@ class RegistryRequest:
         self.headers = http.headers
 
     def serve(self, method, path):
-        """Parse the path, pick its endpoint, run it; RegistryError (405)
+        """Parse the path, pick its endpoint, check that the user may use
+        the project (push to it: an upload, a PUT), then run it with the
+        path's argument (an upload's: its session); RegistryError (405)
         for a method the path has not."""
         kind, project, argument = parse_registry_path(path)
         name = REGISTRY_ROUTES.get((method, kind))
@@ -8717,6 +8709,11 @@ class RegistryRequest:
             allowed = sorted(m for (m, k) in REGISTRY_ROUTES if k == kind)
             raise RegistryError(405, "UNSUPPORTED", "%s is not supported here" % method,
                                 {"Allow": ", ".join(allowed)} if allowed else None)
+        if kind != "base":
+            self.ipd.registry_project(self.user, project, push=kind in (
+                "uploads", "upload") or method == "PUT")
+        if kind == "upload":
+            argument = self.ipd.registry_session(self.user, project, argument)
         getattr(self, name)(project, argument)
 
     def answer(self, status, headers, body=b"", content_type=None):
@@ -8759,21 +8756,13 @@ class RegistryRequest:
 
     def blob(self, project, digest):
         """HEAD or GET of a blob of the project's repository."""
-        self.ipd.registry_project(self.user, project)
         file, size = self.ipd.registry_open_blob(self.user, project, digest)
         with file:
             status, headers, start, left = blob_answer(digest, size,
                                                        self.headers.get("Range"))
             file.seek(start)
             self.http.start_answer(status, headers, left)
-            if self.http.command == "HEAD":
-                return
-            while left > 0:
-                block = file.read(min(CHUNK_SIZE, left))
-                if not block:
-                    raise ClientGone("blob sha256:%s ended early" % digest)
-                self.http.write_body(block)
-                left -= len(block)
+            self.http.write_file_body(file, left, "blob sha256:" + digest)
 
     def blob_created(self, project, digest):
         """201: the blob is in the project's repository."""
@@ -8788,7 +8777,6 @@ class RegistryRequest:
     def upload_start(self, project, argument):
         """POST .../blobs/uploads/: a session (202), a monolithic upload
         (?digest=, 201) or a mount (?mount=&from=, 201, else a session)."""
-        self.ipd.registry_project(self.user, project, push=True)
         mount, digest = self.query_value("mount"), self.query_value("digest")
         if mount is not None:
             mount = registry_digest(mount)
@@ -8804,10 +8792,8 @@ class RegistryRequest:
                                         self.length())
         self.blob_created(project, digest)
 
-    def upload_patch(self, project, session_id):
+    def upload_patch(self, project, session):
         """PATCH: a chunk (Content-Range) or the rest of the stream."""
-        self.ipd.registry_project(self.user, project, push=True)
-        session = self.ipd.registry_session(self.user, project, session_id)
         content_range = self.headers.get("Content-Range")
         if content_range is not None:
             content_range = parse_content_range(content_range)
@@ -8822,16 +8808,12 @@ class RegistryRequest:
                                   self.length())
         self.answer(202, session.headers())
 
-    def upload_status(self, project, session_id):
+    def upload_status(self, project, session):
         """GET of an upload: where it ends, for a resume."""
-        self.ipd.registry_project(self.user, project, push=True)
-        session = self.ipd.registry_session(self.user, project, session_id)
         self.answer(204, session.headers())
 
-    def upload_put(self, project, session_id):
+    def upload_put(self, project, session):
         """PUT ...?digest=: the last bytes, if any; the blob checked, stored."""
-        self.ipd.registry_project(self.user, project, push=True)
-        session = self.ipd.registry_session(self.user, project, session_id)
         digest = self.query_value("digest")
         if digest is None:
             raise RegistryError(400, "DIGEST_INVALID", "PUT of an upload needs ?digest=")
@@ -8840,16 +8822,13 @@ class RegistryRequest:
                                         self.length())
         self.blob_created(project, digest)
 
-    def upload_delete(self, project, session_id):
+    def upload_delete(self, project, session):
         """DELETE of an upload: abandoned, its bytes removed."""
-        self.ipd.registry_project(self.user, project, push=True)
-        self.ipd.registry_cancel_upload(
-            self.ipd.registry_session(self.user, project, session_id))
+        self.ipd.registry_cancel_upload(session)
         self.answer(204, {})
 
     def manifest(self, project, reference):
         """HEAD or GET of a manifest, by tag or digest, byte for byte."""
-        self.ipd.registry_project(self.user, project)
         media_type, data, digest = self.ipd.registry_manifest(self.user, project,
                                                               reference)
         self.answer(200, {"Docker-Content-Digest": "sha256:" + digest},
@@ -8857,9 +8836,7 @@ class RegistryRequest:
 
     def manifest_put(self, project, reference):
         """PUT .../manifests/REFERENCE: stored; by tag, a deployment."""
-        self.ipd.registry_project(self.user, project, push=True)
-        length = self.headers.get("Content-Length", "").strip()
-        if length.isdigit() and int(length) > REGISTRY_MANIFEST_LIMIT:
+        if self.length() > REGISTRY_MANIFEST_LIMIT:
             raise RegistryError(413, "SIZE_INVALID", "manifest larger than %d bytes"
                                 % REGISTRY_MANIFEST_LIMIT)
         data = self.http.read_json_body(REGISTRY_MANIFEST_LIMIT,
@@ -8877,7 +8854,6 @@ class RegistryRequest:
 
     def tags(self, project, argument):
         """GET .../tags/list."""
-        self.ipd.registry_project(self.user, project)
         self.answer(200, {}, json.dumps(
             {"name": project, "tags": self.ipd.registry_tags(self.user, project)}
         ).encode(), "application/json")
@@ -9280,26 +9256,18 @@ class Handler(HttpEdge):
         self.user = self.authenticate("USER")
         RegistryRequest(self, self.user).serve(method, path)
 
-    def send_error_answer(self, error):
-        """Under /v2/, the spec's error JSON (send_registry_error);
-        elsewhere HttpEdge's one line."""
-        if self.status_sent is None and is_registry_path(self.path.split("?", 1)[0]):
-            return self.send_registry_error(error)
-        super().send_error_answer(error)
-
-    def send_registry_error(self, error):
-        """{"errors": [{"code", "message"}]}: docker push prints the message
-        (see send_error_answer: every error of a path under /v2/)."""
+    def send_error_body(self, error, message):
+        """Under /v2/, the spec's error JSON, {"errors": [{"code",
+        "message"}]}: docker push prints the message; elsewhere HttpEdge's
+        one line."""
+        if not is_registry_path(self.path.split("?", 1)[0]):
+            return super().send_error_body(error, message)
         status = error.http_status
         code = getattr(error, "code", None) or REGISTRY_CODES.get(status, "UNKNOWN")
-        message = str(error).splitlines()[0] if str(error) else "error"
         body = json.dumps({"errors": [{"code": code, "message": message,
                                        "detail": {}}]}) + "\n"
-        try:
-            self.send_whole(status, "application/json", body.encode(),
-                            dict(REGISTRY_HEADERS, **error.headers))
-        except OSError:
-            self.close_connection = True
+        self.send_whole(status, "application/json", body.encode(),
+                        dict(REGISTRY_HEADERS, **error.headers))
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -10263,24 +10231,54 @@ class Client:
         headers.update(extra)
         return headers
 
-    def exchange(self, method, path, body=None, timeout=None, headers=None):
-        """One request on a connection of its own: -> (status, body bytes).
-        Raises ClientError when the network fails."""
+    def open(self, method, path, body=None, headers=None, timeout=None):
+        """Send a request on a connection of its own: -> (the connection,
+        its response, whose body is still to be read).  Raises OSError and
+        HTTPException."""
+        connection = self.connection(timeout)
         try:
-            connection = self.connection(timeout)
+            connection.request(method, self.root + path, body=body,
+                               headers=self.headers(**(headers or {})))
+            return connection, connection.getresponse()
+        except BaseException:
+            connection.close()
+            raise
+
+    def send_head(self, connection, method, path, headers):
+        """The head of a request whose body follows (headers say Expect:
+        100-continue): -> None when the body may go, else (status, body)
+        of the server's early answer (see await_continue)."""
+        connection.putrequest(method, self.root + path)
+        for name, value in self.headers(**headers).items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        return await_continue(connection)
+
+    def exchange(self, method, path, body=None, headers=None, deadline=None,
+                 what=None):
+        """One request on a connection of its own: -> (status, body bytes).
+        With a deadline (time.monotonic()) the answer must be whole by
+        then, however steadily the server sends, else timed_out(what).
+        Raises ClientError when the network fails."""
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        try:
+            connection, response = self.open(method, path, body, headers, timeout)
             try:
-                connection.request(method, self.root + path, body=body,
-                                   headers=self.headers(**(headers or {})))
-                response = connection.getresponse()
-                return response.status, response.read()
+                if deadline is None:
+                    return response.status, response.read()
+                return response.status, b"".join(iter(
+                    lambda: read_by(connection, response, deadline, what), b""))
             finally:
                 connection.close()
         except (OSError, http.client.HTTPException) as error:
+            if deadline is not None and isinstance(error, socket.timeout):
+                raise timed_out(what)
             raise network_error(self.url, error)
 
-    def request(self, method, path, timeout=None):
-        """-> (status, parsed JSON); raises ClientError for errors."""
-        status, body = self.exchange(method, path, timeout=timeout)
+    def request(self, method, path, deadline=None, what=None):
+        """-> (status, parsed JSON), by the deadline if any (see exchange);
+        raises ClientError for errors, but for the 404 of a state 'no'."""
+        status, body = self.exchange(method, path, deadline=deadline, what=what)
         data = parse_json(body)
         if status >= 400 and not (status == 404 and data.get("state") == "no"):
             raise http_error(status, data.get("error") or body)
@@ -10294,34 +10292,6 @@ class Client:
             raise http_error(status, text)
         return text
 
-    def request_by(self, path, deadline, what):
-        """GET path, answered whole by the deadline (time.monotonic()):
-        -> parsed JSON.  Raises timed_out(what) past the deadline, and
-        ClientError for network and HTTP errors, as request does."""
-        remaining = max(deadline - time.monotonic(), 0.001)
-        try:
-            connection = self.connection(remaining)
-            try:
-                connection.request("GET", self.root + path, headers=self.headers())
-                response = connection.getresponse()
-                body = b""
-                while True:
-                    data = read_by(connection, response, deadline, what)
-                    if not data:
-                        break
-                    body += data
-            finally:
-                connection.close()
-        except socket.timeout:
-            raise timed_out(what)
-        except (OSError, http.client.HTTPException) as error:
-            raise network_error(self.url, error)
-        data = parse_json(body)
-        if response.status >= 400 and not (response.status == 404
-                                           and data.get("state") == "no"):
-            raise http_error(response.status, data.get("error") or body)
-        return data
-
     def follow(self, project, deployment, out, deadline=None):
         """Print the deployment's log as it is written; return its final
         state.  A broken stream (a proxy's read timeout) is resumed where
@@ -10329,27 +10299,24 @@ class Client:
         the server is taken as unreachable (ClientError, exit 3)."""
         offset = 0
         failures = 0
+        what = "deployment " + deployment
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise ClientError("timed out waiting for deployment %s" % deployment,
-                                  EXIT_TIMEOUT)
+                raise timed_out(what)
             path = "/log/%s/%s?follow=1&offset=%d" % (project, deployment, offset)
             progress = offset
             try:
-                connection = self.connection(min(remaining or 3600, 3600))
-                connection.request("GET", self.root + path,
-                                   headers=self.headers(Accept="text/plain"))
-                response = connection.getresponse()
+                connection, response = self.open("GET", path, None, {
+                    "Accept": "text/plain"}, min(remaining or 3600, 3600))
                 if response.status >= 400:
                     raise http_error(response.status, response.read())
                 offset, final = self.follow_stream(connection, response, deadline,
-                                                   deployment, out, offset)
+                                                   what, out, offset)
                 if final:
                     return final
             except socket.timeout:
-                raise ClientError("timed out waiting for deployment %s" % deployment,
-                                  EXIT_TIMEOUT)
+                raise timed_out(what)
             except (OSError, http.client.HTTPException) as error:
                 problem = error
             else:
@@ -10359,13 +10326,13 @@ class Client:
                 raise network_error(self.url, problem)
             time.sleep(min(1, max(0, deadline - time.monotonic())) if deadline else 1)
 
-    def follow_stream(self, connection, response, deadline, deployment, out, offset):
+    def follow_stream(self, connection, response, deadline, what, out, offset):
         """Copy one follow stream's lines to out; -> (the offset reached,
         the final state when the stream ended with the server's 'ipd:
         state:' line, else None).  A script's own such line is printed."""
         pending, final = b"", None
         while True:
-            data = read_by(connection, response, deadline, "deployment " + deployment)
+            data = read_by(connection, response, deadline, what)
             if not data:
                 break
             pending += data
@@ -10405,21 +10372,15 @@ class Client:
                      for seg in segments)
         try:
             connection = self.connection()
-            connection.putrequest("POST", self.root + "/upload")
-            for name, value in self.headers(**{
-                    "Content-Type": "multipart/form-data; boundary=" + boundary,
-                    "Content-Length": str(length), "Expect": "100-continue",
-                    "X-Ipd-Project": project}).items():
-                connection.putheader(name, value)
-            connection.endheaders()
-            early = await_continue(connection)
+            early = self.send_head(connection, "POST", "/upload", {
+                "Content-Type": "multipart/form-data; boundary=" + boundary,
+                "Content-Length": str(length), "Expect": "100-continue",
+                "X-Ipd-Project": project})
             if early:
                 raise http_error(*early)
             send_segments(connection, segments, boundary, progress)
             response = connection.getresponse()
             body = response.read()
-        except ClientError:
-            raise
         except (OSError, http.client.HTTPException) as error:
             answer = late_answer(connection)
             if answer:
@@ -10444,15 +10405,10 @@ class Client:
         return status, parsed
 
     def segment_offset(self, digest):
-        """How many bytes of the segment the server has (HEAD)."""
-        connection = self.connection()
-        try:
-            connection.request("HEAD", self.root + "/segments/" + digest,
-                               headers=self.headers())
-            response = connection.getresponse()
-            response.read()
-        finally:
-            connection.close()
+        """How many bytes of the segment the server has (HEAD); raises
+        OSError and HTTPException for the network (send_segment retries)."""
+        connection, response = self.open("HEAD", "/segments/" + digest)
+        connection.close()  # the answer to a HEAD has no body
         if response.status == 404:
             return 0
         if response.status >= 400:
@@ -10462,50 +10418,37 @@ class Client:
     def send_segment(self, digest, path, start, end, offset, progress, attempts=4):
         """Send bytes start..end of path as segment digest, from offset on
         (resumable: POST from 0, else PATCH with Upload-Offset); a broken
-        connection is resumed where the server's HEAD says."""
-        buffer = bytearray(CHUNK_SIZE)
-        view = memoryview(buffer)
+        connection, or a 409 (another upload holds it), is resumed where
+        the server's HEAD says."""
+        view = memoryview(bytearray(CHUNK_SIZE))
         for attempt in range(attempts):
+            last = attempt == attempts - 1
             try:
                 if offset is None:
                     offset = self.segment_offset(digest)
                 connection = self.connection()
-                connection.putrequest("POST" if offset == 0 else "PATCH",
-                                      self.root + "/segments/" + digest)
-                headers = self.headers(**{
-                    "Content-Length": str(end - start - offset),
-                    "Content-Type": "application/partial-upload",
-                    "Upload-Complete": "?1", "Upload-Offset": str(offset),
-                    "Expect": "100-continue"})
-                for name, value in headers.items():
-                    connection.putheader(name, value)
-                connection.endheaders()
-                early = await_continue(connection)
-                if early and early[0] == 200:  # the server has it already
-                    connection.close()
-                    return
-                if early and early[0] == 409 and attempt < attempts - 1:
-                    connection.close()
-                    offset = None
-                    continue
-                if early:
-                    raise http_error(*early)
-                send_range(connection, path, start + offset, end, view, progress)
-                response = connection.getresponse()
-                answer = response.read()
+                answer = self.send_head(
+                    connection, "POST" if offset == 0 else "PATCH", "/segments/" + digest,
+                    {"Content-Length": str(end - start - offset),
+                     "Content-Type": "application/partial-upload",
+                     "Upload-Complete": "?1", "Upload-Offset": str(offset),
+                     "Expect": "100-continue"})
+                if answer is None:  # no early answer (200: it has the segment)
+                    send_range(connection, path, start + offset, end, view, progress)
+                    response = connection.getresponse()
+                    body = response.read()
+                    answer = response.status, parse_json(body).get("error") or body
                 connection.close()
             except (OSError, http.client.HTTPException) as error:
-                if attempt == attempts - 1:
+                if last:
                     raise network_error(self.url, error)
                 time.sleep(1)
-                offset = None
-                continue
-            if response.status in (200, 201, 204):
+                answer = None, None
+            if answer[0] in (200, 201, 204):
                 return
-            if response.status == 409 and attempt < attempts - 1:
-                offset = None
-                continue
-            raise http_error(response.status, parse_json(answer).get("error") or answer)
+            if answer[0] not in (None, 409) or last:
+                raise http_error(*answer)
+            offset = None
 
     def push_layers(self, project, files, signed=None, progress=None, out=None,
                     force=False):
@@ -10879,7 +10822,7 @@ def cmd_status(args):
         path += "?wait=%g" % args.wait
     # --timeout bounds the whole answer; without it, a minute past --wait
     deadline = time.monotonic() + (args.timeout or (args.wait or 0) + 60)
-    data = client.request_by(path, deadline, "deployment %s" % (
+    _, data = client.request("GET", path, deadline, "deployment %s" % (
         args.deployment or "of " + args.project))
     print(data.get("state"))
     if data.get("state") == "reverted":  # as push --wait and logs -f (issue 25)
