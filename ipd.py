@@ -7888,10 +7888,17 @@ def table_row(cells, css=""):
         for label, value in cells))
 
 
-def table_head(labels):
-    """A table's start and its head row (hidden on a narrow screen)."""
-    return '<table><tr class="head">%s</tr>' % "".join(
-        "<th>%s</th>" % html.escape(label) for label in labels)
+def render_table(labels, rows):
+    """The pieces of a table: its head row of labels (hidden on a narrow
+    screen), then rows (see table_row), as they come."""
+    return itertools.chain(['<table><tr class="head">%s</tr>' % "".join(
+        "<th>%s</th>" % html.escape(label) for label in labels)], rows, ["</table>"])
+
+
+def deployment_link(root, project, deployment_id):
+    """A link to a deployment's page, its ID cut to 8 characters."""
+    return '<a href="%s"><code>%s</code></a>' % (ui_link(root, project, deployment_id),
+                                                 html.escape(deployment_id[:8]))
 
 
 def marks(words):
@@ -7911,9 +7918,7 @@ def deployment_row(root, record, now=None, marked=()):
         short_digest(meta.get("sha256", "")))
         for name, meta in sorted(record.files.items()))
     values = (
-        '<a href="%s"><code>%s</code></a>%s' % (ui_link(root, record.project, record.id),
-                                                html.escape(record.id[:8]),
-                                                marks(marked)),
+        deployment_link(root, record.project, record.id) + marks(marked),
         record_badge(record), record_time(record, now), page_duration(record, now),
         html.escape(record.user or "-") + signed_by(record) + oidc_by(record),
         files + ("<div>(pruned)</div>" if record.pruned else ""),
@@ -7931,9 +7936,8 @@ def project_row(root, project, latest, count, live, now):
     """A project's row: its newest deployment, the one live, how many."""
     live_cell = "-"
     if live is not None:
-        live_cell = '<a href="%s"><code>%s</code></a> %s' % (
-            ui_link(root, project, live.id), html.escape(live.id[:8]),
-            page_time(live.ended, now))
+        live_cell = "%s %s" % (deployment_link(root, project, live.id),
+                               page_time(live.ended, now))
     return table_row((
         ("project", '<a href="%s">%s</a>' % (
             ui_link(root, project), html.escape(project))),
@@ -7953,9 +7957,8 @@ def render_projects(root, projects, live=None, now=None):
     rows = (project_row(root, project, latest, count, live.get(project), now)
             for project, latest, count in sorted(
                 projects, key=lambda entry: -last_activity(entry[1])))
-    return itertools.chain(
-        [table_head(("project", "newest", "when", "took", "by", "live",
-                     "deployments"))], rows, ["</table>"])
+    return render_table(("project", "newest", "when", "took", "by", "live",
+                         "deployments"), rows)
 
 
 def render_project(root, records, now=None):
@@ -7970,9 +7973,7 @@ def render_project(root, records, now=None):
                                                         ("newest", newest))
                        if record.id == deployment_id)
         return deployment_row(root, record, now, marked)
-    return itertools.chain([table_head(DEPLOYMENT_LABELS)],
-                           (row(record) for record in reversed(records)),
-                           ["</table>"])
+    return render_table(DEPLOYMENT_LABELS, (row(record) for record in reversed(records)))
 
 
 def render_deployment(root, record, skipped, text, now=None, live=False):
@@ -8339,11 +8340,9 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
             handler(*args)
         except IpdError as error:
             self.send_error_answer(error)
-        except ClientGone as error:
-            log.info("%s %s: client gone: %s", method, self.path[:200], error)
-            self.close_connection = True
-        except (socket.timeout, ConnectionError) as error:
-            log.info("%s %s: connection lost: %s", method, self.path[:200], error)
+        except (ClientGone, socket.timeout, ConnectionError) as error:
+            how = "client gone" if isinstance(error, ClientGone) else "connection lost"
+            log.info("%s %s: %s: %s", method, self.path[:200], how, error)
             self.close_connection = True
         except Exception:
             log.exception("internal error on %s %s", method, self.path[:200])
@@ -8458,6 +8457,11 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
         return value
 
     # --- the request body
+
+    def content_length(self):
+        """The request's Content-Length (0 when absent or not a number)."""
+        length = (self.headers.get("Content-Length") or "0").strip()
+        return int(length) if length.isdigit() and len(length) < 20 else 0
 
     def has_unread_body(self):
         """True when the request announced a body that was not read to its
@@ -8681,8 +8685,7 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
     def log_request(self, code="-", size="-"):
-        """Nothing: log_access writes one line per request."""
-        pass  # log_access writes one line per request, with more in it
+        """Nothing: log_access writes one line per request, with more in it."""
 
 
 class RegistryRequest:
@@ -8727,7 +8730,7 @@ class RegistryRequest:
     def open_upload_body(self, limit):
         """The request body of an upload, at most limit bytes (0: no bound;
         see Daemon.registry_room); an absent one is empty."""
-        if self.length() == 0 and "Transfer-Encoding" not in self.headers:
+        if self.http.content_length() == 0 and "Transfer-Encoding" not in self.headers:
             self.http.body = LengthBody(self.http.rfile, 0)
             return self.http.body
         try:
@@ -8736,11 +8739,6 @@ class RegistryRequest:
             raise RegistryError(413, "SIZE_INVALID", "blob larger than MAX_UPLOAD_SIZE, "
                                 "or SEGMENT_QUOTA: at most %d more bytes" % limit)
         return self.http.body
-
-    def length(self):
-        """The request's Content-Length (0 when absent or not a number)."""
-        length = (self.headers.get("Content-Length") or "0").strip()
-        return int(length) if length.isdigit() and len(length) < 20 else 0
 
     def host(self):
         """The Host the client pushed to (for IMAGE_REF), if well-formed."""
@@ -8789,7 +8787,7 @@ class RegistryRequest:
         if digest is None:
             return self.answer(202, session.headers())
         self.ipd.registry_finish_upload(self.user, session, digest, self.open_upload_body,
-                                        self.length())
+                                        self.http.content_length())
         self.blob_created(project, digest)
 
     def upload_patch(self, project, session):
@@ -8805,7 +8803,7 @@ class RegistryRequest:
                                         content_range[1] - content_range[0] + 1,
                                         length.strip()), session.headers())
         self.ipd.registry_receive(session, self.open_upload_body, content_range,
-                                  self.length())
+                                  self.http.content_length())
         self.answer(202, session.headers())
 
     def upload_status(self, project, session):
@@ -8819,7 +8817,7 @@ class RegistryRequest:
             raise RegistryError(400, "DIGEST_INVALID", "PUT of an upload needs ?digest=")
         digest = registry_digest(digest)
         self.ipd.registry_finish_upload(self.user, session, digest, self.open_upload_body,
-                                        self.length())
+                                        self.http.content_length())
         self.blob_created(project, digest)
 
     def upload_delete(self, project, session):
@@ -8836,7 +8834,7 @@ class RegistryRequest:
 
     def manifest_put(self, project, reference):
         """PUT .../manifests/REFERENCE: stored; by tag, a deployment."""
-        if self.length() > REGISTRY_MANIFEST_LIMIT:
+        if self.http.content_length() > REGISTRY_MANIFEST_LIMIT:
             raise RegistryError(413, "SIZE_INVALID", "manifest larger than %d bytes"
                                 % REGISTRY_MANIFEST_LIMIT)
         data = self.http.read_json_body(REGISTRY_MANIFEST_LIMIT,
@@ -8907,10 +8905,6 @@ class Handler(HttpEdge):
         return self.ipd.login(scheme, credentials, role, self.client_ip(),
                               self.path[:200])
 
-    def check_project_access(self, project):
-        """Forbidden unless the request's user may use project."""
-        self.ipd.check_access(self.user, project)
-
     # --- the API, as in the README's table
 
     def api_welcome(self):
@@ -8955,9 +8949,8 @@ class Handler(HttpEdge):
         """GET /status/P[/ID][?wait=S]: the state, 'no' (404) for none."""
         record = self.ipd.find(self.user, project, deployment_id)
         if record is None:
-            data = {"project": project, "deployment": deployment_id, "state": "no"}
-            self.answer(404, "no\n", data)
-            return
+            return self.answer(404, "no\n", {"project": project,
+                                             "deployment": deployment_id, "state": "no"})
         wait = self.query_seconds("wait")
         if wait:
             record = self.wait_final(record, wait)
@@ -9001,25 +8994,21 @@ class Handler(HttpEdge):
         if self.command == "HEAD":
             return
         file.seek(offset)
-        last = b"\n"
+        last, current = b"\n", None  # current: the record once looked at
         quiet_since = time.monotonic()
         while True:
             data = file.read(CHUNK_SIZE)
             if data:
                 self.write_body(data, chunked)
                 last = data[-1:]
-                continue
-            current = self.ipd.wait_final(record, 0.2)
-            if time.monotonic() - quiet_since >= 1:  # still anybody there?
-                if peer_closed(self.connection):
-                    raise ClientGone("stopped following the log")
-                quiet_since = time.monotonic()
-            if current.state not in UNFINISHED:
-                data = file.read()  # what it printed last
-                if data:
-                    self.write_body(data, chunked)
-                    last = data[-1:]
-                break
+            elif current is not None and current.state not in UNFINISHED:
+                break  # it ended, and what it printed last is sent
+            else:
+                current = self.ipd.wait_final(record, 0.2)
+                if time.monotonic() - quiet_since >= 1:  # still anybody there?
+                    if peer_closed(self.connection):
+                        raise ClientGone("stopped following the log")
+                    quiet_since = time.monotonic()
         ending = b"" if last == b"\n" else b"\n"
         self.write_body(ending + ("ipd: state: %s\n" % current.state).encode(),
                         chunked)
@@ -9148,7 +9137,7 @@ class Handler(HttpEdge):
                      self.headers.get("X-Ipd-Project"))
         if announced is not None:
             check_project_name(announced)
-            self.check_project_access(announced)
+            self.ipd.check_access(self.user, announced)
         self.announced_project = announced
         return announced
 
@@ -9157,7 +9146,7 @@ class Handler(HttpEdge):
         user may use, and the one announced before the body."""
         if name == "project":
             check_project_name(value)
-            self.check_project_access(value)
+            self.ipd.check_access(self.user, value)
             announced = self.announced_project
             if announced is not None and value != announced:
                 raise BadRequest("the project field (%s) differs from the project "
@@ -9229,9 +9218,7 @@ class Handler(HttpEdge):
             # stored already (a retry whose first try completed it while
             # it was taken over): the client that asked need send nothing
             return self.send_upload_state(200, stored, True)
-        length = self.headers.get("Content-Length")
-        limit = self.ipd.segment_room(self.user, offset, int(length) if length
-                                      and length.strip().isdigit() else 0)
+        limit = self.ipd.segment_room(self.user, offset, self.content_length())
         self.body = self.open_body(limit)
         offset = self.ipd.receive_segment(self.user, digest, offset, restart,
                                           complete, self.body, self.connection)
@@ -9529,19 +9516,12 @@ def keep_from_scripts(settings, run_as):
                         "UPLOAD_DIR: chmod o+x it", settings.RUN_AS, folder)
 
 
-def has_account(uid):
-    """True when uid names an account of this host."""
-    try:
-        pwd.getpwuid(uid)
-        return True
-    except KeyError:
-        return False
-
-
 def explain_scripts_mode(settings):
     """Say once, at start, who supplies the code that runs and as whom."""
-    me = (pwd.getpwuid(os.geteuid()).pw_name if has_account(os.geteuid())
-          else str(os.geteuid()))
+    try:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid with no account of this host
+        me = str(os.geteuid())
     if settings.SCRIPTS == "package":
         log.warning("SCRIPTS=package: a USER who may upload to a project runs "
                     "the control.sh in its package on this host, as %s; where "
@@ -9636,9 +9616,7 @@ def run_daemon(settings, on_ready=None):
     server = bind_server(settings, daemon)  # before load: a clash changes nothing
     stop_signal = StopSignal()
     count = daemon.load(settings.KILL_GRACE)
-    host, port = server.server_address[:2]
-    url = "http://%s:%d%s/" % ("[%s]" % host if ":" in host else host, port,
-                               settings.API_ROOT)
+    url = "http://%s%s/" % (listen_text(server.server_address[:2]), settings.API_ROOT)
     daemon.worker.start()
     # the loop looks for shutdown() once a poll: at SIGTERM it stops within
     # a tenth of a second, not half a second
@@ -10226,10 +10204,8 @@ class Client:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
     def headers(self, **extra):
-        headers = {"Authorization": self.authorization, "Accept": "application/json",
-                   "User-Agent": "ipd/" + __version__}
-        headers.update(extra)
-        return headers
+        return dict({"Authorization": self.authorization, "Accept": "application/json",
+                     "User-Agent": "ipd/" + __version__}, **extra)
 
     def open(self, method, path, body=None, headers=None, timeout=None):
         """Send a request on a connection of its own: -> (the connection,
@@ -10462,7 +10438,7 @@ class Client:
         answer = self.missing_segments(project, plans, files)
         if answer is None:
             return None
-        missing, partial, present = answer
+        missing, partial, present, to_send = answer
         signed_digests = {}
         if signed:  # its manifest names each file's SHA-256 already
             manifest = json.loads(signed[0].decode())
@@ -10474,12 +10450,9 @@ class Client:
         # digests (at work while the segments go out) are known
         body_size = len(json.dumps(make_recipe(
             project, files, plans, signed, force, {field: "0" * 64 for field in plans})))
-        to_send = sum(end - start - partial.get(digest, 0)
-                      for digest, (_, start, end) in missing.items())
         if progress:
             progress.start(to_send + body_size, present)
-        corrected = self.send_missing(missing, partial, plans, progress)
-        to_send += self.send_corrected(project, plans, files, progress, corrected)
+        to_send += self.send_layers(project, plans, files, progress, missing, partial)
         recipe = make_recipe(project, files, plans, signed, force)
         status, answer = self.call_json("POST", "/push", recipe,
                                         {"X-Ipd-Project": project})
@@ -10493,11 +10466,13 @@ class Client:
                       % (human_size(to_send + body_size), human_size(present)))
         return answer["deployment"]
 
-    def send_corrected(self, project, plans, files, progress, corrected):
-        """A digest the file only declared is named by the recipe when the
-        bytes have it: one that does not is corrected, and what the server
-        then lacks is sent too (also when corrected already).  -> the
-        bytes sent."""
+    def send_layers(self, project, plans, files, progress, missing, partial):
+        """Send the missing segments (see send_missing).  A digest the file
+        only declared is named by the recipe when the bytes have it: one
+        that does not is corrected, and what the server then lacks is sent
+        too (also when corrected already).  -> the bytes sent besides
+        those of missing."""
+        corrected = self.send_missing(missing, partial, plans, progress)
         for plan in plans.values():
             for index, digest in plan["check"].result().items():
                 if plan["pieces"][index][2] != digest:
@@ -10510,15 +10485,14 @@ class Client:
         if answer is None:
             raise ClientError("the server stopped taking segments during the "
                               "push", EXIT_NETWORK)
-        missing, partial, _ = answer
+        missing, partial, _, sent = answer
         self.send_missing(missing, partial, plans, progress)
-        return sum(end - start - partial.get(digest, 0)
-                   for digest, (_, start, end) in missing.items())
+        return sent
 
     def missing_segments(self, project, plans, files):
         """Ask the server which of the plans' segments it lacks: ({digest:
         (path, start, end)} to send, {digest: bytes it has of them}, bytes it
-        has of all), or None when it takes no recipes."""
+        has of all, bytes to send), or None when it takes no recipes."""
         wanted = {}
         for field, plan in plans.items():
             for start, end, digest, _ in plan["pieces"]:
@@ -10541,7 +10515,9 @@ class Client:
                            if digest in missing)
         present = sum(end - start for digest, (_, start, end) in wanted.items()
                       if digest not in missing) + sum(partial.values())
-        return missing, partial, present
+        left = sum(end - start - partial.get(digest, 0)
+                   for digest, (_, start, end) in missing.items())
+        return missing, partial, present, left
 
     def send_missing(self, missing, partial, plans, progress):
         """Send each missing segment.  One whose digest the file only
@@ -10776,6 +10752,15 @@ def check_push_file(field, path):
         raise ClientError("no such file: %s" % path, EXIT_USAGE)
 
 
+def report_deployment(client, args, deployment):
+    """Print a new deployment's ID (push, redeploy); with --wait, follow it
+    to its end.  Returns the exit status (see wait_for_result)."""
+    print(deployment, flush=True)
+    if args.wait:
+        return wait_for_result(client, args.project, deployment, args.timeout)
+    return EXIT_OK
+
+
 def cmd_push(args):
     client = client_from_args(args)
     files, temporary = {}, None
@@ -10808,10 +10793,7 @@ def cmd_push(args):
     finally:
         if temporary:
             remove_quietly(os.path.dirname(temporary))
-    print(deployment, flush=True)
-    if args.wait:
-        return wait_for_result(client, args.project, deployment, args.timeout)
-    return EXIT_OK
+    return report_deployment(client, args, deployment)
 
 
 def cmd_status(args):
@@ -10838,33 +10820,26 @@ def cmd_logs(args):
     return EXIT_OK
 
 
-def cmd_list(args):
-    sys.stdout.write(client_from_args(args).text("/list"))
-    return EXIT_OK
-
-
-def cmd_info(args):
-    sys.stdout.write(client_from_args(args).text("/info"))
+def cmd_text(args):
+    """list and info: print the plain text answer of GET /list or /info."""
+    sys.stdout.write(client_from_args(args).text("/" + args.command))
     return EXIT_OK
 
 
 def cmd_cancel(args):
+    """Cancel a deployment; print its state once it has stopped."""
     client = client_from_args(args)
-    _, data = client.request("POST", "/cancel/%s/%s" % (args.project,
-                                                        args.deployment))
+    _, data = client.request("POST", "/cancel/%s/%s" % (args.project, args.deployment))
     print(data.get("state"))
     return EXIT_OK
 
 
 def cmd_redeploy(args):
+    """Deploy an earlier deployment's kept files again (see
+    report_deployment)."""
     client = client_from_args(args)
-    _, data = client.request("POST", "/redeploy/%s/%s" % (args.project,
-                                                          args.deployment))
-    print(data["deployment"], flush=True)
-    if args.wait:
-        return wait_for_result(client, args.project, data["deployment"],
-                               args.timeout)
-    return EXIT_OK
+    _, data = client.request("POST", "/redeploy/%s/%s" % (args.project, args.deployment))
+    return report_deployment(client, args, data["deployment"])
 
 
 def client_parents():
@@ -10891,13 +10866,21 @@ def client_parents():
     return common, waiting
 
 
+def add_command(commands, name, func, **options):
+    """The parser of command name (options: add_parser's, such as help,
+    description and parents), whose arguments main passes to func."""
+    parser = commands.add_parser(name, **options)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def add_push_command(commands, common, waiting):
     """push: an upload from a terminal or a CI job."""
-    push = commands.add_parser("push", parents=[common, waiting],
-                               help="upload an image and/or package",
-                               description="Upload an image, a package or both "
-                               "for a project; prints the new deployment's ID.",
-                               epilog=EXIT_STATUS_HELP)
+    push = add_command(commands, "push", cmd_push, parents=[common, waiting],
+                       help="upload an image and/or package",
+                       description="Upload an image, a package or both for a "
+                       "project; prints the new deployment's ID.",
+                       epilog=EXIT_STATUS_HELP)
     push.add_argument("--project", required=True, help="the project to deploy")
     push.add_argument("--image", help="image file, e.g. from docker save")
     push.add_argument("--package", help="package archive, or a directory "
@@ -10909,17 +10892,16 @@ def add_push_command(commands, common, waiting):
                       "the layers the server lacks")
     push.add_argument("--limit-rate", type=parse_rate, metavar="RATE",
                       help="send at most RATE bytes a second, like 10M")
-    push.set_defaults(func=cmd_push)
 
 
 def add_reading_commands(commands, common):
     """status, logs, list and info: what the client reads."""
-    status = commands.add_parser("status", parents=[common],
-                                 help="state of a deployment",
-                                 description="Print the state of a deployment "
-                                 "(of the project's latest one without an ID); "
-                                 "exit 0 for ok, await and active, 10 for reverted.",
-                                 epilog=EXIT_STATUS_HELP)
+    status = add_command(commands, "status", cmd_status, parents=[common],
+                         help="state of a deployment",
+                         description="Print the state of a deployment (of the "
+                         "project's latest one without an ID); exit 0 for ok, "
+                         "await and active, 10 for reverted.",
+                         epilog=EXIT_STATUS_HELP)
     status.add_argument("project", help="the project")
     status.add_argument("deployment", nargs="?", help="the deployment's ID "
                         "(default: the latest)")
@@ -10927,47 +10909,40 @@ def add_reading_commands(commands, common):
                         help="answer when it ends, or after SECONDS")
     status.add_argument("--timeout", type=float, default=0, help="give up after "
                         "this many seconds (exit 9; default: --wait plus 60)")
-    status.set_defaults(func=cmd_status)
-    logs = commands.add_parser("logs", parents=[common], help="what control.sh "
-                               "printed", description="Print what control.sh "
-                               "printed for a deployment, so far or (-f) to "
-                               "the end.", epilog=EXIT_STATUS_HELP)
+    logs = add_command(commands, "logs", cmd_logs, parents=[common],
+                       help="what control.sh printed", description="Print what "
+                       "control.sh printed for a deployment, so far or (-f) to "
+                       "the end.", epilog=EXIT_STATUS_HELP)
     logs.add_argument("project", help="the project")
     logs.add_argument("deployment", help="the deployment's ID")
     logs.add_argument("-f", "--follow", action="store_true", help="follow the "
                       "log to the end; exit 0 only when the deployment is ok")
     logs.add_argument("--timeout", type=float, default=0, help="with -f: give "
                       "up after this many seconds")
-    logs.set_defaults(func=cmd_logs)
-    for name, func, text in (("list", cmd_list, "the projects"),
-                             ("info", cmd_info, "each project's latest deployment")):
-        command = commands.add_parser(name, parents=[common], help=text,
-                                      description="Print %s (ADMIN)." % text,
-                                      epilog=EXIT_STATUS_HELP)
-        command.set_defaults(func=func)
+    for name, text in (("list", "the projects"),
+                       ("info", "each project's latest deployment")):
+        add_command(commands, name, cmd_text, parents=[common], help=text,
+                    description="Print %s (ADMIN)." % text, epilog=EXIT_STATUS_HELP)
 
 
 def add_changing_commands(commands, common, waiting):
     """cancel and redeploy."""
-    cancel = commands.add_parser("cancel", parents=[common],
-                                 help="stop a waiting or running deployment",
-                                 description="Cancel a deployment: a waiting one "
-                                 "never runs, a running one is stopped; prints "
-                                 "its state.", epilog=EXIT_STATUS_HELP)
+    cancel = add_command(commands, "cancel", cmd_cancel, parents=[common],
+                         help="stop a waiting or running deployment",
+                         description="Cancel a deployment: a waiting one never "
+                         "runs, a running one is stopped; prints its state.",
+                         epilog=EXIT_STATUS_HELP)
     cancel.add_argument("project", help="the project")
     cancel.add_argument("deployment", help="the deployment's ID")
-    cancel.set_defaults(func=cmd_cancel)
-    redeploy = commands.add_parser("redeploy", parents=[common, waiting],
-                                   help="deploy the kept files of an earlier "
-                                   "deployment again: a rollback",
-                                   description="Deploy the kept files of an "
-                                   "earlier deployment again (a rollback); "
-                                   "prints the new deployment's ID.",
-                                   epilog=EXIT_STATUS_HELP)
+    redeploy = add_command(commands, "redeploy", cmd_redeploy,
+                           parents=[common, waiting], help="deploy the kept "
+                           "files of an earlier deployment again: a rollback",
+                           description="Deploy the kept files of an earlier "
+                           "deployment again (a rollback); prints the new "
+                           "deployment's ID.", epilog=EXIT_STATUS_HELP)
     redeploy.add_argument("project", help="the project")
     redeploy.add_argument("deployment", help="the ID of the deployment to "
                           "deploy again")
-    redeploy.set_defaults(func=cmd_redeploy)
 
 
 def add_client_commands(commands):
@@ -11059,9 +11034,7 @@ def cmd_demo(args):
         os.chmod(users, 0o600)
     control = os.path.join(hello, "control.sh")
     if not os.path.exists(control):
-        with open(control, "w") as file:
-            file.write(DEMO_CONTROL_SH)
-        os.chmod(control, 0o755)
+        write_file_atomic(control, DEMO_CONTROL_SH.encode(), 0o755)
     # A file to upload as the image, wherever ipd came from (a wheel or
     # a .deb leaves no ipd.py in the current folder).
     image = os.path.join(folder, "image.tar")
@@ -11181,42 +11154,39 @@ DEMO_DESCRIPTION = (
 
 def add_daemon_commands(commands, config):
     """serve and demo: the daemon, configured or to try."""
-    serve_parser = commands.add_parser(
-        "serve", parents=[config], help="run the daemon (default)",
-        description="Run the daemon with the settings of --config, "
+    serve_parser = add_command(
+        commands, "serve", cmd_serve, parents=[config], help="run the daemon "
+        "(default)", description="Run the daemon with the settings of --config, "
         "$IPD_CONFIG or %s and the environment." % DEFAULT_CONFIG)
     serve_parser.add_argument("-v", "--verbose", action="store_true",
                               help="log to stderr too")
-    serve_parser.set_defaults(func=cmd_serve)
-    demo = commands.add_parser("demo", parents=[config], help="a local daemon "
-                               "to try: user demo, password demo, project hello",
-                               description=DEMO_DESCRIPTION)
+    demo = add_command(commands, "demo", cmd_demo, parents=[config], help="a local "
+                       "daemon to try: user demo, password demo, project hello",
+                       description=DEMO_DESCRIPTION)
     demo.add_argument("--dir", default="ipd-demo", help="its folder "
                       "(default: ./ipd-demo)")
     demo.add_argument("--listen", default="127.0.0.1:9955", help="host:port to "
                       "listen on (default: 127.0.0.1:9955)")
-    demo.set_defaults(func=cmd_demo)
 
 
 def add_admin_commands(commands, config):
     """passwd and token: the users file and the deploy tokens."""
-    passwd = commands.add_parser("passwd", parents=[config],
-                                 help="add or replace a user in AUTH_DB",
-                                 description="Add or replace a user in the "
-                                 "users file (AUTH_DB) with a salted hash of a "
-                                 "password read from the terminal or stdin.")
+    passwd = add_command(commands, "passwd", cmd_passwd, parents=[config],
+                         help="add or replace a user in AUTH_DB",
+                         description="Add or replace a user in the users file "
+                         "(AUTH_DB) with a salted hash of a password read from "
+                         "the terminal or stdin.")
     passwd.add_argument("role", choices=ROLES, help="ADMIN (everything), USER "
                         "(upload and follow deployments) or METRICS (/metrics)")
     passwd.add_argument("name", help="the user name")
     passwd.add_argument("--projects", help="USER only: comma-separated projects "
                         "this user may use")
     passwd.add_argument("--auth-db", help="users file (default: AUTH_DB)")
-    passwd.set_defaults(func=cmd_passwd)
-    token = commands.add_parser("token", parents=[config], help="deploy tokens: create (shown "
-                                "once), list, revoke", description="Deploy tokens "
-                                "for CI: a token works as the password of a Basic "
-                                "login or as a Bearer token, for its projects only, "
-                                "until it expires or is revoked.")
+    token = add_command(commands, "token", cmd_token, parents=[config],
+                        help="deploy tokens: create (shown once), list, revoke",
+                        description="Deploy tokens for CI: a token works as the "
+                        "password of a Basic login or as a Bearer token, for its "
+                        "projects only, until it expires or is revoked.")
     token.add_argument("action", choices=("create", "list", "revoke"),
                        help="create a token (printed once), list them, or "
                        "revoke one")
@@ -11228,22 +11198,19 @@ def add_admin_commands(commands, config):
     token.add_argument("--creator", help="create: who asked for it (default: "
                        "$SUDO_USER or the login name)")
     token.add_argument("--tokens-db", help="tokens file (default: TOKENS_DB)")
-    token.set_defaults(func=cmd_token)
 
 
 def add_telling_commands(commands):
     """version and settings: what this ipd is and takes."""
-    version = commands.add_parser("version", help="print the version",
-                                  description="Print the version.")
-    version.set_defaults(func=cmd_version)
-    described = commands.add_parser(
-        "settings", help="print every setting: the README's table or "
-        "ipd.conf.example", description="Print every setting with its default "
-        "and what it does, as the README's table (--markdown) or as "
-        "ipd.conf.example (--conf, the default).")
+    add_command(commands, "version", cmd_version, help="print the version",
+                description="Print the version.")
+    described = add_command(
+        commands, "settings", cmd_settings, help="print every setting: the "
+        "README's table or ipd.conf.example", description="Print every setting "
+        "with its default and what it does, as the README's table (--markdown) "
+        "or as ipd.conf.example (--conf, the default).")
     described.add_argument("--markdown", action="store_true",
                            help="the README's table instead")
-    described.set_defaults(func=cmd_settings)
 
 
 def build_parser():
