@@ -8762,8 +8762,13 @@ class RegistryRequest:
             self.http.start_answer(status, headers, left)
             self.http.write_file_body(file, left, "blob sha256:" + digest)
 
-    def blob_created(self, project, digest):
-        """201: the blob is in the project's repository."""
+    def blob_created(self, project, digest, session=None):
+        """201: the blob is in the project's repository; with session, once
+        the request's body (if any) has ended it, checked and stored."""
+        if session is not None:
+            self.ipd.registry_finish_upload(self.user, session, digest,
+                                            self.open_upload_body,
+                                            self.http.content_length())
         self.answer(201, {"Location": "/v2/%s/blobs/sha256:%s" % (project, digest),
                           "Docker-Content-Digest": "sha256:" + digest})
 
@@ -8786,9 +8791,7 @@ class RegistryRequest:
         session = self.ipd.registry_start_upload(self.user, project)
         if digest is None:
             return self.answer(202, session.headers())
-        self.ipd.registry_finish_upload(self.user, session, digest, self.open_upload_body,
-                                        self.http.content_length())
-        self.blob_created(project, digest)
+        self.blob_created(project, digest, session)
 
     def upload_patch(self, project, session):
         """PATCH: a chunk (Content-Range) or the rest of the stream."""
@@ -8816,9 +8819,7 @@ class RegistryRequest:
         if digest is None:
             raise RegistryError(400, "DIGEST_INVALID", "PUT of an upload needs ?digest=")
         digest = registry_digest(digest)
-        self.ipd.registry_finish_upload(self.user, session, digest, self.open_upload_body,
-                                        self.http.content_length())
-        self.blob_created(project, digest)
+        self.blob_created(project, digest, session)
 
     def upload_delete(self, project, session):
         """DELETE of an upload: abandoned, its bytes removed."""
@@ -9130,16 +9131,15 @@ class Handler(HttpEdge):
         return boundary
 
     def announce_project(self):
-        """The project named before the body (?project= or the X-Ipd-Project
-        header), checked, kept as announced_project; or None.  A push that
-        names one it may not use is refused before it sends a file byte."""
+        """Keep the project named before the body (?project= or the
+        X-Ipd-Project header), checked as check_field does, as
+        announced_project (None when none is).  A push that names one it
+        may not use is refused before it sends a file byte."""
         announced = (self.query.get("project", [None])[-1] or
                      self.headers.get("X-Ipd-Project"))
-        if announced is not None:
-            check_project_name(announced)
-            self.ipd.check_access(self.user, announced)
+        if announced is not None:  # none announced yet (begin_request)
+            self.check_field("project", announced)
         self.announced_project = announced
-        return announced
 
     def check_field(self, name, value):
         """Check a text field as it completes: a project must be one the
@@ -9901,15 +9901,17 @@ def tar_data_ranges(path, size):
             for start, end, name in ranges] or whole
 
 
-def range_chunks(path, start, end):
-    """The bytes start..end of path, in chunks; a shorter file is an error."""
+def range_chunks(path, start, end, doing="read"):
+    """The bytes start..end of path, in chunks of CHUNK_SIZE at most; a
+    shorter file is a ClientError: it changed while it was read (doing)."""
     with open(path, "rb") as file:
         file.seek(start)
         left = end - start
         while left:
             block = file.read(min(CHUNK_SIZE, left))
             if not block:
-                raise ClientError("%s changed while it was read" % path, EXIT_USAGE)
+                raise ClientError("%s changed while it was %s" % (path, doing),
+                                  EXIT_USAGE)
             left -= len(block)
             yield block
 
@@ -10053,16 +10055,14 @@ def file_part_head(boundary, name, filename):
 
 
 def send_segments(connection, segments, boundary, progress):
-    """Send the multipart body: bytes as they are, files from disk in 1 MiB
-    pieces through one reused buffer, each file's digest after it."""
+    """Send the multipart body: bytes as they are, files ((name, path,
+    size)) from disk in 1 MiB pieces through one reused buffer, each
+    followed by its digest's field (digest_part)."""
     buffer = bytearray(CHUNK_SIZE)
     view = memoryview(buffer)
-    digests = {}
     for segment in segments:
         if isinstance(segment, bytes):
             connection.send(segment)
-        elif segment[0] == "digest":
-            connection.send(digest_part(boundary, segment[1], digests[segment[1]]))
         else:
             name, path, size = segment
             hasher = hashlib.sha256()
@@ -10075,7 +10075,7 @@ def send_segments(connection, segments, boundary, progress):
                     connection.send(view[:count])
                     if progress:
                         progress.advance(count)
-            digests[name] = hasher.hexdigest()
+            connection.send(digest_part(boundary, name, hasher.hexdigest()))
     if progress:
         progress.done()
 
@@ -10097,19 +10097,13 @@ def await_continue(connection, wait=3):
                 select.select([sock], [], [], wait)[0])
     if not readable:
         return None
-    reader = sock.makefile("rb", buffering=0)
+    reader = sock.makefile("rb", buffering=0)  # unbuffered: no byte after the head
     status_line = reader.readline(65537)
-    headers = {}
-    while True:
-        line = reader.readline(65537)
-        if line in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
+    headers = http.client.parse_headers(reader)
     status = int(status_line.split()[1]) if len(status_line.split()) > 1 else 0
     if status == 100:
         return None
-    length = int(headers.get("content-length", "0") or 0)
+    length = int(headers.get("Content-Length") or 0)
     body = reader.read(length) if length else b""
     return status, parse_json(body).get("error") or body
 
@@ -10162,20 +10156,13 @@ def human_size(count):
         count /= 1024.0
 
 
-def send_range(connection, path, start, end, view, progress=None):
-    """Send bytes start..end of the file at path on connection, through
-    view (a reused buffer); ClientError when the file is shorter now."""
-    with open(path, "rb") as file:
-        file.seek(start)
-        left = end - start
-        while left:
-            count = file.readinto(view[:min(len(view), left)])
-            if not count:
-                raise ClientError("%s changed while it was sent" % path, EXIT_USAGE)
-            connection.send(view[:count])
-            left -= count
-            if progress:
-                progress.advance(count)
+def send_range(connection, path, start, end, progress=None):
+    """Send bytes start..end of the file at path on connection; ClientError
+    when the file is shorter now."""
+    for block in range_chunks(path, start, end, "sent"):
+        connection.send(block)
+        if progress:
+            progress.advance(len(block))
 
 
 class Client:
@@ -10341,10 +10328,9 @@ class Client:
         for name, path in files.items():
             segments.append(file_part_head(boundary, name, os.path.basename(path)))
             segments.append((name, path, os.path.getsize(path)))
-            segments.append(("digest", name))
         segments.append(("--%s--\r\n" % boundary).encode())
-        length = sum(len(seg) if isinstance(seg, bytes) else seg[2] if len(seg) == 3
-                     else len(digest_part(boundary, seg[1], "0" * 64))
+        length = sum(len(seg) if isinstance(seg, bytes) else
+                     seg[2] + len(digest_part(boundary, seg[0], "0" * 64))
                      for seg in segments)
         try:
             connection = self.connection()
@@ -10396,7 +10382,6 @@ class Client:
         (resumable: POST from 0, else PATCH with Upload-Offset); a broken
         connection, or a 409 (another upload holds it), is resumed where
         the server's HEAD says."""
-        view = memoryview(bytearray(CHUNK_SIZE))
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
@@ -10410,7 +10395,7 @@ class Client:
                      "Upload-Complete": "?1", "Upload-Offset": str(offset),
                      "Expect": "100-continue"})
                 if answer is None:  # no early answer (200: it has the segment)
-                    send_range(connection, path, start + offset, end, view, progress)
+                    send_range(connection, path, start + offset, end, progress)
                     response = connection.getresponse()
                     body = response.read()
                     answer = response.status, parse_json(body).get("error") or body
@@ -10684,9 +10669,9 @@ class OidcClient(Client):
         self.source = source
 
     def headers(self, **extra):
-        headers = super().headers(**extra)
-        headers["Authorization"] = "Bearer " + self.source.current()
-        return headers
+        """Client's headers, but for the login: the current ID token."""
+        return super().headers(**dict(extra, Authorization="Bearer " +
+                                      self.source.current()))
 
 
 def client_from_args(args):
@@ -10763,16 +10748,13 @@ def report_deployment(client, args, deployment):
 
 def cmd_push(args):
     client = client_from_args(args)
-    files, temporary = {}, None
-    if args.image:
-        files["image"] = args.image
-    if args.package:
-        if os.path.isdir(args.package):
-            temporary = files["package"] = pack_directory(args.package)
-        else:
-            files["package"] = args.package
+    files = {field: path for field, path in (("image", args.image),
+                                             ("package", args.package)) if path}
     if not files:
         raise ClientError("give --image, --package or both", EXIT_USAGE)
+    temporary = None
+    if os.path.isdir(files.get("package", "")):  # a folder: packed as tar.gz
+        temporary = files["package"] = pack_directory(args.package)
     for field, path in files.items():
         check_push_file(field, path)
     try:
