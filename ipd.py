@@ -9189,8 +9189,7 @@ class Handler(HttpEdge):
                    "Upload-Complete": "?1" if complete else "?0",
                    "Cache-Control": "no-store"}
         if status == 204:
-            self.start_answer(204, headers)
-            return
+            return self.start_answer(204, headers)
         self.answer(status, "%d%s\n" % (offset, " complete" if complete else ""),
                     {"offset": offset, "complete": complete}, headers)
 
@@ -9463,8 +9462,7 @@ def setup_logging(log_dir, also_stderr=False, audit_syslog=""):
     Raises ConfigError when the syslog socket cannot be reached."""
     os.makedirs(log_dir, exist_ok=True)
     handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "ipd.log"))
-    formatter = OneLineFormatter("%(asctime)s %(levelname)s %(message)s")
-    handler.setFormatter(formatter)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
     if also_stderr:
         log_to_stderr()
@@ -9528,8 +9526,8 @@ def explain_scripts_mode(settings):
                     "that user is in the docker group, that is root. "
                     "SCRIPTS=server runs only scripts placed on the server",
                     settings.RUN_AS or me)
+    problem = keep_scripts_without_capabilities()  # also for a project.conf's RUN_AS
     if settings.RUN_AS:
-        problem = keep_scripts_without_capabilities()
         if problem:
             raise ConfigError(problem)
         run_as = resolve_run_as(settings.RUN_AS)
@@ -9538,7 +9536,6 @@ def explain_scripts_mode(settings):
                  settings.RUN_AS, run_as, WORK_DIR)
         keep_from_scripts(settings, run_as)
     else:
-        keep_scripts_without_capabilities()  # for a project.conf's RUN_AS
         log.warning("RUN_AS is not set: control.sh and notify.sh run as ipd's "
                     "own user (%s), and can read the users file, rewrite "
                     "ipd.log and audit.log, and write every project's folder "
@@ -9660,11 +9657,9 @@ def users_file_warnings(path):
         reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
         return ["%s cannot be read (%s): every login is refused (401)"
                 % (where, reason)]
-    warnings = []
+    users, warnings = parse_users(text, where)
     if mode & stat.S_IROTH:
-        warnings.append("%s is readable by everyone: chmod o-r %s" % (where, path))
-    users, problems = parse_users(text, where)
-    warnings.extend(problems)
+        warnings.insert(0, "%s is readable by everyone: chmod o-r %s" % (where, path))
     if not users:
         warnings.append("%s has no users: every login is refused (401); %s"
                         % (where, add_user))
@@ -9771,6 +9766,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NETWORK = 0, 1, 2, 3
 EXIT_FOR_STATUS = {401: 4, 403: 5, 413: 6, 507: 7}
 EXIT_HTTP, EXIT_TIMEOUT = 8, 9
 EXIT_REVERTED = 10  # its verify failed and it was rolled back (issue 25)
+# The exit status of a command that waited for a deployment, by its end
+# state; any other state is EXIT_FAILED.
+EXIT_FOR_STATE = {"ok": EXIT_OK, "reverted": EXIT_REVERTED}
 EXIT_STATUS_HELP = (
     "exit status of the client commands: 0 ok; 1 the deployment ended in "
     "another state; 2 usage; 3 network error; 4 wrong login (401); 5 "
@@ -10047,8 +10045,7 @@ def digest_part(boundary, name, hexdigest):
 
 
 def file_part_head(boundary, name, filename):
-    filename = (filename.replace("\\", "_").replace('"', "_").replace("\r", "_")
-                .replace("\n", "_"))
+    filename = re.sub(r'[\\"\r\n]', "_", filename)  # nothing that ends the quoted name
     return ('--%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n'
             'Content-Type: application/octet-stream\r\n\r\n'
             % (boundary, name, filename)).encode("utf-8")
@@ -10250,10 +10247,9 @@ class Client:
     def text(self, path):
         """The plain text answer of a GET."""
         status, body = self.exchange("GET", path, headers={"Accept": "text/plain"})
-        text = body.decode("utf-8", "replace")
         if status >= 400:
-            raise http_error(status, text)
-        return text
+            raise http_error(status, body)
+        return body.decode("utf-8", "replace")
 
     def follow(self, project, deployment, out, deadline=None):
         """Print the deployment's log as it is written; return its final
@@ -10292,27 +10288,24 @@ class Client:
     def follow_stream(self, connection, response, deadline, what, out, offset):
         """Copy one follow stream's lines to out; -> (the offset reached,
         the final state when the stream ended with the server's 'ipd:
-        state:' line, else None).  A script's own such line is printed."""
-        pending, final = b"", None
+        state:' line, else None).  The last line so far is held back while
+        it is such a line: once another follows, it was a script's own,
+        and is printed."""
+        state_line = re.compile(rb"ipd: state: (\S+)\Z")
+        pending, held = b"", None
         while True:
             data = read_by(connection, response, deadline, what)
             if not data:
                 break
-            pending += data
-            *lines, pending = pending.split(b"\n")
+            *lines, pending = (pending + data).split(b"\n")
+            lines = ([held] if held else []) + lines
+            held = lines.pop() if lines and state_line.match(lines[-1]) else None
             for line in lines:
-                if final:  # a script's own "ipd: state:" line
-                    out.write(final[1] + b"\n")
-                    offset += len(final[1]) + 1
-                    final = None
-                match = re.match(rb"ipd: state: (\S+)\Z", line)
-                if match:  # the server's last line, if nothing follows
-                    final = (match.group(1).decode(), line)
-                    continue
                 out.write(line + b"\n")
                 offset += len(line) + 1
             out.flush()
-        return offset, (final[0] if final and not pending else None)
+        final = state_line.match(held) if held and not pending else None
+        return offset, (final.group(1).decode() if final else None)
 
     def push(self, project, files, progress=None, signed=None):
         """Upload files ({field: path}) for project; return the new
@@ -10355,12 +10348,11 @@ class Client:
 
     # --- layer pushes (#16)
 
-    def call_json(self, method, path, data, extra=None):
-        """-> (status, parsed JSON answer) of a request with a JSON body;
-        raises ClientError only for the network."""
-        status, answer = self.exchange(
-            method, path, json.dumps(data).encode(),
-            headers=dict({"Content-Type": "application/json"}, **(extra or {})))
+    def post_json(self, path, data, project):
+        """-> (status, parsed JSON answer) of a POST of data (JSON) for
+        project (X-Ipd-Project); raises ClientError only for the network."""
+        status, answer = self.exchange("POST", path, json.dumps(data).encode(), {
+            "Content-Type": "application/json", "X-Ipd-Project": project})
         parsed = parse_json(answer)
         if status >= 400 and not parsed.get("error"):
             parsed["error"] = answer.decode("utf-8", "replace")
@@ -10439,8 +10431,7 @@ class Client:
             progress.start(to_send + body_size, present)
         to_send += self.send_layers(project, plans, files, progress, missing, partial)
         recipe = make_recipe(project, files, plans, signed, force)
-        status, answer = self.call_json("POST", "/push", recipe,
-                                        {"X-Ipd-Project": project})
+        status, answer = self.post_json("/push", recipe, project)
         if progress:
             progress.advance(body_size)
             progress.done()
@@ -10485,10 +10476,8 @@ class Client:
                     wanted.setdefault(digest, (files[field], start, end))
         listed, missing, partial = list(wanted), {}, {}
         for first in range(0, max(1, len(listed)), MISSING_MAX_SEGMENTS):
-            status, answer = self.call_json(
-                "POST", "/segments/missing",
-                {"segments": listed[first:first + MISSING_MAX_SEGMENTS]},
-                {"X-Ipd-Project": project})
+            status, answer = self.post_json("/segments/missing", {
+                "segments": listed[first:first + MISSING_MAX_SEGMENTS]}, project)
             if status in (404, 405):
                 return None
             if status >= 400:
@@ -10707,9 +10696,7 @@ def wait_for_result(client, project, deployment, timeout):
     state = client.follow(project, deployment, out, deadline)
     print("ipd: deployment %s of %s: %s" % (deployment, project, state),
           file=sys.stderr)
-    if state == "reverted":
-        return EXIT_REVERTED
-    return EXIT_OK if state == "ok" else EXIT_FAILED
+    return EXIT_FOR_STATE.get(state, EXIT_FAILED)
 
 
 def sign_push(key, project, files):
@@ -10789,9 +10776,9 @@ def cmd_status(args):
     _, data = client.request("GET", path, deadline, "deployment %s" % (
         args.deployment or "of " + args.project))
     print(data.get("state"))
-    if data.get("state") == "reverted":  # as push --wait and logs -f (issue 25)
-        return EXIT_REVERTED
-    return EXIT_OK if data.get("state") in ("ok", "await", "active") else EXIT_FAILED
+    # as push --wait and logs -f (issue 25), and 0 for one waiting or running
+    exits = dict(EXIT_FOR_STATE, **{"await": EXIT_OK, "active": EXIT_OK})
+    return exits.get(data.get("state"), EXIT_FAILED)
 
 
 def cmd_logs(args):
@@ -10977,8 +10964,8 @@ def settings_to_serve(config_path, environ=None):
 
 
 def cmd_serve(args):
-    settings = settings_to_serve(args.config)
-    return serve(settings, verbose=args.verbose)
+    """Run the daemon with the settings it is given."""
+    return serve(settings_to_serve(args.config), verbose=args.verbose)
 
 
 # The demo's hints name its options, not the settings they stand for.
@@ -11007,8 +10994,7 @@ def demo_settings(args, folder):
 def cmd_demo(args):
     """A daemon to try at once: folder ./ipd-demo, user demo:demo."""
     folder = os.path.abspath(args.dir)
-    uploads = os.path.join(folder, "uploads")
-    hello = os.path.join(uploads, "hello")
+    hello = os.path.join(folder, "uploads", "hello")
     os.makedirs(hello, exist_ok=True)
     users = os.path.join(folder, "users.txt")
     if not os.path.exists(users):
