@@ -9814,6 +9814,7 @@ def make_recipe(project, files, plans, signed=None, force=False, whole=None):
 
 
 def parse_rate(text):
+    """--limit-rate: a size like 10M, more than 0; ArgumentTypeError."""
     try:
         rate = parse_size(text)
     except ValueError as error:
@@ -9915,6 +9916,7 @@ def range_chunks(path, start, end, doing="read"):
 
 
 def range_digest(path, start, end):
+    """The SHA-256 (hex) of the bytes start..end of path."""
     digest = hashlib.sha256()
     for block in range_chunks(path, start, end):
         digest.update(block)
@@ -9922,6 +9924,7 @@ def range_digest(path, start, end):
 
 
 def range_bytes(path, start, end):
+    """The bytes start..end of path (a small inline piece)."""
     return b"".join(range_chunks(path, start, end))
 
 
@@ -10016,10 +10019,12 @@ class Pacer:
         self.started = None
 
     def start(self, total, present=0):
+        """As Progress.start."""
         if self.progress:
             self.progress.start(total, present)
 
     def advance(self, count):
+        """count more bytes sent: wait until the rate allows them."""
         if self.started is None:
             self.started = time.monotonic()
         self.sent += count
@@ -10030,11 +10035,13 @@ class Pacer:
             self.progress.advance(count)
 
     def done(self):
+        """As Progress.done."""
         if self.progress:
             self.progress.done()
 
 
 def field_part(boundary, name, value):
+    """A multipart text field, its boundary line first."""
     return ('--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
             % (boundary, name, value)).encode()
 
@@ -10045,6 +10052,7 @@ def digest_part(boundary, name, hexdigest):
 
 
 def file_part_head(boundary, name, filename):
+    """The head of a multipart file part; its bytes follow."""
     filename = re.sub(r'[\\"\r\n]', "_", filename)  # nothing that ends the quoted name
     return ('--%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n'
             'Content-Type: application/octet-stream\r\n\r\n'
@@ -10078,6 +10086,7 @@ def send_segments(connection, segments, boundary, progress):
 
 
 def parse_json(body):
+    """An answer's JSON object, or {} for anything else."""
     try:
         data = json.loads(body.decode("utf-8"))
         return data if isinstance(data, dict) else {}
@@ -10117,6 +10126,8 @@ def late_answer(connection):
 
 
 def http_error(status, message):
+    """The ClientError of an HTTP error answer: its first line, and the
+    exit status for status (EXIT_FOR_STATUS, else EXIT_HTTP)."""
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
     message = (str(message).strip().splitlines() or [""])[0]
@@ -10125,6 +10136,7 @@ def http_error(status, message):
 
 
 def network_error(url, error):
+    """The ClientError (exit 3) of a server that cannot be reached."""
     return ClientError("cannot reach %s: %s" % (url, error), EXIT_NETWORK)
 
 
@@ -10147,6 +10159,7 @@ def read_by(connection, response, deadline, what):
 
 
 def human_size(count):
+    """'512 B', '1.5 KiB', '3.2 MiB', '2.0 GiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
@@ -10181,6 +10194,7 @@ class Client:
             self.context = ssl.create_default_context(cafile=cacert)
 
     def connection(self, timeout=None):
+        """A new connection to the server (not yet open)."""
         timeout = timeout or self.timeout
         if self.scheme == "https":
             return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
@@ -10188,6 +10202,7 @@ class Client:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
     def headers(self, **extra):
+        """The headers of every request (the login, JSON answers), and extra."""
         return dict({"Authorization": self.authorization, "Accept": "application/json",
                      "User-Agent": "ipd/" + __version__}, **extra)
 
@@ -10531,6 +10546,7 @@ class Progress:
             self.note = "(%s already on the server) " % human_size(present)
 
     def advance(self, count):
+        """count more bytes sent; the bar redrawn ten times a second."""
         self.sent += count
         now = time.monotonic()
         if now - self.shown >= 0.1:
@@ -10538,6 +10554,7 @@ class Progress:
             self.show(now)
 
     def show(self, now):
+        """Draw the bar as of now."""
         elapsed = max(now - self.started, 1e-6)
         rate = self.sent / elapsed
         left = (self.total - self.sent) / rate if rate else 0
@@ -10550,6 +10567,7 @@ class Progress:
         self.stream.flush()
 
     def done(self):
+        """The bar at its end, and a new line."""
         self.show(time.monotonic())
         self.stream.write("\n")
         self.stream.flush()
@@ -10734,6 +10752,8 @@ def report_deployment(client, args, deployment):
 
 
 def cmd_push(args):
+    """Upload an image, a package or both; print the deployment's ID
+    (see report_deployment)."""
     client = client_from_args(args)
     files = {field: path for field, path in (("image", args.image),
                                              ("package", args.package)) if path}
@@ -10766,6 +10786,7 @@ def cmd_push(args):
 
 
 def cmd_status(args):
+    """Print a deployment's state; the exit status says it too."""
     client = client_from_args(args)
     path = "/status/%s" % args.project + ("/%s" % args.deployment
                                           if args.deployment else "")
@@ -10782,6 +10803,7 @@ def cmd_status(args):
 
 
 def cmd_logs(args):
+    """Print what control.sh printed, so far or (-f) to the end."""
     client = client_from_args(args)
     if args.follow:
         return wait_for_result(client, args.project, args.deployment, args.timeout)
@@ -11024,6 +11046,8 @@ def cmd_demo(args):
 
 
 def cmd_passwd(args):
+    """Add or replace a user in the users file, its password read from
+    the terminal (twice) or stdin."""
     settings = load_settings(args.config, warn=print_warning)
     path = args.auth_db or settings.AUTH_DB
     if sys.stdin.isatty():
@@ -11101,6 +11125,7 @@ def cmd_token(args):
 
 
 def cmd_version(args):
+    """Print the version."""
     print("ipd", __version__)
     return 0
 
