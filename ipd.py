@@ -8438,16 +8438,21 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
         return (self.headers is not None and not self.wants_json()
                 and "text/html" in self.headers.get("Accept", ""))
 
+    def query_value(self, name, default=None):
+        """The last ?name= of the query, or default when it has none."""
+        values = self.query.get(name)
+        return values[-1] if values else default
+
     def query_number(self, name):
         """?name=N as a whole number of ASCII digits (0 when absent)."""
-        text = self.query.get(name, ["0"])[-1]
+        text = self.query_value(name, "0")
         if not re.fullmatch(r"[0-9]{1,18}", text):
             raise BadRequest("%s must be a whole number" % name)
         return int(text)
 
     def query_seconds(self, name, limit=3600):
         """?name=SECONDS as a number from 0 to limit (0 when absent)."""
-        text = self.query.get(name, ["0"])[-1]
+        text = self.query_value(name, "0")
         try:
             value = float(text)
         except ValueError:
@@ -8772,19 +8777,14 @@ class RegistryRequest:
         self.answer(201, {"Location": "/v2/%s/blobs/sha256:%s" % (project, digest),
                           "Docker-Content-Digest": "sha256:" + digest})
 
-    def query_value(self, name):
-        """The last ?name= of the query, or None."""
-        values = self.http.query.get(name)
-        return values[-1] if values else None
-
     def upload_start(self, project, argument):
         """POST .../blobs/uploads/: a session (202), a monolithic upload
         (?digest=, 201) or a mount (?mount=&from=, 201, else a session)."""
-        mount, digest = self.query_value("mount"), self.query_value("digest")
+        mount, digest = self.http.query_value("mount"), self.http.query_value("digest")
         if mount is not None:
             mount = registry_digest(mount)
             if self.ipd.registry_mount(self.user, project, mount,
-                                       self.query_value("from") or ""):
+                                       self.http.query_value("from") or ""):
                 return self.blob_created(project, mount)
         if digest is not None:
             digest = registry_digest(digest)
@@ -8815,7 +8815,7 @@ class RegistryRequest:
 
     def upload_put(self, project, session):
         """PUT ...?digest=: the last bytes, if any; the blob checked, stored."""
-        digest = self.query_value("digest")
+        digest = self.http.query_value("digest")
         if digest is None:
             raise RegistryError(400, "DIGEST_INVALID", "PUT of an upload needs ?digest=")
         digest = registry_digest(digest)
@@ -8974,7 +8974,7 @@ class Handler(HttpEdge):
         """GET /log/P/ID[?follow=1]: the log, whole or followed."""
         record = self.ipd.find_or_404(self.user, project, deployment_id)
         with self.ipd.open_log(record) as file:
-            if self.query.get("follow", ["0"])[-1] not in ("", "0", "false", "no"):
+            if self.query_value("follow", "0") not in ("", "0", "false", "no"):
                 self.follow_log(record, file)
             elif self.wants_json():
                 head = json.dumps({"project": project, "deployment": deployment_id,
@@ -9030,8 +9030,8 @@ class Handler(HttpEdge):
     def api_audit(self):
         """GET /audit?project=P&since=T: the audit log's events, oldest first
         (T: seconds since the epoch, or ISO 8601 like 2026-11-25T10:00:00Z)."""
-        project = self.query.get("project", [None])[-1]
-        since = parse_since(self.query.get("since", [""])[-1])
+        project = self.query_value("project")
+        since = parse_since(self.query_value("since", ""))
         events = self.ipd.audit_events(project, since)
         lines = (json.dumps(event, sort_keys=True) for event in events)
         if self.wants_json():
@@ -9135,8 +9135,7 @@ class Handler(HttpEdge):
         X-Ipd-Project header), checked as check_field does, as
         announced_project (None when none is).  A push that names one it
         may not use is refused before it sends a file byte."""
-        announced = (self.query.get("project", [None])[-1] or
-                     self.headers.get("X-Ipd-Project"))
+        announced = self.query_value("project") or self.headers.get("X-Ipd-Project")
         if announced is not None:  # none announced yet (begin_request)
             self.check_field("project", announced)
         self.announced_project = announced
