@@ -7949,10 +7949,17 @@ def table_row(cells, css=""):
         for label, value in cells))
 
 
-def table_head(labels):
-    """A table's start and its head row (hidden on a narrow screen)."""
-    return '<table><tr class="head">%s</tr>' % "".join(
-        "<th>%s</th>" % html.escape(label) for label in labels)
+def render_table(labels, rows):
+    """The pieces of a table: its head row of labels (hidden on a narrow
+    screen), then rows (see table_row), as they come."""
+    return itertools.chain(['<table><tr class="head">%s</tr>' % "".join(
+        "<th>%s</th>" % html.escape(label) for label in labels)], rows, ["</table>"])
+
+
+def deployment_link(root, project, deployment_id):
+    """A link to a deployment's page, its ID cut to 8 characters."""
+    return '<a href="%s"><code>%s</code></a>' % (ui_link(root, project, deployment_id),
+                                                 html.escape(deployment_id[:8]))
 
 
 def marks(words):
@@ -7972,9 +7979,7 @@ def deployment_row(root, record, now=None, marked=()):
         short_digest(meta.get("sha256", "")))
         for name, meta in sorted(record.files.items()))
     values = (
-        '<a href="%s"><code>%s</code></a>%s' % (ui_link(root, record.project, record.id),
-                                                html.escape(record.id[:8]),
-                                                marks(marked)),
+        deployment_link(root, record.project, record.id) + marks(marked),
         record_badge(record), record_time(record, now), page_duration(record, now),
         html.escape(record.user or "-") + signed_by(record) + oidc_by(record),
         files + ("<div>(pruned)</div>" if record.pruned else ""),
@@ -7992,9 +7997,8 @@ def project_row(root, project, latest, count, live, now):
     """A project's row: its newest deployment, the one live, how many."""
     live_cell = "-"
     if live is not None:
-        live_cell = '<a href="%s"><code>%s</code></a> %s' % (
-            ui_link(root, project, live.id), html.escape(live.id[:8]),
-            page_time(live.ended, now))
+        live_cell = "%s %s" % (deployment_link(root, project, live.id),
+                               page_time(live.ended, now))
     return table_row((
         ("project", '<a href="%s">%s</a>' % (
             ui_link(root, project), html.escape(project))),
@@ -8014,9 +8018,8 @@ def render_projects(root, projects, live=None, now=None):
     rows = (project_row(root, project, latest, count, live.get(project), now)
             for project, latest, count in sorted(
                 projects, key=lambda entry: -last_activity(entry[1])))
-    return itertools.chain(
-        [table_head(("project", "newest", "when", "took", "by", "live",
-                     "deployments"))], rows, ["</table>"])
+    return render_table(("project", "newest", "when", "took", "by", "live",
+                         "deployments"), rows)
 
 
 def render_project(root, records, now=None):
@@ -8031,9 +8034,7 @@ def render_project(root, records, now=None):
                                                         ("newest", newest))
                        if record.id == deployment_id)
         return deployment_row(root, record, now, marked)
-    return itertools.chain([table_head(DEPLOYMENT_LABELS)],
-                           (row(record) for record in reversed(records)),
-                           ["</table>"])
+    return render_table(DEPLOYMENT_LABELS, (row(record) for record in reversed(records)))
 
 
 def render_deployment(root, record, skipped, text, now=None, live=False):
@@ -8378,33 +8379,12 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
         self.expects_continue = True
         return True
 
-    def do_GET(self):
-        """Route a GET."""
-        self.dispatch("GET")
+    def do_request(self):
+        """Route a request, whatever its method (HEAD as GET, without the
+        body): one entrance for all, see dispatch."""
+        self.dispatch(self.command)
 
-    def do_HEAD(self):
-        """Route a HEAD (as GET, without the body)."""
-        self.dispatch("HEAD")
-
-    def do_POST(self):
-        """Route a POST."""
-        self.dispatch("POST")
-
-    def do_PUT(self):
-        """Route a PUT."""
-        self.dispatch("PUT")
-
-    def do_DELETE(self):
-        """Route a DELETE."""
-        self.dispatch("DELETE")
-
-    def do_PATCH(self):
-        """Route a PATCH."""
-        self.dispatch("PATCH")
-
-    def do_OPTIONS(self):
-        """Route an OPTIONS."""
-        self.dispatch("OPTIONS")
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_request
 
     def dispatch(self, method):
         """Check framing, the client's connections, the origin and the
@@ -8421,11 +8401,9 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
             handler(*args)
         except IpdError as error:
             self.send_error_answer(error)
-        except ClientGone as error:
-            log.info("%s %s: client gone: %s", method, self.path[:200], error)
-            self.close_connection = True
-        except (socket.timeout, ConnectionError) as error:
-            log.info("%s %s: connection lost: %s", method, self.path[:200], error)
+        except (ClientGone, socket.timeout, ConnectionError) as error:
+            how = "client gone" if isinstance(error, ClientGone) else "connection lost"
+            log.info("%s %s: %s: %s", method, self.path[:200], how, error)
             self.close_connection = True
         except Exception:
             log.exception("internal error on %s %s", method, self.path[:200])
@@ -8521,16 +8499,21 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
         return (self.headers is not None and not self.wants_json()
                 and "text/html" in self.headers.get("Accept", ""))
 
+    def query_value(self, name, default=None):
+        """The last ?name= of the query, or default when it has none."""
+        values = self.query.get(name)
+        return values[-1] if values else default
+
     def query_number(self, name):
         """?name=N as a whole number of ASCII digits (0 when absent)."""
-        text = self.query.get(name, ["0"])[-1]
+        text = self.query_value(name, "0")
         if not re.fullmatch(r"[0-9]{1,18}", text):
             raise BadRequest("%s must be a whole number" % name)
         return int(text)
 
     def query_seconds(self, name, limit=3600):
         """?name=SECONDS as a number from 0 to limit (0 when absent)."""
-        text = self.query.get(name, ["0"])[-1]
+        text = self.query_value(name, "0")
         try:
             value = float(text)
         except ValueError:
@@ -8540,6 +8523,11 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
         return value
 
     # --- the request body
+
+    def content_length(self):
+        """The request's Content-Length (0 when absent or not a number)."""
+        length = (self.headers.get("Content-Length") or "0").strip()
+        return int(length) if length.isdigit() and len(length) < 20 else 0
 
     def has_unread_body(self):
         """True when the request announced a body that was not read to its
@@ -8671,14 +8659,20 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
         size = file.seek(0, io.SEEK_END)
         file.seek(0)
         self.start_answer(200, {"Content-Type": "text/plain; charset=utf-8"}, size)
-        if self.command == "HEAD":
-            return
-        while size > 0:
-            data = file.read(min(size, CHUNK_SIZE))
-            if not data:  # cannot shrink, but never send a short body
-                data = b"\n" * size
+        self.write_file_body(file, size)
+
+    def write_file_body(self, file, left, what=None):
+        """The next left bytes of file as the body (none for HEAD).  A file
+        that ends sooner raises ClientGone saying what ended early, or
+        without what (a log: it cannot shrink) is made up with newlines:
+        never a short body."""
+        while left > 0 and self.command != "HEAD":
+            data = file.read(min(left, CHUNK_SIZE))
+            if not data and what:
+                raise ClientGone("%s ended early" % what)
+            data = data or b"\n" * left
             self.write_body(data)
-            size -= len(data)
+            left -= len(data)
 
     def send_stream(self, content_type, pieces, headers=None):
         """A 200 answer whose size is not known beforehand, sent as pieces
@@ -8730,10 +8724,14 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
             return
         message = str(error).splitlines()[0] if str(error) else "error"
         try:
-            self.answer(error.http_status, message + "\n", {"error": message},
-                        error.headers)
+            self.send_error_body(error, message)
         except OSError:
             self.close_connection = True
+
+    def send_error_body(self, error, message):
+        """The answer to error: its message (one line) as text, or JSON."""
+        self.answer(error.http_status, message + "\n", {"error": message},
+                    error.headers)
 
     # --- the access log
 
@@ -8753,15 +8751,15 @@ class HttpEdge(http.server.BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
     def log_request(self, code="-", size="-"):
-        """Nothing: log_access writes one line per request."""
-        pass  # log_access writes one line per request, with more in it
+        """Nothing: log_access writes one line per request, with more in it."""
 
 
 class RegistryRequest:
     """One request of the registry (#24), the OCI Distribution endpoints
     under /v2/: its path's kind (REGISTRY_ROUTES) picks the method of the
-    same name, which checks the project, calls the service and answers
-    through the connection's HttpEdge (self.http)."""
+    same name, which calls the service and answers through the
+    connection's HttpEdge (self.http), once serve has checked the
+    project (and found the upload session)."""
 
     def __init__(self, http, user):
         self.http = http
@@ -8770,7 +8768,9 @@ class RegistryRequest:
         self.headers = http.headers
 
     def serve(self, method, path):
-        """Parse the path, pick its endpoint, run it; RegistryError (405)
+        """Parse the path, pick its endpoint, check that the user may use
+        the project (push to it: an upload, a PUT), then run it with the
+        path's argument (an upload's: its session); RegistryError (405)
         for a method the path has not."""
         kind, project, argument = parse_registry_path(path)
         name = REGISTRY_ROUTES.get((method, kind))
@@ -8778,6 +8778,11 @@ class RegistryRequest:
             allowed = sorted(m for (m, k) in REGISTRY_ROUTES if k == kind)
             raise RegistryError(405, "UNSUPPORTED", "%s is not supported here" % method,
                                 {"Allow": ", ".join(allowed)} if allowed else None)
+        if kind != "base":
+            self.ipd.registry_project(self.user, project, push=kind in (
+                "uploads", "upload") or method == "PUT")
+        if kind == "upload":
+            argument = self.ipd.registry_session(self.user, project, argument)
         getattr(self, name)(project, argument)
 
     def answer(self, status, headers, body=b"", content_type=None):
@@ -8791,7 +8796,7 @@ class RegistryRequest:
     def open_upload_body(self, limit):
         """The request body of an upload, at most limit bytes (0: no bound;
         see Daemon.registry_room); an absent one is empty."""
-        if self.length() == 0 and "Transfer-Encoding" not in self.headers:
+        if self.http.content_length() == 0 and "Transfer-Encoding" not in self.headers:
             self.http.body = LengthBody(self.http.rfile, 0)
             return self.http.body
         try:
@@ -8800,11 +8805,6 @@ class RegistryRequest:
             raise RegistryError(413, "SIZE_INVALID", "blob larger than MAX_UPLOAD_SIZE, "
                                 "or SEGMENT_QUOTA: at most %d more bytes" % limit)
         return self.http.body
-
-    def length(self):
-        """The request's Content-Length (0 when absent or not a number)."""
-        length = (self.headers.get("Content-Length") or "0").strip()
-        return int(length) if length.isdigit() and len(length) < 20 else 0
 
     def host(self):
         """The Host the client pushed to (for IMAGE_REF), if well-formed."""
@@ -8820,55 +8820,42 @@ class RegistryRequest:
 
     def blob(self, project, digest):
         """HEAD or GET of a blob of the project's repository."""
-        self.ipd.registry_project(self.user, project)
         file, size = self.ipd.registry_open_blob(self.user, project, digest)
         with file:
             status, headers, start, left = blob_answer(digest, size,
                                                        self.headers.get("Range"))
             file.seek(start)
             self.http.start_answer(status, headers, left)
-            if self.http.command == "HEAD":
-                return
-            while left > 0:
-                block = file.read(min(CHUNK_SIZE, left))
-                if not block:
-                    raise ClientGone("blob sha256:%s ended early" % digest)
-                self.http.write_body(block)
-                left -= len(block)
+            self.http.write_file_body(file, left, "blob sha256:" + digest)
 
-    def blob_created(self, project, digest):
-        """201: the blob is in the project's repository."""
+    def blob_created(self, project, digest, session=None):
+        """201: the blob is in the project's repository; with session, once
+        the request's body (if any) has ended it, checked and stored."""
+        if session is not None:
+            self.ipd.registry_finish_upload(self.user, session, digest,
+                                            self.open_upload_body,
+                                            self.http.content_length())
         self.answer(201, {"Location": "/v2/%s/blobs/sha256:%s" % (project, digest),
                           "Docker-Content-Digest": "sha256:" + digest})
-
-    def query_value(self, name):
-        """The last ?name= of the query, or None."""
-        values = self.http.query.get(name)
-        return values[-1] if values else None
 
     def upload_start(self, project, argument):
         """POST .../blobs/uploads/: a session (202), a monolithic upload
         (?digest=, 201) or a mount (?mount=&from=, 201, else a session)."""
-        self.ipd.registry_project(self.user, project, push=True)
-        mount, digest = self.query_value("mount"), self.query_value("digest")
+        mount, digest = self.http.query_value("mount"), self.http.query_value("digest")
         if mount is not None:
             mount = registry_digest(mount)
             if self.ipd.registry_mount(self.user, project, mount,
-                                       self.query_value("from") or ""):
+                                       self.http.query_value("from") or ""):
                 return self.blob_created(project, mount)
         if digest is not None:
             digest = registry_digest(digest)
         session = self.ipd.registry_start_upload(self.user, project)
         if digest is None:
             return self.answer(202, session.headers())
-        self.ipd.registry_finish_upload(self.user, session, digest, self.open_upload_body,
-                                        self.length())
-        self.blob_created(project, digest)
+        self.blob_created(project, digest, session)
 
-    def upload_patch(self, project, session_id):
+    def upload_patch(self, project, session):
         """PATCH: a chunk (Content-Range) or the rest of the stream."""
-        self.ipd.registry_project(self.user, project, push=True)
-        session = self.ipd.registry_session(self.user, project, session_id)
         content_range = self.headers.get("Content-Range")
         if content_range is not None:
             content_range = parse_content_range(content_range)
@@ -8880,37 +8867,28 @@ class RegistryRequest:
                                         content_range[1] - content_range[0] + 1,
                                         length.strip()), session.headers())
         self.ipd.registry_receive(session, self.open_upload_body, content_range,
-                                  self.length())
+                                  self.http.content_length())
         self.answer(202, session.headers())
 
-    def upload_status(self, project, session_id):
+    def upload_status(self, project, session):
         """GET of an upload: where it ends, for a resume."""
-        self.ipd.registry_project(self.user, project, push=True)
-        session = self.ipd.registry_session(self.user, project, session_id)
         self.answer(204, session.headers())
 
-    def upload_put(self, project, session_id):
+    def upload_put(self, project, session):
         """PUT ...?digest=: the last bytes, if any; the blob checked, stored."""
-        self.ipd.registry_project(self.user, project, push=True)
-        session = self.ipd.registry_session(self.user, project, session_id)
-        digest = self.query_value("digest")
+        digest = self.http.query_value("digest")
         if digest is None:
             raise RegistryError(400, "DIGEST_INVALID", "PUT of an upload needs ?digest=")
         digest = registry_digest(digest)
-        self.ipd.registry_finish_upload(self.user, session, digest, self.open_upload_body,
-                                        self.length())
-        self.blob_created(project, digest)
+        self.blob_created(project, digest, session)
 
-    def upload_delete(self, project, session_id):
+    def upload_delete(self, project, session):
         """DELETE of an upload: abandoned, its bytes removed."""
-        self.ipd.registry_project(self.user, project, push=True)
-        self.ipd.registry_cancel_upload(
-            self.ipd.registry_session(self.user, project, session_id))
+        self.ipd.registry_cancel_upload(session)
         self.answer(204, {})
 
     def manifest(self, project, reference):
         """HEAD or GET of a manifest, by tag or digest, byte for byte."""
-        self.ipd.registry_project(self.user, project)
         media_type, data, digest = self.ipd.registry_manifest(self.user, project,
                                                               reference)
         self.answer(200, {"Docker-Content-Digest": "sha256:" + digest},
@@ -8918,9 +8896,7 @@ class RegistryRequest:
 
     def manifest_put(self, project, reference):
         """PUT .../manifests/REFERENCE: stored; by tag, a deployment."""
-        self.ipd.registry_project(self.user, project, push=True)
-        length = self.headers.get("Content-Length", "").strip()
-        if length.isdigit() and int(length) > REGISTRY_MANIFEST_LIMIT:
+        if self.http.content_length() > REGISTRY_MANIFEST_LIMIT:
             raise RegistryError(413, "SIZE_INVALID", "manifest larger than %d bytes"
                                 % REGISTRY_MANIFEST_LIMIT)
         data = self.http.read_json_body(REGISTRY_MANIFEST_LIMIT,
@@ -8938,7 +8914,6 @@ class RegistryRequest:
 
     def tags(self, project, argument):
         """GET .../tags/list."""
-        self.ipd.registry_project(self.user, project)
         self.answer(200, {}, json.dumps(
             {"name": project, "tags": self.ipd.registry_tags(self.user, project)}
         ).encode(), "application/json")
@@ -8992,10 +8967,6 @@ class Handler(HttpEdge):
         return self.ipd.login(scheme, credentials, role, self.client_ip(),
                               self.path[:200])
 
-    def check_project_access(self, project):
-        """Forbidden unless the request's user may use project."""
-        self.ipd.check_access(self.user, project)
-
     # --- the API, as in the README's table
 
     def api_welcome(self):
@@ -9040,9 +9011,8 @@ class Handler(HttpEdge):
         """GET /status/P[/ID][?wait=S]: the state, 'no' (404) for none."""
         record = self.ipd.find(self.user, project, deployment_id)
         if record is None:
-            data = {"project": project, "deployment": deployment_id, "state": "no"}
-            self.answer(404, "no\n", data)
-            return
+            return self.answer(404, "no\n", {"project": project,
+                                             "deployment": deployment_id, "state": "no"})
         wait = self.query_seconds("wait")
         if wait:
             record = self.wait_final(record, wait)
@@ -9065,7 +9035,7 @@ class Handler(HttpEdge):
         """GET /log/P/ID[?follow=1]: the log, whole or followed."""
         record = self.ipd.find_or_404(self.user, project, deployment_id)
         with self.ipd.open_log(record) as file:
-            if self.query.get("follow", ["0"])[-1] not in ("", "0", "false", "no"):
+            if self.query_value("follow", "0") not in ("", "0", "false", "no"):
                 self.follow_log(record, file)
             elif self.wants_json():
                 head = json.dumps({"project": project, "deployment": deployment_id,
@@ -9086,25 +9056,21 @@ class Handler(HttpEdge):
         if self.command == "HEAD":
             return
         file.seek(offset)
-        last = b"\n"
+        last, current = b"\n", None  # current: the record once looked at
         quiet_since = time.monotonic()
         while True:
             data = file.read(CHUNK_SIZE)
             if data:
                 self.write_body(data, chunked)
                 last = data[-1:]
-                continue
-            current = self.ipd.wait_final(record, 0.2)
-            if time.monotonic() - quiet_since >= 1:  # still anybody there?
-                if peer_closed(self.connection):
-                    raise ClientGone("stopped following the log")
-                quiet_since = time.monotonic()
-            if current.state not in UNFINISHED:
-                data = file.read()  # what it printed last
-                if data:
-                    self.write_body(data, chunked)
-                    last = data[-1:]
-                break
+            elif current is not None and current.state not in UNFINISHED:
+                break  # it ended, and what it printed last is sent
+            else:
+                current = self.ipd.wait_final(record, 0.2)
+                if time.monotonic() - quiet_since >= 1:  # still anybody there?
+                    if peer_closed(self.connection):
+                        raise ClientGone("stopped following the log")
+                    quiet_since = time.monotonic()
         ending = b"" if last == b"\n" else b"\n"
         self.write_body(ending + ("ipd: state: %s\n" % current.state).encode(),
                         chunked)
@@ -9125,8 +9091,8 @@ class Handler(HttpEdge):
     def api_audit(self):
         """GET /audit?project=P&since=T: the audit log's events, oldest first
         (T: seconds since the epoch, or ISO 8601 like 2026-11-25T10:00:00Z)."""
-        project = self.query.get("project", [None])[-1]
-        since = parse_since(self.query.get("since", [""])[-1])
+        project = self.query_value("project")
+        since = parse_since(self.query_value("since", ""))
         events = self.ipd.audit_events(project, since)
         lines = (json.dumps(event, sort_keys=True) for event in events)
         if self.wants_json():
@@ -9226,23 +9192,21 @@ class Handler(HttpEdge):
         return boundary
 
     def announce_project(self):
-        """The project named before the body (?project= or the X-Ipd-Project
-        header), checked, kept as announced_project; or None.  A push that
-        names one it may not use is refused before it sends a file byte."""
-        announced = (self.query.get("project", [None])[-1] or
-                     self.headers.get("X-Ipd-Project"))
-        if announced is not None:
-            check_project_name(announced)
-            self.check_project_access(announced)
+        """Keep the project named before the body (?project= or the
+        X-Ipd-Project header), checked as check_field does, as
+        announced_project (None when none is).  A push that names one it
+        may not use is refused before it sends a file byte."""
+        announced = self.query_value("project") or self.headers.get("X-Ipd-Project")
+        if announced is not None:  # none announced yet (begin_request)
+            self.check_field("project", announced)
         self.announced_project = announced
-        return announced
 
     def check_field(self, name, value):
         """Check a text field as it completes: a project must be one the
         user may use, and the one announced before the body."""
         if name == "project":
             check_project_name(value)
-            self.check_project_access(value)
+            self.ipd.check_access(self.user, value)
             announced = self.announced_project
             if announced is not None and value != announced:
                 raise BadRequest("the project field (%s) differs from the project "
@@ -9285,8 +9249,7 @@ class Handler(HttpEdge):
                    "Upload-Complete": "?1" if complete else "?0",
                    "Cache-Control": "no-store"}
         if status == 204:
-            self.start_answer(204, headers)
-            return
+            return self.start_answer(204, headers)
         self.answer(status, "%d%s\n" % (offset, " complete" if complete else ""),
                     {"offset": offset, "complete": complete}, headers)
 
@@ -9314,9 +9277,7 @@ class Handler(HttpEdge):
             # stored already (a retry whose first try completed it while
             # it was taken over): the client that asked need send nothing
             return self.send_upload_state(200, stored, True)
-        length = self.headers.get("Content-Length")
-        limit = self.ipd.segment_room(self.user, offset, int(length) if length
-                                      and length.strip().isdigit() else 0)
+        limit = self.ipd.segment_room(self.user, offset, self.content_length())
         self.body = self.open_body(limit)
         offset = self.ipd.receive_segment(self.user, digest, offset, restart,
                                           complete, self.body, self.connection)
@@ -9341,26 +9302,18 @@ class Handler(HttpEdge):
         self.user = self.authenticate("USER")
         RegistryRequest(self, self.user).serve(method, path)
 
-    def send_error_answer(self, error):
-        """Under /v2/, the spec's error JSON (send_registry_error);
-        elsewhere HttpEdge's one line."""
-        if self.status_sent is None and is_registry_path(self.path.split("?", 1)[0]):
-            return self.send_registry_error(error)
-        super().send_error_answer(error)
-
-    def send_registry_error(self, error):
-        """{"errors": [{"code", "message"}]}: docker push prints the message
-        (see send_error_answer: every error of a path under /v2/)."""
+    def send_error_body(self, error, message):
+        """Under /v2/, the spec's error JSON, {"errors": [{"code",
+        "message"}]}: docker push prints the message; elsewhere HttpEdge's
+        one line."""
+        if not is_registry_path(self.path.split("?", 1)[0]):
+            return super().send_error_body(error, message)
         status = error.http_status
         code = getattr(error, "code", None) or REGISTRY_CODES.get(status, "UNKNOWN")
-        message = str(error).splitlines()[0] if str(error) else "error"
         body = json.dumps({"errors": [{"code": code, "message": message,
                                        "detail": {}}]}) + "\n"
-        try:
-            self.send_whole(status, "application/json", body.encode(),
-                            dict(REGISTRY_HEADERS, **error.headers))
-        except OSError:
-            self.close_connection = True
+        self.send_whole(status, "application/json", body.encode(),
+                        dict(REGISTRY_HEADERS, **error.headers))
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -9569,8 +9522,7 @@ def setup_logging(log_dir, also_stderr=False, audit_syslog=""):
     Raises ConfigError when the syslog socket cannot be reached."""
     os.makedirs(log_dir, exist_ok=True)
     handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "ipd.log"))
-    formatter = OneLineFormatter("%(asctime)s %(levelname)s %(message)s")
-    handler.setFormatter(formatter)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
     if also_stderr:
         log_to_stderr()
@@ -9622,27 +9574,20 @@ def keep_from_scripts(settings, run_as):
                         "UPLOAD_DIR: chmod o+x it", settings.RUN_AS, folder)
 
 
-def has_account(uid):
-    """True when uid names an account of this host."""
-    try:
-        pwd.getpwuid(uid)
-        return True
-    except KeyError:
-        return False
-
-
 def explain_scripts_mode(settings):
     """Say once, at start, who supplies the code that runs and as whom."""
-    me = (pwd.getpwuid(os.geteuid()).pw_name if has_account(os.geteuid())
-          else str(os.geteuid()))
+    try:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid with no account of this host
+        me = str(os.geteuid())
     if settings.SCRIPTS == "package":
         log.warning("SCRIPTS=package: a USER who may upload to a project runs "
                     "the control.sh in its package on this host, as %s; where "
                     "that user is in the docker group, that is root. "
                     "SCRIPTS=server runs only scripts placed on the server",
                     settings.RUN_AS or me)
+    problem = keep_scripts_without_capabilities()  # also for a project.conf's RUN_AS
     if settings.RUN_AS:
-        problem = keep_scripts_without_capabilities()
         if problem:
             raise ConfigError(problem)
         run_as = resolve_run_as(settings.RUN_AS)
@@ -9651,7 +9596,6 @@ def explain_scripts_mode(settings):
                  settings.RUN_AS, run_as, WORK_DIR)
         keep_from_scripts(settings, run_as)
     else:
-        keep_scripts_without_capabilities()  # for a project.conf's RUN_AS
         log.warning("RUN_AS is not set: control.sh and notify.sh run as ipd's "
                     "own user (%s), and can read the users file, rewrite "
                     "ipd.log and audit.log, and write every project's folder "
@@ -9729,9 +9673,7 @@ def run_daemon(settings, on_ready=None):
     server = bind_server(settings, daemon)  # before load: a clash changes nothing
     stop_signal = StopSignal()
     count = daemon.load(settings.KILL_GRACE)
-    host, port = server.server_address[:2]
-    url = "http://%s:%d%s/" % ("[%s]" % host if ":" in host else host, port,
-                               settings.API_ROOT)
+    url = "http://%s%s/" % (listen_text(server.server_address[:2]), settings.API_ROOT)
     daemon.worker.start()
     # the loop looks for shutdown() once a poll: at SIGTERM it stops within
     # a tenth of a second, not half a second
@@ -9775,11 +9717,9 @@ def users_file_warnings(path):
         reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
         return ["%s cannot be read (%s): every login is refused (401)"
                 % (where, reason)]
-    warnings = []
+    users, warnings = parse_users(text, where)
     if mode & stat.S_IROTH:
-        warnings.append("%s is readable by everyone: chmod o-r %s" % (where, path))
-    users, problems = parse_users(text, where)
-    warnings.extend(problems)
+        warnings.insert(0, "%s is readable by everyone: chmod o-r %s" % (where, path))
     if not users:
         warnings.append("%s has no users: every login is refused (401); %s"
                         % (where, add_user))
@@ -9886,6 +9826,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NETWORK = 0, 1, 2, 3
 EXIT_FOR_STATUS = {401: 4, 403: 5, 413: 6, 507: 7}
 EXIT_HTTP, EXIT_TIMEOUT = 8, 9
 EXIT_REVERTED = 10  # its verify failed and it was rolled back (issue 25)
+# The exit status of a command that waited for a deployment, by its end
+# state; any other state is EXIT_FAILED.
+EXIT_FOR_STATE = {"ok": EXIT_OK, "reverted": EXIT_REVERTED}
 EXIT_STATUS_HELP = (
     "exit status of the client commands: 0 ok; 1 the deployment ended in "
     "another state; 2 usage; 3 network error; 4 wrong login (401); 5 "
@@ -9931,6 +9874,7 @@ def make_recipe(project, files, plans, signed=None, force=False, whole=None):
 
 
 def parse_rate(text):
+    """--limit-rate: a size like 10M, more than 0; ArgumentTypeError."""
     try:
         rate = parse_size(text)
     except ValueError as error:
@@ -10016,20 +9960,23 @@ def tar_data_ranges(path, size):
             for start, end, name in ranges] or whole
 
 
-def range_chunks(path, start, end):
-    """The bytes start..end of path, in chunks; a shorter file is an error."""
+def range_chunks(path, start, end, doing="read"):
+    """The bytes start..end of path, in chunks of CHUNK_SIZE at most; a
+    shorter file is a ClientError: it changed while it was read (doing)."""
     with open(path, "rb") as file:
         file.seek(start)
         left = end - start
         while left:
             block = file.read(min(CHUNK_SIZE, left))
             if not block:
-                raise ClientError("%s changed while it was read" % path, EXIT_USAGE)
+                raise ClientError("%s changed while it was %s" % (path, doing),
+                                  EXIT_USAGE)
             left -= len(block)
             yield block
 
 
 def range_digest(path, start, end):
+    """The SHA-256 (hex) of the bytes start..end of path."""
     digest = hashlib.sha256()
     for block in range_chunks(path, start, end):
         digest.update(block)
@@ -10037,6 +9984,7 @@ def range_digest(path, start, end):
 
 
 def range_bytes(path, start, end):
+    """The bytes start..end of path (a small inline piece)."""
     return b"".join(range_chunks(path, start, end))
 
 
@@ -10131,10 +10079,12 @@ class Pacer:
         self.started = None
 
     def start(self, total, present=0):
+        """As Progress.start."""
         if self.progress:
             self.progress.start(total, present)
 
     def advance(self, count):
+        """count more bytes sent: wait until the rate allows them."""
         if self.started is None:
             self.started = time.monotonic()
         self.sent += count
@@ -10145,11 +10095,13 @@ class Pacer:
             self.progress.advance(count)
 
     def done(self):
+        """As Progress.done."""
         if self.progress:
             self.progress.done()
 
 
 def field_part(boundary, name, value):
+    """A multipart text field, its boundary line first."""
     return ('--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
             % (boundary, name, value)).encode()
 
@@ -10160,24 +10112,22 @@ def digest_part(boundary, name, hexdigest):
 
 
 def file_part_head(boundary, name, filename):
-    filename = (filename.replace("\\", "_").replace('"', "_").replace("\r", "_")
-                .replace("\n", "_"))
+    """The head of a multipart file part; its bytes follow."""
+    filename = re.sub(r'[\\"\r\n]', "_", filename)  # nothing that ends the quoted name
     return ('--%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n'
             'Content-Type: application/octet-stream\r\n\r\n'
             % (boundary, name, filename)).encode("utf-8")
 
 
 def send_segments(connection, segments, boundary, progress):
-    """Send the multipart body: bytes as they are, files from disk in 1 MiB
-    pieces through one reused buffer, each file's digest after it."""
+    """Send the multipart body: bytes as they are, files ((name, path,
+    size)) from disk in 1 MiB pieces through one reused buffer, each
+    followed by its digest's field (digest_part)."""
     buffer = bytearray(CHUNK_SIZE)
     view = memoryview(buffer)
-    digests = {}
     for segment in segments:
         if isinstance(segment, bytes):
             connection.send(segment)
-        elif segment[0] == "digest":
-            connection.send(digest_part(boundary, segment[1], digests[segment[1]]))
         else:
             name, path, size = segment
             hasher = hashlib.sha256()
@@ -10190,12 +10140,13 @@ def send_segments(connection, segments, boundary, progress):
                     connection.send(view[:count])
                     if progress:
                         progress.advance(count)
-            digests[name] = hasher.hexdigest()
+            connection.send(digest_part(boundary, name, hasher.hexdigest()))
     if progress:
         progress.done()
 
 
 def parse_json(body):
+    """An answer's JSON object, or {} for anything else."""
     try:
         data = json.loads(body.decode("utf-8"))
         return data if isinstance(data, dict) else {}
@@ -10212,19 +10163,13 @@ def await_continue(connection, wait=3):
                 select.select([sock], [], [], wait)[0])
     if not readable:
         return None
-    reader = sock.makefile("rb", buffering=0)
+    reader = sock.makefile("rb", buffering=0)  # unbuffered: no byte after the head
     status_line = reader.readline(65537)
-    headers = {}
-    while True:
-        line = reader.readline(65537)
-        if line in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
+    headers = http.client.parse_headers(reader)
     status = int(status_line.split()[1]) if len(status_line.split()) > 1 else 0
     if status == 100:
         return None
-    length = int(headers.get("content-length", "0") or 0)
+    length = int(headers.get("Content-Length") or 0)
     body = reader.read(length) if length else b""
     return status, parse_json(body).get("error") or body
 
@@ -10241,6 +10186,8 @@ def late_answer(connection):
 
 
 def http_error(status, message):
+    """The ClientError of an HTTP error answer: its first line, and the
+    exit status for status (EXIT_FOR_STATUS, else EXIT_HTTP)."""
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
     message = (str(message).strip().splitlines() or [""])[0]
@@ -10249,6 +10196,7 @@ def http_error(status, message):
 
 
 def network_error(url, error):
+    """The ClientError (exit 3) of a server that cannot be reached."""
     return ClientError("cannot reach %s: %s" % (url, error), EXIT_NETWORK)
 
 
@@ -10271,26 +10219,20 @@ def read_by(connection, response, deadline, what):
 
 
 def human_size(count):
+    """'512 B', '1.5 KiB', '3.2 MiB', '2.0 GiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
         count /= 1024.0
 
 
-def send_range(connection, path, start, end, view, progress=None):
-    """Send bytes start..end of the file at path on connection, through
-    view (a reused buffer); ClientError when the file is shorter now."""
-    with open(path, "rb") as file:
-        file.seek(start)
-        left = end - start
-        while left:
-            count = file.readinto(view[:min(len(view), left)])
-            if not count:
-                raise ClientError("%s changed while it was sent" % path, EXIT_USAGE)
-            connection.send(view[:count])
-            left -= count
-            if progress:
-                progress.advance(count)
+def send_range(connection, path, start, end, progress=None):
+    """Send bytes start..end of the file at path on connection; ClientError
+    when the file is shorter now."""
+    for block in range_chunks(path, start, end, "sent"):
+        connection.send(block)
+        if progress:
+            progress.advance(len(block))
 
 
 class Client:
@@ -10312,6 +10254,7 @@ class Client:
             self.context = ssl.create_default_context(cafile=cacert)
 
     def connection(self, timeout=None):
+        """A new connection to the server (not yet open)."""
         timeout = timeout or self.timeout
         if self.scheme == "https":
             return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
@@ -10319,29 +10262,58 @@ class Client:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
     def headers(self, **extra):
-        headers = {"Authorization": self.authorization, "Accept": "application/json",
-                   "User-Agent": "ipd/" + __version__}
-        headers.update(extra)
-        return headers
+        """The headers of every request (the login, JSON answers), and extra."""
+        return dict({"Authorization": self.authorization, "Accept": "application/json",
+                     "User-Agent": "ipd/" + __version__}, **extra)
 
-    def exchange(self, method, path, body=None, timeout=None, headers=None):
-        """One request on a connection of its own: -> (status, body bytes).
-        Raises ClientError when the network fails."""
+    def open(self, method, path, body=None, headers=None, timeout=None):
+        """Send a request on a connection of its own: -> (the connection,
+        its response, whose body is still to be read).  Raises OSError and
+        HTTPException."""
+        connection = self.connection(timeout)
         try:
-            connection = self.connection(timeout)
+            connection.request(method, self.root + path, body=body,
+                               headers=self.headers(**(headers or {})))
+            return connection, connection.getresponse()
+        except BaseException:
+            connection.close()
+            raise
+
+    def send_head(self, connection, method, path, headers):
+        """The head of a request whose body follows (headers say Expect:
+        100-continue): -> None when the body may go, else (status, body)
+        of the server's early answer (see await_continue)."""
+        connection.putrequest(method, self.root + path)
+        for name, value in self.headers(**headers).items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        return await_continue(connection)
+
+    def exchange(self, method, path, body=None, headers=None, deadline=None,
+                 what=None):
+        """One request on a connection of its own: -> (status, body bytes).
+        With a deadline (time.monotonic()) the answer must be whole by
+        then, however steadily the server sends, else timed_out(what).
+        Raises ClientError when the network fails."""
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        try:
+            connection, response = self.open(method, path, body, headers, timeout)
             try:
-                connection.request(method, self.root + path, body=body,
-                                   headers=self.headers(**(headers or {})))
-                response = connection.getresponse()
-                return response.status, response.read()
+                if deadline is None:
+                    return response.status, response.read()
+                return response.status, b"".join(iter(
+                    lambda: read_by(connection, response, deadline, what), b""))
             finally:
                 connection.close()
         except (OSError, http.client.HTTPException) as error:
+            if deadline is not None and isinstance(error, socket.timeout):
+                raise timed_out(what)
             raise network_error(self.url, error)
 
-    def request(self, method, path, timeout=None):
-        """-> (status, parsed JSON); raises ClientError for errors."""
-        status, body = self.exchange(method, path, timeout=timeout)
+    def request(self, method, path, deadline=None, what=None):
+        """-> (status, parsed JSON), by the deadline if any (see exchange);
+        raises ClientError for errors, but for the 404 of a state 'no'."""
+        status, body = self.exchange(method, path, deadline=deadline, what=what)
         data = parse_json(body)
         if status >= 400 and not (status == 404 and data.get("state") == "no"):
             raise http_error(status, data.get("error") or body)
@@ -10350,38 +10322,9 @@ class Client:
     def text(self, path):
         """The plain text answer of a GET."""
         status, body = self.exchange("GET", path, headers={"Accept": "text/plain"})
-        text = body.decode("utf-8", "replace")
         if status >= 400:
-            raise http_error(status, text)
-        return text
-
-    def request_by(self, path, deadline, what):
-        """GET path, answered whole by the deadline (time.monotonic()):
-        -> parsed JSON.  Raises timed_out(what) past the deadline, and
-        ClientError for network and HTTP errors, as request does."""
-        remaining = max(deadline - time.monotonic(), 0.001)
-        try:
-            connection = self.connection(remaining)
-            try:
-                connection.request("GET", self.root + path, headers=self.headers())
-                response = connection.getresponse()
-                body = b""
-                while True:
-                    data = read_by(connection, response, deadline, what)
-                    if not data:
-                        break
-                    body += data
-            finally:
-                connection.close()
-        except socket.timeout:
-            raise timed_out(what)
-        except (OSError, http.client.HTTPException) as error:
-            raise network_error(self.url, error)
-        data = parse_json(body)
-        if response.status >= 400 and not (response.status == 404
-                                           and data.get("state") == "no"):
-            raise http_error(response.status, data.get("error") or body)
-        return data
+            raise http_error(status, body)
+        return body.decode("utf-8", "replace")
 
     def follow(self, project, deployment, out, deadline=None):
         """Print the deployment's log as it is written; return its final
@@ -10390,27 +10333,24 @@ class Client:
         the server is taken as unreachable (ClientError, exit 3)."""
         offset = 0
         failures = 0
+        what = "deployment " + deployment
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise ClientError("timed out waiting for deployment %s" % deployment,
-                                  EXIT_TIMEOUT)
+                raise timed_out(what)
             path = "/log/%s/%s?follow=1&offset=%d" % (project, deployment, offset)
             progress = offset
             try:
-                connection = self.connection(min(remaining or 3600, 3600))
-                connection.request("GET", self.root + path,
-                                   headers=self.headers(Accept="text/plain"))
-                response = connection.getresponse()
+                connection, response = self.open("GET", path, None, {
+                    "Accept": "text/plain"}, min(remaining or 3600, 3600))
                 if response.status >= 400:
                     raise http_error(response.status, response.read())
                 offset, final = self.follow_stream(connection, response, deadline,
-                                                   deployment, out, offset)
+                                                   what, out, offset)
                 if final:
                     return final
             except socket.timeout:
-                raise ClientError("timed out waiting for deployment %s" % deployment,
-                                  EXIT_TIMEOUT)
+                raise timed_out(what)
             except (OSError, http.client.HTTPException) as error:
                 problem = error
             else:
@@ -10420,30 +10360,27 @@ class Client:
                 raise network_error(self.url, problem)
             time.sleep(min(1, max(0, deadline - time.monotonic())) if deadline else 1)
 
-    def follow_stream(self, connection, response, deadline, deployment, out, offset):
+    def follow_stream(self, connection, response, deadline, what, out, offset):
         """Copy one follow stream's lines to out; -> (the offset reached,
         the final state when the stream ended with the server's 'ipd:
-        state:' line, else None).  A script's own such line is printed."""
-        pending, final = b"", None
+        state:' line, else None).  The last line so far is held back while
+        it is such a line: once another follows, it was a script's own,
+        and is printed."""
+        state_line = re.compile(rb"ipd: state: (\S+)\Z")
+        pending, held = b"", None
         while True:
-            data = read_by(connection, response, deadline, "deployment " + deployment)
+            data = read_by(connection, response, deadline, what)
             if not data:
                 break
-            pending += data
-            *lines, pending = pending.split(b"\n")
+            *lines, pending = (pending + data).split(b"\n")
+            lines = ([held] if held else []) + lines
+            held = lines.pop() if lines and state_line.match(lines[-1]) else None
             for line in lines:
-                if final:  # a script's own "ipd: state:" line
-                    out.write(final[1] + b"\n")
-                    offset += len(final[1]) + 1
-                    final = None
-                match = re.match(rb"ipd: state: (\S+)\Z", line)
-                if match:  # the server's last line, if nothing follows
-                    final = (match.group(1).decode(), line)
-                    continue
                 out.write(line + b"\n")
                 offset += len(line) + 1
             out.flush()
-        return offset, (final[0] if final and not pending else None)
+        final = state_line.match(held) if held and not pending else None
+        return offset, (final.group(1).decode() if final else None)
 
     def push(self, project, files, progress=None, signed=None):
         """Upload files ({field: path}) for project; return the new
@@ -10459,28 +10396,21 @@ class Client:
         for name, path in files.items():
             segments.append(file_part_head(boundary, name, os.path.basename(path)))
             segments.append((name, path, os.path.getsize(path)))
-            segments.append(("digest", name))
         segments.append(("--%s--\r\n" % boundary).encode())
-        length = sum(len(seg) if isinstance(seg, bytes) else seg[2] if len(seg) == 3
-                     else len(digest_part(boundary, seg[1], "0" * 64))
+        length = sum(len(seg) if isinstance(seg, bytes) else
+                     seg[2] + len(digest_part(boundary, seg[0], "0" * 64))
                      for seg in segments)
         try:
             connection = self.connection()
-            connection.putrequest("POST", self.root + "/upload")
-            for name, value in self.headers(**{
-                    "Content-Type": "multipart/form-data; boundary=" + boundary,
-                    "Content-Length": str(length), "Expect": "100-continue",
-                    "X-Ipd-Project": project}).items():
-                connection.putheader(name, value)
-            connection.endheaders()
-            early = await_continue(connection)
+            early = self.send_head(connection, "POST", "/upload", {
+                "Content-Type": "multipart/form-data; boundary=" + boundary,
+                "Content-Length": str(length), "Expect": "100-continue",
+                "X-Ipd-Project": project})
             if early:
                 raise http_error(*early)
             send_segments(connection, segments, boundary, progress)
             response = connection.getresponse()
             body = response.read()
-        except ClientError:
-            raise
         except (OSError, http.client.HTTPException) as error:
             answer = late_answer(connection)
             if answer:
@@ -10493,27 +10423,21 @@ class Client:
 
     # --- layer pushes (#16)
 
-    def call_json(self, method, path, data, extra=None):
-        """-> (status, parsed JSON answer) of a request with a JSON body;
-        raises ClientError only for the network."""
-        status, answer = self.exchange(
-            method, path, json.dumps(data).encode(),
-            headers=dict({"Content-Type": "application/json"}, **(extra or {})))
+    def post_json(self, path, data, project):
+        """-> (status, parsed JSON answer) of a POST of data (JSON) for
+        project (X-Ipd-Project); raises ClientError only for the network."""
+        status, answer = self.exchange("POST", path, json.dumps(data).encode(), {
+            "Content-Type": "application/json", "X-Ipd-Project": project})
         parsed = parse_json(answer)
         if status >= 400 and not parsed.get("error"):
             parsed["error"] = answer.decode("utf-8", "replace")
         return status, parsed
 
     def segment_offset(self, digest):
-        """How many bytes of the segment the server has (HEAD)."""
-        connection = self.connection()
-        try:
-            connection.request("HEAD", self.root + "/segments/" + digest,
-                               headers=self.headers())
-            response = connection.getresponse()
-            response.read()
-        finally:
-            connection.close()
+        """How many bytes of the segment the server has (HEAD); raises
+        OSError and HTTPException for the network (send_segment retries)."""
+        connection, response = self.open("HEAD", "/segments/" + digest)
+        connection.close()  # the answer to a HEAD has no body
         if response.status == 404:
             return 0
         if response.status >= 400:
@@ -10523,50 +10447,36 @@ class Client:
     def send_segment(self, digest, path, start, end, offset, progress, attempts=4):
         """Send bytes start..end of path as segment digest, from offset on
         (resumable: POST from 0, else PATCH with Upload-Offset); a broken
-        connection is resumed where the server's HEAD says."""
-        buffer = bytearray(CHUNK_SIZE)
-        view = memoryview(buffer)
+        connection, or a 409 (another upload holds it), is resumed where
+        the server's HEAD says."""
         for attempt in range(attempts):
+            last = attempt == attempts - 1
             try:
                 if offset is None:
                     offset = self.segment_offset(digest)
                 connection = self.connection()
-                connection.putrequest("POST" if offset == 0 else "PATCH",
-                                      self.root + "/segments/" + digest)
-                headers = self.headers(**{
-                    "Content-Length": str(end - start - offset),
-                    "Content-Type": "application/partial-upload",
-                    "Upload-Complete": "?1", "Upload-Offset": str(offset),
-                    "Expect": "100-continue"})
-                for name, value in headers.items():
-                    connection.putheader(name, value)
-                connection.endheaders()
-                early = await_continue(connection)
-                if early and early[0] == 200:  # the server has it already
-                    connection.close()
-                    return
-                if early and early[0] == 409 and attempt < attempts - 1:
-                    connection.close()
-                    offset = None
-                    continue
-                if early:
-                    raise http_error(*early)
-                send_range(connection, path, start + offset, end, view, progress)
-                response = connection.getresponse()
-                answer = response.read()
+                answer = self.send_head(
+                    connection, "POST" if offset == 0 else "PATCH", "/segments/" + digest,
+                    {"Content-Length": str(end - start - offset),
+                     "Content-Type": "application/partial-upload",
+                     "Upload-Complete": "?1", "Upload-Offset": str(offset),
+                     "Expect": "100-continue"})
+                if answer is None:  # no early answer (200: it has the segment)
+                    send_range(connection, path, start + offset, end, progress)
+                    response = connection.getresponse()
+                    body = response.read()
+                    answer = response.status, parse_json(body).get("error") or body
                 connection.close()
             except (OSError, http.client.HTTPException) as error:
-                if attempt == attempts - 1:
+                if last:
                     raise network_error(self.url, error)
                 time.sleep(1)
-                offset = None
-                continue
-            if response.status in (200, 201, 204):
+                answer = None, None
+            if answer[0] in (200, 201, 204):
                 return
-            if response.status == 409 and attempt < attempts - 1:
-                offset = None
-                continue
-            raise http_error(response.status, parse_json(answer).get("error") or answer)
+            if answer[0] not in (None, 409) or last:
+                raise http_error(*answer)
+            offset = None
 
     def push_layers(self, project, files, signed=None, progress=None, out=None,
                     force=False):
@@ -10580,7 +10490,7 @@ class Client:
         answer = self.missing_segments(project, plans, files)
         if answer is None:
             return None
-        missing, partial, present = answer
+        missing, partial, present, to_send = answer
         signed_digests = {}
         if signed:  # its manifest names each file's SHA-256 already
             manifest = json.loads(signed[0].decode())
@@ -10592,15 +10502,11 @@ class Client:
         # digests (at work while the segments go out) are known
         body_size = len(json.dumps(make_recipe(
             project, files, plans, signed, force, {field: "0" * 64 for field in plans})))
-        to_send = sum(end - start - partial.get(digest, 0)
-                      for digest, (_, start, end) in missing.items())
         if progress:
             progress.start(to_send + body_size, present)
-        corrected = self.send_missing(missing, partial, plans, progress)
-        to_send += self.send_corrected(project, plans, files, progress, corrected)
+        to_send += self.send_layers(project, plans, files, progress, missing, partial)
         recipe = make_recipe(project, files, plans, signed, force)
-        status, answer = self.call_json("POST", "/push", recipe,
-                                        {"X-Ipd-Project": project})
+        status, answer = self.post_json("/push", recipe, project)
         if progress:
             progress.advance(body_size)
             progress.done()
@@ -10611,11 +10517,13 @@ class Client:
                       % (human_size(to_send + body_size), human_size(present)))
         return answer["deployment"]
 
-    def send_corrected(self, project, plans, files, progress, corrected):
-        """A digest the file only declared is named by the recipe when the
-        bytes have it: one that does not is corrected, and what the server
-        then lacks is sent too (also when corrected already).  -> the
-        bytes sent."""
+    def send_layers(self, project, plans, files, progress, missing, partial):
+        """Send the missing segments (see send_missing).  A digest the file
+        only declared is named by the recipe when the bytes have it: one
+        that does not is corrected, and what the server then lacks is sent
+        too (also when corrected already).  -> the bytes sent besides
+        those of missing."""
+        corrected = self.send_missing(missing, partial, plans, progress)
         for plan in plans.values():
             for index, digest in plan["check"].result().items():
                 if plan["pieces"][index][2] != digest:
@@ -10628,15 +10536,14 @@ class Client:
         if answer is None:
             raise ClientError("the server stopped taking segments during the "
                               "push", EXIT_NETWORK)
-        missing, partial, _ = answer
+        missing, partial, _, sent = answer
         self.send_missing(missing, partial, plans, progress)
-        return sum(end - start - partial.get(digest, 0)
-                   for digest, (_, start, end) in missing.items())
+        return sent
 
     def missing_segments(self, project, plans, files):
         """Ask the server which of the plans' segments it lacks: ({digest:
         (path, start, end)} to send, {digest: bytes it has of them}, bytes it
-        has of all), or None when it takes no recipes."""
+        has of all, bytes to send), or None when it takes no recipes."""
         wanted = {}
         for field, plan in plans.items():
             for start, end, digest, _ in plan["pieces"]:
@@ -10644,10 +10551,8 @@ class Client:
                     wanted.setdefault(digest, (files[field], start, end))
         listed, missing, partial = list(wanted), {}, {}
         for first in range(0, max(1, len(listed)), MISSING_MAX_SEGMENTS):
-            status, answer = self.call_json(
-                "POST", "/segments/missing",
-                {"segments": listed[first:first + MISSING_MAX_SEGMENTS]},
-                {"X-Ipd-Project": project})
+            status, answer = self.post_json("/segments/missing", {
+                "segments": listed[first:first + MISSING_MAX_SEGMENTS]}, project)
             if status in (404, 405):
                 return None
             if status >= 400:
@@ -10659,7 +10564,9 @@ class Client:
                            if digest in missing)
         present = sum(end - start for digest, (_, start, end) in wanted.items()
                       if digest not in missing) + sum(partial.values())
-        return missing, partial, present
+        left = sum(end - start - partial.get(digest, 0)
+                   for digest, (_, start, end) in missing.items())
+        return missing, partial, present, left
 
     def send_missing(self, missing, partial, plans, progress):
         """Send each missing segment.  One whose digest the file only
@@ -10699,6 +10606,7 @@ class Progress:
             self.note = "(%s already on the server) " % human_size(present)
 
     def advance(self, count):
+        """count more bytes sent; the bar redrawn ten times a second."""
         self.sent += count
         now = time.monotonic()
         if now - self.shown >= 0.1:
@@ -10706,6 +10614,7 @@ class Progress:
             self.show(now)
 
     def show(self, now):
+        """Draw the bar as of now."""
         elapsed = max(now - self.started, 1e-6)
         rate = self.sent / elapsed
         left = (self.total - self.sent) / rate if rate else 0
@@ -10718,6 +10627,7 @@ class Progress:
         self.stream.flush()
 
     def done(self):
+        """The bar at its end, and a new line."""
         self.show(time.monotonic())
         self.stream.write("\n")
         self.stream.flush()
@@ -10826,9 +10736,9 @@ class OidcClient(Client):
         self.source = source
 
     def headers(self, **extra):
-        headers = super().headers(**extra)
-        headers["Authorization"] = "Bearer " + self.source.current()
-        return headers
+        """Client's headers, but for the login: the current ID token."""
+        return super().headers(**dict(extra, Authorization="Bearer " +
+                                      self.source.current()))
 
 
 def client_from_args(args):
@@ -10864,9 +10774,7 @@ def wait_for_result(client, project, deployment, timeout):
     state = client.follow(project, deployment, out, deadline)
     print("ipd: deployment %s of %s: %s" % (deployment, project, state),
           file=sys.stderr)
-    if state == "reverted":
-        return EXIT_REVERTED
-    return EXIT_OK if state == "ok" else EXIT_FAILED
+    return EXIT_FOR_STATE.get(state, EXIT_FAILED)
 
 
 def sign_push(key, project, files):
@@ -10894,18 +10802,26 @@ def check_push_file(field, path):
         raise ClientError("no such file: %s" % path, EXIT_USAGE)
 
 
+def report_deployment(client, args, deployment):
+    """Print a new deployment's ID (push, redeploy); with --wait, follow it
+    to its end.  Returns the exit status (see wait_for_result)."""
+    print(deployment, flush=True)
+    if args.wait:
+        return wait_for_result(client, args.project, deployment, args.timeout)
+    return EXIT_OK
+
+
 def cmd_push(args):
+    """Upload an image, a package or both; print the deployment's ID
+    (see report_deployment)."""
     client = client_from_args(args)
-    files, temporary = {}, None
-    if args.image:
-        files["image"] = args.image
-    if args.package:
-        if os.path.isdir(args.package):
-            temporary = files["package"] = pack_directory(args.package)
-        else:
-            files["package"] = args.package
+    files = {field: path for field, path in (("image", args.image),
+                                             ("package", args.package)) if path}
     if not files:
         raise ClientError("give --image, --package or both", EXIT_USAGE)
+    temporary = None
+    if os.path.isdir(files.get("package", "")):  # a folder: packed as tar.gz
+        temporary = files["package"] = pack_directory(args.package)
     for field, path in files.items():
         check_push_file(field, path)
     try:
@@ -10926,13 +10842,11 @@ def cmd_push(args):
     finally:
         if temporary:
             remove_quietly(os.path.dirname(temporary))
-    print(deployment, flush=True)
-    if args.wait:
-        return wait_for_result(client, args.project, deployment, args.timeout)
-    return EXIT_OK
+    return report_deployment(client, args, deployment)
 
 
 def cmd_status(args):
+    """Print a deployment's state; the exit status says it too."""
     client = client_from_args(args)
     path = "/status/%s" % args.project + ("/%s" % args.deployment
                                           if args.deployment else "")
@@ -10940,15 +10854,16 @@ def cmd_status(args):
         path += "?wait=%g" % args.wait
     # --timeout bounds the whole answer; without it, a minute past --wait
     deadline = time.monotonic() + (args.timeout or (args.wait or 0) + 60)
-    data = client.request_by(path, deadline, "deployment %s" % (
+    _, data = client.request("GET", path, deadline, "deployment %s" % (
         args.deployment or "of " + args.project))
     print(data.get("state"))
-    if data.get("state") == "reverted":  # as push --wait and logs -f (issue 25)
-        return EXIT_REVERTED
-    return EXIT_OK if data.get("state") in ("ok", "await", "active") else EXIT_FAILED
+    # as push --wait and logs -f (issue 25), and 0 for one waiting or running
+    exits = dict(EXIT_FOR_STATE, **{"await": EXIT_OK, "active": EXIT_OK})
+    return exits.get(data.get("state"), EXIT_FAILED)
 
 
 def cmd_logs(args):
+    """Print what control.sh printed, so far or (-f) to the end."""
     client = client_from_args(args)
     if args.follow:
         return wait_for_result(client, args.project, args.deployment, args.timeout)
@@ -10956,33 +10871,26 @@ def cmd_logs(args):
     return EXIT_OK
 
 
-def cmd_list(args):
-    sys.stdout.write(client_from_args(args).text("/list"))
-    return EXIT_OK
-
-
-def cmd_info(args):
-    sys.stdout.write(client_from_args(args).text("/info"))
+def cmd_text(args):
+    """list and info: print the plain text answer of GET /list or /info."""
+    sys.stdout.write(client_from_args(args).text("/" + args.command))
     return EXIT_OK
 
 
 def cmd_cancel(args):
+    """Cancel a deployment; print its state once it has stopped."""
     client = client_from_args(args)
-    _, data = client.request("POST", "/cancel/%s/%s" % (args.project,
-                                                        args.deployment))
+    _, data = client.request("POST", "/cancel/%s/%s" % (args.project, args.deployment))
     print(data.get("state"))
     return EXIT_OK
 
 
 def cmd_redeploy(args):
+    """Deploy an earlier deployment's kept files again (see
+    report_deployment)."""
     client = client_from_args(args)
-    _, data = client.request("POST", "/redeploy/%s/%s" % (args.project,
-                                                          args.deployment))
-    print(data["deployment"], flush=True)
-    if args.wait:
-        return wait_for_result(client, args.project, data["deployment"],
-                               args.timeout)
-    return EXIT_OK
+    _, data = client.request("POST", "/redeploy/%s/%s" % (args.project, args.deployment))
+    return report_deployment(client, args, data["deployment"])
 
 
 def client_parents():
@@ -11009,13 +10917,21 @@ def client_parents():
     return common, waiting
 
 
+def add_command(commands, name, func, **options):
+    """The parser of command name (options: add_parser's, such as help,
+    description and parents), whose arguments main passes to func."""
+    parser = commands.add_parser(name, **options)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def add_push_command(commands, common, waiting):
     """push: an upload from a terminal or a CI job."""
-    push = commands.add_parser("push", parents=[common, waiting],
-                               help="upload an image and/or package",
-                               description="Upload an image, a package or both "
-                               "for a project; prints the new deployment's ID.",
-                               epilog=EXIT_STATUS_HELP)
+    push = add_command(commands, "push", cmd_push, parents=[common, waiting],
+                       help="upload an image and/or package",
+                       description="Upload an image, a package or both for a "
+                       "project; prints the new deployment's ID.",
+                       epilog=EXIT_STATUS_HELP)
     push.add_argument("--project", required=True, help="the project to deploy")
     push.add_argument("--image", help="image file, e.g. from docker save")
     push.add_argument("--package", help="package archive, or a directory "
@@ -11027,17 +10943,16 @@ def add_push_command(commands, common, waiting):
                       "the layers the server lacks")
     push.add_argument("--limit-rate", type=parse_rate, metavar="RATE",
                       help="send at most RATE bytes a second, like 10M")
-    push.set_defaults(func=cmd_push)
 
 
 def add_reading_commands(commands, common):
     """status, logs, list and info: what the client reads."""
-    status = commands.add_parser("status", parents=[common],
-                                 help="state of a deployment",
-                                 description="Print the state of a deployment "
-                                 "(of the project's latest one without an ID); "
-                                 "exit 0 for ok, await and active, 10 for reverted.",
-                                 epilog=EXIT_STATUS_HELP)
+    status = add_command(commands, "status", cmd_status, parents=[common],
+                         help="state of a deployment",
+                         description="Print the state of a deployment (of the "
+                         "project's latest one without an ID); exit 0 for ok, "
+                         "await and active, 10 for reverted.",
+                         epilog=EXIT_STATUS_HELP)
     status.add_argument("project", help="the project")
     status.add_argument("deployment", nargs="?", help="the deployment's ID "
                         "(default: the latest)")
@@ -11045,47 +10960,40 @@ def add_reading_commands(commands, common):
                         help="answer when it ends, or after SECONDS")
     status.add_argument("--timeout", type=float, default=0, help="give up after "
                         "this many seconds (exit 9; default: --wait plus 60)")
-    status.set_defaults(func=cmd_status)
-    logs = commands.add_parser("logs", parents=[common], help="what control.sh "
-                               "printed", description="Print what control.sh "
-                               "printed for a deployment, so far or (-f) to "
-                               "the end.", epilog=EXIT_STATUS_HELP)
+    logs = add_command(commands, "logs", cmd_logs, parents=[common],
+                       help="what control.sh printed", description="Print what "
+                       "control.sh printed for a deployment, so far or (-f) to "
+                       "the end.", epilog=EXIT_STATUS_HELP)
     logs.add_argument("project", help="the project")
     logs.add_argument("deployment", help="the deployment's ID")
     logs.add_argument("-f", "--follow", action="store_true", help="follow the "
                       "log to the end; exit 0 only when the deployment is ok")
     logs.add_argument("--timeout", type=float, default=0, help="with -f: give "
                       "up after this many seconds")
-    logs.set_defaults(func=cmd_logs)
-    for name, func, text in (("list", cmd_list, "the projects"),
-                             ("info", cmd_info, "each project's latest deployment")):
-        command = commands.add_parser(name, parents=[common], help=text,
-                                      description="Print %s (ADMIN)." % text,
-                                      epilog=EXIT_STATUS_HELP)
-        command.set_defaults(func=func)
+    for name, text in (("list", "the projects"),
+                       ("info", "each project's latest deployment")):
+        add_command(commands, name, cmd_text, parents=[common], help=text,
+                    description="Print %s (ADMIN)." % text, epilog=EXIT_STATUS_HELP)
 
 
 def add_changing_commands(commands, common, waiting):
     """cancel and redeploy."""
-    cancel = commands.add_parser("cancel", parents=[common],
-                                 help="stop a waiting or running deployment",
-                                 description="Cancel a deployment: a waiting one "
-                                 "never runs, a running one is stopped; prints "
-                                 "its state.", epilog=EXIT_STATUS_HELP)
+    cancel = add_command(commands, "cancel", cmd_cancel, parents=[common],
+                         help="stop a waiting or running deployment",
+                         description="Cancel a deployment: a waiting one never "
+                         "runs, a running one is stopped; prints its state.",
+                         epilog=EXIT_STATUS_HELP)
     cancel.add_argument("project", help="the project")
     cancel.add_argument("deployment", help="the deployment's ID")
-    cancel.set_defaults(func=cmd_cancel)
-    redeploy = commands.add_parser("redeploy", parents=[common, waiting],
-                                   help="deploy the kept files of an earlier "
-                                   "deployment again: a rollback",
-                                   description="Deploy the kept files of an "
-                                   "earlier deployment again (a rollback); "
-                                   "prints the new deployment's ID.",
-                                   epilog=EXIT_STATUS_HELP)
+    redeploy = add_command(commands, "redeploy", cmd_redeploy,
+                           parents=[common, waiting], help="deploy the kept "
+                           "files of an earlier deployment again: a rollback",
+                           description="Deploy the kept files of an earlier "
+                           "deployment again (a rollback); prints the new "
+                           "deployment's ID.", epilog=EXIT_STATUS_HELP)
     redeploy.add_argument("project", help="the project")
     redeploy.add_argument("deployment", help="the ID of the deployment to "
                           "deploy again")
-    redeploy.set_defaults(func=cmd_redeploy)
 
 
 def add_client_commands(commands):
@@ -11138,8 +11046,8 @@ def settings_to_serve(config_path, environ=None):
 
 
 def cmd_serve(args):
-    settings = settings_to_serve(args.config)
-    return serve(settings, verbose=args.verbose)
+    """Run the daemon with the settings it is given."""
+    return serve(settings_to_serve(args.config), verbose=args.verbose)
 
 
 # The demo's hints name its options, not the settings they stand for.
@@ -11168,8 +11076,7 @@ def demo_settings(args, folder):
 def cmd_demo(args):
     """A daemon to try at once: folder ./ipd-demo, user demo:demo."""
     folder = os.path.abspath(args.dir)
-    uploads = os.path.join(folder, "uploads")
-    hello = os.path.join(uploads, "hello")
+    hello = os.path.join(folder, "uploads", "hello")
     os.makedirs(hello, exist_ok=True)
     users = os.path.join(folder, "users.txt")
     if not os.path.exists(users):
@@ -11177,9 +11084,7 @@ def cmd_demo(args):
         os.chmod(users, 0o600)
     control = os.path.join(hello, "control.sh")
     if not os.path.exists(control):
-        with open(control, "w") as file:
-            file.write(DEMO_CONTROL_SH)
-        os.chmod(control, 0o755)
+        write_file_atomic(control, DEMO_CONTROL_SH.encode(), 0o755)
     # A file to upload as the image, wherever ipd came from (a wheel or
     # a .deb leaves no ipd.py in the current folder).
     image = os.path.join(folder, "image.tar")
@@ -11201,6 +11106,8 @@ def cmd_demo(args):
 
 
 def cmd_passwd(args):
+    """Add or replace a user in the users file, its password read from
+    the terminal (twice) or stdin."""
     settings = load_settings(args.config, warn=print_warning)
     path = args.auth_db or settings.AUTH_DB
     if sys.stdin.isatty():
@@ -11278,6 +11185,7 @@ def cmd_token(args):
 
 
 def cmd_version(args):
+    """Print the version."""
     print("ipd", __version__)
     return 0
 
@@ -11299,42 +11207,39 @@ DEMO_DESCRIPTION = (
 
 def add_daemon_commands(commands, config):
     """serve and demo: the daemon, configured or to try."""
-    serve_parser = commands.add_parser(
-        "serve", parents=[config], help="run the daemon (default)",
-        description="Run the daemon with the settings of --config, "
+    serve_parser = add_command(
+        commands, "serve", cmd_serve, parents=[config], help="run the daemon "
+        "(default)", description="Run the daemon with the settings of --config, "
         "$IPD_CONFIG or %s and the environment." % DEFAULT_CONFIG)
     serve_parser.add_argument("-v", "--verbose", action="store_true",
                               help="log to stderr too")
-    serve_parser.set_defaults(func=cmd_serve)
-    demo = commands.add_parser("demo", parents=[config], help="a local daemon "
-                               "to try: user demo, password demo, project hello",
-                               description=DEMO_DESCRIPTION)
+    demo = add_command(commands, "demo", cmd_demo, parents=[config], help="a local "
+                       "daemon to try: user demo, password demo, project hello",
+                       description=DEMO_DESCRIPTION)
     demo.add_argument("--dir", default="ipd-demo", help="its folder "
                       "(default: ./ipd-demo)")
     demo.add_argument("--listen", default="127.0.0.1:9955", help="host:port to "
                       "listen on (default: 127.0.0.1:9955)")
-    demo.set_defaults(func=cmd_demo)
 
 
 def add_admin_commands(commands, config):
     """passwd and token: the users file and the deploy tokens."""
-    passwd = commands.add_parser("passwd", parents=[config],
-                                 help="add or replace a user in AUTH_DB",
-                                 description="Add or replace a user in the "
-                                 "users file (AUTH_DB) with a salted hash of a "
-                                 "password read from the terminal or stdin.")
+    passwd = add_command(commands, "passwd", cmd_passwd, parents=[config],
+                         help="add or replace a user in AUTH_DB",
+                         description="Add or replace a user in the users file "
+                         "(AUTH_DB) with a salted hash of a password read from "
+                         "the terminal or stdin.")
     passwd.add_argument("role", choices=ROLES, help="ADMIN (everything), USER "
                         "(upload and follow deployments) or METRICS (/metrics)")
     passwd.add_argument("name", help="the user name")
     passwd.add_argument("--projects", help="USER only: comma-separated projects "
                         "this user may use")
     passwd.add_argument("--auth-db", help="users file (default: AUTH_DB)")
-    passwd.set_defaults(func=cmd_passwd)
-    token = commands.add_parser("token", parents=[config], help="deploy tokens: create (shown "
-                                "once), list, revoke", description="Deploy tokens "
-                                "for CI: a token works as the password of a Basic "
-                                "login or as a Bearer token, for its projects only, "
-                                "until it expires or is revoked.")
+    token = add_command(commands, "token", cmd_token, parents=[config],
+                        help="deploy tokens: create (shown once), list, revoke",
+                        description="Deploy tokens for CI: a token works as the "
+                        "password of a Basic login or as a Bearer token, for its "
+                        "projects only, until it expires or is revoked.")
     token.add_argument("action", choices=("create", "list", "revoke"),
                        help="create a token (printed once), list them, or "
                        "revoke one")
@@ -11346,22 +11251,19 @@ def add_admin_commands(commands, config):
     token.add_argument("--creator", help="create: who asked for it (default: "
                        "$SUDO_USER or the login name)")
     token.add_argument("--tokens-db", help="tokens file (default: TOKENS_DB)")
-    token.set_defaults(func=cmd_token)
 
 
 def add_telling_commands(commands):
     """version and settings: what this ipd is and takes."""
-    version = commands.add_parser("version", help="print the version",
-                                  description="Print the version.")
-    version.set_defaults(func=cmd_version)
-    described = commands.add_parser(
-        "settings", help="print every setting: the README's table or "
-        "ipd.conf.example", description="Print every setting with its default "
-        "and what it does, as the README's table (--markdown) or as "
-        "ipd.conf.example (--conf, the default).")
+    add_command(commands, "version", cmd_version, help="print the version",
+                description="Print the version.")
+    described = add_command(
+        commands, "settings", cmd_settings, help="print every setting: the "
+        "README's table or ipd.conf.example", description="Print every setting "
+        "with its default and what it does, as the README's table (--markdown) "
+        "or as ipd.conf.example (--conf, the default).")
     described.add_argument("--markdown", action="store_true",
                            help="the README's table instead")
-    described.set_defaults(func=cmd_settings)
 
 
 def build_parser():
