@@ -550,53 +550,6 @@ class UnknownSettings(ConfigError):
         self.log_dir = log_dir
 
 
-class RunAs:
-    """A user with its primary group and supplementary groups."""
-
-    def __init__(self, uid, gid, groups, text):
-        self.uid, self.gid, self.groups, self.text = uid, gid, tuple(groups), text
-
-    def __repr__(self):
-        return "%s (uid %d, gid %d, groups %s)" % (
-            self.text, self.uid, self.gid, ",".join(map(str, self.groups)) or "-")
-
-
-def lookup_id(name, database):
-    """A user or group name or number -> its number.  Raises ValueError."""
-    if name.isdigit():
-        return int(name)
-    try:
-        return (pwd.getpwnam(name).pw_uid if database == "user"
-                else grp.getgrnam(name).gr_gid)
-    except KeyError:
-        raise ValueError("no such %s: %r" % (database, name)) from None
-
-
-def resolve_run_as(text):
-    """'user[:group[,group...]]' -> RunAs.  The first group is the primary
-    one, the others supplementary; with the user alone, its groups are those
-    of the passwd and group databases.  Numbers need no account.  Root is
-    refused: scripts under it would reach everything.  Raises ValueError."""
-    user, colon, groups = text.strip().partition(":")
-    if not user or (colon and not groups.strip(",")):
-        raise ValueError("must be user[:group[,group...]]")
-    uid = lookup_id(user, "user")
-    if colon:
-        gids = [lookup_id(name, "group") for name in groups.split(",") if name]
-        gid, extra = gids[0], gids[1:]
-    else:
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:
-            raise ValueError("user %s has no account: give its group as "
-                             "%s:GROUP" % (user, user)) from None
-        gid = entry.pw_gid
-        extra = [g for g in os.getgrouplist(entry.pw_name, gid) if g != gid]
-    if uid == 0 or gid == 0 or 0 in extra:
-        raise ValueError("scripts may not run as root or in group root")
-    return RunAs(uid, gid, sorted(set(extra)), text.strip())
-
-
 def parse_whole(text, least=None):
     """A whole number (at least least, when given)."""
     if not re.fullmatch(r"-?\d+", text):
@@ -657,13 +610,6 @@ def parse_root(text):
     return text.rstrip("/")
 
 
-def parse_run_as_setting(text):
-    """RUN_AS: empty, or user[:group[,group...]] of existing accounts."""
-    if text:
-        resolve_run_as(text)  # raises ValueError naming what is unknown
-    return text
-
-
 def parse_window(text):
     """VERIFY_SECONDS: whole seconds from 0 to 86400 (a shell's $(( )))."""
     if not re.fullmatch(r"\d{1,6}", text) or int(text) > 86400:
@@ -686,7 +632,8 @@ def parse_path(text):
 
 
 # Each kind of setting (SETTINGS' second field) and its parser: the text
-# (stripped) -> the value, or ValueError saying what is wrong.
+# (stripped) -> the value, or ValueError saying what is wrong.  "run_as"
+# is added by the Processes section, where RUN_AS's accounts are resolved.
 SETTING_KINDS = {
     "int": parse_whole,
     "count": lambda text: parse_whole(text, least=1),
@@ -707,7 +654,6 @@ SETTING_KINDS = {
     "url": lambda text: parse_matching(text, r"https?://[^\s/]+(/\S*)?",
                                        "must be an http:// or https:// URL"),
     "scripts": parse_scripts_mode,
-    "run_as": parse_run_as_setting,
     "syslog": lambda text: parse_matching(
         text, r"/.*|[^\s/:]+:\d+", "must be a socket path like /dev/log or host:port"),
     "root": parse_root,
@@ -3484,6 +3430,64 @@ PROJECT_KEYS = ("SCRIPTS", "RUN_AS", "VERIFY_SECONDS")
 # notify.sh and project.conf lie, stays the daemon's.
 WORK_DIR = "work"
 CAP_KILL, CAP_SETGID, CAP_SETUID = 5, 6, 7
+
+
+class RunAs:
+    """A user with its primary group and supplementary groups."""
+
+    def __init__(self, uid, gid, groups, text):
+        self.uid, self.gid, self.groups, self.text = uid, gid, tuple(groups), text
+
+    def __repr__(self):
+        return "%s (uid %d, gid %d, groups %s)" % (
+            self.text, self.uid, self.gid, ",".join(map(str, self.groups)) or "-")
+
+
+def lookup_id(name, database):
+    """A user or group name or number -> its number.  Raises ValueError."""
+    if name.isdigit():
+        return int(name)
+    try:
+        return (pwd.getpwnam(name).pw_uid if database == "user"
+                else grp.getgrnam(name).gr_gid)
+    except KeyError:
+        raise ValueError("no such %s: %r" % (database, name)) from None
+
+
+def resolve_run_as(text):
+    """'user[:group[,group...]]' -> RunAs.  The first group is the primary
+    one, the others supplementary; with the user alone, its groups are those
+    of the passwd and group databases.  Numbers need no account.  Root is
+    refused: scripts under it would reach everything.  Raises ValueError."""
+    user, colon, groups = text.strip().partition(":")
+    if not user or (colon and not groups.strip(",")):
+        raise ValueError("must be user[:group[,group...]]")
+    uid = lookup_id(user, "user")
+    if colon:
+        gids = [lookup_id(name, "group") for name in groups.split(",") if name]
+        gid, extra = gids[0], gids[1:]
+    else:
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            raise ValueError("user %s has no account: give its group as "
+                             "%s:GROUP" % (user, user)) from None
+        gid = entry.pw_gid
+        extra = [g for g in os.getgrouplist(entry.pw_name, gid) if g != gid]
+    if uid == 0 or gid == 0 or 0 in extra:
+        raise ValueError("scripts may not run as root or in group root")
+    return RunAs(uid, gid, sorted(set(extra)), text.strip())
+
+
+def parse_run_as_setting(text):
+    """RUN_AS: empty, or user[:group[,group...]] of existing accounts."""
+    if text:
+        resolve_run_as(text)  # raises ValueError naming what is unknown
+    return text
+
+
+# load_settings and project_settings check RUN_AS's accounts with the rest
+SETTING_KINDS["run_as"] = parse_run_as_setting
 
 
 def has_capability(number, field="CapEff"):
