@@ -766,6 +766,16 @@ def write_all(fd, data):
         view = view[written:]
 
 
+def shut_quietly(sock, how):
+    """sock.shutdown(how), to wake a read that waits on it; a socket
+    closed already (or None) is fine."""
+    if sock is not None:
+        try:
+            sock.shutdown(how)
+        except OSError:
+            pass
+
+
 def fsync_dir(path):
     """Make a rename or create in folder path durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -922,18 +932,18 @@ def json_items(data):
     return data.count(b"{") + data.count(b"[") + data.count(b",")
 
 
-def check_json_shape(data, what, max_items, max_depth=MAX_JSON_DEPTH):
-    """Refuse JSON text (bytes) with more than max_items values or nested
-    deeper than max_depth, before json.loads builds anything of it.  Only
-    the structure is walked (escaped quotes and backslashes dropped first,
-    then all but quotes, brackets and commas): no object per value is
-    made, however hostile the text.  Raises BadRequest naming what."""
+def json_structure(data):
+    """The quotes, brackets and commas of JSON text (bytes), escaped
+    quotes and backslashes dropped first: all that gives it its shape,
+    with no object made per value, however hostile the text."""
     unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
-    marks = unescaped.translate(None, NOT_STRUCTURE)
-    del unescaped
-    if len(marks) > 8 * max_items + 64:  # a value has 2 quotes, a key 2 more
-        raise BadRequest("%s has more than %d values" % (what, max_items))
-    items = depth = 0
+    return unescaped.translate(None, NOT_STRUCTURE)
+
+
+def json_shape(marks):
+    """(values, deepest nesting) of json_structure's marks, strings
+    skipped: each array, object and comma counts as a value."""
+    items = depth = deepest = 0
     in_string = False
     for mark in marks:
         if mark == QUOTE:
@@ -943,12 +953,25 @@ def check_json_shape(data, what, max_items, max_depth=MAX_JSON_DEPTH):
         elif mark in OPENING:
             depth += 1
             items += 1
-            if depth > max_depth:
-                raise BadRequest("%s is nested more than %d deep" % (what, max_depth))
+            if depth > deepest:
+                deepest = depth
         elif mark == COMMA:
             items += 1
         else:
             depth -= 1
+    return items, deepest
+
+
+def check_json_shape(data, what, max_items, max_depth=MAX_JSON_DEPTH):
+    """Refuse JSON text (bytes) with more than max_items values or nested
+    deeper than max_depth, before json.loads builds anything of it (only
+    its json_structure is walked).  Raises BadRequest naming what."""
+    marks = json_structure(data)
+    if len(marks) > 8 * max_items + 64:  # a value has 2 quotes, a key 2 more
+        raise BadRequest("%s has more than %d values" % (what, max_items))
+    items, deepest = json_shape(marks)
+    if deepest > max_depth:
+        raise BadRequest("%s is nested more than %d deep" % (what, max_depth))
     if items > max_items:
         raise BadRequest("%s has more than %d values" % (what, max_items))
 
@@ -1118,6 +1141,14 @@ def file_signature(path):
     return (info.st_mtime_ns, info.st_size, info.st_ino)
 
 
+def logged(parsed):
+    """The value of a parser's (value, warnings), each warning logged."""
+    value, warnings = parsed
+    for warning in warnings:
+        log.warning("%s", warning)
+    return value
+
+
 class WatchedFile:
     """A small file ipd reads again whenever it changes on disk (its
     file_signature): the users file, the tokens file, OIDC_TRUST.
@@ -1168,18 +1199,12 @@ class UserDB:
 
     def __init__(self, path):
         self.path = path
-        self._file = WatchedFile(path, self._parse, dict, "users file",
-                                 "nobody can log in")
+        self._file = WatchedFile(path, lambda text: logged(parse_users(text, path)),
+                                 dict, "users file", "nobody can log in")
         self._lock = threading.Lock()  # guards the verified-password cache
         self._verified = {}
         self._cache_key = secrets.token_bytes(32)
         self._decoy = None
-
-    def _parse(self, text):
-        users, warnings = parse_users(text, self.path)
-        for warning in warnings:
-            log.warning("%s", warning)
-        return users
 
     def _current_users(self):
         """{name: User} as the file now says; a change empties the cache
@@ -1260,22 +1285,31 @@ def check_name_for_config(project):
         raise ConfigError("bad project name %r" % project)
 
 
-def replace_user_line(path, name, record):
-    """Write the users file at path with record instead of name's line."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            lines = file.read().splitlines()
-        info = os.stat(path)
-    except FileNotFoundError:
-        lines, info = [], None
-    kept = [line for line in lines
+def rewrite_private(path, change, keep_mode=False):
+    """Replace the file at path (the users or the tokens file) with
+    change(its text, '' when there is none), atomically and under its
+    FileLock: of two commands at once, each sees what the other wrote
+    (issue 23).  Mode 0640, or with keep_mode the old file's less what
+    others could read; root keeps its owner and group."""
+    with FileLock(path):
+        try:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+            info = os.stat(path)
+        except FileNotFoundError:
+            text, info = "", None
+        mode = stat.S_IMODE(info.st_mode) & ~0o007 if info and keep_mode else 0o640
+        write_file_atomic(path, change(text).encode(), mode)
+        if info and os.geteuid() == 0:  # root edits it; the ipd user reads it
+            os.chown(path, info.st_uid, info.st_gid)
+
+
+def replace_user_line(text, name, record):
+    """The users file's text with record instead of name's line."""
+    kept = [line for line in text.splitlines()
             if line.strip().split(":")[1:2] != [name]
             or line.strip().startswith("#")]
-    kept.append(record)
-    write_file_atomic(path, ("\n".join(kept) + "\n").encode(),
-                      stat.S_IMODE(info.st_mode) & ~0o007 if info else 0o640)
-    if info and os.geteuid() == 0:  # root edits it; the ipd user reads it
-        os.chown(path, info.st_uid, info.st_gid)
+    return "\n".join(kept + [record]) + "\n"
 
 
 def set_user(path, role, name, password_hash, projects=None):
@@ -1298,8 +1332,8 @@ def set_user(path, role, name, password_hash, projects=None):
         for project in projects:
             check_name_for_config(project)
         record += ":" + ",".join(projects)
-    with FileLock(path):  # another passwd may be at it too
-        replace_user_line(path, name, record)
+    rewrite_private(path, lambda text: replace_user_line(text, name, record),
+                    keep_mode=True)  # under its lock: another passwd may be at it
 
 
 ###############################################################################
@@ -1574,19 +1608,13 @@ def rewrite_tokens(path, change):
         raise ConfigError("cannot write the tokens file %s: its folder %s does "
                           "not exist (create it, or give --tokens-db FILE or "
                           "set TOKENS_DB)" % (path, folder))
+
+    def rewritten(text):
+        tokens = list(parse_tokens(text).values())
+        change(tokens)
+        return "".join(token.line() + "\n" for token in tokens)
     try:
-        with FileLock(path):
-            try:
-                with open(path, encoding="utf-8") as file:
-                    tokens = list(parse_tokens(file.read()).values())
-                info = os.stat(path)
-            except FileNotFoundError:
-                tokens, info = [], None
-            change(tokens)
-            write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(),
-                              0o640)
-            if info and os.geteuid() == 0:
-                os.chown(path, info.st_uid, info.st_gid)
+        rewrite_private(path, rewritten)
     except PermissionError:
         raise ConfigError("cannot write the tokens file %s: permission denied "
                           "(run this as the user ipd runs as, or as root)" % path)
@@ -1774,45 +1802,15 @@ class TrustDB:
 
     def __init__(self, path):
         self.path = path
-        self._file = WatchedFile(path, self._parse, list, "OIDC_TRUST",
-                                 "no ID token logs in")
+        self._file = WatchedFile(path, lambda text: logged(parse_trust(
+            text, path, os.path.dirname(path))), list, "OIDC_TRUST", "no ID token logs in")
 
     def rules(self):
         """The rules as the file now says."""
         return self._file.read()[0]
 
-    def _parse(self, text):
-        rules, warnings = parse_trust(text, self.path, os.path.dirname(self.path))
-        for warning in warnings:
-            log.warning("%s", warning)
-        return rules
-
 
 # --- keys: JSON Web Key Sets (RFC 7517), from a file or fetched
-
-def json_too_deep(text, limit):
-    """True when text's arrays and objects nest deeper than limit (strings
-    skipped): checked before json.loads, whose recursion has no bound of
-    its own that ipd chooses."""
-    depth, in_string, escaped = 0, False, False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif char in "]}":
-            depth -= 1
-    return False
-
 
 def no_constant(name):
     """parse_constant: NaN and Infinity are not JSON (RFC 8259 6)."""
@@ -1835,7 +1833,7 @@ def parse_json_bounded(data, depth=OIDC_MAX_DEPTH * 2):
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("not UTF-8")
-    if json_too_deep(text, depth):
+    if json_shape(json_structure(data))[1] > depth:  # json.loads recurses
         raise ValueError("JSON nested deeper than %d" % depth)
     return json.loads(text, object_pairs_hook=unique_keys, parse_constant=no_constant)
 
@@ -1883,17 +1881,6 @@ def read_bounded(response):
         pieces.append(piece)
 
 
-def shut_down(connection):
-    """A fetch's time is up: end its socket, so that whatever read waits
-    on it (connect, TLS handshake, headers, body) ends now."""
-    sock = connection.sock
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
 def fetch_json(url, context, deadline):
     """GET an https URL (no redirects) -> its JSON object, all of it
     before deadline (time.monotonic(); a server that trickles is cut off)
@@ -1904,7 +1891,10 @@ def fetch_json(url, context, deadline):
     left = max(0.1, deadline - time.monotonic())
     connection = http.client.HTTPSConnection(parts.hostname, parts.port,
                                              timeout=left, context=context)
-    timer = threading.Timer(left, shut_down, (connection,))
+    # time is up: end its socket, so that whatever read waits on it
+    # (connect, TLS handshake, headers, body) ends now
+    timer = threading.Timer(left, lambda: shut_quietly(connection.sock,
+                                                       socket.SHUT_RDWR))
     timer.start()
     try:
         connection.request("GET", (parts.path or "/") + (
@@ -2741,11 +2731,9 @@ class FieldSink:
 
     def close(self):
         """Nothing to close: the field is in memory."""
-        pass
 
     def discard(self):
         """Nothing to remove: the field is in memory."""
-        pass
 
     def text(self):
         """The field's value as text (UTF-8); BadRequest when it is not."""
@@ -2984,7 +2972,10 @@ class PackageWriter:
         os.chmod(self._path(parts), 0o755)  # whatever the umask: readable
         self.kinds[tuple(parts)] = "dir"
 
-    def _prepare_parent(self, name, parts):
+    def _prepare_parent(self, name, parts, over_file=True):
+        """Make the folders above entry name (its parts) and refuse one
+        given twice: over a folder or link, or (unless over_file: a file
+        again replaces it) over a file."""
         for depth in range(1, len(parts)):
             prefix = tuple(parts[:depth])
             kind = self.kinds.get(prefix)
@@ -2994,7 +2985,7 @@ class PackageWriter:
                 raise BadRequest("package entry %r: goes through a %s"
                                  % (name, "symlink" if kind == "link" else "file"))
         existing = self.kinds.get(tuple(parts))
-        if existing in ("dir", "link"):
+        if existing in ("dir", "link") or (existing and not over_file):
             raise BadRequest("package entry %r: given twice" % name)
 
     def directory(self, name, mode):
@@ -3055,9 +3046,7 @@ class PackageWriter:
             raise BadRequest("package entry %r: a link where an earlier link's "
                              "target passes" % name)
         passed = self.resolve_link(name, parts[:-1], target)
-        self._prepare_parent(name, parts)
-        if tuple(parts) in self.kinds:
-            raise BadRequest("package entry %r: given twice" % name)
+        self._prepare_parent(name, parts, over_file=False)
         os.symlink(target, self._path(parts))
         self.kinds[tuple(parts)] = "link"
         self.traversed.update(passed)
@@ -3093,9 +3082,7 @@ class PackageWriter:
         if self.kinds.get(tuple(target_parts)) != "file":
             raise BadRequest("package entry %r: hard link to %r, which is not "
                              "a file of the package" % (name, target))
-        self._prepare_parent(name, parts)
-        if tuple(parts) in self.kinds:
-            raise BadRequest("package entry %r: given twice" % name)
+        self._prepare_parent(name, parts, over_file=False)
         os.link(self._path(target_parts), self._path(parts))
         self.kinds[tuple(parts)] = "file"
 
@@ -3723,25 +3710,20 @@ def processes_of_deployments(deployment_ids):
     return found
 
 
-def process_state(pid):
-    """(state letter, process group) of a process from /proc, or None."""
-    fields = proc_stat(pid)
-    return (fields[0], int(fields[2])) if fields else None
-
-
 def process_running(pid):
     """True while pid is a process that has not ended (a zombie has)."""
-    state = process_state(pid)
-    return state is not None and state[0] != b"Z"
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != b"Z"
 
 
-def session_members(session):
+def session_members(session, field=3):
     """The pids running in session (zombies left out), whichever process
-    group they moved to: what setsid() alone would take them out of."""
+    group they moved to: what setsid() alone would take them out of.
+    With field=2 (proc_stat's process group), those of a process group."""
     found = []
     for pid in list_pids():
         fields = proc_stat(pid)
-        if fields and int(fields[3]) == session and fields[0] != b"Z":
+        if fields and int(fields[field]) == session and fields[0] != b"Z":
             found.append(pid)
     return found
 
@@ -3809,11 +3791,7 @@ def group_alive(group):
             return True
         except OSError:
             return False
-    for pid in list_pids():
-        state = process_state(pid)
-        if state and state[1] == group and state[0] != b"Z":
-            return True
-    return False
+    return bool(session_members(group, field=2))
 
 
 def wait_for_group(process, seconds, pause):
@@ -3944,9 +3922,8 @@ class Deployment:
             "pruned": self.pruned,
             "signer": self.signer,
         }
-        if "oidc" in self.others:
-            public["oidc"] = self.others["oidc"]
-        for name in ("rollback", "rollback_of"):  # verify's rollback (#25)
+        # an ID token's claims; verify's rollback (#25)
+        for name in ("oidc", "rollback", "rollback_of"):
             if name in self.others:
                 public[name] = self.others[name]
         return public
@@ -4016,7 +3993,7 @@ class Counters:
     """
 
     def __init__(self):
-        self.deployments = {}     # (project, state) -> number
+        self.deployments = collections.Counter()  # (project, state) -> number
         self.steps = {}           # step -> [per bucket..., +Inf, sum]
         self.last_success = {}    # project -> end time of its latest ok
         self.durations = []       # seconds of the latest finished deployments
@@ -4029,8 +4006,7 @@ class Counters:
         project = new.project
         if old is not None:
             self.deployments[(project, old.state)] -= 1
-        key = (project, new.state)
-        self.deployments[key] = self.deployments.get(key, 0) + 1
+        self.deployments[(project, new.state)] += 1
         for step in new.steps[len(old.steps) if old else 0:]:
             observe_step(self.steps, step["step"], step.get("seconds"))
         if new.state == "ok" and new.ended:
@@ -4044,8 +4020,7 @@ class Counters:
         """Count a loaded project's cold records (ColdFigures) in, but for
         their durations (the store takes the newest of all)."""
         for state, count in cold.states.items():
-            key = (project, state)
-            self.deployments[key] = self.deployments.get(key, 0) + count
+            self.deployments[(project, state)] += count
         for step, counts in cold.steps.items():
             mine = self.steps.setdefault(step, [0] * (len(STEP_BUCKETS) + 2))
             self.steps[step] = [a + b for a, b in zip(mine, counts)]
@@ -4937,10 +4912,8 @@ class DeploymentStore:
         that ended 'ok' and keeps its files (a hot one: a pruned one has
         none), or None: what a rollback redeploys."""
         with self._lock:
-            ledger = self._ledgers.get(project)
-            found = [self._hot[i] for i in (ledger.hot if ledger else ())
-                     if self._hot[i].state == "ok" and self._hot[i].seq < before_seq
-                     and not self._hot[i].pruned and self._hot[i].files]
+            found = [r for r in self._hot_of(project)[1] if r.state == "ok"
+                     and r.seq < before_seq and not r.pruned and r.files]
             return max(found, key=lambda r: r.seq).copy() if found else None
 
     def rollbacks_unrecorded(self):
@@ -4963,10 +4936,7 @@ class DeploymentStore:
         KEEP_DEPLOYMENTS that still have their files.  ending: a deployment
         whose final state its worker writes next, taken as written."""
         with self._lock:
-            ledger = self._ledgers.get(project)
-            if ledger is None:
-                return []
-            hot = [self._hot[i] for i in ledger.hot]
+            ledger, hot = self._hot_of(project)
             found = []
             for number, record in enumerate(hot):
                 newer = len(hot) - number - 1 + ledger.cold_newer_than(record.seq)
@@ -4979,24 +4949,26 @@ class DeploymentStore:
         """Copies of project's finished recipe deployments that keep their
         files (which can be rebuilt from segments: DROP_REBUILT)."""
         with self._lock:
-            ledger = self._ledgers.get(project)
-            return [self._hot[i].copy() for i in (ledger.hot if ledger else ())
-                    if self._hot[i].recipe and not self._hot[i].pruned
-                    and self._state_of(self._hot[i], ending) not in UNFINISHED]
+            return [r.copy() for r in self._hot_of(project)[1] if r.recipe and not
+                    r.pruned and self._state_of(r, ending) not in UNFINISHED]
 
     def oldest_prunable(self, project, ending=None):
         """A copy of project's oldest deployment that may be pruned to make
         room: never a waiting or running one, nor its latest ok one; or
         None."""
         with self._lock:
-            candidates = []
-            for ledger in filter(None, [self._ledgers.get(project)]):
-                hot = [self._hot[i] for i in ledger.hot]
-                done = [r.seq for r in hot if self._state_of(r, ending) == "ok"]
-                latest_ok = max(done + [ledger.cold_last_ok_seq or 0])
-                candidates.extend(r for r in hot if r.seq != latest_ok and not r.pruned
-                                  and self._state_of(r, ending) not in UNFINISHED)
+            ledger, hot = self._hot_of(project)
+            done = [r.seq for r in hot if self._state_of(r, ending) == "ok"]
+            latest_ok = max(done + [ledger and ledger.cold_last_ok_seq or 0])
+            candidates = [r for r in hot if r.seq != latest_ok and not r.pruned
+                          and self._state_of(r, ending) not in UNFINISHED]
             return min(candidates, key=lambda r: r.seq).copy() if candidates else None
+
+    def _hot_of(self, project):
+        """(ledger, its hot records in upload order) of project, (None, [])
+        for one the store does not know (held _lock)."""
+        ledger = self._ledgers.get(project)
+        return ledger, [self._hot[i] for i in ledger.hot] if ledger else []
 
     @staticmethod
     def _state_of(record, ending):
@@ -5567,11 +5539,7 @@ class SegmentWriter:
         """Tell this writer to stop, and wake it from a read that waits for
         a client that is gone (its socket's reading side is shut)."""
         self.superseded = True
-        if self.connection is not None:
-            try:
-                self.connection.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
+        shut_quietly(self.connection, socket.SHUT_RD)
 
     def finish(self):
         """Verify the whole segment's SHA-256 and move it into the store;
@@ -5795,9 +5763,7 @@ class SegmentStore:
         except OSError:
             pass
         with self.lock:
-            referred = set()
-            for _, digests in self.refs.values():
-                referred |= digests
+            referred = self._referred()
             total += sum(self.sizes.get(digest, 0) for digest, names
                          in self.uploaders.items()
                          if user.name in names and digest not in referred)
@@ -5898,6 +5864,10 @@ class SegmentStore:
         with self.lock:
             self.refs[record.id] = (record.project, recipe_digests(files))
 
+    def _referred(self):
+        """The digests some kept deployment refers to (held lock)."""
+        return set().union(*(digests for _, digests in self.refs.values()))
+
     def forget(self, deployment_id):
         """A deployment no longer refers to any segment (pruned, or never
         made)."""
@@ -5927,9 +5897,7 @@ class SegmentStore:
                 except OSError:
                     pass
         with self.lock:
-            referred = set()
-            for _, digests in self.refs.values():
-                referred |= digests
+            referred = self._referred()
             old = [digest for digest in self.sizes if digest not in referred
                    and now - self.recent.get(digest, 0) > self.expiry]
             for digest in old:
