@@ -250,8 +250,6 @@ def is_project_name(name):
 DEFAULT_CONFIG = "/etc/ipd.conf"
 
 
-# KEY: (default, kind, description).  The same table feeds the parser, the
-# README and ipd.conf.example, so a setting is documented where it is read.
 # Every setting: its default (as text), its kind (which parse_setting
 # turns into a value) and what it does, written once: the README's
 # settings table and ipd.conf.example are made from here by
@@ -877,21 +875,28 @@ class FileLock:
         self.fd = None
 
 
+def write_and_close(fd, data, mode=None, sync=False):
+    """Write all of data to the open file fd, give it mode (when given),
+    fsync it (with sync), and close it whatever happens."""
+    try:
+        write_all(fd, data)
+        if mode is not None:
+            os.fchmod(fd, mode)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file_atomic(path, data, mode=0o640):
     """Replace path with data: temporary file, fsync, rename, fsync folder."""
     folder = os.path.dirname(path)
     fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
                                      suffix=".tmp", dir=folder)
     try:
-        write_all(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
+        write_and_close(fd, data, mode, sync=True)
         os.replace(temporary, path)
     except BaseException:
-        if fd is not None:
-            os.close(fd)
         remove_quietly(temporary)
         raise
     fsync_dir(folder)
@@ -1947,10 +1952,7 @@ class IssuerKeys:
 
     def key(self, issuer, kid, jwks=None):
         """(n, e) of issuer's key kid; raises TokenRefused."""
-        if jwks:
-            keys = self._file_keys(jwks)
-        else:
-            keys = self._issuer_keys(issuer, kid)
+        keys = self._file_keys(jwks) if jwks else self._issuer_keys(issuer, kid)
         if not keys:
             raise TokenRefused("no keys of this issuer (see ipd.log: cannot fetch "
                                "the keys...)")
@@ -2704,11 +2706,7 @@ class RecipeFile:
     def __init__(self, data, folder):
         fd, self.path = tempfile.mkstemp(prefix=".upload-", suffix=".recipe",
                                          dir=folder)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_and_close(fd, data, sync=True)
 
     def discard(self):
         """Remove the recipe's temporary file."""
@@ -3676,11 +3674,8 @@ def write_step_identity(path, pid):
     leader, and the boot.  A plain write, the moment the step started."""
     data = json.dumps({"session": pid, "start": process_start(pid),
                        "boot": boot_id()}).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
-    try:
-        write_all(fd, data)
-    finally:
-        os.close(fd)
+    write_and_close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                            0o640), data)
 
 
 def list_pids():
@@ -4833,12 +4828,9 @@ class DeploymentStore:
         (the cold ones chosen by their files' mtimes, which is when they
         ended), so that a long history costs a page no more than that."""
         with self._lock:
-            ledger = self._ledgers.get(project)
-            if ledger is None:
-                return []
-            hot = [self._hot[i].copy() for i in ledger.hot]
-            cold_count = ledger.cold_count
-        records = {record.id: record for record in hot}
+            ledger, hot = self._hot_of(project)
+            records = {record.id: record.copy() for record in hot}
+            cold_count = ledger.cold_count if ledger else 0
         if cold_count:
             for stem in self._cold_files(project, records, limit):
                 record = self._read_cold(project, stem)
@@ -4897,14 +4889,12 @@ class DeploymentStore:
         """(the newest manifest time of project's signed deployments that
         wait, run or succeeded, the nonces of all its signed ones)."""
         with self._lock:
-            ledger = self._ledgers.get(project)
+            ledger, hot = self._hot_of(project)
             if ledger is None:
                 return 0, set()
-            newest = ledger.cold_signed_newest
-            for deployment_id in ledger.hot:
-                record = self._hot[deployment_id]
-                if record.signer and record.state in UNFINISHED + ("ok",):
-                    newest = max(newest, record.signer.get("created", 0))
+            newest = max([ledger.cold_signed_newest] + [
+                r.signer.get("created", 0) for r in hot
+                if r.signer and r.state in UNFINISHED + ("ok",)])
             return newest, set(ledger.nonces)
 
     def rollback_target(self, project, before_seq):
@@ -5976,13 +5966,10 @@ class SegmentStore:
         path = self.session_path(user.name, "bytes-" + uuid.uuid4().hex)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            write_all(fd, data)
-            os.fsync(fd)
+            write_and_close(fd, data, sync=True)
         except OSError as error:
-            os.close(fd)
             remove_quietly(path)
             raise disk_errors(error)
-        os.close(fd)
         return self.add(user, digest, path)
 
     def open_segment(self, digest):
