@@ -2953,9 +2953,10 @@ class PackageWriter:
     def _path(self, parts):
         return os.path.join(self.root, *parts)
 
-    def _count(self, name):
-        """One more entry; refuse a name over MAX_NAME_SIZE or an entry
-        over MAX_MEMBERS."""
+    def _entry(self, name, what=None, target=""):
+        """One more entry; -> its path components (member_parts).  Refuses
+        an entry over MAX_MEMBERS, a name (or a link's target) over
+        MAX_NAME_SIZE, and a what ('file', 'link') without a name."""
         self.members += 1
         if self.members > self.limits.MAX_MEMBERS:
             raise BadRequest("package has more than MAX_MEMBERS (%d) entries"
@@ -2964,6 +2965,13 @@ class PackageWriter:
             raise BadRequest("package entry %r...: name longer than "
                              "MAX_NAME_SIZE (%d bytes)"
                              % (name[:60], self.limits.MAX_NAME_SIZE))
+        if len(target.encode("utf-8", "surrogateescape")) > self.limits.MAX_NAME_SIZE:
+            raise BadRequest("package entry %r: link target longer than "
+                             "MAX_NAME_SIZE" % name)
+        parts = member_parts(name)
+        if what and not parts:
+            raise BadRequest("package entry %r: a %s without a name" % (name, what))
+        return parts
 
     def _mkdir(self, parts):
         os.mkdir(self._path(parts), 0o755)
@@ -2989,8 +2997,7 @@ class PackageWriter:
     def directory(self, name, mode):
         """Make a folder of the package (mode given), inside the
         destination."""
-        self._count(name)
-        parts = member_parts(name)
+        parts = self._entry(name)
         if not parts:
             return
         kind = self.kinds.get(tuple(parts))
@@ -3004,19 +3011,13 @@ class PackageWriter:
 
     def file(self, name, mode, source):
         """Copy file object source to entry name."""
-        self._count(name)
-        parts = member_parts(name)
-        if not parts:
-            raise BadRequest("package entry %r: a file without a name" % name)
+        parts = self._entry(name, "file")
         self._prepare_parent(name, parts)
         path = self._path(parts)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
         fd = os.open(path, flags, 0o600)
         try:
-            while True:
-                data = source.read(CHUNK_SIZE)
-                if not data:
-                    break
+            for data in iter(lambda: source.read(CHUNK_SIZE), b""):
                 self.written += len(data)
                 if self.max_bytes and self.written > self.max_bytes:
                     raise TooLarge("package unpacks to more than "
@@ -3031,13 +3032,7 @@ class PackageWriter:
 
     def symlink(self, name, target):
         """Make a symbolic link whose target stays inside the destination."""
-        self._count(name)
-        if len(target.encode("utf-8", "surrogateescape")) > self.limits.MAX_NAME_SIZE:
-            raise BadRequest("package entry %r: link target longer than "
-                             "MAX_NAME_SIZE" % name)
-        parts = member_parts(name)
-        if not parts:
-            raise BadRequest("package entry %r: a link without a name" % name)
+        parts = self._entry(name, "link", target)
         if not target or target.startswith("/") or "\0" in target:
             raise BadRequest("package entry %r: link to an absolute path" % name)
         if tuple(parts) in self.traversed:
@@ -3074,8 +3069,7 @@ class PackageWriter:
 
     def hardlink(self, name, target):
         """Make a hard link to a file this package wrote earlier."""
-        self._count(name)
-        parts = member_parts(name)
+        parts = self._entry(name)
         target_parts = member_parts(target)
         if self.kinds.get(tuple(target_parts)) != "file":
             raise BadRequest("package entry %r: hard link to %r, which is not "
@@ -4477,13 +4471,10 @@ class DeploymentStore:
         if counted and not records:  # the latest must be hot: count anew
             return self._scan_project(project, ColdFigures(), {})
         records.sort(key=lambda r: r.seq)
-        hot = records[-1:]
-        for record in records[:-1]:
+        for record in records[:-1]:  # the latest stays hot
             if is_cold(record):
                 cold.fold(record)
-            else:
-                hot.append(record)
-        hot.sort(key=lambda r: r.seq)
+        hot = [record for record in records[:-1] if not is_cold(record)] + records[-1:]
         if hot:
             write_index(folder, hot, mtimes, cold)
         return hot, cold, False
