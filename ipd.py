@@ -5649,10 +5649,7 @@ class SegmentStore:
     def visible(self, user, digests):
         """The digests of digests that are on the server for user."""
         with self.lock:
-            own = set()
-            for project, referred in self.refs.values():
-                if user.may_use(project):
-                    own |= referred
+            own = self._referred(user)
             # both tests for every digest: the same work whether another
             # project holds it or nobody does (issue 23)
             return {digest for digest in digests if (digest in own) + (
@@ -5845,9 +5842,11 @@ class SegmentStore:
         with self.lock:
             self.refs[record.id] = (record.project, recipe_digests(files))
 
-    def _referred(self):
-        """The digests some kept deployment refers to (held lock)."""
-        return set().union(*(digests for _, digests in self.refs.values()))
+    def _referred(self, user=None):
+        """The digests some kept deployment refers to (of a project user
+        may use, when given; held lock)."""
+        return set().union(*(digests for project, digests in self.refs.values()
+                             if user is None or user.may_use(project)))
 
     def forget(self, deployment_id):
         """A deployment no longer refers to any segment (pruned, or never
