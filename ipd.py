@@ -3926,12 +3926,8 @@ class Deployment:
         lists and dicts is copied too, so that no change to it reaches
         the store's own."""
         deployment = Deployment.__new__(Deployment)
-        deployment.id, deployment.project, deployment.seq = self.id, self.project, self.seq
-        deployment.state, deployment.user, deployment.control = (
-            self.state, self.user, self.control)
-        deployment.created, deployment.started, deployment.ended = (
-            self.created, self.started, self.ended)
-        deployment.pruned, deployment.recipe = self.pruned, self.recipe
+        for key in self.FIELDS:  # then a copy of each list and dict
+            setattr(deployment, key, getattr(self, key))
         deployment.files = {name: dict(meta) for name, meta in self.files.items()}
         deployment.steps = [dict(step) for step in self.steps]
         deployment.signer = self.signer and dict(self.signer)
