@@ -4344,9 +4344,9 @@ class DeploymentStore:
                 log.info("removing torn upload %s", entry.name)
                 remove_quietly(entry.path)
             elif is_project_name(entry.name) and entry.is_dir():
-                records, cold, fresh = self._load_project(entry.name)
+                records, cold = self._load_project(entry.name)
                 if records:
-                    self._add_project(entry.name, records, cold, fresh)
+                    self._add_project(entry.name, cold)
                     hot.extend(records)
                     durations.extend(cold.durations)
         hot.sort(key=lambda r: r.seq)
@@ -4360,10 +4360,10 @@ class DeploymentStore:
         self._interrupt([r for r in hot if r.state == "active"], kill_grace)
         return sum(ledger.count() for ledger in self._ledgers.values())
 
-    def _add_project(self, project, records, cold, fresh):
+    def _add_project(self, project, cold):
         """Take a loaded project's cold figures into its ledger and counters."""
         ledger = self._ledgers[project] = ProjectLedger(cold)
-        ledger.index_fresh = True  # fresh, or written anew just now
+        ledger.index_fresh = True  # fresh, or written anew just now (it has records)
         self._counters.add_cold(project, cold)
         if cold.seqs:
             self._next_seq = max(self._next_seq, max(cold.seqs) + 1)
@@ -4402,7 +4402,7 @@ class DeploymentStore:
                      record.id, record.project, state)
 
     def _load_project(self, project):
-        """-> (hot records, ColdFigures, fresh) of project: from its index
+        """-> (hot records, ColdFigures) of project: from its index
         alone while it vouches for the folder; otherwise from every state
         file it cannot vouch for, the index then written anew."""
         folder = self.deployments_dir(project)
@@ -4413,7 +4413,7 @@ class DeploymentStore:
             if fresh and self._unchanged(project, cached):
                 records = [cached_deployment(entry[1]) for entry in cached.values()]
                 if records and None not in records:
-                    return records, cold, True
+                    return records, cold
         except (KeyError, TypeError, ValueError, IndexError):
             cold, cached = ColdFigures(), {}
         return self._scan_project(project, cold, cached)
@@ -4441,7 +4441,7 @@ class DeploymentStore:
         try:
             entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
-            return [], cold, False
+            return [], cold
         names = {entry.name for entry in entries}
         if not all(deployment_id + ".json" in names for deployment_id in cold.ids):
             cold = ColdFigures()  # a state file it counted is gone: count anew
@@ -4473,7 +4473,7 @@ class DeploymentStore:
         hot = [record for record in records[:-1] if not is_cold(record)] + records[-1:]
         if hot:
             write_index(folder, hot, mtimes, cold)
-        return hot, cold, False
+        return hot, cold
 
     def _read_record(self, path, project, deployment_id):
         """The Deployment of a state file, or None (logged) for one that is
