@@ -1807,8 +1807,9 @@ class TrustDB:
 
     def __init__(self, path):
         self.path = path
-        self._file = WatchedFile(path, lambda text: logged(parse_trust(
-            text, path, os.path.dirname(path))), list, "OIDC_TRUST", "no ID token logs in")
+        folder = os.path.dirname(path)  # where its jwks=PATH are taken from
+        self._file = WatchedFile(path, lambda text: logged(parse_trust(text, path, folder)),
+                                 list, "OIDC_TRUST", "no ID token logs in")
 
     def rules(self):
         """The rules as the file now says."""
