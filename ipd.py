@@ -5330,6 +5330,17 @@ MISSING_MAX_SEGMENTS = 2 * RECIPE_MAX_PIECES  # push asks in batches of these
 MISSING_LIMIT = MISSING_MAX_SEGMENTS * 80 + 4096
 
 
+def entries_below(root, ignored=FileNotFoundError):
+    """The entries of each folder in the folder root (sha256/ab/...,
+    partial/USER/...); [] when listing root raises ignored."""
+    try:
+        folders = list(os.scandir(root))
+    except ignored:
+        return []
+    return [entry for folder in folders if folder.is_dir()
+            for entry in os.scandir(folder.path)]
+
+
 def check_pieces_add_up(field, pieces, size):
     """A recipe's pieces of a file must add up to its declared size, so
     that the size checked against the limits is what would be copied
@@ -5592,20 +5603,14 @@ class SegmentStore:
     def load(self, store):
         """Find the segments on disk, who sent them, and which kept
         deployments refer to which."""
-        try:  # made with the first segment
-            folders = list(os.scandir(os.path.join(self.root, "sha256")))
-        except FileNotFoundError:
-            folders = []
-        for folder in folders:
-            if not folder.is_dir():
-                continue
-            for entry in os.scandir(folder.path):
-                if SHA256_HEX.match(entry.name):
-                    info = entry.stat()
-                    self.sizes[entry.name] = info.st_size
-                    self.recent[entry.name] = info.st_mtime
-                else:  # a torn rename or stray file
-                    remove_quietly(entry.path)
+        # sha256/ is made with the first segment
+        for entry in entries_below(os.path.join(self.root, "sha256")):
+            if SHA256_HEX.match(entry.name):
+                info = entry.stat()
+                self.sizes[entry.name] = info.st_size
+                self.recent[entry.name] = info.st_mtime
+            else:  # a torn rename or stray file
+                remove_quietly(entry.path)
         try:
             with open(self.uploaders_path(), encoding="utf-8") as file:
                 for line in file:
@@ -5858,21 +5863,15 @@ class SegmentStore:
         now = now or time.time()
         self.collected = time.monotonic()
         freed = 0
-        partial_root = os.path.join(self.root, "partial")
-        try:
-            folders = list(os.scandir(partial_root))
-        except OSError:
-            folders = []
-        for folder in folders:
-            for entry in os.scandir(folder.path):
-                try:
-                    if now - entry.stat().st_mtime > self.expiry:
-                        with self.lock:
-                            busy = any(entry.name == digest for _, digest in self.busy)
-                        if not busy:
-                            remove_quietly(entry.path)
-                except OSError:
-                    pass
+        for entry in entries_below(os.path.join(self.root, "partial"), OSError):
+            try:
+                if now - entry.stat().st_mtime > self.expiry:
+                    with self.lock:
+                        busy = any(entry.name == digest for _, digest in self.busy)
+                    if not busy:
+                        remove_quietly(entry.path)
+            except OSError:
+                pass
         with self.lock:
             referred = self._referred()
             old = [digest for digest in self.sizes if digest not in referred
