@@ -4033,35 +4033,33 @@ class Counters:
         lines = []
 
         def family(name, kind, text, samples):
+            """One metric family: samples are (name suffix, labels, value)."""
             lines.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
-            for labels, value in samples:
+            for suffix, labels, value in samples:
                 label_text = ",".join('%s="%s"' % (key, escape_label(str(v)))
                                       for key, v in labels)
-                lines.append("%s%s %s\n" % (name, "{%s}" % label_text
-                                            if label_text else "", value))
+                lines.append("%s%s%s %s\n" % (name, suffix, "{%s}" % label_text
+                                              if label_text else "", value))
         family("ipd_deployments", "gauge", "Deployments by project and state.",
-               [((("project", p), ("state", st)), n)
+               [("", (("project", p), ("state", st)), n)
                 for (p, st), n in sorted(self.deployments.items()) if n])
-        lines.append("# HELP ipd_step_duration_seconds Time control.sh steps "
-                     "took.\n# TYPE ipd_step_duration_seconds histogram\n")
+        histogram = []
         for step, counts in sorted(self.steps.items()):
-            total = 0
-            for bound, count in zip(STEP_BUCKETS + ("+Inf",), counts):
-                total += count
-                lines.append('ipd_step_duration_seconds_bucket{step="%s",le="%s"} '
-                             '%d\n' % (step, bound, total))
-            lines.append('ipd_step_duration_seconds_sum{step="%s"} %.3f\n'
-                         % (step, counts[-1]))
-            lines.append('ipd_step_duration_seconds_count{step="%s"} %d\n'
-                         % (step, total))
+            cumulative = list(itertools.accumulate(counts[:-1]))  # +Inf last
+            histogram += [("_bucket", (("step", step), ("le", bound)), count)
+                          for bound, count in zip(STEP_BUCKETS + ("+Inf",), cumulative)]
+            histogram += [("_sum", (("step", step),), "%.3f" % counts[-1]),
+                          ("_count", (("step", step),), cumulative[-1])]
+        family("ipd_step_duration_seconds", "histogram", "Time control.sh steps took.",
+               histogram)
         family("ipd_last_success_timestamp_seconds", "gauge",
                "When the latest successful deployment of a project ended.",
-               [((("project", p),), "%.3f" % t)
+               [("", (("project", p),), "%.3f" % t)
                 for p, t in sorted(self.last_success.items())])
         for name, (text, value) in sorted(gauges.items()):
-            family(name, "gauge", text, [((), value)])
+            family(name, "gauge", text, [("", (), value)])
         for name, (text, value) in sorted(counters.items()):
-            family(name, "counter", text, [((), value)])
+            family(name, "counter", text, [("", (), value)])
         return "".join(lines)
 
 
