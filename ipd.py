@@ -1285,7 +1285,8 @@ class LoginThrottle:
 
 
 def check_name_for_config(project):
-    """Raise ValueError for a name that cannot be in the users file."""
+    """Raise ConfigError for a project name that cannot be in the users
+    or tokens file."""
     if not is_project_name(project):
         raise ConfigError("bad project name %r" % project)
 
