@@ -250,8 +250,6 @@ def is_project_name(name):
 DEFAULT_CONFIG = "/etc/ipd.conf"
 
 
-# KEY: (default, kind, description).  The same table feeds the parser, the
-# README and ipd.conf.example, so a setting is documented where it is read.
 # Every setting: its default (as text), its kind (which parse_setting
 # turns into a value) and what it does, written once: the README's
 # settings table and ipd.conf.example are made from here by
@@ -550,53 +548,6 @@ class UnknownSettings(ConfigError):
         self.log_dir = log_dir
 
 
-class RunAs:
-    """A user with its primary group and supplementary groups."""
-
-    def __init__(self, uid, gid, groups, text):
-        self.uid, self.gid, self.groups, self.text = uid, gid, tuple(groups), text
-
-    def __repr__(self):
-        return "%s (uid %d, gid %d, groups %s)" % (
-            self.text, self.uid, self.gid, ",".join(map(str, self.groups)) or "-")
-
-
-def lookup_id(name, database):
-    """A user or group name or number -> its number.  Raises ValueError."""
-    if name.isdigit():
-        return int(name)
-    try:
-        return (pwd.getpwnam(name).pw_uid if database == "user"
-                else grp.getgrnam(name).gr_gid)
-    except KeyError:
-        raise ValueError("no such %s: %r" % (database, name)) from None
-
-
-def resolve_run_as(text):
-    """'user[:group[,group...]]' -> RunAs.  The first group is the primary
-    one, the others supplementary; with the user alone, its groups are those
-    of the passwd and group databases.  Numbers need no account.  Root is
-    refused: scripts under it would reach everything.  Raises ValueError."""
-    user, colon, groups = text.strip().partition(":")
-    if not user or (colon and not groups.strip(",")):
-        raise ValueError("must be user[:group[,group...]]")
-    uid = lookup_id(user, "user")
-    if colon:
-        gids = [lookup_id(name, "group") for name in groups.split(",") if name]
-        gid, extra = gids[0], gids[1:]
-    else:
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:
-            raise ValueError("user %s has no account: give its group as "
-                             "%s:GROUP" % (user, user)) from None
-        gid = entry.pw_gid
-        extra = [g for g in os.getgrouplist(entry.pw_name, gid) if g != gid]
-    if uid == 0 or gid == 0 or 0 in extra:
-        raise ValueError("scripts may not run as root or in group root")
-    return RunAs(uid, gid, sorted(set(extra)), text.strip())
-
-
 def parse_whole(text, least=None):
     """A whole number (at least least, when given)."""
     if not re.fullmatch(r"-?\d+", text):
@@ -657,13 +608,6 @@ def parse_root(text):
     return text.rstrip("/")
 
 
-def parse_run_as_setting(text):
-    """RUN_AS: empty, or user[:group[,group...]] of existing accounts."""
-    if text:
-        resolve_run_as(text)  # raises ValueError naming what is unknown
-    return text
-
-
 def parse_window(text):
     """VERIFY_SECONDS: whole seconds from 0 to 86400 (a shell's $(( )))."""
     if not re.fullmatch(r"\d{1,6}", text) or int(text) > 86400:
@@ -686,7 +630,8 @@ def parse_path(text):
 
 
 # Each kind of setting (SETTINGS' second field) and its parser: the text
-# (stripped) -> the value, or ValueError saying what is wrong.
+# (stripped) -> the value, or ValueError saying what is wrong.  "run_as"
+# is added by the Processes section, where RUN_AS's accounts are resolved.
 SETTING_KINDS = {
     "int": parse_whole,
     "count": lambda text: parse_whole(text, least=1),
@@ -707,7 +652,6 @@ SETTING_KINDS = {
     "url": lambda text: parse_matching(text, r"https?://[^\s/]+(/\S*)?",
                                        "must be an http:// or https:// URL"),
     "scripts": parse_scripts_mode,
-    "run_as": parse_run_as_setting,
     "syslog": lambda text: parse_matching(
         text, r"/.*|[^\s/:]+:\d+", "must be a socket path like /dev/log or host:port"),
     "root": parse_root,
@@ -820,6 +764,16 @@ def write_all(fd, data):
         view = view[written:]
 
 
+def shut_quietly(sock, how):
+    """sock.shutdown(how), to wake a read that waits on it; a socket
+    closed already (or None) is fine."""
+    if sock is not None:
+        try:
+            sock.shutdown(how)
+        except OSError:
+            pass
+
+
 def fsync_dir(path):
     """Make a rename or create in folder path durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -921,21 +875,28 @@ class FileLock:
         self.fd = None
 
 
+def write_and_close(fd, data, mode=None, sync=False):
+    """Write all of data to the open file fd, give it mode (when given),
+    fsync it (with sync), and close it whatever happens."""
+    try:
+        write_all(fd, data)
+        if mode is not None:
+            os.fchmod(fd, mode)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file_atomic(path, data, mode=0o640):
     """Replace path with data: temporary file, fsync, rename, fsync folder."""
     folder = os.path.dirname(path)
     fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
                                      suffix=".tmp", dir=folder)
     try:
-        write_all(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
+        write_and_close(fd, data, mode, sync=True)
         os.replace(temporary, path)
     except BaseException:
-        if fd is not None:
-            os.close(fd)
         remove_quietly(temporary)
         raise
     fsync_dir(folder)
@@ -976,18 +937,18 @@ def json_items(data):
     return data.count(b"{") + data.count(b"[") + data.count(b",")
 
 
-def check_json_shape(data, what, max_items, max_depth=MAX_JSON_DEPTH):
-    """Refuse JSON text (bytes) with more than max_items values or nested
-    deeper than max_depth, before json.loads builds anything of it.  Only
-    the structure is walked (escaped quotes and backslashes dropped first,
-    then all but quotes, brackets and commas): no object per value is
-    made, however hostile the text.  Raises BadRequest naming what."""
+def json_structure(data):
+    """The quotes, brackets and commas of JSON text (bytes), escaped
+    quotes and backslashes dropped first: all that gives it its shape,
+    with no object made per value, however hostile the text."""
     unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
-    marks = unescaped.translate(None, NOT_STRUCTURE)
-    del unescaped
-    if len(marks) > 8 * max_items + 64:  # a value has 2 quotes, a key 2 more
-        raise BadRequest("%s has more than %d values" % (what, max_items))
-    items = depth = 0
+    return unescaped.translate(None, NOT_STRUCTURE)
+
+
+def json_shape(marks):
+    """(values, deepest nesting) of json_structure's marks, strings
+    skipped: each array, object and comma counts as a value."""
+    items = depth = deepest = 0
     in_string = False
     for mark in marks:
         if mark == QUOTE:
@@ -997,12 +958,25 @@ def check_json_shape(data, what, max_items, max_depth=MAX_JSON_DEPTH):
         elif mark in OPENING:
             depth += 1
             items += 1
-            if depth > max_depth:
-                raise BadRequest("%s is nested more than %d deep" % (what, max_depth))
+            if depth > deepest:
+                deepest = depth
         elif mark == COMMA:
             items += 1
         else:
             depth -= 1
+    return items, deepest
+
+
+def check_json_shape(data, what, max_items, max_depth=MAX_JSON_DEPTH):
+    """Refuse JSON text (bytes) with more than max_items values or nested
+    deeper than max_depth, before json.loads builds anything of it (only
+    its json_structure is walked).  Raises BadRequest naming what."""
+    marks = json_structure(data)
+    if len(marks) > 8 * max_items + 64:  # a value has 2 quotes, a key 2 more
+        raise BadRequest("%s has more than %d values" % (what, max_items))
+    items, deepest = json_shape(marks)
+    if deepest > max_depth:
+        raise BadRequest("%s is nested more than %d deep" % (what, max_depth))
     if items > max_items:
         raise BadRequest("%s has more than %d values" % (what, max_items))
 
@@ -1172,6 +1146,14 @@ def file_signature(path):
     return (info.st_mtime_ns, info.st_size, info.st_ino)
 
 
+def logged(parsed):
+    """The value of a parser's (value, warnings), each warning logged."""
+    value, warnings = parsed
+    for warning in warnings:
+        log.warning("%s", warning)
+    return value
+
+
 class WatchedFile:
     """A small file ipd reads again whenever it changes on disk (its
     file_signature): the users file, the tokens file, OIDC_TRUST.
@@ -1222,18 +1204,12 @@ class UserDB:
 
     def __init__(self, path):
         self.path = path
-        self._file = WatchedFile(path, self._parse, dict, "users file",
-                                 "nobody can log in")
+        self._file = WatchedFile(path, lambda text: logged(parse_users(text, path)),
+                                 dict, "users file", "nobody can log in")
         self._lock = threading.Lock()  # guards the verified-password cache
         self._verified = {}
         self._cache_key = secrets.token_bytes(32)
         self._decoy = None
-
-    def _parse(self, text):
-        users, warnings = parse_users(text, self.path)
-        for warning in warnings:
-            log.warning("%s", warning)
-        return users
 
     def _current_users(self):
         """{name: User} as the file now says; a change empties the cache
@@ -1309,27 +1285,37 @@ class LoginThrottle:
 
 
 def check_name_for_config(project):
-    """Raise ValueError for a name that cannot be in the users file."""
+    """Raise ConfigError for a project name that cannot be in the users
+    or tokens file."""
     if not is_project_name(project):
         raise ConfigError("bad project name %r" % project)
 
 
-def replace_user_line(path, name, record):
-    """Write the users file at path with record instead of name's line."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            lines = file.read().splitlines()
-        info = os.stat(path)
-    except FileNotFoundError:
-        lines, info = [], None
-    kept = [line for line in lines
+def rewrite_private(path, change, keep_mode=False):
+    """Replace the file at path (the users or the tokens file) with
+    change(its text, '' when there is none), atomically and under its
+    FileLock: of two commands at once, each sees what the other wrote
+    (issue 23).  Mode 0640, or with keep_mode the old file's less what
+    others could read; root keeps its owner and group."""
+    with FileLock(path):
+        try:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+            info = os.stat(path)
+        except FileNotFoundError:
+            text, info = "", None
+        mode = stat.S_IMODE(info.st_mode) & ~0o007 if info and keep_mode else 0o640
+        write_file_atomic(path, change(text).encode(), mode)
+        if info and os.geteuid() == 0:  # root edits it; the ipd user reads it
+            os.chown(path, info.st_uid, info.st_gid)
+
+
+def replace_user_line(text, name, record):
+    """The users file's text with record instead of name's line."""
+    kept = [line for line in text.splitlines()
             if line.strip().split(":")[1:2] != [name]
             or line.strip().startswith("#")]
-    kept.append(record)
-    write_file_atomic(path, ("\n".join(kept) + "\n").encode(),
-                      stat.S_IMODE(info.st_mode) & ~0o007 if info else 0o640)
-    if info and os.geteuid() == 0:  # root edits it; the ipd user reads it
-        os.chown(path, info.st_uid, info.st_gid)
+    return "\n".join(kept + [record]) + "\n"
 
 
 def set_user(path, role, name, password_hash, projects=None):
@@ -1352,8 +1338,8 @@ def set_user(path, role, name, password_hash, projects=None):
         for project in projects:
             check_name_for_config(project)
         record += ":" + ",".join(projects)
-    with FileLock(path):  # another passwd may be at it too
-        replace_user_line(path, name, record)
+    rewrite_private(path, lambda text: replace_user_line(text, name, record),
+                    keep_mode=True)  # under its lock: another passwd may be at it
 
 
 ###############################################################################
@@ -1628,19 +1614,13 @@ def rewrite_tokens(path, change):
         raise ConfigError("cannot write the tokens file %s: its folder %s does "
                           "not exist (create it, or give --tokens-db FILE or "
                           "set TOKENS_DB)" % (path, folder))
+
+    def rewritten(text):
+        tokens = list(parse_tokens(text).values())
+        change(tokens)
+        return "".join(token.line() + "\n" for token in tokens)
     try:
-        with FileLock(path):
-            try:
-                with open(path, encoding="utf-8") as file:
-                    tokens = list(parse_tokens(file.read()).values())
-                info = os.stat(path)
-            except FileNotFoundError:
-                tokens, info = [], None
-            change(tokens)
-            write_file_atomic(path, "".join(t.line() + "\n" for t in tokens).encode(),
-                              0o640)
-            if info and os.geteuid() == 0:
-                os.chown(path, info.st_uid, info.st_gid)
+        rewrite_private(path, rewritten)
     except PermissionError:
         raise ConfigError("cannot write the tokens file %s: permission denied "
                           "(run this as the user ipd runs as, or as root)" % path)
@@ -1828,45 +1808,16 @@ class TrustDB:
 
     def __init__(self, path):
         self.path = path
-        self._file = WatchedFile(path, self._parse, list, "OIDC_TRUST",
-                                 "no ID token logs in")
+        folder = os.path.dirname(path)  # where its jwks=PATH are taken from
+        self._file = WatchedFile(path, lambda text: logged(parse_trust(text, path, folder)),
+                                 list, "OIDC_TRUST", "no ID token logs in")
 
     def rules(self):
         """The rules as the file now says."""
         return self._file.read()[0]
 
-    def _parse(self, text):
-        rules, warnings = parse_trust(text, self.path, os.path.dirname(self.path))
-        for warning in warnings:
-            log.warning("%s", warning)
-        return rules
-
 
 # --- keys: JSON Web Key Sets (RFC 7517), from a file or fetched
-
-def json_too_deep(text, limit):
-    """True when text's arrays and objects nest deeper than limit (strings
-    skipped): checked before json.loads, whose recursion has no bound of
-    its own that ipd chooses."""
-    depth, in_string, escaped = 0, False, False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif char in "]}":
-            depth -= 1
-    return False
-
 
 def no_constant(name):
     """parse_constant: NaN and Infinity are not JSON (RFC 8259 6)."""
@@ -1889,7 +1840,7 @@ def parse_json_bounded(data, depth=OIDC_MAX_DEPTH * 2):
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("not UTF-8")
-    if json_too_deep(text, depth):
+    if json_shape(json_structure(data))[1] > depth:  # json.loads recurses
         raise ValueError("JSON nested deeper than %d" % depth)
     return json.loads(text, object_pairs_hook=unique_keys, parse_constant=no_constant)
 
@@ -1937,17 +1888,6 @@ def read_bounded(response):
         pieces.append(piece)
 
 
-def shut_down(connection):
-    """A fetch's time is up: end its socket, so that whatever read waits
-    on it (connect, TLS handshake, headers, body) ends now."""
-    sock = connection.sock
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
 def fetch_json(url, context, deadline):
     """GET an https URL (no redirects) -> its JSON object, all of it
     before deadline (time.monotonic(); a server that trickles is cut off)
@@ -1958,7 +1898,10 @@ def fetch_json(url, context, deadline):
     left = max(0.1, deadline - time.monotonic())
     connection = http.client.HTTPSConnection(parts.hostname, parts.port,
                                              timeout=left, context=context)
-    timer = threading.Timer(left, shut_down, (connection,))
+    # time is up: end its socket, so that whatever read waits on it
+    # (connect, TLS handshake, headers, body) ends now
+    timer = threading.Timer(left, lambda: shut_quietly(connection.sock,
+                                                       socket.SHUT_RDWR))
     timer.start()
     try:
         connection.request("GET", (parts.path or "/") + (
@@ -2011,10 +1954,7 @@ class IssuerKeys:
 
     def key(self, issuer, kid, jwks=None):
         """(n, e) of issuer's key kid; raises TokenRefused."""
-        if jwks:
-            keys = self._file_keys(jwks)
-        else:
-            keys = self._issuer_keys(issuer, kid)
+        keys = self._file_keys(jwks) if jwks else self._issuer_keys(issuer, kid)
         if not keys:
             raise TokenRefused("no keys of this issuer (see ipd.log: cannot fetch "
                                "the keys...)")
@@ -2788,11 +2728,7 @@ class RecipeFile:
     def __init__(self, data, folder):
         fd, self.path = tempfile.mkstemp(prefix=".upload-", suffix=".recipe",
                                          dir=folder)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_and_close(fd, data, sync=True)
 
     def discard(self):
         """Remove the recipe's temporary file."""
@@ -2815,11 +2751,9 @@ class FieldSink:
 
     def close(self):
         """Nothing to close: the field is in memory."""
-        pass
 
     def discard(self):
         """Nothing to remove: the field is in memory."""
-        pass
 
     def text(self):
         """The field's value as text (UTF-8); BadRequest when it is not."""
@@ -3041,9 +2975,10 @@ class PackageWriter:
     def _path(self, parts):
         return os.path.join(self.root, *parts)
 
-    def _count(self, name):
-        """One more entry; refuse a name over MAX_NAME_SIZE or an entry
-        over MAX_MEMBERS."""
+    def _entry(self, name, what=None, target=""):
+        """One more entry; -> its path components (member_parts).  Refuses
+        an entry over MAX_MEMBERS, a name (or a link's target) over
+        MAX_NAME_SIZE, and a what ('file', 'link') without a name."""
         self.members += 1
         if self.members > self.limits.MAX_MEMBERS:
             raise BadRequest("package has more than MAX_MEMBERS (%d) entries"
@@ -3052,13 +2987,23 @@ class PackageWriter:
             raise BadRequest("package entry %r...: name longer than "
                              "MAX_NAME_SIZE (%d bytes)"
                              % (name[:60], self.limits.MAX_NAME_SIZE))
+        if len(target.encode("utf-8", "surrogateescape")) > self.limits.MAX_NAME_SIZE:
+            raise BadRequest("package entry %r: link target longer than "
+                             "MAX_NAME_SIZE" % name)
+        parts = member_parts(name)
+        if what and not parts:
+            raise BadRequest("package entry %r: a %s without a name" % (name, what))
+        return parts
 
     def _mkdir(self, parts):
         os.mkdir(self._path(parts), 0o755)
         os.chmod(self._path(parts), 0o755)  # whatever the umask: readable
         self.kinds[tuple(parts)] = "dir"
 
-    def _prepare_parent(self, name, parts):
+    def _prepare_parent(self, name, parts, over_file=True):
+        """Make the folders above entry name (its parts) and refuse one
+        given twice: over a folder or link, or (unless over_file: a file
+        again replaces it) over a file."""
         for depth in range(1, len(parts)):
             prefix = tuple(parts[:depth])
             kind = self.kinds.get(prefix)
@@ -3068,14 +3013,13 @@ class PackageWriter:
                 raise BadRequest("package entry %r: goes through a %s"
                                  % (name, "symlink" if kind == "link" else "file"))
         existing = self.kinds.get(tuple(parts))
-        if existing in ("dir", "link"):
+        if existing in ("dir", "link") or (existing and not over_file):
             raise BadRequest("package entry %r: given twice" % name)
 
     def directory(self, name, mode):
         """Make a folder of the package (mode given), inside the
         destination."""
-        self._count(name)
-        parts = member_parts(name)
+        parts = self._entry(name)
         if not parts:
             return
         kind = self.kinds.get(tuple(parts))
@@ -3089,19 +3033,13 @@ class PackageWriter:
 
     def file(self, name, mode, source):
         """Copy file object source to entry name."""
-        self._count(name)
-        parts = member_parts(name)
-        if not parts:
-            raise BadRequest("package entry %r: a file without a name" % name)
+        parts = self._entry(name, "file")
         self._prepare_parent(name, parts)
         path = self._path(parts)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
         fd = os.open(path, flags, 0o600)
         try:
-            while True:
-                data = source.read(CHUNK_SIZE)
-                if not data:
-                    break
+            for data in iter(lambda: source.read(CHUNK_SIZE), b""):
                 self.written += len(data)
                 if self.max_bytes and self.written > self.max_bytes:
                     raise TooLarge("package unpacks to more than "
@@ -3116,22 +3054,14 @@ class PackageWriter:
 
     def symlink(self, name, target):
         """Make a symbolic link whose target stays inside the destination."""
-        self._count(name)
-        if len(target.encode("utf-8", "surrogateescape")) > self.limits.MAX_NAME_SIZE:
-            raise BadRequest("package entry %r: link target longer than "
-                             "MAX_NAME_SIZE" % name)
-        parts = member_parts(name)
-        if not parts:
-            raise BadRequest("package entry %r: a link without a name" % name)
+        parts = self._entry(name, "link", target)
         if not target or target.startswith("/") or "\0" in target:
             raise BadRequest("package entry %r: link to an absolute path" % name)
         if tuple(parts) in self.traversed:
             raise BadRequest("package entry %r: a link where an earlier link's "
                              "target passes" % name)
         passed = self.resolve_link(name, parts[:-1], target)
-        self._prepare_parent(name, parts)
-        if tuple(parts) in self.kinds:
-            raise BadRequest("package entry %r: given twice" % name)
+        self._prepare_parent(name, parts, over_file=False)
         os.symlink(target, self._path(parts))
         self.kinds[tuple(parts)] = "link"
         self.traversed.update(passed)
@@ -3161,15 +3091,12 @@ class PackageWriter:
 
     def hardlink(self, name, target):
         """Make a hard link to a file this package wrote earlier."""
-        self._count(name)
-        parts = member_parts(name)
+        parts = self._entry(name)
         target_parts = member_parts(target)
         if self.kinds.get(tuple(target_parts)) != "file":
             raise BadRequest("package entry %r: hard link to %r, which is not "
                              "a file of the package" % (name, target))
-        self._prepare_parent(name, parts)
-        if tuple(parts) in self.kinds:
-            raise BadRequest("package entry %r: given twice" % name)
+        self._prepare_parent(name, parts, over_file=False)
         os.link(self._path(target_parts), self._path(parts))
         self.kinds[tuple(parts)] = "file"
 
@@ -3506,6 +3433,64 @@ WORK_DIR = "work"
 CAP_KILL, CAP_SETGID, CAP_SETUID = 5, 6, 7
 
 
+class RunAs:
+    """A user with its primary group and supplementary groups."""
+
+    def __init__(self, uid, gid, groups, text):
+        self.uid, self.gid, self.groups, self.text = uid, gid, tuple(groups), text
+
+    def __repr__(self):
+        return "%s (uid %d, gid %d, groups %s)" % (
+            self.text, self.uid, self.gid, ",".join(map(str, self.groups)) or "-")
+
+
+def lookup_id(name, database):
+    """A user or group name or number -> its number.  Raises ValueError."""
+    if name.isdigit():
+        return int(name)
+    try:
+        return (pwd.getpwnam(name).pw_uid if database == "user"
+                else grp.getgrnam(name).gr_gid)
+    except KeyError:
+        raise ValueError("no such %s: %r" % (database, name)) from None
+
+
+def resolve_run_as(text):
+    """'user[:group[,group...]]' -> RunAs.  The first group is the primary
+    one, the others supplementary; with the user alone, its groups are those
+    of the passwd and group databases.  Numbers need no account.  Root is
+    refused: scripts under it would reach everything.  Raises ValueError."""
+    user, colon, groups = text.strip().partition(":")
+    if not user or (colon and not groups.strip(",")):
+        raise ValueError("must be user[:group[,group...]]")
+    uid = lookup_id(user, "user")
+    if colon:
+        gids = [lookup_id(name, "group") for name in groups.split(",") if name]
+        gid, extra = gids[0], gids[1:]
+    else:
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            raise ValueError("user %s has no account: give its group as "
+                             "%s:GROUP" % (user, user)) from None
+        gid = entry.pw_gid
+        extra = [g for g in os.getgrouplist(entry.pw_name, gid) if g != gid]
+    if uid == 0 or gid == 0 or 0 in extra:
+        raise ValueError("scripts may not run as root or in group root")
+    return RunAs(uid, gid, sorted(set(extra)), text.strip())
+
+
+def parse_run_as_setting(text):
+    """RUN_AS: empty, or user[:group[,group...]] of existing accounts."""
+    if text:
+        resolve_run_as(text)  # raises ValueError naming what is unknown
+    return text
+
+
+# load_settings and project_settings check RUN_AS's accounts with the rest
+SETTING_KINDS["run_as"] = parse_run_as_setting
+
+
 def has_capability(number, field="CapEff"):
     """True when this process holds capability number (/proc/self/status)."""
     try:
@@ -3705,11 +3690,8 @@ def write_step_identity(path, pid):
     leader, and the boot.  A plain write, the moment the step started."""
     data = json.dumps({"session": pid, "start": process_start(pid),
                        "boot": boot_id()}).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
-    try:
-        write_all(fd, data)
-    finally:
-        os.close(fd)
+    write_and_close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                            0o640), data)
 
 
 def list_pids():
@@ -3739,25 +3721,20 @@ def processes_of_deployments(deployment_ids):
     return found
 
 
-def process_state(pid):
-    """(state letter, process group) of a process from /proc, or None."""
-    fields = proc_stat(pid)
-    return (fields[0], int(fields[2])) if fields else None
-
-
 def process_running(pid):
     """True while pid is a process that has not ended (a zombie has)."""
-    state = process_state(pid)
-    return state is not None and state[0] != b"Z"
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != b"Z"
 
 
-def session_members(session):
+def session_members(session, field=3):
     """The pids running in session (zombies left out), whichever process
-    group they moved to: what setsid() alone would take them out of."""
+    group they moved to: what setsid() alone would take them out of.
+    With field=2 (proc_stat's process group), those of a process group."""
     found = []
     for pid in list_pids():
         fields = proc_stat(pid)
-        if fields and int(fields[3]) == session and fields[0] != b"Z":
+        if fields and int(fields[field]) == session and fields[0] != b"Z":
             found.append(pid)
     return found
 
@@ -3825,11 +3802,7 @@ def group_alive(group):
             return True
         except OSError:
             return False
-    for pid in list_pids():
-        state = process_state(pid)
-        if state and state[1] == group and state[0] != b"Z":
-            return True
-    return False
+    return bool(session_members(group, field=2))
 
 
 def wait_for_group(process, seconds, pause):
@@ -3960,9 +3933,8 @@ class Deployment:
             "pruned": self.pruned,
             "signer": self.signer,
         }
-        if "oidc" in self.others:
-            public["oidc"] = self.others["oidc"]
-        for name in ("rollback", "rollback_of"):  # verify's rollback (#25)
+        # an ID token's claims; verify's rollback (#25)
+        for name in ("oidc", "rollback", "rollback_of"):
             if name in self.others:
                 public[name] = self.others[name]
         return public
@@ -3976,12 +3948,8 @@ class Deployment:
         lists and dicts is copied too, so that no change to it reaches
         the store's own."""
         deployment = Deployment.__new__(Deployment)
-        deployment.id, deployment.project, deployment.seq = self.id, self.project, self.seq
-        deployment.state, deployment.user, deployment.control = (
-            self.state, self.user, self.control)
-        deployment.created, deployment.started, deployment.ended = (
-            self.created, self.started, self.ended)
-        deployment.pruned, deployment.recipe = self.pruned, self.recipe
+        for key in self.FIELDS:  # then a copy of each list and dict
+            setattr(deployment, key, getattr(self, key))
         deployment.files = {name: dict(meta) for name, meta in self.files.items()}
         deployment.steps = [dict(step) for step in self.steps]
         deployment.signer = self.signer and dict(self.signer)
@@ -4032,7 +4000,7 @@ class Counters:
     """
 
     def __init__(self):
-        self.deployments = {}     # (project, state) -> number
+        self.deployments = collections.Counter()  # (project, state) -> number
         self.steps = {}           # step -> [per bucket..., +Inf, sum]
         self.last_success = {}    # project -> end time of its latest ok
         self.durations = []       # seconds of the latest finished deployments
@@ -4045,8 +4013,7 @@ class Counters:
         project = new.project
         if old is not None:
             self.deployments[(project, old.state)] -= 1
-        key = (project, new.state)
-        self.deployments[key] = self.deployments.get(key, 0) + 1
+        self.deployments[(project, new.state)] += 1
         for step in new.steps[len(old.steps) if old else 0:]:
             observe_step(self.steps, step["step"], step.get("seconds"))
         if new.state == "ok" and new.ended:
@@ -4060,8 +4027,7 @@ class Counters:
         """Count a loaded project's cold records (ColdFigures) in, but for
         their durations (the store takes the newest of all)."""
         for state, count in cold.states.items():
-            key = (project, state)
-            self.deployments[key] = self.deployments.get(key, 0) + count
+            self.deployments[(project, state)] += count
         for step, counts in cold.steps.items():
             mine = self.steps.setdefault(step, [0] * (len(STEP_BUCKETS) + 2))
             self.steps[step] = [a + b for a, b in zip(mine, counts)]
@@ -4088,35 +4054,33 @@ class Counters:
         lines = []
 
         def family(name, kind, text, samples):
+            """One metric family: samples are (name suffix, labels, value)."""
             lines.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
-            for labels, value in samples:
+            for suffix, labels, value in samples:
                 label_text = ",".join('%s="%s"' % (key, escape_label(str(v)))
                                       for key, v in labels)
-                lines.append("%s%s %s\n" % (name, "{%s}" % label_text
-                                            if label_text else "", value))
+                lines.append("%s%s%s %s\n" % (name, suffix, "{%s}" % label_text
+                                              if label_text else "", value))
         family("ipd_deployments", "gauge", "Deployments by project and state.",
-               [((("project", p), ("state", st)), n)
+               [("", (("project", p), ("state", st)), n)
                 for (p, st), n in sorted(self.deployments.items()) if n])
-        lines.append("# HELP ipd_step_duration_seconds Time control.sh steps "
-                     "took.\n# TYPE ipd_step_duration_seconds histogram\n")
+        histogram = []
         for step, counts in sorted(self.steps.items()):
-            total = 0
-            for bound, count in zip(STEP_BUCKETS + ("+Inf",), counts):
-                total += count
-                lines.append('ipd_step_duration_seconds_bucket{step="%s",le="%s"} '
-                             '%d\n' % (step, bound, total))
-            lines.append('ipd_step_duration_seconds_sum{step="%s"} %.3f\n'
-                         % (step, counts[-1]))
-            lines.append('ipd_step_duration_seconds_count{step="%s"} %d\n'
-                         % (step, total))
+            cumulative = list(itertools.accumulate(counts[:-1]))  # +Inf last
+            histogram += [("_bucket", (("step", step), ("le", bound)), count)
+                          for bound, count in zip(STEP_BUCKETS + ("+Inf",), cumulative)]
+            histogram += [("_sum", (("step", step),), "%.3f" % counts[-1]),
+                          ("_count", (("step", step),), cumulative[-1])]
+        family("ipd_step_duration_seconds", "histogram", "Time control.sh steps took.",
+               histogram)
         family("ipd_last_success_timestamp_seconds", "gauge",
                "When the latest successful deployment of a project ended.",
-               [((("project", p),), "%.3f" % t)
+               [("", (("project", p),), "%.3f" % t)
                 for p, t in sorted(self.last_success.items())])
         for name, (text, value) in sorted(gauges.items()):
-            family(name, "gauge", text, [((), value)])
+            family(name, "gauge", text, [("", (), value)])
         for name, (text, value) in sorted(counters.items()):
-            family(name, "counter", text, [((), value)])
+            family(name, "counter", text, [("", (), value)])
         return "".join(lines)
 
 
@@ -4410,9 +4374,9 @@ class DeploymentStore:
                 log.info("removing torn upload %s", entry.name)
                 remove_quietly(entry.path)
             elif is_project_name(entry.name) and entry.is_dir():
-                records, cold, fresh = self._load_project(entry.name)
+                records, cold = self._load_project(entry.name)
                 if records:
-                    self._add_project(entry.name, records, cold, fresh)
+                    self._add_project(entry.name, cold)
                     hot.extend(records)
                     durations.extend(cold.durations)
         hot.sort(key=lambda r: r.seq)
@@ -4426,10 +4390,10 @@ class DeploymentStore:
         self._interrupt([r for r in hot if r.state == "active"], kill_grace)
         return sum(ledger.count() for ledger in self._ledgers.values())
 
-    def _add_project(self, project, records, cold, fresh):
+    def _add_project(self, project, cold):
         """Take a loaded project's cold figures into its ledger and counters."""
         ledger = self._ledgers[project] = ProjectLedger(cold)
-        ledger.index_fresh = True  # fresh, or written anew just now
+        ledger.index_fresh = True  # fresh, or written anew just now (it has records)
         self._counters.add_cold(project, cold)
         if cold.seqs:
             self._next_seq = max(self._next_seq, max(cold.seqs) + 1)
@@ -4468,7 +4432,7 @@ class DeploymentStore:
                      record.id, record.project, state)
 
     def _load_project(self, project):
-        """-> (hot records, ColdFigures, fresh) of project: from its index
+        """-> (hot records, ColdFigures) of project: from its index
         alone while it vouches for the folder; otherwise from every state
         file it cannot vouch for, the index then written anew."""
         folder = self.deployments_dir(project)
@@ -4479,7 +4443,7 @@ class DeploymentStore:
             if fresh and self._unchanged(project, cached):
                 records = [cached_deployment(entry[1]) for entry in cached.values()]
                 if records and None not in records:
-                    return records, cold, True
+                    return records, cold
         except (KeyError, TypeError, ValueError, IndexError):
             cold, cached = ColdFigures(), {}
         return self._scan_project(project, cold, cached)
@@ -4507,7 +4471,7 @@ class DeploymentStore:
         try:
             entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
-            return [], cold, False
+            return [], cold
         names = {entry.name for entry in entries}
         if not all(deployment_id + ".json" in names for deployment_id in cold.ids):
             cold = ColdFigures()  # a state file it counted is gone: count anew
@@ -4533,16 +4497,13 @@ class DeploymentStore:
         if counted and not records:  # the latest must be hot: count anew
             return self._scan_project(project, ColdFigures(), {})
         records.sort(key=lambda r: r.seq)
-        hot = records[-1:]
-        for record in records[:-1]:
+        for record in records[:-1]:  # the latest stays hot
             if is_cold(record):
                 cold.fold(record)
-            else:
-                hot.append(record)
-        hot.sort(key=lambda r: r.seq)
+        hot = [record for record in records[:-1] if not is_cold(record)] + records[-1:]
         if hot:
             write_index(folder, hot, mtimes, cold)
-        return hot, cold, False
+        return hot, cold
 
     def _read_record(self, path, project, deployment_id):
         """The Deployment of a state file, or None (logged) for one that is
@@ -4884,12 +4845,9 @@ class DeploymentStore:
         (the cold ones chosen by their files' mtimes, which is when they
         ended), so that a long history costs a page no more than that."""
         with self._lock:
-            ledger = self._ledgers.get(project)
-            if ledger is None:
-                return []
-            hot = [self._hot[i].copy() for i in ledger.hot]
-            cold_count = ledger.cold_count
-        records = {record.id: record for record in hot}
+            ledger, hot = self._hot_of(project)
+            records = {record.id: record.copy() for record in hot}
+            cold_count = ledger.cold_count if ledger else 0
         if cold_count:
             for stem in self._cold_files(project, records, limit):
                 record = self._read_cold(project, stem)
@@ -4948,14 +4906,12 @@ class DeploymentStore:
         """(the newest manifest time of project's signed deployments that
         wait, run or succeeded, the nonces of all its signed ones)."""
         with self._lock:
-            ledger = self._ledgers.get(project)
+            ledger, hot = self._hot_of(project)
             if ledger is None:
                 return 0, set()
-            newest = ledger.cold_signed_newest
-            for deployment_id in ledger.hot:
-                record = self._hot[deployment_id]
-                if record.signer and record.state in UNFINISHED + ("ok",):
-                    newest = max(newest, record.signer.get("created", 0))
+            newest = max([ledger.cold_signed_newest] + [
+                r.signer.get("created", 0) for r in hot
+                if r.signer and r.state in UNFINISHED + ("ok",)])
             return newest, set(ledger.nonces)
 
     def rollback_target(self, project, before_seq):
@@ -4963,10 +4919,8 @@ class DeploymentStore:
         that ended 'ok' and keeps its files (a hot one: a pruned one has
         none), or None: what a rollback redeploys."""
         with self._lock:
-            ledger = self._ledgers.get(project)
-            found = [self._hot[i] for i in (ledger.hot if ledger else ())
-                     if self._hot[i].state == "ok" and self._hot[i].seq < before_seq
-                     and not self._hot[i].pruned and self._hot[i].files]
+            found = [r for r in self._hot_of(project)[1] if r.state == "ok"
+                     and r.seq < before_seq and not r.pruned and r.files]
             return max(found, key=lambda r: r.seq).copy() if found else None
 
     def rollbacks_unrecorded(self):
@@ -4989,10 +4943,7 @@ class DeploymentStore:
         KEEP_DEPLOYMENTS that still have their files.  ending: a deployment
         whose final state its worker writes next, taken as written."""
         with self._lock:
-            ledger = self._ledgers.get(project)
-            if ledger is None:
-                return []
-            hot = [self._hot[i] for i in ledger.hot]
+            ledger, hot = self._hot_of(project)
             found = []
             for number, record in enumerate(hot):
                 newer = len(hot) - number - 1 + ledger.cold_newer_than(record.seq)
@@ -5005,24 +4956,26 @@ class DeploymentStore:
         """Copies of project's finished recipe deployments that keep their
         files (which can be rebuilt from segments: DROP_REBUILT)."""
         with self._lock:
-            ledger = self._ledgers.get(project)
-            return [self._hot[i].copy() for i in (ledger.hot if ledger else ())
-                    if self._hot[i].recipe and not self._hot[i].pruned
-                    and self._state_of(self._hot[i], ending) not in UNFINISHED]
+            return [r.copy() for r in self._hot_of(project)[1] if r.recipe and not
+                    r.pruned and self._state_of(r, ending) not in UNFINISHED]
 
     def oldest_prunable(self, project, ending=None):
         """A copy of project's oldest deployment that may be pruned to make
         room: never a waiting or running one, nor its latest ok one; or
         None."""
         with self._lock:
-            candidates = []
-            for ledger in filter(None, [self._ledgers.get(project)]):
-                hot = [self._hot[i] for i in ledger.hot]
-                done = [r.seq for r in hot if self._state_of(r, ending) == "ok"]
-                latest_ok = max(done + [ledger.cold_last_ok_seq or 0])
-                candidates.extend(r for r in hot if r.seq != latest_ok and not r.pruned
-                                  and self._state_of(r, ending) not in UNFINISHED)
+            ledger, hot = self._hot_of(project)
+            done = [r.seq for r in hot if self._state_of(r, ending) == "ok"]
+            latest_ok = max(done + [ledger and ledger.cold_last_ok_seq or 0])
+            candidates = [r for r in hot if r.seq != latest_ok and not r.pruned
+                          and self._state_of(r, ending) not in UNFINISHED]
             return min(candidates, key=lambda r: r.seq).copy() if candidates else None
+
+    def _hot_of(self, project):
+        """(ledger, its hot records in upload order) of project, (None, [])
+        for one the store does not know (held _lock)."""
+        ledger = self._ledgers.get(project)
+        return ledger, [self._hot[i] for i in ledger.hot] if ledger else []
 
     @staticmethod
     def _state_of(record, ending):
@@ -5426,6 +5379,17 @@ MISSING_MAX_SEGMENTS = 2 * RECIPE_MAX_PIECES  # push asks in batches of these
 MISSING_LIMIT = MISSING_MAX_SEGMENTS * 80 + 4096
 
 
+def entries_below(root, ignored=FileNotFoundError):
+    """The entries of each folder in the folder root (sha256/ab/...,
+    partial/USER/...); [] when listing root raises ignored."""
+    try:
+        folders = list(os.scandir(root))
+    except ignored:
+        return []
+    return [entry for folder in folders if folder.is_dir()
+            for entry in os.scandir(folder.path)]
+
+
 def check_pieces_add_up(field, pieces, size):
     """A recipe's pieces of a file must add up to its declared size, so
     that the size checked against the limits is what would be copied
@@ -5624,11 +5588,7 @@ class SegmentWriter:
         """Tell this writer to stop, and wake it from a read that waits for
         a client that is gone (its socket's reading side is shut)."""
         self.superseded = True
-        if self.connection is not None:
-            try:
-                self.connection.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
+        shut_quietly(self.connection, socket.SHUT_RD)
 
     def finish(self):
         """Verify the whole segment's SHA-256 and move it into the store;
@@ -5703,20 +5663,14 @@ class SegmentStore:
     def load(self, store):
         """Find the segments on disk, who sent them, and which kept
         deployments refer to which."""
-        try:  # made with the first segment
-            folders = list(os.scandir(os.path.join(self.root, "sha256")))
-        except FileNotFoundError:
-            folders = []
-        for folder in folders:
-            if not folder.is_dir():
-                continue
-            for entry in os.scandir(folder.path):
-                if SHA256_HEX.match(entry.name):
-                    info = entry.stat()
-                    self.sizes[entry.name] = info.st_size
-                    self.recent[entry.name] = info.st_mtime
-                else:  # a torn rename or stray file
-                    remove_quietly(entry.path)
+        # sha256/ is made with the first segment
+        for entry in entries_below(os.path.join(self.root, "sha256")):
+            if SHA256_HEX.match(entry.name):
+                info = entry.stat()
+                self.sizes[entry.name] = info.st_size
+                self.recent[entry.name] = info.st_mtime
+            else:  # a torn rename or stray file
+                remove_quietly(entry.path)
         try:
             with open(self.uploaders_path(), encoding="utf-8") as file:
                 for line in file:
@@ -5757,10 +5711,7 @@ class SegmentStore:
     def visible(self, user, digests):
         """The digests of digests that are on the server for user."""
         with self.lock:
-            own = set()
-            for project, referred in self.refs.values():
-                if user.may_use(project):
-                    own |= referred
+            own = self._referred(user)
             # both tests for every digest: the same work whether another
             # project holds it or nobody does (issue 23)
             return {digest for digest in digests if (digest in own) + (
@@ -5852,9 +5803,7 @@ class SegmentStore:
         except OSError:
             pass
         with self.lock:
-            referred = set()
-            for _, digests in self.refs.values():
-                referred |= digests
+            referred = self._referred()
             total += sum(self.sizes.get(digest, 0) for digest, names
                          in self.uploaders.items()
                          if user.name in names and digest not in referred)
@@ -5956,6 +5905,12 @@ class SegmentStore:
         with self.lock:
             self.refs[record.id] = (record.project, recipe_digests(files))
 
+    def _referred(self, user=None):
+        """The digests some kept deployment refers to (of a project user
+        may use, when given; held lock)."""
+        return set().union(*(digests for project, digests in self.refs.values()
+                             if user is None or user.may_use(project)))
+
     def forget(self, deployment_id):
         """A deployment no longer refers to any segment (pruned, or never
         made)."""
@@ -5969,25 +5924,17 @@ class SegmentStore:
         now = now or time.time()
         self.collected = time.monotonic()
         freed = 0
-        partial_root = os.path.join(self.root, "partial")
-        try:
-            folders = list(os.scandir(partial_root))
-        except OSError:
-            folders = []
-        for folder in folders:
-            for entry in os.scandir(folder.path):
-                try:
-                    if now - entry.stat().st_mtime > self.expiry:
-                        with self.lock:
-                            busy = any(entry.name == digest for _, digest in self.busy)
-                        if not busy:
-                            remove_quietly(entry.path)
-                except OSError:
-                    pass
+        for entry in entries_below(os.path.join(self.root, "partial"), OSError):
+            try:
+                if now - entry.stat().st_mtime > self.expiry:
+                    with self.lock:
+                        busy = any(entry.name == digest for _, digest in self.busy)
+                    if not busy:
+                        remove_quietly(entry.path)
+            except OSError:
+                pass
         with self.lock:
-            referred = set()
-            for _, digests in self.refs.values():
-                referred |= digests
+            referred = self._referred()
             old = [digest for digest in self.sizes if digest not in referred
                    and now - self.recent.get(digest, 0) > self.expiry]
             for digest in old:
@@ -6066,13 +6013,10 @@ class SegmentStore:
         path = self.session_path(user.name, "bytes-" + uuid.uuid4().hex)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            write_all(fd, data)
-            os.fsync(fd)
+            write_and_close(fd, data, sync=True)
         except OSError as error:
-            os.close(fd)
             remove_quietly(path)
             raise disk_errors(error)
-        os.close(fd)
         return self.add(user, digest, path)
 
     def open_segment(self, digest):
