@@ -76,6 +76,11 @@ install:
 	    $(DESTDIR)$(dir $(CONFIG)) $(DESTDIR)$(dir $(AUTH_DB)) \
 	    $(DESTDIR)$(UPLOAD_DIR) $(DESTDIR)$(LOG_DIR)
 	install -m 0755 ipd.py $(DESTDIR)$(LIBDIR)/ipd.py
+	@# Its bytecode, for the unit's Python and this one: the daemon starts
+	@# from it (restart_from_bytecode) and may not write there itself.
+	@if [ -z "$(DESTDIR)" ]; then for python in /usr/bin/python3 $(PYTHON); do \
+	    command -v $$python >/dev/null && $$python -m py_compile $(LIBDIR)/ipd.py || true; \
+	done; fi
 	install -m 0644 README.md ipd.conf.example ipd-run-as.conf $(DESTDIR)$(LIBDIR)/
 	install -d $(DESTDIR)$(LIBDIR)/docs
 	install -m 0644 docs/*.md $(DESTDIR)$(LIBDIR)/docs/

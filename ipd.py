@@ -86,6 +86,8 @@ import hmac
 import html
 import http.client
 import http.server
+import importlib.machinery
+import importlib.util
 import io
 import itertools
 import ipaddress
@@ -11231,13 +11233,75 @@ def build_parser():
     return parser
 
 
+# `python3 ipd.py serve` compiles this whole file in the daemon's memory
+# before its first line runs, and the C library cannot give most of that
+# back (measured: 68 MiB against 47 MiB over 100,000 deployments); run as
+# `python3 -m ipd` from the bytecode cache (__pycache__) it compiles
+# nothing.  -m searches the working folder first: the restart runs in
+# this file's folder, and the child goes back to the one it was given.
+START_DIR_VARIABLE = "IPD_START_DIR"
+
+
+def restart_from_bytecode():
+    """Replace this process (the same PID, arguments, flags and
+    environment) by `python3 -m ipd`, run from this file's folder.
+    Returns only where that cannot be: run as a module already, a file
+    name that is not a module's, another module of that name first in
+    its folder, or no bytecode to be had (none cached, and none may be
+    written: PYTHONDONTWRITEBYTECODE, or a read-only folder such as
+    ProtectSystem=full makes of /usr)."""
+    main_module = sys.modules.get("__main__")
+    path = getattr(main_module, "__file__", None)
+    if getattr(main_module, "__spec__", None) is not None or not path \
+            or not sys.executable:
+        return
+    path = os.path.realpath(path)  # the `ipd` link on PATH: the file it names
+    if not path.endswith(".py"):
+        return
+    folder, name = os.path.split(path[:-3])
+    spec = name.isidentifier() and importlib.machinery.PathFinder.find_spec(name, [folder])
+    if not spec or spec.origin != path:
+        return
+    cache = importlib.util.cache_from_source(path)
+    cache_dir = os.path.dirname(cache)
+    writable = not sys.dont_write_bytecode and os.access(
+        cache_dir if os.path.isdir(cache_dir) else folder, os.W_OK)
+    if not (os.path.exists(cache) or writable):
+        return  # it would be compiled again, in memory (make install compiles it)
+    try:
+        start_dir = os.getcwd()
+    except OSError:  # a working folder removed meanwhile: as it was
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.environ[START_DIR_VARIABLE] = start_dir
+    os.chdir(folder)
+    os.execv(sys.executable, [sys.executable] + subprocess._args_from_interpreter_flags()
+             + ["-m", name] + sys.argv[1:])
+
+
+def back_to_start_dir():
+    """In a process restart_from_bytecode started: back to the working
+    folder it was started in (relative paths in the arguments and the
+    settings mean what they meant), and the variable gone."""
+    start_dir = os.environ.pop(START_DIR_VARIABLE, None)
+    if start_dir is not None and getattr(sys.modules.get("__main__"), "__spec__", None):
+        os.chdir(start_dir)
+
+
 def main(argv=None):
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.  The daemon's
+    commands, run as a script, start again from bytecode first."""
+    from_command_line = argv is None
+    if from_command_line:
+        back_to_start_dir()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         argv = sys.argv[1:] if argv is None else list(argv)
         args = parser.parse_args(argv + ["serve"])
+    if from_command_line and args.func in (cmd_serve, cmd_demo):
+        restart_from_bytecode()
     try:
         return args.func(args)
     except ClientError as error:

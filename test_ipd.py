@@ -9466,6 +9466,78 @@ class ContractAuditTests(DaemonTestCase):
 # Running the daemon ##########################################################
 ###############################################################################
 
+class BytecodeStartTests(unittest.TestCase):
+    """`python3 ipd.py serve` starts again, as the same process, as
+    `python3 -m ipd` from the bytecode cache (the compiled source would
+    stay in its memory), in the folder it was started in."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ipd-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(kill_processes_in, self.tmp)
+        self.app, self.work = os.path.join(self.tmp, "app"), os.path.join(self.tmp, "work")
+        for folder in (self.app, self.work, os.path.join(self.work, "uploads")):
+            os.makedirs(folder)
+        shutil.copy(IPD, self.app)
+        with open(os.path.join(self.work, "users.txt"), "w") as file:
+            file.write("ADMIN:admin:%s\n" % sha256_hex("admin-pw"))
+        with open(os.path.join(self.work, "ipd.conf"), "w") as file:
+            file.write("LISTEN=127.0.0.1:0\nUPLOAD_DIR=%s/uploads\nLOG_DIR=%s\n"
+                       "AUTH_DB=%s/users.txt\n" % ((self.work,) * 3))
+
+    def start(self):
+        """ipd.py of app run as a script from work, with a relative --config."""
+        environ = {key: value for key, value in os.environ.items()
+                   if key not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+        stderr = open(os.path.join(self.tmp, "stderr.txt"), "w+")
+        self.addCleanup(stderr.close)
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(self.app, "ipd.py"), "--config", "ipd.conf",
+             "serve"], cwd=self.work, env=environ, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=stderr)
+        self.addCleanup(process.wait, 30)
+        self.addCleanup(process.terminate)
+        wait_until(lambda: "listening on" in read_text(stderr.name) or
+                   process.poll() is not None, timeout=30)
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/", read_text(stderr.name)).group(1))
+        return process, port
+
+    def cmdline(self, pid):
+        with open("/proc/%d/cmdline" % pid, "rb") as file:
+            return file.read().decode().split("\0")[:-1]
+
+    def test_it_runs_from_bytecode_as_the_same_process_in_its_folder(self):
+        process, port = self.start()
+        self.assertEqual(self.cmdline(process.pid)[-5:],
+                         ["-m", "ipd", "--config", "ipd.conf", "serve"])
+        self.assertEqual(os.readlink("/proc/%d/cwd" % process.pid), self.work)
+        self.assertTrue(os.path.exists(importlib.util.cache_from_source(
+            os.path.join(self.app, "ipd.py"))))
+        content_type, body = multipart([("project", "app"), ("package", (
+            "package.tar.gz", control_script('env; pwd; exit 1\n')))])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", "/deploy/upload", body, {
+            "Content-Type": content_type, "Authorization": "Basic " +
+            base64.b64encode(b"admin:admin-pw").decode()})
+        response = connection.getresponse()
+        self.assertEqual(response.status, 202)
+        deployment = response.read().decode().strip()
+        log = os.path.join(self.work, "uploads", "app", "deployments", deployment + ".log")
+        wait_until(lambda: read_text(log).count("PROJECT=app") == 2, timeout=30)  # check, deploy
+        self.assertNotIn("IPD_START_DIR", read_text(log))
+        process.terminate()
+        self.assertEqual(process.wait(30), 0)
+
+    def test_a_package_named_as_it_beside_it_keeps_it_a_script(self):
+        os.makedirs(os.path.join(self.app, "ipd"))  # `-m ipd` would find this
+        open(os.path.join(self.app, "ipd", "__init__.py"), "w").close()
+        process, port = self.start()
+        self.assertEqual(self.cmdline(process.pid)[1:3],
+                         [os.path.join(self.app, "ipd.py"), "--config"])
+        self.assertEqual(urllib.request.urlopen(
+            "http://127.0.0.1:%d/deploy/" % port, timeout=30).status, 200)
+
+
 class StartupCheckTests(unittest.TestCase):
     """Issue #15: every start-up mistake is one line on stderr and in
     ipd.log, naming the setting and its value."""
