@@ -5142,19 +5142,25 @@ class DeployWorker:
     def build_files(self, record, log_file, cancel):
         """Build the files record's commit left to the worker (see build);
         -> (the record, None), or (it, its final state) when they cannot
-        be made (the reason in its log) or it was cancelled meanwhile."""
+        be made (the reason in its log), it was cancelled meanwhile, or
+        ipd stops past its grace (as a step is stopped then: a build of a
+        large image must not hold up the stop, nor leave half a file)."""
         if self.build is None or all("sha256" in meta for meta in record.files.values()):
             return record, None
         try:
-            return self.build(record, lambda: not cancel.is_set()), None
+            return self.build(record, lambda: not (cancel.is_set() or
+                                                   self.kill_event.is_set())), None
         except ClientGone:
-            return record, "cancelled"
+            if not self.kill_event.is_set():
+                return record, "cancelled"
+            why = "ipd stopped"
         except (IpdError, OSError) as error:
-            log_file.write(("ipd: the deployment's files cannot be built from the "
-                            "pushed blobs: %s\n" % error).encode())
-            log.error("deployment %s of %s: its files cannot be built: %s", record.id,
-                      record.project, error)
-            return record, "interrupted"
+            why = str(error)
+        log_file.write(("ipd: the deployment's files cannot be built from the "
+                        "pushed blobs: %s\n" % why).encode())
+        log.error("deployment %s of %s: its files cannot be built: %s", record.id,
+                  record.project, why)
+        return record, "interrupted"
 
     def end(self, record, state, **fields):
         """Run retention, then write the final state (and fields): whoever

@@ -6678,6 +6678,76 @@ class RegistryLaterImageTests(RegistryTestCase):
         self.assertEqual(self.record_of(second)["files"]["image"]["sha256"],
                          sha256_file(image))
 
+    def held_build(self):
+        """A first deployment held, a second push waiting whose layer's
+        stored blob is a FIFO, then the first let go: -> (the second's ID,
+        a Feeder) once the worker's build of the second reads the FIFO."""
+        first, gate = self.hold_first()
+        layer = gzip_layer({"fed": b"through a FIFO"})
+        answer, _ = self.push_image("v2", [layer])
+        blob = os.path.join(self.daemon.upload_dir, ".segments", "sha256",
+                            digest_of(layer)[7:9], digest_of(layer)[7:])
+        os.unlink(blob)
+        os.mkfifo(blob)
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("web", first), "ok")
+        feeder = Feeder(blob)
+        self.addCleanup(feeder.stop)
+        return answer[1]["Ipd-Deployment"], feeder
+
+    def test_a_stop_during_the_build_ends_it_interrupted_and_leaves_nothing(self):
+        self.daemon.stop()  # again with a short grace: the build outlasts it
+        self.daemon = self.start_daemon({"SHUTDOWN_GRACE": "1"})
+        second, feeder = self.held_build()
+        feeder.start()  # endless bytes: the build never ends by itself
+        self.assertEqual(self.daemon.stop(), 0)
+        feeder.stop()
+        self.assertEqual(self.daemon.leftovers(), [])  # before any restart
+        self.assertEqual(self.record_of(second)["state"], "interrupted")
+        self.assertIn("ipd: the deployment's files cannot be built from the pushed "
+                      "blobs: ipd stopped", read_text(os.path.join(
+                          self.daemon.upload_dir, "web", "deployments", second + ".log")))
+
+
+class Feeder:
+    """Writes 1 MiB blocks into a FIFO, 10 a second, from a thread, until
+    stopped or its reader goes; the FIFO is opened once a reader has it."""
+
+    def __init__(self, path):
+        self.fd = wait_until(lambda: self.open_writer(path), message="a reader of the FIFO")
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.feed, daemon=True)
+
+    @staticmethod
+    def open_writer(path):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as error:
+            if error.errno != errno.ENXIO:  # no reader yet
+                raise
+            return None
+        os.set_blocking(fd, True)
+        return fd
+
+    def start(self):
+        self.thread.start()
+
+    def feed(self):
+        block = bytes(1 << 20)
+        try:
+            while not self.stopped.wait(0.1):
+                os.write(self.fd, block)
+        except OSError:  # the reader went
+            pass
+
+    def stop(self):
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
 
 class RegistryHostileTests(RegistryTestCase):
     """Malformed and hostile registry requests: each a 4xx with the spec's
