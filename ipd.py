@@ -7357,14 +7357,18 @@ class Daemon:
         to it (LaterFile: a docker push's $IMAGE, #24, so that the push is
         answered as soon as its manifest is kept): build each from the
         recipe as a redeploy rebuilds a dropped one, move it in, and ->
-        the record with their SHA-256s.  Raises Gone; ClientGone when
-        wanted() says stop (a cancel)."""
+        the record with their SHA-256s.  Raises Gone, OSError; ClientGone
+        when wanted() says stop (a cancel)."""
         files = dict(record.files)
         for name, meta in sorted(record.files.items()):
             if "sha256" not in meta:
                 sink = self.rebuild_kept(record, name, registry_principal(record.project),
                                          wanted, CHUNK_SIZE)
-                os.rename(sink.path, self.store.path(record, "." + name))
+                try:
+                    os.rename(sink.path, self.store.path(record, "." + name))
+                except OSError:
+                    sink.discard()  # nothing of it left in UPLOAD_DIR
+                    raise
                 files[name] = sink.describe()
         return self.store.update(record.id, files=files) if files != record.files else record
 

@@ -6708,6 +6708,20 @@ class RegistryLaterImageTests(RegistryTestCase):
                       "blobs: ipd stopped", read_text(os.path.join(
                           self.daemon.upload_dir, "web", "deployments", second + ".log")))
 
+    def test_a_build_that_cannot_be_moved_in_leaves_no_half_built_file(self):
+        first, gate = self.hold_first()
+        answer, _ = self.push_image("v2", [gzip_layer({"v": b"2"})])
+        second = answer[1]["Ipd-Deployment"]
+        # where the image goes, a folder that is not empty: the move fails
+        blocked = os.path.join(self.daemon.upload_dir, "web", "deployments",
+                               second + ".image")
+        os.makedirs(os.path.join(blocked, "in-the-way"))
+        open(gate, "w").close()
+        self.deployed(answer, "interrupted")
+        self.assertIn("ipd: the deployment's files cannot be built from the pushed "
+                      "blobs: ", self.daemon.log("web", second))
+        self.assertEqual(self.daemon.leftovers(), [])
+
 
 class Feeder:
     """Writes 1 MiB blocks into a FIFO, 10 a second, from a thread, until
