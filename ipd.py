@@ -7357,11 +7357,16 @@ class Daemon:
         to it (LaterFile: a docker push's $IMAGE, #24, so that the push is
         answered as soon as its manifest is kept): build each from the
         recipe as a redeploy rebuilds a dropped one, move it in, and ->
-        the record with their SHA-256s.  Raises Gone, OSError; ClientGone
-        when wanted() says stop (a cancel)."""
+        the record with their SHA-256s.  The free space is checked again
+        (it was at the push, but others may have written since): DiskFull
+        below MIN_FREE_SPACE, nothing pruned for it, as at the push.
+        Raises Gone, DiskFull, OSError; ClientGone when wanted() says stop
+        (a cancel, or ipd stops)."""
         files = dict(record.files)
         for name, meta in sorted(record.files.items()):
             if "sha256" not in meta:
+                check_room(self.settings.UPLOAD_DIR, self.settings.MIN_FREE_SPACE,
+                           meta["size"], "the image's tar")
                 sink = self.rebuild_kept(record, name, registry_principal(record.project),
                                          wanted, CHUNK_SIZE)
                 try:

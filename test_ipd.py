@@ -6722,6 +6722,19 @@ class RegistryLaterImageTests(RegistryTestCase):
                       "blobs: ", self.daemon.log("web", second))
         self.assertEqual(self.daemon.leftovers(), [])
 
+    def test_a_build_that_would_go_below_min_free_space_is_not_made(self):
+        first, gate = self.hold_first()
+        answer, _ = self.push_image("v2", [gzip_layer({"v": b"2"})])  # room then
+        self.daemon.kill()
+        os.unlink(os.path.join(self.daemon.upload_dir, "web", "hold"))
+        self.daemon.start(env={"MIN_FREE_SPACE": "1000000T"})  # below it now
+        second = self.deployed(answer, "interrupted")
+        self.assertRegex(self.daemon.log("web", second), "^ipd: the deployment's files "
+                         "cannot be built from the pushed blobs: .*MIN_FREE_SPACE")
+        self.assertFalse(os.path.exists(os.path.join(
+            self.daemon.upload_dir, "web", "deployments", second + ".image")))
+        self.assertEqual(self.daemon.leftovers(), [])
+
 
 class Feeder:
     """Writes 1 MiB blocks into a FIFO, 10 a second, from a thread, until
