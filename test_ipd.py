@@ -6651,6 +6651,19 @@ class RegistryLaterImageTests(RegistryTestCase):
             self.assertEqual([tar.extractfile(name).read() for name in loaded[0]["Layers"]],
                              layers)
 
+    def test_a_waiting_push_without_a_sha256_shows_everywhere(self):
+        first, gate = self.hold_first()
+        second = self.push_image("v2", [gzip_layer({"v": b"2"})])[0][1]["Ipd-Deployment"]
+        status, data = self.daemon.get_json("/status/web/" + second)
+        self.assertEqual((status, data["state"], sorted(data["files"]["image"])),
+                         (200, "await", ["name", "size"]))
+        for path in ("/info", "/stat", "/metrics", "/ui/web", "/ui/web/" + second,
+                     "/audit?project=web"):
+            for accept in ("application/json", "text/html"):
+                status, _, text = self.daemon.get(path, headers={"Accept": accept})
+                self.assertEqual(status, 200, (path, text[:300]))
+        open(gate, "w").close()
+
     def test_a_blob_lost_before_the_build_ends_it_interrupted_with_the_reason(self):
         first, gate = self.hold_first()
         layer = gzip_layer({"lost": os.urandom(5000)})
@@ -6681,7 +6694,8 @@ class RegistryLaterImageTests(RegistryTestCase):
     def held_build(self):
         """A first deployment held, a second push waiting whose layer's
         stored blob is a FIFO, then the first let go: -> (the second's ID,
-        a Feeder) once the worker's build of the second reads the FIFO."""
+        a Feeder, the blob's path, the layer) once the worker's build of
+        the second reads the FIFO."""
         first, gate = self.hold_first()
         layer = gzip_layer({"fed": b"through a FIFO"})
         answer, _ = self.push_image("v2", [layer])
@@ -6693,12 +6707,12 @@ class RegistryLaterImageTests(RegistryTestCase):
         self.assertEqual(self.daemon.wait_state("web", first), "ok")
         feeder = Feeder(blob)
         self.addCleanup(feeder.stop)
-        return answer[1]["Ipd-Deployment"], feeder
+        return answer[1]["Ipd-Deployment"], feeder, blob, layer
 
     def test_a_stop_during_the_build_ends_it_interrupted_and_leaves_nothing(self):
         self.daemon.stop()  # again with a short grace: the build outlasts it
         self.daemon = self.start_daemon({"SHUTDOWN_GRACE": "1"})
-        second, feeder = self.held_build()
+        second, feeder, _, _ = self.held_build()
         feeder.start()  # endless bytes: the build never ends by itself
         self.assertEqual(self.daemon.stop(), 0)
         feeder.stop()
@@ -6707,6 +6721,33 @@ class RegistryLaterImageTests(RegistryTestCase):
         self.assertIn("ipd: the deployment's files cannot be built from the pushed "
                       "blobs: ipd stopped", read_text(os.path.join(
                           self.daemon.upload_dir, "web", "deployments", second + ".log")))
+
+    def test_a_cancel_during_the_build_stops_it_and_leaves_nothing(self):
+        second, feeder, _, _ = self.held_build()
+        feeder.start()
+        status, _, text = self.daemon.request("POST", "/cancel/web/" + second)
+        self.assertEqual((status, text), (200, "cancelled\n"))
+        self.assertIn("ipd: cancelled by admin", self.daemon.log("web", second))
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_a_kill_during_the_build_ends_it_interrupted_and_a_redeploy_builds_it(self):
+        second, feeder, blob, layer = self.held_build()
+        feeder.start()
+        self.daemon.kill()
+        feeder.stop()
+        os.unlink(blob)  # the blob as it was pushed, for the redeploy
+        with open(blob, "wb") as file:
+            file.write(layer)
+        self.daemon.start()
+        self.assertEqual(self.daemon.wait_state("web", second), "interrupted")
+        self.assertEqual(self.daemon.leftovers(), [])
+        status, _, again = self.daemon.request("POST", "/redeploy/web/" + second)
+        self.assertEqual(status, 202, again)
+        self.assertEqual(self.daemon.wait_state("web", again.strip()), "ok")
+        image = os.path.join(self.daemon.upload_dir, "web", "image-%s.tar" % again.strip())
+        with tarfile.open(image) as tar:
+            loaded = json.loads(tar.extractfile("manifest.json").read())
+            self.assertEqual(tar.extractfile(loaded[0]["Layers"][0]).read(), layer)
 
     def test_a_build_that_cannot_be_moved_in_leaves_no_half_built_file(self):
         first, gate = self.hold_first()
