@@ -7328,16 +7328,22 @@ class Daemon:
                                   redeploy_of=earlier.id, signer=earlier.signer,
                                   **dict(oidc_fields(user), **registry_fields(earlier)))
 
-    def rebuild_kept(self, earlier, name, user, wanted=None, block=REBUILD_BLOCK):
-        """(#16) The file name of a recipe deployment, rebuilt from its kept
-        recipe into a FileSink (checked against the SHA-256 its record
-        has); Gone when its segments are gone.  wanted, block: see
-        Segments.rebuild."""
+    def kept_recipe(self, earlier, name):
+        """The recipe of the file name of a recipe deployment, as kept
+        beside it (decode_recipe's); Gone when it is gone."""
         try:
             with open(self.store.path(earlier, ".recipe"), "rb") as file:
-                meta = decode_recipe(file.read())[name]
+                return decode_recipe(file.read())[name]
         except (OSError, ValueError, KeyError, TypeError):
             raise Gone("the recipe of deployment %s is gone" % earlier.id)
+
+    def rebuild_kept(self, earlier, name, user, wanted=None, block=REBUILD_BLOCK,
+                     meta=None):
+        """(#16) The file name of a recipe deployment, rebuilt from its kept
+        recipe (meta, when read already: kept_recipe) into a FileSink
+        (checked against the SHA-256 its record has); Gone when its
+        segments are gone.  wanted, block: see Segments.rebuild."""
+        meta = meta or self.kept_recipe(earlier, name)
         meta["sha256"] = meta["sha256"] or earlier.files[name].get("sha256")
         sink = FileSink(self.settings.UPLOAD_DIR, name, meta["name"], parallel=True)
         try:
@@ -7352,29 +7358,40 @@ class Daemon:
         sink.close()
         return sink
 
+    def build_later_file(self, record, name, wanted):
+        """One file of build_later_files, built and moved in: -> its {name,
+        size, sha256}.  The free space is checked again (it was at the
+        push, but others may have written since): DiskFull below
+        MIN_FREE_SPACE, nothing pruned for it, as at the push.  A blob
+        gone is named as a docker push knows it (Gone)."""
+        check_room(self.settings.UPLOAD_DIR, self.settings.MIN_FREE_SPACE,
+                   record.files[name]["size"], "the image's tar")
+        recipe = self.kept_recipe(record, name)
+        for piece in recipe["segments"]:
+            digest = piece.get("sha256")
+            if digest and not os.path.exists(self.segments.path(digest)):
+                raise Gone("blob sha256:%s is gone: push the image again" % digest)
+        sink = self.rebuild_kept(record, name, registry_principal(record.project), wanted,
+                                 CHUNK_SIZE, recipe)
+        try:
+            os.rename(sink.path, self.store.path(record, "." + name))
+        except OSError:
+            sink.discard()  # nothing of it left in UPLOAD_DIR
+            raise
+        return sink.describe()
+
     def build_later_files(self, record, wanted):
         """The worker's first task for a deployment whose commit left files
         to it (LaterFile: a docker push's $IMAGE, #24, so that the push is
         answered as soon as its manifest is kept): build each from the
-        recipe as a redeploy rebuilds a dropped one, move it in, and ->
-        the record with their SHA-256s.  The free space is checked again
-        (it was at the push, but others may have written since): DiskFull
-        below MIN_FREE_SPACE, nothing pruned for it, as at the push.
+        recipe as a redeploy rebuilds a dropped one, move it in
+        (build_later_file), and -> the record with their SHA-256s.
         Raises Gone, DiskFull, OSError; ClientGone when wanted() says stop
         (a cancel, or ipd stops)."""
         files = dict(record.files)
         for name, meta in sorted(record.files.items()):
             if "sha256" not in meta:
-                check_room(self.settings.UPLOAD_DIR, self.settings.MIN_FREE_SPACE,
-                           meta["size"], "the image's tar")
-                sink = self.rebuild_kept(record, name, registry_principal(record.project),
-                                         wanted, CHUNK_SIZE)
-                try:
-                    os.rename(sink.path, self.store.path(record, "." + name))
-                except OSError:
-                    sink.discard()  # nothing of it left in UPLOAD_DIR
-                    raise
-                files[name] = sink.describe()
+                files[name] = self.build_later_file(record, name, wanted)
         return self.store.update(record.id, files=files) if files != record.files else record
 
     def create_deployment(self, project, upload, user, address, received):

@@ -6678,6 +6678,18 @@ class RegistryLaterImageTests(RegistryTestCase):
         self.assertNotIn("IMAGE_REF=", log)  # no step ran
         self.assertEqual(self.partial_files(), [])
 
+    def test_a_lost_blob_is_named_in_the_log_with_what_to_do(self):
+        first, gate = self.hold_first()
+        layer = gzip_layer({"lost": os.urandom(5000)})
+        answer, _ = self.push_image("v2", [layer])
+        os.unlink(os.path.join(self.daemon.upload_dir, ".segments", "sha256",
+                               digest_of(layer)[7:9], digest_of(layer)[7:]))
+        open(gate, "w").close()
+        second = self.deployed(answer, "interrupted")
+        self.assertEqual(self.daemon.log("web", second),  # a docker push's words
+                         "ipd: the deployment's files cannot be built from the pushed "
+                         "blobs: blob %s is gone: push the image again\n" % digest_of(layer))
+
     def test_a_waiting_push_outlives_a_kill_and_is_built_after_the_restart(self):
         first, gate = self.hold_first()
         layers = [gzip_layer({"after": b"restart"})]
