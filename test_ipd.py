@@ -6703,6 +6703,18 @@ class RegistryLaterImageTests(RegistryTestCase):
         self.assertEqual(self.record_of(second)["files"]["image"]["sha256"],
                          sha256_file(image))
 
+    def test_under_run_as_the_script_reads_the_built_image(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to switch users")
+        os.chmod(self.tmp, 0o711)
+        self.daemon.stop()  # again, the scripts run as another user
+        self.daemon = self.start_daemon({"RUN_AS": "%d:%d" % (SCRIPTS_UID, SCRIPTS_GID)})
+        deployment = self.deployed(self.push_image("v1", [gzip_layer({"v": b"1"})])[0])
+        copy = os.path.join(self.daemon.upload_dir, "web", "work",
+                            "image-%s.tar" % deployment)  # $PROJECT_DIR/image-$DEPLOY.tar
+        self.assertEqual(sha256_file(copy),
+                         self.record_of(deployment)["files"]["image"]["sha256"])
+
     def held_build(self):
         """A first deployment held, a second push waiting whose layer's
         stored blob is a FIFO, then the first let go: -> (the second's ID,
