@@ -6664,6 +6664,23 @@ class RegistryLaterImageTests(RegistryTestCase):
                 self.assertEqual(status, 200, (path, text[:300]))
         open(gate, "w").close()
 
+    def test_a_newer_push_supersedes_a_waiting_one_which_a_redeploy_builds(self):
+        first, gate = self.hold_first()
+        older = self.push_image("v2", [gzip_layer({"v": b"2"})])[0][1]["Ipd-Deployment"]
+        newer = self.push_image("v3", [gzip_layer({"v": b"3"})])[0]
+        self.assertEqual(self.daemon.state("web", older), "changed")
+        open(gate, "w").close()
+        self.deployed(newer)
+        folder = os.path.join(self.daemon.upload_dir, "web", "deployments")
+        self.assertFalse(os.path.exists(os.path.join(folder, older + ".image")))
+        self.assertNotIn("sha256", self.record_of(older)["files"]["image"])
+        status, _, again = self.daemon.request("POST", "/redeploy/web/" + older)
+        self.assertEqual(status, 202, again)
+        self.assertEqual(self.daemon.wait_state("web", again.strip()), "ok")
+        self.assertIn("IMAGE_REF=127.0.0.1:%d/web:v2\n" % self.daemon.port,
+                      self.daemon.log("web", again.strip()))
+        self.assertEqual(self.daemon.leftovers(), [])
+
     def test_a_blob_lost_before_the_build_ends_it_interrupted_with_the_reason(self):
         first, gate = self.hold_first()
         layer = gzip_layer({"lost": os.urandom(5000)})
