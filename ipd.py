@@ -5097,19 +5097,25 @@ class DeployWorker:
     def build_files(self, record, log_file, cancel):
         """Build the files record's commit left to the worker (see build);
         -> (the record, None), or (it, its final state) when they cannot
-        be made (the reason in its log) or it was cancelled meanwhile."""
+        be made (the reason in its log), it was cancelled meanwhile, or
+        ipd stops past its grace (as a step is stopped then: a build of a
+        large image must not hold up the stop, nor leave half a file)."""
         if self.build is None or all("sha256" in meta for meta in record.files.values()):
             return record, None
         try:
-            return self.build(record, lambda: not cancel.is_set()), None
+            return self.build(record, lambda: not (cancel.is_set() or
+                                                   self.kill_event.is_set())), None
         except ClientGone:
-            return record, "cancelled"
+            if not self.kill_event.is_set():
+                return record, "cancelled"
+            why = "ipd stopped"
         except (IpdError, OSError) as error:
-            log_file.write(("ipd: the deployment's files cannot be built from the "
-                            "pushed blobs: %s\n" % error).encode())
-            log.error("deployment %s of %s: its files cannot be built: %s", record.id,
-                      record.project, error)
-            return record, "interrupted"
+            why = str(error)
+        log_file.write(("ipd: the deployment's files cannot be built from the "
+                        "pushed blobs: %s\n" % why).encode())
+        log.error("deployment %s of %s: its files cannot be built: %s", record.id,
+                  record.project, why)
+        return record, "interrupted"
 
     def end(self, record, state, **fields):
         """Run retention, then write the final state (and fields): whoever
@@ -7268,16 +7274,22 @@ class Daemon:
                                   redeploy_of=earlier.id, signer=earlier.signer,
                                   **dict(oidc_fields(user), **registry_fields(earlier)))
 
-    def rebuild_kept(self, earlier, name, user, wanted=None, block=REBUILD_BLOCK):
-        """(#16) The file name of a recipe deployment, rebuilt from its kept
-        recipe into a FileSink (checked against the SHA-256 its record
-        has); Gone when its segments are gone.  wanted, block: see
-        Segments.rebuild."""
+    def kept_recipe(self, earlier, name):
+        """The recipe of the file name of a recipe deployment, as kept
+        beside it (decode_recipe's); Gone when it is gone."""
         try:
             with open(self.store.path(earlier, ".recipe"), "rb") as file:
-                meta = decode_recipe(file.read())[name]
+                return decode_recipe(file.read())[name]
         except (OSError, ValueError, KeyError, TypeError):
             raise Gone("the recipe of deployment %s is gone" % earlier.id)
+
+    def rebuild_kept(self, earlier, name, user, wanted=None, block=REBUILD_BLOCK,
+                     meta=None):
+        """(#16) The file name of a recipe deployment, rebuilt from its kept
+        recipe (meta, when read already: kept_recipe) into a FileSink
+        (checked against the SHA-256 its record has); Gone when its
+        segments are gone.  wanted, block: see Segments.rebuild."""
+        meta = meta or self.kept_recipe(earlier, name)
         meta["sha256"] = meta["sha256"] or earlier.files[name].get("sha256")
         sink = FileSink(self.settings.UPLOAD_DIR, name, meta["name"], parallel=True)
         try:
@@ -7292,20 +7304,40 @@ class Daemon:
         sink.close()
         return sink
 
+    def build_later_file(self, record, name, wanted):
+        """One file of build_later_files, built and moved in: -> its {name,
+        size, sha256}.  The free space is checked again (it was at the
+        push, but others may have written since): DiskFull below
+        MIN_FREE_SPACE, nothing pruned for it, as at the push.  A blob
+        gone is named as a docker push knows it (Gone)."""
+        check_room(self.settings.UPLOAD_DIR, self.settings.MIN_FREE_SPACE,
+                   record.files[name]["size"], "the image's tar")
+        recipe = self.kept_recipe(record, name)
+        for piece in recipe["segments"]:
+            digest = piece.get("sha256")
+            if digest and not os.path.exists(self.segments.path(digest)):
+                raise Gone("blob sha256:%s is gone: push the image again" % digest)
+        sink = self.rebuild_kept(record, name, registry_principal(record.project), wanted,
+                                 CHUNK_SIZE, recipe)
+        try:
+            os.rename(sink.path, self.store.path(record, "." + name))
+        except OSError:
+            sink.discard()  # nothing of it left in UPLOAD_DIR
+            raise
+        return sink.describe()
+
     def build_later_files(self, record, wanted):
         """The worker's first task for a deployment whose commit left files
         to it (LaterFile: a docker push's $IMAGE, #24, so that the push is
         answered as soon as its manifest is kept): build each from the
-        recipe as a redeploy rebuilds a dropped one, move it in, and ->
-        the record with their SHA-256s.  Raises Gone; ClientGone when
-        wanted() says stop (a cancel)."""
+        recipe as a redeploy rebuilds a dropped one, move it in
+        (build_later_file), and -> the record with their SHA-256s.
+        Raises Gone, DiskFull, OSError; ClientGone when wanted() says stop
+        (a cancel, or ipd stops)."""
         files = dict(record.files)
         for name, meta in sorted(record.files.items()):
             if "sha256" not in meta:
-                sink = self.rebuild_kept(record, name, registry_principal(record.project),
-                                         wanted, CHUNK_SIZE)
-                os.rename(sink.path, self.store.path(record, "." + name))
-                files[name] = sink.describe()
+                files[name] = self.build_later_file(record, name, wanted)
         return self.store.update(record.id, files=files) if files != record.files else record
 
     def create_deployment(self, project, upload, user, address, received):

@@ -6651,6 +6651,36 @@ class RegistryLaterImageTests(RegistryTestCase):
             self.assertEqual([tar.extractfile(name).read() for name in loaded[0]["Layers"]],
                              layers)
 
+    def test_a_waiting_push_without_a_sha256_shows_everywhere(self):
+        first, gate = self.hold_first()
+        second = self.push_image("v2", [gzip_layer({"v": b"2"})])[0][1]["Ipd-Deployment"]
+        status, data = self.daemon.get_json("/status/web/" + second)
+        self.assertEqual((status, data["state"], sorted(data["files"]["image"])),
+                         (200, "await", ["name", "size"]))
+        for path in ("/info", "/stat", "/metrics", "/ui/web", "/ui/web/" + second,
+                     "/audit?project=web"):
+            for accept in ("application/json", "text/html"):
+                status, _, text = self.daemon.get(path, headers={"Accept": accept})
+                self.assertEqual(status, 200, (path, text[:300]))
+        open(gate, "w").close()
+
+    def test_a_newer_push_supersedes_a_waiting_one_which_a_redeploy_builds(self):
+        first, gate = self.hold_first()
+        older = self.push_image("v2", [gzip_layer({"v": b"2"})])[0][1]["Ipd-Deployment"]
+        newer = self.push_image("v3", [gzip_layer({"v": b"3"})])[0]
+        self.assertEqual(self.daemon.state("web", older), "changed")
+        open(gate, "w").close()
+        self.deployed(newer)
+        folder = os.path.join(self.daemon.upload_dir, "web", "deployments")
+        self.assertFalse(os.path.exists(os.path.join(folder, older + ".image")))
+        self.assertNotIn("sha256", self.record_of(older)["files"]["image"])
+        status, _, again = self.daemon.request("POST", "/redeploy/web/" + older)
+        self.assertEqual(status, 202, again)
+        self.assertEqual(self.daemon.wait_state("web", again.strip()), "ok")
+        self.assertIn("IMAGE_REF=127.0.0.1:%d/web:v2\n" % self.daemon.port,
+                      self.daemon.log("web", again.strip()))
+        self.assertEqual(self.daemon.leftovers(), [])
+
     def test_a_blob_lost_before_the_build_ends_it_interrupted_with_the_reason(self):
         first, gate = self.hold_first()
         layer = gzip_layer({"lost": os.urandom(5000)})
@@ -6665,6 +6695,18 @@ class RegistryLaterImageTests(RegistryTestCase):
         self.assertNotIn("IMAGE_REF=", log)  # no step ran
         self.assertEqual(self.partial_files(), [])
 
+    def test_a_lost_blob_is_named_in_the_log_with_what_to_do(self):
+        first, gate = self.hold_first()
+        layer = gzip_layer({"lost": os.urandom(5000)})
+        answer, _ = self.push_image("v2", [layer])
+        os.unlink(os.path.join(self.daemon.upload_dir, ".segments", "sha256",
+                               digest_of(layer)[7:9], digest_of(layer)[7:]))
+        open(gate, "w").close()
+        second = self.deployed(answer, "interrupted")
+        self.assertEqual(self.daemon.log("web", second),  # a docker push's words
+                         "ipd: the deployment's files cannot be built from the pushed "
+                         "blobs: blob %s is gone: push the image again\n" % digest_of(layer))
+
     def test_a_waiting_push_outlives_a_kill_and_is_built_after_the_restart(self):
         first, gate = self.hold_first()
         layers = [gzip_layer({"after": b"restart"})]
@@ -6677,6 +6719,143 @@ class RegistryLaterImageTests(RegistryTestCase):
         image = os.path.join(self.daemon.upload_dir, "web", "image-%s.tar" % second)
         self.assertEqual(self.record_of(second)["files"]["image"]["sha256"],
                          sha256_file(image))
+
+    def test_under_run_as_the_script_reads_the_built_image(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to switch users")
+        os.chmod(self.tmp, 0o711)
+        self.daemon.stop()  # again, the scripts run as another user
+        self.daemon = self.start_daemon({"RUN_AS": "%d:%d" % (SCRIPTS_UID, SCRIPTS_GID)})
+        deployment = self.deployed(self.push_image("v1", [gzip_layer({"v": b"1"})])[0])
+        copy = os.path.join(self.daemon.upload_dir, "web", "work",
+                            "image-%s.tar" % deployment)  # $PROJECT_DIR/image-$DEPLOY.tar
+        self.assertEqual(sha256_file(copy),
+                         self.record_of(deployment)["files"]["image"]["sha256"])
+
+    def held_build(self):
+        """A first deployment held, a second push waiting whose layer's
+        stored blob is a FIFO, then the first let go: -> (the second's ID,
+        a Feeder, the blob's path, the layer) once the worker's build of
+        the second reads the FIFO."""
+        first, gate = self.hold_first()
+        layer = gzip_layer({"fed": b"through a FIFO"})
+        answer, _ = self.push_image("v2", [layer])
+        blob = os.path.join(self.daemon.upload_dir, ".segments", "sha256",
+                            digest_of(layer)[7:9], digest_of(layer)[7:])
+        os.unlink(blob)
+        os.mkfifo(blob)
+        open(gate, "w").close()
+        self.assertEqual(self.daemon.wait_state("web", first), "ok")
+        feeder = Feeder(blob)
+        self.addCleanup(feeder.stop)
+        return answer[1]["Ipd-Deployment"], feeder, blob, layer
+
+    def test_a_stop_during_the_build_ends_it_interrupted_and_leaves_nothing(self):
+        self.daemon.stop()  # again with a short grace: the build outlasts it
+        self.daemon = self.start_daemon({"SHUTDOWN_GRACE": "1"})
+        second, feeder, _, _ = self.held_build()
+        feeder.start()  # endless bytes: the build never ends by itself
+        self.assertEqual(self.daemon.stop(), 0)
+        feeder.stop()
+        self.assertEqual(self.daemon.leftovers(), [])  # before any restart
+        self.assertEqual(self.record_of(second)["state"], "interrupted")
+        self.assertIn("ipd: the deployment's files cannot be built from the pushed "
+                      "blobs: ipd stopped", read_text(os.path.join(
+                          self.daemon.upload_dir, "web", "deployments", second + ".log")))
+
+    def test_a_cancel_during_the_build_stops_it_and_leaves_nothing(self):
+        second, feeder, _, _ = self.held_build()
+        feeder.start()
+        status, _, text = self.daemon.request("POST", "/cancel/web/" + second)
+        self.assertEqual((status, text), (200, "cancelled\n"))
+        self.assertIn("ipd: cancelled by admin", self.daemon.log("web", second))
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_a_kill_during_the_build_ends_it_interrupted_and_a_redeploy_builds_it(self):
+        second, feeder, blob, layer = self.held_build()
+        feeder.start()
+        self.daemon.kill()
+        feeder.stop()
+        os.unlink(blob)  # the blob as it was pushed, for the redeploy
+        with open(blob, "wb") as file:
+            file.write(layer)
+        self.daemon.start()
+        self.assertEqual(self.daemon.wait_state("web", second), "interrupted")
+        self.assertEqual(self.daemon.leftovers(), [])
+        status, _, again = self.daemon.request("POST", "/redeploy/web/" + second)
+        self.assertEqual(status, 202, again)
+        self.assertEqual(self.daemon.wait_state("web", again.strip()), "ok")
+        image = os.path.join(self.daemon.upload_dir, "web", "image-%s.tar" % again.strip())
+        with tarfile.open(image) as tar:
+            loaded = json.loads(tar.extractfile("manifest.json").read())
+            self.assertEqual(tar.extractfile(loaded[0]["Layers"][0]).read(), layer)
+
+    def test_a_build_that_cannot_be_moved_in_leaves_no_half_built_file(self):
+        first, gate = self.hold_first()
+        answer, _ = self.push_image("v2", [gzip_layer({"v": b"2"})])
+        second = answer[1]["Ipd-Deployment"]
+        # where the image goes, a folder that is not empty: the move fails
+        blocked = os.path.join(self.daemon.upload_dir, "web", "deployments",
+                               second + ".image")
+        os.makedirs(os.path.join(blocked, "in-the-way"))
+        open(gate, "w").close()
+        self.deployed(answer, "interrupted")
+        self.assertIn("ipd: the deployment's files cannot be built from the pushed "
+                      "blobs: ", self.daemon.log("web", second))
+        self.assertEqual(self.daemon.leftovers(), [])
+
+    def test_a_build_that_would_go_below_min_free_space_is_not_made(self):
+        first, gate = self.hold_first()
+        answer, _ = self.push_image("v2", [gzip_layer({"v": b"2"})])  # room then
+        self.daemon.kill()
+        os.unlink(os.path.join(self.daemon.upload_dir, "web", "hold"))
+        self.daemon.start(env={"MIN_FREE_SPACE": "1000000T"})  # below it now
+        second = self.deployed(answer, "interrupted")
+        self.assertRegex(self.daemon.log("web", second), "^ipd: the deployment's files "
+                         "cannot be built from the pushed blobs: .*MIN_FREE_SPACE")
+        self.assertFalse(os.path.exists(os.path.join(
+            self.daemon.upload_dir, "web", "deployments", second + ".image")))
+        self.assertEqual(self.daemon.leftovers(), [])
+
+
+class Feeder:
+    """Writes 1 MiB blocks into a FIFO, 10 a second, from a thread, until
+    stopped or its reader goes; the FIFO is opened once a reader has it."""
+
+    def __init__(self, path):
+        self.fd = wait_until(lambda: self.open_writer(path), message="a reader of the FIFO")
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.feed, daemon=True)
+
+    @staticmethod
+    def open_writer(path):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as error:
+            if error.errno != errno.ENXIO:  # no reader yet
+                raise
+            return None
+        os.set_blocking(fd, True)
+        return fd
+
+    def start(self):
+        self.thread.start()
+
+    def feed(self):
+        block = bytes(1 << 20)
+        try:
+            while not self.stopped.wait(0.1):
+                os.write(self.fd, block)
+        except OSError:  # the reader went
+            pass
+
+    def stop(self):
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class RegistryHostileTests(RegistryTestCase):
