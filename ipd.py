@@ -5856,8 +5856,9 @@ class SegmentStore:
         and check its size and SHA-256 (where the recipe has one).  Every
         named segment's presence and size is checked before the first byte
         is copied; wanted (a request's client still there?) is asked
-        between blocks, and when it says no the copy stops (ClientGone).  block: the bytes a read takes (for a
-        copy nobody waits for, CHUNK_SIZE: less memory).  Raises BadRequest."""
+        between blocks, and when it says no the copy stops (ClientGone).
+        block: the bytes a read takes (for a copy nobody waits for,
+        CHUNK_SIZE: less memory).  Raises BadRequest."""
         self.check_pieces(user, field, meta)
         copied = 0
         for piece in meta["segments"]:
