@@ -5187,7 +5187,8 @@ class DeployWorker:
             "PATH": os.environ.get("PATH", os.defpath),
             "DEPLOY": record.id,
             "PROJECT": record.project,
-            "IMAGE": image if "image" in record.files else "",
+            # none: no image, or a docker push's not built (cancelled first)
+            "IMAGE": image if "sha256" in record.files.get("image", {}) else "",
             "PROJECT_DIR": self.store.project_dir(record.project),
         })
         if run_as:

@@ -6707,6 +6707,26 @@ class RegistryLaterImageTests(RegistryTestCase):
                          "ipd: the deployment's files cannot be built from the pushed "
                          "blobs: blob %s is gone: push the image again\n" % digest_of(layer))
 
+    def test_notify_sh_gets_no_image_of_a_push_never_built(self):
+        folder = os.path.join(self.daemon.upload_dir, "web")
+        with open(os.path.join(folder, "notify.sh"), "w") as file:
+            file.write('#!/bin/sh\necho "[$IMAGE]" > "$PROJECT_DIR/notified-$DEPLOY.tmp"\n'
+                       'mv "$PROJECT_DIR/notified-$DEPLOY.tmp" '
+                       '"$PROJECT_DIR/notified-$DEPLOY"\n')
+        os.chmod(os.path.join(folder, "notify.sh"), 0o755)
+        first, gate = self.hold_first()
+        superseded = self.push_image("v2", [gzip_layer({"v": b"2"})])[0][1]["Ipd-Deployment"]
+        newest = self.push_image("v3", [gzip_layer({"v": b"3"})])[0]
+        self.assertEqual(self.daemon.wait_state("web", superseded), "changed")
+        open(gate, "w").close()
+        built = self.deployed(newest)
+        notified = os.path.join(folder, "notified-%s")
+        wait_until(lambda: os.path.exists(notified % superseded) and
+                   os.path.exists(notified % built))
+        self.assertEqual(read_text(notified % superseded), "[]\n")
+        self.assertEqual(read_text(notified % built), "[%s]\n" % os.path.join(
+            folder, "deployments", built + ".image"))
+
     def test_a_waiting_push_outlives_a_kill_and_is_built_after_the_restart(self):
         first, gate = self.hold_first()
         layers = [gzip_layer({"after": b"restart"})]
