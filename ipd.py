@@ -3941,6 +3941,11 @@ class Deployment:
                 public[name] = self.others[name]
         return public
 
+    def files_to_build(self):
+        """The names of its files that the worker is still to build (a
+        docker push's $IMAGE, LaterFile: no SHA-256 until then)."""
+        return [name for name, meta in sorted(self.files.items()) if "sha256" not in meta]
+
     def copy(self):
         """A copy that shares nothing changeable with this one."""
         return self.replace()
@@ -4499,10 +4504,13 @@ class DeploymentStore:
         if counted and not records:  # the latest must be hot: count anew
             return self._scan_project(project, ColdFigures(), {})
         records.sort(key=lambda r: r.seq)
-        for record in records[:-1]:  # the latest stays hot
+        hot = []
+        for record in records[:-1]:
             if is_cold(record):
                 cold.fold(record)
-        hot = [record for record in records[:-1] if not is_cold(record)] + records[-1:]
+            else:
+                hot.append(record)
+        hot += records[-1:]  # the latest stays hot
         if hot:
             write_index(folder, hot, mtimes, cold)
         return hot, cold
@@ -5100,7 +5108,7 @@ class DeployWorker:
         be made (the reason in its log), it was cancelled meanwhile, or
         ipd stops past its grace (as a step is stopped then: a build of a
         large image must not hold up the stop, nor leave half a file)."""
-        if self.build is None or all("sha256" in meta for meta in record.files.values()):
+        if self.build is None or not record.files_to_build():
             return record, None
         try:
             return self.build(record, lambda: not (cancel.is_set() or
@@ -5183,12 +5191,13 @@ class DeployWorker:
         env = {name: os.environ[name] for name in self.settings.PASS_ENV
                if name in os.environ}
         image = self.store.path(record, ".image")
+        # none: no image, or a docker push's not built (it ended first)
+        has_image = "image" in record.files and "image" not in record.files_to_build()
         env.update({
             "PATH": os.environ.get("PATH", os.defpath),
             "DEPLOY": record.id,
             "PROJECT": record.project,
-            # none: no image, or a docker push's not built (cancelled first)
-            "IMAGE": image if "sha256" in record.files.get("image", {}) else "",
+            "IMAGE": image if has_image else "",
             "PROJECT_DIR": self.store.project_dir(record.project),
         })
         if run_as:
@@ -7336,11 +7345,13 @@ class Daemon:
         (build_later_file), and -> the record with their SHA-256s.
         Raises Gone, DiskFull, OSError; ClientGone when wanted() says stop
         (a cancel, or ipd stops)."""
+        names = record.files_to_build()
+        if not names:
+            return record
         files = dict(record.files)
-        for name, meta in sorted(record.files.items()):
-            if "sha256" not in meta:
-                files[name] = self.build_later_file(record, name, wanted)
-        return self.store.update(record.id, files=files) if files != record.files else record
+        for name in names:
+            files[name] = self.build_later_file(record, name, wanted)
+        return self.store.update(record.id, files=files)
 
     def create_deployment(self, project, upload, user, address, received):
         """Turn a complete Upload for project into a waiting deployment, all
